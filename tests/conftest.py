@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+# tests never touch a hub: fail fast instead of waiting on network timeouts
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 
@@ -43,7 +48,7 @@ def _save_model(kind: str, folder: Path, tok) -> Path:
         cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                           vocab_size=v, max_position_embeddings=256, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
     else:
-        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=v, n_positions=256, eos_token_id=tok.eos_token_id)
+        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=v, n_positions=256, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)

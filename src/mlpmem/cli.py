@@ -1,0 +1,173 @@
+"""The `mlpmem` command. Each verb parses flags into a typed config and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from mlpmem.errors import MlpmemError
+
+log = logging.getLogger("mlpmem")
+
+
+def _corpus(a):
+    from mlpmem.config import from_args
+    from mlpmem.corpus import CorpusConfig, build_corpus
+
+    build_corpus(Path(a.out), from_args(CorpusConfig, a), a.overwrite)
+
+
+def _datastore(a):
+    from mlpmem.config import from_args
+    from mlpmem.datastore import DatastoreConfig, build_datastore
+
+    build_datastore(Path(a.corpus), Path(a.out), from_args(DatastoreConfig, a), overwrite=a.overwrite)
+
+
+def _index(a):
+    from mlpmem.config import from_args
+    from mlpmem.index import IndexConfig, build_index
+
+    build_index(Path(a.datastore), Path(a.out), from_args(IndexConfig, a), a.overwrite)
+
+
+def _targets(a):
+    from mlpmem.config import from_args
+    from mlpmem.targets import TargetsConfig, build_targets
+
+    build_targets(Path(a.datastore), Path(a.index), Path(a.out), from_args(TargetsConfig, a), a.overwrite)
+
+
+def _knnlm(a):
+    from mlpmem.config import from_args
+    from mlpmem.evaluate import KnnConfig, run_knnlm
+
+    r = run_knnlm(Path(a.corpus), Path(a.datastore), Path(a.index), Path(a.out), from_args(KnnConfig, a), a.split, a.model)
+    print(_table(r))
+
+
+def _train(a):
+    from mlpmem.config import from_args
+    from mlpmem.train import TrainConfig, train_memory
+
+    train_memory(Path(a.datastore), Path(a.targets), Path(a.out), from_args(TrainConfig, a),
+                 valid_datastore_dir=Path(a.valid) if a.valid else None)
+
+
+def _run(a):
+    from mlpmem.pipeline import load_recipe, quick_recipe, run_pipeline
+
+    if a.recipe:
+        recipe = load_recipe(a.recipe, out=a.out)
+    else:
+        if not a.corpus:
+            raise MlpmemError("`mlpmem run` needs a RECIPE or --corpus", "e.g. `mlpmem run sotu` or `mlpmem run --corpus data.jsonl --out runs/mine`")
+        recipe = quick_recipe(a.corpus, a.model, a.out or "runs/quick")
+    report = run_pipeline(recipe, a.overwrite)
+    print(_table(report))
+
+
+def _table(r: dict) -> str:
+    """A small text table of perplexities and tokens/s."""
+    rows = [("method", "perplexity", "tokens/s")]
+    for name, ppl in r["ppl"].items():
+        tps = r.get("tokens_per_s", {}).get(name)
+        rows.append((name, f"{ppl:.3f}", f"{tps:.0f}" if tps else "-"))
+    w = [max(len(x[i]) for x in rows) for i in range(3)]
+    return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mlpmem.config import add_arguments
+    from mlpmem.corpus import CorpusConfig
+    from mlpmem.datastore import DatastoreConfig
+    from mlpmem.evaluate import KnnConfig
+
+    p = argparse.ArgumentParser(prog="mlpmem", description="Retriever-pretrained MLP memory (and kNN-LM) for Hugging Face causal LMs.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    def verb(name, fn, help_):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = verb("corpus", _corpus, "split a corpus by document and tokenize it")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--overwrite", action="store_true")
+    add_arguments(sp, CorpusConfig)
+
+    sp = verb("datastore", _datastore, "extract (hidden state -> next token) pairs from a corpus split")
+    sp.add_argument("--corpus", required=True, help="folder written by `mlpmem corpus`")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--overwrite", action="store_true")
+    add_arguments(sp, DatastoreConfig)
+
+    try:
+        from mlpmem.index import IndexConfig
+        from mlpmem.targets import TargetsConfig
+    except ImportError:  # during development a stage may be missing
+        IndexConfig = TargetsConfig = None
+    if IndexConfig is not None:
+        sp = verb("index", _index, "build a FAISS index over a datastore's keys")
+        sp.add_argument("--datastore", required=True)
+        sp.add_argument("--out", required=True)
+        sp.add_argument("--overwrite", action="store_true")
+        add_arguments(sp, IndexConfig)
+
+        sp = verb("targets", _targets, "kNN target distributions for every datastore row")
+        sp.add_argument("--datastore", required=True)
+        sp.add_argument("--index", required=True)
+        sp.add_argument("--out", required=True)
+        sp.add_argument("--overwrite", action="store_true")
+        add_arguments(sp, TargetsConfig)
+
+    sp = verb("knnlm", _knnlm, "perplexity of the LM alone and with kNN-LM (T and lambda tuned on valid)")
+    for name in ("corpus", "datastore", "index", "out"):
+        sp.add_argument(f"--{name}", required=True)
+    sp.add_argument("--split", default="test")
+    sp.add_argument("--model", default=None, help="model to use (default: the datastore's)")
+    add_arguments(sp, KnnConfig)
+
+    try:
+        from mlpmem.train import TrainConfig
+    except ImportError:
+        TrainConfig = None
+    if TrainConfig is not None:
+        sp = verb("train", _train, "train an MLP memory on a datastore and its kNN targets")
+        sp.add_argument("--datastore", required=True)
+        sp.add_argument("--targets", required=True)
+        sp.add_argument("--valid", default=None, help="datastore of the valid split (built with --lm-logprob)")
+        sp.add_argument("--out", required=True)
+        add_arguments(sp, TrainConfig)
+
+    sp = verb("run", _run, "run the whole experiment from a recipe (or a corpus) and print the comparison")
+    sp.add_argument("recipe", nargs="?", help="a recipe YAML file or a built-in recipe name (e.g. sotu)")
+    sp.add_argument("--corpus", help="quick experiment on your own corpus (.jsonl with a text field, .txt, .parquet, folder)")
+    sp.add_argument("--model", default="smollm2-135m", help="HF model name or local folder")
+    sp.add_argument("--out", default=None)
+    sp.add_argument("--overwrite", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("faiss.loader", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        args.fn(args)
+    except MlpmemError as e:
+        print(f"mlpmem: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mlpmem: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

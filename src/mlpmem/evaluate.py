@@ -1,0 +1,244 @@
+"""Stages 7-8: perplexity and tokens/s of the LM alone, LM + kNN-LM and LM + memory.
+
+Scoring keeps, per position, the LM's log-prob of the true next token, the k
+nearest neighbours (squared distances and their next tokens) and the memory's
+log-prob of the true token. Perplexity under any temperature or lambda is then
+cheap array maths, so tuning on valid never reruns the model. Throughput comes
+from the timed online pass over the test split: each method pays for the LM
+forward plus its own extra work, measured batch by batch in the same run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mlpmem.corpus import Corpus
+from mlpmem.datastore import iter_batches
+from mlpmem.errors import MlpmemError
+from mlpmem.models import Site
+from mlpmem.store import Datastore, feature_name
+
+log = logging.getLogger(__name__)
+
+TEMPERATURES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
+
+
+@dataclass
+class KnnConfig:
+    k: int = 1024
+    temperature: float | None = None  # None: the T that minimises kNN-LM perplexity on valid
+    temperatures: list[float] = field(default_factory=lambda: list(TEMPERATURES))
+    lam: float | None = None  # None: fitted on valid by EM
+    batch_size: int = 8
+
+
+@dataclass
+class Scored:
+    """Per-position scores of one split. Shapes: [N] or [N, k]."""
+
+    labels: np.ndarray
+    lm_logprob: np.ndarray
+    knn_dists: np.ndarray | None = None
+    knn_values: np.ndarray | None = None
+    memory_logprob: np.ndarray | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.labels)
+
+    def knn_logprob(self, temperature: float) -> np.ndarray:
+        from mlpmem.targets import knn_target_logprob
+
+        return np.asarray(knn_target_logprob(self.knn_dists, self.knn_values, self.labels, temperature), dtype=np.float64)
+
+
+def _memory_input_name(ds: Datastore, layer: int, site: str) -> str:
+    return "keys" if (layer, site) == (ds.layer, ds.site) else feature_name(layer, site)
+
+
+def _memory_logprob(memory, h, labels):
+    import torch
+
+    with torch.inference_mode():
+        logits = memory(h.float())
+        return (logits.gather(-1, labels[:, None]) - torch.logsumexp(logits, -1, keepdim=True))[:, 0].float()
+
+
+def _search(index, keys: np.ndarray, k: int, values: np.ndarray, exclude=None):
+    dists, ids = index.search(np.ascontiguousarray(keys, dtype=np.float32), k, exclude)
+    nv = np.where(ids >= 0, values[np.clip(ids, 0, None)], -1).astype(np.int32)
+    return dists.astype(np.float32), nv
+
+
+def score_stored(ds: Datastore, index=None, train_values=None, k: int = 1024, memory=None, memory_meta=None, block: int = 1024) -> Scored:
+    """Score a split from a datastore built on it with ``lm_logprob`` (no LM forward)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    if "lm_logprob" not in ds.names:
+        raise MlpmemError(f"the datastore in {ds.folder} has no lm_logprob", "build it with lm_logprob enabled (valid/test splits)")
+    labels = ds.load("values")
+    sc = Scored(labels=labels, lm_logprob=ds.load("lm_logprob").astype(np.float64))
+    if index is not None:
+        dl, vl = [], []
+        for start, keys in tqdm(list(ds.iter_blocks("keys", block)), desc=f"kNN search ({ds.manifest['split']})", unit="blk", leave=False):
+            d, v = _search(index, keys, k, train_values)
+            dl.append(d), vl.append(v)
+        sc.knn_dists, sc.knn_values = np.concatenate(dl), np.concatenate(vl)
+    if memory is not None:
+        name = _memory_input_name(ds, memory_meta["layer"], memory_meta["site"])
+        lps = [_memory_logprob(memory, torch.from_numpy(np.asarray(h)), torch.from_numpy(labels[s : s + len(h)].astype(np.int64)))
+               for s, h in ds.iter_blocks(name, block)]
+        sc.memory_logprob = torch.cat(lps).double().numpy()
+    return sc
+
+
+def score_online(model, tokens: np.ndarray, context: int, stride: int, key_site: Site, index=None, train_values=None, k: int = 1024,
+                 memory=None, memory_site: Site | None = None, batch_size: int = 8, desc: str = "scoring") -> Scored:
+    """Run the LM over ``tokens`` with hooks and time each method batch by batch."""
+    import torch
+    from tqdm.auto import tqdm
+
+    sites = {"keys": key_site}
+    if memory is not None:
+        sites["memory_input"] = memory_site
+    parts: dict[str, list] = {"labels": [], "lm": [], "d": [], "v": [], "mem": []}
+    secs = {"lm": 0.0, "knn": 0.0, "memory": 0.0}
+    bar = tqdm(total=len(tokens) - 1, desc=desc, unit="tok", dynamic_ncols=True)
+    for b in iter_batches(model, tokens, context, stride, sites, batch_size, want_logprob=True):
+        secs["lm"] += b.seconds
+        labels = torch.from_numpy(b.labels.astype(np.int64))
+        parts["labels"].append(b.labels)
+        parts["lm"].append(b.lm_logprob.double().numpy())
+        if index is not None:
+            t0 = time.perf_counter()
+            d, v = _search(index, b.features["keys"].float().numpy(), k, train_values)
+            secs["knn"] += time.perf_counter() - t0
+            parts["d"].append(d), parts["v"].append(v)
+        if memory is not None:
+            t0 = time.perf_counter()
+            parts["mem"].append(_memory_logprob(memory, b.features["memory_input"], labels).double().numpy())
+            secs["memory"] += time.perf_counter() - t0
+        bar.update(b.row_end - b.row_start)
+    bar.close()
+    cat = lambda xs: np.concatenate(xs) if xs else None  # noqa: E731
+    return Scored(cat(parts["labels"]), cat(parts["lm"]), cat(parts["d"]), cat(parts["v"]), cat(parts["mem"]), secs)
+
+
+def perplexity(logprob: np.ndarray) -> float:
+    return float(math.exp(-float(np.mean(logprob))))
+
+
+def mix(lp_lm: np.ndarray, lp_other: np.ndarray, lam: float) -> np.ndarray:
+    from mlpmem.interpolate import interpolate_logprobs
+
+    return np.asarray(interpolate_logprobs(np.asarray(lp_lm), np.asarray(lp_other), lam), dtype=np.float64)
+
+
+def tune_knn(valid: Scored, temperatures=TEMPERATURES) -> dict:
+    """The temperature (and its EM-fitted lambda) that minimise kNN-LM perplexity on ``valid``."""
+    from mlpmem.interpolate import fit_lambda_em
+
+    rows = []
+    for T in temperatures:
+        lp = valid.knn_logprob(T)
+        lam = fit_lambda_em(valid.lm_logprob, lp)
+        rows.append({"temperature": float(T), "lambda": float(lam), "ppl": perplexity(mix(valid.lm_logprob, lp, lam))})
+        log.info("T=%g: lambda=%.3f valid ppl %.3f", T, lam, rows[-1]["ppl"])
+    best = min(rows, key=lambda r: r["ppl"])
+    if best["temperature"] in (min(temperatures), max(temperatures)):
+        log.warning("best kNN temperature %g is at the edge of the grid %s", best["temperature"], list(temperatures))
+    return {"temperature": best["temperature"], "lambda": best["lambda"], "valid_ppl": best["ppl"], "grid": rows}
+
+
+def tune_lambda(lp_lm: np.ndarray, lp_other: np.ndarray) -> float:
+    from mlpmem.interpolate import fit_lambda_em
+
+    return float(fit_lambda_em(lp_lm, lp_other))
+
+
+def lambda_curve(lp_lm: np.ndarray, lp_other: np.ndarray) -> list[tuple[float, float]]:
+    from mlpmem.interpolate import lambda_curve as curve
+
+    return [(float(a), float(b)) for a, b in curve(lp_lm, lp_other)]
+
+
+def summarize(test: Scored, temperature: float | None, lam_knn: float | None, lam_mem: float | None) -> dict:
+    """Perplexities and tokens/s of every method scored in ``test``."""
+    n = test.n
+    ppl = {"base": perplexity(test.lm_logprob)}
+    tps = {"base": n / test.seconds["lm"]} if test.seconds else {}
+    knn_lp = mem_lp = None
+    if test.knn_dists is not None:
+        knn_lp = test.knn_logprob(temperature)
+        ppl["knn_lm"] = perplexity(mix(test.lm_logprob, knn_lp, lam_knn))
+        if test.seconds:
+            tps["knn_lm"] = n / (test.seconds["lm"] + test.seconds["knn"])
+    if test.memory_logprob is not None:
+        mem_lp = test.memory_logprob
+        ppl["mlp_memory"] = perplexity(mix(test.lm_logprob, mem_lp, lam_mem))
+        ppl["memory_alone"] = perplexity(mem_lp)
+        if test.seconds:
+            tps["mlp_memory"] = n / (test.seconds["lm"] + test.seconds["memory"])
+    if knn_lp is not None and mem_lp is not None:
+        # both: the memory and the kNN-LM share lambda mass, each at half its own weight
+        lp = mix(mix(test.lm_logprob, mem_lp, lam_mem), knn_lp, lam_knn / 2)
+        ppl["knn_lm+mlp_memory"] = perplexity(lp)
+    return {"n_tokens": n, "ppl": ppl, "tokens_per_s": tps}
+
+
+def plot_curves(curves: dict[str, list[tuple[float, float]]], path: Path, title: str) -> None:
+    from mlpmem.interpolate import plot_lambda_curves
+
+    plot_lambda_curves(curves, path, title)
+
+
+def tune_knn_for(cfg: KnnConfig, valid: Scored) -> dict:
+    """Temperature and lambda for kNN-LM: given in ``cfg`` or tuned on ``valid``."""
+    if cfg.temperature is None:
+        result = tune_knn(valid, cfg.temperatures)
+    else:
+        result = {"temperature": cfg.temperature, "lambda": tune_lambda(valid.lm_logprob, valid.knn_logprob(cfg.temperature))}
+    if cfg.lam is not None:
+        result["lambda"] = cfg.lam
+    return result
+
+
+def run_knnlm(corpus_dir: Path, datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: KnnConfig, split: str = "test",
+              model: str | None = None, model_bundle=None) -> dict:
+    """The kNN-LM baseline: tune T and lambda on valid, then score ``split`` (LM alone vs LM + kNN-LM)."""
+    from mlpmem.index import KnnIndex
+    from mlpmem.manifest import write_json
+    from mlpmem.models import load_model, tokenizer_hash
+
+    out_dir = Path(out_dir)
+    corpus = Corpus(corpus_dir)
+    ds = Datastore(datastore_dir)
+    model, tok, model_id = model_bundle or load_model(model or ds.model_id)
+    ds.check_model(model_id, tokenizer_hash(tok))
+    corpus.check_tokenizer(tokenizer_hash(tok), model_id)
+    index = KnnIndex.open(index_dir, ds)
+    if cfg.k > ds.n_rows:
+        raise MlpmemError(f"k={cfg.k} is larger than the datastore ({ds.n_rows} rows)", f"use k <= {ds.n_rows}, or a larger corpus")
+    values = ds.values()
+    ctx, stride = ds.manifest["context"], ds.manifest["stride"]
+    key = Site(ds.layer, ds.site)
+    valid = score_online(model, corpus.tokens("valid"), ctx, stride, key, index, values, cfg.k, batch_size=cfg.batch_size, desc="scoring valid")
+    tuned = tune_knn_for(cfg, valid)
+    test = score_online(model, corpus.tokens(split), ctx, stride, key, index, values, cfg.k, batch_size=cfg.batch_size, desc=f"scoring {split}")
+    result = summarize(test, tuned["temperature"], tuned["lambda"], None)
+    result.update({"split": split, "knn_temperature": tuned["temperature"], "lambda": {"knn_lm": tuned["lambda"]}, "tuning": tuned,
+                   "k": cfg.k, "n_datastore": ds.n_rows, "model": model_id})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "knnlm.json", result)
+    plot_curves({"kNN-LM (T=%g)" % tuned["temperature"]: lambda_curve(test.lm_logprob, test.knn_logprob(tuned["temperature"]))},
+                out_dir / "lambda_knnlm.png", f"kNN-LM on {split}: perplexity vs lambda")
+    log.info("%s: base ppl %.3f, kNN-LM ppl %.3f (T=%g, lambda=%.3f)", split, result["ppl"]["base"], result["ppl"]["knn_lm"], tuned["temperature"], tuned["lambda"])
+    return result

@@ -94,7 +94,7 @@ def score_stored(ds: Datastore, index=None, train_values=None, k: int = 1024, me
         sc.knn_dists, sc.knn_values = np.concatenate(dl), np.concatenate(vl)
     if memory is not None:
         name = _memory_input_name(ds, memory_meta["layer"], memory_meta["site"])
-        lps = [_memory_logprob(memory, torch.from_numpy(np.asarray(h)), torch.from_numpy(labels[s : s + len(h)].astype(np.int64)))
+        lps = [_memory_logprob(memory, torch.from_numpy(np.array(h)), torch.from_numpy(labels[s : s + len(h)].astype(np.int64)))
                for s, h in ds.iter_blocks(name, block)]
         sc.memory_logprob = torch.cat(lps).double().numpy()
     return sc
@@ -170,7 +170,31 @@ def lambda_curve(lp_lm: np.ndarray, lp_other: np.ndarray) -> list[tuple[float, f
     return [(float(a), float(b)) for a, b in curve(lp_lm, lp_other)]
 
 
-def summarize(test: Scored, temperature: float | None, lam_knn: float | None, lam_mem: float | None) -> dict:
+def fit_mixture_em(lps: list[np.ndarray], iters: int = 200, tol: float = 1e-8) -> list[float]:
+    """Mixture weights of K components that maximise the likelihood (EM).
+
+    ``lps[k][i]`` is component k's log-prob of token i; the M-step weight of a
+    component is its mean posterior responsibility.
+    """
+    L = np.stack([np.asarray(x, dtype=np.float64) for x in lps])  # [K, N]
+    w = np.full(len(lps), 1.0 / len(lps))
+    for _ in range(iters):
+        a = np.log(np.maximum(w, 1e-300))[:, None] + L
+        r = np.exp(a - np.logaddexp.reduce(a, axis=0))
+        new = r.mean(axis=1)
+        if np.abs(new - w).max() < tol:
+            w = new
+            break
+        w = new
+    return [float(x) for x in w]
+
+
+def mix_many(lps: list[np.ndarray], weights: list[float]) -> np.ndarray:
+    with np.errstate(divide="ignore"):
+        return np.logaddexp.reduce(np.log(np.asarray(weights))[:, None] + np.stack(lps), axis=0)
+
+
+def summarize(test: Scored, temperature: float | None, lam_knn: float | None, lam_mem: float | None, w_both: list[float] | None = None) -> dict:
     """Perplexities and tokens/s of every method scored in ``test``."""
     n = test.n
     ppl = {"base": perplexity(test.lm_logprob)}
@@ -187,10 +211,11 @@ def summarize(test: Scored, temperature: float | None, lam_knn: float | None, la
         ppl["memory_alone"] = perplexity(mem_lp)
         if test.seconds:
             tps["mlp_memory"] = n / (test.seconds["lm"] + test.seconds["memory"])
-    if knn_lp is not None and mem_lp is not None:
-        # both: the memory and the kNN-LM share lambda mass, each at half its own weight
-        lp = mix(mix(test.lm_logprob, mem_lp, lam_mem), knn_lp, lam_knn / 2)
-        ppl["knn_lm+mlp_memory"] = perplexity(lp)
+    if knn_lp is not None and mem_lp is not None and w_both is not None:
+        # all three, with weights (LM, memory, kNN) fitted jointly on valid
+        ppl["knn_lm+mlp_memory"] = perplexity(mix_many([test.lm_logprob, mem_lp, knn_lp], w_both))
+        if test.seconds:
+            tps["knn_lm+mlp_memory"] = n / (test.seconds["lm"] + test.seconds["knn"] + test.seconds["memory"])
     return {"n_tokens": n, "ppl": ppl, "tokens_per_s": tps}
 
 

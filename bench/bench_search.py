@@ -1,0 +1,112 @@
+"""Search speed and recall@k: Flat against the `auto` approximate index (not a test).
+
+    python bench/bench_search.py [--n 200000] [--d 576] [--k 1024] [--queries 300] [--datastore DIR]
+
+Synthetic keys (default) are float16 draws from a mixture of Gaussians in a 64-dim
+subspace plus isotropic noise: LM hidden states are clustered and of low intrinsic
+dimension, and uniform noise would make any IVF index look hopeless. Pass
+``--datastore`` to measure real keys instead. Prints one JSON line and writes it to
+bench/results/search.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mlpmem.index import RERANK_FACTOR, IndexConfig, KnnIndex, build_index
+from mlpmem.manifest import CONFIG, save_npy, write_json, write_manifest
+
+
+def synthetic_datastore(folder: Path, n: int, d: int, seed: int = 0, shard_rows: int = 65536) -> Path:
+    rng = np.random.default_rng(seed)
+    basis = rng.normal(size=(64, d)).astype(np.float32) / 8
+    centers = rng.normal(size=(512, 64)).astype(np.float32) * 2
+    folder.mkdir(parents=True)
+    write_json(folder / CONFIG, {"synthetic": True, "n": n, "d": d, "seed": seed})
+    shards = []
+    for s, start in enumerate(range(0, n, shard_rows)):
+        m = min(shard_rows, n - start)
+        z = centers[rng.integers(0, len(centers), m)] + rng.normal(size=(m, 64)).astype(np.float32)
+        keys = (z @ basis + 0.15 * rng.normal(size=(m, d)).astype(np.float32)).astype(np.float16)
+        values = rng.integers(0, 49152, m).astype(np.int32)
+        shards.append({"start": start, "end": start + m, "arrays": {
+            "keys": save_npy(folder / f"keys-{s:05d}.npy", keys), "values": save_npy(folder / f"values-{s:05d}.npy", values)}})
+    write_manifest(folder, "datastore", {"model_id": "synthetic", "tokenizer_hash": "none", "layer": -1, "site": "synthetic",
+                                         "d": d, "vocab_size": 49152, "n_rows": n, "split": "train", "shards": shards})
+    return folder
+
+
+def timed_search(index: KnnIndex, xq: np.ndarray, qids: np.ndarray, k: int) -> tuple[float, np.ndarray, np.ndarray]:
+    index.search(xq[:8], k, exclude=qids[:8])  # warm up (page in the memory maps)
+    t = time.perf_counter()
+    d, i = index.search(xq, k, exclude=qids)
+    return xq.shape[0] / (time.perf_counter() - t), d, i
+
+
+def recall(approx: np.ndarray, exact: np.ndarray) -> float:
+    return float(np.mean([np.intersect1d(a[a >= 0], e).size / e.shape[0] for a, e in zip(approx, exact)]))
+
+
+def dist_error(ds, xq: np.ndarray, d: np.ndarray, ids: np.ndarray) -> float:
+    """Mean |returned distance - exact float64 distance| over the returned ids (what re-ranking fixes)."""
+    ok = ids >= 0
+    exact = ((ds.gather("keys", ids.clip(0)).astype(np.float64) - xq[:, None].astype(np.float64)) ** 2).sum(-1)
+    return float(np.abs(d[ok] - exact[ok]).mean())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=200_000)
+    p.add_argument("--d", type=int, default=576)
+    p.add_argument("--k", type=int, default=1024)
+    p.add_argument("--queries", type=int, default=300)
+    p.add_argument("--nprobes", type=str, default="32,64,128", help="extra nprobe values to sweep on the auto index")
+    p.add_argument("--datastore", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "search.json")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ds_dir = args.datastore or synthetic_datastore(tmp / "ds", args.n, args.d)
+        flat_dir = build_index(ds_dir, tmp / "flat", IndexConfig(kind="flat"))
+        t = time.perf_counter()
+        auto_dir = build_index(ds_dir, tmp / "auto", IndexConfig(kind="auto", auto_flat_max_rows=0, recall_k=args.k))
+        auto_build_s = time.perf_counter() - t
+        flat, auto = KnnIndex.open(flat_dir), KnnIndex.open(auto_dir)
+        n = flat.n_rows
+        qids = np.sort(np.random.default_rng(1).choice(n, size=args.queries, replace=False))
+        xq = flat.datastore.gather("keys", qids).astype(np.float32)
+
+        flat_qps, flat_d, exact = timed_search(flat, xq, qids, args.k)
+        res = {"n": n, "d": flat.d, "k": args.k, "queries": args.queries, "synthetic": args.datastore is None,
+               "flat_qps": round(flat_qps, 2), "auto_factory": auto.manifest["factory"], "auto_nprobe": auto.nprobe,
+               "auto_build_s": round(auto_build_s, 1), "auto_manifest_recall": auto.manifest["recall_at_k"], "sweep": []}
+        sweep = sorted({auto.nprobe, *map(int, args.nprobes.split(","))})
+        for nprobe in sweep:
+            for rerank, factor in ((True, 2.0), (True, 1.25), (False, 1.0)):
+                auto.nprobe, auto.rerank, auto.rerank_factor = nprobe, rerank, factor
+                auto.index.nprobe = nprobe  # an IVF index itself (no pre-transform in auto)
+                qps, d, i = timed_search(auto, xq, qids, args.k)
+                row = {"nprobe": nprobe, "rerank": rerank, "rerank_factor": factor, "scanned_per_query": int(nprobe * n / auto.manifest["nlist"]),
+                       "qps": round(qps, 2), "speedup_vs_flat": round(qps / flat_qps, 2), f"recall@{args.k}": round(recall(i, exact), 4),
+                       "mean_abs_dist_error_of_returned_ids": round(dist_error(flat.datastore, xq, d, i), 5)}
+                res["sweep"].append(row)
+                print(json.dumps(row), flush=True)
+        auto_row = next(r for r in res["sweep"] if r["nprobe"] == res["auto_nprobe"] and r["rerank_factor"] == RERANK_FACTOR)
+        res["auto_qps"], res[f"auto_recall@{args.k}"] = auto_row["qps"], auto_row[f"recall@{args.k}"]
+    line = json.dumps(res)
+    print(line)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

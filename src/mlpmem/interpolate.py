@@ -1,0 +1,150 @@
+"""Mixing the LM with another distribution (the memory, or kNN): log p = log((1 - lam) p_LM + lam p_other).
+
+Pure functions. ``interpolate_logprobs`` takes numpy arrays or torch tensors and
+returns the same kind; the fitting and perplexity helpers work in float64 numpy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from mlpmem.errors import MlpmemError
+
+log = logging.getLogger(__name__)
+
+# small values matter: at small scale the best lambda is often 0.01 to 0.05
+DEFAULT_LAMBDA_GRID: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def check_lambda(lam: float) -> float:
+    lam = float(lam)
+    if not 0.0 <= lam <= 1.0:  # also refuses NaN
+        raise MlpmemError(f"lambda must lie in [0, 1], got {lam}", "pass a mixture weight between 0 (LM only) and 1 (memory only)")
+    return lam
+
+
+def interpolate_logprobs(lp_lm: Any, lp_other: Any, lam: float) -> Any:
+    """``logaddexp(log(1 - lam) + lp_lm, log(lam) + lp_other)``, elementwise, any shape.
+
+    Works on full log-prob rows [..., V] or on per-target values [N]. Exact at the
+    ends: lam = 0 returns lp_lm, lam = 1 returns lp_other (no log(0) arithmetic).
+    Torch in -> torch out (the dtype of lp_lm); numpy in -> numpy out.
+    """
+    lam = check_lambda(lam)
+    if lam == 0.0:
+        return lp_lm
+    if lam == 1.0:
+        return lp_other
+    a, b = math.log1p(-lam), math.log(lam)
+    if _is_torch(lp_lm) or _is_torch(lp_other):
+        import torch
+
+        ref = lp_lm if _is_torch(lp_lm) else lp_other
+        x = torch.as_tensor(lp_lm, device=ref.device, dtype=ref.dtype)
+        y = torch.as_tensor(lp_other, device=ref.device).to(ref.dtype)
+        return torch.logaddexp(x + a, y + b)
+    return np.logaddexp(np.asarray(lp_lm) + a, np.asarray(lp_other) + b)
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def _np64(x: Any) -> np.ndarray:
+    if _is_torch(x):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float64).reshape(-1)
+
+
+def perplexity(logprobs: Any) -> float:
+    """exp(-mean log p) over logprobs [N] (natural log)."""
+    lp = _np64(logprobs)
+    if lp.size == 0:
+        raise MlpmemError("cannot compute a perplexity over zero tokens", "score at least one token")
+    return float(np.exp(-lp.mean()))
+
+
+def fit_lambda_em(lp_lm: Any, lp_other: Any, iters: int = 100, tol: float = 1e-7) -> float:
+    """Likelihood-optimal mixture weight of the second distribution.
+
+    lp_lm, lp_other [N]: log-probabilities of the true tokens. EM steps set lambda
+    to the mean posterior responsibility of the second component. EM crawls when
+    the optimum lies near 0 (at small scale it often does: each step then moves
+    lambda by a nearly constant fraction of the remaining distance, and a step
+    tolerance stops it early), so a safeguarded Newton search on the derivative of
+    the log-likelihood, which is concave in lambda, finishes the job. Positions
+    where both log-probabilities are -inf carry no information and are skipped.
+    """
+    x, y = _np64(lp_lm), _np64(lp_other)
+    if x.shape != y.shape:
+        raise MlpmemError(f"lp_lm has {x.size} values but lp_other has {y.size}", "pass per-token log-probs of the same positions")
+    keep = np.isfinite(x) | np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if x.size == 0:
+        raise MlpmemError("no position with a finite log-probability to fit lambda on", "check the inputs")
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        # the optimum sits on a boundary when the slope there points outwards
+        if np.isfinite(x).all() and np.mean(np.exp(y - x)) <= 1.0:
+            return 0.0
+        if np.isfinite(y).all() and np.mean(np.exp(x - y)) <= 1.0:
+            return 1.0
+        lam = 0.5
+        for _ in range(iters):
+            a, b = np.log1p(-lam) + x, np.log(lam) + y
+            new = float(np.exp(b - np.logaddexp(a, b)).mean())
+            done = abs(new - lam) < tol
+            lam = min(max(new, 1e-300), 1.0 - 1e-16)
+            if done:
+                break
+        lo, hi = 0.0, 1.0
+        for _ in range(iters):
+            mix = np.logaddexp(np.log1p(-lam) + x, np.log(lam) + y)
+            t = np.exp(y - mix) - np.exp(x - mix)  # d/dlam of log((1-lam) p_lm + lam p_other)
+            slope, curv = t.mean(), -(t * t).mean()
+            lo, hi = (lam, hi) if slope > 0 else (lo, lam)
+            step = lam - slope / curv if curv < 0 else (lo + hi) / 2
+            if not lo < step < hi:
+                step = (lo + hi) / 2
+            if abs(step - lam) < tol * 1e-3 or hi - lo < 1e-15:
+                lam = step
+                break
+            lam = step
+    log.debug("fitted lambda %.8f", lam)
+    return float(lam)
+
+
+def lambda_curve(lp_lm: Any, lp_other: Any, grid: Sequence[float] = DEFAULT_LAMBDA_GRID) -> list[tuple[float, float]]:
+    """[(lambda, perplexity of the mixture)] over ``grid``; lp_lm, lp_other [N]."""
+    x, y = _np64(lp_lm), _np64(lp_other)
+    return [(float(lam), perplexity(interpolate_logprobs(x, y, lam))) for lam in grid]
+
+
+def plot_lambda_curves(curves: dict[str, list[tuple[float, float]]], path: Path, title: str) -> Path:
+    """Perplexity against lambda, one line per named curve, best point marked; saved as PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2))
+    FigureCanvasAgg(fig)  # no pyplot: no global state, no display needed
+    ax = fig.add_subplot()
+    for name, curve in curves.items():
+        lams, ppls = zip(*curve)
+        (line,) = ax.plot(lams, ppls, marker="o", ms=3, label=name)
+        best = int(np.argmin(ppls))
+        ax.plot([lams[best]], [ppls[best]], marker="*", ms=12, color=line.get_color())
+        ax.annotate(f"{ppls[best]:.2f} @ {lams[best]:g}", (lams[best], ppls[best]), textcoords="offset points", xytext=(4, 6), fontsize=8)
+    ax.set_title(title)
+    ax.set_xlabel("lambda (weight of the memory or kNN distribution)")
+    ax.set_ylabel("perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    return path

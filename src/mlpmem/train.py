@@ -1,0 +1,536 @@
+"""Stage 6: train the MLP memory to imitate the retriever (offline, from stored hidden states).
+
+Every corpus position is one example: input = the stored hidden state, targets =
+its sparse kNN distribution and its next token. Positions are shuffled across the
+whole corpus each epoch by a permutation that depends only on (seed, epoch), so
+the batch of any step can be recomputed from the step number alone: that is what
+makes resuming exact. The output folder holds ``memory/`` (the final memory),
+``checkpoints/``, ``metrics.jsonl``, ``training_curve.png``, ``config.json`` and,
+last, ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from mlpmem.errors import MlpmemError
+from mlpmem.interpolate import fit_lambda_em, interpolate_logprobs, perplexity
+from mlpmem.losses import sparse_kd_loss
+from mlpmem.manifest import prepare_out, read_json, write_json, write_manifest
+from mlpmem.memory import MemoryConfig, MLPMemory, init_from_lm, lm_settings, load_memory, save_memory
+from mlpmem.store import Datastore, ShardedArrays
+
+try:
+    from mlpmem.store import feature_name
+except ImportError:  # older store.py
+
+    def feature_name(layer: int, site: str) -> str:
+        return f"h{layer}.{site}"
+
+
+log = logging.getLogger(__name__)
+
+METRICS = "metrics.jsonl"
+CKPT_DIR = "checkpoints"
+
+
+@dataclass
+class TrainConfig:
+    """How to build and train a memory. d_in and vocab_size come from the datastore."""
+
+    # architecture (see MemoryConfig)
+    width: int | None = None
+    n_blocks: int = 4
+    expansion: int = 4
+    activation: str = "gelu"
+    norm: str = "layernorm"  # with init lm_copy the LM's final norm kind replaces it
+    norm_eps: float = 1e-5
+    init: str = "plain"  # plain | lm_head | lm_copy (the last two need the LM)
+    freeze_head: bool = False
+    zero_init_blocks: bool = True
+    head_bias: bool = False
+    # input: hidden states of this layer and site (None: the datastore's keys)
+    input_layer: int | None = None
+    input_site: str | None = None
+    mode: str = "offline"  # offline: stored hidden states (online: not yet)
+    # optimisation
+    alpha: float = 0.5  # weight of KL(p_kNN || q); 1 - alpha on CE(next token)
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_frac: float = 0.1  # without warm-up the first runs here diverged after one step
+    schedule: str = "cosine"  # cosine | linear decay after warm-up
+    min_lr_frac: float = 0.0
+    epochs: float = 3.0
+    batch_size: int = 1024  # positions per optimizer step
+    grad_accum: int = 1  # micro-batches per step (batch_size / grad_accum positions each); same maths, less memory
+    clip: float = 1.0  # max gradient norm; 0 = off
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast; the loss is always float32)
+    seed: int = 0
+    eval_every: int = 500  # steps between validations (0: only at the end)
+    ckpt_every: int = 500  # steps between checkpoints (0: only at the end)
+    keep_last: int = 2
+    log_every: int = 20  # steps per averaged train record in metrics.jsonl
+
+    def __post_init__(self) -> None:
+        checks = [
+            (0.0 <= self.alpha <= 1.0, f"alpha must lie in [0, 1], got {self.alpha}"),
+            (self.lr > 0, f"lr must be positive, got {self.lr}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (0.0 <= self.warmup_frac < 1.0, f"warmup_frac must lie in [0, 1), got {self.warmup_frac}"),
+            (0.0 <= self.min_lr_frac <= 1.0, f"min_lr_frac must lie in [0, 1], got {self.min_lr_frac}"),
+            (self.schedule in ("cosine", "linear"), f"schedule must be cosine or linear, got {self.schedule!r}"),
+            (self.epochs > 0, f"epochs must be positive, got {self.epochs}"),
+            (self.batch_size > 0 and self.grad_accum > 0, "batch_size and grad_accum must be positive"),
+            (self.batch_size % self.grad_accum == 0, f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})"),
+            (self.clip >= 0, f"clip must be >= 0, got {self.clip}"),
+            (self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}"),
+            (self.eval_every >= 0 and self.ckpt_every >= 0 and self.log_every > 0, "eval_every and ckpt_every must be >= 0, log_every > 0"),
+            (self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}"),
+        ]
+        for ok, problem in checks:
+            if not ok:
+                raise MlpmemError(f"invalid training configuration: {problem}", "fix the training settings")
+        if self.mode != "offline":
+            raise MlpmemError(f"training mode {self.mode!r} is not available yet", "use mode 'offline' (hidden states stored in the datastore)")
+
+    def memory_config(self, d_in: int, vocab_size: int) -> MemoryConfig:
+        names = {f.name for f in dataclasses.fields(MemoryConfig)}
+        return MemoryConfig(d_in=d_in, vocab_size=vocab_size, **{k: v for k, v in dataclasses.asdict(self).items() if k in names and k not in ("d_in", "vocab_size")})
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class TrainData:
+    """One datastore (input array + next tokens) with its optional kNN targets, row-aligned."""
+
+    def __init__(self, datastore_dir: Path, targets_dir: Path | None, layer: int | None, site: str | None, lm=None) -> None:
+        self.ds = Datastore(datastore_dir)
+        self.layer, self.site, self.input = resolve_input(self.ds, layer, site, lm)
+        self.n = self.ds.n_rows
+        self.values = self.ds.values()  # [N] int32, small enough to keep in memory
+        self.targets = ShardedArrays(targets_dir, "targets") if targets_dir is not None else None
+        if self.targets is not None:
+            check_aligned(self.ds, self.targets)
+
+    @property
+    def d_in(self) -> int:
+        return int(self.ds.shards(self.input)[0].shape[1])
+
+    def batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        """Rows ``idx`` [b] -> h [b, d] float16, labels [b], and ids/probs [b, M] if there are targets."""
+        idx = np.sort(idx)  # sorted reads are kinder to memory maps; a batch is a bag of rows
+        out = {"h": torch.from_numpy(self.ds.gather(self.input, idx)), "labels": torch.from_numpy(self.values[idx].astype(np.int64))}
+        if self.targets is not None:
+            out["ids"] = torch.from_numpy(self.targets.gather("ids", idx))
+            out["probs"] = torch.from_numpy(self.targets.gather("probs", idx))
+        return out
+
+
+def resolve_input(ds: Datastore, layer: int | None, site: str | None, lm=None) -> tuple[int, str, str]:
+    """(layer, site, array name) of the memory's input in the datastore."""
+    layer = ds.layer if layer is None else layer
+    site = site or ds.site
+    if layer < 0:
+        if lm is None:
+            raise MlpmemError(f"input layer {layer} counts from the end, which needs the model", "pass a non-negative --input-layer (or the LM)")
+        from mlpmem.models import resolve_layer
+
+        layer = resolve_layer(lm, layer)
+    name = "keys" if (layer, site) == (ds.layer, ds.site) else feature_name(layer, site)
+    if name not in ds.names:
+        raise MlpmemError(
+            f"the datastore in {ds.folder} holds no hidden states of layer {layer} ({site}); it has {ds.names}",
+            f"rebuild the datastore with extra site {layer}:{site}, or train on its keys",
+        )
+    return layer, site, name
+
+
+def check_aligned(ds: ShardedArrays, tg: ShardedArrays) -> None:
+    fix = f"rebuild the targets from the datastore in {ds.folder}"
+    if tg.n_rows != ds.n_rows or not (np.array_equal(tg.starts, ds.starts) and np.array_equal(tg.ends, ds.ends)):
+        raise MlpmemError(f"the targets in {tg.folder} ({tg.n_rows} rows) are not aligned with the datastore in {ds.folder} ({ds.n_rows} rows)", fix)
+    for name in ("ids", "probs"):
+        if name not in tg.names:
+            raise MlpmemError(f"the targets in {tg.folder} have no {name!r} array", fix)
+    for key in ("model_id", "tokenizer_hash"):
+        if key in tg.manifest and tg.manifest[key] != ds.manifest.get(key):
+            raise MlpmemError(f"the targets in {tg.folder} were built for {key} {tg.manifest[key]!r}, the datastore has {ds.manifest.get(key)!r}", fix)
+
+
+class Schedule:
+    """Which rows and which learning rate each step uses: a pure function of the step."""
+
+    def __init__(self, n_rows: int, cfg: TrainConfig) -> None:
+        self.n, self.cfg = n_rows, cfg
+        self.total = max(1, math.ceil(cfg.epochs * n_rows / cfg.batch_size))
+        self.warmup = math.ceil(cfg.warmup_frac * self.total)
+        self._perms: dict[int, np.ndarray] = {}
+
+    def perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            if len(self._perms) > 1:
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.n)
+        return self._perms[epoch]
+
+    def rows(self, step: int) -> list[np.ndarray]:
+        """Row ids of each micro-batch of ``step``. Batches run on across epoch ends, so all are full."""
+        b = self.cfg.batch_size
+        stream = np.arange(step * b, (step + 1) * b, dtype=np.int64)
+        epochs, offsets = np.divmod(stream, self.n)
+        ids = np.empty_like(stream)
+        for e in np.unique(epochs):
+            sel = epochs == e
+            ids[sel] = self.perm(int(e))[offsets[sel]]
+        return np.split(ids, self.cfg.grad_accum)
+
+    def lr(self, step: int) -> float:
+        cfg = self.cfg
+        if step < self.warmup:
+            return cfg.lr * (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
+        decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
+        return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * decay)
+
+
+# ----------------------------------------------------------------------------- model, optimizer, precision
+
+
+def build_memory(cfg: TrainConfig, d_in: int, vocab_size: int, lm=None) -> MLPMemory:
+    mcfg = cfg.memory_config(d_in, vocab_size)
+    if cfg.init != "plain":
+        if lm is None:
+            raise MlpmemError(f"init {cfg.init!r} copies weights from the LM, but no LM was given", "pass the LM (init_lm), or use init 'plain'")
+        lm_vocab = int(lm.get_output_embeddings().weight.shape[0])
+        if lm_vocab != vocab_size:
+            raise MlpmemError(f"the LM has {lm_vocab} logits but the datastore says {vocab_size}", "use the LM the datastore was built with")
+        mcfg = dataclasses.replace(mcfg, **lm_settings(lm, cfg.init))
+    torch.manual_seed(cfg.seed)
+    memory = MLPMemory(mcfg)
+    if cfg.init != "plain":
+        init_from_lm(memory, lm)
+    return memory
+
+
+def build_optimizer(memory: MLPMemory, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # no weight decay on norms and biases (the usual GPT recipe)
+    params = [p for p in memory.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    if precision != "auto":
+        return precision == "bf16"
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    # on CPU bf16 autocast pays off only with native bf16 instructions (1.7x faster in
+    # SPEC's runs); with AVX-512 alone oneDNN emulates it and a step was 2.6x slower here
+    return device.type == "cpu" and cpu_has_native_bf16()
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(root: Path, step: int, memory: MLPMemory, opt: torch.optim.Optimizer, meta: dict, state: dict, keep_last: int) -> Path:
+    """``root/step-XXXXXX/``: memory, optimizer tensors, RNG and step. Renamed into place when whole."""
+    from safetensors.torch import save_file
+
+    final = root / f"step-{step:06d}"
+    tmp = root / f"step-{step:06d}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_memory(tmp, memory, meta)
+    sd = opt.state_dict()
+    tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    write_json(tmp / "state.json", {**state, "step": step, "param_groups": sd["param_groups"]})
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in list_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a .partial folder is an interrupted write)."""
+    if not root.is_dir():
+        return []
+    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".partial") and (p / "state.json").exists()]
+    return sorted(done, key=lambda p: read_json(p / "state.json")["step"])
+
+
+def load_checkpoint(path: Path, cfg: TrainConfig, device: torch.device) -> tuple[MLPMemory, torch.optim.Optimizer, dict]:
+    from safetensors.torch import load_file
+
+    memory, _ = load_memory(path)
+    memory.to(device).train()
+    opt = build_optimizer(memory, cfg)
+    state = read_json(path / "state.json")
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, i, name = key.split(".", 2)
+            per_param.setdefault(int(i), {})[name] = value
+    opt.load_state_dict({"state": per_param, "param_groups": state.pop("param_groups")})
+    torch.set_rng_state(tensors["rng.torch"])
+    return memory, opt, state
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@torch.no_grad()
+def evaluate(memory: MLPMemory, data: TrainData, alpha: float, device: torch.device, bf16: bool, batch_size: int = 1024) -> dict[str, float]:
+    """KL and CE on held-out rows, memory-alone perplexity, and with ``lm_logprob`` stored,
+    the LM's perplexity and the interpolated one at the EM-fitted lambda (fitted on these rows)."""
+    memory.eval()
+    lp_mem, kl_sum = [], 0.0
+    for start in range(0, data.n, batch_size):
+        b = data.batch(np.arange(start, min(start + batch_size, data.n)))
+        with autocast(device, bf16):
+            logits = memory(b["h"].to(device))
+        logits = logits.float()
+        labels = b["labels"].to(device)
+        lp_mem.append((logits.gather(-1, labels[:, None])[:, 0] - torch.logsumexp(logits, -1)).double().cpu().numpy())
+        if "ids" in b:
+            _, parts = sparse_kd_loss(logits, b["ids"].to(device), b["probs"].to(device), labels, 1.0)
+            kl_sum += parts["kl"].item() * len(labels)
+    memory.train()
+    lp = np.concatenate(lp_mem)
+    out: dict[str, float] = {"ce": float(-lp.mean()), "ppl_memory": perplexity(lp)}
+    if data.targets is not None:
+        out["kl"] = kl_sum / data.n
+        out["loss"] = alpha * out["kl"] + (1 - alpha) * out["ce"]
+    if "lm_logprob" in data.ds.names:
+        lp_lm = data.ds.load("lm_logprob").astype(np.float64)
+        lam = fit_lambda_em(lp_lm, lp)
+        out.update(ppl_lm=perplexity(lp_lm), **{"lambda": lam}, ppl_interp=perplexity(interpolate_logprobs(lp_lm, lp, lam)))
+    return out
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train_memory(
+    datastore_dir: Path,
+    targets_dir: Path,
+    out_dir: Path,
+    cfg: TrainConfig,
+    valid_datastore_dir: Path | None = None,
+    valid_targets_dir: Path | None = None,
+    init_lm=None,
+    meta: dict[str, Any] | None = None,
+    resume: bool = True,
+    overwrite: bool = False,
+    device: str | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> Path:
+    """Train a memory on a datastore and its kNN targets; returns ``out_dir``.
+
+    The final memory is ``out_dir/memory`` (load it with ``load_memory``). A
+    finished folder with the same config is returned as is; an interrupted one
+    resumes from its newest complete checkpoint (``resume=False`` starts over).
+    ``init_lm`` is the LM to copy the head (and final norm) from for init
+    lm_head / lm_copy. ``on_step(step, {"loss", "kl", "ce", "lr", "grad_norm"})``
+    is called after each optimizer step (step counts from 1).
+    """
+    out_dir = Path(out_dir)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    data = TrainData(datastore_dir, targets_dir, cfg.input_layer, cfg.input_site, init_lm)
+    valid = None
+    if valid_datastore_dir is not None:
+        valid = TrainData(valid_datastore_dir, valid_targets_dir, data.layer, data.site, init_lm)
+        valid.ds.check_model(data.ds.model_id, data.ds.tokenizer_hash, data.ds.layer, data.ds.site)
+    resolved = {
+        "config": cfg, "datastore": str(Path(datastore_dir).resolve()), "targets": str(Path(targets_dir).resolve()),
+        "valid_datastore": str(Path(valid_datastore_dir).resolve()) if valid_datastore_dir else None,
+        "valid_targets": str(Path(valid_targets_dir).resolve()) if valid_targets_dir else None,
+        "input": {"layer": data.layer, "site": data.site, "array": data.input},
+        "init_lm": getattr(getattr(init_lm, "config", None), "_name_or_path", None) if init_lm is not None else None,
+    }
+    if prepare_out(out_dir, resolved, overwrite) == "done":
+        log.info("memory training in %s is already finished", out_dir)
+        return out_dir
+    mem_meta = {
+        "model_id": data.ds.model_id, "tokenizer_hash": data.ds.tokenizer_hash, "layer": data.layer, "site": data.site,
+        "input_array": data.input, "datastore": resolved["datastore"], "targets": resolved["targets"], **(meta or {}),
+    }
+    sched = Schedule(data.n, cfg)
+    bf16 = use_bf16(cfg.precision, dev)
+    ckpt_root = out_dir / CKPT_DIR
+    if not resume:
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+        (out_dir / METRICS).unlink(missing_ok=True)
+    ckpts = list_checkpoints(ckpt_root)
+    if ckpts:
+        memory, opt, state = load_checkpoint(ckpts[-1], cfg, dev)
+        _truncate_metrics(out_dir / METRICS, state["step"])
+        log.info("resuming memory training from %s", ckpts[-1])
+    else:
+        memory = build_memory(cfg, data.d_in, data.ds.vocab_size, init_lm).to(dev)
+        opt = build_optimizer(memory, cfg)
+        state = {"step": 0, "train_seconds": 0.0, "train_positions": 0}
+    log.info("memory: %.2fM parameters, %d steps of %d positions (%.2f epochs of %d rows), %s", memory.num_parameters() / 1e6,
+             sched.total, cfg.batch_size, sched.total * cfg.batch_size / data.n, data.n, "bf16 autocast" if bf16 else "fp32")
+    last_valid = _train_loop(memory, opt, data, valid, sched, cfg, dev, bf16, state, out_dir, mem_meta, on_step)
+    return _finish(out_dir, memory, mem_meta, cfg, data, valid, sched, state, last_valid, bf16, dev)
+
+
+def _train_loop(memory, opt, data, valid, sched, cfg, dev, bf16, state, out_dir, mem_meta, on_step) -> dict | None:
+    from tqdm.auto import tqdm
+
+    params = [p for p in memory.parameters() if p.requires_grad]
+    window: list[dict[str, float]] = state.get("window", [])  # steps since the last train record, so resumed records match
+    last_valid = state.get("last_valid")
+    bar = tqdm(total=sched.total, initial=state["step"], desc="train memory", unit="step", dynamic_ncols=True)
+    memory.train()
+    for step in range(state["step"], sched.total):
+        t0 = time.perf_counter()
+        lr = sched.lr(step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        loss_sum, kl_sum, ce_sum = 0.0, 0.0, 0.0
+        for rows in sched.rows(step):
+            b = data.batch(rows)
+            with autocast(dev, bf16):
+                logits = memory(b["h"].to(dev, non_blocking=True))
+            loss, parts = sparse_kd_loss(logits, b["ids"].to(dev), b["probs"].to(dev), b["labels"].to(dev), cfg.alpha)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.item() / cfg.grad_accum
+            kl_sum += parts["kl"].item() / cfg.grad_accum
+            ce_sum += parts["ce"].item() / cfg.grad_accum
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf")))
+        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+            bar.close()
+            last = list_checkpoints(out_dir / CKPT_DIR)
+            raise MlpmemError(
+                f"the training loss or gradient became non-finite at step {step + 1} (loss {loss_sum}, gradient norm {grad_norm}, lr {lr:.2e}); "
+                f"{'the last good checkpoint is ' + str(last[-1]) if last else 'no checkpoint was written yet'}",
+                "lower lr, lengthen warmup_frac, keep clip at 1.0 or use precision fp32, then run again (it resumes from the last checkpoint; pass a new --out or --overwrite to restart with new settings)",
+            )
+        opt.step()
+        state["step"] = step + 1
+        state["train_seconds"] += time.perf_counter() - t0
+        state["train_positions"] += cfg.batch_size
+        rec = {"loss": loss_sum, "kl": kl_sum, "ce": ce_sum, "lr": lr, "grad_norm": grad_norm}
+        window.append(rec)
+        if on_step is not None:
+            on_step(step + 1, rec)
+        tps = state["train_positions"] / max(state["train_seconds"], 1e-9)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:.0f}", refresh=False)
+        done = state["step"] == sched.total
+        if state["step"] % cfg.log_every == 0 or done:
+            _append_metrics(out_dir, {"step": state["step"], "split": "train", **{k: float(np.mean([w[k] for w in window])) for k in rec}, "tokens_per_s": tps})
+            window = []
+        if valid is not None and (done or (cfg.eval_every and state["step"] % cfg.eval_every == 0)):
+            last_valid = evaluate(memory, valid, cfg.alpha, dev, bf16, cfg.batch_size // cfg.grad_accum)
+            _append_metrics(out_dir, {"step": state["step"], "split": "valid", **last_valid})
+            log.debug("step %d valid %s", state["step"], last_valid)
+        if done or (cfg.ckpt_every and state["step"] % cfg.ckpt_every == 0):
+            save_checkpoint(out_dir / CKPT_DIR, state["step"], memory, opt, mem_meta, dict(state, last_valid=last_valid, window=window), cfg.keep_last)
+    bar.close()
+    return last_valid
+
+
+def _finish(out_dir, memory, mem_meta, cfg, data, valid, sched, state, last_valid, bf16, dev) -> Path:
+    if valid is not None and last_valid is None:  # resumed after the last step's checkpoint
+        last_valid = evaluate(memory, valid, cfg.alpha, dev, bf16, cfg.batch_size // cfg.grad_accum)
+    save_memory(out_dir / "memory", memory, mem_meta)
+    plot_training_curve(read_metrics(out_dir / METRICS), out_dir / "training_curve.png", f"memory on {mem_meta['model_id']}")
+    tps = state["train_positions"] / max(state["train_seconds"], 1e-9)
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    write_manifest(out_dir, "memory", {
+        **{k: mem_meta[k] for k in ("model_id", "tokenizer_hash", "layer", "site")},
+        "memory": "memory", "memory_config": dataclasses.asdict(memory.config),
+        "parameters": memory.num_parameters(), "trainable_parameters": memory.num_parameters(trainable_only=True),
+        "steps": sched.total, "positions_seen": sched.total * cfg.batch_size, "epochs": sched.total * cfg.batch_size / data.n,
+        "n_rows": data.n, "datastore": mem_meta["datastore"], "targets": mem_meta["targets"],
+        "precision": "bf16" if bf16 else "fp32", "device": str(dev), "torch_threads": torch.get_num_threads(),
+        "tokens_per_s": tps, "peak_rss_mb": peak_rss_mb, "valid": last_valid,
+    })
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in (last_valid or {}).items())
+    log.info("memory trained: %d steps at %.0f tokens/s%s -> %s", sched.total, tps, f"; valid {summary}" if summary else "", out_dir / "memory")
+    return out_dir
+
+
+def _append_metrics(out_dir: Path, record: dict) -> None:
+    with open(out_dir / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not Path(path).exists():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop records written after the checkpoint we resume from: those steps run again."""
+    keep = [r for r in read_metrics(path) if r["step"] <= step]
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    os.replace(tmp, path)
+
+
+def plot_training_curve(metrics: list[dict], path: Path, title: str) -> Path:
+    """Train loss (left axis) and valid perplexities (right axis, log scale) against step."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    train = [r for r in metrics if r["split"] == "train"]
+    ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue", label="train loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (alpha KL + (1 - alpha) CE)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    handles = ax.get_legend_handles_labels()
+    valid = [r for r in metrics if r["split"] == "valid"]
+    if valid:
+        ax2 = ax.twinx()
+        for key, color, label in (("ppl_memory", "tab:orange", "valid ppl, memory alone"), ("ppl_interp", "tab:green", "valid ppl, LM + memory"), ("ppl_lm", "tab:gray", "valid ppl, LM alone")):
+            pts = [(r["step"], r[key]) for r in valid if key in r]
+            if pts:
+                ax2.plot(*zip(*pts), marker="o", ms=3, color=color, label=label, linestyle="--" if key == "ppl_lm" else "-")
+        ax2.set_yscale("log")
+        ax2.set_ylabel("valid perplexity")
+        h2 = ax2.get_legend_handles_labels()
+        handles = (handles[0] + h2[0], handles[1] + h2[1])
+    ax.legend(*handles, fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return Path(path)

@@ -1,0 +1,181 @@
+"""The memory model: shapes, identity start, exact LM copy, save/load round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mlpmem.errors import MlpmemError
+from mlpmem.memory import MemoryConfig, MLPMemory, find_final_norm, init_from_lm, lm_settings, load_memory, save_memory
+
+
+def tiny_llama():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def tiny_gpt2():
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100, bos_token_id=0, eos_token_id=0)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def last_layer_output(lm, ids):
+    """(logits, output of the last decoder layer before the final norm)."""
+    dec = lm.get_decoder()
+    layers = getattr(dec, "layers", None) or dec.h
+    seen = []
+    hook = layers[-1].register_forward_hook(lambda m, i, o: seen.append(o[0] if isinstance(o, tuple) else o))
+    try:
+        with torch.no_grad():
+            logits = lm(ids).logits
+    finally:
+        hook.remove()
+    return logits, seen[0]
+
+
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm", "rmsnorm_plus_one"])
+def test_shapes_and_projection(activation, norm):
+    m = MLPMemory(MemoryConfig(d_in=12, vocab_size=50, width=16, n_blocks=2, activation=activation, norm=norm))
+    assert m(torch.randn(3, 5, 12)).shape == (3, 5, 50)
+    assert m(torch.randn(7, 12, dtype=torch.float16)).dtype == torch.float32
+    assert m.num_parameters() == sum(p.numel() for p in m.parameters())
+
+
+def test_zero_init_blocks_are_identity():
+    torch.manual_seed(0)
+    m = MLPMemory(MemoryConfig(d_in=16, vocab_size=50, n_blocks=3))
+    h = torch.randn(4, 16)
+    assert torch.equal(m(h), m.head(m.norm(h)))
+    m2 = MLPMemory(MemoryConfig(d_in=16, vocab_size=50, n_blocks=3, zero_init_blocks=False))
+    assert not torch.allclose(m2(h), m2.head(m2.norm(h)))
+
+
+def test_blocks_learn_from_zero_init():
+    torch.manual_seed(0)
+    m = MLPMemory(MemoryConfig(d_in=16, vocab_size=50, n_blocks=2))
+    m(torch.randn(8, 16)).logsumexp(-1).sum().backward()
+    assert m.blocks[0].ffn.down.weight.grad.abs().sum() > 0
+
+
+def test_freeze_head():
+    m = MLPMemory(MemoryConfig(d_in=16, vocab_size=50, freeze_head=True, head_bias=True))
+    assert not m.head.weight.requires_grad and not m.head.bias.requires_grad
+    assert m.num_parameters(trainable_only=True) == m.num_parameters() - 16 * 50 - 50
+
+
+def test_bad_config():
+    with pytest.raises(MlpmemError, match="activation"):
+        MemoryConfig(d_in=4, vocab_size=5, activation="relu")
+    with pytest.raises(MlpmemError, match="norm"):
+        MemoryConfig(d_in=4, vocab_size=5, norm="batchnorm")
+
+
+@pytest.mark.parametrize("make_lm", [tiny_llama, tiny_gpt2])
+def test_lm_copy_equals_lm_logits(make_lm):
+    lm = make_lm()
+    d, vocab = lm.get_output_embeddings().weight.shape[1], lm.get_output_embeddings().weight.shape[0]
+    cfg = MemoryConfig(d_in=d, vocab_size=vocab, n_blocks=2, init="lm_copy", **lm_settings(lm, "lm_copy"))
+    m = MLPMemory(cfg)
+    init_from_lm(m, lm)
+    logits, h = last_layer_output(lm, torch.randint(0, 100, (2, 7)))
+    with torch.no_grad():
+        torch.testing.assert_close(m(h), logits, rtol=1e-6, atol=1e-6)
+    # a copy, not a shared tensor: training the memory must not move the LM
+    assert m.head.weight.data_ptr() != lm.get_output_embeddings().weight.data_ptr()
+
+
+def test_lm_copy_detects_norm_kinds():
+    assert lm_settings(tiny_llama(), "lm_copy")["norm"] == "rmsnorm"
+    assert lm_settings(tiny_gpt2(), "lm_copy")["norm"] == "layernorm"
+    assert type(find_final_norm(tiny_gpt2())).__name__ == "LayerNorm"
+
+    class GemmaRMSNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.eps = 1e-6
+            self.weight = torch.nn.Parameter(torch.randn(8))
+
+        def forward(self, x):
+            out = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
+            return (out * (1.0 + self.weight.float())).type_as(x)
+
+    from mlpmem.memory import Norm, _copy_norm, norm_kind
+
+    g = GemmaRMSNorm()
+    assert norm_kind(g) == ("rmsnorm_plus_one", 1e-6)
+    n = Norm(8, "rmsnorm_plus_one", 1e-6)
+    with torch.no_grad():
+        _copy_norm(n, g)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(n(x), g(x))
+
+
+def test_lm_head_dims_must_fit():
+    lm = tiny_llama()
+    with pytest.raises(MlpmemError, match="output embedding"):
+        init_from_lm(MLPMemory(MemoryConfig(d_in=32, vocab_size=99)), lm, "lm_head")
+    with pytest.raises(MlpmemError, match="output embedding"):
+        init_from_lm(MLPMemory(MemoryConfig(d_in=32, vocab_size=100, width=16)), lm, "lm_head")
+    with pytest.raises(MlpmemError, match="final norm"):  # llama norm into a layernorm memory
+        init_from_lm(MLPMemory(MemoryConfig(d_in=32, vocab_size=100)), lm, "lm_copy")
+    # lm_head works through a projection from another input size
+    m = MLPMemory(MemoryConfig(d_in=20, vocab_size=100, width=32))
+    init_from_lm(m, lm, "lm_head")
+    assert torch.equal(m.head.weight, lm.get_output_embeddings().weight)
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    m = MLPMemory(MemoryConfig(d_in=16, vocab_size=50, width=24, n_blocks=2, activation="swiglu", norm="rmsnorm", zero_init_blocks=False, freeze_head=True))
+    meta = {"model_id": "tiny", "tokenizer_hash": "abc", "layer": 1, "site": "ffn_input"}
+    save_memory(tmp_path / "mem", m, meta)
+    assert not list((tmp_path / "mem").glob("*.partial"))
+    m2, meta2 = load_memory(tmp_path / "mem", expect={"model_id": "tiny", "layer": 1})
+    assert meta2 == meta and m2.config == m.config
+    assert not m2.head.weight.requires_grad
+    h = torch.randn(5, 16)
+    with torch.no_grad():
+        assert torch.equal(m(h), m2(h))
+
+
+def test_save_tied_lm_copy(tmp_path):
+    # gpt-2 ties its input and output embeddings; the memory copy must still save
+    lm = tiny_gpt2()
+    m = MLPMemory(MemoryConfig(d_in=32, vocab_size=100, init="lm_copy", **lm_settings(lm, "lm_copy")))
+    init_from_lm(m, lm)
+    save_memory(tmp_path / "mem", m, {})
+    m2, _ = load_memory(tmp_path / "mem")
+    assert torch.equal(m2.head.weight, lm.get_output_embeddings().weight)
+
+
+def test_load_refuses_wrong_model_and_partial_folder(tmp_path):
+    m = MLPMemory(MemoryConfig(d_in=16, vocab_size=50))
+    save_memory(tmp_path / "mem", m, {"model_id": "a", "tokenizer_hash": "h", "layer": 3, "site": "output"})
+    with pytest.raises(MlpmemError, match="model_id 'a'.*'b'"):
+        load_memory(tmp_path / "mem", expect={"model_id": "b"})
+    with pytest.raises(MlpmemError, match="layer 3"):
+        load_memory(tmp_path / "mem", expect={"layer": 2})
+    with pytest.raises(MlpmemError, match="missing"):
+        load_memory(tmp_path / "nothing")
+    (tmp_path / "mem" / "model.safetensors").unlink()
+    with pytest.raises(MlpmemError, match="model.safetensors is missing"):
+        load_memory(tmp_path / "mem")
+    save_memory(tmp_path / "mem", m, {})
+    (tmp_path / "mem" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(MlpmemError, match="not readable"):
+        load_memory(tmp_path / "mem")
+    cfg = json.loads((tmp_path / "mem" / "memory_config.json").read_text())
+    cfg["config"]["n_blocks"] = 3
+    save_memory(tmp_path / "mem", m, {})
+    (tmp_path / "mem" / "memory_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MlpmemError, match="do not fit"):
+        load_memory(tmp_path / "mem")

@@ -1,0 +1,183 @@
+"""Memory training: it learns, writes its folder, resumes exactly, refuses bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fake_train_data import write_train_data
+from mlpmem.errors import MlpmemError
+from mlpmem.manifest import read_manifest
+from mlpmem.memory import load_memory
+from mlpmem.train import Schedule, TrainConfig, list_checkpoints, read_metrics, train_memory
+
+TINY = dict(n_blocks=2, batch_size=50, epochs=2.0, lr=1e-2, eval_every=5, ckpt_every=4, log_every=5, precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    ds, tg = write_train_data(root, n=500, features={"h0.output": (0, "output")})
+    vds, vtg = write_train_data(root, n=200, seed=1, split="valid", lm_logprob=True, features={"h0.output": (0, "output")})
+    return {"ds": ds, "tg": tg, "vds": vds, "vtg": vtg}
+
+
+def run(data, out, cfg, **kw):
+    losses = {}
+    kw.setdefault("valid_datastore_dir", data["vds"])
+    kw.setdefault("valid_targets_dir", data["vtg"])
+    train_memory(data["ds"], data["tg"], out, cfg, on_step=lambda s, r: losses.__setitem__(s, r["loss"]), **kw)
+    return losses
+
+
+def test_trains_and_writes_folder(data, tmp_path):
+    cfg = TrainConfig(**TINY)
+    losses = run(data, tmp_path / "run", cfg)
+    assert len(losses) == 20  # 2 epochs of 500 rows in batches of 50
+    assert np.mean([losses[s] for s in range(16, 21)]) < 0.85 * np.mean([losses[s] for s in range(1, 6)])
+    out = tmp_path / "run"
+    m = read_manifest(out, "memory")
+    assert m["steps"] == 20 and m["tokens_per_s"] > 0 and m["peak_rss_mb"] > 0
+    assert {"kl", "ce", "ppl_memory", "ppl_lm", "ppl_interp", "lambda"} <= set(m["valid"])
+    assert m["valid"]["ppl_interp"] <= min(m["valid"]["ppl_lm"], m["valid"]["ppl_memory"]) + 1e-9
+    valid = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "valid"]
+    assert [r["step"] for r in valid] == [5, 10, 15, 20]
+    assert valid[-1]["ppl_memory"] < valid[0]["ppl_memory"]
+    assert [c.name for c in list_checkpoints(out / "checkpoints")] == ["step-000016", "step-000020"]  # keep_last=2
+    assert (out / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
+    memory, meta = load_memory(out / "memory", expect={"model_id": "test/model", "layer": 1, "site": "ffn_input"})
+    assert meta["tokenizer_hash"] == "tok0" and memory.config.d_in == 16 and memory.config.vocab_size == 50
+    # a finished folder with the same config is skipped
+    assert run(data, out, cfg) == {}
+    with pytest.raises(MlpmemError, match="different configuration"):
+        run(data, out, TrainConfig(**{**TINY, "lr": 1e-3}))
+
+
+def test_resume_gives_the_same_steps(data, tmp_path):
+    cfg = TrainConfig(**TINY)
+    straight = run(data, tmp_path / "straight", cfg)
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_7(step, rec):
+        seen[step] = rec["loss"]
+        if step == 7:
+            raise Crash
+
+    seen = {}
+    with pytest.raises(Crash):
+        train_memory(data["ds"], data["tg"], tmp_path / "crashed", cfg, data["vds"], data["vtg"], on_step=crash_at_7)
+    assert [c.name for c in list_checkpoints(tmp_path / "crashed" / "checkpoints")] == ["step-000004"]
+    resumed = run(data, tmp_path / "crashed", cfg)
+    assert min(resumed) == 5  # steps 5..7 run again from the checkpoint of step 4
+    assert {s: seen[s] for s in range(1, 8)} == {s: straight[s] for s in range(1, 8)}
+    assert resumed == {s: straight[s] for s in range(5, 21)}  # exactly equal, not just close
+    a, _ = load_memory(tmp_path / "straight" / "memory")
+    b, _ = load_memory(tmp_path / "crashed" / "memory")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    steps = [(r["split"], r["step"]) for r in read_metrics(tmp_path / "crashed" / "metrics.jsonl")]
+    assert len(steps) == len(set(steps))  # no duplicate records from the steps run twice
+    assert steps == [(r["split"], r["step"]) for r in read_metrics(tmp_path / "straight" / "metrics.jsonl")]
+
+
+def test_resume_false_starts_over(data, tmp_path):
+    cfg = TrainConfig(**{**TINY, "epochs": 0.5})
+    run(data, tmp_path / "r", cfg, valid_datastore_dir=None, valid_targets_dir=None)
+    (tmp_path / "r" / "manifest.json").unlink()  # interrupted after its last checkpoint
+    assert run(data, tmp_path / "r", cfg, valid_datastore_dir=None, valid_targets_dir=None) == {}
+    assert read_manifest(tmp_path / "r", "memory")["steps"] == 5
+    (tmp_path / "r" / "manifest.json").unlink()
+    assert len(run(data, tmp_path / "r", cfg, valid_datastore_dir=None, valid_targets_dir=None, resume=False)) == 5
+
+
+def test_grad_accum_is_the_same_maths(data, tmp_path):
+    a = run(data, tmp_path / "a", TrainConfig(**{**TINY, "epochs": 0.5}), valid_datastore_dir=None, valid_targets_dir=None)
+    b = run(data, tmp_path / "b", TrainConfig(**{**TINY, "epochs": 0.5, "grad_accum": 5}), valid_datastore_dir=None, valid_targets_dir=None)
+    np.testing.assert_allclose([a[s] for s in a], [b[s] for s in b], rtol=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(data, tmp_path, monkeypatch):
+    import mlpmem.train as train
+
+    real = train.sparse_kd_loss
+    calls = []
+
+    def poisoned(*args):
+        calls.append(torch.is_grad_enabled())  # validation calls it too, without gradients
+        loss, parts = real(*args)
+        return (loss * float("nan"), parts) if sum(calls) == 6 and calls[-1] else (loss, parts)
+
+    monkeypatch.setattr(train, "sparse_kd_loss", poisoned)
+    with pytest.raises(MlpmemError, match="non-finite at step 6.*step-000004.*lower lr"):
+        run(data, tmp_path / "nan", TrainConfig(**TINY))
+    assert [c.name for c in list_checkpoints(tmp_path / "nan" / "checkpoints")] == ["step-000004"]
+    assert not (tmp_path / "nan" / "manifest.json").exists()
+
+
+def test_feature_input_and_meta(data, tmp_path):
+    cfg = TrainConfig(**{**TINY, "epochs": 0.5, "input_layer": 0, "input_site": "output", "width": 24})
+    run(data, tmp_path / "f", cfg)
+    memory, meta = load_memory(tmp_path / "f" / "memory")
+    assert (meta["layer"], meta["site"], meta["input_array"]) == (0, "output", "h0.output")
+    assert memory.proj is not None
+    with pytest.raises(MlpmemError, match="no hidden states of layer 5"):
+        run(data, tmp_path / "g", TrainConfig(**{**TINY, "input_layer": 5}))
+
+
+def test_refuses_misaligned_targets(data, tmp_path):
+    _, other_tg = write_train_data(tmp_path, n=400, split="other")
+    with pytest.raises(MlpmemError, match="not aligned"):
+        train_memory(data["ds"], other_tg, tmp_path / "x", TrainConfig(**TINY))
+
+
+@pytest.mark.parametrize("bad", [dict(alpha=1.5), dict(lr=0.0), dict(batch_size=50, grad_accum=3), dict(precision="fp16"),
+                                 dict(schedule="step"), dict(mode="online"), dict(warmup_frac=1.0), dict(activation="relu")])
+def test_config_validation(bad, data, tmp_path):
+    with pytest.raises(MlpmemError):
+        cfg = TrainConfig(**{**TINY, **bad})
+        cfg.memory_config(16, 50)
+
+
+def test_lm_copy_init(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                      num_key_value_heads=2, vocab_size=50))
+    ds, tg = write_train_data(tmp_path, n=200, layer=1, site="output")
+    cfg = TrainConfig(**{**TINY, "epochs": 0.5, "init": "lm_copy", "freeze_head": True})
+    with pytest.raises(MlpmemError, match="no LM was given"):
+        train_memory(ds, tg, tmp_path / "nolm", cfg)
+    train_memory(ds, tg, tmp_path / "m", cfg, init_lm=lm)
+    memory, _ = load_memory(tmp_path / "m" / "memory")
+    assert memory.config.norm == "rmsnorm" and memory.config.norm_eps == lm.config.rms_norm_eps
+    assert torch.equal(memory.head.weight, lm.lm_head.weight)  # frozen head stayed the LM's
+
+
+def test_schedule():
+    cfg = TrainConfig(batch_size=50, epochs=2.0, warmup_frac=0.1, lr=1.0, grad_accum=2)
+    s = Schedule(500, cfg)
+    assert s.total == 20 and s.warmup == 2
+    epoch0 = np.concatenate([np.concatenate(s.rows(i)) for i in range(10)])
+    assert sorted(epoch0) == list(range(500))  # each row once per epoch
+    assert not np.array_equal(epoch0, np.concatenate([np.concatenate(s.rows(i)) for i in range(10, 20)]))
+    assert np.array_equal(Schedule(500, cfg).rows(13)[1], s.rows(13)[1])  # reproducible from the step alone
+    assert [round(s.lr(i), 6) for i in (0, 1, 2)] == [0.5, 1.0, 1.0]
+    assert s.lr(19) < 0.01
+    lin = Schedule(500, TrainConfig(batch_size=50, epochs=2.0, schedule="linear", lr=1.0, min_lr_frac=0.1))
+    assert lin.lr(2) == pytest.approx(1.0) and lin.lr(19) == pytest.approx(0.1 + 0.9 / 18)
+    # an epoch count that does not divide evenly: batches run on into the next epoch
+    assert Schedule(500, TrainConfig(batch_size=300, epochs=1.0)).rows(1)[0].shape == (300,)
+
+
+def test_bf16_autocast_trains(data, tmp_path):
+    losses = run(data, tmp_path / "bf16", TrainConfig(**{**TINY, "precision": "bf16", "epochs": 1.0}))
+    assert all(np.isfinite(list(losses.values()))) and losses[10] < losses[1]
+    m = read_manifest(tmp_path / "bf16", "memory")
+    assert m["precision"] == "bf16" and np.isfinite(m["valid"]["ppl_memory"])
+    memory, _ = load_memory(tmp_path / "bf16" / "memory")
+    assert memory.head.weight.dtype == torch.float32  # autocast: weights stay float32

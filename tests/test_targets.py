@@ -168,3 +168,19 @@ def test_targets_from_reranked_ivf(setup):
     tg = Targets(out)
     assert 0.9 <= tg.manifest["stats"]["self_found_rate"] <= 1.0 and tg.manifest["index_factory"] == "IVF16,SQ8"
     np.testing.assert_allclose(tg.load("probs").astype(np.float32).sum(1), 1.0, atol=4e-3)
+
+
+def test_targets_for_another_split_exclude_nothing(setup, tmp_path):
+    """Valid-split targets: its rows are searched in the train index, with no self-exclusion."""
+    root, ds, ix, keys, values = setup
+    qds, qkeys, _ = random_datastore(tmp_path / "q", n=300, d=16, vocab=50, seed=1, shard_rows=128)
+    cfg = TargetsConfig(k=40, temperature=T, top_m=8, batch_size=100)
+    tg = Targets(build_targets(ds, ix, tmp_path / "tq", cfg, queries_dir=qds))
+    assert tg.n_rows == 300 and tg.manifest["self_excluded"] is False
+    ids_all, probs_all = tg.load("ids"), tg.load("probs")
+    for row in (0, 150, 299):
+        both = np.concatenate([keys, qkeys[row : row + 1]])
+        ref = reference_distribution(both, np.concatenate([values, [0]]), len(keys), 40, T)  # the query itself is the excluded extra row
+        top = sorted(ref.items(), key=lambda kv: -kv[1])[:8]
+        got = {int(i) for i, p in zip(ids_all[row], probs_all[row]) if p > 0}
+        assert got == {t for t, _ in top}

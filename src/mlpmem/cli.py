@@ -50,10 +50,16 @@ def _knnlm(a):
 
 def _train(a):
     from mlpmem.config import from_args
+    from mlpmem.models import load_model
+    from mlpmem.store import Datastore
     from mlpmem.train import TrainConfig, train_memory
 
-    train_memory(Path(a.datastore), Path(a.targets), Path(a.out), from_args(TrainConfig, a),
-                 valid_datastore_dir=Path(a.valid) if a.valid else None)
+    cfg = from_args(TrainConfig, a)
+    lm = None
+    if cfg.init != "plain" or (cfg.input_layer is not None and cfg.input_layer < 0):
+        lm = load_model(a.model or Datastore(Path(a.datastore)).model_id)[0]  # to copy the head from / resolve layers
+    train_memory(Path(a.datastore), Path(a.targets), Path(a.out), cfg, valid_datastore_dir=Path(a.valid) if a.valid else None,
+                 init_lm=lm, overwrite=a.overwrite)
 
 
 def _run(a):
@@ -140,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--datastore", required=True)
         sp.add_argument("--targets", required=True)
         sp.add_argument("--valid", default=None, help="datastore of the valid split (built with --lm-logprob)")
+        sp.add_argument("--model", default=None, help="the LM (default: the datastore's), for init lm_head/lm_copy")
         sp.add_argument("--out", required=True)
+        sp.add_argument("--overwrite", action="store_true")
         add_arguments(sp, TrainConfig)
 
     sp = verb("run", _run, "run the whole experiment from a recipe (or a corpus) and print the comparison")

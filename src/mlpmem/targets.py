@@ -128,8 +128,9 @@ def _shard_files(s: int) -> dict[str, str]:
     return {"ids": f"ids-{s:05d}.npy", "probs": f"probs-{s:05d}.npy"}
 
 
-def _targets_for_rows(ds: Datastore, index, values: np.ndarray, start: int, end: int, cfg: TargetsConfig) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-    """Targets for datastore rows start..end-1: ids int32 [n, M], probs float32 [n, M], stat sums."""
+def _targets_for_rows(ds: Datastore, index, values: np.ndarray, start: int, end: int, cfg: TargetsConfig,
+                      exclude_self: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+    """Targets for rows start..end-1 of ``ds`` (the queries): ids int32 [n, M], probs float32 [n, M], stat sums."""
     n = end - start
     ids = np.empty((n, cfg.top_m), dtype=np.int32)
     probs = np.empty((n, cfg.top_m), dtype=np.float32)
@@ -137,7 +138,7 @@ def _targets_for_rows(ds: Datastore, index, values: np.ndarray, start: int, end:
     for b in range(start, end, cfg.batch_size):
         e = min(b + cfg.batch_size, end)
         keys = ds.rows("keys", b, e).astype(np.float32)
-        d, nb, found = index.search(keys, cfg.k, exclude=np.arange(b, e), return_found=True)
+        d, nb, found = index.search(keys, cfg.k, exclude=np.arange(b, e) if exclude_self else None, return_found=True)
         nv = np.where(nb >= 0, values[np.maximum(nb, 0)], -1)  # missing hits carry no token
         bi, bp, removed, support = knn_distribution(d, nv, cfg.temperature, cfg.top_m)
         ids[b - start : e - start], probs[b - start : e - start] = bi, bp
@@ -154,18 +155,25 @@ def _save_shard(out_dir: Path, s: int, ids: np.ndarray, probs: np.ndarray) -> di
     return {"ids": save_npy(out_dir / files["ids"], ids), "probs": save_npy(out_dir / files["probs"], probs.astype(np.float16))}
 
 
-def build_targets(datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: TargetsConfig = TargetsConfig(), overwrite: bool = False) -> Path:
+def build_targets(datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: TargetsConfig = TargetsConfig(), overwrite: bool = False,
+                  queries_dir: Path | None = None) -> Path:
     """kNN targets for every datastore row into ``out_dir``; resumes an interrupted run.
 
     Writes shards aligned with the datastore's (same start/end) with arrays ids int32 [n, M]
-    and probs float16 [n, M], then a manifest of kind "targets".
+    and probs float16 [n, M], then a manifest of kind "targets". With ``queries_dir`` (a
+    datastore of another split, e.g. valid) the targets are for *its* rows, searched in the
+    index of ``datastore_dir``; nothing is excluded, since those rows are not in the index.
     """
     from mlpmem.index import KnnIndex
 
     datastore_dir, index_dir, out_dir = Path(datastore_dir).resolve(), Path(index_dir).resolve(), Path(out_dir)
-    ds = Datastore(datastore_dir)
-    index = KnnIndex.open(index_dir, datastore=ds)
-    n = ds.n_rows
+    index_ds = Datastore(datastore_dir)
+    index = KnnIndex.open(index_dir, datastore=index_ds)
+    ds = Datastore(Path(queries_dir).resolve()) if queries_dir is not None else index_ds
+    if queries_dir is not None:
+        ds.check_model(index_ds.model_id, index_ds.tokenizer_hash, index_ds.layer, index_ds.site)
+    exclude_self = queries_dir is None
+    n = index_ds.n_rows
     if cfg.k < 1 or cfg.k > n - 1:
         raise MlpmemError(
             f"k={cfg.k} neighbours asked for, but the datastore has N={n} rows and each row's own key is excluded, so at most {n - 1} are left",
@@ -173,7 +181,7 @@ def build_targets(datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: Targ
         )
     if cfg.top_m < 1 or cfg.temperature <= 0 or cfg.batch_size < 1:
         raise MlpmemError(f"top_m={cfg.top_m}, temperature={cfg.temperature}, batch_size={cfg.batch_size}: all must be positive", "pass positive values")
-    config = {"datastore": str(datastore_dir), "index": str(index_dir), **asdict(cfg)}
+    config = {"datastore": str(datastore_dir), "index": str(index_dir), "queries": str(ds.folder.resolve()), **asdict(cfg)}
     state = prepare_out(out_dir, config, overwrite)
     if state == "done":
         log.info("targets in %s are already built", out_dir)
@@ -191,14 +199,15 @@ def build_targets(datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: Targ
     todo = [s for s in range(len(shards)) if str(s) not in done]
     rows_todo = sum(shards[s]["end"] - shards[s]["start"] for s in todo)
     check_disk_space(out_dir, rows_todo * cfg.top_m * (4 + 2), "kNN targets")
-    values = ds.values()
+    values = index_ds.values()
+    n = ds.n_rows
     from tqdm.auto import tqdm
 
     with tqdm(total=n, initial=n - rows_todo, unit="query", unit_scale=True, desc="kNN targets") as bar:
         for s in todo:
             start, end = shards[s]["start"], shards[s]["end"]
             t = time.perf_counter()
-            ids, probs, stats = _targets_for_rows(ds, index, values, start, end, cfg)
+            ids, probs, stats = _targets_for_rows(ds, index, values, start, end, cfg, exclude_self)
             stats["seconds"] = time.perf_counter() - t
             done[str(s)] = {"start": start, "end": end, "arrays": _save_shard(out_dir, s, ids, probs), "stats": stats}
             write_json(progress_path, {"shards": done})  # after the files: a listed shard is always whole
@@ -214,7 +223,8 @@ def build_targets(datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: Targ
     }
     write_manifest(out_dir, "targets", {
         "n_rows": n, "k": cfg.k, "temperature": cfg.temperature, "top_m": cfg.top_m,
-        "datastore": str(datastore_dir), "datastore_manifest_sha256": sha256_file(datastore_dir / MANIFEST),
+        "datastore": str(ds.folder.resolve()), "datastore_manifest_sha256": sha256_file(ds.folder.resolve() / MANIFEST),
+        "index_datastore": str(datastore_dir), "self_excluded": exclude_self,
         "index": str(index_dir), "index_factory": index.manifest["factory"], "index_recall_at_k": index.manifest["recall_at_k"],
         "model_id": ds.model_id, "tokenizer_hash": ds.tokenizer_hash, "layer": ds.layer, "site": ds.site, "vocab_size": ds.vocab_size,
         "stats": stats,

@@ -35,9 +35,15 @@ def _index(a):
 
 def _targets(a):
     from mlpmem.config import from_args
+    from mlpmem.manifest import read_json
     from mlpmem.targets import TargetsConfig, build_targets
 
-    build_targets(Path(a.datastore), Path(a.index), Path(a.out), from_args(TargetsConfig, a), a.overwrite)
+    if a.temperature is None:  # "auto": the T that minimised kNN-LM perplexity on valid
+        if not a.tuning:
+            raise MlpmemError("--temperature auto needs the tuning result of `mlpmem knnlm`", "pass --tuning OUT/knnlm.json, or a number such as --temperature 2")
+        a.temperature = float(read_json(Path(a.tuning))["knn_temperature"])
+    build_targets(Path(a.datastore), Path(a.index), Path(a.out), from_args(TargetsConfig, a), a.overwrite,
+                  queries_dir=Path(a.queries) if a.queries else None)
 
 
 def _knnlm(a):
@@ -128,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--index", required=True)
         sp.add_argument("--out", required=True)
         sp.add_argument("--overwrite", action="store_true")
+        sp.add_argument("--tuning", help="knnlm.json written by `mlpmem knnlm`, for --temperature auto")
+        sp.add_argument("--queries", help="a datastore of another split (e.g. valid) to build targets for, searched in this index")
         add_arguments(sp, TargetsConfig)
 
     sp = verb("knnlm", _knnlm, "perplexity of the LM alone and with kNN-LM (T and lambda tuned on valid)")

@@ -355,7 +355,9 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
 
     def tie_weights(self, *args: Any, **kwargs: Any) -> None:
         # only the base model has tied weights; the memory's head is its own copy
-        self.lm.tie_weights(*args, **kwargs)
+        # (post_init calls this before the parts are attached)
+        if "lm" in self._modules:
+            self.lm.tie_weights(*args, **kwargs)
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         pass  # both parts arrive trained (or initialised by their own code)

@@ -1,0 +1,35 @@
+import subprocess
+import sys
+
+from mlpmem.cli import main
+
+
+def test_user_error_is_one_paragraph_without_traceback(tmp_path, capsys):
+    rc = main(["corpus", "--source", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "does not exist" in err and "Traceback" not in err
+    assert not (tmp_path / "c").exists()
+
+
+def test_boolean_flags_parse_as_booleans(tmp_path):
+    from mlpmem.cli import build_parser
+
+    a = build_parser().parse_args(["datastore", "--corpus", "c", "--out", "o", "--no-lm-logprob"])
+    assert a.lm_logprob is False
+    a = build_parser().parse_args(["datastore", "--corpus", "c", "--out", "o", "--lm-logprob"])
+    assert a.lm_logprob is True
+
+
+def test_bad_recipe_reports_every_problem(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("out: x\ncorpus:\n  sorce: a\ntrain:\n  lr: fast\n")
+    assert main(["run", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "corpus.sorce" in err and "train.lr" in err and "Traceback" not in err
+
+
+def test_help_is_fast_and_lists_verbs():
+    out = subprocess.run([sys.executable, "-m", "mlpmem.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    for verb in ("corpus", "datastore", "index", "targets", "knnlm", "train", "run"):
+        assert verb in out

@@ -1,0 +1,268 @@
+"""MLPMemoryForCausalLM: forward against a naive reference, every decoding method, save/load, Auto classes, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mlpmem.errors import MlpmemError
+from mlpmem.interpolate import interpolate_logprobs
+from mlpmem.memory import MemoryConfig, MLPMemory, init_from_lm, lm_settings
+from mlpmem.models import decoder_layers, load_model, logits_size, tokenizer_hash
+
+hf = pytest.importorskip("mlpmem.hf")
+MLPMemoryForCausalLM = hf.MLPMemoryForCausalLM
+
+# llama reads the kNN-LM key (last layer's FFN input), gpt2 the first layer's output: both sites covered
+SITES = {"llama": (1, "ffn_input"), "gpt2": (0, "output")}
+
+
+def random_memory(lm, seed: int = 1) -> MLPMemory:
+    torch.manual_seed(seed)
+    mem = MLPMemory(MemoryConfig(d_in=32, vocab_size=logits_size(lm), n_blocks=1, zero_init_blocks=False))
+    mem.head.weight.data.normal_(0.0, 0.5)  # peaked enough to change the LM's choices
+    return mem.eval()
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def parts(request, tiny_models):
+    lm, tok, model_id = load_model(str(tiny_models[request.param]))
+    layer, site = SITES[request.param]
+    meta = {"model_id": model_id, "tokenizer_hash": tokenizer_hash(tok), "layer": layer, "site": site}
+    return request.param, lm, tok, random_memory(lm), meta
+
+
+@pytest.fixture(scope="module")
+def model(parts):
+    _, lm, tok, mem, meta = parts
+    return MLPMemoryForCausalLM.from_parts(lm, mem, meta, tokenizer=tok, lambda_=0.5).eval()
+
+
+def ref_logprobs(lm, memory, meta, ids: torch.Tensor, lam: float, temp: float = 1.0) -> torch.Tensor:
+    """Naive reference: full forward without cache, own hook, interpolate_logprobs. ids [B, T] -> [B, T, V]."""
+    layer = decoder_layers(lm)[meta["layer"]]
+    seen = []
+    if meta["site"] == "ffn_input":
+        handle = layer.mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    else:
+        handle = layer.register_forward_hook(lambda m, a, o: seen.append(o[0] if isinstance(o, tuple) else o))
+    try:
+        with torch.no_grad():
+            logits = lm(ids, use_cache=False).logits
+            q = memory(seen[0]).float() / temp
+    finally:
+        handle.remove()
+    return interpolate_logprobs(logits.float().log_softmax(-1), q.log_softmax(-1), lam)
+
+
+def ref_greedy(lm, memory, meta, ids: torch.Tensor, n: int, lam: float, eos: int | None) -> torch.Tensor:
+    """Greedy decoding of one sequence [1, T] by full recomputation each step, stopping at eos."""
+    for _ in range(n):
+        nxt = ref_logprobs(lm, memory, meta, ids, lam)[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], 1)
+        if eos is not None and nxt.item() == eos:
+            break
+    return ids
+
+
+def prompts(tok, texts=("the union and the people of", "war", "congress has a law that the")):
+    return [tok(t, return_tensors="pt").input_ids for t in texts]
+
+
+def test_forward_matches_reference_and_lambda_ends(parts, model):
+    _, lm, tok, mem, meta = parts
+    ids = torch.cat([p[:, :3] for p in prompts(tok)], 0)
+    with torch.no_grad():
+        for lam in (0.5, 0.1):
+            torch.testing.assert_close(model(ids, lambda_=lam).logits, ref_logprobs(lm, mem, meta, ids, lam), rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(ids, lambda_=0.5, memory_temperature=2.0).logits, ref_logprobs(lm, mem, meta, ids, 0.5, 2.0), rtol=0, atol=1e-5)
+        # lambda = 0 is the base LM bit for bit; lambda = 1 the memory alone
+        assert torch.equal(model(ids, lambda_=0.0).logits, lm(ids).logits.float().log_softmax(-1))
+        torch.testing.assert_close(model(ids, lambda_=1.0).logits, ref_logprobs(lm, mem, meta, ids, 1.0), rtol=0, atol=1e-6)
+        kept = model(ids, logits_to_keep=2).logits
+        torch.testing.assert_close(kept, model(ids).logits[:, -2:], rtol=0, atol=1e-6)
+        # the memory matters here (else the generation tests below prove little)
+        assert not torch.equal(model(ids).logits.argmax(-1), model(ids, lambda_=0.0).logits.argmax(-1))
+
+
+def test_lambda_settings(model):
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.no_grad():
+        default = model(ids).logits
+        with model.mixing(lambda_=0.0):
+            assert model.lambda_ == 0.0
+            zero = model(ids).logits
+        assert model.lambda_ == 0.5
+        assert torch.equal(zero, model(ids, lambda_=0.0).logits)
+        assert torch.equal(default, model(ids).logits)
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(MlpmemError, match="lambda"):
+            model(ids, lambda_=bad)
+        with pytest.raises(MlpmemError, match="lambda"):
+            model.set_lambda(bad)
+    with pytest.raises(MlpmemError, match="temperature"):
+        model(ids, memory_temperature=0.0)
+    assert model.lambda_ == 0.5
+
+
+def test_greedy_equals_reference_loop(parts, model):
+    _, lm, tok, mem, meta = parts
+    for p in prompts(tok):
+        out = model.generate(p, max_new_tokens=8, do_sample=False)
+        ref = ref_greedy(lm, mem, meta, p, 8, 0.5, model.generation_config.eos_token_id)
+        assert out.tolist() == ref.tolist()
+        # per-call lambda reaches every step of the loop
+        out2 = model.generate(p, max_new_tokens=8, do_sample=False, lambda_=0.2)
+        assert out2.tolist() == ref_greedy(lm, mem, meta, p, 8, 0.2, model.generation_config.eos_token_id).tolist()
+
+
+def test_lambda_zero_generate_is_base_model(parts, model):
+    _, lm, tok, _, _ = parts
+    for p in prompts(tok):
+        assert torch.equal(model.generate(p, max_new_tokens=8, do_sample=False, lambda_=0.0), lm.generate(p, max_new_tokens=8, do_sample=False))
+
+
+def test_left_padded_batch_equals_one_by_one(parts, model):
+    _, _, tok, _, _ = parts
+    tok.padding_side = "left"
+    texts = ["the union and the people of", "war", "congress has a law that the"]
+    batch = tok(texts, return_tensors="pt", padding=True)
+    assert (batch.attention_mask == 0).any()
+    out = model.generate(**batch, max_new_tokens=6, do_sample=False)
+    eos, width = model.generation_config.eos_token_id, batch.input_ids.shape[1]
+    for i, p in enumerate(prompts(tok, texts)):
+        single = model.generate(p, max_new_tokens=6, do_sample=False)[0, p.shape[1]:].tolist()
+        got = out[i, width:].tolist()
+        assert got[: len(single)] == single
+        assert all(t == tok.pad_token_id for t in got[len(single):]) and (len(single) == 6 or single[-1] == eos)
+
+
+def test_beam_search_cache_equals_no_cache_and_scores_are_mixture(parts, model):
+    _, lm, tok, mem, meta = parts
+    p = prompts(tok)[0]
+    kw = dict(max_new_tokens=6, num_beams=3, num_return_sequences=3, do_sample=False, length_penalty=0.0,
+              output_scores=True, return_dict_in_generate=True)
+    cached = model.generate(p, **kw)
+    uncached = model.generate(p, use_cache=False, **kw)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    eos = model.generation_config.eos_token_id
+    for seq, score in zip(cached.sequences, cached.sequences_scores):
+        # with length_penalty 0 a beam's score is the sum of its tokens' log-probs under the mixture
+        gen = seq[p.shape[1]:].tolist()
+        if eos in gen:
+            gen = gen[: gen.index(eos) + 1]
+        full = torch.cat([p[0], torch.tensor(gen)])[None]
+        lp = ref_logprobs(lm, mem, meta, full, 0.5)[0, p.shape[1] - 1 : -1]
+        want = lp.gather(-1, full[0, p.shape[1]:, None]).sum()
+        torch.testing.assert_close(score, want, rtol=0, atol=1e-3)
+
+
+def test_sampling_first_step_distribution(parts, model):
+    _, lm, tok, mem, meta = parts
+    p = prompts(tok)[2]
+    temp, top_k, top_p = 0.7, 20, 0.9
+    out = model.generate(p, do_sample=True, temperature=temp, top_k=top_k, top_p=top_p, max_new_tokens=1,
+                         output_scores=True, return_dict_in_generate=True)
+    got = out.scores[0][0].softmax(-1)
+    # reference: temperature, then top-k, then top-p (smallest top set reaching top_p), renormalised
+    x = ref_logprobs(lm, mem, meta, p, 0.5)[0, -1] / temp
+    x[x < x.topk(top_k).values[-1]] = -float("inf")
+    probs = x.softmax(-1)
+    order = probs.argsort(descending=True)
+    cum = probs[order].cumsum(0)
+    drop = order[(cum - probs[order]) >= top_p]
+    x[drop] = -float("inf")
+    torch.testing.assert_close(got, x.softmax(-1), rtol=0, atol=1e-5)
+    assert got[out.sequences[0, -1]] > 0
+
+
+def test_decode_step_runs_memory_on_one_position(parts, model):
+    _, _, tok, _, _ = parts
+    shapes = []
+    handle = model.memory.register_forward_pre_hook(lambda m, a: shapes.append(tuple(a[0].shape)))
+    try:
+        tok.padding_side = "left"
+        batch = tok(["the union and the people of", "war"], return_tensors="pt", padding=True)
+        model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    finally:
+        handle.remove()
+    assert shapes == [(2, 1, 32)] * 4  # prefill keeps the last position only, then one row per sequence per step
+    assert not model.memory._forward_pre_hooks and not any(m._forward_hooks or m._forward_pre_hooks for m in model.lm.modules())
+
+
+def test_lm_copy_memory_at_lambda_one_is_the_lm(parts):
+    _, lm, tok, _, _ = parts
+    settings = lm_settings(lm, "lm_copy")
+    mem = MLPMemory(MemoryConfig(d_in=32, vocab_size=logits_size(lm), n_blocks=1, init="lm_copy", **settings))
+    init_from_lm(mem, lm)
+    meta = {"tokenizer_hash": tokenizer_hash(tok), "layer": -1, "site": "output"}
+    m = MLPMemoryForCausalLM.from_parts(lm, mem.eval(), meta, tokenizer=tok, lambda_=1.0)
+    p = prompts(tok)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(m(p).logits, lm(p).logits.float().log_softmax(-1), rtol=0, atol=1e-5)
+    assert torch.equal(m.generate(p, max_new_tokens=6, do_sample=False), lm.generate(p, max_new_tokens=6, do_sample=False))
+
+
+@pytest.mark.parametrize("full_export", [False, True])
+def test_save_load_round_trip(parts, model, tmp_path, full_export):
+    _, lm, tok, _, _ = parts
+    folder = tmp_path / "saved"
+    model.save_pretrained(folder, full_export=full_export)
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["model_type"] == "mlpmem" and cfg["lambda_"] == 0.5 and cfg["memory_meta"]["site"] == model.site.site
+    assert (folder / "memory" / "model.safetensors").exists() and (folder / "base").exists() == full_export
+    if full_export:  # self-contained: the reference may be gone
+        cfg["base_model"] = str(tmp_path / "nowhere")
+        (folder / "config.json").write_text(json.dumps(cfg))
+    loaded = MLPMemoryForCausalLM.from_pretrained(folder, lambda_=0.3)
+    assert loaded.lambda_ == 0.3
+    p = prompts(tok)[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(p, lambda_=0.5).logits, model(p).logits)
+    again = MLPMemoryForCausalLM.from_pretrained(folder, base_model=lm)  # base passed as an object
+    assert again.lm is lm and again.lambda_ == 0.5
+
+
+def test_auto_classes_load_it(model, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model.save_pretrained(tmp_path / "m")
+    assert type(AutoConfig.from_pretrained(tmp_path / "m")).__name__ == "MLPMemoryConfig"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert isinstance(loaded, MLPMemoryForCausalLM)
+    ids = torch.tensor([[3, 4, 5]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_refusals(parts, model, tmp_path):
+    _, lm, tok, mem, meta = parts
+    other_tok = type(tok).from_pretrained(lm.config.name_or_path)
+    other_tok.add_tokens(["zzzq"])  # a different tokenizer definition
+    with pytest.raises(MlpmemError, match="tokenizer"):
+        MLPMemoryForCausalLM.from_parts(lm, mem, meta, tokenizer=other_tok)
+    model.save_pretrained(tmp_path / "m")
+    with pytest.raises(MlpmemError, match="tokenizer"):
+        MLPMemoryForCausalLM.from_pretrained(tmp_path / "m", tokenizer=other_tok)
+    # a memory trained with another tokenizer, loaded with its recorded base model
+    cfg = json.loads((tmp_path / "m" / "memory" / "memory_config.json").read_text())
+    cfg["meta"]["tokenizer_hash"] = "0" * 16
+    (tmp_path / "m" / "memory" / "memory_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MlpmemError, match="tokenizer"):
+        MLPMemoryForCausalLM.from_pretrained(tmp_path / "m")
+    with pytest.raises(MlpmemError, match="layer 5"):
+        MLPMemoryForCausalLM.from_parts(lm, mem, dict(meta, layer=5))
+    with pytest.raises(MlpmemError, match="lambda"):
+        MLPMemoryForCausalLM.from_parts(lm, mem, meta, lambda_=2.0)
+    with pytest.raises(MlpmemError, match="config.json is missing"):
+        MLPMemoryForCausalLM.from_pretrained(tmp_path / "empty")
+    model.save_pretrained(tmp_path / "partial")
+    (tmp_path / "partial" / "memory" / "model.safetensors").unlink()
+    with pytest.raises(MlpmemError, match="model.safetensors is missing"):
+        MLPMemoryForCausalLM.from_pretrained(tmp_path / "partial")
+    model.save_pretrained(tmp_path / "full", full_export=True)
+    (tmp_path / "full" / "base" / "model.safetensors").unlink()
+    with pytest.raises(MlpmemError, match="incomplete"):
+        MLPMemoryForCausalLM.from_pretrained(tmp_path / "full")

@@ -15,9 +15,9 @@ def test_user_error_is_one_paragraph_without_traceback(tmp_path, capsys):
 def test_boolean_flags_parse_as_booleans(tmp_path):
     from mlpmem.cli import build_parser
 
-    a = build_parser().parse_args(["datastore", "--corpus", "c", "--out", "o", "--no-lm-logprob"])
+    a = build_parser("datastore").parse_args(["datastore", "--corpus", "c", "--out", "o", "--no-lm-logprob"])
     assert a.lm_logprob is False
-    a = build_parser().parse_args(["datastore", "--corpus", "c", "--out", "o", "--lm-logprob"])
+    a = build_parser("datastore").parse_args(["datastore", "--corpus", "c", "--out", "o", "--lm-logprob"])
     assert a.lm_logprob is True
 
 
@@ -33,3 +33,6 @@ def test_help_is_fast_and_lists_verbs():
     out = subprocess.run([sys.executable, "-m", "mlpmem.cli", "--help"], capture_output=True, text=True, check=True).stdout
     for verb in ("corpus", "datastore", "index", "targets", "knnlm", "train", "run"):
         assert verb in out
+    # the verb list must not pay for torch
+    code = "import sys; from mlpmem.cli import build_parser; build_parser(''); print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

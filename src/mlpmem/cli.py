@@ -91,86 +91,109 @@ def _table(r: dict) -> str:
     return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in rows)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _args_corpus(sp):
     from mlpmem.config import add_arguments
     from mlpmem.corpus import CorpusConfig
-    from mlpmem.datastore import DatastoreConfig
-    from mlpmem.evaluate import KnnConfig
 
-    p = argparse.ArgumentParser(prog="mlpmem", description="Retriever-pretrained MLP memory (and kNN-LM) for Hugging Face causal LMs.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="verb", required=True)
-
-    def verb(name, fn, help_):
-        sp = sub.add_parser(name, help=help_, description=help_)
-        sp.set_defaults(fn=fn)
-        return sp
-
-    sp = verb("corpus", _corpus, "split a corpus by document and tokenize it")
     sp.add_argument("--out", required=True)
     sp.add_argument("--overwrite", action="store_true")
     add_arguments(sp, CorpusConfig)
 
-    sp = verb("datastore", _datastore, "extract (hidden state -> next token) pairs from a corpus split")
+
+def _args_datastore(sp):
+    from mlpmem.config import add_arguments
+    from mlpmem.datastore import DatastoreConfig
+
     sp.add_argument("--corpus", required=True, help="folder written by `mlpmem corpus`")
     sp.add_argument("--out", required=True)
     sp.add_argument("--overwrite", action="store_true")
     add_arguments(sp, DatastoreConfig)
 
-    try:
-        from mlpmem.index import IndexConfig
-        from mlpmem.targets import TargetsConfig
-    except ImportError:  # during development a stage may be missing
-        IndexConfig = TargetsConfig = None
-    if IndexConfig is not None:
-        sp = verb("index", _index, "build a FAISS index over a datastore's keys")
-        sp.add_argument("--datastore", required=True)
-        sp.add_argument("--out", required=True)
-        sp.add_argument("--overwrite", action="store_true")
-        add_arguments(sp, IndexConfig)
 
-        sp = verb("targets", _targets, "kNN target distributions for every datastore row")
-        sp.add_argument("--datastore", required=True)
-        sp.add_argument("--index", required=True)
-        sp.add_argument("--out", required=True)
-        sp.add_argument("--overwrite", action="store_true")
-        sp.add_argument("--tuning", help="knnlm.json written by `mlpmem knnlm`, for --temperature auto")
-        sp.add_argument("--queries", help="a datastore of another split (e.g. valid) to build targets for, searched in this index")
-        add_arguments(sp, TargetsConfig)
+def _args_index(sp):
+    from mlpmem.config import add_arguments
+    from mlpmem.index import IndexConfig
 
-    sp = verb("knnlm", _knnlm, "perplexity of the LM alone and with kNN-LM (T and lambda tuned on valid)")
+    sp.add_argument("--datastore", required=True)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--overwrite", action="store_true")
+    add_arguments(sp, IndexConfig)
+
+
+def _args_targets(sp):
+    from mlpmem.config import add_arguments
+    from mlpmem.targets import TargetsConfig
+
+    sp.add_argument("--datastore", required=True)
+    sp.add_argument("--index", required=True)
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--overwrite", action="store_true")
+    sp.add_argument("--tuning", help="knnlm.json written by `mlpmem knnlm`, for --temperature auto")
+    sp.add_argument("--queries", help="a datastore of another split (e.g. valid) to build targets for, searched in this index")
+    add_arguments(sp, TargetsConfig)
+
+
+def _args_knnlm(sp):
+    from mlpmem.config import add_arguments
+    from mlpmem.evaluate import KnnConfig
+
     for name in ("corpus", "datastore", "index", "out"):
         sp.add_argument(f"--{name}", required=True)
     sp.add_argument("--split", default="test")
     sp.add_argument("--model", default=None, help="model to use (default: the datastore's)")
     add_arguments(sp, KnnConfig)
 
-    try:
-        from mlpmem.train import TrainConfig
-    except ImportError:
-        TrainConfig = None
-    if TrainConfig is not None:
-        sp = verb("train", _train, "train an MLP memory on a datastore and its kNN targets")
-        sp.add_argument("--datastore", required=True)
-        sp.add_argument("--targets", required=True)
-        sp.add_argument("--valid", default=None, help="datastore of the valid split (built with --lm-logprob)")
-        sp.add_argument("--model", default=None, help="the LM (default: the datastore's), for init lm_head/lm_copy")
-        sp.add_argument("--out", required=True)
-        sp.add_argument("--overwrite", action="store_true")
-        add_arguments(sp, TrainConfig)
 
-    sp = verb("run", _run, "run the whole experiment from a recipe (or a corpus) and print the comparison")
+def _args_train(sp):
+    from mlpmem.config import add_arguments
+    from mlpmem.train import TrainConfig
+
+    sp.add_argument("--datastore", required=True)
+    sp.add_argument("--targets", required=True)
+    sp.add_argument("--valid", default=None, help="datastore of the valid split (built with --lm-logprob)")
+    sp.add_argument("--model", default=None, help="the LM (default: the datastore's), for init lm_head/lm_copy")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--overwrite", action="store_true")
+    add_arguments(sp, TrainConfig)
+
+
+def _args_run(sp):
     sp.add_argument("recipe", nargs="?", help="a recipe YAML file or a built-in recipe name (e.g. sotu)")
     sp.add_argument("--corpus", help="quick experiment on your own corpus (.jsonl with a text field, .txt, .parquet, folder)")
     sp.add_argument("--model", default="smollm2-135m", help="HF model name or local folder")
     sp.add_argument("--out", default=None)
     sp.add_argument("--overwrite", action="store_true")
+
+
+# verb -> (function, help, flags). Flags are added only for the verb being run, so
+# `mlpmem --help` does not import torch and the stage modules.
+VERBS = {
+    "corpus": (_corpus, "split a corpus by document and tokenize it", _args_corpus),
+    "datastore": (_datastore, "extract (hidden state -> next token) pairs from a corpus split", _args_datastore),
+    "index": (_index, "build a FAISS index over a datastore's keys", _args_index),
+    "targets": (_targets, "kNN target distributions for every datastore row", _args_targets),
+    "knnlm": (_knnlm, "perplexity of the LM alone and with kNN-LM (T and lambda tuned on valid)", _args_knnlm),
+    "train": (_train, "train an MLP memory on a datastore and its kNN targets", _args_train),
+    "run": (_run, "run the whole experiment from a recipe (or a corpus) and print the comparison", _args_run),
+}
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mlpmem", description="Retriever-pretrained MLP memory (and kNN-LM) for Hugging Face causal LMs.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="verb", required=True)
+    for name, (fn, help_, add) in VERBS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(fn=fn)
+        if verb in (name, None):
+            add(sp)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    verb = next((x for x in argv if x in VERBS), "")
+    args = build_parser(verb).parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("faiss.loader", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,0 +1,113 @@
+"""lm-evaluation-harness backend ``mlpmem``: an HF causal LM + MLP memory, scored as one model.
+
+Usage once this module is imported (it registers the name with lm-eval's registry)::
+
+    mlpmem-lm-eval --model mlpmem --model_args memory=runs/x/train/memory,base_model=smollm2-135m,lambda_=0.25 --tasks ...
+    python -m mlpmem.lm_eval_backend --model mlpmem --model_args ... --tasks ...   # same thing
+
+lm-eval 0.4.13 finds models only in its own registry (a fixed table of its own
+modules plus whatever ``@register_model`` ran); it reads no entry points. So the
+plain ``lm_eval`` command cannot see this backend; :func:`main` imports it and
+then runs lm-eval's own command line with the arguments unchanged.
+
+``model_args``: ``memory`` (a memory folder from the train stage, or a folder
+written by ``MLPMemoryForCausalLM.save_pretrained``), or ``pretrained`` (the
+latter kind); ``base_model`` (default: the model the memory was trained on);
+``lambda_`` (0 scores the base LM alone through the same code path) and
+``memory_temperature``; ``dtype``; any other HFLM argument (batch_size,
+max_length, ...).
+
+The class subclasses lm-eval's ``HFLM``: our model returns interpolated
+log-probabilities as ``logits``, and HFLM's log_softmax of them changes nothing
+(log-probs are already normalised), so loglikelihood, loglikelihood_rolling and
+generate_until work unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from mlpmem.errors import MlpmemError
+
+log = logging.getLogger(__name__)
+
+
+def load_mixture(
+    memory: str | None = None,
+    base_model: str | None = None,
+    pretrained: str | None = None,
+    lambda_: float = 0.25,
+    memory_temperature: float = 1.0,
+    dtype: str = "float32",
+):
+    """Build ``(MLPMemoryForCausalLM, tokenizer)`` from a memory folder or a saved LM + memory folder."""
+    from mlpmem.hf import MLPMemoryForCausalLM
+    from mlpmem.memory import load_memory
+    from mlpmem.models import load_model
+
+    folder = pretrained or memory
+    if folder is None:
+        raise MlpmemError("the mlpmem backend needs memory=PATH (or pretrained=PATH)", "pass --model_args memory=runs/NAME/train/memory,base_model=MODEL")
+    if (Path(folder) / "config.json").is_file():  # a save_pretrained folder
+        model = MLPMemoryForCausalLM.from_pretrained(folder, base_model=base_model, lambda_=lambda_, memory_temperature=memory_temperature, dtype=dtype)
+        return model, model.tokenizer
+    mem, meta = load_memory(Path(folder))
+    base = base_model or meta.get("model_id")
+    if not base:
+        raise MlpmemError(f"the memory in {folder} does not record its base model", "pass base_model=MODEL in --model_args")
+    lm, tok, model_id = load_model(str(base), dtype=dtype)
+    model = MLPMemoryForCausalLM.from_parts(lm, mem, meta, tokenizer=tok, base_model=model_id, lambda_=lambda_, memory_temperature=memory_temperature)
+    return model.eval(), tok
+
+
+@register_model("mlpmem")
+class MLPMemoryLM(HFLM):
+    """HFLM over :class:`~mlpmem.hf.MLPMemoryForCausalLM`; see the module docstring for the arguments."""
+
+    def __init__(
+        self,
+        memory: str | None = None,
+        base_model: str | None = None,
+        pretrained: str | None = None,
+        lambda_: float = 0.25,
+        memory_temperature: float = 1.0,
+        dtype: str = "float32",
+        device: str | None = None,
+        max_length: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        import torch
+
+        model, tok = load_mixture(memory, base_model, pretrained, float(lambda_), float(memory_temperature), str(dtype))
+        if tok is None:
+            raise MlpmemError("no tokenizer was found for the base model", "pass pretrained= a folder saved with its tokenizer, or a base_model folder that holds one")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device)
+        # HFLM reads the context size from the top-level config, which is ours: give it the base model's
+        max_length = max_length or getattr(model.config, "max_position_embeddings", None)
+        super().__init__(pretrained=model, tokenizer=tok, backend="causal", max_length=max_length, **kwargs)
+        self.mixture = {"memory": str(pretrained or memory), "base_model": model.config.base_model,
+                        "lambda_": model.lambda_, "memory_temperature": model.memory_temperature}
+
+    def get_model_info(self) -> dict:
+        return {**super().get_model_info(), "mlpmem": self.mixture}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """lm-eval's command line with the ``mlpmem`` backend registered (arguments as for ``lm_eval``)."""
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

@@ -135,7 +135,7 @@ def test_refuses_misaligned_targets(data, tmp_path):
 
 
 @pytest.mark.parametrize("bad", [dict(alpha=1.5), dict(lr=0.0), dict(batch_size=50, grad_accum=3), dict(precision="fp16"),
-                                 dict(schedule="step"), dict(mode="online"), dict(warmup_frac=1.0), dict(activation="relu")])
+                                 dict(schedule="step"), dict(mode="streaming"), dict(warmup_frac=1.0), dict(activation="relu")])
 def test_config_validation(bad, data, tmp_path):
     with pytest.raises(MlpmemError):
         cfg = TrainConfig(**{**TINY, **bad})
@@ -181,3 +181,27 @@ def test_bf16_autocast_trains(data, tmp_path):
     assert m["precision"] == "bf16" and np.isfinite(m["valid"]["ppl_memory"])
     memory, _ = load_memory(tmp_path / "bf16" / "memory")
     assert memory.head.weight.dtype == torch.float32  # autocast: weights stay float32
+
+
+def test_online_mode_recomputes_the_stored_features(tmp_path, tiny_llama, tiny_corpus_file):
+    """Online features equal the ones the datastore stored, and an online run trains."""
+    from mlpmem.corpus import CorpusConfig, build_corpus
+    from mlpmem.datastore import DatastoreConfig, build_datastore
+    from mlpmem.index import IndexConfig, build_index
+    from mlpmem.models import load_model
+    from mlpmem.targets import TargetsConfig, build_targets
+    from mlpmem.train import OnlineData, TrainData
+
+    lm = load_model(str(tiny_llama))[0]
+    corpus = build_corpus(tmp_path / "c", CorpusConfig(source=str(tiny_corpus_file), model=str(tiny_llama), train_tokens=1500))
+    ds = build_datastore(corpus, tmp_path / "ds", DatastoreConfig(model=str(tiny_llama), context=64, stride=32, extra_sites=["1:output"]))
+    build_index(ds, tmp_path / "ix", IndexConfig(kind="flat"))
+    tg = build_targets(ds, tmp_path / "ix", tmp_path / "tg", TargetsConfig(k=16, temperature=1.0, top_m=8))
+    idx = np.random.default_rng(0).choice(1499, 100, replace=False)
+    stored = TrainData(ds, tg, 1, "output").batch(idx)
+    online = OnlineData(ds, tg, 1, "output", lm).batch(idx)
+    assert torch.allclose(stored["h"].float(), online["h"], atol=2e-3)  # stored copy is float16
+    assert torch.equal(stored["labels"], online["labels"]) and torch.equal(stored["ids"], online["ids"])
+    cfg = TrainConfig(mode="online", input_layer=1, input_site="output", n_blocks=1, epochs=1.0, batch_size=128, eval_every=0, ckpt_every=0)
+    out = train_memory(ds, tg, tmp_path / "mem", cfg, init_lm=lm)
+    assert (out / "memory" / "model.safetensors").exists()

@@ -66,7 +66,7 @@ class TrainConfig:
     # input: hidden states of this layer and site (None: the datastore's keys)
     input_layer: int | None = None
     input_site: str | None = None
-    mode: str = "offline"  # offline: stored hidden states (online: not yet)
+    mode: str = "offline"  # offline: stored hidden states; online: the frozen LM recomputes them (less disk)
     # optimisation
     alpha: float = 0.5  # weight of KL(p_kNN || q); 1 - alpha on CE(next token)
     lr: float = 1e-3
@@ -104,8 +104,8 @@ class TrainConfig:
         for ok, problem in checks:
             if not ok:
                 raise MlpmemError(f"invalid training configuration: {problem}", "fix the training settings")
-        if self.mode != "offline":
-            raise MlpmemError(f"training mode {self.mode!r} is not available yet", "use mode 'offline' (hidden states stored in the datastore)")
+        if self.mode not in ("offline", "online"):
+            raise MlpmemError(f"training mode must be 'offline' or 'online', got {self.mode!r}", "offline reads stored hidden states; online recomputes them with the LM")
 
     def memory_config(self, d_in: int, vocab_size: int) -> MemoryConfig:
         names = {f.name for f in dataclasses.fields(MemoryConfig)}
@@ -135,6 +135,61 @@ class TrainData:
         """Rows ``idx`` [b] -> h [b, d] float16, labels [b], and ids/probs [b, M] if there are targets."""
         idx = np.sort(idx)  # sorted reads are kinder to memory maps; a batch is a bag of rows
         out = {"h": torch.from_numpy(self.ds.gather(self.input, idx)), "labels": torch.from_numpy(self.values[idx].astype(np.int64))}
+        if self.targets is not None:
+            out["ids"] = torch.from_numpy(self.targets.gather("ids", idx))
+            out["probs"] = torch.from_numpy(self.targets.gather("probs", idx))
+        return out
+
+
+class OnlineData(TrainData):
+    """Like TrainData, but the memory's input is recomputed by the frozen LM.
+
+    For users short of disk: the datastore then needs only its keys (for the
+    index) and values, not a stored copy of the memory's input. A batch runs the
+    LM over the scoring windows that hold its rows (so the online schedule draws
+    whole windows, see WindowSchedule).
+    """
+
+    def __init__(self, datastore_dir: Path, targets_dir: Path | None, layer: int | None, site: str | None, lm) -> None:
+        from mlpmem.corpus import Corpus, windows
+        from mlpmem.models import Site, resolve_layer
+
+        if lm is None:
+            raise MlpmemError("online training recomputes hidden states and needs the LM", "pass the LM (init_lm / --model)")
+        self.ds = Datastore(datastore_dir)
+        self.layer = resolve_layer(lm, self.ds.layer if layer is None else layer)
+        self.site = site or self.ds.site
+        self.input = "online"
+        self.n = self.ds.n_rows
+        self.values = self.ds.values()
+        self.targets = ShardedArrays(targets_dir, "targets") if targets_dir is not None else None
+        if self.targets is not None:
+            check_aligned(self.ds, self.targets)
+        m = self.ds.manifest
+        self.lm, self.context, self.stride = lm, int(m["context"]), int(m["stride"])
+        self.tokens = Corpus(m["corpus"]).tokens(m["split"])
+        if len(self.tokens) - 1 != self.n:
+            raise MlpmemError(f"the corpus in {m['corpus']} no longer matches the datastore in {self.ds.folder}", "rebuild the datastore")
+        self.windows = windows(len(self.tokens), self.context, self.stride)
+        self.site_obj = Site(self.layer, self.site)
+        self._d = int(lm.config.get_text_config().hidden_size)
+
+    @property
+    def d_in(self) -> int:
+        return self._d
+
+    def batch(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        from mlpmem.datastore import iter_batches
+
+        idx = np.sort(idx)
+        wins = np.unique(np.searchsorted(self.windows[:, 2], idx, side="right") - 1)
+        rows, feats = [], []
+        for w in wins:
+            for b in iter_batches(self.lm, self.tokens, self.context, self.stride, {"h": self.site_obj}, 1, False, (int(w), int(w) + 1)):
+                rows.append(np.arange(b.row_start, b.row_end))
+                feats.append(b.features["h"])
+        pos = np.searchsorted(np.concatenate(rows), idx)
+        out = {"h": torch.cat(feats)[torch.from_numpy(pos)].float(), "labels": torch.from_numpy(self.values[idx].astype(np.int64))}
         if self.targets is not None:
             out["ids"] = torch.from_numpy(self.targets.gather("ids", idx))
             out["probs"] = torch.from_numpy(self.targets.gather("probs", idx))
@@ -188,6 +243,9 @@ class Schedule:
             self._perms[epoch] = np.random.default_rng([self.cfg.seed, epoch]).permutation(self.n)
         return self._perms[epoch]
 
+    def positions(self, step: int) -> int:
+        return self.cfg.batch_size
+
     def rows(self, step: int) -> list[np.ndarray]:
         """Row ids of each micro-batch of ``step``. Batches run on across epoch ends, so all are full."""
         b = self.cfg.batch_size
@@ -206,6 +264,31 @@ class Schedule:
         progress = (step - self.warmup) / max(1, self.total - self.warmup)
         decay = 0.5 * (1 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1 - progress
         return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * decay)
+
+
+class WindowSchedule(Schedule):
+    """Online mode: each step takes whole scoring windows (their kept rows), so
+    every LM forward serves the batch in full. Windows are shuffled per epoch."""
+
+    def __init__(self, windows: np.ndarray, n_rows: int, cfg: TrainConfig) -> None:
+        self.spans = np.stack([windows[:, 2], np.append(windows[1:, 2], n_rows)], 1)  # kept rows [start, end) per window
+        self.per_step = max(1, round(cfg.batch_size / float(np.mean(self.spans[:, 1] - self.spans[:, 0]))))
+        super().__init__(len(windows), cfg)
+        self.total = max(1, math.ceil(cfg.epochs * len(windows) / self.per_step))
+        self.warmup = math.ceil(cfg.warmup_frac * self.total)
+
+    def _windows(self, step: int) -> np.ndarray:
+        stream = np.arange(step * self.per_step, (step + 1) * self.per_step, dtype=np.int64)
+        epochs, offsets = np.divmod(stream, self.n)
+        return np.array([self.perm(int(e))[o] for e, o in zip(epochs, offsets)])
+
+    def positions(self, step: int) -> int:
+        spans = self.spans[self._windows(step)]
+        return int((spans[:, 1] - spans[:, 0]).sum())
+
+    def rows(self, step: int) -> list[np.ndarray]:
+        ids = np.concatenate([np.arange(a, b) for a, b in self.spans[self._windows(step)]])
+        return np.array_split(ids, self.cfg.grad_accum)
 
 
 # ----------------------------------------------------------------------------- model, optimizer, precision
@@ -366,10 +449,15 @@ def train_memory(
     """
     out_dir = Path(out_dir)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    data = TrainData(datastore_dir, targets_dir, cfg.input_layer, cfg.input_site, init_lm)
+    data = (OnlineData if cfg.mode == "online" else TrainData)(datastore_dir, targets_dir, cfg.input_layer, cfg.input_site, init_lm)
     valid = None
     if valid_datastore_dir is not None:
-        valid = TrainData(valid_datastore_dir, valid_targets_dir, data.layer, data.site, init_lm)
+        try:
+            valid = TrainData(valid_datastore_dir, valid_targets_dir, data.layer, data.site, init_lm)
+        except MlpmemError:
+            if cfg.mode != "online":
+                raise
+            valid = OnlineData(valid_datastore_dir, valid_targets_dir, data.layer, data.site, init_lm)
         valid.ds.check_model(data.ds.model_id, data.ds.tokenizer_hash, data.ds.layer, data.ds.site)
     resolved = {
         "config": cfg, "datastore": str(Path(datastore_dir).resolve()), "targets": str(Path(targets_dir).resolve()),
@@ -385,7 +473,7 @@ def train_memory(
         "model_id": data.ds.model_id, "tokenizer_hash": data.ds.tokenizer_hash, "layer": data.layer, "site": data.site,
         "input_array": data.input, "datastore": resolved["datastore"], "targets": resolved["targets"], **(meta or {}),
     }
-    sched = Schedule(data.n, cfg)
+    sched = WindowSchedule(data.windows, data.n, cfg) if cfg.mode == "online" else Schedule(data.n, cfg)
     bf16 = use_bf16(cfg.precision, dev)
     ckpt_root = out_dir / CKPT_DIR
     if not resume:
@@ -442,7 +530,7 @@ def _train_loop(memory, opt, data, valid, sched, cfg, dev, bf16, state, out_dir,
         opt.step()
         state["step"] = step + 1
         state["train_seconds"] += time.perf_counter() - t0
-        state["train_positions"] += cfg.batch_size
+        state["train_positions"] += sched.positions(step)
         rec = {"loss": loss_sum, "kl": kl_sum, "ce": ce_sum, "lr": lr, "grad_norm": grad_norm}
         window.append(rec)
         if on_step is not None:

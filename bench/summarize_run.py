@@ -1,0 +1,60 @@
+"""Collect a finished `mlpmem run` folder's measurements into one JSON (not a test).
+
+    python bench/summarize_run.py runs/sotu200k [--out bench/results/sotu200k.json]
+
+Reads only manifests and report.json: bytes per corpus token of each artefact,
+extraction tokens/s, index recall, kNN target queries/s, training tokens/s and
+peak memory, and the report's perplexities and tokens/s ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _bytes(manifest: dict, name: str) -> int:
+    return sum(s["arrays"][name]["bytes"] for s in manifest["shards"] if name in s["arrays"])
+
+
+def summarize(run: Path) -> dict:
+    load = lambda p: json.loads((run / p).read_text())  # noqa: E731
+    ds, tg, ix = load("datastore/manifest.json"), load("targets/manifest.json"), load("index/manifest.json")
+    report = load("report.json")
+    n = ds["n_rows"]
+    per_token = {"keys": _bytes(ds, "keys") / n, "values": _bytes(ds, "values") / n,
+                 "targets_ids": _bytes(tg, "ids") / n, "targets_probs": _bytes(tg, "probs") / n,
+                 "index": ix.get("index_file", {}).get("bytes", 0) / n}
+    per_token.update({name: _bytes(ds, name) / n for name in ds.get("features", {}) if name != "keys"})
+    train = load("train/manifest.json")
+    tps = report["tokens_per_s"]
+    return {
+        "run": str(run), "n_train_tokens": report["n_train_tokens"], "n_test_tokens": report["n_test_tokens"],
+        "ppl": report["ppl"], "lambda": report["lambda"], "knn_temperature": report["knn_temperature"],
+        "tokens_per_s": tps,
+        "ratios": {"memory_over_base": tps["mlp_memory"] / tps["base"], "knn_over_base": tps["knn_lm"] / tps["base"],
+                   "memory_over_knn": tps["mlp_memory"] / tps["knn_lm"]},
+        "params": {"memory": report["memory_params"], "base": report["base_params"]},
+        "bytes_per_token": per_token,
+        "extract_tokens_per_s": ds.get("extract_tokens_per_s"),
+        "index": {k: ix.get(k) for k in ("factory", "nprobe", "rerank", "recall_at_k", "k")},
+        "targets": tg["stats"],
+        "train": {k: train.get(k) for k in ("tokens_per_s", "peak_rss_mb", "valid", "epochs", "precision", "parameters", "steps")},
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("run", type=Path)
+    p.add_argument("--out", type=Path)
+    a = p.parse_args()
+    out = summarize(a.run)
+    dest = a.out or Path("bench/results") / f"{a.run.name}.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

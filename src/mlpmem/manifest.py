@@ -151,12 +151,20 @@ def prepare_out(folder: Path, config: dict[str, Any], overwrite: bool = False) -
         old = folder / CONFIG
         if not old.exists():
             raise MlpmemError(f"{folder} exists and is not an mlpmem stage folder", "choose an empty or new --out folder")
-        if read_json(old) != cfg:
+        if not _same_config(read_json(old), cfg):
             raise MlpmemError(f"{folder} was written with a different configuration", "choose another --out folder, or pass --overwrite to replace it")
         return "done" if (folder / MANIFEST).exists() else "resume"
     folder.mkdir(parents=True, exist_ok=True)
     write_json(folder / CONFIG, cfg)
     return "fresh"
+
+
+def _same_config(old: Any, new: Any) -> bool:
+    """Equal configs, except that keys only one side has are ignored: a folder written
+    before a setting existed stays usable (the new setting's default is what it used)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return all(_same_config(old[k], new[k]) for k in old.keys() & new.keys())
+    return old == new
 
 
 def check_disk_space(folder: Path, need_bytes: int, what: str) -> None:

@@ -266,3 +266,31 @@ def test_refusals(parts, model, tmp_path):
     (tmp_path / "full" / "base" / "model.safetensors").unlink()
     with pytest.raises(MlpmemError, match="incomplete"):
         MLPMemoryForCausalLM.from_pretrained(tmp_path / "full")
+
+
+def test_remote_code_loads_without_importing_mlpmem_hf(tiny_llama, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    lm, tok, model_id = load_model(str(tiny_llama))
+    meta = {"model_id": model_id, "tokenizer_hash": tokenizer_hash(tok), "layer": -1, "site": "ffn_input"}
+    MLPMemoryForCausalLM.from_parts(lm, random_memory(lm), meta, tokenizer=tok, lambda_=0.5).save_pretrained(tmp_path / "m")
+    code = ("import sys; from transformers import AutoModelForCausalLM; assert 'mlpmem.hf' not in sys.modules; "
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True); print(type(m).__name__, m.lambda_)")
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"))
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-2:] == ["MLPMemoryForCausalLM", "0.5"]
+
+
+def test_export_from_memory_folder(parts, model, tmp_path):
+    from mlpmem.memory import save_memory
+
+    _, lm, tok, mem, meta = parts
+    save_memory(tmp_path / "mem", mem, meta)
+    out = hf.export_hf(tmp_path / "mem", tmp_path / "hf", lambda_=0.5)  # base model: the one in the memory's meta
+    loaded = MLPMemoryForCausalLM.from_pretrained(out)
+    p = prompts(tok)[1]
+    with torch.no_grad():
+        assert torch.equal(loaded(p).logits, model(p).logits)

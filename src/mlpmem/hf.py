@@ -25,13 +25,16 @@ base model reference, the memory's config and meta, lambda, T), the memory in
 ``dir/memory/`` (an ordinary memory folder, see :mod:`mlpmem.memory`), the tokenizer
 when known, and with ``full_export=True`` the base model in ``dir/base/`` so the
 folder is self-contained. Importing this module registers the classes with
-``AutoConfig`` and ``AutoModelForCausalLM``.
+``AutoConfig`` and ``AutoModelForCausalLM``; without that import,
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` loads the
+folder through the two-line ``modeling_mlpmem.py`` saved in it (it imports this module).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import logging
 import math
 import os
@@ -53,6 +56,10 @@ log = logging.getLogger(__name__)
 
 MEMORY_DIR = "memory"
 BASE_DIR = "base"
+# a two-line module saved next to the config: with trust_remote_code=True, the Auto
+# classes (and `lm_eval --model hf`) load the folder without importing mlpmem.hf first
+REMOTE_CODE = "modeling_mlpmem.py"
+AUTO_MAP = {"AutoConfig": "modeling_mlpmem.MLPMemoryConfig", "AutoModelForCausalLM": "modeling_mlpmem.MLPMemoryForCausalLM"}
 
 
 class MLPMemoryConfig(PretrainedConfig):
@@ -112,8 +119,7 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         self.memory_temperature = check_temperature(config.memory_temperature)
         # the generation defaults (eos, pad, bos, max_length) are the base model's
         self.generation_config = copy.deepcopy(lm.generation_config)
-        import inspect
-
+        # older or remote-code models compute every position's logits: slice them here instead
         self._lm_keeps_logits = "logits_to_keep" in inspect.signature(lm.forward).parameters
 
     # ------------------------------------------------------------------ building
@@ -155,7 +161,30 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
             bos_token_id=lm.generation_config.bos_token_id,
             pad_token_id=lm.generation_config.pad_token_id,
         )
-        return cls(config, lm, memory, tokenizer)
+        return cls(config, lm, memory, tokenizer).eval()  # an inference wrapper: no dropout in the LM
+
+    @classmethod
+    def from_memory(
+        cls,
+        memory_dir: str | os.PathLike,
+        base_model: str | None = None,
+        *,
+        lambda_: float = 0.25,
+        memory_temperature: float = 1.0,
+        dtype: str = "float32",
+    ) -> "MLPMemoryForCausalLM":
+        """Pair a memory folder (from the train stage) with its base model, loaded by name.
+
+        ``base_model`` defaults to the model the memory was trained on (its meta's model_id).
+        """
+        from mlpmem.models import load_model
+
+        memory, meta = load_memory(Path(memory_dir))
+        ref = base_model or meta.get("model_id")
+        if not ref:
+            raise MlpmemError(f"the memory in {memory_dir} does not record its base model", "pass base_model=MODEL")
+        lm, tok, model_id = load_model(str(ref), dtype=dtype)
+        return cls.from_parts(lm, memory, meta, tokenizer=tok, base_model=model_id, lambda_=lambda_, memory_temperature=memory_temperature)
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
@@ -192,7 +221,7 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         memory, meta = load_memory(folder / MEMORY_DIR)
         dtype_name = _dtype_name(dtype)
         lm, tok = _load_base(folder, config, base_model, tokenizer, dtype_name)
-        if tok is None and _has_tokenizer(folder):
+        if tok is None:
             log.warning("cannot check that the base model's tokenizer is the memory's: pass tokenizer= to check it")
         check_parts(lm, memory, meta, tok)
         config = copy.deepcopy(config)
@@ -224,11 +253,11 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         save_memory(folder / MEMORY_DIR, self.memory, dict(config.memory_meta or {}))
         base = folder / BASE_DIR
         if full_export:
+            if tok is None:
+                raise MlpmemError("a full export needs the tokenizer, and this model has none attached", "pass tokenizer= to save_pretrained")
             if base.exists():
                 shutil.rmtree(base)
             self.lm.save_pretrained(base)
-            if tok is None:
-                raise MlpmemError("a full export needs the tokenizer, and this model has none attached", "pass tokenizer= to save_pretrained")
             tok.save_pretrained(base)
             config.base_subfolder = BASE_DIR
         else:
@@ -240,6 +269,8 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         if tok is not None:
             tok.save_pretrained(folder)
         self.generation_config.save_pretrained(folder)
+        (folder / REMOTE_CODE).write_text('"""Loads mlpmem\'s LM + memory class (pip install mlpmem)."""\nfrom mlpmem.hf import MLPMemoryConfig, MLPMemoryForCausalLM  # noqa: F401\n')
+        config.auto_map = dict(AUTO_MAP)
         config.save_pretrained(folder)
 
     # ------------------------------------------------------------------ mixing weight
@@ -423,10 +454,6 @@ def _load_base(folder: Path, config: MLPMemoryConfig, base_model: Any, tokenizer
     return lm, tokenizer if tokenizer is not None else tok
 
 
-def _has_tokenizer(folder: Path) -> bool:
-    return (folder / "tokenizer.json").exists() or (folder / "tokenizer_config.json").exists()
-
-
 def _dtype_name(dtype: Any) -> str:
     if dtype is None or dtype == "auto":
         return "float32"
@@ -443,6 +470,21 @@ def _jsonable(obj: Any) -> Any:
     from mlpmem.manifest import to_jsonable
 
     return to_jsonable(obj)
+
+
+def export_hf(
+    memory_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    base_model: str | None = None,
+    lambda_: float = 0.25,
+    memory_temperature: float = 1.0,
+    full_export: bool = False,
+) -> Path:
+    """Turn a trained memory folder into a Hugging Face model folder (``AutoModelForCausalLM`` loads it). Returns out_dir."""
+    model = MLPMemoryForCausalLM.from_memory(memory_dir, base_model, lambda_=lambda_, memory_temperature=memory_temperature)
+    model.save_pretrained(out_dir, full_export=full_export)
+    log.info("LM + memory saved to %s (%s)", out_dir, "self-contained" if full_export else f"base model: {model.config.base_model}")
+    return Path(out_dir)
 
 
 def register() -> None:

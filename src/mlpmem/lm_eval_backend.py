@@ -8,7 +8,10 @@ Usage once this module is imported (it registers the name with lm-eval's registr
 lm-eval 0.4.13 finds models only in its own registry (a fixed table of its own
 modules plus whatever ``@register_model`` ran); it reads no entry points. So the
 plain ``lm_eval`` command cannot see this backend; :func:`main` imports it and
-then runs lm-eval's own command line with the arguments unchanged.
+then runs lm-eval's own command line with the arguments unchanged. The plain
+``lm_eval`` command does work on a folder exported with
+``MLPMemoryForCausalLM.save_pretrained`` (or :func:`mlpmem.hf.export_hf`), through
+its remote-code hook: ``lm_eval --model hf --model_args pretrained=EXPORT,trust_remote_code=True``.
 
 ``model_args``: ``memory`` (a memory folder from the train stage, or a folder
 written by ``MLPMemoryForCausalLM.save_pretrained``), or ``pretrained`` (the
@@ -47,22 +50,15 @@ def load_mixture(
 ):
     """Build ``(MLPMemoryForCausalLM, tokenizer)`` from a memory folder or a saved LM + memory folder."""
     from mlpmem.hf import MLPMemoryForCausalLM
-    from mlpmem.memory import load_memory
-    from mlpmem.models import load_model
 
     folder = pretrained or memory
     if folder is None:
         raise MlpmemError("the mlpmem backend needs memory=PATH (or pretrained=PATH)", "pass --model_args memory=runs/NAME/train/memory,base_model=MODEL")
     if (Path(folder) / "config.json").is_file():  # a save_pretrained folder
         model = MLPMemoryForCausalLM.from_pretrained(folder, base_model=base_model, lambda_=lambda_, memory_temperature=memory_temperature, dtype=dtype)
-        return model, model.tokenizer
-    mem, meta = load_memory(Path(folder))
-    base = base_model or meta.get("model_id")
-    if not base:
-        raise MlpmemError(f"the memory in {folder} does not record its base model", "pass base_model=MODEL in --model_args")
-    lm, tok, model_id = load_model(str(base), dtype=dtype)
-    model = MLPMemoryForCausalLM.from_parts(lm, mem, meta, tokenizer=tok, base_model=model_id, lambda_=lambda_, memory_temperature=memory_temperature)
-    return model.eval(), tok
+    else:
+        model = MLPMemoryForCausalLM.from_memory(folder, base_model, lambda_=lambda_, memory_temperature=memory_temperature, dtype=dtype)
+    return model, model.tokenizer
 
 
 @register_model("mlpmem")

@@ -294,3 +294,21 @@ def test_export_from_memory_folder(parts, model, tmp_path):
     p = prompts(tok)[1]
     with torch.no_grad():
         assert torch.equal(loaded(p).logits, model(p).logits)
+
+
+def test_generate_cli_side_by_side(parts, tmp_path, capsys):
+    from mlpmem.cli import main
+    from mlpmem.memory import save_memory
+
+    _, lm, tok, mem, meta = parts
+    save_memory(tmp_path / "mem", mem, meta)
+    (tmp_path / "prompts.txt").write_text("the union and\nwar\n")
+    assert main(["generate", str(tmp_path / "mem"), "congress has", "--prompts-file", str(tmp_path / "prompts.txt"),
+                 "--max-new-tokens", "6", "--lam", "0.9"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("--- base LM:") == 3 and out.count("--- LM + memory (lambda=0.9):") == 3
+    from mlpmem.generation import GenerateConfig, generate_side_by_side
+
+    rows = generate_side_by_side(str(tmp_path / "mem"), ["the union and", "war"], GenerateConfig(max_new_tokens=6, lam=0.9))
+    assert any(r["base"] != r["memory"] for r in rows)  # a peaked random memory at lambda 0.9 changes the text
+    assert main(["generate", str(tmp_path / "mem")]) == 2  # no prompts: a clear error

@@ -81,6 +81,28 @@ def _run(a):
     print(_table(report))
 
 
+def _generate(a):
+    from mlpmem.config import from_args
+    from mlpmem.generation import GenerateConfig, generate_side_by_side, read_prompts
+
+    rows = generate_side_by_side(a.model, read_prompts(a.prompts, a.prompts_file), from_args(GenerateConfig, a), a.base_model)
+    for r in rows:
+        print(f"=== {r['prompt']}\n--- base LM:\n{r['base']}\n--- LM + memory (lambda={a.lam}):\n{r['memory']}\n")
+
+
+def _export(a):
+    from mlpmem.hf import export_hf
+
+    export_hf(Path(a.memory), Path(a.out), base_model=a.base_model, lambda_=a.lam, memory_temperature=a.memory_temperature, full_export=a.full)
+
+
+def _probe(a):
+    from mlpmem.probe import build_probe
+
+    build_probe(Path(a.corpus), Path(a.out), a.n_items, a.seed, a.model, context_tokens=a.context_tokens,
+                continuation_tokens=a.continuation_tokens, n_distractors=a.distractors, task_name=a.task_name, overwrite=a.overwrite)
+
+
 def _table(r: dict) -> str:
     """A small text table of perplexities and tokens/s."""
     rows = [("method", "perplexity", "tokens/s")]
@@ -165,6 +187,39 @@ def _args_run(sp):
     sp.add_argument("--overwrite", action="store_true")
 
 
+def _args_generate(sp):
+    from mlpmem.config import add_arguments
+    from mlpmem.generation import GenerateConfig
+
+    sp.add_argument("model", help="a trained memory folder (RUN/train/memory) or a folder written by save_pretrained/export")
+    sp.add_argument("prompts", nargs="*", help="prompts (or --prompts-file)")
+    sp.add_argument("--prompts-file", help="a text file with one prompt per line")
+    sp.add_argument("--base-model", default=None, help="base LM (default: the one the memory was trained for)")
+    add_arguments(sp, GenerateConfig)
+
+
+def _args_export(sp):
+    sp.add_argument("memory", help="a trained memory folder (RUN/train/memory)")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--base-model", default=None, help="base LM reference to record (default: the memory's)")
+    sp.add_argument("--lam", type=float, default=0.25, help="default lambda stored in the config")
+    sp.add_argument("--memory-temperature", type=float, default=1.0)
+    sp.add_argument("--full", action="store_true", help="also store the base model, for a self-contained folder")
+
+
+def _args_probe(sp):
+    sp.add_argument("corpus", help="a corpus folder written by `mlpmem corpus` (its train split)")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--n-items", type=int, default=200)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--model", default=None, help="tokenizer to detokenize with (default: the corpus's)")
+    sp.add_argument("--context-tokens", type=int, default=32)
+    sp.add_argument("--continuation-tokens", type=int, default=8)
+    sp.add_argument("--distractors", type=int, default=3)
+    sp.add_argument("--task-name", default="mlpmem_probe")
+    sp.add_argument("--overwrite", action="store_true")
+
+
 # verb -> (function, help, flags). Flags are added only for the verb being run, so
 # `mlpmem --help` does not import torch and the stage modules.
 VERBS = {
@@ -175,6 +230,9 @@ VERBS = {
     "knnlm": (_knnlm, "perplexity of the LM alone and with kNN-LM (T and lambda tuned on valid)", _args_knnlm),
     "train": (_train, "train an MLP memory on a datastore and its kNN targets", _args_train),
     "run": (_run, "run the whole experiment from a recipe (or a corpus) and print the comparison", _args_run),
+    "generate": (_generate, "continue prompts with the base LM and with LM + memory, side by side", _args_generate),
+    "export": (_export, "turn a trained memory into a Hugging Face model folder (save_pretrained layout)", _args_export),
+    "probe": (_probe, "build the knowledge-probe lm-eval task from a corpus's training text", _args_probe),
 }
 
 

@@ -1,0 +1,71 @@
+"""Side-by-side continuations: the base LM and LM + memory on the same prompts."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlpmem.errors import MlpmemError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerateConfig:
+    max_new_tokens: int = 40
+    lam: float = 0.25  # weight of the memory
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_beams: int = 1
+    seed: int = 0
+
+
+def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
+    out = list(prompts)
+    if prompts_file:
+        try:
+            out += [line.rstrip("\n") for line in Path(prompts_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise MlpmemError(f"cannot read prompts from {prompts_file} ({e})", "pass a UTF-8 text file with one prompt per line")
+    if not out:
+        raise MlpmemError("no prompts given", "pass prompts as arguments or --prompts-file FILE (one per line)")
+    return out
+
+
+def generate_side_by_side(model_path: str, prompts: list[str], cfg: GenerateConfig, base_model: str | None = None) -> list[dict[str, str]]:
+    """Continue each prompt with the base LM (lambda=0) and with LM + memory (lambda=cfg.lam).
+
+    ``model_path`` is a trained memory folder (``.../train/memory``) or a folder
+    written by ``save_pretrained``. Prompts are left-padded into one batch.
+    """
+    import torch
+
+    from mlpmem.hf import MLPMemoryForCausalLM
+
+    path = Path(model_path)
+    if (path / "memory_config.json").exists():
+        model = MLPMemoryForCausalLM.from_memory(path, base_model, lambda_=cfg.lam)
+    else:
+        model = MLPMemoryForCausalLM.from_pretrained(path, base_model=base_model, lambda_=cfg.lam)
+    tok = model.tokenizer if getattr(model, "tokenizer", None) is not None else None
+    if tok is None:
+        from mlpmem.models import load_tokenizer
+
+        tok = load_tokenizer(base_model or model.config.base_model)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, num_beams=cfg.num_beams, pad_token_id=tok.pad_token_id)
+    if cfg.do_sample:
+        kwargs.update(temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
+    out = {}
+    for name, lam in (("base", 0.0), ("memory", cfg.lam)):
+        torch.manual_seed(cfg.seed)
+        with torch.inference_mode():
+            ids = model.generate(**batch, lambda_=lam, **kwargs)
+        out[name] = tok.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [{"prompt": p, "base": b, "memory": m} for p, b, m in zip(prompts, out["base"], out["memory"])]

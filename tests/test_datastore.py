@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mlpmem.corpus import Corpus, CorpusConfig, build_corpus, windows
-from mlpmem.datastore import DatastoreConfig, build_datastore
+from mlpmem.datastore import SINK_TOKENS, DatastoreConfig, _rebase, build_datastore, iter_batches, resolve_mode
 from mlpmem.errors import MlpmemError
 from mlpmem.models import Site, capture, load_model
 from mlpmem.store import Datastore
@@ -23,7 +23,7 @@ def _cfg(model, **kw):
 
 
 def test_keys_values_aligned_with_positions(tmp_path, tiny_llama, corpus_dir):
-    out = build_datastore(corpus_dir, tmp_path / "ds", _cfg(tiny_llama, extra_sites=["0:output"], lm_logprob=True))
+    out = build_datastore(corpus_dir, tmp_path / "ds", _cfg(tiny_llama, extra_sites=["0:output"], lm_logprob=True, mode="recompute"))
     ds = Datastore(out, verify=True)
     tokens = Corpus(corpus_dir).tokens("train")
     assert ds.n_rows == len(tokens) - 1  # every position once: no duplicates from overlapping windows
@@ -43,8 +43,10 @@ def test_keys_values_aligned_with_positions(tmp_path, tiny_llama, corpus_dir):
         assert np.allclose(ds.rows("lm_logprob", k, stop), lp.numpy(), atol=1e-5)
 
 
-def test_resume_after_crash_is_byte_identical(tmp_path, tiny_llama, corpus_dir, monkeypatch):
-    cfg = _cfg(tiny_llama)
+@pytest.mark.parametrize("mode", ["recompute", "cache"])
+def test_resume_after_crash_is_byte_identical(tmp_path, tiny_llama, corpus_dir, monkeypatch, mode):
+    # cache mode: batch 1 -> 64 // 24 = 2 lanes of 4 windows per shard of 8
+    cfg = _cfg(tiny_llama, mode=mode, **({"batch_size": 1, "windows_per_shard": 8} if mode == "cache" else {}))
     clean = build_datastore(corpus_dir, tmp_path / "clean", cfg)
 
     import mlpmem.datastore as dsmod
@@ -116,3 +118,90 @@ def test_truncated_or_corrupt_npy(tmp_path, tiny_llama, corpus_dir):
     Datastore(out)  # same size: only the hash check can tell
     with pytest.raises(MlpmemError, match="corrupted"):
         Datastore(out, verify=True)
+
+
+# ---------------------------------------------------------------- cache mode (KV cache carried across windows)
+
+def test_cache_mode_rows_aligned_and_deterministic(tmp_path, tiny_llama, corpus_dir):
+    # context - stride = 40 >= the chunk of 24 new tokens; batch 1 -> 64 // 24 = 2 lanes of 4 windows per shard
+    cfg = _cfg(tiny_llama, extra_sites=["0:output"], lm_logprob=True, mode="cache", batch_size=1, windows_per_shard=8)
+    ds = Datastore(build_datastore(corpus_dir, tmp_path / "a", cfg), verify=True)
+    tokens = Corpus(corpus_dir).tokens("train")
+    assert ds.manifest["extract_mode"] == "cache" and ds.manifest["sink_tokens"] == SINK_TOKENS
+    assert ds.n_rows == len(tokens) - 1
+    assert np.array_equal(ds.values(), tokens[1:])
+    assert np.isfinite(ds.rows("lm_logprob", 0, ds.n_rows)).all()
+    ref = Datastore(build_datastore(corpus_dir, tmp_path / "r", _cfg(tiny_llama, extra_sites=["0:output"], lm_logprob=True, mode="recompute")))
+    assert ref.manifest["extract_mode"] == "recompute"
+    # other contexts, so other keys, but close: the same tokens with at least C - S of context in both modes
+    a, b = ds.rows("keys", 0, ds.n_rows).astype(np.float32), ref.rows("keys", 0, ref.n_rows).astype(np.float32)
+    assert not np.array_equal(a, b)
+    assert np.median(((a - b) ** 2).sum(-1)) < 0.05 * np.median((b**2).sum(-1))
+    again = build_datastore(corpus_dir, tmp_path / "b", cfg)
+    for f in sorted((tmp_path / "a").glob("*.npy")):
+        assert f.read_bytes() == (again / f.name).read_bytes(), f.name
+
+
+def _run(model, tokens, mode, batch_size=1, context=16, stride=4, sites=None, logprob=True, window_range=None):
+    sites = sites or {"keys": Site(1, "ffn_input"), "h0": Site(0, "output")}
+    bs = list(iter_batches(model, tokens, context, stride, sites, batch_size, logprob, window_range, mode=mode))
+    assert all(x.row_end == y.row_start for x, y in zip(bs, bs[1:]))  # contiguous, in row order
+    return {n: torch.cat([b.features[n] for b in bs]) for n in sites}, (torch.cat([b.lm_logprob for b in bs]) if logprob else None), bs
+
+
+def test_cache_mode_equals_recompute_where_contexts_coincide(tiny_llama, corpus_dir):
+    model, _, _ = load_model(str(tiny_llama))
+    tokens = Corpus(corpus_dir).tokens("train")
+    # a window-sized stream: one window, computed whole in both modes
+    f_r, lp_r, _ = _run(model, tokens[:16], "recompute")
+    f_c, lp_c, _ = _run(model, tokens[:16], "cache")
+    assert all(torch.equal(f_r[n], f_c[n]) for n in f_r) and torch.equal(lp_r, lp_c)
+    # with stride <= SINK_TOKENS the sinks plus the carried context are the whole previous window, so the
+    # second window sees exactly the first C + S tokens: it must equal one plain forward over them
+    C, S = 16, 4
+    assert S <= SINK_TOKENS
+    f_c, lp_c, _ = _run(model, tokens, "cache", context=C, stride=S, window_range=(0, 8))  # 4 lanes of 2 windows
+    with torch.inference_mode(), capture(model, [Site(1, "ffn_input")]) as got:
+        out = model(input_ids=torch.from_numpy(tokens[: C + S].astype(np.int64))[None])
+    assert torch.allclose(f_c["keys"][: C + S], got[Site(1, "ffn_input")][0], atol=1e-5)
+    lp = torch.log_softmax(out.logits[0], -1).gather(-1, torch.from_numpy(tokens[1 : C + S + 1].astype(np.int64))[:, None])[:, 0]
+    assert torch.allclose(lp_c[: C + S], lp, atol=1e-5)
+    # lanes: every lane starts with a whole window, whose rows equal the recompute rows of that window
+    W = windows(len(tokens), C, S)
+    f_r, lp_r, _ = _run(model, tokens, "recompute", batch_size=1, context=C, stride=S, window_range=(0, 40))
+    f_c, lp_c, bs = _run(model, tokens, "cache", batch_size=1, context=C, stride=S, window_range=(0, 40))
+    assert len(f_c["keys"]) == len(f_r["keys"]) == W[39, 1]
+    lane_starts = np.cumsum([0] + [len(x) for x in np.array_split(np.arange(40), 4)])[:-1]  # batch 1 * C / S = 4 lanes of 10
+    for w in lane_starts:
+        r = slice(int(W[w, 2]), int(W[w, 1]))
+        assert torch.allclose(f_c["keys"][r], f_r["keys"][r], atol=1e-5) and torch.allclose(lp_c[r], lp_r[r], atol=1e-5)
+    assert not torch.allclose(f_c["keys"], f_r["keys"], atol=1e-5)  # elsewhere the contexts differ
+
+
+def test_rebase_equals_keys_computed_at_the_new_positions(tiny_llama):
+    from transformers import DynamicCache
+
+    model, _, _ = load_model(str(tiny_llama))
+    x = torch.arange(3, 23)[None]  # 20 tokens
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        model(input_ids=x, use_cache=True, past_key_values=cache)
+        _rebase(cache, n_sink=2, keep=7, inv_freq=model.get_decoder().rotary_emb.inv_freq)
+        ref = DynamicCache(config=model.config)
+        model(input_ids=torch.cat([x[:, :2], x[:, -7:]], 1), use_cache=True, past_key_values=ref)
+    # layer 0 keys depend on the token and its position only: re-based keys == keys computed at positions 0..8
+    assert cache.layers[0].keys.shape[-2] == 9
+    assert torch.allclose(cache.layers[0].keys, ref.layers[0].keys, atol=1e-5)
+    assert torch.equal(cache.layers[0].values, ref.layers[0].values)
+
+
+def test_cache_mode_falls_back_for_absolute_positions(tmp_path, tiny_models, corpus_dir):
+    model, _, _ = load_model(str(tiny_models["gpt2"]))
+    assert resolve_mode(model, "auto", 64, 24) == "recompute"
+    with pytest.raises(MlpmemError, match="not a RoPE decoder"):
+        resolve_mode(model, "cache", 64, 24)
+    llama, _, _ = load_model(str(tiny_models["llama"]))
+    assert resolve_mode(llama, "auto", 64, 24) == "cache"
+    assert resolve_mode(llama, "auto", 64, 64) == "recompute"  # no overlap: nothing to carry
+    with pytest.raises(MlpmemError, match="unknown extraction mode"):
+        resolve_mode(llama, "fast", 64, 24)

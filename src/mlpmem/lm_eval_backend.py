@@ -86,7 +86,8 @@ class MLPMemoryLM(HFLM):
         model.to(device)
         # HFLM reads the context size from the top-level config, which is ours: give it the base model's
         max_length = max_length or getattr(model.config, "max_position_embeddings", None)
-        super().__init__(pretrained=model, tokenizer=tok, backend="causal", max_length=max_length, **kwargs)
+        # HFLM's own device default is "cuda": hand it the device actually used
+        super().__init__(pretrained=model, tokenizer=tok, backend="causal", max_length=max_length, device=device, **kwargs)
         self.mixture = {"memory": str(pretrained or memory), "base_model": model.config.base_model,
                         "lambda_": model.lambda_, "memory_temperature": model.memory_temperature}
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from mlpmem.errors import MlpmemError
-from mlpmem.manifest import prepare_out, read_manifest, sha256_file, write_manifest, MANIFEST
+from mlpmem.manifest import check_file, prepare_out, read_manifest, sha256_file, write_manifest, MANIFEST
 from mlpmem.store import Datastore
 
 log = logging.getLogger(__name__)
@@ -271,15 +271,8 @@ class KnnIndex:
         faiss = _faiss()
         index_dir = Path(index_dir)
         m = read_manifest(index_dir, "index")
-        rec = m["index_file"]
-        path = index_dir / rec["file"]
         fix = f"delete {index_dir} and run `mlpmem index` again"
-        if not path.exists():
-            raise MlpmemError(f"{path} is missing although {index_dir / MANIFEST} lists it", fix)
-        if path.stat().st_size != rec["bytes"]:
-            raise MlpmemError(f"{path} is {path.stat().st_size} bytes but its manifest says {rec['bytes']} (truncated or overwritten)", fix)
-        if verify and sha256_file(path) != rec["sha256"]:
-            raise MlpmemError(f"{path} does not match the sha256 in its manifest (corrupted)", fix)
+        path = check_file(index_dir, m["index_file"], verify, fix)
         try:
             index = faiss.read_index(str(path))
         except (RuntimeError, MemoryError) as e:  # faiss reports a bad file as RuntimeError

@@ -99,16 +99,22 @@ def save_npy(path: Path, array: np.ndarray) -> dict[str, Any]:
     return {"file": path.name, "shape": list(array.shape), "dtype": str(array.dtype), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def load_npy(folder: Path, record: dict[str, Any], verify: bool = False, mmap: bool = True) -> np.ndarray:
-    """Open an array listed in a manifest, checking shape, dtype, size (and hash if ``verify``)."""
-    path = Path(folder) / record["file"]
-    fix = f"delete {folder} and run the stage that writes it again"
+def check_file(folder: Path, record: dict[str, Any], verify: bool, fix: str) -> Path:
+    """The path of a file a manifest lists, after checking it exists, its size and (if ``verify``) its hash."""
+    path = folder / record["file"]
     if not path.exists():
         raise MlpmemError(f"{path} is missing although {folder / MANIFEST} lists it", fix)
     if path.stat().st_size != record["bytes"]:
         raise MlpmemError(f"{path} is {path.stat().st_size} bytes but its manifest says {record['bytes']} (truncated or overwritten)", fix)
     if verify and sha256_file(path) != record["sha256"]:
         raise MlpmemError(f"{path} does not match the sha256 in its manifest (corrupted)", fix)
+    return path
+
+
+def load_npy(folder: Path, record: dict[str, Any], verify: bool = False, mmap: bool = True) -> np.ndarray:
+    """Open an array listed in a manifest, checking shape, dtype, size (and hash if ``verify``)."""
+    fix = f"delete {folder} and run the stage that writes it again"
+    path = check_file(Path(folder), record, verify, fix)
     try:
         arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:

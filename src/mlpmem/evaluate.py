@@ -11,7 +11,6 @@ forward plus its own extra work, measured batch by batch in the same run.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 from mlpmem.corpus import Corpus
 from mlpmem.datastore import iter_batches
 from mlpmem.errors import MlpmemError
+from mlpmem.interpolate import fit_lambda_em, interpolate_logprobs, lambda_curve, perplexity, plot_lambda_curves
 from mlpmem.models import Site
 from mlpmem.store import Datastore, feature_name
 
@@ -132,20 +132,12 @@ def score_online(model, tokens: np.ndarray, context: int, stride: int, key_site:
     return Scored(cat(parts["labels"]), cat(parts["lm"]), cat(parts["d"]), cat(parts["v"]), cat(parts["mem"]), secs)
 
 
-def perplexity(logprob: np.ndarray) -> float:
-    return float(math.exp(-float(np.mean(logprob))))
-
-
 def mix(lp_lm: np.ndarray, lp_other: np.ndarray, lam: float) -> np.ndarray:
-    from mlpmem.interpolate import interpolate_logprobs
-
     return np.asarray(interpolate_logprobs(np.asarray(lp_lm), np.asarray(lp_other), lam), dtype=np.float64)
 
 
 def tune_knn(valid: Scored, temperatures=TEMPERATURES) -> dict:
     """The temperature (and its EM-fitted lambda) that minimise kNN-LM perplexity on ``valid``."""
-    from mlpmem.interpolate import fit_lambda_em
-
     rows = []
     for T in temperatures:
         lp = valid.knn_logprob(T)
@@ -156,18 +148,6 @@ def tune_knn(valid: Scored, temperatures=TEMPERATURES) -> dict:
     if best["temperature"] in (min(temperatures), max(temperatures)):
         log.warning("best kNN temperature %g is at the edge of the grid %s", best["temperature"], list(temperatures))
     return {"temperature": best["temperature"], "lambda": best["lambda"], "valid_ppl": best["ppl"], "grid": rows}
-
-
-def tune_lambda(lp_lm: np.ndarray, lp_other: np.ndarray) -> float:
-    from mlpmem.interpolate import fit_lambda_em
-
-    return float(fit_lambda_em(lp_lm, lp_other))
-
-
-def lambda_curve(lp_lm: np.ndarray, lp_other: np.ndarray) -> list[tuple[float, float]]:
-    from mlpmem.interpolate import lambda_curve as curve
-
-    return [(float(a), float(b)) for a, b in curve(lp_lm, lp_other)]
 
 
 def fit_mixture_em(lps: list[np.ndarray], iters: int = 200, tol: float = 1e-8) -> list[float]:
@@ -219,18 +199,12 @@ def summarize(test: Scored, temperature: float | None, lam_knn: float | None, la
     return {"n_tokens": n, "ppl": ppl, "tokens_per_s": tps}
 
 
-def plot_curves(curves: dict[str, list[tuple[float, float]]], path: Path, title: str) -> None:
-    from mlpmem.interpolate import plot_lambda_curves
-
-    plot_lambda_curves(curves, path, title)
-
-
 def tune_knn_for(cfg: KnnConfig, valid: Scored) -> dict:
     """Temperature and lambda for kNN-LM: given in ``cfg`` or tuned on ``valid``."""
     if cfg.temperature is None:
         result = tune_knn(valid, cfg.temperatures)
     else:
-        result = {"temperature": cfg.temperature, "lambda": tune_lambda(valid.lm_logprob, valid.knn_logprob(cfg.temperature))}
+        result = {"temperature": cfg.temperature, "lambda": fit_lambda_em(valid.lm_logprob, valid.knn_logprob(cfg.temperature))}
     if cfg.lam is not None:
         result["lambda"] = cfg.lam
     return result
@@ -263,7 +237,7 @@ def run_knnlm(corpus_dir: Path, datastore_dir: Path, index_dir: Path, out_dir: P
                    "k": cfg.k, "n_datastore": ds.n_rows, "model": model_id})
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "knnlm.json", result)
-    plot_curves({"kNN-LM (T=%g)" % tuned["temperature"]: lambda_curve(test.lm_logprob, test.knn_logprob(tuned["temperature"]))},
+    plot_lambda_curves({"kNN-LM (T=%g)" % tuned["temperature"]: lambda_curve(test.lm_logprob, test.knn_logprob(tuned["temperature"]))},
                 out_dir / "lambda_knnlm.png", f"kNN-LM on {split}: perplexity vs lambda")
     log.info("%s: base ppl %.3f, kNN-LM ppl %.3f (T=%g, lambda=%.3f)", split, result["ppl"]["base"], result["ppl"]["knn_lm"], tuned["temperature"], tuned["lambda"])
     return result

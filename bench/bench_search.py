@@ -24,23 +24,33 @@ from mlpmem.index import RERANK_FACTOR, IndexConfig, KnnIndex, build_index
 from mlpmem.manifest import CONFIG, save_npy, write_json, write_manifest
 
 
-def synthetic_datastore(folder: Path, n: int, d: int, seed: int = 0, shard_rows: int = 65536) -> Path:
+def write_datastore(folder: Path, n: int, d: int, make_keys, config: dict, shard_rows: int = 65536, seed: int = 0) -> Path:
+    """A datastore of ``n`` keys, ``make_keys(start, m, rng)`` giving each shard's float16 keys; random values."""
     rng = np.random.default_rng(seed)
-    basis = rng.normal(size=(64, d)).astype(np.float32) / 8
-    centers = rng.normal(size=(512, 64)).astype(np.float32) * 2
     folder.mkdir(parents=True)
-    write_json(folder / CONFIG, {"synthetic": True, "n": n, "d": d, "seed": seed})
+    write_json(folder / CONFIG, {"synthetic": True, "n": n, "d": d, "seed": seed, **config})
     shards = []
     for s, start in enumerate(range(0, n, shard_rows)):
         m = min(shard_rows, n - start)
-        z = centers[rng.integers(0, len(centers), m)] + rng.normal(size=(m, 64)).astype(np.float32)
-        keys = (z @ basis + 0.15 * rng.normal(size=(m, d)).astype(np.float32)).astype(np.float16)
+        keys = make_keys(start, m, rng)
         values = rng.integers(0, 49152, m).astype(np.int32)
         shards.append({"start": start, "end": start + m, "arrays": {
             "keys": save_npy(folder / f"keys-{s:05d}.npy", keys), "values": save_npy(folder / f"values-{s:05d}.npy", values)}})
     write_manifest(folder, "datastore", {"model_id": "synthetic", "tokenizer_hash": "none", "layer": -1, "site": "synthetic",
                                          "d": d, "vocab_size": 49152, "n_rows": n, "split": "train", "shards": shards})
     return folder
+
+
+def synthetic_datastore(folder: Path, n: int, d: int, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    basis = rng.normal(size=(64, d)).astype(np.float32) / 8
+    centers = rng.normal(size=(512, 64)).astype(np.float32) * 2
+
+    def make_keys(start, m, rng):
+        z = centers[rng.integers(0, len(centers), m)] + rng.normal(size=(m, 64)).astype(np.float32)
+        return (z @ basis + 0.15 * rng.normal(size=(m, d)).astype(np.float32)).astype(np.float16)
+
+    return write_datastore(folder, n, d, make_keys, {"keys": "gaussian mixture"}, seed=seed)
 
 
 def timed_search(index: KnnIndex, xq: np.ndarray, qids: np.ndarray, k: int) -> tuple[float, np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 
@@ -53,6 +54,8 @@ def main() -> None:
     dest = a.out or Path("bench/results") / f"{a.run.name}.json"
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(json.dumps(out, indent=2) + "\n")
+    if (a.run / "lambda_curves.png").exists():  # kNN-LM and memory against lambda, one plot (BENCHMARKS.md shows it)
+        shutil.copyfile(a.run / "lambda_curves.png", dest.with_name(dest.stem + "_lambda_curves.png"))
     print(json.dumps(out, indent=2))
 
 

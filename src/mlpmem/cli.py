@@ -65,7 +65,7 @@ def _train(a):
     if cfg.init != "plain" or (cfg.input_layer is not None and cfg.input_layer < 0):
         lm = load_model(a.model or Datastore(Path(a.datastore)).model_id)[0]  # to copy the head from / resolve layers
     train_memory(Path(a.datastore), Path(a.targets), Path(a.out), cfg, valid_datastore_dir=Path(a.valid) if a.valid else None,
-                 init_lm=lm, overwrite=a.overwrite)
+                 valid_targets_dir=Path(a.valid_targets) if a.valid_targets else None, init_lm=lm, overwrite=a.overwrite)
 
 
 def _run(a):
@@ -173,6 +173,7 @@ def _args_train(sp):
     sp.add_argument("--datastore", required=True)
     sp.add_argument("--targets", required=True)
     sp.add_argument("--valid", default=None, help="datastore of the valid split (built with --lm-logprob)")
+    sp.add_argument("--valid-targets", default=None, help="kNN targets of the valid split (`mlpmem targets --queries`), for valid KL")
     sp.add_argument("--model", default=None, help="the LM (default: the datastore's), for init lm_head/lm_copy")
     sp.add_argument("--out", required=True)
     sp.add_argument("--overwrite", action="store_true")

@@ -107,7 +107,7 @@ def main() -> None:
         stage("index (IVF,SQ8)", "index", "--datastore", str(w / "ds"), "--out", str(w / "index_ivf"), "--kind", "auto", "--auto-flat-max-rows", "0")
         stage("targets (Flat)", "targets", "--datastore", str(w / "ds"), "--index", str(w / "index_flat"), "--out", str(w / "targets"))
         stage("targets (IVF,SQ8)", "targets", "--datastore", str(w / "ds"), "--index", str(w / "index_ivf"), "--out", str(w / "targets_ivf"))
-        stage("valid targets", "targets", "--datastore", str(w / "valid"), "--index", str(w / "index_flat"), "--queries", str(w / "valid"),
+        stage("valid targets", "targets", "--datastore", str(w / "ds"), "--index", str(w / "index_flat"), "--queries", str(w / "valid"),
               "--out", str(w / "valid_targets"))
         stage("train (1 epoch)", "train", "--datastore", str(w / "ds"), "--targets", str(w / "targets"), "--valid", str(w / "valid"),
               "--valid-targets", str(w / "valid_targets"), "--out", str(w / "train"), "--init", "lm_copy", "--epochs", "1")

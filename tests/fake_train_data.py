@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlpmem.manifest import CONFIG, save_npy, write_json, write_manifest
+from mlpmem.manifest import CONFIG, MANIFEST, save_npy, sha256_file, write_json, write_manifest
 
 
 def _write_sharded(folder: Path, kind: str, arrays: dict[str, np.ndarray], shard_rows: int, manifest: dict) -> Path:
@@ -53,5 +53,6 @@ def write_train_data(root: Path, n: int = 500, d: int = 16, vocab: int = 50, m: 
     ds = _write_sharded(Path(root) / f"datastore-{split}", "datastore", arrays, shard_rows,
                         {**ident, "features": feats, "d": d, "vocab_size": vocab, "split": split})
     tg = _write_sharded(Path(root) / f"targets-{split}", "targets", {"ids": ids, "probs": probs}, shard_rows,
-                        {**ident, "vocab_size": vocab, "k": 16, "temperature": 1.0, "top_m": m})
+                        {**ident, "vocab_size": vocab, "k": 16, "temperature": 1.0, "top_m": m,
+                         "datastore": str(ds.resolve()), "datastore_manifest_sha256": sha256_file(ds / MANIFEST)})
     return ds, tg

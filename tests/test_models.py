@@ -51,3 +51,30 @@ def test_unknown_model_offline(tmp_path, monkeypatch):
     (tmp_path / "empty").mkdir()
     with pytest.raises(MlpmemError, match="config.json"):
         load_model(str(tmp_path / "empty"))
+
+
+def test_gguf_path(tmp_path, monkeypatch):
+    """A .gguf path: missing file and unreadable file give clear errors; a converted copy is reused, a changed file reconverted."""
+    from mlpmem import models
+
+    monkeypatch.setenv("MLPMEM_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(MlpmemError, match="does not exist"):
+        load_model(str(tmp_path / "missing.gguf"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"not a gguf file at all")
+    with pytest.raises(MlpmemError, match="could not load the GGUF"):
+        load_model(str(bad))
+    assert not (tmp_path / "cache" / "models" / "bad").exists()
+
+    calls = []
+    monkeypatch.setattr(models, "_convert_gguf", lambda gguf, out, marker=None: calls.append((gguf, out, marker)) or out)
+    out = tmp_path / "cache" / "models" / "bad"
+    out.mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    (out / "model.safetensors").write_bytes(b"")
+    (out / "mlpmem_gguf.json").write_text('{"gguf_file": "bad.gguf", "bytes": %d}' % bad.stat().st_size)
+    path, model_id = models.resolve_model(str(bad))
+    assert path == str(out) and model_id == str(bad.resolve()) and not calls
+    bad.write_bytes(b"another file, same name")
+    models.resolve_model(str(bad))
+    assert len(calls) == 1 and calls[0][2]["bytes"] == bad.stat().st_size

@@ -130,7 +130,7 @@ def test_feature_input_and_meta(data, tmp_path):
 
 def test_refuses_misaligned_targets(data, tmp_path):
     _, other_tg = write_train_data(tmp_path, n=400, split="other")
-    with pytest.raises(MlpmemError, match="not aligned"):
+    with pytest.raises(MlpmemError, match="another datastore"):
         train_memory(data["ds"], other_tg, tmp_path / "x", TrainConfig(**TINY))
 
 

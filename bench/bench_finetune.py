@@ -1,0 +1,251 @@
+"""Against fine-tuning: the MLP memory of runs/sotu vs fine-tuning the LM itself (not a test).
+
+    python bench/bench_finetune.py --threads 1 --train-tokens 20480 --batch-size 2   # as run: 46 min on 1 shared core
+    python bench/bench_finetune.py --threads 1             # all 60k training tokens: ~70 min here
+    python bench/bench_finetune.py --threads 1 --quick     # smoke test: ~8 min
+
+SmolLM2-135M is fine-tuned on the training split the memory was trained on
+(runs/sotu/corpus, train), in shuffled non-overlapping chunks of 512 tokens,
+causal LM loss, AdamW, linear warm-up then cosine decay, one epoch by default:
+once with every weight trained (full FT) and once with LoRA adapters (peft,
+``pip install 'mlpmem[bench]'``) on q, k, v, o, gate, up, down. Each run trains
+in its own spawned process, so its peak RSS is its own. Every model, with and
+without the memory (runs/sotu/train/memory, trained on the *base* model's hidden
+states), is then scored with the library's online scoring (windows of 512, stride
+256) on the in-domain test split and on out-of-domain text (the first 8000 tokens
+of the GCIDE dictionary test split, runs/gcide100k/corpus): forgetting shows as a
+rise of the OOD perplexity. "+ memory" uses lambda from runs/sotu/report.json
+(tuned for the base model on valid) and a lambda refit by EM on the in-domain
+valid split for that model. Writes bench/results/finetune.json and finetune.png
+(``--quick``: finetune_quick.json / .png, never the full result).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import resource
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def train(kind: str, args: dict) -> dict:
+    """Fine-tune the base model (kind "full" or "lora") and save it, merged, to args["out"]/kind."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from mlpmem.corpus import Corpus
+    from mlpmem.models import load_model, num_parameters
+
+    torch.set_num_threads(args["threads"])
+    torch.manual_seed(args["seed"])
+    model, tok, _ = load_model(args["model"])
+    tokens = Corpus(args["corpus"]).tokens("train")[: args["train_tokens"]]
+    n_chunks = len(tokens) // args["chunk"]  # the remainder (< one chunk) is left out
+    chunks = torch.from_numpy(tokens[: n_chunks * args["chunk"]].astype(np.int64)).view(n_chunks, args["chunk"])
+    chunks = chunks[torch.randperm(n_chunks, generator=torch.Generator().manual_seed(args["seed"]))]
+    n_params = num_parameters(model)
+    if kind == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=args["lora_r"], lora_alpha=args["lora_alpha"], lora_dropout=0.0,
+                                                 target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
+    else:
+        model.requires_grad_(True)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr = args["lr_" + kind]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=args["weight_decay"])
+    bs = args["batch_size"]
+    steps = -(-n_chunks // bs)
+    warmup = max(1, round(args["warmup"] * steps))
+    # linear warm-up (the first step already at lr / warmup), then cosine to 0 over the remaining steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup + 1) / (steps - warmup + 1))))
+    losses = []
+    t0 = time.perf_counter()
+    bar = tqdm(range(steps), desc=f"{kind} fine-tuning", unit="step", dynamic_ncols=True)
+    for s in bar:
+        x = chunks[s * bs : (s + 1) * bs]
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{(s + 1) * bs * args['chunk'] / (time.perf_counter() - t0):.0f}")
+    seconds = time.perf_counter() - t0
+    n_train = n_chunks * args["chunk"]
+    n_trainable = sum(p.numel() for p in params)
+    if kind == "lora":
+        model = model.merge_and_unload()  # a plain model again: same scoring path as the others
+    out = Path(args["out"]) / kind
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    # FLOPs of a token: forward 2N, gradient w.r.t. activations 2N, w.r.t. weights 2N (full only; LoRA's adapters are negligible)
+    flops = (6 if kind == "full" else 4) * n_params * n_train
+    return {"kind": kind, "lr": lr, "steps": steps, "warmup_steps": warmup, "batch_size": bs, "chunk": args["chunk"],
+            "train_tokens": n_train, "epochs": 1, "trainable_params": n_trainable, "params": n_params,
+            "flops": flops, "flops_formula": f"{6 if kind == 'full' else 4} x params x tokens",
+            "train_seconds": seconds, "train_tokens_per_s": n_train / seconds, "peak_rss_mb": peak_rss_mb(),
+            "loss_first": losses[0], "loss_last": losses[-1], "loss_mean_last_quarter": float(np.mean(losses[-max(1, steps // 4):])),
+            **({"lora": {"r": args["lora_r"], "alpha": args["lora_alpha"], "dropout": 0.0, "targets": LORA_TARGETS}} if kind == "lora" else {})}
+
+
+def evaluate(model_name: str, memory, lam_fixed: float, splits: dict[str, np.ndarray], batch_size: int) -> dict:
+    """Perplexities of the model alone and with the memory (fixed lambda, and lambda refit on valid)."""
+    from mlpmem.evaluate import score_online
+    from mlpmem.interpolate import fit_lambda_em, interpolate_logprobs, perplexity
+    from mlpmem.models import Site, load_model
+
+    model, _, _ = load_model(model_name)
+    site = Site(29, "output")
+    sc = {name: score_online(model, toks, 512, 256, site, memory=memory, memory_site=site, batch_size=batch_size, desc=f"{Path(model_name).name} {name}")
+          for name, toks in splits.items()}
+    lam_refit = fit_lambda_em(sc["valid"].lm_logprob, sc["valid"].memory_logprob)
+    ppl = lambda s, lam: perplexity(interpolate_logprobs(sc[s].lm_logprob, sc[s].memory_logprob, lam))  # noqa: E731
+    return {"lambda_refit": lam_refit,
+            "alone": {s: perplexity(sc[s].lm_logprob) for s in sc},
+            "memory_fixed_lambda": {s: ppl(s, lam_fixed) for s in sc},
+            "memory_refit_lambda": {s: ppl(s, lam_refit) for s in sc},
+            "scoring_tokens_per_s": {s: sc[s].n / sc[s].seconds["lm"] for s in sc}}
+
+
+def plot(rows: list[tuple[str, float, float]], path: Path, title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    x = np.arange(len(rows))
+    for i, (label, col) in enumerate([("in-domain (SOTU test)", 1), ("out-of-domain (GCIDE test)", 2)]):
+        vals = [r[col] for r in rows]
+        bars = ax.bar(x + (i - 0.5) * 0.4, vals, 0.4, label=label)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(x, [r[0] for r in rows], rotation=20, ha="right", fontsize=8)
+    lo = min(min(r[1], r[2]) for r in rows)
+    ax.set_ylim(0.9 * lo, 1.1 * max(max(r[1], r[2]) for r in rows))  # headroom for the legend
+    ax.set_ylabel(f"perplexity (lower is better; axis from {0.9 * lo:.0f})")
+    ax.set_xlabel("system")
+    ax.set_title(title)
+    ax.legend(loc="upper right", ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", type=Path, default=ROOT / "runs/sotu", help="finished experiment: corpus, train/memory, report.json")
+    p.add_argument("--ood", type=Path, default=ROOT / "runs/gcide100k/corpus", help="out-of-domain corpus (same tokenizer)")
+    p.add_argument("--work", type=Path, default=None, help="where the fine-tuned models go (default runs/bench_finetune[_quick])")
+    p.add_argument("--train-tokens", type=int, default=None, help="training tokens (default all 60k; --quick 4096)")
+    p.add_argument("--eval-tokens", type=int, default=None, help="tokens per eval split (default valid/test all, OOD 8000; --quick 1000)")
+    p.add_argument("--batch-size", type=int, default=4, help="chunks of 512 tokens per optimiser step")
+    p.add_argument("--lr-full", type=float, default=5e-5)
+    p.add_argument("--lr-lora", type=float, default=5e-4)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--quick", action="store_true", help="4k training tokens, 1k eval tokens per split; writes finetune_quick.*")
+    a = p.parse_args()
+
+    import torch
+
+    from mlpmem.corpus import Corpus
+    from mlpmem.memory import load_memory
+    from mlpmem.models import DEFAULT_MODEL, load_tokenizer, tokenizer_hash
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    threads = torch.get_num_threads()
+    suffix = "_quick" if a.quick else ""
+    work = a.work or ROOT / f"runs/bench_finetune{suffix}"
+    train_tokens = a.train_tokens or (4096 if a.quick else None)
+    n_eval = a.eval_tokens or (1000 if a.quick else None)
+    report = json.loads((a.run / "report.json").read_text())
+    lam_fixed = report["lambda"]["mlp_memory"]
+    memory, meta = load_memory(a.run / "train/memory")
+    assert (meta["layer"], meta["site"]) == (29, "output"), meta
+    th = tokenizer_hash(load_tokenizer(DEFAULT_MODEL))
+    corpus, ood = Corpus(a.run / "corpus"), Corpus(a.ood)
+    for c in (corpus, ood):
+        c.check_tokenizer(th, DEFAULT_MODEL)
+    splits = {"valid": corpus.tokens("valid")[:n_eval], "test": corpus.tokens("test")[:n_eval], "ood": ood.tokens("test")[: n_eval or 8000]}
+
+    targs = {"model": DEFAULT_MODEL, "corpus": str(a.run / "corpus"), "train_tokens": train_tokens, "chunk": 512, "batch_size": a.batch_size,
+             "lr_full": a.lr_full, "lr_lora": a.lr_lora, "lora_r": a.lora_r, "lora_alpha": a.lora_alpha, "warmup": a.warmup,
+             "weight_decay": a.weight_decay, "seed": a.seed, "threads": threads, "out": str(work)}
+    training = {}
+    for kind in ("full", "lora"):
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as ex:  # own process: own peak RSS, memory freed after
+            training[kind] = ex.submit(train, kind, targs).result()
+        print(json.dumps({k: v for k, v in training[kind].items() if k != "lora"}))
+
+    systems = {"base": DEFAULT_MODEL, "full_ft": str(work / "full"), "lora_ft": str(work / "lora")}
+    results = {}
+    for name, model_name in systems.items():
+        results[name] = evaluate(model_name, memory, lam_fixed, splits, batch_size=8)
+        print(name, json.dumps(results[name]))
+
+    ppl = {}
+    for name, r in results.items():
+        ppl[name] = {"in_domain": r["alone"]["test"], "ood": r["alone"]["ood"], "valid": r["alone"]["valid"]}
+        ppl[f"{name}+memory(lambda={lam_fixed:.3f})"] = {"in_domain": r["memory_fixed_lambda"]["test"], "ood": r["memory_fixed_lambda"]["ood"],
+                                                        "valid": r["memory_fixed_lambda"]["valid"], "lambda": lam_fixed}
+        ppl[f"{name}+memory(lambda refit={r['lambda_refit']:.3f})"] = {"in_domain": r["memory_refit_lambda"]["test"], "ood": r["memory_refit_lambda"]["ood"],
+                                                                      "valid": r["memory_refit_lambda"]["valid"], "lambda": r["lambda_refit"]}
+    n_train = training["full"]["train_tokens"]
+    n_lm, n_mem, n_mem_train = report["base_params"], report["memory_params"], report["n_train_tokens"]
+    mem_manifest = json.loads((a.run / "train/manifest.json").read_text())
+    memory_flops = {"extraction": 2 * n_lm * 2 * n_mem_train, "training": 6 * n_mem * 2 * n_mem_train}
+    memory_flops["total"] = sum(memory_flops.values())
+    out = {
+        "what": "SmolLM2-135M fine-tuned (full, LoRA) on the SOTU training split vs the MLP memory trained on the same split; "
+                "perplexity in-domain (SOTU test) and out-of-domain (GCIDE dictionary test, forgetting)",
+        "quick": a.quick, "model": DEFAULT_MODEL, "train_split": f"{a.run / 'corpus'} train",
+        "n_eval_tokens": {s: int(len(t)) for s, t in splits.items()}, "scoring": {"context": 512, "stride": 256, "site": "layer 29 output"},
+        "lambda_fixed": lam_fixed, "lambda_fixed_source": f"{a.run / 'report.json'} (EM on valid for the base model)",
+        "ppl": ppl, "lambda_refit_on_valid": {n: r["lambda_refit"] for n, r in results.items()},
+        "scoring_tokens_per_s": {n: r["scoring_tokens_per_s"] for n, r in results.items()},
+        "training": training,
+        "compute": {
+            "full_ft_flops": training["full"]["flops"], "lora_ft_flops": training["lora"]["flops"],
+            "memory_flops": memory_flops,
+            "memory_flops_formula": "extraction 2 x LM params x 2 x train tokens (windows 512 stride 256: every token twice) + "
+                                    "training 6 x memory params x 2 epochs x train tokens; kNN search for the targets left out",
+            "memory_training_recorded": {k: mem_manifest.get(k) for k in ("tokens_per_s", "peak_rss_mb", "torch_threads", "epochs", "steps")},
+            "note": "attention FLOPs left out on both sides; the FT runs see each training token once (1 epoch), the memory twice",
+        },
+        "train_tokens": n_train,
+        "train_tokens_note": None if n_train >= n_mem_train else f"the FT runs saw the first {n_train} tokens of the same training split, "
+                             f"not all {n_mem_train}: at the measured training speed on this shared machine the full split would not fit the time budget",
+        "threads": threads, "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__, "command": "python bench/bench_finetune.py " + " ".join(__import__("sys").argv[1:]),
+    }
+    res = ROOT / "bench/results"
+    res.mkdir(parents=True, exist_ok=True)
+    (res / f"finetune{suffix}.json").write_text(json.dumps(out, indent=2) + "\n")
+    rows = [(n, v["in_domain"], v["ood"]) for n, v in ppl.items()]
+    plot(rows, res / f"finetune{suffix}.png", f"Fine-tuning vs MLP memory, SmolLM2-135M, {n_train} SOTU training tokens"
+         + (" (quick)" if a.quick else ""))
+    print(json.dumps(out["ppl"], indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -98,16 +98,6 @@ def lm_and_knn_valid(sotu: Path) -> dict[str, float]:
     }
 
 
-def frame_memory():
-    """The memory being trained, from the trainer's frame (on_step does not pass it)."""
-    f = sys._getframe(1)
-    while f is not None:
-        if "memory" in f.f_locals and isinstance(f.f_locals["memory"], torch.nn.Module) and "sched" in f.f_locals:
-            return f.f_locals["memory"]
-        f = f.f_back
-    return None
-
-
 def train_speed(cfg: TrainConfig, data: TrainData, lm, steps: int, seed: int = 0) -> float:
     """Training tokens/s of a fresh memory of ``cfg``: ``steps`` optimizer steps on real
     batches (after one warm-up step), the same forward / loss / backward / AdamW as the trainer."""
@@ -156,11 +146,8 @@ def run_training(name, out_dir: Path, cfg: TrainConfig, sotu: Path, lm, train_su
     if train_sub is not None:
         n_steps = max(1, math.ceil(cfg.epochs * train_sub.inner.n / cfg.batch_size))
 
-        def on_step(step, rec):
+        def on_step(step, rec, memory):
             if step in evals or not ((cfg.eval_every and step % cfg.eval_every == 0) or step == n_steps):
-                return
-            memory = frame_memory()
-            if memory is None:
                 return
             t = time.perf_counter()
             r = evaluate(memory, train_sub, cfg.alpha, next(memory.parameters()).device, False, cfg.batch_size)

@@ -29,7 +29,7 @@ def run(data, out, cfg, **kw):
     losses = {}
     kw.setdefault("valid_datastore_dir", data["vds"])
     kw.setdefault("valid_targets_dir", data["vtg"])
-    train_memory(data["ds"], data["tg"], out, cfg, on_step=lambda s, r: losses.__setitem__(s, r["loss"]), **kw)
+    train_memory(data["ds"], data["tg"], out, cfg, on_step=lambda s, r, m: losses.__setitem__(s, r["loss"]), **kw)
     return losses
 
 
@@ -63,7 +63,7 @@ def test_resume_gives_the_same_steps(data, tmp_path):
     class Crash(Exception):
         pass
 
-    def crash_at_7(step, rec):
+    def crash_at_7(step, rec, memory):
         seen[step] = rec["loss"]
         if step == 7:
             raise Crash

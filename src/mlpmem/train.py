@@ -425,7 +425,7 @@ def train_memory(
     resume: bool = True,
     overwrite: bool = False,
     device: str | None = None,
-    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    on_step: Callable[[int, dict[str, float], MLPMemory], None] | None = None,
 ) -> Path:
     """Train a memory on a datastore and its kNN targets; returns ``out_dir``.
 
@@ -433,8 +433,9 @@ def train_memory(
     finished folder with the same config is returned as is; an interrupted one
     resumes from its newest complete checkpoint (``resume=False`` starts over).
     ``init_lm`` is the LM to copy the head (and final norm) from for init
-    lm_head / lm_copy. ``on_step(step, {"loss", "kl", "ce", "lr", "grad_norm"})``
-    is called after each optimizer step (step counts from 1).
+    lm_head / lm_copy. ``on_step(step, {"loss", "kl", "ce", "lr", "grad_norm"}, memory)``
+    is called after each optimizer step (step counts from 1); it may evaluate the
+    memory (it is put back in train mode after).
     """
     out_dir = Path(out_dir)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -523,7 +524,8 @@ def _train_loop(memory, opt, data, valid, sched, cfg, dev, bf16, state, out_dir,
         rec = {"loss": loss_sum, "kl": kl_sum, "ce": ce_sum, "lr": lr, "grad_norm": grad_norm}
         window.append(rec)
         if on_step is not None:
-            on_step(step + 1, rec)
+            on_step(step + 1, rec, memory)
+            memory.train()
         tps = state["train_positions"] / max(state["train_seconds"], 1e-9)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:.0f}", refresh=False)

@@ -131,6 +131,45 @@ def finetune() -> str:
     return s + img("finetune", "fine-tuning comparison")
 
 
+def memory_size() -> str:
+    r = load("memory_size")
+    s = "## 4. More training, more memory\n\n```\n" + (r["command"] if r else "python bench/bench_memory_size.py --threads 1") + "\n```\n\n"
+    if not r:
+        return s + missing("python bench/bench_memory_size.py --threads 1")
+    ref = r["reference_valid"]
+    s += (f"Valid split of the {r['data']['train_rows']:,}-token State of the Union experiment (`runs/sotu`): LM alone {ref['ppl_lm']:.2f}, "
+          f"kNN-LM {ref['ppl_knn_lm']:.2f}. Lambda is fitted on the same valid split at every evaluation, so the interpolated "
+          "numbers are slightly optimistic; they compare settings, not methods.\n\n")
+    e = r.get("epochs")
+    if e:
+        rows = [[c["epoch"], c["valid_ppl_memory"], c["valid_ppl_interp"], c["lambda"], c.get("gap_loss_valid_minus_train")] for c in e["curve"]]
+        s += f"Epochs ({e['name']}, {e['params'] / 1e6:.1f}M parameters, cosine schedule over {e['epochs']:g} epochs):\n\n"
+        s += table(["epoch", "valid ppl, memory alone", "valid ppl, LM + memory", "lambda", "valid - train loss"], rows)
+    sizes = r.get("sizes") or []
+    if sizes:
+        rows = [[z["label"], z["params"] / 1e6, z["non_head_params"] / 1e6, z["valid_ppl_memory"], z["valid_ppl_interp"], z["lambda"],
+                 z.get("train_tokens_per_s"), z.get("score_tokens_per_s")] for z in sizes]
+        s += f"\nSizes, each trained {r.get('size_epochs', 2)} epochs:\n\n"
+        s += table(["memory", "params (M)", "without head (M)", "valid ppl, memory alone", "valid ppl, LM + memory", "lambda",
+                    "train tokens/s", "memory scoring tokens/s"], rows)
+    for note in r.get("notes", []):
+        s += f"\n- {note}"
+    return s + "\n\n" + img("memory_size", "memory quality vs epochs and size")
+
+
+def decoder() -> str:
+    r = load("decoder")
+    s = "## 5. Against a bigger decoder (Gemma-3-270M)\n\n```\npython bench/bench_decoder.py --threads 1\n```\n\n"
+    if not r:
+        return s + missing("python bench/bench_decoder.py --threads 1")
+    rows = [[name, v["bits_per_byte"], v["bytes_per_s"], v["speed_vs_gemma"]] for name, v in r["systems"].items()]
+    s += table(["system", "bits per byte", "bytes/s", "speed vs Gemma"], rows)
+    s += (f"\nSame {r['text']['bytes']:,} bytes of State of the Union test text ({r['text']['documents']} speeches) for both tokenizers; "
+          f"{r['convention']} Timing: {r['timing']}; {r['threads']} thread(s), median of {r['repeats']}. "
+          f"Gemma: {r['gemma']['model']}; {r['gemma']['note']}. Gemma + kNN-LM: {r['gemma']['knn_lm']}.\n\n")
+    return s + img("decoder", "bits per byte and throughput")
+
+
 def pipeline() -> str:
     r, ex, se = load("pipeline"), load("extract"), load("search")
     s = ("## 6. Pipeline throughput, memory and disk\n\n```\npython bench/bench_pipeline.py\n"

@@ -45,18 +45,23 @@ def summarize(run: Path) -> dict:
     }
 
 
+def collect(run: Path, dest: Path | None = None) -> dict:
+    """Write the run's summary JSON (and copy its lambda-curve plot) into bench/results."""
+    out = summarize(run)
+    dest = dest or Path(__file__).parent / "results" / f"{run.name}.json"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text(json.dumps(out, indent=2) + "\n")
+    if (run / "lambda_curves.png").exists():  # kNN-LM and memory against lambda, one plot (BENCHMARKS.md shows it)
+        shutil.copyfile(run / "lambda_curves.png", dest.with_name(dest.stem + "_lambda_curves.png"))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("run", type=Path)
     p.add_argument("--out", type=Path)
     a = p.parse_args()
-    out = summarize(a.run)
-    dest = a.out or Path("bench/results") / f"{a.run.name}.json"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(out, indent=2) + "\n")
-    if (a.run / "lambda_curves.png").exists():  # kNN-LM and memory against lambda, one plot (BENCHMARKS.md shows it)
-        shutil.copyfile(a.run / "lambda_curves.png", dest.with_name(dest.stem + "_lambda_curves.png"))
-    print(json.dumps(out, indent=2))
+    print(json.dumps(collect(a.run, a.out), indent=2))
 
 
 if __name__ == "__main__":

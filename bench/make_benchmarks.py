@@ -193,7 +193,10 @@ def pipeline() -> str:
         extra = f"recall@1024 {st['index_recall_at_1024']:.3f}" if "index_recall_at_1024" in st else ""
         rows.append([st["stage"], st["wall_s"], st["cpu_s"], f"{rate:.1f} {unit}" if rate else "", st["peak_rss_mb"] / 1024, extra])
     s += table(["stage (own process)", "wall s", "CPU s", "rate", "peak RSS GiB", "note"], rows)
-    s += f"\n{r['n_train_tokens']:,} training tokens of State of the Union, {r['model']} (d={r['d']}). Bytes on disk per training token:\n\n"
+    s += (f"\n{r['n_train_tokens']:,} training tokens of State of the Union, {r['model']} (d={r['d']}); each stage is one `mlpmem` command "
+          "(the log of commands is in the bench's work folder). At this size the forced IVF index scans most of its lists and then "
+          "re-ranks, so it is slower than Flat; section 2 shows where it pays off. Rates are on the shared machine (other benchmarks ran "
+          "alongside). Bytes on disk per training token:\n\n")
     s += table(["artefact", "bytes / token"], [[k, v] for k, v in r["bytes_per_token"].items()])
     s += f"\nThe trained memory itself is {r['memory_weights_bytes'] / 2**20:.0f} MiB whatever the corpus size.\n\n"
     return s + img("pipeline", "pipeline stages")

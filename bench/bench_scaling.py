@@ -84,6 +84,27 @@ def measure(model, tokens, key_site, mem, mem_site, index, values, k, repeats, b
     }
 
 
+def cost(r: dict, what: str) -> float:
+    """Time per token of ``what`` over the LM forward's, both from the same pass: the machine's load drifted
+    between sizes (the LM alone ran 30 to 115 tokens/s), a ratio inside one pass does not."""
+    return r["ms_per_token"][what] / r["ms_per_token"]["lm"]
+
+
+def add_fits(res: dict, target: int = 10_000_000) -> None:
+    """Fit the search's relative cost against N and extrapolate to ``target`` keys (auto below 200k rows is Flat:
+    the Flat curve takes those points too)."""
+    rows = res["sizes"]
+    mem = statistics.median(cost(r, "memory") for r in rows)
+    res["fits"] = {}
+    for kind, form, pick in (("flat", "linear", lambda r: r["factory"] == "Flat"), ("auto", "sqrt", lambda r: r["factory"] != "Flat")):
+        pts = [(r["n"], cost(r, "knn_search")) for r in rows if pick(r)]
+        if len(pts) >= 2:
+            a, b = fit(pts, form)
+            g = target if form == "linear" else np.sqrt(target)
+            res["fits"][kind] = {"form": form, "a": a, "b": b, "points": pts, "extrapolate_to": target, "units": "x LM forward time",
+                                 "extrapolated_search_cost": a + b * g, "extrapolated_speed_memory_over_knn": (1 + a + b * g) / (1 + mem)}
+
+
 def fit(points: list[tuple[int, float]], form: str) -> tuple[float, float]:
     """Least squares for ms = a + b * f(N), f = N (Flat scans every key) or sqrt(N) (auto's IVF quantizer)."""
     n = np.array([p[0] for p in points], dtype=np.float64)
@@ -109,7 +130,7 @@ def plot(res: dict, path: Path) -> None:
             continue
         xs = [r["n"] for r in pts]
         ax1.plot(xs, [rel(r, "lm+knn") for r in pts], marker=marker, label=f"LM + kNN-LM ({kind} index)")
-        ax2.plot(xs, [r["ms_per_token"]["knn_search"] for r in pts], marker=marker, label=f"kNN search ({kind} index)")
+        ax2.plot(xs, [cost(r, "knn_search") for r in pts], marker=marker, label=f"kNN search ({kind} index)")
     for kind, f in res["fits"].items():
         if f:
             grid = np.logspace(np.log10(min(q[0] for q in f["points"])), np.log10(f["extrapolate_to"]), 50)
@@ -119,8 +140,8 @@ def plot(res: dict, path: Path) -> None:
     xs = [r["n"] for r in rows]
     ax1.plot(xs, [rel(r, "lm+memory") for r in rows], marker="^", label="LM + MLP memory")
     ax1.axhline(1.0, ls="--", color="gray", label="LM alone")
-    ax2.plot(xs, [r["ms_per_token"]["memory"] for r in rows], marker="^", label="MLP memory")
-    ax2.plot(xs, [r["ms_per_token"]["lm"] for r in rows], marker=".", ls="--", color="gray", label="LM forward")
+    ax2.plot(xs, [cost(r, "memory") for r in rows], marker="^", label="MLP memory")
+    ax2.axhline(1.0, ls="--", color="gray", label="LM forward")
     for ax in (ax1, ax2):
         ax.set_xscale("log")
         ax.set_xlabel("datastore size (keys)")
@@ -128,17 +149,21 @@ def plot(res: dict, path: Path) -> None:
         ax.legend(fontsize=8)
     ax2.set_yscale("log")
     ax1.set_ylabel("throughput relative to the LM alone (same pass)")
-    ax2.set_ylabel("time per token (ms, batched)")
+    ax2.set_ylabel("time per token relative to the LM forward")
     ax1.set_title(f"Relative throughput vs datastore size (k={res['k']}, {res['threads']} thread(s))")
     ax2.set_title("Where the time goes (dotted: fitted, extrapolated)")
-    fig.suptitle(f"SmolLM2-135M scoring cost vs datastore size ({res['test_tokens']} test tokens, median of {res['repeats']})", fontsize=11)
+    fig.suptitle(f"SmolLM2-135M scoring cost vs datastore size ({res['test_tokens']} test tokens, median of {'/'.join(str(n) for n in sorted({len(r['repeats']) for r in res['sizes']}))} passes)", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def replot(path: Path) -> None:
-    plot(json.loads(path.read_text()), path.with_suffix(".png"))
+    """Recompute the fits and redraw the figure from a results file (no measuring)."""
+    res = json.loads(path.read_text())
+    add_fits(res)
+    path.write_text(json.dumps(res, indent=1) + "\n")
+    plot(res, path.with_suffix(".png"))
 
 
 def main() -> None:
@@ -156,6 +181,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="two small sizes, 256 tokens, one repeat")
     p.add_argument("--force", action="store_true")
+    p.add_argument("--replot", action="store_true", help="only recompute the fits and redraw from the results file")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     import torch
@@ -165,6 +191,8 @@ def main() -> None:
     if args.quick:
         args.sizes, args.tokens, args.repeats, args.work = "1e4,3e4", 256, 1, args.work.with_name(args.work.name + "_quick")
     out = RESULTS / ("scaling_quick.json" if args.quick else "scaling.json")
+    if args.replot:
+        return replot(out)
     res = json.loads(out.read_text()) if out.exists() and not args.force else {"sizes": []}
     done = {(r["n"], r["index"]) for r in res["sizes"]}
 
@@ -217,21 +245,8 @@ def main() -> None:
             del index
             shutil.rmtree(idx_dir)
         shutil.rmtree(ds_dir)
-    # auto below 200k rows is Flat: the Flat curve takes those points too
     rows = res["sizes"]
-    flat_pts = [(r["n"], r["ms_per_token"]["knn_search"]) for r in rows if r["factory"] == "Flat"]
-    ivf_pts = [(r["n"], r["ms_per_token"]["knn_search"]) for r in rows if r["factory"] != "Flat"]
-    res["fits"] = {}
-    for kind, pts, form in (("flat", flat_pts, "linear"), ("auto", ivf_pts, "sqrt")):
-        if len(pts) >= 2:
-            a, b = fit(pts, form)
-            target = 10_000_000
-            g = target if form == "linear" else np.sqrt(target)
-            lm = statistics.median(r["ms_per_token"]["lm"] for r in rows)
-            memc = statistics.median(r["ms_per_token"]["memory"] for r in rows)
-            res["fits"][kind] = {"form": form, "a": a, "b": b, "points": pts, "extrapolate_to": target,
-                                 "extrapolated_ms_per_token": a + b * g,
-                                 "extrapolated_speed_memory_over_knn": (lm + a + b * g) / (lm + memc)}
+    add_fits(res)
     largest = max(rows, key=lambda r: (r["n"], r["index"] == "auto"))
     res["largest"] = {"n": largest["n"], "index": largest["index"], "speed_memory_over_knn": largest["speed_memory_over_knn"]}
     out.write_text(json.dumps(res, indent=1) + "\n")

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from mlpmem.cli import main as cli_main
 from mlpmem.errors import MlpmemError
 from mlpmem.pipeline import load_recipe, run_pipeline
 
@@ -33,6 +34,13 @@ def test_recipe_runs_end_to_end_and_skips_finished_stages(tmp_path, tiny_llama, 
     r2 = run_pipeline(load_recipe(tiny_recipe(tmp_path, tiny_llama, tiny_corpus_file, init="lm_copy", input_site="output")))
     assert r2["ppl"]["base"] == r["ppl"]["base"]
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # nothing rebuilt
+    # `mlpmem train --init lm_copy` reads what `mlpmem run` trained on: the last layer's output, not the kNN key
+    run = tmp_path / "run"
+    assert cli_main(["train", "--datastore", str(run / "datastore"), "--targets", str(run / "targets"), "--out", str(tmp_path / "cli"),
+                     "--init", "lm_copy", "--n-blocks", "1", "--epochs", "0.2", "--batch-size", "256", "--eval-every", "0", "--ckpt-every", "0"]) == 0
+    meta = lambda d: json.loads((d / "memory" / "memory_config.json").read_text())["meta"]  # noqa: E731
+    cli, piped = meta(tmp_path / "cli"), meta(run / "train")
+    assert (cli["layer"], cli["site"]) == (piped["layer"], piped["site"]) and cli["site"] == "output"
 
 
 def test_recipe_problems_are_reported_together(tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -62,11 +61,9 @@ def _train(a):
     from mlpmem.train import TrainConfig, train_memory
 
     cfg = from_args(TrainConfig, a)
-    if cfg.init == "lm_copy" and cfg.input_layer is None and cfg.input_site is None:
-        # the copied head path is exact only on the last layer's output (as in `mlpmem run`)
-        cfg = dataclasses.replace(cfg, input_layer=-1, input_site="output")
     lm = None
-    if cfg.init != "plain" or (cfg.input_layer is not None and cfg.input_layer < 0):
+    layer = cfg.memory_input()[0]
+    if cfg.init != "plain" or (layer is not None and layer < 0):
         lm = load_model(a.model or Datastore(Path(a.datastore)).model_id)[0]  # to copy the head from / resolve layers
     train_memory(Path(a.datastore), Path(a.targets), Path(a.out), cfg, valid_datastore_dir=Path(a.valid) if a.valid else None,
                  valid_targets_dir=Path(a.valid_targets) if a.valid_targets else None, init_lm=lm, overwrite=a.overwrite)

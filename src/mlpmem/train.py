@@ -108,6 +108,13 @@ class TrainConfig:
         if self.mode not in ("offline", "online"):
             raise MlpmemError(f"training mode must be 'offline' or 'online', got {self.mode!r}", "offline reads stored hidden states; online recomputes them with the LM")
 
+    def memory_input(self) -> tuple[int | None, str | None]:
+        """(layer, site) the memory reads; None = the datastore's key. ``lm_copy`` starts as the
+        LM's own head path, which is exact only on the last layer's output: that is its default."""
+        if self.init == "lm_copy":
+            return (-1 if self.input_layer is None else self.input_layer), (self.input_site or "output")
+        return self.input_layer, self.input_site
+
     def memory_config(self, d_in: int, vocab_size: int) -> MemoryConfig:
         names = {f.name for f in dataclasses.fields(MemoryConfig)}
         return MemoryConfig(d_in=d_in, vocab_size=vocab_size, **{k: v for k, v in dataclasses.asdict(self).items() if k in names and k not in ("d_in", "vocab_size")})
@@ -120,8 +127,11 @@ class TrainData:
     """One datastore (input array + next tokens) with its optional kNN targets, row-aligned."""
 
     def __init__(self, datastore_dir: Path, targets_dir: Path | None, layer: int | None, site: str | None, lm=None) -> None:
-        self.ds = Datastore(datastore_dir)
+        self._open(datastore_dir, targets_dir)
         self.layer, self.site, self.input = resolve_input(self.ds, layer, site, lm)
+
+    def _open(self, datastore_dir: Path, targets_dir: Path | None) -> None:
+        self.ds = Datastore(datastore_dir)
         self.n = self.ds.n_rows
         self.values = self.ds.values()  # [N] int32, small enough to keep in memory
         self.targets = Targets(targets_dir) if targets_dir is not None else None
@@ -157,15 +167,10 @@ class OnlineData(TrainData):
 
         if lm is None:
             raise MlpmemError("online training recomputes hidden states and needs the LM", "pass the LM (init_lm / --model)")
-        self.ds = Datastore(datastore_dir)
+        self._open(datastore_dir, targets_dir)
         self.layer = resolve_layer(lm, self.ds.layer if layer is None else layer)
         self.site = site or self.ds.site
         self.input = "online"
-        self.n = self.ds.n_rows
-        self.values = self.ds.values()
-        self.targets = Targets(targets_dir) if targets_dir is not None else None
-        if self.targets is not None:
-            self.targets.check_aligned(self.ds)
         m = self.ds.manifest
         self.lm, self.context, self.stride = lm, int(m["context"]), int(m["stride"])
         self.tokens = Corpus(m["corpus"]).tokens(m["split"])
@@ -283,11 +288,15 @@ class WindowSchedule(Schedule):
 # ----------------------------------------------------------------------------- model, optimizer, precision
 
 
+def _require_lm(cfg: TrainConfig, lm) -> None:
+    if cfg.init != "plain" and lm is None:
+        raise MlpmemError(f"init {cfg.init!r} copies weights from the LM, but no LM was given", "pass the LM (init_lm), or use init 'plain'")
+
+
 def build_memory(cfg: TrainConfig, d_in: int, vocab_size: int, lm=None) -> MLPMemory:
     mcfg = cfg.memory_config(d_in, vocab_size)
     if cfg.init != "plain":
-        if lm is None:
-            raise MlpmemError(f"init {cfg.init!r} copies weights from the LM, but no LM was given", "pass the LM (init_lm), or use init 'plain'")
+        _require_lm(cfg, lm)
         lm_vocab = int(lm.get_output_embeddings().weight.shape[0])
         if lm_vocab != vocab_size:
             raise MlpmemError(f"the LM has {lm_vocab} logits but the datastore says {vocab_size}", "use the LM the datastore was built with")
@@ -439,7 +448,8 @@ def train_memory(
     """
     out_dir = Path(out_dir)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    data = (OnlineData if cfg.mode == "online" else TrainData)(datastore_dir, targets_dir, cfg.input_layer, cfg.input_site, init_lm)
+    _require_lm(cfg, init_lm)  # before the data: lm_copy's default input (the last layer) is found through the LM
+    data = (OnlineData if cfg.mode == "online" else TrainData)(datastore_dir, targets_dir, *cfg.memory_input(), init_lm)
     valid = None
     if valid_datastore_dir is not None:
         try:

@@ -72,3 +72,27 @@ def tiny_corpus_file(tmp_path) -> Path:
     path = tmp_path / "corpus.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts()))
     return path
+
+
+# Numerically sensitive tests take the `torch_threads` fixture and run once per thread count:
+# another count changes torch's reduction order (and its float results) on every CPU.
+def pytest_addoption(parser):
+    parser.addoption("--torch-threads", default="1,2", help="thread counts for tests that take the torch_threads fixture (default 1,2)")
+
+
+def pytest_generate_tests(metafunc):
+    if "torch_threads" in metafunc.fixturenames:
+        counts = [int(x) for x in metafunc.config.getoption("--torch-threads").split(",")]
+        metafunc.parametrize("torch_threads", counts, indirect=True, ids=[f"threads{n}" for n in counts])
+
+
+@pytest.fixture
+def torch_threads(request):
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    try:
+        yield request.param
+    finally:
+        torch.set_num_threads(before)

@@ -17,12 +17,19 @@ def corpus_dir(tmp_path, tiny_llama, tiny_corpus_file):
     return build_corpus(tmp_path / "corpus", CorpusConfig(source=str(tiny_corpus_file), model=str(tiny_llama), train_tokens=1200))
 
 
+def assert_fp16_close(stored: np.ndarray, ref: torch.Tensor) -> None:
+    """``stored`` (float16) is ``ref`` (float32) rounded to float16, give or take one rounding step."""
+    ref = ref.float()
+    got = torch.from_numpy(np.asarray(stored, dtype=np.float32))
+    torch.testing.assert_close(got, ref, rtol=torch.finfo(torch.float16).eps, atol=torch.finfo(torch.float16).tiny)
+
+
 def _cfg(model, **kw):
     base = dict(model=str(model), context=64, stride=24, batch_size=3, windows_per_shard=5)
     return DatastoreConfig(**{**base, **kw})
 
 
-def test_keys_values_aligned_with_positions(tmp_path, tiny_llama, corpus_dir):
+def test_keys_values_aligned_with_positions(tmp_path, tiny_llama, corpus_dir, torch_threads):
     out = build_datastore(corpus_dir, tmp_path / "ds", _cfg(tiny_llama, extra_sites=["0:output"], lm_logprob=True, mode="recompute"))
     ds = Datastore(out, verify=True)
     tokens = Corpus(corpus_dir).tokens("train")
@@ -36,9 +43,11 @@ def test_keys_values_aligned_with_positions(tmp_path, tiny_llama, corpus_dir):
         with torch.no_grad(), capture(model, [Site(1, "ffn_input"), Site(0, "output")]) as got:
             out_ = model(input_ids=torch.from_numpy(tokens[b:e].astype(np.int64))[None])
         stop = min(e, len(tokens) - 1)
-        ref = got[Site(1, "ffn_input")][0, k - b : stop - b].half().numpy()
-        assert np.array_equal(ds.rows("keys", k, stop), ref)
-        assert np.array_equal(ds.rows("h0.output", k, stop), got[Site(0, "output")][0, k - b : stop - b].half().numpy())
+        # the datastore ran windows in batches of 3, the reference one window alone: another matrix shape may
+        # take another kernel path, so equal within one float16 rounding step, not bit for bit
+        ref = got[Site(1, "ffn_input")][0, k - b : stop - b]
+        assert_fp16_close(ds.rows("keys", k, stop), ref)
+        assert_fp16_close(ds.rows("h0.output", k, stop), got[Site(0, "output")][0, k - b : stop - b])
         lp = torch.log_softmax(out_.logits[0, k - b : stop - b], -1).gather(-1, torch.from_numpy(tokens[k + 1 : stop + 1].astype(np.int64))[:, None])[:, 0]
         assert np.allclose(ds.rows("lm_logprob", k, stop), lp.numpy(), atol=1e-5)
 
@@ -149,7 +158,7 @@ def _run(model, tokens, mode, batch_size=1, context=16, stride=4, sites=None, lo
     return {n: torch.cat([b.features[n] for b in bs]) for n in sites}, (torch.cat([b.lm_logprob for b in bs]) if logprob else None), bs
 
 
-def test_cache_mode_equals_recompute_where_contexts_coincide(tiny_llama, corpus_dir):
+def test_cache_mode_equals_recompute_where_contexts_coincide(tiny_llama, corpus_dir, torch_threads):
     model, _, _ = load_model(str(tiny_llama))
     tokens = Corpus(corpus_dir).tokens("train")
     # a window-sized stream: one window, computed whole in both modes
@@ -178,7 +187,7 @@ def test_cache_mode_equals_recompute_where_contexts_coincide(tiny_llama, corpus_
     assert not torch.allclose(f_c["keys"], f_r["keys"], atol=1e-5)  # elsewhere the contexts differ
 
 
-def test_rebase_equals_keys_computed_at_the_new_positions(tiny_llama):
+def test_rebase_equals_keys_computed_at_the_new_positions(tiny_llama, torch_threads):
     from transformers import DynamicCache
 
     model, _, _ = load_model(str(tiny_llama))
@@ -192,7 +201,8 @@ def test_rebase_equals_keys_computed_at_the_new_positions(tiny_llama):
     # layer 0 keys depend on the token and its position only: re-based keys == keys computed at positions 0..8
     assert cache.layers[0].keys.shape[-2] == 9
     assert torch.allclose(cache.layers[0].keys, ref.layers[0].keys, atol=1e-5)
-    assert torch.equal(cache.layers[0].values, ref.layers[0].values)
+    # values are not rotated, but the two forwards saw 20 and 9 tokens: other GEMM shapes, so float32 tolerances
+    torch.testing.assert_close(cache.layers[0].values, ref.layers[0].values)
 
 
 def test_cache_mode_falls_back_for_absolute_positions(tmp_path, tiny_models, corpus_dir):

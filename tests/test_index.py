@@ -135,3 +135,24 @@ def test_done_index_is_skipped(store, flat):
     mtime = (flat / "index.faiss").stat().st_mtime_ns
     build_index(store[0], flat, IndexConfig(kind="auto"))
     assert (flat / "index.faiss").stat().st_mtime_ns == mtime
+
+
+def test_faiss_leaves_the_process_thread_count_alone(store, tmp_path):
+    """FAISS shares torch's OpenMP runtime: building and searching must not change torch's thread count."""
+    import faiss
+    import torch
+
+    from mlpmem.index import faiss_threads
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ix = KnnIndex.open(build_index(store[0], tmp_path / "ix", IndexConfig(kind="IVF16,SQ8", nprobe=4, recall_sample=20)))
+        ix.search(store[1][:5].astype(np.float32), 10)
+        assert torch.get_num_threads() == 1 and faiss.omp_get_max_threads() == 1
+        assert json.loads((tmp_path / "ix" / "manifest.json").read_text())["faiss_threads"] == 1  # what actually ran
+        with faiss_threads(2) as n:
+            assert n == 2 and faiss.omp_get_max_threads() == 2
+        assert torch.get_num_threads() == 1 and faiss.omp_get_max_threads() == 1  # restored
+    finally:
+        torch.set_num_threads(before)

@@ -26,7 +26,7 @@ def two_models(n=4000, seed=0, other_good=False):
     return lp_lm, lp_other
 
 
-def test_interpolate_matches_mixture_and_ends():
+def test_interpolate_matches_mixture_and_ends(torch_threads):
     x = torch.log_softmax(torch.randn(3, 11), -1)
     y = torch.log_softmax(torch.randn(3, 11), -1)
     mixed = interpolate_logprobs(x, y, 0.3)

@@ -22,7 +22,7 @@ def make_case(B=6, V=40, M=8, seed=0, pad=3, prob_dtype=torch.float16):
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 0.5, 1.0])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_matches_dense_reference(alpha, seed):
+def test_matches_dense_reference(alpha, seed, torch_threads):
     logits, ids, probs, labels = make_case(seed=seed)
     a = logits.clone().requires_grad_()
     b = logits.clone().requires_grad_()
@@ -73,7 +73,7 @@ def test_all_padded_row_has_no_kl():
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_bf16_logits_computed_in_float32():
+def test_bf16_logits_computed_in_float32(torch_threads):
     logits, ids, probs, labels = make_case()
     low = logits.bfloat16()
     loss, _ = sparse_kd_loss(low, ids, probs, labels, 0.5)

@@ -10,13 +10,14 @@ float16 keys (re-ranking) before anyone turns them into probabilities.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -71,16 +72,34 @@ class IndexConfig:
 
 
 def _faiss():
-    """Import faiss and use the CPUs this process may run on (not the host's count)."""
     import faiss
 
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        n = os.cpu_count() or 1
-    if faiss.omp_get_max_threads() != n:
-        faiss.omp_set_num_threads(n)
     return faiss
+
+
+@contextlib.contextmanager
+def faiss_threads(n: int | None = None) -> Iterator[int]:
+    """Run a block with FAISS on ``n`` OpenMP threads (default: torch's intra-op count), then restore.
+
+    FAISS and torch share one OpenMP runtime in the usual wheels, so setting FAISS's
+    count for the whole process would also change torch's, and with it the order of
+    torch's float reductions: numbers would depend on whether FAISS ran before.
+    Yields the count used, for manifests.
+    """
+    import torch
+
+    faiss = _faiss()
+    n = int(n or torch.get_num_threads())
+    old_faiss, old_torch = faiss.omp_get_max_threads(), torch.get_num_threads()
+    if old_faiss != n:
+        faiss.omp_set_num_threads(n)
+    try:
+        yield n
+    finally:
+        if faiss.omp_get_max_threads() != old_faiss:
+            faiss.omp_set_num_threads(old_faiss)
+        if torch.get_num_threads() != old_torch:
+            torch.set_num_threads(old_torch)
 
 
 def _want_gpu(flag: bool | None) -> bool:
@@ -138,6 +157,13 @@ def exact_search(ds: Datastore, queries: np.ndarray, k: int, block_rows: int = 6
     """
     faiss = _faiss()
     heap = faiss.ResultHeap(queries.shape[0], k)
+    with faiss_threads():
+        _exact_blocks(faiss, heap, ds, queries, k, block_rows)
+    heap.finalize()
+    return heap.D, heap.I
+
+
+def _exact_blocks(faiss, heap, ds: Datastore, queries: np.ndarray, k: int, block_rows: int) -> None:
     for start, block in ds.iter_blocks("keys", block_rows):
         d, i = faiss.knn(queries, block.astype(np.float32), min(k, block.shape[0]))
         pad = k - d.shape[1]
@@ -145,8 +171,6 @@ def exact_search(ds: Datastore, queries: np.ndarray, k: int, block_rows: int = 6
             d = np.pad(d, ((0, 0), (0, pad)), constant_values=np.inf)
             i = np.pad(i, ((0, 0), (0, pad)), constant_values=-1)
         heap.add_result(np.ascontiguousarray(d, dtype=np.float32), np.where(i >= 0, i + start, -1).astype(np.int64))
-    heap.finalize()
-    return heap.D, heap.I
 
 
 def _recall(index: "KnnIndex", ds: Datastore, cfg: IndexConfig) -> tuple[float, int]:
@@ -185,39 +209,40 @@ def build_index(datastore_dir: Path, out_dir: Path, cfg: IndexConfig = IndexConf
         log.info("index in %s is already built", out_dir)
         return out_dir
 
-    t0 = time.perf_counter()
-    index = faiss.index_factory(ds.d, factory, faiss.METRIC_L2)
-    if nlist is not None:  # k-means draws its own subsample with a fixed seed: make it ours
-        faiss.extract_index_ivf(index).cp.seed = cfg.seed
-    if use_gpu:
-        res = faiss.StandardGpuResources()
-        index = faiss.index_cpu_to_gpu(res, 0, index)
-    train_rows = 0
-    if not index.is_trained:
-        rng = np.random.default_rng(cfg.seed)
-        # at least 39 keys per list, below which FAISS' k-means gives poor lists (and warns)
-        train_rows = min(n, max(cfg.train_sample, 39 * (nlist or 0)))
-        sample = ds.gather("keys", np.sort(rng.choice(n, size=train_rows, replace=False))).astype(np.float32)
-        log.info("training %s on %d keys", factory, train_rows)
-        index.train(sample)
-        del sample
-    from tqdm.auto import tqdm
+    with faiss_threads() as threads:
+        t0 = time.perf_counter()
+        index = faiss.index_factory(ds.d, factory, faiss.METRIC_L2)
+        if nlist is not None:  # k-means draws its own subsample with a fixed seed: make it ours
+            faiss.extract_index_ivf(index).cp.seed = cfg.seed
+        if use_gpu:
+            res = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(res, 0, index)
+        train_rows = 0
+        if not index.is_trained:
+            rng = np.random.default_rng(cfg.seed)
+            # at least 39 keys per list, below which FAISS' k-means gives poor lists (and warns)
+            train_rows = min(n, max(cfg.train_sample, 39 * (nlist or 0)))
+            sample = ds.gather("keys", np.sort(rng.choice(n, size=train_rows, replace=False))).astype(np.float32)
+            log.info("training %s on %d keys", factory, train_rows)
+            index.train(sample)
+            del sample
+        from tqdm.auto import tqdm
 
-    with tqdm(total=n, unit="key", unit_scale=True, desc="index keys") as bar:
-        for _, block in ds.iter_blocks("keys", 65536):
-            index.add(block.astype(np.float32))
-            bar.update(block.shape[0])
-    if use_gpu:
-        index = faiss.index_gpu_to_cpu(index)
-    _set_nprobe(index, nprobe)
-    partial = out_dir / (INDEX_FILE + ".partial")
-    faiss.write_index(index, str(partial))
-    os.replace(partial, out_dir / INDEX_FILE)
-    build_s = time.perf_counter() - t0
+        with tqdm(total=n, unit="key", unit_scale=True, desc="index keys") as bar:
+            for _, block in ds.iter_blocks("keys", 65536):
+                index.add(block.astype(np.float32))
+                bar.update(block.shape[0])
+        if use_gpu:
+            index = faiss.index_gpu_to_cpu(index)
+        _set_nprobe(index, nprobe)
+        partial = out_dir / (INDEX_FILE + ".partial")
+        faiss.write_index(index, str(partial))
+        os.replace(partial, out_dir / INDEX_FILE)
+        build_s = time.perf_counter() - t0
 
-    rerank = (not _is_exact(index)) if cfg.rerank is None else bool(cfg.rerank)
-    knn = KnnIndex(out_dir, index, {"nprobe": nprobe, "rerank": rerank, "n_rows": n, "d": ds.d}, ds, use_gpu)
-    recall, k = _recall(knn, ds, cfg)
+        rerank = (not _is_exact(index)) if cfg.rerank is None else bool(cfg.rerank)
+        knn = KnnIndex(out_dir, index, {"nprobe": nprobe, "rerank": rerank, "n_rows": n, "d": ds.d}, ds, use_gpu)
+        recall, k = _recall(knn, ds, cfg)
     path = out_dir / INDEX_FILE
     write_manifest(out_dir, "index", {
         "datastore": str(datastore_dir),
@@ -225,7 +250,7 @@ def build_index(datastore_dir: Path, out_dir: Path, cfg: IndexConfig = IndexConf
         "model_id": ds.model_id, "tokenizer_hash": ds.tokenizer_hash,
         "layer": ds.layer, "site": ds.site, "d": ds.d, "n_rows": n,
         "factory": factory, "nlist": nlist, "nprobe": nprobe, "rerank": rerank, "train_rows": train_rows,
-        "recall_at_k": recall, "k": k, "build_seconds": round(build_s, 3),
+        "recall_at_k": recall, "k": k, "build_seconds": round(build_s, 3), "faiss_threads": threads,
         "index_file": {"file": INDEX_FILE, "bytes": path.stat().st_size, "sha256": sha256_file(path)},
     })
     log.info("index %s over %d keys: recall@%d %.3f (rerank %s), built in %.1f s", factory, n, k, recall, rerank, build_s)
@@ -263,6 +288,8 @@ class KnnIndex:
         self.approximate = not _is_exact(index)
         self.datastore = datastore
         self.gpu = gpu
+        # FAISS's OpenMP threads while searching; None follows torch's count (see faiss_threads)
+        self.threads: int | None = None
         _set_nprobe(index, self.nprobe)
 
     @classmethod
@@ -335,7 +362,8 @@ class KnnIndex:
         found = np.zeros(queries.shape[0], dtype=bool)
         for s in range(0, queries.shape[0], batch_size):
             xq = queries[s : s + batch_size]
-            d, i = self.index.search(xq, cand)
+            with faiss_threads(self.threads):
+                d, i = self.index.search(xq, cand)
             d = np.where(i < 0, np.inf, d).astype(np.float32)
             if self.rerank:
                 d = self._exact_dists(xq, i)

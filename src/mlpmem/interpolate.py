@@ -124,8 +124,13 @@ def lambda_curve(lp_lm: Any, lp_other: Any, grid: Sequence[float] = DEFAULT_LAMB
     return [(float(lam), perplexity(interpolate_logprobs(x, y, lam))) for lam in grid]
 
 
-def plot_lambda_curves(curves: dict[str, list[tuple[float, float]]], path: Path, title: str) -> Path:
-    """Perplexity against lambda, one line per named curve, best point marked; saved as PNG."""
+def plot_lambda_curves(curves: dict[str, list[tuple[float, float]]], path: Path, title: str, chosen: dict[str, float] | None = None) -> Path:
+    """Perplexity against lambda, one line per named curve; saved as PNG.
+
+    On the split lambda is tuned on, the best point of each curve is marked. On any other
+    split pass ``chosen`` (the lambda tuned on valid, per curve): that point is marked
+    instead, so the plot does not invite picking lambda on test.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -135,9 +140,15 @@ def plot_lambda_curves(curves: dict[str, list[tuple[float, float]]], path: Path,
     for name, curve in curves.items():
         lams, ppls = zip(*curve)
         (line,) = ax.plot(lams, ppls, marker="o", ms=3, label=name)
-        best = int(np.argmin(ppls))
-        ax.plot([lams[best]], [ppls[best]], marker="*", ms=12, color=line.get_color())
-        ax.annotate(f"{ppls[best]:.2f} @ {lams[best]:g}", (lams[best], ppls[best]), textcoords="offset points", xytext=(4, 6), fontsize=8)
+        if chosen is None:
+            best = int(np.argmin(ppls))
+            at, ppl, note = lams[best], ppls[best], "best"
+        else:
+            at = chosen[name]
+            ppl = float(np.interp(at, lams, ppls))  # between grid points: read off the plotted line
+            note = "lambda from valid"
+        ax.plot([at], [ppl], marker="*", ms=12, color=line.get_color())
+        ax.annotate(f"{note}: {ppl:.2f} @ {at:.3g}", (at, ppl), textcoords="offset points", xytext=(4, 6), fontsize=8)
     ax.set_title(title)
     ax.set_xlabel("lambda (weight of the memory or kNN distribution)")
     ax.set_ylabel("perplexity")

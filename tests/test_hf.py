@@ -10,7 +10,7 @@ import torch
 from mlpmem.errors import MlpmemError
 from mlpmem.interpolate import interpolate_logprobs
 from mlpmem.memory import MemoryConfig, MLPMemory, init_from_lm, lm_settings
-from mlpmem.models import decoder_layers, load_model, logits_size, tokenizer_hash
+from mlpmem.models import decoder_layers, load_model, logits_size, model_fingerprint, tokenizer_hash
 
 hf = pytest.importorskip("mlpmem.hf")
 MLPMemoryForCausalLM = hf.MLPMemoryForCausalLM
@@ -30,7 +30,7 @@ def random_memory(lm, seed: int = 1) -> MLPMemory:
 def parts(request, tiny_models):
     lm, tok, model_id = load_model(str(tiny_models[request.param]))
     layer, site = SITES[request.param]
-    meta = {"model_id": model_id, "tokenizer_hash": tokenizer_hash(tok), "layer": layer, "site": site}
+    meta = {"model_id": model_id, "tokenizer_hash": tokenizer_hash(tok), "layer": layer, "site": site, "model_fingerprint": model_fingerprint(lm)}
     return request.param, lm, tok, random_memory(lm), meta
 
 
@@ -71,18 +71,26 @@ def prompts(tok, texts=("the union and the people of", "war", "congress has a la
     return [tok(t, return_tensors="pt").input_ids for t in texts]
 
 
-def test_forward_matches_reference_and_lambda_ends(parts, model):
+# float32 log-probs computed by kernels of other shapes (fewer rows, another thread split) sum
+# in another order: they agree to a few ulps of their scale, not bit for bit. 32 ulps is
+# ~4e-6 relative; the mistakes these tests look for (wrong lambda, position or layer) are 1e-2+
+F32 = torch.finfo(torch.float32).eps
+CLOSE = dict(rtol=32 * F32, atol=32 * F32)
+
+
+def test_forward_matches_reference_and_lambda_ends(parts, model, torch_threads):
     _, lm, tok, mem, meta = parts
     ids = torch.cat([p[:, :3] for p in prompts(tok)], 0)
     with torch.no_grad():
         for lam in (0.5, 0.1):
-            torch.testing.assert_close(model(ids, lambda_=lam).logits, ref_logprobs(lm, mem, meta, ids, lam), rtol=0, atol=1e-5)
-        torch.testing.assert_close(model(ids, lambda_=0.5, memory_temperature=2.0).logits, ref_logprobs(lm, mem, meta, ids, 0.5, 2.0), rtol=0, atol=1e-5)
-        # lambda = 0 is the base LM bit for bit; lambda = 1 the memory alone
+            torch.testing.assert_close(model(ids, lambda_=lam).logits, ref_logprobs(lm, mem, meta, ids, lam), **CLOSE)
+        torch.testing.assert_close(model(ids, lambda_=0.5, memory_temperature=2.0).logits, ref_logprobs(lm, mem, meta, ids, 0.5, 2.0), **CLOSE)
+        # lambda = 0 is the base LM bit for bit: the same call of the same kernels on the same inputs
         assert torch.equal(model(ids, lambda_=0.0).logits, lm(ids).logits.float().log_softmax(-1))
-        torch.testing.assert_close(model(ids, lambda_=1.0).logits, ref_logprobs(lm, mem, meta, ids, 1.0), rtol=0, atol=1e-6)
+        torch.testing.assert_close(model(ids, lambda_=1.0).logits, ref_logprobs(lm, mem, meta, ids, 1.0), **CLOSE)
+        # keeping 2 positions runs the head on 2 rows instead of all: another kernel shape
         kept = model(ids, logits_to_keep=2).logits
-        torch.testing.assert_close(kept, model(ids).logits[:, -2:], rtol=0, atol=1e-6)
+        torch.testing.assert_close(kept, model(ids).logits[:, -2:], **CLOSE)
         # the memory matters here (else the generation tests below prove little)
         assert not torch.equal(model(ids).logits.argmax(-1), model(ids, lambda_=0.0).logits.argmax(-1))
 
@@ -212,7 +220,14 @@ def test_save_load_round_trip(parts, model, tmp_path, full_export):
     model.save_pretrained(folder, full_export=full_export)
     cfg = json.loads((folder / "config.json").read_text())
     assert cfg["model_type"] == "mlpmem" and cfg["lambda_"] == 0.5 and cfg["memory_meta"]["site"] == model.site.site
-    assert (folder / "memory" / "model.safetensors").exists() and (folder / "base").exists() == full_export
+    assert cfg["text_config"]["model_type"] == lm.config.model_type and cfg["base_weights"] == ("included" if full_export else "reference")
+    # a full export is one weights file with both parts; by reference, only the memory (a memory folder)
+    assert (folder / "model.safetensors").exists() == full_export and (folder / "memory" / "model.safetensors").exists() != full_export
+    if full_export:
+        from safetensors import safe_open
+
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            assert {k.split(".")[0] for k in f.keys()} == {"lm", "memory"}
     if full_export:  # self-contained: the reference may be gone
         cfg["base_model"] = str(tmp_path / "nowhere")
         (folder / "config.json").write_text(json.dumps(cfg))
@@ -263,7 +278,7 @@ def test_refusals(parts, model, tmp_path):
     with pytest.raises(MlpmemError, match="model.safetensors is missing"):
         MLPMemoryForCausalLM.from_pretrained(tmp_path / "partial")
     model.save_pretrained(tmp_path / "full", full_export=True)
-    (tmp_path / "full" / "base" / "model.safetensors").unlink()
+    (tmp_path / "full" / "model.safetensors").unlink()
     with pytest.raises(MlpmemError, match="incomplete"):
         MLPMemoryForCausalLM.from_pretrained(tmp_path / "full")
 

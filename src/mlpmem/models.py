@@ -137,7 +137,11 @@ def load_tokenizer(name: str):
 
 
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu"):
-    """Load a frozen causal LM in eval mode. Returns ``(model, tokenizer, model_id)``."""
+    """Load a frozen causal LM in eval mode. Returns ``(model, tokenizer, model_id)``.
+
+    A model that is not causal is refused (:func:`check_causal`): every stage reads
+    hidden states as if position t saw only tokens up to t.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -148,7 +152,120 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
     except (OSError, ValueError) as e:
         raise _load_error(name, e)
     model.eval().requires_grad_(False).to(device)
+    check_causal(model, name)
     return model, tok, model_id
+
+
+def check_causal(model, name: str = "") -> None:
+    """Refuse a model whose positions see later tokens (an encoder such as BERT, or a seq2seq model).
+
+    transformers loads some encoders as causal LMs (``BertLMHeadModel``) and attends
+    both ways unless ``is_decoder`` is set; a memory trained on such keys learns from
+    the token it should predict. The config cannot say this for every family
+    (``is_decoder`` is False for GPT-2 too), so after refusing encoder-decoder
+    configs this asks the model: two sequences that differ only in their last token
+    must give the same logits at every earlier position (one forward of 2 x 8
+    tokens). A bidirectional model changes them by orders of magnitude more than
+    float rounding; the bound is 1e-3 of the logits' scale, far above the rounding
+    of any dtype at this size and far below what attending to the future does.
+    """
+    import torch
+
+    label = name or str(getattr(model.config, "name_or_path", "") or type(model).__name__)
+    fix = "use a decoder-only causal LM (GPT-2, Llama, SmolLM2, ...); encoders and seq2seq models cannot serve as the base model"
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise MlpmemError(f"{label} is an encoder-decoder model ({type(model).__name__}), not a causal LM", fix)
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    ids = torch.arange(1, 9, device=model.device).remainder(vocab).repeat(2, 1)
+    ids[1, -1] = (ids[0, -1] + 1) % vocab
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits.float()
+    diff = (logits[0, :-1] - logits[1, :-1]).abs().max().item()
+    if diff > 1e-3 * max(1.0, logits.abs().max().item()):
+        raise MlpmemError(f"{label} ({type(model).__name__}) is not causal: its earlier positions see the last token (logits change by {diff:.3g})", fix)
+
+
+# ----------------------------------------------------------------------------- which base model a memory belongs to
+
+FINGERPRINT_VERSION = 1
+
+
+def model_fingerprint(model) -> dict:
+    """What identifies a base model for a memory: config essentials and a hash of its weights.
+
+    The hash covers the whole output embedding (the memory's head is often a copy)
+    and a strided sample of up to 4096 values of every other parameter, so that
+    weights changed anywhere (a fine-tune) change it too. Values are rounded to
+    bfloat16 before hashing: the same checkpoint loaded as float32 or bfloat16, on
+    any device, gives the same fingerprint (float16 of a float32 checkpoint may
+    not). About 0.1 s for SmolLM2-135M on a CPU.
+    """
+    import torch
+
+    cfg = model.config.get_text_config()
+    head = model.get_output_embeddings().weight
+
+    def bf16_bytes(t) -> bytes:
+        return t.detach().to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes()
+
+    h = hashlib.sha256(bf16_bytes(head))
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        flat = p.reshape(-1)
+        h.update(name.encode())
+        h.update(bf16_bytes(flat[:: max(1, flat.numel() // 4096)][:4096]))
+    return {
+        "version": FINGERPRINT_VERSION, "model_type": getattr(cfg, "model_type", ""), "hidden_size": int(cfg.hidden_size),
+        "num_hidden_layers": int(cfg.num_hidden_layers), "logits_size": int(head.shape[0]), "weights_sha256": h.hexdigest()[:16],
+    }
+
+
+def check_fingerprint(expected: dict | None, model, *, expected_name: str, model_name: str, fix: str, what: str = "the memory was trained on") -> None:
+    """Refuse ``model`` unless its :func:`model_fingerprint` is ``expected`` (the one a memory recorded).
+
+    A record without a fingerprint (memories saved before mlpmem kept one) cannot be
+    checked: that is logged as a warning, not refused.
+    """
+    if not expected:
+        log.warning("the memory (trained on %r) records no fingerprint of its base model (saved by an older mlpmem): "
+                    "cannot check that %r is that model; retrain or re-export it to record one", expected_name, model_name)
+        return
+    if expected.get("version") != FINGERPRINT_VERSION:
+        log.warning("the memory's base-model fingerprint has version %r, this mlpmem reads %d: not checked", expected.get("version"), FINGERPRINT_VERSION)
+        return
+    got = model_fingerprint(model)
+    if got != expected:
+        diff = ", ".join(f"{k} {expected.get(k)!r} vs {got.get(k)!r}" for k in sorted(set(got) | set(expected)) if got.get(k) != expected.get(k))
+        raise MlpmemError(f"{what} {expected_name!r}, but the base model {model_name!r} is a different model ({diff})", fix)
+
+
+def memory_base_fingerprint(ds_model_id: str, ds_fingerprint: dict | None, lm, online: bool) -> dict | None:
+    """The fingerprint a memory records when it is trained: that of the model whose hidden states it reads.
+
+    Online training recomputes the inputs with ``lm``, which is then the base.
+    Offline training reads the datastore's arrays, so the base is the datastore's
+    model; an ``lm`` passed too (to copy its head with ``lm_head`` / ``lm_copy``, or
+    to resolve a negative layer) must be that model, and a different one is refused.
+    Without a fingerprint in the datastore, the datastore's model is loaded to
+    compare, unless ``lm`` was loaded from the same place. None when there is
+    nothing to fingerprint (no LM given and none recorded).
+    """
+    if lm is None:
+        return ds_fingerprint
+    fp = model_fingerprint(lm)
+    if online:
+        return fp
+    lm_name = str(getattr(lm.config, "name_or_path", "") or type(lm).__name__)
+    ref = ds_fingerprint
+    if ref is None:
+        try:
+            same_place = resolve_model(ds_model_id)[0] == lm_name
+            ref = fp if same_place else model_fingerprint(load_model(ds_model_id)[0])
+        except MlpmemError as e:
+            log.warning("cannot load the datastore's model %r to check that the LM %r is it (%s); recording the LM's fingerprint", ds_model_id, lm_name, e)
+            return fp
+    check_fingerprint(ref, lm, expected_name=ds_model_id, model_name=lm_name, what="the datastore was built with",
+                      fix=f"pass the datastore's model ({ds_model_id}) as --model, or build a datastore with {lm_name}, or train with --mode online to read this model's hidden states")
+    return fp
 
 
 def _load_error(name: str, e: Exception) -> MlpmemError:

@@ -1,0 +1,890 @@
+"""A Hugging Face causal LM + a retriever-pretrained MLP memory (arXiv 2508.01832), in one file.
+
+This file is the model, and it is self-contained: ``save_pretrained`` copies it next
+to the weights, so ``AutoModelForCausalLM.from_pretrained(folder_or_repo,
+trust_remote_code=True)`` works where mlpmem is not installed. It imports only the
+standard library, torch, transformers and safetensors. Where mlpmem is importable
+it is used for more (its errors, the tokenizer and weight fingerprint checks, its
+model names such as ``smollm2-135m``); those imports sit in ``try`` blocks, which
+transformers' remote-code import check skips.
+
+``MLPMemoryForCausalLM`` holds a frozen causal LM (``.lm``) and an :class:`MLPMemory`
+(``.memory``). Its forward returns, as ``logits``, the interpolated log-probabilities
+
+    log p = logaddexp(log(1 - lambda) + log_softmax(lm_logits), log(lambda) + log_softmax(memory_logits / T))
+
+which are valid logits for greedy search, sampling and beam search. The memory
+reads the LM's hidden state at one (layer, site) through a forward hook that
+exists only during the LM call.
+
+The config is composite, like LlavaConfig: ``text_config`` is the base LM's own
+config, ``memory_config`` the memory's, so ``MLPMemoryForCausalLM(config)`` builds
+both parts and ``from_pretrained`` loads a full export (``model.safetensors`` with
+``lm.*`` and ``memory.*``) through transformers' standard path, with hub ids,
+``revision``, ``token``, ``cache_dir``, ``local_files_only`` and ``dtype="auto"``.
+A folder saved by reference (``full_export=False``, like a PEFT adapter) holds the
+memory only (``memory/``) and names the base model; ``from_pretrained`` then loads
+the base from that name, or takes ``base_model=`` (a name or a loaded model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import inspect
+import json
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.dynamic_module_utils import custom_object_save
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import cached_file
+
+try:
+    from mlpmem.errors import MlpmemError
+except ImportError:  # the exported file, loaded without mlpmem: the same class, defined here
+
+    class MlpmemError(Exception):  # type: ignore[no-redef]
+        """Something the user can fix: says what is wrong and how to fix it."""
+
+        def __init__(self, problem: str, fix: str = "") -> None:
+            self.problem, self.fix = problem.rstrip("."), fix.rstrip(".")
+            super().__init__(str(self))
+
+        def __str__(self) -> str:
+            return f"{self.problem}. {self.fix}." if self.fix else f"{self.problem}."
+
+
+try:  # sub-config specs are how transformers >= 5.x builds `text_config` from a dict
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:
+    SubConfigSpec = None
+
+logger = logging.getLogger(__name__)
+
+MEMORY_DIR = "memory"  # a saved-by-reference folder keeps the memory here (mlpmem's memory folder format)
+MEMORY_WEIGHTS = "model.safetensors"
+MEMORY_CONFIG = "memory_config.json"
+SITES = ("ffn_input", "output")
+ACTIVATIONS = ("gelu", "swiglu")
+NORMS = ("layernorm", "rmsnorm", "rmsnorm_plus_one")
+INITS = ("plain", "lm_head", "lm_copy")
+# keyword arguments of from_pretrained that say where files come from; a base model saved by
+# reference is another repository, so it gets these but not `revision` or `subfolder`
+HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
+
+
+def check_lambda(lam: float) -> float:
+    lam = float(lam)
+    if not 0.0 <= lam <= 1.0:  # also refuses NaN
+        raise MlpmemError(f"lambda must lie in [0, 1], got {lam}", "pass a mixture weight between 0 (LM only) and 1 (memory only)")
+    return lam
+
+
+def check_temperature(t: float) -> float:
+    t = float(t)
+    if not (t > 0 and math.isfinite(t)):
+        raise MlpmemError(f"the memory temperature must be a positive number, got {t}", "pass e.g. memory_temperature=1.0 (the memory's own distribution)")
+    return t
+
+
+# ============================================================================ the memory network
+
+
+@dataclass
+class MemoryConfig:
+    """Everything that rebuilds a memory's architecture (and how it was started)."""
+
+    d_in: int
+    vocab_size: int
+    width: int | None = None  # None: width = d_in and no input projection
+    n_blocks: int = 4
+    expansion: int = 4  # FFN hidden size = expansion * width (for SwiGLU too)
+    activation: str = "gelu"
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    init: str = "plain"
+    freeze_head: bool = False
+    zero_init_blocks: bool = True  # blocks start as the identity
+    head_bias: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.d_in > 0, f"d_in must be positive, got {self.d_in}"),
+            (self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}"),
+            (self.width is None or self.width > 0, f"width must be positive or None, got {self.width}"),
+            (self.n_blocks >= 0, f"n_blocks must be >= 0, got {self.n_blocks}"),
+            (self.expansion > 0, f"expansion must be positive, got {self.expansion}"),
+            (self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {self.activation!r}"),
+            (self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}"),
+            (self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}"),
+            (self.init in INITS, f"init must be one of {INITS}, got {self.init!r}"),
+        ]
+        for ok, problem in checks:
+            if not ok:
+                raise MlpmemError(f"invalid memory configuration: {problem}", "fix the memory settings")
+
+    @property
+    def model_width(self) -> int:
+        return self.d_in if self.width is None else self.width
+
+
+class Norm(nn.Module):
+    """LayerNorm, RMSNorm (Llama) or RMSNorm with (1 + w) scaling (Gemma).
+
+    The RMS variants follow the Hugging Face code operation by operation (float32
+    inside, cast back), so that a copied LM norm gives the LM's numbers exactly.
+    """
+
+    def __init__(self, width: int, kind: str, eps: float) -> None:
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        # gemma stores w with the 1 taken out, so "no scaling" is w = 0
+        self.weight = nn.Parameter(torch.zeros(width) if kind == "rmsnorm_plus_one" else torch.ones(width))
+        self.bias = nn.Parameter(torch.zeros(width)) if kind == "layernorm" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "layernorm":
+            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.kind == "rmsnorm_plus_one":
+            return (h * (1.0 + self.weight.float())).to(dtype)
+        return self.weight * h.to(dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight) if self.kind == "rmsnorm_plus_one" else nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class FFN(nn.Module):
+    """Position-wise feed-forward: GELU (GPT-2 style) or SwiGLU (Llama style)."""
+
+    def __init__(self, width: int, hidden: int, activation: str) -> None:
+        super().__init__()
+        self.activation = activation
+        self.up = nn.Linear(width, 2 * hidden if activation == "swiglu" else hidden)
+        self.down = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.activation == "swiglu":
+            gate, val = h.chunk(2, dim=-1)
+            h = F.silu(gate) * val
+        else:
+            h = F.gelu(h)
+        return self.down(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: MemoryConfig) -> None:
+        super().__init__()
+        w = cfg.model_width
+        self.norm = Norm(w, cfg.norm, cfg.norm_eps)
+        self.ffn = FFN(w, cfg.expansion * w, cfg.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.ffn(self.norm(x))
+
+
+class MLPMemory(nn.Module):
+    """All-MLP memory. ``forward(h [..., d_in]) -> logits [..., vocab_size]``.
+
+    An optional input projection, B residual blocks ``x = x + FFN(Norm(x))``, a final
+    norm and a head to V logits. No attention: every position is mapped on its own.
+    """
+
+    def __init__(self, cfg: MemoryConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        w = cfg.model_width
+        self.proj = nn.Linear(cfg.d_in, w) if cfg.width is not None else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_blocks))
+        self.norm = Norm(w, cfg.norm, cfg.norm_eps)
+        self.head = nn.Linear(w, cfg.vocab_size, bias=cfg.head_bias)
+        self.reset_parameters()
+        self.apply_freeze()
+
+    @classmethod
+    def from_config(cls, cfg: MemoryConfig | dict[str, Any]) -> "MLPMemory":
+        return cls(cfg if isinstance(cfg, MemoryConfig) else MemoryConfig(**cfg))
+
+    def reset_parameters(self) -> None:
+        """The "plain" start: GPT-2's N(0, 0.02) weights, zero biases, unit norms."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, Norm):
+                m.reset_parameters()
+        if self.config.zero_init_blocks:
+            # a zero output projection makes each block the identity at the start, so
+            # an initialised head sees the input unchanged; the down weights still get
+            # gradients (their input is non-zero), so the blocks do learn
+            for b in self.blocks:
+                nn.init.zeros_(b.ffn.down.weight)
+                nn.init.zeros_(b.ffn.down.bias)
+
+    def apply_freeze(self) -> None:
+        for p in self.head.parameters():
+            p.requires_grad_(not self.config.freeze_head)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h [..., d_in] (any float dtype) -> logits [..., vocab_size]."""
+        if h.dtype != self.head.weight.dtype:
+            h = h.to(self.head.weight.dtype)  # keys are stored as float16
+        x = self.proj(h) if self.proj is not None else h
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def read_memory_folder(files: dict[str, str]) -> tuple[MLPMemory, dict[str, Any]]:
+    """Build a memory from the two files of a memory folder (paths by name). Returns (memory in eval mode, meta)."""
+    data = json.loads(Path(files[MEMORY_CONFIG]).read_text())
+    with torch.device("meta"):  # skip a random init that would be overwritten at once
+        memory = MLPMemory(MemoryConfig(**data["config"]))
+    memory.load_state_dict(load_file(files[MEMORY_WEIGHTS]), strict=True, assign=True)
+    memory.apply_freeze()
+    return memory.eval(), data.get("meta", {})
+
+
+def write_memory_folder(folder: Path, memory: MLPMemory, meta: dict[str, Any]) -> None:
+    """The memory folder format mlpmem's train stage writes: weights, then the config that rebuilds them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    # clone: safetensors refuses tensors that share storage, and contiguous views are required
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in memory.state_dict().items()}
+    tmp = folder / (MEMORY_WEIGHTS + ".partial")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / MEMORY_WEIGHTS)
+    text = json.dumps({"config": dataclasses.asdict(memory.config), "meta": meta}, indent=2, default=str)
+    (folder / (MEMORY_CONFIG + ".partial")).write_text(text)
+    os.replace(folder / (MEMORY_CONFIG + ".partial"), folder / MEMORY_CONFIG)
+
+
+# ============================================================================ reading the LM's hidden state
+# mlpmem.models.capture does the same for the datastore (with more options); it is not imported here
+# because this file must load without mlpmem, and mlpmem.models must import without transformers.
+# tests/test_hf_remote.py checks that both read the same tensors at both sites.
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's list of decoder layers, found from its structure (no per-model table)."""
+    n = model.config.get_text_config().num_hidden_layers
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) == n:
+            return m
+    raise MlpmemError(f"could not find the decoder layers of {type(model).__name__} (no list of {n} modules)", "use a standard Hugging Face causal LM")
+
+
+def resolve_layer(model: nn.Module, layer: int) -> int:
+    """A possibly negative layer index as a non-negative one, range checked."""
+    n = len(decoder_layers(model))
+    if not -n <= layer < n:
+        raise MlpmemError(f"layer {layer} is out of range: the model has {n} decoder layers", f"choose a layer in {-n}..{n - 1} (negative counts from the end; -1 is the last)")
+    return layer % n
+
+
+@contextlib.contextmanager
+def hidden_state(model: nn.Module, layer: int, site: str) -> Iterator[dict[str, torch.Tensor]]:
+    """Hook layer ``layer`` of ``model`` while inside: ``store["h"]`` is its hidden state [batch, seq, d].
+
+    ``ffn_input``: the input of the layer's feed-forward block, after its norm (the
+    kNN-LM key). ``output``: the layer's output (residual stream).
+    """
+    if site not in SITES:
+        raise MlpmemError(f"unknown hidden-state site {site!r}", f"choose one of {SITES}")
+    block = decoder_layers(model)[layer]
+    store: dict[str, torch.Tensor] = {}
+    if site == "ffn_input":
+        mlp = getattr(block, "mlp", None) or getattr(block, "feed_forward", None)
+        if mlp is None:
+            raise MlpmemError(f"decoder layer {type(block).__name__} has no `mlp` block to hook", "use site 'output' for this model")
+        handle = mlp.register_forward_pre_hook(lambda m, args: store.__setitem__("h", args[0]))
+    else:
+        handle = block.register_forward_hook(lambda m, args, out: store.__setitem__("h", out[0] if isinstance(out, tuple) else out))
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+class ReadSite(NamedTuple):
+    """Where the memory reads: decoder ``layer`` (non-negative) and ``site`` within it."""
+
+    layer: int
+    site: str
+
+
+def keep_positions(x: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """x [B, T, ...] -> the kept positions, with transformers' meaning of ``logits_to_keep``: 0 all, n the last n, a tensor those."""
+    if isinstance(logits_to_keep, int):
+        return x if logits_to_keep == 0 else x[:, -logits_to_keep:]
+    return x[:, logits_to_keep]
+
+
+# ============================================================================ config
+
+
+class MLPMemoryConfig(PretrainedConfig):
+    """Config of an LM + memory pair.
+
+    ``text_config``: the base LM's own config (a sub-config, as in LlavaConfig), so
+    the model class can build the LM. ``memory_config``: the memory's
+    :class:`MemoryConfig` as a dict. ``memory_meta``: where the memory reads (layer,
+    site), the base model's id, tokenizer hash and weight fingerprint, its training
+    data and results. ``base_model``: a hub id, a folder or an mlpmem model name.
+    ``base_weights``: ``"included"`` (the weights file holds the LM too) or
+    ``"reference"`` (only ``memory/`` is saved; the base is loaded from
+    ``base_model``); folders saved before mlpmem 0.2 have neither it nor a
+    text_config (``base_subfolder`` was their full export) and load by reference.
+    ``max_position_embeddings`` / ``vocab_size``: the base's, for tools that read
+    them from the top-level config (lm-eval).
+    """
+
+    model_type = "mlpmem"
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama", optional=True)}
+    else:
+        sub_configs = {"text_config": AutoConfig}
+
+    text_config: dict | PretrainedConfig | None = None
+    memory_config: dict | None = None
+    memory_meta: dict | None = None
+    base_model: str | None = None
+    base_weights: str | None = None
+    base_subfolder: str | None = None
+    lambda_: float = 0.25
+    memory_temperature: float = 1.0
+    max_position_embeddings: int | None = None
+    vocab_size: int | None = None
+
+    def text(self) -> PretrainedConfig | None:
+        """The base LM's config as a config object (older transformers leave the JSON dict as it is)."""
+        if isinstance(self.text_config, dict):
+            self.text_config = AutoConfig.for_model(**self.text_config)
+        return self.text_config
+
+    def saved_by_reference(self) -> bool:
+        return self.text_config is None or self.base_weights == "reference"
+
+
+# ============================================================================ model
+
+
+class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
+    """A frozen causal LM mixed with an MLP memory; ``forward`` returns log-probs as ``logits``.
+
+    ``MLPMemoryForCausalLM(config)`` builds both parts from the config (random
+    weights, as any ``cls(config)``); :meth:`from_pretrained` loads saved ones;
+    :meth:`from_parts` pairs a loaded LM with a memory.
+    """
+
+    config_class = MLPMemoryConfig
+    base_model_prefix = "lm"
+    main_input_name = "input_ids"
+    # the memory keeps float32 when the LM is loaded in half precision: it is small next to
+    # the LM, and its log-softmax over the vocabulary is where half precision would hurt
+    _keep_in_fp32_modules_strict = ["memory"]
+    # attention runs in the base LM, which decides what it supports
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: MLPMemoryConfig, lm: PreTrainedModel | None = None, memory: MLPMemory | None = None) -> None:
+        super().__init__(config)
+        # parts handed in (from_parts) arrive trained: post_init must not initialise them again
+        self._given_parts = lm is not None
+        if lm is None:
+            if config.text() is None:
+                raise MlpmemError(
+                    "this LM + memory config has no text_config (the base model's config), so it cannot build the base model",
+                    "load the folder with MLPMemoryForCausalLM.from_pretrained (it reads the base model by reference), or export it again with mlpmem",
+                )
+            lm = AutoModelForCausalLM.from_config(config.text())
+        if memory is None:
+            memory = MLPMemory(MemoryConfig(**config.memory_config))
+        self.lm = lm
+        self.memory = memory
+        self.tokenizer = None  # kept to save it next to the model; not a module
+        meta = config.memory_meta or {}
+        self.site = ReadSite(resolve_layer(lm, int(meta["layer"])), str(meta["site"]))
+        self.lambda_ = check_lambda(config.lambda_)
+        self.memory_temperature = check_temperature(config.memory_temperature)
+        # older or remote-code models compute every position's logits: slice them here instead
+        self._lm_keeps_logits = "logits_to_keep" in inspect.signature(lm.forward).parameters
+        self.post_init()
+        if self._given_parts:
+            # the generation defaults (eos, pad, bos, max_length) are the base model's
+            self.generation_config = copy.deepcopy(lm.generation_config)
+
+    def init_weights(self) -> None:
+        if self._given_parts:
+            return
+        super().init_weights()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # the LM initialises its own modules (transformers dispatches to it); the memory has its own start
+        if isinstance(module, MLPMemory):
+            module.reset_parameters()
+
+    # ------------------------------------------------------------------ building from parts
+
+    @classmethod
+    def from_parts(
+        cls,
+        lm: PreTrainedModel,
+        memory: MLPMemory,
+        meta: dict[str, Any],
+        *,
+        tokenizer: Any = None,
+        base_model: str | None = None,
+        lambda_: float = 0.25,
+        memory_temperature: float = 1.0,
+    ) -> "MLPMemoryForCausalLM":
+        """Pair a loaded LM with a memory.
+
+        ``meta`` is the memory's meta (at least ``layer`` and ``site``; ``tokenizer_hash``,
+        ``model_id`` and ``model_fingerprint`` when known). ``base_model`` is the
+        reference saved in the config (default: meta's model_id, else the LM's
+        name_or_path). The LM is checked against the memory: layer, sizes, and where
+        mlpmem is installed the tokenizer and the weights' fingerprint.
+        """
+        check_parts(lm, memory, meta, tokenizer)
+        meta = dict(meta)
+        ref = base_model or meta.get("model_id") or getattr(lm.config, "name_or_path", None) or None
+        text_cfg = lm.config.get_text_config()
+        config = MLPMemoryConfig(
+            text_config=copy.deepcopy(lm.config),
+            memory_config=dataclasses.asdict(memory.config),
+            memory_meta=_jsonable(meta),
+            base_model=str(ref) if ref else None,
+            lambda_=check_lambda(lambda_),
+            memory_temperature=check_temperature(memory_temperature),
+            max_position_embeddings=getattr(text_cfg, "max_position_embeddings", None),
+            vocab_size=int(lm.get_output_embeddings().weight.shape[0]),
+            eos_token_id=lm.generation_config.eos_token_id,
+            bos_token_id=lm.generation_config.bos_token_id,
+            pad_token_id=lm.generation_config.pad_token_id,
+        )
+        config.dtype = lm.dtype  # what dtype="auto" restores
+        model = cls(config, lm=lm, memory=memory)
+        model.tokenizer = tokenizer
+        return model.eval()  # an inference wrapper: no dropout in the LM
+
+    @classmethod
+    def from_memory(cls, memory_dir: str | os.PathLike, base_model: str | None = None, **kwargs: Any) -> "MLPMemoryForCausalLM":
+        """Pair a memory folder from mlpmem's train stage with its base model (needs mlpmem; see mlpmem.hf.from_memory)."""
+        try:
+            from mlpmem.hf import from_memory
+        except ImportError:
+            raise MlpmemError("from_memory reads a memory folder of mlpmem's train stage and needs the mlpmem package", "install mlpmem, or load an exported folder with from_pretrained")
+        return from_memory(cls, memory_dir, base_model, **kwargs)
+
+    # ------------------------------------------------------------------ loading and saving
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args: Any,
+        base_model: "str | os.PathLike | PreTrainedModel | None" = None,
+        tokenizer: Any = None,
+        **kwargs: Any,
+    ) -> "MLPMemoryForCausalLM":
+        """Load a saved LM + memory (a folder or a hub repo id).
+
+        A full export (the weights file holds the LM and the memory) goes through
+        transformers' own ``from_pretrained`` unchanged, with all its keywords
+        (``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``dtype``,
+        ``device_map``, ...); ``lambda_=`` and ``memory_temperature=`` override the
+        saved values, as any config attribute. Two cases build the model from
+        parts instead: a folder saved by reference (the base model is loaded from
+        the name in its config) and ``base_model=`` (a name or a loaded model used
+        instead of the saved base). ``tokenizer=`` is checked against the memory's.
+        """
+        config = kwargs.get("config")
+        fix = "pass a folder or repo written by MLPMemoryForCausalLM.save_pretrained, or save the model again"
+        local = Path(pretrained_model_name_or_path)
+        if (local.is_dir() or not _hub_like(str(pretrained_model_name_or_path))) and not (local / kwargs.get("subfolder", "") / "config.json").is_file():
+            raise MlpmemError(f"{local} holds no saved LM + memory model (config.json is missing)", fix)
+        if not isinstance(config, PretrainedConfig):
+            hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+            try:
+                config = MLPMemoryConfig.from_pretrained(pretrained_model_name_or_path, **hub)
+            except OSError as e:
+                raise MlpmemError(f"{pretrained_model_name_or_path} holds no saved LM + memory model ({str(e).splitlines()[0][:200]})", fix)
+        if getattr(config, "model_type", None) != "mlpmem":
+            raise MlpmemError(f"{pretrained_model_name_or_path} holds a {config.model_type!r} model, not an LM + memory ('mlpmem')", fix)
+        if base_model is None and not config.saved_by_reference():
+            if local.is_dir() and not any((local / kwargs.get("subfolder", "")).glob("model*.safetensors")):
+                raise MlpmemError(f"the full export in {local} is incomplete: it holds no model.safetensors", "export the model again with save_pretrained(..., full_export=True)")
+            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            if tokenizer is not None:
+                check_parts(model.lm, model.memory, model.config.memory_meta or {}, tokenizer)
+                model.tokenizer = tokenizer
+            return model
+        return _from_pretrained_parts(cls, str(pretrained_model_name_or_path), config, base_model, tokenizer, kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, full_export: bool = False, tokenizer: Any = None, **kwargs: Any) -> None:  # type: ignore[override]
+        """Write the model: config.json, the weights, this file (for trust_remote_code), the tokenizer, README.md.
+
+        ``full_export=True``: ``model.safetensors`` holds the LM and the memory, the
+        folder needs nothing else, and it loads through transformers' standard
+        path. Otherwise only the memory is saved (``memory/``) and the config names
+        the base model, which must still be loadable from there (or be passed as
+        ``base_model=``) later. Other keywords go to transformers' save_pretrained
+        (``push_to_hub``, ``max_shard_size``, ...). config.json is deleted first,
+        so an interrupted save is never taken for a finished one.
+        """
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").unlink(missing_ok=True)
+        tok = tokenizer if tokenizer is not None else self.tokenizer
+        self.config.lambda_, self.config.memory_temperature = self.lambda_, self.memory_temperature
+        self.config.base_subfolder = None
+        for stale in [folder / "base", *folder.glob("model*.safetensors"), *folder.glob("model.safetensors.index.json")]:
+            _remove(stale)  # a previous save of the other kind must not shadow this one
+        _remove(folder / MEMORY_DIR)
+        if full_export:
+            if tok is None:
+                raise MlpmemError("a full export needs the tokenizer, and this model has none attached", "pass tokenizer= to save_pretrained")
+            self.config.base_weights = "included"
+            super().save_pretrained(folder, **kwargs)
+        else:
+            if not self.config.base_model:
+                raise MlpmemError("the base model has no reference (hub id or folder) to save", "use full_export=True, or build the model with from_parts(..., base_model=PATH)")
+            self.config.base_weights = "reference"
+            write_memory_folder(folder / MEMORY_DIR, self.memory, dict(self.config.memory_meta or {}))
+            self.generation_config.save_pretrained(folder)
+            custom_object_save(self, folder, config=self.config)  # this file, and auto_map in the config
+            self.config.save_pretrained(folder)
+        if tok is not None:
+            tok.save_pretrained(folder)
+        (folder / "README.md").write_text(model_card(self.config, full_export, self.memory.num_parameters(), _num_params(self.lm)))
+
+    # ------------------------------------------------------------------ mixing weight
+
+    def set_lambda(self, lambda_: float | None = None, memory_temperature: float | None = None) -> None:
+        """Set the default lambda (and memory temperature) used when a call does not pass one."""
+        if lambda_ is not None:
+            self.lambda_ = self.config.lambda_ = check_lambda(lambda_)
+        if memory_temperature is not None:
+            self.memory_temperature = self.config.memory_temperature = check_temperature(memory_temperature)
+
+    @contextlib.contextmanager
+    def mixing(self, lambda_: float | None = None, memory_temperature: float | None = None) -> Iterator["MLPMemoryForCausalLM"]:
+        """``with model.mixing(lambda_=0.5): ...``: set lambda / T inside the block, restore them after."""
+        saved = (self.lambda_, self.memory_temperature)
+        self.set_lambda(lambda_, memory_temperature)
+        try:
+            yield self
+        finally:
+            self.set_lambda(*saved)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        lambda_: float | None = None,
+        memory_temperature: float | None = None,
+        **kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """input_ids [B, T] -> ``logits`` [B, K, V] = interpolated log-probs (float32).
+
+        K is the number of kept positions (``logits_to_keep``: 0 keeps all, an int n
+        the last n, a tensor the given positions). The LM and the memory both run
+        only on the kept positions, so a decode step costs one memory call on one
+        row per sequence. lambda = 0 returns exactly ``log_softmax(lm_logits.float())``
+        and skips the memory; lambda = 1 returns the memory's log-probs alone. With
+        ``labels`` [B, T] the loss is the mean next-token NLL under the mixture
+        (needs all positions kept). ``lambda_`` / ``memory_temperature`` given here
+        (or to ``generate``, which passes unknown keywords to every step's forward)
+        override the model's defaults for this call.
+        """
+        lam = self.lambda_ if lambda_ is None else check_lambda(lambda_)
+        temp = self.memory_temperature if memory_temperature is None else check_temperature(memory_temperature)
+        base_kwargs: dict[str, Any] = dict(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+        )
+        if cache_position is not None:
+            base_kwargs["cache_position"] = cache_position
+        if self._lm_keeps_logits:
+            base_kwargs["logits_to_keep"] = logits_to_keep
+        if lam == 0.0:
+            out, hidden = self.lm(**base_kwargs), None
+        else:
+            with hidden_state(self.lm, *self.site) as store:
+                out = self.lm(**base_kwargs)
+            hidden = store["h"]  # [B, T, d]
+        logits = out.logits if self._lm_keeps_logits else keep_positions(out.logits, logits_to_keep)
+        logprobs = logits.float().log_softmax(-1)
+        if hidden is not None:
+            mem_logits = self.memory(keep_positions(hidden, logits_to_keep)).float()
+            if temp != 1.0:
+                mem_logits = mem_logits / temp
+            mem_lp = mem_logits.log_softmax(-1)
+            if lam == 1.0:
+                logprobs = mem_lp
+            else:
+                logprobs = torch.logaddexp(logprobs + math.log1p(-lam), mem_lp + math.log(lam))
+        loss = None
+        if labels is not None:
+            if logprobs.shape[1] != labels.shape[1]:
+                raise MlpmemError("labels need the log-probs of every position", "call with logits_to_keep=0 when passing labels")
+            loss = F.nll_loss(logprobs[:, :-1].reshape(-1, logprobs.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logprobs, past_key_values=getattr(out, "past_key_values", None),
+            hidden_states=getattr(out, "hidden_states", None), attentions=getattr(out, "attentions", None),
+        )
+
+    # ------------------------------------------------------------------ generation: the base model decides
+    # the cache is shaped from config.text_config (the base's config) by transformers itself, and beam
+    # search reorders it through the Cache object: only the inputs of each step need the base model
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, **kwargs: Any) -> dict[str, Any]:
+        # our own keywords (lambda_, memory_temperature, logits_to_keep) pass through unchanged
+        return self.lm.prepare_inputs_for_generation(input_ids, **kwargs)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.lm.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.lm.get_output_embeddings()
+
+
+MLPMemoryConfig.register_for_auto_class()
+MLPMemoryForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+
+# ============================================================================ checks, loading by reference, the card
+
+
+def check_parts(lm: nn.Module, memory: MLPMemory, meta: dict[str, Any], tokenizer: Any = None) -> None:
+    """Refuse an LM and memory that do not fit: input layer and site, hidden and logits sizes; with
+    mlpmem installed also the tokenizer (hash) and the base model's weights (fingerprint)."""
+    fix = "use the base model (and tokenizer) the memory was trained for, or train a memory for this model"
+    for key in ("layer", "site"):
+        if key not in meta:
+            raise MlpmemError(f"the memory's meta does not say which {key} it reads", "pass the meta returned by load_memory, with 'layer' and 'site'")
+    if meta["site"] not in SITES:
+        raise MlpmemError(f"the memory reads the unknown site {meta['site']!r}", f"the site must be one of {SITES}")
+    text_cfg = lm.config.get_text_config()
+    try:
+        resolve_layer(lm, int(meta["layer"]))
+    except MlpmemError:
+        raise MlpmemError(f"the memory reads decoder layer {meta['layer']}, but the base model {_name(lm)} has only {text_cfg.num_hidden_layers} layers", fix)
+    if memory.config.d_in != text_cfg.hidden_size:
+        raise MlpmemError(f"the memory reads {memory.config.d_in}-dim hidden states but the base model {_name(lm)} has hidden size {text_cfg.hidden_size}", fix)
+    v = int(lm.get_output_embeddings().weight.shape[0])
+    if memory.config.vocab_size != v:
+        raise MlpmemError(f"the memory outputs {memory.config.vocab_size} logits but the base model {_name(lm)} outputs {v}", fix)
+    try:
+        from mlpmem.hf import check_base
+    except ImportError:
+        logger.info("mlpmem is not installed: the base model's tokenizer and weights are not checked against the memory's record")
+        return
+    check_base(lm, meta, tokenizer)
+
+
+def _from_pretrained_parts(cls: type, name: str, config: MLPMemoryConfig, base_model: Any, tokenizer: Any, kwargs: dict) -> MLPMemoryForCausalLM:
+    """from_pretrained for a folder saved by reference, or with ``base_model=``: load the two parts, then pair them."""
+    hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+    kwargs.pop("config", None)
+    lam = kwargs.pop("lambda_", config.lambda_)
+    temp = kwargs.pop("memory_temperature", config.memory_temperature)
+    dtype = kwargs.pop("dtype", None)
+    device = kwargs.pop("device", None)
+    device_map = kwargs.pop("device_map", None)
+    for k in ("trust_remote_code", "_from_auto", "_commit_hash", "adapter_kwargs"):
+        kwargs.pop(k, None)
+    if kwargs:
+        logger.info("from_pretrained of a model saved by reference ignores %s", sorted(kwargs))
+    memory, meta = _load_memory(name, config, hub)
+    base_hub = {k: v for k, v in hub.items() if k not in ("revision", "subfolder")}  # another repository
+    if isinstance(base_model, nn.Module):
+        lm, tok, ref = base_model, tokenizer, config.base_model
+    else:
+        if base_model is not None:
+            ref, sub = str(base_model), None
+        elif config.base_subfolder:  # a full export of mlpmem < 0.2: the base in a subfolder
+            ref, sub = name, config.base_subfolder
+            if Path(name).is_dir():
+                ref, sub = str(Path(name) / config.base_subfolder), None
+                if not (Path(ref) / "config.json").is_file() or not any(Path(ref).glob("*.safetensors")) and not any(Path(ref).glob("*.bin")):
+                    raise MlpmemError(f"the full export in {name} is incomplete: {ref} holds no base model", "export the model again with save_pretrained(..., full_export=True)")
+            base_hub = dict(hub, subfolder=sub) if sub else base_hub
+        elif config.base_model:
+            ref = config.base_model
+        else:
+            raise MlpmemError(f"{name} names no base model", "pass base_model= to from_pretrained")
+        lm, tok = load_base(ref, dtype, base_hub)
+        tok = tokenizer if tokenizer is not None else tok
+    if tok is None:
+        logger.warning("cannot check that the base model's tokenizer is the memory's: pass tokenizer= to check it")
+    model = cls.from_parts(lm, memory, meta, tokenizer=tok, base_model=config.base_model if isinstance(base_model, nn.Module) or base_model is None else str(base_model),
+                           lambda_=lam, memory_temperature=temp)
+    if device is not None or isinstance(device_map, (str, torch.device)):
+        model.to(device if device is not None else device_map)
+    return model
+
+
+def _load_memory(name: str, config: MLPMemoryConfig, hub: dict) -> tuple[MLPMemory, dict[str, Any]]:
+    """The memory of a saved model: its ``memory/`` folder, else the ``memory.*`` weights of a full export."""
+    files = {}
+    for fname in (MEMORY_CONFIG, MEMORY_WEIGHTS):
+        files[fname] = _resolve(name, f"{MEMORY_DIR}/{fname}", hub)
+    if all(files.values()):
+        return read_memory_folder(files)
+    if config.saved_by_reference():
+        missing = [f for f, p in files.items() if not p]
+        raise MlpmemError(f"{name} holds no complete memory ({MEMORY_DIR}/{missing[0]} is missing)", "save the model again with save_pretrained")
+    # a full export, loaded with another base: take the memory's weights out of the full weights
+    index = _resolve(name, "model.safetensors.index.json", hub)
+    shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values())) if index else ["model.safetensors"]
+    state = {}
+    for shard in shards:
+        path = _resolve(name, shard, hub)
+        if not path:
+            raise MlpmemError(f"{name} is missing its weights file {shard}", "save the model again with save_pretrained(..., full_export=True)")
+        state.update({k.removeprefix("memory."): v for k, v in load_file(path).items() if k.startswith("memory.")})
+    with torch.device("meta"):
+        memory = MLPMemory(MemoryConfig(**config.memory_config))
+    memory.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    memory.apply_freeze()
+    return memory.eval(), dict(config.memory_meta or {})
+
+
+def _resolve(name: str, filename: str, hub: dict) -> str | None:
+    """A file of a saved model, local or from the hub (cache); None if it does not exist."""
+    if Path(name).is_dir():
+        path = Path(name) / hub.get("subfolder", "") / filename
+        return str(path) if path.is_file() else None
+    return cached_file(name, filename, _raise_exceptions_for_missing_entries=False, **hub)
+
+
+def load_base(ref: str, dtype: Any, hub: dict) -> tuple[PreTrainedModel, Any]:
+    """(base LM in eval mode, its tokenizer or None) from a name: mlpmem's loader where installed (it knows
+    mlpmem's model names and GGUF files, and refuses non-causal models), else transformers'."""
+    try:
+        from mlpmem.models import load_model
+    except ImportError:
+        load_model = None
+    if load_model is not None and not hub:
+        lm, tok, _ = load_model(ref, dtype=_dtype_name(dtype))
+        return lm, tok
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype if dtype is not None else "auto", **hub)
+    except (OSError, ValueError) as e:
+        raise MlpmemError(f"could not load the base model {ref!r} ({str(e).splitlines()[0][:200]})",
+                          "pass base_model= a loadable model, or save the LM + memory with full_export=True")
+    try:
+        tok = AutoTokenizer.from_pretrained(ref, **hub)
+    except (OSError, ValueError):
+        tok = None
+    return lm.eval().requires_grad_(False), tok
+
+
+def model_card(config: MLPMemoryConfig, full_export: bool, memory_params: int, lm_params: int) -> str:
+    """README.md of a saved LM + memory: what it is made of, how it was trained, what it scored, how to load it."""
+    meta = config.memory_meta or {}
+    mem = config.memory_config or {}
+    base = config.base_model or "(unknown)"
+    hub_like = _hub_like(base) and not Path(base).exists()
+    front = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- mlpmem", "- mlp-memory"]
+    if hub_like:
+        front.append(f"base_model: {base}")
+    front.append("---")
+    lines = [
+        *front, "",
+        f"# {base} + MLP memory", "",
+        "A causal language model mixed at every position with a retriever-pretrained MLP memory "
+        "([MLP Memory, arXiv 2508.01832](https://arxiv.org/abs/2508.01832)), built with mlpmem.", "",
+        "| | |", "|---|---|",
+        f"| base model | `{base}` ({lm_params / 1e6:.1f}M parameters{', included' if full_export else ', loaded by reference'}) |",
+        f"| memory | {memory_params / 1e6:.1f}M parameters, {mem.get('n_blocks')} blocks, {mem.get('activation')}, "
+        f"reads layer {meta.get('layer')} ({meta.get('site')}) |",
+        f"| lambda (memory weight) | {config.lambda_} |",
+        f"| memory temperature | {config.memory_temperature} |",
+    ]
+    for key, label in (("corpus", "training corpus"), ("datastore", "datastore"), ("targets", "kNN targets"), ("model", "recipe model")):
+        if meta.get(key):
+            lines.append(f"| {label} | `{meta[key]}` |")
+    lines += ["", "## Results", ""]
+    results = meta.get("results")
+    if results:
+        lines += ["```json", json.dumps(results, indent=2, sort_keys=True, default=str), "```"]
+    else:
+        lines.append("No results were recorded with this memory.")
+    lines += [
+        "", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        f'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO", trust_remote_code=True{", dtype=" + chr(34) + "auto" + chr(34) if full_export else ""})',
+        'tok = AutoTokenizer.from_pretrained("PATH_OR_REPO")',
+        'out = model.generate(**tok(["Fellow citizens"], return_tensors="pt"), max_new_tokens=30)',
+        "out = model.generate(..., lambda_=0.0)  # the base model alone; 1.0 the memory alone", "```", "",
+        "`logits` are the mixture's log-probabilities. " + (
+            "The folder is self-contained." if full_export else
+            f"The base model is loaded from `{base}`; pass `base_model=` to use a copy from elsewhere."), "",
+    ]
+    return "\n".join(lines)
+
+
+def _hub_like(name: str) -> bool:
+    """Whether ``name`` has the form of a hub repo id (``org/name`` or ``name``), rather than a path."""
+    return bool(re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name)) and not name.startswith((".", "/"))
+
+
+def _dtype_name(dtype: Any) -> str:
+    if dtype is None or dtype == "auto":
+        return "float32"
+    return str(dtype).removeprefix("torch.")
+
+
+def _name(lm: nn.Module) -> str:
+    return str(getattr(getattr(lm, "config", None), "name_or_path", "") or type(lm).__name__)
+
+
+def _num_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON values (tuples as lists, paths and other objects as strings)."""
+    return json.loads(json.dumps(obj, default=str))

@@ -1,6 +1,6 @@
 """Datastore extraction speed against a plain forward pass, side by side (not a test).
 
-    python bench/bench_extract.py [--context 512] [--stride 256] [--batch-size 8] [--tokens 16384] [--repeats 3]
+    python bench/bench_extract.py [--context 512] [--stride 256] [--batch-size 8] [--tokens 16384] [--repeats 3] [--quick]
                                   [--corpus DIR] [--methods plain recompute cache ...] [--check-tokens 4096]
 
 Methods (each may carry ``:bN`` for another batch size, ``:lwN`` for another
@@ -146,7 +146,11 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=["plain", "recompute", "cache"])
     p.add_argument("--check-tokens", type=int, default=4096, help="0 skips the perplexity/keys check")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "extract.json"))
+    p.add_argument("--quick", action="store_true", help="smoke run: 1024 tokens, 1 repeat, writes extract_quick.json")
     a = p.parse_args()
+    if a.quick:
+        a.tokens, a.repeats, a.check_tokens = 1024, 1, 1024
+        a.out = a.out.replace("extract.json", "extract_quick.json")
     logging.basicConfig(level=logging.WARNING)
     a.lane_windows_default = dsmod.LANE_WINDOWS
     model, tok, model_id = load_model(a.model)

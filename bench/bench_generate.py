@@ -1,6 +1,6 @@
 """Generation speed: base LM against LM + MLP memory, batch 1 and 8 (not a test).
 
-    python bench/bench_generate.py [--model smollm2-135m] [--blocks 4] [--new-tokens 32] [--prompt-tokens 32] [--repeats 3]
+    python bench/bench_generate.py [--model smollm2-135m] [--blocks 4] [--new-tokens 32] [--prompt-tokens 32] [--repeats 3] [--quick]
 
 The memory is built from its config with random weights (speed does not depend on
 the weights): width = the LM's hidden size, ``--blocks`` residual blocks, a head
@@ -52,7 +52,11 @@ def main() -> None:
     p.add_argument("--lambda", dest="lam", type=float, default=0.25)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "generate.json"))
+    p.add_argument("--quick", action="store_true", help="smoke run: 8 new tokens, batch 1, 1 repeat, writes generate_quick.json")
     a = p.parse_args()
+    if a.quick:
+        a.new_tokens, a.batches, a.repeats = 8, [1], 1
+        a.out = a.out.replace("generate.json", "generate_quick.json")
 
     if a.threads:
         # on a loaded machine, multi-threaded tiny decode ops spin-wait on each other

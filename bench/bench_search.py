@@ -1,6 +1,6 @@
 """Search speed and recall@k: Flat against the `auto` approximate index (not a test).
 
-    python bench/bench_search.py [--n 200000] [--d 576] [--k 1024] [--queries 300] [--datastore DIR]
+    python bench/bench_search.py [--n 200000] [--d 576] [--k 1024] [--queries 300] [--datastore DIR] [--quick]
 
 Synthetic keys (default) are float16 draws from a mixture of Gaussians in a 64-dim
 subspace plus isotropic noise: LM hidden states are clustered and of low intrinsic
@@ -80,7 +80,11 @@ def main() -> None:
     p.add_argument("--nprobes", type=str, default="32,64,128", help="extra nprobe values to sweep on the auto index")
     p.add_argument("--datastore", type=Path, default=None)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "search.json")
+    p.add_argument("--quick", action="store_true", help="smoke run: 20k synthetic keys, k=64, 50 queries, writes search_quick.json")
     args = p.parse_args()
+    if args.quick:
+        args.n, args.k, args.queries, args.nprobes = 20_000, 64, 50, "8"
+        args.out = args.out.with_name("search_quick.json")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     with tempfile.TemporaryDirectory() as tmp:

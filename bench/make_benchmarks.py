@@ -92,7 +92,7 @@ def quality() -> str:
 
 def scaling() -> str:
     r = load("scaling")
-    s = "## 2. Cost per token as the datastore grows\n\n```\npython bench/bench_scaling.py --threads 1\n```\n\n"
+    s = "## 2. Cost per token as the datastore grows\n\n```\npython bench/bench_scaling.py --threads 1                         # 10k to 1M keys\npython bench/bench_scaling.py --threads 1 --sizes 3e6 --repeats 2 # adds 3M keys to the same JSON\n```\n\n"
     if not r:
         return s + missing("python bench/bench_scaling.py")
     rows = [[x["n"], x["factory"] + (f" nprobe {x['nprobe']}" if x.get("nprobe") else ""), x.get("recall_at_k"),
@@ -165,9 +165,9 @@ def memory_size() -> str:
 
 def decoder() -> str:
     r = load("decoder")
-    s = "## 5. Against a bigger decoder (Gemma-3-270M)\n\n```\npython bench/bench_decoder.py --threads 1\n```\n\n"
+    s = "## 5. Against a bigger decoder (Gemma-3-270M)\n\n```\npython bench/bench_decoder.py --threads 1 --repeats 3 --plain\n```\n\n"
     if not r:
-        return s + missing("python bench/bench_decoder.py --threads 1")
+        return s + missing("python bench/bench_decoder.py --threads 1 --repeats 3 --plain")
     rows = [[name, v["bits_per_byte"], v["bytes_per_s"], v["speed_vs_gemma"]] for name, v in r["systems"].items()]
     s += table(["system", "bits per byte", "bytes/s", "speed vs Gemma"], rows)
     s += (f"\nSame {r['text']['bytes']:,} bytes of State of the Union test text ({r['text']['documents']} speeches) for both tokenizers; "

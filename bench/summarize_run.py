@@ -41,7 +41,9 @@ def summarize(run: Path) -> dict:
         "extract_tokens_per_s": ds.get("extract_tokens_per_s"),
         "index": {k: ix.get(k) for k in ("factory", "nprobe", "rerank", "recall_at_k", "k")},
         "targets": tg["stats"],
-        "train": {k: train.get(k) for k in ("tokens_per_s", "peak_rss_mb", "valid", "epochs", "precision", "parameters", "steps")},
+        "train": {k: train.get(k) for k in ("tokens_per_s", "peak_rss_mb", "valid_start", "valid", "epochs", "precision", "parameters", "steps")},
+        # newer reports only: the model named honestly, wall time per stage, single-pass speed estimate
+        **{k: report[k] for k in ("model", "model_id", "seconds_this_run", "speed_vs_lm") if k in report},
     }
 
 

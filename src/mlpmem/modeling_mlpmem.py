@@ -485,7 +485,7 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
             bos_token_id=lm.generation_config.bos_token_id,
             pad_token_id=lm.generation_config.pad_token_id,
         )
-        config.dtype = lm.dtype  # what dtype="auto" restores
+        config.dtype = config.text_config.dtype = lm.dtype  # what dtype="auto" restores
         model = cls(config, lm=lm, memory=memory)
         model.tokenizer = tokenizer
         return model.eval()  # an inference wrapper: no dropout in the LM
@@ -829,8 +829,8 @@ def model_card(config: MLPMemoryConfig, full_export: bool, memory_params: int, l
         "A causal language model mixed at every position with a retriever-pretrained MLP memory "
         "([MLP Memory, arXiv 2508.01832](https://arxiv.org/abs/2508.01832)), built with mlpmem.", "",
         "| | |", "|---|---|",
-        f"| base model | `{base}` ({lm_params / 1e6:.1f}M parameters{', included' if full_export else ', loaded by reference'}) |",
-        f"| memory | {memory_params / 1e6:.1f}M parameters, {mem.get('n_blocks')} blocks, {mem.get('activation')}, "
+        f"| base model | `{base}` ({lm_params:,} parameters{', included' if full_export else ', loaded by reference'}) |",
+        f"| memory | {memory_params:,} parameters, {mem.get('n_blocks')} blocks, {mem.get('activation')}, "
         f"reads layer {meta.get('layer')} ({meta.get('site')}) |",
         f"| lambda (memory weight) | {config.lambda_} |",
         f"| memory temperature | {config.memory_temperature} |",

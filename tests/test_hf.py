@@ -327,3 +327,16 @@ def test_generate_cli_side_by_side(parts, tmp_path, capsys):
     rows = generate_side_by_side(str(tmp_path / "mem"), ["the union and", "war"], GenerateConfig(max_new_tokens=6, lam=0.9))
     assert any(r["base"] != r["memory"] for r in rows)  # a peaked random memory at lambda 0.9 changes the text
     assert main(["generate", str(tmp_path / "mem")]) == 2  # no prompts: a clear error
+
+
+def test_generate_side_by_side_with_a_full_export(parts, model, tmp_path):
+    """A full export loads on transformers' path (no tokenizer attached): generation takes the one saved with it."""
+    from mlpmem.generation import GenerateConfig, generate_side_by_side
+
+    _, lm, tok, _, _ = parts
+    model.save_pretrained(tmp_path / "full", full_export=True)
+    cfg = json.loads((tmp_path / "full" / "config.json").read_text())
+    (tmp_path / "full" / "config.json").write_text(json.dumps(dict(cfg, base_model=str(tmp_path / "gone"))))  # nothing else to find
+    rows = generate_side_by_side(str(tmp_path / "full"), ["the union and", "war"], GenerateConfig(max_new_tokens=6, lam=0.5))
+    p = tok("war", return_tensors="pt").input_ids
+    assert rows[1]["memory"] == tok.decode(model.generate(p, max_new_tokens=6, do_sample=False)[0, p.shape[1]:], skip_special_tokens=True)

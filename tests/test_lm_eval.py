@@ -133,3 +133,33 @@ def test_backend_scores_the_mixture(setup, tiny_llama):
         out = model.generate(ids, max_new_tokens=4, do_sample=False)
         want = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0]
         assert s["resps"][0][0] == want
+
+
+def test_device_defaults_to_what_is_there(setup, tmp_path, monkeypatch):
+    """No device given: the backend (and `mlpmem-lm-eval` for any backend) use what exists, not lm-eval's default cuda."""
+    import sys
+
+    from mlpmem import lm_eval_backend
+    from mlpmem.hf import MLPMemoryForCausalLM
+
+    root, _ = setup
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert lm_eval_backend.default_device() == want or torch.backends.mps.is_available()
+    lm = lm_eval_backend.MLPMemoryLM(memory=str(root / "memory"), lambda_=0.5, batch_size=1)  # no device, as from the CLI
+    assert lm.device.type == lm_eval_backend.default_device()
+    from lm_eval.api.instance import Instance
+
+    req = Instance(request_type="loglikelihood", doc={}, arguments=("the union", " and the"), idx=0)
+    (logp, _), = lm.loglikelihood([req])
+    assert math.isfinite(logp) and logp < 0
+    # a full export (pretrained=) brings its own tokenizer
+    model, tok = lm_eval_backend.load_mixture(memory=str(root / "memory"), lambda_=0.5)
+    model.save_pretrained(tmp_path / "full", full_export=True)
+    model2, tok2 = lm_eval_backend.load_mixture(pretrained=str(tmp_path / "full"), lambda_=0.5)
+    assert isinstance(model2, MLPMemoryForCausalLM) and tok2 is not None and tok2.get_vocab() == tok.get_vocab()
+
+    seen = []
+    monkeypatch.setattr("lm_eval.__main__.cli_evaluate", lambda: seen.append(list(sys.argv[1:])))
+    lm_eval_backend.main(["--model", "hf", "--model_args", "pretrained=x", "--tasks", "t"])
+    lm_eval_backend.main(["--model", "hf", "--device", "cpu:0", "--tasks", "t"])
+    assert seen[0][-2:] == ["--device", lm_eval_backend.default_device()] and seen[1].count("--device") == 1

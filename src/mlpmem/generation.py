@@ -54,7 +54,8 @@ def generate_side_by_side(model_path: str, prompts: list[str], cfg: GenerateConf
     if tok is None:
         from mlpmem.models import load_tokenizer
 
-        tok = load_tokenizer(base_model or model.config.base_model)
+        # a full export loads on transformers' standard path, which leaves the tokenizer to the caller: it is saved alongside
+        tok = load_tokenizer(str(path) if (path / "tokenizer_config.json").exists() else (base_model or model.config.base_model))
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

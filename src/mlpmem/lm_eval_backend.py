@@ -17,8 +17,10 @@ its remote-code hook: ``lm_eval --model hf --model_args pretrained=EXPORT,trust_
 written by ``MLPMemoryForCausalLM.save_pretrained``), or ``pretrained`` (the
 latter kind); ``base_model`` (default: the model the memory was trained on);
 ``lambda_`` (0 scores the base LM alone through the same code path) and
-``memory_temperature``; ``dtype``; any other HFLM argument (batch_size,
-max_length, ...).
+``memory_temperature``; ``dtype``; ``device`` (default: cuda if there is one,
+else mps, else cpu; lm-eval's own default is cuda, and :func:`main` passes the
+same default to every backend when ``--device`` is not given); any other HFLM
+argument (batch_size, max_length, ...).
 
 The class subclasses lm-eval's ``HFLM``: our model returns interpolated
 log-probabilities as ``logits``, and HFLM's log_softmax of them changes nothing
@@ -56,9 +58,29 @@ def load_mixture(
         raise MlpmemError("the mlpmem backend needs memory=PATH (or pretrained=PATH)", "pass --model_args memory=runs/NAME/train/memory,base_model=MODEL")
     if (Path(folder) / "config.json").is_file():  # a save_pretrained folder
         model = MLPMemoryForCausalLM.from_pretrained(folder, base_model=base_model, lambda_=lambda_, memory_temperature=memory_temperature, dtype=dtype)
+        if model.tokenizer is None and (Path(folder) / "tokenizer_config.json").is_file():
+            from mlpmem.models import load_tokenizer
+
+            model.tokenizer = load_tokenizer(folder)  # a full export: transformers' from_pretrained loads no tokenizer
     else:
         model = MLPMemoryForCausalLM.from_memory(folder, base_model, lambda_=lambda_, memory_temperature=memory_temperature, dtype=dtype)
     return model, model.tokenizer
+
+
+def default_device() -> str:
+    """The device to use when the user names none: cuda, else mps, else cpu.
+
+    lm-eval's own default is "cuda", which fails on a CPU-only torch ("Torch not
+    compiled with CUDA enabled") before a single document is scored.
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
 
 
 @register_model("mlpmem")
@@ -77,12 +99,10 @@ class MLPMemoryLM(HFLM):
         max_length: int | None = None,
         **kwargs: Any,
     ) -> None:
-        import torch
-
         model, tok = load_mixture(memory, base_model, pretrained, float(lambda_), float(memory_temperature), str(dtype))
         if tok is None:
             raise MlpmemError("no tokenizer was found for the base model", "pass pretrained= a folder saved with its tokenizer, or a base_model folder that holds one")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or default_device()
         model.to(device)
         # HFLM reads the context size from the top-level config, which is ours: give it the base model's
         max_length = max_length or getattr(model.config, "max_position_embeddings", None)
@@ -101,8 +121,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from lm_eval.__main__ import cli_evaluate
 
-    if argv is not None:
-        sys.argv = [sys.argv[0], *argv]
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--model" in args and not any(a == "--device" or a.startswith("--device=") for a in args):
+        # every backend (also `--model hf` on an exported folder) gets a device that exists here
+        args += ["--device", default_device()]
+    sys.argv = [sys.argv[0], *args]
     cli_evaluate()
 
 

@@ -78,3 +78,63 @@ def test_gguf_path(tmp_path, monkeypatch):
     bad.write_bytes(b"another file, same name")
     models.resolve_model(str(bad))
     assert len(calls) == 1 and calls[0][2]["bytes"] == bad.stat().st_size
+
+
+def _bert_folder(folder, tok, is_decoder: bool):
+    from transformers import AutoModelForCausalLM, BertConfig
+
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=len(tok) + 8,
+                     max_position_embeddings=64, is_decoder=is_decoder)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)  # transformers gives BertLMHeadModel
+    tok.save_pretrained(folder)
+    return folder
+
+
+def test_non_causal_models_are_refused(tiny_llama, tmp_path):
+    """An encoder loaded as a causal LM (BERT: its keys see the token they predict) is refused; the same model as a decoder is not."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    with pytest.raises(MlpmemError, match="not causal"):
+        load_model(str(_bert_folder(tmp_path / "bert", tok, is_decoder=False)))
+    model, _, _ = load_model(str(_bert_folder(tmp_path / "bert_decoder", tok, is_decoder=True)))
+    assert type(model).__name__ == "BertLMHeadModel"
+
+
+def test_fingerprint_identifies_weights(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from mlpmem.models import model_fingerprint
+
+    a, _, _ = load_model(str(tiny_llama))
+    fp = model_fingerprint(a)
+    # the same weights reloaded, and loaded as bfloat16 (rounded before hashing), give the same fingerprint
+    assert model_fingerprint(load_model(str(tiny_llama))[0]) == fp
+    assert model_fingerprint(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16)) == fp
+    # another random model of the same shape does not, nor a change of one weight away from the head (a fine-tune)
+    torch.manual_seed(7)
+    b = AutoModelForCausalLM.from_config(a.config)
+    other = model_fingerprint(b)
+    assert other != fp and {k: v for k, v in other.items() if k != "weights_sha256"} == {k: v for k, v in fp.items() if k != "weights_sha256"}
+    tuned = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    with torch.no_grad():
+        tuned.model.layers[0].mlp.down_proj.weight.add_(0.05)
+    assert model_fingerprint(tuned) != fp
+
+
+def test_memory_base_fingerprint_refuses_another_model_for_offline_training(tiny_models, tmp_path):
+    """`train --init lm_copy --model OTHER` on a datastore of MODEL: offline, the LM must be the datastore's model."""
+    from mlpmem.models import memory_base_fingerprint, model_fingerprint
+
+    llama, _, llama_id = load_model(str(tiny_models["llama"]))
+    gpt2, _, gpt2_id = load_model(str(tiny_models["gpt2"]))
+    assert memory_base_fingerprint(llama_id, None, llama, online=False) == model_fingerprint(llama)
+    with pytest.raises(MlpmemError, match="datastore was built with") as e:
+        memory_base_fingerprint(llama_id, None, gpt2, online=False)  # loads the datastore's model to compare
+    assert llama_id in str(e.value) and gpt2_id in str(e.value)
+    with pytest.raises(MlpmemError, match="different model"):
+        memory_base_fingerprint("anything", model_fingerprint(llama), gpt2, online=False)  # a recorded fingerprint is enough
+    # online training reads the LM's own hidden states: the LM is the memory's base
+    assert memory_base_fingerprint(llama_id, model_fingerprint(llama), gpt2, online=True) == model_fingerprint(gpt2)
+    assert memory_base_fingerprint(llama_id, None, None, online=False) is None

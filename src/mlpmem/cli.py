@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -41,7 +43,11 @@ def _targets(a):
     if a.temperature is None:  # "auto": the T that minimised kNN-LM perplexity on valid
         if not a.tuning:
             raise MlpmemError("--temperature auto needs the tuning result of `mlpmem knnlm`", "pass --tuning OUT/knnlm.json, or a number such as --temperature 2")
-        a.temperature = float(read_json(Path(a.tuning))["knn_temperature"])
+        tuning = read_json(Path(a.tuning))
+        t = tuning.get("knn_temperature") if isinstance(tuning, dict) else None
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not t > 0:
+            raise MlpmemError(f"{a.tuning} holds no positive knn_temperature", "pass the knnlm.json written by `mlpmem knnlm`, or a number such as --temperature 2")
+        a.temperature = float(t)
     build_targets(Path(a.datastore), Path(a.index), Path(a.out), from_args(TargetsConfig, a), a.overwrite,
                   queries_dir=Path(a.queries) if a.queries else None)
 
@@ -49,8 +55,13 @@ def _targets(a):
 def _knnlm(a):
     from mlpmem.config import from_args
     from mlpmem.evaluate import KnnConfig, run_knnlm
+    from mlpmem.store import Datastore
 
-    r = run_knnlm(Path(a.corpus), Path(a.datastore), Path(a.index), Path(a.out), from_args(KnnConfig, a), a.split, a.model)
+    cfg = from_args(KnnConfig, a)
+    n = Datastore(Path(a.datastore)).n_rows
+    if cfg.k > n:
+        raise MlpmemError(f"--k {cfg.k} neighbours asked for, but the datastore in {a.datastore} has {n} rows", f"use --k {n} or less")
+    r = run_knnlm(Path(a.corpus), Path(a.datastore), Path(a.index), Path(a.out), cfg, a.split, a.model)
     print(_table(r))
 
 
@@ -61,6 +72,8 @@ def _train(a):
     from mlpmem.train import TrainConfig, train_memory
 
     cfg = from_args(TrainConfig, a)
+    if a.valid_targets and not a.valid:
+        raise MlpmemError("--valid-targets needs --valid (the valid datastore those targets belong to)", "pass --valid DATASTORE too, or drop --valid-targets")
     lm = None
     layer = cfg.memory_input()[0]
     if cfg.init != "plain" or (layer is not None and layer < 0):
@@ -86,15 +99,42 @@ def _generate(a):
     from mlpmem.config import from_args
     from mlpmem.generation import GenerateConfig, generate_side_by_side, read_prompts
 
-    rows = generate_side_by_side(a.model, read_prompts(a.prompts, a.prompts_file), from_args(GenerateConfig, a), a.base_model)
+    cfg = from_args(GenerateConfig, a)
+    prompts = read_prompts(a.prompts, a.prompts_file)
+    rows = generate_side_by_side(str(_memory_folder(a.model, a.verify)), prompts, cfg, a.base_model)
     for r in rows:
         print(f"=== {r['prompt']}\n--- base LM:\n{r['base']}\n--- LM + memory (lambda={a.lam}):\n{r['memory']}\n")
 
 
 def _export(a):
     from mlpmem.hf import export_hf
+    from mlpmem.manifest import claim_out
 
-    export_hf(Path(a.memory), Path(a.out), base_model=a.base_model, lambda_=a.lam, memory_temperature=a.memory_temperature, full_export=a.full)
+    memory = _memory_folder(a.memory, a.verify)
+    if not 0 <= a.lam <= 1:
+        raise MlpmemError(f"--lam must lie in [0, 1], got {a.lam}", "pass e.g. --lam 0.25 (the weight of the memory)")
+    if not 0 < a.memory_temperature < float("inf"):
+        raise MlpmemError(f"--memory-temperature must be positive, got {a.memory_temperature}", "pass e.g. --memory-temperature 1")
+    if Path(a.out).resolve() == memory.resolve() or memory.resolve() in Path(a.out).resolve().parents:
+        raise MlpmemError(f"--out {a.out} lies inside the memory folder it exports", "choose an --out outside it")
+    claim_out(Path(a.out), "export")  # never into another stage's folder, nor a folder of the user's
+    export_hf(memory, Path(a.out), base_model=a.base_model, lambda_=a.lam, memory_temperature=a.memory_temperature, full_export=a.full)
+
+
+def _memory_folder(path: str, verify: bool) -> Path:
+    """The memory folder a user means: RUN/train/memory, or RUN/train itself; checked against its stage's manifest."""
+    from mlpmem.manifest import MANIFEST, verify_stage
+
+    p = Path(path)
+    if not p.exists():
+        raise MlpmemError(f"{p} does not exist", "pass a trained memory folder (RUN/train/memory) or an exported model folder")
+    if not p.is_dir():
+        raise MlpmemError(f"{p} is a file, not a folder", "pass a trained memory folder (RUN/train/memory) or an exported model folder")
+    if (p / MANIFEST).exists() and (p / "memory").is_dir():
+        p = p / "memory"  # the train stage's folder: its memory is inside
+    if (p.parent / MANIFEST).exists() and p.name == "memory":
+        verify_stage(p.parent, "memory", full=verify)  # sizes and sampled hashes; every byte with --verify
+    return p
 
 
 def _probe(a):
@@ -162,7 +202,7 @@ def _args_knnlm(sp):
 
     for name in ("corpus", "datastore", "index", "out"):
         sp.add_argument(f"--{name}", required=True)
-    sp.add_argument("--split", default="test")
+    sp.add_argument("--split", default="test", choices=("train", "valid", "test"))
     sp.add_argument("--model", default=None, help="model to use (default: the datastore's)")
     add_arguments(sp, KnnConfig)
 
@@ -247,6 +287,9 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         if verb in (name, None):
             add(sp)
+            if name != "corpus":
+                sp.add_argument("--verify", action="store_true",
+                                help="hash every byte of the stage folders read (default: sizes and sampled blocks)")
     return p
 
 
@@ -257,15 +300,59 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("faiss.loader", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from mlpmem.manifest import release_all_locks, set_full_verify
+
+    set_full_verify(getattr(args, "verify", False))
     try:
-        args.fn(args)
+        try:
+            args.fn(args)
+        finally:
+            release_all_locks()  # a stage that stopped half-way can be resumed at once, by anyone
     except MlpmemError as e:
         print(f"mlpmem: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mlpmem: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except OSError as e:
+        err = os_error(e, argv)
+        if err is None:
+            raise  # not a user's path or a full disk: a bug, which deserves its traceback
+        print(f"mlpmem: error: {err}", file=sys.stderr)
+        return 2
     return 0
+
+
+def os_error(e: OSError, argv: list[str]) -> MlpmemError | None:
+    """The user error behind an OS error (permissions, full or read-only disk, a missing path the
+    user gave), or None for anything else."""
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return MlpmemError(f"the disk is full{where}", "free some space and run the same command again (finished shards and checkpoints are kept), or choose an --out on a larger disk")
+    if e.errno == errno.EROFS:
+        return MlpmemError(f"the file system is read-only{where}", "choose an --out on a writable disk")
+    if isinstance(e, PermissionError):
+        return MlpmemError(f"permission denied{where}", "check the permissions of that path, or choose another --out")
+    if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError)) and e.filename and _user_path(str(e.filename), argv):
+        what = {FileNotFoundError: "does not exist", NotADirectoryError: "has a file where a folder is expected", IsADirectoryError: "is a folder where a file is expected"}
+        return MlpmemError(f"{e.filename} {what[type(e)]}", "check the paths you passed")
+    return None
+
+
+def _user_path(filename: str, argv: list[str]) -> bool:
+    """Is ``filename`` one of the paths on the command line, or inside one?"""
+    try:
+        f = Path(os.path.abspath(filename))
+    except (OSError, ValueError):
+        return False
+    for token in argv:
+        token = token.split("=", 1)[-1]
+        if not token or token.startswith("-"):
+            continue
+        p = Path(os.path.abspath(os.path.expanduser(token)))
+        if f == p or p in f.parents:
+            return True
+    return False
 
 
 if __name__ == "__main__":

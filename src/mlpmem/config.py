@@ -60,7 +60,89 @@ def from_dict(cls, data: dict[str, Any], where: str = "config"):
     problems = check_dict(cls, data, where)
     if problems:
         raise MlpmemError("invalid configuration:\n  " + "\n  ".join(problems), "fix these keys")
-    return cls(**data)
+    obj = build(cls, data, where)
+    validate(obj, where)
+    return obj
+
+
+def build(cls, data: dict[str, Any], where: str):
+    """``cls(**data)`` for type-checked ``data``; a constructor's own refusal becomes an error naming ``where``."""
+    try:
+        return cls(**data)
+    except MlpmemError as e:
+        raise MlpmemError(f"{where}: {e.problem}", e.fix or "fix these settings")
+
+
+# ---------------------------------------------------------------- ranges and consistency
+
+def need(ok: bool, key: str, message: str) -> list[str]:
+    """``["key: message"]`` when ``ok`` is false: one line of a config's ``problems()``."""
+    return [] if ok else [f"{key}: {message}"]
+
+
+def positive(obj, *keys: str, allow_none: bool = False, zero: bool = False) -> list[str]:
+    out = []
+    for k in keys:
+        v = getattr(obj, k)
+        if v is None and allow_none:
+            continue
+        ok = v is not None and (v >= 0 if zero else v > 0) and v == v and v != float("inf")
+        out += need(ok, k, f"must be a finite number {'>= 0' if zero else '> 0'}{' or null' if allow_none else ''}, got {v!r}")
+    return out
+
+
+def one_of(obj, key: str, choices, allow_none: bool = False) -> list[str]:
+    v = getattr(obj, key)
+    return need((v is None and allow_none) or v in choices, key, f"must be one of {', '.join(map(str, choices))}, got {v!r}")
+
+
+def in_range(obj, key: str, lo: float, hi: float, allow_none: bool = False, hi_open: bool = False) -> list[str]:
+    v = getattr(obj, key)
+    if v is None and allow_none:
+        return []
+    ok = v is not None and lo <= v and (v < hi if hi_open else v <= hi)
+    return need(ok, key, f"must lie in [{lo}, {hi}{')' if hi_open else ']'}, got {v!r}")
+
+
+def _knn_problems(c) -> list[str]:
+    temps = list(c.temperatures or [])
+    return (positive(c, "k", "batch_size") + positive(c, "temperature", allow_none=True) + in_range(c, "lam", 0.0, 1.0, allow_none=True)
+            + need(bool(temps) and all(t > 0 and t != float("inf") for t in temps), "temperatures", f"must be a non-empty list of positive numbers, got {temps!r}"))
+
+
+def _index_problems(c) -> list[str]:
+    return (need(isinstance(c.kind, str) and c.kind.strip() != "", "kind", "must be auto, flat or a FAISS factory string")
+            + positive(c, "nprobe", "train_sample", "recall_sample", "recall_k") + positive(c, "auto_flat_max_rows", zero=True))
+
+
+def _generate_problems(c) -> list[str]:
+    return (positive(c, "max_new_tokens", "temperature", "num_beams") + positive(c, "top_k", zero=True) + in_range(c, "lam", 0.0, 1.0)
+            + need(c.top_p is not None and 0 < c.top_p <= 1, "top_p", f"must lie in (0, 1], got {c.top_p!r}"))
+
+
+# checks for configs whose modules define no ``problems()`` (by class name, so that this module imports none of them)
+RULES = {"KnnConfig": _knn_problems, "IndexConfig": _index_problems, "GenerateConfig": _generate_problems}
+
+
+def problems_of(obj) -> list[str]:
+    """Range and consistency problems of a config object, as ``"key: message"`` lines (empty when fine)."""
+    if hasattr(obj, "problems"):
+        return list(obj.problems())
+    rule = RULES.get(type(obj).__name__)
+    return rule(obj) if rule else []
+
+
+def validate(obj, where: str = "") -> None:
+    """Raise one MlpmemError listing every problem of ``obj`` (``where`` prefixes each key)."""
+    found = [f"{where}.{p}" if where else p for p in problems_of(obj)]
+    if found:
+        raise MlpmemError("invalid settings:\n  " + "\n  ".join(found), "fix these settings")
+
+
+def flag_name(line: str) -> str:
+    """``"width: ..."`` -> ``"--width: ..."``: a problem line in the CLI's terms."""
+    key, sep, rest = line.partition(":")
+    return f"--{key.replace('_', '-')}{sep}{rest}" if sep and key.isidentifier() else line
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
@@ -96,6 +178,17 @@ def _optional(base):
 
 
 def from_args(cls, ns: argparse.Namespace, **override):
+    """The config of a verb's flags, type- and range-checked like a recipe section (all problems at once)."""
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)}
     values.update(override)
-    return cls(**values)
+    problems = [flag_name(p.partition(".")[2]) for p in check_dict(cls, values, "x")]
+    if problems:
+        raise MlpmemError("invalid options:\n  " + "\n  ".join(problems), "fix these options (see --help)")
+    try:
+        obj = cls(**values)
+    except MlpmemError as e:
+        raise MlpmemError(f"invalid options: {e.problem}", e.fix or "fix these options (see --help)")
+    problems = [flag_name(p) for p in problems_of(obj)]
+    if problems:
+        raise MlpmemError("invalid options:\n  " + "\n  ".join(problems), "fix these options (see --help)")
+    return obj

@@ -42,6 +42,17 @@ class CorpusConfig:
     test_tokens: int | None = None
     seed: int = 0
 
+    def problems(self) -> list[str]:
+        from mlpmem.config import need, one_of
+
+        fr = (self.valid_fraction, self.test_fraction)
+        return (need(isinstance(self.source, str) and self.source.strip() != "", "source", "must name a file, a folder, builtin:sotu or hf:NAME")
+                + need(bool(self.text_field), "text_field", "must not be empty")
+                + one_of(self, "txt_documents", ("file", "blank_line"))
+                + need(all(0 < f < 1 for f in fr) and sum(fr) < 1, "valid_fraction", f"and test_fraction must lie in (0, 1) with a sum below 1, got {fr[0]!r} and {fr[1]!r}")
+                + [f"{k}: must be at least 2 tokens (or null for no cap), got {getattr(self, k)!r}"
+                   for k in ("train_tokens", "valid_tokens", "test_tokens") if getattr(self, k) is not None and getattr(self, k) < 2])
+
 
 @dataclass
 class Document:
@@ -120,6 +131,21 @@ def load_documents(cfg: CorpusConfig) -> list[Document]:
     if not docs:
         raise MlpmemError(f"corpus {src!r} is empty (no non-blank documents)", "check the file contents and --text-field")
     return docs
+
+
+def drop_duplicates(docs: list[Document]) -> tuple[list[Document], int]:
+    """Keep the first document of each exact text: a text under two ids would otherwise land in two splits.
+
+    Returns (documents, how many were dropped).
+    """
+    seen: set[bytes] = set()
+    out = []
+    for d in docs:
+        h = hashlib.sha256(d.text.encode()).digest()
+        if h not in seen:
+            seen.add(h)
+            out.append(d)
+    return out, len(docs) - len(out)
 
 
 def _load_hf(name: str, field: str) -> list[Document]:
@@ -206,12 +232,21 @@ def windows(n_tokens: int, context: int, stride: int) -> np.ndarray:
 
 def build_corpus(out_dir: Path, cfg: CorpusConfig, overwrite: bool = False) -> Path:
     """Read, split and tokenize a corpus into ``out_dir``; skip if already done."""
+    from mlpmem.config import validate
+
     out_dir = Path(out_dir)
-    docs = load_documents(cfg)  # validate everything before writing anything
+    validate(cfg, "corpus")
+    docs, n_dup = drop_duplicates(load_documents(cfg))  # validate everything before writing anything
+    if n_dup:
+        log.info("dropped %d duplicate document(s) (exact same text as an earlier one), so that no text is in two splits", n_dup)
     parts = split_documents(docs, cfg.valid_fraction, cfg.test_fraction, cfg.seed)
     tok = load_tokenizer(cfg.model)
     _, model_id = resolve_model(cfg.model)
-    if prepare_out(out_dir, cfg, overwrite) == "done":
+    if prepare_out(out_dir, cfg, overwrite, kind="corpus") == "done":
+        old = read_manifest(out_dir, "corpus")
+        if n_dup and "n_duplicates_dropped" not in old:
+            raise MlpmemError(f"the corpus in {out_dir} was built before duplicates were removed, and the source has {n_dup} duplicate document(s) that may sit in two splits",
+                              "pass --overwrite to rebuild it without them")
         log.info("corpus in %s is up to date", out_dir)
         return out_dir
     sep = separator_id(tok)
@@ -238,7 +273,7 @@ def build_corpus(out_dir: Path, cfg: CorpusConfig, overwrite: bool = False) -> P
     write_json(out_dir / "documents.json", documents)
     write_manifest(out_dir, "corpus", {
         "source": cfg.source, "model_id": model_id, "tokenizer_hash": tokenizer_hash(tok), "separator_id": sep,
-        "n_documents_total": len(docs), "corpus_hash": corpus_hash.hexdigest(), "splits": splits,
+        "n_documents_total": len(docs), "n_duplicates_dropped": n_dup, "corpus_hash": corpus_hash.hexdigest(), "splits": splits,
     })
     return out_dir
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from mlpmem.corpus import SPLITS, Corpus, windows
 from mlpmem.errors import MlpmemError
-from mlpmem.manifest import check_disk_space, prepare_out, read_json, save_npy, sha256_file, write_json, write_manifest
+from mlpmem.manifest import check_disk_space, load_npy, prepare_out, read_json, save_npy, sha256_file, write_json, write_manifest
 from mlpmem.models import DEFAULT_MODEL, SITES, Site, capture, load_model, logits_size, resolve_layer, run_captured, tokenizer_hash
 from mlpmem.store import feature_name
 
@@ -59,6 +59,21 @@ class DatastoreConfig:
     # | "auto" (cache where the model supports it). Recompute stays the default because online training
     # (train.OnlineData) recomputes single windows and expects the stored features to match them
     mode: str = "recompute"
+
+    def problems(self) -> list[str]:
+        from mlpmem.config import need, one_of, positive
+
+        bad_sites = []
+        for text in self.extra_sites:
+            layer, _, site = str(text).partition(":")
+            if not layer.lstrip("-").isdigit() or (site or "output") not in SITES:
+                bad_sites.append(text)
+        return (need(isinstance(self.model, str) and self.model != "", "model", "must name a model")
+                + one_of(self, "split", SPLITS) + one_of(self, "site", SITES) + one_of(self, "mode", MODES)
+                + one_of(self, "dtype", ("float32", "bfloat16", "float16"))
+                + positive(self, "context", "stride", "batch_size", "windows_per_shard")
+                + need(not (self.context and self.stride) or self.stride <= self.context, "stride", f"must not exceed the context ({self.context}), got {self.stride}")
+                + need(not bad_sites, "extra_sites", f"entries must read LAYER:SITE with SITE in {SITES}, got {bad_sites}"))
 
 
 MODES = ("auto", "recompute", "cache")
@@ -318,11 +333,15 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
     import torch
     from tqdm.auto import tqdm
 
+    from mlpmem.config import validate
+
     out_dir = Path(out_dir)
-    if cfg.split not in SPLITS:
-        raise MlpmemError(f"unknown split {cfg.split!r}", f"choose one of {SPLITS}")
+    validate(cfg, "datastore")
     corpus = Corpus(corpus_dir)
     model, tok, model_id = model_bundle or load_model(cfg.model, cfg.dtype)
+    max_pos = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if max_pos and cfg.context > max_pos:
+        raise MlpmemError(f"context {cfg.context} is longer than the {max_pos} positions {model_id!r} supports", f"use a context of at most {max_pos} (and a stride below it)")
     corpus.check_tokenizer(tokenizer_hash(tok), model_id)
     key, sites = _sites(model, cfg)
     mode = resolve_mode(model, cfg.mode, cfg.context, cfg.stride)
@@ -330,14 +349,23 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
     W = windows(len(tokens), cfg.context, cfg.stride)
     n_rows = len(tokens) - 1
     d = model.config.get_text_config().hidden_size
+    if n_rows < 1:
+        raise MlpmemError(f"the {cfg.split} split of {corpus_dir} has {len(tokens)} token(s): nothing to predict", "build the corpus with more text in that split")
     check_disk_space(out_dir, n_rows * (2 * d * len(sites) + 4 + 4 * cfg.lm_logprob), "datastore")
     resolved = {"config": cfg, "corpus": str(Path(corpus_dir).resolve()), "corpus_manifest_sha256": sha256_file(Path(corpus_dir) / "manifest.json"), "model_id": model_id,
                 "extract_mode": mode}  # shards of two modes are never mixed on resume
-    if prepare_out(out_dir, resolved, overwrite) == "done":
+    if prepare_out(out_dir, resolved, overwrite, kind="datastore") == "done":
         log.info("datastore in %s is up to date", out_dir)
         return out_dir
     progress_path = out_dir / "progress.json"
     done = read_json(progress_path)["shards"] if progress_path.exists() else {}
+    for shard in list(done):  # a listed shard whose files went missing or changed is redone
+        try:
+            for rec in done[shard]["arrays"].values():
+                load_npy(out_dir, rec)
+        except MlpmemError as e:
+            log.warning("redoing shard %s: %s", shard, e.problem)
+            del done[shard]
     shard_windows = [(a, min(a + cfg.windows_per_shard, len(W))) for a in range(0, len(W), cfg.windows_per_shard)]
     torch.manual_seed(0)
     bar = tqdm(total=n_rows, unit="tok", desc=f"datastore {cfg.split}", dynamic_ncols=True)
@@ -368,6 +396,9 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
         write_json(progress_path, {"shards": done})  # after the files: a listed shard is always whole
     bar.close()
     elapsed = time.perf_counter() - t0
+    for s in range(len(shard_windows)):  # every file the manifest will list is there and whole
+        for rec in done[str(s)]["arrays"].values():
+            load_npy(out_dir, rec)
     write_manifest(out_dir, "datastore", {
         "model_id": model_id, "tokenizer_hash": tokenizer_hash(tok), "layer": key.layer, "site": key.site,
         "features": {name: {"layer": s.layer, "site": s.site} for name, s in sites.items()},

@@ -4,16 +4,38 @@ Every stage writes ``config.json`` (its resolved settings) and, last of all,
 ``manifest.json`` (what went in, what came out, sizes, hashes, versions). A
 folder without ``manifest.json`` is unfinished: the stage that owns it may
 resume it, nobody else may read it.
+
+Safety rules for folders (RELIABILITY.md):
+
+- A folder mlpmem creates gets a marker, ``.mlpmem`` (its kind). mlpmem
+  writes into, and ``--overwrite`` deletes from, only folders that are empty,
+  marked as its own, or (written before markers existed) hold nothing but
+  files of its own; overwrite deletes only files it knows it wrote and
+  refuses a folder that holds anything else (:func:`claim_out`, :func:`clear_out`).
+- A stage folder is locked (``.mlpmem.lock``: pid, host) while a process
+  writes it; a lock whose process is gone is taken over.
+- A folder is "up to date" only if its config equals the full resolved
+  config; settings added by later versions are listed with the value old
+  folders used (``ADDED_SETTINGS``).
+- Every file record holds its size, its sha256 and the sha256 of a few fixed
+  64 KiB blocks: reads check the size and the sampled blocks, ``--verify``
+  (``set_full_verify``) the full hash.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import errno
+import fnmatch
 import hashlib
 import json
+import logging
 import os
 import platform
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +43,44 @@ import numpy as np
 
 from mlpmem.errors import MlpmemError
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
 CONFIG = "config.json"
+MARKER = ".mlpmem"
+LOCK = ".mlpmem.lock"
+SAMPLE_BLOCK = 64 << 10
+
+# files each kind of folder writes (besides config, manifest, marker, lock, progress.json and *.partial);
+# --overwrite deletes these and nothing else
+STAGE_FILES: dict[str, tuple[str, ...]] = {
+    "corpus": ("tokens.*.npy", "doc_index.*.npy", "documents.json"),
+    "datastore": ("*-[0-9][0-9][0-9][0-9][0-9].npy",),
+    "index": ("index.faiss",),
+    "targets": ("ids-*.npy", "probs-*.npy"),
+    "memory": ("memory", "checkpoints", "metrics.jsonl", "training_curve.png"),
+    "probe": ("items.jsonl", "probe.yaml"),
+    "export": ("memory", "base", "*.json", "*.py", "*.txt", "*.model", "*.jinja"),
+    "run": ("corpus", "datastore", "valid", "index", "targets", "valid_targets", "train", "knn.json", "recipe.json", "report.json",
+            "report.md", "lambda_curves.png"),
+}
+# the file that shows a folder of this kind was written by mlpmem before folders had markers
+LEGACY_SIGN = {"run": "recipe.json"}
+COMMON_FILES = (CONFIG, MANIFEST, MARKER, LOCK, "progress.json", "*.partial")
+
+# settings added after a stage's first version, with the value a folder written before them used:
+# such a folder matches a new config whose value is that one (dotted paths into the resolved config)
+ADDED_SETTINGS: dict[str, dict[str, Any]] = {
+    "datastore": {"config.mode": "recompute", "extract_mode": "recompute"},
+}
+
+_FULL_VERIFY = False
+
+
+def set_full_verify(on: bool) -> None:
+    """Hash every file in full when a stage is read (``--verify``); the default checks sizes and sampled blocks."""
+    global _FULL_VERIFY
+    _FULL_VERIFY = bool(on)
 
 
 def package_version() -> str:
@@ -62,8 +120,12 @@ def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically: a reader sees the old file or the new one, never half."""
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(to_jsonable(data), indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(to_jsonable(data), indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_json(path: Path) -> Any:
@@ -71,9 +133,15 @@ def read_json(path: Path) -> Any:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise MlpmemError(f"{path} does not exist", "check the path, or run the stage that writes it")
+    except IsADirectoryError:
+        raise MlpmemError(f"{path} is a folder, not a JSON file", "pass the JSON file")
+    except PermissionError:
+        raise MlpmemError(f"{path} cannot be read (permission denied)", "check the file's permissions")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MlpmemError(f"{path} is not valid JSON ({e})", "delete the folder and run the stage again")
 
+
+# ---------------------------------------------------------------- file records and their checks
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
@@ -87,32 +155,89 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sample_sha256(path: Path, size: int | None = None) -> str:
+    """sha256 of the size and of 64 KiB blocks at the start, a quarter, the middle, three quarters and the end.
+
+    Cheap enough to check on every read, whatever the file's size; a file of at most
+    five blocks is hashed whole.
+    """
+    size = Path(path).stat().st_size if size is None else size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= 5 * SAMPLE_BLOCK:
+            h.update(f.read())
+        else:
+            for off in (0, size // 4, size // 2, 3 * size // 4, size - SAMPLE_BLOCK):
+                f.seek(off)
+                h.update(f.read(SAMPLE_BLOCK))
+    return h.hexdigest()
+
+
+def file_record(folder: Path, path: Path, **extra: Any) -> dict[str, Any]:
+    """A manifest's record of a written file: name relative to ``folder``, size, sha256, sampled sha256."""
+    path = Path(path)
+    size = path.stat().st_size
+    return {"file": path.relative_to(folder).as_posix(), **extra, "bytes": size, "sha256": sha256_file(path), "sample_sha256": sample_sha256(path, size)}
+
+
 def save_npy(path: Path, array: np.ndarray) -> dict[str, Any]:
     """Save an array atomically; return its file record for a manifest."""
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return {"file": path.name, "shape": list(array.shape), "dtype": str(array.dtype), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full) leaves nothing behind
+        raise
+    return file_record(path.parent, path, shape=list(array.shape), dtype=str(array.dtype))
 
 
 def check_file(folder: Path, record: dict[str, Any], verify: bool, fix: str) -> Path:
-    """The path of a file a manifest lists, after checking it exists, its size and (if ``verify``) its hash."""
-    path = folder / record["file"]
-    if not path.exists():
-        raise MlpmemError(f"{path} is missing although {folder / MANIFEST} lists it", fix)
-    if path.stat().st_size != record["bytes"]:
-        raise MlpmemError(f"{path} is {path.stat().st_size} bytes but its manifest says {record['bytes']} (truncated or overwritten)", fix)
-    if verify and sha256_file(path) != record["sha256"]:
+    """The path of a file a manifest lists, after checking it exists, its size, its sampled
+    blocks and (if ``verify`` or ``set_full_verify``) its full hash."""
+    path = Path(folder) / record["file"]
+    if not path.is_file():
+        raise MlpmemError(f"{path} is missing although {Path(folder) / MANIFEST} lists it", fix)
+    size = path.stat().st_size
+    if size != record["bytes"]:
+        raise MlpmemError(f"{path} is {size} bytes but its manifest says {record['bytes']} (truncated or overwritten)", fix)
+    if "sample_sha256" in record and sample_sha256(path, size) != record["sample_sha256"]:
+        raise MlpmemError(f"{path} does not match the hash of its sampled blocks in its manifest (corrupted)", fix)
+    if (verify or _FULL_VERIFY) and sha256_file(path) != record["sha256"]:
         raise MlpmemError(f"{path} does not match the sha256 in its manifest (corrupted)", fix)
     return path
 
 
+def file_records(data: Any) -> list[dict[str, Any]]:
+    """Every file record (a dict with file, bytes and sha256) anywhere inside a manifest."""
+    if isinstance(data, dict):
+        if isinstance(data.get("file"), str) and "bytes" in data and "sha256" in data:
+            return [data]
+        return [r for v in data.values() for r in file_records(v)]
+    if isinstance(data, list):
+        return [r for v in data for r in file_records(v)]
+    return []
+
+
+def verify_stage(folder: Path, kind: str, full: bool = False) -> dict[str, Any]:
+    """Check every file a finished stage's manifest lists (size and sampled blocks; all bytes with ``full``).
+
+    Returns the manifest. Raises MlpmemError naming the first missing, truncated or corrupted file.
+    """
+    folder = Path(folder)
+    m = read_manifest(folder, kind)
+    fix = f"delete {folder} and run the `{kind}` stage again (or restore the file from a backup)"
+    for record in file_records(m):
+        check_file(folder, record, full, fix)
+    return m
+
+
 def load_npy(folder: Path, record: dict[str, Any], verify: bool = False, mmap: bool = True) -> np.ndarray:
-    """Open an array listed in a manifest, checking shape, dtype, size (and hash if ``verify``)."""
+    """Open an array listed in a manifest, checking shape, dtype, size, sampled blocks (and hash if ``verify``)."""
     fix = f"delete {folder} and run the stage that writes it again"
     path = check_file(Path(folder), record, verify, fix)
     try:
@@ -124,64 +249,304 @@ def load_npy(folder: Path, record: dict[str, Any], verify: bool = False, mmap: b
     return arr
 
 
+# ---------------------------------------------------------------- manifests
+
 def write_manifest(folder: Path, kind: str, manifest: dict[str, Any]) -> None:
-    """Mark a stage folder complete. Written last, so its presence means done."""
+    """Mark a stage folder complete. Written last, so its presence means done; releases the folder's lock."""
+    folder = Path(folder)
     data = {"kind": kind, "complete": True, "environment": environment(), **manifest}
-    write_json(Path(folder) / MANIFEST, data)
+    if _marked_kind(folder) != kind:  # a folder claimed without its kind learns it now
+        write_json(folder / MARKER, {"kind": kind, "mlpmem": package_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    write_json(folder / MANIFEST, data)
+    release_lock(folder)
 
 
 def read_manifest(folder: Path, kind: str) -> dict[str, Any]:
     """Read a finished stage's manifest, refusing missing, unfinished or foreign folders."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise MlpmemError(f"{folder} does not exist", f"run the `{kind}` stage first, or check the path")
+        raise MlpmemError(f"{folder} does not exist" if not folder.exists() else f"{folder} is a file, not a stage folder",
+                          f"run the `{kind}` stage first, or check the path")
     if not (folder / MANIFEST).exists():
+        found = _marked_kind(folder)
+        if found is not None and found != kind:
+            raise MlpmemError(f"{folder} holds an unfinished `{found}` stage, not a `{kind}` stage", "pass the folder written by the right stage")
         raise MlpmemError(f"{folder} holds no finished `{kind}` stage (no {MANIFEST}; it may have been interrupted)", f"run `mlpmem {kind}` again with the same --out to resume it")
     m = read_json(folder / MANIFEST)
-    if m.get("kind") != kind:
-        raise MlpmemError(f"{folder} holds a `{m.get('kind')}` stage, not a `{kind}` stage", "pass the folder written by the right stage")
+    if not isinstance(m, dict) or m.get("kind") != kind:
+        raise MlpmemError(f"{folder} holds a `{m.get('kind') if isinstance(m, dict) else '?'}` stage, not a `{kind}` stage", "pass the folder written by the right stage")
     return m
 
 
-def prepare_out(folder: Path, config: dict[str, Any], overwrite: bool = False) -> str:
+# ---------------------------------------------------------------- owning, clearing and locking folders
+
+def _marked_kind(folder: Path) -> str | None:
+    """The kind in a folder's marker, or its manifest's kind for a folder written before markers, or None."""
+    for name in (MARKER, MANIFEST):
+        try:
+            data = json.loads((Path(folder) / name).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("kind"), str):
+            return data["kind"]
+    return None
+
+
+def _known(name: str, kind: str | None, listed: set[str]) -> bool:
+    patterns = COMMON_FILES + (STAGE_FILES.get(kind, ()) if kind else tuple(p for ps in STAGE_FILES.values() for p in ps))
+    return name in listed or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _listed_files(folder: Path) -> set[str]:
+    """Top-level names of the files a folder's manifest or progress file lists."""
+    names = set()
+    for name in (MANIFEST, "progress.json"):
+        try:
+            data = json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            continue
+        names |= {r["file"].split("/")[0] for r in file_records(data)}
+    return names
+
+
+def unknown_files(folder: Path, kind: str | None) -> list[str]:
+    """Entries of ``folder`` that a ``kind`` stage does not write (None: no stage writes), sorted."""
+    listed = _listed_files(folder)
+    return sorted(p.name for p in Path(folder).iterdir() if not _known(p.name, kind, listed))
+
+
+def _describe(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def claim_out(folder: Path, kind: str | None) -> Path:
+    """Make sure ``folder`` may receive a ``kind`` output; create and mark it if it is new or empty.
+
+    Refuses a folder marked as (or holding a manifest of) another kind of stage, and a
+    non-empty folder mlpmem did not write. A folder of the same kind written before
+    markers existed (only files of that kind) is adopted. Call it before writing anything
+    into a user-given output folder (``export_hf`` and every stage). ``kind=None`` (a caller
+    that does not say its kind) accepts any mlpmem folder.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise MlpmemError(f"{folder} is a file, not a folder", "choose a folder path for --out")
+    entries = [p for p in folder.iterdir() if p.name != LOCK] if folder.is_dir() else []
+    if entries:
+        found = _marked_kind(folder)
+        if kind is not None and found is not None and found != kind:
+            raise MlpmemError(f"{folder} holds a `{found}` stage written by mlpmem, and a `{kind}` output would overwrite its files",
+                              "choose another --out folder")
+        if found is None and not (folder / MARKER).exists():
+            foreign = unknown_files(folder, kind)
+            if foreign or not (folder / LEGACY_SIGN.get(kind or "", CONFIG)).exists():
+                raise MlpmemError(f"{folder} exists, is not empty and was not written by mlpmem (it holds {_describe(foreign or [p.name for p in entries])})",
+                                  "choose an empty or new --out folder; mlpmem never writes into or deletes from folders it did not create")
+    _make_dirs(folder)
+    if not (folder / MARKER).exists():
+        write_json(folder / MARKER, {"kind": kind or "stage", "mlpmem": package_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return folder
+
+
+def clear_out(folder: Path, kind: str | None) -> None:
+    """``--overwrite``: delete the files a ``kind`` stage wrote into ``folder``, refusing if it holds any other file."""
+    folder = Path(folder)
+    claim_out(folder, kind)
+    foreign = unknown_files(folder, kind)
+    if foreign:
+        raise MlpmemError(f"{folder} holds files mlpmem did not write ({_describe(foreign)}), so --overwrite will not delete it",
+                          "move those files elsewhere, or choose another --out folder")
+    for p in folder.iterdir():
+        if p.name in (MARKER, LOCK):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    log.info("overwrite: cleared the %s stage in %s", kind or "", folder)
+
+
+def _make_dirs(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise MlpmemError(f"cannot create {folder}: a file is in the way", "choose another --out folder")
+    except OSError as e:
+        raise MlpmemError(f"cannot create {folder} ({e.strerror})", "choose an --out folder you can write to") from e
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise MlpmemError(f"cannot write into {folder} (read-only or permission denied)", "choose an --out folder you can write to")
+
+
+_HELD: set[Path] = set()
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_lock(folder: Path) -> None:
+    """Lock ``folder`` for this process (``.mlpmem.lock`` holds pid and host); re-entrant.
+
+    A lock held by a live process is refused with a clear error; one whose process is
+    gone (killed) is taken over, with a log line. Released by ``write_manifest``,
+    ``release_lock`` or at exit.
+    """
+    folder = Path(folder)
+    path = folder / LOCK
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                held = json.loads(path.read_text())
+                pid, host = int(held["pid"]), str(held["host"])
+            except (OSError, ValueError, KeyError, TypeError):
+                held, pid, host = {}, -1, me["host"]  # a lock being written, or garbage: look again
+                time.sleep(0.05)
+                if path.exists() and time.time() - path.stat().st_mtime < 2:
+                    continue
+            if (pid, host) == (me["pid"], me["host"]):
+                _HELD.add(folder.resolve())
+                return
+            if host == me["host"] and not _pid_alive(pid):
+                log.warning("taking over the lock of %s from process %s, which is gone", folder, pid if pid > 0 else "?")
+                path.unlink(missing_ok=True)
+                continue
+            since = held.get("since", "?")
+            raise MlpmemError(
+                f"{folder} is being written by another mlpmem process (pid {pid} on {host}, since {since})",
+                f"wait for it to finish or stop it; if no such process runs any more, delete {path}",
+            )
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps({**me, "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+        _HELD.add(folder.resolve())
+        return
+    raise MlpmemError(f"cannot take the lock {path}", f"delete {path} if no mlpmem process writes {folder}")
+
+
+def release_lock(folder: Path) -> None:
+    folder = Path(folder)
+    key = folder.resolve()
+    if key in _HELD:
+        _HELD.discard(key)
+        try:
+            held = json.loads((folder / LOCK).read_text())
+            if held.get("pid") == os.getpid():
+                (folder / LOCK).unlink()
+        except (OSError, ValueError):
+            pass
+
+
+@atexit.register
+def release_all_locks() -> None:
+    """Release every lock this process holds (at exit, and when a CLI command ends)."""
+    for folder in list(_HELD):
+        release_lock(folder)
+
+
+def prepare_out(folder: Path, config: dict[str, Any], overwrite: bool = False, kind: str | None = None) -> str:
     """Get a stage folder ready. Returns "done" (finished, same config), "resume" or "fresh".
 
-    A finished folder made with a different config is never silently mixed with
-    new data: the user must pick another folder or ask to overwrite.
+    The folder is claimed for ``kind`` (refused if it belongs to another stage or to the
+    user) and locked for this process until the stage writes its manifest. A finished
+    folder made with a different config is never silently mixed with new data: the user
+    must pick another folder or ask to overwrite, which deletes only our files.
     """
     folder = Path(folder)
     cfg = to_jsonable(config)
-    if folder.exists() and overwrite:
-        shutil.rmtree(folder)
-    if folder.exists() and any(folder.iterdir()):
-        old = folder / CONFIG
-        if not old.exists():
-            raise MlpmemError(f"{folder} exists and is not an mlpmem stage folder", "choose an empty or new --out folder")
-        if not _same_config(read_json(old), cfg):
-            raise MlpmemError(f"{folder} was written with a different configuration", "choose another --out folder, or pass --overwrite to replace it")
-        return "done" if (folder / MANIFEST).exists() else "resume"
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / CONFIG, cfg)
-    return "fresh"
+    kind = kind or _caller_kind()
+    claim_out(folder, kind)
+    acquire_lock(folder)
+    try:
+        if overwrite:
+            clear_out(folder, kind)
+        if (folder / CONFIG).exists():
+            diff = config_differences(read_json(folder / CONFIG), cfg, kind)
+            if diff:
+                raise MlpmemError(f"{folder} was written with a different configuration ({_describe(diff)})",
+                                  "choose another --out folder, or pass --overwrite to replace it")
+            if (folder / MANIFEST).exists():
+                release_lock(folder)
+                return "done"
+            return "resume"
+        write_json(folder / CONFIG, cfg)
+        return "fresh"
+    except BaseException:
+        release_lock(folder)
+        raise
 
 
-def _same_config(old: Any, new: Any) -> bool:
-    """Equal configs, except that keys only one side has are ignored: a folder written
-    before a setting existed stays usable (the new setting's default is what it used)."""
+def _caller_kind() -> str | None:
+    """The kind of a stage module that calls ``prepare_out`` without ``kind=`` (index.py, until it passes it)."""
+    import inspect
+
+    frame = inspect.currentframe()
+    caller = frame.f_back.f_back if frame and frame.f_back else None
+    return {"mlpmem.index": "index"}.get(caller.f_globals.get("__name__", "") if caller else "")
+
+
+def config_differences(old: Any, new: Any, kind: str | None = None, path: str = "") -> list[str]:
+    """Settings in which two resolved configs differ, as ``key: old -> new`` (empty when equal).
+
+    Keys only one side has differ too, except settings of ``ADDED_SETTINGS[kind]`` that an
+    old folder lacks and whose new value is the one it used.
+    """
+    added = ADDED_SETTINGS.get(kind or "", {})
     if isinstance(old, dict) and isinstance(new, dict):
-        return all(_same_config(old[k], new[k]) for k in old.keys() & new.keys())
-    return old == new
+        out = []
+        for k in sorted(old.keys() | new.keys(), key=str):
+            p = f"{path}.{k}" if path else str(k)
+            if k not in old:
+                if not (p in added and new[k] == added[p]):
+                    out.append(f"{p}: not set -> {new[k]!r}")
+            elif k not in new:
+                out.append(f"{p}: {old[k]!r} -> not set")
+            else:
+                out += config_differences(old[k], new[k], kind, p)
+        return out
+    return [] if old == new else [f"{path or 'config'}: {_short(old)} -> {_short(new)}"]
 
 
-def check_disk_space(folder: Path, need_bytes: int, what: str) -> None:
-    """Refuse to start writing what cannot fit (with a 5% + 64 MB margin)."""
+def _short(v: Any) -> str:
+    s = repr(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _same_config(old: Any, new: Any, kind: str | None = None) -> bool:
+    return not config_differences(old, new, kind)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def check_disk_space(folder: Path, need_bytes: int, what: str, smaller: str = "build a smaller corpus (`mlpmem corpus --train-tokens N`, or corpus.train_tokens in a recipe)") -> None:
+    """Refuse to start writing what cannot fit (with a 5% + 64 MiB margin)."""
     folder = Path(folder)
     probe = folder
-    while not probe.exists():
+    while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
-    if need_bytes * 1.05 + (64 << 20) > free:
+    total = need_bytes * 1.05 + (64 << 20)
+    if total > free:
         raise MlpmemError(
-            f"not enough disk space for the {what}: it needs about {need_bytes / 2**30:.2f} GiB and {probe} has {free / 2**30:.2f} GiB free",
-            "free some space, choose an --out on a larger disk, or use a smaller corpus (--max-train-tokens)",
+            f"not enough disk space for the {what}: it needs about {human_bytes(need_bytes)} (plus a {human_bytes(total - need_bytes)} margin) and {probe} has {human_bytes(free)} free",
+            f"free some space, choose an --out on a larger disk, or {smaller}",
         )
+
+
+def is_disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)

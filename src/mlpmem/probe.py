@@ -58,7 +58,7 @@ def build_probe(
     import yaml
 
     from mlpmem.corpus import Corpus
-    from mlpmem.manifest import prepare_out, read_json, sha256_file, write_manifest
+    from mlpmem.manifest import file_record, prepare_out, read_json, write_manifest
     from mlpmem.models import load_tokenizer, tokenizer_hash
 
     cfg = ProbeConfig(n_items, seed, model, context_tokens, continuation_tokens, n_distractors, task_name)
@@ -69,7 +69,7 @@ def build_probe(
     tok = load_tokenizer(name)
     corpus.check_tokenizer(tokenizer_hash(tok), name)
     out_dir = Path(out_dir)
-    if prepare_out(out_dir, {**asdict(cfg), "corpus": str(Path(corpus_dir).resolve())}, overwrite) == "done":
+    if prepare_out(out_dir, {**asdict(cfg), "corpus": str(Path(corpus_dir).resolve())}, overwrite, kind="probe") == "done":
         log.info("probe in %s is up to date", out_dir)
         return out_dir
     tokens, owner = corpus.tokens("train"), corpus.doc_index("train")
@@ -86,7 +86,7 @@ def build_probe(
     write_manifest(out_dir, "probe", {
         "corpus": str(Path(corpus_dir).resolve()), "corpus_hash": corpus.manifest.get("corpus_hash"), "model_id": corpus.model_id,
         "tokenizer_hash": corpus.tokenizer_hash, "n_items": len(items), "task": task_name,
-        "items": {"file": data.name, "sha256": sha256_file(data)}, "chance_accuracy": 1 / (n_distractors + 1),
+        "items": file_record(out_dir, data), "chance_accuracy": 1 / (n_distractors + 1),
     })
     log.info("probe: %d items in %s (task %s)", len(items), out_dir, task_name)
     return out_dir

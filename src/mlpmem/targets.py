@@ -123,6 +123,11 @@ class TargetsConfig:
     top_m: int = 128
     batch_size: int = 512
 
+    def problems(self) -> list[str]:
+        from mlpmem.config import positive
+
+        return positive(self, "k", "temperature", "top_m", "batch_size")
+
 
 def _shard_files(s: int) -> dict[str, str]:
     return {"ids": f"ids-{s:05d}.npy", "probs": f"probs-{s:05d}.npy"}
@@ -164,8 +169,10 @@ def build_targets(datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: Targ
     datastore of another split, e.g. valid) the targets are for *its* rows, searched in the
     index of ``datastore_dir``; nothing is excluded, since those rows are not in the index.
     """
+    from mlpmem.config import validate
     from mlpmem.index import KnnIndex
 
+    validate(cfg, "targets")
     datastore_dir, index_dir, out_dir = Path(datastore_dir).resolve(), Path(index_dir).resolve(), Path(out_dir)
     index_ds = Datastore(datastore_dir)
     index = KnnIndex.open(index_dir, datastore=index_ds)
@@ -179,10 +186,8 @@ def build_targets(datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: Targ
             f"k={cfg.k} neighbours asked for, but the datastore has N={n} rows and each row's own key is excluded, so at most {n - 1} are left",
             f"use k <= {n - 1} (--k), or build the datastore from a larger corpus",
         )
-    if cfg.top_m < 1 or cfg.temperature <= 0 or cfg.batch_size < 1:
-        raise MlpmemError(f"top_m={cfg.top_m}, temperature={cfg.temperature}, batch_size={cfg.batch_size}: all must be positive", "pass positive values")
     config = {"datastore": str(datastore_dir), "index": str(index_dir), "queries": str(ds.folder.resolve()), **asdict(cfg)}
-    state = prepare_out(out_dir, config, overwrite)
+    state = prepare_out(out_dir, config, overwrite, kind="targets")
     if state == "done":
         log.info("targets in %s are already built", out_dir)
         return out_dir
@@ -213,6 +218,9 @@ def build_targets(datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: Targ
             write_json(progress_path, {"shards": done})  # after the files: a listed shard is always whole
             bar.update(end - start)
 
+    for s in range(len(shards)):  # every file the manifest will list is there and whole
+        for rec in done[str(s)]["arrays"].values():
+            load_npy(out_dir, rec)
     total = {name: sum(done[str(s)]["stats"][name] for s in range(len(shards))) for name in ("support", "removed", "self_found", "seconds")}
     stats = {
         "mean_support_size": total["support"] / n,

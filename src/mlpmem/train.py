@@ -30,7 +30,7 @@ import torch
 from mlpmem.errors import MlpmemError
 from mlpmem.interpolate import fit_lambda_em, interpolate_logprobs, perplexity
 from mlpmem.losses import sparse_kd_loss
-from mlpmem.manifest import prepare_out, read_json, write_json, write_manifest
+from mlpmem.manifest import check_disk_space, check_file, file_record, prepare_out, read_json, write_json, write_manifest
 from mlpmem.memory import MemoryConfig, MLPMemory, init_from_lm, lm_settings, load_memory, save_memory
 from mlpmem.store import Datastore
 from mlpmem.targets import Targets
@@ -86,27 +86,21 @@ class TrainConfig:
     keep_last: int = 2
     log_every: int = 20  # steps per averaged train record in metrics.jsonl
 
-    def __post_init__(self) -> None:
-        checks = [
-            (0.0 <= self.alpha <= 1.0, f"alpha must lie in [0, 1], got {self.alpha}"),
-            (self.lr > 0, f"lr must be positive, got {self.lr}"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (0.0 <= self.warmup_frac < 1.0, f"warmup_frac must lie in [0, 1), got {self.warmup_frac}"),
-            (0.0 <= self.min_lr_frac <= 1.0, f"min_lr_frac must lie in [0, 1], got {self.min_lr_frac}"),
-            (self.schedule in ("cosine", "linear"), f"schedule must be cosine or linear, got {self.schedule!r}"),
-            (self.epochs > 0, f"epochs must be positive, got {self.epochs}"),
-            (self.batch_size > 0 and self.grad_accum > 0, "batch_size and grad_accum must be positive"),
-            (self.batch_size % self.grad_accum == 0, f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})"),
-            (self.clip >= 0, f"clip must be >= 0, got {self.clip}"),
-            (self.precision in ("auto", "fp32", "bf16"), f"precision must be auto, fp32 or bf16, got {self.precision!r}"),
-            (self.eval_every >= 0 and self.ckpt_every >= 0 and self.log_every > 0, "eval_every and ckpt_every must be >= 0, log_every > 0"),
-            (self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}"),
-        ]
-        for ok, problem in checks:
-            if not ok:
-                raise MlpmemError(f"invalid training configuration: {problem}", "fix the training settings")
-        if self.mode not in ("offline", "online"):
-            raise MlpmemError(f"training mode must be 'offline' or 'online', got {self.mode!r}", "offline reads stored hidden states; online recomputes them with the LM")
+    def problems(self) -> list[str]:
+        """Every range or consistency problem, as "key: message" lines (empty when fine)."""
+        from mlpmem.config import in_range, need, one_of, positive
+        from mlpmem.memory import ACTIVATIONS, INITS, NORMS
+        from mlpmem.models import SITES
+
+        return (positive(self, "width", allow_none=True) + positive(self, "n_blocks", zero=True)
+                + positive(self, "expansion", "norm_eps", "lr", "epochs", "batch_size", "grad_accum", "keep_last", "log_every")
+                + positive(self, "weight_decay", "clip", "eval_every", "ckpt_every", zero=True)
+                + one_of(self, "activation", ACTIVATIONS) + one_of(self, "norm", NORMS) + one_of(self, "init", INITS)
+                + one_of(self, "input_site", SITES, allow_none=True) + one_of(self, "schedule", ("cosine", "linear"))
+                + one_of(self, "precision", ("auto", "fp32", "bf16")) + one_of(self, "mode", ("offline", "online"))
+                + in_range(self, "alpha", 0.0, 1.0) + in_range(self, "warmup_frac", 0.0, 1.0, hi_open=True) + in_range(self, "min_lr_frac", 0.0, 1.0)
+                + need(not (self.batch_size > 0 and self.grad_accum > 0) or self.batch_size % self.grad_accum == 0, "batch_size",
+                       f"({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})"))
 
     def memory_input(self) -> tuple[int | None, str | None]:
         """(layer, site) the memory reads; None = the datastore's key. ``lm_copy`` starts as the
@@ -348,14 +342,20 @@ def save_checkpoint(root: Path, step: int, memory: MLPMemory, opt: torch.optim.O
     final = root / f"step-{step:06d}"
     tmp = root / f"step-{step:06d}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_memory(tmp, memory, meta)
-    sd = opt.state_dict()
-    tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()}
-    tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    write_json(tmp / "state.json", {**state, "step": step, "param_groups": sd["param_groups"]})
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    try:
+        save_memory(tmp, memory, meta)
+        sd = opt.state_dict()
+        tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()}
+        tensors["rng.torch"] = torch.get_rng_state()
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        # state.json last, with the size and hashes of the other files: a checkpoint is trusted only if they match
+        files = [file_record(tmp, p) for p in sorted(tmp.rglob("*")) if p.is_file()]
+        write_json(tmp / "state.json", {**state, "step": step, "param_groups": sd["param_groups"], "files": files})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write (disk full, interrupt) leaves no half checkpoint
+        raise
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old)
     return final
@@ -366,17 +366,37 @@ def list_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".partial") and (p / "state.json").exists()]
-    return sorted(done, key=lambda p: read_json(p / "state.json")["step"])
+    return sorted(done, key=lambda p: p.name)  # step-XXXXXX: the name orders them, even if a state.json is damaged
+
+
+def load_latest_checkpoint(root: Path, cfg: TrainConfig, device: torch.device) -> tuple[MLPMemory, torch.optim.Optimizer, dict, Path] | None:
+    """The newest checkpoint that loads whole, or None. A damaged one (truncated or corrupted
+    by a crash or a full disk) is skipped with a warning and the one before it is used."""
+    for path in reversed(list_checkpoints(root)):
+        try:
+            memory, opt, state = load_checkpoint(path, cfg, device)
+            return memory, opt, state, path
+        except (MlpmemError, OSError, ValueError, KeyError, RuntimeError) as e:
+            log.warning("checkpoint %s is damaged (%s); falling back to the one before it", path, getattr(e, "problem", e))
+    return None
 
 
 def load_checkpoint(path: Path, cfg: TrainConfig, device: torch.device) -> tuple[MLPMemory, torch.optim.Optimizer, dict]:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    state = read_json(path / "state.json")
+    if not isinstance(state, dict) or "step" not in state:
+        raise MlpmemError(f"{path / 'state.json'} is not a checkpoint state", "delete the checkpoint")
+    for record in state.pop("files", []):  # checkpoints written before file records skip this
+        check_file(path, record, False, f"delete {path}")
     memory, _ = load_memory(path)
     memory.to(device).train()
     opt = build_optimizer(memory, cfg)
-    state = read_json(path / "state.json")
-    tensors = load_file(str(path / "optimizer.safetensors"))
+    try:
+        tensors = load_file(str(path / "optimizer.safetensors"))
+    except SafetensorError as e:
+        raise MlpmemError(f"{path / 'optimizer.safetensors'} is not readable ({e})", f"delete {path}")
     per_param: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("state."):
@@ -446,7 +466,10 @@ def train_memory(
     is called after each optimizer step (step counts from 1); it may evaluate the
     memory (it is put back in train mode after).
     """
+    from mlpmem.config import validate
+
     out_dir = Path(out_dir)
+    validate(cfg, "train")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     _require_lm(cfg, init_lm)  # before the data: lm_copy's default input (the last layer) is found through the LM
     data = (OnlineData if cfg.mode == "online" else TrainData)(datastore_dir, targets_dir, *cfg.memory_input(), init_lm)
@@ -466,9 +489,14 @@ def train_memory(
         "input": {"layer": data.layer, "site": data.site, "array": data.input},
         "init_lm": getattr(getattr(init_lm, "config", None), "_name_or_path", None) if init_lm is not None else None,
     }
-    if prepare_out(out_dir, resolved, overwrite) == "done":
+    if prepare_out(out_dir, resolved, overwrite, kind="memory") == "done":
         log.info("memory training in %s is already finished", out_dir)
         return out_dir
+    with torch.device("meta"):  # the size only: no memory allocated
+        n_params = MLPMemory(cfg.memory_config(data.d_in, data.ds.vocab_size)).num_parameters()
+    # float32 weights + two AdamW moments per checkpoint, keep_last + 1 of them at a time, and the final memory
+    check_disk_space(out_dir, n_params * 4 * (3 * (cfg.keep_last + 1) + 1), "memory checkpoints and the final memory",
+                     "keep fewer checkpoints (keep_last), or train a smaller memory (width, n_blocks)")
     mem_meta = {
         "model_id": data.ds.model_id, "tokenizer_hash": data.ds.tokenizer_hash, "layer": data.layer, "site": data.site,
         "input_array": data.input, "datastore": resolved["datastore"], "targets": resolved["targets"], **(meta or {}),
@@ -479,11 +507,11 @@ def train_memory(
     if not resume:
         shutil.rmtree(ckpt_root, ignore_errors=True)
         (out_dir / METRICS).unlink(missing_ok=True)
-    ckpts = list_checkpoints(ckpt_root)
-    if ckpts:
-        memory, opt, state = load_checkpoint(ckpts[-1], cfg, dev)
+    loaded = load_latest_checkpoint(ckpt_root, cfg, dev)
+    if loaded is not None:
+        memory, opt, state, path = loaded
         _truncate_metrics(out_dir / METRICS, state["step"])
-        log.info("resuming memory training from %s", ckpts[-1])
+        log.info("resuming memory training from %s", path)
     else:
         # no checkpoint: records of an interrupted earlier try would be written again
         (out_dir / METRICS).unlink(missing_ok=True)
@@ -566,8 +594,9 @@ def _finish(out_dir, memory, mem_meta, cfg, data, valid, sched, state, last_vali
     plot_training_curve(read_metrics(out_dir / METRICS), out_dir / "training_curve.png", f"memory on {mem_meta['model_id']}")
     tps = state["train_positions"] / max(state["train_seconds"], 1e-9)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    files = [file_record(out_dir, p) for p in sorted((out_dir / "memory").iterdir()) if p.is_file()]
     write_manifest(out_dir, "memory", {
-        **{k: mem_meta[k] for k in ("model_id", "tokenizer_hash", "layer", "site")},
+        **{k: mem_meta[k] for k in ("model_id", "tokenizer_hash", "layer", "site")}, "files": files,
         "memory": "memory", "memory_config": dataclasses.asdict(memory.config),
         "parameters": memory.num_parameters(), "trainable_parameters": memory.num_parameters(trainable_only=True),
         "steps": sched.total, "positions_seen": sched.total * cfg.batch_size, "epochs": sched.total * cfg.batch_size / data.n,

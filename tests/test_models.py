@@ -138,3 +138,27 @@ def test_memory_base_fingerprint_refuses_another_model_for_offline_training(tiny
     # online training reads the LM's own hidden states: the LM is the memory's base
     assert memory_base_fingerprint(llama_id, model_fingerprint(llama), gpt2, online=True) == model_fingerprint(gpt2)
     assert memory_base_fingerprint(llama_id, None, None, online=False) is None
+
+
+def test_train_records_the_base_fingerprint_and_refuses_another_lm(tmp_path, monkeypatch):
+    """train_memory stores the datastore model's fingerprint in the memory's meta; an --init lm_copy LM with other weights is refused."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from fake_train_data import write_train_data
+    from mlpmem import models
+    from mlpmem.memory import load_memory
+    from mlpmem.train import TrainConfig, train_memory
+
+    def tiny(seed):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                            num_key_value_heads=2, vocab_size=50)).eval()
+
+    lm, other = tiny(0), tiny(1)
+    ds, tg = write_train_data(tmp_path, n=200, layer=1, site="output")  # a datastore of model "test/model"
+    monkeypatch.setattr(models, "load_model", lambda name, *a, **k: (lm, None, name))  # "test/model" is `lm`
+    cfg = TrainConfig(n_blocks=1, batch_size=50, epochs=0.5, lr=1e-2, precision="fp32", init="lm_copy")
+    train_memory(ds, tg, tmp_path / "m", cfg, init_lm=lm)
+    assert load_memory(tmp_path / "m" / "memory")[1]["model_fingerprint"] == models.model_fingerprint(lm)
+    with pytest.raises(MlpmemError, match="datastore was built with 'test/model'"):
+        train_memory(ds, tg, tmp_path / "m2", cfg, init_lm=other)

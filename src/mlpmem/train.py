@@ -497,8 +497,11 @@ def train_memory(
     # float32 weights + two AdamW moments per checkpoint, keep_last + 1 of them at a time, and the final memory
     check_disk_space(out_dir, n_params * 4 * (3 * (cfg.keep_last + 1) + 1), "memory checkpoints and the final memory",
                      "keep fewer checkpoints (keep_last), or train a smaller memory (width, n_blocks)")
+    from mlpmem.models import memory_base_fingerprint  # which base model the memory belongs to; refuses an LM that is not it
+
     mem_meta = {
         "model_id": data.ds.model_id, "tokenizer_hash": data.ds.tokenizer_hash, "layer": data.layer, "site": data.site,
+        "model_fingerprint": memory_base_fingerprint(data.ds.model_id, data.ds.manifest.get("model_fingerprint"), init_lm, cfg.mode == "online"),
         "input_array": data.input, "datastore": resolved["datastore"], "targets": resolved["targets"], **(meta or {}),
     }
     sched = WindowSchedule(data.windows, data.n, cfg) if cfg.mode == "online" else Schedule(data.n, cfg)

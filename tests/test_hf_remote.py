@@ -66,6 +66,14 @@ def test_cls_config_builds_both_parts(model):
     assert built.site == model.site and built.lambda_ == 0.5
     # freshly built, not copied: the weights are new (the memory starts by its own init)
     assert not torch.equal(built.memory.head.weight, model.memory.head.weight)
+    # parts handed to from_parts keep their weights (post_init must not initialise them again)
+    trained = MLPMemory(MemoryConfig(**model.config.memory_config))
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.normal_(0.0, 0.3)  # stands for trained weights
+    before = {k: v.clone() for k, v in trained.state_dict().items()}
+    again = MLPMemoryForCausalLM.from_parts(built.lm, trained, dict(model.config.memory_meta, model_fingerprint=model_fingerprint(built.lm)))
+    assert all(torch.equal(v, before[k]) for k, v in again.memory.state_dict().items())
 
 
 def test_full_export_loads_on_the_standard_path_from_a_hub_cache(model, full, tmp_path, monkeypatch):
@@ -208,14 +216,14 @@ def test_fingerprint_checked_when_pairing(parts, tiny_models, tmp_path, caplog):
     torch.manual_seed(5)
     for p in other.parameters():
         p.data.normal_(0.0, 0.02)  # same architecture and tokenizer, other weights
-    with pytest.raises(MlpmemError, match="different model") as e:
+    with pytest.raises(MlpmemError, match="other weights") as e:
         MLPMemoryForCausalLM.from_parts(other, mem, meta, tokenizer=tok)
     assert meta["model_id"] in str(e.value) and "weights_sha256" in str(e.value)
     # through a saved folder with base_model=, as `mlpmem generate --base-model` does
     MLPMemoryForCausalLM.from_parts(lm, mem, meta, tokenizer=tok).save_pretrained(tmp_path / "m")
     other.save_pretrained(tmp_path / "other")
     tok.save_pretrained(tmp_path / "other")
-    with pytest.raises(MlpmemError, match="different model"):
+    with pytest.raises(MlpmemError, match="other weights"):
         MLPMemoryForCausalLM.from_pretrained(tmp_path / "m", base_model=str(tmp_path / "other"))
     # a memory saved before fingerprints existed: a warning, not a refusal
     old_meta = {k: v for k, v in meta.items() if k != "model_fingerprint"}

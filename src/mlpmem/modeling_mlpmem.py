@@ -411,8 +411,7 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: MLPMemoryConfig, lm: PreTrainedModel | None = None, memory: MLPMemory | None = None) -> None:
         super().__init__(config)
-        # parts handed in (from_parts) arrive trained: post_init must not initialise them again
-        self._given_parts = lm is not None
+        given = lm is not None
         if lm is None:
             if config.text() is None:
                 raise MlpmemError(
@@ -432,18 +431,25 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         # older or remote-code models compute every position's logits: slice them here instead
         self._lm_keeps_logits = "logits_to_keep" in inspect.signature(lm.forward).parameters
         self.post_init()
-        if self._given_parts:
+        if given:
             # the generation defaults (eos, pad, bos, max_length) are the base model's
             self.generation_config = copy.deepcopy(lm.generation_config)
 
     def init_weights(self) -> None:
-        if self._given_parts:
-            return
-        super().init_weights()
+        # both parts initialise themselves when built (the LM in from_config, the memory in its
+        # constructor), and parts handed in arrive trained: initialising them again here would
+        # at best repeat that and at worst erase a trained part. Weights missing from a
+        # checkpoint are still initialised by from_pretrained, through _init_weights.
+        pass
 
     def _init_weights(self, module: nn.Module) -> None:
-        # the LM initialises its own modules (transformers dispatches to it); the memory has its own start
-        if isinstance(module, MLPMemory):
+        # transformers calls this for weights a checkpoint lacks, module by module (those of the LM
+        # go to the LM's own _init_weights): the memory's get its "plain" start
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, Norm):
             module.reset_parameters()
 
     # ------------------------------------------------------------------ building from parts
@@ -572,6 +578,11 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         else:
             if not self.config.base_model:
                 raise MlpmemError("the base model has no reference (hub id or folder) to save", "use full_export=True, or build the model with from_parts(..., base_model=PATH)")
+            if kwargs.get("push_to_hub"):
+                raise MlpmemError("save_pretrained(push_to_hub=True) uploads full exports only", "call model.push_to_hub(repo_id) for a folder by reference, or pass full_export=True")
+            if not _hub_like(self.config.base_model) or Path(self.config.base_model).exists():
+                logger.warning("the saved folder names its base model by the local name %r: it loads only where that exists "
+                               "(or with base_model=); full_export=True makes it self-contained", self.config.base_model)
             self.config.base_weights = "reference"
             write_memory_folder(folder / MEMORY_DIR, self.memory, dict(self.config.memory_meta or {}))
             self.generation_config.save_pretrained(folder)

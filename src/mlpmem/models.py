@@ -235,7 +235,8 @@ def check_fingerprint(expected: dict | None, model, *, expected_name: str, model
     got = model_fingerprint(model)
     if got != expected:
         diff = ", ".join(f"{k} {expected.get(k)!r} vs {got.get(k)!r}" for k in sorted(set(got) | set(expected)) if got.get(k) != expected.get(k))
-        raise MlpmemError(f"{what} {expected_name!r}, but the base model {model_name!r} is a different model ({diff})", fix)
+        which = "of that name" if model_name == expected_name else repr(model_name)
+        raise MlpmemError(f"{what} {expected_name!r}, but the base model {which} has other weights ({diff})", fix)
 
 
 def memory_base_fingerprint(ds_model_id: str, ds_fingerprint: dict | None, lm, online: bool) -> dict | None:

@@ -1,9 +1,11 @@
 import json
 
+import numpy as np
 import pytest
 
 from mlpmem.cli import main as cli_main
 from mlpmem.errors import MlpmemError
+from mlpmem.evaluate import fit_mixture_em
 from mlpmem.pipeline import load_recipe, run_pipeline
 
 REPORT_KEYS = {"model", "corpus", "n_train_tokens", "n_test_tokens", "ppl", "lambda", "knn_temperature", "tokens_per_s", "memory_params", "base_params"}
@@ -12,7 +14,7 @@ REPORT_KEYS = {"model", "corpus", "n_train_tokens", "n_test_tokens", "ppl", "lam
 def tiny_recipe(tmp_path, model, corpus, **train):
     return {
         "out": str(tmp_path / "run"), "model": str(model),
-        "corpus": {"source": str(corpus), "valid_fraction": 0.2, "test_fraction": 0.2, "train_tokens": 2000, "valid_tokens": 400, "test_tokens": 400},
+        "corpus": {"source": str(corpus), "valid_fraction": 0.2, "test_fraction": 0.2, "train_tokens": 2000, "valid_tokens": 300, "test_tokens": 400},
         "datastore": {"context": 64, "stride": 32, "batch_size": 4},
         "knn": {"k": 32, "temperatures": [1.0, 4.0]},
         "targets": {"top_m": 16},
@@ -20,16 +22,31 @@ def tiny_recipe(tmp_path, model, corpus, **train):
     }
 
 
-def test_recipe_runs_end_to_end_and_skips_finished_stages(tmp_path, tiny_llama, tiny_corpus_file):
+def test_recipe_runs_end_to_end_and_skips_finished_stages(tmp_path, tiny_llama, tiny_corpus_file, monkeypatch):
+    import mlpmem.evaluate as ev
+    import mlpmem.interpolate as ip
+
+    fitted = []  # the number of positions every lambda and temperature was fitted on
+    real_fit, real_tune = ip.fit_lambda_em, ev.tune_knn_for
+    monkeypatch.setattr(ip, "fit_lambda_em", lambda x, y, *a, **k: fitted.append(len(x)) or real_fit(x, y, *a, **k))
+    monkeypatch.setattr(ev, "fit_mixture_em", lambda lps, *a, **k: fitted.append(len(lps[0])) or fit_mixture_em(lps, *a, **k))
+    monkeypatch.setattr(ev, "tune_knn_for", lambda cfg, valid: fitted.append(valid.n) or real_tune(cfg, valid))
     r = run_pipeline(load_recipe(tiny_recipe(tmp_path, tiny_llama, tiny_corpus_file, init="lm_copy", input_site="output")))
+    n_valid = r["n_valid_tokens"] - 1
+    assert n_valid != r["n_test_tokens"] - 1  # sizes tell the splits apart
+    assert fitted and set(fitted) == {n_valid}, (fitted, n_valid)  # T and every lambda come from valid only
     assert REPORT_KEYS <= set(r)
     assert set(r["ppl"]) >= {"base", "knn_lm", "mlp_memory"}
     assert set(r["tokens_per_s"]) >= {"base", "knn_lm", "mlp_memory"}
     on_disk = json.loads((tmp_path / "run" / "report.json").read_text())
     assert on_disk["ppl"] == r["ppl"]
     assert (tmp_path / "run" / "report.md").exists() and (tmp_path / "run" / "lambda_curves.png").exists()
-    # an interpolation with a tuned lambda never does worse than lambda=0 on valid, so on test it stays close to base
-    assert r["ppl"]["mlp_memory"] < r["ppl"]["base"] * 1.05
+    # the memory learned the retriever (held-out KL to kNN targets and CE fell from its start, a copy of the
+    # LM's head path), and on test the mixture beats the LM: a useless memory would get lambda ~ 0 and tie
+    start, end = r["train"]["valid_start"], r["train"]["valid"]
+    assert end["kl"] < 0.95 * start["kl"] and end["ce"] < start["ce"], (start, end)
+    assert r["ppl"]["mlp_memory"] < 0.99 * r["ppl"]["base"] and r["lambda"]["mlp_memory"] > 0.05
+    assert r["n_test_tokens"] - 1 == r["n_scored_tokens"]  # every method over the same test positions
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*.npy")}
     r2 = run_pipeline(load_recipe(tiny_recipe(tmp_path, tiny_llama, tiny_corpus_file, init="lm_copy", input_site="output")))
     assert r2["ppl"]["base"] == r["ppl"]["base"]
@@ -50,3 +67,28 @@ def test_recipe_problems_are_reported_together(tmp_path):
     msg = str(e.value)
     for part in ("corpus.sorce", "corpus.train_tokens", "train.lr", "extra", "targets.k"):
         assert part in msg
+
+
+def test_knn_tuning_cache_follows_its_inputs(tmp_path):
+    """The cached T/lambda are reused only while config and every input manifest are unchanged."""
+    from mlpmem.evaluate import KnnConfig, Scored
+    from mlpmem.pipeline import tune_knn_cached
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 50)
+    sc = Scored(labels=labels, lm_logprob=np.log(rng.uniform(0.1, 0.5, 50)), knn_dists=np.sort(rng.random((50, 4)), 1).astype(np.float32),
+                knn_values=np.where(rng.random((50, 4)) < 0.5, labels[:, None], 0).astype(np.int32))
+    calls = []
+    score = lambda: calls.append(1) or sc  # noqa: E731
+    ins = {}
+    for name in ("corpus", "index"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "manifest.json").write_text('{"shards": [1, 2]}')
+        ins[name] = tmp_path / name
+    cfg = KnnConfig(temperatures=[1.0, 2.0])
+    first = tune_knn_cached(tmp_path / "knn.json", cfg, score, ins)
+    assert tune_knn_cached(tmp_path / "knn.json", cfg, score, ins) == first and len(calls) == 1
+    (tmp_path / "index" / "manifest.json").write_text('{"shards": [1, 3]}')  # a later shard changed
+    tune_knn_cached(tmp_path / "knn.json", cfg, score, ins)
+    tune_knn_cached(tmp_path / "knn.json", KnnConfig(temperatures=[1.0, 4.0]), score, ins)
+    assert len(calls) == 3

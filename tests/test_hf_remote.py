@@ -230,3 +230,21 @@ def test_fingerprint_checked_when_pairing(parts, tiny_models, tmp_path, caplog):
     with caplog.at_level("WARNING"):
         MLPMemoryForCausalLM.from_parts(other, mem, old_meta, tokenizer=tok)
     assert "records no fingerprint" in caplog.text
+
+
+def test_an_interrupted_full_export_is_not_taken_for_a_finished_one(model, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    def crash(self, folder, **kw):  # as transformers does: config.json first, then the weights, here cut short
+        self.config.save_pretrained(folder)
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", crash)
+    with pytest.raises(KeyboardInterrupt):
+        model.save_pretrained(tmp_path / "m", full_export=True)
+    assert not (tmp_path / "m" / "config.json").exists()
+    with pytest.raises(MlpmemError, match="config.json is missing"):
+        MLPMemoryForCausalLM.from_pretrained(tmp_path / "m")
+    with pytest.raises(MlpmemError, match="push_to_hub"):
+        model.save_pretrained(tmp_path / "m", push_to_hub=True)

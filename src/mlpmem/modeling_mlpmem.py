@@ -558,9 +558,15 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         path. Otherwise only the memory is saved (``memory/``) and the config names
         the base model, which must still be loadable from there (or be passed as
         ``base_model=``) later. Other keywords go to transformers' save_pretrained
-        (``push_to_hub``, ``max_shard_size``, ...). config.json is deleted first,
-        so an interrupted save is never taken for a finished one.
+        (``max_shard_size``, ...). ``model.push_to_hub(repo)`` works as for any model
+        (it saves by reference); to publish a full export, save it and upload the
+        folder (``huggingface_hub.upload_folder``). config.json is deleted first and
+        written last, so an interrupted save is never taken for a finished one.
         """
+        if kwargs.get("push_to_hub"):
+            # transformers would upload before the tokenizer and the card are written
+            raise MlpmemError("save_pretrained(push_to_hub=True) would upload an incomplete folder",
+                              "save the folder, then upload it with huggingface_hub.upload_folder, or call model.push_to_hub(repo_id)")
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "config.json").unlink(missing_ok=True)
@@ -570,27 +576,34 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         for stale in [folder / "base", *folder.glob("model*.safetensors"), *folder.glob("model.safetensors.index.json")]:
             _remove(stale)  # a previous save of the other kind must not shadow this one
         _remove(folder / MEMORY_DIR)
-        if full_export:
+        if full_export:  # one weights file with both parts, through transformers' own save
             if tok is None:
                 raise MlpmemError("a full export needs the tokenizer, and this model has none attached", "pass tokenizer= to save_pretrained")
             self.config.base_weights = "included"
-            super().save_pretrained(folder, **kwargs)
-        else:
-            if not self.config.base_model:
-                raise MlpmemError("the base model has no reference (hub id or folder) to save", "use full_export=True, or build the model with from_parts(..., base_model=PATH)")
-            if kwargs.get("push_to_hub"):
-                raise MlpmemError("save_pretrained(push_to_hub=True) uploads full exports only", "call model.push_to_hub(repo_id) for a folder by reference, or pass full_export=True")
-            if not _hub_like(self.config.base_model) or Path(self.config.base_model).exists():
-                logger.warning("the saved folder names its base model by the local name %r: it loads only where that exists "
-                               "(or with base_model=); full_export=True makes it self-contained", self.config.base_model)
-            self.config.base_weights = "reference"
-            write_memory_folder(folder / MEMORY_DIR, self.memory, dict(self.config.memory_meta or {}))
-            self.generation_config.save_pretrained(folder)
-            custom_object_save(self, folder, config=self.config)  # this file, and auto_map in the config
-            self.config.save_pretrained(folder)
+            # transformers writes config.json before the weights: stage the save, then move config.json last
+            staging = folder / ".partial"
+            _remove(staging)
+            super().save_pretrained(staging, **kwargs)
+            tok.save_pretrained(staging)
+            (staging / "README.md").write_text(model_card(self.config, True, self.memory.num_parameters(), _num_params(self.lm)))
+            for f in sorted(staging.iterdir(), key=lambda f: f.name == "config.json"):
+                os.replace(f, folder / f.name)
+            staging.rmdir()
+            return
+        # by reference: the memory only (a memory folder), the base named in the config
+        if not self.config.base_model:
+            raise MlpmemError("the base model has no reference (hub id or folder) to save", "use full_export=True, or build the model with from_parts(..., base_model=PATH)")
+        if not _hub_like(self.config.base_model) or Path(self.config.base_model).exists():
+            logger.warning("the saved folder names its base model by the local name %r: it loads only where that exists "
+                           "(or with base_model=); full_export=True makes it self-contained", self.config.base_model)
+        self.config.base_weights = "reference"
+        write_memory_folder(folder / MEMORY_DIR, self.memory, dict(self.config.memory_meta or {}))
+        self.generation_config.save_pretrained(folder)
+        custom_object_save(self, folder, config=self.config)  # this file, and auto_map in the config
         if tok is not None:
             tok.save_pretrained(folder)
-        (folder / "README.md").write_text(model_card(self.config, full_export, self.memory.num_parameters(), _num_params(self.lm)))
+        (folder / "README.md").write_text(model_card(self.config, False, self.memory.num_parameters(), _num_params(self.lm)))
+        self.config.save_pretrained(folder)
 
     # ------------------------------------------------------------------ mixing weight
 

@@ -235,7 +235,7 @@ def build_targets(datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: Targ
         "index_datastore": str(datastore_dir), "self_excluded": exclude_self,
         "index": str(index_dir), "index_factory": index.manifest["factory"], "index_recall_at_k": index.manifest["recall_at_k"],
         "model_id": ds.model_id, "tokenizer_hash": ds.tokenizer_hash, "layer": ds.layer, "site": ds.site, "vocab_size": ds.vocab_size,
-        "stats": stats,
+        "stats": stats, "faiss_threads": index.threads or _torch_threads(),
         "shards": [{"start": done[str(s)]["start"], "end": done[str(s)]["end"], "arrays": done[str(s)]["arrays"]} for s in range(len(shards))],
     })
     progress_path.unlink()
@@ -276,3 +276,10 @@ class Targets(ShardedArrays):
         for name in ("ids", "probs"):
             if name not in self.names:
                 raise MlpmemError(f"the targets in {self.folder} have no {name!r} array", f"delete {self.folder} and build the targets again")
+
+
+def _torch_threads() -> int:
+    """FAISS searched with torch's thread count (index.faiss_threads): record what ran."""
+    import torch
+
+    return torch.get_num_threads()

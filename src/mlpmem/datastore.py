@@ -409,7 +409,7 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
         "key_dtype": "float16", "value_dtype": "int32",
         "corpus": resolved["corpus"], "corpus_hash": corpus.manifest["corpus_hash"],
         "rows": "row i = position i of the split's token stream; value = token i+1; document = corpus doc_index[i]",
-        "extract_tokens_per_s": new_rows / elapsed if new_rows else None,
+        "extract_tokens_per_s": new_rows / elapsed if new_rows else None, "torch_threads": torch.get_num_threads(),
         "shards": [done[str(s)] for s in range(len(shard_windows))],
     })
     progress_path.unlink()

@@ -248,3 +248,18 @@ def test_an_interrupted_full_export_is_not_taken_for_a_finished_one(model, tmp_p
         MLPMemoryForCausalLM.from_pretrained(tmp_path / "m")
     with pytest.raises(MlpmemError, match="push_to_hub"):
         model.save_pretrained(tmp_path / "m", push_to_hub=True)
+
+
+def test_export_card_shows_the_runs_results(parts, tmp_path):
+    """export_hf of a run's memory: the card shows what the train stage and the pipeline measured next to it."""
+    from mlpmem.memory import save_memory
+
+    lm, tok, mem, meta = parts
+    run = tmp_path / "run"
+    save_memory(run / "train" / "memory", mem, {k: v for k, v in meta.items() if k != "results"})
+    (run / "train" / "manifest.json").write_text(json.dumps({"valid": {"kl": 1.25, "ce": 3.5}, "steps": 40}))
+    (run / "report.json").write_text(json.dumps({"ppl": {"lm": 40.5, "lm+memory": 35.75}, "corpus": "builtin:sotu"}))
+    out = hf.export_hf(run / "train" / "memory", tmp_path / "hf", lambda_=0.3, full_export=True)
+    card = (out / "README.md").read_text()
+    assert '"lm+memory": 35.75' in card and '"kl": 1.25' in card and "builtin:sotu" in card and "| lambda (memory weight) | 0.3 |" in card
+    assert json.loads((out / "config.json").read_text())["memory_meta"]["results"]["steps"] == 40

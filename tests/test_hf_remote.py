@@ -122,6 +122,12 @@ def test_dtype_auto_restores_the_checkpoint_dtype(parts, tmp_path):
     assert loaded.lm.dtype == torch.bfloat16
     assert loaded.memory.head.weight.dtype == torch.float32  # the memory stays float32 (see _keep_in_fp32_modules_strict)
     assert MLPMemoryForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).lm.dtype == torch.float32
+    # by reference, the base is loaded in its checkpoint's dtype too
+    half.save_pretrained(tmp_path / "half_base")
+    tok.save_pretrained(tmp_path / "half_base")
+    MLPMemoryForCausalLM.from_parts(half, mem, meta, tokenizer=tok, base_model=str(tmp_path / "half_base")).save_pretrained(tmp_path / "ref")
+    by_ref = MLPMemoryForCausalLM.from_pretrained(tmp_path / "ref", dtype="auto")
+    assert by_ref.lm.dtype == torch.bfloat16 and by_ref.memory.head.weight.dtype == torch.float32
 
 
 def test_remote_code_without_mlpmem_generates_the_same_tokens(model, parts, full, tmp_path):

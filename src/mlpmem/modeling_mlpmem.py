@@ -887,9 +887,8 @@ def _hub_like(name: str) -> bool:
 
 
 def _dtype_name(dtype: Any) -> str:
-    if dtype is None or dtype == "auto":
-        return "float32"
-    return str(dtype).removeprefix("torch.")
+    # transformers 5 loads a checkpoint in its own dtype unless told otherwise: so does a base loaded by reference
+    return "auto" if dtype is None else str(dtype).removeprefix("torch.")
 
 
 def _name(lm: nn.Module) -> str:

@@ -139,6 +139,8 @@ def load_tokenizer(name: str):
 def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu"):
     """Load a frozen causal LM in eval mode. Returns ``(model, tokenizer, model_id)``.
 
+    ``dtype``: a torch dtype name, or "auto" for the checkpoint's own.
+
     A model that is not causal is refused (:func:`check_causal`): every stage reads
     hidden states as if position t saw only tokens up to t.
     """
@@ -148,7 +150,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
     path, model_id = resolve_model(name)
     try:
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
     except (OSError, ValueError) as e:
         raise _load_error(name, e)
     model.eval().requires_grad_(False).to(device)

@@ -231,6 +231,14 @@ def test_fingerprint_checked_when_pairing(parts, tiny_models, tmp_path, caplog):
     tok.save_pretrained(tmp_path / "other")
     with pytest.raises(MlpmemError, match="other weights"):
         MLPMemoryForCausalLM.from_pretrained(tmp_path / "m", base_model=str(tmp_path / "other"))
+    # `mlpmem generate MEMORY --base-model OTHER`: a train-stage memory folder with another base
+    from mlpmem.generation import GenerateConfig, generate_side_by_side
+    from mlpmem.memory import save_memory
+
+    save_memory(tmp_path / "mem", mem, meta)
+    with pytest.raises(MlpmemError, match="other weights") as e:
+        generate_side_by_side(str(tmp_path / "mem"), ["war"], GenerateConfig(max_new_tokens=2), base_model=str(tmp_path / "other"))
+    assert str(tmp_path / "other") in str(e.value) and meta["model_id"] in str(e.value) and "use the base model" in str(e.value)
     # a memory saved before fingerprints existed: a warning, not a refusal
     old_meta = {k: v for k, v in meta.items() if k != "model_fingerprint"}
     with caplog.at_level("WARNING"):

@@ -258,10 +258,13 @@ class MLPMemory(nn.Module):
 
 def read_memory_folder(files: dict[str, str]) -> tuple[MLPMemory, dict[str, Any]]:
     """Build a memory from the two files of a memory folder (paths by name). Returns (memory in eval mode, meta)."""
-    data = json.loads(Path(files[MEMORY_CONFIG]).read_text())
-    with torch.device("meta"):  # skip a random init that would be overwritten at once
-        memory = MLPMemory(MemoryConfig(**data["config"]))
-    memory.load_state_dict(load_file(files[MEMORY_WEIGHTS]), strict=True, assign=True)
+    try:
+        data = json.loads(Path(files[MEMORY_CONFIG]).read_text())
+        with torch.device("meta"):  # skip a random init that would be overwritten at once
+            memory = MLPMemory(MemoryConfig(**data["config"]))
+        memory.load_state_dict(load_file(files[MEMORY_WEIGHTS]), strict=True, assign=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise MlpmemError(f"the memory in {Path(files[MEMORY_CONFIG]).parent} is not readable ({str(e).splitlines()[0][:200]})", "save the model again with save_pretrained")
     memory.apply_freeze()
     return memory.eval(), data.get("meta", {})
 
@@ -802,7 +805,10 @@ def _load_memory(name: str, config: MLPMemoryConfig, hub: dict) -> tuple[MLPMemo
         state.update({k.removeprefix("memory."): v for k, v in load_file(path).items() if k.startswith("memory.")})
     with torch.device("meta"):
         memory = MLPMemory(MemoryConfig(**config.memory_config))
-    memory.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    try:
+        memory.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    except RuntimeError as e:
+        raise MlpmemError(f"the memory weights in {name} do not fit its config ({str(e).splitlines()[0][:200]})", "export the model again with save_pretrained(..., full_export=True)")
     memory.apply_freeze()
     return memory.eval(), dict(config.memory_meta or {})
 

@@ -231,8 +231,8 @@ def _train(stages, out, **kw):
     return train_memory(stages["datastore"], stages["targets"], out, cfg, device="cpu", **kw)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "state"])
-def test_damaged_newest_checkpoint_falls_back_to_the_previous(stages, tmp_path, damage):
+@pytest.mark.parametrize("damage", ["truncate", "flip", "state"])
+def test_damaged_newest_checkpoint_falls_back_to_the_previous(stages, tmp_path, caplog, damage):
     clean = _train(stages, tmp_path / "clean")
 
     class Stop(Exception):
@@ -249,9 +249,16 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(stages, tmp_path, 
     if damage == "truncate":
         f = newest / "optimizer.safetensors"
         f.write_bytes(f.read_bytes()[:100])
+    elif damage == "flip":  # same size: only the hashes recorded in state.json can tell
+        f = newest / "model.safetensors"
+        data = bytearray(f.read_bytes())
+        data[-20] ^= 0x40
+        f.write_bytes(bytes(data))
     else:
         (newest / "state.json").write_text("{half")
+    caplog.set_level("INFO", logger="mlpmem.train")
     _train(stages, tmp_path / "t")
+    assert "step-000009 is damaged" in caplog.text and "resuming memory training from" in caplog.text and "step-000006" in caplog.text
     assert (tmp_path / "t" / "memory" / "model.safetensors").read_bytes() == (clean / "memory" / "model.safetensors").read_bytes()
     m = json.loads((tmp_path / "t" / "manifest.json").read_text())
     files = {r["file"]: r for r in m["files"]}

@@ -76,7 +76,7 @@ def _train(a):
         raise MlpmemError("--valid-targets needs --valid (the valid datastore those targets belong to)", "pass --valid DATASTORE too, or drop --valid-targets")
     lm = None
     layer = cfg.memory_input()[0]
-    if cfg.init != "plain" or (layer is not None and layer < 0):
+    if cfg.init != "plain" or cfg.mode == "online" or (layer is not None and layer < 0):
         lm = load_model(a.model or Datastore(Path(a.datastore)).model_id)[0]  # to copy the head from / resolve layers
     train_memory(Path(a.datastore), Path(a.targets), Path(a.out), cfg, valid_datastore_dir=Path(a.valid) if a.valid else None,
                  valid_targets_dir=Path(a.valid_targets) if a.valid_targets else None, init_lm=lm, overwrite=a.overwrite)
@@ -101,6 +101,9 @@ def _generate(a):
 
     cfg = from_args(GenerateConfig, a)
     prompts = read_prompts(a.prompts, a.prompts_file)
+    empty = [i + 1 for i, p in enumerate(prompts) if not p.strip()]
+    if empty:
+        raise MlpmemError(f"prompt {', '.join(map(str, empty))} is empty", "give every prompt some text to continue")
     rows = generate_side_by_side(str(_memory_folder(a.model, a.verify)), prompts, cfg, a.base_model)
     for r in rows:
         print(f"=== {r['prompt']}\n--- base LM:\n{r['base']}\n--- LM + memory (lambda={a.lam}):\n{r['memory']}\n")

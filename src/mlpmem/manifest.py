@@ -60,7 +60,7 @@ STAGE_FILES: dict[str, tuple[str, ...]] = {
     "targets": ("ids-*.npy", "probs-*.npy"),
     "memory": ("memory", "checkpoints", "metrics.jsonl", "training_curve.png"),
     "probe": ("items.jsonl", "probe.yaml"),
-    "export": ("memory", "base", "*.json", "*.py", "*.txt", "*.model", "*.jinja"),
+    "export": ("memory", "base", "*.json", "*.py", "*.txt", "*.model", "*.jinja", "*.safetensors", "README.md"),
     "run": ("corpus", "datastore", "valid", "index", "targets", "valid_targets", "train", "knn.json", "recipe.json", "report.json",
             "report.md", "lambda_curves.png"),
 }

@@ -36,3 +36,24 @@ def test_help_is_fast_and_lists_verbs():
     # the verb list must not pay for torch
     code = "import sys; from mlpmem.cli import build_parser; build_parser(''); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_verify_flag_on_verbs_that_read_stages():
+    from mlpmem.cli import build_parser
+
+    assert build_parser("index").parse_args(["index", "--datastore", "d", "--out", "o", "--verify"]).verify is True
+    assert build_parser("train").parse_args(["train", "--datastore", "d", "--targets", "t", "--out", "o"]).verify is False
+
+
+def test_os_errors_count_as_user_errors_only_on_user_paths(tmp_path):
+    import errno
+
+    from mlpmem.cli import os_error
+
+    argv = ["corpus", "--source", str(tmp_path / "in.jsonl"), f"--out={tmp_path / 'o'}"]
+    assert "does not exist" in str(os_error(FileNotFoundError(errno.ENOENT, "x", str(tmp_path / "in.jsonl")), argv))
+    assert os_error(FileNotFoundError(errno.ENOENT, "x", str(tmp_path / "o" / "sub" / "f")), argv) is not None
+    assert os_error(FileNotFoundError(errno.ENOENT, "x", "/usr/share/elsewhere"), argv) is None  # a bug's, not the user's
+    assert "disk is full" in str(os_error(OSError(errno.ENOSPC, "full"), argv))
+    assert "read-only" in str(os_error(OSError(errno.EROFS, "ro", "/x"), argv))
+    assert os_error(OSError(errno.EIO, "io"), argv) is None

@@ -107,3 +107,27 @@ def test_single_document_needs_more(tmp_path, tiny_llama):
     with pytest.raises(MlpmemError, match="blank_line"):
         build_corpus(tmp_path / "out", CorpusConfig(source=str(tmp_path / "one.txt"), model=str(tiny_llama)))
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_duplicates_dropped_first_kept_and_counted():
+    from mlpmem.corpus import drop_duplicates
+
+    docs = [Document("a", "x"), Document("b", "y"), Document("c", "x"), Document("d", "x ")]
+    kept, n = drop_duplicates(docs)
+    assert [d.id for d in kept] == ["a", "b", "d"] and n == 1  # exact text: "x " is another text
+
+
+def test_corpus_built_before_dedup_is_refused_when_the_source_has_duplicates(tmp_path, tiny_llama):
+    from conftest import make_texts
+
+    texts = make_texts(6, 40)
+    src = tmp_path / "c.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts + [texts[0]]))
+    cfg = CorpusConfig(source=str(src), model=str(tiny_llama))
+    out = build_corpus(tmp_path / "c", cfg)
+    m = json.loads((out / "manifest.json").read_text())
+    del m["n_duplicates_dropped"]  # as an older version wrote it
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(MlpmemError, match="before duplicates were removed.*--overwrite"):
+        build_corpus(out, cfg)
+    assert build_corpus(out, cfg, overwrite=True) == out

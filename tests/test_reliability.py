@@ -100,6 +100,7 @@ def test_empty_or_foreign_config_does_not_match(tmp_path):
     assert config_differences(old, {"config": {"split": "train", "mode": "cache"}}, "datastore") == ["config.mode: not set -> 'cache'"]
     out = tmp_path / "s"
     assert prepare_out(out, cfg, kind="corpus") == "fresh"
+    (out / "documents.json").write_text("{}")  # an output: the folder is no longer empty of results
     (out / "config.json").write_text("{}")
     with pytest.raises(MlpmemError, match="different configuration.*seed: not set"):
         prepare_out(out, cfg, kind="corpus")
@@ -278,7 +279,18 @@ def test_disk_space_messages_name_real_sizes_and_flags(stages, tmp_path, capsys,
     assert "0.00 GiB" not in err and "--train-tokens" in err and "--max-train-tokens" not in err
     with pytest.raises(MlpmemError, match="memory checkpoints.*keep_last"):
         _train(stages, tmp_path / "t")
+    assert not (tmp_path / "ds").exists() and not (tmp_path / "t").exists()  # refused before anything was written
     monkeypatch.setattr(shutil, "disk_usage", real)
+
+
+def test_a_stage_stopped_before_any_output_takes_corrected_settings(tmp_path):
+    out = tmp_path / "s"
+    assert prepare_out(out, {"lr": 10.0}, kind="memory") == "fresh"
+    release_lock(out)  # as if the process stopped (a failed check) before writing any output
+    assert prepare_out(out, {"lr": 0.001}, kind="memory") == "fresh"  # the fix needs no --overwrite
+    (out / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(MlpmemError, match="different configuration"):
+        prepare_out(out, {"lr": 0.1}, kind="memory")  # once outputs exist, a different config is refused
 
 
 def test_full_disk_mid_write_leaves_nothing_half_written(stages, tmp_path, capsys, monkeypatch):

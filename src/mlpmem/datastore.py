@@ -351,7 +351,8 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
     d = model.config.get_text_config().hidden_size
     if n_rows < 1:
         raise MlpmemError(f"the {cfg.split} split of {corpus_dir} has {len(tokens)} token(s): nothing to predict", "build the corpus with more text in that split")
-    check_disk_space(out_dir, n_rows * (2 * d * len(sites) + 4 + 4 * cfg.lm_logprob), "datastore")
+    if not (out_dir / "manifest.json").exists() or overwrite:  # a finished datastore needs no more space
+        check_disk_space(out_dir, n_rows * (2 * d * len(sites) + 4 + 4 * cfg.lm_logprob), "datastore")
     resolved = {"config": cfg, "corpus": str(Path(corpus_dir).resolve()), "corpus_manifest_sha256": sha256_file(Path(corpus_dir) / "manifest.json"), "model_id": model_id,
                 "extract_mode": mode}  # shards of two modes are never mixed on resume
     if prepare_out(out_dir, resolved, overwrite, kind="datastore") == "done":

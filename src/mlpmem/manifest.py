@@ -471,6 +471,9 @@ def prepare_out(folder: Path, config: dict[str, Any], overwrite: bool = False, k
             clear_out(folder, kind)
         if (folder / CONFIG).exists():
             diff = config_differences(read_json(folder / CONFIG), cfg, kind)
+            if diff and not any(p.name not in (CONFIG, MARKER, LOCK) for p in folder.iterdir()):
+                write_json(folder / CONFIG, cfg)
+                return "fresh"
             if diff:
                 raise MlpmemError(f"{folder} was written with a different configuration ({_describe(diff)})",
                                   "choose another --out folder, or pass --overwrite to replace it")

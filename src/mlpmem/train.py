@@ -489,14 +489,15 @@ def train_memory(
         "input": {"layer": data.layer, "site": data.site, "array": data.input},
         "init_lm": getattr(getattr(init_lm, "config", None), "_name_or_path", None) if init_lm is not None else None,
     }
+    if not (out_dir / "manifest.json").exists() or overwrite:
+        with torch.device("meta"):  # the size only: no memory allocated
+            n_params = MLPMemory(cfg.memory_config(data.d_in, data.ds.vocab_size)).num_parameters()
+        # float32 weights + two AdamW moments per checkpoint, keep_last + 1 of them at a time, and the final memory
+        check_disk_space(out_dir, n_params * 4 * (3 * (cfg.keep_last + 1) + 1), "memory checkpoints and the final memory",
+                         "keep fewer checkpoints (keep_last), or train a smaller memory (width, n_blocks)")
     if prepare_out(out_dir, resolved, overwrite, kind="memory") == "done":
         log.info("memory training in %s is already finished", out_dir)
         return out_dir
-    with torch.device("meta"):  # the size only: no memory allocated
-        n_params = MLPMemory(cfg.memory_config(data.d_in, data.ds.vocab_size)).num_parameters()
-    # float32 weights + two AdamW moments per checkpoint, keep_last + 1 of them at a time, and the final memory
-    check_disk_space(out_dir, n_params * 4 * (3 * (cfg.keep_last + 1) + 1), "memory checkpoints and the final memory",
-                     "keep fewer checkpoints (keep_last), or train a smaller memory (width, n_blocks)")
     from mlpmem.models import memory_base_fingerprint  # which base model the memory belongs to; refuses an LM that is not it
 
     mem_meta = {

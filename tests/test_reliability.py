@@ -361,3 +361,14 @@ def test_cli_turns_os_errors_into_one_paragraph_and_keeps_bugs_loud(tmp_path, ca
     monkeypatch.setitem(cli.VERBS, "corpus", (raiser(ZeroDivisionError()), *cli.VERBS["corpus"][1:]))
     with pytest.raises(ZeroDivisionError):
         main(argv)
+
+
+def test_shipped_recipes_pass_the_checks():
+    from pathlib import Path
+
+    from mlpmem.pipeline import RECIPES, load_recipe
+
+    files = sorted(RECIPES.glob("*.yaml")) + sorted((Path(__file__).parent.parent / "bench" / "recipes").glob("*.yaml"))
+    assert files
+    for f in files:
+        load_recipe(f, out="x", check_paths=False)  # data files of bench recipes may not be built here

@@ -214,3 +214,11 @@ def test_cache_mode_falls_back_for_absolute_positions(tmp_path, tiny_models, cor
     assert resolve_mode(llama, "auto", 64, 64) == "recompute"  # no overlap: nothing to carry
     with pytest.raises(MlpmemError, match="unknown extraction mode"):
         resolve_mode(llama, "fast", 64, 24)
+
+
+def test_manifest_fingerprints_the_model(tmp_path, tiny_llama, corpus_dir):
+    from mlpmem.models import model_fingerprint
+
+    out = build_datastore(corpus_dir, tmp_path / "ds", _cfg(tiny_llama))
+    model, _, _ = load_model(str(tiny_llama))
+    assert Datastore(out).manifest["model_fingerprint"] == model_fingerprint(model)  # memories trained on it inherit it

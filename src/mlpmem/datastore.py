@@ -36,7 +36,7 @@ import numpy as np
 from mlpmem.corpus import SPLITS, Corpus, windows
 from mlpmem.errors import MlpmemError
 from mlpmem.manifest import check_disk_space, load_npy, prepare_out, read_json, save_npy, sha256_file, write_json, write_manifest
-from mlpmem.models import DEFAULT_MODEL, SITES, Site, capture, load_model, logits_size, resolve_layer, run_captured, tokenizer_hash
+from mlpmem.models import DEFAULT_MODEL, SITES, Site, capture, load_model, logits_size, model_fingerprint, resolve_layer, run_captured, tokenizer_hash
 from mlpmem.store import feature_name
 
 log = logging.getLogger(__name__)
@@ -402,6 +402,7 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
             load_npy(out_dir, rec)
     write_manifest(out_dir, "datastore", {
         "model_id": model_id, "tokenizer_hash": tokenizer_hash(tok), "layer": key.layer, "site": key.site,
+        "model_fingerprint": model_fingerprint(model),  # memories trained on these keys record it (models.memory_base_fingerprint)
         "features": {name: {"layer": s.layer, "site": s.site} for name, s in sites.items()},
         "d": d, "vocab_size": logits_size(model), "n_rows": n_rows, "split": cfg.split,
         "context": cfg.context, "stride": cfg.stride, "n_windows": len(W),

@@ -140,8 +140,8 @@ def test_refuses_misaligned_targets(data, tmp_path):
                                  dict(schedule="step"), dict(mode="streaming"), dict(warmup_frac=1.0), dict(activation="relu")])
 def test_config_validation(bad, data, tmp_path):
     with pytest.raises(MlpmemError):
-        cfg = TrainConfig(**{**TINY, **bad})
-        cfg.memory_config(16, 50)
+        train_memory(data["ds"], data["tg"], tmp_path / "x", TrainConfig(**{**TINY, **bad}))
+    assert not (tmp_path / "x").exists()  # refused before anything is written
 
 
 def test_lm_copy_init(tmp_path):

@@ -340,3 +340,24 @@ def test_generate_side_by_side_with_a_full_export(parts, model, tmp_path):
     rows = generate_side_by_side(str(tmp_path / "full"), ["the union and", "war"], GenerateConfig(max_new_tokens=6, lam=0.5))
     p = tok("war", return_tensors="pt").input_ids
     assert rows[1]["memory"] == tok.decode(model.generate(p, max_new_tokens=6, do_sample=False)[0, p.shape[1]:], skip_special_tokens=True)
+
+
+def test_saving_never_replaces_a_users_folder(parts, model, tmp_path):
+    from mlpmem.errors import MlpmemError
+    from mlpmem.memory import save_memory
+
+    user = tmp_path / "thesis"
+    (user / "memory").mkdir(parents=True)
+    (user / "memory" / "notes.txt").write_text("precious")
+    with pytest.raises(MlpmemError, match="no earlier save"):
+        model.save_pretrained(user, full_export=True)
+    assert (user / "memory" / "notes.txt").read_text() == "precious"
+    model.save_pretrained(tmp_path / "again", full_export=True)
+    model.save_pretrained(tmp_path / "again")  # over an earlier save of ours: replaced, as transformers does
+    _, _, _, mem, meta = parts
+    save_memory(tmp_path / "mem", mem, meta)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "data.csv").write_text("1,2")
+    with pytest.raises(MlpmemError):  # export_hf claims its folder like every stage
+        hf.export_hf(tmp_path / "mem", tmp_path / "mine")
+    assert (tmp_path / "mine" / "data.csv").read_text() == "1,2"

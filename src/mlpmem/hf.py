@@ -114,6 +114,9 @@ def export_hf(
     full_export: bool = False,
 ) -> Path:
     """Turn a trained memory folder into a Hugging Face model folder (``AutoModelForCausalLM`` loads it). Returns out_dir."""
+    from mlpmem.manifest import claim_out
+
+    claim_out(Path(out_dir), "export")  # never into a stage folder or a folder of the user's
     model = MLPMemoryForCausalLM.from_memory(memory_dir, base_model, lambda_=lambda_, memory_temperature=memory_temperature)
     model.save_pretrained(out_dir, full_export=full_export)
     log.info("LM + memory saved to %s (%s)", out_dir, "self-contained" if full_export else f"base model: {model.config.base_model}")

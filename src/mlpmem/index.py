@@ -205,7 +205,7 @@ def build_index(datastore_dir: Path, out_dir: Path, cfg: IndexConfig = IndexConf
     if nlist is not None and nprobe * n / nlist < 4 * cfg.recall_k:
         log.warning("%s with nprobe %d scans about %d keys per query for k=%d: expect low recall (raise nprobe)", factory, nprobe, nprobe * n // nlist, cfg.recall_k)
     use_gpu = _want_gpu(cfg.gpu)
-    if prepare_out(out_dir, {"datastore": str(datastore_dir), **asdict(cfg)}, overwrite) == "done":
+    if prepare_out(out_dir, {"datastore": str(datastore_dir), **asdict(cfg)}, overwrite, kind="index") == "done":
         log.info("index in %s is already built", out_dir)
         return out_dir
 

@@ -463,7 +463,6 @@ def prepare_out(folder: Path, config: dict[str, Any], overwrite: bool = False, k
     """
     folder = Path(folder)
     cfg = to_jsonable(config)
-    kind = kind or _caller_kind()
     claim_out(folder, kind)
     acquire_lock(folder)
     try:
@@ -486,15 +485,6 @@ def prepare_out(folder: Path, config: dict[str, Any], overwrite: bool = False, k
     except BaseException:
         release_lock(folder)
         raise
-
-
-def _caller_kind() -> str | None:
-    """The kind of a stage module that calls ``prepare_out`` without ``kind=`` (index.py, until it passes it)."""
-    import inspect
-
-    frame = inspect.currentframe()
-    caller = frame.f_back.f_back if frame and frame.f_back else None
-    return {"mlpmem.index": "index"}.get(caller.f_globals.get("__name__", "") if caller else "")
 
 
 def config_differences(old: Any, new: Any, kind: str | None = None, path: str = "") -> list[str]:

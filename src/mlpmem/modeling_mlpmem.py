@@ -572,6 +572,10 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
                               "save the folder, then upload it with huggingface_hub.upload_folder, or call model.push_to_hub(repo_id)")
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
+        # base/ and memory/ are replaced below: only in a folder an earlier save of this class wrote
+        if not _saved_by_us(folder) and any((folder / name).exists() for name in ("base", MEMORY_DIR)):
+            raise MlpmemError(f"{folder} holds a base/ or memory/ folder that no earlier save of an mlpmem model wrote, and saving would replace it",
+                              "save into a new or empty folder")
         (folder / "config.json").unlink(missing_ok=True)
         tok = tokenizer if tokenizer is not None else self.tokenizer
         self.config.lambda_, self.config.memory_temperature = self.lambda_, self.memory_temperature
@@ -903,6 +907,14 @@ def _name(lm: nn.Module) -> str:
 
 def _num_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
+
+
+def _saved_by_us(folder: Path) -> bool:
+    """Whether ``folder`` holds an earlier save of this class (its config.json says model_type mlpmem)."""
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type") == "mlpmem"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _remove(path: Path) -> None:

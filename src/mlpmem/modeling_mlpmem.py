@@ -200,6 +200,16 @@ class Block(nn.Module):
         return x + self.ffn(self.norm(x))
 
 
+
+def plain_init(m: nn.Module) -> None:
+    """The "plain" start of one module: GPT-2's N(0, 0.02) linear weights, zero biases, unit norms."""
+    if isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, Norm):
+        m.reset_parameters()
+
 class MLPMemory(nn.Module):
     """All-MLP memory. ``forward(h [..., d_in]) -> logits [..., vocab_size]``.
 
@@ -225,12 +235,7 @@ class MLPMemory(nn.Module):
     def reset_parameters(self) -> None:
         """The "plain" start: GPT-2's N(0, 0.02) weights, zero biases, unit norms."""
         for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, Norm):
-                m.reset_parameters()
+            plain_init(m)
         if self.config.zero_init_blocks:
             # a zero output projection makes each block the identity at the start, so
             # an initialised head sees the input unchanged; the down weights still get
@@ -448,12 +453,7 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module: nn.Module) -> None:
         # transformers calls this for weights a checkpoint lacks, module by module (those of the LM
         # go to the LM's own _init_weights): the memory's get its "plain" start
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, Norm):
-            module.reset_parameters()
+        plain_init(module)
 
     # ------------------------------------------------------------------ building from parts
 

@@ -92,3 +92,15 @@ def test_knn_tuning_cache_follows_its_inputs(tmp_path):
     tune_knn_cached(tmp_path / "knn.json", cfg, score, ins)
     tune_knn_cached(tmp_path / "knn.json", KnnConfig(temperatures=[1.0, 4.0]), score, ins)
     assert len(calls) == 3
+
+
+def test_report_says_when_the_memory_ended_worse_than_it_started():
+    from mlpmem.pipeline import render_report
+
+    r = {"model": "m", "corpus": "c", "n_train_tokens": 10, "n_test_tokens": 5, "k": 4, "knn_temperature": 1.0, "memory_params": 1e6,
+         "base_params": 1e8, "memory_input": {"layer": 1, "site": "output"}, "ppl": {"base": 10.0, "mlp_memory": 10.0},
+         "tokens_per_s": {}, "lambda": {"knn_lm": 0.1, "mlp_memory": 0.0},
+         "train": {"valid_start": {"kl": 1.0, "ce": 2.0}, "valid": {"kl": 0.5, "ce": 1.9}}}
+    assert "1.000 -> 0.500" in render_report(r) and "ended worse" not in render_report(r)
+    r["train"]["valid"]["kl"] = 1.5
+    assert "ended worse than it started" in render_report(r)

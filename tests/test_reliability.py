@@ -141,6 +141,12 @@ def test_recipe_is_checked_before_any_stage(stages, tmp_path, capsys, body, expe
     rc, err = run(capsys, "run", recipe)
     assert rc == 2 and expect in err
     assert not out.exists()  # nothing written: the fixed recipe starts clean, no --overwrite needed
+    assert "datastore rows" not in err or "train_tokens: 300" in body  # no cross-check built on an invalid value
+
+
+def test_a_corpus_passed_as_recipe_is_named(stages, capsys):
+    rc, err = run(capsys, "run", stages["src"])
+    assert rc == 2 and "looks like a corpus" in err and "--corpus" in err
 
 
 def test_all_recipe_problems_at_once_and_k_against_the_built_corpus(stages):

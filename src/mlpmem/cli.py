@@ -25,7 +25,7 @@ def _datastore(a):
     from mlpmem.config import from_args
     from mlpmem.datastore import DatastoreConfig, build_datastore
 
-    build_datastore(Path(a.corpus), Path(a.out), from_args(DatastoreConfig, a), overwrite=a.overwrite)
+    build_datastore(Path(a.corpus), Path(a.out), from_args(DatastoreConfig, a), overwrite=a.overwrite, device=a.device)
 
 
 def _index(a):
@@ -55,42 +55,45 @@ def _targets(a):
 def _knnlm(a):
     from mlpmem.config import from_args
     from mlpmem.evaluate import KnnConfig, run_knnlm
+    from mlpmem.models import resolve_device
     from mlpmem.store import Datastore
 
     cfg = from_args(KnnConfig, a)
+    resolve_device(a.device, a.dtype)  # an absent GPU is refused before the datastore is read
     n = Datastore(Path(a.datastore)).n_rows
     if cfg.k > n:
         raise MlpmemError(f"--k {cfg.k} neighbours asked for, but the datastore in {a.datastore} has {n} rows", f"use --k {n} or less")
-    r = run_knnlm(Path(a.corpus), Path(a.datastore), Path(a.index), Path(a.out), cfg, a.split, a.model)
+    r = run_knnlm(Path(a.corpus), Path(a.datastore), Path(a.index), Path(a.out), cfg, a.split, a.model, device=a.device, dtype=a.dtype)
     print(_table(r))
 
 
 def _train(a):
     from mlpmem.config import from_args
-    from mlpmem.models import load_model
+    from mlpmem.models import dtype_name, load_model, resolve_device
     from mlpmem.store import Datastore
     from mlpmem.train import TrainConfig, train_memory
 
     cfg = from_args(TrainConfig, a)
+    dev, dt = resolve_device(a.device, a.dtype)
     if a.valid_targets and not a.valid:
         raise MlpmemError("--valid-targets needs --valid (the valid datastore those targets belong to)", "pass --valid DATASTORE too, or drop --valid-targets")
     lm = None
     layer = cfg.memory_input()[0]
     if cfg.init != "plain" or cfg.mode == "online" or (layer is not None and layer < 0):
-        lm = load_model(a.model or Datastore(Path(a.datastore)).model_id)[0]  # to copy the head from / resolve layers
+        lm = load_model(a.model or Datastore(Path(a.datastore)).model_id, dtype_name(dt), dev)[0]  # to copy the head from / resolve layers
     train_memory(Path(a.datastore), Path(a.targets), Path(a.out), cfg, valid_datastore_dir=Path(a.valid) if a.valid else None,
-                 valid_targets_dir=Path(a.valid_targets) if a.valid_targets else None, init_lm=lm, overwrite=a.overwrite)
+                 valid_targets_dir=Path(a.valid_targets) if a.valid_targets else None, init_lm=lm, overwrite=a.overwrite, device=str(dev))
 
 
 def _run(a):
     from mlpmem.pipeline import load_recipe, quick_recipe, run_pipeline
 
     if a.recipe:
-        recipe = load_recipe(a.recipe, out=a.out)
+        recipe = load_recipe(a.recipe, out=a.out, device=a.device, dtype=a.dtype)
     else:
         if not a.corpus:
             raise MlpmemError("`mlpmem run` needs a RECIPE or --corpus", "e.g. `mlpmem run sotu` or `mlpmem run --corpus data.jsonl --out runs/mine`")
-        recipe = quick_recipe(a.corpus, a.model, a.out or "runs/quick")
+        recipe = quick_recipe(a.corpus, a.model, a.out or "runs/quick", device=a.device, dtype=a.dtype)
     report = run_pipeline(recipe, a.overwrite)
     print(_table(report))
 
@@ -104,7 +107,7 @@ def _generate(a):
     empty = [i + 1 for i, p in enumerate(prompts) if not p.strip()]
     if empty:
         raise MlpmemError(f"prompt {', '.join(map(str, empty))} is empty", "give every prompt some text to continue")
-    rows = generate_side_by_side(str(_memory_folder(a.model, a.verify)), prompts, cfg, a.base_model)
+    rows = generate_side_by_side(str(_memory_folder(a.model, a.verify)), prompts, cfg, a.base_model, device=a.device, dtype=a.dtype)
     for r in rows:
         print(f"=== {r['prompt']}\n--- base LM:\n{r['base']}\n--- LM + memory (lambda={a.lam}):\n{r['memory']}\n")
 
@@ -173,7 +176,8 @@ def _args_datastore(sp):
     sp.add_argument("--corpus", required=True, help="folder written by `mlpmem corpus`")
     sp.add_argument("--out", required=True)
     sp.add_argument("--overwrite", action="store_true")
-    add_arguments(sp, DatastoreConfig)
+    _device_arg(sp)
+    add_arguments(sp, DatastoreConfig)  # its --dtype is a setting of the datastore (it changes the keys)
 
 
 def _args_index(sp):
@@ -207,6 +211,7 @@ def _args_knnlm(sp):
         sp.add_argument(f"--{name}", required=True)
     sp.add_argument("--split", default="test", choices=("train", "valid", "test"))
     sp.add_argument("--model", default=None, help="model to use (default: the datastore's)")
+    _device_arg(sp, dtype=True)
     add_arguments(sp, KnnConfig)
 
 
@@ -221,6 +226,7 @@ def _args_train(sp):
     sp.add_argument("--model", default=None, help="the LM (default: the datastore's), for init lm_head/lm_copy")
     sp.add_argument("--out", required=True)
     sp.add_argument("--overwrite", action="store_true")
+    _device_arg(sp, dtype=True)
     add_arguments(sp, TrainConfig)
 
 
@@ -230,6 +236,8 @@ def _args_run(sp):
     sp.add_argument("--model", default="smollm2-135m", help="HF model name or local folder")
     sp.add_argument("--out", default=None)
     sp.add_argument("--overwrite", action="store_true")
+    sp.add_argument("--device", default=None, help="where the stages run: auto|cpu|cuda|cuda:N|mps (default: the recipe's `device:`, else auto)")
+    sp.add_argument("--dtype", default=None, help="LM precision: auto|float32|bfloat16|float16 (default: the recipe's datastore dtype, float32)")
 
 
 def _args_generate(sp):
@@ -240,7 +248,15 @@ def _args_generate(sp):
     sp.add_argument("prompts", nargs="*", help="prompts (or --prompts-file)")
     sp.add_argument("--prompts-file", help="a text file with one prompt per line")
     sp.add_argument("--base-model", default=None, help="base LM (default: the one the memory was trained for)")
+    _device_arg(sp, dtype=True)
     add_arguments(sp, GenerateConfig)
+
+
+def _device_arg(sp, dtype: bool = False) -> None:
+    """--device (and --dtype) for a verb that runs a model; resolved by models.resolve_device."""
+    sp.add_argument("--device", default="auto", help="where the model runs: auto (cuda if there is a GPU, else cpu) | cpu | cuda | cuda:N | mps")
+    if dtype:
+        sp.add_argument("--dtype", default="float32", help="precision of the LM: float32 | bfloat16 | float16 (GPU only) | auto (bfloat16 on a GPU that has it, else float32)")
 
 
 def _args_export(sp):

@@ -36,7 +36,8 @@ import numpy as np
 from mlpmem.corpus import SPLITS, Corpus, windows
 from mlpmem.errors import MlpmemError
 from mlpmem.manifest import check_disk_space, load_npy, prepare_out, read_json, save_npy, sha256_file, write_json, write_manifest
-from mlpmem.models import DEFAULT_MODEL, SITES, Site, capture, load_model, logits_size, model_fingerprint, resolve_layer, run_captured, tokenizer_hash
+from mlpmem.models import (DEFAULT_MODEL, SITES, Site, capture, dtype_name, load_model, logits_size, model_fingerprint, resolve_device, resolve_layer,
+                           run_captured, tokenizer_hash)
 from mlpmem.store import feature_name
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ class DatastoreConfig:
     stride: int = 256
     batch_size: int = 8
     windows_per_shard: int = 256  # cache mode splits a shard into lanes: long shards make long lanes (see LANE_WINDOWS)
-    dtype: str = "float32"
+    dtype: str = "float32"  # "auto" resolves (models.resolve_device) before it is recorded: config.json holds what ran
     # "recompute" | "cache" (carry the KV cache across windows: faster, keys from a slightly different context)
     # | "auto" (cache where the model supports it). Recompute stays the default because online training
     # (train.OnlineData) recomputes single windows and expects the stored features to match them
@@ -70,7 +71,7 @@ class DatastoreConfig:
                 bad_sites.append(text)
         return (need(isinstance(self.model, str) and self.model != "", "model", "must name a model")
                 + one_of(self, "split", SPLITS) + one_of(self, "site", SITES) + one_of(self, "mode", MODES)
-                + one_of(self, "dtype", ("float32", "bfloat16", "float16"))
+                + one_of(self, "dtype", ("auto", "float32", "bfloat16", "float16"))
                 + positive(self, "context", "stride", "batch_size", "windows_per_shard")
                 + need(not (self.context and self.stride) or self.stride <= self.context, "stride", f"must not exceed the context ({self.context}), got {self.stride}")
                 + need(not bad_sites, "extra_sites", f"entries must read LAYER:SITE with SITE in {SITES}, got {bad_sites}"))
@@ -202,7 +203,7 @@ def _iter_recompute(model, tok_t, W: np.ndarray, sites: dict[str, Site], batch_s
         while j < len(W) and j - i < batch_size and W[j, 1] - W[j, 0] == length:
             j += 1
         group = W[i:j]
-        ids = torch.stack([tok_t[b:e] for b, e, _ in group])
+        ids = torch.stack([tok_t[b:e] for b, e, _ in group]).to(model.device)
         stops = np.minimum(group[:, 1], n_tokens - 1)
         keep = int((group[:, 1] - group[:, 2]).max())  # kept positions lie in the last `keep` of each window
         t0 = time.perf_counter()
@@ -226,7 +227,7 @@ def _iter_recompute(model, tok_t, W: np.ndarray, sites: dict[str, Site], batch_s
 def _gather_logprob(logits, y):
     import torch
 
-    return torch.log_softmax(logits.float(), -1).gather(-1, y[:, None])[:, 0]
+    return torch.log_softmax(logits.float(), -1).gather(-1, y[:, None].to(logits.device))[:, 0]
 
 
 def _rebase(cache, n_sink: int, keep: int, inv_freq) -> None:
@@ -287,12 +288,12 @@ def _cached_block(model, tok_t, W: np.ndarray, context: int, stride: int, sites:
                     layer.keys, layer.values = layer.keys[:k], layer.values[:k]
         ends = W[active, 1]
         length = int(ends[0] - starts[0])  # the same for every lane: all windows are full
-        ids = torch.stack([tok_t[a : a + length] for a in starts])
+        ids = torch.stack([tok_t[a : a + length] for a in starts]).to(model.device)
         local = W[active, 2] - starts  # kept rows of each lane, relative to its chunk
         n_keep = int(length - local.min())
         t0 = time.perf_counter()
         with torch.inference_mode(), capture(model, list(sites.values()), stop_early=not want_logprob) as store:
-            out = run_captured(model, input_ids=ids, position_ids=torch.arange(pos0, pos0 + length)[None].expand(k, -1),
+            out = run_captured(model, input_ids=ids, position_ids=torch.arange(pos0, pos0 + length, device=model.device)[None].expand(k, -1),
                                past_key_values=cache, use_cache=True, **({"logits_to_keep": n_keep} if want_logprob else {}))
             for j, w in enumerate(active):
                 s, t = int(local[j]), int(stops[w] - starts[j])
@@ -300,11 +301,11 @@ def _cached_block(model, tok_t, W: np.ndarray, context: int, stride: int, sites:
                 for name, site in sites.items():
                     h = store[site]
                     if feats[name] is None:
-                        feats[name] = torch.empty(row1 - row0, h.shape[-1], dtype=h.dtype)
+                        feats[name] = torch.empty(row1 - row0, h.shape[-1], dtype=h.dtype, device=h.device)
                     feats[name][r] = h[j, s:t]
                 if want_logprob:
                     if lp is None:
-                        lp = torch.empty(row1 - row0)
+                        lp = torch.empty(row1 - row0, device=out.logits.device)
                     lp[r] = _gather_logprob(out.logits[j, s - length + n_keep : t - length + n_keep], tok_t[W[w, 2] + 1 : stops[w] + 1])
             _rebase(cache, n_sink, keep_ctx, inv_freq)
         seconds += time.perf_counter() - t0
@@ -325,11 +326,17 @@ def _sites(model, cfg: DatastoreConfig) -> tuple[Site, dict[str, Site]]:
     return key, sites
 
 
-def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model_bundle=None, overwrite: bool = False) -> Path:
+def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model_bundle=None, overwrite: bool = False,
+                    device: str = "auto") -> Path:
     """Extract keys/values for ``cfg.split`` of a corpus into ``out_dir`` (resumable).
 
-    ``model_bundle`` is an optional already-loaded ``(model, tokenizer, model_id)``.
+    ``model_bundle`` is an optional already-loaded ``(model, tokenizer, model_id)``
+    (it runs where it was placed, and ``device`` is ignored). ``device`` is where
+    the LM runs: recorded in the manifest, not in config.json, so a folder built
+    on one device stays done when rerun on another.
     """
+    import dataclasses
+
     import torch
     from tqdm.auto import tqdm
 
@@ -337,8 +344,10 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
 
     out_dir = Path(out_dir)
     validate(cfg, "datastore")
+    dev, dt = resolve_device(str(model_bundle[0].device) if model_bundle else device, cfg.dtype)
+    cfg = dataclasses.replace(cfg, dtype=dtype_name(dt))  # "auto" is recorded as what it ran as
     corpus = Corpus(corpus_dir)
-    model, tok, model_id = model_bundle or load_model(cfg.model, cfg.dtype)
+    model, tok, model_id = model_bundle or load_model(cfg.model, cfg.dtype, dev)
     max_pos = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if max_pos and cfg.context > max_pos:
         raise MlpmemError(f"context {cfg.context} is longer than the {max_pos} positions {model_id!r} supports", f"use a context of at most {max_pos} (and a stride below it)")
@@ -382,10 +391,10 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
         for batch in iter_batches(model, tokens, cfg.context, cfg.stride, sites, cfg.batch_size, cfg.lm_logprob, (a, b), mode):
             r0, r1 = batch.row_start - start, batch.row_end - start
             for name, h in batch.features.items():
-                arrays[name][r0:r1] = h.to(torch.float16).numpy()
+                arrays[name][r0:r1] = h.to(torch.float16).cpu().numpy()
             values[r0:r1] = batch.labels
             if lp is not None:
-                lp[r0:r1] = batch.lm_logprob.numpy()
+                lp[r0:r1] = batch.lm_logprob.float().cpu().numpy()
             bar.update(r1 - r0)
             new_rows += r1 - r0
             bar.set_postfix(tok_s=f"{new_rows / (time.perf_counter() - t0):.0f}")
@@ -412,6 +421,7 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
         "corpus": resolved["corpus"], "corpus_hash": corpus.manifest["corpus_hash"],
         "rows": "row i = position i of the split's token stream; value = token i+1; document = corpus doc_index[i]",
         "extract_tokens_per_s": new_rows / elapsed if new_rows else None, "torch_threads": torch.get_num_threads(),
+        "device": str(model.device), "dtype": cfg.dtype,  # where it ran (not part of the config: see build_datastore)
         "shards": [done[str(s)] for s in range(len(shard_windows))],
     })
     progress_path.unlink()

@@ -66,9 +66,10 @@ def _memory_input_name(ds: Datastore, layer: int, site: str) -> str:
 def _memory_logprob(memory, h, labels):
     import torch
 
+    dev = next(memory.parameters()).device  # hidden states and labels come to the memory, wherever they were made
     with torch.inference_mode():
-        logits = memory(h.float())
-        return (logits.gather(-1, labels[:, None]) - torch.logsumexp(logits, -1, keepdim=True))[:, 0].float()
+        logits = memory(h.to(dev).float())
+        return (logits.gather(-1, labels.to(dev)[:, None]) - torch.logsumexp(logits, -1, keepdim=True))[:, 0].float().cpu()
 
 
 def _search(index, keys: np.ndarray, k: int, values: np.ndarray, exclude=None):
@@ -96,7 +97,7 @@ def score_stored(ds: Datastore, index=None, train_values=None, k: int = 1024, me
         name = _memory_input_name(ds, memory_meta["layer"], memory_meta["site"])
         lps = [_memory_logprob(memory, torch.from_numpy(np.array(h)), torch.from_numpy(labels[s : s + len(h)].astype(np.int64)))
                for s, h in ds.iter_blocks(name, block)]
-        sc.memory_logprob = torch.cat(lps).double().numpy()
+        sc.memory_logprob = torch.cat(lps).double().cpu().numpy()
     return sc
 
 
@@ -116,15 +117,15 @@ def score_online(model, tokens: np.ndarray, context: int, stride: int, key_site:
         secs["lm"] += b.seconds
         labels = torch.from_numpy(b.labels.astype(np.int64))
         parts["labels"].append(b.labels)
-        parts["lm"].append(b.lm_logprob.double().numpy())
+        parts["lm"].append(b.lm_logprob.double().cpu().numpy())
         if index is not None:
             t0 = time.perf_counter()
-            d, v = _search(index, b.features["keys"].float().numpy(), k, train_values)
+            d, v = _search(index, b.features["keys"].float().cpu().numpy(), k, train_values)
             secs["knn"] += time.perf_counter() - t0
             parts["d"].append(d), parts["v"].append(v)
         if memory is not None:
             t0 = time.perf_counter()
-            parts["mem"].append(_memory_logprob(memory, b.features["memory_input"], labels).double().numpy())
+            parts["mem"].append(_memory_logprob(memory, b.features["memory_input"], labels).double().cpu().numpy())
             secs["memory"] += time.perf_counter() - t0
         bar.update(b.row_end - b.row_start)
     bar.close()
@@ -216,16 +217,21 @@ def tune_knn_for(cfg: KnnConfig, valid: Scored) -> dict:
 
 
 def run_knnlm(corpus_dir: Path, datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: KnnConfig, split: str = "test",
-              model: str | None = None, model_bundle=None) -> dict:
-    """The kNN-LM baseline: tune T and lambda on valid, then score ``split`` (LM alone vs LM + kNN-LM)."""
+              model: str | None = None, model_bundle=None, device: str = "auto", dtype: str = "float32") -> dict:
+    """The kNN-LM baseline: tune T and lambda on valid, then score ``split`` (LM alone vs LM + kNN-LM).
+
+    ``device`` and ``dtype`` (see models.resolve_device) are where and in which precision the LM
+    runs when no ``model_bundle`` is given; both are recorded in knnlm.json.
+    """
     from mlpmem.index import KnnIndex
     from mlpmem.manifest import write_json
-    from mlpmem.models import load_model, model_label, tokenizer_hash
+    from mlpmem.models import dtype_name, load_model, model_label, resolve_device, tokenizer_hash
 
     out_dir = Path(out_dir)
+    dev, dt = resolve_device(device, dtype) if model_bundle is None else (None, None)  # before anything is read or written
     corpus = Corpus(corpus_dir)
     ds = Datastore(datastore_dir)
-    model, tok, model_id = model_bundle or load_model(model or ds.model_id)
+    model, tok, model_id = model_bundle or load_model(model or ds.model_id, dtype_name(dt), dev)
     ds.check_model(model_id, tokenizer_hash(tok))
     corpus.check_tokenizer(tokenizer_hash(tok), model_id)
     index = KnnIndex.open(index_dir, ds)
@@ -239,7 +245,8 @@ def run_knnlm(corpus_dir: Path, datastore_dir: Path, index_dir: Path, out_dir: P
     test = score_online(model, corpus.tokens(split), ctx, stride, key, index, values, cfg.k, batch_size=cfg.batch_size, desc=f"scoring {split}")
     result = summarize(test, tuned["temperature"], tuned["lambda"], None)
     result.update({"split": split, "knn_temperature": tuned["temperature"], "lambda": {"knn_lm": tuned["lambda"]}, "tuning": tuned,
-                   "k": cfg.k, "n_datastore": ds.n_rows, "model": model_label(model_id), "model_id": model_id})
+                   "k": cfg.k, "n_datastore": ds.n_rows, "model": model_label(model_id), "model_id": model_id,
+                   "device": str(model.device), "dtype": dtype_name(model.dtype)})
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "knnlm.json", result)
     name = "kNN-LM (T=%g)" % tuned["temperature"]

@@ -35,21 +35,26 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
     return out
 
 
-def generate_side_by_side(model_path: str, prompts: list[str], cfg: GenerateConfig, base_model: str | None = None) -> list[dict[str, str]]:
+def generate_side_by_side(model_path: str, prompts: list[str], cfg: GenerateConfig, base_model: str | None = None,
+                          device: str = "auto", dtype: str = "float32") -> list[dict[str, str]]:
     """Continue each prompt with the base LM (lambda=0) and with LM + memory (lambda=cfg.lam).
 
     ``model_path`` is a trained memory folder (``.../train/memory``) or a folder
-    written by ``save_pretrained``. Prompts are left-padded into one batch.
+    written by ``save_pretrained``. Prompts are left-padded into one batch. The LM
+    and its memory run together on ``device``, the LM in ``dtype`` (models.resolve_device).
     """
     import torch
 
     from mlpmem.hf import MLPMemoryForCausalLM
+    from mlpmem.models import dtype_name, resolve_device
 
+    dev, dt = resolve_device(device, dtype)
     path = Path(model_path)
     if (path / "memory_config.json").exists():
-        model = MLPMemoryForCausalLM.from_memory(path, base_model, lambda_=cfg.lam)
+        model = MLPMemoryForCausalLM.from_memory(path, base_model, lambda_=cfg.lam, dtype=dtype_name(dt))
     else:
-        model = MLPMemoryForCausalLM.from_pretrained(path, base_model=base_model, lambda_=cfg.lam)
+        model = MLPMemoryForCausalLM.from_pretrained(path, base_model=base_model, lambda_=cfg.lam, dtype=dtype_name(dt))
+    model.to(dev)  # the memory goes where the LM is
     tok = model.tokenizer if getattr(model, "tokenizer", None) is not None else None
     if tok is None:
         from mlpmem.models import load_tokenizer
@@ -59,7 +64,7 @@ def generate_side_by_side(model_path: str, prompts: list[str], cfg: GenerateConf
     tok.padding_side = "left"
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    batch = tok(prompts, return_tensors="pt", padding=True)
+    batch = tok(prompts, return_tensors="pt", padding=True).to(dev)
     kwargs = dict(max_new_tokens=cfg.max_new_tokens, do_sample=cfg.do_sample, num_beams=cfg.num_beams, pad_token_id=tok.pad_token_id)
     if cfg.do_sample:
         kwargs.update(temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)

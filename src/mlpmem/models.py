@@ -142,10 +142,65 @@ def load_tokenizer(name: str):
         raise _load_error(name, e)
 
 
-def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu"):
-    """Load a frozen causal LM in eval mode. Returns ``(model, tokenizer, model_id)``.
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
-    ``dtype``: a torch dtype name, or "auto" for the checkpoint's own.
+
+def resolve_device(device: str = "auto", dtype: str = "auto"):
+    """Where a stage runs and in which precision: ``(torch.device, torch.dtype)``.
+
+    ``device``: auto | cpu | cuda | cuda:N | mps. ``auto`` is cuda when there is a
+    GPU, else cpu; mps only when asked for, since its numerics are not tested.
+    ``dtype``: auto | float32 | bfloat16 | float16. ``auto`` is bfloat16 on a GPU
+    that supports it, else float32. Anything asked for that is absent is refused
+    here, once, before any stage folder is written.
+    """
+    import torch
+
+    fix = "use --device cpu or auto (or `device: cpu` / `device: auto` in a recipe)"
+    name = str(device).strip().lower()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        dev = torch.device("cpu")
+    elif name == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise MlpmemError("device 'mps' was asked for, but this machine has no Apple GPU that torch can use", fix)
+        dev = torch.device("mps")
+    elif name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise MlpmemError(f"device {device!r} was asked for, but torch sees no CUDA GPU here", fix)
+        index = int(name[5:]) if ":" in name else None
+        if index is not None and index >= torch.cuda.device_count():
+            raise MlpmemError(f"device {device!r} was asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})",
+                              f"use a device index below {torch.cuda.device_count()}, or --device cuda, cpu or auto")
+        dev = torch.device(name)
+    else:
+        raise MlpmemError(f"unknown device {device!r}", f"choose one of {', '.join(DEVICES)}")
+    kind = str(dtype).strip().lower()
+    if kind not in DTYPES:
+        raise MlpmemError(f"unknown dtype {dtype!r}", f"choose one of {', '.join(DTYPES)}")
+    if kind == "auto":
+        # bfloat16 keeps float32's range at half the memory; a GPU without it (pre-Ampere) gets float32, not float16's overflows
+        kind = "bfloat16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    if kind == "float16" and dev.type == "cpu":
+        raise MlpmemError("dtype float16 was asked for on the CPU, where half-precision matmuls are slow or unsupported",
+                          "use --dtype float32 or bfloat16 on the CPU, or run on a GPU (--device cuda)")
+    return dev, getattr(torch, kind)
+
+
+def dtype_name(dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: the name configs and manifests record."""
+    return str(dtype).removeprefix("torch.")
+
+
+def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu"):
+    """Load a frozen causal LM in eval mode, on ``device``. Returns ``(model, tokenizer, model_id)``.
+
+    ``dtype``: a torch dtype name, or "auto" for the checkpoint's own (not
+    :func:`resolve_device`'s auto: resolve that before calling). ``device``: any
+    name :func:`resolve_device` takes, or a ``torch.device``.
 
     A model that is not causal is refused (:func:`check_causal`): every stage reads
     hidden states as if position t saw only tokens up to t.
@@ -153,13 +208,14 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dev = device if isinstance(device, torch.device) else resolve_device(device, "float32")[0]
     path, model_id = resolve_model(name)
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else getattr(torch, dtype))
     except (OSError, ValueError) as e:
         raise _load_error(name, e)
-    model.eval().requires_grad_(False).to(device)
+    model.eval().requires_grad_(False).to(dev)
     check_causal(model, name)
     return model, tok, model_id
 

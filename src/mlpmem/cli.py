@@ -55,11 +55,9 @@ def _targets(a):
 def _knnlm(a):
     from mlpmem.config import from_args
     from mlpmem.evaluate import KnnConfig, run_knnlm
-    from mlpmem.models import resolve_device
     from mlpmem.store import Datastore
 
     cfg = from_args(KnnConfig, a)
-    resolve_device(a.device, a.dtype)  # an absent GPU is refused before the datastore is read
     n = Datastore(Path(a.datastore)).n_rows
     if cfg.k > n:
         raise MlpmemError(f"--k {cfg.k} neighbours asked for, but the datastore in {a.datastore} has {n} rows", f"use --k {n} or less")

@@ -209,3 +209,14 @@ def test_python_dash_m_mlpmem_runs_the_cli():
     assert r.returncode == 0 and "--device" in r.stdout and "--dtype" in r.stdout
     r = subprocess.run([sys.executable, "-m", "mlpmem", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "knnlm" in r.stdout
+
+
+def test_lm_eval_backend_follows_the_same_rule(monkeypatch):
+    backend = pytest.importorskip("mlpmem.lm_eval_backend")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    gpu(monkeypatch, 0)
+    assert backend.default_device() == "cpu"  # mps only when asked for
+    with pytest.raises(MlpmemError, match="no CUDA GPU"):
+        backend.MLPMemoryLM(memory="/nonexistent", device="cuda")  # refused before anything is loaded
+    gpu(monkeypatch, 1)
+    assert backend.default_device() == "cuda"

@@ -18,8 +18,9 @@ written by ``MLPMemoryForCausalLM.save_pretrained``), or ``pretrained`` (the
 latter kind); ``base_model`` (default: the model the memory was trained on);
 ``lambda_`` (0 scores the base LM alone through the same code path) and
 ``memory_temperature``; ``dtype``; ``device`` (default: cuda if there is one,
-else mps, else cpu; lm-eval's own default is cuda, and :func:`main` passes the
-same default to every backend when ``--device`` is not given); any other HFLM
+else cpu, as models.resolve_device's "auto"; mps only when named; lm-eval's own
+default is cuda, and :func:`main` passes the same default to every backend when
+``--device`` is not given); any other HFLM
 argument (batch_size, max_length, ...).
 
 The class subclasses lm-eval's ``HFLM``: our model returns interpolated
@@ -68,19 +69,15 @@ def load_mixture(
 
 
 def default_device() -> str:
-    """The device to use when the user names none: cuda, else mps, else cpu.
+    """The device to use when the user names none: cuda, else cpu (models.resolve_device's "auto";
+    mps only when asked for, since its numerics are not tested).
 
     lm-eval's own default is "cuda", which fails on a CPU-only torch ("Torch not
     compiled with CUDA enabled") before a single document is scored.
     """
-    import torch
+    from mlpmem.models import resolve_device
 
-    if torch.cuda.is_available():
-        return "cuda"
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return "mps"
-    return "cpu"
+    return str(resolve_device("auto", "float32")[0])
 
 
 @register_model("mlpmem")
@@ -99,10 +96,12 @@ class MLPMemoryLM(HFLM):
         max_length: int | None = None,
         **kwargs: Any,
     ) -> None:
+        from mlpmem.models import resolve_device
+
+        device = str(resolve_device(device or "auto", "float32")[0])  # one rule for every verb; an absent GPU is one clear error, before loading
         model, tok = load_mixture(memory, base_model, pretrained, float(lambda_), float(memory_temperature), str(dtype))
         if tok is None:
             raise MlpmemError("no tokenizer was found for the base model", "pass pretrained= a folder saved with its tokenizer, or a base_model folder that holds one")
-        device = device or default_device()
         model.to(device)
         # HFLM reads the context size from the top-level config, which is ours: give it the base model's
         max_length = max_length or getattr(model.config, "max_position_embeddings", None)

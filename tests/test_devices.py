@@ -220,3 +220,17 @@ def test_lm_eval_backend_follows_the_same_rule(monkeypatch):
         backend.MLPMemoryLM(memory="/nonexistent", device="cuda")  # refused before anything is loaded
     gpu(monkeypatch, 1)
     assert backend.default_device() == "cuda"
+
+
+def test_a_finished_run_is_done_on_another_device_spelling(tmp_path, tiny_llama, tiny_corpus_file):
+    from test_pipeline import tiny_recipe
+
+    from mlpmem.pipeline import run_pipeline
+
+    r = run_pipeline(load_recipe(tiny_recipe(tmp_path, tiny_llama, tiny_corpus_file)))
+    run_dir = tmp_path / "run"
+    assert json.loads((run_dir / "datastore" / "manifest.json").read_text())["device"] == "cpu"
+    assert json.loads((run_dir / "recipe.json").read_text())["device"] == "cpu"
+    mtimes = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.npy")}
+    r2 = run_pipeline(load_recipe(tiny_recipe(tmp_path, tiny_llama, tiny_corpus_file), device="cpu", dtype="auto"))
+    assert r2["ppl"] == r["ppl"] and {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # nothing rebuilt, the same numbers

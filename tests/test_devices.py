@@ -234,3 +234,13 @@ def test_a_finished_run_is_done_on_another_device_spelling(tmp_path, tiny_llama,
     mtimes = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*.npy")}
     r2 = run_pipeline(load_recipe(tiny_recipe(tmp_path, tiny_llama, tiny_corpus_file), device="cpu", dtype="auto"))
     assert r2["ppl"] == r["ppl"] and {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # nothing rebuilt, the same numbers
+
+
+def test_generate_on_the_cpu_flags_equals_the_default(built, capsys):
+    memory = built["train"] / "memory"
+    outs = []
+    for flags in ((), ("--device", "cpu", "--dtype", "float32")):
+        assert main(["generate", str(memory), "hello world", "--max-new-tokens", "5", *flags]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and "LM + memory" in outs[0]
+    assert main(["generate", str(memory), "hello world", "--max-new-tokens", "5", "--dtype", "bfloat16"]) == 0  # runs in bfloat16 on the CPU

@@ -169,11 +169,9 @@ def test_auto_dtype_is_recorded_as_what_it_ran_as(built, capsys):
 @pytest.mark.parametrize("flags", [("--device", "cuda"), ("--device", "cuda:1"), ("--dtype", "float16")])
 def test_an_absent_gpu_or_cpu_half_exits_2_and_leaves_no_folder(built, capsys, monkeypatch, verb, flags):
     gpu(monkeypatch, 0)
-    argvs = stage_argvs(built["root"], built["model"], "refused")["argvs"]
-    argv = next(a for a in argvs if a[0] == verb)
-    argv = [x if x != built["root"] / "refused" / "datastore" or verb == "datastore" else built["datastore"] for x in argv]
-    argv = [built["root"] / "default" / "targets" if str(x).endswith("refused/targets") else built["root"] / "default" / "index" if str(x).endswith("refused/index") else x
-            for x in argv]
+    argv = next(a for a in built["argvs"] if a[0] == verb)  # the verb's default-run argv, its --out moved to refused/
+    out = argv.index("--out") + 1
+    argv = [*argv[:out], built["root"] / "refused" / verb, *argv[out + 1 :]]
     rc, err = run(capsys, *argv, *flags)
     assert rc == 2 and err.count("\n") == 1 and ("--device cpu or auto" in err or "float32 or bfloat16" in err)
     assert not (built["root"] / "refused").exists()

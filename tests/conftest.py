@@ -67,11 +67,25 @@ def tiny_llama(tiny_models) -> Path:
     return tiny_models["llama"]
 
 
-@pytest.fixture
-def tiny_corpus_file(tmp_path) -> Path:
-    path = tmp_path / "corpus.jsonl"
+def write_corpus_jsonl(path: Path) -> Path:
+    """The tiny corpus as JSONL, one document per line."""
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts()))
     return path
+
+
+def run_cli(capsys, *argv) -> tuple[int, str]:
+    """Run the `mlpmem` CLI in this process: (exit code, stderr), asserting no traceback reached the user."""
+    from mlpmem.cli import main
+
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return rc, err
+
+
+@pytest.fixture
+def tiny_corpus_file(tmp_path) -> Path:
+    return write_corpus_jsonl(tmp_path / "corpus.jsonl")
 
 
 # Numerically sensitive tests take the `torch_threads` fixture and run once per thread count:

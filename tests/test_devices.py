@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_cli, write_corpus_jsonl
 from mlpmem.cli import main
 from mlpmem.errors import MlpmemError
 from mlpmem.models import resolve_device
@@ -82,21 +83,14 @@ def test_float16_on_the_cpu_and_unknown_names_are_refused(monkeypatch):
 
 # ---------------------------------------------------------------- the same numbers on the CPU, whatever the flags say
 
-def run(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return rc, err
+run = run_cli
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, tiny_llama):
     """corpus, index and targets of the tiny corpus, and a datastore + knnlm + train with the default flags."""
-    from conftest import make_texts
-
     root = tmp_path_factory.mktemp("devices")
-    src = root / "c.jsonl"
-    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts()))
+    src = write_corpus_jsonl(root / "c.jsonl")
     m = str(tiny_llama)
     assert main([str(a) for a in ["corpus", "--source", src, "--out", root / "corpus", "--model", m]]) == 0
     dirs = stage_argvs(root, m, "default")

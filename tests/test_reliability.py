@@ -12,27 +12,21 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import run_cli, write_corpus_jsonl
 from mlpmem.cli import main
 from mlpmem.errors import MlpmemError
 from mlpmem.manifest import (ADDED_SETTINGS, LOCK, MARKER, acquire_lock, check_file, claim_out, config_differences, file_record,
                              prepare_out, release_lock)
 
 
-def run(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return rc, err
+run = run_cli
 
 
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory, tiny_llama):
     """corpus, datastore, index and targets of the tiny corpus (built once)."""
-    from conftest import make_texts
-
     root = tmp_path_factory.mktemp("stages")
-    src = root / "c.jsonl"
-    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts()))
+    src = write_corpus_jsonl(root / "c.jsonl")
     m = str(tiny_llama)
     for argv in (["corpus", "--source", src, "--out", root / "corpus", "--model", m],
                  ["datastore", "--corpus", root / "corpus", "--out", root / "datastore", "--model", m, "--context", "32", "--stride", "16",

@@ -55,13 +55,9 @@ def _targets(a):
 def _knnlm(a):
     from mlpmem.config import from_args
     from mlpmem.evaluate import KnnConfig, run_knnlm
-    from mlpmem.store import Datastore
 
-    cfg = from_args(KnnConfig, a)
-    n = Datastore(Path(a.datastore)).n_rows
-    if cfg.k > n:
-        raise MlpmemError(f"--k {cfg.k} neighbours asked for, but the datastore in {a.datastore} has {n} rows", f"use --k {n} or less")
-    r = run_knnlm(Path(a.corpus), Path(a.datastore), Path(a.index), Path(a.out), cfg, a.split, a.model, device=a.device, dtype=a.dtype)
+    r = run_knnlm(Path(a.corpus), Path(a.datastore), Path(a.index), Path(a.out), from_args(KnnConfig, a), a.split, a.model,
+                  device=a.device, dtype=a.dtype)
     print(_table(r))
 
 
@@ -112,7 +108,6 @@ def _generate(a):
 
 def _export(a):
     from mlpmem.hf import export_hf
-    from mlpmem.manifest import claim_out
 
     memory = _memory_folder(a.memory, a.verify)
     if not 0 <= a.lam <= 1:
@@ -121,7 +116,6 @@ def _export(a):
         raise MlpmemError(f"--memory-temperature must be positive, got {a.memory_temperature}", "pass e.g. --memory-temperature 1")
     if Path(a.out).resolve() == memory.resolve() or memory.resolve() in Path(a.out).resolve().parents:
         raise MlpmemError(f"--out {a.out} lies inside the memory folder it exports", "choose an --out outside it")
-    claim_out(Path(a.out), "export")  # never into another stage's folder, nor a folder of the user's
     export_hf(memory, Path(a.out), base_model=a.base_model, lambda_=a.lam, memory_temperature=a.memory_temperature, full_export=a.full)
 
 

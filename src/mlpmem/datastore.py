@@ -326,6 +326,14 @@ def _sites(model, cfg: DatastoreConfig) -> tuple[Site, dict[str, Site]]:
     return key, sites
 
 
+def check_context_fits(model, context: int, model_name: str, setting: str = "context") -> None:
+    """Refuse windows longer than the model's positions, naming the ``setting`` to change."""
+    max_pos = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if max_pos and context > max_pos:
+        raise MlpmemError(f"{setting} {context} is longer than the {max_pos} positions {model_name!r} supports",
+                          f"set {setting} to at most {max_pos} (and the stride below it)")
+
+
 def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model_bundle=None, overwrite: bool = False,
                     device: str = "auto") -> Path:
     """Extract keys/values for ``cfg.split`` of a corpus into ``out_dir`` (resumable).
@@ -348,9 +356,7 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
     cfg = dataclasses.replace(cfg, dtype=dtype_name(dt))  # "auto" is recorded as what it ran as
     corpus = Corpus(corpus_dir)
     model, tok, model_id = model_bundle or load_model(cfg.model, cfg.dtype, dev)
-    max_pos = getattr(model.config.get_text_config(), "max_position_embeddings", None)
-    if max_pos and cfg.context > max_pos:
-        raise MlpmemError(f"context {cfg.context} is longer than the {max_pos} positions {model_id!r} supports", f"use a context of at most {max_pos} (and a stride below it)")
+    check_context_fits(model, cfg.context, model_id)
     corpus.check_tokenizer(tokenizer_hash(tok), model_id)
     key, sites = _sites(model, cfg)
     mode = resolve_mode(model, cfg.mode, cfg.context, cfg.stride)

@@ -97,7 +97,7 @@ def score_stored(ds: Datastore, index=None, train_values=None, k: int = 1024, me
         name = _memory_input_name(ds, memory_meta["layer"], memory_meta["site"])
         lps = [_memory_logprob(memory, torch.from_numpy(np.array(h)), torch.from_numpy(labels[s : s + len(h)].astype(np.int64)))
                for s, h in ds.iter_blocks(name, block)]
-        sc.memory_logprob = torch.cat(lps).double().cpu().numpy()
+        sc.memory_logprob = torch.cat(lps).double().numpy()
     return sc
 
 
@@ -125,7 +125,7 @@ def score_online(model, tokens: np.ndarray, context: int, stride: int, key_site:
             parts["d"].append(d), parts["v"].append(v)
         if memory is not None:
             t0 = time.perf_counter()
-            parts["mem"].append(_memory_logprob(memory, b.features["memory_input"], labels).double().cpu().numpy())
+            parts["mem"].append(_memory_logprob(memory, b.features["memory_input"], labels).double().numpy())
             secs["memory"] += time.perf_counter() - t0
         bar.update(b.row_end - b.row_start)
     bar.close()
@@ -231,12 +231,12 @@ def run_knnlm(corpus_dir: Path, datastore_dir: Path, index_dir: Path, out_dir: P
     dev, dt = resolve_device(device, dtype) if model_bundle is None else (None, None)  # before anything is read or written
     corpus = Corpus(corpus_dir)
     ds = Datastore(datastore_dir)
+    if cfg.k > ds.n_rows:  # before the model is loaded
+        raise MlpmemError(f"k={cfg.k} is larger than the datastore ({ds.n_rows} rows)", f"use k <= {ds.n_rows}, or a larger corpus")
     model, tok, model_id = model_bundle or load_model(model or ds.model_id, dtype_name(dt), dev)
     ds.check_model(model_id, tokenizer_hash(tok))
     corpus.check_tokenizer(tokenizer_hash(tok), model_id)
     index = KnnIndex.open(index_dir, ds)
-    if cfg.k > ds.n_rows:
-        raise MlpmemError(f"k={cfg.k} is larger than the datastore ({ds.n_rows} rows)", f"use k <= {ds.n_rows}, or a larger corpus")
     values = ds.values()
     ctx, stride = ds.manifest["context"], ds.manifest["stride"]
     key = Site(ds.layer, ds.site)

@@ -19,6 +19,7 @@ from mlpmem.models import Site, capture, load_model, logits_size, model_fingerpr
 
 hf = pytest.importorskip("mlpmem.hf")
 MLPMemoryForCausalLM = hf.MLPMemoryForCausalLM
+from mlpmem.modeling_mlpmem import model_card  # noqa: E402
 REV = "0123456789abcdef0123456789abcdef01234567"  # a commit hash, as the hub cache names snapshots
 
 
@@ -214,6 +215,10 @@ def test_model_card(full, tmp_path, model):
     assert '"lm+memory": 27.25' in card  # the run's results from the memory's meta
     model.save_pretrained(tmp_path / "ref")
     assert "loaded by reference" in (tmp_path / "ref" / "README.md").read_text()
+    # the offline default's alias is named for what it is: the Instruct model, Q4_1, dequantised
+    alias = hf.MLPMemoryConfig(**{**model.config.to_dict(), "base_model": "smollm2-135m"})
+    card = model_card(alias, True, 1, 1)
+    assert "# SmolLM2-135M-Instruct (GGUF Q4_1" in card and "`smollm2-135m` = SmolLM2-135M-Instruct" in card
 
 
 def test_fingerprint_checked_when_pairing(parts, tiny_models, tmp_path, caplog):

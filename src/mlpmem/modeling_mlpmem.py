@@ -847,11 +847,21 @@ def load_base(ref: str, dtype: Any, hub: dict) -> tuple[PreTrainedModel, Any]:
     return lm.eval().requires_grad_(False), tok
 
 
+def _model_label(name: str) -> str:
+    """How results name a base model: mlpmem's label of an alias where mlpmem is installed, else the name."""
+    try:
+        from mlpmem.models import model_label
+    except ImportError:
+        return name
+    return model_label(name)
+
+
 def model_card(config: MLPMemoryConfig, full_export: bool, memory_params: int, lm_params: int) -> str:
     """README.md of a saved LM + memory: what it is made of, how it was trained, what it scored, how to load it."""
     meta = config.memory_meta or {}
     mem = config.memory_config or {}
     base = config.base_model or "(unknown)"
+    label = _model_label(base)  # an alias (the offline default) is named for what it is
     hub_like = _hub_like(base) and not Path(base).exists()
     front = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:", "- mlpmem", "- mlp-memory"]
     if hub_like:
@@ -859,11 +869,11 @@ def model_card(config: MLPMemoryConfig, full_export: bool, memory_params: int, l
     front.append("---")
     lines = [
         *front, "",
-        f"# {base} + MLP memory", "",
+        f"# {label} + MLP memory", "",
         "A causal language model mixed at every position with a retriever-pretrained MLP memory "
         "([MLP Memory, arXiv 2508.01832](https://arxiv.org/abs/2508.01832)), built with mlpmem.", "",
         "| | |", "|---|---|",
-        f"| base model | `{base}` ({lm_params:,} parameters{', included' if full_export else ', loaded by reference'}) |",
+        f"| base model | `{base}`{f' = {label}' if label != base else ''} ({lm_params:,} parameters{', included' if full_export else ', loaded by reference'}) |",
         f"| memory | {memory_params:,} parameters, {mem.get('n_blocks')} blocks, {mem.get('activation')}, "
         f"reads layer {meta.get('layer')} ({meta.get('site')}) |",
         f"| lambda (memory weight) | {config.lambda_} |",

@@ -160,6 +160,32 @@ def _save_shard(out_dir: Path, s: int, ids: np.ndarray, probs: np.ndarray) -> di
     return {"ids": save_npy(out_dir / files["ids"], ids), "probs": save_npy(out_dir / files["probs"], probs.astype(np.float16))}
 
 
+PROGRESS = "progress-{:05d}.json"  # one record per finished shard, so any number of processes can resume any other's run
+
+
+def _read_progress(out_dir: Path, shards: list[int]) -> dict[int, dict]:
+    """The finished shards among ``shards``: their records, checked against their files (a damaged one is redone).
+
+    Reads the per-shard records, and the single ``progress.json`` that runs before them wrote.
+    """
+    legacy = out_dir / "progress.json"
+    old = read_json(legacy).get("shards", {}) if legacy.exists() else {}
+    done = {}
+    for s in shards:
+        path = out_dir / PROGRESS.format(s)
+        rec = read_json(path) if path.exists() else old.get(str(s))
+        if rec is None:
+            continue
+        try:
+            for arr in rec["arrays"].values():
+                load_npy(out_dir, arr)
+        except MlpmemError as e:
+            log.warning("redoing targets shard %d: %s", s, e.problem)
+            continue
+        done[s] = rec
+    return done
+
+
 def build_targets(datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: TargetsConfig = TargetsConfig(), overwrite: bool = False,
                   queries_dir: Path | None = None) -> Path:
     """kNN targets for every datastore row into ``out_dir``; resumes an interrupted run.
@@ -168,7 +194,14 @@ def build_targets(datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: Targ
     and probs float16 [n, M], then a manifest of kind "targets". With ``queries_dir`` (a
     datastore of another split, e.g. valid) the targets are for *its* rows, searched in the
     index of ``datastore_dir``; nothing is excluded, since those rows are not in the index.
+
+    Launched as several processes (torchrun, accelerate launch), each computes every
+    size-th shard (``dist.my_items``); the shards and their files are the same for any
+    number of processes, each finished shard has its own progress record, so a run
+    stopped with N processes resumes with M. Rank 0 alone claims the folder and writes
+    the manifest, after every shard exists.
     """
+    from mlpmem import dist
     from mlpmem.config import validate
     from mlpmem.index import KnnIndex
 
@@ -187,47 +220,52 @@ def build_targets(datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: Targ
             f"use k <= {n - 1} (--k), or build the datastore from a larger corpus",
         )
     config = {"datastore": str(datastore_dir), "index": str(index_dir), "queries": str(ds.folder.resolve()), **asdict(cfg)}
-    state = prepare_out(out_dir, config, overwrite, kind="targets")
+    w = dist.init("cpu")  # FAISS search runs on the host; the group only carries small records
+    # rank 0 claims and locks the folder; the others wait for its answer (or its refusal)
+    state = dist.on_main(prepare_out, out_dir, config, overwrite, kind="targets")
     if state == "done":
         log.info("targets in %s are already built", out_dir)
         return out_dir
 
-    progress_path = out_dir / "progress.json"
-    done: dict[str, dict] = read_json(progress_path)["shards"] if progress_path.exists() else {}
-    for key in list(done):  # a listed shard whose files went missing or changed is redone
-        try:
-            for rec in done[key]["arrays"].values():
-                load_npy(out_dir, rec)
-        except MlpmemError:
-            del done[key]
     shards = ds.manifest["shards"]
-    todo = [s for s in range(len(shards)) if str(s) not in done]
+    mine = dist.my_items(len(shards), w)
+    done = _read_progress(out_dir, mine)
+    todo = [s for s in mine if s not in done]
     rows_todo = sum(shards[s]["end"] - shards[s]["start"] for s in todo)
     check_disk_space(out_dir, rows_todo * cfg.top_m * (4 + 2), "kNN targets")
     values = index_ds.values()
-    n = ds.n_rows
     from tqdm.auto import tqdm
 
-    with tqdm(total=n, initial=n - rows_todo, unit="query", unit_scale=True, desc="kNN targets") as bar:
+    rows_mine = sum(shards[s]["end"] - shards[s]["start"] for s in mine)
+    with tqdm(total=rows_mine, initial=rows_mine - rows_todo, unit="query", unit_scale=True, desc="kNN targets", disable=not w.main) as bar:
         for s in todo:
             start, end = shards[s]["start"], shards[s]["end"]
             t = time.perf_counter()
             ids, probs, stats = _targets_for_rows(ds, index, values, start, end, cfg, exclude_self)
             stats["seconds"] = time.perf_counter() - t
-            done[str(s)] = {"start": start, "end": end, "arrays": _save_shard(out_dir, s, ids, probs), "stats": stats}
-            write_json(progress_path, {"shards": done})  # after the files: a listed shard is always whole
+            # the record after the files: a recorded shard is always whole
+            write_json(out_dir / PROGRESS.format(s), {"start": start, "end": end, "arrays": _save_shard(out_dir, s, ids, probs), "stats": stats})
             bar.update(end - start)
+    dist.barrier()  # every shard is written (by some rank) before rank 0 reads them all
+    dist.on_main(_write_targets_manifest, out_dir, ds, index, datastore_dir, index_dir, cfg, exclude_self, len(shards), w.size)
+    return out_dir
 
-    for s in range(len(shards)):  # every file the manifest will list is there and whole
-        for rec in done[str(s)]["arrays"].values():
-            load_npy(out_dir, rec)
-    total = {name: sum(done[str(s)]["stats"][name] for s in range(len(shards))) for name in ("support", "removed", "self_found", "seconds")}
+
+def _write_targets_manifest(out_dir: Path, ds: Datastore, index, datastore_dir: Path, index_dir: Path, cfg: TargetsConfig,
+                            exclude_self: bool, n_shards: int, processes: int) -> None:
+    done = _read_progress(out_dir, list(range(n_shards)))  # every file the manifest will list is there and whole
+    missing = [s for s in range(n_shards) if s not in done]
+    if missing:
+        raise MlpmemError(f"shards {missing[:5]} of the targets in {out_dir} are missing or damaged after every process finished",
+                          "run the same command again: it redoes only those shards")
+    n = ds.n_rows
+    total = {name: sum(done[s]["stats"][name] for s in range(n_shards)) for name in ("support", "removed", "self_found", "seconds")}
     stats = {
         "mean_support_size": total["support"] / n,
         "mean_mass_removed": total["removed"] / n,
-        "max_mass_removed": max(done[str(s)]["stats"]["removed_max"] for s in range(len(shards))),
+        "max_mass_removed": max(done[s]["stats"]["removed_max"] for s in range(n_shards)),
         "self_found_rate": total["self_found"] / n,
-        "queries_per_s": n / total["seconds"],  # over every run that wrote a shard
+        "queries_per_s": n / total["seconds"],  # per process, over every run that wrote a shard
     }
     write_manifest(out_dir, "targets", {
         "n_rows": n, "k": cfg.k, "temperature": cfg.temperature, "top_m": cfg.top_m,
@@ -235,13 +273,14 @@ def build_targets(datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: Targ
         "index_datastore": str(datastore_dir), "self_excluded": exclude_self,
         "index": str(index_dir), "index_factory": index.manifest["factory"], "index_recall_at_k": index.manifest["recall_at_k"],
         "model_id": ds.model_id, "tokenizer_hash": ds.tokenizer_hash, "layer": ds.layer, "site": ds.site, "vocab_size": ds.vocab_size,
-        "stats": stats, "faiss_threads": index.threads or _torch_threads(),
-        "shards": [{"start": done[str(s)]["start"], "end": done[str(s)]["end"], "arrays": done[str(s)]["arrays"]} for s in range(len(shards))],
+        "stats": stats, "faiss_threads": index.threads or _torch_threads(), "processes": processes,
+        "shards": [{"start": done[s]["start"], "end": done[s]["end"], "arrays": done[s]["arrays"]} for s in range(n_shards)],
     })
-    progress_path.unlink()
+    for s in range(n_shards):
+        (out_dir / PROGRESS.format(s)).unlink(missing_ok=True)
+    (out_dir / "progress.json").unlink(missing_ok=True)
     log.info("kNN targets for %d rows: support %.1f tokens, top-%d cut %.4f of the mass (max %.4f), self found %.3f",
              n, stats["mean_support_size"], cfg.top_m, stats["mean_mass_removed"], stats["max_mass_removed"], stats["self_found_rate"])
-    return out_dir
 
 
 class Targets(ShardedArrays):

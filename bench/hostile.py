@@ -687,11 +687,11 @@ def _kill9(stage: str):
         out = d / "out"
         if stage == "datastore":
             argv = ds_cmd(e, e.base / "corpus", out, "--windows-per-shard", "8")
-            ready = lambda: (out / "progress.json").exists() and len(json.loads((out / "progress.json").read_text())["shards"]) >= 2  # noqa: E731
+            ready = lambda: len(list(out.glob("progress-*.json"))) >= 2  # noqa: E731  one record per finished shard
         elif stage == "targets":
             ds = copy_stage(e, "datastore", d / "ds")
             argv = tg_cmd(e, out, "--batch-size", "4", ds=ds)
-            ready = lambda: (out / "progress.json").exists()  # noqa: E731
+            ready = lambda: any(out.glob("progress*.json"))  # noqa: E731
         else:
             argv = train_cmd(e, out, "--batch-size", "32", "--ckpt-every", "2")
             ready = lambda: (out / "checkpoints").is_dir() and len([p for p in (out / "checkpoints").iterdir() if not p.name.endswith(".partial")]) >= 2  # noqa: E731

@@ -308,7 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     verb = next((x for x in argv if x in VERBS), "")
     args = build_parser(verb).parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from mlpmem import dist
+
+    rank = dist.world().rank  # under torchrun / accelerate launch: rank 0 speaks for all, the others only warn
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s {f'[rank {rank}] ' if rank else ''}%(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("faiss.loader", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from mlpmem.manifest import release_all_locks, set_full_verify
@@ -317,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         try:
             args.fn(args)
+            dist.finish()  # a no-op for one process
         finally:
             release_all_locks()  # a stage that stopped half-way can be resumed at once, by anyone
     except MlpmemError as e:

@@ -342,16 +342,23 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
     (it runs where it was placed, and ``device`` is ignored). ``device`` is where
     the LM runs: recorded in the manifest, not in config.json, so a folder built
     on one device stays done when rerun on another.
+
+    Under torchrun / accelerate launch (see mlpmem.dist) each process extracts every
+    N-th shard; a shard is a fixed range of windows, so the files are the same for
+    any number of processes and a run stopped with N processes resumes with M.
     """
     import dataclasses
 
     import torch
     from tqdm.auto import tqdm
 
+    from mlpmem import dist
     from mlpmem.config import validate
 
     out_dir = Path(out_dir)
     validate(cfg, "datastore")
+    w = dist.init(device)
+    device = dist.local_device(device)
     dev, dt = resolve_device(str(model_bundle[0].device) if model_bundle else device, cfg.dtype)
     cfg = dataclasses.replace(cfg, dtype=dtype_name(dt))  # "auto" is recorded as what it ran as
     corpus = Corpus(corpus_dir)
@@ -366,70 +373,151 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
     d = model.config.get_text_config().hidden_size
     if n_rows < 1:
         raise MlpmemError(f"the {cfg.split} split of {corpus_dir} has {len(tokens)} token(s): nothing to predict", "build the corpus with more text in that split")
-    if not (out_dir / "manifest.json").exists() or overwrite:  # a finished datastore needs no more space
-        check_disk_space(out_dir, n_rows * (2 * d * len(sites) + 4 + 4 * cfg.lm_logprob), "datastore")
     resolved = {"config": cfg, "corpus": str(Path(corpus_dir).resolve()), "corpus_manifest_sha256": sha256_file(Path(corpus_dir) / "manifest.json"), "model_id": model_id,
                 "extract_mode": mode}  # shards of two modes are never mixed on resume
-    if prepare_out(out_dir, resolved, overwrite, kind="datastore") == "done":
+
+    def claim() -> str:
+        if not (out_dir / "manifest.json").exists() or overwrite:  # a finished datastore needs no more space
+            check_disk_space(out_dir, n_rows * (2 * d * len(sites) + 4 + 4 * cfg.lm_logprob), "datastore")
+        return prepare_out(out_dir, resolved, overwrite, kind="datastore")
+
+    if dist.on_main(claim) == "done":
         log.info("datastore in %s is up to date", out_dir)
         return out_dir
-    progress_path = out_dir / "progress.json"
-    done = read_json(progress_path)["shards"] if progress_path.exists() else {}
-    for shard in list(done):  # a listed shard whose files went missing or changed is redone
-        try:
-            for rec in done[shard]["arrays"].values():
-                load_npy(out_dir, rec)
-        except MlpmemError as e:
-            log.warning("redoing shard %s: %s", shard, e.problem)
-            del done[shard]
     shard_windows = [(a, min(a + cfg.windows_per_shard, len(W))) for a in range(0, len(W), cfg.windows_per_shard)]
+    done = _finished_shards(out_dir)
+    todo = [s for s in dist.my_items(len(shard_windows), w) if s not in done]
     torch.manual_seed(0)
-    bar = tqdm(total=n_rows, unit="tok", desc=f"datastore {cfg.split}", dynamic_ncols=True)
-    bar.update(sum(s["end"] - s["start"] for s in done.values()))
+    bar = tqdm(total=sum(_shard_rows(W, shard_windows[s], len(tokens)) for s in todo), unit="tok", desc=f"datastore {cfg.split}",
+               dynamic_ncols=True, disable=not w.main)
     t0, new_rows = time.perf_counter(), 0
-    for s, (a, b) in enumerate(shard_windows):
-        if str(s) in done:
-            continue
-        start, end = int(W[a, 2]), int(min(W[b - 1, 1], len(tokens) - 1))
-        arrays = {name: np.empty((end - start, d), np.float16) for name in sites}
-        values = np.empty(end - start, np.int32)
-        lp = np.empty(end - start, np.float32) if cfg.lm_logprob else None
-        for batch in iter_batches(model, tokens, cfg.context, cfg.stride, sites, cfg.batch_size, cfg.lm_logprob, (a, b), mode):
-            r0, r1 = batch.row_start - start, batch.row_end - start
-            for name, h in batch.features.items():
-                arrays[name][r0:r1] = h.to(torch.float16).cpu().numpy()
-            values[r0:r1] = batch.labels
-            if lp is not None:
-                lp[r0:r1] = batch.lm_logprob.float().cpu().numpy()
-            bar.update(r1 - r0)
-            new_rows += r1 - r0
-            bar.set_postfix(tok_s=f"{new_rows / (time.perf_counter() - t0):.0f}")
-        records = {name: save_npy(out_dir / f"{name}-{s:05d}.npy", arr) for name, arr in arrays.items()}
-        records["values"] = save_npy(out_dir / f"values-{s:05d}.npy", values)
-        if lp is not None:
-            records["lm_logprob"] = save_npy(out_dir / f"lm_logprob-{s:05d}.npy", lp)
-        done[str(s)] = {"start": start, "end": end, "arrays": records}
-        write_json(progress_path, {"shards": done})  # after the files: a listed shard is always whole
+    with _ShardWriter(out_dir) as writer:  # shard s is written while shard s+1 is extracted
+        for s in todo:
+            a, b = shard_windows[s]
+            start, end = _shard_rows_range(W, (a, b), len(tokens))
+            arrays = {name: np.empty((end - start, d), np.float16) for name in sites}
+            arrays["values"] = np.empty(end - start, np.int32)
+            if cfg.lm_logprob:
+                arrays["lm_logprob"] = np.empty(end - start, np.float32)
+            for batch in iter_batches(model, tokens, cfg.context, cfg.stride, sites, cfg.batch_size, cfg.lm_logprob, (a, b), mode):
+                r0, r1 = batch.row_start - start, batch.row_end - start
+                for name, h in batch.features.items():
+                    arrays[name][r0:r1] = h.to("cpu", torch.float16).numpy()
+                arrays["values"][r0:r1] = batch.labels
+                if cfg.lm_logprob:
+                    arrays["lm_logprob"][r0:r1] = batch.lm_logprob.float().cpu().numpy()
+                bar.update(r1 - r0)
+                new_rows += r1 - r0
+                bar.set_postfix(tok_s=f"{new_rows / (time.perf_counter() - t0):.0f}")
+            writer.put(s, start, end, arrays)
     bar.close()
     elapsed = time.perf_counter() - t0
-    for s in range(len(shard_windows)):  # every file the manifest will list is there and whole
-        for rec in done[str(s)]["arrays"].values():
-            load_npy(out_dir, rec)
-    write_manifest(out_dir, "datastore", {
-        "model_id": model_id, "tokenizer_hash": tokenizer_hash(tok), "layer": key.layer, "site": key.site,
-        "model_fingerprint": model_fingerprint(model),  # memories trained on these keys record it (models.memory_base_fingerprint)
-        "features": {name: {"layer": s.layer, "site": s.site} for name, s in sites.items()},
-        "d": d, "vocab_size": logits_size(model), "n_rows": n_rows, "split": cfg.split,
-        "context": cfg.context, "stride": cfg.stride, "n_windows": len(W),
-        "extract_mode": mode, **({"sink_tokens": min(SINK_TOKENS, cfg.stride), "lanes": cfg.batch_size * cfg.context // cfg.stride,
-                                    "max_block_windows": cfg.batch_size * cfg.context // cfg.stride * LANE_WINDOWS} if mode == "cache" else {}),
-        "key_dtype": "float16", "value_dtype": "int32",
-        "corpus": resolved["corpus"], "corpus_hash": corpus.manifest["corpus_hash"],
-        "rows": "row i = position i of the split's token stream; value = token i+1; document = corpus doc_index[i]",
-        "extract_tokens_per_s": new_rows / elapsed if new_rows else None, "torch_threads": torch.get_num_threads(),
-        "device": str(model.device), "dtype": cfg.dtype,  # where it ran (not part of the config: see build_datastore)
-        "shards": [done[str(s)] for s in range(len(shard_windows))],
-    })
-    progress_path.unlink()
+    rates = dist.all_gather_objects((new_rows, elapsed))
+    dist.barrier()  # every shard of every rank is on disk
+
+    def finish() -> None:
+        shards = _finished_shards(out_dir)
+        missing = [s for s in range(len(shard_windows)) if s not in shards]
+        if missing:
+            raise MlpmemError(f"datastore shards {missing[:5]} of {out_dir} were not written", "run the same command again to finish them")
+        for s in range(len(shard_windows)):  # every file the manifest will list is there and whole
+            for rec in shards[s]["arrays"].values():
+                load_npy(out_dir, rec)
+        rows_run, secs = sum(r for r, _ in rates), max(t for _, t in rates)
+        write_manifest(out_dir, "datastore", {
+            "model_id": model_id, "tokenizer_hash": tokenizer_hash(tok), "layer": key.layer, "site": key.site,
+            "model_fingerprint": model_fingerprint(model),  # memories trained on these keys record it (models.memory_base_fingerprint)
+            "features": {name: {"layer": s.layer, "site": s.site} for name, s in sites.items()},
+            "d": d, "vocab_size": logits_size(model), "n_rows": n_rows, "split": cfg.split,
+            "context": cfg.context, "stride": cfg.stride, "n_windows": len(W),
+            "extract_mode": mode, **({"sink_tokens": min(SINK_TOKENS, cfg.stride), "lanes": cfg.batch_size * cfg.context // cfg.stride,
+                                        "max_block_windows": cfg.batch_size * cfg.context // cfg.stride * LANE_WINDOWS} if mode == "cache" else {}),
+            "key_dtype": "float16", "value_dtype": "int32",
+            "corpus": resolved["corpus"], "corpus_hash": corpus.manifest["corpus_hash"],
+            "rows": "row i = position i of the split's token stream; value = token i+1; document = corpus doc_index[i]",
+            "extract_tokens_per_s": rows_run / secs if rows_run and secs else None, "torch_threads": torch.get_num_threads(),
+            "device": str(model.device), "dtype": cfg.dtype,  # where it ran (not part of the config: see build_datastore)
+            "processes": w.size,
+            "shards": [shards[s] for s in range(len(shard_windows))],
+        })
+        _clear_progress(out_dir)
+
+    dist.on_main(finish)
     log.info("datastore: %d rows of d=%d at layer %d (%s), %s mode, in %s", n_rows, d, key.layer, key.site, mode, out_dir)
     return out_dir
+
+
+def _shard_rows_range(W: np.ndarray, shard: tuple[int, int], n_tokens: int) -> tuple[int, int]:
+    """Datastore rows [start, end) of the windows ``shard`` = (first, last + 1)."""
+    a, b = shard
+    return int(W[a, 2]), int(min(W[b - 1, 1], n_tokens - 1))
+
+
+def _shard_rows(W: np.ndarray, shard: tuple[int, int], n_tokens: int) -> int:
+    start, end = _shard_rows_range(W, shard, n_tokens)
+    return end - start
+
+
+PROGRESS = "progress-{:05d}.json"  # one record per finished shard, written after its files: a listed shard is whole
+
+
+def _finished_shards(out_dir: Path) -> dict[int, dict]:
+    """Shards already on disk and whole, by number (a record whose files went missing or changed is dropped)."""
+    records: dict[int, dict] = {}
+    legacy = out_dir / "progress.json"  # one file for all shards, as earlier versions wrote it
+    if legacy.exists():
+        records.update({int(s): r for s, r in read_json(legacy)["shards"].items()})
+    for path in sorted(out_dir.glob("progress-*.json")):
+        stem = path.stem.partition("-")[2]
+        if stem.isdigit():
+            records[int(stem)] = read_json(path)
+    for s in list(records):
+        try:
+            for rec in records[s]["arrays"].values():
+                load_npy(out_dir, rec)
+        except MlpmemError as e:
+            log.warning("redoing shard %s: %s", s, e.problem)
+            del records[s]
+    return records
+
+
+def _clear_progress(out_dir: Path) -> None:
+    for path in [out_dir / "progress.json", *out_dir.glob("progress-*.json")]:
+        path.unlink(missing_ok=True)
+
+
+class _ShardWriter:
+    """Writes finished shards on a background thread, one at a time, so that the next shard's
+    forward passes run while the last one goes to disk; at most one shard waits in memory."""
+
+    def __init__(self, out_dir: Path) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.out_dir = out_dir
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="datastore-writer")
+        self.pending = None
+
+    def put(self, s: int, start: int, end: int, arrays: dict[str, np.ndarray]) -> None:
+        self.wait()
+        self.pending = self.pool.submit(self._write, s, start, end, arrays)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            self.pending.result()  # a write error (full disk) surfaces here, in the main thread
+            self.pending = None
+
+    def _write(self, s: int, start: int, end: int, arrays: dict[str, np.ndarray]) -> None:
+        records = {name: save_npy(self.out_dir / f"{name}-{s:05d}.npy", arr) for name, arr in arrays.items()}
+        write_json(self.out_dir / PROGRESS.format(s), {"start": start, "end": end, "arrays": records})
+
+    def __enter__(self) -> "_ShardWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            if exc[0] is None:
+                self.wait()
+            elif self.pending is not None:
+                self.pending.exception()  # let an interrupted write finish (files are written atomically)
+        finally:
+            self.pool.shutdown(wait=True)

@@ -147,6 +147,28 @@ def broadcast_object(obj):
     return box[0]
 
 
+def on_main(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on rank 0 only; every rank returns its result, or raises its MlpmemError.
+
+    For steps that must run once (claiming and locking a stage folder, writing a
+    manifest): the other ranks wait here, so none starts before the folder is ready,
+    and a refusal on rank 0 stops every rank with the same message instead of a hang.
+    """
+    w = world()
+    if w.size == 1:
+        return fn(*args, **kwargs)
+    result, error = None, None
+    if w.main:
+        try:
+            result = fn(*args, **kwargs)
+        except MlpmemError as e:
+            error = (e.problem, e.fix)
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise MlpmemError(*error)
+    return result
+
+
 def finish() -> None:
     """Leave the process group (end of a launched command)."""
     import torch.distributed as td

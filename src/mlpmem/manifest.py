@@ -66,7 +66,7 @@ STAGE_FILES: dict[str, tuple[str, ...]] = {
 }
 # the file that shows a folder of this kind was written by mlpmem before folders had markers
 LEGACY_SIGN = {"run": "recipe.json"}
-COMMON_FILES = (CONFIG, MANIFEST, MARKER, LOCK, "progress.json", "*.partial")
+COMMON_FILES = (CONFIG, MANIFEST, MARKER, LOCK, "progress.json", "progress-*.json", "*.partial")  # progress-N.json: one per finished shard (dist)
 
 # settings added after a stage's first version, with the value a folder written before them used:
 # such a folder matches a new config whose value is that one (dotted paths into the resolved config)
@@ -300,7 +300,7 @@ def _known(name: str, kind: str | None, listed: set[str]) -> bool:
 def _listed_files(folder: Path) -> set[str]:
     """Top-level names of the files a folder's manifest or progress file lists."""
     names = set()
-    for name in (MANIFEST, "progress.json"):
+    for name in (MANIFEST, "progress.json", *(p.name for p in Path(folder).glob("progress-*.json"))):
         try:
             data = json.loads((folder / name).read_text())
         except (OSError, ValueError):

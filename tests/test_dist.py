@@ -1,0 +1,108 @@
+"""Several processes (torchrun, gloo on localhost) write the same artefacts as one, and resume each other's runs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlpmem import dist
+from mlpmem.corpus import CorpusConfig, build_corpus
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    # one thread per process in every run: then the same shard is the same computation, bit for bit
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+def mlpmem(nproc: int, *argv) -> subprocess.CompletedProcess:
+    """`mlpmem ARGV` as one plain process, or under torchrun with ``nproc`` processes."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "mlpmem", *map(str, argv)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "mlpmem", *map(str, argv)]
+    r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _npy(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.load(p) for p in sorted(folder.glob("*.npy"))}
+
+
+def test_my_items_cover_every_item_once_for_any_world():
+    for n in (0, 1, 5, 16):
+        for size in (1, 2, 3, 7):
+            got = sorted(i for r in range(size) for i in dist.my_items(n, dist.World(r, size)))
+            assert got == list(range(n))
+
+
+def test_on_main_is_a_plain_call_for_one_process():
+    assert dist.on_main(lambda x: x + 1, 1) == 2
+    assert dist.all_sum([1.0, 2.0]).tolist() == [1.0, 2.0]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tiny_llama):
+    from conftest import write_corpus_jsonl
+
+    root = tmp_path_factory.mktemp("dist")
+    return build_corpus(root / "corpus", CorpusConfig(source=str(write_corpus_jsonl(root / "c.jsonl")), model=str(tiny_llama)))
+
+
+def _ds_args(corpus, out, model, *extra):
+    return ("datastore", "--corpus", corpus, "--out", out, "--model", model, "--context", "32", "--stride", "16",
+            "--windows-per-shard", "3", "--device", "cpu", *extra)
+
+
+def test_datastore_two_processes_same_files_as_one_and_resume_with_another_count(tmp_path, corpus, tiny_llama):
+    import json
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    mlpmem(1, *_ds_args(corpus, one, tiny_llama))
+    r = mlpmem(2, *_ds_args(corpus, two, tiny_llama))
+    a, b = _npy(one), _npy(two)
+    assert len(a) >= 6 and a.keys() == b.keys()  # several shards, so both ranks had work
+    for name in a:
+        # same shard, same computation on one thread: identical (keys within fp16 rounding in general)
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    m1, m2 = (json.loads((f / "manifest.json").read_text()) for f in (one, two))
+    assert m2["processes"] == 2 and m2["n_rows"] == m1["n_rows"]
+    assert [s["start"] for s in m2["shards"]] == [s["start"] for s in m1["shards"]]
+    assert not list(two.glob("progress*.json")) and not (two / ".mlpmem.lock").exists()
+    assert r.stderr.count(" rows of d=") == 1  # rank 0 speaks for both
+
+    # a 2-process run that stopped after some shards (as a kill leaves it: shard files and records,
+    # no manifest) finishes in one process, and the result is the same
+    import shutil
+
+    shutil.copytree(two, tmp_path / "partial")
+    part = tmp_path / "partial"
+    (part / "manifest.json").unlink()
+    for s in m2["shards"][1::2]:  # drop every other shard: what rank 1 would have written
+        for rec in s["arrays"].values():
+            (part / rec["file"]).unlink()
+    for i, s in enumerate(m2["shards"]):
+        if i % 2 == 0:
+            (part / f"progress-{i:05d}.json").write_text(json.dumps(s))
+    mlpmem(1, *_ds_args(corpus, part, tiny_llama))
+    c = _npy(part)
+    assert c.keys() == a.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], c[name], err_msg=name)
+    assert json.loads((part / "manifest.json").read_text())["n_rows"] == m1["n_rows"]

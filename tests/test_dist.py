@@ -106,3 +106,22 @@ def test_datastore_two_processes_same_files_as_one_and_resume_with_another_count
     for name in a:
         np.testing.assert_array_equal(a[name], c[name], err_msg=name)
     assert json.loads((part / "manifest.json").read_text())["n_rows"] == m1["n_rows"]
+
+
+def test_knnlm_two_processes_score_every_position_once_and_agree_with_one(tmp_path, corpus, tiny_llama):
+    import json
+
+    from mlpmem.index import IndexConfig, build_index
+
+    ds = tmp_path / "ds"
+    mlpmem(1, *_ds_args(corpus, ds, tiny_llama))
+    ix = build_index(ds, tmp_path / "ix", IndexConfig(kind="flat"))
+    args = ("knnlm", "--corpus", corpus, "--datastore", ds, "--index", ix, "--k", "8", "--device", "cpu")
+    mlpmem(1, *args, "--out", tmp_path / "one")
+    r = mlpmem(2, *args, "--out", tmp_path / "two")
+    one, two = (json.loads((tmp_path / f / "knnlm.json").read_text()) for f in ("one", "two"))
+    assert two["processes"] == 2 and two["n_tokens"] == one["n_tokens"]
+    for method in one["ppl"]:
+        assert two["ppl"][method] == pytest.approx(one["ppl"][method], rel=1e-5), method
+    assert two["knn_temperature"] == one["knn_temperature"]
+    assert r.stdout.count("base") == 1  # the table is printed once

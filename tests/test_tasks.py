@@ -1,0 +1,224 @@
+"""Knowledge tasks: the WordNet parser on lines in WordNet's data-file format, items from the train split only,
+hard distractors, metrics, determinism, and clear errors for a missing package or a task folder of another corpus split."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mlpmem import knowledge_tasks as kt
+from mlpmem import wordnet
+from mlpmem.errors import MlpmemError
+
+# three lines as data.noun writes them (licence header line first), and one adjective with a marker
+HEADER = "  1 This software and database is being provided to you, the LICENSEE, by  \n"
+NOUN = ("00002137 03 n 02 abstraction 0 abstract_entity 0 010 @ 00001740 n 0000 + 00692347 v 0101 ~ 00023100 n 0000 "
+        "~ 00024264 n 0000 ~ 00031264 n 0000 ~ 00031921 n 0000 ~ 00033020 n 0000 ~ 00033615 n 0000 ~ 05810143 n 0000 "
+        "~ 07999699 n 0000 | a general concept formed by extracting common features from specific examples  \n")
+NOUN2 = ("02084071 05 n 02 dog 0 domestic_dog 0 001 @ 02083346 n 0000 | a member of the genus Canis that has been domesticated "
+         "by man since prehistoric times; \"the dog barked all night\"  \n")
+ADJ = ("00001740 00 a 01 able(p) 0 001 ! 00002098 a 0101 | (usually followed by `to') having the necessary means or skill; "
+       "\"able to swim\"; \"she was able to program her computer\"  \n")
+
+
+def test_parse_wordnet_lines():
+    assert wordnet.parse_line(HEADER) is None
+    s = wordnet.parse_line(NOUN)
+    assert (s.id, s.pos, s.lexname, s.lemmas) == ("n:00002137", "noun", "noun.Tops", ["abstraction", "abstract entity"])
+    assert s.definition == "a general concept formed by extracting common features from specific examples" and s.examples == []
+    d = wordnet.parse_line(NOUN2)
+    assert d.lexname == "noun.animal" and d.lemmas == ["dog", "domestic dog"]
+    assert d.definition.endswith("since prehistoric times") and d.examples == ["the dog barked all night"]
+    a = wordnet.parse_line(ADJ)
+    assert a.pos == "adjective" and a.lemmas == ["able"]  # the (p) marker is not part of the word
+    assert a.examples == ["able to swim", "she was able to program her computer"] and '"' not in a.definition
+    assert d.text() == "dog, domestic dog (noun): a member of the genus Canis that has been domesticated by man since prehistoric times."
+    with pytest.raises(ValueError):
+        wordnet.parse_line("00002137 03 x 01 thing 0 000 | a gloss\n")  # no such part of speech
+
+
+def test_bad_data_file_is_a_clear_error(tmp_path):
+    f = tmp_path / "data.noun"
+    f.write_text(HEADER + "garbage without a gloss bar\n")
+    with pytest.raises(MlpmemError, match="WordNet's data-file format"):
+        wordnet.parse_data_file(f)
+
+
+def test_missing_source_package_is_a_clear_error(tmp_path, capsys):
+    from conftest import run_cli
+
+    rc, err = run_cli(capsys, "tasks", "source", "--out", tmp_path / "src", "--deb", tmp_path / "nope.deb")
+    assert rc == 2 and "does not exist" in err and "apt-get download wordnet-base" in err
+    assert not (tmp_path / "src").exists()  # nothing written before the package was found
+
+
+def test_metrics():
+    assert kt.exact_match(" The Cactus.\nmore", ["cactus"]) == 1.0
+    assert kt.exact_match(" cacti", ["cactus"]) == 0.0
+    # the leading article goes: precision 2/2, recall 2/6
+    assert kt.token_f1("a succulent plant", "any succulent plant of the family") == pytest.approx(2 * 1 * (2 / 6) / (1 + 2 / 6))
+    assert kt.rouge_l("plant succulent", "succulent plant") == pytest.approx(0.5)  # LCS 1 of 2 and 2
+    assert kt.rouge_l("x y z", "x y z") == 1.0 and kt.token_f1("", "x") == 0.0
+    support = set(kt.content_stems("any succulent plant of arid regions"))
+    s = kt.define_scores(" a succulent plant from the moon\n", ["any succulent plant of arid regions"], sorted(support))
+    assert s["unsupported"] == pytest.approx(1 / 3)  # succulent, plant supported; moon not
+    assert kt.define_scores(" the of\n", ["x y"], [])["empty"] == 1.0
+
+
+# ---------------------------------------------------------------- items from a corpus's train split
+
+LEX = ["noun.animal", "noun.plant", "verb.motion"]
+
+
+def synthetic_synsets(n: int = 60) -> list[dict]:
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima",
+             "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey",
+             "xray", "yankee", "zulu"]
+    out = []
+    for i in range(n):
+        lex = LEX[i % 3]
+        w = f"{words[i % len(words)]}{'abcdefghij'[i // len(words)]}"
+        out.append({"id": f"{lex[0]}:{i:08d}", "pos": "verb" if lex.startswith("verb") else "noun", "lexname": lex,
+                    "lemmas": [w, f"{w} thing"], "definition": f"definition number {i} about {lex.split('.')[1]} matters",
+                    "examples": [f"an example of {w}"]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def wn_run(tiny_llama, tmp_path_factory):
+    """A source folder (as `tasks source` writes it, from synthetic synsets) and a corpus built from its wordnet.jsonl."""
+    from mlpmem.corpus import CorpusConfig, build_corpus
+
+    root = tmp_path_factory.mktemp("tasks")
+    src = root / "source"
+    src.mkdir()
+    syn = synthetic_synsets()
+    (src / "synsets.jsonl").write_text("".join(json.dumps(s) + "\n" for s in syn))
+    docs = [{"id": s["id"], "text": wordnet.Synset(**s).text()} for s in syn[:45]]  # 15 synsets stay outside the memory's text
+    (src / "wordnet.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    from mlpmem.manifest import write_manifest
+
+    write_manifest(src, "tasks_source", {"source": {"package": "wordnet-base", "version": "test", "licence": "WordNet3.0"}})
+    corpus = build_corpus(root / "corpus", CorpusConfig(source=str(src / "wordnet.jsonl"), model=str(tiny_llama), valid_fraction=0.2, test_fraction=0.2))
+    sotu = root / "sotu.jsonl"
+    sotu.write_text("".join(json.dumps({"id": f"s{i}", "text": t}) + "\n" for i, t in enumerate(SOTU_TEXTS)))
+    sotu_corpus = build_corpus(root / "sotu", CorpusConfig(source=str(sotu), model=str(tiny_llama)))
+    return src, corpus, sotu_corpus
+
+
+SOTU_TEXTS = [
+    f"In {1800 + 7 * i} the Congress of the Union met in Washington again. The treaty with Mexico cost {120 + i} dollars in the end. "
+    f"We thank the people of Ohio and Virginia for {i + 3} years of work. Our trade with France and Spain grew by {40 + i} percent this year."
+    for i in range(12)
+]
+
+
+def build(wn_run, out, **kw):
+    src, corpus, sotu = wn_run
+    return kt.build_tasks(src, corpus, out, sotu_corpus=sotu, **{"n_items": 12, "n_valid": 4, "n_sotu": 20, "n_reasoning": 9, **kw})
+
+
+def read(folder, name, split="test"):
+    return [json.loads(x) for x in (folder / f"{name}.{split}.jsonl").read_text().splitlines()]
+
+
+def test_wordnet_items_come_from_the_train_split(wn_run, tmp_path):
+    src, corpus, _ = wn_run
+    out = build(wn_run, tmp_path / "t")
+    train = {d["id"] for d in json.loads((corpus / "documents.json").read_text())["train"]}
+    syn = {s["id"]: s for s in synthetic_synsets()}
+    mc, valid = read(out, "mlpmem_wn_mc"), read(out, "mlpmem_wn_mc", "valid")
+    assert mc and valid and not {i["synset"] for i in mc} & {i["synset"] for i in valid}  # disjoint
+    train_words = {syn[i]["lemmas"][0] for i in train}
+    for it in mc + valid:
+        assert it["synset"] in train  # the memory saw this definition
+        s = syn[it["synset"]]
+        assert it["choices"][it["label"]] == " " + s["lemmas"][0] and len(set(it["choices"])) == 4
+        assert f'"{s["definition"]}"' in it["prompt"]
+        for j, c in enumerate(it["choices"]):
+            if j != it["label"]:  # hard distractors: same part of speech and lexicographer file, also in the training text
+                d = next(x for x in syn.values() if x["lemmas"][0] == c.strip())
+                assert d["lexname"] == s["lexname"] and c.strip() in train_words
+    assert len({it["label"] for it in mc}) > 1
+    shot = next(s for s in syn.values() if s["definition"] in mc[0]["prompt"].split("\n\n")[0])
+    assert shot["id"] not in train  # the worked example is not one of the memory's facts
+    em = read(out, "mlpmem_wn_em")
+    assert [i["answers"] for i in em] == [i["answers"] for i in mc]
+    for it in read(out, "mlpmem_wn_define"):
+        assert it["references"][0] == syn[it["synset"]]["definition"] and kt.stem("matters") in it["support"]
+
+
+def test_tasks_run_in_lm_eval(wn_run, tmp_path):
+    """The YAML loads in lm-eval (the !function metrics resolve) and every task has its items."""
+    from lm_eval.tasks import TaskManager
+
+    out = build(wn_run, tmp_path / "t")
+    tm = TaskManager(include_path=str(out), include_defaults=False)
+    objs = tm.load(list(kt.TASKS))
+    for name in kt.TASKS:
+        task = objs["tasks"][name]
+        docs = list(task.test_docs())
+        assert len(docs) == json.loads((out / "manifest.json").read_text())["tasks"][name]["n_test"]
+        if name == "mlpmem_wn_em":
+            assert task.process_results(docs[0], [" " + docs[0]["answers"][0]]) == {"exact_match": 1.0}
+            assert task.process_results(docs[0], [" wrong"]) == {"exact_match": 0.0}
+        if name == "mlpmem_wn_define":
+            assert task.process_results(docs[0], [" " + docs[0]["references"][0]])["f1"] == 1.0
+
+
+def test_sotu_and_reasoning_items(wn_run, tmp_path):
+    out = build(wn_run, tmp_path / "t")
+    sotu = read(out, "mlpmem_sotu_facts")
+    assert len(sotu) == 20 and {i["kind"] for i in sotu} == {"number", "name"}
+    for it in sotu:
+        answer = it["answers"][0]
+        assert it["choices"][it["label"]] == f" {answer}" and "___" in it["prompt"]
+        filled = it["prompt"].split('"')[1].replace("___", answer)
+        assert any(filled in t for t in SOTU_TEXTS)  # the blanked fact is a sentence of a training speech
+        if it["kind"] == "number":
+            assert all(c.strip().replace(",", "").isdigit() for c in it["choices"])
+    for it in read(out, "mlpmem_reasoning") + read(out, "mlpmem_reasoning", "valid"):
+        a = it["choices"][it["label"]].strip()
+        q = it["prompt"]
+        if it["kind"] == "arithmetic":
+            assert eval(q.split("What is ")[1].split("?")[0]) == int(a)  # noqa: S307 (our own generated text)
+        elif it["kind"] == "ordering":
+            nums = [int(x) for x in q.split(" of ")[1].split("?")[0].split(", ")]
+            assert int(a) == (max(nums) if "largest" in q else min(nums))
+        else:
+            x, rest = q.split("Is ")[1].split(" ", 1)
+            y = int(rest.split("than ")[1].rstrip("?\nAnswer:"))
+            assert (a == "yes") == ((int(x) > y) if "greater" in q else (int(x) < y))
+
+
+def test_deterministic_seeded_and_recorded(wn_run, tmp_path):
+    a, b, c = build(wn_run, tmp_path / "a"), build(wn_run, tmp_path / "b"), build(wn_run, tmp_path / "c", seed=1)
+    for name in kt.TASKS:
+        assert (a / f"{name}.test.jsonl").read_bytes() == (b / f"{name}.test.jsonl").read_bytes()
+    assert (a / "mlpmem_wn_mc.test.jsonl").read_bytes() != (c / "mlpmem_wn_mc.test.jsonl").read_bytes()
+    m = json.loads((a / "manifest.json").read_text())
+    src = wn_run[0]
+    from mlpmem.manifest import sha256_file
+
+    assert m["inputs_sha256"]["wordnet.jsonl"] == sha256_file(src / "wordnet.jsonl")
+    assert m["source"]["package"] == "wordnet-base" and m["config"]["seed"] == 0 and m["command"]
+    assert m["wordnet_corpus"]["split"] == "train" and m["sotu_corpus"]["split_sha256"]
+
+
+def test_task_folder_for_another_split_or_corpus_is_refused(wn_run, tiny_llama, tmp_path):
+    from mlpmem.corpus import CorpusConfig, build_corpus
+
+    src, corpus, sotu = wn_run
+    out = build(wn_run, tmp_path / "t")
+    kt.check_tasks(out, corpus)
+    kt.check_tasks(out, sotu)  # the State of the Union items came from that one
+    other_split = build_corpus(tmp_path / "c2", CorpusConfig(source=str(src / "wordnet.jsonl"), model=str(tiny_llama), seed=5,
+                                                             valid_fraction=0.2, test_fraction=0.2))
+    with pytest.raises(MlpmemError, match="another train split"):
+        kt.check_tasks(out, other_split)
+    with pytest.raises(MlpmemError, match="tokenizer"):
+        kt.check_tasks(out, tokenizer_hash="0000")
+    # a corpus of another text cannot be used to build the WordNet tasks either
+    with pytest.raises(MlpmemError, match="not from"):
+        kt.build_tasks(src, sotu, tmp_path / "bad", n_items=4, n_valid=2, n_sotu=4, n_reasoning=3)

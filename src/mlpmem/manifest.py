@@ -72,6 +72,7 @@ COMMON_FILES = (CONFIG, MANIFEST, MARKER, LOCK, "progress.json", "progress-*.jso
 # such a folder matches a new config whose value is that one (dotted paths into the resolved config)
 ADDED_SETTINGS: dict[str, dict[str, Any]] = {
     "datastore": {"config.mode": "recompute", "extract_mode": "recompute"},
+    "index": {"recall_target": None},  # folders before it held a fixed scan (nprobe in their manifest)
 }
 
 _FULL_VERIFY = False

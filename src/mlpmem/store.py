@@ -20,6 +20,9 @@ from mlpmem.manifest import load_npy, read_manifest
 class ShardedArrays:
     """Row-aligned arrays split into shards, opened as memory maps."""
 
+    # arrays whose files must all be there (others may have been removed as a whole: ``absent``)
+    REQUIRED: tuple[str, ...] = ()
+
     def __init__(self, folder: Path, kind: str, verify: bool = False) -> None:
         self.folder = Path(folder)
         self.manifest: dict[str, Any] = read_manifest(self.folder, kind)
@@ -30,8 +33,14 @@ class ShardedArrays:
             raise MlpmemError(f"the shards listed in {self.folder}/manifest.json do not cover rows 0..{self.n_rows} contiguously", f"delete {self.folder} and run the stage again")
         self._arrays: dict[str, list[np.ndarray]] = {}
         self._resident: dict[str, np.ndarray] = {}
+        # an array whose files are *all* gone was removed on purpose (e.g. the keys, once an index
+        # that needs none and the targets are built): the rest stays readable. One missing shard is damage.
+        self.absent = sorted(name for name in {n for s in self.manifest["shards"] for n in s["arrays"]}
+                             if name not in self.REQUIRED and not any((self.folder / s["arrays"][name]["file"]).exists() for s in self.manifest["shards"] if name in s["arrays"]))
         for shard in self.manifest["shards"]:
             for name, record in shard["arrays"].items():
+                if name in self.absent:
+                    continue
                 arr = load_npy(self.folder, record, verify=verify)
                 if arr.shape[0] != shard["end"] - shard["start"]:
                     raise MlpmemError(f"{self.folder / record['file']} has {arr.shape[0]} rows, its shard covers {shard['end'] - shard['start']}", f"delete {self.folder} and run the stage again")
@@ -42,6 +51,9 @@ class ShardedArrays:
         return list(self._arrays)
 
     def shards(self, name: str) -> list[np.ndarray]:
+        if name in self.absent:
+            raise MlpmemError(f"the {name!r} files of {self.folder} were removed",
+                              f"rebuild {self.folder}, or (for the keys) search with an index that reads none (rerank: false, not kind keys)")
         if name not in self._arrays:
             raise MlpmemError(f"{self.folder} has no array named {name!r} (it has {self.names})", "rebuild it with the setting that stores it")
         return self._arrays[name]
@@ -93,6 +105,8 @@ class ShardedArrays:
 
 class Datastore(ShardedArrays):
     """The (key -> next token) datastore: arrays ``keys`` [N, d] float16 and ``values`` [N] int32."""
+
+    REQUIRED = ("values",)
 
     def __init__(self, folder: Path, verify: bool = False) -> None:
         super().__init__(folder, "datastore", verify=verify)

@@ -212,6 +212,8 @@ def build_targets(datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: Targ
     ds = Datastore(Path(queries_dir).resolve()) if queries_dir is not None else index_ds
     if queries_dir is not None:
         ds.check_model(index_ds.model_id, index_ds.tokenizer_hash, index_ds.layer, index_ds.site)
+    if "keys" in ds.absent:
+        raise MlpmemError(f"the keys of the datastore in {ds.folder} were removed, and they are the queries of the targets", "build the targets before removing the keys, or build the datastore again")
     exclude_self = queries_dir is None
     n = index_ds.n_rows
     if cfg.k < 1 or cfg.k > n - 1:
@@ -285,6 +287,8 @@ def _write_targets_manifest(out_dir: Path, ds: Datastore, index, datastore_dir: 
 
 class Targets(ShardedArrays):
     """Sparse kNN targets: arrays ``ids`` int32 [N, M] and ``probs`` float16 [N, M], row-aligned with a datastore."""
+
+    REQUIRED = ("ids", "probs")
 
     def __init__(self, folder: Path, verify: bool = False) -> None:
         super().__init__(folder, "targets", verify=verify)

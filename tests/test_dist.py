@@ -125,3 +125,43 @@ def test_knnlm_two_processes_score_every_position_once_and_agree_with_one(tmp_pa
         assert two["ppl"][method] == pytest.approx(one["ppl"][method], rel=1e-5), method
     assert two["knn_temperature"] == one["knn_temperature"]
     assert r.stdout.count("base") == 1  # the table is printed once
+
+
+def test_train_two_processes_ddp_matches_one_and_resumes_with_one(tmp_path, corpus, tiny_llama):
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    from mlpmem.index import IndexConfig, build_index
+    from mlpmem.targets import TargetsConfig, build_targets
+
+    ds = tmp_path / "ds"
+    mlpmem(1, *_ds_args(corpus, ds, tiny_llama))
+    ix = build_index(ds, tmp_path / "ix", IndexConfig(kind="flat"))
+    tg = build_targets(ds, ix, tmp_path / "tg", TargetsConfig(k=8, top_m=4))
+    # 7 rows per micro-batch: the two ranks get 4 and 3, so the gradient weighting matters
+    args = ("train", "--datastore", ds, "--targets", tg, "--epochs", "0.03", "--batch-size", "14", "--grad-accum", "2", "--n-blocks", "1",
+            "--ckpt-every", "2", "--keep-last", "100", "--eval-every", "0", "--device", "cpu", "--precision", "fp32")
+    mlpmem(1, *args, "--out", tmp_path / "one")
+    mlpmem(2, *args, "--out", tmp_path / "two")
+    a, b = (load_file(str(tmp_path / f / "memory" / "model.safetensors")) for f in ("one", "two"))
+    assert a.keys() == b.keys()
+    moved = max(float(np.abs(a[k] - load_file(str(tmp_path / "one" / "checkpoints" / "step-000002" / "model.safetensors"))[k]).max()) for k in a)
+    assert moved > 1e-3  # training moved the weights well beyond the tolerance below
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
+    m = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert m["processes"] == 2 and m["steps"] == json.loads((tmp_path / "one" / "manifest.json").read_text())["steps"]
+
+    # stopped after its step-2 checkpoint with 2 processes, finished by 1
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "two", part)
+    for p in ["manifest.json", "memory", *(c.name for c in (part / "checkpoints").iterdir() if c.name != "step-000002")]:
+        target = part / p if not p.startswith("step-") else part / "checkpoints" / p
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+    r = mlpmem(1, *args, "--out", part)
+    assert "resuming memory training from" in r.stderr
+    c = load_file(str(part / "memory" / "model.safetensors"))
+    for k in a:
+        np.testing.assert_allclose(a[k], c[k], rtol=1e-4, atol=1e-5, err_msg=k)

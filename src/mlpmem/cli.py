@@ -75,8 +75,10 @@ def _train(a):
     from mlpmem.store import Datastore
     from mlpmem.train import TrainConfig, train_memory
 
+    from mlpmem import dist
+
     cfg = from_args(TrainConfig, a)
-    dev, dt = resolve_device(a.device, a.dtype)
+    dev, dt = resolve_device(dist.local_device(a.device), a.dtype)  # under torchrun on GPUs: this rank's GPU
     if a.valid_targets and not a.valid:
         raise MlpmemError("--valid-targets needs --valid (the valid datastore those targets belong to)", "pass --valid DATASTORE too, or drop --valid-targets")
     lm = None

@@ -465,12 +465,19 @@ def train_memory(
     lm_head / lm_copy. ``on_step(step, {"loss", "kl", "ce", "lr", "grad_norm"}, memory)``
     is called after each optimizer step (step counts from 1); it may evaluate the
     memory (it is put back in train mode after).
+
+    Under torchrun / accelerate launch training is data-parallel (DDP): every process
+    takes its slice of each step's rows, gradients are averaged as if one process had
+    seen them all, and rank 0 alone validates, writes metrics and checkpoints. A
+    checkpoint holds no trace of the process count, so a run resumes with any count.
     """
+    from mlpmem import dist
     from mlpmem.config import validate
 
     out_dir = Path(out_dir)
     validate(cfg, "train")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    w = dist.init(device or "auto")
+    dev = torch.device(dist.local_device(device) if device else (dist.local_device("cuda") if torch.cuda.is_available() else "cpu"))
     _require_lm(cfg, init_lm)  # before the data: lm_copy's default input (the last layer) is found through the LM
     data = (OnlineData if cfg.mode == "online" else TrainData)(datastore_dir, targets_dir, *cfg.memory_input(), init_lm)
     valid = None
@@ -489,13 +496,17 @@ def train_memory(
         "input": {"layer": data.layer, "site": data.site, "array": data.input},
         "init_lm": getattr(getattr(init_lm, "config", None), "_name_or_path", None) if init_lm is not None else None,
     }
-    if not (out_dir / "manifest.json").exists() or overwrite:
-        with torch.device("meta"):  # the size only: no memory allocated
-            n_params = MLPMemory(cfg.memory_config(data.d_in, data.ds.vocab_size)).num_parameters()
-        # float32 weights + two AdamW moments per checkpoint, keep_last + 1 of them at a time, and the final memory
-        check_disk_space(out_dir, n_params * 4 * (3 * (cfg.keep_last + 1) + 1), "memory checkpoints and the final memory",
-                         "keep fewer checkpoints (keep_last), or train a smaller memory (width, n_blocks)")
-    if prepare_out(out_dir, resolved, overwrite, kind="memory") == "done":
+
+    def claim() -> str:
+        if not (out_dir / "manifest.json").exists() or overwrite:
+            with torch.device("meta"):  # the size only: no memory allocated
+                n_params = MLPMemory(cfg.memory_config(data.d_in, data.ds.vocab_size)).num_parameters()
+            # float32 weights + two AdamW moments per checkpoint, keep_last + 1 of them at a time, and the final memory
+            check_disk_space(out_dir, n_params * 4 * (3 * (cfg.keep_last + 1) + 1), "memory checkpoints and the final memory",
+                             "keep fewer checkpoints (keep_last), or train a smaller memory (width, n_blocks)")
+        return prepare_out(out_dir, resolved, overwrite, kind="memory")
+
+    if dist.on_main(claim) == "done":
         log.info("memory training in %s is already finished", out_dir)
         return out_dir
     from mlpmem.models import memory_base_fingerprint  # which base model the memory belongs to; refuses an LM that is not it
@@ -508,37 +519,52 @@ def train_memory(
     sched = WindowSchedule(data.windows, data.n, cfg) if cfg.mode == "online" else Schedule(data.n, cfg)
     bf16 = use_bf16(cfg.precision, dev)
     ckpt_root = out_dir / CKPT_DIR
-    if not resume:
+    if not resume and w.main:
         shutil.rmtree(ckpt_root, ignore_errors=True)
         (out_dir / METRICS).unlink(missing_ok=True)
+    dist.barrier()
     loaded = load_latest_checkpoint(ckpt_root, cfg, dev)
+    dist.barrier()  # every rank has read the checkpoint before rank 0 may write (and prune) newer ones
     if loaded is not None:
         memory, opt, state, path = loaded
-        _truncate_metrics(out_dir / METRICS, state["step"])
+        if w.main:
+            _truncate_metrics(out_dir / METRICS, state["step"])
         log.info("resuming memory training from %s", path)
     else:
         # no checkpoint: records of an interrupted earlier try would be written again
-        (out_dir / METRICS).unlink(missing_ok=True)
+        if w.main:
+            (out_dir / METRICS).unlink(missing_ok=True)
         memory = build_memory(cfg, data.d_in, data.ds.vocab_size, init_lm).to(dev)
         opt = build_optimizer(memory, cfg)
         state = {"step": 0, "train_seconds": 0.0, "train_positions": 0}
-        if valid is not None:
+        if valid is not None and w.main:
             # the start, so that a memory that ends worse than it began is seen (lambda would hide it)
             state["valid_start"] = evaluate(memory, valid, cfg.alpha, dev, bf16, cfg.batch_size // cfg.grad_accum)
             _append_metrics(out_dir, {"step": 0, "split": "valid", **state["valid_start"]})
     log.info("memory: %.2fM parameters, %d steps of %d positions (%.2f epochs of %d rows), %s", memory.num_parameters() / 1e6,
              sched.total, cfg.batch_size, sched.total * cfg.batch_size / data.n, data.n, "bf16 autocast" if bf16 else "fp32")
-    last_valid = _train_loop(memory, opt, data, valid, sched, cfg, dev, bf16, state, out_dir, mem_meta, on_step)
-    return _finish(out_dir, memory, mem_meta, cfg, data, valid, sched, state, last_valid, bf16, dev)
+    last_valid = _train_loop(memory, opt, data, valid if w.main else None, sched, cfg, dev, bf16, state, out_dir, mem_meta, on_step)
+    dist.barrier()
+    dist.on_main(_finish, out_dir, memory, mem_meta, cfg, data, valid, sched, state, last_valid, bf16, dev)
+    return out_dir
 
 
 def _train_loop(memory, opt, data, valid, sched, cfg, dev, bf16, state, out_dir, mem_meta, on_step) -> dict | None:
+    """The optimisation. ``valid`` is None on ranks other than 0: rank 0 alone validates and writes."""
     from tqdm.auto import tqdm
 
+    from mlpmem import dist
+
+    w = dist.world()
     params = [p for p in memory.parameters() if p.requires_grad]
+    model = memory
+    if w.size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(memory, device_ids=[dev.index] if dev.type == "cuda" else None)
     window: list[dict[str, float]] = state.get("window", [])  # steps since the last train record, so resumed records match
     last_valid = state.get("last_valid")
-    bar = tqdm(total=sched.total, initial=state["step"], desc="train memory", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=sched.total, initial=state["step"], desc="train memory", unit="step", dynamic_ncols=True, disable=not w.main)
     memory.train()
     for step in range(state["step"], sched.total):
         t0 = time.perf_counter()
@@ -546,16 +572,22 @@ def _train_loop(memory, opt, data, valid, sched, cfg, dev, bf16, state, out_dir,
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        loss_sum, kl_sum, ce_sum = 0.0, 0.0, 0.0
-        for rows in sched.rows(step):
-            b = data.batch(rows)
-            with autocast(dev, bf16):
-                logits = memory(b["h"].to(dev, non_blocking=True))
-            loss, parts = sparse_kd_loss(logits, b["ids"].to(dev), b["probs"].to(dev), b["labels"].to(dev), cfg.alpha)
-            (loss / cfg.grad_accum).backward()
-            loss_sum += loss.item() / cfg.grad_accum
-            kl_sum += parts["kl"].item() / cfg.grad_accum
-            ce_sum += parts["ce"].item() / cfg.grad_accum
+        sums = np.zeros(3)  # loss, kl, ce: this rank's share of the step's means
+        micro = sched.rows(step)
+        for i, all_rows in enumerate(micro):
+            rows = rank_slice(all_rows, w)
+            # DDP averages gradients over ranks: weighting each rank's mean by its share of the rows
+            # makes that average the mean over all rows, as one process computes it
+            share = len(rows) * w.size / len(all_rows) / cfg.grad_accum
+            sync = nullcontext() if w.size == 1 or i == len(micro) - 1 else model.no_sync()
+            with sync:
+                b = data.batch(rows)
+                with autocast(dev, bf16):
+                    logits = model(b["h"].to(dev, non_blocking=True))
+                loss, parts = sparse_kd_loss(logits, b["ids"].to(dev), b["probs"].to(dev), b["labels"].to(dev), cfg.alpha)
+                (loss * share).backward()
+            sums += np.array([loss.item(), parts["kl"].item(), parts["ce"].item()]) * share / w.size
+        loss_sum, kl_sum, ce_sum = dist.all_sum(sums).tolist()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf")))
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
             bar.close()
@@ -571,24 +603,29 @@ def _train_loop(memory, opt, data, valid, sched, cfg, dev, bf16, state, out_dir,
         state["train_positions"] += sched.positions(step)
         rec = {"loss": loss_sum, "kl": kl_sum, "ce": ce_sum, "lr": lr, "grad_norm": grad_norm}
         window.append(rec)
-        if on_step is not None:
+        if on_step is not None and w.main:
             on_step(step + 1, rec, memory)
             memory.train()
         tps = state["train_positions"] / max(state["train_seconds"], 1e-9)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:.0f}", refresh=False)
         done = state["step"] == sched.total
-        if state["step"] % cfg.log_every == 0 or done:
+        if w.main and (state["step"] % cfg.log_every == 0 or done):
             _append_metrics(out_dir, {"step": state["step"], "split": "train", **{k: float(np.mean([w[k] for w in window])) for k in rec}, "tokens_per_s": tps})
             window = []
         if valid is not None and (done or (cfg.eval_every and state["step"] % cfg.eval_every == 0)):
             last_valid = evaluate(memory, valid, cfg.alpha, dev, bf16, cfg.batch_size // cfg.grad_accum)
             _append_metrics(out_dir, {"step": state["step"], "split": "valid", **last_valid})
             log.debug("step %d valid %s", state["step"], last_valid)
-        if done or (cfg.ckpt_every and state["step"] % cfg.ckpt_every == 0):
+        if w.main and (done or (cfg.ckpt_every and state["step"] % cfg.ckpt_every == 0)):
             save_checkpoint(out_dir / CKPT_DIR, state["step"], memory, opt, mem_meta, dict(state, last_valid=last_valid, window=window), cfg.keep_last)
     bar.close()
     return last_valid
+
+
+def rank_slice(rows: np.ndarray, w) -> np.ndarray:
+    """This process's contiguous part of a micro-batch's rows (sizes differ by at most one)."""
+    return np.array_split(rows, w.size)[w.rank] if w.size > 1 else rows
 
 
 def _finish(out_dir, memory, mem_meta, cfg, data, valid, sched, state, last_valid, bf16, dev) -> Path:
@@ -605,7 +642,7 @@ def _finish(out_dir, memory, mem_meta, cfg, data, valid, sched, state, last_vali
         "parameters": memory.num_parameters(), "trainable_parameters": memory.num_parameters(trainable_only=True),
         "steps": sched.total, "positions_seen": sched.total * cfg.batch_size, "epochs": sched.total * cfg.batch_size / data.n,
         "n_rows": data.n, "datastore": mem_meta["datastore"], "targets": mem_meta["targets"],
-        "precision": "bf16" if bf16 else "fp32", "device": str(dev), "torch_threads": torch.get_num_threads(),
+        "precision": "bf16" if bf16 else "fp32", "device": str(dev), "torch_threads": torch.get_num_threads(), "processes": _world_size(),
         "tokens_per_s": tps, "peak_rss_mb": peak_rss_mb, "valid": last_valid, "valid_start": state.get("valid_start"),
     })
     start = state.get("valid_start")
@@ -615,6 +652,12 @@ def _finish(out_dir, memory, mem_meta, cfg, data, valid, sched, state, last_vali
     summary = ", ".join(f"{k} {v:.4g}" for k, v in (last_valid or {}).items())
     log.info("memory trained: %d steps at %.0f tokens/s%s -> %s", sched.total, tps, f"; valid {summary}" if summary else "", out_dir / "memory")
     return out_dir
+
+
+def _world_size() -> int:
+    from mlpmem import dist
+
+    return dist.world().size
 
 
 def _append_metrics(out_dir: Path, record: dict) -> None:

@@ -98,6 +98,10 @@ def _run(a):
         if not a.corpus:
             raise MlpmemError("`mlpmem run` needs a RECIPE or --corpus", "e.g. `mlpmem run sotu` or `mlpmem run --corpus data.jsonl --out runs/mine`")
         recipe = quick_recipe(a.corpus, a.model, a.out or "runs/quick", device=a.device, dtype=a.dtype)
+    if a.mixing:  # the command line wins over the recipe's eval.mixing
+        import dataclasses
+
+        recipe.sections["eval"] = dataclasses.replace(recipe.sections["eval"], mixing=a.mixing)
     report = run_pipeline(recipe, a.overwrite)
     _say(_table(report))
 
@@ -113,7 +117,8 @@ def _generate(a):
         raise MlpmemError(f"prompt {', '.join(map(str, empty))} is empty", "give every prompt some text to continue")
     rows = generate_side_by_side(str(_memory_folder(a.model, a.verify)), prompts, cfg, a.base_model, device=a.device, dtype=a.dtype)
     for r in rows:
-        print(f"=== {r['prompt']}\n--- base LM:\n{r['base']}\n--- LM + memory (lambda={a.lam}):\n{r['memory']}\n")
+        how = "gated lambda per token" if r.get("mixing") == "gated" else f"lambda={a.lam}"
+        print(f"=== {r['prompt']}\n--- base LM:\n{r['base']}\n--- LM + memory ({how}):\n{r['memory']}\n")
 
 
 def _export(a):
@@ -126,7 +131,8 @@ def _export(a):
         raise MlpmemError(f"--memory-temperature must be positive, got {a.memory_temperature}", "pass e.g. --memory-temperature 1")
     if Path(a.out).resolve() == memory.resolve() or memory.resolve() in Path(a.out).resolve().parents:
         raise MlpmemError(f"--out {a.out} lies inside the memory folder it exports", "choose an --out outside it")
-    export_hf(memory, Path(a.out), base_model=a.base_model, lambda_=a.lam, memory_temperature=a.memory_temperature, full_export=a.full)
+    export_hf(memory, Path(a.out), base_model=a.base_model, lambda_=a.lam, memory_temperature=a.memory_temperature, full_export=a.full,
+              gate=a.gate or "auto", mixing=a.mixing)
 
 
 def _memory_folder(path: str, verify: bool) -> Path:
@@ -254,6 +260,8 @@ def _args_run(sp):
     sp.add_argument("--overwrite", action="store_true")
     sp.add_argument("--device", default=None, help="where the stages run: auto|cpu|cuda|cuda:N|mps (default: the recipe's `device:`, else auto)")
     sp.add_argument("--dtype", default=None, help="LM precision: auto|float32|bfloat16|float16 (default: the recipe's datastore dtype, float32)")
+    sp.add_argument("--mixing", default=None, choices=("fixed", "gated"),
+                    help="gated: also fit a per-token mixing gate on valid and report it beside the fixed lambda (default: the recipe's eval.mixing, fixed)")
 
 
 def _args_generate(sp):
@@ -282,6 +290,8 @@ def _args_export(sp):
     sp.add_argument("--lam", type=float, default=0.25, help="default lambda stored in the config")
     sp.add_argument("--memory-temperature", type=float, default=1.0)
     sp.add_argument("--full", action="store_true", help="also store the base model, for a self-contained folder")
+    sp.add_argument("--gate", default=None, help="a mixing gate folder (default: the run's gate/ next to train/memory, if any)")
+    sp.add_argument("--mixing", default=None, choices=("fixed", "gated"), help="default mixing of the saved model (default: gated when it has a gate)")
 
 
 def _args_probe(sp):

@@ -21,6 +21,7 @@ class GenerateConfig:
     top_p: float = 1.0
     num_beams: int = 1
     seed: int = 0
+    mixing: str | None = None  # fixed | gated; default: gated when the memory has a gate (its run's gate/), else fixed
 
 
 def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
@@ -37,7 +38,7 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
 
 def generate_side_by_side(model_path: str, prompts: list[str], cfg: GenerateConfig, base_model: str | None = None,
                           device: str = "auto", dtype: str = "float32") -> list[dict[str, str]]:
-    """Continue each prompt with the base LM (lambda=0) and with LM + memory (lambda=cfg.lam).
+    """Continue each prompt with the base LM (lambda=0) and with LM + memory (lambda=cfg.lam, or the memory's gate).
 
     ``model_path`` is a trained memory folder (``.../train/memory``) or a folder
     written by ``save_pretrained``. Prompts are left-padded into one batch. The LM
@@ -48,12 +49,15 @@ def generate_side_by_side(model_path: str, prompts: list[str], cfg: GenerateConf
     from mlpmem.hf import MLPMemoryForCausalLM
     from mlpmem.models import dtype_name, resolve_device
 
+    from mlpmem.modeling_mlpmem import check_mixing
+
     dev, dt = resolve_device(device, dtype)
+    mix = {} if cfg.mixing is None else {"mixing": check_mixing(cfg.mixing)}
     path = Path(model_path)
     if (path / "memory_config.json").exists():
-        model = MLPMemoryForCausalLM.from_memory(path, base_model, lambda_=cfg.lam, dtype=dtype_name(dt))
+        model = MLPMemoryForCausalLM.from_memory(path, base_model, lambda_=cfg.lam, dtype=dtype_name(dt), **mix)
     else:
-        model = MLPMemoryForCausalLM.from_pretrained(path, base_model=base_model, lambda_=cfg.lam, dtype=dtype_name(dt))
+        model = MLPMemoryForCausalLM.from_pretrained(path, base_model=base_model, lambda_=cfg.lam, dtype=dtype_name(dt), **mix)
     model.to(dev)  # the memory goes where the LM is
     tok = model.tokenizer if getattr(model, "tokenizer", None) is not None else None
     if tok is None:
@@ -69,9 +73,12 @@ def generate_side_by_side(model_path: str, prompts: list[str], cfg: GenerateConf
     if cfg.do_sample:
         kwargs.update(temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
     out = {}
+    gated = model.mixing_mode == "gated"
     for name, lam in (("base", 0.0), ("memory", cfg.lam)):
         torch.manual_seed(cfg.seed)
+        # a gated memory mixes with its gate's lambda per token (a lambda_ per call would ask for the fixed mixture)
+        mixing = {"mixing": "gated"} if gated and name == "memory" else {"lambda_": lam}
         with torch.inference_mode():
-            ids = model.generate(**batch, lambda_=lam, **kwargs)
+            ids = model.generate(**batch, **mixing, **kwargs)
         out[name] = tok.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [{"prompt": p, "base": b, "memory": m} for p, b, m in zip(prompts, out["base"], out["memory"])]
+    return [{"prompt": p, "base": b, "memory": m, "mixing": model.mixing_mode} for p, b, m in zip(prompts, out["base"], out["memory"])]

@@ -20,6 +20,11 @@ Setting lambda (the memory's weight) and the memory temperature T:
 - persistently: ``model.set_lambda(0.3)``;
 - for a block of code: ``with model.mixing(lambda_=0.3): model.generate(...)``;
 - per call: ``model(ids, lambda_=0.3)`` or ``model.generate(ids, lambda_=0.3)``.
+
+Gated mixing (lambda per token from the memory's gate, mlpmem.gate): a memory whose run
+trained a gate (RUN/gate) loads with it and mixes per token by default; ``mixing="fixed"``
+(at load time, in ``set_lambda(mode=...)``, ``mixing(mode=...)`` or per call) uses lambda_
+instead, and a call that passes ``lambda_`` gets the fixed mixture with that lambda.
 """
 
 from __future__ import annotations
@@ -65,25 +70,39 @@ def from_memory(
     lambda_: float = 0.25,
     memory_temperature: float = 1.0,
     dtype: str = "float32",
+    gate: str | os.PathLike | None = "auto",
+    mixing: str | None = None,
 ) -> MLPMemoryForCausalLM:
     """Pair a memory folder (from the train stage) with its base model, loaded by name (``MLPMemoryForCausalLM.from_memory``).
 
     ``base_model`` defaults to the model the memory was trained on (its meta's
     model_id). The run's results found next to the memory (the train stage's
     manifest, the pipeline's report) go into the meta, so a saved model card shows them.
+    ``gate``: a gate folder (mlpmem.gate), ``"auto"`` (the run's RUN/gate next to
+    RUN/train/memory, if there is one) or None; a gate trained for another memory is
+    refused. ``mixing``: ``"fixed"`` or ``"gated"``; default gated when a gate is found.
     """
+    from mlpmem.gate import find_gate, load_gate
     from mlpmem.models import load_model
 
     memory, meta = load_memory(Path(memory_dir))
     ref = base_model or meta.get("model_id")
     if not ref:
         raise MlpmemError(f"the memory in {memory_dir} does not record its base model", "pass base_model=MODEL")
+    gate_dir = find_gate(Path(memory_dir)) if gate == "auto" else (Path(gate) if gate else None)
+    if mixing == "gated" and gate_dir is None:
+        raise MlpmemError(f"mixing='gated' needs a gate, and none was found for the memory in {memory_dir}",
+                          "train one (recipe `eval: {mixing: gated}`), pass gate=FOLDER, or use mixing='fixed'")
+    gate_module, gate_meta = load_gate(gate_dir, memory) if gate_dir is not None else (None, None)
+    if gate_dir is not None:
+        log.info("mixing gate: %s", gate_dir)
     lm, tok, model_id = load_model(str(ref), dtype=dtype)
     meta = dict(meta)
     results = meta.get("results") or run_results(Path(memory_dir))
     if results:
         meta["results"] = results
-    return cls.from_parts(lm, memory, meta, tokenizer=tok, base_model=model_id, lambda_=lambda_, memory_temperature=memory_temperature)
+    return cls.from_parts(lm, memory, meta, tokenizer=tok, base_model=model_id, lambda_=lambda_, memory_temperature=memory_temperature,
+                          gate=gate_module, gate_meta=gate_meta, mixing=mixing)
 
 
 def run_results(memory_dir: Path) -> dict[str, Any]:
@@ -112,12 +131,14 @@ def export_hf(
     lambda_: float = 0.25,
     memory_temperature: float = 1.0,
     full_export: bool = False,
+    gate: str | os.PathLike | None = "auto",
+    mixing: str | None = None,
 ) -> Path:
     """Turn a trained memory folder into a Hugging Face model folder (``AutoModelForCausalLM`` loads it). Returns out_dir."""
     from mlpmem.manifest import claim_out
 
     claim_out(Path(out_dir), "export")  # never into a stage folder or a folder of the user's
-    model = MLPMemoryForCausalLM.from_memory(memory_dir, base_model, lambda_=lambda_, memory_temperature=memory_temperature)
+    model = MLPMemoryForCausalLM.from_memory(memory_dir, base_model, lambda_=lambda_, memory_temperature=memory_temperature, gate=gate, mixing=mixing)
     model.save_pretrained(out_dir, full_export=full_export)
     log.info("LM + memory saved to %s (%s)", out_dir, "self-contained" if full_export else f"base model: {model.config.base_model}")
     return Path(out_dir)

@@ -51,6 +51,35 @@ def interpolate_logprobs(lp_lm: Any, lp_other: Any, lam: float) -> Any:
     return np.logaddexp(np.asarray(lp_lm) + a, np.asarray(lp_other) + b)
 
 
+def interpolate_per_token(lp_lm: Any, lp_other: Any, lam: Any) -> Any:
+    """Per-token mixture: ``logaddexp(log(1 - lam_i) + lp_lm_i, log(lam_i) + lp_other_i)`` with lam [N] (a gate's output).
+
+    lp_lm, lp_other [N] (per-target values) or [N, V] (full rows; lam broadcasts over V).
+    Exact where lam_i is 0 or 1. Every lam_i must lie in [0, 1] (NaN refused). Numpy in ->
+    float64 numpy out; torch in -> torch out (dtype of lp_lm).
+    """
+    if _is_torch(lam) or _is_torch(lp_lm):
+        import torch
+
+        ref = lp_lm if _is_torch(lp_lm) else lam
+        lam_t = torch.as_tensor(lam, device=ref.device).to(torch.float64 if not _is_torch(lp_lm) else lp_lm.dtype)
+        if not bool(((lam_t >= 0) & (lam_t <= 1)).all()):
+            raise MlpmemError("per-token lambdas must lie in [0, 1]", "pass a gate's sigmoid output, not its logits")
+        x = torch.as_tensor(lp_lm, device=ref.device).to(lam_t.dtype)
+        y = torch.as_tensor(lp_other, device=ref.device).to(lam_t.dtype)
+        if x.dim() > lam_t.dim():
+            lam_t = lam_t[..., None]
+        return torch.logaddexp(torch.log1p(-lam_t) + x, torch.log(lam_t) + y)
+    lam = np.asarray(lam, dtype=np.float64)
+    if not bool(((lam >= 0) & (lam <= 1)).all()):
+        raise MlpmemError("per-token lambdas must lie in [0, 1]", "pass a gate's sigmoid output, not its logits")
+    x, y = np.asarray(lp_lm, dtype=np.float64), np.asarray(lp_other, dtype=np.float64)
+    if x.ndim > lam.ndim:
+        lam = lam[..., None]
+    with np.errstate(divide="ignore"):
+        return np.logaddexp(np.log1p(-lam) + x, np.log(lam) + y)
+
+
 def _is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch")
 

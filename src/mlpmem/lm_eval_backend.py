@@ -17,7 +17,8 @@ its remote-code hook: ``lm_eval --model hf --model_args pretrained=EXPORT,trust_
 written by ``MLPMemoryForCausalLM.save_pretrained``), or ``pretrained`` (the
 latter kind); ``base_model`` (default: the model the memory was trained on);
 ``lambda_`` (0 scores the base LM alone through the same code path) and
-``memory_temperature``; ``dtype``; ``device`` (default: cuda if there is one,
+``memory_temperature``; ``mixing`` (``fixed`` or ``gated``; by default a memory saved with a
+gate, or whose run trained one, mixes per token with it, and ``lambda_`` is then unused); ``dtype``; ``device`` (default: cuda if there is one,
 else cpu, as models.resolve_device's "auto"; mps only when named; lm-eval's own
 default is cuda, and :func:`main` passes the same default to every backend when
 ``--device`` is not given); any other HFLM
@@ -50,21 +51,30 @@ def load_mixture(
     lambda_: float = 0.25,
     memory_temperature: float = 1.0,
     dtype: str = "float32",
+    mixing: str | None = None,
 ):
-    """Build ``(MLPMemoryForCausalLM, tokenizer)`` from a memory folder or a saved LM + memory folder."""
+    """Build ``(MLPMemoryForCausalLM, tokenizer)`` from a memory folder or a saved LM + memory folder.
+
+    ``mixing``: None uses the memory's gate when it has one (else the fixed lambda), "fixed" or "gated" force one.
+    """
+    from mlpmem.modeling_mlpmem import check_mixing
+
     from mlpmem.hf import MLPMemoryForCausalLM
 
     folder = pretrained or memory
     if folder is None:
         raise MlpmemError("the mlpmem backend needs memory=PATH (or pretrained=PATH)", "pass --model_args memory=runs/NAME/train/memory,base_model=MODEL")
+    mix = {} if mixing in (None, "") else {"mixing": check_mixing(str(mixing))}
     if (Path(folder) / "config.json").is_file():  # a save_pretrained folder
-        model = MLPMemoryForCausalLM.from_pretrained(folder, base_model=base_model, lambda_=lambda_, memory_temperature=memory_temperature, dtype=dtype)
+        model = MLPMemoryForCausalLM.from_pretrained(folder, base_model=base_model, lambda_=lambda_, memory_temperature=memory_temperature, dtype=dtype, **mix)
+        if mix.get("mixing") == "gated" and model.gate is None:
+            raise MlpmemError(f"{folder} holds no gate, so mixing=gated is not possible", "pass mixing=fixed, or save the model with its gate")
         if model.tokenizer is None and (Path(folder) / "tokenizer_config.json").is_file():
             from mlpmem.models import load_tokenizer
 
             model.tokenizer = load_tokenizer(folder)  # a full export: transformers' from_pretrained loads no tokenizer
     else:
-        model = MLPMemoryForCausalLM.from_memory(folder, base_model, lambda_=lambda_, memory_temperature=memory_temperature, dtype=dtype)
+        model = MLPMemoryForCausalLM.from_memory(folder, base_model, lambda_=lambda_, memory_temperature=memory_temperature, dtype=dtype, **mix)
     return model, model.tokenizer
 
 
@@ -94,12 +104,13 @@ class MLPMemoryLM(HFLM):
         dtype: str = "float32",
         device: str | None = None,
         max_length: int | None = None,
+        mixing: str | None = None,
         **kwargs: Any,
     ) -> None:
         from mlpmem.models import resolve_device
 
         device = str(resolve_device(device or "auto", "float32")[0])  # one rule for every verb; an absent GPU is one clear error, before loading
-        model, tok = load_mixture(memory, base_model, pretrained, float(lambda_), float(memory_temperature), str(dtype))
+        model, tok = load_mixture(memory, base_model, pretrained, float(lambda_), float(memory_temperature), str(dtype), mixing)
         if tok is None:
             raise MlpmemError("no tokenizer was found for the base model", "pass pretrained= a folder saved with its tokenizer, or a base_model folder that holds one")
         model.to(device)
@@ -108,7 +119,7 @@ class MLPMemoryLM(HFLM):
         # HFLM's own device default is "cuda": hand it the device actually used
         super().__init__(pretrained=model, tokenizer=tok, backend="causal", max_length=max_length, device=device, **kwargs)
         self.mixture = {"memory": str(pretrained or memory), "base_model": model.config.base_model,
-                        "lambda_": model.lambda_, "memory_temperature": model.memory_temperature}
+                        "lambda_": model.lambda_, "memory_temperature": model.memory_temperature, "mixing": model.mixing_mode}
 
     def get_model_info(self) -> dict:
         return {**super().get_model_info(), "mlpmem": self.mixture}

@@ -287,6 +287,175 @@ def write_memory_folder(folder: Path, memory: MLPMemory, meta: dict[str, Any]) -
     os.replace(folder / (MEMORY_CONFIG + ".partial"), folder / MEMORY_CONFIG)
 
 
+# ============================================================================ the mixing gate
+# lambda per token from cheap features of the two distributions (issue 12). The gate's forward and its
+# file format live here, so an exported model mixes the same way without mlpmem; mlpmem.gate fits it.
+
+GATE_DIR = "gate"  # a saved-by-reference folder keeps the gate here, as the memory in memory/
+GATE_WEIGHTS = "model.safetensors"
+GATE_CONFIG = "gate_config.json"
+GATE_KINDS = ("mlp", "binned")
+MIXINGS = ("fixed", "gated")
+# every feature costs a few elementwise passes over the vocabulary, next to the memory's V x d head
+GATE_FEATURES = ("lm_entropy", "lm_max_logprob", "memory_entropy", "memory_max_logprob", "kl_lm_memory", "kl_memory_lm", "argmax_agree")
+KL_CAP = 100.0  # a KL to a distribution that gives a token no mass is infinite: capped, so the gate's input stays finite
+
+
+def check_mixing(mixing: str) -> str:
+    if mixing not in MIXINGS:
+        raise MlpmemError(f"mixing must be one of {', '.join(MIXINGS)}, got {mixing!r}",
+                          "pass mixing='fixed' (one lambda for every token) or mixing='gated' (lambda per token from the memory's gate)")
+    return mixing
+
+
+def gate_features(lm_logprobs: torch.Tensor, memory_logprobs: torch.Tensor) -> torch.Tensor:
+    """Log-probs of the LM and the memory [..., V] -> the gate's features [..., len(GATE_FEATURES)] (float32).
+
+    Entropies and the largest log-probability of each, both KL divergences (capped at
+    KL_CAP) and whether the two agree on the most likely token. Tokens without mass
+    (log-prob -inf) contribute 0 to an entropy, as p log p does in the limit.
+    """
+    # a few passes over [..., V]: two exps, two clamps, four row dot products and two max; -inf log-probs
+    # (no mass) are clamped to a finite floor, where p = 0 makes every product with them 0 as in the limit
+    floor = torch.finfo(torch.float32).min / 4
+    lp, lq = lm_logprobs.float().clamp_min(floor), memory_logprobs.float().clamp_min(floor)
+    p, q = lp.exp(), lq.exp()
+    dot = lambda a, b: (a.unsqueeze(-2) @ b.unsqueeze(-1))[..., 0, 0]  # noqa: E731  row-wise sum(a * b)
+    p_lp, q_lq, p_lq, q_lp = dot(p, lp), dot(q, lq), dot(p, lq), dot(q, lp)
+    h_p, h_q = -p_lp, -q_lq
+    kl_pq, kl_qp = (p_lp - p_lq).clamp(0.0, KL_CAP), (q_lq - q_lp).clamp(0.0, KL_CAP)
+    max_p, arg_p = lp.max(-1)
+    max_q, arg_q = lq.max(-1)
+    agree = (arg_p == arg_q).to(lp.dtype)
+    return torch.stack([h_p.clamp_min(0.0), max_p, h_q.clamp_min(0.0), max_q, kl_pq, kl_qp, agree], -1)
+
+
+class MixingGate(nn.Module):
+    """Per-token lambda in [0, 1] from :func:`gate_features` [..., F] -> [...].
+
+    ``kind="mlp"``: standardised features -> Linear(F, hidden) -> tanh -> Linear(hidden, 1)
+    -> sigmoid (a few hundred parameters). ``kind="binned"``: the closed form, one
+    lambda per bin of one feature (``bin_feature``, LM entropy by default), stored as
+    logits: sigmoid(-inf) = 0 and sigmoid(+inf) = 1 exactly. Either way the output is a
+    sigmoid, so it cannot leave [0, 1].
+    """
+
+    def __init__(self, kind: str = "mlp", features: tuple[str, ...] | list[str] = GATE_FEATURES, hidden: int = 32, bins: int = 8,
+                 bin_feature: str = "lm_entropy") -> None:
+        super().__init__()
+        if kind not in GATE_KINDS:
+            raise MlpmemError(f"unknown gate kind {kind!r}", f"choose one of {GATE_KINDS}")
+        unknown = [f for f in features if f not in GATE_FEATURES]
+        if unknown or not features:
+            raise MlpmemError(f"unknown gate features {unknown or 'none'}", f"choose among {GATE_FEATURES}")
+        if hidden < 1 or bins < 1:
+            raise MlpmemError(f"a gate needs hidden >= 1 and bins >= 1, got hidden={hidden}, bins={bins}", "fix the gate settings")
+        if bin_feature not in features:
+            raise MlpmemError(f"the binned gate's feature {bin_feature!r} is not among its features {list(features)}", "add it to the features")
+        self.kind, self.features, self.hidden, self.bins, self.bin_feature = kind, tuple(features), int(hidden), int(bins), bin_feature
+        self.index = [GATE_FEATURES.index(f) for f in self.features]  # columns of gate_features' output
+        n = len(self.features)
+        if kind == "mlp":
+            self.register_buffer("shift", torch.zeros(n))
+            self.register_buffer("scale", torch.ones(n))
+            self.inner = nn.Linear(n, self.hidden)
+            self.out = nn.Linear(self.hidden, 1)
+            nn.init.zeros_(self.out.weight)  # starts as a constant lambda (sigmoid of out.bias)
+        else:
+            self.register_buffer("edges", torch.zeros(self.bins - 1))
+            self.register_buffer("bin_logits", torch.zeros(self.bins))
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "features": list(self.features), "hidden": self.hidden, "bins": self.bins, "bin_feature": self.bin_feature}
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        """feats [..., len(GATE_FEATURES)] (all features, in GATE_FEATURES order) -> lambda [...]."""
+        x = feats[..., self.index].to(self.scale.dtype if self.kind == "mlp" else self.edges.dtype)
+        if self.kind == "binned":
+            col = x[..., self.features.index(self.bin_feature)].contiguous()
+            return torch.sigmoid(self.bin_logits[torch.bucketize(col, self.edges)])
+        return torch.sigmoid(self.out(torch.tanh(self.inner((x - self.shift) / self.scale))))[..., 0]
+
+    def num_parameters(self) -> int:
+        return sum(t.numel() for t in self.state_dict().values())
+
+
+def memory_fingerprint(memory: nn.Module) -> str:
+    """A hash that identifies a memory's weights (16 hex digits): its config, and a strided sample of up to 4096
+    values of every tensor rounded to bfloat16 (so float32 and bfloat16 copies agree). A gate records it."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(memory.config), sort_keys=True, default=str).encode())
+    for name, t in sorted(memory.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        h.update(name.encode())
+        h.update(flat[:: max(1, flat.numel() // 4096)][:4096].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_gate(gate_meta: dict[str, Any], memory: nn.Module, where: str = "the gate") -> None:
+    """Refuse a gate trained for another memory (its meta's memory_fingerprint against this memory's)."""
+    want = (gate_meta or {}).get("memory_fingerprint")
+    if not want:
+        raise MlpmemError(f"{where} does not record the memory it was trained for (no memory_fingerprint)", "train the gate again with mlpmem")
+    got = memory_fingerprint(memory)
+    if got != want:
+        raise MlpmemError(f"{where} was trained for another memory (memory fingerprint {want}, this memory's is {got})",
+                          "train a gate for this memory (recipe `eval: {mixing: gated}`, or mlpmem.gate.fit_gate), or use mixing='fixed'")
+
+
+def build_gate(data: dict[str, Any]) -> MixingGate:
+    try:
+        return MixingGate(**data)
+    except TypeError as e:
+        raise MlpmemError(f"the gate's config {data} does not describe a gate ({e})", "save the gate again with mlpmem")
+
+
+def read_gate_folder(folder: str | os.PathLike | None = None, files: dict[str, str] | None = None) -> tuple[MixingGate, dict[str, Any]]:
+    """(gate in eval mode, its meta) from a gate folder (or its two files by name). Safetensors weights, JSON config."""
+    files = files or {GATE_CONFIG: str(Path(folder) / GATE_CONFIG), GATE_WEIGHTS: str(Path(folder) / GATE_WEIGHTS)}
+    where = Path(files[GATE_CONFIG]).parent
+    for name in (GATE_CONFIG, GATE_WEIGHTS):
+        if not files.get(name) or not Path(files[name]).is_file():
+            raise MlpmemError(f"{where} holds no complete gate ({name} is missing)", "train or save the gate again")
+    try:
+        data = json.loads(Path(files[GATE_CONFIG]).read_text())
+        gate = build_gate(data["config"])
+        gate.load_state_dict(load_file(files[GATE_WEIGHTS]), strict=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise MlpmemError(f"the gate in {where} is not readable ({str(e).splitlines()[0][:200]})", "train or save the gate again")
+    check_gate_values(gate, str(where))
+    return gate.eval(), data.get("meta", {})
+
+
+def check_gate_values(gate: MixingGate, where: str) -> None:
+    """NaN weights would give NaN lambdas (the sigmoid bounds everything else); the binned gate's edges must be sorted."""
+    for name, t in gate.state_dict().items():
+        if torch.isnan(t).any() or (name != "bin_logits" and not torch.isfinite(t).all()):
+            raise MlpmemError(f"the gate in {where} has non-finite values in {name}", "train the gate again")
+    if gate.kind == "binned" and gate.bins > 1 and not bool((gate.edges[1:] >= gate.edges[:-1]).all()):
+        raise MlpmemError(f"the binned gate in {where} has unsorted bin edges", "train the gate again")
+
+
+def write_gate_folder(folder: str | os.PathLike, gate: MixingGate, meta: dict[str, Any]) -> Path:
+    """Write a gate: weights (safetensors), then the config that rebuilds it and its meta (written last)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").float().contiguous().clone() for k, v in gate.state_dict().items()}
+    tmp = folder / (GATE_WEIGHTS + ".partial")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / GATE_WEIGHTS)
+    (folder / (GATE_CONFIG + ".partial")).write_text(json.dumps({"config": gate.config(), "meta": meta}, indent=2, default=str))
+    os.replace(folder / (GATE_CONFIG + ".partial"), folder / GATE_CONFIG)
+    return folder
+
+
+def mix_per_token(lm_logprobs: torch.Tensor, memory_logprobs: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """log((1 - lam) p_LM + lam p_mem) with lam [...] per position and log-probs [..., V]; exact at lam 0 and 1."""
+    lam = lam.to(lm_logprobs.dtype)[..., None]
+    return torch.logaddexp(torch.log1p(-lam) + lm_logprobs, torch.log(lam) + memory_logprobs)
+
+
 # ============================================================================ reading the LM's hidden state
 # mlpmem.models.capture does the same for the datastore (with more options); it is not imported here
 # because this file must load without mlpmem, and mlpmem.models must import without transformers.
@@ -364,7 +533,9 @@ class MLPMemoryConfig(PretrainedConfig):
     ``base_model``); folders saved before mlpmem 0.2 have neither it nor a
     text_config (``base_subfolder`` was their full export) and load by reference.
     ``max_position_embeddings`` / ``vocab_size``: the base's, for tools that read
-    them from the top-level config (lm-eval).
+    them from the top-level config (lm-eval). ``mixing``: ``"fixed"`` (one lambda) or
+    ``"gated"`` (lambda per token from the gate described by ``gate_config``, whose
+    weights are ``gate.*`` in a full export and ``gate/`` in a folder saved by reference).
     """
 
     model_type = "mlpmem"
@@ -381,6 +552,9 @@ class MLPMemoryConfig(PretrainedConfig):
     base_subfolder: str | None = None
     lambda_: float = 0.25
     memory_temperature: float = 1.0
+    # "gated": lambda per token from the gate (gate_config: {"config": MixingGate's, "meta": ...}); "fixed": lambda_
+    mixing: str = "fixed"
+    gate_config: dict | None = None
     max_position_embeddings: int | None = None
     vocab_size: int | None = None
 
@@ -410,14 +584,15 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     # the memory keeps float32 when the LM is loaded in half precision: it is small next to
     # the LM, and its log-softmax over the vocabulary is where half precision would hurt
-    _keep_in_fp32_modules_strict = ["memory"]
+    _keep_in_fp32_modules_strict = ["memory", "gate"]
     # attention runs in the base LM, which decides what it supports
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
 
-    def __init__(self, config: MLPMemoryConfig, lm: PreTrainedModel | None = None, memory: MLPMemory | None = None) -> None:
+    def __init__(self, config: MLPMemoryConfig, lm: PreTrainedModel | None = None, memory: MLPMemory | None = None,
+                 gate: MixingGate | None = None) -> None:
         super().__init__(config)
         given = lm is not None
         if lm is None:
@@ -429,8 +604,14 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
             lm = AutoModelForCausalLM.from_config(config.text())
         if memory is None:
             memory = MLPMemory(MemoryConfig(**config.memory_config))
+        if gate is None and config.gate_config:
+            gate = build_gate(config.gate_config["config"])
         self.lm = lm
         self.memory = memory
+        self.gate = gate  # None: fixed mixing only
+        self.mixing_mode = check_mixing(config.mixing or "fixed")
+        if self.mixing_mode == "gated" and gate is None:
+            raise MlpmemError("mixing='gated' needs a gate, and this model has none", "pass mixing='fixed', or pair the memory with its gate (from_parts(..., gate=...))")
         self.tokenizer = None  # kept to save it next to the model; not a module
         meta = config.memory_meta or {}
         self.site = ReadSite(resolve_layer(lm, int(meta["layer"])), str(meta["site"]))
@@ -468,16 +649,25 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         base_model: str | None = None,
         lambda_: float = 0.25,
         memory_temperature: float = 1.0,
+        gate: MixingGate | None = None,
+        gate_meta: dict[str, Any] | None = None,
+        mixing: str | None = None,
     ) -> "MLPMemoryForCausalLM":
-        """Pair a loaded LM with a memory.
+        """Pair a loaded LM with a memory (and its mixing gate, if any).
 
         ``meta`` is the memory's meta (at least ``layer`` and ``site``; ``tokenizer_hash``,
         ``model_id`` and ``model_fingerprint`` when known). ``base_model`` is the
         reference saved in the config (default: meta's model_id, else the LM's
         name_or_path). The LM is checked against the memory: layer, sizes, and where
-        mlpmem is installed the tokenizer and the weights' fingerprint.
+        mlpmem is installed the tokenizer and the weights' fingerprint. ``gate`` (with
+        ``gate_meta``, which must name this memory's fingerprint) mixes per token; ``mixing``
+        defaults to ``"gated"`` when a gate is given, else ``"fixed"``.
         """
         check_parts(lm, memory, meta, tokenizer)
+        if gate is not None:
+            check_gate(gate_meta or {}, memory)
+            check_gate_values(gate, "the gate")
+        mixing = check_mixing(mixing or ("gated" if gate is not None else "fixed"))
         meta = dict(meta)
         ref = base_model or meta.get("model_id") or getattr(lm.config, "name_or_path", None) or None
         text_cfg = lm.config.get_text_config()
@@ -488,6 +678,8 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
             base_model=str(ref) if ref else None,
             lambda_=check_lambda(lambda_),
             memory_temperature=check_temperature(memory_temperature),
+            mixing=mixing,
+            gate_config={"config": gate.config(), "meta": _jsonable(gate_meta or {})} if gate is not None else None,
             max_position_embeddings=getattr(text_cfg, "max_position_embeddings", None),
             vocab_size=int(lm.get_output_embeddings().weight.shape[0]),
             eos_token_id=lm.generation_config.eos_token_id,
@@ -495,7 +687,7 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
             pad_token_id=lm.generation_config.pad_token_id,
         )
         config.dtype = config.text_config.dtype = lm.dtype  # what dtype="auto" restores
-        model = cls(config, lm=lm, memory=memory)
+        model = cls(config, lm=lm, memory=memory, gate=gate.eval() if gate is not None else None)
         model.tokenizer = tokenizer
         return model.eval()  # an inference wrapper: no dropout in the LM
 
@@ -547,6 +739,9 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
             if local.is_dir() and not any((local / kwargs.get("subfolder", "")).glob("model*.safetensors")):
                 raise MlpmemError(f"the full export in {local} is incomplete: it holds no model.safetensors", "export the model again with save_pretrained(..., full_export=True)")
             model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            if model.gate is not None:
+                check_gate((model.config.gate_config or {}).get("meta", {}), model.memory, f"the gate in {pretrained_model_name_or_path}")
+                check_gate_values(model.gate, str(pretrained_model_name_or_path))
             if tokenizer is not None:
                 check_parts(model.lm, model.memory, model.config.memory_meta or {}, tokenizer)
                 model.tokenizer = tokenizer
@@ -573,16 +768,20 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         # base/ and memory/ are replaced below: only in a folder an earlier save of this class wrote
-        if not _saved_by_us(folder) and any((folder / name).exists() for name in ("base", MEMORY_DIR)):
+        if not _saved_by_us(folder) and any((folder / name).exists() for name in ("base", MEMORY_DIR, GATE_DIR)):
             raise MlpmemError(f"{folder} holds a base/ or memory/ folder that no earlier save of an mlpmem model wrote, and saving would replace it",
                               "save into a new or empty folder")
         (folder / "config.json").unlink(missing_ok=True)
         tok = tokenizer if tokenizer is not None else self.tokenizer
         self.config.lambda_, self.config.memory_temperature = self.lambda_, self.memory_temperature
+        self.config.mixing = self.mixing_mode
+        if self.gate is None:
+            self.config.gate_config = None
         self.config.base_subfolder = None
         for stale in [folder / "base", *folder.glob("model*.safetensors"), *folder.glob("model.safetensors.index.json")]:
             _remove(stale)  # a previous save of the other kind must not shadow this one
         _remove(folder / MEMORY_DIR)
+        _remove(folder / GATE_DIR)
         if full_export:  # one weights file with both parts, through transformers' own save
             if tok is None:
                 raise MlpmemError("a full export needs the tokenizer, and this model has none attached", "pass tokenizer= to save_pretrained")
@@ -605,6 +804,8 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
                            "(or with base_model=); full_export=True makes it self-contained", self.config.base_model)
         self.config.base_weights = "reference"
         write_memory_folder(folder / MEMORY_DIR, self.memory, dict(self.config.memory_meta or {}))
+        if self.gate is not None:
+            write_gate_folder(folder / GATE_DIR, self.gate, (self.config.gate_config or {}).get("meta", {}))
         self.generation_config.save_pretrained(folder)
         custom_object_save(self, folder, config=self.config)  # this file, and auto_map in the config
         if tok is not None:
@@ -614,18 +815,22 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ mixing weight
 
-    def set_lambda(self, lambda_: float | None = None, memory_temperature: float | None = None) -> None:
-        """Set the default lambda (and memory temperature) used when a call does not pass one."""
+    def set_lambda(self, lambda_: float | None = None, memory_temperature: float | None = None, mode: str | None = None) -> None:
+        """Set the defaults used when a call does not pass them: lambda, memory temperature, mixing mode ("fixed" or "gated")."""
+        if mode is not None:
+            if check_mixing(mode) == "gated" and self.gate is None:
+                raise MlpmemError("mixing='gated' needs a gate, and this model has none", "use mixing='fixed', or load a memory saved with its gate")
+            self.mixing_mode = self.config.mixing = mode
         if lambda_ is not None:
             self.lambda_ = self.config.lambda_ = check_lambda(lambda_)
         if memory_temperature is not None:
             self.memory_temperature = self.config.memory_temperature = check_temperature(memory_temperature)
 
     @contextlib.contextmanager
-    def mixing(self, lambda_: float | None = None, memory_temperature: float | None = None) -> Iterator["MLPMemoryForCausalLM"]:
-        """``with model.mixing(lambda_=0.5): ...``: set lambda / T inside the block, restore them after."""
-        saved = (self.lambda_, self.memory_temperature)
-        self.set_lambda(lambda_, memory_temperature)
+    def mixing(self, lambda_: float | None = None, memory_temperature: float | None = None, mode: str | None = None) -> Iterator["MLPMemoryForCausalLM"]:
+        """``with model.mixing(lambda_=0.5, mode="fixed"): ...``: set lambda / T / mixing mode inside the block, restore them after."""
+        saved = (self.lambda_, self.memory_temperature, self.mixing_mode)
+        self.set_lambda(lambda_, memory_temperature, mode)
         try:
             yield self
         finally:
@@ -646,6 +851,7 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         lambda_: float | None = None,
         memory_temperature: float | None = None,
+        mixing: str | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """input_ids [B, T] -> ``logits`` [B, K, V] = interpolated log-probs (float32).
@@ -658,10 +864,20 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         ``labels`` [B, T] the loss is the mean next-token NLL under the mixture
         (needs all positions kept). ``lambda_`` / ``memory_temperature`` given here
         (or to ``generate``, which passes unknown keywords to every step's forward)
-        override the model's defaults for this call.
+        override the model's defaults for this call. ``mixing="gated"`` takes lambda per
+        position from the gate (over :func:`gate_features` of the two distributions);
+        a ``lambda_`` given to a call of a gated model asks for the fixed mixture with that
+        lambda (so ``lambda_=0`` is the base LM whatever the mode).
         """
+        if mixing is not None and lambda_ is not None and check_mixing(mixing) == "gated":
+            raise MlpmemError("a call cannot take both mixing='gated' and a fixed lambda_", "pass one of them")
+        mode = check_mixing(mixing) if mixing is not None else ("fixed" if lambda_ is not None else self.mixing_mode)
+        if mode == "gated" and self.gate is None:
+            raise MlpmemError("mixing='gated' needs a gate, and this model has none", "use mixing='fixed', or load a memory saved with its gate")
         lam = self.lambda_ if lambda_ is None else check_lambda(lambda_)
         temp = self.memory_temperature if memory_temperature is None else check_temperature(memory_temperature)
+        if mode == "gated":
+            lam = None  # per position, below
         base_kwargs: dict[str, Any] = dict(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
@@ -670,7 +886,7 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
             base_kwargs["cache_position"] = cache_position
         if self._lm_keeps_logits:
             base_kwargs["logits_to_keep"] = logits_to_keep
-        if lam == 0.0:
+        if lam is not None and lam == 0.0:
             out, hidden = self.lm(**base_kwargs), None
         else:
             with hidden_state(self.lm, *self.site) as store:
@@ -683,7 +899,10 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
             if temp != 1.0:
                 mem_logits = mem_logits / temp
             mem_lp = mem_logits.log_softmax(-1)
-            if lam == 1.0:
+            if lam is None:
+                gate_lam = self.gate(gate_features(logprobs, mem_lp))  # [B, K], in [0, 1] (a sigmoid)
+                logprobs = mix_per_token(logprobs, mem_lp, gate_lam.to(logprobs.dtype))
+            elif lam == 1.0:
                 logprobs = mem_lp
             else:
                 logprobs = torch.logaddexp(logprobs + math.log1p(-lam), mem_lp + math.log(lam))
@@ -752,6 +971,7 @@ def _from_pretrained_parts(cls: type, name: str, config: MLPMemoryConfig, base_m
     kwargs.pop("config", None)
     lam = kwargs.pop("lambda_", config.lambda_)
     temp = kwargs.pop("memory_temperature", config.memory_temperature)
+    mixing = kwargs.pop("mixing", None)
     dtype = kwargs.pop("dtype", None)
     device = kwargs.pop("device", None)
     device_map = kwargs.pop("device_map", None)
@@ -760,6 +980,13 @@ def _from_pretrained_parts(cls: type, name: str, config: MLPMemoryConfig, base_m
     if kwargs:
         logger.info("from_pretrained of a model saved by reference ignores %s", sorted(kwargs))
     memory, meta = _load_memory(name, config, hub)
+    gate, gate_meta = _load_gate(name, config, hub)
+    if gate is not None:
+        check_gate(gate_meta, memory, f"the gate in {name}")
+    elif mixing == "gated":
+        raise MlpmemError(f"{name} holds no gate, so mixing='gated' is not possible", "use mixing='fixed', or save the model with its gate")
+    if gate is not None and mixing is None:
+        mixing = config.mixing or "gated"
     base_hub = {k: v for k, v in hub.items() if k not in ("revision", "subfolder")}  # another repository
     if isinstance(base_model, nn.Module):
         lm, tok, ref = base_model, tokenizer, config.base_model
@@ -782,7 +1009,7 @@ def _from_pretrained_parts(cls: type, name: str, config: MLPMemoryConfig, base_m
     if tok is None:
         logger.warning("cannot check that the base model's tokenizer is the memory's: pass tokenizer= to check it")
     model = cls.from_parts(lm, memory, meta, tokenizer=tok, base_model=config.base_model if isinstance(base_model, nn.Module) or base_model is None else str(base_model),
-                           lambda_=lam, memory_temperature=temp)
+                           lambda_=lam, memory_temperature=temp, gate=gate, gate_meta=gate_meta, mixing=mixing)
     if device is not None or isinstance(device_map, (str, torch.device)):
         model.to(device if device is not None else device_map)
     return model
@@ -815,6 +1042,32 @@ def _load_memory(name: str, config: MLPMemoryConfig, hub: dict) -> tuple[MLPMemo
         raise MlpmemError(f"the memory weights in {name} do not fit its config ({str(e).splitlines()[0][:200]})", "export the model again with save_pretrained(..., full_export=True)")
     memory.apply_freeze()
     return memory.eval(), dict(config.memory_meta or {})
+
+
+def _load_gate(name: str, config: MLPMemoryConfig, hub: dict) -> tuple[MixingGate | None, dict[str, Any]]:
+    """The gate of a saved model: its ``gate/`` folder, else the ``gate.*`` weights of a full export; (None, {}) if it has none."""
+    if not config.gate_config:
+        return None, {}
+    files = {fname: _resolve(name, f"{GATE_DIR}/{fname}", hub) for fname in (GATE_CONFIG, GATE_WEIGHTS)}
+    if all(files.values()):
+        return read_gate_folder(files=files)
+    if config.saved_by_reference():
+        raise MlpmemError(f"{name} names a gate in its config but holds no complete gate ({GATE_DIR}/ is missing or partial)",
+                          "save the model again with save_pretrained, or load it with mixing='fixed' after removing gate_config")
+    index = _resolve(name, "model.safetensors.index.json", hub)
+    shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values())) if index else ["model.safetensors"]
+    state = {}
+    for shard in shards:
+        path = _resolve(name, shard, hub)
+        if path:
+            state.update({k.removeprefix("gate."): v.float() for k, v in load_file(path).items() if k.startswith("gate.")})
+    gate = build_gate(config.gate_config["config"])
+    try:
+        gate.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise MlpmemError(f"the gate weights in {name} do not fit its config ({str(e).splitlines()[0][:200]})", "export the model again with save_pretrained")
+    check_gate_values(gate, name)
+    return gate.eval(), dict(config.gate_config.get("meta") or {})
 
 
 def _resolve(name: str, filename: str, hub: dict) -> str | None:
@@ -878,6 +1131,8 @@ def model_card(config: MLPMemoryConfig, full_export: bool, memory_params: int, l
         f"reads layer {meta.get('layer')} ({meta.get('site')}) |",
         f"| lambda (memory weight) | {config.lambda_} |",
         f"| memory temperature | {config.memory_temperature} |",
+        f"| mixing | {config.mixing or 'fixed'}"
+        + (f" (gate: {(config.gate_config or {}).get('config', {}).get('kind')}, lambda per token from the two distributions)" if config.gate_config else "") + " |",
     ]
     for key, label in (("corpus", "training corpus"), ("datastore", "datastore"), ("targets", "kNN targets"), ("model", "recipe model")):
         if meta.get(key):

@@ -1,0 +1,161 @@
+"""Gated mixing against a fixed lambda, in and out of the memory's domain (issue 12 item 1; not a test).
+
+    python bench/gcide.py --out runs/gate/gcide.jsonl          # GCIDE, once (apt-get download dict-gcide)
+    mlpmem corpus --out runs/gate/gcide_corpus --source runs/gate/gcide.jsonl --train-tokens 100000 --valid-tokens 10000 --test-tokens 20000
+    nice python bench/bench_mixing.py --threads 2               # ~10 min here
+    nice python bench/bench_mixing.py --threads 2 --quick       # smoke test: 1000 tokens per split
+
+The memory of runs/sotu (SmolLM2-135M, State of the Union, 60k training tokens; the one
+BENCHMARKS.md section 3 measured) is read, never written. Every split is scored once by
+mlpmem.gate.score_mixing (windows 512 / 256, as the evaluator), keeping per position the LM's
+and the memory's log-prob of the true token and the gate's features; the scores are cached under
+--work, so refitting gates costs seconds. Gates are fitted on the SOTU valid split only
+(in-domain), and optionally with generic text (licence texts of /usr/share/common-licenses, a third
+kind of text that is neither SOTU nor GCIDE); test perplexity is measured on the SOTU test split
+(in-domain) and on the first 8000 tokens of the GCIDE test split (out of domain, as section 3).
+Writes bench/results/mixing.json (--quick: mixing_quick.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+LICENSES = ("Apache-2.0", "GPL-3", "MPL-2.0", "Artistic", "GFDL-1.3", "CC0-1.0", "LGPL-2.1")
+
+
+def generic_jsonl(path: Path) -> Path:
+    """Generic English text as a JSONL corpus: one licence per document (interleaved by paragraph, so a prefix mixes them)."""
+    if path.exists():
+        return path
+    paras = []
+    for name in LICENSES:
+        f = Path("/usr/share/common-licenses") / name
+        if f.is_file():
+            paras.append([p.strip() for p in f.read_text(errors="replace").split("\n\n") if len(p.strip()) > 80])
+    docs, i = [], 0
+    while any(i < len(p) for p in paras):  # round robin over the licences, 4 paragraphs at a time
+        for p in paras:
+            if i < len(p):
+                docs.append("\n\n".join(p[i : i + 4]))
+        i += 4
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", type=Path, default=ROOT / "runs/sotu", help="finished experiment: corpus, train/memory, report.json (read only)")
+    p.add_argument("--ood", type=Path, default=ROOT / "runs/gate/gcide_corpus", help="out-of-domain corpus (same tokenizer)")
+    p.add_argument("--work", type=Path, default=None, help="cache of scores (default runs/bench_mixing[_quick])")
+    p.add_argument("--ood-tokens", type=int, default=8000)
+    p.add_argument("--generic-tokens", type=int, default=4000)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="1000 tokens per split; writes mixing_quick.json")
+    a = p.parse_args()
+
+    import torch
+
+    from mlpmem.corpus import Corpus
+    from mlpmem.gate import GateConfig, MixScores, fit_gate, gate_lambdas, generic_tokens, score_mixing
+    from mlpmem.interpolate import fit_lambda_em, interpolate_logprobs, interpolate_per_token, perplexity
+    from mlpmem.memory import load_memory
+    from mlpmem.models import DEFAULT_MODEL, Site, load_model, tokenizer_hash
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    suffix = "_quick" if a.quick else ""
+    work = a.work or ROOT / f"runs/bench_mixing{suffix}"
+    work.mkdir(parents=True, exist_ok=True)
+    cap = 1000 if a.quick else None
+    report = json.loads((a.run / "report.json").read_text())
+    lam_report = report["lambda"]["mlp_memory"]
+    memory, meta = load_memory(a.run / "train/memory")
+    site = Site(int(meta["layer"]), meta["site"])
+    t_load = time.perf_counter()
+    model, tok, _ = load_model(DEFAULT_MODEL)
+    corpus, ood = Corpus(a.run / "corpus"), Corpus(a.ood)
+    for c in (corpus, ood):
+        c.check_tokenizer(tokenizer_hash(tok), DEFAULT_MODEL)
+    splits = {"valid": corpus.tokens("valid")[:cap], "test": corpus.tokens("test")[:cap], "ood": ood.tokens("test")[: cap or a.ood_tokens],
+              "generic": generic_tokens(str(generic_jsonl(work / "generic.jsonl")), tok, cap or a.generic_tokens)}
+    scores: dict[str, MixScores] = {}
+    for name, toks in splits.items():
+        f = work / f"{name}.npz"
+        if f.exists() and MixScores.load(f).n == len(toks) - 1:
+            scores[name] = MixScores.load(f)
+            continue
+        scores[name] = score_mixing(model, toks, 512, 256, memory, site, batch_size=8, desc=f"scoring {name}")
+        scores[name].save(f)
+    print({k: v.n for k, v in scores.items()}, f"scored in {time.perf_counter() - t_load:.0f} s", file=sys.stderr)
+
+    v = scores["valid"]
+    lam_em = fit_lambda_em(v.lm_logprob, v.memory_logprob)
+    systems: dict[str, dict] = {}
+
+    def add(name: str, lam_of, note: str, **extra) -> None:
+        row = {"note": note, **extra}
+        for split in ("valid", "test", "ood", "generic"):
+            s = scores[split]
+            lam = lam_of(s)
+            lp = interpolate_logprobs(s.lm_logprob, s.memory_logprob, lam) if np.isscalar(lam) else interpolate_per_token(s.lm_logprob, s.memory_logprob, lam)
+            row[split] = perplexity(lp)
+            row[f"mean_lambda_{split}"] = float(np.mean(lam))
+        systems[name] = row
+
+    add("base", lambda s: 0.0, "the LM alone")
+    add("fixed", lambda s: lam_report, f"lambda {lam_report:.3f} from runs/sotu/report.json (EM on valid)", **{"lambda": lam_report})
+    fits = {
+        "binned (closed form)": (GateConfig(kind="binned", bins=8), False),
+        "gated": (GateConfig(kind="mlp"), False),
+        "gated + generic": (GateConfig(kind="mlp"), True),
+        "binned + generic": (GateConfig(kind="binned", bins=8), True),
+    }
+    records = {}
+    for name, (cfg, use_generic) in fits.items():
+        t0 = time.perf_counter()
+        gate, rec = fit_gate(v, cfg, scores["generic"] if use_generic else None)
+        rec["fit_seconds"] = time.perf_counter() - t0
+        rec["params"] = gate.num_parameters()
+        records[name] = rec
+        add(name, lambda s, g=gate: gate_lambdas(g, s.features), f"{cfg.kind} gate fitted on SOTU valid" + (" + generic text" if use_generic else ""),
+            params=gate.num_parameters())
+    base = systems["base"]
+    for row in systems.values():
+        for split in ("test", "ood", "generic"):
+            row[f"{split}_vs_base"] = row[split] / base[split] - 1
+    # cost: the gate's share of scoring time, per split and overall (features + gate forward vs LM forward + memory)
+    secs = {k: sum(s.seconds.get(k, 0.0) for s in scores.values()) for k in ("lm", "memory", "gate")}
+    out = {
+        "what": "gated per-token lambda vs fixed lambda, SmolLM2-135M + the runs/sotu memory; test perplexity in domain (SOTU) and out of domain (GCIDE)",
+        "quick": a.quick, "model": DEFAULT_MODEL, "memory": str(a.run / "train/memory"), "memory_params": memory.num_parameters(),
+        "n_tokens": {k: s.n for k, s in scores.items()},
+        "sources": {"valid": f"{a.run / 'corpus'} valid (gate training)", "test": f"{a.run / 'corpus'} test (in domain)",
+                    "ood": f"{a.ood} test, first {a.ood_tokens} tokens (out of domain)",
+                    "generic": f"licence texts {', '.join(LICENSES)} from /usr/share/common-licenses (optional gate training data)"},
+        "scoring": {"context": 512, "stride": 256, "site": f"layer {site.layer} {site.site}"},
+        "lambda_fixed": lam_report, "lambda_em_valid": lam_em,
+        "systems": systems, "fits": records,
+        "scoring_seconds": secs, "gate_share_of_scoring": secs["gate"] / sum(secs.values()),
+        "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "command": "python bench/bench_mixing.py " + " ".join(sys.argv[1:]),
+    }
+    res = ROOT / "bench/results"
+    res.mkdir(parents=True, exist_ok=True)
+    (res / f"mixing{suffix}.json").write_text(json.dumps(out, indent=2, default=float) + "\n")
+    for name, row in systems.items():
+        print(f"{name:24s} test {row['test']:.3f} ({100 * row['test_vs_base']:+.2f}%)  ood {row['ood']:.3f} ({100 * row['ood_vs_base']:+.2f}%)  "
+              f"generic {row['generic']:.3f} ({100 * row['generic_vs_base']:+.2f}%)  mean lambda test {row['mean_lambda_test']:.3f} ood {row['mean_lambda_ood']:.3f}")
+    print(f"gate share of scoring time: {100 * out['gate_share_of_scoring']:.2f}%")
+
+
+if __name__ == "__main__":
+    main()

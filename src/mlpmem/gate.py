@@ -1,0 +1,405 @@
+"""Gated mixing: lambda per token from a small gate over cheap features of the LM's and the memory's distributions.
+
+A fixed lambda cannot know when the memory is out of its depth (BENCHMARKS.md section 3: the
+memory costs +2.1% perplexity on text from another domain). The gate reads, at every position,
+:data:`~mlpmem.modeling_mlpmem.GATE_FEATURES` (entropies, largest log-probs, both KL divergences,
+argmax agreement) and outputs lambda in [0, 1] through a sigmoid. Two kinds, same file format:
+
+- ``mlp``: a few hundred parameters, trained to maximise the mixture's likelihood on the valid
+  split of the memory's domain (plus, optionally, generic text where the memory should step back),
+  starting from the EM-fitted fixed lambda and stopped early on held-out blocks;
+- ``binned``: the cheapest closed form, one EM-fitted lambda per quantile bin of the LM's entropy.
+
+The gate's forward and its files live in :mod:`mlpmem.modeling_mlpmem` (an exported model mixes
+without mlpmem); this module scores text for it, fits it and saves it with its meta (the memory's
+fingerprint, which is checked whenever the gate is paired with a memory).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlpmem.errors import MlpmemError
+from mlpmem.modeling_mlpmem import (  # noqa: F401  (re-exported)
+    GATE_FEATURES,
+    GATE_KINDS,
+    MIXINGS,
+    MixingGate,
+    check_gate,
+    check_mixing,
+    gate_features,
+    memory_fingerprint,
+    read_gate_folder,
+    write_gate_folder,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GateConfig:
+    """How a gate is fitted (the recipe's ``gate:`` section)."""
+
+    kind: str = "mlp"  # mlp | binned (closed form: lambda per bin of LM entropy)
+    hidden: int = 32
+    bins: int = 8
+    steps: int = 2000  # full-batch Adam steps at most (early stopping on held-out blocks)
+    lr: float = 0.01
+    weight_decay: float = 1e-3
+    holdout: float = 0.2  # share of valid blocks (256 positions each) held out for early stopping
+    generic: str | None = None  # optional generic (out-of-domain) text: a .txt/.jsonl file or folder, as corpus sources
+    generic_tokens: int = 4000
+    generic_weight: float = 1.0  # weight of a generic position in the loss, relative to an in-domain one
+    seed: int = 0
+
+    def problems(self) -> list[str]:
+        from mlpmem.config import one_of, positive
+
+        out = one_of(self, "kind", GATE_KINDS) + positive(self, "hidden") + positive(self, "bins") + positive(self, "steps")
+        out += positive(self, "lr") + positive(self, "generic_tokens")
+        if not 0 <= self.weight_decay < float("inf"):
+            out.append(f"weight_decay: must be >= 0, got {self.weight_decay}")
+        if not 0 < self.holdout < 1:
+            out.append(f"holdout: must lie in (0, 1), got {self.holdout}")
+        if not 0 <= self.generic_weight < float("inf"):
+            out.append(f"generic_weight: must be >= 0, got {self.generic_weight}")
+        return out
+
+
+@dataclass
+class MixScores:
+    """Per-position scores for gating. Shapes: labels, lm_logprob, memory_logprob [N]; features [N, F] float32."""
+
+    labels: np.ndarray
+    lm_logprob: np.ndarray
+    memory_logprob: np.ndarray
+    features: np.ndarray
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.labels)
+
+    def take(self, idx) -> "MixScores":
+        return MixScores(self.labels[idx], self.lm_logprob[idx], self.memory_logprob[idx], self.features[idx])
+
+    def save(self, path: Path) -> None:
+        np.savez(path, labels=self.labels, lm_logprob=self.lm_logprob, memory_logprob=self.memory_logprob, features=self.features,
+                 seconds=np.array([self.seconds.get(k, 0.0) for k in ("lm", "memory", "gate")]))
+
+    @classmethod
+    def load(cls, path: Path) -> "MixScores":
+        z = np.load(path, allow_pickle=False)
+        return cls(z["labels"], z["lm_logprob"], z["memory_logprob"], z["features"], dict(zip(("lm", "memory", "gate"), map(float, z["seconds"]))))
+
+
+def concat(parts: list[MixScores]) -> MixScores:
+    return MixScores(*(np.concatenate([getattr(p, k) for p in parts]) for k in ("labels", "lm_logprob", "memory_logprob", "features")))
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def score_mixing(model, tokens: np.ndarray, context: int, stride: int, memory, memory_site, batch_size: int = 8, desc: str = "scoring for the gate",
+                 chunk: int = 512, gate: MixingGate | None = None) -> MixScores:
+    """Run the LM over ``tokens`` (windows as the evaluator's) and keep, per predicted position, the LM's and the
+    memory's log-prob of the true token and the gate's features. Timed per part (LM forward, memory, features and
+    gate; ``gate`` if given is run too, so its cost is in the timing). ``memory_site``: a models.Site."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from mlpmem.corpus import windows
+    from mlpmem.models import capture
+
+    W = windows(len(tokens), context, stride)
+    tok_t = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+    n_tokens = len(tok_t)
+    dev = next(memory.parameters()).device
+    out: dict[str, list] = {"y": [], "lm": [], "mem": [], "f": []}
+    secs = {"lm": 0.0, "memory": 0.0, "gate": 0.0}
+    bar = tqdm(total=max(0, n_tokens - 1), desc=desc, unit="tok", dynamic_ncols=True)
+    i = 0
+    while i < len(W):
+        j, length = i + 1, W[i, 1] - W[i, 0]
+        while j < len(W) and j - i < batch_size and W[j, 1] - W[j, 0] == length:
+            j += 1
+        group = W[i:j]
+        ids = torch.stack([tok_t[b:e] for b, e, _ in group]).to(model.device)
+        stops = np.minimum(group[:, 1], n_tokens - 1)
+        keep = int((group[:, 1] - group[:, 2]).max())
+        t0 = time.perf_counter()
+        with torch.inference_mode(), capture(model, [memory_site]) as store:
+            res = model(input_ids=ids, use_cache=False, logits_to_keep=keep)
+        logits, hs = [], []
+        for w, (b, e, k) in enumerate(group):
+            s, t = k - b, stops[w] - b
+            logits.append(res.logits[w, s - (e - b) + keep : t - (e - b) + keep])
+            hs.append(store[memory_site][w, s:t])
+        logits, hs = torch.cat(logits), torch.cat(hs)
+        secs["lm"] += time.perf_counter() - t0
+        y = tok_t[int(group[0, 2]) + 1 : int(stops[-1]) + 1]
+        with torch.inference_mode():
+            for a in range(0, len(y), chunk):
+                yy = y[a : a + chunk].to(dev)[:, None]
+                t0 = time.perf_counter()
+                lm_lp = logits[a : a + chunk].float().log_softmax(-1).to(dev)
+                secs["lm"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                mem_lp = memory(hs[a : a + chunk].to(dev).float()).float().log_softmax(-1)
+                secs["memory"] += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                f = gate_features(lm_lp, mem_lp)
+                if gate is not None:
+                    gate(f)
+                secs["gate"] += time.perf_counter() - t0
+                out["lm"].append(lm_lp.gather(-1, yy)[:, 0].double().cpu().numpy())
+                out["mem"].append(mem_lp.gather(-1, yy)[:, 0].double().cpu().numpy())
+                out["f"].append(f.cpu().numpy())
+        out["y"].append(y.numpy().astype(np.int32))
+        bar.update(len(y))
+        i = j
+    bar.close()
+    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
+    feats = np.concatenate(out["f"]) if out["f"] else np.zeros((0, len(GATE_FEATURES)), np.float32)
+    return MixScores(cat(out["y"], np.int32), cat(out["lm"], np.float64), cat(out["mem"], np.float64), feats, secs)
+
+
+# ----------------------------------------------------------------------------- the pure maths
+
+
+def mixture_nll(lam_logit, lp_lm, lp_mem, weight=None):
+    """Mean negative log-likelihood of the per-token mixture, from the gate's pre-sigmoid output (torch, [N]).
+
+    log((1 - g) p + g q) with g = sigmoid(z): log g = logsigmoid(z), log(1 - g) = logsigmoid(-z), so
+    the loss stays finite and smooth for any z. ``weight`` [N] weighs positions (normalised by its sum).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    ll = torch.logaddexp(F.logsigmoid(-lam_logit) + lp_lm, F.logsigmoid(lam_logit) + lp_mem)
+    if weight is None:
+        return -ll.mean()
+    return -(ll * weight).sum() / weight.sum()
+
+
+def holdout_mask(n: int, share: float, block: int = 256, seed: int = 0) -> np.ndarray:
+    """Boolean [n]: whole blocks of ``block`` consecutive positions held out (neighbouring tokens are not independent)."""
+    n_blocks = -(-n // block)
+    rng = np.random.default_rng(seed)
+    k = min(n_blocks - 1, max(1, round(share * n_blocks))) if n_blocks > 1 else 0
+    held = np.zeros(n_blocks, bool)
+    held[rng.choice(n_blocks, size=k, replace=False)] = True
+    return np.repeat(held, block)[:n]
+
+
+def fit_binned_gate(feature: np.ndarray, lp_lm: np.ndarray, lp_mem: np.ndarray, bins: int = 8, name: str = "lm_entropy") -> MixingGate:
+    """The closed form: quantile bins of one feature, one lambda per bin fitted by EM (interpolate.fit_lambda_em)."""
+    import torch
+
+    from mlpmem.interpolate import fit_lambda_em
+
+    feature = np.asarray(feature, np.float64)
+    edges = np.unique(np.quantile(feature, np.linspace(0, 1, bins + 1)[1:-1])) if bins > 1 else np.zeros(0)
+    gate = MixingGate("binned", bins=len(edges) + 1, bin_feature=name)
+    which = np.searchsorted(edges, feature, side="left")  # torch.bucketize(right=False) puts x == edge in the lower bin, as this
+    global_lam = fit_lambda_em(lp_lm, lp_mem)
+    logits = []
+    for b in range(len(edges) + 1):
+        sel = which == b
+        lam = fit_lambda_em(lp_lm[sel], lp_mem[sel]) if sel.any() else global_lam
+        logits.append(-math.inf if lam <= 0 else math.inf if lam >= 1 else math.log(lam) - math.log1p(-lam))
+    with torch.no_grad():
+        gate.edges.copy_(torch.tensor(edges, dtype=torch.float32))
+        gate.bin_logits.copy_(torch.tensor(logits, dtype=torch.float32))
+    return gate.eval()
+
+
+def fit_mlp_gate(features: np.ndarray, lp_lm: np.ndarray, lp_mem: np.ndarray, cfg: GateConfig, weight: np.ndarray | None = None,
+                 holdout: np.ndarray | None = None) -> tuple[MixingGate, dict[str, Any]]:
+    """Train the MLP gate: maximise the mixture likelihood (weighted), full-batch Adam, early stopping on ``holdout``.
+
+    Starts at the EM-fitted fixed lambda of the training positions (output weights zero), so a
+    gate that learns nothing is the fixed mixture. Returns (gate, training record).
+    """
+    import torch
+
+    from mlpmem.interpolate import fit_lambda_em
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a few hundred parameters: one thread is fastest, and immune to a loaded machine
+    try:
+        return _fit_mlp_gate(features, lp_lm, lp_mem, cfg, weight, holdout)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_mlp_gate(features, lp_lm, lp_mem, cfg: GateConfig, weight, holdout) -> tuple[MixingGate, dict[str, Any]]:
+    import torch
+
+    from mlpmem.interpolate import fit_lambda_em
+
+    torch.manual_seed(cfg.seed)
+    n = len(lp_lm)
+    holdout = holdout_mask(n, cfg.holdout, seed=cfg.seed) if holdout is None else holdout
+    train = ~holdout
+    w = np.ones(n) if weight is None else np.asarray(weight, np.float64)
+    gate = MixingGate("mlp", hidden=cfg.hidden)
+    x = torch.tensor(features[:, gate.index], dtype=torch.float32)
+    a, b, wt = (torch.tensor(v, dtype=torch.float32) for v in (lp_lm, lp_mem, w))
+    lam0 = min(max(fit_lambda_em(lp_lm[train], lp_mem[train]), 1e-4), 1 - 1e-4)
+    with torch.no_grad():
+        gate.shift.copy_(x[train].mean(0))
+        gate.scale.copy_(x[train].std(0).clamp_min(1e-3))
+        gate.out.bias.fill_(math.log(lam0) - math.log1p(-lam0))
+    tr, ho = torch.from_numpy(train), torch.from_numpy(holdout)
+    xs = {"tr": (x[tr] - gate.shift) / gate.scale, "ho": (x[ho] - gate.shift) / gate.scale}  # standardised once
+    decay = [gate.inner.weight, gate.out.weight]
+    opt = torch.optim.Adam(gate.parameters(), lr=cfg.lr)
+
+    def logit(part):
+        return gate.out(torch.tanh(gate.inner(xs[part])))[:, 0]
+
+    def held_nll() -> float:
+        with torch.no_grad():
+            return float(mixture_nll(logit("ho"), a[ho], b[ho], wt[ho]))
+
+    a_tr, b_tr, w_tr = a[tr], b[tr], wt[tr]
+    best, best_state, best_step, bad = held_nll(), {k: v.clone() for k, v in gate.state_dict().items()}, 0, 0
+    start = best
+    for step in range(1, cfg.steps + 1):
+        loss = mixture_nll(logit("tr"), a_tr, b_tr, w_tr) + cfg.weight_decay * sum((p * p).sum() for p in decay)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            h = held_nll()
+            if h < best - 1e-6:
+                best, best_state, best_step, bad = h, {k: v.clone() for k, v in gate.state_dict().items()}, step, 0
+            else:
+                bad += 1
+                if bad >= 15:
+                    break
+    gate.load_state_dict(best_state)
+    record = {"lambda_start": lam0, "held_out_nll_start": start, "held_out_nll": best, "best_step": best_step, "steps_run": step,
+              "n_train": int(train.sum()), "n_held_out": int(holdout.sum())}
+    log.info("gate: held-out NLL %.5f -> %.5f (fixed lambda %.3f), best step %d of %d", start, best, lam0, best_step, step)
+    return gate.eval(), record
+
+
+def gate_lambdas(gate: MixingGate, features: np.ndarray, block: int = 65536) -> np.ndarray:
+    """lambda per position [N] (float64) from features [N, F]."""
+    import torch
+
+    with torch.no_grad():
+        return np.concatenate([gate(torch.from_numpy(np.ascontiguousarray(features[s : s + block]))).double().numpy()
+                               for s in range(0, max(1, len(features)), block)])[: len(features)]
+
+
+# ----------------------------------------------------------------------------- fitting, saving, loading
+
+
+def fit_gate(valid: MixScores, cfg: GateConfig, generic: MixScores | None = None) -> tuple[MixingGate, dict[str, Any]]:
+    """Fit a gate of ``cfg.kind`` on the memory's valid scores (+ generic scores, weighted by cfg.generic_weight)."""
+    from mlpmem.interpolate import fit_lambda_em
+
+    parts = [valid] + ([generic] if generic is not None and generic.n else [])
+    data = concat(parts)
+    if data.n < 2:
+        raise MlpmemError(f"a gate needs scored positions to learn from, got {data.n}", "score a larger valid split")
+    weight = np.concatenate([np.ones(valid.n)] + ([np.full(generic.n, cfg.generic_weight)] if len(parts) > 1 else []))
+    record: dict[str, Any] = {"kind": cfg.kind, "n_valid": valid.n, "n_generic": generic.n if generic is not None else 0,
+                              "lambda_fixed_valid": fit_lambda_em(valid.lm_logprob, valid.memory_logprob)}
+    if cfg.kind == "binned":
+        col = GATE_FEATURES.index("lm_entropy")
+        gate = fit_binned_gate(data.features[:, col], data.lm_logprob, data.memory_logprob, cfg.bins)
+    else:
+        holdout = np.concatenate([holdout_mask(p.n, cfg.holdout, seed=cfg.seed + i) for i, p in enumerate(parts)])
+        gate, rec = fit_mlp_gate(data.features, data.lm_logprob, data.memory_logprob, cfg, weight, holdout)
+        record.update(rec)
+    return gate, record
+
+
+def gate_meta(memory, cfg: GateConfig, record: dict[str, Any], memory_meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a saved gate records: the memory it belongs to (fingerprint), how it was fitted."""
+    from mlpmem.manifest import to_jsonable
+
+    m = memory_meta or {}
+    return {"memory_fingerprint": memory_fingerprint(memory), "model_id": m.get("model_id"), "tokenizer_hash": m.get("tokenizer_hash"),
+            "layer": m.get("layer"), "site": m.get("site"), "fit": to_jsonable(cfg), "record": to_jsonable(record)}
+
+
+def save_gate(folder: Path, gate: MixingGate, meta: dict[str, Any]) -> Path:
+    return write_gate_folder(folder, gate, meta)
+
+
+def load_gate(folder: Path, memory=None) -> tuple[MixingGate, dict[str, Any]]:
+    """(gate, meta) from a gate folder; with ``memory``, refused unless the gate was trained for it."""
+    gate, meta = read_gate_folder(folder)
+    if memory is not None:
+        check_gate(meta, memory, f"the gate in {folder}")
+    return gate, meta
+
+
+def find_gate(memory_dir: Path) -> Path | None:
+    """The gate a run trained for the memory in RUN/train/memory: RUN/gate, if it holds one."""
+    from mlpmem.modeling_mlpmem import GATE_CONFIG
+
+    for cand in (Path(memory_dir).parent.parent / "gate", Path(memory_dir).parent / "gate"):
+        if (cand / GATE_CONFIG).is_file():
+            return cand
+    return None
+
+
+def generic_tokens(source: str, tok, max_tokens: int) -> np.ndarray:
+    """Generic text for the gate (a .txt/.jsonl/.parquet file or folder, as a corpus source), as one token stream."""
+    from mlpmem.corpus import CorpusConfig, load_documents, tokenize_split
+    from mlpmem.models import separator_id
+
+    docs = load_documents(CorpusConfig(source=str(source)))
+    if not docs:
+        raise MlpmemError(f"the generic text {source} holds no documents", "pass a .txt/.jsonl/.parquet file or a folder of them")
+    tokens, _ = tokenize_split([d.text for d in docs], tok, separator_id(tok), max_tokens)
+    return np.concatenate([[separator_id(tok)], tokens]).astype(np.int32)
+
+
+def build_gate_stage(out_dir: Path, cfg: GateConfig, model, tok, valid_tokens: np.ndarray, memory, memory_meta: dict[str, Any], memory_site,
+                     context: int, stride: int, batch_size: int = 8, overwrite: bool = False) -> tuple[MixingGate, dict[str, Any]]:
+    """The pipeline's gate stage: score the valid split (and cfg.generic), fit a gate, save it to ``out_dir``.
+
+    A finished folder with the same settings and the same memory (fingerprint) is reused. Returns (gate, meta).
+    """
+    from mlpmem.manifest import file_record, prepare_out, sha256_bytes, write_manifest
+    from mlpmem.modeling_mlpmem import GATE_CONFIG, GATE_WEIGHTS
+
+    out_dir = Path(out_dir)
+    fp = memory_fingerprint(memory)
+    config = {"gate": cfg, "memory_fingerprint": fp, "valid_tokens_sha256": sha256_bytes(np.ascontiguousarray(valid_tokens, dtype=np.int32).tobytes()),
+              "context": context, "stride": stride}
+    if prepare_out(out_dir, config, overwrite, kind="gate") == "done":
+        return load_gate(out_dir, memory)
+    valid = score_mixing(model, valid_tokens, context, stride, memory, memory_site, batch_size, desc="scoring valid (gate)")
+    generic = None
+    if cfg.generic:
+        toks = generic_tokens(cfg.generic, tok, cfg.generic_tokens)
+        generic = score_mixing(model, toks, context, stride, memory, memory_site, batch_size, desc="scoring generic text (gate)")
+    gate, record = fit_gate(valid, cfg, generic)
+    from mlpmem.interpolate import interpolate_logprobs, interpolate_per_token, perplexity
+
+    lam = gate_lambdas(gate, valid.features)
+    record.update({"valid_ppl_fixed": perplexity(interpolate_logprobs(valid.lm_logprob, valid.memory_logprob, record["lambda_fixed_valid"])),
+                   "valid_ppl_gated": perplexity(interpolate_per_token(valid.lm_logprob, valid.memory_logprob, lam)),
+                   "valid_mean_lambda": float(lam.mean()), "params": gate.num_parameters()})
+    meta = gate_meta(memory, cfg, record, memory_meta)
+    save_gate(out_dir, gate, meta)
+    write_manifest(out_dir, "gate", {"files": [file_record(out_dir, out_dir / GATE_WEIGHTS), file_record(out_dir, out_dir / GATE_CONFIG)],
+                                     "memory_fingerprint": fp, "record": meta["record"]})
+    log.info("gate (%s, %d parameters) saved to %s: valid ppl fixed %.3f, gated %.3f (of which part was its training data)",
+             cfg.kind, gate.num_parameters(), out_dir, record["valid_ppl_fixed"], record["valid_ppl_gated"])
+    return gate, meta

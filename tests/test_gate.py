@@ -1,0 +1,360 @@
+"""Gated mixing: features, the gate, its fits and files against naive references; the HF class and the pipeline with a gate."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mlpmem.errors import MlpmemError
+from mlpmem.gate import (
+    GATE_FEATURES,
+    GateConfig,
+    MixScores,
+    MixingGate,
+    fit_binned_gate,
+    fit_gate,
+    fit_mlp_gate,
+    gate_features,
+    gate_lambdas,
+    gate_meta,
+    load_gate,
+    memory_fingerprint,
+    mixture_nll,
+    save_gate,
+)
+from mlpmem.interpolate import fit_lambda_em, interpolate_logprobs, interpolate_per_token, perplexity
+from mlpmem.memory import MemoryConfig, MLPMemory
+from mlpmem.models import decoder_layers, load_model, logits_size, model_fingerprint, tokenizer_hash
+
+
+def naive_features(lp: np.ndarray, lq: np.ndarray) -> np.ndarray:
+    """Row by row, term by term, in float64: the definitions of GATE_FEATURES."""
+    out = []
+    for a, b in zip(lp.astype(np.float64), lq.astype(np.float64)):
+        p, q = np.exp(a), np.exp(b)
+        h_p = -sum(pi * ai for pi, ai in zip(p, a) if pi > 0)
+        h_q = -sum(qi * bi for qi, bi in zip(q, b) if qi > 0)
+        kl_pq = sum(pi * (ai - bi) for pi, ai, bi in zip(p, a, b) if pi > 0)
+        kl_qp = sum(qi * (bi - ai) for qi, ai, bi in zip(q, a, b) if qi > 0)
+        out.append([h_p, a.max(), h_q, b.max(), min(kl_pq, 100.0), min(kl_qp, 100.0), float(a.argmax() == b.argmax())])
+    return np.array(out)
+
+
+def test_features_match_naive_reference():
+    torch.manual_seed(0)
+    lp = (torch.randn(6, 40) * 3).log_softmax(-1)
+    lq = (torch.randn(6, 40) * 2).log_softmax(-1)
+    lq[1] = lp[1]  # same distribution: no divergence, argmax agrees
+    lp[2, 5] = -math.inf  # a token without mass in the LM: 0 log 0 = 0, KL(lm || mem) stays finite
+    lp[2] = lp[2].log_softmax(-1)
+    lq[3, :] = -math.inf
+    lq[3, 7] = 0.0  # a one-hot memory: its entropy is 0, KL(lm || mem) is infinite and capped
+    f = gate_features(lp, lq)
+    assert f.shape == (6, len(GATE_FEATURES)) and f.dtype == torch.float32 and torch.isfinite(f).all()
+    np.testing.assert_allclose(f.double().numpy(), naive_features(lp.numpy(), lq.numpy()), rtol=1e-4, atol=1e-4)
+    assert f[1, GATE_FEATURES.index("kl_lm_memory")].abs() < 1e-5 and f[1, GATE_FEATURES.index("argmax_agree")] == 1
+    assert f[3, GATE_FEATURES.index("kl_lm_memory")] == 100.0 and f[3, GATE_FEATURES.index("memory_entropy")] == 0
+
+
+def test_gate_output_cannot_leave_unit_interval():
+    torch.manual_seed(0)
+    g = MixingGate("mlp", hidden=8)
+    with torch.no_grad():
+        for p in g.parameters():
+            p.normal_(0, 1e6)  # absurd weights
+    x = torch.tensor([[1e30] * 7, [-1e30] * 7, [0.0] * 7])
+    lam = g(x)
+    assert ((lam >= 0) & (lam <= 1)).all()
+    b = MixingGate("binned", bins=3)
+    with torch.no_grad():
+        b.edges.copy_(torch.tensor([1.0, 2.0]))
+        b.bin_logits.copy_(torch.tensor([-math.inf, 0.0, math.inf]))
+    lam = b(torch.tensor([[0.5] + [0] * 6, [1.5] + [0] * 6, [9.0] + [0] * 6]))
+    assert lam.tolist() == [0.0, 0.5, 1.0]  # exact ends: lambda 0 is the LM, 1 the memory
+
+
+def test_per_token_interpolation_matches_naive_and_is_exact_at_the_ends():
+    rng = np.random.default_rng(0)
+    a, b = np.log(rng.uniform(0.01, 1, 50)), np.log(rng.uniform(0.01, 1, 50))
+    lam = rng.uniform(0, 1, 50)
+    lam[:5], lam[5:10] = 0.0, 1.0
+    got = interpolate_per_token(a, b, lam)
+    np.testing.assert_allclose(np.exp(got), (1 - lam) * np.exp(a) + lam * np.exp(b), rtol=1e-12)
+    assert np.array_equal(got[:5], a[:5]) and np.array_equal(got[5:10], b[5:10])
+    # a constant lambda is the fixed mixture
+    np.testing.assert_allclose(interpolate_per_token(a, b, np.full(50, 0.3)), interpolate_logprobs(a, b, 0.3), rtol=1e-12)
+    # rows [N, V] with a lambda per row, torch
+    x, y = torch.randn(4, 9).log_softmax(-1), torch.randn(4, 9).log_softmax(-1)
+    t = torch.tensor([0.0, 0.2, 0.7, 1.0])
+    mixed = interpolate_per_token(x, y, t)
+    torch.testing.assert_close(mixed.exp(), (1 - t[:, None]) * x.exp() + t[:, None] * y.exp())
+    assert torch.equal(mixed[0], x[0]) and torch.equal(mixed[3], y[3])
+    for bad in (np.array([0.5, 1.2]), np.array([0.5, np.nan]), np.array([-0.1, 0.5])):
+        with pytest.raises(MlpmemError, match="lambda"):
+            interpolate_per_token(a[:2], b[:2], bad)
+
+
+def test_mixture_nll_matches_naive():
+    rng = np.random.default_rng(1)
+    z = torch.tensor(rng.normal(0, 3, 40))
+    a, b = torch.tensor(np.log(rng.uniform(0.01, 1, 40))), torch.tensor(np.log(rng.uniform(0.01, 1, 40)))
+    w = torch.tensor(rng.uniform(0, 2, 40))
+    g = 1 / (1 + np.exp(-z.numpy()))
+    ll = np.log((1 - g) * np.exp(a.numpy()) + g * np.exp(b.numpy()))
+    assert float(mixture_nll(z, a, b)) == pytest.approx(-ll.mean(), rel=1e-12)
+    assert float(mixture_nll(z, a, b, w)) == pytest.approx(-(ll * w.numpy()).sum() / w.numpy().sum(), rel=1e-12)
+    assert math.isfinite(float(mixture_nll(torch.tensor([800.0, -800.0]), a[:2], b[:2])))  # saturated sigmoid, finite loss
+
+
+def synthetic(n=6000, seed=0):
+    """The memory is right where feature 0 (LM entropy) is high and useless elsewhere."""
+    rng = np.random.default_rng(seed)
+    f = rng.normal(0, 1, (n, len(GATE_FEATURES))).astype(np.float32)
+    good = f[:, 0] > 0.3
+    lp_lm = np.log(rng.beta(2, 5, n))
+    lp_mem = np.where(good, np.log(rng.beta(5, 2, n)), np.log(rng.beta(1, 30, n)))
+    return f, lp_lm, lp_mem
+
+
+def test_binned_gate_is_em_per_bin():
+    f, a, b = synthetic()
+    gate = fit_binned_gate(f[:, 0], a, b, bins=4)
+    edges = np.quantile(f[:, 0], [0.25, 0.5, 0.75])
+    np.testing.assert_allclose(gate.edges.numpy(), edges, rtol=1e-6)
+    lam = gate_lambdas(gate, f)
+    for lo, hi in zip([-np.inf, *edges], [*edges, np.inf]):
+        sel = (f[:, 0] > lo) & (f[:, 0] <= hi)
+        # naive: a fine grid search of the bin's own likelihood
+        grid = np.linspace(0, 1, 2001)
+        best = grid[np.argmax([np.mean(np.logaddexp(np.log1p(-g) + a[sel], np.log(g) + b[sel])) if 0 < g < 1 else -np.inf for g in grid])]
+        assert np.allclose(lam[sel], lam[sel][0]) and abs(lam[sel][0] - best) < 1e-3
+    assert lam[f[:, 0] > 1].mean() > 0.5 > lam[f[:, 0] < -1].mean()
+
+
+def test_mlp_gate_starts_fixed_and_learns_where_the_memory_helps():
+    f, a, b = synthetic()
+    cfg = GateConfig(steps=400)
+    held = np.zeros(len(a), bool)
+    held[::5] = True
+    start = MixingGate("mlp", hidden=cfg.hidden)
+    gate, rec = fit_mlp_gate(f, a, b, cfg, holdout=held)
+    assert rec["lambda_start"] == pytest.approx(fit_lambda_em(a[~held], b[~held]), abs=1e-4)
+    assert start.out.weight.abs().sum() == 0  # a fresh gate is a constant: the fixed mixture
+    lam = gate_lambdas(gate, f)
+    fixed = perplexity(interpolate_logprobs(a[held], b[held], rec["lambda_start"]))
+    assert perplexity(interpolate_per_token(a[held], b[held], lam[held])) < 0.97 * fixed  # held-out: it generalises
+    good = f[:, 0] > 0.3
+    assert lam[good].mean() > 0.6 and lam[~good].mean() < 0.2
+
+
+def test_fit_gate_with_generic_text_lowers_lambda_there():
+    f, a, b = synthetic()
+    rng = np.random.default_rng(3)
+    valid = MixScores(np.zeros(len(a), np.int32), a, b, f)
+    # generic text: features unlike valid's (column 2 shifted), where the memory is useless
+    fg = rng.normal(0, 1, (3000, len(GATE_FEATURES))).astype(np.float32)
+    fg[:, 2] += 4
+    generic = MixScores(np.zeros(3000, np.int32), np.log(rng.beta(2, 5, 3000)), np.log(rng.beta(1, 30, 3000)), fg)
+    gate, rec = fit_gate(valid, GateConfig(steps=400), generic)
+    assert rec["n_generic"] == 3000 and gate_lambdas(gate, fg).mean() < 0.1
+    with pytest.raises(MlpmemError, match="positions"):
+        fit_gate(valid.take(slice(0, 1)), GateConfig())
+
+
+def tiny_memory(lm, seed=1):
+    torch.manual_seed(seed)
+    mem = MLPMemory(MemoryConfig(d_in=32, vocab_size=logits_size(lm), n_blocks=1, zero_init_blocks=False))
+    mem.head.weight.data.normal_(0.0, 0.5)
+    return mem.eval()
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_llama):
+    lm, tok, model_id = load_model(str(tiny_llama))
+    meta = {"model_id": model_id, "tokenizer_hash": tokenizer_hash(tok), "layer": 1, "site": "ffn_input", "model_fingerprint": model_fingerprint(lm)}
+    mem = tiny_memory(lm)
+    torch.manual_seed(5)
+    gate = MixingGate("mlp", hidden=4)
+    with torch.no_grad():
+        # centred on the features' usual values, so that lambda varies from token to token
+        gate.shift.copy_(torch.tensor([4.0, -2.0, 3.0, -1.0, 5.0, 4.0, 0.5]))
+        gate.inner.weight.normal_(0, 1.0)
+        gate.out.weight.normal_(0, 1.0)
+        gate.out.bias.zero_()
+    return lm, tok, mem, meta, gate.eval(), gate_meta(mem, GateConfig(), {}, meta)
+
+
+def test_gate_files_round_trip_and_refuse_another_memory(parts, tmp_path):
+    lm, _, mem, _, gate, gmeta = parts
+    save_gate(tmp_path / "g", gate, gmeta)
+    loaded, meta = load_gate(tmp_path / "g", mem)
+    x = torch.randn(5, 7)
+    assert torch.equal(loaded(x), gate(x)) and meta["memory_fingerprint"] == memory_fingerprint(mem)
+    assert not list(tmp_path.glob("g/*.pt")) and not list(tmp_path.glob("g/*.pkl"))  # safetensors + JSON, never pickle
+    with pytest.raises(MlpmemError, match="another memory"):
+        load_gate(tmp_path / "g", tiny_memory(lm, seed=2))
+    assert memory_fingerprint(mem) == memory_fingerprint(tiny_memory(lm, seed=1))  # same weights, same fingerprint
+    cfg = json.loads((tmp_path / "g" / "gate_config.json").read_text())
+    cfg["config"]["kind"] = "oracle"
+    (tmp_path / "g" / "gate_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MlpmemError, match="gate kind"):
+        load_gate(tmp_path / "g")
+    (tmp_path / "g" / "model.safetensors").unlink()
+    with pytest.raises(MlpmemError, match="model.safetensors is missing"):
+        load_gate(tmp_path / "g")
+
+
+def ref_gated(lm, mem, gate, ids):
+    """Naive reference: own hook on layer 1's FFN input, full-vocabulary log-probs, features, gate, per-token mixture."""
+    seen = []
+    h = decoder_layers(lm)[1].mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    try:
+        with torch.no_grad():
+            lp = lm(ids, use_cache=False).logits.float().log_softmax(-1)
+            lq = mem(seen[0]).float().log_softmax(-1)
+            lam = gate(gate_features(lp, lq))
+    finally:
+        h.remove()
+    return interpolate_per_token(lp, lq, lam), lam
+
+
+def test_hf_gated_forward_save_load_and_refusals(parts, tmp_path):
+    from mlpmem.hf import MLPMemoryForCausalLM
+
+    lm, tok, mem, meta, gate, gmeta = parts
+    model = MLPMemoryForCausalLM.from_parts(lm, mem, meta, tokenizer=tok, lambda_=0.3, gate=gate, gate_meta=gmeta)
+    assert model.mixing_mode == "gated"  # a gate given: used by default
+    ids = tok(["the union and the people of", "congress has a law that"], return_tensors="pt", padding=True).input_ids
+    want, lam = ref_gated(lm, mem, gate, ids)
+    assert lam.std() > 0.05  # lambda really varies per token
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
+        fixed = model(ids, mixing="fixed").logits
+        assert not torch.allclose(fixed, want, atol=1e-3)
+        # an explicit lambda_ is the fixed mixture; lambda 0 is the base LM bit for bit, gate or not
+        assert torch.equal(model(ids, lambda_=0.3).logits, fixed)
+        assert torch.equal(model(ids, lambda_=0.0).logits, lm(ids).logits.float().log_softmax(-1))
+        with model.mixing(mode="fixed"):
+            assert torch.equal(model(ids).logits, fixed)
+        assert model.mixing_mode == "gated"
+    with pytest.raises(MlpmemError, match="both"):
+        model(ids, mixing="gated", lambda_=0.2)
+    with pytest.raises(MlpmemError, match="mixing must be"):
+        model(ids, mixing="sometimes")
+    # greedy generation goes through the gated forward at every step
+    p = ids[:1, :4]
+    out = model.generate(p, max_new_tokens=5, do_sample=False)
+    seq = p
+    for _ in range(5):
+        seq = torch.cat([seq, ref_gated(lm, mem, gate, seq)[0][:, -1].argmax(-1, keepdim=True)], 1)
+    assert out.tolist() == seq[:, : out.shape[1]].tolist()
+    # saved with its gate (by reference and full export): gated by default, fixed on request
+    for full in (False, True):
+        folder = tmp_path / f"saved{int(full)}"
+        model.save_pretrained(folder, full_export=full)
+        assert (folder / "gate" / "model.safetensors").exists() != full
+        loaded = MLPMemoryForCausalLM.from_pretrained(folder)
+        assert loaded.mixing_mode == "gated"
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(ids).logits, want, rtol=1e-5, atol=1e-5)
+        assert MLPMemoryForCausalLM.from_pretrained(folder, mixing="fixed").mixing_mode == "fixed"
+    # a gate trained for another memory is refused, on pairing and on loading
+    other = tiny_memory(lm, seed=2)
+    with pytest.raises(MlpmemError, match="another memory"):
+        MLPMemoryForCausalLM.from_parts(lm, other, meta, gate=gate, gate_meta=gmeta)
+    cfg = json.loads((tmp_path / "saved0" / "gate" / "gate_config.json").read_text())
+    cfg["meta"]["memory_fingerprint"] = "0" * 16
+    (tmp_path / "saved0" / "gate" / "gate_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MlpmemError, match="another memory"):
+        MLPMemoryForCausalLM.from_pretrained(tmp_path / "saved0")
+    plain = MLPMemoryForCausalLM.from_parts(lm, mem, meta)
+    assert plain.mixing_mode == "fixed"
+    with pytest.raises(MlpmemError, match="needs a gate"):
+        plain(ids, mixing="gated")
+    with pytest.raises(MlpmemError, match="needs a gate"):
+        MLPMemoryForCausalLM.from_parts(lm, mem, meta, mixing="gated")
+
+
+def test_from_memory_finds_the_runs_gate(parts, tmp_path):
+    from mlpmem.hf import MLPMemoryForCausalLM
+    from mlpmem.memory import save_memory
+
+    lm, tok, mem, meta, gate, gmeta = parts
+    save_memory(tmp_path / "run" / "train" / "memory", mem, meta)
+    assert MLPMemoryForCausalLM.from_memory(tmp_path / "run" / "train" / "memory").mixing_mode == "fixed"
+    save_gate(tmp_path / "run" / "gate", gate, gmeta)
+    m = MLPMemoryForCausalLM.from_memory(tmp_path / "run" / "train" / "memory")
+    assert m.mixing_mode == "gated" and m.gate is not None
+    assert MLPMemoryForCausalLM.from_memory(tmp_path / "run" / "train" / "memory", mixing="fixed").mixing_mode == "fixed"
+    save_gate(tmp_path / "run" / "gate", gate, dict(gmeta, memory_fingerprint="f" * 16))
+    with pytest.raises(MlpmemError, match="another memory"):
+        MLPMemoryForCausalLM.from_memory(tmp_path / "run" / "train" / "memory")
+
+
+def test_scoring_for_the_gate_matches_the_model_class(parts):
+    """score_mixing's per-token log-probs and features are those of the HF forward (windows of 16, stride 8)."""
+    from mlpmem.gate import score_mixing
+    from mlpmem.models import Site
+
+    lm, tok, mem, meta, gate, gmeta = parts
+    tokens = np.array(tok(" ".join(["the union and the people of congress"] * 6)).input_ids, dtype=np.int64)[:40]
+    sc = score_mixing(lm, tokens, 16, 8, mem, Site(1, "ffn_input"), batch_size=2)
+    assert sc.n == len(tokens) - 1 and np.array_equal(sc.labels, tokens[1:])
+    ids = torch.tensor(tokens[None, :16])
+    with torch.no_grad():
+        lp = lm(ids).logits.float().log_softmax(-1)[0, :15]
+    np.testing.assert_allclose(sc.lm_logprob[:15], lp.gather(-1, ids[0, 1:, None])[:, 0].numpy(), rtol=1e-5, atol=1e-5)
+    _, lam = ref_gated(lm, mem, gate, ids)
+    np.testing.assert_allclose(gate_lambdas(gate, sc.features[:15]), lam[0, :15].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_lm_eval_backend_takes_mixing(parts, tmp_path):
+    pytest.importorskip("lm_eval")
+    from mlpmem.lm_eval_backend import load_mixture
+    from mlpmem.memory import save_memory
+
+    lm, tok, mem, meta, gate, gmeta = parts
+    mdir = tmp_path / "run" / "train" / "memory"
+    save_memory(mdir, mem, meta)
+    save_gate(tmp_path / "run" / "gate", gate, gmeta)
+    assert load_mixture(memory=str(mdir))[0].mixing_mode == "gated"  # the run's gate, by default
+    assert load_mixture(memory=str(mdir), mixing="fixed")[0].mixing_mode == "fixed"
+    with pytest.raises(MlpmemError, match="mixing must be"):
+        load_mixture(memory=str(mdir), mixing="always")
+
+
+def test_cli_mixing_errors_are_one_line(parts, tmp_path, capsys):
+    from conftest import run_cli
+    from mlpmem.memory import save_memory
+
+    lm, tok, mem, meta, _, _ = parts
+    save_memory(tmp_path / "mem", mem, meta)
+    rc, err = run_cli(capsys, "generate", tmp_path / "mem", "the union", "--mixing", "gated", "--max-new-tokens", "2")
+    assert rc == 2 and "needs a gate" in err
+    rc, err = run_cli(capsys, "generate", tmp_path / "mem", "the union", "--mixing", "often", "--max-new-tokens", "2")
+    assert rc == 2 and "mixing must be" in err
+
+
+def test_pipeline_reports_gated_beside_fixed(tmp_path, tiny_llama, tiny_corpus_file):
+    from test_pipeline import tiny_recipe
+
+    from mlpmem.hf import MLPMemoryForCausalLM
+    from mlpmem.pipeline import load_recipe, run_pipeline
+
+    recipe = dict(tiny_recipe(tmp_path, tiny_llama, tiny_corpus_file, init="lm_copy", input_site="output"),
+                  eval={"mixing": "gated"}, gate={"steps": 60, "hidden": 8})
+    r = run_pipeline(load_recipe(recipe))
+    assert {"base", "mlp_memory", "mlp_memory_gated"} <= set(r["ppl"]) and "mlp_memory_gated" in r["tokens_per_s"]
+    assert math.isfinite(r["ppl"]["mlp_memory_gated"]) and 0 <= r["gate"]["mean_lambda"] <= 1 and r["gate"]["params"] < 1000
+    assert (tmp_path / "run" / "gate" / "manifest.json").exists()
+    # the run's memory now loads with its gate, and mixes per token by default
+    model = MLPMemoryForCausalLM.from_memory(tmp_path / "run" / "train" / "memory")
+    assert model.mixing_mode == "gated"
+    with pytest.raises(MlpmemError, match="eval.mixing"):
+        load_recipe(dict(recipe, eval={"mixing": "sometimes"}))
+    with pytest.raises(MlpmemError, match="gate.kind"):
+        load_recipe(dict(recipe, gate={"kind": "oracle"}))

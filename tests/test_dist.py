@@ -165,3 +165,25 @@ def test_train_two_processes_ddp_matches_one_and_resumes_with_one(tmp_path, corp
     c = load_file(str(part / "memory" / "model.safetensors"))
     for k in a:
         np.testing.assert_allclose(a[k], c[k], rtol=1e-4, atol=1e-5, err_msg=k)
+
+
+def test_run_recipe_two_processes_reports_what_one_process_reports(tmp_path, tiny_llama, tiny_corpus_file):
+    """`torchrun -m mlpmem run RECIPE`: corpus and index once (rank 0), the other stages split; one report."""
+    import json
+
+    from test_pipeline import tiny_recipe
+
+    reports = {}
+    for n in (1, 2):
+        recipe = tiny_recipe(tmp_path / str(n), tiny_llama, tiny_corpus_file, init="lm_copy", input_site="output", precision="fp32")
+        recipe["device"] = "cpu"
+        path = tmp_path / f"recipe{n}.yaml"
+        path.write_text(json.dumps(recipe))  # JSON is YAML
+        r = mlpmem(n, "run", path)
+        reports[n] = json.loads((tmp_path / str(n) / "run" / "report.json").read_text())
+    one, two = reports[1], reports[2]
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["n_scored_tokens"] == one["n_scored_tokens"] and two["knn_temperature"] == one["knn_temperature"]
+    for method in one["ppl"]:
+        assert two["ppl"][method] == pytest.approx(one["ppl"][method], rel=1e-3), method
+    assert r.stdout.count("mlp_memory") <= 2  # the table once, not once per process

@@ -29,10 +29,14 @@ def _env() -> dict[str, str]:
     return env
 
 
-def mlpmem(nproc: int, *argv) -> subprocess.CompletedProcess:
-    """`mlpmem ARGV` as one plain process, or under torchrun with ``nproc`` processes."""
+def mlpmem(nproc: int, *argv, launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    """`mlpmem ARGV` as one plain process, or under torchrun (or accelerate launch) with ``nproc`` processes."""
     if nproc == 1:
         cmd = [sys.executable, "-m", "mlpmem", *map(str, argv)]
+    elif launcher == "accelerate":
+        # --multi_gpu is accelerate's torchrun-style launcher; on a machine without GPUs it starts CPU processes
+        cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_processes", str(nproc), "--num_machines", "1", "--multi_gpu",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "mlpmem", *map(str, argv)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
                "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "mlpmem", *map(str, argv)]
@@ -187,3 +191,13 @@ def test_run_recipe_two_processes_reports_what_one_process_reports(tmp_path, tin
     for method in one["ppl"]:
         assert two["ppl"][method] == pytest.approx(one["ppl"][method], rel=1e-3), method
     assert r.stdout.count("mlp_memory") <= 2  # the table once, not once per process
+
+
+def test_datastore_under_accelerate_launch_writes_what_one_process_writes(tmp_path, corpus, tiny_llama):
+    mlpmem(1, *_ds_args(corpus, tmp_path / "one", tiny_llama))
+    mlpmem(2, *_ds_args(corpus, tmp_path / "acc", tiny_llama), launcher="accelerate")
+    a, b = _npy(tmp_path / "one"), _npy(tmp_path / "acc")
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert '"processes": 2' in (tmp_path / "acc" / "manifest.json").read_text()

@@ -106,6 +106,18 @@ def _run(a):
     _say(_table(report))
 
 
+def _plan(a):
+    from mlpmem.manifest import write_json
+    from mlpmem.pipeline import load_recipe
+    from mlpmem.plan import plan, read_throughputs, render_plan
+
+    recipe = load_recipe(a.recipe, out=a.out, device=a.device, dtype=a.dtype)
+    p = plan(recipe, a.train_tokens, read_throughputs(Path(a.throughputs)) if a.throughputs else None)
+    if a.json:
+        write_json(Path(a.json), p)
+    _say(render_plan(p))
+
+
 def _generate(a):
     from mlpmem.config import from_args
     from mlpmem.generation import GenerateConfig, generate_side_by_side, read_prompts
@@ -264,6 +276,16 @@ def _args_run(sp):
                     help="gated: also fit a per-token mixing gate on valid and report it beside the fixed lambda (default: the recipe's eval.mixing, fixed)")
 
 
+def _args_plan(sp):
+    sp.add_argument("recipe", help="a recipe YAML file or a built-in recipe name (as for `mlpmem run`)")
+    sp.add_argument("--out", default=None, help="the run folder the plan is for (default: the recipe's)")
+    sp.add_argument("--train-tokens", type=int, default=None, help="the train split's size, when the recipe does not cap it")
+    sp.add_argument("--throughputs", default=None, help="JSON of measured throughputs (a plan's --json) instead of calibrating here")
+    sp.add_argument("--json", default=None, help="also write the plan as JSON to this file")
+    sp.add_argument("--device", default=None, help="where the stages will run: auto|cpu|cuda|cuda:N|mps (default: the recipe's `device:`, else auto)")
+    sp.add_argument("--dtype", default=None, help="LM precision (default: the recipe's datastore dtype)")
+
+
 def _args_generate(sp):
     from mlpmem.config import add_arguments
     from mlpmem.generation import GenerateConfig
@@ -335,6 +357,7 @@ VERBS = {
     "knnlm": (_knnlm, "perplexity of the LM alone and with kNN-LM (T and lambda tuned on valid)", _args_knnlm),
     "train": (_train, "train an MLP memory on a datastore and its kNN targets", _args_train),
     "run": (_run, "run the whole experiment from a recipe (or a corpus) and print the comparison", _args_run),
+    "plan": (_plan, "estimate each stage's disk, RAM, GPU memory and time for a recipe, before running it", _args_plan),
     "generate": (_generate, "continue prompts with the base LM and with LM + memory, side by side", _args_generate),
     "export": (_export, "turn a trained memory into a Hugging Face model folder (save_pretrained layout)", _args_export),
     "probe": (_probe, "build the knowledge-probe lm-eval task from a corpus's training text", _args_probe),

@@ -1,0 +1,267 @@
+"""`mlpmem plan RECIPE`: what each stage will need (disk, RAM, GPU memory, time) before anything runs.
+
+Sizes follow from the recipe, the model's shape and the corpus size; times from
+throughputs measured on this machine by a short calibration (:func:`calibrate`:
+a few extraction and scoring batches of the real model, a FAISS search over
+random keys, a few training steps of the recipe's memory), or supplied as JSON
+(``--throughputs``, e.g. measured on the target machine with ``--calibrate-only``).
+
+The time model is deliberately simple and says so: extraction and scoring scale
+with rows; a Flat search with the number of keys it scans (all of them), an IVF
+search with ``IVF_SCAN`` keys whatever N; training with epochs x rows. Nothing
+is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mlpmem.errors import MlpmemError
+
+log = logging.getLogger(__name__)
+
+IVF_SCAN = 20_000  # keys an IVF query scans plus its exact re-rank, roughly constant in N (see index.IndexConfig)
+SOTU_TRAIN_TOKENS = 1_700_000  # builtin:sotu's train split with no cap (about 2.1M tokens, 80%), SmolLM2 tokens
+
+
+@dataclass
+class Throughputs:
+    extract_rows_s: float  # datastore rows per second (train split: hooks only, early stop)
+    score_rows_s: float  # rows per second of a scored split (full forward with log-probs)
+    search_qps: float  # queries per second of a Flat search over `search_rows` keys at k
+    search_rows: int
+    train_positions_s: float  # memory training positions per second
+    device: str = "cpu"
+    seconds: float = 0.0  # what the calibration cost
+
+
+@dataclass
+class StageNeed:
+    stage: str  # named as the pipeline's report names them (report.json seconds_this_run)
+    seconds: float
+    disk_bytes: int
+    ram_bytes: int
+    gpu_bytes: int = 0
+
+
+def split_tokens(recipe, train_tokens: int | None = None) -> dict[str, int]:
+    """Tokens per split: the recipe's caps, an already-built corpus's manifest, or ``train_tokens``."""
+    from mlpmem.manifest import read_json
+
+    c = recipe.sections["corpus"]
+    built = Path(recipe.out) / "corpus" / "manifest.json"
+    if built.exists():
+        splits = read_json(built)["splits"]
+        return {s: int(splits[s]["n_tokens"]) for s in ("train", "valid", "test")}
+    n = train_tokens or c.train_tokens or (SOTU_TRAIN_TOKENS if c.source == "builtin:sotu" else None)
+    if n is None:
+        raise MlpmemError(f"the size of corpus {c.source!r} is not known before it is built",
+                          "pass --train-tokens N (the train split's size), set corpus.train_tokens in the recipe, or build the corpus first")
+    total = n / max(1e-9, 1 - c.valid_fraction - c.test_fraction)
+    return {"train": int(n), "valid": int(c.valid_tokens or total * c.valid_fraction), "test": int(c.test_tokens or total * c.test_fraction)}
+
+
+def calibrate(model, recipe, d_in: int, vocab: int, device) -> Throughputs:
+    """Measure this machine: a few batches of the real model, a FAISS search, a few memory steps."""
+    import torch
+
+    from mlpmem.datastore import iter_batches, resolve_mode
+    from mlpmem.index import faiss_threads
+    from mlpmem.models import Site, resolve_layer
+    from mlpmem.train import build_memory, build_optimizer
+    from mlpmem.losses import sparse_kd_loss
+
+    t_all = time.perf_counter()
+    ds = recipe.sections["datastore"]
+    C, S, B = ds.context, ds.stride, ds.batch_size
+    mode = resolve_mode(model, ds.mode, C, S)
+    sites = {"keys": Site(resolve_layer(model, ds.layer), ds.site)}
+    rng = np.random.default_rng(0)
+    n_windows = 2 * B  # two batches: the first warms up, the second is timed
+    tokens = rng.integers(0, min(vocab, model.config.get_text_config().vocab_size), size=C + S * (n_windows - 1) + 1).astype(np.int32)
+
+    def rows_per_s(want_logprob: bool) -> float:
+        batches = list(iter_batches(model, tokens, C, S, sites, B, want_logprob, None, mode if not want_logprob else "recompute"))
+        timed = batches[len(batches) // 2:] or batches
+        return sum(b.row_end - b.row_start for b in timed) / max(1e-9, sum(b.seconds for b in timed))
+
+    extract, score = rows_per_s(False), rows_per_s(True)
+    import faiss
+
+    n_keys, k = 50_000, min(recipe.sections["knn"].k, 1024)
+    d = model.config.get_text_config().hidden_size
+    keys = rng.standard_normal((n_keys, d), dtype=np.float32)
+    index = faiss.IndexFlatL2(d)
+    index.add(keys)
+    with faiss_threads():
+        index.search(keys[:16], k)
+        t0 = time.perf_counter()
+        index.search(keys[16:272], k)
+        qps = 256 / (time.perf_counter() - t0)
+    tcfg = recipe.sections["train"]
+    cfg = dataclasses.replace(tcfg, init="plain")  # the same size and cost; no copy from the LM needed to time it
+    memory = build_memory(cfg, d_in, vocab).to(device)
+    opt = build_optimizer(memory, cfg)
+    m = min(recipe.sections["targets"].top_m, vocab)
+    bs = cfg.batch_size // cfg.grad_accum
+    h = torch.randn(bs, d_in, device=device)
+    ids = torch.from_numpy(rng.integers(0, vocab, (bs, m))).to(device)
+    probs = torch.full((bs, m), 1.0 / m, device=device)
+    labels = ids[:, 0]
+    steps, t_train = 0, 0.0
+    for i in range(3):
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        loss, _ = sparse_kd_loss(memory(h), ids, probs, labels, cfg.alpha)
+        loss.backward()
+        opt.step()
+        if i:  # the first step warms up
+            steps, t_train = steps + 1, t_train + time.perf_counter() - t0
+    return Throughputs(extract, score, qps, n_keys, steps * bs / t_train, str(device), time.perf_counter() - t_all)
+
+
+def search_qps(tp: Throughputs, n_keys: int, flat: bool) -> float:
+    """Queries/s over ``n_keys``: Flat scans every key, IVF about IVF_SCAN of them."""
+    scanned = n_keys if flat else min(n_keys, IVF_SCAN)
+    return tp.search_qps * tp.search_rows / max(1, scanned)
+
+
+def estimate(recipe, tokens: dict[str, int], tp: Throughputs, d: int, vocab: int, model_bytes: int, memory_params: int) -> list[StageNeed]:
+    """Per stage: seconds, disk, RAM and GPU memory, from sizes and throughputs (see the module docstring)."""
+    s = recipe.sections
+    ds, ix, tg, tr, knn = s["datastore"], s["index"], s["targets"], s["train"], s["knn"]
+    N, Nv, Nt = tokens["train"], tokens["valid"], tokens["test"]
+    n_feat = 1 + len(ds.extra_sites) + (tr.init == "lm_copy" or tr.input_layer is not None)  # the memory's input, when it is not the key
+    row_bytes = 2 * d * n_feat + 4
+    flat = ix.kind in ("flat", "keys") or (ix.kind == "auto" and N <= ix.auto_flat_max_rows)
+    index_bytes = {"flat": 4 * d * N, "keys": 0}.get(ix.kind, 4 * d * N if flat else (d + 8) * N)
+    qps = search_qps(tp, N, flat)
+    gpu = tp.device.startswith("cuda")
+    act = ds.batch_size * ds.context * d * 4 * 8  # activations of one batch, generously
+    logits = ds.batch_size * ds.stride * vocab * 4  # scored splits keep the logits of the kept positions
+    shard = ds.windows_per_shard * ds.stride * row_bytes
+    search_block = 1024 * knn.k * 12  # distances + ids of one block of queries
+    opt_bytes = memory_params * 4 * 4  # weights, gradients, two AdamW moments
+    train_act = tr.batch_size // tr.grad_accum * vocab * 4 * 4
+    lm_gpu = model_bytes + act + logits if gpu else 0
+    return [
+        StageNeed("corpus", 0.0, 4 * (N + Nv + Nt), 8 * (N + Nv + Nt)),
+        StageNeed("datastore (train) and scored valid split", N / tp.extract_rows_s + Nv / tp.score_rows_s, N * row_bytes + Nv * (row_bytes + 4),
+                  model_bytes + 2 * shard + act + logits, lm_gpu),
+        StageNeed("index", (60.0 if not flat else 0.0) + N * d * 4 / 2e9, index_bytes, index_bytes + (0 if flat else min(N, ix.train_sample) * d * 4)),
+        StageNeed("kNN-LM temperature and lambda on valid", Nv / tp.score_rows_s + Nv / qps, 0, model_bytes + index_bytes + Nv * knn.k * 12 + logits, lm_gpu),
+        StageNeed("kNN targets", (N + Nv) / qps, (N + Nv) * tg.top_m * 6, index_bytes + search_block),
+        StageNeed("memory training", tr.epochs * N / tp.train_positions_s,
+                  memory_params * 4 * (3 * (tr.keep_last + 1) + 1), opt_bytes + train_act + (model_bytes if tr.mode == "online" else 0),
+                  opt_bytes + train_act if gpu else 0),
+        StageNeed(f"evaluation: lambda on valid, then the {s['eval'].split} split", (Nv + Nt) * (1 / tp.score_rows_s + 1 / qps), 0,
+                  model_bytes + index_bytes + (Nv + Nt) * knn.k * 12 + logits, lm_gpu + (opt_bytes // 4 if gpu else 0)),
+    ]
+
+
+def _free_disk(path: Path) -> int:
+    p = Path(path).resolve()
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def _total_ram() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def fit_warnings(needs: list[StageNeed], out: Path, gpu_total: int | None) -> list[str]:
+    """Stages that will not fit this machine: disk (all stages' files together), RAM and GPU memory (each stage alone)."""
+    out_warn = []
+    disk = sum(n.disk_bytes for n in needs)
+    free = _free_disk(out)
+    if disk > free:
+        out_warn.append(f"the run needs {_h(disk)} of disk, {out} has {_h(free)} free")
+    ram = _total_ram()
+    for n in needs:
+        if n.ram_bytes > 0.9 * ram:
+            out_warn.append(f"{n.stage} needs about {_h(n.ram_bytes)} of RAM, the machine has {_h(ram)}")
+        if gpu_total and n.gpu_bytes > 0.9 * gpu_total:
+            out_warn.append(f"{n.stage} needs about {_h(n.gpu_bytes)} of GPU memory, the GPU has {_h(gpu_total)}")
+    return out_warn
+
+
+def _h(n: float) -> str:
+    from mlpmem.manifest import human_bytes
+
+    return human_bytes(n)
+
+
+def plan(recipe, train_tokens: int | None = None, throughputs: Throughputs | None = None) -> dict:
+    """The plan for ``recipe`` as a dict (stages, totals, throughputs, warnings); loads the model to read its shape."""
+    import torch
+
+    from mlpmem import dist
+    from mlpmem.memory import MLPMemory
+    from mlpmem.models import dtype_name, load_model, logits_size, model_label, num_parameters, resolve_device
+
+    tokens = split_tokens(recipe, train_tokens)
+    dev, dt = resolve_device(dist.local_device(recipe.device), recipe.sections["datastore"].dtype)
+    model, _, model_id = load_model(recipe.model, dtype_name(dt), dev)
+    d, vocab = model.config.get_text_config().hidden_size, logits_size(model)
+    tcfg = recipe.sections["train"]
+    with torch.device("meta"):
+        memory_params = MLPMemory(tcfg.memory_config(d, vocab)).num_parameters()
+    tp = throughputs or calibrate(model, recipe, d, vocab, dev)
+    model_bytes = num_parameters(model) * torch.finfo(dt).bits // 8
+    needs = estimate(recipe, tokens, tp, d, vocab, model_bytes, memory_params)
+    gpu_total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
+    return {
+        "recipe_out": recipe.out, "model": model_label(model_id), "device": str(dev), "tokens": tokens, "d": d, "vocab": vocab,
+        "memory_params": memory_params, "throughputs": dataclasses.asdict(tp),
+        "stages": [dataclasses.asdict(n) for n in needs],
+        "total": {"seconds": sum(n.seconds for n in needs), "disk_bytes": sum(n.disk_bytes for n in needs),
+                  "peak_ram_bytes": max(n.ram_bytes for n in needs), "peak_gpu_bytes": max(n.gpu_bytes for n in needs)},
+        "warnings": fit_warnings(needs, Path(recipe.out), gpu_total),
+        "model_of_time": f"extraction/scoring scale with rows, Flat search with N, IVF search with ~{IVF_SCAN} keys, training with epochs x rows",
+    }
+
+
+def render_plan(p: dict) -> str:
+    rows = [f"plan for {p['recipe_out']} ({p['model']}, {p['device']}): train {p['tokens']['train']:,} / valid {p['tokens']['valid']:,} / "
+            f"test {p['tokens']['test']:,} tokens, memory {p['memory_params'] / 1e6:.1f}M parameters",
+            f"{'stage':<48} {'time':>9} {'disk':>10} {'RAM':>10} {'GPU':>10}"]
+    for n in p["stages"]:
+        rows.append(f"{n['stage'][:48]:<48} {_dur(n['seconds']):>9} {_h(n['disk_bytes']):>10} {_h(n['ram_bytes']):>10} "
+                    f"{_h(n['gpu_bytes']) if n['gpu_bytes'] else '-':>10}")
+    t = p["total"]
+    rows.append(f"{'total (disk: all files; RAM/GPU: the peak stage)':<48} {_dur(t['seconds']):>9} {_h(t['disk_bytes']):>10} "
+                f"{_h(t['peak_ram_bytes']):>10} {_h(t['peak_gpu_bytes']) if t['peak_gpu_bytes'] else '-':>10}")
+    tp = p["throughputs"]
+    rows.append(f"measured: extraction {tp['extract_rows_s']:.0f} rows/s, scoring {tp['score_rows_s']:.0f} rows/s, "
+                f"search {tp['search_qps']:.0f} q/s over {tp['search_rows']:,} keys, training {tp['train_positions_s']:.0f} positions/s")
+    rows += [f"WARNING: {w}" for w in p["warnings"]]
+    return "\n".join(rows)
+
+
+def _dur(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def read_throughputs(path: Path) -> Throughputs:
+    from mlpmem.manifest import read_json
+
+    data = read_json(path)
+    data = data.get("throughputs", data) if isinstance(data, dict) else data
+    names = {f.name for f in dataclasses.fields(Throughputs)}
+    try:
+        return Throughputs(**{k: v for k, v in data.items() if k in names})
+    except (TypeError, AttributeError):
+        raise MlpmemError(f"{path} holds no throughputs ({', '.join(sorted(names))})", "pass a JSON written by `mlpmem plan --json` or `--calibrate-only`")

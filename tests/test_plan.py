@@ -1,0 +1,56 @@
+"""`mlpmem plan`: its size model against the files a real run writes, and its refusals."""
+
+import json
+
+import pytest
+
+from mlpmem.errors import MlpmemError
+from mlpmem.pipeline import load_recipe
+from mlpmem.plan import Throughputs, estimate, plan, render_plan, search_qps, split_tokens
+
+
+def _du(folder, pattern="*.npy"):
+    return sum(p.stat().st_size for p in folder.rglob(pattern))
+
+
+def test_plan_sizes_match_a_real_run_and_times_follow_the_throughputs(tmp_path, tiny_llama, tiny_corpus_file):
+    from test_pipeline import tiny_recipe
+
+    from mlpmem.pipeline import run_pipeline
+
+    recipe = load_recipe(tiny_recipe(tmp_path, tiny_llama, tiny_corpus_file))
+    p = plan(recipe)  # calibrates on this machine with the tiny model
+    stages = {s["stage"]: s for s in p["stages"]}
+    assert all(s["seconds"] >= 0 and s["disk_bytes"] >= 0 for s in p["stages"]) and p["total"]["seconds"] > 0
+    assert "datastore (train)" in render_plan(p)
+    run_pipeline(recipe)
+    out = tmp_path / "run"
+    tokens = split_tokens(recipe)  # now read from the built corpus
+    assert tokens == p["tokens"]  # the caps predicted the split sizes
+    # disk: the datastore (train + valid) and the targets, within 2% of what was written (npy headers)
+    ds_real = _du(out / "datastore") + _du(out / "valid")
+    assert stages["datastore (train) and scored valid split"]["disk_bytes"] == pytest.approx(ds_real, rel=0.02)
+    tg_real = _du(out / "targets") + _du(out / "valid_targets")
+    assert stages["kNN targets"]["disk_bytes"] == pytest.approx(tg_real, rel=0.02)
+
+
+def test_estimate_scales_with_the_corpus_and_the_throughputs():
+    recipe = load_recipe("sotu", check_paths=False)
+    tp = Throughputs(extract_rows_s=200, score_rows_s=100, search_qps=100, search_rows=50_000, train_positions_s=1000)
+    small = estimate(recipe, {"train": 100_000, "valid": 1000, "test": 1000}, tp, 576, 49152, 500_000_000, 100_000_000)
+    big = estimate(recipe, {"train": 200_000, "valid": 1000, "test": 1000}, tp, 576, 49152, 500_000_000, 100_000_000)
+    by = lambda xs: {n.stage: n for n in xs}  # noqa: E731
+    s, b = by(small), by(big)
+    assert b["memory training"].seconds == pytest.approx(2 * s["memory training"].seconds)
+    assert b["kNN targets"].seconds > 3.5 * s["kNN targets"].seconds  # Flat: twice the queries, each over twice the keys
+    assert s["memory training"].seconds == pytest.approx(recipe.sections["train"].epochs * 100_000 / 1000)
+    # IVF scans a fixed number of keys: beyond the Flat range the search rate stops falling
+    assert search_qps(tp, 10_000_000, flat=False) == search_qps(tp, 1_000_000, flat=False)
+    assert search_qps(tp, 100_000, flat=True) == pytest.approx(50)
+
+
+def test_plan_refuses_an_uncapped_corpus_of_unknown_size(tmp_path):
+    recipe = load_recipe({"out": str(tmp_path / "r"), "corpus": {"source": str(tmp_path / "c.jsonl")}}, check_paths=False)
+    with pytest.raises(MlpmemError, match="train-tokens"):
+        split_tokens(recipe)
+    assert split_tokens(recipe, 5000)["train"] == 5000

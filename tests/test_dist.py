@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -75,7 +76,6 @@ def _ds_args(corpus, out, model, *extra):
 
 
 def test_datastore_two_processes_same_files_as_one_and_resume_with_another_count(tmp_path, corpus, tiny_llama):
-    import json
 
     one, two = tmp_path / "one", tmp_path / "two"
     mlpmem(1, *_ds_args(corpus, one, tiny_llama))
@@ -113,7 +113,6 @@ def test_datastore_two_processes_same_files_as_one_and_resume_with_another_count
 
 
 def test_knnlm_two_processes_score_every_position_once_and_agree_with_one(tmp_path, corpus, tiny_llama):
-    import json
 
     from mlpmem.index import IndexConfig, build_index
 
@@ -132,7 +131,6 @@ def test_knnlm_two_processes_score_every_position_once_and_agree_with_one(tmp_pa
 
 
 def test_train_two_processes_ddp_matches_one_and_resumes_with_one(tmp_path, corpus, tiny_llama):
-    import json
     import shutil
 
     from safetensors.numpy import load_file
@@ -173,7 +171,6 @@ def test_train_two_processes_ddp_matches_one_and_resumes_with_one(tmp_path, corp
 
 def test_run_recipe_two_processes_reports_what_one_process_reports(tmp_path, tiny_llama, tiny_corpus_file):
     """`torchrun -m mlpmem run RECIPE`: corpus and index once (rank 0), the other stages split; one report."""
-    import json
 
     from test_pipeline import tiny_recipe
 
@@ -201,3 +198,25 @@ def test_datastore_under_accelerate_launch_writes_what_one_process_writes(tmp_pa
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     assert '"processes": 2' in (tmp_path / "acc" / "manifest.json").read_text()
+
+
+def test_paper_scale_recipe_runs_at_tiny_scale(tmp_path, tiny_llama, tiny_corpus_file):
+    """The wikitext103 recipe's settings (bf16 LM, lm_copy memory on the last layer's output, bf16 training,
+    checkpoints) run end to end with only the sizes, the model, the corpus and the index kind replaced
+    (its IVF4096,PQ64 needs ~160k keys of d >= 64 to train)."""
+    import yaml
+
+    from mlpmem.pipeline import RECIPES, load_recipe, run_pipeline
+
+    data = yaml.safe_load((RECIPES / "wikitext103.yaml").read_text())
+    assert data["index"]["kind"] == "mlpmemory" and data["train"]["init"] == "lm_copy"
+    data.update(out=str(tmp_path / "run"), model=str(tiny_llama))
+    data["corpus"].update(source=str(tiny_corpus_file), valid_fraction=0.2, test_fraction=0.2, valid_tokens=300, test_tokens=300)
+    data["datastore"].update(context=64, stride=32, batch_size=4, windows_per_shard=8)
+    data["index"] = {"kind": "flat"}
+    data["knn"]["k"] = 32
+    data["targets"]["top_m"] = 16
+    data["train"].update(batch_size=256, epochs=1.0, eval_every=4, ckpt_every=4)
+    r = run_pipeline(load_recipe(data))
+    assert r["memory_input"] == {"layer": 1, "site": "output"} and set(r["ppl"]) >= {"base", "knn_lm", "mlp_memory"}
+    assert json.loads((tmp_path / "run" / "datastore" / "manifest.json").read_text())["dtype"] == "bfloat16"

@@ -1,6 +1,15 @@
 """Search speed and recall@k: Flat against the `auto` approximate index (not a test).
 
     python bench/bench_search.py [--n 200000] [--d 576] [--k 1024] [--queries 300] [--datastore DIR] [--quick]
+    python bench/bench_search.py --sizes 2e5,5e5,1e6 [--real runs/sotu/datastore] [--quick]
+
+With ``--sizes``: the auto index's recall target as N grows. For each size, a
+datastore of real keys (``--real``) repeated with Gaussian jitter of about a
+nearest-neighbour distance beyond the first pass (as bench_scaling.py makes them);
+the auto IVF index (forced above Flat's 200k limit) chooses nprobe for its recall
+target at build time; then recall@k against exact search and queries/s on
+``--queries`` other keys. Writes bench/results/recall_target.json (sizes measured
+before are kept; ``--quick``: recall_target_quick.json, 20k and 50k keys, k=64).
 
 Synthetic keys (default) are float16 draws from a mixture of Gaussians in a 64-dim
 subspace plus isotropic noise: LM hidden states are clustered and of low intrinsic
@@ -14,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -53,6 +63,63 @@ def synthetic_datastore(folder: Path, n: int, d: int, seed: int = 0) -> Path:
     return write_datastore(folder, n, d, make_keys, {"keys": "gaussian mixture"}, seed=seed)
 
 
+def jittered_datastore(folder: Path, n: int, real: np.ndarray, sigma: float) -> Path:
+    """``n`` keys: the real ones, then copies with N(0, sigma^2) jitter per coordinate."""
+    def make_keys(start, m, rng):
+        rows = np.arange(start, start + m) % len(real)
+        keys = real[rows].astype(np.float32)
+        extra = np.arange(start, start + m) >= len(real)  # the first pass over the real keys stays exact
+        keys[extra] += sigma * rng.normal(size=(int(extra.sum()), real.shape[1])).astype(np.float32)
+        return keys.astype(np.float16)
+
+    return write_datastore(folder, n, real.shape[1], make_keys, {"keys": "real keys, jittered beyond the first pass", "sigma": sigma})
+
+
+def recall_target_curve(args) -> None:
+    import torch
+
+    from mlpmem.index import exact_search, recall_at_k
+    from mlpmem.store import Datastore
+
+    torch.set_num_threads(args.threads)
+    out = args.out.with_name("recall_target_quick.json" if args.quick else "recall_target.json")
+    res = json.loads(out.read_text()) if out.exists() else {"sizes": {}}
+    real_ds = Datastore(args.real)
+    real = real_ds.load("keys")
+    probe = real[np.random.default_rng(3).choice(len(real), 300, replace=False)].astype(np.float32)
+    d2, _ = exact_search(real_ds, probe, 2)
+    sigma = float(np.median(np.sqrt(d2[:, 1])) / np.sqrt(real.shape[1]))  # a nearest-neighbour distance, per coordinate
+    res.update({"real": str(args.real), "real_rows": len(real), "d": real.shape[1], "k": args.k, "queries": args.queries,
+                "threads": args.threads, "jitter_sigma": sigma, "keys": "real keys repeated with jitter (synthetic beyond the first pass)"})
+    for n in [int(float(x)) for x in args.sizes.split(",")]:
+        if str(n) in res["sizes"] and not args.force:
+            continue
+        ds_dir = args.work / f"jitter-{n}"
+        if ds_dir.exists():
+            shutil.rmtree(ds_dir)
+        jittered_datastore(ds_dir, n, real, sigma)
+        t = time.perf_counter()
+        ix_dir = build_index(ds_dir, args.work / f"auto-{n}", IndexConfig(auto_flat_max_rows=0, recall_k=args.k, recall_sample=args.queries), overwrite=True)
+        build_s = time.perf_counter() - t
+        index = KnnIndex.open(ix_dir)
+        m = index.manifest
+        qids = np.sort(np.random.default_rng(7).choice(n, size=args.queries, replace=False))  # not the build's probe
+        xq = index.datastore.gather("keys", qids).astype(np.float32)
+        _, exact = exact_search(index.datastore, xq, args.k + 1)
+        exact = np.array([e[e != q][: args.k] for e, q in zip(exact, qids)])
+        qps, _, ids = timed_search(index, xq, qids, args.k)
+        row = {"factory": m["factory"], "nlist": m["nlist"], "nprobe": m["nprobe"], "scanned_per_query": int(m["nprobe"] * n / m["nlist"]),
+               "recall_target": m["recall_target"], "build_recall@k": round(m["recall_at_k"], 4), f"recall@{args.k}": round(recall_at_k(ids, exact), 4),
+               "qps": round(qps, 1), "ms_per_query": round(1000 / qps, 2), "build_s": round(build_s, 1), "recall_s": m["recall_seconds"],
+               "nprobe_tried": m["nprobe_tried"], "index_bytes_per_token": m["bytes_per_token"]["index"]}
+        res["sizes"][str(n)] = row
+        print(n, json.dumps(row), flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1) + "\n")
+        shutil.rmtree(ds_dir)  # GBs at 1M+; the index folder is kept (small)
+        shutil.rmtree(args.work / f"auto-{n}")
+
+
 def timed_search(index: KnnIndex, xq: np.ndarray, qids: np.ndarray, k: int) -> tuple[float, np.ndarray, np.ndarray]:
     index.search(xq[:8], k, exclude=qids[:8])  # warm up (page in the memory maps)
     t = time.perf_counter()
@@ -81,7 +148,18 @@ def main() -> None:
     p.add_argument("--datastore", type=Path, default=None)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "search.json")
     p.add_argument("--quick", action="store_true", help="smoke run: 20k synthetic keys, k=64, 50 queries, writes search_quick.json")
+    p.add_argument("--sizes", default=None, help="recall-target curve over these datastore sizes (e.g. 2e5,5e5,1e6)")
+    p.add_argument("--real", type=Path, default=Path("runs/sotu/datastore"), help="--sizes: datastore whose real keys seed the jittered ones")
+    p.add_argument("--work", type=Path, default=Path("runs/bench_recall_target"))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--force", action="store_true", help="--sizes: remeasure sizes already in the results")
     args = p.parse_args()
+    if args.sizes:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        if args.quick:
+            args.sizes, args.k, args.queries = "2e4,5e4", 64, 50
+        args.queries = min(args.queries, 200) if not args.quick else args.queries
+        return recall_target_curve(args)
     if args.quick:
         args.n, args.k, args.queries, args.nprobes = 20_000, 64, 50, "8"
         args.out = args.out.with_name("search_quick.json")
@@ -107,7 +185,7 @@ def main() -> None:
         for nprobe in sweep:
             for rerank, factor in ((True, 2.0), (True, 1.25), (False, 1.0)):
                 auto.nprobe, auto.rerank, auto.rerank_factor = nprobe, rerank, factor
-                auto.index.nprobe = nprobe  # an IVF index itself (no pre-transform in auto)
+                auto.set_nprobe(nprobe)
                 qps, d, i = timed_search(auto, xq, qids, args.k)
                 row = {"nprobe": nprobe, "rerank": rerank, "rerank_factor": factor, "scanned_per_query": int(nprobe * n / auto.manifest["nlist"]),
                        "qps": round(qps, 2), "speedup_vs_flat": round(qps / flat_qps, 2), f"recall@{args.k}": round(recall(i, exact), 4),

@@ -220,3 +220,15 @@ def test_paper_scale_recipe_runs_at_tiny_scale(tmp_path, tiny_llama, tiny_corpus
     r = run_pipeline(load_recipe(data))
     assert r["memory_input"] == {"layer": 1, "site": "output"} and set(r["ppl"]) >= {"base", "knn_lm", "mlp_memory"}
     assert json.loads((tmp_path / "run" / "datastore" / "manifest.json").read_text())["dtype"] == "bfloat16"
+
+
+@pytest.mark.slow
+def test_gpu_check_script_runs_its_steps_on_the_cpu(tmp_path, tiny_llama):
+    """bench/gpu_check.sh with DEV=cpu and a tiny model: the same commands as on a GPU, down to its JSON."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**_env(), "DEV": "cpu", "MODEL": str(tiny_llama), "TOKENS": "3000", "K": "64", "CTX": "64", "VALID": "400", "TEST": "500", "OUT": str(tmp_path / "out"),
+           "JSON": str(tmp_path / "gpu_check.json"), "MLPMEM": f"{sys.executable} -m mlpmem", "PY": sys.executable}
+    r = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["datastore_values_equal"] and report["knnlm"]["torchrun"]["ppl"] == pytest.approx(report["knnlm"]["cpu"]["ppl"], rel=1e-5)

@@ -358,3 +358,32 @@ def test_pipeline_reports_gated_beside_fixed(tmp_path, tiny_llama, tiny_corpus_f
         load_recipe(dict(recipe, eval={"mixing": "sometimes"}))
     with pytest.raises(MlpmemError, match="gate.kind"):
         load_recipe(dict(recipe, gate={"kind": "oracle"}))
+
+
+def test_gated_export_loads_as_remote_code_without_mlpmem(parts, tmp_path):
+    """The gate's forward lives in the self-contained modeling file: a full export mixes per token where mlpmem is absent."""
+    import os
+    import subprocess
+    import sys
+
+    from mlpmem.hf import MLPMemoryForCausalLM
+
+    lm, tok, mem, meta, gate, gmeta = parts
+    model = MLPMemoryForCausalLM.from_parts(lm, mem, meta, tokenizer=tok, gate=gate, gate_meta=gmeta)
+    model.save_pretrained(tmp_path / "full", full_export=True)
+    ids = tok("the union and the people of", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = model(ids).logits[0, -1].tolist(), model(ids, mixing="fixed").logits[0, -1].tolist()
+    code = ("import sys, json, torch\nsys.modules['mlpmem'] = None\nfrom transformers import AutoModelForCausalLM\n"
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+            "p = torch.tensor([json.loads(sys.argv[2])])\n"
+            "with torch.no_grad():\n"
+            "    print(json.dumps([m.mixing_mode, m(p).logits[0, -1].tolist(), m(p, mixing='fixed').logits[0, -1].tolist()]))\n")
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "full"), json.dumps(ids[0].tolist())], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    mode, gated, fixed = json.loads(run.stdout.strip().splitlines()[-1])
+    assert mode == "gated"
+    np.testing.assert_allclose(gated, want[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(fixed, want[1], rtol=1e-5, atol=1e-5)

@@ -54,7 +54,9 @@ class GateConfig:
     lr: float = 0.01
     weight_decay: float = 1e-3
     holdout: float = 0.2  # share of valid blocks (256 positions each) held out for early stopping
-    generic: str | None = None  # optional generic (out-of-domain) text: a .txt/.jsonl file or folder, as corpus sources
+    # optional generic (out-of-domain) text where the memory should step back: "lm" (sampled from the LM itself),
+    # or a .txt/.jsonl/.parquet file or folder, as corpus sources
+    generic: str | None = None
     generic_tokens: int = 4000
     generic_weight: float = 1.0  # weight of a generic position in the loss, relative to an in-domain one
     seed: int = 0
@@ -357,16 +359,47 @@ def find_gate(memory_dir: Path) -> Path | None:
     return None
 
 
-def generic_tokens(source: str, tok, max_tokens: int) -> np.ndarray:
-    """Generic text for the gate (a .txt/.jsonl/.parquet file or folder, as a corpus source), as one token stream."""
+def generic_tokens(source: str, tok, max_tokens: int, model=None, seed: int = 0) -> np.ndarray:
+    """Generic text for the gate as one token stream: ``"lm"`` (text sampled from the LM itself: no data needed), or a
+    .txt/.jsonl/.parquet file or folder, as corpus sources."""
     from mlpmem.corpus import CorpusConfig, load_documents, tokenize_split
     from mlpmem.models import separator_id
 
+    sep = separator_id(tok)
+    if source == "lm":
+        if model is None:
+            raise MlpmemError("generic text 'lm' is sampled from the LM, and no LM was given", "pass the model")
+        return lm_samples(model, sep, max_tokens, seed)
     docs = load_documents(CorpusConfig(source=str(source)))
-    if not docs:
-        raise MlpmemError(f"the generic text {source} holds no documents", "pass a .txt/.jsonl/.parquet file or a folder of them")
-    tokens, _ = tokenize_split([d.text for d in docs], tok, separator_id(tok), max_tokens)
-    return np.concatenate([[separator_id(tok)], tokens]).astype(np.int32)
+    tokens, _ = tokenize_split([d.text for d in docs], tok, sep, max_tokens)
+    return np.concatenate([[sep], tokens]).astype(np.int32)
+
+
+def lm_samples(model, sep: int, n_tokens: int, seed: int = 0, n_seqs: int = 8) -> np.ndarray:
+    """``n_tokens`` of text sampled from ``model`` (temperature 1, top-p 0.95), ``n_seqs`` sequences started from the
+    separator, joined by it: text of the LM's own kind, none of the memory's domain in particular."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # decoding is many small steps: extra threads only spin, and cost a lot on a loaded machine
+    try:
+        return _lm_samples(model, sep, n_tokens, seed, n_seqs)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _lm_samples(model, sep: int, n_tokens: int, seed: int, n_seqs: int) -> np.ndarray:
+    import torch
+
+    per = -(-n_tokens // n_seqs)
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+    start = torch.full((n_seqs, 1), sep, dtype=torch.long, device=model.device)
+    with torch.inference_mode():
+        out = model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, top_p=0.95, temperature=1.0, top_k=0,
+                             max_new_tokens=per, min_new_tokens=per, pad_token_id=sep)
+    rows = [np.concatenate([[sep], r[1:]]) for r in out.cpu().numpy()]
+    return np.concatenate(rows)[: n_tokens + 1].astype(np.int32)
 
 
 def build_gate_stage(out_dir: Path, cfg: GateConfig, model, tok, valid_tokens: np.ndarray, memory, memory_meta: dict[str, Any], memory_site,
@@ -387,7 +420,7 @@ def build_gate_stage(out_dir: Path, cfg: GateConfig, model, tok, valid_tokens: n
     valid = score_mixing(model, valid_tokens, context, stride, memory, memory_site, batch_size, desc="scoring valid (gate)")
     generic = None
     if cfg.generic:
-        toks = generic_tokens(cfg.generic, tok, cfg.generic_tokens)
+        toks = generic_tokens(cfg.generic, tok, cfg.generic_tokens, model, cfg.seed)
         generic = score_mixing(model, toks, context, stride, memory, memory_site, batch_size, desc="scoring generic text (gate)")
     gate, record = fit_gate(valid, cfg, generic)
     from mlpmem.interpolate import interpolate_logprobs, interpolate_per_token, perplexity

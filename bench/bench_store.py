@@ -90,6 +90,34 @@ def knn_lm_ppl(index: KnnIndex, values: np.ndarray, test: Datastore, k: int, tem
     return float(np.exp(-mix.mean())), float(np.exp(-lp_lm.mean()))
 
 
+def markdown(store: dict, curve: dict | None = None) -> str:
+    """The BENCHMARKS.md section for results/store.json and results/recall_target.json (for bench/make_benchmarks.py)."""
+    c = store["configs"]
+    lines = ["## 7. Stores: bytes per token, recall target, compressed codes", "",
+             "```", "nice python bench/bench_store.py                     # stores over runs/sotu (real keys)",
+             "nice python bench/bench_search.py --sizes 2e5,5e5,1e6  # the auto index's recall target as N grows", "```", "",
+             f"Every store over the same {store['n']:,} real keys (SmolLM2-135M, d={store['d']}, the SOTU run's datastore), "
+             f"k={store['k']}, {store['queries']} held-out keys as queries, FAISS on {store['threads']} thread(s) of the shared machine. "
+             f"kNN-LM test perplexity on the run's test split with its tuned T={store['knn_temperature']:g} and lambda={store['knn_lambda']:.3f} "
+             f"(LM alone {store['base_test_ppl']:.3f}). Bytes per corpus token: what search reads (index + values, + keys when it re-ranks or streams them), "
+             f"and what the store keeps (index, values, and the keys unless it searches the codes alone) with the kNN targets ({store['targets_bytes_per_token']:.0f} B: top-128 int32 ids + float16 probs) that training needs. Not counted: the extra feature array of offline training (h29.output, 1152 B), which online training does not store.", "",
+             "| store | index | nprobe (target 0.9) | recall@1024 | queries/s | build s | B/token: index | search reads | kept + targets | kNN-LM test ppl |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in c.items():
+        lines.append(f"| {name} | {r['factory']} | {r['nprobe'] or '-'} | {r['recall@1024']:.3f} | {r['qps']:.0f} | {r['build_s']:.0f} | "
+                     f"{r['bytes_per_token']['index']:.0f} | {r['search_bytes_per_token']:.0f} | {r['with_targets_bytes_per_token']:.0f} | "
+                     f"{r.get('knn_lm_test_ppl', float('nan')):.3f} |")
+    if curve and curve.get("sizes"):
+        lines += ["", f"The auto index as N grows ({curve['keys']}; jitter sigma {curve['jitter_sigma']:.3f} per coordinate, "
+                  f"k={curve['k']}, {curve['queries']} held-out queries, {curve['threads']} thread):", "",
+                  "| keys | index | nprobe chosen | vectors scanned / query | recall@k at build | recall@k held out | ms / query | build s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for n, r in sorted(curve["sizes"].items(), key=lambda kv: int(kv[0])):
+            lines.append(f"| {int(n):,} | {r['factory']} | {r['nprobe']} | {r['scanned_per_query']:,} | {r['build_recall@k']:.3f} | "
+                         f"{r[f'recall@' + str(curve['k'])]:.3f} | {r['ms_per_query']:.1f} | {r['build_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--datastore", type=Path, default=Path("runs/sotu/datastore"))

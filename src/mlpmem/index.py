@@ -40,10 +40,10 @@ INDEX_FILE = "index.faiss"
 GPU_MAX_K = 2048
 # auto used to scan a fixed 16k vectors per query (nprobe * N / nlist = 16k): recall@1024 fell
 # to 0.84 at 3M keys (bench/bench_scaling.py). It now chooses nprobe for a recall target.
-# re-rank this many times k approximate candidates. In the same bench, 1.25k and 2k gave the
-# same recall (SQ8 rarely moves a key across the k-th boundary) and 2k was ~1.5-2x slower:
-# gathering the candidates' float16 keys from the memory map (~4-6 ms/query for 1.25k rows
-# of d=576 on 2 cores) is what re-ranking costs.
+# Re-rank this many times k approximate candidates. In bench/bench_search.py (synthetic keys,
+# d=576, N=200k, IVF2048,SQ8), 1.25k and 2k gave the same recall (SQ8 rarely moves a key
+# across the k-th boundary) and 2k was ~1.5-2x slower: gathering the candidates' float16 keys
+# from the memory map (~4-6 ms/query for 1.25k rows of d=576 on 2 cores) is what re-ranking costs.
 RERANK_FACTOR = 1.25
 # keep the memory for one re-rank batch (gathered float32 keys and their differences) bounded
 RERANK_BUDGET_BYTES = 256 << 20
@@ -51,14 +51,13 @@ RERANK_BUDGET_BYTES = 256 << 20
 AUTO_RECALL_TARGET = 0.9
 # PQ code size of the ivfpq presets: the official MLPMemory / kNN-LM code's 64 bytes per vector
 PQ_BYTES = 64
-# named indexes: factory string (None: lists sized to N) and nprobe (None: chosen for the recall target)
-PRESETS: dict[str, tuple[str | None, int | None]] = {
-    # the official MLPMemory (and kNN-LM) code: 4096 lists, 64-byte PQ codes, nprobe 32, no full keys kept
-    # ("np": no polysemous training, which FAISS' factory does for PQ by default and which only
-    # serves Hamming filtering: it took 3 minutes for 12k keys of d=32 on 2 busy cores)
+# named indexes: factory string and nprobe (ivfpq and ivfopq are sized to N in resolve_factory)
+PRESETS: dict[str, tuple[str, int]] = {
+    # the official MLPMemory (and kNN-LM) code: 4096 lists, 64-byte PQ codes, nprobe 32; that code
+    # keeps no full keys, which here is --no-rerank (re-ranking stays the default where keys exist).
+    # "np": no polysemous training, which FAISS' factory does for PQ by default and which only
+    # serves Hamming filtering: it took 3 minutes for 12k keys of d=32 on 2 busy cores
     "mlpmemory": ("IVF4096,PQ64np", 32),
-    "ivfpq": (None, None),
-    "ivfopq": (None, None),
 }
 DEVICES = ("cpu", "cuda", "cuda:N", "all", "all-shards")
 

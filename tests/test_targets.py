@@ -188,19 +188,6 @@ def test_targets_for_another_split_exclude_nothing(setup, tmp_path):
 
 # ---------------------------------------------------------------- several processes (torchrun, gloo on localhost)
 
-# `python -m mlpmem targets ...` as torchrun runs it, leaving the process group at the end
-# (a gloo group still open at exit aborts the process: the CLI should call dist.finish itself)
-CLI = """
-import sys
-
-from mlpmem import dist
-from mlpmem.cli import main
-
-rc = main(sys.argv[1:])
-dist.finish()
-sys.exit(rc)
-"""
-
 STOPPER = """
 import sys
 from pathlib import Path
@@ -258,11 +245,10 @@ def one_process(setup):
 
 
 def test_two_processes_write_what_one_writes(setup, one_process, tmp_path):
-    """torchrun ... mlpmem targets with 2 ranks (gloo on localhost) writes the files of a 1-process run."""
+    """torchrun -m mlpmem targets with 2 ranks (gloo on localhost) writes the files of a 1-process run."""
     root, ds, ix, _, _ = setup
 
-    (tmp_path / "cli.py").write_text(CLI)
-    r = _torchrun(tmp_path / "cli.py", "targets", "--datastore", ds, "--index", ix, "--out", tmp_path / "two",
+    r = _torchrun("-m", "mlpmem", "targets", "--datastore", ds, "--index", ix, "--out", tmp_path / "two",
                   "--k", 30, "--temperature", T, "--top-m", 16, "--batch-size", 256)
     assert r.returncode == 0, r.stderr[-3000:]
     two = Targets(tmp_path / "two")

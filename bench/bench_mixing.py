@@ -91,6 +91,7 @@ def main() -> None:
     if not lm_text.exists() or len(np.load(lm_text)) != (cap or a.generic_tokens) + 1:
         t0 = time.perf_counter()
         np.save(lm_text, generic_tokens("lm", tok, cap or a.generic_tokens, model, seed=0))
+        (work / "lm_samples_seconds.json").write_text(json.dumps(time.perf_counter() - t0))
         print(f"sampled {cap or a.generic_tokens} tokens from the LM in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     splits["lm_samples"] = np.load(lm_text)
     scores: dict[str, MixScores] = {}
@@ -119,11 +120,16 @@ def main() -> None:
 
     add("base", lambda s: 0.0, "the LM alone")
     add("fixed", lambda s: lam_report, f"lambda {lam_report:.3f} from runs/sotu/report.json (EM on valid)", **{"lambda": lam_report})
+    # controls: one fixed lambda fitted by EM on the same data as the "+ ..." gates (does the gate do more than lower lambda?)
+    for extra, label in (("generic", "licence texts"), ("lm_samples", "LM samples")):
+        both = (np.concatenate([v.lm_logprob, scores[extra].lm_logprob]), np.concatenate([v.memory_logprob, scores[extra].memory_logprob]))
+        lam_c = fit_lambda_em(*both)
+        add(f"fixed, EM on valid + {label}", lambda s, x=lam_c: x, f"one lambda ({lam_c:.3f}) fitted by EM on SOTU valid + {label}", **{"lambda": lam_c})
     fits = {
         "binned (closed form)": (GateConfig(kind="binned", bins=8), False),
         "gated": (GateConfig(kind="mlp"), False),
-        "gated + generic": (GateConfig(kind="mlp"), True),
-        "binned + generic": (GateConfig(kind="binned", bins=8), True),
+        "gated + licence texts": (GateConfig(kind="mlp"), True),
+        "binned + licence texts": (GateConfig(kind="binned", bins=8), True),
         "gated + LM samples": (GateConfig(kind="mlp"), "lm_samples"),
         "binned + LM samples": (GateConfig(kind="binned", bins=8), "lm_samples"),
     }
@@ -147,11 +153,20 @@ def main() -> None:
     goal = {n: bool(row["test"] <= fixed["test"] and row["ood_vs_base"] <= 0.002) for n, row in systems.items() if n not in ("base", "fixed")}
     notes = [f"goal (in-domain ppl <= fixed's {fixed['test']:.3f}, out of domain <= +0.2%): "
              + ", ".join(f"{n} {'met' if ok else 'not met'}" for n, ok in goal.items())]
-    for learned, closed in (("gated", "binned (closed form)"), ("gated + generic", "binned + generic"), ("gated + LM samples", "binned + LM samples")):
+    for learned, closed in (("gated", "binned (closed form)"), ("gated + licence texts", "binned + licence texts"), ("gated + LM samples", "binned + LM samples")):
         a_, b_ = systems[learned], systems[closed]
         notes.append(f"{learned} vs {closed}: in domain {a_['test']:.3f} vs {b_['test']:.3f}, out of domain {a_['ood']:.3f} vs {b_['ood']:.3f}: "
                      + ("the learned gate wins both" if a_["test"] <= b_["test"] and a_["ood"] <= b_["ood"] else
                         "the closed form wins both" if a_["test"] >= b_["test"] and a_["ood"] >= b_["ood"] else "split"))
+    for gated_row, control in (("gated + licence texts", "fixed, EM on valid + licence texts"), ("gated + LM samples", "fixed, EM on valid + LM samples")):
+        a_, c_ = systems[gated_row], systems[control]
+        notes.append(f"{gated_row} vs its control ({control}): in domain {a_['test']:.3f} vs {c_['test']:.3f}, out of domain "
+                     f"{a_['ood']:.3f} vs {c_['ood']:.3f}: " + ("the gate does more than lower lambda" if a_["test"] < c_["test"] and a_["ood"] < c_["ood"]
+                                                              else "no better than one lower lambda"))
+    sample_s = json.loads((work / "lm_samples_seconds.json").read_text()) if (work / "lm_samples_seconds.json").exists() else float("nan")
+    notes.append(f"time: scoring every split took {sum(sum(x.seconds.values()) for x in scores.values()):.0f} s of compute (LM forward, memory, "
+                 f"features) and sampling the LM text {sample_s:.0f} s, on 2 CPU cores shared with 3 other jobs (load average 9-14); fitting all "
+                 f"gates {sum(r_['fit_seconds'] for r_ in records.values()):.0f} s")
     # cost: the gate's share of scoring time, per split and overall (features + gate forward vs LM forward + memory)
     secs = {k: sum(s.seconds.get(k, 0.0) for s in scores.values()) for k in ("lm", "memory", "gate")}
     out = {

@@ -358,6 +358,8 @@ def test_pipeline_reports_gated_beside_fixed(tmp_path, tiny_llama, tiny_corpus_f
         load_recipe(dict(recipe, eval={"mixing": "sometimes"}))
     with pytest.raises(MlpmemError, match="gate.kind"):
         load_recipe(dict(recipe, gate={"kind": "oracle"}))
+    with pytest.raises(MlpmemError, match="gate.generic"):  # before the first stage, not after the memory trained
+        load_recipe(dict(recipe, gate={"generic": str(tmp_path / "nowhere.jsonl")}))
 
 
 def test_gated_export_loads_as_remote_code_without_mlpmem(parts, tmp_path):

@@ -70,6 +70,8 @@ class GateConfig:
             out.append(f"weight_decay: must be >= 0, got {self.weight_decay}")
         if not 0 < self.holdout < 1:
             out.append(f"holdout: must lie in (0, 1), got {self.holdout}")
+        if self.generic not in (None, "lm") and not Path(str(self.generic)).expanduser().exists():
+            out.append(f"generic: {self.generic!r} does not exist (\"lm\" samples generic text from the LM; else a .txt/.jsonl/.parquet file or folder)")
         if not 0 <= self.generic_weight < float("inf"):
             out.append(f"generic_weight: must be >= 0, got {self.generic_weight}")
         return out

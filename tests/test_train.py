@@ -244,3 +244,30 @@ def test_resume_without_a_checkpoint_starts_metrics_clean(data, tmp_path):
     run(data, tmp_path / "straight", cfg)
     steps = lambda d: [(r["split"], r["step"]) for r in read_metrics(d / "metrics.jsonl")]  # noqa: E731
     assert steps(tmp_path / "r") == steps(tmp_path / "straight")
+
+
+def test_keeps_the_best_validated_memory_and_stops_early(data, tmp_path):
+    """The final memory is the validation's best (by interpolated perplexity), the manifest names its step,
+    and patience stops training after that many validations without a new best."""
+    from safetensors.numpy import load_file
+
+    # a large learning rate without warm-up makes validation go up and down
+    cfg = TrainConfig(**{**TINY, "lr": 0.3, "warmup_frac": 0.0, "eval_every": 1, "ckpt_every": 1, "keep_last": 100, "epochs": 1.0})
+    run(data, tmp_path / "best", cfg)
+    out = tmp_path / "best"
+    m = read_manifest(out, "memory")
+    valid = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "valid" and r["step"] > 0]
+    best = min(valid, key=lambda r: r["ppl_interp"])
+    assert best["step"] != valid[-1]["step"], "training improved at every validation: the test needs a noisier run"
+    assert m["kept_step"] == best["step"] and m["kept_by"] == "ppl_interp" and m["valid"]["ppl_interp"] == best["ppl_interp"]
+    assert m["valid_last"]["ppl_interp"] == valid[-1]["ppl_interp"]
+    kept = load_file(str(out / "memory" / "model.safetensors"))
+    ckpt = load_file(str(out / "checkpoints" / f"step-{best['step']:06d}" / "model.safetensors"))
+    assert all(np.array_equal(kept[k], ckpt[k]) for k in kept) and not (out / "best").exists()
+
+    # patience 1: the first validation that is no better than the best so far ends training
+    run(data, tmp_path / "early", TrainConfig(**{**cfg.__dict__, "patience": 1}))
+    m = read_manifest(tmp_path / "early", "memory")
+    first_worse = next(r["step"] for i, r in enumerate(valid) if i and r["ppl_interp"] >= min(v["ppl_interp"] for v in valid[:i]))
+    assert m["stopped_early"] == first_worse and m["kept_step"] < first_worse
+    assert max(r["step"] for r in read_metrics(tmp_path / "early" / "metrics.jsonl")) == first_worse

@@ -58,7 +58,7 @@ STAGE_FILES: dict[str, tuple[str, ...]] = {
     "datastore": ("*-[0-9][0-9][0-9][0-9][0-9].npy",),
     "index": ("index.faiss",),
     "targets": ("ids-*.npy", "probs-*.npy"),
-    "memory": ("memory", "checkpoints", "metrics.jsonl", "training_curve.png"),
+    "memory": ("memory", "best", "checkpoints", "metrics.jsonl", "training_curve.png"),
     "probe": ("items.jsonl", "probe.yaml"),
     "export": ("memory", "base", "*.json", "*.py", "*.txt", "*.model", "*.jinja", "*.safetensors", "README.md"),
     "run": ("corpus", "datastore", "valid", "index", "targets", "valid_targets", "train", "knn.json", "recipe.json", "report.json",
@@ -73,6 +73,7 @@ COMMON_FILES = (CONFIG, MANIFEST, MARKER, LOCK, "progress.json", "progress-*.jso
 ADDED_SETTINGS: dict[str, dict[str, Any]] = {
     "datastore": {"config.mode": "recompute", "extract_mode": "recompute"},
     "index": {"recall_target": None},  # folders before it held a fixed scan (nprobe in their manifest)
+    "memory": {"config.keep_best": False, "config.patience": 0},  # folders before them kept the last step's memory
 }
 
 _FULL_VERIFY = False

@@ -85,6 +85,10 @@ class TrainConfig:
     ckpt_every: int = 500  # steps between checkpoints (0: only at the end)
     keep_last: int = 2
     log_every: int = 20  # steps per averaged train record in metrics.jsonl
+    # the final memory is the validation's best (interpolated perplexity when valid has the LM's
+    # log-probs, else the loss), not the last step's; the manifest says which step was kept
+    keep_best: bool = True
+    patience: int = 0  # stop after this many validations in a row without a new best (0: never early)
 
     def problems(self) -> list[str]:
         """Every range or consistency problem, as "key: message" lines (empty when fine)."""
@@ -94,7 +98,7 @@ class TrainConfig:
 
         return (positive(self, "width", allow_none=True) + positive(self, "n_blocks", zero=True)
                 + positive(self, "expansion", "norm_eps", "lr", "epochs", "batch_size", "grad_accum", "keep_last", "log_every")
-                + positive(self, "weight_decay", "clip", "eval_every", "ckpt_every", zero=True)
+                + positive(self, "weight_decay", "clip", "eval_every", "ckpt_every", "patience", zero=True)
                 + one_of(self, "activation", ACTIVATIONS) + one_of(self, "norm", NORMS) + one_of(self, "init", INITS)
                 + one_of(self, "input_site", SITES, allow_none=True) + one_of(self, "schedule", ("cosine", "linear"))
                 + one_of(self, "precision", ("auto", "fp32", "bf16")) + one_of(self, "mode", ("offline", "online"))
@@ -613,14 +617,50 @@ def _train_loop(memory, opt, data, valid, sched, cfg, dev, bf16, state, out_dir,
         if w.main and (state["step"] % cfg.log_every == 0 or done):
             _append_metrics(out_dir, {"step": state["step"], "split": "train", **{k: float(np.mean([w[k] for w in window])) for k in rec}, "tokens_per_s": tps})
             window = []
-        if valid is not None and (done or (cfg.eval_every and state["step"] % cfg.eval_every == 0)):
+        eval_now = done or bool(cfg.eval_every and state["step"] % cfg.eval_every == 0)
+        stop = False
+        if valid is not None and eval_now:
             last_valid = evaluate(memory, valid, cfg.alpha, dev, bf16, cfg.batch_size // cfg.grad_accum)
             _append_metrics(out_dir, {"step": state["step"], "split": "valid", **last_valid})
             log.debug("step %d valid %s", state["step"], last_valid)
+            stop = _track_best(out_dir, memory, mem_meta, cfg, state, last_valid)
+        if eval_now and cfg.patience and w.size > 1:
+            stop = dist.broadcast_object(stop)  # rank 0 validates; every rank stops with it
+        if stop and not done:
+            state["stopped_early"] = state["step"]
+            log.info("early stop at step %d: %d validations without a better memory (patience)", state["step"], cfg.patience)
+            done = True
         if w.main and (done or (cfg.ckpt_every and state["step"] % cfg.ckpt_every == 0)):
             save_checkpoint(out_dir / CKPT_DIR, state["step"], memory, opt, mem_meta, dict(state, last_valid=last_valid, window=window), cfg.keep_last)
+        if done:
+            break
     bar.close()
     return last_valid
+
+
+BEST = "best"  # OUT/best: the best memory so far (keep_best)
+
+
+def valid_score(v: dict) -> tuple[str, float]:
+    """What "better" means for a validation record: interpolated perplexity when there is one, else the loss (lower wins)."""
+    for key in ("ppl_interp", "loss", "ce"):
+        if key in v:
+            return key, float(v[key])
+    raise KeyError("a validation record without ppl_interp, loss or ce")
+
+
+def _track_best(out_dir: Path, memory, mem_meta: dict, cfg: TrainConfig, state: dict, v: dict) -> bool:
+    """Keep the best memory so far (as OUT/best) and count validations without one; True = stop (patience)."""
+    key, value = valid_score(v)
+    best = state.get("best")
+    if best is None or value < best["value"]:
+        state["best"] = {"step": state["step"], "by": key, "value": value, "valid": v}
+        state["evals_since_best"] = 0
+        if cfg.keep_best:
+            save_memory(out_dir / BEST, memory, mem_meta)
+    else:
+        state["evals_since_best"] = state.get("evals_since_best", 0) + 1
+    return bool(cfg.patience) and state["evals_since_best"] >= cfg.patience
 
 
 def rank_slice(rows: np.ndarray, w) -> np.ndarray:
@@ -631,7 +671,15 @@ def rank_slice(rows: np.ndarray, w) -> np.ndarray:
 def _finish(out_dir, memory, mem_meta, cfg, data, valid, sched, state, last_valid, bf16, dev) -> Path:
     if valid is not None and last_valid is None:  # resumed after the last step's checkpoint
         last_valid = evaluate(memory, valid, cfg.alpha, dev, bf16, cfg.batch_size // cfg.grad_accum)
+    best = state.get("best")
+    kept_valid = last_valid
+    if cfg.keep_best and best and best["step"] != state["step"] and (out_dir / BEST).is_dir():
+        memory, _ = load_memory(out_dir / BEST, device=dev)
+        kept_valid = best["valid"]
+        log.info("kept the memory of step %d (valid %s %.4g); the last step's (%d) had %.4g", best["step"], best["by"], best["value"],
+                 state["step"], valid_score(last_valid)[1] if last_valid else float("nan"))
     save_memory(out_dir / "memory", memory, mem_meta)
+    shutil.rmtree(out_dir / BEST, ignore_errors=True)
     plot_training_curve(read_metrics(out_dir / METRICS), out_dir / "training_curve.png", f"memory on {mem_meta['model_id']}")
     tps = state["train_positions"] / max(state["train_seconds"], 1e-9)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -643,13 +691,15 @@ def _finish(out_dir, memory, mem_meta, cfg, data, valid, sched, state, last_vali
         "steps": sched.total, "positions_seen": sched.total * cfg.batch_size, "epochs": sched.total * cfg.batch_size / data.n,
         "n_rows": data.n, "datastore": mem_meta["datastore"], "targets": mem_meta["targets"],
         "precision": "bf16" if bf16 else "fp32", "device": str(dev), "torch_threads": torch.get_num_threads(), "processes": _world_size(),
-        "tokens_per_s": tps, "peak_rss_mb": peak_rss_mb, "valid": last_valid, "valid_start": state.get("valid_start"),
+        "tokens_per_s": tps, "peak_rss_mb": peak_rss_mb, "valid": kept_valid, "valid_start": state.get("valid_start"),
+        "valid_last": last_valid, "kept_step": best["step"] if cfg.keep_best and best else state["step"],
+        "kept_by": (best["by"] if best else None) if cfg.keep_best else "last step", "stopped_early": state.get("stopped_early"),
     })
     start = state.get("valid_start")
-    if start and last_valid and "kl" in start and last_valid["kl"] >= start["kl"]:
+    if start and kept_valid and "kl" in start and kept_valid["kl"] >= start["kl"]:
         log.warning("the memory ended WORSE than it started on valid (KL to the kNN targets %.4g -> %.4g): training did not help; "
-                    "check lr, epochs and the targets", start["kl"], last_valid["kl"])
-    summary = ", ".join(f"{k} {v:.4g}" for k, v in (last_valid or {}).items())
+                    "check lr, epochs and the targets", start["kl"], kept_valid["kl"])
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in (kept_valid or {}).items())
     log.info("memory trained: %d steps at %.0f tokens/s%s -> %s", sched.total, tps, f"; valid {summary}" if summary else "", out_dir / "memory")
     return out_dir
 

@@ -104,3 +104,12 @@ def test_report_says_when_the_memory_ended_worse_than_it_started():
     assert "1.000 -> 0.500" in render_report(r) and "ended worse" not in render_report(r)
     r["train"]["valid"]["kl"] = 1.5
     assert "ended worse than it started" in render_report(r)
+
+
+def test_online_training_stores_no_second_feature_array(tmp_path, tiny_llama, tiny_corpus_file):
+    """train.mode online: the memory's input (the last layer's output for lm_copy) is recomputed, so the
+    datastore keeps only the keys, and the run still trains and scores the memory."""
+    r = run_pipeline(load_recipe(tiny_recipe(tmp_path, tiny_llama, tiny_corpus_file, init="lm_copy", input_site="output", mode="online")))
+    ds = json.loads((tmp_path / "run" / "datastore" / "manifest.json").read_text())
+    assert list(ds["features"]) == ["keys"] and not list((tmp_path / "run" / "datastore").glob("h*.npy"))
+    assert r["memory_input"]["site"] == "output" and r["ppl"]["mlp_memory"] < r["ppl"]["base"]

@@ -85,12 +85,13 @@ def calibrate(model, recipe, d_in: int, vocab: int, device) -> Throughputs:
     mode = resolve_mode(model, ds.mode, C, S)
     sites = {"keys": Site(resolve_layer(model, ds.layer), ds.site)}
     rng = np.random.default_rng(0)
-    n_windows = 2 * B  # two batches: the first warms up, the second is timed
-    tokens = rng.integers(0, min(vocab, model.config.get_text_config().vocab_size), size=C + S * (n_windows - 1) + 1).astype(np.int32)
+    tokens = rng.integers(0, min(vocab, model.config.get_text_config().vocab_size), size=C + S * B + 1).astype(np.int32)
 
     def rows_per_s(want_logprob: bool) -> float:
-        batches = list(iter_batches(model, tokens, C, S, sites, B, want_logprob, None, mode if not want_logprob else "recompute"))
-        timed = batches[len(batches) // 2:] or batches
+        """One window to warm up, then one timed batch of B windows (a cache-mode block when extracting)."""
+        m = mode if not want_logprob else "recompute"
+        list(iter_batches(model, tokens[: C + 1], C, S, sites, 1, want_logprob, None, "recompute"))
+        timed = list(iter_batches(model, tokens, C, S, sites, B, want_logprob, (1, B + 1), m))
         return sum(b.row_end - b.row_start for b in timed) / max(1e-9, sum(b.seconds for b in timed))
 
     extract, score = rows_per_s(False), rows_per_s(True)

@@ -389,3 +389,66 @@ def test_gated_export_loads_as_remote_code_without_mlpmem(parts, tmp_path):
     assert mode == "gated"
     np.testing.assert_allclose(gated, want[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(fixed, want[1], rtol=1e-5, atol=1e-5)
+
+
+def test_router_weights_and_mixture_match_naive_and_refuse_no_memory():
+    from mlpmem.modeling_mlpmem import MemoryRouter, mix_routed
+
+    torch.manual_seed(0)
+    r = MemoryRouter(2, hidden=5)
+    with torch.no_grad():
+        r.out.weight.normal_(0, 1e4)  # absurd weights: still a distribution over LM + 2 memories
+    w = r(torch.randn(6, 2, len(GATE_FEATURES)) * 1e3)
+    assert w.shape == (6, 3) and (w >= 0).all() and torch.allclose(w.sum(-1), torch.ones(6))
+    lp = torch.randn(6, 3, 11).log_softmax(-1)
+    w = torch.rand(6, 3)
+    w = w / w.sum(-1, keepdim=True)
+    naive = torch.log(sum(w[:, k, None] * lp[:, k].exp() for k in range(3)))
+    torch.testing.assert_close(mix_routed(lp, w), naive)
+    torch.testing.assert_close(mix_routed(lp[..., 4], w), naive[:, 4])  # per-target values
+    with pytest.raises(MlpmemError, match="at least one memory"):
+        MemoryRouter(0)
+    with pytest.raises(MlpmemError, match="features of 2 memories"):
+        r(torch.randn(4, 3, len(GATE_FEATURES)))
+
+
+def test_router_learns_which_memory_knows_each_token():
+    """Two domains: memory 1 is right on domain A, memory 2 on domain B, and the features tell the domains apart."""
+    from mlpmem.evaluate import fit_mixture_em, mix_many
+    from mlpmem.gate import fit_router, router_weights
+
+    rng = np.random.default_rng(0)
+    n = 6000
+    dom_b = rng.random(n) < 0.5
+    feats = rng.normal(0, 1, (n, 2, len(GATE_FEATURES))).astype(np.float32)
+    feats[dom_b, 1, 4] -= 2.0  # memory 2 agrees with the LM more on B (lower KL), memory 1 on A
+    feats[~dom_b, 0, 4] -= 2.0
+    good, bad = np.log(rng.beta(5, 2, n)), np.log(rng.beta(1, 30, n))
+    lp = np.stack([np.log(rng.beta(2, 5, n)), np.where(dom_b, bad, good), np.where(dom_b, good, bad)], 1)
+    held = np.zeros(n, bool)
+    held[::5] = True
+    router, rec = fit_router(lp, feats, GateConfig(steps=400), held)
+    w = router_weights(router, feats)
+    assert w[dom_b, 2].mean() > 0.6 and w[~dom_b, 1].mean() > 0.6
+    fixed = fit_mixture_em([lp[~held, k] for k in range(3)])
+    routed = -np.mean(np.logaddexp.reduce(np.log(w[held]) + lp[held], axis=1))
+    assert routed < -np.mean(mix_many([lp[held, k] for k in range(3)], fixed)) - 0.1  # held out: better than fixed weights
+
+
+def test_one_pass_scores_several_memories(parts):
+    from mlpmem.gate import score_memories, score_mixing
+    from mlpmem.models import Site
+
+    lm, tok, mem, meta, _, _ = parts
+    other = tiny_memory(lm, seed=3)
+    tokens = np.array(tok(" ".join(["war and peace in the union"] * 6)).input_ids, dtype=np.int64)[:30]
+    labels, lp, feats, _ = score_memories(lm, tokens, 16, 8, [(mem, Site(1, "ffn_input")), (other, Site(0, "output"))], batch_size=2)
+    one = score_mixing(lm, tokens, 16, 8, mem, Site(1, "ffn_input"), batch_size=2)
+    two = score_mixing(lm, tokens, 16, 8, other, Site(0, "output"), batch_size=2)
+    assert lp.shape == (29, 3) and feats.shape == (29, 2, len(GATE_FEATURES)) and np.array_equal(labels, one.labels)
+    np.testing.assert_allclose(lp[:, 0], one.lm_logprob, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(lp[:, 1], one.memory_logprob, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(lp[:, 2], two.memory_logprob, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(feats[:, 1], two.features, rtol=1e-5, atol=1e-5)
+    with pytest.raises(MlpmemError, match="no memory"):
+        score_memories(lm, tokens, 16, 8, [])

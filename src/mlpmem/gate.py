@@ -116,17 +116,27 @@ def score_mixing(model, tokens: np.ndarray, context: int, stride: int, memory, m
     """Run the LM over ``tokens`` (windows as the evaluator's) and keep, per predicted position, the LM's and the
     memory's log-prob of the true token and the gate's features. Timed per part (LM forward, memory, features and
     gate; ``gate`` if given is run too, so its cost is in the timing). ``memory_site``: a models.Site."""
+    labels, lp, feats, secs = score_memories(model, tokens, context, stride, [(memory, memory_site)], batch_size, desc, chunk, gate)
+    return MixScores(labels, lp[:, 0], lp[:, 1], feats[:, 0], secs)
+
+
+def score_memories(model, tokens: np.ndarray, context: int, stride: int, memories: list, batch_size: int = 8, desc: str = "scoring memories",
+                   chunk: int = 512, gate=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
+    """One LM pass for K memories (each a (memory, models.Site) pair): (labels [N], log-probs of the true token
+    [N, K + 1] (column 0 the LM), gate_features of each memory against the LM [N, K, F], seconds per part)."""
     import torch
     from tqdm.auto import tqdm
 
     from mlpmem.corpus import windows
     from mlpmem.models import capture
 
+    if not memories:
+        raise MlpmemError("no memory to score", "pass at least one (memory, site) pair")
     W = windows(len(tokens), context, stride)
     tok_t = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
     n_tokens = len(tok_t)
-    dev = next(memory.parameters()).device
-    out: dict[str, list] = {"y": [], "lm": [], "mem": [], "f": []}
+    sites = list(dict.fromkeys(site for _, site in memories))
+    out: dict[str, list] = {"y": [], "lp": [], "f": []}
     secs = {"lm": 0.0, "memory": 0.0, "gate": 0.0}
     bar = tqdm(total=max(0, n_tokens - 1), desc=desc, unit="tok", dynamic_ncols=True)
     i = 0
@@ -139,40 +149,47 @@ def score_mixing(model, tokens: np.ndarray, context: int, stride: int, memory, m
         stops = np.minimum(group[:, 1], n_tokens - 1)
         keep = int((group[:, 1] - group[:, 2]).max())
         t0 = time.perf_counter()
-        with torch.inference_mode(), capture(model, [memory_site]) as store:
+        with torch.inference_mode(), capture(model, sites) as store:
             res = model(input_ids=ids, use_cache=False, logits_to_keep=keep)
-        logits, hs = [], []
+        logits, hs = [], {site: [] for site in sites}
         for w, (b, e, k) in enumerate(group):
             s, t = k - b, stops[w] - b
             logits.append(res.logits[w, s - (e - b) + keep : t - (e - b) + keep])
-            hs.append(store[memory_site][w, s:t])
-        logits, hs = torch.cat(logits), torch.cat(hs)
+            for site in sites:
+                hs[site].append(store[site][w, s:t])
+        logits, hs = torch.cat(logits), {site: torch.cat(v) for site, v in hs.items()}
         secs["lm"] += time.perf_counter() - t0
         y = tok_t[int(group[0, 2]) + 1 : int(stops[-1]) + 1]
         with torch.inference_mode():
             for a in range(0, len(y), chunk):
-                yy = y[a : a + chunk].to(dev)[:, None]
+                yy = y[a : a + chunk][:, None]
                 t0 = time.perf_counter()
-                lm_lp = logits[a : a + chunk].float().log_softmax(-1).to(dev)
+                lm_lp = logits[a : a + chunk].float().log_softmax(-1)
                 secs["lm"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                mem_lp = memory(hs[a : a + chunk].to(dev).float()).float().log_softmax(-1)
-                secs["memory"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                f = gate_features(lm_lp, mem_lp)
-                if gate is not None:
-                    gate(f)
-                secs["gate"] += time.perf_counter() - t0
-                out["lm"].append(lm_lp.gather(-1, yy)[:, 0].double().cpu().numpy())
-                out["mem"].append(mem_lp.gather(-1, yy)[:, 0].double().cpu().numpy())
-                out["f"].append(f.cpu().numpy())
+                lps, fs = [lm_lp.gather(-1, yy.to(lm_lp.device))[:, 0].double().cpu()], []
+                for memory, site in memories:
+                    dev = next(memory.parameters()).device
+                    t0 = time.perf_counter()
+                    mem_lp = memory(hs[site][a : a + chunk].to(dev).float()).float().log_softmax(-1)
+                    secs["memory"] += time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    f = gate_features(lm_lp.to(dev), mem_lp)
+                    if gate is not None:
+                        gate(f)
+                    secs["gate"] += time.perf_counter() - t0
+                    lps.append(mem_lp.gather(-1, yy.to(dev))[:, 0].double().cpu())
+                    fs.append(f.cpu())
+                out["lp"].append(torch.stack(lps, 1).numpy())
+                out["f"].append(torch.stack(fs, 1).numpy())
         out["y"].append(y.numpy().astype(np.int32))
         bar.update(len(y))
         i = j
     bar.close()
-    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
-    feats = np.concatenate(out["f"]) if out["f"] else np.zeros((0, len(GATE_FEATURES)), np.float32)
-    return MixScores(cat(out["y"], np.int32), cat(out["lm"], np.float64), cat(out["mem"], np.float64), feats, secs)
+    k = len(memories)
+    labels = np.concatenate(out["y"]).astype(np.int32) if out["y"] else np.zeros(0, np.int32)
+    lp = np.concatenate(out["lp"]).astype(np.float64) if out["lp"] else np.zeros((0, k + 1))
+    feats = np.concatenate(out["f"]).astype(np.float32) if out["f"] else np.zeros((0, k, len(GATE_FEATURES)), np.float32)
+    return labels, lp, feats, secs
 
 
 # ----------------------------------------------------------------------------- the pure maths
@@ -438,3 +455,82 @@ def build_gate_stage(out_dir: Path, cfg: GateConfig, model, tok, valid_tokens: n
     log.info("gate (%s, %d parameters) saved to %s: valid ppl fixed %.3f, gated %.3f (of which part was its training data)",
              cfg.kind, gate.num_parameters(), out_dir, record["valid_ppl_fixed"], record["valid_ppl_gated"])
     return gate, meta
+
+
+# ----------------------------------------------------------------------------- several memories: a router (issue 12 item 2, scoring path)
+
+
+def fit_router(lp: np.ndarray, features: np.ndarray, cfg: GateConfig, holdout: np.ndarray | None = None):
+    """Train a :class:`~mlpmem.modeling_mlpmem.MemoryRouter` on per-token log-probs ``lp`` [N, K + 1] (column 0 the LM,
+    then each memory) and features [N, K, F] (gate_features of each memory against the LM): maximise the routed
+    mixture's likelihood, starting from the EM-fitted fixed weights, early stopping on ``holdout``. Returns (router, record).
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _fit_router(lp, features, cfg, holdout)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit_router(lp, features, cfg: GateConfig, holdout):
+    import torch
+
+    from mlpmem.evaluate import fit_mixture_em
+    from mlpmem.modeling_mlpmem import MemoryRouter
+
+    lp, features = np.asarray(lp, np.float64), np.asarray(features, np.float32)
+    if lp.ndim != 2 or lp.shape[1] < 2 or features.shape[:2] != (lp.shape[0], lp.shape[1] - 1):
+        raise MlpmemError(f"a router needs log-probs [N, K + 1] and features [N, K, F] with K >= 1, got {lp.shape} and {features.shape}",
+                          "score the LM and every memory on the same positions")
+    torch.manual_seed(cfg.seed)
+    n = len(lp)
+    holdout = holdout_mask(n, cfg.holdout, seed=cfg.seed) if holdout is None else holdout
+    train = ~holdout
+    router = MemoryRouter(lp.shape[1] - 1, cfg.hidden)
+    x = torch.tensor(features.reshape(n, -1))
+    y = torch.tensor(lp, dtype=torch.float32)
+    w0 = np.maximum(fit_mixture_em([lp[train, k] for k in range(lp.shape[1])]), 1e-6)
+    with torch.no_grad():
+        router.shift.copy_(x[train].mean(0))
+        router.scale.copy_(x[train].std(0).clamp_min(1e-3))
+        router.out.bias.copy_(torch.tensor(np.log(w0), dtype=torch.float32))
+    tr, ho = torch.from_numpy(train), torch.from_numpy(holdout)
+    xs = {"tr": (x[tr] - router.shift) / router.scale, "ho": (x[ho] - router.shift) / router.scale}
+    ys = {"tr": y[tr], "ho": y[ho]}
+
+    def nll(part):
+        z = router.out(torch.tanh(router.inner(xs[part])))
+        return -torch.logsumexp(z.log_softmax(-1) + ys[part], -1).mean()
+
+    opt = torch.optim.Adam(router.parameters(), lr=cfg.lr)
+    with torch.no_grad():
+        best = start = float(nll("ho"))
+    best_state, best_step, bad, step = {k: v.clone() for k, v in router.state_dict().items()}, 0, 0, 0
+    for step in range(1, cfg.steps + 1):
+        loss = nll("tr") + cfg.weight_decay * ((router.inner.weight ** 2).sum() + (router.out.weight ** 2).sum())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 20 == 0:
+            with torch.no_grad():
+                h = float(nll("ho"))
+            if h < best - 1e-6:
+                best, best_state, best_step, bad = h, {k: v.clone() for k, v in router.state_dict().items()}, step, 0
+            else:
+                bad += 1
+                if bad >= 15:
+                    break
+    router.load_state_dict(best_state)
+    return router.eval(), {"weights_start": [float(w) for w in w0], "held_out_nll_start": start, "held_out_nll": best,
+                           "best_step": best_step, "steps_run": step}
+
+
+def router_weights(router, features: np.ndarray) -> np.ndarray:
+    """Per-token weights [N, K + 1] (column 0 the LM) from features [N, K, F]."""
+    import torch
+
+    with torch.no_grad():
+        return router(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32))).double().numpy()

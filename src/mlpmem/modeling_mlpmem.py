@@ -456,6 +456,48 @@ def mix_per_token(lm_logprobs: torch.Tensor, memory_logprobs: torch.Tensor, lam:
     return torch.logaddexp(torch.log1p(-lam) + lm_logprobs, torch.log(lam) + memory_logprobs)
 
 
+class MemoryRouter(nn.Module):
+    """Per-token weights over the LM and K memories (issue 12 item 2, the scoring path).
+
+    ``forward(feats [..., K, F]) -> weights [..., K + 1]``: the :func:`gate_features` of each memory
+    against the LM, standardised, through Linear(K*F, hidden) -> tanh -> Linear(hidden, K + 1) and a
+    softmax, so the weights are >= 0 and sum to 1 by construction; column 0 is the LM's weight.
+    """
+
+    def __init__(self, n_memories: int, hidden: int = 32) -> None:
+        super().__init__()
+        if n_memories < 1:
+            raise MlpmemError(f"a router needs at least one memory, got {n_memories}", "pass the memories to route between")
+        self.n_memories, self.hidden = int(n_memories), int(hidden)
+        n = self.n_memories * len(GATE_FEATURES)
+        self.register_buffer("shift", torch.zeros(n))
+        self.register_buffer("scale", torch.ones(n))
+        self.inner = nn.Linear(n, self.hidden)
+        self.out = nn.Linear(self.hidden, self.n_memories + 1)
+        nn.init.zeros_(self.out.weight)  # starts as fixed weights (softmax of out.bias)
+
+    def config(self) -> dict[str, Any]:
+        return {"n_memories": self.n_memories, "hidden": self.hidden}
+
+    def logits(self, feats: torch.Tensor) -> torch.Tensor:
+        if feats.shape[-2:] != (self.n_memories, len(GATE_FEATURES)):
+            raise MlpmemError(f"the router takes features of {self.n_memories} memories [..., {self.n_memories}, {len(GATE_FEATURES)}], "
+                              f"got shape {tuple(feats.shape)}", "pass one gate_features row per memory, in the router's order")
+        x = feats.flatten(-2).to(self.scale.dtype)
+        return self.out(torch.tanh(self.inner((x - self.shift) / self.scale)))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return self.logits(feats).softmax(-1)
+
+
+def mix_routed(logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """log sum_k w_k p_k: ``logprobs`` [..., K + 1, V] (full rows) or [..., K + 1] (per target), ``weights`` [..., K + 1]."""
+    w = weights.to(logprobs.dtype)
+    if logprobs.dim() == w.dim() + 1:
+        return torch.logsumexp(torch.log(w)[..., None] + logprobs, dim=-2)
+    return torch.logsumexp(torch.log(w) + logprobs, dim=-1)
+
+
 # ============================================================================ reading the LM's hidden state
 # mlpmem.models.capture does the same for the datastore (with more options); it is not imported here
 # because this file must load without mlpmem, and mlpmem.models must import without transformers.

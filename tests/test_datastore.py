@@ -222,3 +222,18 @@ def test_manifest_fingerprints_the_model(tmp_path, tiny_llama, corpus_dir):
     out = build_datastore(corpus_dir, tmp_path / "ds", _cfg(tiny_llama))
     model, _, _ = load_model(str(tiny_llama))
     assert Datastore(out).manifest["model_fingerprint"] == model_fingerprint(model)  # memories trained on it inherit it
+
+
+def test_batch_tokens_sizes_the_forward_calls(tmp_path, tiny_llama, corpus_dir, monkeypatch):
+    """batch_tokens = 3 windows' tokens runs the batches batch_size=3 runs (and writes the same bytes)."""
+    import mlpmem.datastore as dsmod
+
+    sizes = []
+    real = dsmod.iter_batches
+    monkeypatch.setattr(dsmod, "iter_batches", lambda model, tokens, c, s, sites, bs, *a, **k: sizes.append(bs) or real(model, tokens, c, s, sites, bs, *a, **k))
+    by_windows = build_datastore(corpus_dir, tmp_path / "w", _cfg(tiny_llama, batch_size=3))
+    by_tokens = build_datastore(corpus_dir, tmp_path / "t", _cfg(tiny_llama, batch_size=8, batch_tokens=3 * 64 + 5))
+    assert set(sizes) == {3}
+    for p in sorted(by_windows.glob("*.npy")):
+        assert p.read_bytes() == (by_tokens / p.name).read_bytes(), p.name
+    assert Datastore(by_tokens).manifest["windows_per_batch"] == 3

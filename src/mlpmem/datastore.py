@@ -53,7 +53,8 @@ class DatastoreConfig:
     lm_logprob: bool = False  # also store the LM's log-prob of each next token (for scoring splits)
     context: int = 512
     stride: int = 256
-    batch_size: int = 8
+    batch_size: int = 8  # windows per forward call
+    batch_tokens: int | None = None  # tokens per forward call instead (batch_size = batch_tokens // context): the size a GPU takes
     windows_per_shard: int = 256  # cache mode splits a shard into lanes: long shards make long lanes (see LANE_WINDOWS)
     dtype: str = "float32"  # "auto" resolves (models.resolve_device) before it is recorded: config.json holds what ran
     # "recompute" | "cache" (carry the KV cache across windows: faster, keys from a slightly different context)
@@ -72,7 +73,7 @@ class DatastoreConfig:
         return (need(isinstance(self.model, str) and self.model != "", "model", "must name a model")
                 + one_of(self, "split", SPLITS) + one_of(self, "site", SITES) + one_of(self, "mode", MODES)
                 + one_of(self, "dtype", ("auto", "float32", "bfloat16", "float16"))
-                + positive(self, "context", "stride", "batch_size", "windows_per_shard")
+                + positive(self, "context", "stride", "batch_size", "windows_per_shard") + positive(self, "batch_tokens", allow_none=True)
                 + need(not (self.context and self.stride) or self.stride <= self.context, "stride", f"must not exceed the context ({self.context}), got {self.stride}")
                 + need(not bad_sites, "extra_sites", f"entries must read LAYER:SITE with SITE in {SITES}, got {bad_sites}"))
 
@@ -312,6 +313,11 @@ def _cached_block(model, tok_t, W: np.ndarray, context: int, stride: int, sites:
     return Batch(row0, row1, feats, lp, tok_t[row0 + 1 : row1 + 1].numpy().astype(np.int32), seconds)
 
 
+def windows_per_batch(cfg: DatastoreConfig) -> int:
+    """Windows per forward call: ``batch_tokens // context`` when batch_tokens is set, else batch_size."""
+    return max(1, cfg.batch_tokens // cfg.context) if cfg.batch_tokens else cfg.batch_size
+
+
 def _sites(model, cfg: DatastoreConfig) -> tuple[Site, dict[str, Site]]:
     if cfg.site not in SITES:
         raise MlpmemError(f"unknown site {cfg.site!r}", f"choose one of {SITES}")
@@ -399,7 +405,7 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
             arrays["values"] = np.empty(end - start, np.int32)
             if cfg.lm_logprob:
                 arrays["lm_logprob"] = np.empty(end - start, np.float32)
-            for batch in iter_batches(model, tokens, cfg.context, cfg.stride, sites, cfg.batch_size, cfg.lm_logprob, (a, b), mode):
+            for batch in iter_batches(model, tokens, cfg.context, cfg.stride, sites, windows_per_batch(cfg), cfg.lm_logprob, (a, b), mode):
                 r0, r1 = batch.row_start - start, batch.row_end - start
                 for name, h in batch.features.items():
                     arrays[name][r0:r1] = h.to("cpu", torch.float16).numpy()
@@ -430,8 +436,9 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
             "features": {name: {"layer": s.layer, "site": s.site} for name, s in sites.items()},
             "d": d, "vocab_size": logits_size(model), "n_rows": n_rows, "split": cfg.split,
             "context": cfg.context, "stride": cfg.stride, "n_windows": len(W),
-            "extract_mode": mode, **({"sink_tokens": min(SINK_TOKENS, cfg.stride), "lanes": cfg.batch_size * cfg.context // cfg.stride,
-                                        "max_block_windows": cfg.batch_size * cfg.context // cfg.stride * LANE_WINDOWS} if mode == "cache" else {}),
+            "extract_mode": mode, "windows_per_batch": windows_per_batch(cfg),
+            **({"sink_tokens": min(SINK_TOKENS, cfg.stride), "lanes": windows_per_batch(cfg) * cfg.context // cfg.stride,
+                "max_block_windows": windows_per_batch(cfg) * cfg.context // cfg.stride * LANE_WINDOWS} if mode == "cache" else {}),
             "key_dtype": "float16", "value_dtype": "int32",
             "corpus": resolved["corpus"], "corpus_hash": corpus.manifest["corpus_hash"],
             "rows": "row i = position i of the split's token stream; value = token i+1; document = corpus doc_index[i]",

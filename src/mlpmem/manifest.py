@@ -71,7 +71,7 @@ COMMON_FILES = (CONFIG, MANIFEST, MARKER, LOCK, "progress.json", "progress-*.jso
 # settings added after a stage's first version, with the value a folder written before them used:
 # such a folder matches a new config whose value is that one (dotted paths into the resolved config)
 ADDED_SETTINGS: dict[str, dict[str, Any]] = {
-    "datastore": {"config.mode": "recompute", "extract_mode": "recompute"},
+    "datastore": {"config.mode": "recompute", "extract_mode": "recompute", "config.batch_tokens": None},
     "index": {"recall_target": None},  # folders before it held a fixed scan (nprobe in their manifest)
     "memory": {"config.keep_best": False, "config.patience": 0},  # folders before them kept the last step's memory
 }

@@ -34,10 +34,11 @@ import numpy as np
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
+PARTS = Path("runs/knowledge/bench")  # per-task results and RAG tunings, so tasks can run in separate processes
 log = logging.getLogger("bench_knowledge")
 
-WORDNET_TASKS = ("mlpmem_wn_mc", "mlpmem_wn_em", "mlpmem_wn_define", "mlpmem_reasoning")
-GRID = {"k": (1, 3), "chunk_words": (16, 48)}
+WORDNET_TASKS = ("mlpmem_wn_mc", "mlpmem_reasoning", "mlpmem_wn_em", "mlpmem_wn_define")  # most telling first
+GRID = [(1, 16), (3, 16), (1, 48), (3, 48)]  # (k, chunk words)
 
 
 def bootstrap(values: np.ndarray, iters: int = 1000, seed: int = 0) -> tuple[float, float]:
@@ -68,10 +69,12 @@ def evaluate(lm, task: str, tasks_dir: Path, limit: int | None) -> tuple[dict[st
 
 
 def set_lambda(lm, lam: float) -> None:
+    """The fixed-lambda mixture (also on a version that mixes per token with a gate when the memory has one)."""
     model = lm.model
-    model.lambda_ = model.config.lambda_ = float(lam)
-    if hasattr(model, "mixing_mode"):
-        model.mixing_mode = "fixed"  # the fixed-lambda mixture, whatever a gate-aware version would pick
+    try:
+        model.set_lambda(float(lam), mode="fixed")
+    except TypeError:  # a version without gated mixing
+        model.set_lambda(float(lam))
 
 
 def tune_rag(lm, texts_corpus: Path, task: str, tasks_dir: Path, limit: int | None) -> tuple[dict, list]:
@@ -80,9 +83,9 @@ def tune_rag(lm, texts_corpus: Path, task: str, tasks_dir: Path, limit: int | No
 
     texts = split_texts(texts_corpus)
     rows = []
-    for cw in GRID["chunk_words"]:
+    for k, cw in GRID:
         retriever = BM25Retriever(chunk(texts, cw))
-        for k in GRID["k"]:
+        if True:
             vals, wall, n = evaluate(RetrievalLM(lm, retriever, k), task, tasks_dir, limit)
             rows.append({"k": k, "chunk_words": cw, "acc": float(vals["acc"].mean()), "n": n, "s_per_item": wall / n})
             log.info("tune %s: k=%d chunk=%d acc %.3f (%.2f s/item)", task, k, cw, rows[-1]["acc"], rows[-1]["s_per_item"])
@@ -91,18 +94,27 @@ def tune_rag(lm, texts_corpus: Path, task: str, tasks_dir: Path, limit: int | No
 
 
 def run_family(name: str, memory: Path, run: Path, tasks_dir: Path, tasks: list[str], limits: dict[str, int], tune_task: str,
-               tune_limit: int, results: dict) -> None:
+               tune_limit: int, results: dict, lam: float | None = None) -> None:
     """Score ``tasks`` with the four systems of one memory (loaded once)."""
     from mlpmem.knowledge_tasks import check_tasks
     from mlpmem.lm_eval_backend import MLPMemoryLM
     from mlpmem.rag import BM25Retriever, RetrievalLM, chunk, split_texts
 
     check_tasks(tasks_dir, run / "corpus")  # the items must come from this memory's train split
-    lam = float(json.loads((run / "report.json").read_text())["lambda"]["mlp_memory"])
+    tuned_lam = float(json.loads((run / "report.json").read_text())["lambda"]["mlp_memory"]) if (run / "report.json").exists() else None
+    if lam is None and tuned_lam is None:
+        raise SystemExit(f"{run}/report.json is missing (the run has not finished): pass --lambda")
+    lam = tuned_lam if lam is None else lam
     lm = MLPMemoryLM(memory=str(memory), lambda_=0.0, batch_size=8, device="cpu")
     set_lambda(lm, 0.0)
-    best, grid = tune_rag(lm, run / "corpus", tune_task, tasks_dir, tune_limit)
-    results["rag_tuning"][name] = {"grid": grid, "chosen": best, "tuned_on": tune_task, "items": tune_limit}
+    tuned = PARTS / f"tuning_{name}.json"
+    if tuned.exists():  # tuned earlier (--tune-only, with the base LM alone: what lambda 0 computes)
+        results["rag_tuning"][name] = json.loads(tuned.read_text())
+    else:
+        best, grid = tune_rag(lm, run / "corpus", tune_task, tasks_dir, tune_limit)
+        results["rag_tuning"][name] = {"grid": grid, "chosen": best, "tuned_on": tune_task, "items": tune_limit, "lm": "LM + memory at lambda 0"}
+        tuned.write_text(json.dumps(results["rag_tuning"][name], indent=1))
+    best = results["rag_tuning"][name]["chosen"]
     retriever = BM25Retriever(chunk(split_texts(run / "corpus"), best["chunk_words"]))
     systems = {"base": (lm, 0.0), "LM + memory": (lm, lam), "RAG": (RetrievalLM(lm, retriever, best["k"]), 0.0),
                "RAG + memory": (RetrievalLM(lm, retriever, best["k"]), lam)}
@@ -124,7 +136,9 @@ def run_family(name: str, memory: Path, run: Path, tasks_dir: Path, tasks: list[
                 row["diff_vs_base"] = {"metric": primary, "mean": float((vals[primary] - base_vals[primary]).mean()), "ci95": [d_lo, d_hi]}
             rows[sys_name] = row
             log.info("%s / %s: %s %.3f [%.3f, %.3f], %.2f s/item", task, sys_name, primary, row[primary]["mean"], *row[primary]["ci95"], wall / n)
-        results["tasks"][task] = {"memory": str(memory), "memory_run": str(run), "lambda": lam, "retrieval": best, "systems": rows}
+        results["tasks"][task] = {"memory": str(memory), "memory_run": str(run), "lambda": lam, "run_valid_lambda": tuned_lam,
+                                  "retrieval": best, "systems": rows}
+        (PARTS / f"task_{task}.json").write_text(json.dumps(results["tasks"][task], indent=1))
         write(results)
     set_lambda(lm, 0.0)
 
@@ -169,6 +183,13 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=200, help="test items per task (define: half)")
     p.add_argument("--tune-limit", type=int, default=60)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--family", choices=("all", "wordnet", "sotu"), default="all",
+                   help="score one memory's tasks only; results merge into the same JSON (to run the two side by side)")
+    p.add_argument("--only", default=None, help="comma-separated tasks of the family to score (others: from earlier runs)")
+    p.add_argument("--tune-only", action="store_true", help="tune RAG's k and chunk size with the plain LM and stop")
+    p.add_argument("--grid", default=None, help="RAG settings to try, e.g. 1x16,3x16,1x48 (k x chunk words)")
+    p.add_argument("--lambda", dest="lam", type=float, default=None, help="the memory's fixed lambda (default: the run's valid-tuned one)")
+    p.add_argument("--merge", action="store_true", help="collect the per-task results of earlier runs into the JSON and plots")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("lm_eval", "lm-eval", "faiss.loader", "httpx"):
@@ -181,8 +202,13 @@ def main() -> None:
 
     if args.quick:
         args.limit, args.tune_limit = 12, 8
+    global PARTS, GRID
+    if args.grid:
+        GRID = [tuple(int(x) for x in g.split("x")) for g in args.grid.split(",")]
+    PARTS = PARTS.with_name(PARTS.name + ("_quick" if args.quick else ""))
+    PARTS.mkdir(parents=True, exist_ok=True)
     sotu = args.sotu_run if (args.sotu_run / "report.json").exists() else None
-    build_tasks(args.source, args.run / "corpus", args.tasks, sotu_corpus=sotu / "corpus" if sotu else None)
+    build_tasks(args.source, args.run / "corpus", args.tasks, sotu_corpus=sotu / "corpus" if sotu else None)  # skipped when built
     suffix = "_quick" if args.quick else ""
     limits = {t: args.limit for t in (*WORDNET_TASKS, "mlpmem_sotu_facts")}
     limits["mlpmem_wn_define"] = max(args.limit // 2, 4)
@@ -193,13 +219,46 @@ def main() -> None:
                "machine": f"{os.cpu_count()} CPU cores (shared), torch threads {torch.get_num_threads()}",
                "tasks_manifest": json.loads((args.tasks / "manifest.json").read_text())["tasks"], "limits": limits,
                "rag_tuning": {}, "tasks": {}}
+    if args.only:  # one of several processes: its own file (the per-task files are merged by --merge)
+        results["out"] = str(PARTS / f"partial_{args.only.replace(',', '_')}.json")
+    old = Path(results["out"])
+    if args.family != "all" and old.exists() and not args.only:  # keep the other family's results
+        prev = json.loads(old.read_text())
+        results["rag_tuning"], results["tasks"] = prev.get("rag_tuning", {}), prev.get("tasks", {})
+        results["wall_seconds_by_family"] = prev.get("wall_seconds_by_family", {})
+    if args.tune_only:
+        from mlpmem.rag import plain_hflm
+
+        lm = plain_hflm("smollm2-135m", device="cpu", batch_size=8)
+        for fam, run, task in (("wordnet", args.run, "mlpmem_wn_mc_valid"), ("sotu", sotu, "mlpmem_sotu_facts_valid")):
+            if args.family in ("all", fam) and run is not None and not (PARTS / f"tuning_{fam}.json").exists():
+                best, grid = tune_rag(lm, run / "corpus", task, args.tasks, args.tune_limit)
+                (PARTS / f"tuning_{fam}.json").write_text(json.dumps({"grid": grid, "chosen": best, "tuned_on": task, "items": args.tune_limit,
+                                                                      "lm": "the base LM alone (plain HF model)"}, indent=1))
+        return
+    if args.merge:
+        for f in sorted(PARTS.glob("task_*.json")):
+            results["tasks"][f.stem.removeprefix("task_")] = json.loads(f.read_text())
+        for f in sorted(PARTS.glob("tuning_*.json")):
+            results["rag_tuning"][f.stem.removeprefix("tuning_")] = json.loads(f.read_text())
+        order = [*WORDNET_TASKS, "mlpmem_sotu_facts"]
+        results["tasks"] = {t: results["tasks"][t] for t in order if t in results["tasks"]}
+        results["limits"] = {t: r["systems"]["base"]["n"] for t, r in results["tasks"].items()}
+        results["seconds_scoring"] = sum(s["seconds"] for r in results["tasks"].values() for s in r["systems"].values())
+        write(results)
+        plot(results)
+        return
+    wn_tasks = [t for t in WORDNET_TASKS if args.only is None or t in args.only.split(",")]
     t0 = time.perf_counter()
-    run_family("wordnet", args.run / "train" / "memory", args.run, args.tasks, list(WORDNET_TASKS), limits, "mlpmem_wn_mc_valid",
-               args.tune_limit, results)
-    if sotu:
+    if args.family in ("all", "wordnet") and wn_tasks:
+        run_family("wordnet", args.run / "train" / "memory", args.run, args.tasks, wn_tasks, limits, "mlpmem_wn_mc_valid",
+                   args.tune_limit, results, args.lam)
+        results.setdefault("wall_seconds_by_family", {})["wordnet"] = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    if sotu and args.family in ("all", "sotu"):
         run_family("sotu", sotu / "train" / "memory", sotu, args.tasks, ["mlpmem_sotu_facts"], limits, "mlpmem_sotu_facts_valid",
-                   args.tune_limit, results)
-    results["wall_seconds"] = time.perf_counter() - t0
+                   args.tune_limit, results, args.lam)
+        results.setdefault("wall_seconds_by_family", {})["sotu"] = time.perf_counter() - t1
     write(results)
     plot(results)
     print(json.dumps({t: {s: round(v[next(m for m in ('acc', 'exact_match', 'f1') if m in v)]["mean"], 3) for s, v in r["systems"].items()}
@@ -208,3 +267,39 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+TITLES = {"mlpmem_wn_mc": "WordNet: which word is defined as ...? (4 choices)",
+          "mlpmem_reasoning": "Reasoning control: arithmetic, ordering, comparison (answers in no corpus)",
+          "mlpmem_wn_em": "WordNet: which word is defined as ...? (greedy answer, exact match)",
+          "mlpmem_wn_define": "WordNet: define the word (token F1, ROUGE-L, unsupported words)",
+          "mlpmem_sotu_facts": "State of the Union facts: the blanked number or name (4 choices)"}
+
+
+def markdown(r: dict) -> str:
+    """The BENCHMARKS.md section for a knowledge.json (bench/make_benchmarks.py calls this)."""
+    def ci(m: dict) -> str:
+        return f"{m['mean']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
+
+    s = ("```\n" + r.get("command", "python bench/bench_knowledge.py") + "\n```\n\n"
+         f"Model: {r.get('model')}. Scored through lm-evaluation-harness (backends `mlpmem` and `mlpmem-rag`), the four systems "
+         "on the same items, one process per task family; 95% percentile bootstrap intervals over items (1000 resamples), "
+         "and for each system the paired bootstrap interval of its difference to the base. Seconds per item: wall time of the "
+         "whole lm-eval call (retrieval included) / items, on the shared 2-core machine.\n\n")
+    for fam, t in r.get("rag_tuning", {}).items():
+        rows = ", ".join(f"k={g['k']} chunk={g['chunk_words']}: {g['acc']:.3f}" for g in t["grid"])
+        s += f"- RAG tuned on {t['items']} valid items of `{t['tuned_on']}` ({t.get('lm', 'base LM')}): {rows}; chosen k={t['chosen']['k']}, chunk {t['chosen']['chunk_words']} words.\n"
+    s += "\n"
+    for task, t in r["tasks"].items():
+        systems = t["systems"]
+        first = next(iter(systems.values()))
+        metrics = [m for m in ("acc", "exact_match", "f1", "rougeL", "unsupported", "empty") if m in first]
+        s += f"### {TITLES.get(task, task)}\n\n`{task}`, {first['n']} test items; memory `{t['memory']}`, lambda {t['lambda']:.3f} (fixed: the run's valid-tuned value).\n\n"
+        head = ["system", *[f"{m} (95% CI)" for m in metrics], f"{metrics[0]} vs base (paired 95% CI)", "s / item"]
+        s += "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n"
+        for name, row in systems.items():
+            d = row.get("diff_vs_base")
+            diff = f"{d['mean']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d else ""
+            s += "| " + " | ".join([name, *[ci(row[m]) for m in metrics], diff, f"{row['seconds_per_item']:.2f}"]) + " |\n"
+        s += f"\n![{task}](bench/results/knowledge_{task}.png)\n\n"
+    return s

@@ -65,12 +65,13 @@ def test_wrapper_puts_passages_for_the_doc_query_before_the_prompt():
 
     inner = Recorder()
     lm = RetrievalLM(inner, BM25Retriever(DOCS), k=1)
-    doc = {"query": "a slowly moving mass of ice", "prompt": "Which noun is it?"}
-    reqs = [Instance("loglikelihood", doc, ("Which noun is it?", " glacier"), 0),
+    # the prompt alone would retrieve the violin: the doc's query must win
+    doc = {"query": "a slowly moving mass of ice", "prompt": "Name the bowed stringed instrument."}
+    reqs = [Instance("loglikelihood", doc, ("Name the bowed stringed instrument.", " glacier"), 0),
             Instance("generate_until", {"prompt": "What is cactus?"}, ("What is cactus?", {"until": ["\n"]}), 0)]
     lm.loglikelihood(reqs[:1])
     lm.generate_until(reqs[1:])
-    assert inner.seen[0] == f"Background:\n{DOCS[2]}\n\nWhich noun is it?"  # retrieved by the doc's query, not the prompt
+    assert inner.seen[0] == f"Background:\n{DOCS[2]}\n\nName the bowed stringed instrument."  # by the doc's query, not the prompt
     assert inner.seen[1] == f"Background:\n{DOCS[0]}\n\nWhat is cactus?"  # no query field: the prompt is the query
     assert reqs[0].args[1] == " glacier" and lm.rank == 0
 
@@ -101,3 +102,17 @@ def test_rag_backend_scores_a_task_and_refuses_a_foreign_task_folder(tiny_llama,
     assert len(ctx) == 3 and all(c.startswith("Background:\n") and c.endswith("Which?") for c in ctx)
     with pytest.raises(MlpmemError, match="tasks_source|no finished `tasks` stage"):
         RagLM(corpus=str(corpus), pretrained=str(tiny_llama), tasks=str(task))
+
+
+def test_command_line_prints_bad_input_without_a_traceback(monkeypatch, capsys):
+    import mlpmem.lm_eval_backend
+    from mlpmem import rag
+
+    def fail(argv):
+        rag.BM25Retriever([])  # what an empty corpus split gives
+
+    monkeypatch.setattr(mlpmem.lm_eval_backend, "main", fail)
+    with pytest.raises(SystemExit) as e:
+        rag.main(["--model", "mlpmem-rag"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("mlpmem: error: the retrieval index is empty") and "Traceback" not in err

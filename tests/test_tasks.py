@@ -56,6 +56,7 @@ def test_missing_source_package_is_a_clear_error(tmp_path, capsys):
 def test_metrics():
     assert kt.exact_match(" The Cactus.\nmore", ["cactus"]) == 1.0
     assert kt.exact_match(" cacti", ["cactus"]) == 0.0
+    assert kt.exact_match(" cactus plant", ["cactus"]) == 0.0  # exact: an answer that merely contains the word is not it
     # the leading article goes: precision 2/2, recall 2/6
     assert kt.token_f1("a succulent plant", "any succulent plant of the family") == pytest.approx(2 * 1 * (2 / 6) / (1 + 2 / 6))
     assert kt.rouge_l("plant succulent", "succulent plant") == pytest.approx(0.5)  # LCS 1 of 2 and 2
@@ -141,9 +142,9 @@ def test_wordnet_items_come_from_the_train_split(wn_run, tmp_path):
                 d = next(x for x in syn.values() if x["lemmas"][0] == c.strip())
                 assert d["lexname"] == s["lexname"] and c.strip() in train_words
     assert len({it["label"] for it in mc}) > 1
-    shot = next(s for s in syn.values() if s["definition"] in mc[0]["prompt"].split("\n\n")[0])
-    assert shot["id"] not in train  # the worked example is not one of the memory's facts
     em = read(out, "mlpmem_wn_em")
+    shot = next(s for s in syn.values() if s["definition"] in em[0]["prompt"].split("\n\n")[0])
+    assert shot["id"] not in train  # the worked example is not one of the memory's facts
     assert [i["answers"] for i in em] == [i["answers"] for i in mc]
     for it in read(out, "mlpmem_wn_define"):
         assert it["references"][0] == syn[it["synset"]]["definition"] and kt.stem("matters") in it["support"]

@@ -319,7 +319,7 @@ def wordnet_items(synsets: list[dict], train_ids: list[str], cfg: TasksConfig) -
         distractors = [d["lemmas"][0] for d in rng.sample(same, 3)]
         choices, label = _place(f" {answer}", [f" {w}" for w in distractors], rng)
         base = {"synset": s["id"], "pos": s["pos"], "lexname": s["lexname"], "query": s["definition"]}
-        mc.append({**base, "prompt": qa_prefix + question(s), "choices": choices, "label": label, "answers": s["lemmas"]})
+        mc.append({**base, "prompt": question(s), "choices": choices, "label": label, "answers": s["lemmas"]})  # choices show the form
         em.append({**base, "prompt": qa_prefix + question(s), "answers": s["lemmas"]})
         if len(define) < (cfg.n_items + n_valid) // 2 + n_valid:
             word_senses = senses.get(answer, [s])
@@ -360,22 +360,30 @@ def sotu_items(texts: list[tuple[str, str]], cfg: TasksConfig) -> tuple[list[dic
     for n in sorted(numbers):
         numbers_by_len.setdefault(len(n), []).append(n)
     names_sorted = sorted(names)
-    items = []
-    for doc_id, sent in _shuffled(sentences, cfg.seed, "sotu"):
-        rng = random.Random(f"{cfg.seed}:{doc_id}:{sent}")
-        found = [("number", m) for m in _NUMBER.finditer(sent)] + [("name", m) for m in _NAME.finditer(sent)]
-        rng.shuffle(found)
-        made = 0
-        for kind, m in found:
-            if len(items) >= cfg.n_sotu + cfg.n_valid or made == 2:  # at most two blanks per sentence
+    # first one blank per sentence, then (if more items are wanted) a second one: the first items of the
+    # file (what lm-eval's --limit takes) are then independent sentences
+    items, wanted = [], cfg.n_sotu + cfg.n_valid
+    order = _shuffled(sentences, cfg.seed, "sotu")
+    used: list[set] = [set() for _ in order]
+    for _ in range(2):
+        for i, (doc_id, sent) in enumerate(order):
+            if len(items) >= wanted:
                 break
-            item = _sotu_item(doc_id, sent, kind, m, numbers_by_len, names_sorted, rng)
-            if item is not None:
-                items.append(item)
-                made += 1
+            rng = random.Random(f"{cfg.seed}:{doc_id}:{sent}:{len(used[i])}")
+            found = [("number", m) for m in _NUMBER.finditer(sent)] + [("name", m) for m in _NAME.finditer(sent)]
+            rng.shuffle(found)
+            for kind, m in found:
+                if m.start(1) in used[i]:
+                    continue
+                item = _sotu_item(doc_id, sent, kind, m, numbers_by_len, names_sorted, rng)
+                if item is not None:
+                    items.append(item)
+                    used[i].add(m.start(1))
+                    break
+    test = items[cfg.n_valid:]
     if len(items) < cfg.n_valid + 1:
         raise MlpmemError(f"only {len(items)} State of the Union items could be built", "use a corpus with more train tokens")
-    return items[cfg.n_valid:], items[: cfg.n_valid]
+    return test, items[: cfg.n_valid]
 
 
 def _sotu_item(doc_id: str, sent: str, kind: str, m: re.Match, numbers_by_len: dict, names_sorted: list, rng: random.Random) -> dict | None:

@@ -196,7 +196,6 @@ class RetrievalLM(LM):
         return {**info, "rag": {"k": self.k, "n_passages": len(self.retriever.passages), "retriever": "bm25s"}}
 
 
-@register_model("mlpmem-rag")
 class RagLM(RetrievalLM):
     """lm-eval backend ``mlpmem-rag``: BM25 passages + the ``mlpmem`` backend (or a plain HF model); see the module docstring."""
 
@@ -223,6 +222,10 @@ class RagLM(RetrievalLM):
         super().__init__(inner, retriever, int(k))
 
 
+if __name__ != "__main__":  # run as `python -m mlpmem.rag`, the package's module registers it (below), not this copy
+    register_model("mlpmem-rag")(RagLM)
+
+
 def _is_mlpmem_folder(folder: Path) -> bool:
     import json
 
@@ -245,10 +248,18 @@ def plain_hflm(pretrained: str | None, device: str | None = None, dtype: str = "
 
 def main(argv: list[str] | None = None) -> None:
     """lm-eval's command line with ``mlpmem`` and ``mlpmem-rag`` registered (``python -m mlpmem.rag --model mlpmem-rag ...``)."""
+    import sys
+
     from mlpmem.lm_eval_backend import main as lm_eval_main
 
-    lm_eval_main(argv)
+    try:
+        lm_eval_main(argv)
+    except MlpmemError as e:  # bad input (no corpus, empty index, a foreign task folder): one paragraph, no traceback
+        print(f"mlpmem: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
+    import mlpmem.rag  # noqa: F401  (registers mlpmem-rag)
+
     main()

@@ -113,3 +113,16 @@ def test_online_training_stores_no_second_feature_array(tmp_path, tiny_llama, ti
     ds = json.loads((tmp_path / "run" / "datastore" / "manifest.json").read_text())
     assert list(ds["features"]) == ["keys"] and not list((tmp_path / "run" / "datastore").glob("h*.npy"))
     assert r["memory_input"]["site"] == "output" and r["ppl"]["mlp_memory"] < r["ppl"]["base"]
+
+
+def test_dotted_overrides_change_one_setting_each(tmp_path, capsys):
+    r = load_recipe("sotu", check_paths=False, overrides=["train.epochs=3", "datastore.batch_tokens=4096", "device=cpu", "knn.temperatures=[1, 2]"])
+    assert r.sections["train"].epochs == 3 and r.sections["datastore"].batch_tokens == 4096 and r.device == "cpu"
+    assert r.sections["knn"].temperatures == [1, 2] and r.sections["train"].init == "lm_copy"  # the rest of the recipe stays
+    with pytest.raises(MlpmemError, match="SECTION.KEY=VALUE"):
+        load_recipe("sotu", check_paths=False, overrides=["train.epochs"])
+    with pytest.raises(MlpmemError, match="epoch"):  # a misspelt key is one of the recipe's problems, named
+        load_recipe("sotu", check_paths=False, overrides=["train.epoch=3"])
+    # on the command line: the overrides follow the recipe (a missing corpus file stops it before any stage)
+    rc = cli_main(["run", "sotu", "corpus.source=" + str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "missing.jsonl" in capsys.readouterr().err and not (tmp_path / "o").exists()

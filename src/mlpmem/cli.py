@@ -92,12 +92,15 @@ def _train(a):
 def _run(a):
     from mlpmem.pipeline import load_recipe, quick_recipe, run_pipeline
 
+    overrides = list(a.overrides)
+    if a.recipe and "=" in a.recipe:  # `mlpmem run --corpus x train.epochs=3`: no recipe, only overrides
+        a.recipe, overrides = None, [a.recipe, *overrides]
     if a.recipe:
-        recipe = load_recipe(a.recipe, out=a.out, device=a.device, dtype=a.dtype)
+        recipe = load_recipe(a.recipe, out=a.out, device=a.device, dtype=a.dtype, overrides=overrides)
     else:
         if not a.corpus:
             raise MlpmemError("`mlpmem run` needs a RECIPE or --corpus", "e.g. `mlpmem run sotu` or `mlpmem run --corpus data.jsonl --out runs/mine`")
-        recipe = quick_recipe(a.corpus, a.model, a.out or "runs/quick", device=a.device, dtype=a.dtype)
+        recipe = quick_recipe(a.corpus, a.model, a.out or "runs/quick", device=a.device, dtype=a.dtype, overrides=overrides)
     if a.mixing:  # the command line wins over the recipe's eval.mixing
         import dataclasses
 
@@ -111,7 +114,7 @@ def _plan(a):
     from mlpmem.pipeline import load_recipe
     from mlpmem.plan import plan, read_throughputs, render_plan
 
-    recipe = load_recipe(a.recipe, out=a.out, device=a.device, dtype=a.dtype)
+    recipe = load_recipe(a.recipe, out=a.out, device=a.device, dtype=a.dtype, overrides=a.overrides)
     p = plan(recipe, a.train_tokens, read_throughputs(Path(a.throughputs)) if a.throughputs else None)
     if a.json:
         write_json(Path(a.json), p)
@@ -266,6 +269,7 @@ def _args_train(sp):
 
 def _args_run(sp):
     sp.add_argument("recipe", nargs="?", help="a recipe YAML file or a built-in recipe name (e.g. sotu)")
+    sp.add_argument("overrides", nargs="*", help="settings to change, as SECTION.KEY=VALUE (e.g. train.epochs=3 datastore.batch_tokens=65536)")
     sp.add_argument("--corpus", help="quick experiment on your own corpus (.jsonl with a text field, .txt, .parquet, folder)")
     sp.add_argument("--model", default="smollm2-135m", help="HF model name or local folder")
     sp.add_argument("--out", default=None)
@@ -278,6 +282,7 @@ def _args_run(sp):
 
 def _args_plan(sp):
     sp.add_argument("recipe", help="a recipe YAML file or a built-in recipe name (as for `mlpmem run`)")
+    sp.add_argument("overrides", nargs="*", help="settings to change, as SECTION.KEY=VALUE (as for `mlpmem run`)")
     sp.add_argument("--out", default=None, help="the run folder the plan is for (default: the recipe's)")
     sp.add_argument("--train-tokens", type=int, default=None, help="the train split's size, when the recipe does not cap it")
     sp.add_argument("--throughputs", default=None, help="JSON of measured throughputs (a plan's --json) instead of calibrating here")

@@ -156,3 +156,17 @@ def test_faiss_leaves_the_process_thread_count_alone(store, tmp_path):
         assert torch.get_num_threads() == 1 and faiss.omp_get_max_threads() == 1  # restored
     finally:
         torch.set_num_threads(before)
+
+
+def test_index_folder_from_before_the_recall_target_stays_done(store, tmp_path):
+    """Folders written before recall_target and device existed match today's defaults (manifest.ADDED_SETTINGS; device is not a setting)."""
+    out = build_index(store[0], tmp_path / "old", IndexConfig(kind="flat"))
+    cfg = json.loads((out / "config.json").read_text())
+    assert "device" not in cfg  # where it ran: in the manifest only
+    del cfg["recall_target"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    mtime = (out / "index.faiss").stat().st_mtime_ns
+    build_index(store[0], out, IndexConfig(kind="flat"))
+    assert (out / "index.faiss").stat().st_mtime_ns == mtime
+    with pytest.raises(MlpmemError, match="recall_target"):  # another target is another index
+        build_index(store[0], out, IndexConfig(kind="flat", recall_target=0.5))

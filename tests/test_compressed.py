@@ -225,6 +225,12 @@ def test_keys_index_is_exact_without_a_copy(big, tmp_path):
     np.testing.assert_array_equal(ids, np.argsort(ref, axis=1, kind="stable")[:, :30])
     np.testing.assert_allclose(d, fd, rtol=1e-5)
     np.testing.assert_array_equal(ids, fids)
+    streamed = KnnIndex.open(out)
+    streamed.index.resident_bytes = 0  # keys too large for memory: streamed block by block (shards of 5000 rows)
+    sd, sids = streamed.search(keys[rows].astype(np.float32), 30, exclude=rows)
+    assert streamed.index._flat is None
+    np.testing.assert_array_equal(sids, ids)
+    np.testing.assert_allclose(sd, d, rtol=1e-5)
 
 
 def test_auto_ivf_holds_the_target(big, tmp_path):

@@ -324,20 +324,32 @@ def _exact_search(faiss, ds: Datastore, queries: np.ndarray, k: int, block_rows:
 
 
 class KeysFlat:
-    """Exact search over the datastore's float16 keys, streamed block by block: Flat without a float32 copy.
+    """Exact search over the datastore's float16 keys: Flat without a float32 copy on disk.
 
-    Costs one pass over the keys per batch of queries (a Flat index's cost), plus the
-    float16 -> float32 conversion of each block; stores nothing.
+    Keys that fit ``resident_bytes`` as float32 are converted once, on the first search,
+    into an in-memory Flat index (the RAM a Flat index file would take when loaded, and
+    its speed); larger ones are streamed block by block for every batch of queries.
     """
 
     is_trained = True
+    RESIDENT_BYTES = 2 << 30
 
-    def __init__(self, ds: Datastore, where: Placement = Placement()) -> None:
+    def __init__(self, ds: Datastore, where: Placement = Placement(), resident_bytes: int | None = None) -> None:
         self.ds, self.where = ds, where
         self.d, self.ntotal = ds.d, ds.n_rows
+        self.resident_bytes = self.RESIDENT_BYTES if resident_bytes is None else resident_bytes
+        self._flat = None
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return _exact_search(_faiss(), self.ds, queries, k, 65536, self.where)
+        faiss = _faiss()
+        if self._flat is None and self.ntotal * self.d * 4 <= self.resident_bytes:
+            flat = faiss.IndexFlatL2(self.d)
+            for _, block in self.ds.iter_blocks("keys", 65536):
+                flat.add(_f32(block))
+            self._flat = to_placement(flat, Placement(self.where.device, self.where.gpus[:1])) if self.where.gpu else flat
+        if self._flat is not None:
+            return self._flat.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        return _exact_search(faiss, self.ds, queries, k, 65536, self.where)
 
 
 @dataclass

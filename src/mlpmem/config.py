@@ -110,18 +110,13 @@ def _knn_problems(c) -> list[str]:
             + need(bool(temps) and all(t > 0 and t != float("inf") for t in temps), "temperatures", f"must be a non-empty list of positive numbers, got {temps!r}"))
 
 
-def _index_problems(c) -> list[str]:
-    return (need(isinstance(c.kind, str) and c.kind.strip() != "", "kind", "must be auto, flat or a FAISS factory string")
-            + positive(c, "nprobe", "train_sample", "recall_sample", "recall_k") + positive(c, "auto_flat_max_rows", zero=True))
-
-
 def _generate_problems(c) -> list[str]:
     return (positive(c, "max_new_tokens", "temperature", "num_beams") + positive(c, "top_k", zero=True) + in_range(c, "lam", 0.0, 1.0)
             + need(c.top_p is not None and 0 < c.top_p <= 1, "top_p", f"must lie in (0, 1], got {c.top_p!r}"))
 
 
 # checks for configs whose modules define no ``problems()`` (by class name, so that this module imports none of them)
-RULES = {"KnnConfig": _knn_problems, "IndexConfig": _index_problems, "GenerateConfig": _generate_problems}
+RULES = {"KnnConfig": _knn_problems, "GenerateConfig": _generate_problems}
 
 
 def problems_of(obj) -> list[str]:

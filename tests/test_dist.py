@@ -93,6 +93,9 @@ def test_datastore_two_processes_same_files_as_one_and_resume_with_another_count
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
     m1, m2 = (json.loads((f / "manifest.json").read_text()) for f in (one, two))
     assert m2["processes"] == 2 and m2["n_rows"] == m1["n_rows"]
+    on_disk = sum(p.stat().st_size for p in two.glob("*.npy"))
+    assert m2["bytes_per_token"]["total"] * m2["n_rows"] == pytest.approx(on_disk)
+    assert 2 * m2["d"] < m2["bytes_per_token"]["keys"] < 1.1 * 2 * m2["d"]  # float16 keys, plus the npy headers of small shards
     assert [s["start"] for s in m2["shards"]] == [s["start"] for s in m1["shards"]]
     assert not list(two.glob("progress*.json")) and not (two / ".mlpmem.lock").exists()
     assert r.stderr.count(" rows of d=") == 1  # rank 0 speaks for both

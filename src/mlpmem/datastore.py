@@ -430,6 +430,10 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
             for rec in shards[s]["arrays"].values():
                 load_npy(out_dir, rec)
         rows_run, secs = sum(r for r, _ in rates), max(t for _, t in rates)
+        per_token: dict[str, float] = {}  # disk per corpus token of each array (keys, values, extra features...)
+        for s in range(len(shard_windows)):
+            for name, rec in shards[s]["arrays"].items():
+                per_token[name] = per_token.get(name, 0.0) + rec["bytes"] / n_rows
         write_manifest(out_dir, "datastore", {
             "model_id": model_id, "tokenizer_hash": tokenizer_hash(tok), "layer": key.layer, "site": key.site,
             "model_fingerprint": model_fingerprint(model),  # memories trained on these keys record it (models.memory_base_fingerprint)
@@ -444,7 +448,7 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
             "rows": "row i = position i of the split's token stream; value = token i+1; document = corpus doc_index[i]",
             "extract_tokens_per_s": rows_run / secs if rows_run and secs else None, "torch_threads": torch.get_num_threads(),
             "device": str(model.device), "dtype": cfg.dtype,  # where it ran (not part of the config: see build_datastore)
-            "processes": w.size,
+            "processes": w.size, "bytes_per_token": {**per_token, "total": sum(per_token.values())},
             "shards": [shards[s] for s in range(len(shard_windows))],
         })
         _clear_progress(out_dir)

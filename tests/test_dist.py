@@ -237,3 +237,9 @@ def test_gpu_check_script_runs_its_steps_on_the_cpu(tmp_path, tiny_llama):
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["datastore_values_equal"] and report["knnlm"]["torchrun"]["ppl"] == pytest.approx(report["knnlm"]["cpu"]["ppl"], rel=1e-5)
+
+
+def test_a_verb_that_does_not_split_runs_once_under_torchrun(tmp_path, one_ds):
+    """`torchrun -m mlpmem index`: rank 0 builds the index, the other waits (no lock clash, one manifest)."""
+    r = mlpmem(2, "index", "--datastore", one_ds, "--out", tmp_path / "ix", "--kind", "flat")
+    assert (tmp_path / "ix" / "manifest.json").exists() and "being written by another" not in r.stderr

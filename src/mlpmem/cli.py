@@ -401,7 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     set_full_verify(getattr(args, "verify", False))
     try:
         try:
-            args.fn(args)
+            if rank_split(args.verb) or dist.world().size == 1:
+                args.fn(args)
+            else:  # a verb that does not split its work, started by a launcher: it runs once, on rank 0
+                dist.init("cpu")
+                dist.on_main(args.fn, args)
             dist.finish()  # a no-op for one process
         finally:
             release_all_locks()  # a stage that stopped half-way can be resumed at once, by anyone
@@ -418,6 +422,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlpmem: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def rank_split(verb: str) -> bool:
+    """Does ``verb`` split its work over the processes of torchrun / accelerate launch? The others run on rank 0 alone."""
+    return verb in ("datastore", "targets", "knnlm", "train", "run")
 
 
 def os_error(e: OSError, argv: list[str]) -> MlpmemError | None:

@@ -60,7 +60,13 @@ def main() -> None:
     p.add_argument("--generic-tokens", type=int, default=4000)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="1000 tokens per split; writes mixing_quick.json")
+    p.add_argument("--router", type=Path, default=None,
+                   help="a second memory's run (e.g. runs/gate/gcide20k: corpus + train/memory, GCIDE): measure the router over both memories "
+                        "instead (writes mixing_router.json)")
+    p.add_argument("--router-tokens", type=int, default=4000, help="tokens per split and domain for --router")
     a = p.parse_args()
+    if a.router:
+        return router_bench(a)
 
     import torch
 
@@ -192,6 +198,69 @@ def main() -> None:
               f"generic {row['generic']:.3f} ({100 * row['generic_vs_base']:+.2f}%)  mean lambda test {row['mean_lambda_test']:.3f} ood {row['mean_lambda_ood']:.3f}")
     print(f"gate share of scoring time: {100 * out['gate_share_of_scoring']:.2f}%")
     print("\n".join(notes))
+
+
+def router_bench(a) -> None:
+    """Two memories (the --run one, SOTU; the --router one, GCIDE) on one LM: each alone, fixed EM weights, and the router."""
+    import torch
+
+    from mlpmem.corpus import Corpus
+    from mlpmem.evaluate import fit_mixture_em, mix_many
+    from mlpmem.gate import GateConfig, fit_router, router_weights, score_memories
+    from mlpmem.interpolate import fit_lambda_em, interpolate_logprobs, perplexity
+    from mlpmem.memory import load_memory
+    from mlpmem.models import DEFAULT_MODEL, Site, load_model
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    work = a.work or ROOT / "runs/bench_mixing_router"
+    work.mkdir(parents=True, exist_ok=True)
+    n = 1000 if a.quick else a.router_tokens
+    mems = []
+    for run in (a.run, a.router):
+        m, meta = load_memory(run / "train/memory")
+        mems.append((m, Site(int(meta["layer"]), meta["site"])))
+    model, tok, _ = load_model(DEFAULT_MODEL)
+    corpora = {"sotu": Corpus(a.run / "corpus"), "gcide": Corpus(a.router / "corpus")}
+    data = {}
+    for dom, c in corpora.items():
+        for split in ("valid", "test"):
+            f = work / f"{dom}_{split}.npz"
+            if f.exists():
+                z = np.load(f)
+                data[dom, split] = (z["lp"], z["feats"], float(z["seconds"]))
+                continue
+            t0 = time.perf_counter()
+            _, lp, feats, secs = score_memories(model, c.tokens(split)[:n], 512, 256, mems, 8, desc=f"{dom} {split}")
+            np.savez(f, lp=lp, feats=feats, seconds=sum(secs.values()))
+            data[dom, split] = (lp, feats, sum(secs.values()))
+            print(dom, split, f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    cat = lambda split, i: np.concatenate([data[d, split][i] for d in corpora])  # noqa: E731
+    v_lp, v_f = cat("valid", 0), cat("valid", 1)
+    own = {"sotu": 1, "gcide": 2}
+    lam_own = {d: fit_lambda_em(data[d, "valid"][0][:, 0], data[d, "valid"][0][:, k]) for d, k in own.items()}
+    w_fixed = fit_mixture_em([v_lp[:, k] for k in range(3)])
+    router, rec = fit_router(v_lp, v_f, GateConfig())
+    rows = {}
+    for name, fn in {
+        "base": lambda lp, f: lp[:, 0],
+        "SOTU memory alone (fixed lambda)": lambda lp, f: interpolate_logprobs(lp[:, 0], lp[:, 1], lam_own["sotu"]),
+        "GCIDE memory alone (fixed lambda)": lambda lp, f: interpolate_logprobs(lp[:, 0], lp[:, 2], lam_own["gcide"]),
+        "both, fixed weights (EM)": lambda lp, f: mix_many([lp[:, k] for k in range(3)], w_fixed),
+        "both, router": lambda lp, f: np.logaddexp.reduce(np.log(router_weights(router, f)) + lp, axis=1),
+    }.items():
+        r = {d: perplexity(fn(*data[d, "test"][:2])) for d in corpora}
+        r["mixed"] = perplexity(fn(cat("test", 0), cat("test", 1)))
+        rows[name] = r
+    wt = {d: router_weights(router, data[d, "test"][1]).mean(0).tolist() for d in corpora}
+    out = {"what": "two memories (SOTU, GCIDE) on one LM: each alone, fixed mixture weights, per-token router; test perplexity per domain and on both",
+           "memories": [str(a.run / "train/memory"), str(a.router / "train/memory")], "n_tokens_per_split_and_domain": n,
+           "lambda_own": lam_own, "weights_fixed": w_fixed, "router_record": rec, "router_params": sum(t.numel() for t in router.state_dict().values()),
+           "mean_router_weights_test": wt, "ppl": rows, "quick": a.quick, "command": "python bench/bench_mixing.py " + " ".join(sys.argv[1:])}
+    (ROOT / f"bench/results/mixing_router{'_quick' if a.quick else ''}.json").write_text(json.dumps(out, indent=2, default=float) + "\n")
+    for name, r in rows.items():
+        print(f"{name:36s} " + "  ".join(f"{d} {v:.3f}" for d, v in r.items()))
+    print("mean router weights (LM, SOTU memory, GCIDE memory) on test:", {d: [round(x, 3) for x in w] for d, w in wt.items()})
 
 
 if __name__ == "__main__":

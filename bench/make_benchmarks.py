@@ -230,6 +230,18 @@ def mixing() -> str:
           "it beat the closed form in the comparisons below; generic text is off by default (`gate: {generic: ...}`).\n\n")
     for note in r.get("notes", []):
         s += f"- {note}\n"
+    rr = load("mixing_router")
+    if rr:
+        s += ("\nTwo memories on one LM (issue 12 item 2, scoring path only): the SOTU memory above and a GCIDE memory (20k training tokens, "
+              "`lm_copy` start, 2 epochs), scored in one LM pass; the router (`mlpmem.gate.fit_router`, "
+              f"{rr['router_params']} parameters, softmax over LM + 2 memories from both memories' features) is fitted on both valid splits "
+              f"({rr['n_tokens_per_split_and_domain']:,} tokens each); test {rr['n_tokens_per_split_and_domain']:,} tokens per domain, `mixed` is both together. "
+              f"`{rr['command']}`\n\n")
+        base = rr["ppl"]["base"]
+        s += table(["system", "SOTU test", "GCIDE test", "both (mixed)"],
+                   [[name] + [f"{v[d]:.3f} ({100 * (v[d] / base[d] - 1):+.1f}%)" for d in ("sotu", "gcide", "mixed")] for name, v in rr["ppl"].items()])
+        s += ("\nMean router weights (LM, SOTU memory, GCIDE memory) on test: "
+              + "; ".join(f"{d} {', '.join(f'{x:.2f}' for x in w)}" for d, w in rr["mean_router_weights_test"].items()) + ".\n")
     return s
 
 

@@ -162,3 +162,17 @@ def test_train_records_the_base_fingerprint_and_refuses_another_lm(tmp_path, mon
     assert load_memory(tmp_path / "m" / "memory")[1]["model_fingerprint"] == models.model_fingerprint(lm)
     with pytest.raises(MlpmemError, match="datastore was built with 'test/model'"):
         train_memory(ds, tg, tmp_path / "m2", cfg, init_lm=other)
+
+
+def test_tokenizer_hash_ignores_padding_and_truncation_settings(tiny_llama):
+    """Calling a tokenizer with padding=True / truncation switches those settings on in place: the
+    tokenizer is the same, so its hash (checked against every datastore and memory) must be too."""
+    from transformers import AutoTokenizer
+
+    from mlpmem.models import tokenizer_hash
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    before = tokenizer_hash(tok)
+    tok(["the union", "of the states and the people"], padding=True, truncation=True, max_length=4)
+    assert tokenizer_hash(tok) == before
+    assert before == tokenizer_hash(AutoTokenizer.from_pretrained(tiny_llama))

@@ -344,7 +344,14 @@ def tokenizer_hash(tok) -> str:
     """A hash of the tokenizer's full definition (vocabulary, merges, normaliser)."""
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is not None:
-        data = backend.to_str()
+        from tokenizers import Tokenizer
+
+        # padding and truncation are call settings that `tok(..., padding=True)` switches on in place: not
+        # part of the definition (a copy without them serialises byte for byte as the untouched tokenizer)
+        plain = Tokenizer.from_str(backend.to_str())
+        plain.no_padding()
+        plain.no_truncation()
+        data = plain.to_str()
     else:
         data = repr(sorted(tok.get_vocab().items()))
     return hashlib.sha256(data.encode()).hexdigest()[:16]

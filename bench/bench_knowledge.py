@@ -239,7 +239,11 @@ def main() -> None:
         return
     if args.merge:
         for f in sorted(PARTS.glob("task_*.json")):
-            results["tasks"][f.stem.removeprefix("task_")] = json.loads(f.read_text())
+            t = json.loads(f.read_text())
+            report = Path(t["memory_run"]) / "report.json"
+            if t.get("run_valid_lambda") is None and report.exists():  # the run finished after the task was scored
+                t["run_valid_lambda"] = json.loads(report.read_text())["lambda"]["mlp_memory"]
+            results["tasks"][f.stem.removeprefix("task_")] = t
         for f in sorted(PARTS.glob("tuning_*.json")):
             results["rag_tuning"][f.stem.removeprefix("tuning_")] = json.loads(f.read_text())
         order = [*WORDNET_TASKS, "mlpmem_sotu_facts"]
@@ -247,6 +251,7 @@ def main() -> None:
         results["limits"] = {t: r["systems"]["base"]["n"] for t, r in results["tasks"].items()}
         results["seconds_scoring"] = sum(s["seconds"] for r in results["tasks"].values() for s in r["systems"].values())
         results["notes"] = args.note
+        results["command"] = "python bench/bench_knowledge.py --merge" + (" --note ..." if args.note else "")
         write(results)
         plot(results)
         return

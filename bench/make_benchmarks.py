@@ -247,7 +247,7 @@ def mixing() -> str:
 
 def knowledge() -> str:
     r = load("knowledge")
-    s = "## 8. Knowledge tasks against RAG\n\n"
+    s = "## 9. Knowledge tasks against RAG\n\n"
     if not r:
         return s + missing("python bench/bench_knowledge.py")
     import sys

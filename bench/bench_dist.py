@@ -67,6 +67,7 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     n = a.nproc
     seconds: dict[str, dict[str, float]] = {}
+    load_start = os.getloadavg()[1]  # other work on the machine skews the ratio (N processes take a bigger share of a busy machine)
 
     run(1, n, "corpus", "--source", "builtin:sotu", "--model", a.model, "--out", out / "corpus", "--train-tokens", tokens,
         "--valid-tokens", tokens // 8, "--test-tokens", tokens // 8)
@@ -104,6 +105,10 @@ def main() -> None:
         "what": f"1 process x {n} threads vs {n} processes x 1 thread (torchrun, gloo), stage by stage",
         "model": k1["model"], "train_tokens": tokens, "k": k, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "seconds": seconds, "speedup": {s: v["1"] / v[str(n)] for s, v in seconds.items()}, "artefacts": equal,
+        "load_average_5min": [load_start, os.getloadavg()[1]],
+        "conditions": f"5-minute load average {load_start:.1f} at the start and {os.getloadavg()[1]:.1f} at the end of the run"
+                      + (" (other work shared the cores: N processes then take a larger share of the machine than one, so the speed-ups overstate "
+                         "what they gain on an idle machine)" if max(load_start, os.getloadavg()[1]) > 1.5 * n else "") + ".",
         "note": "wall seconds of the whole command, model loading included; the machine is shared, so compare ratios within this run",
     }
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)

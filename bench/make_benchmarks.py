@@ -258,6 +258,59 @@ def knowledge() -> str:
     return s + markdown(r) + "".join(f"- {note}\n" for note in r.get("notes", [])) + "\n"
 
 
+def stores() -> str:
+    r = load("store")
+    if not r:
+        return "## 8. Stores: bytes per token, recall target, compressed codes\n\n" + missing("nice python bench/bench_store.py")
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from bench_store import markdown
+
+    return markdown(r, load("recall_target")) + "\n" + STORE_NOTES + "\n"
+
+
+# what the store tables above say, written when they were measured (bench/results/store.json, recall_target.json)
+STORE_NOTES = """Reading the tables:
+
+- Size. The codes-only IVF-PQ store reads 125 B per token at search, 18x less than Flat (2308 B) and 9x less than exact search over the float16 keys (1156 B, with no copy at all: the `keys` kind). 49 of its 121 index bytes are the IVF centroids and PQ codebooks spread over only 60k keys; at 1M keys the index would be about 82 B (64 B codes, 8 B ids, ~10 B). With uint16 target ids (V = 49,152 < 65,536; not built) the targets would take 512 B instead of 768 B, and codes + values + targets about 600 B per token at scale.
+- Quality. Every store is within 0.025 perplexity (0.09%) of exact kNN-LM on this run; the codes alone (recall@1024 0.82) cost +0.006. The SPEC's 1.3-point penalty for PQ distances does not show at 60k keys with lambda 0.07: a small datastore and a small kNN weight make this a weak test of it, so re-ranking stays the default wherever keys exist.
+- Recall target. The auto index held recall@1024 0.90 on its build probe from 200k to 1M keys with nprobe 58-67 (6k to 16k vectors scanned per query), at about 13 ms per query whatever N; on 200 other queries it measured 0.885-0.903 (sampling noise of a 200-query probe is about +-0.02). The fixed 16k-vector scan it replaces gave 0.99 at 200k but 0.84 at 3M (section 2).
+- Not measured: `ivfopq` (OPQ training ran over 10 minutes on one thread of the loaded machine and was stopped), the `mlpmemory` preset (IVF4096 needs 160k training keys; this datastore has 60k), 3M keys (k-means for 8192 lists takes about half an hour here), any GPU. These benches run FAISS on one thread: on this loaded 2-core machine FAISS's OpenMP loops ran 10-40x slower on two (training IVF64,PQ8x4 on 12k keys: 0.16 s on one thread, 6.1 s on two).
+"""
+
+
+def distributed() -> str:
+    r, p = load("dist"), load("plan")
+    s = "## 10. Several processes, and the plan before a run\n\n```\npython bench/bench_dist.py\n```\n\n"
+    if not r:
+        s += missing("python bench/bench_dist.py")
+    else:
+        a = r["artefacts"]
+        s += table(["stage", "1 process (s)", f"{len(r['seconds']['datastore']) and list(r['seconds']['datastore'])[-1]} processes (s)", "speed-up"],
+                   [[st, v["1"], list(v.values())[-1], r["speedup"][st]] for st, v in r["seconds"].items()])
+        s += (f"\n{r['what']}, {r['train_tokens']:,} training tokens, k={r['k']}, {r['model']}; wall seconds of each whole command "
+              "(model loading included). " + r.get("conditions", "") + " Artefacts of the N-process runs against the 1-process ones: datastore files "
+              f"{'byte-identical' if a['datastore_files_identical'] else 'not byte-identical'} (values equal: {a['datastore_values_equal']}, "
+              f"keys max |diff| {a['datastore_keys_max_abs_diff']:.3g}), "
+              f"kNN target ids equal for {100 * a['targets_ids_equal_share']:.2f}% of entries (probabilities max |diff| {a['targets_probs_max_abs_diff']:.3g}), "
+              f"memory weights max |diff| {a['memory_weights_max_abs_diff']:.3g}, knnlm perplexities "
+              + ", ".join(f"{m} {a['knnlm_ppl']['1'][m]:.4f} vs {list(a['knnlm_ppl'].values())[-1][m]:.4f}" for m in a["knnlm_ppl"]["1"]) + ".\n\n")
+    s += "```\npython bench/bench_plan.py --run runs/sotu\n```\n\n"
+    if not p:
+        return s + missing("python bench/bench_plan.py --run runs/sotu")
+    s += table(["stage", "plan (s)", "real (s)", "plan / real", "plan disk", "real disk", "plan / real"],
+               [[x["stage"], round(x["plan_seconds"]), round(x["real_seconds"]) if x["real_seconds"] else "-",
+                 f"{x['seconds_ratio']:.2f}" if x["seconds_ratio"] else "-", x["plan_disk_bytes"], x["real_disk_bytes"] or "-",
+                 f"{x['disk_ratio']:.2f}" if x["disk_ratio"] else "-"] for x in p["stages"]])
+    tp = p["throughputs"]
+    s += (f"\n`mlpmem plan` for the run of section 1 ({p['tokens']['train']:,} training tokens), calibrated in {tp['seconds']:.0f} s on this machine "
+          f"(extraction {tp['extract_rows_s']:.0f} rows/s, scoring {tp['score_rows_s']:.0f} rows/s, search {tp['search_qps']:.0f} q/s over "
+          f"{tp['search_rows']:,} keys, training {tp['train_positions_s']:.0f} positions/s), against that run's own stage times and folders. "
+          "The run and the calibration met different loads on this shared machine.\n")
+    return s
+
+
 def main() -> None:
     head = ("# Benchmarks\n\nGenerated by `python bench/make_benchmarks.py` from the JSON in `bench/results/`; each section names "
             "the command that measured it. Machine: 2 shared CPU cores, 24 GB, no GPU. Absolute speeds are low and noisy "
@@ -273,9 +326,11 @@ def main() -> None:
     parts.append(pipeline())
     if "mixing" in globals():
         parts.append(mixing())
+    parts.append(stores())
     parts.append(knowledge())
+    parts.append(distributed())
     parts.append("## Not measured here\n\n"
-                 "- GPU runs (no GPU on this machine; the FAISS GPU path and CUDA training are written but not measured).\n"
+                 "- GPU runs (no GPU on this machine; FAISS on GPUs, CUDA extraction and training, nccl and bench/gpu_check.sh are written and run on the CPU, not measured on a GPU).\n"
                  "- Datastores of 10M keys: the largest measured is in section 2; the 10M figures there are extrapolations from the fitted curves shown.\n"
                  "- Gemma-3-270M + kNN-LM (needs a Gemma datastore), Gemma in bf16 (only the Q4_K_M file is available offline).\n"
                  "- Fine-tuning on the whole 60k-token split, several seeds, learning-rate searches; memory epochs beyond 3.\n")

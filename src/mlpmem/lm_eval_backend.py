@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from lm_eval.__main__ import cli_evaluate
 
+    import mlpmem.rag  # noqa: F401  registers the RAG baseline `mlpmem-rag` too (bm25s is needed only when it is used)
+
     args = list(sys.argv[1:] if argv is None else argv)
     if "--model" in args and not any(a == "--device" or a.startswith("--device=") for a in args):
         # every backend (also `--model hf` on an exported folder) gets a device that exists here

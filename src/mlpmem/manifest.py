@@ -60,6 +60,8 @@ STAGE_FILES: dict[str, tuple[str, ...]] = {
     "targets": ("ids-*.npy", "probs-*.npy"),
     "memory": ("memory", "best", "checkpoints", "metrics.jsonl", "training_curve.png"),
     "probe": ("items.jsonl", "probe.yaml"),
+    "tasks_source": ("COPYRIGHT.wordnet", "synsets.jsonl", "wordnet.jsonl"),  # mlpmem tasks source
+    "tasks": ("utils.py", "*.jsonl", "*.yaml"),  # mlpmem tasks build
     "export": ("memory", "base", "*.json", "*.py", "*.txt", "*.model", "*.jinja", "*.safetensors", "README.md"),
     "run": ("corpus", "datastore", "valid", "index", "targets", "valid_targets", "train", "knn.json", "recipe.json", "report.json",
             "report.md", "lambda_curves.png"),

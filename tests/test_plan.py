@@ -54,3 +54,12 @@ def test_plan_refuses_an_uncapped_corpus_of_unknown_size(tmp_path):
     with pytest.raises(MlpmemError, match="train-tokens"):
         split_tokens(recipe)
     assert split_tokens(recipe, 5000)["train"] == 5000
+
+
+def test_checkpoints_on_disk_counts_what_the_run_writes():
+    from mlpmem.plan import checkpoints_on_disk
+    from mlpmem.train import TrainConfig
+
+    assert checkpoints_on_disk(TrainConfig(epochs=2, batch_size=1024, ckpt_every=500, keep_last=2), 60_000) == 1  # 118 steps: the final one
+    assert checkpoints_on_disk(TrainConfig(epochs=10, batch_size=1000, ckpt_every=100, keep_last=2), 100_000) == 3  # keep_last + the one being written
+    assert checkpoints_on_disk(TrainConfig(epochs=1, batch_size=100, ckpt_every=100, keep_last=5), 30_000) == 3  # steps 100, 200, 300

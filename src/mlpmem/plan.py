@@ -161,11 +161,20 @@ def estimate(recipe, tokens: dict[str, int], tp: Throughputs, d: int, vocab: int
         StageNeed("kNN-LM temperature and lambda on valid", Nv / tp.score_rows_s + Nv / qps, 0, model_bytes + index_bytes + Nv * knn.k * 12 + logits, lm_gpu),
         StageNeed("kNN targets", (N + Nv) / qps, (N + Nv) * tg.top_m * 6, index_bytes + search_block),
         StageNeed("memory training", tr.epochs * N / tp.train_positions_s,
-                  memory_params * 4 * (3 * (tr.keep_last + 1) + 1), opt_bytes + train_act + (model_bytes if tr.mode == "online" else 0),
+                  memory_params * 4 * (3 * checkpoints_on_disk(tr, N) + 1), opt_bytes + train_act + (model_bytes if tr.mode == "online" else 0),
                   opt_bytes + train_act if gpu else 0),
         StageNeed(f"evaluation: lambda on valid, then the {s['eval'].split} split", (Nv + Nt) * (1 / tp.score_rows_s + 1 / qps), 0,
                   model_bytes + index_bytes + (Nv + Nt) * knn.k * 12 + logits, lm_gpu + (opt_bytes // 4 if gpu else 0)),
     ]
+
+
+def checkpoints_on_disk(tr, n_rows: int) -> int:
+    """Checkpoints at once at the peak: keep_last, plus the one being written, but no more than the run writes."""
+    import math
+
+    steps = max(1, math.ceil(tr.epochs * n_rows / tr.batch_size))
+    written = (steps // tr.ckpt_every if tr.ckpt_every else 0) + (0 if tr.ckpt_every and steps % tr.ckpt_every == 0 else 1)
+    return min(tr.keep_last + 1, written)
 
 
 def _free_disk(path: Path) -> int:

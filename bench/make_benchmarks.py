@@ -34,6 +34,15 @@ def table(head: list[str], rows: list[list]) -> str:
     return "\n".join(out) + "\n"
 
 
+def bench_markdown(module: str):
+    """The ``markdown`` function of a bench script that renders its own section."""
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    return importlib.import_module(module).markdown
+
+
 def missing(cmd: str) -> str:
     return f"_Not measured yet: run `{cmd}`._\n"
 
@@ -250,11 +259,7 @@ def knowledge() -> str:
     s = "## 9. Knowledge tasks against RAG\n\n"
     if not r:
         return s + missing("python bench/bench_knowledge.py")
-    import sys
-
-    sys.path.insert(0, str(ROOT / "bench"))
-    from bench_knowledge import markdown
-
+    markdown = bench_markdown("bench_knowledge")
     return s + markdown(r) + "".join(f"- {note}\n" for note in r.get("notes", [])) + "\n"
 
 
@@ -262,11 +267,7 @@ def stores() -> str:
     r = load("store")
     if not r:
         return "## 8. Stores: bytes per token, recall target, compressed codes\n\n" + missing("nice python bench/bench_store.py")
-    import sys
-
-    sys.path.insert(0, str(ROOT / "bench"))
-    from bench_store import markdown
-
+    markdown = bench_markdown("bench_store")
     return markdown(r, load("recall_target")) + "\n" + STORE_NOTES + "\n"
 
 

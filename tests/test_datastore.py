@@ -60,21 +60,21 @@ def test_resume_after_crash_is_byte_identical(tmp_path, tiny_llama, corpus_dir, 
 
     import mlpmem.datastore as dsmod
 
-    real, calls = dsmod.write_json, {"n": 0}
+    real, calls = dsmod.save_shard_record, {"n": 0}
 
-    def crash_after_two(path, data):
-        real(path, data)
+    def crash_after_two(folder, shard, record):  # the record of a finished shard
+        real(folder, shard, record)
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt  # as if killed between shards
 
-    monkeypatch.setattr(dsmod, "write_json", crash_after_two)
+    monkeypatch.setattr(dsmod, "save_shard_record", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         build_datastore(corpus_dir, tmp_path / "resumed", cfg)
     assert not (tmp_path / "resumed" / "manifest.json").exists()
     with pytest.raises(MlpmemError, match="interrupted"):
         Datastore(tmp_path / "resumed")
-    monkeypatch.setattr(dsmod, "write_json", real)
+    monkeypatch.setattr(dsmod, "save_shard_record", real)
     # a half-written shard file left by a kill is overwritten, never trusted
     (tmp_path / "resumed" / "keys-00002.npy.partial").write_bytes(b"junk")
     build_datastore(corpus_dir, tmp_path / "resumed", cfg)

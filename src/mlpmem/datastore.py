@@ -35,7 +35,7 @@ import numpy as np
 
 from mlpmem.corpus import SPLITS, Corpus, windows
 from mlpmem.errors import MlpmemError
-from mlpmem.manifest import check_disk_space, load_npy, prepare_out, read_json, save_npy, sha256_file, write_json, write_manifest
+from mlpmem.manifest import check_disk_space, clear_progress, finished_shards, prepare_out, save_npy, save_shard_record, sha256_file, write_manifest
 from mlpmem.models import (DEFAULT_MODEL, SITES, Site, capture, dtype_name, load_model, logits_size, model_fingerprint, resolve_device, resolve_layer,
                            run_captured, tokenizer_hash)
 from mlpmem.store import feature_name
@@ -391,8 +391,9 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
         log.info("datastore in %s is up to date", out_dir)
         return out_dir
     shard_windows = [(a, min(a + cfg.windows_per_shard, len(W))) for a in range(0, len(W), cfg.windows_per_shard)]
-    done = _finished_shards(out_dir)
-    todo = [s for s in dist.my_items(len(shard_windows), w) if s not in done]
+    mine = dist.my_items(len(shard_windows), w)
+    done = finished_shards(out_dir, mine, "datastore")
+    todo = [s for s in mine if s not in done]
     torch.manual_seed(0)
     bar = tqdm(total=sum(_shard_rows(W, shard_windows[s], len(tokens)) for s in todo), unit="tok", desc=f"datastore {cfg.split}",
                dynamic_ncols=True, disable=not w.main)
@@ -422,13 +423,10 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
     dist.barrier()  # every shard of every rank is on disk
 
     def finish() -> None:
-        shards = _finished_shards(out_dir)
+        shards = finished_shards(out_dir, list(range(len(shard_windows))), "datastore")  # every file the manifest will list is there and whole
         missing = [s for s in range(len(shard_windows)) if s not in shards]
         if missing:
             raise MlpmemError(f"datastore shards {missing[:5]} of {out_dir} were not written", "run the same command again to finish them")
-        for s in range(len(shard_windows)):  # every file the manifest will list is there and whole
-            for rec in shards[s]["arrays"].values():
-                load_npy(out_dir, rec)
         rows_run, secs = sum(r for r, _ in rates), max(t for _, t in rates)
         per_token: dict[str, float] = {}  # disk per corpus token of each array (keys, values, extra features...)
         for s in range(len(shard_windows)):
@@ -451,7 +449,7 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
             "processes": w.size, "bytes_per_token": {**per_token, "total": sum(per_token.values())},
             "shards": [shards[s] for s in range(len(shard_windows))],
         })
-        _clear_progress(out_dir)
+        clear_progress(out_dir)
 
     dist.on_main(finish)
     log.info("datastore: %d rows of d=%d at layer %d (%s), %s mode, in %s", n_rows, d, key.layer, key.site, mode, out_dir)
@@ -467,34 +465,6 @@ def _shard_rows_range(W: np.ndarray, shard: tuple[int, int], n_tokens: int) -> t
 def _shard_rows(W: np.ndarray, shard: tuple[int, int], n_tokens: int) -> int:
     start, end = _shard_rows_range(W, shard, n_tokens)
     return end - start
-
-
-PROGRESS = "progress-{:05d}.json"  # one record per finished shard, written after its files: a listed shard is whole
-
-
-def _finished_shards(out_dir: Path) -> dict[int, dict]:
-    """Shards already on disk and whole, by number (a record whose files went missing or changed is dropped)."""
-    records: dict[int, dict] = {}
-    legacy = out_dir / "progress.json"  # one file for all shards, as earlier versions wrote it
-    if legacy.exists():
-        records.update({int(s): r for s, r in read_json(legacy)["shards"].items()})
-    for path in sorted(out_dir.glob("progress-*.json")):
-        stem = path.stem.partition("-")[2]
-        if stem.isdigit():
-            records[int(stem)] = read_json(path)
-    for s in list(records):
-        try:
-            for rec in records[s]["arrays"].values():
-                load_npy(out_dir, rec)
-        except MlpmemError as e:
-            log.warning("redoing shard %s: %s", s, e.problem)
-            del records[s]
-    return records
-
-
-def _clear_progress(out_dir: Path) -> None:
-    for path in [out_dir / "progress.json", *out_dir.glob("progress-*.json")]:
-        path.unlink(missing_ok=True)
 
 
 class _ShardWriter:
@@ -519,7 +489,7 @@ class _ShardWriter:
 
     def _write(self, s: int, start: int, end: int, arrays: dict[str, np.ndarray]) -> None:
         records = {name: save_npy(self.out_dir / f"{name}-{s:05d}.npy", arr) for name, arr in arrays.items()}
-        write_json(self.out_dir / PROGRESS.format(s), {"start": start, "end": end, "arrays": records})
+        save_shard_record(self.out_dir, s, {"start": start, "end": end, "arrays": records})
 
     def __enter__(self) -> "_ShardWriter":
         return self

@@ -227,6 +227,46 @@ def file_records(data: Any) -> list[dict[str, Any]]:
     return []
 
 
+# ---------------------------------------------------------------- per-shard progress of a sharded stage
+
+PROGRESS = "progress-{:05d}.json"  # one record per finished shard, written after its files: a recorded shard is whole
+
+
+def save_shard_record(folder: Path, shard: int, record: dict[str, Any]) -> None:
+    """Mark ``shard`` finished (its files already written); any process may write any shard's record."""
+    write_json(Path(folder) / PROGRESS.format(shard), record)
+
+
+def finished_shards(folder: Path, shards: list[int], what: str) -> dict[int, dict[str, Any]]:
+    """The finished shards among ``shards``: their records, checked against their files (a damaged one is left out, to be redone).
+
+    Reads the per-shard records, and the single ``progress.json`` that earlier versions wrote for all shards.
+    """
+    folder = Path(folder)
+    legacy = folder / "progress.json"
+    old = read_json(legacy).get("shards", {}) if legacy.exists() else {}
+    done = {}
+    for s in shards:
+        path = folder / PROGRESS.format(s)
+        rec = read_json(path) if path.exists() else old.get(str(s))
+        if rec is None:
+            continue
+        try:
+            for arr in rec["arrays"].values():
+                load_npy(folder, arr)
+        except MlpmemError as e:
+            log.warning("redoing %s shard %d: %s", what, s, e.problem)
+            continue
+        done[s] = rec
+    return done
+
+
+def clear_progress(folder: Path) -> None:
+    """Remove the progress records once the manifest lists the shards."""
+    for path in [Path(folder) / "progress.json", *Path(folder).glob("progress-*.json")]:
+        path.unlink(missing_ok=True)
+
+
 def verify_stage(folder: Path, kind: str, full: bool = False) -> dict[str, Any]:
     """Check every file a finished stage's manifest lists (size and sampled blocks; all bytes with ``full``).
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from mlpmem.errors import MlpmemError
-from mlpmem.manifest import MANIFEST, check_disk_space, load_npy, prepare_out, read_json, save_npy, sha256_file, write_json, write_manifest
+from mlpmem.manifest import MANIFEST, check_disk_space, clear_progress, finished_shards, prepare_out, save_npy, save_shard_record, sha256_file, write_manifest
 from mlpmem.store import Datastore, ShardedArrays
 
 log = logging.getLogger(__name__)
@@ -160,32 +160,6 @@ def _save_shard(out_dir: Path, s: int, ids: np.ndarray, probs: np.ndarray) -> di
     return {"ids": save_npy(out_dir / files["ids"], ids), "probs": save_npy(out_dir / files["probs"], probs.astype(np.float16))}
 
 
-PROGRESS = "progress-{:05d}.json"  # one record per finished shard, so any number of processes can resume any other's run
-
-
-def _read_progress(out_dir: Path, shards: list[int]) -> dict[int, dict]:
-    """The finished shards among ``shards``: their records, checked against their files (a damaged one is redone).
-
-    Reads the per-shard records, and the single ``progress.json`` that runs before them wrote.
-    """
-    legacy = out_dir / "progress.json"
-    old = read_json(legacy).get("shards", {}) if legacy.exists() else {}
-    done = {}
-    for s in shards:
-        path = out_dir / PROGRESS.format(s)
-        rec = read_json(path) if path.exists() else old.get(str(s))
-        if rec is None:
-            continue
-        try:
-            for arr in rec["arrays"].values():
-                load_npy(out_dir, arr)
-        except MlpmemError as e:
-            log.warning("redoing targets shard %d: %s", s, e.problem)
-            continue
-        done[s] = rec
-    return done
-
-
 def build_targets(datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: TargetsConfig = TargetsConfig(), overwrite: bool = False,
                   queries_dir: Path | None = None) -> Path:
     """kNN targets for every datastore row into ``out_dir``; resumes an interrupted run.
@@ -231,7 +205,7 @@ def build_targets(datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: Targ
 
     shards = ds.manifest["shards"]
     mine = dist.my_items(len(shards), w)
-    done = _read_progress(out_dir, mine)
+    done = finished_shards(out_dir, mine, "targets")
     todo = [s for s in mine if s not in done]
     rows_todo = sum(shards[s]["end"] - shards[s]["start"] for s in todo)
     check_disk_space(out_dir, rows_todo * cfg.top_m * (4 + 2), "kNN targets")
@@ -246,7 +220,7 @@ def build_targets(datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: Targ
             ids, probs, stats = _targets_for_rows(ds, index, values, start, end, cfg, exclude_self)
             stats["seconds"] = time.perf_counter() - t
             # the record after the files: a recorded shard is always whole
-            write_json(out_dir / PROGRESS.format(s), {"start": start, "end": end, "arrays": _save_shard(out_dir, s, ids, probs), "stats": stats})
+            save_shard_record(out_dir, s, {"start": start, "end": end, "arrays": _save_shard(out_dir, s, ids, probs), "stats": stats})
             bar.update(end - start)
     dist.barrier()  # every shard is written (by some rank) before rank 0 reads them all
     dist.on_main(_write_targets_manifest, out_dir, ds, index, datastore_dir, index_dir, cfg, exclude_self, len(shards), w.size)
@@ -255,7 +229,7 @@ def build_targets(datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: Targ
 
 def _write_targets_manifest(out_dir: Path, ds: Datastore, index, datastore_dir: Path, index_dir: Path, cfg: TargetsConfig,
                             exclude_self: bool, n_shards: int, processes: int) -> None:
-    done = _read_progress(out_dir, list(range(n_shards)))  # every file the manifest will list is there and whole
+    done = finished_shards(out_dir, list(range(n_shards)), "targets")  # every file the manifest will list is there and whole
     missing = [s for s in range(n_shards) if s not in done]
     if missing:
         raise MlpmemError(f"shards {missing[:5]} of the targets in {out_dir} are missing or damaged after every process finished",
@@ -278,9 +252,7 @@ def _write_targets_manifest(out_dir: Path, ds: Datastore, index, datastore_dir: 
         "stats": stats, "faiss_threads": index.threads or _torch_threads(), "processes": processes,
         "shards": [{"start": done[s]["start"], "end": done[s]["end"], "arrays": done[s]["arrays"]} for s in range(n_shards)],
     })
-    for s in range(n_shards):
-        (out_dir / PROGRESS.format(s)).unlink(missing_ok=True)
-    (out_dir / "progress.json").unlink(missing_ok=True)
+    clear_progress(out_dir)
     log.info("kNN targets for %d rows: support %.1f tokens, top-%d cut %.4f of the mass (max %.4f), self found %.3f",
              n, stats["mean_support_size"], cfg.top_m, stats["mean_mass_removed"], stats["max_mass_removed"], stats["self_found_rate"])
 

@@ -93,6 +93,13 @@ def local_device(device: str) -> str:
     return device
 
 
+def _joined() -> bool:
+    """Is this process in a process group of more than one (the collectives below are no-ops otherwise)?"""
+    import torch.distributed as td
+
+    return td.is_available() and td.is_initialized() and td.get_world_size() > 1
+
+
 def my_items(n_items: int, w: World | None = None) -> list[int]:
     """The items (0..n_items-1) this rank computes: every size-th, from its rank on.
 
@@ -106,7 +113,7 @@ def my_items(n_items: int, w: World | None = None) -> list[int]:
 def barrier() -> None:
     import torch.distributed as td
 
-    if td.is_available() and td.is_initialized():
+    if _joined():
         td.barrier()
 
 
@@ -116,7 +123,7 @@ def all_sum(values: Sequence[float] | np.ndarray) -> np.ndarray:
     import torch.distributed as td
 
     arr = np.asarray(values, dtype=np.float64)
-    if not (td.is_available() and td.is_initialized()) or td.get_world_size() == 1:
+    if not _joined():
         return arr
     t = torch.from_numpy(arr.copy())
     if td.get_backend() == "nccl":
@@ -129,7 +136,7 @@ def all_gather_objects(obj) -> list:
     """Every rank's ``obj`` (picklable, small: records, not arrays), in rank order."""
     import torch.distributed as td
 
-    if not (td.is_available() and td.is_initialized()) or td.get_world_size() == 1:
+    if not _joined():
         return [obj]
     out = [None] * td.get_world_size()
     td.all_gather_object(out, obj)
@@ -140,7 +147,7 @@ def broadcast_object(obj):
     """Rank 0's ``obj`` on every rank."""
     import torch.distributed as td
 
-    if not (td.is_available() and td.is_initialized()) or td.get_world_size() == 1:
+    if not _joined():
         return obj
     box = [obj]
     td.broadcast_object_list(box, src=0)

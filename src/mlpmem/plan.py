@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from mlpmem.errors import MlpmemError
+from mlpmem.manifest import human_bytes
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +171,9 @@ def estimate(recipe, tokens: dict[str, int], tp: Throughputs, d: int, vocab: int
 
 def checkpoints_on_disk(tr, n_rows: int) -> int:
     """Checkpoints at once at the peak: keep_last, plus the one being written, but no more than the run writes."""
-    import math
+    from mlpmem.train import Schedule
 
-    steps = max(1, math.ceil(tr.epochs * n_rows / tr.batch_size))
+    steps = Schedule(n_rows, tr).total
     written = (steps // tr.ckpt_every if tr.ckpt_every else 0) + (0 if tr.ckpt_every and steps % tr.ckpt_every == 0 else 1)
     return min(tr.keep_last + 1, written)
 
@@ -194,20 +195,14 @@ def fit_warnings(needs: list[StageNeed], out: Path, gpu_total: int | None) -> li
     disk = sum(n.disk_bytes for n in needs)
     free = _free_disk(out)
     if disk > free:
-        out_warn.append(f"the run needs {_h(disk)} of disk, {out} has {_h(free)} free")
+        out_warn.append(f"the run needs {human_bytes(disk)} of disk, {out} has {human_bytes(free)} free")
     ram = _total_ram()
     for n in needs:
         if n.ram_bytes > 0.9 * ram:
-            out_warn.append(f"{n.stage} needs about {_h(n.ram_bytes)} of RAM, the machine has {_h(ram)}")
+            out_warn.append(f"{n.stage} needs about {human_bytes(n.ram_bytes)} of RAM, the machine has {human_bytes(ram)}")
         if gpu_total and n.gpu_bytes > 0.9 * gpu_total:
-            out_warn.append(f"{n.stage} needs about {_h(n.gpu_bytes)} of GPU memory, the GPU has {_h(gpu_total)}")
+            out_warn.append(f"{n.stage} needs about {human_bytes(n.gpu_bytes)} of GPU memory, the GPU has {human_bytes(gpu_total)}")
     return out_warn
-
-
-def _h(n: float) -> str:
-    from mlpmem.manifest import human_bytes
-
-    return human_bytes(n)
 
 
 def plan(recipe, train_tokens: int | None = None, throughputs: Throughputs | None = None) -> dict:
@@ -245,11 +240,11 @@ def render_plan(p: dict) -> str:
             f"test {p['tokens']['test']:,} tokens, memory {p['memory_params'] / 1e6:.1f}M parameters",
             f"{'stage':<48} {'time':>9} {'disk':>10} {'RAM':>10} {'GPU':>10}"]
     for n in p["stages"]:
-        rows.append(f"{n['stage'][:48]:<48} {_dur(n['seconds']):>9} {_h(n['disk_bytes']):>10} {_h(n['ram_bytes']):>10} "
-                    f"{_h(n['gpu_bytes']) if n['gpu_bytes'] else '-':>10}")
+        rows.append(f"{n['stage'][:48]:<48} {_dur(n['seconds']):>9} {human_bytes(n['disk_bytes']):>10} {human_bytes(n['ram_bytes']):>10} "
+                    f"{human_bytes(n['gpu_bytes']) if n['gpu_bytes'] else '-':>10}")
     t = p["total"]
-    rows.append(f"{'total (disk: all files; RAM/GPU: the peak stage)':<48} {_dur(t['seconds']):>9} {_h(t['disk_bytes']):>10} "
-                f"{_h(t['peak_ram_bytes']):>10} {_h(t['peak_gpu_bytes']) if t['peak_gpu_bytes'] else '-':>10}")
+    rows.append(f"{'total (disk: all files; RAM/GPU: the peak stage)':<48} {_dur(t['seconds']):>9} {human_bytes(t['disk_bytes']):>10} "
+                f"{human_bytes(t['peak_ram_bytes']):>10} {human_bytes(t['peak_gpu_bytes']) if t['peak_gpu_bytes'] else '-':>10}")
     tp = p["throughputs"]
     rows.append(f"measured: extraction {tp['extract_rows_s']:.0f} rows/s, scoring {tp['score_rows_s']:.0f} rows/s, "
                 f"search {tp['search_qps']:.0f} q/s over {tp['search_rows']:,} keys, training {tp['train_positions_s']:.0f} positions/s")

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from mlpmem import dist
 from mlpmem.errors import MlpmemError
 from mlpmem.interpolate import fit_lambda_em, interpolate_logprobs, perplexity
 from mlpmem.losses import sparse_kd_loss
@@ -475,7 +476,6 @@ def train_memory(
     seen them all, and rank 0 alone validates, writes metrics and checkpoints. A
     checkpoint holds no trace of the process count, so a run resumes with any count.
     """
-    from mlpmem import dist
     from mlpmem.config import validate
 
     out_dir = Path(out_dir)
@@ -556,8 +556,6 @@ def train_memory(
 def _train_loop(memory, opt, data, valid, sched, cfg, dev, bf16, state, out_dir, mem_meta, on_step) -> dict | None:
     """The optimisation. ``valid`` is None on ranks other than 0: rank 0 alone validates and writes."""
     from tqdm.auto import tqdm
-
-    from mlpmem import dist
 
     w = dist.world()
     params = [p for p in memory.parameters() if p.requires_grad]
@@ -690,7 +688,7 @@ def _finish(out_dir, memory, mem_meta, cfg, data, valid, sched, state, last_vali
         "parameters": memory.num_parameters(), "trainable_parameters": memory.num_parameters(trainable_only=True),
         "steps": sched.total, "positions_seen": sched.total * cfg.batch_size, "epochs": sched.total * cfg.batch_size / data.n,
         "n_rows": data.n, "datastore": mem_meta["datastore"], "targets": mem_meta["targets"],
-        "precision": "bf16" if bf16 else "fp32", "device": str(dev), "torch_threads": torch.get_num_threads(), "processes": _world_size(),
+        "precision": "bf16" if bf16 else "fp32", "device": str(dev), "torch_threads": torch.get_num_threads(), "processes": dist.world().size,
         "tokens_per_s": tps, "peak_rss_mb": peak_rss_mb, "valid": kept_valid, "valid_start": state.get("valid_start"),
         "valid_last": last_valid, "kept_step": best["step"] if cfg.keep_best and best else state["step"],
         "kept_by": (best["by"] if best else None) if cfg.keep_best else "last step", "stopped_early": state.get("stopped_early"),
@@ -702,12 +700,6 @@ def _finish(out_dir, memory, mem_meta, cfg, data, valid, sched, state, last_vali
     summary = ", ".join(f"{k} {v:.4g}" for k, v in (kept_valid or {}).items())
     log.info("memory trained: %d steps at %.0f tokens/s%s -> %s", sched.total, tps, f"; valid {summary}" if summary else "", out_dir / "memory")
     return out_dir
-
-
-def _world_size() -> int:
-    from mlpmem import dist
-
-    return dist.world().size
 
 
 def _append_metrics(out_dir: Path, record: dict) -> None:

@@ -63,3 +63,13 @@ def test_checkpoints_on_disk_counts_what_the_run_writes():
     assert checkpoints_on_disk(TrainConfig(epochs=2, batch_size=1024, ckpt_every=500, keep_last=2), 60_000) == 1  # 118 steps: the final one
     assert checkpoints_on_disk(TrainConfig(epochs=10, batch_size=1000, ckpt_every=100, keep_last=2), 100_000) == 3  # keep_last + the one being written
     assert checkpoints_on_disk(TrainConfig(epochs=1, batch_size=100, ckpt_every=100, keep_last=5), 30_000) == 3  # steps 100, 200, 300
+
+
+def test_online_training_plans_a_datastore_of_keys_alone():
+    """As the pipeline stores the memory's input only for offline training, so does the plan count it."""
+    tp = Throughputs(extract_rows_s=200, score_rows_s=100, search_qps=100, search_rows=50_000, train_positions_s=1000)
+    tokens, d = {"train": 10_000, "valid": 1000, "test": 1000}, 576
+    disk = {mode: estimate(load_recipe("sotu", check_paths=False, overrides=[f"train.mode={mode}"]), tokens, tp, d, 49152, 1, 1)[1].disk_bytes
+            for mode in ("offline", "online")}
+    assert disk["online"] == 10_000 * (2 * d + 4) + 1000 * (2 * d + 8)  # keys + values (+ the valid split's LM log-probs)
+    assert disk["offline"] == 10_000 * (4 * d + 4) + 1000 * (4 * d + 8)  # and the last layer's output for lm_copy

@@ -141,7 +141,8 @@ def estimate(recipe, tokens: dict[str, int], tp: Throughputs, d: int, vocab: int
     s = recipe.sections
     ds, ix, tg, tr, knn = s["datastore"], s["index"], s["targets"], s["train"], s["knn"]
     N, Nv, Nt = tokens["train"], tokens["valid"], tokens["test"]
-    n_feat = 1 + len(ds.extra_sites) + (tr.init == "lm_copy" or tr.input_layer is not None)  # the memory's input, when it is not the key
+    # the memory's input, when it is not the key, is stored for offline training only (online training recomputes it)
+    n_feat = 1 + len(ds.extra_sites) + (tr.mode == "offline" and (tr.init == "lm_copy" or tr.input_layer is not None))
     row_bytes = 2 * d * n_feat + 4
     flat = ix.kind in ("flat", "keys") or (ix.kind == "auto" and N <= ix.auto_flat_max_rows)
     index_bytes = {"flat": 4 * d * N, "keys": 0}.get(ix.kind, 4 * d * N if flat else (d + 8) * N)

@@ -12,7 +12,7 @@ from fake_store import random_datastore
 from mlpmem.errors import MlpmemError
 from mlpmem.index import IndexConfig, build_index
 from mlpmem.store import Datastore
-from mlpmem.targets import Targets, TargetsConfig, build_targets, knn_distribution, knn_target_logprob, knn_weights
+from mlpmem.targets import Targets, TargetsConfig, build_targets, id_dtype, knn_distribution, knn_target_logprob, knn_weights
 
 T = 4.0
 
@@ -60,6 +60,13 @@ def test_distribution_small_example():
     assert ids.shape == (1, 6) and ids[0, 3:].tolist() == [0, 0, 0] and np.all(probs[0, 3:] == 0)
 
 
+def test_id_dtype_holds_every_token():
+    assert id_dtype(49_152) == np.uint16 and id_dtype(65_536) == np.uint16  # ids 0..65535
+    assert id_dtype(65_537) == np.int32 and id_dtype(256_000) == np.int32  # Gemma's vocabulary
+    ids = np.array([[0, 65_535]], dtype=np.int32)
+    assert np.array_equal(ids.astype(id_dtype(65_536)).astype(np.int32), ids)
+
+
 def test_targets_match_brute_force(setup):
     root, ds, ix, keys, values = setup
     cfg = TargetsConfig(k=40, temperature=T, top_m=8, batch_size=300)
@@ -71,7 +78,9 @@ def test_targets_match_brute_force(setup):
     assert m["stats"]["self_found_rate"] == 1.0 and 0 < m["stats"]["mean_mass_removed"] < 1
     assert [s["start"] for s in m["shards"]] == [s["start"] for s in Datastore(ds).manifest["shards"]]
     ids_all, probs_all = tg.load("ids"), tg.load("probs")
-    assert ids_all.dtype == np.int32 and probs_all.dtype == np.float16 and ids_all.shape == (2000, 8)
+    # ids stored in 16 bits (vocabulary 50), handed out as int32 for torch
+    assert ids_all.dtype == np.uint16 and probs_all.dtype == np.float16 and ids_all.shape == (2000, 8)
+    assert tg.gather("ids", np.array([5, 1999])).dtype == np.int32
     np.testing.assert_allclose(probs_all.astype(np.float32).sum(1), 1.0, atol=4e-3)
     removed = []
     for row in (0, 1, 699, 700, 1234, 1999):

@@ -26,6 +26,7 @@ import numpy as np
 
 from mlpmem.errors import MlpmemError
 from mlpmem.manifest import human_bytes
+from mlpmem.targets import id_dtype
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def estimate(recipe, tokens: dict[str, int], tp: Throughputs, d: int, vocab: int
                   model_bytes + 2 * shard + act + logits, lm_gpu),
         StageNeed("index", (60.0 if not flat else 0.0) + N * d * 4 / 2e9, index_bytes, index_bytes + (0 if flat else min(N, ix.train_sample) * d * 4)),
         StageNeed("kNN-LM temperature and lambda on valid", Nv / tp.score_rows_s + Nv / qps, 0, model_bytes + index_bytes + Nv * knn.k * 12 + logits, lm_gpu),
-        StageNeed("kNN targets", (N + Nv) / qps, (N + Nv) * tg.top_m * 6, index_bytes + search_block),
+        StageNeed("kNN targets", (N + Nv) / qps, (N + Nv) * tg.top_m * (id_dtype(vocab).itemsize + 2), index_bytes + search_block),
         StageNeed("memory training", tr.epochs * N / tp.train_positions_s,
                   memory_params * 4 * (3 * checkpoints_on_disk(tr, N) + 1), opt_bytes + train_act + (model_bytes if tr.mode == "online" else 0),
                   opt_bytes + train_act if gpu else 0),

@@ -113,8 +113,8 @@ class TargetsConfig:
     SmolLM2-135M, whose squared distances run from ~12 to ~27; the paper's 16 was for GPT-2 XL).
     top_m: 128 tokens per row. With k=1024 neighbours the support is at most 1024 tokens but
     the mass is concentrated; 128 keeps the cut mass small (recorded in the manifest as
-    mass_removed; check it) at 768 bytes per row (int32 id + float16 prob), about half
-    the float16 key itself for d=576.
+    mass_removed; check it) at 512 bytes per row (uint16 id + float16 prob; 768 with int32 ids
+    for vocabularies over 65,536), under half the float16 key itself for d=576.
     batch_size: queries searched together; bounds memory ([batch, k] dists/ids/weights).
     """
 
@@ -154,17 +154,28 @@ def _targets_for_rows(ds: Datastore, index, values: np.ndarray, start: int, end:
     return ids, probs, stats
 
 
-def _save_shard(out_dir: Path, s: int, ids: np.ndarray, probs: np.ndarray) -> dict:
-    """Write one shard's arrays; probs are renormalised in float32 before the float16 cast."""
+def id_dtype(vocab_size: int) -> np.dtype:
+    """The narrowest integer type that holds every token id: uint16 for vocabularies up to 65,536.
+
+    Ids are a third of a target row's bytes at int32 (M x 4 of M x 6); SmolLM2's 49,152 and
+    GPT-2's 50,257 tokens fit in 16 bits, which takes a row from 768 to 512 bytes at M = 128.
+    Padding is id 0 with probability 0, so no negative id is ever stored.
+    """
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+
+
+def _save_shard(out_dir: Path, s: int, ids: np.ndarray, probs: np.ndarray, vocab_size: int) -> dict:
+    """Write one shard's arrays: ids in :func:`id_dtype`; probs are renormalised in float32 before the float16 cast."""
     files = _shard_files(s)
-    return {"ids": save_npy(out_dir / files["ids"], ids), "probs": save_npy(out_dir / files["probs"], probs.astype(np.float16))}
+    return {"ids": save_npy(out_dir / files["ids"], ids.astype(id_dtype(vocab_size))),
+            "probs": save_npy(out_dir / files["probs"], probs.astype(np.float16))}
 
 
 def build_targets(datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: TargetsConfig = TargetsConfig(), overwrite: bool = False,
                   queries_dir: Path | None = None) -> Path:
     """kNN targets for every datastore row into ``out_dir``; resumes an interrupted run.
 
-    Writes shards aligned with the datastore's (same start/end) with arrays ids int32 [n, M]
+    Writes shards aligned with the datastore's (same start/end) with arrays ids [n, M] (uint16 when the vocabulary fits, else int32)
     and probs float16 [n, M], then a manifest of kind "targets". With ``queries_dir`` (a
     datastore of another split, e.g. valid) the targets are for *its* rows, searched in the
     index of ``datastore_dir``; nothing is excluded, since those rows are not in the index.
@@ -208,7 +219,7 @@ def build_targets(datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: Targ
     done = finished_shards(out_dir, mine, "targets")
     todo = [s for s in mine if s not in done]
     rows_todo = sum(shards[s]["end"] - shards[s]["start"] for s in todo)
-    check_disk_space(out_dir, rows_todo * cfg.top_m * (4 + 2), "kNN targets")
+    check_disk_space(out_dir, rows_todo * cfg.top_m * (id_dtype(ds.vocab_size).itemsize + 2), "kNN targets")
     values = index_ds.values()
     from tqdm.auto import tqdm
 
@@ -220,7 +231,7 @@ def build_targets(datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: Targ
             ids, probs, stats = _targets_for_rows(ds, index, values, start, end, cfg, exclude_self)
             stats["seconds"] = time.perf_counter() - t
             # the record after the files: a recorded shard is always whole
-            save_shard_record(out_dir, s, {"start": start, "end": end, "arrays": _save_shard(out_dir, s, ids, probs), "stats": stats})
+            save_shard_record(out_dir, s, {"start": start, "end": end, "arrays": _save_shard(out_dir, s, ids, probs, ds.vocab_size), "stats": stats})
             bar.update(end - start)
     dist.barrier()  # every shard is written (by some rank) before rank 0 reads them all
     dist.on_main(_write_targets_manifest, out_dir, ds, index, datastore_dir, index_dir, cfg, exclude_self, len(shards), w.size)
@@ -258,7 +269,8 @@ def _write_targets_manifest(out_dir: Path, ds: Datastore, index, datastore_dir: 
 
 
 class Targets(ShardedArrays):
-    """Sparse kNN targets: arrays ``ids`` int32 [N, M] and ``probs`` float16 [N, M], row-aligned with a datastore."""
+    """Sparse kNN targets: arrays ``ids`` [N, M] (uint16 or int32: :func:`id_dtype`; older folders
+    int32) and ``probs`` float16 [N, M], row-aligned with a datastore."""
 
     REQUIRED = ("ids", "probs")
 
@@ -270,6 +282,11 @@ class Targets(ShardedArrays):
         self.top_m = int(m["top_m"])
         self.model_id = str(m["model_id"])
         self.tokenizer_hash = str(m["tokenizer_hash"])
+
+    def gather(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """As :meth:`ShardedArrays.gather`; token ids come back as int32 whatever their stored width."""
+        out = super().gather(name, ids)
+        return out.astype(np.int32, copy=False) if name == "ids" else out
 
     @property
     def ids(self) -> list[np.ndarray]:

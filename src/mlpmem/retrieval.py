@@ -17,9 +17,10 @@ Tokens that no neighbour has get log 0 = -inf. Mixing with the LM by
 ``logaddexp(log(1 - lambda) + lp_LM, log(lambda) + lp_kNN)`` (interpolate.interpolate_logprobs,
 torch.logaddexp) is safe with them: logaddexp(x, -inf) = x exactly, never NaN, so for
 lambda < 1 every token keeps the LM's share. At lambda = 1 (kNN alone) those tokens are
-impossible, as in the kNN-LM definition; a row whose search found no neighbour at all
-(approximate indexes can miss) is all -inf there, and must be mixed with lambda < 1
-before sampling.
+impossible, as in the kNN-LM definition. A row whose search found no neighbour at all
+(only an approximate index can miss every hit) is all -inf: mixed, it holds the LM's
+1 - lambda alone, which generation renormalises (it decodes with the LM) and perplexity
+counts as kNN giving the token 0; at lambda = 1 it has no valid token.
 
 Nothing is trained and nothing is stored in safetensors: the module has no
 parameters or buffers (state_dict is empty). Saving keeps a reference instead

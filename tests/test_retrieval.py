@@ -204,3 +204,13 @@ def test_tokenizer_other_than_the_datastores_is_refused(run, tiny_llama):
         knn_component(run["out"], run["model"], other)
     with pytest.raises(MlpmemError, match="tokenizer"):
         knn_component(run["out"], tokenizer=other)
+
+
+def test_lm_with_other_weights_is_refused(run):
+    from transformers import AutoModelForCausalLM
+
+    assert run["ds"].manifest.get("model_fingerprint")  # this datastore records its model's weights
+    torch.manual_seed(1)
+    other = AutoModelForCausalLM.from_config(run["model"].config)  # same sizes and tokenizer, other weights
+    with pytest.raises(MlpmemError, match="other weights"):
+        knn_component(run["out"], other, run["tok"])

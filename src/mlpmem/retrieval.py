@@ -157,7 +157,11 @@ class KNNRetriever(nn.Module):
         want = self.meta.get("tokenizer_hash")
         if tokenizer is not None and want and tokenizer_hash(tokenizer) != want:
             raise MlpmemError(f"the tokenizer of {name} (hash {tokenizer_hash(tokenizer)}) is not the datastore's ({want}, model {self.meta.get('model_id')!r})", fix)
-        check_fingerprint(self.meta.get("model_fingerprint"), lm, expected_name=str(self.meta.get("model_id")), model_name=name, fix=fix,
+        if not self.meta.get("model_fingerprint"):  # datastores written before fingerprints were kept
+            log.warning("the kNN datastore in %s records no fingerprint of its model: %s is checked by sizes and tokenizer only, not by its weights",
+                        self.meta.get("datastore"), name)
+            return
+        check_fingerprint(self.meta["model_fingerprint"], lm, expected_name=str(self.meta.get("model_id")), model_name=name, fix=fix,
                           what="the kNN datastore was built with")
 
     # ------------------------------------------------------------------ building and saving by reference

@@ -184,7 +184,8 @@ class KNNRetriever(nn.Module):
         m = ds.manifest
         meta = {
             **(extra_meta or {}),
-            "layer": ds.layer, "site": ds.site, "model_id": ds.model_id, "model": m.get("model_id"), "tokenizer_hash": ds.tokenizer_hash,
+            "layer": ds.layer, "site": ds.site, "model_id": ds.model_id, "model": (extra_meta or {}).get("model") or ds.model_id,
+            "tokenizer_hash": ds.tokenizer_hash,
             "model_fingerprint": m.get("model_fingerprint"), "index_kind": index.manifest.get("factory"), "n_datastore": ds.n_rows,
             "run": str(Path(run_dir).resolve()) if run_dir is not None else None, "datastore": str(datastore_dir), "index": str(index_dir),
             "datastore_manifest_sha256": sha256_file(datastore_dir / MANIFEST), "index_manifest_sha256": sha256_file(index_dir / MANIFEST),
@@ -212,7 +213,7 @@ class KNNRetriever(nn.Module):
         if k is None:
             raise MlpmemError(f"{run} records no k (no knn.json, report.json or recipe.json)", "pass k=")
         return cls.from_folders(run / "datastore", run / "index", k, temperature, index_device, run_dir=run,
-                                extra_meta={"lambda": s["lambda"], "settings_from": s["source"]})
+                                extra_meta={"lambda": s["lambda"], "settings_from": s["source"], "model": s["model"]})
 
     @classmethod
     def from_reference(cls, ref: dict[str, Any], index_device: str | None = None) -> "KNNRetriever":
@@ -230,7 +231,7 @@ class KNNRetriever(nn.Module):
             if want and sha256_file(path) != want:
                 raise MlpmemError(f"the kNN {what} in {ref[what]} changed since the retriever was saved (its manifest hash differs)",
                                   "rebuild the retriever from the run (KNNRetriever.from_run), and re-tune T and lambda if the data changed")
-        keep = {key: v for key, v in ref.items() if key in ("lambda", "settings_from")}
+        keep = {key: v for key, v in ref.items() if key in ("lambda", "settings_from", "model")}
         return cls.from_folders(ref["datastore"], ref["index"], ref["k"], ref["temperature"], index_device or ref.get("index_device") or "cpu",
                                 run_dir=ref.get("run"), extra_meta=keep)
 
@@ -254,7 +255,7 @@ class KNNRetriever(nn.Module):
 
 
 def run_settings(run: Path) -> dict[str, Any]:
-    """k, T and lambda of a run's kNN-LM as its evaluation chose them: knn.json, then report.json, then recipe.json."""
+    """k, T and lambda of a run's kNN-LM as its evaluation chose them: knn.json, then report.json, then recipe.json (and the recipe's model name)."""
     from mlpmem.manifest import read_json
 
     def read(name: str) -> dict:
@@ -265,7 +266,7 @@ def run_settings(run: Path) -> dict[str, Any]:
         return data if isinstance(data, dict) else {}
 
     knn, report, recipe = read("knn.json"), read("report.json"), read("recipe.json")
-    out: dict[str, Any] = {"k": None, "temperature": None, "lambda": None, "source": None}
+    out: dict[str, Any] = {"k": None, "temperature": None, "lambda": None, "source": None, "model": recipe.get("model")}
     if knn.get("temperature") is not None:
         out.update(temperature=knn["temperature"], source="knn.json")
         out["lambda"] = knn.get("lambda")

@@ -25,6 +25,14 @@ Gated mixing (lambda per token from the memory's gate, mlpmem.gate): a memory wh
 trained a gate (RUN/gate) loads with it and mixes per token by default; ``mixing="fixed"``
 (at load time, in ``set_lambda(mode=...)``, ``mixing(mode=...)`` or per call) uses lambda_
 instead, and a call that passes ``lambda_`` gets the fixed mixture with that lambda.
+
+Several memories on one LM (issue 12): ``from_memory([dir_a, dir_b])`` or
+``model.add_memory(dir_or_module, name=...)`` / ``model.remove_memory(name)``; the LM runs
+once, with a hook at each distinct read site. Fixed weights ``weights=[w_LM, w_a, w_b]``
+(default lambda_ split evenly), or per-token weights from a router: :func:`fit_router`
+(model, valid tokens) fits and attaches one, ``model.set_router`` attaches one fitted
+elsewhere (refused if fitted for other memories). ``knn=RUN`` mixes a kNN-LM retriever
+(mlpmem.retrieval) through the same class.
 """
 
 from __future__ import annotations
@@ -64,7 +72,7 @@ def check_base(lm: Any, meta: dict[str, Any], tokenizer: Any = None) -> None:
 
 def from_memory(
     cls: type = MLPMemoryForCausalLM,
-    memory_dir: str | os.PathLike = "",
+    memory_dir: "str | os.PathLike | list[str | os.PathLike]" = "",
     base_model: str | None = None,
     *,
     lambda_: float = 0.25,
@@ -72,37 +80,138 @@ def from_memory(
     dtype: str = "float32",
     gate: str | os.PathLike | None = "auto",
     mixing: str | None = None,
+    names: list[str] | None = None,
+    weights: list[float] | None = None,
+    router: str | os.PathLike | None = None,
+    knn: "str | os.PathLike | list[str | os.PathLike] | None" = None,
 ) -> MLPMemoryForCausalLM:
-    """Pair a memory folder (from the train stage) with its base model, loaded by name (``MLPMemoryForCausalLM.from_memory``).
+    """Pair one or more memory folders (from the train stage) with their base model, loaded by name (``MLPMemoryForCausalLM.from_memory``).
 
-    ``base_model`` defaults to the model the memory was trained on (its meta's
+    ``base_model`` defaults to the model the (first) memory was trained on (its meta's
     model_id). The run's results found next to the memory (the train stage's
     manifest, the pipeline's report) go into the meta, so a saved model card shows them.
     ``gate``: a gate folder (mlpmem.gate), ``"auto"`` (the run's RUN/gate next to
     RUN/train/memory, if there is one) or None; a gate trained for another memory is
-    refused. ``mixing``: ``"fixed"`` or ``"gated"``; default gated when a gate is found.
+    refused; with several memories it is looked for only when named. ``mixing``:
+    ``"fixed"``, ``"gated"`` (one memory) or ``"routed"``; default gated when a gate is found
+    for a single memory, routed when a router is given.
+
+    Several memories: ``memory_dir`` a list of folders (``names``: their names, default each
+    run's folder name for RUN/train/memory, else the folder's name); ``knn``: kNN-LM run folders
+    (mlpmem.retrieval.KNNRetriever.from_run) mixed as more components, after the memories (a run
+    folder alone, with ``memory_dir`` empty, gives LM + kNN-LM); ``weights``: fixed weights [LM,
+    each memory] (default lambda_ split evenly); ``router``: a router folder saved for these
+    memories (a model's ``router/``), or fit one afterwards with :func:`fit_router`.
     """
     from mlpmem.gate import find_gate, load_gate
     from mlpmem.models import load_model
+    from mlpmem.modeling_mlpmem import read_router_folder, ROUTER_CONFIG, GATE_WEIGHTS
 
-    memory, meta = load_memory(Path(memory_dir))
-    ref = base_model or meta.get("model_id")
+    dirs = [Path(d) for d in (memory_dir if isinstance(memory_dir, (list, tuple)) else [memory_dir] if str(memory_dir) else [])]
+    knn_dirs = [Path(d) for d in (knn if isinstance(knn, (list, tuple)) else [knn] if knn else [])]
+    if not dirs and not knn_dirs:
+        raise MlpmemError("no memory to load", "pass a memory folder (RUN/train/memory), several, or knn=RUN")
+    parts = [(d, *load_memory(d)) for d in dirs] + [(d, *_load_knn(d)) for d in knn_dirs]
+    if names is None:
+        names = (["memory"] if dirs else ["knn"]) if len(parts) == 1 else _default_names([d for d, _, _ in parts], [m for _, m, _ in parts])
+    if len(names) != len(parts):
+        raise MlpmemError(f"{len(names)} names for {len(parts)} memories", "pass one name per memory folder (and kNN run), in order")
+    first_dir, memory, meta = parts[0]
+    ref = base_model or meta.get("model_id") or meta.get("base_model")
     if not ref:
-        raise MlpmemError(f"the memory in {memory_dir} does not record its base model", "pass base_model=MODEL")
-    gate_dir = find_gate(Path(memory_dir)) if gate == "auto" else (Path(gate) if gate else None)
+        raise MlpmemError(f"the memory in {first_dir} does not record its base model", "pass base_model=MODEL")
+    single_mlp = len(parts) == 1 and not knn_dirs
+    gate_dir = (find_gate(first_dir) if single_mlp else None) if gate == "auto" else (Path(gate) if gate else None)
     if mixing == "gated" and gate_dir is None:
         raise MlpmemError(f"mixing='gated' needs a gate, and none was found for the memory in {memory_dir}",
                           "train one (recipe `eval: {mixing: gated}`), pass gate=FOLDER, or use mixing='fixed'")
     gate_module, gate_meta = load_gate(gate_dir, memory) if gate_dir is not None else (None, None)
     if gate_dir is not None:
         log.info("mixing gate: %s", gate_dir)
+    router_module, router_meta = (None, None)
+    if router is not None:
+        router_module, router_meta = read_router_folder({f: str(Path(router) / f) for f in (ROUTER_CONFIG, GATE_WEIGHTS)})
     lm, tok, model_id = load_model(str(ref), dtype=dtype)
-    meta = dict(meta)
-    results = meta.get("results") or run_results(Path(memory_dir))
-    if results:
-        meta["results"] = results
-    return cls.from_parts(lm, memory, meta, tokenizer=tok, base_model=model_id, lambda_=lambda_, memory_temperature=memory_temperature,
-                          gate=gate_module, gate_meta=gate_meta, mixing=mixing)
+    metas = []
+    for d, _, m in parts:
+        m = dict(m)
+        results = m.get("results") or (run_results(d) if (d / "memory_config.json").is_file() else {})
+        if results:
+            m["results"] = results
+        metas.append(m)
+    return cls.from_parts(lm, memory, metas[0], tokenizer=tok, base_model=model_id, lambda_=lambda_, memory_temperature=memory_temperature,
+                          gate=gate_module, gate_meta=gate_meta, mixing=mixing, name=names[0],
+                          memories=[(n, m, mt) for n, (_, m, _), mt in zip(names[1:], parts[1:], metas[1:])],
+                          weights=weights, router=router_module, router_meta=router_meta)
+
+
+def _load_knn(run_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """A kNN-LM retriever over a finished run's datastore and index (mlpmem.retrieval, issue 12 item 3)."""
+    try:
+        from mlpmem.retrieval import KNNRetriever
+    except ImportError:
+        raise MlpmemError("this mlpmem has no kNN-LM component (mlpmem.retrieval)", "update mlpmem, or leave out knn=")
+    knn = KNNRetriever.from_run(run_dir)
+    return knn, dict(knn.meta)
+
+
+def _default_names(dirs: list[Path], modules: list) -> list[str]:
+    """Names for several memories: the run's name for RUN/train/memory (and a kNN-LM run's name + "_knn"),
+    else the folder's; made valid and unique."""
+    import re
+
+    from mlpmem.modeling_mlpmem import MLPMemory, RESERVED_NAMES
+
+    out: list[str] = []
+    for d, m in zip(dirs, modules):
+        d = d.resolve()
+        base = d.parent.parent.name if (d.name == "memory" and d.parent.name == "train") else d.name
+        base = re.sub(r"\W", "_", base).strip("_") or "memory"
+        if not base[0].isalpha():
+            base = "m_" + base
+        base = base[:56] + ("" if isinstance(m, MLPMemory) else "_knn")
+        name, i = base, 1
+        while name in out or name in RESERVED_NAMES:
+            name, i = f"{base}_{i}", i + 1
+        out.append(name)
+    return out
+
+
+def fit_router(model: MLPMemoryForCausalLM, tokens: "Any", context: int = 512, stride: int = 256, cfg: Any = None,
+               batch_size: int = 8, holdout: Any = None) -> dict[str, Any]:
+    """Fit a router over the model's memories on ``tokens`` (one token array, or a list of them, e.g. the valid split of
+    each memory's domain) and attach it (``mixing="routed"``). Scores with :func:`mlpmem.gate.score_memories` (windows
+    ``context`` / ``stride``, the LM run once), fits with :func:`mlpmem.gate.fit_router` (``cfg``: a GateConfig).
+    Returns the fit's record (also kept in the router's meta, saved with the model)."""
+    import numpy as np
+    import torch
+
+    from mlpmem.gate import GateConfig
+    from mlpmem.gate import fit_router as fit
+    from mlpmem.gate import score_memories
+    from mlpmem.modeling_mlpmem import component_logprobs
+    from mlpmem.models import Site
+
+    class Scored(torch.nn.Module):  # the component as the model mixes it (temperature applied, log-probs out)
+        def __init__(self, m: torch.nn.Module, temperature: float, device: torch.device) -> None:
+            super().__init__()
+            self.m, self.t = m, temperature
+            self.anchor = torch.nn.Parameter(torch.zeros(0, device=device), requires_grad=False)  # says the device (a retriever has no weights)
+
+        def forward(self, h: torch.Tensor) -> torch.Tensor:
+            return component_logprobs(self.m, h, self.t)
+
+    arrays = tokens if isinstance(tokens, (list, tuple)) else [tokens]
+    device = next(model.lm.parameters()).device
+    mems = [(Scored(m, model.memory_temperature, device), Site(*model.sites[n])) for n, m in model.components().items()]
+    lps, feats = [], []
+    for i, toks in enumerate(arrays):
+        _, lp, f, _ = score_memories(model.lm, np.asarray(toks), context, stride, mems, batch_size, desc=f"scoring for the router ({i + 1}/{len(arrays)})")
+        lps.append(lp)
+        feats.append(f)
+    router, record = fit(np.concatenate(lps), np.concatenate(feats), cfg or GateConfig(), holdout)
+    model.set_router(router, {**model.router_meta(), "record": record, "n_tokens": int(sum(len(x) for x in lps))})
+    return record
 
 
 def run_results(memory_dir: Path) -> dict[str, Any]:

@@ -25,6 +25,16 @@ both parts and ``from_pretrained`` loads a full export (``model.safetensors`` wi
 A folder saved by reference (``full_export=False``, like a PEFT adapter) holds the
 memory only (``memory/``) and names the base model; ``from_pretrained`` then loads
 the base from that name, or takes ``base_model=`` (a name or a loaded model).
+
+Several memories on one LM (issue 12): ``from_parts(..., memories=[(name, module, meta)])``,
+``add_memory`` / ``remove_memory``; each keeps its own read site and meta, the LM runs once with
+a hook at every distinct site, and the mixture is ``log sum_k w_k p_k`` over the LM and the
+memories, with fixed weights (``weights``, or lambda split evenly) or per-token weights from a
+:class:`MemoryRouter` over the features of each memory against the LM (``set_router``; it
+records the fingerprints of the memories it was fitted for). A memory is any module mapping
+hidden states [..., d] to logits [..., V], or to normalised log-probs if it sets
+``returns_logprobs = True`` (the kNN-LM retriever of mlpmem.retrieval, saved by reference).
+With one memory everything is as above (``.memory``, ``.gate``, ``.site``).
 """
 
 from __future__ import annotations
@@ -498,6 +508,142 @@ def mix_routed(logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(torch.log(w) + logprobs, dim=-1)
 
 
+# ============================================================================ several memories: components and the router's files
+# A *component* is anything mixed with the LM: an nn.Module mapping the hidden state at its read site
+# [..., d] to logits [..., V] (an MLPMemory), or to normalised log-probs [..., V] when it says so with
+# ``returns_logprobs = True`` (a kNN-LM retriever, mlpmem.retrieval.KNNRetriever), plus a meta dict:
+# ``layer`` and ``site`` (where it reads), and when known ``tokenizer_hash``, ``model_id`` (or
+# ``base_model``) and ``model_fingerprint`` (the base model it was built for). The model reads every
+# distinct site in one LM pass and mixes the LM with the components, by fixed weights or a router.
+
+MEMORIES_DIR = "memories"  # a saved-by-reference folder keeps the second and later memories here, one subfolder each
+ROUTER_DIR = "router"
+ROUTER_CONFIG = "router_config.json"
+NAME_RE = r"[A-Za-z][A-Za-z0-9_]{0,63}"
+RESERVED_NAMES = ("lm", "gate", "router", "memory_router", "extra_memories")
+MODEL_MIXINGS = ("fixed", "gated", "routed")
+
+
+def check_model_mixing(mixing: str) -> str:
+    if mixing not in MODEL_MIXINGS:
+        raise MlpmemError(f"mixing must be one of {', '.join(MODEL_MIXINGS)}, got {mixing!r}",
+                          "pass mixing='fixed' (fixed weights), 'gated' (one memory, lambda per token from its gate) or 'routed' "
+                          "(weights per token from the router over several memories)")
+    return mixing
+
+
+def component_kind(module: nn.Module) -> str:
+    """``"mlp"`` for an MLPMemory, ``"knn"`` for a kNN-LM retriever that its meta rebuilds (``from_reference``: the
+    datastore and index folders, k, T), else ``"module"`` (mixed, but not savable)."""
+    if isinstance(module, MLPMemory):
+        return "mlp"
+    if hasattr(type(module), "from_reference") and (getattr(module, "meta", None) or {}).get("kind") == "knn":
+        return "knn"
+    return "module"
+
+
+def component_logprobs(module: nn.Module, h: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """h [..., d] -> the component's log-probs [..., V] (float32): a memory's logits / T, log-softmaxed; a retriever's as they are."""
+    out = module(h).float()
+    if getattr(module, "returns_logprobs", False):
+        return out
+    if temperature != 1.0:
+        out = out / temperature
+    return out.log_softmax(-1)
+
+
+def component_fingerprint(module: nn.Module, meta: dict[str, Any] | None = None) -> str:
+    """What a router records of each component it was fitted for: a memory's weight fingerprint, a retriever's own
+    ``fingerprint`` (attribute or method) where it has one, else a hash of its meta."""
+    import hashlib
+
+    if isinstance(module, MLPMemory):
+        return memory_fingerprint(module)
+    meta = meta if meta is not None else getattr(module, "meta", {})
+    if component_kind(module) == "knn":  # what decides its output: the data (manifest hashes), the read site, k and T
+        meta = {k: meta.get(k) for k in ("datastore_manifest_sha256", "index_manifest_sha256", "layer", "site", "k", "temperature")}
+    fp = getattr(module, "fingerprint", None)
+    if fp is not None:
+        return str(fp() if callable(fp) else fp)
+    text = json.dumps(_jsonable(meta), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_name(name: str, taken: list[str]) -> str:
+    if not isinstance(name, str) or not re.fullmatch(NAME_RE, name) or name in RESERVED_NAMES:
+        raise MlpmemError(f"{name!r} cannot name a memory", "use a letter followed by letters, digits or _ (up to 64), not one of " + ", ".join(RESERVED_NAMES))
+    if name in taken:
+        raise MlpmemError(f"the model already has a memory named {name!r}", "pass another name=, or remove_memory it first")
+    return name
+
+
+def check_same_base(metas: dict[str, dict[str, Any]]) -> None:
+    """Refuse components built for different base models or tokenizers (their recorded tokenizer hashes, weight fingerprints)."""
+    fix = "combine only memories trained on the same base model and tokenizer"
+    for key, label in (("tokenizer_hash", "tokenizers"), ("model_fingerprint", "base models")):
+        seen = {}
+        for name, meta in metas.items():
+            v = (meta or {}).get(key)
+            if isinstance(v, dict):  # a model fingerprint: its weights' hash says which model
+                v = v.get("weights_sha256")
+            if v:
+                seen[name] = v
+        if len(set(seen.values())) > 1:
+            raise MlpmemError(f"the memories were built for different {label}: " + ", ".join(f"{n} {v}" for n, v in seen.items()), fix)
+
+
+def check_weights(weights: Any, n_memories: int) -> list[float]:
+    """Fixed mixture weights over the LM and n memories: n + 1 numbers in [0, 1] that sum to 1 (to 1e-6)."""
+    try:
+        w = [float(x) for x in weights]
+    except (TypeError, ValueError):
+        raise MlpmemError(f"mixture weights must be a list of numbers, got {weights!r}", f"pass {n_memories + 1} numbers: the LM's weight, then each memory's")
+    if len(w) != n_memories + 1:
+        raise MlpmemError(f"the model has {n_memories} memories, so it needs {n_memories + 1} mixture weights (the LM first), got {len(w)}",
+                          "pass one weight for the LM and one per memory, in the model's order (model.memory_names)")
+    if not all(0.0 <= x <= 1.0 for x in w) or abs(sum(w) - 1.0) > 1e-6:  # the comparisons also refuse NaN
+        raise MlpmemError(f"mixture weights must each lie in [0, 1] and sum to 1, got {w}", "pass weights such as [0.6, 0.2, 0.2] (the LM first)")
+    return w
+
+
+def weights_from_lambda(lam: float, n_memories: int) -> list[float]:
+    """lambda split evenly over the memories: [1 - lambda, lambda / n, ...]; n = 1 gives [1 - lambda, lambda]."""
+    return [1.0 - lam] + [lam / n_memories] * n_memories
+
+
+def read_router_folder(files: dict[str, str]) -> tuple[MemoryRouter, dict[str, Any]]:
+    """(router in eval mode, its meta) from a router folder's two files by name (safetensors weights, JSON config)."""
+    where = Path(files[ROUTER_CONFIG]).parent
+    for name in (ROUTER_CONFIG, GATE_WEIGHTS):
+        if not files.get(name) or not Path(files[name]).is_file():
+            raise MlpmemError(f"{where} holds no complete router ({name} is missing)", "fit the router again and save the model")
+    try:
+        data = json.loads(Path(files[ROUTER_CONFIG]).read_text())
+        router = MemoryRouter(**data["config"])
+        router.load_state_dict(load_file(files[GATE_WEIGHTS]), strict=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise MlpmemError(f"the router in {where} is not readable ({str(e).splitlines()[0][:200]})", "fit the router again and save the model")
+    check_router_values(router, str(where))
+    return router.eval(), data.get("meta", {})
+
+
+def write_router_folder(folder: Path, router: MemoryRouter, meta: dict[str, Any]) -> None:
+    """Write a router: weights (safetensors), then its config and meta (the fingerprints of the memories it was fitted for)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").float().contiguous().clone() for k, v in router.state_dict().items()}
+    save_file(state, str(folder / (GATE_WEIGHTS + ".partial")), metadata={"format": "pt"})
+    os.replace(folder / (GATE_WEIGHTS + ".partial"), folder / GATE_WEIGHTS)
+    (folder / (ROUTER_CONFIG + ".partial")).write_text(json.dumps({"config": router.config(), "meta": meta}, indent=2, default=str))
+    os.replace(folder / (ROUTER_CONFIG + ".partial"), folder / ROUTER_CONFIG)
+
+
+def check_router_values(router: MemoryRouter, where: str) -> None:
+    """Non-finite weights would give NaN weights per token (the softmax bounds everything else)."""
+    for name, t in router.state_dict().items():
+        if not torch.isfinite(t).all():
+            raise MlpmemError(f"the router in {where} has non-finite values in {name}", "fit the router again")
+
+
 # ============================================================================ reading the LM's hidden state
 # mlpmem.models.capture does the same for the datastore (with more options); it is not imported here
 # because this file must load without mlpmem, and mlpmem.models must import without transformers.
@@ -578,6 +724,15 @@ class MLPMemoryConfig(PretrainedConfig):
     them from the top-level config (lm-eval). ``mixing``: ``"fixed"`` (one lambda) or
     ``"gated"`` (lambda per token from the gate described by ``gate_config``, whose
     weights are ``gate.*`` in a full export and ``gate/`` in a folder saved by reference).
+
+    Several memories (issue 12): the fields above describe the first one (``memory_name``,
+    default ``"memory"``; ``memory_kind`` ``"mlp"`` or ``"knn"``, a kNN-LM retriever saved by
+    reference to its run folder); ``extra_memories`` lists the others in order, each
+    ``{"name", "kind", "memory_config", "memory_meta"}`` (weights ``extra_memories.NAME.*`` in a
+    full export, ``memories/NAME/`` by reference). ``weights``: fixed mixture weights [LM, each
+    memory] (None: lambda_ split evenly over the memories). ``mixing="routed"`` takes per-token
+    weights from the router described by ``router_config`` ({"config", "meta"}; its meta names the
+    fingerprints of the memories it was fitted for), saved as ``memory_router.*`` or ``router/``.
     """
 
     model_type = "mlpmem"
@@ -597,6 +752,11 @@ class MLPMemoryConfig(PretrainedConfig):
     # "gated": lambda per token from the gate (gate_config: {"config": MixingGate's, "meta": ...}); "fixed": lambda_
     mixing: str = "fixed"
     gate_config: dict | None = None
+    memory_name: str | None = None
+    memory_kind: str | None = None
+    extra_memories: list | None = None
+    weights: list | None = None
+    router_config: dict | None = None
     max_position_embeddings: int | None = None
     vocab_size: int | None = None
 
@@ -614,27 +774,30 @@ class MLPMemoryConfig(PretrainedConfig):
 
 
 class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
-    """A frozen causal LM mixed with an MLP memory; ``forward`` returns log-probs as ``logits``.
+    """A frozen causal LM mixed with one or more memories; ``forward`` returns log-probs as ``logits``.
 
-    ``MLPMemoryForCausalLM(config)`` builds both parts from the config (random
+    ``MLPMemoryForCausalLM(config)`` builds every part from the config (random
     weights, as any ``cls(config)``); :meth:`from_pretrained` loads saved ones;
-    :meth:`from_parts` pairs a loaded LM with a memory.
+    :meth:`from_parts` pairs a loaded LM with a memory (and more, ``memories=``);
+    :meth:`add_memory` / :meth:`remove_memory` change the set later. ``.memory`` is the
+    first memory (and, with one memory, the only one), ``.gate`` its gate; the others are
+    in ``.extra_memories``; ``components()`` lists all of them by name, in mixing order.
     """
 
     config_class = MLPMemoryConfig
     base_model_prefix = "lm"
     main_input_name = "input_ids"
-    # the memory keeps float32 when the LM is loaded in half precision: it is small next to
-    # the LM, and its log-softmax over the vocabulary is where half precision would hurt
-    _keep_in_fp32_modules_strict = ["memory", "gate"]
+    # the memories keep float32 when the LM is loaded in half precision: they are small next to
+    # the LM, and their log-softmax over the vocabulary is where half precision would hurt
+    _keep_in_fp32_modules_strict = ["memory", "gate", "extra_memories", "memory_router"]
     # attention runs in the base LM, which decides what it supports
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
 
-    def __init__(self, config: MLPMemoryConfig, lm: PreTrainedModel | None = None, memory: MLPMemory | None = None,
-                 gate: MixingGate | None = None) -> None:
+    def __init__(self, config: MLPMemoryConfig, lm: PreTrainedModel | None = None, memory: nn.Module | None = None,
+                 gate: MixingGate | None = None, extra: dict[str, nn.Module] | None = None, router: MemoryRouter | None = None) -> None:
         super().__init__(config)
         given = lm is not None
         if lm is None:
@@ -644,21 +807,32 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
                     "load the folder with MLPMemoryForCausalLM.from_pretrained (it reads the base model by reference), or export it again with mlpmem",
                 )
             lm = AutoModelForCausalLM.from_config(config.text())
+        entries = list(config.extra_memories or [])
+        extra = dict(extra or {})
         if memory is None:
-            memory = MLPMemory(MemoryConfig(**config.memory_config))
+            memory = _build_component(config.memory_kind, config.memory_config, config.memory_meta)
+        for e in entries:
+            if e["name"] not in extra:
+                extra[e["name"]] = _build_component(e.get("kind"), e.get("memory_config"), e.get("memory_meta"))
         if gate is None and config.gate_config:
             gate = build_gate(config.gate_config["config"])
+        if router is None and config.router_config:
+            router = MemoryRouter(**config.router_config["config"])
         self.lm = lm
         self.memory = memory
-        self.gate = gate  # None: fixed mixing only
-        self.mixing_mode = check_mixing(config.mixing or "fixed")
-        if self.mixing_mode == "gated" and gate is None:
-            raise MlpmemError("mixing='gated' needs a gate, and this model has none", "pass mixing='fixed', or pair the memory with its gate (from_parts(..., gate=...))")
+        self.extra_memories = nn.ModuleDict({e["name"]: extra[e["name"]] for e in entries})
+        self.gate = gate  # the first memory's gate; None: no per-token lambda
+        self.memory_router = router  # per-token weights over the LM and every memory; None: fixed weights
         self.tokenizer = None  # kept to save it next to the model; not a module
-        meta = config.memory_meta or {}
-        self.site = ReadSite(resolve_layer(lm, int(meta["layer"])), str(meta["site"]))
         self.lambda_ = check_lambda(config.lambda_)
         self.memory_temperature = check_temperature(config.memory_temperature)
+        self.weights = check_weights(config.weights, self.n_memories) if config.weights is not None else None
+        self.sites: dict[str, ReadSite] = {}
+        for name in self.memory_names:
+            meta = self.component_meta(name)
+            self.sites[name] = ReadSite(resolve_layer(lm, int(meta["layer"])), str(meta["site"]))
+        self.mixing_mode = "fixed"
+        self.set_lambda(mode=config.mixing or "fixed")
         # older or remote-code models compute every position's logits: slice them here instead
         self._lm_keeps_logits = "logits_to_keep" in inspect.signature(lm.forward).parameters
         self.post_init()
@@ -667,7 +841,7 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
             self.generation_config = copy.deepcopy(lm.generation_config)
 
     def init_weights(self) -> None:
-        # both parts initialise themselves when built (the LM in from_config, the memory in its
+        # every part initialises itself when built (the LM in from_config, a memory in its
         # constructor), and parts handed in arrive trained: initialising them again here would
         # at best repeat that and at worst erase a trained part. Weights missing from a
         # checkpoint are still initialised by from_pretrained, through _init_weights.
@@ -675,8 +849,104 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _init_weights(self, module: nn.Module) -> None:
         # transformers calls this for weights a checkpoint lacks, module by module (those of the LM
-        # go to the LM's own _init_weights): the memory's get its "plain" start
+        # go to the LM's own _init_weights): a memory's get its "plain" start
         plain_init(module)
+
+    # ------------------------------------------------------------------ the memories
+
+    @property
+    def memory_names(self) -> list[str]:
+        """The memories' names in mixing order (the router's and ``weights``' order after the LM)."""
+        return [self.config.memory_name or "memory", *(e["name"] for e in self.config.extra_memories or [])]
+
+    @property
+    def n_memories(self) -> int:
+        return 1 + len(self.config.extra_memories or [])
+
+    @property
+    def site(self) -> ReadSite:
+        """Where the first memory reads (the single-memory attribute)."""
+        return self.sites[self.memory_names[0]]
+
+    @property
+    def router(self) -> MemoryRouter | None:
+        return self.memory_router
+
+    def components(self) -> dict[str, nn.Module]:
+        """Every memory by name, in mixing order."""
+        return {self.memory_names[0]: self.memory, **dict(self.extra_memories.items())}
+
+    def component_meta(self, name: str) -> dict[str, Any]:
+        if name == self.memory_names[0]:
+            return dict(self.config.memory_meta or {})
+        for e in self.config.extra_memories or []:
+            if e["name"] == name:
+                return dict(e.get("memory_meta") or {})
+        raise MlpmemError(f"the model has no memory named {name!r}", f"choose one of {self.memory_names}")
+
+    def add_memory(self, memory: "str | os.PathLike | nn.Module", name: str | None = None, meta: dict[str, Any] | None = None) -> str:
+        """Add a memory: a memory folder of mlpmem's train stage, or a module (an MLPMemory, or a component
+        such as mlpmem.retrieval.KNNRetriever, with its ``meta`` or ``meta=``). Returns its name.
+
+        It must read a site of this LM and have been built for the same base model and tokenizer as the
+        others. A router fitted for the previous set no longer applies: it is dropped (mixing falls back
+        to fixed weights, lambda split evenly) until one is fitted for the new set (:meth:`set_router`).
+        """
+        module, meta = _component_from(memory, meta)
+        name = check_name(name or _free_name(self.memory_names), self.memory_names)
+        check_same_base({**{n: self.component_meta(n) for n in self.memory_names}, name: meta})
+        check_component(self.lm, module, meta, self.tokenizer)
+        self.extra_memories[name] = module.to(_device_of(self.lm)).eval()
+        self.config.extra_memories = [*(self.config.extra_memories or []), _entry(name, module, meta)]
+        self.sites[name] = ReadSite(resolve_layer(self.lm, int(meta["layer"])), str(meta["site"]))
+        forget_fitted_mixing(self, f"memory {name!r} added")
+        return name
+
+    def remove_memory(self, name: str) -> None:
+        """Remove a memory by name; the last one cannot go (an LM without memories is the base model itself)."""
+        names = self.memory_names
+        self.component_meta(name)  # refuses an unknown name
+        if len(names) == 1:
+            raise MlpmemError(f"{name!r} is the model's only memory, and a model needs at least one",
+                              "add another memory first, or use the base model alone (lambda_=0 gives it bit for bit)")
+        if name == names[0]:  # the next memory takes the first place, with its own meta; the gate was the first memory's
+            first = self.config.extra_memories[0]
+            self.memory = self.extra_memories.pop(first["name"])
+            self.config.memory_name, self.config.memory_kind = first["name"], first.get("kind", "mlp")
+            self.config.memory_config, self.config.memory_meta = first.get("memory_config"), first.get("memory_meta")
+            self.config.extra_memories = self.config.extra_memories[1:]
+            self.gate, self.config.gate_config = None, None
+        else:
+            del self.extra_memories[name]
+            self.config.extra_memories = [e for e in self.config.extra_memories if e["name"] != name]
+        self.sites.pop(name)
+        forget_fitted_mixing(self, f"memory {name!r} removed")
+
+    def set_router(self, router: MemoryRouter, meta: dict[str, Any] | None = None, mixing: str = "routed") -> None:
+        """Attach a router (mlpmem.gate.fit_router's, or mlpmem.hf.fit_router's) for this model's memories, in order.
+
+        ``meta``: the router's record; its ``memory_fingerprints`` must be this model's memories'
+        (a router fitted for other memories is refused). Without one, the router is taken to be
+        fitted for the memories as they are now, and that is recorded.
+        """
+        if not isinstance(router, MemoryRouter):
+            raise MlpmemError(f"a router must be a MemoryRouter, got {type(router).__name__}", "fit one with mlpmem.gate.fit_router")
+        if router.n_memories != self.n_memories:
+            raise MlpmemError(f"the router weighs {router.n_memories} memories and this model has {self.n_memories}",
+                              "fit a router for this model's memories (mlpmem.hf.fit_router)")
+        check_router_values(router, "the router")
+        meta = dict(meta) if meta else {}
+        if meta.get("memory_fingerprints") is None:
+            meta.update(self.router_meta())
+        check_router(meta, self)
+        self.memory_router = router.to(_device_of(self.lm)).eval()
+        self.config.router_config = {"config": router.config(), "meta": _jsonable(meta)}
+        self.set_lambda(mode=mixing)
+
+    def router_meta(self) -> dict[str, Any]:
+        """What a router fitted for this model's memories records: their names and fingerprints, in order."""
+        return {"memory_names": self.memory_names,
+                "memory_fingerprints": [component_fingerprint(m, self.component_meta(n)) for n, m in self.components().items()]}
 
     # ------------------------------------------------------------------ building from parts
 
@@ -684,7 +954,7 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
     def from_parts(
         cls,
         lm: PreTrainedModel,
-        memory: MLPMemory,
+        memory: nn.Module,
         meta: dict[str, Any],
         *,
         tokenizer: Any = None,
@@ -694,8 +964,13 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         gate: MixingGate | None = None,
         gate_meta: dict[str, Any] | None = None,
         mixing: str | None = None,
+        name: str | None = None,
+        memories: "list[tuple[str, nn.Module, dict[str, Any]]] | None" = None,
+        weights: list[float] | None = None,
+        router: MemoryRouter | None = None,
+        router_meta: dict[str, Any] | None = None,
     ) -> "MLPMemoryForCausalLM":
-        """Pair a loaded LM with a memory (and its mixing gate, if any).
+        """Pair a loaded LM with a memory (and its mixing gate, if any), and optionally more memories.
 
         ``meta`` is the memory's meta (at least ``layer`` and ``site``; ``tokenizer_hash``,
         ``model_id`` and ``model_fingerprint`` when known). ``base_model`` is the
@@ -703,24 +978,42 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         name_or_path). The LM is checked against the memory: layer, sizes, and where
         mlpmem is installed the tokenizer and the weights' fingerprint. ``gate`` (with
         ``gate_meta``, which must name this memory's fingerprint) mixes per token; ``mixing``
-        defaults to ``"gated"`` when a gate is given, else ``"fixed"``.
+        defaults to ``"routed"`` with a router, else ``"gated"`` when a gate is given and there
+        is one memory, else ``"fixed"``. ``name``: the memory's name (default ``"memory"``).
+        ``memories``: more memories as (name, module, meta), in order; ``weights``: fixed mixture
+        weights [LM, each memory] (default: lambda_ split evenly); ``router`` (with ``router_meta``,
+        whose fingerprints must be these memories') weighs them per token.
         """
-        check_parts(lm, memory, meta, tokenizer)
+        memory, meta = _component_from(memory, meta)
+        name = check_name(name or "memory", [])
+        parts = [(name, memory, meta)]
+        for n, m, mt in memories or []:
+            m, mt = _component_from(m, mt)
+            parts.append((check_name(n, [p[0] for p in parts]), m, mt))
+        check_same_base({n: mt for n, _, mt in parts})  # first: a mix of bases is named as such
+        for _, m, mt in parts:
+            check_component(lm, m, mt, tokenizer)
+        for n, m, _ in parts:
+            if component_kind(m) == "module":
+                logger.info("memory %r (%s) cannot be saved with the model (it is neither an MLPMemory nor a retriever with a run folder)", n, type(m).__name__)
         if gate is not None:
             check_gate(gate_meta or {}, memory)
             check_gate_values(gate, "the gate")
-        mixing = check_mixing(mixing or ("gated" if gate is not None else "fixed"))
-        meta = dict(meta)
-        ref = base_model or meta.get("model_id") or getattr(lm.config, "name_or_path", None) or None
+        mixing = check_model_mixing(mixing or ("routed" if router is not None else "gated" if gate is not None and len(parts) == 1 else "fixed"))
+        ref = base_model or meta.get("model_id") or meta.get("base_model") or getattr(lm.config, "name_or_path", None) or None
         text_cfg = lm.config.get_text_config()
         config = MLPMemoryConfig(
             text_config=copy.deepcopy(lm.config),
-            memory_config=dataclasses.asdict(memory.config),
-            memory_meta=_jsonable(meta),
+            memory_config=dataclasses.asdict(memory.config) if isinstance(memory, MLPMemory) else None,
+            memory_meta=_jsonable(dict(meta)),
+            memory_name=name,
+            memory_kind=component_kind(memory),
+            extra_memories=[_entry(n, m, mt) for n, m, mt in parts[1:]] or None,
+            weights=check_weights(weights, len(parts)) if weights is not None else None,
             base_model=str(ref) if ref else None,
             lambda_=check_lambda(lambda_),
             memory_temperature=check_temperature(memory_temperature),
-            mixing=mixing,
+            mixing="fixed",
             gate_config={"config": gate.config(), "meta": _jsonable(gate_meta or {})} if gate is not None else None,
             max_position_embeddings=getattr(text_cfg, "max_position_embeddings", None),
             vocab_size=int(lm.get_output_embeddings().weight.shape[0]),
@@ -729,13 +1022,17 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
             pad_token_id=lm.generation_config.pad_token_id,
         )
         config.dtype = config.text_config.dtype = lm.dtype  # what dtype="auto" restores
-        model = cls(config, lm=lm, memory=memory, gate=gate.eval() if gate is not None else None)
+        model = cls(config, lm=lm, memory=memory, gate=gate.eval() if gate is not None else None, extra={n: m.eval() for n, m, _ in parts[1:]})
         model.tokenizer = tokenizer
+        if router is not None:
+            model.set_router(router, router_meta, mixing=mixing)
+        else:
+            model.set_lambda(mode=mixing)
         return model.eval()  # an inference wrapper: no dropout in the LM
 
     @classmethod
-    def from_memory(cls, memory_dir: str | os.PathLike, base_model: str | None = None, **kwargs: Any) -> "MLPMemoryForCausalLM":
-        """Pair a memory folder from mlpmem's train stage with its base model (needs mlpmem; see mlpmem.hf.from_memory)."""
+    def from_memory(cls, memory_dir: "str | os.PathLike | list", base_model: str | None = None, **kwargs: Any) -> "MLPMemoryForCausalLM":
+        """Pair one or more memory folders from mlpmem's train stage with their base model (needs mlpmem; see mlpmem.hf.from_memory)."""
         try:
             from mlpmem.hf import from_memory
         except ImportError:
@@ -755,7 +1052,7 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> "MLPMemoryForCausalLM":
         """Load a saved LM + memory (a folder or a hub repo id).
 
-        A full export (the weights file holds the LM and the memory) goes through
+        A full export (the weights file holds the LM and the memories) goes through
         transformers' own ``from_pretrained`` unchanged, with all its keywords
         (``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``dtype``,
         ``device_map``, ...); ``lambda_=`` and ``memory_temperature=`` override the
@@ -781,11 +1078,17 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
             if local.is_dir() and not any((local / kwargs.get("subfolder", "")).glob("model*.safetensors")):
                 raise MlpmemError(f"the full export in {local} is incomplete: it holds no model.safetensors", "export the model again with save_pretrained(..., full_export=True)")
             model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            if "lambda_" in kwargs and "weights" not in kwargs:
+                model.weights = model.config.weights = None  # the lambda asked for, not the saved weights
             if model.gate is not None:
                 check_gate((model.config.gate_config or {}).get("meta", {}), model.memory, f"the gate in {pretrained_model_name_or_path}")
                 check_gate_values(model.gate, str(pretrained_model_name_or_path))
+            if model.memory_router is not None:
+                check_router((model.config.router_config or {}).get("meta", {}), model, f"the router in {pretrained_model_name_or_path}")
+                check_router_values(model.memory_router, str(pretrained_model_name_or_path))
             if tokenizer is not None:
-                check_parts(model.lm, model.memory, model.config.memory_meta or {}, tokenizer)
+                for n, m in model.components().items():
+                    check_component(model.lm, m, model.component_meta(n), tokenizer)
                 model.tokenizer = tokenizer
             return model
         return _from_pretrained_parts(cls, str(pretrained_model_name_or_path), config, base_model, tokenizer, kwargs)
@@ -793,38 +1096,51 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
     def save_pretrained(self, save_directory: str | os.PathLike, full_export: bool = False, tokenizer: Any = None, **kwargs: Any) -> None:  # type: ignore[override]
         """Write the model: config.json, the weights, this file (for trust_remote_code), the tokenizer, README.md.
 
-        ``full_export=True``: ``model.safetensors`` holds the LM and the memory, the
+        ``full_export=True``: ``model.safetensors`` holds the LM and the memories, the
         folder needs nothing else, and it loads through transformers' standard
-        path. Otherwise only the memory is saved (``memory/``) and the config names
+        path. Otherwise only the memories are saved (the first in ``memory/``, the
+        others in ``memories/NAME/``, the router in ``router/``) and the config names
         the base model, which must still be loadable from there (or be passed as
-        ``base_model=``) later. Other keywords go to transformers' save_pretrained
-        (``max_shard_size``, ...). ``model.push_to_hub(repo)`` works as for any model
-        (it saves by reference); to publish a full export, save it and upload the
-        folder (``huggingface_hub.upload_folder``). config.json is deleted first and
-        written last, so an interrupted save is never taken for a finished one.
+        ``base_model=``) later. A kNN-LM retriever is saved by reference to its run
+        folder, so it needs ``full_export=False``. Other keywords go to transformers'
+        save_pretrained (``max_shard_size``, ...). ``model.push_to_hub(repo)`` works as
+        for any model (it saves by reference); to publish a full export, save it and
+        upload the folder (``huggingface_hub.upload_folder``). config.json is deleted
+        first and written last, so an interrupted save is never taken for a finished one.
         """
         if kwargs.get("push_to_hub"):
             # transformers would upload before the tokenizer and the card are written
             raise MlpmemError("save_pretrained(push_to_hub=True) would upload an incomplete folder",
                               "save the folder, then upload it with huggingface_hub.upload_folder, or call model.push_to_hub(repo_id)")
+        kinds = {n: component_kind(m) for n, m in self.components().items()}
+        unsavable = [n for n, k in kinds.items() if k == "module"]
+        if unsavable:
+            raise MlpmemError(f"the memories {unsavable} cannot be saved: they are neither MLP memories nor retrievers with a run folder",
+                              "remove them before saving (remove_memory), or add them again after loading")
+        if full_export and any(k != "mlp" for k in kinds.values()):
+            raise MlpmemError(f"a full export holds MLP memories only, and {[n for n, k in kinds.items() if k != 'mlp']} are kNN-LM retrievers (an index is saved by reference)",
+                              "save with full_export=False (the retriever's run folder is named in the config)")
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         # base/ and memory/ are replaced below: only in a folder an earlier save of this class wrote
-        if not _saved_by_us(folder) and any((folder / name).exists() for name in ("base", MEMORY_DIR, GATE_DIR)):
+        if not _saved_by_us(folder) and any((folder / name).exists() for name in ("base", MEMORY_DIR, GATE_DIR, MEMORIES_DIR, ROUTER_DIR)):
             raise MlpmemError(f"{folder} holds a base/ or memory/ folder that no earlier save of an mlpmem model wrote, and saving would replace it",
                               "save into a new or empty folder")
         (folder / "config.json").unlink(missing_ok=True)
         tok = tokenizer if tokenizer is not None else self.tokenizer
         self.config.lambda_, self.config.memory_temperature = self.lambda_, self.memory_temperature
-        self.config.mixing = self.mixing_mode
+        self.config.mixing, self.config.weights = self.mixing_mode, self.weights
         if self.gate is None:
             self.config.gate_config = None
+        if self.memory_router is None:
+            self.config.router_config = None
         self.config.base_subfolder = None
         for stale in [folder / "base", *folder.glob("model*.safetensors"), *folder.glob("model.safetensors.index.json")]:
             _remove(stale)  # a previous save of the other kind must not shadow this one
-        _remove(folder / MEMORY_DIR)
-        _remove(folder / GATE_DIR)
-        if full_export:  # one weights file with both parts, through transformers' own save
+        for stale in (MEMORY_DIR, GATE_DIR, MEMORIES_DIR, ROUTER_DIR):
+            _remove(folder / stale)
+        n_params = sum(m.num_parameters() for m in self.components().values() if isinstance(m, MLPMemory))
+        if full_export:  # one weights file with every part, through transformers' own save
             if tok is None:
                 raise MlpmemError("a full export needs the tokenizer, and this model has none attached", "pass tokenizer= to save_pretrained")
             self.config.base_weights = "included"
@@ -833,50 +1149,77 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
             _remove(staging)
             super().save_pretrained(staging, **kwargs)
             tok.save_pretrained(staging)
-            (staging / "README.md").write_text(model_card(self.config, True, self.memory.num_parameters(), _num_params(self.lm)))
+            (staging / "README.md").write_text(model_card(self.config, True, n_params, _num_params(self.lm)))
             for f in sorted(staging.iterdir(), key=lambda f: f.name == "config.json"):
                 os.replace(f, folder / f.name)
             staging.rmdir()
             return
-        # by reference: the memory only (a memory folder), the base named in the config
+        # by reference: the memories only (memory folders), the base named in the config
         if not self.config.base_model:
             raise MlpmemError("the base model has no reference (hub id or folder) to save", "use full_export=True, or build the model with from_parts(..., base_model=PATH)")
         if not _hub_like(self.config.base_model) or Path(self.config.base_model).exists():
             logger.warning("the saved folder names its base model by the local name %r: it loads only where that exists "
                            "(or with base_model=); full_export=True makes it self-contained", self.config.base_model)
         self.config.base_weights = "reference"
-        write_memory_folder(folder / MEMORY_DIR, self.memory, dict(self.config.memory_meta or {}))
+        for i, (name, module) in enumerate(self.components().items()):
+            if isinstance(module, MLPMemory):
+                write_memory_folder(folder / MEMORY_DIR if i == 0 else folder / MEMORIES_DIR / name, module, self.component_meta(name))
         if self.gate is not None:
             write_gate_folder(folder / GATE_DIR, self.gate, (self.config.gate_config or {}).get("meta", {}))
+        if self.memory_router is not None:
+            write_router_folder(folder / ROUTER_DIR, self.memory_router, (self.config.router_config or {}).get("meta", {}))
         self.generation_config.save_pretrained(folder)
         custom_object_save(self, folder, config=self.config)  # this file, and auto_map in the config
         if tok is not None:
             tok.save_pretrained(folder)
-        (folder / "README.md").write_text(model_card(self.config, False, self.memory.num_parameters(), _num_params(self.lm)))
+        (folder / "README.md").write_text(model_card(self.config, False, n_params, _num_params(self.lm)))
         self.config.save_pretrained(folder)
 
-    # ------------------------------------------------------------------ mixing weight
+    # ------------------------------------------------------------------ mixing weights
 
-    def set_lambda(self, lambda_: float | None = None, memory_temperature: float | None = None, mode: str | None = None) -> None:
-        """Set the defaults used when a call does not pass them: lambda, memory temperature, mixing mode ("fixed" or "gated")."""
+    def set_lambda(self, lambda_: float | None = None, memory_temperature: float | None = None, mode: str | None = None,
+                   weights: list[float] | None = None) -> None:
+        """Set the defaults used when a call does not pass them: lambda, memory temperature, mixing mode
+        ("fixed", "gated" or "routed") and fixed weights [LM, each memory] (a new lambda_ clears them)."""
         if mode is not None:
-            if check_mixing(mode) == "gated" and self.gate is None:
-                raise MlpmemError("mixing='gated' needs a gate, and this model has none", "use mixing='fixed', or load a memory saved with its gate")
+            check_model_mixing(mode)
+            if mode == "gated" and (self.gate is None or self.n_memories > 1):
+                raise MlpmemError("mixing='gated' needs a gate, and this model has none" if self.gate is None else
+                                  f"mixing='gated' is for one memory (its gate), and this model has {self.n_memories}",
+                                  "use mixing='fixed', or load a memory saved with its gate" if self.gate is None else
+                                  "use mixing='routed' with a router for these memories (set_router), or mixing='fixed'")
+            if mode == "routed" and self.memory_router is None:
+                raise MlpmemError("mixing='routed' needs a router, and this model has none",
+                                  "fit one for its memories (mlpmem.hf.fit_router) or attach one (set_router), or use mixing='fixed'")
             self.mixing_mode = self.config.mixing = mode
         if lambda_ is not None:
             self.lambda_ = self.config.lambda_ = check_lambda(lambda_)
+            self.weights = self.config.weights = None
+        if weights is not None:
+            self.weights = self.config.weights = check_weights(weights, self.n_memories)
         if memory_temperature is not None:
             self.memory_temperature = self.config.memory_temperature = check_temperature(memory_temperature)
 
     @contextlib.contextmanager
-    def mixing(self, lambda_: float | None = None, memory_temperature: float | None = None, mode: str | None = None) -> Iterator["MLPMemoryForCausalLM"]:
-        """``with model.mixing(lambda_=0.5, mode="fixed"): ...``: set lambda / T / mixing mode inside the block, restore them after."""
-        saved = (self.lambda_, self.memory_temperature, self.mixing_mode)
-        self.set_lambda(lambda_, memory_temperature, mode)
+    def mixing(self, lambda_: float | None = None, memory_temperature: float | None = None, mode: str | None = None,
+               weights: list[float] | None = None) -> Iterator["MLPMemoryForCausalLM"]:
+        """``with model.mixing(lambda_=0.5, mode="fixed"): ...``: set lambda / T / mixing mode / weights inside the block, restore them after."""
+        saved = (self.lambda_, self.memory_temperature, self.mixing_mode, self.weights)
+        self.set_lambda(lambda_, memory_temperature, mode, weights)
         try:
             yield self
         finally:
-            self.set_lambda(*saved)
+            self.lambda_, self.memory_temperature, self.mixing_mode, self.weights = saved
+            self.config.lambda_, self.config.memory_temperature, self.config.mixing, self.config.weights = saved
+
+    def fixed_weights(self, lambda_: float | None = None, weights: list[float] | None = None) -> list[float]:
+        """The fixed mixture weights [LM, each memory] a call uses: ``weights``, else ``lambda_`` split evenly,
+        else the model's weights, else its lambda split evenly."""
+        if weights is not None:
+            return check_weights(weights, self.n_memories)
+        if lambda_ is not None:
+            return weights_from_lambda(check_lambda(lambda_), self.n_memories)
+        return list(self.weights) if self.weights is not None else weights_from_lambda(self.lambda_, self.n_memories)
 
     # ------------------------------------------------------------------ forward
 
@@ -894,32 +1237,43 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         lambda_: float | None = None,
         memory_temperature: float | None = None,
         mixing: str | None = None,
+        weights: list[float] | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """input_ids [B, T] -> ``logits`` [B, K, V] = interpolated log-probs (float32).
+        """input_ids [B, T] -> ``logits`` [B, K, V] = the mixture's log-probs (float32).
 
         K is the number of kept positions (``logits_to_keep``: 0 keeps all, an int n
-        the last n, a tensor the given positions). The LM and the memory both run
-        only on the kept positions, so a decode step costs one memory call on one
-        row per sequence. lambda = 0 returns exactly ``log_softmax(lm_logits.float())``
-        and skips the memory; lambda = 1 returns the memory's log-probs alone. With
+        the last n, a tensor the given positions). The LM and the memories all run
+        only on the kept positions, so a decode step costs one call of each memory on one
+        row per sequence; the LM runs once, with a hook at every distinct read site.
+        lambda = 0 returns exactly ``log_softmax(lm_logits.float())`` and skips the
+        memories; with one memory lambda = 1 returns its log-probs alone. With
         ``labels`` [B, T] the loss is the mean next-token NLL under the mixture
         (needs all positions kept). ``lambda_`` / ``memory_temperature`` given here
         (or to ``generate``, which passes unknown keywords to every step's forward)
-        override the model's defaults for this call. ``mixing="gated"`` takes lambda per
-        position from the gate (over :func:`gate_features` of the two distributions);
-        a ``lambda_`` given to a call of a gated model asks for the fixed mixture with that
-        lambda (so ``lambda_=0`` is the base LM whatever the mode).
+        override the model's defaults for this call. ``mixing="gated"`` (one memory) takes
+        lambda per position from the gate (over :func:`gate_features` of the two
+        distributions); ``mixing="routed"`` takes weights over the LM and every memory per
+        position from the router (over the features of each memory against the LM);
+        ``"fixed"`` mixes by ``weights`` [LM, each memory] (default: lambda split evenly over
+        the memories). A ``lambda_`` or ``weights`` given to a call asks for the fixed
+        mixture (so ``lambda_=0`` is the base LM whatever the mode).
         """
-        if mixing is not None and lambda_ is not None and check_mixing(mixing) == "gated":
-            raise MlpmemError("a call cannot take both mixing='gated' and a fixed lambda_", "pass one of them")
-        mode = check_mixing(mixing) if mixing is not None else ("fixed" if lambda_ is not None else self.mixing_mode)
-        if mode == "gated" and self.gate is None:
-            raise MlpmemError("mixing='gated' needs a gate, and this model has none", "use mixing='fixed', or load a memory saved with its gate")
-        lam = self.lambda_ if lambda_ is None else check_lambda(lambda_)
+        fixed_asked = lambda_ is not None or weights is not None
+        if mixing is not None and fixed_asked and check_model_mixing(mixing) != "fixed":
+            raise MlpmemError(f"a call cannot take both mixing={mixing!r} and a fixed lambda_ or weights", "pass one of them")
+        mode = check_model_mixing(mixing) if mixing is not None else ("fixed" if fixed_asked else self.mixing_mode)
+        if mode == "gated" and (self.gate is None or self.n_memories > 1):
+            raise MlpmemError("mixing='gated' needs a gate, and this model has none" if self.gate is None else
+                              f"mixing='gated' is for one memory, and this model has {self.n_memories}",
+                              "use mixing='fixed', or load a memory saved with its gate" if self.gate is None else "use mixing='routed' or 'fixed'")
+        if mode == "routed" and self.memory_router is None:
+            raise MlpmemError("mixing='routed' needs a router, and this model has none", "attach one with set_router, or use mixing='fixed'")
+        w = self.fixed_weights(lambda_, weights) if mode == "fixed" else None
         temp = self.memory_temperature if memory_temperature is None else check_temperature(memory_temperature)
-        if mode == "gated":
-            lam = None  # per position, below
+        comps = self.components()
+        # a memory with weight 0 is not run at all: lambda = 0 is the base LM's own call
+        active = [n for i, n in enumerate(comps) if w is None or w[i + 1] > 0.0]
         base_kwargs: dict[str, Any] = dict(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
@@ -928,26 +1282,36 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
             base_kwargs["cache_position"] = cache_position
         if self._lm_keeps_logits:
             base_kwargs["logits_to_keep"] = logits_to_keep
-        if lam is not None and lam == 0.0:
-            out, hidden = self.lm(**base_kwargs), None
-        else:
-            with hidden_state(self.lm, *self.site) as store:
-                out = self.lm(**base_kwargs)
-            hidden = store["h"]  # [B, T, d]
+        with contextlib.ExitStack() as stack:
+            stores = {site: stack.enter_context(hidden_state(self.lm, *site)) for site in dict.fromkeys(self.sites[n] for n in active)}
+            out = self.lm(**base_kwargs)
         logits = out.logits if self._lm_keeps_logits else keep_positions(out.logits, logits_to_keep)
         logprobs = logits.float().log_softmax(-1)
-        if hidden is not None:
-            mem_logits = self.memory(keep_positions(hidden, logits_to_keep)).float()
-            if temp != 1.0:
-                mem_logits = mem_logits / temp
-            mem_lp = mem_logits.log_softmax(-1)
-            if lam is None:
-                gate_lam = self.gate(gate_features(logprobs, mem_lp))  # [B, K], in [0, 1] (a sigmoid)
-                logprobs = mix_per_token(logprobs, mem_lp, gate_lam.to(logprobs.dtype))
-            elif lam == 1.0:
-                logprobs = mem_lp
-            else:
-                logprobs = torch.logaddexp(logprobs + math.log1p(-lam), mem_lp + math.log(lam))
+        lps = {n: component_logprobs(comps[n], keep_positions(stores[self.sites[n]]["h"], logits_to_keep), temp) for n in active}
+        for n, lp in lps.items():
+            if lp.shape != logprobs.shape:
+                raise MlpmemError(f"memory {n!r} gives log-probs of shape {tuple(lp.shape)}, the LM {tuple(logprobs.shape)}",
+                                  "use a memory built for this base model's vocabulary")
+        if mode == "gated":
+            mem_lp = lps[active[0]]
+            gate_lam = self.gate(gate_features(logprobs, mem_lp))  # [B, K], in [0, 1] (a sigmoid)
+            logprobs = mix_per_token(logprobs, mem_lp, gate_lam.to(logprobs.dtype))
+        elif mode == "routed":
+            feats = torch.stack([gate_features(logprobs, lps[n]) for n in comps], -2)  # [B, K, N, F]
+            log_w = torch.log(self.memory_router(feats).to(logprobs.dtype))  # [B, K, N + 1], rows sum to 1 (a softmax)
+            mixed = log_w[..., :1] + logprobs
+            for i, n in enumerate(comps):
+                mixed = torch.logaddexp(mixed, log_w[..., i + 1 : i + 2] + lps[n])
+            logprobs = mixed
+        elif len(comps) == 1 and active:  # one memory, fixed lambda: the two-term form, exact at lambda 1
+            lam = w[1]
+            mem_lp = lps[active[0]]
+            logprobs = mem_lp if lam == 1.0 else torch.logaddexp(logprobs + math.log1p(-lam), mem_lp + math.log(lam))
+        elif active:  # several memories, fixed weights: log sum_k w_k p_k over the terms with weight > 0
+            terms = ([logprobs + math.log(w[0])] if w[0] > 0.0 else []) + [lps[n] + math.log(w[i + 1]) for i, n in enumerate(comps) if n in lps]
+            logprobs = terms[0]
+            for t in terms[1:]:
+                logprobs = torch.logaddexp(logprobs, t)
         loss = None
         if labels is not None:
             if logprobs.shape[1] != labels.shape[1]:
@@ -980,9 +1344,9 @@ MLPMemoryForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 # ============================================================================ checks, loading by reference, the card
 
 
-def check_parts(lm: nn.Module, memory: MLPMemory, meta: dict[str, Any], tokenizer: Any = None) -> None:
-    """Refuse an LM and memory that do not fit: input layer and site, hidden and logits sizes; with
-    mlpmem installed also the tokenizer (hash) and the base model's weights (fingerprint)."""
+def check_parts(lm: nn.Module, memory: nn.Module, meta: dict[str, Any], tokenizer: Any = None) -> None:
+    """Refuse an LM and memory (or any component) that do not fit: input layer and site, and for an MLPMemory
+    hidden and logits sizes; with mlpmem installed also the tokenizer (hash) and the base model's weights (fingerprint)."""
     fix = "use the base model (and tokenizer) the memory was trained for, or train a memory for this model"
     for key in ("layer", "site"):
         if key not in meta:
@@ -994,11 +1358,15 @@ def check_parts(lm: nn.Module, memory: MLPMemory, meta: dict[str, Any], tokenize
         resolve_layer(lm, int(meta["layer"]))
     except MlpmemError:
         raise MlpmemError(f"the memory reads decoder layer {meta['layer']}, but the base model {_name(lm)} has only {text_cfg.num_hidden_layers} layers", fix)
-    if memory.config.d_in != text_cfg.hidden_size:
+    if not isinstance(memory, MLPMemory):  # a retriever: its output size is checked on its first call
+        pass
+    elif memory.config.d_in != text_cfg.hidden_size:
         raise MlpmemError(f"the memory reads {memory.config.d_in}-dim hidden states but the base model {_name(lm)} has hidden size {text_cfg.hidden_size}", fix)
     v = int(lm.get_output_embeddings().weight.shape[0])
-    if memory.config.vocab_size != v:
+    if isinstance(memory, MLPMemory) and memory.config.vocab_size != v:
         raise MlpmemError(f"the memory outputs {memory.config.vocab_size} logits but the base model {_name(lm)} outputs {v}", fix)
+    if hasattr(memory, "check_lm"):  # a retriever checks its own sizes (mlpmem.retrieval.KNNRetriever.check_lm)
+        memory.check_lm(lm, tokenizer)
     try:
         from mlpmem.hf import check_base
     except ImportError:
@@ -1007,10 +1375,86 @@ def check_parts(lm: nn.Module, memory: MLPMemory, meta: dict[str, Any], tokenize
     check_base(lm, meta, tokenizer)
 
 
+check_component = check_parts  # a component is checked as a memory is
+
+
+def forget_fitted_mixing(model: "MLPMemoryForCausalLM", what: str) -> None:
+    """After a memory was added or removed: the router and fixed weights were fitted for the previous set, so they go
+    (fixed mixing, lambda split evenly), and a gate stays in use only for a single first memory it belongs to."""
+    if model.memory_router is not None or model.weights is not None:
+        logger.warning("%s: the router and fixed weights fitted for the previous memories are dropped (fixed mixing, lambda %.3f "
+                       "split evenly, until set_router or set_lambda(weights=...))", what, model.lambda_)
+    model.memory_router, model.config.router_config = None, None
+    model.weights = model.config.weights = None
+    if model.mixing_mode == "routed" or (model.mixing_mode == "gated" and (model.gate is None or model.n_memories > 1)):
+        model.mixing_mode = model.config.mixing = "fixed"
+
+
+def check_router(meta: dict[str, Any], model: "MLPMemoryForCausalLM", where: str = "the router") -> None:
+    """Refuse a router fitted for other memories: its meta's memory_fingerprints against the model's memories, in order."""
+    want = (meta or {}).get("memory_fingerprints")
+    if not want:
+        raise MlpmemError(f"{where} does not record the memories it was fitted for (no memory_fingerprints)", "fit the router again with mlpmem.hf.fit_router")
+    got = model.router_meta()["memory_fingerprints"]
+    if list(want) != got:
+        raise MlpmemError(f"{where} was fitted for other memories (fingerprints {list(want)}, this model's memories {model.memory_names} are {got})",
+                          "fit a router for these memories, in this order (mlpmem.hf.fit_router), or use mixing='fixed'")
+
+
+def _component_from(memory: Any, meta: dict[str, Any] | None) -> tuple[nn.Module, dict[str, Any]]:
+    """(module, meta) from a memory folder (memory_config.json + model.safetensors) or a module with its meta."""
+    if isinstance(memory, (str, os.PathLike)):
+        folder = Path(memory)
+        files = {f: str(folder / f) for f in (MEMORY_CONFIG, MEMORY_WEIGHTS)}
+        if not all(Path(f).is_file() for f in files.values()):
+            raise MlpmemError(f"{folder} is not a memory folder (it needs {MEMORY_CONFIG} and {MEMORY_WEIGHTS})",
+                              "pass a train stage's memory folder (RUN/train/memory), or a module such as KNNRetriever.from_run(RUN)")
+        module, saved = read_memory_folder(files)
+        return module, dict(meta if meta is not None else saved)
+    if not isinstance(memory, nn.Module):
+        raise MlpmemError(f"a memory must be a folder or an nn.Module, got {type(memory).__name__}", "pass RUN/train/memory or a loaded module")
+    meta = meta if meta is not None else getattr(memory, "meta", None)
+    if not meta:
+        raise MlpmemError(f"the {type(memory).__name__} comes without a meta (its layer and site)", "pass meta= with at least 'layer' and 'site'")
+    return memory, dict(meta)
+
+
+def _entry(name: str, module: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
+    """A memory's entry in config.extra_memories."""
+    return {"name": name, "kind": component_kind(module),
+            "memory_config": dataclasses.asdict(module.config) if isinstance(module, MLPMemory) else None, "memory_meta": _jsonable(dict(meta))}
+
+
+def _build_component(kind: str | None, memory_config: dict | None, meta: dict | None) -> nn.Module:
+    """A memory from its config entry: an MLPMemory (random weights, loaded next), or a kNN-LM retriever from its run folder."""
+    if (kind or "mlp") == "mlp":
+        return MLPMemory(MemoryConfig(**memory_config))
+    if kind == "knn":
+        try:
+            from mlpmem.retrieval import KNNRetriever
+        except ImportError:
+            raise MlpmemError("this model mixes a kNN-LM retriever, which needs the mlpmem package (mlpmem.retrieval)", "install mlpmem")
+        return KNNRetriever.from_reference(dict(meta or {}))
+    raise MlpmemError(f"a saved memory of kind {kind!r} cannot be rebuilt", "save the model again with mlpmem")
+
+
+def _free_name(taken: list[str]) -> str:
+    i = len(taken)
+    while f"memory_{i}" in taken:
+        i += 1
+    return f"memory_{i}"
+
+
+def _device_of(m: nn.Module) -> torch.device:
+    return next(m.parameters()).device
+
+
 def _from_pretrained_parts(cls: type, name: str, config: MLPMemoryConfig, base_model: Any, tokenizer: Any, kwargs: dict) -> MLPMemoryForCausalLM:
     """from_pretrained for a folder saved by reference, or with ``base_model=``: load the two parts, then pair them."""
     hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
     kwargs.pop("config", None)
+    # a lambda_ given here asks for that lambda: the saved fixed weights (which would take precedence) are dropped
+    weights = kwargs.pop("weights", None if "lambda_" in kwargs else config.weights)
     lam = kwargs.pop("lambda_", config.lambda_)
     temp = kwargs.pop("memory_temperature", config.memory_temperature)
     mixing = kwargs.pop("mixing", None)
@@ -1022,13 +1466,17 @@ def _from_pretrained_parts(cls: type, name: str, config: MLPMemoryConfig, base_m
     if kwargs:
         logger.info("from_pretrained of a model saved by reference ignores %s", sorted(kwargs))
     memory, meta = _load_memory(name, config, hub)
+    memories = [(e["name"], *_load_memory(name, config, hub, e)) for e in config.extra_memories or []]
     gate, gate_meta = _load_gate(name, config, hub)
     if gate is not None:
         check_gate(gate_meta, memory, f"the gate in {name}")
     elif mixing == "gated":
         raise MlpmemError(f"{name} holds no gate, so mixing='gated' is not possible", "use mixing='fixed', or save the model with its gate")
-    if gate is not None and mixing is None:
-        mixing = config.mixing or "gated"
+    router, router_meta = _load_router(name, config, hub)
+    if router is None and mixing == "routed":
+        raise MlpmemError(f"{name} holds no router, so mixing='routed' is not possible", "use mixing='fixed', or fit a router (mlpmem.hf.fit_router) and save the model")
+    if mixing is None and (gate is not None or router is not None):
+        mixing = config.mixing
     base_hub = {k: v for k, v in hub.items() if k not in ("revision", "subfolder")}  # another repository
     if isinstance(base_model, nn.Module):
         lm, tok, ref = base_model, tokenizer, config.base_model
@@ -1051,39 +1499,78 @@ def _from_pretrained_parts(cls: type, name: str, config: MLPMemoryConfig, base_m
     if tok is None:
         logger.warning("cannot check that the base model's tokenizer is the memory's: pass tokenizer= to check it")
     model = cls.from_parts(lm, memory, meta, tokenizer=tok, base_model=config.base_model if isinstance(base_model, nn.Module) or base_model is None else str(base_model),
-                           lambda_=lam, memory_temperature=temp, gate=gate, gate_meta=gate_meta, mixing=mixing)
+                           lambda_=lam, memory_temperature=temp, gate=gate, gate_meta=gate_meta, mixing=mixing,
+                           name=config.memory_name, memories=memories, weights=weights,
+                           router=router, router_meta=router_meta)
     if device is not None or isinstance(device_map, (str, torch.device)):
         model.to(device if device is not None else device_map)
     return model
 
 
-def _load_memory(name: str, config: MLPMemoryConfig, hub: dict) -> tuple[MLPMemory, dict[str, Any]]:
-    """The memory of a saved model: its ``memory/`` folder, else the ``memory.*`` weights of a full export."""
+def _load_memory(name: str, config: MLPMemoryConfig, hub: dict, entry: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """A memory of a saved model: the first (``entry`` None) from ``memory/``, another from ``memories/NAME/``, else
+    from the ``memory.*`` / ``extra_memories.NAME.*`` weights of a full export; a kNN-LM retriever from its run folder."""
+    if entry is None:
+        entry = {"name": config.memory_name or "memory", "kind": config.memory_kind, "memory_config": config.memory_config, "memory_meta": config.memory_meta}
+        sub, prefix = MEMORY_DIR, "memory."
+    else:
+        sub, prefix = f"{MEMORIES_DIR}/{entry['name']}", f"extra_memories.{entry['name']}."
+    meta = dict(entry.get("memory_meta") or {})
+    if (entry.get("kind") or "mlp") != "mlp":
+        return _build_component(entry.get("kind"), entry.get("memory_config"), meta).eval(), meta
     files = {}
     for fname in (MEMORY_CONFIG, MEMORY_WEIGHTS):
-        files[fname] = _resolve(name, f"{MEMORY_DIR}/{fname}", hub)
+        files[fname] = _resolve(name, f"{sub}/{fname}", hub)
     if all(files.values()):
         return read_memory_folder(files)
     if config.saved_by_reference():
         missing = [f for f, p in files.items() if not p]
-        raise MlpmemError(f"{name} holds no complete memory ({MEMORY_DIR}/{missing[0]} is missing)", "save the model again with save_pretrained")
+        raise MlpmemError(f"{name} holds no complete memory ({sub}/{missing[0]} is missing)", "save the model again with save_pretrained")
     # a full export, loaded with another base: take the memory's weights out of the full weights
+    state = {k.removeprefix(prefix): v for k, v in _full_weights(name, hub, prefix).items()}
+    with torch.device("meta"):
+        memory = MLPMemory(MemoryConfig(**entry["memory_config"]))
+    try:
+        memory.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+    except RuntimeError as e:
+        raise MlpmemError(f"the memory weights in {name} do not fit its config ({str(e).splitlines()[0][:200]})", "export the model again with save_pretrained(..., full_export=True)")
+    memory.apply_freeze()
+    return memory.eval(), meta
+
+
+def _full_weights(name: str, hub: dict, prefix: str, required: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors of a full export whose names start with ``prefix`` (every shard read)."""
     index = _resolve(name, "model.safetensors.index.json", hub)
     shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values())) if index else ["model.safetensors"]
     state = {}
     for shard in shards:
         path = _resolve(name, shard, hub)
         if not path:
+            if not required:
+                continue
             raise MlpmemError(f"{name} is missing its weights file {shard}", "save the model again with save_pretrained(..., full_export=True)")
-        state.update({k.removeprefix("memory."): v for k, v in load_file(path).items() if k.startswith("memory.")})
-    with torch.device("meta"):
-        memory = MLPMemory(MemoryConfig(**config.memory_config))
+        state.update({k: v for k, v in load_file(path).items() if k.startswith(prefix)})
+    return state
+
+
+def _load_router(name: str, config: MLPMemoryConfig, hub: dict) -> tuple[MemoryRouter | None, dict[str, Any]]:
+    """The router of a saved model: its ``router/`` folder, else the ``memory_router.*`` weights of a full export; (None, {}) if none."""
+    if not config.router_config:
+        return None, {}
+    files = {fname: _resolve(name, f"{ROUTER_DIR}/{fname}", hub) for fname in (ROUTER_CONFIG, GATE_WEIGHTS)}
+    if all(files.values()):
+        return read_router_folder(files)
+    if config.saved_by_reference():
+        raise MlpmemError(f"{name} names a router in its config but holds no complete router ({ROUTER_DIR}/ is missing or partial)",
+                          "save the model again with save_pretrained")
+    router = MemoryRouter(**config.router_config["config"])
+    state = {k.removeprefix("memory_router."): v.float() for k, v in _full_weights(name, hub, "memory_router.", required=False).items()}
     try:
-        memory.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
+        router.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise MlpmemError(f"the memory weights in {name} do not fit its config ({str(e).splitlines()[0][:200]})", "export the model again with save_pretrained(..., full_export=True)")
-    memory.apply_freeze()
-    return memory.eval(), dict(config.memory_meta or {})
+        raise MlpmemError(f"the router weights in {name} do not fit its config ({str(e).splitlines()[0][:200]})", "export the model again with save_pretrained")
+    check_router_values(router, name)
+    return router.eval(), dict(config.router_config.get("meta") or {})
 
 
 def _load_gate(name: str, config: MLPMemoryConfig, hub: dict) -> tuple[MixingGate | None, dict[str, Any]]:
@@ -1174,8 +1661,17 @@ def model_card(config: MLPMemoryConfig, full_export: bool, memory_params: int, l
         f"| lambda (memory weight) | {config.lambda_} |",
         f"| memory temperature | {config.memory_temperature} |",
         f"| mixing | {config.mixing or 'fixed'}"
-        + (f" (gate: {(config.gate_config or {}).get('config', {}).get('kind')}, lambda per token from the two distributions)" if config.gate_config else "") + " |",
+        + (f" (gate: {(config.gate_config or {}).get('config', {}).get('kind')}, lambda per token from the two distributions)" if config.gate_config else "")
+        + (" (router: weights per token over the LM and every memory)" if config.router_config else "") + " |",
     ]
+    if config.extra_memories:
+        names = [config.memory_name or "memory", *(e["name"] for e in config.extra_memories)]
+        metas = [meta, *((e.get("memory_meta") or {}) for e in config.extra_memories)]
+        kinds = [config.memory_kind or "mlp", *(e.get("kind") or "mlp" for e in config.extra_memories)]
+        lines.append("| memories | " + ", ".join(f"`{n}` ({'kNN-LM' if k == 'knn' else 'MLP'}, layer {m.get('layer')} {m.get('site')})"
+                                                  for n, m, k in zip(names, metas, kinds)) + " |")
+        if config.weights:
+            lines.append(f"| fixed weights (LM, memories) | {config.weights} |")
     for key, label in (("corpus", "training corpus"), ("datastore", "datastore"), ("targets", "kNN targets"), ("model", "recipe model")):
         if meta.get(key):
             lines.append(f"| {label} | `{meta[key]}` |")

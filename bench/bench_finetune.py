@@ -8,7 +8,11 @@ SmolLM2-135M is fine-tuned on the training split the memory was trained on
 (runs/sotu/corpus, train), in shuffled non-overlapping chunks of 512 tokens,
 causal LM loss, AdamW, linear warm-up then cosine decay, one epoch by default:
 once with every weight trained (full FT) and once with LoRA adapters (peft,
-``pip install 'mlpmem[bench]'``) on q, k, v, o, gate, up, down. Each run trains
+``pip install 'mlpmem[finetune]'``) on q, k, v, o, gate, up, down. The fine-tuning
+is the library's (mlpmem.finetune; the output folders are its stage folders, so a
+finished one is reused). bench/results/finetune.json was measured with this bench's
+own earlier loop (same model, data, lr, schedule shape; its last batch was partial
+where the library's batches run on across the epoch end). Each run trains
 in its own spawned process, so its peak RSS is its own. Every model, with and
 without the memory (runs/sotu/train/memory, trained on the *base* model's hidden
 states), is then scored with the library's online scoring (windows of 512, stride
@@ -24,10 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
-import resource
-import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -35,72 +36,28 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
 
 
 def train(kind: str, args: dict) -> dict:
-    """Fine-tune the base model (kind "full" or "lora") and save it, merged, to args["out"]/kind."""
+    """Fine-tune the base model (kind "full" or "lora") with mlpmem.finetune into args["out"]/kind (model in .../model)."""
     import torch
-    from tqdm.auto import tqdm
 
-    from mlpmem.corpus import Corpus
-    from mlpmem.models import load_model, num_parameters
+    from mlpmem.finetune import FinetuneConfig, finetune
 
     torch.set_num_threads(args["threads"])
-    torch.manual_seed(args["seed"])
-    model, tok, _ = load_model(args["model"])
-    tokens = Corpus(args["corpus"]).tokens("train")[: args["train_tokens"]]
-    n_chunks = len(tokens) // args["chunk"]  # the remainder (< one chunk) is left out
-    chunks = torch.from_numpy(tokens[: n_chunks * args["chunk"]].astype(np.int64)).view(n_chunks, args["chunk"])
-    chunks = chunks[torch.randperm(n_chunks, generator=torch.Generator().manual_seed(args["seed"]))]
-    n_params = num_parameters(model)
-    if kind == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=args["lora_r"], lora_alpha=args["lora_alpha"], lora_dropout=0.0,
-                                                 target_modules=LORA_TARGETS, task_type="CAUSAL_LM"))
-    else:
-        model.requires_grad_(True)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    lr = args["lr_" + kind]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=args["weight_decay"])
-    bs = args["batch_size"]
-    steps = -(-n_chunks // bs)
-    warmup = max(1, round(args["warmup"] * steps))
-    # linear warm-up (the first step already at lr / warmup), then cosine to 0 over the remaining steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup + 1) / (steps - warmup + 1))))
-    losses = []
-    t0 = time.perf_counter()
-    bar = tqdm(range(steps), desc=f"{kind} fine-tuning", unit="step", dynamic_ncols=True)
-    for s in bar:
-        x = chunks[s * bs : (s + 1) * bs]
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{(s + 1) * bs * args['chunk'] / (time.perf_counter() - t0):.0f}")
-    seconds = time.perf_counter() - t0
-    n_train = n_chunks * args["chunk"]
-    n_trainable = sum(p.numel() for p in params)
-    if kind == "lora":
-        model = model.merge_and_unload()  # a plain model again: same scoring path as the others
-    out = Path(args["out"]) / kind
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
+    cfg = FinetuneConfig(model=args["model"], method=kind, lora_r=args["lora_r"], lora_alpha=args["lora_alpha"], lr=args["lr_" + kind],
+                         weight_decay=args["weight_decay"], tokens=args["train_tokens"], chunk=args["chunk"], batch_size=args["batch_size"],
+                         warmup=args["warmup"], seed=args["seed"], device="cpu", dtype="float32")
+    m = finetune(cfg, args["corpus"], Path(args["out"]) / kind)
     # FLOPs of a token: forward 2N, gradient w.r.t. activations 2N, w.r.t. weights 2N (full only; LoRA's adapters are negligible)
-    flops = (6 if kind == "full" else 4) * n_params * n_train
-    return {"kind": kind, "lr": lr, "steps": steps, "warmup_steps": warmup, "batch_size": bs, "chunk": args["chunk"],
-            "train_tokens": n_train, "epochs": 1, "trainable_params": n_trainable, "params": n_params,
+    flops = (6 if kind == "full" else 4) * m["params"] * m["train_tokens"]
+    return {"kind": kind, "lr": m["lr"], "steps": m["steps"], "warmup_steps": m["warmup_steps"], "batch_size": m["batch_size"], "chunk": m["chunk"],
+            "train_tokens": m["train_tokens"], "epochs": m["epochs"], "trainable_params": m["trainable_params"], "params": m["params"],
             "flops": flops, "flops_formula": f"{6 if kind == 'full' else 4} x params x tokens",
-            "train_seconds": seconds, "train_tokens_per_s": n_train / seconds, "peak_rss_mb": peak_rss_mb(),
-            "loss_first": losses[0], "loss_last": losses[-1], "loss_mean_last_quarter": float(np.mean(losses[-max(1, steps // 4):])),
-            **({"lora": {"r": args["lora_r"], "alpha": args["lora_alpha"], "dropout": 0.0, "targets": LORA_TARGETS}} if kind == "lora" else {})}
+            "train_seconds": m["train_seconds"], "train_tokens_per_s": m["train_tokens_per_s"], "peak_rss_mb": m["peak_rss_mb"],
+            "loss_first": m["loss_first"], "loss_last": m["loss_last"], "loss_mean_last_quarter": m["loss_mean_last_quarter"],
+            "model_dir": m["model_dir"],
+            **({"lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": 0.0, "targets": cfg.lora_targets}} if kind == "lora" else {})}
 
 
 def evaluate(model_name: str, memory, lam_fixed: float, splits: dict[str, np.ndarray], batch_size: int) -> dict:
@@ -197,7 +154,7 @@ def main() -> None:
             training[kind] = ex.submit(train, kind, targs).result()
         print(json.dumps({k: v for k, v in training[kind].items() if k != "lora"}))
 
-    systems = {"base": DEFAULT_MODEL, "full_ft": str(work / "full"), "lora_ft": str(work / "lora")}
+    systems = {"base": DEFAULT_MODEL, "full_ft": training["full"]["model_dir"], "lora_ft": training["lora"]["model_dir"]}
     results = {}
     for name, model_name in systems.items():
         results[name] = evaluate(model_name, memory, lam_fixed, splits, batch_size=8)

@@ -116,3 +116,39 @@ def test_command_line_prints_bad_input_without_a_traceback(monkeypatch, capsys):
         rag.main(["--model", "mlpmem-rag"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("mlpmem: error: the retrieval index is empty") and "Traceback" not in err
+
+
+def test_shared_context_scoring_equals_hflm(tiny_llama, tmp_path):
+    """SharedContextLM (each context once, its continuations over the repeated KV cache) gives HFLM's log-likelihoods and
+    greedy flags: plain model and LM + memory at lambda 0.5; contexts shared by 1 to 3 continuations of 1 to 4 tokens."""
+    import torch
+    from lm_eval.api.instance import Instance
+
+    from mlpmem.lm_eval_backend import MLPMemoryLM
+    from mlpmem.memory import MemoryConfig, MLPMemory, save_memory
+    from mlpmem.models import load_model, logits_size, tokenizer_hash
+    from mlpmem.rag import SharedContextLM, plain_hflm
+
+    lm, tok, model_id = load_model(str(tiny_llama))
+    torch.manual_seed(2)
+    mem = MLPMemory(MemoryConfig(d_in=32, vocab_size=logits_size(lm), n_blocks=1, zero_init_blocks=False))
+    mem.head.weight.data.normal_(0.0, 0.5)
+    save_memory(tmp_path / "memory", mem, {"model_id": model_id, "tokenizer_hash": tokenizer_hash(tok), "layer": 1, "site": "ffn_input"})
+    pairs = [("the union of", " the states"), ("the union of", " a"), ("the union of", " many more of them"),
+             ("a slowly moving mass", " of ice"), ("", " glacier ice"), ("Question: which?\nAnswer:", " b")]
+    for hflm in (plain_hflm(str(tiny_llama), device="cpu", batch_size=4),
+                 MLPMemoryLM(memory=str(tmp_path / "memory"), lambda_=0.5, device="cpu", batch_size=4)):
+        want = hflm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)], disable_tqdm=True)
+        got = SharedContextLM(hflm).loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)], disable_tqdm=True)
+        assert [g for _, g in got] == [g for _, g in want]
+        assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], abs=1e-4)
+        assert len({lp for lp, _ in got}) == len(pairs)  # distinct numbers: a mix-up of rows would show
+
+
+def test_missing_bm25s_is_a_clear_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bm25s", None)  # as if the rag extra were not installed
+    with pytest.raises(MlpmemError, match="needs the bm25s package") as e:
+        BM25Retriever(DOCS)
+    assert "mlpmem[rag]" in str(e.value)

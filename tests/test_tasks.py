@@ -223,3 +223,27 @@ def test_task_folder_for_another_split_or_corpus_is_refused(wn_run, tiny_llama, 
     # a corpus of another text cannot be used to build the WordNet tasks either
     with pytest.raises(MlpmemError, match="not from"):
         kt.build_tasks(src, sotu, tmp_path / "bad", n_items=4, n_valid=2, n_sotu=4, n_reasoning=3)
+
+
+def test_task_folder_for_another_tokenizer_of_the_same_text_is_refused(wn_run, tmp_path):
+    """Same documents and split, other tokenizer (as a corpus re-tokenized for another model): refused by the corpus check."""
+    src, corpus, _ = wn_run
+    out = build(wn_run, tmp_path / "t")
+    m = json.loads((out / "manifest.json").read_text())
+    m["wordnet_corpus"]["tokenizer_hash"] = "another tokenizer"
+    m["wordnet_corpus"]["model_id"] = "another-model"
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(MlpmemError, match="built for the tokenizer of 'another-model'"):
+        kt.check_tasks(out, corpus)
+
+
+def test_missing_source_folder_or_unbuilt_source_is_a_clear_error(wn_run, tmp_path):
+    src, corpus, _ = wn_run
+    with pytest.raises(MlpmemError, match="does not exist"):
+        kt.build_tasks(tmp_path / "no_source", corpus, tmp_path / "t")
+    half = tmp_path / "half"  # wordnet.jsonl there, but `tasks source` never finished
+    half.mkdir()
+    (half / "wordnet.jsonl").write_text((src / "wordnet.jsonl").read_text())
+    with pytest.raises(MlpmemError, match="no finished `tasks_source` stage"):
+        kt.build_tasks(half, corpus, tmp_path / "t2")
+    assert not (tmp_path / "t").exists() and not (tmp_path / "t2").exists()  # nothing claimed before the inputs were checked

@@ -36,8 +36,9 @@ Quality is therefore a little below the bf16 release. Gemma is trained with
 <bos> first in every sequence and scores much worse without it (its first
 token is its attention sink), so its main row puts <bos> in front of every
 scoring window (511 text tokens + <bos> = 512, inside its 512-token sliding
-window); the row "no <bos>" runs the library's ``score_online`` on the same
-windows as SmolLM2 (once, for reference; ``--plain``, always in ``--quick``). Gemma + kNN-LM would need a Gemma
+window), with the library's ``score_online(..., prefix=(bos,))`` (the
+extractor's prefix option, as ``datastore.bos`` uses it); the row "no <bos>"
+runs ``score_online`` on the same windows as SmolLM2 (once, for reference; ``--plain``, always in ``--quick``). Gemma + kNN-LM would need a Gemma
 datastore over the training split: not measured.
 
 Writes bench/results/decoder.json and decoder.png (``--quick``: the first 2000
@@ -53,18 +54,17 @@ import os
 import platform
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mlpmem.corpus import Corpus, windows
+from mlpmem.corpus import Corpus
 from mlpmem.evaluate import mix, mix_many, score_online, summarize
 from mlpmem.index import KnnIndex
 from mlpmem.manifest import read_json, write_json
-from mlpmem.memory import load_memory
-from mlpmem.models import Site, cache_dir, load_model, num_parameters, resolve_layer, separator_id, tokenizer_hash
+from mlpmem.memory import MemoryInput, load_memory
+from mlpmem.models import Site, cache_dir, load_model, num_parameters, separator_id, tokenizer_hash
 from mlpmem.store import Datastore
 
 log = logging.getLogger("bench_decoder")
@@ -107,40 +107,6 @@ def bits(lp: np.ndarray, tokens: np.ndarray, sep: int) -> tuple[float, int]:
     keep = tokens[1 : len(lp) + 1] != sep
     assert len(lp) == len(tokens) - 1
     return float(-np.asarray(lp, dtype=np.float64)[keep].sum() / LN2), int(keep.sum())
-
-
-# ---------------------------------------------------------------- Gemma with <bos> per window
-
-def score_with_prefix(model, tokens: np.ndarray, context: int, stride: int, prefix: int, batch_size: int) -> tuple[np.ndarray, float]:
-    """Windowed scoring like ``datastore.iter_batches`` (recompute mode), with ``prefix`` in front of every window.
-
-    Windows hold ``context - 1`` stream tokens after the prefix; kept positions
-    and their order are those of ``corpus.windows``. Returns (log-probs [N-1], seconds of forward + gather).
-    """
-    W = windows(len(tokens), context - 1, stride)
-    tok_t = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
-    n = len(tokens)
-    lps, secs, i = [], 0.0, 0
-    while i < len(W):
-        j, length = i + 1, W[i, 1] - W[i, 0]
-        while j < len(W) and j - i < batch_size and W[j, 1] - W[j, 0] == length:
-            j += 1
-        group = W[i:j]
-        ids = torch.stack([torch.cat([torch.tensor([prefix]), tok_t[b:e]]) for b, e, _ in group])
-        stops = np.minimum(group[:, 1], n - 1)
-        keep = int((group[:, 1] - group[:, 2]).max())
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
-            for w, (b, e, k) in enumerate(group):
-                s, t = k - b, stops[w] - b  # local positions (without the prefix) kept
-                rows = logits[w, s - (e - b) + keep : t - (e - b) + keep].float()
-                lps.append(torch.log_softmax(rows, -1).gather(-1, tok_t[k + 1 : stops[w] + 1, None])[:, 0])
-        secs += time.perf_counter() - t0
-        i = j
-    lp = torch.cat(lps).double().numpy()
-    assert len(lp) == n - 1
-    return lp, secs
 
 
 # ---------------------------------------------------------------- main
@@ -214,7 +180,7 @@ def main() -> None:
         faiss.omp_set_num_threads(a.threads)
     train_values = ds.values()
     memory, meta = load_memory(run / "train" / "memory", expect={"model_id": ds.model_id, "tokenizer_hash": ds.tokenizer_hash})
-    key_site, mem_site = Site(ds.layer, ds.site), Site(int(meta["layer"]), meta["site"])
+    key_site, mem_site = Site(ds.layer, ds.site), MemoryInput.from_meta(meta).read_site
     T, lam = report["knn_temperature"], report["lambda"]
     k = int(report.get("k", 1024))
 
@@ -243,15 +209,16 @@ def main() -> None:
                     secs[f"smol_{m_}"].append(sc.seconds[m_])
                 state["smol"] = sc if state["smol"] is None else state["smol"]
             else:
-                lp, s = score_with_prefix(gemma, gemma_stream, a.context, a.stride, gemma_bos, a.batch_size)
-                secs["gemma_bos"].append(s)
-                state["gemma"] = lp if state["gemma"] is None else state["gemma"]
+                # the library's windowed scoring with <bos> in front of every window (datastore.Extractor's prefix)
+                g = score_online(gemma, gemma_stream, a.context, a.stride, None, batch_size=a.batch_size, desc=f"Gemma (repeat {r + 1})",
+                                 prefix=(gemma_bos,))
+                secs["gemma_bos"].append(g.seconds["lm"])
+                state["gemma"] = g.lm_logprob if state["gemma"] is None else state["gemma"]
             log.info("repeat %d %s done: %s", r + 1, who, {k_: round(v[-1], 1) for k_, v in secs.items() if v})
         write_results(ctx, r + 1)  # after every repeat, so that a long run leaves results behind
     if a.quick or a.plain:
         # the library's scoring on Gemma without <bos> (same windows as SmolLM2): once, for reference
-        plain = score_online(gemma, gemma_stream, a.context, a.stride, Site(resolve_layer(gemma, -1), "output"),
-                             batch_size=a.batch_size, desc="Gemma, no <bos>")
+        plain = score_online(gemma, gemma_stream, a.context, a.stride, None, batch_size=a.batch_size, desc="Gemma, no <bos>")
         secs["gemma_plain"].append(plain.seconds["lm"])
         state["plain"] = plain.lm_logprob
         write_results(ctx, repeats)

@@ -237,3 +237,49 @@ def test_batch_tokens_sizes_the_forward_calls(tmp_path, tiny_llama, corpus_dir, 
     for p in sorted(by_windows.glob("*.npy")):
         assert p.read_bytes() == (by_tokens / p.name).read_bytes(), p.name
     assert Datastore(by_tokens).manifest["windows_per_batch"] == 3
+
+
+def test_a_prefix_goes_in_front_of_every_window_against_a_naive_reference(tmp_path, tiny_llama, corpus_dir):
+    """RecomputeExtractor with prefix (bos,): each kept row's hidden state and log-prob equal one plain forward over
+    [bos] + that row's window (context - 1 stream tokens); every position is a row once; the datastore's bos option
+    uses it and records the prefix; the cache mode refuses a prefix, auto falls back to recompute."""
+    from mlpmem.datastore import CacheExtractor, RecomputeExtractor, make_extractor
+
+    model, tok, model_id = load_model(str(tiny_llama))
+    tokens = Corpus(corpus_dir).tokens("train")[:70]
+    bos = 1
+    C, S = 16, 6
+    ex = RecomputeExtractor(model, C, S, batch_size=2, prefix=(bos,))
+    site = Site(1, "output")
+    bs = list(ex.batches(tokens, {"h": site}, want_logprob=True))
+    h = torch.cat([b.features["h"] for b in bs])
+    lp = torch.cat([b.lm_logprob for b in bs])
+    assert len(h) == len(lp) == len(tokens) - 1 and [b.row_start for b in bs][0] == 0
+    W = windows(len(tokens), C - 1, S)
+    assert np.array_equal(ex.windows(len(tokens)), W)
+    for b, e, k in W:
+        ids = torch.from_numpy(np.concatenate([[bos], tokens[b:e]]).astype(np.int64))[None]
+        with torch.inference_mode(), capture(model, [site]) as got:
+            logits = model(input_ids=ids).logits[0].float()
+        stop = min(e, len(tokens) - 1)
+        ref_h = got[site][0, 1 + k - b : 1 + stop - b]
+        ref_lp = torch.log_softmax(logits[1 + k - b : 1 + stop - b], -1).gather(-1, torch.from_numpy(tokens[k + 1 : stop + 1].astype(np.int64))[:, None])[:, 0]
+        torch.testing.assert_close(h[k:stop], ref_h, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(lp[k:stop], ref_lp, atol=1e-5, rtol=1e-4)
+    plain = torch.cat([b.features["h"] for b in RecomputeExtractor(model, C, S).batches(tokens, {"h": site})])
+    assert not torch.allclose(plain, h)  # the prefix changes the states
+    assert make_extractor(model, "auto", C, S, prefix=(bos,)).mode == "recompute"
+    with pytest.raises(MlpmemError, match="no prefix"):
+        CacheExtractor(model, C, S, prefix=(bos,))
+    with pytest.raises(MlpmemError, match="stride"):
+        RecomputeExtractor(model, 8, 8, prefix=(bos,))
+    # the datastore option: <bos> in front of every window, recorded; its keys are the extractor's
+    with pytest.raises(MlpmemError, match="no bos token"):  # the tiny tokenizer has none
+        build_datastore(corpus_dir, tmp_path / "nobos", _cfg(tiny_llama, bos=True), (model, tok, model_id))
+    tok.bos_token = "<eos>"
+    out = build_datastore(corpus_dir, tmp_path / "bos", _cfg(tiny_llama, bos=True, site="output", layer=1), (model, tok, model_id))
+    ds = Datastore(out)
+    assert ds.manifest["prefix"] == [tok.bos_token_id]
+    full = Corpus(corpus_dir).tokens("train")
+    want = torch.cat([b.features["h"] for b in RecomputeExtractor(model, 64, 24, 3, (tok.bos_token_id,)).batches(full, {"h": site})])
+    assert_fp16_close(ds.rows("keys", 0, ds.n_rows), want)

@@ -150,7 +150,7 @@ def test_train_two_processes_ddp_matches_one_and_resumes_with_one(tmp_path, corp
     tg = build_targets(ds, ix, tmp_path / "tg", TargetsConfig(k=8, top_m=4))
     # 7 rows per micro-batch: the two ranks get 4 and 3, so the gradient weighting matters
     args = ("train", "--datastore", ds, "--targets", tg, "--epochs", "0.03", "--batch-size", "14", "--grad-accum", "2", "--n-blocks", "1",
-            "--ckpt-every", "2", "--keep-last", "100", "--eval-every", "0", "--device", "cpu", "--precision", "fp32")
+            "--ckpt-every", "2", "--keep-last", "100", "--eval-every", "0", "--device", "cpu", "--precision", "fp32", "--init", "plain")
     mlpmem(1, *args, "--out", tmp_path / "one")
     mlpmem(2, *args, "--out", tmp_path / "two")
     a, b = (load_file(str(tmp_path / f / "memory" / "model.safetensors")) for f in ("one", "two"))

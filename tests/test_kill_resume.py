@@ -55,7 +55,7 @@ def test_sigkill_train_then_damaged_newest_checkpoint_resumes_byte_identical(tmp
 
     def cmd(out):
         return [sys.executable, "-m", "mlpmem.cli", "train", "--datastore", str(ds), "--targets", str(tg), "--out", str(out), "--epochs", "2",
-                "--batch-size", "32", "--n-blocks", "1", "--ckpt-every", "2", "--eval-every", "0", "--keep-last", "2"]
+                "--batch-size", "32", "--n-blocks", "1", "--ckpt-every", "2", "--eval-every", "0", "--keep-last", "2", "--init", "plain"]
 
     subprocess.run(cmd(tmp_path / "clean"), check=True, env=env, capture_output=True)
     out = tmp_path / "killed"

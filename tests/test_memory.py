@@ -179,3 +179,44 @@ def test_load_refuses_wrong_model_and_partial_folder(tmp_path):
     (tmp_path / "mem" / "memory_config.json").write_text(json.dumps(cfg))
     with pytest.raises(MlpmemError, match="do not fit"):
         load_memory(tmp_path / "mem")
+
+
+def test_block_dropout_acts_in_training_only_and_leaves_the_saved_memory_alone(tmp_path):
+    from mlpmem.memory import add_block_dropout
+
+    torch.manual_seed(0)
+    m = MLPMemory(MemoryConfig(d_in=8, vocab_size=20, n_blocks=2, zero_init_blocks=False))
+    h = torch.randn(64, 8)
+    clean = m.eval()(h)
+    handles = add_block_dropout(m, 0.5)
+    assert len(handles) == 2
+    assert torch.equal(m.eval()(h), clean)  # off in eval mode
+    m.train()
+    assert not torch.allclose(m(h), clean)  # on in train mode
+    assert add_block_dropout(m, 0.0) == []
+    save_memory(tmp_path / "m", m, {})
+    assert torch.equal(load_memory(tmp_path / "m")[0](h), clean)  # the saved memory carries no dropout
+    for hd in handles:
+        hd.remove()
+    assert torch.equal(m(h), clean)
+
+
+def test_the_memory_input_is_decided_in_one_place():
+    from mlpmem.memory import MemoryInput, resolve_memory_input
+
+    # unset: the datastore's key; stored as the keys
+    assert resolve_memory_input(None, None, "plain", "offline", 5, "ffn_input", n_layers=8) == MemoryInput(5, "ffn_input", "stored", "keys")
+    # lm_copy: the last layer's output, stored as an extra array (or recomputed online)
+    assert resolve_memory_input(None, None, "lm_copy", "offline", 5, "ffn_input", n_layers=8) == MemoryInput(7, "output", "stored", "h7.output")
+    assert resolve_memory_input(None, None, "lm_copy", "online", 5, "ffn_input", n_layers=8) == MemoryInput(7, "output", "recomputed", None)
+    assert resolve_memory_input(-1, "output", "plain", "offline", 7, "output", n_layers=8).array == "keys"
+    with pytest.raises(MlpmemError, match="needs the model"):
+        resolve_memory_input(-2, None, "plain", "offline", 5, "ffn_input")
+    with pytest.raises(MlpmemError, match="out of range"):
+        resolve_memory_input(8, None, "plain", "offline", 5, "ffn_input", n_layers=8)
+    # what a memory's meta records, and reads back (memories saved before input_source too)
+    spec = MemoryInput(7, "output", "stored", "h7.output")
+    assert MemoryInput.from_meta({**spec.as_meta(), "model_id": "m"}) == spec
+    assert MemoryInput.from_meta({"layer": 3, "site": "output", "input_array": "online"}) == MemoryInput(3, "output", "recomputed", None)
+    assert MemoryInput.from_meta({"layer": 3, "site": "ffn_input", "input_array": "keys"}).source == "stored"
+    assert spec.array_in(7, "output") == "keys" and spec.array_in(5, "ffn_input") == "h7.output"

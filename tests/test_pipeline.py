@@ -31,7 +31,8 @@ def test_recipe_runs_end_to_end_and_skips_finished_stages(tmp_path, tiny_llama, 
     monkeypatch.setattr(ip, "fit_lambda_em", lambda x, y, *a, **k: fitted.append(len(x)) or real_fit(x, y, *a, **k))
     monkeypatch.setattr(ev, "fit_mixture_em", lambda lps, *a, **k: fitted.append(len(lps[0])) or fit_mixture_em(lps, *a, **k))
     monkeypatch.setattr(ev, "tune_knn_for", lambda cfg, valid: fitted.append(valid.n) or real_tune(cfg, valid))
-    r = run_pipeline(load_recipe(tiny_recipe(tmp_path, tiny_llama, tiny_corpus_file, init="lm_copy", input_site="output")))
+    # no train.init: the default start (lm_copy, on the last layer's output) at every entry point
+    r = run_pipeline(load_recipe(tiny_recipe(tmp_path, tiny_llama, tiny_corpus_file)))
     n_valid = r["n_valid_tokens"] - 1
     assert n_valid != r["n_test_tokens"] - 1  # sizes tell the splits apart
     assert fitted and set(fitted) == {n_valid}, (fitted, n_valid)  # T and every lambda come from valid only
@@ -45,19 +46,22 @@ def test_recipe_runs_end_to_end_and_skips_finished_stages(tmp_path, tiny_llama, 
     # LM's head path), and on test the mixture beats the LM: a useless memory would get lambda ~ 0 and tie
     start, end = r["train"]["valid_start"], r["train"]["valid"]
     assert end["kl"] < 0.95 * start["kl"] and end["ce"] < start["ce"], (start, end)
+    assert r["train"]["worse_than_start"] is False and on_disk["train"]["worse_than_start"] is False
+    assert r["memory_input"]["site"] == "output"
     assert r["ppl"]["mlp_memory"] < 0.99 * r["ppl"]["base"] and r["lambda"]["mlp_memory"] > 0.05
     assert r["n_test_tokens"] - 1 == r["n_scored_tokens"]  # every method over the same test positions
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*.npy")}
-    r2 = run_pipeline(load_recipe(tiny_recipe(tmp_path, tiny_llama, tiny_corpus_file, init="lm_copy", input_site="output")))
+    r2 = run_pipeline(load_recipe(tiny_recipe(tmp_path, tiny_llama, tiny_corpus_file)))
     assert r2["ppl"]["base"] == r["ppl"]["base"]
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # nothing rebuilt
-    # `mlpmem train --init lm_copy` reads what `mlpmem run` trained on: the last layer's output, not the kNN key
+    # `mlpmem train` (its default init, lm_copy) reads what `mlpmem run` trained on: the last layer's output, not the kNN key
     run = tmp_path / "run"
     assert cli_main(["train", "--datastore", str(run / "datastore"), "--targets", str(run / "targets"), "--out", str(tmp_path / "cli"),
-                     "--init", "lm_copy", "--n-blocks", "1", "--epochs", "0.2", "--batch-size", "256", "--eval-every", "0", "--ckpt-every", "0"]) == 0
+                     "--n-blocks", "1", "--epochs", "0.2", "--batch-size", "256", "--eval-every", "0", "--ckpt-every", "0"]) == 0
     meta = lambda d: json.loads((d / "memory" / "memory_config.json").read_text())["meta"]  # noqa: E731
     cli, piped = meta(tmp_path / "cli"), meta(run / "train")
     assert (cli["layer"], cli["site"]) == (piped["layer"], piped["site"]) and cli["site"] == "output"
+    assert json.loads((tmp_path / "cli" / "memory" / "memory_config.json").read_text())["config"]["init"] == "lm_copy"
 
 
 def test_recipe_problems_are_reported_together(tmp_path):
@@ -100,10 +104,20 @@ def test_report_says_when_the_memory_ended_worse_than_it_started():
     r = {"model": "m", "corpus": "c", "n_train_tokens": 10, "n_test_tokens": 5, "k": 4, "knn_temperature": 1.0, "memory_params": 1e6,
          "base_params": 1e8, "memory_input": {"layer": 1, "site": "output"}, "ppl": {"base": 10.0, "mlp_memory": 10.0},
          "tokens_per_s": {}, "lambda": {"knn_lm": 0.1, "mlp_memory": 0.0},
-         "train": {"valid_start": {"kl": 1.0, "ce": 2.0}, "valid": {"kl": 0.5, "ce": 1.9}}}
-    assert "1.000 -> 0.500" in render_report(r) and "ended worse" not in render_report(r)
-    r["train"]["valid"]["kl"] = 1.5
-    assert "ended worse than it started" in render_report(r)
+         "train": {"valid_start": {"kl": 1.0, "ce": 2.0, "ppl_memory": 7.4}, "valid": {"kl": 0.5, "ce": 1.9, "ppl_memory": 6.7},
+                   "worse_than_start": False}}
+    assert "1.000 -> 0.500" in render_report(r) and "7.400 -> 6.700" in render_report(r) and "ended worse" not in render_report(r)
+    r["train"]["worse_than_start"] = True
+    assert "WARNING: the memory ended worse than it started" in render_report(r)
+
+
+def test_a_recipe_without_train_init_gets_lm_copy():
+    """The best measured start is the default of a user's recipe, as of the built-in one and `run --corpus`; plain on request."""
+    from mlpmem.pipeline import quick_recipe
+
+    assert load_recipe({"out": "x", "corpus": {"source": "builtin:sotu"}}, check_paths=False).sections["train"].init == "lm_copy"
+    assert quick_recipe("builtin:sotu", "smollm2-135m", "x").sections["train"].init == "lm_copy"
+    assert load_recipe({"out": "x", "corpus": {"source": "builtin:sotu"}, "train": {"init": "plain"}}, check_paths=False).sections["train"].init == "plain"
 
 
 def test_online_training_stores_no_second_feature_array(tmp_path, tiny_llama, tiny_corpus_file):

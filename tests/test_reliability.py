@@ -228,7 +228,7 @@ def test_shard_deleted_from_an_unfinished_datastore_is_redone(stages, tmp_path, 
 def _train(stages, out, **kw):
     from mlpmem.train import TrainConfig, train_memory
 
-    cfg = TrainConfig(epochs=1.0, batch_size=64, n_blocks=1, ckpt_every=3, eval_every=0, keep_last=2, seed=1)
+    cfg = TrainConfig(init="plain", epochs=1.0, batch_size=64, n_blocks=1, ckpt_every=3, eval_every=0, keep_last=2, seed=1)
     return train_memory(stages["datastore"], stages["targets"], out, cfg, device="cpu", **kw)
 
 

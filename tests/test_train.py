@@ -12,9 +12,9 @@ from fake_train_data import write_train_data
 from mlpmem.errors import MlpmemError
 from mlpmem.manifest import read_manifest
 from mlpmem.memory import load_memory
-from mlpmem.train import Schedule, TrainConfig, list_checkpoints, read_metrics, train_memory
+from mlpmem.train import Schedule, TrainConfig, build_memory, list_checkpoints, read_metrics, train_memory
 
-TINY = dict(n_blocks=2, batch_size=50, epochs=2.0, lr=1e-2, eval_every=5, ckpt_every=4, log_every=5, precision="fp32")
+TINY = dict(init="plain", n_blocks=2, batch_size=50, epochs=2.0, lr=1e-2, eval_every=5, ckpt_every=4, log_every=5, precision="fp32")
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +45,7 @@ def test_trains_and_writes_folder(data, tmp_path):
     # the memory learned the retriever: held-out KL to the kNN targets and CE both fell from the start
     start, end = m["valid_start"], m["valid"]
     assert end["kl"] < 0.9 * start["kl"] and end["ce"] < start["ce"], (start, end)
+    assert m["worse_than_start"] is False
     valid = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "valid"]
     assert [r["step"] for r in valid] == [0, 5, 10, 15, 20]
     assert valid[-1]["ppl_memory"] < valid[0]["ppl_memory"]
@@ -52,6 +53,7 @@ def test_trains_and_writes_folder(data, tmp_path):
     assert (out / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
     memory, meta = load_memory(out / "memory", expect={"model_id": "test/model", "layer": 1, "site": "ffn_input"})
     assert meta["tokenizer_hash"] == "tok0" and memory.config.d_in == 16 and memory.config.vocab_size == 50
+    assert (meta["input_source"], meta["input_array"]) == ("stored", "keys")  # the memory's input, decided once, in its meta
     # a finished folder with the same config is skipped
     assert run(data, out, cfg) == {}
     with pytest.raises(MlpmemError, match="different configuration"):
@@ -137,7 +139,8 @@ def test_refuses_misaligned_targets(data, tmp_path):
 
 
 @pytest.mark.parametrize("bad", [dict(alpha=1.5), dict(lr=0.0), dict(batch_size=50, grad_accum=3), dict(precision="fp16"),
-                                 dict(schedule="step"), dict(mode="streaming"), dict(warmup_frac=1.0), dict(activation="relu")])
+                                 dict(schedule="step"), dict(mode="streaming"), dict(warmup_frac=1.0), dict(activation="relu"),
+                                 dict(dropout=1.0), dict(dropout=-0.1)])
 def test_config_validation(bad, data, tmp_path):
     with pytest.raises(MlpmemError):
         train_memory(data["ds"], data["tg"], tmp_path / "x", TrainConfig(**{**TINY, **bad}))
@@ -153,7 +156,7 @@ def test_lm_copy_init(tmp_path):
     ds, tg = write_train_data(tmp_path, n=200, layer=1, site="output")
     cfg = TrainConfig(**{**TINY, "epochs": 0.5, "init": "lm_copy", "freeze_head": True})
     with pytest.raises(MlpmemError, match="no LM was given"):
-        train_memory(ds, tg, tmp_path / "nolm", cfg)
+        build_memory(cfg, 16, 50)
     train_memory(ds, tg, tmp_path / "m", cfg, init_lm=lm)
     memory, _ = load_memory(tmp_path / "m" / "memory")
     assert memory.config.norm == "rmsnorm" and memory.config.norm_eps == lm.config.rms_norm_eps
@@ -207,6 +210,8 @@ def test_online_mode_recomputes_the_stored_features(tmp_path, tiny_llama, tiny_c
     cfg = TrainConfig(mode="online", input_layer=1, input_site="output", n_blocks=1, epochs=1.0, batch_size=128, eval_every=0, ckpt_every=0)
     out = train_memory(ds, tg, tmp_path / "mem", cfg, init_lm=lm)
     assert (out / "memory" / "model.safetensors").exists()
+    meta = load_memory(out / "memory")[1]
+    assert (meta["layer"], meta["site"], meta["input_source"], meta["input_array"]) == (1, "output", "recomputed", "online")
 
 
 def test_a_sign_flipped_loss_is_caught(data, tmp_path, monkeypatch, caplog):
@@ -224,6 +229,7 @@ def test_a_sign_flipped_loss_is_caught(data, tmp_path, monkeypatch, caplog):
         run(data, tmp_path / "neg", TrainConfig(**{**TINY, "lr": 1e-3}))
     m = read_manifest(tmp_path / "neg", "memory")
     assert m["valid"]["kl"] > m["valid_start"]["kl"]
+    assert m["valid"]["ppl_memory"] > m["valid_start"]["ppl_memory"] and m["worse_than_start"] is True
     assert "WORSE than it started" in caplog.text
 
 
@@ -271,3 +277,55 @@ def test_keeps_the_best_validated_memory_and_stops_early(data, tmp_path):
     first_worse = next(r["step"] for i, r in enumerate(valid) if i and r["ppl_interp"] >= min(v["ppl_interp"] for v in valid[:i]))
     assert m["stopped_early"] == first_worse and m["kept_step"] < first_worse
     assert max(r["step"] for r in read_metrics(tmp_path / "early" / "metrics.jsonl")) == first_worse
+
+
+def _tiny_lm(seed=0):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                        num_key_value_heads=2, vocab_size=50)).eval()
+
+
+def test_the_default_start_is_lm_copy_with_the_datastores_lm(tmp_path, monkeypatch):
+    """TrainConfig() starts as the LM (lm_copy); without an LM given, train_memory loads the datastore's model;
+    when that cannot load, the error names init plain. init plain stays available explicitly."""
+    from mlpmem import models
+
+    assert TrainConfig().init == "lm_copy"
+    lm, loaded = _tiny_lm(), []
+    ds, tg = write_train_data(tmp_path, n=200, layer=1, site="output")  # a datastore of model "test/model", keys = the last layer's output
+    monkeypatch.setattr(models, "load_model", lambda name, *a, **k: loaded.append(name) or (lm, None, name))
+    cfg = TrainConfig(n_blocks=1, batch_size=50, epochs=0.5, precision="fp32", eval_every=0, ckpt_every=0)
+    starts = []
+    train_memory(ds, tg, tmp_path / "m", cfg, on_step=lambda s, r, m: starts.append(m.head.weight.detach().clone()) if s == 1 else None)
+    assert loaded[0] == "test/model"  # (loaded again to fingerprint: this fake datastore records none)
+    memory, meta = load_memory(tmp_path / "m" / "memory")
+    assert memory.config.init == "lm_copy" and memory.config.norm == "rmsnorm" and (meta["layer"], meta["site"]) == (1, "output")
+    assert (starts[0] - lm.lm_head.weight).abs().max() < 5e-3  # one small step away from the LM's head, not a random N(0, 0.02) matrix
+
+    def fails(name, *a, **k):
+        raise MlpmemError(f"cannot load {name}", "x")
+
+    monkeypatch.setattr(models, "load_model", fails)
+    with pytest.raises(MlpmemError, match="init plain") as e:
+        train_memory(ds, tg, tmp_path / "m2", cfg)
+    assert "test/model" in str(e.value) and not (tmp_path / "m2").exists()
+    train_memory(ds, tg, tmp_path / "m3", TrainConfig(**{**cfg.__dict__, "init": "plain"}))  # needs no LM
+    assert load_memory(tmp_path / "m3" / "memory")[0].config.init == "plain"
+
+
+def test_dropout_trains_and_old_folders_without_it_stay_done(data, tmp_path):
+    """dropout changes the training (the runs differ) but not the saved memory's layout; a folder
+    trained before the setting existed (no dropout in its config) matches dropout 0 and is not retrained."""
+    cfg = TrainConfig(**{**TINY, "epochs": 0.5})
+    plain = run(data, tmp_path / "a", cfg)
+    dropped = run(data, tmp_path / "b", TrainConfig(**{**cfg.__dict__, "dropout": 0.3}))
+    assert plain[5] != dropped[5]
+    a, _ = load_memory(tmp_path / "a" / "memory")
+    b, _ = load_memory(tmp_path / "b" / "memory")
+    assert a.state_dict().keys() == b.state_dict().keys()
+    resolved = json.loads((tmp_path / "a" / "config.json").read_text())
+    del resolved["config"]["dropout"]
+    (tmp_path / "a" / "config.json").write_text(json.dumps(resolved))
+    assert run(data, tmp_path / "a", cfg) == {}  # done, not retrained

@@ -71,9 +71,8 @@ def _say(text: str) -> None:
 
 def _train(a):
     from mlpmem.config import from_args
-    from mlpmem.models import dtype_name, load_model, resolve_device
-    from mlpmem.store import Datastore
-    from mlpmem.train import TrainConfig, train_memory
+    from mlpmem.models import dtype_name, resolve_device
+    from mlpmem.train import TrainConfig, load_datastore_lm, needs_lm, train_memory
 
     from mlpmem import dist
 
@@ -81,10 +80,8 @@ def _train(a):
     dev, dt = resolve_device(dist.local_device(a.device), a.dtype)  # under torchrun on GPUs: this rank's GPU
     if a.valid_targets and not a.valid:
         raise MlpmemError("--valid-targets needs --valid (the valid datastore those targets belong to)", "pass --valid DATASTORE too, or drop --valid-targets")
-    lm = None
-    layer = cfg.memory_input()[0]
-    if cfg.init != "plain" or cfg.mode == "online" or (layer is not None and layer < 0):
-        lm = load_model(a.model or Datastore(Path(a.datastore)).model_id, dtype_name(dt), dev)[0]  # to copy the head from / resolve layers
+    # the LM (to copy the head from, recompute inputs, resolve layers): --model, else the datastore's
+    lm = load_datastore_lm(Path(a.datastore), dev, dtype_name(dt), a.model) if needs_lm(cfg) else None
     train_memory(Path(a.datastore), Path(a.targets), Path(a.out), cfg, valid_datastore_dir=Path(a.valid) if a.valid else None,
                  valid_targets_dir=Path(a.valid_targets) if a.valid_targets else None, init_lm=lm, overwrite=a.overwrite, device=str(dev))
 

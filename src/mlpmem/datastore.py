@@ -35,12 +35,15 @@ import numpy as np
 
 from mlpmem.corpus import SPLITS, Corpus, windows
 from mlpmem.errors import MlpmemError
-from mlpmem.manifest import check_disk_space, clear_progress, finished_shards, prepare_out, save_npy, save_shard_record, sha256_file, write_manifest
+from mlpmem.manifest import ADDED_SETTINGS, check_disk_space, clear_progress, finished_shards, prepare_out, save_npy, save_shard_record, sha256_file, write_manifest
 from mlpmem.models import (DEFAULT_MODEL, SITES, Site, capture, dtype_name, load_model, logits_size, model_fingerprint, resolve_device, resolve_layer,
                            run_captured, tokenizer_hash)
 from mlpmem.store import feature_name
 
 log = logging.getLogger(__name__)
+
+# datastores built before the bos setting existed had no prefix (manifest.ADDED_SETTINGS; the lead may move this line there)
+ADDED_SETTINGS.setdefault("datastore", {}).setdefault("config.bos", False)
 
 
 @dataclass
@@ -61,6 +64,9 @@ class DatastoreConfig:
     # | "auto" (cache where the model supports it). Recompute stays the default because online training
     # (train.OnlineData) recomputes single windows and expects the stored features to match them
     mode: str = "recompute"
+    # put the tokenizer's <bos> in front of every window (models trained with it first, e.g. Gemma, score much worse
+    # without it); windows then hold context - 1 corpus tokens. Scoring against this datastore uses the same prefix
+    bos: bool = False
 
     def problems(self) -> list[str]:
         from mlpmem.config import need, one_of, positive
@@ -151,39 +157,98 @@ def resolve_mode(model, mode: str, context: int, stride: int) -> str:
     return "recompute"
 
 
-def iter_batches(model, tokens: np.ndarray, context: int, stride: int, sites: dict[str, Site], batch_size: int,
-                 want_logprob: bool, window_range: tuple[int, int] | None = None, mode: str = "recompute") -> Iterator[Batch]:
-    """Run the LM over scoring windows and yield the kept positions' hidden states.
+class Extractor:
+    """Runs a frozen LM over the scoring windows of a token stream and yields, batch by batch and in
+    row order, the kept positions' hidden states at hooked sites and (on request) the LM's log-prob
+    of each next token. Two implementations: :class:`RecomputeExtractor` and :class:`CacheExtractor`
+    (see the module docstring); :func:`make_extractor` picks one from a mode name.
 
-    Rows of a batch are contiguous and batches come in row order. Without
-    ``want_logprob`` the forward stops after the deepest hooked layer (no later
-    layers, no logits). ``mode`` is "recompute" or "cache" (see the module
-    docstring; pass a mode from :func:`resolve_mode`). In cache mode the windows
-    of ``window_range`` are cut into blocks of ``lanes * LANE_WINDOWS`` windows
-    (``lanes = batch_size * context // stride``), one batch each: the result
-    depends on the range, so callers that must reproduce rows (resume) pass
-    the same ranges.
+    ``prefix``: token ids put in front of every window (e.g. ``(bos,)`` for models such as Gemma that
+    were trained with <bos> first and score much worse without it); windows then hold
+    ``context - len(prefix)`` stream tokens, and the prefix's own positions are never rows.
     """
-    W = windows(len(tokens), context, stride)
-    lo, hi = window_range or (0, len(W))
-    W = W[lo:hi]
-    tok_t = _torch_tokens(tokens)
-    if mode == "recompute":
-        yield from _iter_recompute(model, tok_t, W, sites, batch_size, want_logprob)
-        return
-    if mode != "cache":
+
+    mode = ""
+
+    def __init__(self, model, context: int, stride: int, batch_size: int = 8, prefix: tuple[int, ...] = ()) -> None:
+        self.model, self.context, self.stride, self.batch_size, self.prefix = model, context, stride, batch_size, tuple(int(t) for t in prefix)
+        if not 0 < stride <= context - len(self.prefix):
+            raise MlpmemError(f"a prefix of {len(self.prefix)} tokens leaves windows of {context - len(self.prefix)} stream tokens, "
+                              f"shorter than the stride {stride}", "use a shorter stride or a longer context")
+
+    def windows(self, n_tokens: int) -> np.ndarray:
+        """[n_windows, 3] (begin, end, first kept) over the stream (corpus.windows with the prefix's room taken out)."""
+        return windows(n_tokens, self.context - len(self.prefix), self.stride)
+
+    def batches(self, tokens: np.ndarray, sites: dict[str, Site], want_logprob: bool = False,
+                window_range: tuple[int, int] | None = None) -> Iterator[Batch]:
+        """Batches over the windows ``window_range`` (all by default). Without ``want_logprob`` the forward
+        stops after the deepest hooked layer (no later layers, no logits)."""
+        W = self.windows(len(tokens))
+        lo, hi = window_range or (0, len(W))
+        return self._batches(_torch_tokens(tokens), W[lo:hi], sites, want_logprob)
+
+    def _batches(self, tok_t, W: np.ndarray, sites: dict[str, Site], want_logprob: bool) -> Iterator[Batch]:
+        raise NotImplementedError
+
+
+class RecomputeExtractor(Extractor):
+    """Every window from scratch (C/S forwards per token); consecutive windows of equal length are batched."""
+
+    mode = "recompute"
+
+    def _batches(self, tok_t, W, sites, want_logprob):
+        return _iter_recompute(self.model, tok_t, W, sites, self.batch_size, want_logprob, self.prefix)
+
+
+class CacheExtractor(Extractor):
+    """The KV cache carried across windows, with attention sinks (RoPE decoders; see :func:`cache_mode_problem`).
+    In cache mode the windows of a range are cut into blocks of ``lanes * LANE_WINDOWS`` windows
+    (``lanes = batch_size * context // stride``), one batch each: the result depends on the range, so
+    callers that must reproduce rows (resume) pass the same ranges."""
+
+    mode = "cache"
+
+    def __init__(self, model, context: int, stride: int, batch_size: int = 8, prefix: tuple[int, ...] = ()) -> None:
+        super().__init__(model, context, stride, batch_size, prefix)
+        if self.prefix:
+            raise MlpmemError("extraction mode 'cache' takes no prefix (its attention sinks are the lane's first tokens)",
+                              "use mode 'recompute' with a prefix")
+        problem = cache_mode_problem(model, context, stride)
+        if problem:
+            raise MlpmemError(f"extraction mode 'cache' cannot run here: {problem}", "use mode 'recompute'")
+
+    def _batches(self, tok_t, W, sites, want_logprob):
+        context, stride = self.context, self.stride
+        # only the stream's last window can be shorter than the context: it runs on its own, from scratch
+        short = len(W) and W[-1, 1] - W[-1, 0] < context
+        full = W[:-1] if short else W
+        lanes = max(1, self.batch_size * context // stride)
+        for a in range(0, len(full), lanes * LANE_WINDOWS):
+            yield _cached_block(self.model, tok_t, full[a : a + lanes * LANE_WINDOWS], context, stride, sites, lanes, want_logprob)
+        if short:
+            yield from _iter_recompute(self.model, tok_t, W[-1:], sites, 1, want_logprob)
+
+
+EXTRACTORS = {"recompute": RecomputeExtractor, "cache": CacheExtractor}
+
+
+def make_extractor(model, mode: str, context: int, stride: int, batch_size: int = 8, prefix: tuple[int, ...] = ()) -> Extractor:
+    """The extractor of ``mode`` (recompute | cache | auto: cache where the model supports it and there is no prefix)."""
+    if mode == "auto" and prefix:
+        mode = "recompute"
+    mode = resolve_mode(model, mode, context, stride)
+    return EXTRACTORS[mode](model, context, stride, batch_size, prefix)
+
+
+def iter_batches(model, tokens: np.ndarray, context: int, stride: int, sites: dict[str, Site], batch_size: int,
+                 want_logprob: bool, window_range: tuple[int, int] | None = None, mode: str = "recompute",
+                 prefix: tuple[int, ...] = ()) -> Iterator[Batch]:
+    """``make_extractor(model, mode, ...).batches(tokens, sites, want_logprob, window_range)``: see :class:`Extractor`.
+    ``mode`` is "recompute" or "cache" (resolve "auto" with :func:`resolve_mode` first)."""
+    if mode not in EXTRACTORS:
         raise MlpmemError(f"iter_batches takes mode 'recompute' or 'cache', not {mode!r}", "resolve 'auto' with resolve_mode()")
-    problem = cache_mode_problem(model, context, stride)
-    if problem:
-        raise MlpmemError(f"extraction mode 'cache' cannot run here: {problem}", "use mode 'recompute'")
-    # only the stream's last window can be shorter than the context: it runs on its own, from scratch
-    short = len(W) and W[-1, 1] - W[-1, 0] < context
-    full = W[:-1] if short else W
-    lanes = max(1, batch_size * context // stride)
-    for a in range(0, len(full), lanes * LANE_WINDOWS):
-        yield _cached_block(model, tok_t, full[a : a + lanes * LANE_WINDOWS], context, stride, sites, lanes, want_logprob)
-    if short:
-        yield from _iter_recompute(model, tok_t, W[-1:], sites, 1, want_logprob)
+    yield from EXTRACTORS[mode](model, context, stride, batch_size, prefix).batches(tokens, sites, want_logprob, window_range)
 
 
 def _torch_tokens(tokens: np.ndarray):
@@ -192,11 +257,14 @@ def _torch_tokens(tokens: np.ndarray):
     return torch.from_numpy(np.asarray(tokens, dtype=np.int64))
 
 
-def _iter_recompute(model, tok_t, W: np.ndarray, sites: dict[str, Site], batch_size: int, want_logprob: bool) -> Iterator[Batch]:
-    """Every window from scratch; consecutive windows of equal length are batched."""
+def _iter_recompute(model, tok_t, W: np.ndarray, sites: dict[str, Site], batch_size: int, want_logprob: bool,
+                    prefix: tuple[int, ...] = ()) -> Iterator[Batch]:
+    """Every window from scratch, ``prefix`` in front of each; consecutive windows of equal length are batched."""
     import torch
 
     n_tokens = len(tok_t)
+    pre = torch.tensor(prefix, dtype=tok_t.dtype)
+    p = len(prefix)
     i = 0
     while i < len(W):
         j = i + 1
@@ -204,7 +272,7 @@ def _iter_recompute(model, tok_t, W: np.ndarray, sites: dict[str, Site], batch_s
         while j < len(W) and j - i < batch_size and W[j, 1] - W[j, 0] == length:
             j += 1
         group = W[i:j]
-        ids = torch.stack([tok_t[b:e] for b, e, _ in group]).to(model.device)
+        ids = torch.stack([torch.cat([pre, tok_t[b:e]]) if p else tok_t[b:e] for b, e, _ in group]).to(model.device)
         stops = np.minimum(group[:, 1], n_tokens - 1)
         keep = int((group[:, 1] - group[:, 2]).max())  # kept positions lie in the last `keep` of each window
         t0 = time.perf_counter()
@@ -213,10 +281,10 @@ def _iter_recompute(model, tok_t, W: np.ndarray, sites: dict[str, Site], batch_s
         feats = {name: [] for name in sites}
         lps = []
         for w, (b, e, k) in enumerate(group):
-            s, t = k - b, stops[w] - b  # local positions kept
+            s, t = k - b, stops[w] - b  # local positions kept (in the window without the prefix)
             for name, site in sites.items():
-                feats[name].append(store[site][w, s:t])
-            if want_logprob:
+                feats[name].append(store[site][w, s + p : t + p])
+            if want_logprob:  # logits of the last `keep` positions: the prefix shifts both ends alike
                 lps.append(_gather_logprob(out.logits[w, s - (e - b) + keep : t - (e - b) + keep], tok_t[k + 1 : stops[w] + 1]))
         seconds = time.perf_counter() - t0
         row_start, row_end = int(group[0, 2]), int(stops[-1])
@@ -313,6 +381,16 @@ def _cached_block(model, tok_t, W: np.ndarray, context: int, stride: int, sites:
     return Batch(row0, row1, feats, lp, tok_t[row0 + 1 : row1 + 1].numpy().astype(np.int32), seconds)
 
 
+def window_prefix(tok, bos: bool) -> tuple[int, ...]:
+    """The token ids put in front of every window: ``(bos,)`` when asked for, else none."""
+    if not bos:
+        return ()
+    if getattr(tok, "bos_token_id", None) is None:
+        raise MlpmemError("datastore.bos puts the tokenizer's <bos> in front of every window, but this tokenizer has no bos token",
+                          "set bos: false for this model")
+    return (int(tok.bos_token_id),)
+
+
 def windows_per_batch(cfg: DatastoreConfig) -> int:
     """Windows per forward call: ``batch_tokens // context`` when batch_tokens is set, else batch_size."""
     return max(1, cfg.batch_tokens // cfg.context) if cfg.batch_tokens else cfg.batch_size
@@ -372,9 +450,11 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
     check_context_fits(model, cfg.context, model_id)
     corpus.check_tokenizer(tokenizer_hash(tok), model_id)
     key, sites = _sites(model, cfg)
-    mode = resolve_mode(model, cfg.mode, cfg.context, cfg.stride)
+    prefix = window_prefix(tok, cfg.bos)
+    extractor = make_extractor(model, cfg.mode, cfg.context, cfg.stride, windows_per_batch(cfg), prefix)
+    mode = extractor.mode
     tokens = corpus.tokens(cfg.split)
-    W = windows(len(tokens), cfg.context, cfg.stride)
+    W = extractor.windows(len(tokens))
     n_rows = len(tokens) - 1
     d = model.config.get_text_config().hidden_size
     if n_rows < 1:
@@ -406,7 +486,7 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
             arrays["values"] = np.empty(end - start, np.int32)
             if cfg.lm_logprob:
                 arrays["lm_logprob"] = np.empty(end - start, np.float32)
-            for batch in iter_batches(model, tokens, cfg.context, cfg.stride, sites, windows_per_batch(cfg), cfg.lm_logprob, (a, b), mode):
+            for batch in iter_batches(model, tokens, cfg.context, cfg.stride, sites, windows_per_batch(cfg), cfg.lm_logprob, (a, b), mode, prefix):
                 r0, r1 = batch.row_start - start, batch.row_end - start
                 for name, h in batch.features.items():
                     arrays[name][r0:r1] = h.to("cpu", torch.float16).numpy()
@@ -438,7 +518,7 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
             "features": {name: {"layer": s.layer, "site": s.site} for name, s in sites.items()},
             "d": d, "vocab_size": logits_size(model), "n_rows": n_rows, "split": cfg.split,
             "context": cfg.context, "stride": cfg.stride, "n_windows": len(W),
-            "extract_mode": mode, "windows_per_batch": windows_per_batch(cfg),
+            "extract_mode": mode, "windows_per_batch": windows_per_batch(cfg), **({"prefix": list(prefix)} if prefix else {}),
             **({"sink_tokens": min(SINK_TOKENS, cfg.stride), "lanes": windows_per_batch(cfg) * cfg.context // cfg.stride,
                 "max_block_windows": windows_per_batch(cfg) * cfg.context // cfg.stride * LANE_WINDOWS} if mode == "cache" else {}),
             "key_dtype": "float16", "value_dtype": "int32",

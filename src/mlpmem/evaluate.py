@@ -22,7 +22,7 @@ from mlpmem.datastore import iter_batches
 from mlpmem.errors import MlpmemError
 from mlpmem.interpolate import fit_lambda_em, interpolate_logprobs, lambda_curve, perplexity, plot_lambda_curves
 from mlpmem.models import Site
-from mlpmem.store import Datastore, feature_name
+from mlpmem.store import Datastore
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,6 @@ class Scored:
         return np.asarray(knn_target_logprob(self.knn_dists, self.knn_values, self.labels, temperature), dtype=np.float64)
 
 
-def _memory_input_name(ds: Datastore, layer: int, site: str) -> str:
-    return "keys" if (layer, site) == (ds.layer, ds.site) else feature_name(layer, site)
-
-
 def _memory_logprob(memory, h, labels):
     import torch
 
@@ -94,7 +90,9 @@ def score_stored(ds: Datastore, index=None, train_values=None, k: int = 1024, me
             dl.append(d), vl.append(v)
         sc.knn_dists, sc.knn_values = np.concatenate(dl), np.concatenate(vl)
     if memory is not None:
-        name = _memory_input_name(ds, memory_meta["layer"], memory_meta["site"])
+        from mlpmem.memory import MemoryInput
+
+        name = MemoryInput.from_meta(memory_meta).array_in(ds.layer, ds.site)  # what the memory reads, as its meta records it
         lps = [_memory_logprob(memory, torch.from_numpy(np.array(h)), torch.from_numpy(labels[s : s + len(h)].astype(np.int64)))
                for s, h in ds.iter_blocks(name, block)]
         sc.memory_logprob = torch.cat(lps).double().numpy()
@@ -104,9 +102,13 @@ def score_stored(ds: Datastore, index=None, train_values=None, k: int = 1024, me
 SCORE_BLOCK = 64  # windows per unit of work: processes split a split's windows in blocks of this many
 
 
-def score_online(model, tokens: np.ndarray, context: int, stride: int, key_site: Site, index=None, train_values=None, k: int = 1024,
-                 memory=None, memory_site: Site | None = None, batch_size: int = 8, desc: str = "scoring") -> Scored:
+def score_online(model, tokens: np.ndarray, context: int, stride: int, key_site: Site | None, index=None, train_values=None, k: int = 1024,
+                 memory=None, memory_site: Site | None = None, batch_size: int = 8, desc: str = "scoring", prefix: tuple[int, ...] = ()) -> Scored:
     """Run the LM over ``tokens`` with hooks and time each method batch by batch.
+
+    ``key_site`` None: the LM alone (no kNN search). ``prefix``: token ids in front of every window
+    (e.g. ``(bos,)`` for Gemma; see :class:`mlpmem.datastore.Extractor`): it must be the one the
+    datastore was built with when there is an index or a memory.
 
     Under torchrun / accelerate launch each process scores every N-th block of
     windows and every process gets the whole split's scores back, in row order;
@@ -118,10 +120,10 @@ def score_online(model, tokens: np.ndarray, context: int, stride: int, key_site:
     from mlpmem import dist
     from mlpmem.corpus import windows
 
-    sites = {"keys": key_site}
+    sites = {"keys": key_site} if key_site is not None else {}
     if memory is not None:
         sites["memory_input"] = memory_site
-    W = windows(len(tokens), context, stride)
+    W = windows(len(tokens), context - len(prefix), stride)  # Extractor.windows
     w = dist.world()
     size = max(1, min(SCORE_BLOCK, -(-len(W) // w.size)))  # a short split still gives every process work
     blocks = [(a, min(a + size, len(W))) for a in range(0, len(W), size)]
@@ -131,7 +133,7 @@ def score_online(model, tokens: np.ndarray, context: int, stride: int, key_site:
     bar = tqdm(total=len(tokens) - 1, desc=desc, unit="tok", dynamic_ncols=True, disable=not w.main)
     for i in mine:
         parts: dict[str, list] = {"labels": [], "lm": [], "d": [], "v": [], "mem": []}
-        for b in iter_batches(model, tokens, context, stride, sites, batch_size, want_logprob=True, window_range=blocks[i]):
+        for b in iter_batches(model, tokens, context, stride, sites, batch_size, want_logprob=True, window_range=blocks[i], prefix=prefix):
             secs["lm"] += b.seconds
             labels = torch.from_numpy(b.labels.astype(np.int64))
             parts["labels"].append(b.labels)

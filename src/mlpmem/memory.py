@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from dataclasses import dataclass
 import os
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,92 @@ def _copy_norm(dst: Norm, src: nn.Module) -> None:
     if dst.bias is not None:
         bias = getattr(src, "bias", None)
         dst.bias.copy_(bias) if bias is not None else dst.bias.zero_()
+
+
+# ----------------------------------------------------------------------------- the memory's input
+
+
+@dataclass(frozen=True)
+class MemoryInput:
+    """Where a memory reads: the LM's hidden state at decoder ``layer`` (non-negative) and ``site``,
+    ``stored`` in the training datastore (array ``array``) or ``recomputed`` by the LM (array None).
+
+    Decided once, by :func:`resolve_memory_input`, and stored in the memory's metadata
+    (:meth:`as_meta`: the ``layer``, ``site``, ``input_source`` and ``input_array`` keys); every
+    later reader (training data, the pipeline's scoring, evaluation, the HF class) takes it from there.
+    """
+
+    layer: int
+    site: str
+    source: str = "stored"  # stored | recomputed
+    array: str | None = None  # the datastore array when stored: "keys" or "h{layer}.{site}"
+
+    def as_meta(self) -> dict[str, Any]:
+        return {"layer": self.layer, "site": self.site, "input_source": self.source, "input_array": self.array if self.source == "stored" else "online"}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> "MemoryInput":
+        """The input recorded in a memory's meta (memories saved before ``input_source`` existed too)."""
+        array = meta.get("input_array")
+        source = meta.get("input_source") or ("recomputed" if array == "online" else "stored")
+        return cls(int(meta["layer"]), str(meta["site"]), source, array if source == "stored" else None)
+
+    @property
+    def read_site(self):
+        from mlpmem.models import Site
+
+        return Site(self.layer, self.site)
+
+    def array_in(self, key_layer: int, key_site: str) -> str:
+        """The name this input has in a datastore whose key is (``key_layer``, ``key_site``)."""
+        return "keys" if (self.layer, self.site) == (key_layer, key_site) else f"h{self.layer}.{self.site}"  # store.feature_name
+
+
+def resolve_memory_input(input_layer: int | None, input_site: str | None, init: str, mode: str, key_layer: int, key_site: str,
+                         lm=None, n_layers: int | None = None) -> MemoryInput:
+    """The one decision of what a memory reads, from a training config's settings and the datastore's key.
+
+    Unset layer and site: the key (``key_layer`` non-negative, ``key_site``), except with ``init
+    lm_copy``, which starts as the LM's own head path and so reads the last layer's output. A
+    negative layer counts from the end (it needs ``lm`` or ``n_layers``). ``mode`` online:
+    recomputed by the LM; offline: stored in the datastore.
+    """
+    if init == "lm_copy":
+        layer, site = (-1 if input_layer is None else input_layer), (input_site or "output")
+    else:
+        layer, site = (key_layer if input_layer is None else input_layer), (input_site or key_site)
+    if lm is not None:
+        from mlpmem.models import decoder_layers
+
+        n_layers = len(decoder_layers(lm))
+    if n_layers is not None:
+        if not -n_layers <= layer < n_layers:
+            raise MlpmemError(f"input layer {layer} is out of range: the model has {n_layers} decoder layers",
+                              f"choose a layer in {-n_layers}..{n_layers - 1} (negative counts from the end; -1 is the last)")
+        layer %= n_layers
+    elif layer < 0:
+        raise MlpmemError(f"input layer {layer} counts from the end, which needs the model", "pass a non-negative --input-layer (or the LM)")
+    if init == "lm_copy" and n_layers is not None and (layer, site) != (n_layers - 1, "output"):
+        log.warning("init lm_copy reads layer %s (%s): the copy of the LM's head path is exact only on the last layer's output", layer, site)
+    stored = mode != "online"
+    probe = MemoryInput(layer, site)
+    return MemoryInput(layer, site, "stored" if stored else "recomputed", probe.array_in(key_layer, key_site) if stored else None)
+
+
+# ----------------------------------------------------------------------------- training-time dropout
+
+
+def add_block_dropout(memory: MLPMemory, p: float) -> list:
+    """Dropout on each residual block's update (``x + dropout(FFN(Norm(x)))``), in train mode only.
+
+    Forward hooks, so the saved memory (weights and config) is the same with or without
+    it and an exported model carries none; returns the hook handles (``.remove()`` them to undo).
+    """
+    if not p:
+        return []
+    import torch.nn.functional as F
+
+    return [block.ffn.register_forward_hook(lambda mod, args, out: F.dropout(out, p, mod.training)) for block in memory.blocks]
 
 
 # ----------------------------------------------------------------------------- saving and loading

@@ -26,6 +26,7 @@ import numpy as np
 
 from mlpmem.errors import MlpmemError
 from mlpmem.manifest import human_bytes
+from mlpmem.memory import resolve_memory_input
 from mlpmem.targets import id_dtype
 
 log = logging.getLogger(__name__)
@@ -137,13 +138,17 @@ def search_qps(tp: Throughputs, n_keys: int, flat: bool) -> float:
     return tp.search_qps * tp.search_rows / max(1, scanned)
 
 
-def estimate(recipe, tokens: dict[str, int], tp: Throughputs, d: int, vocab: int, model_bytes: int, memory_params: int) -> list[StageNeed]:
-    """Per stage: seconds, disk, RAM and GPU memory, from sizes and throughputs (see the module docstring)."""
+def estimate(recipe, tokens: dict[str, int], tp: Throughputs, d: int, vocab: int, model_bytes: int, memory_params: int,
+             n_layers: int | None = None) -> list[StageNeed]:
+    """Per stage: seconds, disk, RAM and GPU memory, from sizes and throughputs (see the module docstring).
+    ``n_layers``: the model's decoder layers (unknown: layers counted from the end are told apart from the others all the same)."""
     s = recipe.sections
     ds, ix, tg, tr, knn = s["datastore"], s["index"], s["targets"], s["train"], s["knn"]
     N, Nv, Nt = tokens["train"], tokens["valid"], tokens["test"]
+    n = n_layers or 1_000_000
+    spec = resolve_memory_input(tr.input_layer, tr.input_site, tr.init, tr.mode, ds.layer % n, ds.site, n_layers=n)  # as the run decides it
     # the memory's input, when it is not the key, is stored for offline training only (online training recomputes it)
-    n_feat = 1 + len(ds.extra_sites) + (tr.mode == "offline" and (tr.init == "lm_copy" or tr.input_layer is not None))
+    n_feat = 1 + len(ds.extra_sites) + (spec.source == "stored" and spec.array != "keys")
     row_bytes = 2 * d * n_feat + 4
     flat = ix.kind in ("flat", "keys") or (ix.kind == "auto" and N <= ix.auto_flat_max_rows)
     index_bytes = {"flat": 4 * d * N, "keys": 0}.get(ix.kind, 4 * d * N if flat else (d + 8) * N)
@@ -213,7 +218,7 @@ def plan(recipe, train_tokens: int | None = None, throughputs: Throughputs | Non
 
     from mlpmem import dist
     from mlpmem.memory import MLPMemory
-    from mlpmem.models import dtype_name, load_model, logits_size, model_label, num_parameters, resolve_device
+    from mlpmem.models import decoder_layers, dtype_name, load_model, logits_size, model_label, num_parameters, resolve_device
 
     tokens = split_tokens(recipe, train_tokens)
     dev, dt = resolve_device(dist.local_device(recipe.device), recipe.sections["datastore"].dtype)
@@ -224,7 +229,7 @@ def plan(recipe, train_tokens: int | None = None, throughputs: Throughputs | Non
         memory_params = MLPMemory(tcfg.memory_config(d, vocab)).num_parameters()
     tp = throughputs or calibrate(model, recipe, d, vocab, dev)
     model_bytes = num_parameters(model) * torch.finfo(dt).bits // 8
-    needs = estimate(recipe, tokens, tp, d, vocab, model_bytes, memory_params)
+    needs = estimate(recipe, tokens, tp, d, vocab, model_bytes, memory_params, len(decoder_layers(model)))
     gpu_total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
     return {
         "recipe_out": recipe.out, "model": model_label(model_id), "device": str(dev), "tokens": tokens, "d": d, "vocab": vocab,

@@ -31,20 +31,15 @@ from mlpmem import dist
 from mlpmem.errors import MlpmemError
 from mlpmem.interpolate import fit_lambda_em, interpolate_logprobs, perplexity
 from mlpmem.losses import sparse_kd_loss
-from mlpmem.manifest import check_disk_space, check_file, file_record, prepare_out, read_json, write_json, write_manifest
-from mlpmem.memory import MemoryConfig, MLPMemory, init_from_lm, lm_settings, load_memory, save_memory
+from mlpmem.manifest import ADDED_SETTINGS, check_disk_space, check_file, file_record, prepare_out, read_json, write_json, write_manifest
+from mlpmem.memory import MemoryConfig, MemoryInput, MLPMemory, add_block_dropout, resolve_memory_input, init_from_lm, lm_settings, load_memory, save_memory
 from mlpmem.store import Datastore
 from mlpmem.targets import Targets
 
-try:
-    from mlpmem.store import feature_name
-except ImportError:  # older store.py
-
-    def feature_name(layer: int, site: str) -> str:
-        return f"h{layer}.{site}"
-
-
 log = logging.getLogger(__name__)
+
+# a folder trained before dropout existed ran without it (manifest.ADDED_SETTINGS; the lead may move this line there)
+ADDED_SETTINGS.setdefault("memory", {}).setdefault("config.dropout", 0.0)
 
 METRICS = "metrics.jsonl"
 CKPT_DIR = "checkpoints"
@@ -61,7 +56,10 @@ class TrainConfig:
     activation: str = "gelu"
     norm: str = "layernorm"  # with init lm_copy the LM's final norm kind replaces it
     norm_eps: float = 1e-5
-    init: str = "plain"  # plain | lm_head | lm_copy (the last two need the LM)
+    # lm_copy (the best measured start, the default everywhere): the LM's final norm and head, on its last layer's
+    # output, so the memory starts as the LM. It needs the LM: train_memory loads the datastore's model when none is
+    # given. plain: a random start on the datastore's key; lm_head: the LM's head alone
+    init: str = "lm_copy"
     freeze_head: bool = False
     zero_init_blocks: bool = True
     head_bias: bool = False
@@ -73,6 +71,7 @@ class TrainConfig:
     alpha: float = 0.5  # weight of KL(p_kNN || q); 1 - alpha on CE(next token)
     lr: float = 1e-3
     weight_decay: float = 0.0
+    dropout: float = 0.0  # on each residual block's update, while training only (not part of the saved memory)
     warmup_frac: float = 0.1  # without warm-up the first runs here diverged after one step
     schedule: str = "cosine"  # cosine | linear decay after warm-up
     min_lr_frac: float = 0.0
@@ -99,7 +98,7 @@ class TrainConfig:
 
         return (positive(self, "width", allow_none=True) + positive(self, "n_blocks", zero=True)
                 + positive(self, "expansion", "norm_eps", "lr", "epochs", "batch_size", "grad_accum", "keep_last", "log_every")
-                + positive(self, "weight_decay", "clip", "eval_every", "ckpt_every", "patience", zero=True)
+                + positive(self, "weight_decay", "clip", "eval_every", "ckpt_every", "patience", zero=True) + in_range(self, "dropout", 0.0, 1.0, hi_open=True)
                 + one_of(self, "activation", ACTIVATIONS) + one_of(self, "norm", NORMS) + one_of(self, "init", INITS)
                 + one_of(self, "input_site", SITES, allow_none=True) + one_of(self, "schedule", ("cosine", "linear"))
                 + one_of(self, "precision", ("auto", "fp32", "bf16")) + one_of(self, "mode", ("offline", "online"))
@@ -107,12 +106,9 @@ class TrainConfig:
                 + need(not (self.batch_size > 0 and self.grad_accum > 0) or self.batch_size % self.grad_accum == 0, "batch_size",
                        f"({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})"))
 
-    def memory_input(self) -> tuple[int | None, str | None]:
-        """(layer, site) the memory reads; None = the datastore's key. ``lm_copy`` starts as the
-        LM's own head path, which is exact only on the last layer's output: that is its default."""
-        if self.init == "lm_copy":
-            return (-1 if self.input_layer is None else self.input_layer), (self.input_site or "output")
-        return self.input_layer, self.input_site
+    def memory_input(self, key_layer: int, key_site: str, lm=None) -> MemoryInput:
+        """What the memory reads, for a datastore keyed at (``key_layer``, ``key_site``): see memory.resolve_memory_input."""
+        return resolve_memory_input(self.input_layer, self.input_site, self.init, self.mode, key_layer, key_site, lm)
 
     def memory_config(self, d_in: int, vocab_size: int) -> MemoryConfig:
         names = {f.name for f in dataclasses.fields(MemoryConfig)}
@@ -123,11 +119,24 @@ class TrainConfig:
 
 
 class TrainData:
-    """One datastore (input array + next tokens) with its optional kNN targets, row-aligned."""
+    """One datastore (input array + next tokens) with its optional kNN targets, row-aligned.
 
-    def __init__(self, datastore_dir: Path, targets_dir: Path | None, layer: int | None, site: str | None, lm=None) -> None:
+    ``layer`` is the memory's input as decided once (a :class:`MemoryInput`), or an input layer
+    and ``site`` to decide it from (unset: the datastore's key).
+    """
+
+    def __init__(self, datastore_dir: Path, targets_dir: Path | None, layer: MemoryInput | int | None = None, site: str | None = None,
+                 lm=None) -> None:
         self._open(datastore_dir, targets_dir)
-        self.layer, self.site, self.input = resolve_input(self.ds, layer, site, lm)
+        self.spec = _spec(self.ds, layer, site, "offline", lm)
+        if self.spec.source != "stored":
+            raise MlpmemError("TrainData reads stored hidden states, but this memory's input is recomputed", "use OnlineData")  # a bug
+        if self.spec.array not in self.ds.names:
+            raise MlpmemError(
+                f"the datastore in {self.ds.folder} holds no hidden states of layer {self.spec.layer} ({self.spec.site}); it has {self.ds.names}",
+                f"rebuild the datastore with extra site {self.spec.layer}:{self.spec.site}, or train on its keys",
+            )
+        self.layer, self.site, self.input = self.spec.layer, self.spec.site, self.spec.array
 
     def _open(self, datastore_dir: Path, targets_dir: Path | None) -> None:
         self.ds = Datastore(datastore_dir)
@@ -160,23 +169,21 @@ class OnlineData(TrainData):
     whole windows, see WindowSchedule).
     """
 
-    def __init__(self, datastore_dir: Path, targets_dir: Path | None, layer: int | None, site: str | None, lm) -> None:
+    def __init__(self, datastore_dir: Path, targets_dir: Path | None, layer: MemoryInput | int | None, site: str | None, lm) -> None:
         from mlpmem.corpus import Corpus, windows
-        from mlpmem.models import Site, resolve_layer
 
         if lm is None:
             raise MlpmemError("online training recomputes hidden states and needs the LM", "pass the LM (init_lm / --model)")
         self._open(datastore_dir, targets_dir)
-        self.layer = resolve_layer(lm, self.ds.layer if layer is None else layer)
-        self.site = site or self.ds.site
-        self.input = "online"
+        self.spec = _spec(self.ds, layer, site, "online", lm)
+        self.layer, self.site, self.input = self.spec.layer, self.spec.site, "online"
         m = self.ds.manifest
-        self.lm, self.context, self.stride = lm, int(m["context"]), int(m["stride"])
+        self.lm, self.context, self.stride, self.prefix = lm, int(m["context"]), int(m["stride"]), tuple(m.get("prefix", []))
         self.tokens = Corpus(m["corpus"]).tokens(m["split"])
         if len(self.tokens) - 1 != self.n:
             raise MlpmemError(f"the corpus in {m['corpus']} no longer matches the datastore in {self.ds.folder}", "rebuild the datastore")
-        self.windows = windows(len(self.tokens), self.context, self.stride)
-        self.site_obj = Site(self.layer, self.site)
+        self.windows = windows(len(self.tokens), self.context - len(self.prefix), self.stride)  # as datastore.Extractor.windows
+        self.site_obj = self.spec.read_site
         self._d = int(lm.config.get_text_config().hidden_size)
 
     @property
@@ -190,7 +197,8 @@ class OnlineData(TrainData):
         wins = np.unique(np.searchsorted(self.windows[:, 2], idx, side="right") - 1)
         rows, feats = [], []
         for w in wins:
-            for b in iter_batches(self.lm, self.tokens, self.context, self.stride, {"h": self.site_obj}, 1, False, (int(w), int(w) + 1)):
+            for b in iter_batches(self.lm, self.tokens, self.context, self.stride, {"h": self.site_obj}, 1, False, (int(w), int(w) + 1),
+                                  prefix=self.prefix):
                 rows.append(np.arange(b.row_start, b.row_end))
                 feats.append(b.features["h"])
         pos = np.searchsorted(np.concatenate(rows), idx)
@@ -201,23 +209,11 @@ class OnlineData(TrainData):
         return out
 
 
-def resolve_input(ds: Datastore, layer: int | None, site: str | None, lm=None) -> tuple[int, str, str]:
-    """(layer, site, array name) of the memory's input in the datastore."""
-    layer = ds.layer if layer is None else layer
-    site = site or ds.site
-    if layer < 0:
-        if lm is None:
-            raise MlpmemError(f"input layer {layer} counts from the end, which needs the model", "pass a non-negative --input-layer (or the LM)")
-        from mlpmem.models import resolve_layer
-
-        layer = resolve_layer(lm, layer)
-    name = "keys" if (layer, site) == (ds.layer, ds.site) else feature_name(layer, site)
-    if name not in ds.names:
-        raise MlpmemError(
-            f"the datastore in {ds.folder} holds no hidden states of layer {layer} ({site}); it has {ds.names}",
-            f"rebuild the datastore with extra site {layer}:{site}, or train on its keys",
-        )
-    return layer, site, name
+def _spec(ds: Datastore, layer: MemoryInput | int | None, site: str | None, mode: str, lm) -> MemoryInput:
+    """The memory's input in ``ds``, read as ``mode`` says: ``layer`` as decided (a MemoryInput), or an explicit layer and site."""
+    if isinstance(layer, MemoryInput):
+        layer, site = layer.layer, layer.site
+    return resolve_memory_input(layer, site, "plain", mode, ds.layer, ds.site, lm)
 
 
 class Schedule:
@@ -290,6 +286,26 @@ class WindowSchedule(Schedule):
 def _require_lm(cfg: TrainConfig, lm) -> None:
     if cfg.init != "plain" and lm is None:
         raise MlpmemError(f"init {cfg.init!r} copies weights from the LM, but no LM was given", "pass the LM (init_lm), or use init 'plain'")
+
+
+def needs_lm(cfg: TrainConfig) -> bool:
+    """Does training with ``cfg`` need the LM (to copy its head, recompute hidden states, or count layers from the end)?"""
+    return cfg.init != "plain" or cfg.mode == "online" or (cfg.input_layer is not None and cfg.input_layer < 0)
+
+
+def load_datastore_lm(datastore_dir: Path, device: str | torch.device = "cpu", dtype: str | None = None, model: str | None = None):
+    """The LM a datastore was built with (its manifest's model, in its dtype), or ``model`` instead."""
+    from mlpmem.models import load_model
+
+    ds = Datastore(datastore_dir)
+    name = model or ds.model_id
+    try:
+        return load_model(name, dtype or ds.manifest.get("dtype", "float32"), device)[0]
+    except MlpmemError as e:
+        raise MlpmemError(f"training needs the LM (init lm_copy / lm_head, online mode or a layer counted from the end), and the "
+                          f"datastore's model {name!r} did not load: {e.problem}",
+                          "pass the LM (init_lm= in Python, --model on the command line), or train without it: init plain (a random start, "
+                          "usually worse) with mode offline and a non-negative input_layer")
 
 
 def build_memory(cfg: TrainConfig, d_in: int, vocab_size: int, lm=None) -> MLPMemory:
@@ -482,16 +498,19 @@ def train_memory(
     validate(cfg, "train")
     w = dist.init(device or "auto")
     dev = torch.device(dist.local_device(device) if device else (dist.local_device("cuda") if torch.cuda.is_available() else "cpu"))
-    _require_lm(cfg, init_lm)  # before the data: lm_copy's default input (the last layer) is found through the LM
-    data = (OnlineData if cfg.mode == "online" else TrainData)(datastore_dir, targets_dir, *cfg.memory_input(), init_lm)
+    if init_lm is None and needs_lm(cfg):  # before the data: lm_copy's default input (the last layer) is found through the LM
+        init_lm = load_datastore_lm(datastore_dir, dev)
+    key = Datastore(datastore_dir)
+    spec = cfg.memory_input(key.layer, key.site, init_lm)  # the one decision of what the memory reads; stored in its meta
+    data = (OnlineData if cfg.mode == "online" else TrainData)(datastore_dir, targets_dir, spec, None, init_lm)
     valid = None
     if valid_datastore_dir is not None:
         try:
-            valid = TrainData(valid_datastore_dir, valid_targets_dir, data.layer, data.site, init_lm)
+            valid = TrainData(valid_datastore_dir, valid_targets_dir, spec, None, init_lm)
         except MlpmemError:
             if cfg.mode != "online":
                 raise
-            valid = OnlineData(valid_datastore_dir, valid_targets_dir, data.layer, data.site, init_lm)
+            valid = OnlineData(valid_datastore_dir, valid_targets_dir, spec, None, init_lm)
         valid.ds.check_model(data.ds.model_id, data.ds.tokenizer_hash, data.ds.layer, data.ds.site)
     resolved = {
         "config": cfg, "datastore": str(Path(datastore_dir).resolve()), "targets": str(Path(targets_dir).resolve()),
@@ -516,9 +535,9 @@ def train_memory(
     from mlpmem.models import memory_base_fingerprint  # which base model the memory belongs to; refuses an LM that is not it
 
     mem_meta = {
-        "model_id": data.ds.model_id, "tokenizer_hash": data.ds.tokenizer_hash, "layer": data.layer, "site": data.site,
+        "model_id": data.ds.model_id, "tokenizer_hash": data.ds.tokenizer_hash, **data.spec.as_meta(),
         "model_fingerprint": memory_base_fingerprint(data.ds.model_id, data.ds.manifest.get("model_fingerprint"), init_lm, cfg.mode == "online"),
-        "input_array": data.input, "datastore": resolved["datastore"], "targets": resolved["targets"], **(meta or {}),
+        "datastore": resolved["datastore"], "targets": resolved["targets"], **(meta or {}),
     }
     sched = WindowSchedule(data.windows, data.n, cfg) if cfg.mode == "online" else Schedule(data.n, cfg)
     bf16 = use_bf16(cfg.precision, dev)
@@ -531,6 +550,7 @@ def train_memory(
     dist.barrier()  # every rank has read the checkpoint before rank 0 may write (and prune) newer ones
     if loaded is not None:
         memory, opt, state, path = loaded
+        add_block_dropout(memory, cfg.dropout)
         if w.main:
             _truncate_metrics(out_dir / METRICS, state["step"])
         log.info("resuming memory training from %s", path)
@@ -540,6 +560,7 @@ def train_memory(
             (out_dir / METRICS).unlink(missing_ok=True)
         memory = build_memory(cfg, data.d_in, data.ds.vocab_size, init_lm).to(dev)
         opt = build_optimizer(memory, cfg)
+        add_block_dropout(memory, cfg.dropout)
         state = {"step": 0, "train_seconds": 0.0, "train_positions": 0}
         if valid is not None and w.main:
             # the start, so that a memory that ends worse than it began is seen (lambda would hide it)
@@ -692,14 +713,23 @@ def _finish(out_dir, memory, mem_meta, cfg, data, valid, sched, state, last_vali
         "tokens_per_s": tps, "peak_rss_mb": peak_rss_mb, "valid": kept_valid, "valid_start": state.get("valid_start"),
         "valid_last": last_valid, "kept_step": best["step"] if cfg.keep_best and best else state["step"],
         "kept_by": (best["by"] if best else None) if cfg.keep_best else "last step", "stopped_early": state.get("stopped_early"),
+        "worse_than_start": worse_than_start(state.get("valid_start"), kept_valid),
     })
     start = state.get("valid_start")
-    if start and kept_valid and "kl" in start and kept_valid["kl"] >= start["kl"]:
-        log.warning("the memory ended WORSE than it started on valid (KL to the kNN targets %.4g -> %.4g): training did not help; "
-                    "check lr, epochs and the targets", start["kl"], kept_valid["kl"])
+    if worse_than_start(start, kept_valid):
+        log.warning("the memory ended WORSE than it started on valid (memory-alone perplexity %.4g -> %.4g): training did not help, "
+                    "whatever the fitted lambda shows; check lr, epochs and the targets", start["ppl_memory"], kept_valid["ppl_memory"])
     summary = ", ".join(f"{k} {v:.4g}" for k, v in (kept_valid or {}).items())
     log.info("memory trained: %d steps at %.0f tokens/s%s -> %s", sched.total, tps, f"; valid {summary}" if summary else "", out_dir / "memory")
     return out_dir
+
+
+def worse_than_start(start: dict | None, end: dict | None) -> bool | None:
+    """Did the memory end no better than it started on valid (memory-alone perplexity, step 0 against the kept memory)?
+    None when valid was not scored. Lambda fitted on a worse memory goes to 0 and hides it: this says it."""
+    if not start or not end or "ppl_memory" not in start or "ppl_memory" not in end:
+        return None
+    return bool(end["ppl_memory"] >= start["ppl_memory"])
 
 
 def _append_metrics(out_dir: Path, record: dict) -> None:

@@ -57,3 +57,17 @@ def test_os_errors_count_as_user_errors_only_on_user_paths(tmp_path):
     assert "disk is full" in str(os_error(OSError(errno.ENOSPC, "full"), argv))
     assert "read-only" in str(os_error(OSError(errno.EROFS, "ro", "/x"), argv))
     assert os_error(OSError(errno.EIO, "io"), argv) is None
+
+
+def test_finetune_verb_flags_come_from_its_config_and_user_errors_are_one_paragraph(tmp_path, capsys):
+    """`mlpmem finetune` only calls mlpmem.finetune.finetune: its flags are FinetuneConfig's (lambda_ as --lambda),
+    and bad settings are refused before anything is written."""
+    from mlpmem.cli import build_parser
+
+    a = build_parser("finetune").parse_args(["finetune", "--corpus", "c", "--out", "o", "--method", "full", "--lambda", "0.3", "--lora-targets", "q_proj"])
+    assert (a.method, a.lambda_, a.lora_targets, a.memory_trainable) == ("full", 0.3, ["q_proj"], False)
+    rc = main(["finetune", "--corpus", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--method", "prefix", "--lambda", "0.5"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "--method: must be one of" in err and "needs a memory" in err  # every problem at once
+    assert not (tmp_path / "o").exists()

@@ -86,6 +86,14 @@ def _train(a):
                  valid_targets_dir=Path(a.valid_targets) if a.valid_targets else None, init_lm=lm, overwrite=a.overwrite, device=str(dev))
 
 
+def _finetune(a):
+    from mlpmem.config import from_args
+    from mlpmem.finetune import FinetuneConfig, finetune
+
+    m = finetune(from_args(FinetuneConfig, a), Path(a.corpus), Path(a.out), overwrite=a.overwrite)
+    _say(f"fine-tuned model: {Path(a.out)} ({m.get('steps', '?')} steps)")
+
+
 def _run(a):
     from mlpmem.pipeline import load_recipe, quick_recipe, run_pipeline
 
@@ -264,6 +272,18 @@ def _args_train(sp):
     add_arguments(sp, TrainConfig)
 
 
+def _args_finetune(sp):
+    from mlpmem.config import add_arguments
+    from mlpmem.finetune import FinetuneConfig
+
+    sp.add_argument("--corpus", required=True, help="folder written by `mlpmem corpus`, tokenized for --model")
+    sp.add_argument("--out", required=True)
+    sp.add_argument("--overwrite", action="store_true")
+    sp.add_argument("--lambda", dest="lambda_", type=float, default=None,
+                    help="the memory's weight in the mixture (default: the lambda its run fitted)")
+    add_arguments(sp, FinetuneConfig, skip=("lambda_",))
+
+
 def _args_run(sp):
     sp.add_argument("recipe", nargs="?", help="a recipe YAML file or a built-in recipe name (e.g. sotu)")
     sp.add_argument("overrides", nargs="*", help="settings to change, as SECTION.KEY=VALUE (e.g. train.epochs=3 datastore.batch_tokens=65536)")
@@ -358,6 +378,7 @@ VERBS = {
     "targets": (_targets, "kNN target distributions for every datastore row", _args_targets),
     "knnlm": (_knnlm, "perplexity of the LM alone and with kNN-LM (T and lambda tuned on valid)", _args_knnlm),
     "train": (_train, "train an MLP memory on a datastore and its kNN targets", _args_train),
+    "finetune": (_finetune, "fine-tune the LM (full or LoRA) on a corpus split, alone or jointly with a memory in the loop", _args_finetune),
     "run": (_run, "run the whole experiment from a recipe (or a corpus) and print the comparison", _args_run),
     "plan": (_plan, "estimate each stage's disk, RAM, GPU memory and time for a recipe, before running it", _args_plan),
     "generate": (_generate, "continue prompts with the base LM and with LM + memory, side by side", _args_generate),

@@ -71,3 +71,38 @@ def test_finetune_verb_flags_come_from_its_config_and_user_errors_are_one_paragr
     assert rc == 2 and "Traceback" not in err
     assert "--method: must be one of" in err and "needs a memory" in err  # every problem at once
     assert not (tmp_path / "o").exists()
+
+
+def test_stage_verbs_and_recipe_sections_come_from_the_stage_registry(monkeypatch):
+    """Each stage verb takes its inputs as required flags, --out, and one flag per field of the stage's config;
+    the recipe's sections are the registry's; a stage added to the registry is a recipe section and a verb's flags."""
+    import dataclasses
+
+    from mlpmem import stages
+    from mlpmem.cli import VERBS, build_parser
+    from mlpmem.pipeline import _sections
+
+    def options(verb):
+        sub = next(a for a in build_parser(verb)._actions if a.__class__.__name__ == "_SubParsersAction")
+        return {o: a for a in sub.choices[verb]._actions for o in a.option_strings}
+
+    assert set(_sections()) == {s.name for s in stages.STAGES}
+    for verb, st in stages.by_verb().items():
+        assert verb in VERBS
+        opts = options(verb)
+        assert all(opts[f"--{name}"].required for name, _ in st.inputs) and opts["--out"].required
+        assert {f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(st.config_class())} <= set(opts)
+        assert "--device" in opts if st.device else True  # (the index has its own --device: FAISS)
+    assert {"--tuning", "--queries"} <= set(options("targets")) and {"--valid", "--valid-targets", "--model"} <= set(options("train"))
+
+    @dataclasses.dataclass
+    class ToyConfig:
+        size: int = 3
+
+    import types
+    import sys
+    monkeypatch.setitem(sys.modules, "toy_stage", types.SimpleNamespace(ToyConfig=ToyConfig, build=lambda *a, **k: None))
+    monkeypatch.setattr(stages, "STAGES", stages.STAGES + (stages.Stage("toy", "toy_stage:ToyConfig", "toy_stage:build", "a toy", verb="index",
+                                                                        inputs=(("datastore", ""),)),))
+    assert _sections()["toy"] is ToyConfig
+    assert "--size" in options("index")  # by_verb() now maps index to the toy stage: its flags follow the registry

@@ -10,29 +10,16 @@ import sys
 from pathlib import Path
 
 from mlpmem.errors import MlpmemError
+from mlpmem.stages import by_verb
 
 log = logging.getLogger("mlpmem")
 
 
-def _corpus(a):
-    from mlpmem.config import from_args
-    from mlpmem.corpus import CorpusConfig, build_corpus
+def _stage_verb(a):
+    """corpus, datastore, index: the stage's build function with the verb's flags (stages.run_verb)."""
+    from mlpmem.stages import by_verb, run_verb
 
-    build_corpus(Path(a.out), from_args(CorpusConfig, a), a.overwrite)
-
-
-def _datastore(a):
-    from mlpmem.config import from_args
-    from mlpmem.datastore import DatastoreConfig, build_datastore
-
-    build_datastore(Path(a.corpus), Path(a.out), from_args(DatastoreConfig, a), overwrite=a.overwrite, device=a.device)
-
-
-def _index(a):
-    from mlpmem.config import from_args
-    from mlpmem.index import IndexConfig, build_index
-
-    build_index(Path(a.datastore), Path(a.out), from_args(IndexConfig, a), a.overwrite)
+    run_verb(by_verb()[a.verb], a)
 
 
 def _targets(a):
@@ -202,74 +189,32 @@ def _table(r: dict) -> str:
     return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(row)) for row in rows)
 
 
-def _args_corpus(sp):
-    from mlpmem.config import add_arguments
-    from mlpmem.corpus import CorpusConfig
+def _stage_args(verb: str, extra=None):
+    """A stage verb's flags from the stage registry (stages.add_stage_arguments), then the verb's own."""
+    def add(sp):
+        from mlpmem.stages import add_stage_arguments, by_verb
 
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--overwrite", action="store_true")
-    add_arguments(sp, CorpusConfig)
+        add_stage_arguments(sp, by_verb()[verb])
+        if extra is not None:
+            extra(sp)
 
-
-def _args_datastore(sp):
-    from mlpmem.config import add_arguments
-    from mlpmem.datastore import DatastoreConfig
-
-    sp.add_argument("--corpus", required=True, help="folder written by `mlpmem corpus`")
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--overwrite", action="store_true")
-    _device_arg(sp)
-    add_arguments(sp, DatastoreConfig)  # its --dtype is a setting of the datastore (it changes the keys)
+    return add
 
 
-def _args_index(sp):
-    from mlpmem.config import add_arguments
-    from mlpmem.index import IndexConfig
-
-    sp.add_argument("--datastore", required=True)
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--overwrite", action="store_true")
-    add_arguments(sp, IndexConfig)
-
-
-def _args_targets(sp):
-    from mlpmem.config import add_arguments
-    from mlpmem.targets import TargetsConfig
-
-    sp.add_argument("--datastore", required=True)
-    sp.add_argument("--index", required=True)
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--overwrite", action="store_true")
+def _extra_targets(sp):
     sp.add_argument("--tuning", help="knnlm.json written by `mlpmem knnlm`, for --temperature auto")
     sp.add_argument("--queries", help="a datastore of another split (e.g. valid) to build targets for, searched in this index")
-    add_arguments(sp, TargetsConfig)
 
 
-def _args_knnlm(sp):
-    from mlpmem.config import add_arguments
-    from mlpmem.evaluate import KnnConfig
-
-    for name in ("corpus", "datastore", "index", "out"):
-        sp.add_argument(f"--{name}", required=True)
+def _extra_knnlm(sp):
     sp.add_argument("--split", default="test", choices=("train", "valid", "test"))
     sp.add_argument("--model", default=None, help="model to use (default: the datastore's)")
-    _device_arg(sp, dtype=True)
-    add_arguments(sp, KnnConfig)
 
 
-def _args_train(sp):
-    from mlpmem.config import add_arguments
-    from mlpmem.train import TrainConfig
-
-    sp.add_argument("--datastore", required=True)
-    sp.add_argument("--targets", required=True)
+def _extra_train(sp):
     sp.add_argument("--valid", default=None, help="datastore of the valid split (built with --lm-logprob)")
     sp.add_argument("--valid-targets", default=None, help="kNN targets of the valid split (`mlpmem targets --queries`), for valid KL")
     sp.add_argument("--model", default=None, help="the LM (default: the datastore's), for init lm_head/lm_copy")
-    sp.add_argument("--out", required=True)
-    sp.add_argument("--overwrite", action="store_true")
-    _device_arg(sp, dtype=True)
-    add_arguments(sp, TrainConfig)
 
 
 def _args_finetune(sp):
@@ -309,22 +254,15 @@ def _args_plan(sp):
 
 
 def _args_generate(sp):
-    from mlpmem.config import add_arguments
+    from mlpmem.config import add_arguments, add_device_arguments
     from mlpmem.generation import GenerateConfig
 
     sp.add_argument("model", help="a trained memory folder (RUN/train/memory) or a folder written by save_pretrained/export")
     sp.add_argument("prompts", nargs="*", help="prompts (or --prompts-file)")
     sp.add_argument("--prompts-file", help="a text file with one prompt per line")
     sp.add_argument("--base-model", default=None, help="base LM (default: the one the memory was trained for)")
-    _device_arg(sp, dtype=True)
+    add_device_arguments(sp, dtype=True)
     add_arguments(sp, GenerateConfig)
-
-
-def _device_arg(sp, dtype: bool = False) -> None:
-    """--device (and --dtype) for a verb that runs a model; resolved by models.resolve_device."""
-    sp.add_argument("--device", default="auto", help="where the model runs: auto (cuda if there is a GPU, else cpu) | cpu | cuda | cuda:N | mps")
-    if dtype:
-        sp.add_argument("--dtype", default="float32", help="precision of the LM: float32 | bfloat16 | float16 (GPU only) | auto (bfloat16 on a GPU that has it, else float32)")
 
 
 def _args_export(sp):
@@ -369,15 +307,18 @@ def _args_tasks(sp):
     sp.add_argument("--shots", type=int, default=1, help="build: worked examples in each WordNet prompt")
 
 
+_STAGE_HELP = {verb: st.help for verb, st in by_verb().items()}
+
 # verb -> (function, help, flags). Flags are added only for the verb being run, so
 # `mlpmem --help` does not import torch and the stage modules.
 VERBS = {
-    "corpus": (_corpus, "split a corpus by document and tokenize it", _args_corpus),
-    "datastore": (_datastore, "extract (hidden state -> next token) pairs from a corpus split", _args_datastore),
-    "index": (_index, "build a FAISS index over a datastore's keys", _args_index),
-    "targets": (_targets, "kNN target distributions for every datastore row", _args_targets),
-    "knnlm": (_knnlm, "perplexity of the LM alone and with kNN-LM (T and lambda tuned on valid)", _args_knnlm),
-    "train": (_train, "train an MLP memory on a datastore and its kNN targets", _args_train),
+    # the stage verbs: flags from the stage registry (mlpmem.stages), which drives `mlpmem run` too
+    "corpus": (_stage_verb, _STAGE_HELP["corpus"], _stage_args("corpus")),
+    "datastore": (_stage_verb, _STAGE_HELP["datastore"], _stage_args("datastore")),
+    "index": (_stage_verb, _STAGE_HELP["index"], _stage_args("index")),
+    "targets": (_targets, _STAGE_HELP["targets"], _stage_args("targets", _extra_targets)),
+    "knnlm": (_knnlm, _STAGE_HELP["knnlm"], _stage_args("knnlm", _extra_knnlm)),
+    "train": (_train, _STAGE_HELP["train"], _stage_args("train", _extra_train)),
     "finetune": (_finetune, "fine-tune the LM (full or LoRA) on a corpus split, alone or jointly with a memory in the loop", _args_finetune),
     "run": (_run, "run the whole experiment from a recipe (or a corpus) and print the comparison", _args_run),
     "plan": (_plan, "estimate each stage's disk, RAM, GPU memory and time for a recipe, before running it", _args_plan),

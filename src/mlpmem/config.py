@@ -162,6 +162,14 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
             parser.add_argument(flag, dest=f.name, default=default, help=help_)
 
 
+def add_device_arguments(parser: argparse.ArgumentParser, dtype: bool = False) -> None:
+    """--device (and --dtype) for a verb that runs a model; resolved by models.resolve_device."""
+    parser.add_argument("--device", default="auto", help="where the model runs: auto (cuda if there is a GPU, else cpu) | cpu | cuda | cuda:N | mps")
+    if dtype:
+        parser.add_argument("--dtype", default="float32",
+                            help="precision of the LM: float32 | bfloat16 | float16 (GPU only) | auto (bfloat16 on a GPU that has it, else float32)")
+
+
 def _optional(base):
     def parse(text: str):
         if text.lower() in ("none", "null", "auto") and base is not str:

@@ -145,3 +145,27 @@ def test_run_knnlm_tunes_on_valid_only(run, monkeypatch):
     assert r_test["n_tokens"] == len(corpus.tokens("test")) - 1 and r_valid["n_tokens"] == len(corpus.tokens("valid")) - 1
     assert r_valid["ppl"]["knn_lm"] == pytest.approx(r_valid["tuning"]["valid_ppl"], rel=1e-9)  # same tokens, same maths
     assert (run["root"] / "knn_test" / "lambda_knnlm.png").exists()
+
+
+def test_knnlm_scores_with_the_datastores_prefix(run, tmp_path, monkeypatch):
+    """A datastore built with <bos> before every window (datastore.bos) is searched with keys extracted the same way:
+    run_knnlm passes its recorded prefix to the scoring, and the LM's log-probs then equal a prefixed scoring."""
+    import copy
+
+    model, tok, model_id = run["model"]
+    tok = copy.deepcopy(tok)
+    tok.bos_token = "<eos>"
+    cfg = DatastoreConfig(model=model_id, context=C, stride=S, batch_size=4, bos=True)
+    build_datastore(run["corpus"], tmp_path / "ds", cfg, (model, tok, model_id))
+    build_index(tmp_path / "ds", tmp_path / "ix", IndexConfig(kind="flat"))
+    seen = []
+    real = ev.score_online
+    monkeypatch.setattr(ev, "score_online", lambda *a, **k: seen.append(k.get("prefix")) or real(*a, **k))
+    r = run_knnlm(run["corpus"], tmp_path / "ds", tmp_path / "ix", tmp_path / "knn", KnnConfig(k=8, temperatures=[1.0]), "test",
+                  model_bundle=(model, tok, model_id))
+    assert seen == [(tok.bos_token_id,)] * 2
+    tokens = Corpus(run["corpus"]).tokens("test")
+    plain = real(model, tokens, C, S, None)
+    prefixed = real(model, tokens, C, S, None, prefix=(tok.bos_token_id,))
+    assert r["ppl"]["base"] == pytest.approx(float(np.exp(-prefixed.lm_logprob.mean())), rel=1e-6)
+    assert not np.allclose(plain.lm_logprob, prefixed.lm_logprob)

@@ -270,9 +270,12 @@ def run_knnlm(corpus_dir: Path, datastore_dir: Path, index_dir: Path, out_dir: P
     values = ds.values()
     ctx, stride = ds.manifest["context"], ds.manifest["stride"]
     key = Site(ds.layer, ds.site)
-    valid = score_online(model, corpus.tokens("valid"), ctx, stride, key, index, values, cfg.k, batch_size=cfg.batch_size, desc="scoring valid")
+    pre = tuple(ds.manifest.get("prefix", []))  # windows scored as the datastore's were extracted (datastore.bos)
+    valid = score_online(model, corpus.tokens("valid"), ctx, stride, key, index, values, cfg.k, batch_size=cfg.batch_size, desc="scoring valid",
+                         prefix=pre)
     tuned = tune_knn_for(cfg, valid)
-    test = score_online(model, corpus.tokens(split), ctx, stride, key, index, values, cfg.k, batch_size=cfg.batch_size, desc=f"scoring {split}")
+    test = score_online(model, corpus.tokens(split), ctx, stride, key, index, values, cfg.k, batch_size=cfg.batch_size, desc=f"scoring {split}",
+                        prefix=pre)
     result = summarize(test, tuned["temperature"], tuned["lambda"], None)
     result.update({"split": split, "knn_temperature": tuned["temperature"], "lambda": {"knn_lm": tuned["lambda"]}, "tuning": tuned,
                    "k": cfg.k, "n_datastore": ds.n_rows, "model": model_label(model_id), "model_id": model_id,

@@ -410,7 +410,7 @@ def capture(model, sites: list[Site], stop_early: bool = False) -> Iterator[dict
     """
     layers = decoder_layers(model)
     store: dict[Site, object] = {}
-    deepest = max(sites, key=lambda s: (s.layer, SITES.index(s.site)))
+    deepest = max(sites, key=lambda s: (s.layer, SITES.index(s.site))) if sites else None  # no sites: the LM's log-probs alone
     handles = []
 
     def make(site: Site, is_pre: bool):

@@ -25,8 +25,6 @@ class TrainData:
                  lm=None) -> None:
         self._open(datastore_dir, targets_dir)
         self.spec = _spec(self.ds, layer, site, "offline", lm)
-        if self.spec.source != "stored":
-            raise MlpmemError("TrainData reads stored hidden states, but this memory's input is recomputed", "use OnlineData")  # a bug
         if self.spec.array not in self.ds.names:
             raise MlpmemError(
                 f"the datastore in {self.ds.folder} holds no hidden states of layer {self.spec.layer} ({self.spec.site}); it has {self.ds.names}",

@@ -51,7 +51,15 @@ def test_recipe_runs_end_to_end_and_skips_finished_stages(tmp_path, tiny_llama, 
     assert r["ppl"]["mlp_memory"] < 0.99 * r["ppl"]["base"] and r["lambda"]["mlp_memory"] > 0.05
     assert r["n_test_tokens"] - 1 == r["n_scored_tokens"]  # every method over the same test positions
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*.npy")}
+    # `mlpmem run` calls the stages' build functions through the stage registry (mlpmem.stages)
+    from mlpmem import stages
+
+    called, spies = [], {}
+    for st in stages.STAGES:
+        spies[st.name] = (lambda real, name: lambda *a, **k: called.append(name) or real(*a, **k))(st.build_fn(), st.name)
+    monkeypatch.setattr(stages.Stage, "build_fn", lambda st: spies[st.name])
     r2 = run_pipeline(load_recipe(tiny_recipe(tmp_path, tiny_llama, tiny_corpus_file)))
+    assert sorted(set(called)) == ["corpus", "datastore", "index", "targets", "train"], called
     assert r2["ppl"]["base"] == r["ppl"]["base"]
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # nothing rebuilt
     # `mlpmem train` (its default init, lm_copy) reads what `mlpmem run` trained on: the last layer's output, not the kNN key

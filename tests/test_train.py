@@ -313,6 +313,12 @@ def test_the_default_start_is_lm_copy_with_the_datastores_lm(tmp_path, monkeypat
     assert "test/model" in str(e.value) and not (tmp_path / "m2").exists()
     train_memory(ds, tg, tmp_path / "m3", TrainConfig(**{**cfg.__dict__, "init": "plain"}))  # needs no LM
     assert load_memory(tmp_path / "m3" / "memory")[0].config.init == "plain"
+    # a datastore keyed elsewhere (`mlpmem datastore`'s default: the FFN input) does not hold lm_copy's input: the error says how to go on
+    monkeypatch.setattr(models, "load_model", lambda name, *a, **k: (lm, None, name))
+    ds2, tg2 = write_train_data(tmp_path / "ffn", n=200, layer=1, site="ffn_input")
+    with pytest.raises(MlpmemError, match="mode online") as e:
+        train_memory(ds2, tg2, tmp_path / "m4", cfg)
+    assert "--extra-sites 1:output" in e.value.fix and not (tmp_path / "m4").exists()
 
 
 def test_dropout_trains_and_old_folders_without_it_stay_done(data, tmp_path):

@@ -28,7 +28,9 @@ class TrainData:
         if self.spec.array not in self.ds.names:
             raise MlpmemError(
                 f"the datastore in {self.ds.folder} holds no hidden states of layer {self.spec.layer} ({self.spec.site}); it has {self.ds.names}",
-                f"rebuild the datastore with extra site {self.spec.layer}:{self.spec.site}, or train on its keys",
+                f"train with mode online (the LM recomputes them: no rebuild, less disk), or rebuild the datastore with extra_sites "
+                f"['{self.spec.layer}:{self.spec.site}'] (--extra-sites {self.spec.layer}:{self.spec.site}), or read its keys (input_layer "
+                f"{self.ds.layer}, input_site {self.ds.site}; with init lm_copy the start is then no longer the LM's own head path)",
             )
         self.layer, self.site, self.input = self.spec.layer, self.spec.site, self.spec.array
 

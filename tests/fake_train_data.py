@@ -24,11 +24,12 @@ def _write_sharded(folder: Path, kind: str, arrays: dict[str, np.ndarray], shard
 
 def write_train_data(root: Path, n: int = 500, d: int = 16, vocab: int = 50, m: int = 8, seed: int = 0, shard_rows: int = 200,
                      split: str = "train", lm_logprob: bool = False, features: dict[str, tuple[int, str]] | None = None,
-                     layer: int = 1, site: str = "ffn_input") -> tuple[Path, Path]:
+                     layer: int = 1, site: str = "ffn_input", prefix: list[int] | None = None) -> tuple[Path, Path]:
     """A learnable toy problem: keys cluster, each cluster prefers a few tokens.
 
     Returns (datastore folder, targets folder). ``features`` maps extra array
-    names to (layer, site); ``lm_logprob`` adds a weak "LM" log-prob per row.
+    names to (layer, site); ``lm_logprob`` adds a weak "LM" log-prob per row; ``prefix`` is recorded as
+    the token ids a <bos> datastore puts before every window.
     """
     rng = np.random.default_rng(seed)
     n_clusters = 10
@@ -51,7 +52,7 @@ def write_train_data(root: Path, n: int = 500, d: int = 16, vocab: int = 50, m: 
         arrays["lm_logprob"] = np.log(rng.uniform(0.05, 0.5, n)).astype(np.float32)
     ident = {"model_id": "test/model", "tokenizer_hash": "tok0", "layer": layer, "site": site}
     ds = _write_sharded(Path(root) / f"datastore-{split}", "datastore", arrays, shard_rows,
-                        {**ident, "features": feats, "d": d, "vocab_size": vocab, "split": split})
+                        {**ident, "features": feats, "d": d, "vocab_size": vocab, "split": split, **({"prefix": prefix} if prefix else {})})
     tg = _write_sharded(Path(root) / f"targets-{split}", "targets", {"ids": ids, "probs": probs}, shard_rows,
                         {**ident, "vocab_size": vocab, "k": 16, "temperature": 1.0, "top_m": m,
                          "datastore": str(ds.resolve()), "datastore_manifest_sha256": sha256_file(ds / MANIFEST)})

@@ -321,6 +321,16 @@ def test_the_default_start_is_lm_copy_with_the_datastores_lm(tmp_path, monkeypat
     assert "--extra-sites 1:output" in e.value.fix and not (tmp_path / "m4").exists()
 
 
+def test_the_memory_records_the_datastores_window_prefix(tmp_path):
+    """A memory trained on a <bos> datastore (datastore.bos) says so in its meta, for whoever computes its inputs later."""
+    ds, tg = write_train_data(tmp_path, n=100, prefix=[7])
+    train_memory(ds, tg, tmp_path / "m", TrainConfig(**{**TINY, "epochs": 0.5, "eval_every": 0, "ckpt_every": 0}))
+    assert load_memory(tmp_path / "m" / "memory")[1]["prefix"] == [7]
+    ds0, tg0 = write_train_data(tmp_path / "plain", n=100)
+    train_memory(ds0, tg0, tmp_path / "m0", TrainConfig(**{**TINY, "epochs": 0.5, "eval_every": 0, "ckpt_every": 0}))
+    assert "prefix" not in load_memory(tmp_path / "m0" / "memory")[1]
+
+
 def test_dropout_trains_and_old_folders_without_it_stay_done(data, tmp_path):
     """dropout changes the training (the runs differ) but not the saved memory's layout; a folder
     trained before the setting existed (no dropout in its config) matches dropout 0 and is not retrained."""

@@ -138,6 +138,8 @@ def train_memory(
         "model_id": data.ds.model_id, "tokenizer_hash": data.ds.tokenizer_hash, **data.spec.as_meta(),
         "model_fingerprint": memory_base_fingerprint(data.ds.model_id, data.ds.manifest.get("model_fingerprint"), init_lm, cfg.mode == "online"),
         "datastore": resolved["datastore"], "targets": resolved["targets"], **(meta or {}),
+        # token ids the datastore put in front of every window (datastore.bos): the memory's inputs were computed after them
+        **({"prefix": list(data.ds.manifest["prefix"])} if data.ds.manifest.get("prefix") else {}),
     }
     sched = WindowSchedule(data.windows, data.n, cfg) if cfg.mode == "online" else Schedule(data.n, cfg)
     bf16 = use_bf16(cfg.precision, dev)

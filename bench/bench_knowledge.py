@@ -44,7 +44,9 @@ import numpy as np
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 PARTS = Path("runs/knowledge/bench")  # per-task results and RAG tunings, so tasks can run in separate processes
-GATES = Path("runs/knowledge/gates")  # mixing gates fitted here for runs that have none
+GATES = Path("runs/knowledge/gates")
+EARLIER = Path("runs/knowledge/bench_round2")  # the round before SharedContextLM (lm-eval's HFLM, 2 threads, a loaded machine)
+EARLIER_NOTE = "earlier round (19:00-19:30): lm-eval's HFLM scorer, 2 threads on the loaded machine, no gated or kNN-LM rows"  # mixing gates fitted here for runs that have none
 log = logging.getLogger("bench_knowledge")
 
 WORDNET_TASKS = ("mlpmem_wn_mc", "mlpmem_reasoning", "mlpmem_wn_em", "mlpmem_wn_define")  # most telling first
@@ -220,7 +222,7 @@ def run_family(name: str, memory: Path, run: Path, tasks_dir: Path, tasks: list[
             is_knn = sys_name == "LM + kNN-LM"
             row = {"lambda": float(knn_model.model.lambda_) if is_knn else lam_, "mixing": "gated" if lam_ is None and not is_knn else "fixed",
                    **timing, "seconds_per_item": timing["seconds"] / timing["n"], "cpu_seconds_per_item": timing["cpu_seconds"] / timing["n"],
-                   "values": {m: v.tolist() for m, v in vals.items()}}
+                   "command": results["command"], "values": {m: v.tolist() for m, v in vals.items()}}
             if "tokens" in timing:
                 row["tokens_per_s"] = timing["tokens"] / timing["seconds"]
             if is_knn:
@@ -236,6 +238,30 @@ def run_family(name: str, memory: Path, run: Path, tasks_dir: Path, tasks: list[
         set_mixing(lm, 0.0)
         assemble(task, memory, run, lam, tuned_lam, results)
         write(results)
+
+
+def speed_check(run: Path, tasks_dir: Path, task: str, n: int) -> dict:
+    """lm-eval's HFLM against SharedContextLM on the same ``n`` multiple-choice items, base and LM + memory, in one process:
+    seconds (wall and CPU) per item and whether every item's correctness agrees."""
+    from mlpmem.lm_eval_backend import MLPMemoryLM
+    from mlpmem.rag import SharedContextLM
+
+    lam = float(json.loads((run / "report.json").read_text())["lambda"]["mlp_memory"])
+    lm = MLPMemoryLM(memory=str(run / "train" / "memory"), lambda_=0.0, batch_size=8, device="cpu")
+    evaluate(lm, task, tasks_dir, 8)  # warm-up (first calls allocate)
+    out = {"task": task, "n": n, "rows": []}
+    for lam_ in (0.0, lam):
+        set_mixing(lm, lam_)
+        got = {}
+        for name, model in (("HFLM (lm-eval)", lm), ("SharedContextLM", SharedContextLM(lm))):
+            vals, t = evaluate(model, task, tasks_dir, n, lm.tokenizer)
+            got[name] = vals["acc"]
+            out["rows"].append({"scorer": name, "lambda": lam_, "acc": float(vals["acc"].mean()), "seconds_per_item": t["seconds"] / t["n"],
+                                "cpu_seconds_per_item": t["cpu_seconds"] / t["n"], "loadavg_1min": t["loadavg_1min"]})
+            log.info("speed check %s lambda %.3f: %.3f s/item (cpu %.3f)", name, lam_, t["seconds"] / t["n"], t["cpu_seconds"] / t["n"])
+        out.setdefault("items_that_differ", []).append(int((got["HFLM (lm-eval)"] != got["SharedContextLM"]).sum()))
+    (PARTS / "speed_check.json").write_text(json.dumps(out, indent=1))
+    return out
 
 
 def sys_file(task: str, system: str, limit: int) -> Path:
@@ -268,7 +294,8 @@ def assemble(task: str, memory: Path, run: Path, lam: float, tuned_lam: float | 
             diff = vals[primary] - base_vals[primary]
             row["diff_vs_base"] = {"metric": primary, "mean": float(diff.mean()), "ci95": list(bootstrap(diff))}
         rows[sys_name] = row
-    results["tasks"][task] = {"command": results["command"], "memory": str(memory), "memory_run": str(run), "lambda": lam, "run_valid_lambda": tuned_lam,
+    cmds = list(dict.fromkeys(r.pop("command") for r in rows.values() if r.get("command")))
+    results["tasks"][task] = {"command": " ; ".join(cmds) or results["command"], "memory": str(memory), "memory_run": str(run), "lambda": lam, "run_valid_lambda": tuned_lam,
                               "retrieval": next((r["retrieval"] for r in rows.values() if "retrieval" in r), None), "systems": rows}
     (PARTS / f"task_{task}.json").write_text(json.dumps(results["tasks"][task], indent=1))
 
@@ -326,6 +353,9 @@ def main() -> None:
     p.add_argument("--systems", default=None, help=f"comma-separated systems to score (default: all of {', '.join(SYSTEMS)})")
     p.add_argument("--budget", type=float, default=None, help="stop starting new (task, system) runs after this many seconds (run again to continue)")
     p.add_argument("--define-limit", type=int, default=None, help="test items of the define task (default: half of --limit)")
+    p.add_argument("--limits", default=None, help="per-task test items over --limit, e.g. mlpmem_wn_em=200,mlpmem_wn_define=100")
+    p.add_argument("--speed-check", type=int, default=None, metavar="N",
+                   help="time lm-eval's HFLM against SharedContextLM on N multiple-choice items (base and LM + memory) and stop")
     p.add_argument("--merge", action="store_true", help="collect the per-task results of earlier runs into the JSON and plots")
     p.add_argument("--note", action="append", default=[], help="with --merge: a line for BENCHMARKS.md (what was cut, where it fails)")
     args = p.parse_args()
@@ -350,6 +380,9 @@ def main() -> None:
     suffix = "_quick" if args.quick else ""
     limits = {t: args.limit for t in (*WORDNET_TASKS, "mlpmem_sotu_facts")}
     limits["mlpmem_wn_define"] = args.define_limit or max(args.limit // 2, 4)
+    for kv in (args.limits.split(",") if args.limits else []):
+        t, n = kv.split("=")
+        limits[t] = int(n)
     manifest_tasks = json.loads((args.tasks / "manifest.json").read_text())["tasks"]
     limits = {t: min(n, manifest_tasks[t]["n_test"]) if t in manifest_tasks else n for t, n in limits.items()}  # the whole test file at most
     results = {"out": str(RESULTS / f"knowledge{suffix}.json"), "suffix": suffix, "quick": args.quick,
@@ -375,7 +408,20 @@ def main() -> None:
                 (PARTS / f"tuning_{fam}.json").write_text(json.dumps({"grid": grid, "chosen": best, "tuned_on": task, "items": args.tune_limit,
                                                                       "lm": "the base LM alone (plain HF model)"}, indent=1))
         return
+    if args.speed_check:
+        print(json.dumps(speed_check(args.run, args.tasks, "mlpmem_wn_mc", args.speed_check), indent=1))
+        return
     if args.merge:
+        if (PARTS / "speed_check.json").exists():
+            results["speed_check"] = json.loads((PARTS / "speed_check.json").read_text())
+        for d in sorted((PARTS / "sys").glob("*")):  # the saved systems, also of a task cut by --budget
+            run = sotu if d.name == "mlpmem_sotu_facts" else args.run
+            if run is None:
+                continue
+            tuned = json.loads((run / "report.json").read_text())["lambda"]["mlp_memory"] if (run / "report.json").exists() else None
+            mem_rows = [json.loads(f.read_text()) for f in d.glob("lm___memory.n*.json")]
+            lam = mem_rows[0]["lambda"] if mem_rows else tuned
+            assemble(d.name, run / "train" / "memory", run, lam, tuned, results)
         for f in sorted(PARTS.glob("task_*.json")):
             t = json.loads(f.read_text())
             report = Path(t["memory_run"]) / "report.json"
@@ -384,6 +430,10 @@ def main() -> None:
             results["tasks"][f.stem.removeprefix("task_")] = t
         for f in sorted(PARTS.glob("tuning_*.json")):
             results["rag_tuning"][f.stem.removeprefix("tuning_")] = json.loads(f.read_text())
+        for f in sorted(EARLIER.glob("task_*.json")):  # tasks this round did not reach: the earlier round's table, marked as such
+            task = f.stem.removeprefix("task_")
+            if task not in results["tasks"]:
+                results["tasks"][task] = {**json.loads(f.read_text()), "earlier_round": EARLIER_NOTE}
         order = [*WORDNET_TASKS, "mlpmem_sotu_facts"]
         results["tasks"] = {t: results["tasks"][t] for t in order if t in results["tasks"]}
         results["limits"] = {t: r["systems"]["base"]["n"] for t, r in results["tasks"].items()}
@@ -434,7 +484,7 @@ def markdown(r: dict) -> str:
     s = ("```\n" + "\n".join(cmds) + "\n```\n\n"
          f"Model: {r.get('model')}. Scored through lm-evaluation-harness (backends `mlpmem` and `mlpmem-rag`) on the same items, "
          "each task's systems in one process, one after the other; multiple-choice log-likelihoods by `mlpmem.rag.SharedContextLM` "
-         "(each prompt run once with the KV cache, its choices batched after it: HFLM's numbers, 3-4x fewer tokens), "
+         "(each prompt run once with the KV cache, its choices batched after it: HFLM's numbers at a third of the cost, see the speed check), "
          "generation by lm-eval's HFLM (batch 8, greedy). 95% percentile bootstrap intervals over items (1000 resamples), and for "
          "each system the paired bootstrap interval of its difference to the base. Seconds per item: wall time of the whole lm-eval "
          "call (dataset, retrieval, model) / items, and the process's CPU seconds per item (steadier when other jobs share the 2 cores); "
@@ -445,6 +495,16 @@ def markdown(r: dict) -> str:
     for fam, t in r.get("rag_tuning", {}).items():
         rows = ", ".join(f"k={g['k']} chunk={g['chunk_words']}: {g['acc']:.3f}" for g in t["grid"])
         s += f"- RAG tuned on {t['items']} valid items of `{t['tuned_on']}` ({t.get('lm', 'base LM')}): {rows}; chosen k={t['chosen']['k']}, chunk {t['chosen']['chunk_words']} words.\n"
+    sc = r.get("speed_check")
+    if sc:
+        by = {(row["scorer"], row["lambda"]): row for row in sc["rows"]}
+        parts = []
+        for lam in dict.fromkeys(row["lambda"] for row in sc["rows"]):
+            h, f = by[("HFLM (lm-eval)", lam)], by[("SharedContextLM", lam)]
+            parts.append(f"lambda {lam:.3f}: {h['seconds_per_item']:.3f} -> {f['seconds_per_item']:.3f} s/item "
+                         f"(CPU {h['cpu_seconds_per_item']:.3f} -> {f['cpu_seconds_per_item']:.3f}, x{h['cpu_seconds_per_item'] / f['cpu_seconds_per_item']:.1f})")
+        s += (f"- Scoring speed, lm-eval's HFLM -> SharedContextLM on the same {sc['n']} `{sc['task']}` items in one process: "
+              + "; ".join(parts) + f"; items whose correctness differs: {sc['items_that_differ']}.\n")
     for fam, why in r.get("knn_missing", {}).items():
         s += f"- LM + kNN-LM left out for the {fam} tasks: {why}.\n"
     s += "\n"
@@ -456,6 +516,8 @@ def markdown(r: dict) -> str:
         lam_note = "the run's valid-tuned value" if tuned is not None and abs(tuned - t["lambda"]) < 1e-9 else \
             f"set by hand; the run's valid-tuned value is {tuned:.3f}" if tuned is not None else "set by hand"
         s += f"### {TITLES.get(task, task)}\n\n`{task}`, {first['n']} test items; memory `{t['memory']}`, fixed lambda {t['lambda']:.3f} ({lam_note}).\n\n"
+        if t.get("earlier_round"):
+            s += f"**Not rerun in this round**: the {t['earlier_round']}; too few items to conclude.\n\n"
         head = ["system", *[f"{m} (95% CI)" for m in metrics], f"{metrics[0]} vs base (paired 95% CI)", "s / item", "CPU s / item", "tokens / s", "load"]
         s += "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n"
         for name, row in systems.items():

@@ -229,7 +229,12 @@ def step_report(a) -> dict:
                 "corpus and on generic licence text, for a memory trained on SOTU and one trained on GCIDE",
         "budget": budget(a), "n_scored_tokens": n_tok, "scoring": {"context": 512, "stride": 256, "function": "mlpmem.gate.score_memories"},
         "gate": "mlpmem.gate.fit_gate(valid, GateConfig(kind='mlp')): fitted on the in-domain valid split of the model it mixes with",
-        "directions": out_rows, "training": training, "missing_rows": missing,
+        "directions": out_rows, "training": training, "missing_rows": missing, "notes": [
+            f"{d}: first-step training loss on the same chunks: LM alone {training[f'{d}_lora']['loss_first']:.3f} nats, mixture "
+            f"{training[f'{d}_joint_frozen']['loss_first']:.3f}: the memory fits the split it was trained on far better than test text "
+            f"(base + memory gains only {-100 * out_rows[d]['rows']['base + memory (fixed lambda)']['in_domain_vs_base']:.1f}% on test), so joint "
+            "fine-tuning on that split leans on the memory, and the LM's last hidden state (the memory's input) is pulled toward what suits the memory"
+            for d in DIRECTIONS if f"{d}_lora" in training and f"{d}_joint_frozen" in training and "base" in out_rows[d]["rows"]],
         "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
         "command": "python bench/bench_joint.py " + " ".join(sys.argv[1:]),
     }

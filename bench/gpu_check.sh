@@ -37,7 +37,8 @@ if [ "$GPU_FAISS" = 1 ]; then
   t index_gpu $MLPMEM index --datastore "$OUT/ds_cpu" --out "$OUT/ix_gpu" --kind flat --device cuda
   t targets_gpu $MLPMEM targets --datastore "$OUT/ds_cpu" --index "$OUT/ix_gpu" --out "$OUT/tg_gpu" --k "$K" --temperature 4
 fi
-t train_cuda $MLPMEM train --datastore "$OUT/ds_cpu" --targets "$OUT/tg_cpu" --out "$OUT/train_cuda" --device "$DEV" --epochs 2 --precision bf16
+# init plain: the datastore holds the keys alone, and the check is about the device, not the start
+t train_cuda $MLPMEM train --datastore "$OUT/ds_cpu" --targets "$OUT/tg_cpu" --out "$OUT/train_cuda" --device "$DEV" --epochs 2 --precision bf16 --init plain
 t knnlm_cpu $MLPMEM knnlm --corpus "$OUT/corpus" --datastore "$OUT/ds_cpu" --index "$OUT/ix_cpu" --out "$OUT/knn_cpu" --device cpu --k "$K"
 t knnlm_cuda $MLPMEM knnlm --corpus "$OUT/corpus" --datastore "$OUT/ds_cpu" --index "$OUT/ix_cpu" --out "$OUT/knn_cuda" --device "$DEV" --k "$K"
 t knnlm_torchrun $PY -m torch.distributed.run --nproc-per-node 1 -m mlpmem knnlm --corpus "$OUT/corpus" --datastore "$OUT/ds_cpu" \

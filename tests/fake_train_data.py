@@ -49,7 +49,7 @@ def write_train_data(root: Path, n: int = 500, d: int = 16, vocab: int = 50, m: 
         arrays[name] = (keys.astype(np.float32) @ np.random.default_rng(7).normal(size=(d, d)) / 4).astype(np.float16)
         feats[name] = {"layer": fl, "site": fs}
     if lm_logprob:
-        arrays["lm_logprob"] = np.log(rng.uniform(0.05, 0.5, n)).astype(np.float32)
+        arrays["lm_logprob"] = np.log(rng.uniform(0.005, 0.05, n)).astype(np.float32)  # weaker than the learnt memory, which helps it
     ident = {"model_id": "test/model", "tokenizer_hash": "tok0", "layer": layer, "site": site}
     ds = _write_sharded(Path(root) / f"datastore-{split}", "datastore", arrays, shard_rows,
                         {**ident, "features": feats, "d": d, "vocab_size": vocab, "split": split, **({"prefix": prefix} if prefix else {})})

@@ -233,6 +233,20 @@ def test_a_sign_flipped_loss_is_caught(data, tmp_path, monkeypatch, caplog):
     assert "WORSE than it started" in caplog.text
 
 
+def test_worse_than_start_judges_the_mixture():
+    """lm_copy's memory gets worse alone while the mixture improves (SOTU 60k): not flagged; a memory whose
+    lambda went to ~0 leaves the mixture at the LM's perplexity: flagged, however its own perplexity moved."""
+    from mlpmem.train import worse_than_start
+
+    start = {"ppl_memory": 34.36, "ppl_interp": 34.35}
+    assert worse_than_start(start, {"ppl_memory": 43.24, "ppl_interp": 32.42}) is False
+    assert worse_than_start({"ppl_memory": 49000.0, "ppl_interp": 11.5}, {"ppl_memory": 21846.0, "ppl_interp": 11.499}) is True
+    assert worse_than_start(start, {"ppl_memory": 30.0, "ppl_interp": 34.36}) is True
+    # no LM log-probs on valid: the memory alone decides
+    assert worse_than_start({"ppl_memory": 7.4}, {"ppl_memory": 6.7}) is False and worse_than_start({"ppl_memory": 7.4}, {"ppl_memory": 7.5}) is True
+    assert worse_than_start(None, {"ppl_memory": 6.7}) is None
+
+
 def test_resume_without_a_checkpoint_starts_metrics_clean(data, tmp_path):
     cfg = TrainConfig(**{**TINY, "ckpt_every": 0})
 
@@ -258,7 +272,7 @@ def test_keeps_the_best_validated_memory_and_stops_early(data, tmp_path):
     from safetensors.numpy import load_file
 
     # a large learning rate without warm-up makes validation go up and down
-    cfg = TrainConfig(**{**TINY, "lr": 0.3, "warmup_frac": 0.0, "eval_every": 1, "ckpt_every": 1, "keep_last": 100, "epochs": 1.0})
+    cfg = TrainConfig(**{**TINY, "lr": 3.0, "warmup_frac": 0.0, "eval_every": 1, "ckpt_every": 1, "keep_last": 100, "epochs": 1.0})
     run(data, tmp_path / "best", cfg)
     out = tmp_path / "best"
     m = read_manifest(out, "memory")

@@ -319,16 +319,37 @@ def _finish(out_dir, memory, mem_meta, cfg, data, valid, sched, state, last_vali
     })
     start = state.get("valid_start")
     if worse_than_start(start, kept_valid):
-        log.warning("the memory ended WORSE than it started on valid (memory-alone perplexity %.4g -> %.4g): training did not help, "
-                    "whatever the fitted lambda shows; check lr, epochs and the targets", start["ppl_memory"], kept_valid["ppl_memory"])
+        key = gain_measure(start, kept_valid)
+        log.warning("the memory ended WORSE than it started on valid (%s %.4g -> %.4g): training did not help, "
+                    "whatever the fitted lambda shows; check lr, epochs and the targets", key, start[key], kept_valid[key])
     summary = ", ".join(f"{k} {v:.4g}" for k, v in (kept_valid or {}).items())
     log.info("memory trained: %d steps at %.0f tokens/s%s -> %s", sched.total, tps, f"; valid {summary}" if summary else "", out_dir / "memory")
     return out_dir
 
 
+# the least relative fall of the valid perplexity that counts as a gain: a lambda fitted near 0
+# moves the mixture by less than this, and such a memory is no better than none
+NO_GAIN = 1e-3
+
+
+def gain_measure(start: dict, end: dict) -> str:
+    """What :func:`worse_than_start` compares: the mixture's perplexity when valid has the LM's log-probs, else the memory's alone."""
+    return "ppl_interp" if "ppl_interp" in start and "ppl_interp" in end else "ppl_memory"
+
+
 def worse_than_start(start: dict | None, end: dict | None) -> bool | None:
-    """Did the memory end no better than it started on valid (memory-alone perplexity, step 0 against the kept memory)?
-    None when valid was not scored. Lambda fitted on a worse memory goes to 0 and hides it: this says it."""
-    if not start or not end or "ppl_memory" not in start or "ppl_memory" not in end:
+    """Did the memory end no better than it started on valid (step 0 against the kept memory)? None when valid was not scored.
+
+    The test is the LM + memory perplexity at the EM-fitted lambda (``ppl_interp``), which must fall by
+    at least NO_GAIN: a useless memory gets lambda near 0, which keeps the mixture at the LM's
+    perplexity and would otherwise hide it. The memory alone is no test: started as a copy of the
+    LM's head (init lm_copy) it gets worse alone as it learns the kNN targets, while the mixture gets
+    better (SOTU 60k: alone 34.36 -> 43.24, mixed 34.35 -> 32.42). Without the LM's log-probs on
+    valid, the memory-alone perplexity is all there is.
+    """
+    if not start or not end:
         return None
-    return bool(end["ppl_memory"] >= start["ppl_memory"])
+    key = gain_measure(start, end)
+    if key not in start or key not in end:
+        return None
+    return bool(end[key] > start[key] * (1 - NO_GAIN))

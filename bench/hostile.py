@@ -642,7 +642,7 @@ CASES.append(Case("resume-redoes-deleted-shard", "7", "correct", lambda e, d: (_
 
 def _interrupted_train(e, d, damage: str):
     """Train stopped after 3 checkpoints; the newest damaged; the resume must fall back and end byte-identical."""
-    from mlpmem import train as trmod
+    from mlpmem.train import loop as trmod  # the training loop calls save_checkpoint from its own namespace
 
     out = d / "out"
     real = trmod.save_checkpoint

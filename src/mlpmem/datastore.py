@@ -35,15 +35,13 @@ import numpy as np
 
 from mlpmem.corpus import SPLITS, Corpus, windows
 from mlpmem.errors import MlpmemError
-from mlpmem.manifest import ADDED_SETTINGS, check_disk_space, clear_progress, finished_shards, prepare_out, save_npy, save_shard_record, sha256_file, write_manifest
+from mlpmem.manifest import check_disk_space, clear_progress, finished_shards, prepare_out, save_npy, save_shard_record, sha256_file, write_manifest
 from mlpmem.models import (DEFAULT_MODEL, SITES, Site, capture, dtype_name, load_model, logits_size, model_fingerprint, resolve_device, resolve_layer,
                            run_captured, tokenizer_hash)
 from mlpmem.store import feature_name
 
 log = logging.getLogger(__name__)
 
-# datastores built before the bos setting existed had no prefix (manifest.ADDED_SETTINGS; the lead may move this line there)
-ADDED_SETTINGS.setdefault("datastore", {}).setdefault("config.bos", False)
 
 
 @dataclass

@@ -68,7 +68,9 @@ def _memory_logprob(memory, h, labels):
         return (logits.gather(-1, labels.to(dev)[:, None]) - torch.logsumexp(logits, -1, keepdim=True))[:, 0].float().cpu()
 
 
-def _search(index, keys: np.ndarray, k: int, values: np.ndarray, exclude=None):
+def search_neighbours(index, keys: np.ndarray, k: int, values: np.ndarray, exclude=None):
+    """keys [q, d] -> (squared distances float32 [q, k], the neighbours' next tokens int32 [q, k], -1 for a missing hit).
+    The one search of kNN-LM scoring: the evaluator's and the model component's (retrieval.KNNRetriever)."""
     dists, ids = index.search(np.ascontiguousarray(keys, dtype=np.float32), k, exclude)
     nv = np.where(ids >= 0, values[np.clip(ids, 0, None)], -1).astype(np.int32)
     return dists.astype(np.float32), nv
@@ -86,7 +88,7 @@ def score_stored(ds: Datastore, index=None, train_values=None, k: int = 1024, me
     if index is not None:
         dl, vl = [], []
         for start, keys in tqdm(list(ds.iter_blocks("keys", block)), desc=f"kNN search ({ds.manifest['split']})", unit="blk", leave=False):
-            d, v = _search(index, keys, k, train_values)
+            d, v = search_neighbours(index, keys, k, train_values)
             dl.append(d), vl.append(v)
         sc.knn_dists, sc.knn_values = np.concatenate(dl), np.concatenate(vl)
     if memory is not None:
@@ -140,7 +142,7 @@ def score_online(model, tokens: np.ndarray, context: int, stride: int, key_site:
             parts["lm"].append(b.lm_logprob.double().cpu().numpy())
             if index is not None:
                 t0 = time.perf_counter()
-                d, v = _search(index, b.features["keys"].float().cpu().numpy(), k, train_values)
+                d, v = search_neighbours(index, b.features["keys"].float().cpu().numpy(), k, train_values)
                 secs["knn"] += time.perf_counter() - t0
                 parts["d"].append(d), parts["v"].append(v)
             if memory is not None:

@@ -62,6 +62,7 @@ STAGE_FILES: dict[str, tuple[str, ...]] = {
     "probe": ("items.jsonl", "probe.yaml"),
     "tasks_source": ("COPYRIGHT.wordnet", "synsets.jsonl", "wordnet.jsonl"),  # mlpmem tasks source
     "tasks": ("utils.py", "*.jsonl", "*.yaml"),  # mlpmem tasks build
+    "finetune": ("model", "memory", "metrics.jsonl", "*.partial"),  # mlpmem finetune
     "export": ("memory", "base", "*.json", "*.py", "*.txt", "*.model", "*.jinja", "*.safetensors", "README.md"),
     "run": ("corpus", "datastore", "valid", "index", "targets", "valid_targets", "train", "knn.json", "recipe.json", "report.json",
             "report.md", "lambda_curves.png"),
@@ -73,9 +74,11 @@ COMMON_FILES = (CONFIG, MANIFEST, MARKER, LOCK, "progress.json", "progress-*.jso
 # settings added after a stage's first version, with the value a folder written before them used:
 # such a folder matches a new config whose value is that one (dotted paths into the resolved config)
 ADDED_SETTINGS: dict[str, dict[str, Any]] = {
-    "datastore": {"config.mode": "recompute", "extract_mode": "recompute", "config.batch_tokens": None},
+    # datastores before the bos setting had no prefix
+    "datastore": {"config.mode": "recompute", "extract_mode": "recompute", "config.batch_tokens": None, "config.bos": False},
     "index": {"recall_target": None},  # folders before it held a fixed scan (nprobe in their manifest)
-    "memory": {"config.keep_best": False, "config.patience": 0},  # folders before them kept the last step's memory
+    # folders before keep_best and patience kept the last step's memory; before dropout, none ran
+    "memory": {"config.keep_best": False, "config.patience": 0, "config.dropout": 0.0},
 }
 
 _FULL_VERIFY = False

@@ -9,7 +9,7 @@ vocabulary, as float32 log-probabilities [..., V]:
 It has the interface of a memory in the model class (``returns_logprobs = True``,
 a ``meta`` dict with ``layer``, ``site``, ``tokenizer_hash``, the base model), so
 LM + kNN-LM, LM + memory and LM + both can run side by side in ``generate`` and
-lm-eval. The search is the evaluator's own (``evaluate._search``) and the weights
+lm-eval. The search is the evaluator's own (``evaluate.search_neighbours``) and the weights
 are the targets' ``knn_weights``; tests/test_retrieval.py checks the result against
 a naive loop and against the evaluator's per-token kNN-LM perplexity.
 
@@ -133,9 +133,9 @@ class KNNRetriever(nn.Module):
 
     def search(self, h: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """h [q, d] -> squared distances float32 [q, k] and next tokens int32 [q, k] (-1: missing); the evaluator's search."""
-        from mlpmem.evaluate import _search
+        from mlpmem.evaluate import search_neighbours
 
-        return _search(self.index, h.detach().float().cpu().numpy(), self.k, self.values)
+        return search_neighbours(self.index, h.detach().float().cpu().numpy(), self.k, self.values)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h [..., d] (any float dtype, any device) -> float32 log p_kNN [..., V] on h's device."""

@@ -5,11 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from mlpmem.manifest import ADDED_SETTINGS
 from mlpmem.memory import MemoryConfig, MemoryInput, resolve_memory_input
-
-# a folder trained before dropout existed ran without it (manifest.ADDED_SETTINGS; the lead may move this line there)
-ADDED_SETTINGS.setdefault("memory", {}).setdefault("config.dropout", 0.0)
 
 
 @dataclass

@@ -150,15 +150,12 @@ from lm_eval.api.model import LM  # noqa: E402  (this module is imported only by
 from lm_eval.api.registry import register_model  # noqa: E402
 
 
-class RetrievalLM(LM):
-    """An lm-eval LM that puts retrieved passages before every prompt and hands the request to ``inner``.
+class WrappedLM(LM):
+    """An lm-eval LM that wraps another (``inner``): what it does not define, the inner LM answers."""
 
-    ``loglikelihood_rolling`` (perplexity) is passed through unchanged.
-    """
-
-    def __init__(self, inner: Any, retriever: BM25Retriever, k: int = 3) -> None:
+    def __init__(self, inner: Any) -> None:
         super().__init__()
-        self.inner, self.retriever, self.k = inner, retriever, int(k)
+        self.inner = inner
 
     def __getattr__(self, name: str) -> Any:  # rank, world_size, tokenizer_name, ... of the wrapped LM
         if name == "inner":
@@ -172,6 +169,17 @@ class RetrievalLM(LM):
     @property
     def world_size(self) -> int:
         return self.inner.world_size
+
+
+class RetrievalLM(WrappedLM):
+    """An lm-eval LM that puts retrieved passages before every prompt and hands the request to ``inner``.
+
+    ``loglikelihood_rolling`` (perplexity) is passed through unchanged.
+    """
+
+    def __init__(self, inner: Any, retriever: BM25Retriever, k: int = 3) -> None:
+        super().__init__(inner)
+        self.retriever, self.k = retriever, int(k)
 
     def _augment(self, requests: list) -> list:
         queries = []
@@ -197,7 +205,7 @@ class RetrievalLM(LM):
         return {**info, "rag": {"k": self.k, "n_passages": len(self.retriever.passages), "retriever": "bm25s"}}
 
 
-class SharedContextLM(LM):
+class SharedContextLM(WrappedLM):
     """An lm-eval LM whose ``loglikelihood`` runs each distinct context once and its continuations after it.
 
     lm-eval's HFLM scores every (context, continuation) pair as one sequence, so a
@@ -212,23 +220,6 @@ class SharedContextLM(LM):
     MLPMemoryForCausalLM do). Generation and rolling log-likelihood go to ``inner``
     unchanged (its generate already uses the cache).
     """
-
-    def __init__(self, inner: Any) -> None:
-        super().__init__()
-        self.inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    @property
-    def rank(self) -> int:
-        return self.inner.rank
-
-    @property
-    def world_size(self) -> int:
-        return self.inner.world_size
 
     def _encode(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
         inner = self.inner

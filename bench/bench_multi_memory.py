@@ -42,19 +42,14 @@ def score_systems(systems: dict, tokens: np.ndarray, context: int = 512, stride:
     """
     import torch
 
-    from mlpmem.corpus import windows
+    from mlpmem.corpus import window_batches, windows
 
     W = windows(len(tokens), context, stride)
     tok_t = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
     n = len(tok_t)
     lps = {k: [] for k in systems}
     secs = dict.fromkeys(systems, 0.0)
-    i = 0
-    while i < len(W):
-        j, length = i + 1, W[i, 1] - W[i, 0]
-        while j < len(W) and j - i < batch_size and W[j, 1] - W[j, 0] == length:
-            j += 1
-        group = W[i:j]
+    for group in window_batches(W, batch_size):
         ids = torch.stack([tok_t[b:e] for b, e, _ in group])
         stops = np.minimum(group[:, 1], n - 1)
         keep = int((group[:, 1] - group[:, 2]).max())
@@ -67,7 +62,6 @@ def score_systems(systems: dict, tokens: np.ndarray, context: int = 512, stride:
                 s, t = k - b, stops[w] - b
                 rows = out[w, s - (e - b) + keep : t - (e - b) + keep]
                 lps[name].append(rows.gather(-1, tok_t[k + 1 : stops[w] + 1, None])[:, 0].double().numpy())
-        i = j
     return {k: (np.concatenate(v), secs[k]) for k, v in lps.items()}
 
 

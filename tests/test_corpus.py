@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from mlpmem.corpus import Corpus, CorpusConfig, Document, build_corpus, load_documents, split_documents, windows
+from mlpmem.corpus import Corpus, CorpusConfig, Document, build_corpus, load_documents, split_documents, window_batches, windows
 from mlpmem.errors import MlpmemError
 
 
@@ -131,3 +131,14 @@ def test_corpus_built_before_dedup_is_refused_when_the_source_has_duplicates(tmp
     with pytest.raises(MlpmemError, match="before duplicates were removed.*--overwrite"):
         build_corpus(out, cfg)
     assert build_corpus(out, cfg, overwrite=True) == out
+
+
+def test_window_batches_cover_every_window_once_in_equal_length_batches():
+    W = windows(1000, 64, 48)  # the last windows are shorter
+    batches = list(window_batches(W, 4))
+    assert np.array_equal(np.concatenate(batches), W)
+    for g in batches:
+        assert 1 <= len(g) <= 4 and len(set((g[:, 1] - g[:, 0]).tolist())) == 1
+    for a, b in zip(batches, batches[1:]):  # a batch ends only when full or when the length changes
+        assert len(a) == 4 or (a[0, 1] - a[0, 0]) != (b[0, 1] - b[0, 0])
+    assert len(batches) < len(W)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import lzma
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,6 +227,19 @@ def windows(n_tokens: int, context: int, stride: int) -> np.ndarray:
             kept = stop
         begin += stride
     return np.asarray(out, dtype=np.int64).reshape(-1, 3)
+
+
+
+def window_batches(W: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+    """Consecutive rows of :func:`windows` in batches of at most ``batch_size`` windows of one length
+    (a batch stacks into one tensor without padding; only the last windows are shorter)."""
+    i = 0
+    while i < len(W):
+        j, length = i + 1, W[i, 1] - W[i, 0]
+        while j < len(W) and j - i < batch_size and W[j, 1] - W[j, 0] == length:
+            j += 1
+        yield W[i:j]
+        i = j
 
 
 # ---------------------------------------------------------------- the stage

@@ -33,7 +33,7 @@ from typing import Iterator
 
 import numpy as np
 
-from mlpmem.corpus import SPLITS, Corpus, windows
+from mlpmem.corpus import SPLITS, Corpus, window_batches, windows
 from mlpmem.errors import MlpmemError
 from mlpmem.manifest import check_disk_space, clear_progress, finished_shards, prepare_out, save_npy, save_shard_record, sha256_file, write_manifest
 from mlpmem.models import (DEFAULT_MODEL, SITES, Site, capture, dtype_name, load_model, logits_size, model_fingerprint, resolve_device, resolve_layer,
@@ -263,13 +263,7 @@ def _iter_recompute(model, tok_t, W: np.ndarray, sites: dict[str, Site], batch_s
     n_tokens = len(tok_t)
     pre = torch.tensor(prefix, dtype=tok_t.dtype)
     p = len(prefix)
-    i = 0
-    while i < len(W):
-        j = i + 1
-        length = W[i, 1] - W[i, 0]
-        while j < len(W) and j - i < batch_size and W[j, 1] - W[j, 0] == length:
-            j += 1
-        group = W[i:j]
+    for group in window_batches(W, batch_size):
         ids = torch.stack([torch.cat([pre, tok_t[b:e]]) if p else tok_t[b:e] for b, e, _ in group]).to(model.device)
         stops = np.minimum(group[:, 1], n_tokens - 1)
         keep = int((group[:, 1] - group[:, 2]).max())  # kept positions lie in the last `keep` of each window
@@ -288,7 +282,6 @@ def _iter_recompute(model, tok_t, W: np.ndarray, sites: dict[str, Site], batch_s
         row_start, row_end = int(group[0, 2]), int(stops[-1])
         yield Batch(row_start, row_end, {n: torch.cat(v) for n, v in feats.items()},
                     torch.cat(lps) if want_logprob else None, tok_t[row_start + 1 : row_end + 1].numpy().astype(np.int32), seconds)
-        i = j
 
 
 def _gather_logprob(logits, y):

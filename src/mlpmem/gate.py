@@ -127,7 +127,7 @@ def score_memories(model, tokens: np.ndarray, context: int, stride: int, memorie
     import torch
     from tqdm.auto import tqdm
 
-    from mlpmem.corpus import windows
+    from mlpmem.corpus import window_batches, windows
     from mlpmem.models import capture
 
     if not memories:
@@ -139,12 +139,7 @@ def score_memories(model, tokens: np.ndarray, context: int, stride: int, memorie
     out: dict[str, list] = {"y": [], "lp": [], "f": []}
     secs = {"lm": 0.0, "memory": 0.0, "gate": 0.0}
     bar = tqdm(total=max(0, n_tokens - 1), desc=desc, unit="tok", dynamic_ncols=True)
-    i = 0
-    while i < len(W):
-        j, length = i + 1, W[i, 1] - W[i, 0]
-        while j < len(W) and j - i < batch_size and W[j, 1] - W[j, 0] == length:
-            j += 1
-        group = W[i:j]
+    for group in window_batches(W, batch_size):
         ids = torch.stack([tok_t[b:e] for b, e, _ in group]).to(model.device)
         stops = np.minimum(group[:, 1], n_tokens - 1)
         keep = int((group[:, 1] - group[:, 2]).max())
@@ -183,7 +178,6 @@ def score_memories(model, tokens: np.ndarray, context: int, stride: int, memorie
                 out["f"].append(torch.stack(fs, 1).numpy())
         out["y"].append(y.numpy().astype(np.int32))
         bar.update(len(y))
-        i = j
     bar.close()
     k = len(memories)
     labels = np.concatenate(out["y"]).astype(np.int32) if out["y"] else np.zeros(0, np.int32)

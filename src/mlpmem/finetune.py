@@ -259,6 +259,7 @@ def finetune(cfg: FinetuneConfig, corpus_dir: str | os.PathLike, out_dir: str | 
     from mlpmem.corpus import Corpus
     from mlpmem.manifest import prepare_out, read_manifest, sha256_bytes
     from mlpmem.models import load_model, resolve_device, tokenizer_hash
+    from mlpmem.modeling_mlpmem import memory_fingerprint
 
     validate(cfg, "finetune")
     corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
@@ -281,7 +282,7 @@ def finetune(cfg: FinetuneConfig, corpus_dir: str | os.PathLike, out_dir: str | 
     resolved = {"config": cfg, "lr": cfg.resolved_lr(), "model_id": model_id, "corpus": str(corpus_dir.resolve()),
                 "corpus_hash": corpus.manifest.get("corpus_hash"), "split_sha256": sha256_bytes(np.ascontiguousarray(tokens, dtype=np.int32).tobytes()),
                 "memory": None if memory is None else {"path": str(Path(cfg.memory).resolve()), "lambda": lam, "layer": site[0], "site": site[1],
-                                                       "fingerprint": _memory_fp(memory), "trainable": cfg.memory_trainable},
+                                                       "fingerprint": memory_fingerprint(memory), "trainable": cfg.memory_trainable},
                 "device": str(dev), "compute_dtype": str(dtype).removeprefix("torch.")}
     if prepare_out(out_dir, resolved, overwrite, kind="finetune") == "done":
         log.info("fine-tuning in %s is already finished", out_dir)
@@ -292,12 +293,6 @@ def finetune(cfg: FinetuneConfig, corpus_dir: str | os.PathLike, out_dir: str | 
         from mlpmem.manifest import release_lock
 
         release_lock(out_dir)
-
-
-def _memory_fp(memory) -> str:
-    from mlpmem.modeling_mlpmem import memory_fingerprint
-
-    return memory_fingerprint(memory)
 
 
 def _load_checked_memory(cfg: FinetuneConfig, lm, tok, dev) -> tuple[torch.nn.Module, dict, float, tuple[int, str]]:

@@ -445,3 +445,24 @@ def test_lm_eval_backend_takes_several_memories_and_knn(parts, knn_run, tmp_path
         load_mixture(memory=f"{tmp_path / 'a'};{tmp_path / 'b'}", weights="0.5;0.5")
     with pytest.raises(MlpmemError, match="mixing must be"):
         load_mixture(memory=str(tmp_path / "a"), mixing="sometimes")
+
+
+def test_generate_side_by_side_uses_a_saved_router(parts, tmp_path):
+    """`mlpmem generate` on a saved model with a router mixes by the router per token (a lambda per call would ask
+    for the fixed mixture and drop the router without a word)."""
+    from mlpmem.cli import main
+    from mlpmem.generation import GenerateConfig, generate_side_by_side
+
+    lm, tok, *_ = parts
+    model = two(parts, router=random_router(2, seed=3), weights=[0.2, 0.4, 0.4])
+    model.save_pretrained(tmp_path / "saved")
+    p = tok("war", return_tensors="pt").input_ids
+    with torch.no_grad():
+        routed = model.generate(p, mixing="routed", max_new_tokens=8, do_sample=False)[0, p.shape[1]:]
+        fixed = model.generate(p, lambda_=0.9, max_new_tokens=8, do_sample=False)[0, p.shape[1]:]
+    assert not torch.equal(routed, fixed)  # the check below can tell the two apart
+    rows = generate_side_by_side(str(tmp_path / "saved"), ["the union and", "war"], GenerateConfig(max_new_tokens=8, lam=0.9))
+    assert [r["mixing"] for r in rows] == ["routed", "routed"]
+    assert rows[1]["memory"] == tok.decode(routed, skip_special_tokens=True)
+    assert main(["generate", str(tmp_path / "saved"), "war", "--max-new-tokens", "4", "--mixing", "routed"]) == 0
+    assert main(["generate", str(tmp_path / "saved"), "war", "--mixing", "routd"]) == 2  # a clear error, no traceback

@@ -124,7 +124,7 @@ def _generate(a):
         raise MlpmemError(f"prompt {', '.join(map(str, empty))} is empty", "give every prompt some text to continue")
     rows = generate_side_by_side(str(_memory_folder(a.model, a.verify)), prompts, cfg, a.base_model, device=a.device, dtype=a.dtype)
     for r in rows:
-        how = "gated lambda per token" if r.get("mixing") == "gated" else f"lambda={a.lam}"
+        how = {"gated": "gated lambda per token", "routed": "router's weights per token"}.get(r.get("mixing"), f"lambda={a.lam}")
         print(f"=== {r['prompt']}\n--- base LM:\n{r['base']}\n--- LM + memory ({how}):\n{r['memory']}\n")
 
 

@@ -21,7 +21,7 @@ class GenerateConfig:
     top_p: float = 1.0
     num_beams: int = 1
     seed: int = 0
-    mixing: str | None = None  # fixed | gated; default: gated when the memory has a gate (its run's gate/), else fixed
+    mixing: str | None = None  # fixed | gated | routed; default: the saved model's (gated when a memory has a gate, routed with a router)
 
 
 def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
@@ -38,7 +38,8 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
 
 def generate_side_by_side(model_path: str, prompts: list[str], cfg: GenerateConfig, base_model: str | None = None,
                           device: str = "auto", dtype: str = "float32") -> list[dict[str, str]]:
-    """Continue each prompt with the base LM (lambda=0) and with LM + memory (lambda=cfg.lam, or the memory's gate).
+    """Continue each prompt with the base LM (lambda=0) and with LM + memory (lambda=cfg.lam, or per token: the memory's
+    gate, or the router of a model with several memories).
 
     ``model_path`` is a trained memory folder (``.../train/memory``) or a folder
     written by ``save_pretrained``. Prompts are left-padded into one batch. The LM
@@ -47,12 +48,11 @@ def generate_side_by_side(model_path: str, prompts: list[str], cfg: GenerateConf
     import torch
 
     from mlpmem.hf import MLPMemoryForCausalLM
+    from mlpmem.modeling_mlpmem import check_model_mixing
     from mlpmem.models import dtype_name, resolve_device
 
-    from mlpmem.modeling_mlpmem import check_mixing
-
     dev, dt = resolve_device(device, dtype)
-    mix = {} if cfg.mixing is None else {"mixing": check_mixing(cfg.mixing)}
+    mix = {} if cfg.mixing is None else {"mixing": check_model_mixing(cfg.mixing)}
     path = Path(model_path)
     if (path / "memory_config.json").exists():
         model = MLPMemoryForCausalLM.from_memory(path, base_model, lambda_=cfg.lam, dtype=dtype_name(dt), **mix)
@@ -73,11 +73,11 @@ def generate_side_by_side(model_path: str, prompts: list[str], cfg: GenerateConf
     if cfg.do_sample:
         kwargs.update(temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
     out = {}
-    gated = model.mixing_mode == "gated"
+    per_token = model.mixing_mode in ("gated", "routed")
     for name, lam in (("base", 0.0), ("memory", cfg.lam)):
         torch.manual_seed(cfg.seed)
-        # a gated memory mixes with its gate's lambda per token (a lambda_ per call would ask for the fixed mixture)
-        mixing = {"mixing": "gated"} if gated and name == "memory" else {"lambda_": lam}
+        # the gate's or the router's weights per token (a lambda_ per call would ask for the fixed mixture)
+        mixing = {"mixing": model.mixing_mode} if per_token and name == "memory" else {"lambda_": lam}
         with torch.inference_mode():
             ids = model.generate(**batch, **mixing, **kwargs)
         out[name] = tok.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -1,4 +1,4 @@
-"""Knowledge tasks side by side: base LM, LM + memory (fixed and gated), LM + kNN-LM, RAG (BM25), RAG + memory (not a test).
+"""Knowledge tasks side by side: base LM, LM + memory (fixed and gated), LM + kNN-LM, fine-tuned LM, RAG (BM25), RAG + memory (not a test).
 
     python bench/bench_knowledge.py --family wordnet --only mlpmem_wn_mc --limit 500 --budget 420   # one task, all systems
     python bench/bench_knowledge.py --merge                                                        # the JSON and the plots
@@ -8,6 +8,7 @@ Needs (see bench/recipes/wordnet50k.yaml for the commands):
   runs/knowledge/wordnet50k    mlpmem run bench/recipes/wordnet50k.yaml   (the memory, trained on WordNet glosses)
   runs/sotu                    ./dev demo                                  (the State of the Union memory)
   runs/knowledge/tasks         mlpmem tasks build ... (built here when missing)
+  runs/knowledge/finetune/F    the fine-tuned LM of family F (built here when missing: mlpmem.finetune, FINETUNE below)
 
 Every system is scored through lm-evaluation-harness on the same items (``--limit``
 first items of each task's test file): the ``mlpmem`` backend (lambda 0 = the base LM
@@ -15,7 +16,8 @@ through the same code path; lambda = the run's valid-tuned lambda from report.js
 fixed; gated = a gate fitted here on the run's valid split when the run has none,
 saved in runs/knowledge/gates/; ``knn=RUN`` = LM + kNN-LM at the run's kNN lambda, left
 out with a note when this checkout's backend lacks it) and the ``mlpmem-rag`` wrapper
-around it. Multiple-choice log-likelihoods go through ``mlpmem.rag.SharedContextLM``
+around it. The fine-tuned LM is the base LM fine-tuned (``mlpmem finetune``, FINETUNE
+below) on the same train split the memory learnt from, scored through lm-eval's HFLM. Multiple-choice log-likelihoods go through ``mlpmem.rag.SharedContextLM``
 (each prompt once, its choices over the KV cache: lm-eval's HFLM ran the prompt once per
 choice); generation through HFLM. RAG's k and chunk size are tuned on each task family's
 valid items with the base LM (WordNet: the multiple-choice valid file; State of the
@@ -51,6 +53,10 @@ log = logging.getLogger("bench_knowledge")
 
 WORDNET_TASKS = ("mlpmem_wn_mc", "mlpmem_reasoning", "mlpmem_wn_em", "mlpmem_wn_define")  # most telling first
 GRID = [(1, 16), (3, 16), (1, 48), (3, 48)]  # (k, chunk words)
+FINETUNED = Path("runs/knowledge/finetune")
+# The fine-tuned LM's recipe: full fine-tuning (bench_joint: -7.5% test perplexity on SOTU against LoRA's -5.0%), one
+# pass over the memory's train split (about 30 tokens/s on one core here: an hour per 100k tokens), mlpmem.finetune's defaults otherwise.
+FINETUNE = {"method": "full", "epochs": 1.0, "device": "cpu"}
 
 
 def bootstrap(values: np.ndarray, iters: int = 1000, seed: int = 0) -> tuple[float, float]:
@@ -141,7 +147,7 @@ def fit_gate(lm, run: Path, name: str) -> dict:
     return {"folder": str(GATES / name), "kind": gate.kind, **{k: v for k, v in (meta.get("record") or {}).items() if isinstance(v, (int, float, str))}}
 
 
-SYSTEMS = ("base", "LM + memory", "LM + memory (gated)", "LM + kNN-LM", "RAG", "RAG + memory")
+SYSTEMS = ("base", "LM + memory", "LM + memory (gated)", "LM + kNN-LM", "fine-tuned LM", "RAG", "RAG + memory")
 
 
 def slug(name: str) -> str:
@@ -160,6 +166,19 @@ def knn_lm(memory: Path, run: Path, lam: float):
         return MLPMemoryLM(knn=str(run), lambda_=lam, batch_size=8, device="cpu"), None
     except Exception as e:  # noqa: BLE001  (work in progress elsewhere: report, do not stop the other systems)
         return None, f"knn=RUN failed: {type(e).__name__}: {str(e)[:200]}"
+
+
+def finetuned_lm(name: str, run: Path):
+    """lm-eval's HFLM over the base LM fine-tuned on the run's train split (made here when missing), and its record."""
+    from mlpmem.finetune import FinetuneConfig, finetune
+    from mlpmem.rag import SharedContextLM, plain_hflm
+
+    folder = FINETUNED / name
+    t0 = time.perf_counter()
+    manifest = finetune(FinetuneConfig(**FINETUNE), run / "corpus", folder)  # returns at once when already finished
+    record = {"folder": str(folder), **FINETUNE, "seconds_here": time.perf_counter() - t0,
+              **{k: manifest[k] for k in ("steps", "train_tokens", "train_seconds", "loss_first", "loss_last", "loss_mean_last_quarter", "train_tokens_per_s") if k in manifest}}
+    return SharedContextLM(plain_hflm(str(folder / "model"), device="cpu", batch_size=8)), record
 
 
 def run_family(name: str, memory: Path, run: Path, tasks_dir: Path, tasks: list[str], limits: dict[str, int], tune_task: str,
@@ -205,7 +224,10 @@ def run_family(name: str, memory: Path, run: Path, tasks_dir: Path, tasks: list[
         if knn_model is None:
             log.warning("LM + kNN-LM left out: %s", why)
             (PARTS / f"knn_missing_{name}.txt").write_text(why + "\n")
-    models = {"base": (fast, 0.0), "LM + memory": (fast, lam), "LM + memory (gated)": (fast, None),
+    tuned_lm, ft_record = None, None
+    if "fine-tuned LM" in systems and any("fine-tuned LM" in v for v in todo.values()):
+        tuned_lm, ft_record = finetuned_lm(name, run)
+    models = {"base": (fast, 0.0), "fine-tuned LM": (tuned_lm, 0.0), "LM + memory": (fast, lam), "LM + memory (gated)": (fast, None),
               "LM + kNN-LM": (SharedContextLM(knn_model) if knn_model is not None else None, None),
               "RAG": (RetrievalLM(fast, retriever, best["k"]), 0.0), "RAG + memory": (RetrievalLM(fast, retriever, best["k"]), lam)}
     for task in tasks:
@@ -216,7 +238,7 @@ def run_family(name: str, memory: Path, run: Path, tasks_dir: Path, tasks: list[
             if budget is not None and time.perf_counter() - t_start > budget:
                 log.info("budget of %.0f s spent: stopping before %s / %s (run again to continue)", budget, task, sys_name)
                 return
-            if sys_name != "LM + kNN-LM":
+            if sys_name not in ("LM + kNN-LM", "fine-tuned LM"):
                 set_mixing(lm, lam_)
             vals, timing = evaluate(model, task, tasks_dir, limits[task], lm.tokenizer)
             is_knn = sys_name == "LM + kNN-LM"
@@ -229,6 +251,8 @@ def run_family(name: str, memory: Path, run: Path, tasks_dir: Path, tasks: list[
                 row["knn"] = {**knn_model.mixture, "run_valid_lambda": knn_lam}
             if sys_name == "LM + memory (gated)":
                 row["gate"] = extra.get("gate")
+            if sys_name == "fine-tuned LM":
+                row["finetune"] = ft_record
             if sys_name.startswith("RAG"):
                 row["retrieval"] = best
             sys_file(task, sys_name, limits[task]).write_text(json.dumps(row))
@@ -305,7 +329,8 @@ def write(results: dict) -> None:
     out.write_text(json.dumps(results, indent=2) + "\n")
 
 
-COLORS = {"base": "#888", "LM + memory": "#2a7", "LM + memory (gated)": "#7c4", "LM + kNN-LM": "#d83", "RAG": "#37c", "RAG + memory": "#a4c"}
+COLORS = {"base": "#888", "LM + memory": "#2a7", "LM + memory (gated)": "#7c4", "LM + kNN-LM": "#d83", "fine-tuned LM": "#c33", "RAG": "#37c",
+          "RAG + memory": "#a4c"}
 
 
 def plot(results: dict) -> None:
@@ -491,7 +516,8 @@ def markdown(r: dict) -> str:
          "tokens/s: the prompt once + every choice (or + the generated text) per item, over wall time; load: the 1-minute load "
          "average before and after. LM + memory (gated): lambda per token from a gate fitted on the memory run's valid split "
          "(mlpmem.gate's build stage, as `eval: {mixing: gated}` fits it). LM + kNN-LM: the `mlpmem` backend with `knn=RUN` "
-         "(the run's datastore and index, its k and temperature, its valid-tuned kNN lambda).\n\n")
+         "(the run's datastore and index, its k and temperature, its valid-tuned kNN lambda). Fine-tuned LM: the base LM fine-tuned "
+         "by `mlpmem finetune` on the memory run's train split (the text the memory learnt from), scored like the base.\n\n")
     for fam, t in r.get("rag_tuning", {}).items():
         rows = ", ".join(f"k={g['k']} chunk={g['chunk_words']}: {g['acc']:.3f}" for g in t["grid"])
         s += f"- RAG tuned on {t['items']} valid items of `{t['tuned_on']}` ({t.get('lm', 'base LM')}): {rows}; chosen k={t['chosen']['k']}, chunk {t['chosen']['chunk_words']} words.\n"
@@ -528,6 +554,12 @@ def markdown(r: dict) -> str:
             tps = f"{row['tokens_per_s']:.0f}" if "tokens_per_s" in row else ""
             load = "-".join(f"{x:.1f}" for x in row["loadavg_1min"]) if "loadavg_1min" in row else ""
             s += "| " + " | ".join([label, *[ci(row[m]) for m in metrics], diff, f"{row['seconds_per_item']:.2f}", cpu, tps, load]) + " |\n"
+        ft = (systems.get("fine-tuned LM") or {}).get("finetune")
+        if ft:
+            s += (f"\nFine-tuned LM: {ft.get('method')} fine-tuning, {ft.get('epochs'):g} epochs over the memory run's train split "
+                  f"({ft.get('train_tokens', '?')} tokens, {ft.get('steps', '?')} steps, loss {ft.get('loss_first', float('nan')):.3f} -> "
+                  f"{ft.get('loss_mean_last_quarter', float('nan')):.3f} over the last quarter, {ft.get('train_seconds', float('nan')):.0f} s), "
+                  f"`{ft.get('folder')}`.\n")
         gate = (systems.get("LM + memory (gated)") or {}).get("gate")
         if gate:
             s += (f"\nGate: {gate.get('kind')}, {gate.get('params')} parameters, fitted on {gate.get('n_valid')} valid tokens; valid perplexity "

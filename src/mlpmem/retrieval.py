@@ -72,24 +72,19 @@ def knn_logprobs(sq_dists: np.ndarray, neighbour_values: np.ndarray, temperature
     over the rest (``targets.knn_weights``, float64), summed per token in float64.
     Tokens no neighbour has, and every token of a row with no neighbour, get -inf.
     """
-    from mlpmem.targets import knn_weights
+    from mlpmem.targets import knn_weights, sum_per_token
 
     vals = np.asarray(neighbour_values, dtype=np.int64)
     valid = vals >= 0
     d = np.where(valid, np.asarray(sq_dists, dtype=np.float64), np.inf)  # the evaluator's "valid": value >= 0 and finite
-    w = torch.from_numpy(knn_weights(d, check_temperature(temperature)))  # [q, k] float64, zero where missing
-    v = torch.from_numpy(np.where(valid, vals, 0))  # a missing hit adds 0 to token 0
-    # sum per token in [q, k] (sort by token, add up each run), then write log(total) at each token:
-    # cheaper than a [q, V] scatter-add followed by a log over all V (the log dominated, measured)
-    sv, order = v.sort(dim=1)
-    sw = w.gather(1, order)
-    starts = torch.ones_like(sv, dtype=torch.bool)
-    starts[:, 1:] = sv[:, 1:] != sv[:, :-1]
-    run = starts.long().cumsum(1) - 1  # run id of each slot within its row
-    total = torch.zeros_like(sw).scatter_add_(1, run, sw).gather(1, run)  # each slot: its token's total weight
+    w = knn_weights(d, check_temperature(temperature))  # [q, k] float64, zero where missing
+    # sum per token in [q, k], then write log(total) once per token: cheaper than a [q, V]
+    # scatter-add followed by a log over all V (the log dominated, measured)
+    sv, agg = sum_per_token(np.where(valid, vals, 0), w)  # a missing hit adds 0 to token 0
+    rows, slots = np.nonzero(agg > 0)
     out = torch.full((vals.shape[0], vocab_size), -math.inf, dtype=torch.float32, device=device)
-    # equal tokens write equal totals, so the order of duplicate writes does not matter
-    out.scatter_(1, sv.to(out.device), total.log().float().to(out.device))
+    at = (torch.from_numpy(rows).to(out.device), torch.from_numpy(sv[rows, slots]).to(out.device))
+    out[at] = torch.from_numpy(np.log(agg[rows, slots]).astype(np.float32)).to(out.device)
     return out
 
 

@@ -37,6 +37,25 @@ def knn_weights(sq_dists: np.ndarray, temperature: float) -> np.ndarray:
     return np.divide(w, total, out=np.zeros_like(w), where=total > 0)
 
 
+def sum_per_token(vals: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's weights summed per token, without a [q, V] array.
+
+    vals int [q, k], w float [q, k] -> (sv, agg), both [q, k]: sv each row's tokens in
+    ascending order; agg[r, j] the total weight of token sv[r, j] at the first slot of its
+    run of equal tokens, 0 at the other slots (so each token's total appears once).
+    """
+    q, k = w.shape
+    order = np.argsort(vals, axis=1, kind="stable")
+    sv = np.take_along_axis(vals, order, 1)
+    sw = np.take_along_axis(w, order, 1)
+    starts = np.ones((q, k), dtype=bool)
+    starts[:, 1:] = sv[:, 1:] != sv[:, :-1]
+    flat_starts = np.flatnonzero(starts)  # every row starts a run, so runs never span rows
+    agg = np.zeros(q * k, dtype=np.result_type(w.dtype, np.float64))
+    agg[flat_starts] = np.add.reduceat(sw.reshape(-1), flat_starts)
+    return sv, agg.reshape(q, k)
+
+
 def knn_distribution(sq_dists: np.ndarray, neighbour_values: np.ndarray, temperature: float, top_m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """p_kNN per row, cut to its top-M tokens and renormalised.
 
@@ -50,16 +69,7 @@ def knn_distribution(sq_dists: np.ndarray, neighbour_values: np.ndarray, tempera
     w = knn_weights(sq_dists, temperature)
     w[vals < 0] = 0.0
     q, k = w.shape
-    # group equal tokens: sort each row by token, then sum each run of equal tokens
-    order = np.argsort(vals, axis=1, kind="stable")
-    sv = np.take_along_axis(vals, order, 1)
-    sw = np.take_along_axis(w, order, 1)
-    starts = np.ones((q, k), dtype=bool)
-    starts[:, 1:] = sv[:, 1:] != sv[:, :-1]
-    flat_starts = np.flatnonzero(starts)  # every row starts a run, so runs never span rows
-    agg = np.zeros(q * k)
-    agg[flat_starts] = np.add.reduceat(sw.reshape(-1), flat_starts)
-    agg = agg.reshape(q, k)  # token sv[r, j]'s total at its run's first slot, 0 elsewhere
+    sv, agg = sum_per_token(vals, w)
     support = (agg > 0).sum(axis=1)
     # top M by (prob desc, token asc): lexsort-free, as slots are already in token order
     m = min(top_m, k)

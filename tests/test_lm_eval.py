@@ -163,3 +163,101 @@ def test_device_defaults_to_what_is_there(setup, tmp_path, monkeypatch):
     lm_eval_backend.main(["--model", "hf", "--model_args", "pretrained=x", "--tasks", "t"])
     lm_eval_backend.main(["--model", "hf", "--device", "cpu:0", "--tasks", "t"])
     assert seen[0][-2:] == ["--device", lm_eval_backend.default_device()] and seen[1].count("--device") == 1
+
+
+@pytest.fixture(scope="module")
+def mixings(setup, tiny_llama, tmp_path_factory):
+    """model_args for each mixing the backend has: fixed lambda, lambda 0, the run's gate, LM + kNN-LM, LM + memory + kNN-LM."""
+    from mlpmem.corpus import CorpusConfig, build_corpus
+    from mlpmem.datastore import DatastoreConfig, build_datastore
+    from mlpmem.gate import GateConfig, MixingGate, gate_meta, save_gate
+    from mlpmem.index import IndexConfig, build_index
+    from mlpmem.memory import load_memory
+
+    root, _ = setup
+    run = tmp_path_factory.mktemp("mixings") / "run"
+    mem, meta = load_memory(root / "memory")
+    save_memory(run / "train" / "memory", mem, meta)
+    torch.manual_seed(5)
+    gate = MixingGate("mlp", hidden=4)
+    with torch.no_grad():  # centred on the features' usual values, so that lambda varies from token to token
+        gate.shift.copy_(torch.tensor([4.0, -2.0, 3.0, -1.0, 5.0, 4.0, 0.5]))
+        gate.inner.weight.normal_(0, 1.0)
+        gate.out.weight.normal_(0, 1.0)
+    save_gate(run / "gate", gate.eval(), gate_meta(mem, GateConfig(), {}, meta))
+    src = run.parent / "corpus.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts(n_docs=8, words_per_doc=60)))
+    build_corpus(run / "corpus", CorpusConfig(source=str(src), model=str(tiny_llama), valid_fraction=0.25, test_fraction=0.25))
+    build_datastore(run / "corpus", run / "datastore", DatastoreConfig(model=str(tiny_llama), context=32, stride=16, batch_size=4))
+    build_index(run / "datastore", run / "index", IndexConfig(kind="flat"))
+    (run / "knn.json").write_text(json.dumps({"temperature": 2.0, "lambda": 0.3, "key": {"config": {"k": 8}}}))
+    mdir, fixed = run / "train" / "memory", root / "memory"
+    return {"fixed": f"memory={fixed},lambda_=0.5", "lambda0": f"memory={fixed},lambda_=0", "gated": f"memory={mdir}",
+            "knn": f"knn={run},lambda_=0.3", "memory+knn": f"memory={fixed},knn={run},lambda_=0.4", "routed": f"memory={fixed},knn={run}"}
+
+
+MAX_LENGTH = 40
+
+
+def scoring_requests(lm) -> list:
+    """Multiple-choice-like requests: contexts shared by 1 to 4 continuations of 1 to several tokens, an empty context,
+    the model's own greedy continuations (is_greedy true), and pairs of exactly max_length + 1 tokens (HFLM's input
+    fits untruncated) and longer (HFLM cuts them from the left: max_length + 2 by one token)."""
+    from lm_eval.api.instance import Instance
+
+    from mlpmem.lm_eval_backend import encode_request
+
+    texts = make_texts(n_docs=4, words_per_doc=40, seed=11)
+    words = texts[0].split()
+    pairs = [("the union of", " the states"), ("the union of", " a"), ("the union of", " many more of them"), ("the union of", " war"),
+             (" ".join(words[:6]), " peace"), (" ".join(words[:6]), " trade and money"), ("", " congress of the nation"),
+             ("Question: which?\nAnswer:", " b")]
+    for ctx in ("the union of", " ".join(words[:6])):  # the model's own greedy next tokens
+        ids = lm.tok_encode(ctx)
+        with torch.no_grad():
+            out = lm.model.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False, pad_token_id=lm.tokenizer.eos_token_id)
+        pairs += [(ctx, lm.tokenizer.decode(out[0, len(ids):len(ids) + 1])), (ctx, lm.tokenizer.decode(out[0, len(ids):]))]
+    total = {}
+    for n in range(1, len(words) + 1):
+        for cont in (" a", " union", " of the", " peace of", " peace of the people"):
+            c, k = encode_request(lm, " ".join(words[:n]), cont)
+            total.setdefault(len(c) + len(k), (" ".join(words[:n]), cont))
+    assert MAX_LENGTH + 1 in total and MAX_LENGTH + 2 in total, sorted(total)
+    pairs += [total[MAX_LENGTH + 1], total[MAX_LENGTH + 2], max(total.items())[1], (max(total.items())[1][0], " states")]
+    return [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
+
+
+@pytest.mark.parametrize("mixing", ["fixed", "lambda0", "gated", "knn", "memory+knn", "routed"])
+def test_shared_context_default_equals_hflm(mixings, mixing):
+    """The backend's default loglikelihood (each context once, its continuations over the KV cache) gives HFLM's
+    per-request log-likelihoods and greedy flags (shared_context=false), for every mixing and past max_length.
+    Red when the fallback is dropped, its length rule is off by one, or the continuations' positions shift by one."""
+    from lm_eval.api.registry import get_model
+
+    from mlpmem.lm_eval_backend import encode_request
+
+    extra = {"batch_size": 3, "device": "cpu"}
+    new = get_model("mlpmem").create_from_arg_string(f"{mixings[mixing]},max_length={MAX_LENGTH}", extra)
+    old = get_model("mlpmem").create_from_arg_string(f"{mixings[mixing]},max_length={MAX_LENGTH},shared_context=false", extra)
+    assert new.shared_context and not old.shared_context and new.get_model_info()["mlpmem"]["shared_context"]
+    if mixing == "routed":  # a router over the memory and the kNN-LM, with weights that vary per token
+        from mlpmem.modeling_mlpmem import MemoryRouter
+
+        torch.manual_seed(0)
+        router = MemoryRouter(2, hidden=8)
+        with torch.no_grad():
+            router.out.weight.normal_(0.0, 2.0)
+            router.scale.fill_(3.0)
+        for b in (new, old):
+            b.model.set_router(router.eval())
+    kinds = [type(m).__name__ for m in new.model.components().values()]
+    assert new.model.mixing_mode == {"gated": "gated", "routed": "routed"}.get(mixing, "fixed")
+    assert ("KNNRetriever" in kinds) == (mixing in ("knn", "memory+knn", "routed"))
+    reqs = scoring_requests(new)
+    assert max(sum(map(len, encode_request(new, *r.args))) for r in reqs) > MAX_LENGTH + 1
+    want = old.loglikelihood(reqs, disable_tqdm=True)
+    got = new.loglikelihood(reqs, disable_tqdm=True)
+    assert [g for _, g in got] == [g for _, g in want]
+    assert any(g for _, g in want) and not all(g for _, g in want)
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], rel=1e-5, abs=1e-4)
+    assert len({round(lp, 3) for lp, _ in got}) == len({r.args for r in reqs})  # distinct numbers: a mix-up of rows would show

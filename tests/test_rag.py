@@ -82,7 +82,7 @@ def test_rag_backend_scores_a_task_and_refuses_a_foreign_task_folder(tiny_llama,
     from lm_eval.tasks import TaskManager
 
     from mlpmem.corpus import CorpusConfig, build_corpus
-    from mlpmem.rag import RagLM
+    from mlpmem.rag import RagLM, SharedContextLM
 
     src = tmp_path / "docs.jsonl"
     # 3 copies of each document (told apart by a note): 10 of the 12 land in train, so each fact is in the index
@@ -96,6 +96,9 @@ def test_rag_backend_scores_a_task_and_refuses_a_foreign_task_folder(tiny_llama,
                                  "test_split: test\noutput_type: multiple_choice\ndoc_to_text: prompt\ndoc_to_choice: choices\n"
                                  "doc_to_target: label\ntarget_delimiter: ''\nmetric_list:\n  - metric: acc\n")
     lm = RagLM(corpus=str(corpus), pretrained=str(tiny_llama), k=2, chunk_words=8, device="cpu", batch_size=2)
+    assert isinstance(lm.inner, SharedContextLM)  # each prompt once for all its choices, by default
+    assert not isinstance(RagLM(corpus=str(corpus), pretrained=str(tiny_llama), chunk_words=8, device="cpu", shared_context="false").inner,
+                          SharedContextLM)
     out = lm_eval.simple_evaluate(model=lm, tasks=["rag_t"], task_manager=TaskManager(include_path=str(task), include_defaults=False), log_samples=True,
                                   bootstrap_iters=0)
     ctx = [s["arguments"]["gen_args_0"]["arg_0"] if isinstance(s["arguments"], dict) else s["arguments"][0][0] for s in out["samples"]["rag_t"]]
@@ -137,7 +140,7 @@ def test_shared_context_scoring_equals_hflm(tiny_llama, tmp_path):
     pairs = [("the union of", " the states"), ("the union of", " a"), ("the union of", " many more of them"),
              ("a slowly moving mass", " of ice"), ("", " glacier ice"), ("Question: which?\nAnswer:", " b")]
     for hflm in (plain_hflm(str(tiny_llama), device="cpu", batch_size=4),
-                 MLPMemoryLM(memory=str(tmp_path / "memory"), lambda_=0.5, device="cpu", batch_size=4)):
+                 MLPMemoryLM(memory=str(tmp_path / "memory"), lambda_=0.5, device="cpu", batch_size=4, shared_context=False)):
         want = hflm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)], disable_tqdm=True)
         got = SharedContextLM(hflm).loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)], disable_tqdm=True)
         assert [g for _, g in got] == [g for _, g in want]

@@ -31,12 +31,15 @@ gate, or whose run trained one, mixes per token with it, and ``lambda_`` is then
 else cpu, as models.resolve_device's "auto"; mps only when named; lm-eval's own
 default is cuda, and :func:`main` passes the same default to every backend when
 ``--device`` is not given); any other HFLM
-argument (batch_size, max_length, ...).
+argument (batch_size, max_length, ...); ``shared_context`` (default true: see below).
 
 The class subclasses lm-eval's ``HFLM``: our model returns interpolated
 log-probabilities as ``logits``, and HFLM's log_softmax of them changes nothing
-(log-probs are already normalised), so loglikelihood, loglikelihood_rolling and
-generate_until work unchanged.
+(log-probs are already normalised), so loglikelihood_rolling and generate_until
+work unchanged. ``loglikelihood`` runs each distinct context once and its
+continuations after it over the KV cache (:func:`shared_context_loglikelihood`:
+HFLM's numbers, a multiple-choice prompt run once instead of once per choice);
+``shared_context=false`` gives HFLM's own loglikelihood.
 """
 
 from __future__ import annotations
@@ -127,6 +130,117 @@ def default_device() -> str:
     return str(resolve_device("auto", "float32")[0])
 
 
+def parse_bool(name: str, value: Any) -> bool:
+    """A boolean model_arg: lm-eval turns ``true``/``false`` into bools; a Python caller may pass either."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise MlpmemError(f"{name}={value!r} is not a boolean", f"pass {name}=true or {name}=false")
+
+
+def encode_request(lm: HFLM, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """A request's (context, continuation) token ids as HFLM's loglikelihood makes them (lm-eval's TemplateLM)."""
+    if context == "":  # the prefix token stands for an empty context
+        cont = lm.tok_encode(continuation, add_special_tokens=False)
+        return ([lm.prefix_token_id], cont) if not cont or lm.prefix_token_id != cont[0] else (cont[:1], cont[1:])
+    return lm._encode_pair(context, continuation)
+
+
+def shared_context_loglikelihood(lm: HFLM, requests: list, disable_tqdm: bool = False, *, fallback: Any) -> list[tuple[float, bool]]:
+    """HFLM's ``loglikelihood`` with each distinct context run once and its continuations batched after it.
+
+    HFLM scores every (context, continuation) pair as one sequence, so a multiple-choice
+    item with 4 choices runs its prompt (and, under RAG, its retrieved passages) 4 times.
+    Here the requests are grouped by context: the context runs once with the KV cache,
+    the cache is repeated for its n continuations, and they run as one batch of n short
+    rows. Tokenization, the continuation log-probability and the greedy flag are HFLM's,
+    so the numbers equal HFLM's up to float rounding (tests/test_lm_eval.py).
+    ``lm``: an HFLM (our backend or a plain HF model) whose model accepts
+    ``past_key_values`` and ``logits_to_keep``. ``fallback(requests, disable_tqdm=...)``
+    (HFLM's own loglikelihood) gets what this cannot score the same way: a context +
+    continuation longer than ``max_length`` + 1 (HFLM cuts it from the left), an empty
+    continuation (HFLM refuses it), a seq2seq model, ``enable_thinking`` (HFLM refuses it)
+    and a model whose cache cannot be repeated per row.
+    """
+    from tqdm import tqdm
+
+    if lm.backend != "causal" or getattr(lm, "enable_thinking", False):
+        return fallback(requests, disable_tqdm=disable_tqdm)
+    encoded = [encode_request(lm, *r.args[:2]) for r in requests]
+    out: list[tuple[float, bool] | None] = [None] * len(requests)
+    # HFLM's input is context + continuation less its last token, cut to the last max_length tokens
+    theirs = [i for i, (ctx, cont) in enumerate(encoded) if not cont or len(ctx) + len(cont) > lm.max_length + 1]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    skip = set(theirs)
+    for i, (ctx, _) in enumerate(encoded):
+        if i not in skip:
+            groups.setdefault(tuple(ctx), []).append(i)
+    ordered = sorted(groups.items(), key=lambda g: -len(g[0]))  # similar lengths together: little padding
+    per_call = max(1, int(lm.batch_size)) if str(lm.batch_size).isdigit() else 8
+    bar = tqdm(total=len(requests) - len(theirs), desc="Scoring shared contexts", disable=disable_tqdm or lm.rank != 0)
+    for start in range(0, len(ordered), per_call):
+        chunk = ordered[start : start + per_call]
+        scored = _score_shared(lm, chunk, encoded)
+        if scored is None:  # no repeatable cache: the rest goes to HFLM
+            theirs += [i for _, idx in ordered[start:] for i in idx]
+            break
+        for i, res in scored.items():
+            out[i] = res
+            lm.cache_hook.add_partial("loglikelihood", requests[i].args[:2], res)
+        bar.update(sum(len(idx) for _, idx in chunk))
+    bar.close()
+    if theirs:
+        for i, res in zip(theirs, fallback([requests[i] for i in theirs], disable_tqdm=True)):
+            out[i] = res
+    return out
+
+
+def _score_shared(lm: HFLM, chunk: list[tuple[tuple[int, ...], list[int]]], encoded: list) -> dict[int, tuple[float, bool]] | None:
+    """Contexts [C] (left-padded, one forward with the cache), then every continuation of them as one batch [R].
+
+    None when the model's cache cannot be repeated per row (no ``batch_select_indices``)."""
+    import torch
+
+    model, dev = lm.model, lm.device
+    ctxs = [list(c) for c, _ in chunk]
+    width = max(len(c) for c in ctxs)
+    pad = ctxs[0][0]  # any id: padded positions are masked out
+    ids = torch.tensor([[pad] * (width - len(c)) + c for c in ctxs], device=dev)
+    mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in ctxs], device=dev)
+    rows = [(ci, i) for ci, (_, idx) in enumerate(chunk) for i in idx]
+    conts = [encoded[i][1] for _, i in rows]
+    longest = max(len(c) for c in conts)
+    mp = getattr(lm, "mixed_precision_dtype", None)
+    # HFLM's numerics: its autocast, and log_softmax in its softmax_dtype (None: the logits' own)
+    sm = getattr(lm, "softmax_dtype", None)
+    with torch.inference_mode(), torch.autocast(device_type=torch.device(dev).type, dtype=mp, enabled=mp is not None):
+        first = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=longest > 1, logits_to_keep=1)
+        lp0 = first.logits[:, -1].log_softmax(-1, dtype=sm)  # [C, V]: each context's next token
+        rest = None
+        if longest > 1:  # the continuations' other tokens, over the cache rows of their contexts
+            cache = first.past_key_values
+            if not hasattr(cache, "batch_select_indices"):
+                return None
+            owner = torch.tensor([ci for ci, _ in rows], device=dev)
+            cache.batch_select_indices(owner)
+            m = longest - 1
+            toks = torch.tensor([c[:-1] + [c[0]] * (m - len(c) + 1) for c in conts], device=dev)  # right padding: never read
+            lens = torch.tensor([len(ctxs[ci]) for ci, _ in rows], device=dev)
+            rest = model(toks, attention_mask=torch.cat([mask[owner], torch.ones(len(rows), m, dtype=mask.dtype, device=dev)], 1),
+                         position_ids=lens[:, None] + torch.arange(m, device=dev)[None], past_key_values=cache,
+                         use_cache=False).logits.log_softmax(-1, dtype=sm)  # [R, m, V]
+    res = {}
+    for r, ((ci, i), cont) in enumerate(zip(rows, conts)):
+        steps = lp0[ci][None] if rest is None or len(cont) == 1 else torch.cat([lp0[ci][None], rest[r, : len(cont) - 1]])  # [len(cont), V]
+        toks_i = torch.tensor(cont, device=steps.device)
+        res[i] = (float(steps.gather(1, toks_i[:, None]).sum()), bool((steps.argmax(-1) == toks_i).all()))
+    return res
+
+
 @register_model("mlpmem")
 class MLPMemoryLM(HFLM):
     """HFLM over :class:`~mlpmem.hf.MLPMemoryForCausalLM`; see the module docstring for the arguments."""
@@ -146,9 +260,12 @@ class MLPMemoryLM(HFLM):
         weights: str | None = None,
         router: str | None = None,
         knn: str | None = None,
+        shared_context: bool | str = True,
         **kwargs: Any,
     ) -> None:
         from mlpmem.models import resolve_device
+
+        shared = parse_bool("shared_context", shared_context)  # a typo fails before the model loads
 
         device = str(resolve_device(device or "auto", "float32")[0])  # one rule for every verb; an absent GPU is one clear error, before loading
         model, tok = load_mixture(memory, base_model, pretrained, float(lambda_), float(memory_temperature), str(dtype), mixing,
@@ -162,7 +279,13 @@ class MLPMemoryLM(HFLM):
         super().__init__(pretrained=model, tokenizer=tok, backend="causal", max_length=max_length, device=device, **kwargs)
         self.mixture = {"memory": str(pretrained or memory), "knn": knn, "memories": model.memory_names, "base_model": model.config.base_model,
                         "lambda_": model.lambda_, "weights": model.fixed_weights(), "memory_temperature": model.memory_temperature,
-                        "mixing": model.mixing_mode}
+                        "mixing": model.mixing_mode, "shared_context": shared}
+        self.shared_context = shared
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        if not self.shared_context:
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        return shared_context_loglikelihood(self, requests, disable_tqdm, fallback=super().loglikelihood)
 
     def get_model_info(self) -> dict:
         return {**super().get_model_info(), "mlpmem": self.mixture}

@@ -19,10 +19,10 @@ prompt itself), and the prompt becomes::
 
     <prompt>
 
-In lm-evaluation-harness the backend ``mlpmem-rag`` wraps (through
-:class:`SharedContextLM`, which runs each prompt once for all its choices) the LM + memory of the
+In lm-evaluation-harness the backend ``mlpmem-rag`` wraps the LM + memory of the
 ``mlpmem`` backend (``lambda_=0``: the LM alone, through the same code path) or, with
-``pretrained=`` and no memory, a plain HF model::
+``pretrained=`` and no memory, a plain HF model (through :class:`SharedContextLM`); both
+run each prompt once for all its choices unless ``shared_context=false``::
 
     mlpmem-lm-eval --model mlpmem-rag --model_args memory=RUN/train/memory,lambda_=0,k=3,chunk_words=48 --tasks ... --include_path TASKS
     mlpmem-lm-eval --model mlpmem-rag --model_args pretrained=MODEL,corpus=RUN/corpus --tasks ...
@@ -208,86 +208,18 @@ class RetrievalLM(WrappedLM):
 class SharedContextLM(WrappedLM):
     """An lm-eval LM whose ``loglikelihood`` runs each distinct context once and its continuations after it.
 
-    lm-eval's HFLM scores every (context, continuation) pair as one sequence, so a
-    multiple-choice item with 4 choices runs its prompt (and, under RAG, its
-    retrieved passages) 4 times. Here the requests are grouped by context: the context
-    runs once with the KV cache, the cache is repeated for its n continuations, and
-    they run as one batch of n short rows. Tokenization (``_encode_pair``), the
-    continuation log-probability and the greedy flag are HFLM's; the numbers equal
-    HFLM's up to float rounding (tests/test_rag.py). ``inner``: an HFLM (the
-    ``mlpmem`` backend, or a plain HF model), whose model must accept
-    ``past_key_values`` and ``logits_to_keep`` (transformers' causal LMs and
-    MLPMemoryForCausalLM do). Generation and rolling log-likelihood go to ``inner``
-    unchanged (its generate already uses the cache).
+    ``inner``: an HFLM (a plain HF model, or the ``mlpmem`` backend, which does this itself
+    unless ``shared_context=false``); the scoring is
+    :func:`mlpmem.lm_eval_backend.shared_context_loglikelihood`, with ``inner``'s own
+    loglikelihood for what it cannot score the same way (e.g. requests longer than
+    ``max_length``). Generation and rolling log-likelihood go to ``inner`` unchanged
+    (its generate already uses the cache).
     """
 
-    def _encode(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        inner = self.inner
-        if context == "":  # as lm-eval's LM.loglikelihood: the prefix token stands for an empty context
-            cont = inner.tok_encode(continuation, add_special_tokens=False)
-            return ([inner.prefix_token_id], cont) if inner.prefix_token_id != cont[0] else (cont[:1], cont[1:])
-        return inner._encode_pair(context, continuation)
-
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        from tqdm import tqdm
+        from mlpmem.lm_eval_backend import shared_context_loglikelihood
 
-        inner = self.inner
-        encoded = [self._encode(*r.args[:2]) for r in requests]
-        out: list[tuple[float, bool] | None] = [None] * len(requests)
-        too_long = [i for i, (ctx, cont) in enumerate(encoded) if len(ctx) + len(cont) > inner.max_length]
-        if too_long:  # HFLM truncates those from the left: let it
-            for i, res in zip(too_long, inner.loglikelihood([requests[i] for i in too_long], disable_tqdm=True)):
-                out[i] = res
-        groups: dict[tuple[int, ...], list[int]] = {}
-        skip = set(too_long)
-        for i, (ctx, _) in enumerate(encoded):
-            if i not in skip:
-                groups.setdefault(tuple(ctx), []).append(i)
-        ordered = sorted(groups.items(), key=lambda g: -len(g[0]))  # similar lengths together: little padding
-        per_call = max(1, int(inner.batch_size)) if str(inner.batch_size).isdigit() else 8
-        bar = tqdm(total=len(requests) - len(too_long), desc="Scoring shared contexts", disable=disable_tqdm or inner.rank != 0)
-        for start in range(0, len(ordered), per_call):
-            chunk = ordered[start : start + per_call]
-            for i, res in self._score(chunk, encoded).items():
-                out[i] = res
-                inner.cache_hook.add_partial("loglikelihood", requests[i].args[:2], res)
-            bar.update(sum(len(idx) for _, idx in chunk))
-        bar.close()
-        return out
-
-    def _score(self, chunk: list[tuple[tuple[int, ...], list[int]]], encoded: list) -> dict[int, tuple[float, bool]]:
-        """Contexts [C] (left-padded, one forward with the cache), then every continuation of them as one batch [R]."""
-        import torch
-
-        model, dev = self.inner.model, self.inner.device
-        ctxs = [list(c) for c, _ in chunk]
-        width = max(len(c) for c in ctxs)
-        pad = ctxs[0][0]  # any id: padded positions are masked out
-        ids = torch.tensor([[pad] * (width - len(c)) + c for c in ctxs], device=dev)
-        mask = torch.tensor([[0] * (width - len(c)) + [1] * len(c) for c in ctxs], device=dev)
-        rows = [(ci, i) for ci, (_, idx) in enumerate(chunk) for i in idx]
-        conts = [encoded[i][1] for _, i in rows]
-        longest = max(len(c) for c in conts)
-        with torch.inference_mode():
-            first = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=longest > 1, logits_to_keep=1)
-            lp0 = first.logits[:, -1].float().log_softmax(-1)  # [C, V]: each context's next token
-            rest = None
-            if longest > 1:  # the continuations' other tokens, over the cache rows of their contexts
-                owner = torch.tensor([ci for ci, _ in rows], device=dev)
-                cache = first.past_key_values
-                cache.batch_select_indices(owner)
-                m = longest - 1
-                toks = torch.tensor([c[:-1] + [c[0]] * (m - len(c) + 1) for c in conts], device=dev)  # right padding: never read
-                lens = torch.tensor([len(ctxs[ci]) for ci, _ in rows], device=dev)
-                rest = model(toks, attention_mask=torch.cat([mask[owner], torch.ones(len(rows), m, dtype=mask.dtype, device=dev)], 1),
-                             position_ids=lens[:, None] + torch.arange(m, device=dev)[None], past_key_values=cache,
-                             use_cache=False).logits.float().log_softmax(-1)  # [R, m, V]
-        res = {}
-        for r, ((ci, i), cont) in enumerate(zip(rows, conts)):
-            steps = lp0[ci][None] if rest is None or len(cont) == 1 else torch.cat([lp0[ci][None], rest[r, : len(cont) - 1]])  # [len(cont), V]
-            toks_i = torch.tensor(cont, device=steps.device)
-            res[i] = (float(steps.gather(1, toks_i[:, None]).sum()), bool((steps.argmax(-1) == toks_i).all()))
-        return res
+        return shared_context_loglikelihood(self.inner, requests, disable_tqdm, fallback=self.inner.loglikelihood)
 
     def generate_until(self, requests, disable_tqdm: bool = False):
         return self.inner.generate_until(requests, disable_tqdm=disable_tqdm)
@@ -304,8 +236,12 @@ class RagLM(RetrievalLM):
     """lm-eval backend ``mlpmem-rag``: BM25 passages + the ``mlpmem`` backend (or a plain HF model); see the module docstring."""
 
     def __init__(self, corpus: str | None = None, k: int = 3, chunk_words: int = 48, memory: str | None = None,
-                 pretrained: str | None = None, lambda_: float = 0.0, tasks: str | None = None, **kwargs: Any) -> None:
+                 pretrained: str | None = None, lambda_: float = 0.0, tasks: str | None = None, shared_context: bool | str = True,
+                 **kwargs: Any) -> None:
+        from mlpmem.lm_eval_backend import parse_bool
+
         RagConfig(int(k), int(chunk_words)).check()
+        shared = parse_bool("shared_context", shared_context)
         if corpus is None:
             if memory is None:
                 raise MlpmemError("mlpmem-rag needs corpus=RUN/corpus (the text to retrieve from) when no memory is given",
@@ -320,10 +256,11 @@ class RagLM(RetrievalLM):
         if memory is not None or (pretrained is not None and _is_mlpmem_folder(Path(pretrained))):
             from mlpmem.lm_eval_backend import MLPMemoryLM
 
-            inner = MLPMemoryLM(memory=memory, pretrained=pretrained, lambda_=lambda_, **kwargs)
+            inner = MLPMemoryLM(memory=memory, pretrained=pretrained, lambda_=lambda_, shared_context=shared, **kwargs)
         else:
             inner = plain_hflm(pretrained, **kwargs)
-        super().__init__(SharedContextLM(inner), retriever, int(k))  # prompts with passages are long: run each once per item
+            inner = SharedContextLM(inner) if shared else inner
+        super().__init__(inner, retriever, int(k))  # prompts with passages are long: by default each runs once per item
 
 
 if __name__ != "__main__":  # run as `python -m mlpmem.rag`, the package's module registers it (below), not this copy

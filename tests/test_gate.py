@@ -312,6 +312,26 @@ def test_scoring_for_the_gate_matches_the_model_class(parts):
     np.testing.assert_allclose(gate_lambdas(gate, sc.features[:15]), lam[0, :15].numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_scoring_for_the_gate_takes_the_datastores_prefix(parts):
+    """With a window prefix (datastore.bos) the gate is scored on the positions and states the evaluator scores:
+    the LM's and the memory's log-probs equal evaluate.score_online's with the same prefix (which the pipeline
+    refused for gated mixing before)."""
+    from mlpmem.evaluate import score_online
+    from mlpmem.gate import score_mixing
+    from mlpmem.models import Site
+
+    lm, tok, mem, *_ = parts
+    tokens = np.array(tok(" ".join(["the union and the people of congress"] * 6)).input_ids, dtype=np.int64)[:40]
+    site = Site(1, "ffn_input")
+    sc = score_mixing(lm, tokens, 16, 6, mem, site, batch_size=2, prefix=(1,))
+    ref = score_online(lm, tokens, 16, 6, None, memory=mem, memory_site=site, batch_size=2, prefix=(1,))
+    assert np.array_equal(sc.labels, ref.labels) and sc.n == len(tokens) - 1
+    np.testing.assert_allclose(sc.lm_logprob, ref.lm_logprob, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sc.memory_logprob, ref.memory_logprob, rtol=1e-5, atol=1e-5)
+    plain = score_mixing(lm, tokens, 16, 6, mem, site, batch_size=2)
+    assert not np.allclose(plain.memory_logprob, sc.memory_logprob)  # the prefix changes what the memory reads
+
+
 def test_lm_eval_backend_takes_mixing(parts, tmp_path):
     pytest.importorskip("lm_eval")
     from mlpmem.lm_eval_backend import load_mixture

@@ -112,18 +112,20 @@ def concat(parts: list[MixScores]) -> MixScores:
 
 
 def score_mixing(model, tokens: np.ndarray, context: int, stride: int, memory, memory_site, batch_size: int = 8, desc: str = "scoring for the gate",
-                 chunk: int = 512, gate: MixingGate | None = None) -> MixScores:
+                 chunk: int = 512, gate: MixingGate | None = None, prefix: tuple[int, ...] = ()) -> MixScores:
     """Run the LM over ``tokens`` (windows as the evaluator's) and keep, per predicted position, the LM's and the
     memory's log-prob of the true token and the gate's features. Timed per part (LM forward, memory, features and
-    gate; ``gate`` if given is run too, so its cost is in the timing). ``memory_site``: a models.Site."""
-    labels, lp, feats, secs = score_memories(model, tokens, context, stride, [(memory, memory_site)], batch_size, desc, chunk, gate)
+    gate; ``gate`` if given is run too, so its cost is in the timing). ``memory_site``: a models.Site; ``prefix``:
+    the datastore's window prefix (datastore.bos), as in evaluate.score_online."""
+    labels, lp, feats, secs = score_memories(model, tokens, context, stride, [(memory, memory_site)], batch_size, desc, chunk, gate, prefix)
     return MixScores(labels, lp[:, 0], lp[:, 1], feats[:, 0], secs)
 
 
 def score_memories(model, tokens: np.ndarray, context: int, stride: int, memories: list, batch_size: int = 8, desc: str = "scoring memories",
-                   chunk: int = 512, gate=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
+                   chunk: int = 512, gate=None, prefix: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
     """One LM pass for K memories (each a (memory, models.Site) pair): (labels [N], log-probs of the true token
-    [N, K + 1] (column 0 the LM), gate_features of each memory against the LM [N, K, F], seconds per part)."""
+    [N, K + 1] (column 0 the LM), gate_features of each memory against the LM [N, K, F], seconds per part).
+    ``prefix``: token ids in front of every window (the datastore's, see datastore.Extractor); never rows."""
     import torch
     from tqdm.auto import tqdm
 
@@ -132,15 +134,17 @@ def score_memories(model, tokens: np.ndarray, context: int, stride: int, memorie
 
     if not memories:
         raise MlpmemError("no memory to score", "pass at least one (memory, site) pair")
-    W = windows(len(tokens), context, stride)
+    p = len(prefix)
+    W = windows(len(tokens), context - p, stride)  # datastore.Extractor.windows
     tok_t = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+    pre = torch.tensor(prefix, dtype=torch.int64)
     n_tokens = len(tok_t)
     sites = list(dict.fromkeys(site for _, site in memories))
     out: dict[str, list] = {"y": [], "lp": [], "f": []}
     secs = {"lm": 0.0, "memory": 0.0, "gate": 0.0}
     bar = tqdm(total=max(0, n_tokens - 1), desc=desc, unit="tok", dynamic_ncols=True)
     for group in window_batches(W, batch_size):
-        ids = torch.stack([tok_t[b:e] for b, e, _ in group]).to(model.device)
+        ids = torch.stack([torch.cat([pre, tok_t[b:e]]) if p else tok_t[b:e] for b, e, _ in group]).to(model.device)
         stops = np.minimum(group[:, 1], n_tokens - 1)
         keep = int((group[:, 1] - group[:, 2]).max())
         t0 = time.perf_counter()
@@ -149,9 +153,9 @@ def score_memories(model, tokens: np.ndarray, context: int, stride: int, memorie
         logits, hs = [], {site: [] for site in sites}
         for w, (b, e, k) in enumerate(group):
             s, t = k - b, stops[w] - b
-            logits.append(res.logits[w, s - (e - b) + keep : t - (e - b) + keep])
+            logits.append(res.logits[w, s - (e - b) + keep : t - (e - b) + keep])  # counted from the end: the prefix shifts nothing
             for site in sites:
-                hs[site].append(store[site][w, s:t])
+                hs[site].append(store[site][w, s + p : t + p])
         logits, hs = torch.cat(logits), {site: torch.cat(v) for site, v in hs.items()}
         secs["lm"] += time.perf_counter() - t0
         y = tok_t[int(group[0, 2]) + 1 : int(stops[-1]) + 1]
@@ -416,7 +420,7 @@ def _lm_samples(model, sep: int, n_tokens: int, seed: int, n_seqs: int) -> np.nd
 
 
 def build_gate_stage(out_dir: Path, cfg: GateConfig, model, tok, valid_tokens: np.ndarray, memory, memory_meta: dict[str, Any], memory_site,
-                     context: int, stride: int, batch_size: int = 8, overwrite: bool = False) -> tuple[MixingGate, dict[str, Any]]:
+                     context: int, stride: int, batch_size: int = 8, overwrite: bool = False, prefix: tuple[int, ...] = ()) -> tuple[MixingGate, dict[str, Any]]:
     """The pipeline's gate stage: score the valid split (and cfg.generic), fit a gate, save it to ``out_dir``.
 
     A finished folder with the same settings and the same memory (fingerprint) is reused. Returns (gate, meta).
@@ -427,14 +431,14 @@ def build_gate_stage(out_dir: Path, cfg: GateConfig, model, tok, valid_tokens: n
     out_dir = Path(out_dir)
     fp = memory_fingerprint(memory)
     config = {"gate": cfg, "memory_fingerprint": fp, "valid_tokens_sha256": sha256_bytes(np.ascontiguousarray(valid_tokens, dtype=np.int32).tobytes()),
-              "context": context, "stride": stride}
+              "context": context, "stride": stride, **({"prefix": list(prefix)} if prefix else {})}  # no key without one: older gates stay valid
     if prepare_out(out_dir, config, overwrite, kind="gate") == "done":
         return load_gate(out_dir, memory)
-    valid = score_mixing(model, valid_tokens, context, stride, memory, memory_site, batch_size, desc="scoring valid (gate)")
+    valid = score_mixing(model, valid_tokens, context, stride, memory, memory_site, batch_size, desc="scoring valid (gate)", prefix=prefix)
     generic = None
     if cfg.generic:
         toks = generic_tokens(cfg.generic, tok, cfg.generic_tokens, model, cfg.seed)
-        generic = score_mixing(model, toks, context, stride, memory, memory_site, batch_size, desc="scoring generic text (gate)")
+        generic = score_mixing(model, toks, context, stride, memory, memory_site, batch_size, desc="scoring generic text (gate)", prefix=prefix)
     gate, record = fit_gate(valid, cfg, generic)
     from mlpmem.interpolate import interpolate_logprobs, interpolate_per_token, perplexity
 

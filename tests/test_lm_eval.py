@@ -165,6 +165,21 @@ def test_device_defaults_to_what_is_there(setup, tmp_path, monkeypatch):
     assert seen[0][-2:] == ["--device", lm_eval_backend.default_device()] and seen[1].count("--device") == 1
 
 
+def test_a_memory_trained_after_bos_scores_after_bos(setup, tmp_path):
+    """A memory whose datastore put <bos> before every window (its meta records the prefix) is scored by lm-eval with
+    <bos> in front of every request, as it was trained; other memories keep HFLM's default; add_bos_token= wins."""
+    from mlpmem import lm_eval_backend
+    from mlpmem.memory import load_memory
+
+    root, _ = setup
+    mem, meta = load_memory(root / "memory")
+    save_memory(tmp_path / "bos", mem, dict(meta, prefix=[0]))
+    assert lm_eval_backend.MLPMemoryLM(memory=str(tmp_path / "bos"), lambda_=0.5, batch_size=1, device="cpu").add_bos_token is True
+    assert lm_eval_backend.MLPMemoryLM(memory=str(root / "memory"), lambda_=0.5, batch_size=1, device="cpu").add_bos_token is None
+    assert lm_eval_backend.MLPMemoryLM(memory=str(tmp_path / "bos"), lambda_=0.5, batch_size=1, device="cpu",
+                                       add_bos_token=False).add_bos_token is False
+
+
 @pytest.fixture(scope="module")
 def mixings(setup, tiny_llama, tmp_path_factory):
     """model_args for each mixing the backend has: fixed lambda, lambda 0, the run's gate, LM + kNN-LM, LM + memory + kNN-LM."""

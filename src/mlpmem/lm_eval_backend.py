@@ -241,6 +241,11 @@ def _score_shared(lm: HFLM, chunk: list[tuple[tuple[int, ...], list[int]]], enco
     return res
 
 
+def input_prefix(model) -> list[int]:
+    """The token ids the model's memory saw in front of every window when it trained (datastore.bos), or []."""
+    return list((getattr(model.config, "memory_meta", None) or {}).get("prefix") or [])
+
+
 @register_model("mlpmem")
 class MLPMemoryLM(HFLM):
     """HFLM over :class:`~mlpmem.hf.MLPMemoryForCausalLM`; see the module docstring for the arguments."""
@@ -275,6 +280,9 @@ class MLPMemoryLM(HFLM):
         model.to(device)
         # HFLM reads the context size from the top-level config, which is ours: give it the base model's
         max_length = max_length or getattr(model.config, "max_position_embeddings", None)
+        if input_prefix(model) and kwargs.get("add_bos_token") is None:
+            # the memory read states computed after <bos> (datastore.bos): score every request after it too
+            kwargs["add_bos_token"] = True
         # HFLM's own device default is "cuda": hand it the device actually used
         super().__init__(pretrained=model, tokenizer=tok, backend="causal", max_length=max_length, device=device, **kwargs)
         self.mixture = {"memory": str(pretrained or memory), "knn": knn, "memories": model.memory_names, "base_model": model.config.base_model,

@@ -271,7 +271,8 @@ def speed_check(run: Path, tasks_dir: Path, task: str, n: int) -> dict:
     from mlpmem.rag import SharedContextLM
 
     lam = float(json.loads((run / "report.json").read_text())["lambda"]["mlp_memory"])
-    lm = MLPMemoryLM(memory=str(run / "train" / "memory"), lambda_=0.0, batch_size=8, device="cpu")
+    # shared_context=False: HFLM's own loglikelihood (the backend scores through the shared-context path by default)
+    lm = MLPMemoryLM(memory=str(run / "train" / "memory"), lambda_=0.0, batch_size=8, device="cpu", shared_context=False)
     evaluate(lm, task, tasks_dir, 8)  # warm-up (first calls allocate)
     out = {"task": task, "n": n, "rows": []}
     for lam_ in (0.0, lam):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mlpmem.corpus import Corpus, CorpusConfig, build_corpus, windows
-from mlpmem.datastore import SINK_TOKENS, DatastoreConfig, _rebase, build_datastore, iter_batches, resolve_mode
+from mlpmem.datastore import SINK_TOKENS, DatastoreConfig, _cached_block, _rebase, build_datastore, iter_batches, resolve_mode
 from mlpmem.errors import MlpmemError
 from mlpmem.models import Site, capture, load_model
 from mlpmem.store import Datastore
@@ -184,6 +184,23 @@ def test_cache_mode_equals_recompute_where_contexts_coincide(tiny_llama, corpus_
         r = slice(int(W[w, 2]), int(W[w, 1]))
         assert torch.allclose(f_c["keys"][r], f_r["keys"][r], atol=1e-5) and torch.allclose(lp_c[r], lp_r[r], atol=1e-5)
     assert not torch.allclose(f_c["keys"], f_r["keys"], atol=1e-5)  # elsewhere the contexts differ
+
+
+def test_cache_mode_lanes_equal_each_lane_run_alone(tiny_llama, corpus_dir, torch_threads):
+    """A block runs its lanes as one batch: the first windows in groups whose caches are then stacked, finished
+    lanes sliced off. Naive reference: each lane alone, as a batch of one (float32 tolerance: other GEMM shapes)."""
+    model, _, _ = load_model(str(tiny_llama))
+    tokens = Corpus(corpus_dir).tokens("train")
+    C, S, sites = 16, 4, {"keys": Site(1, "ffn_input"), "h0": Site(0, "output")}
+    W, tok_t = windows(len(tokens), C, S)[:30], torch.from_numpy(tokens.astype(np.int64))
+    block = _cached_block(model, tok_t, W, C, S, sites, 8, True)  # lanes of 4, 4, 4, 4, 4, 4, 3, 3; first windows in groups of 8 * S // C = 2
+    for lane in np.array_split(np.arange(len(W)), 8):
+        alone = _cached_block(model, tok_t, W[lane], C, S, sites, 1, True)
+        r = slice(alone.row_start - block.row_start, alone.row_end - block.row_start)
+        for n in sites:
+            torch.testing.assert_close(block.features[n][r], alone.features[n])
+        torch.testing.assert_close(block.lm_logprob[r], alone.lm_logprob)
+        assert np.array_equal(block.labels[r], alone.labels)
 
 
 def test_rebase_equals_keys_computed_at_the_new_positions(tiny_llama, torch_threads):

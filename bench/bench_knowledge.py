@@ -289,6 +289,39 @@ def speed_check(run: Path, tasks_dir: Path, task: str, n: int) -> dict:
     return out
 
 
+def timing(run: Path, tasks_dir: Path, task: str, n: int, threads: int, repeats: int = 2) -> dict:
+    """Seconds per item of base, LM + memory, RAG and RAG + memory on the same ``n`` items, in one process, each
+    ``repeats`` times in rotated order (meant for an idle machine: the main tables are measured beside other jobs).
+    RAG uses the family's tuned k and chunk size (PARTS/tuning_*.json)."""
+    from mlpmem.lm_eval_backend import MLPMemoryLM
+    from mlpmem.rag import BM25Retriever, RetrievalLM, chunk, split_texts
+
+    lam = float(json.loads((run / "report.json").read_text())["lambda"]["mlp_memory"])
+    fam = "sotu" if task == "mlpmem_sotu_facts" else "wordnet"
+    best = json.loads((PARTS / f"tuning_{fam}.json").read_text())["chosen"]
+    lm = MLPMemoryLM(memory=str(run / "train" / "memory"), lambda_=0.0, batch_size=8, device="cpu")  # shared contexts (the default)
+    rag = RetrievalLM(lm, BM25Retriever(chunk(split_texts(run / "corpus"), best["chunk_words"])), best["k"])
+    systems = {"base": (lm, 0.0), "LM + memory": (lm, lam), "RAG": (rag, 0.0), "RAG + memory": (rag, lam)}
+    evaluate(lm, task, tasks_dir, 8)  # warm-up (first calls allocate)
+    rows: dict[str, list] = {name: [] for name in systems}
+    names = list(systems)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            model, lam_ = systems[name]
+            set_mixing(lm, lam_)
+            vals, t = evaluate(model, task, tasks_dir, n, lm.tokenizer)
+            rows[name].append({"seconds_per_item": t["seconds"] / t["n"], "cpu_seconds_per_item": t["cpu_seconds"] / t["n"],
+                               "loadavg_1min": t["loadavg_1min"], "primary": float(next(iter(vals.values())).mean())})
+            log.info("timing %s: %.3f s/item (cpu %.3f), load %.1f", name, rows[name][-1]["seconds_per_item"], rows[name][-1]["cpu_seconds_per_item"],
+                     t["loadavg_1min"][0])
+    med = {name: float(np.median([x["seconds_per_item"] for x in v])) for name, v in rows.items()}
+    out = {"task": task, "n": n, "threads": threads, "repeats": repeats, "retrieval": best, "lambda": lam, "rows": rows,
+           "median_seconds_per_item": med, "rag_over_memory": med["RAG"] / med["LM + memory"],
+           "rag_memory_over_rag": med["RAG + memory"] / med["RAG"]}
+    (PARTS / "timing.json").write_text(json.dumps(out, indent=1))
+    return out
+
+
 def sys_file(task: str, system: str, limit: int) -> Path:
     d = PARTS / "sys" / task
     d.mkdir(parents=True, exist_ok=True)
@@ -382,6 +415,9 @@ def main() -> None:
     p.add_argument("--limits", default=None, help="per-task test items over --limit, e.g. mlpmem_wn_em=200,mlpmem_wn_define=100")
     p.add_argument("--speed-check", type=int, default=None, metavar="N",
                    help="time lm-eval's HFLM against SharedContextLM on N multiple-choice items (base and LM + memory) and stop")
+    p.add_argument("--timing", type=int, default=None, metavar="N",
+                   help="time base, LM + memory, RAG and RAG + memory on N items of --timing-task in one process (an idle machine) and stop")
+    p.add_argument("--timing-task", default="mlpmem_sotu_facts")
     p.add_argument("--merge", action="store_true", help="collect the per-task results of earlier runs into the JSON and plots")
     p.add_argument("--note", action="append", default=[], help="with --merge: a line for BENCHMARKS.md (what was cut, where it fails)")
     args = p.parse_args()
@@ -437,9 +473,15 @@ def main() -> None:
     if args.speed_check:
         print(json.dumps(speed_check(args.run, args.tasks, "mlpmem_wn_mc", args.speed_check), indent=1))
         return
+    if args.timing:
+        run = sotu if args.timing_task == "mlpmem_sotu_facts" else args.run
+        print(json.dumps(timing(run, args.tasks, args.timing_task, args.timing, torch.get_num_threads()), indent=1))
+        return
     if args.merge:
         if (PARTS / "speed_check.json").exists():
             results["speed_check"] = json.loads((PARTS / "speed_check.json").read_text())
+        if (PARTS / "timing.json").exists():
+            results["timing"] = json.loads((PARTS / "timing.json").read_text())
         for d in sorted((PARTS / "sys").glob("*")):  # the saved systems, also of a task cut by --budget
             run = sotu if d.name == "mlpmem_sotu_facts" else args.run
             if run is None:
@@ -532,6 +574,12 @@ def markdown(r: dict) -> str:
                          f"(CPU {h['cpu_seconds_per_item']:.3f} -> {f['cpu_seconds_per_item']:.3f}, x{h['cpu_seconds_per_item'] / f['cpu_seconds_per_item']:.1f})")
         s += (f"- Scoring speed, lm-eval's HFLM -> SharedContextLM on the same {sc['n']} `{sc['task']}` items in one process: "
               + "; ".join(parts) + f"; items whose correctness differs: {sc['items_that_differ']}.\n")
+    tm = r.get("timing")
+    if tm:
+        med = tm["median_seconds_per_item"]
+        s += (f"- Timing on an otherwise idle machine ({tm['threads']} threads, `{tm['task']}`, {tm['n']} items, median of {tm['repeats']} "
+              f"rotated runs in one process): " + ", ".join(f"{k} {v:.3f} s/item" for k, v in med.items())
+              + f"; RAG takes {tm['rag_over_memory']:.2f}x the time of LM + memory (the paper: 2.5x), RAG + memory {tm['rag_memory_over_rag']:.2f}x RAG's.\n")
     for fam, why in r.get("knn_missing", {}).items():
         s += f"- LM + kNN-LM left out for the {fam} tasks: {why}.\n"
     s += "\n"

@@ -11,7 +11,10 @@ Methods (each may carry ``:bN`` for another batch size, ``:lwN`` for another
   non-overlapping windows of C tokens, B at a time: tokens/s.
 - ``recompute`` / ``cache``: ``datastore.iter_batches`` run shard by shard
   exactly as ``build_datastore`` runs it (key site = last layer's FFN input,
-  early stop, keys converted to float16): new rows/s.
+  early stop, keys converted to float16): new rows/s. Cache mode's lanes each start with a whole
+  window (C tokens for S rows), so its cost per row depends on ``--tokens``: the default 16384 tokens
+  make one block of 63 windows in 16 lanes (1.23 computed tokens per row, 1.47 at 8192), where
+  build_datastore's full shards of 256 windows make 1.06.
 
 Methods run in a different order on every repeat (rotated) and the report gives
 medians, plus the median of the per-repeat ratios to ``plain`` (each ratio

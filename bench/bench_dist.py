@@ -79,9 +79,11 @@ def main() -> None:
     for tag, (p, t) in {"1": (1, n), str(n): (n, 1)}.items():
         seconds.setdefault("targets", {})[tag] = run(p, t, "targets", "--datastore", out / "ds1", "--index", out / "index", "--out", out / f"tg{tag}",
                                                      "--k", k, "--temperature", 4)
+    # --init plain: the memory reads the stored keys (lm_copy, the default, reads the last layer's output, which this
+    # keys-only datastore does not hold; online mode would time the LM's recomputation instead of the training)
     for tag, (p, t) in {"1": (1, n), str(n): (n, 1)}.items():
         seconds.setdefault("train", {})[tag] = run(p, t, "train", "--datastore", out / "ds1", "--targets", out / "tg1", "--out", out / f"train{tag}",
-                                                   "--epochs", 1, "--batch-size", 512, "--n-blocks", 1, "--precision", "fp32", *common)
+                                                   "--epochs", 1, "--batch-size", 512, "--n-blocks", 1, "--precision", "fp32", "--init", "plain", *common)
     for tag, (p, t) in {"1": (1, n), str(n): (n, 1)}.items():
         seconds.setdefault("knnlm", {})[tag] = run(p, t, "knnlm", "--corpus", out / "corpus", "--datastore", out / "ds1", "--index", out / "index",
                                                    "--out", out / f"knn{tag}", "--k", k, *common)

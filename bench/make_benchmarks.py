@@ -191,9 +191,11 @@ def pipeline() -> str:
          "python bench/bench_extract.py --tokens 16384 --repeats 3 --check-tokens 4096\npython bench/bench_search.py\n```\n\n")
     if ex:
         rt = ex["ratio_to_plain"]
-        s += (f"Extraction against a plain forward pass (same model, same tokens, side by side, median of {ex['repeats']}): "
-              f"recompute windows {rt['recompute']['of_medians']:.3f}x, KV-cache mode {rt['cache']['of_medians']:.3f}x "
-              f"(its perplexity differs from recompute by {100 * ex['check']['ppl_rel_diff']:.2f}%).\n\n")
+        per = "; median of the per-repeat ratios: " + ", ".join(f"{m} {rt[m]['median_per_repeat']:.3f}x" for m in ("recompute", "cache")) \
+            if all("median_per_repeat" in rt[m] for m in ("recompute", "cache")) else ""
+        s += (f"Extraction against a plain forward pass (same model, same tokens, side by side, median of {ex['repeats']}, "
+              f"{ex.get('threads', '?')} thread(s)): recompute windows {rt['recompute']['of_medians']:.3f}x, KV-cache mode {rt['cache']['of_medians']:.3f}x"
+              f"{per} (cache-mode perplexity differs from recompute by {100 * ex['check']['ppl_rel_diff']:.2f}%).\n\n")
     if se:
         k = se["k"]
         s += (f"Search at {se['n']:,} synthetic keys (d={se['d']}, k={se['k']}): Flat {se['flat_qps']:.1f} queries/s, "

@@ -73,6 +73,21 @@ def write_corpus_jsonl(path: Path) -> Path:
     return path
 
 
+def tiny_knn_run(out: Path, tiny_llama: Path) -> Path:
+    """A finished run's kNN-LM parts in ``out``, as the pipeline lays them out: corpus, datastore, flat index, knn.json (k, T)."""
+    from mlpmem.corpus import CorpusConfig, build_corpus
+    from mlpmem.datastore import DatastoreConfig, build_datastore
+    from mlpmem.index import IndexConfig, build_index
+
+    src = out.parent / "corpus.jsonl"
+    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts(n_docs=8, words_per_doc=60)))
+    build_corpus(out / "corpus", CorpusConfig(source=str(src), model=str(tiny_llama), valid_fraction=0.25, test_fraction=0.25))
+    build_datastore(out / "corpus", out / "datastore", DatastoreConfig(model=str(tiny_llama), context=32, stride=16, batch_size=4))
+    build_index(out / "datastore", out / "index", IndexConfig(kind="flat"))
+    (out / "knn.json").write_text(json.dumps({"temperature": 2.0, "lambda": 0.3, "key": {"config": {"k": 8}}}))
+    return out
+
+
 def run_cli(capsys, *argv) -> tuple[int, str]:
     """Run the `mlpmem` CLI in this process: (exit code, stderr), asserting no traceback reached the user."""
     from mlpmem.cli import main

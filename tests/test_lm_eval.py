@@ -183,10 +183,8 @@ def test_a_memory_trained_after_bos_scores_after_bos(setup, tmp_path):
 @pytest.fixture(scope="module")
 def mixings(setup, tiny_llama, tmp_path_factory):
     """model_args for each mixing the backend has: fixed lambda, lambda 0, the run's gate, LM + kNN-LM, LM + memory + kNN-LM."""
-    from mlpmem.corpus import CorpusConfig, build_corpus
-    from mlpmem.datastore import DatastoreConfig, build_datastore
+    from conftest import tiny_knn_run
     from mlpmem.gate import GateConfig, MixingGate, gate_meta, save_gate
-    from mlpmem.index import IndexConfig, build_index
     from mlpmem.memory import load_memory
 
     root, _ = setup
@@ -200,12 +198,7 @@ def mixings(setup, tiny_llama, tmp_path_factory):
         gate.inner.weight.normal_(0, 1.0)
         gate.out.weight.normal_(0, 1.0)
     save_gate(run / "gate", gate.eval(), gate_meta(mem, GateConfig(), {}, meta))
-    src = run.parent / "corpus.jsonl"
-    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts(n_docs=8, words_per_doc=60)))
-    build_corpus(run / "corpus", CorpusConfig(source=str(src), model=str(tiny_llama), valid_fraction=0.25, test_fraction=0.25))
-    build_datastore(run / "corpus", run / "datastore", DatastoreConfig(model=str(tiny_llama), context=32, stride=16, batch_size=4))
-    build_index(run / "datastore", run / "index", IndexConfig(kind="flat"))
-    (run / "knn.json").write_text(json.dumps({"temperature": 2.0, "lambda": 0.3, "key": {"config": {"k": 8}}}))
+    tiny_knn_run(run, tiny_llama)
     mdir, fixed = run / "train" / "memory", root / "memory"
     return {"fixed": f"memory={fixed},lambda_=0.5", "lambda0": f"memory={fixed},lambda_=0", "gated": f"memory={mdir}",
             "knn": f"knn={run},lambda_=0.3", "memory+knn": f"memory={fixed},knn={run},lambda_=0.4", "routed": f"memory={fixed},knn={run}"}

@@ -362,19 +362,9 @@ def test_refusals(parts, tmp_path):
 @pytest.fixture(scope="module")
 def knn_run(tmp_path_factory, tiny_llama):
     """A finished run's kNN-LM parts, as the pipeline lays them out: corpus, datastore, flat index, knn.json (k, T)."""
-    from conftest import make_texts
-    from mlpmem.corpus import CorpusConfig, build_corpus
-    from mlpmem.datastore import DatastoreConfig, build_datastore
-    from mlpmem.index import IndexConfig, build_index
+    from conftest import tiny_knn_run
 
-    out = tmp_path_factory.mktemp("knn") / "run"
-    src = out.parent / "corpus.jsonl"
-    src.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts(n_docs=8, words_per_doc=60)))
-    build_corpus(out / "corpus", CorpusConfig(source=str(src), model=str(tiny_llama), valid_fraction=0.25, test_fraction=0.25))
-    build_datastore(out / "corpus", out / "datastore", DatastoreConfig(model=str(tiny_llama), context=32, stride=16, batch_size=4))
-    build_index(out / "datastore", out / "index", IndexConfig(kind="flat"))
-    (out / "knn.json").write_text(json.dumps({"temperature": 2.0, "lambda": 0.3, "key": {"config": {"k": 8}}}))
-    return out
+    return tiny_knn_run(tmp_path_factory.mktemp("knn") / "run", tiny_llama)
 
 
 def test_lm_memory_and_knn_lm_in_one_model(parts, knn_run, tmp_path):

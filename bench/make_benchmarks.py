@@ -47,6 +47,14 @@ def missing(cmd: str) -> str:
     return f"_Not measured yet: run `{cmd}`._\n"
 
 
+def section(title: str, name: str, cmd: str) -> tuple[dict | None, str]:
+    """A section's results (bench/results/NAME.json, or None) and its heading with the command that made them
+    (the command recorded in the JSON, else ``cmd``) or, when there are none, the command to run."""
+    r = load(name)
+    s = f"{title}\n\n```\n" + (r["command"] if r else cmd) + "\n```\n\n"
+    return r, s if r else s + missing(cmd)
+
+
 def quality_plot(runs: list[tuple[str, dict]]) -> None:
     import matplotlib
 
@@ -128,10 +136,9 @@ def scaling() -> str:
 
 
 def finetune() -> str:
-    r = load("finetune")
-    s = "## 3. Against fine-tuning the LM\n\n```\n" + (r["command"] if r else "python bench/bench_finetune.py --threads 1") + "\n```\n\n"
+    r, s = section("## 3. Against fine-tuning the LM", "finetune", "python bench/bench_finetune.py --threads 1")
     if not r:
-        return s + missing("python bench/bench_finetune.py --threads 1")
+        return s
     base = r["ppl"]["base"]
     rows = [[name, v.get("lambda", ""), v["in_domain"], f"{100 * (v['in_domain'] / base['in_domain'] - 1):+.1f}%", v["ood"],
              f"{100 * (v['ood'] / base['ood'] - 1):+.1f}%"] for name, v in r["ppl"].items()]
@@ -147,10 +154,9 @@ def finetune() -> str:
 
 
 def memory_size() -> str:
-    r = load("memory_size")
-    s = "## 4. More training, more memory\n\n```\n" + (r["command"] if r else "python bench/bench_memory_size.py --threads 1") + "\n```\n\n"
+    r, s = section("## 4. More training, more memory", "memory_size", "python bench/bench_memory_size.py --threads 1")
     if not r:
-        return s + missing("python bench/bench_memory_size.py --threads 1")
+        return s
     ref = r["reference_valid"]
     s += (f"Valid split of the {r['data']['train_rows']:,}-token State of the Union experiment (`runs/sotu`): LM alone {ref['ppl_lm']:.2f}, "
           f"kNN-LM {ref['ppl_knn_lm']:.2f}. Lambda is fitted on the same valid split at every evaluation, so the interpolated "
@@ -219,10 +225,9 @@ def pipeline() -> str:
 
 
 def mixing() -> str:
-    r = load("mixing")
-    s = "## 7. Gated mixing: lambda per token\n\n```\n" + (r["command"] if r else "python bench/bench_mixing.py --threads 2") + "\n```\n\n"
+    r, s = section("## 7. Gated mixing: lambda per token", "mixing", "python bench/bench_mixing.py --threads 2")
     if not r:
-        return s + missing("python bench/bench_mixing.py --threads 2")
+        return s
     sy, n = r["systems"], r["n_tokens"]
     pct = lambda v: f"{100 * v:+.2f}%"  # noqa: E731
     rows = [[name, v.get("params", ""), v["test"], pct(v["test_vs_base"]), v["ood"], pct(v["ood_vs_base"]),
@@ -267,10 +272,9 @@ def knowledge() -> str:
 
 def joint() -> str:
     """Section 3b: joint fine-tuning (bench/bench_joint.py)."""
-    r = load("joint")
-    s = "### 3b. Joint fine-tuning: the memory in the loop\n\n```\n" + (r["command"] if r else "python bench/bench_joint.py") + "\n```\n\n"
+    r, s = section("### 3b. Joint fine-tuning: the memory in the loop", "joint", "python bench/bench_joint.py")
     if not r:
-        return s + missing("python bench/bench_joint.py")
+        return s
     b = r["budget"]
     s += (f"{r['what']}. Budget for every fine-tune: the first {b['train_tokens']:,} training tokens, {b['epochs']:g} epoch, chunks of "
           f"{b['chunk']}, batch {b['batch_size']}, lr {b['lr']['lora']:g} (LoRA r={b['lora']['r']}) / {b['lr']['full']:g} (full); "
@@ -290,10 +294,9 @@ def joint() -> str:
 
 def multi_memory() -> str:
     """Section 7b: several memories in the model class (bench/bench_multi_memory.py)."""
-    r = load("multi_memory")
-    s = "### 7b. Two memories on one LM, in the model class\n\n```\n" + (r["command"] if r else "python bench/bench_multi_memory.py") + "\n```\n\n"
+    r, s = section("### 7b. Two memories on one LM, in the model class", "multi_memory", "python bench/bench_multi_memory.py")
     if not r:
-        return s + missing("python bench/bench_multi_memory.py")
+        return s
     s += (f"{r['what']}. {r['n_tokens_per_split_and_domain']:,} tokens per split and domain; router: {r['router_params']} parameters, "
           f"fitted on both valid splits; every fixed system reproduces mixing_router.json's scoring path within {100 * r['tolerance']:.1f}% "
           f"({'all within' if r['all_within_tolerance'] else 'NOT all within'}).\n\n")
@@ -308,10 +311,9 @@ def multi_memory() -> str:
 
 def retrieval() -> str:
     """Section 11: kNN-LM as a model component (bench/bench_retrieval.py)."""
-    r = load("retrieval")
-    s = "## 11. kNN-LM as a component of the model class\n\n```\n" + (r["command"] if r else "python bench/bench_retrieval.py") + "\n```\n\n"
+    r, s = section("## 11. kNN-LM as a component of the model class", "retrieval", "python bench/bench_retrieval.py")
     if not r:
-        return s + missing("python bench/bench_retrieval.py")
+        return s
     k = r["knn"]
     s += (f"{r['what']}. Run {r['run']}: {r['n_tokens']:,} test tokens, k={k['k']}, T={k['temperature']:g}, lambda={k['lambda']:.3f} "
           f"({k['index_kind']} index over {k['n_datastore']:,} keys), {r['threads']} threads, load {r['load_average_before']} before.\n\n")

@@ -17,11 +17,12 @@ fixed; gated = a gate fitted here on the run's valid split when the run has none
 saved in runs/knowledge/gates/; ``knn=RUN`` = LM + kNN-LM at the run's kNN lambda, left
 out with a note when this checkout's backend lacks it) and the ``mlpmem-rag`` wrapper
 around it. The fine-tuned LM is the base LM fine-tuned (``mlpmem finetune``, FINETUNE
-below) on the same train split the memory learnt from, scored through lm-eval's HFLM. Multiple-choice log-likelihoods go through ``mlpmem.rag.SharedContextLM``
-(each prompt once, its choices over the KV cache: lm-eval's HFLM ran the prompt once per
-choice); generation through HFLM. RAG's k and chunk size are tuned on each task family's
-valid items with the base LM (WordNet: the multiple-choice valid file; State of the
-Union: its valid file). Accuracy comes with a 95% percentile bootstrap interval over
+below) on the same train split the memory learnt from, scored through lm-eval's HFLM.
+Multiple-choice log-likelihoods are shared-context (each prompt once, its choices over the
+KV cache: lm-eval's HFLM runs the prompt once per choice): the ``mlpmem`` backend does it by
+default, plain HF models go through ``mlpmem.rag.SharedContextLM``; generation through HFLM.
+RAG's k and chunk size are tuned on each task family's valid items with the base LM
+(WordNet: the multiple-choice valid file; State of the Union: its valid file). Accuracy comes with a 95% percentile bootstrap interval over
 items (1000 resamples), and the difference to the base with a paired bootstrap
 interval; seconds per item are wall seconds of the whole lm-eval call (prompt building,
 retrieval, model) divided by the items scored, with the CPU seconds of the process and
@@ -187,7 +188,7 @@ def run_family(name: str, memory: Path, run: Path, tasks_dir: Path, tasks: list[
     so a run stopped by ``budget`` (seconds) continues where it stopped."""
     from mlpmem.knowledge_tasks import check_tasks
     from mlpmem.lm_eval_backend import MLPMemoryLM
-    from mlpmem.rag import BM25Retriever, RetrievalLM, SharedContextLM, chunk, split_texts
+    from mlpmem.rag import BM25Retriever, RetrievalLM, chunk, split_texts
 
     t_start = time.perf_counter()
     check_tasks(tasks_dir, run / "corpus")  # the items must come from this memory's train split
@@ -204,7 +205,6 @@ def run_family(name: str, memory: Path, run: Path, tasks_dir: Path, tasks: list[
         return
     lm = MLPMemoryLM(memory=str(memory), lambda_=0.0, batch_size=8, device="cpu")
     set_mixing(lm, 0.0)
-    fast = SharedContextLM(lm)
     tuned = PARTS / f"tuning_{name}.json"
     if tuned.exists():  # tuned earlier (--tune-only, with the base LM alone: what lambda 0 computes)
         results["rag_tuning"][name] = json.loads(tuned.read_text())
@@ -227,9 +227,10 @@ def run_family(name: str, memory: Path, run: Path, tasks_dir: Path, tasks: list[
     tuned_lm, ft_record = None, None
     if "fine-tuned LM" in systems and any("fine-tuned LM" in v for v in todo.values()):
         tuned_lm, ft_record = finetuned_lm(name, run)
-    models = {"base": (fast, 0.0), "fine-tuned LM": (tuned_lm, 0.0), "LM + memory": (fast, lam), "LM + memory (gated)": (fast, None),
-              "LM + kNN-LM": (SharedContextLM(knn_model) if knn_model is not None else None, None),
-              "RAG": (RetrievalLM(fast, retriever, best["k"]), 0.0), "RAG + memory": (RetrievalLM(fast, retriever, best["k"]), lam)}
+    # the mlpmem backend (lm, knn_model) shares contexts itself; the fine-tuned plain model is wrapped in finetuned_lm
+    models = {"base": (lm, 0.0), "fine-tuned LM": (tuned_lm, 0.0), "LM + memory": (lm, lam), "LM + memory (gated)": (lm, None),
+              "LM + kNN-LM": (knn_model, None), "RAG": (RetrievalLM(lm, retriever, best["k"]), 0.0),
+              "RAG + memory": (RetrievalLM(lm, retriever, best["k"]), lam)}
     for task in tasks:
         for sys_name in todo[task]:
             model, lam_ = models[sys_name]
@@ -552,7 +553,8 @@ def markdown(r: dict) -> str:
     cmds = list(dict.fromkeys([t["command"] for t in r["tasks"].values() if t.get("command")] + [r.get("command", "python bench/bench_knowledge.py")]))
     s = ("```\n" + "\n".join(cmds) + "\n```\n\n"
          f"Model: {r.get('model')}. Scored through lm-evaluation-harness (backends `mlpmem` and `mlpmem-rag`) on the same items, "
-         "each task's systems in one process, one after the other; multiple-choice log-likelihoods by `mlpmem.rag.SharedContextLM` "
+         "each (task, system) in its own lm-eval call; multiple-choice log-likelihoods shared-context "
+         "(`mlpmem.lm_eval_backend.shared_context_loglikelihood`, the `mlpmem` backend's default; `mlpmem.rag.SharedContextLM` around plain models) "
          "(each prompt run once with the KV cache, its choices batched after it: HFLM's numbers at a third of the cost, see the speed check), "
          "generation by lm-eval's HFLM (batch 8, greedy). 95% percentile bootstrap intervals over items (1000 resamples), and for "
          "each system the paired bootstrap interval of its difference to the base. Seconds per item: wall time of the whole lm-eval "

@@ -255,16 +255,23 @@ def _torch_tokens(tokens: np.ndarray):
     return torch.from_numpy(np.asarray(tokens, dtype=np.int64))
 
 
+def window_ids(tok_t, group: np.ndarray, prefix: tuple[int, ...] = ()):
+    """Input ids [B, len(prefix) + L] of a batch of equal-length windows (rows (begin, end, ...) of ``group``), ``prefix`` first."""
+    import torch
+
+    pre = torch.tensor(prefix, dtype=tok_t.dtype)
+    return torch.stack([torch.cat([pre, tok_t[b:e]]) if prefix else tok_t[b:e] for b, e, *_ in group])
+
+
 def _iter_recompute(model, tok_t, W: np.ndarray, sites: dict[str, Site], batch_size: int, want_logprob: bool,
                     prefix: tuple[int, ...] = ()) -> Iterator[Batch]:
     """Every window from scratch, ``prefix`` in front of each; consecutive windows of equal length are batched."""
     import torch
 
     n_tokens = len(tok_t)
-    pre = torch.tensor(prefix, dtype=tok_t.dtype)
     p = len(prefix)
     for group in window_batches(W, batch_size):
-        ids = torch.stack([torch.cat([pre, tok_t[b:e]]) if p else tok_t[b:e] for b, e, _ in group]).to(model.device)
+        ids = window_ids(tok_t, group, prefix).to(model.device)
         stops = np.minimum(group[:, 1], n_tokens - 1)
         keep = int((group[:, 1] - group[:, 2]).max())  # kept positions lie in the last `keep` of each window
         t0 = time.perf_counter()

@@ -130,6 +130,7 @@ def score_memories(model, tokens: np.ndarray, context: int, stride: int, memorie
     from tqdm.auto import tqdm
 
     from mlpmem.corpus import window_batches, windows
+    from mlpmem.datastore import window_ids
     from mlpmem.models import capture
 
     if not memories:
@@ -137,14 +138,13 @@ def score_memories(model, tokens: np.ndarray, context: int, stride: int, memorie
     p = len(prefix)
     W = windows(len(tokens), context - p, stride)  # datastore.Extractor.windows
     tok_t = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
-    pre = torch.tensor(prefix, dtype=torch.int64)
     n_tokens = len(tok_t)
     sites = list(dict.fromkeys(site for _, site in memories))
     out: dict[str, list] = {"y": [], "lp": [], "f": []}
     secs = {"lm": 0.0, "memory": 0.0, "gate": 0.0}
     bar = tqdm(total=max(0, n_tokens - 1), desc=desc, unit="tok", dynamic_ncols=True)
     for group in window_batches(W, batch_size):
-        ids = torch.stack([torch.cat([pre, tok_t[b:e]]) if p else tok_t[b:e] for b, e, _ in group]).to(model.device)
+        ids = window_ids(tok_t, group, prefix).to(model.device)
         stops = np.minimum(group[:, 1], n_tokens - 1)
         keep = int((group[:, 1] - group[:, 2]).max())
         t0 = time.perf_counter()

@@ -2,7 +2,8 @@
 
     python bench/summarize_run.py runs/sotu200k [--out bench/results/sotu200k.json]
 
-Reads only manifests and report.json: bytes per corpus token of each artefact,
+Reads only manifests and report.json: bytes per corpus token of each artefact (as written,
+and what is still on disk),
 extraction tokens/s, index recall, kNN target queries/s, training tokens/s and
 peak memory, and the report's perplexities and tokens/s ratios.
 """
@@ -15,8 +16,10 @@ import shutil
 from pathlib import Path
 
 
-def _bytes(manifest: dict, name: str) -> int:
-    return sum(s["arrays"][name]["bytes"] for s in manifest["shards"] if name in s["arrays"])
+def _bytes(manifest: dict, name: str, folder: Path | None = None) -> int:
+    """Bytes of one array's files as written; with ``folder``, only the files still there (index.keep_keys: false removes the keys)."""
+    return sum(s["arrays"][name]["bytes"] for s in manifest["shards"]
+               if name in s["arrays"] and (folder is None or (folder / s["arrays"][name]["file"]).exists()))
 
 
 def summarize(run: Path) -> dict:
@@ -28,6 +31,10 @@ def summarize(run: Path) -> dict:
                  "targets_ids": _bytes(tg, "ids") / n, "targets_probs": _bytes(tg, "probs") / n,
                  "index": ix.get("index_file", {}).get("bytes", 0) / n}
     per_token.update({name: _bytes(ds, name) / n for name in ds.get("features", {}) if name != "keys"})
+    # what the run keeps for kNN-LM and the memory's training, per corpus token: the files still on disk
+    kept = {name: _bytes(ds, name, run / "datastore") / n for name in sorted({a for sh in ds["shards"] for a in sh["arrays"]})}
+    kept.update(targets_ids=per_token["targets_ids"], targets_probs=per_token["targets_probs"], index=per_token["index"])
+    kept["total"] = sum(kept.values())
     train = load("train/manifest.json")
     tps = report["tokens_per_s"]
     return {
@@ -37,7 +44,7 @@ def summarize(run: Path) -> dict:
         "ratios": {"memory_over_base": tps["mlp_memory"] / tps["base"], "knn_over_base": tps["knn_lm"] / tps["base"],
                    "memory_over_knn": tps["mlp_memory"] / tps["knn_lm"]},
         "params": {"memory": report["memory_params"], "base": report["base_params"]},
-        "bytes_per_token": per_token,
+        "bytes_per_token": per_token, "kept_bytes_per_token": kept,
         "extract_tokens_per_s": ds.get("extract_tokens_per_s"),
         "index": {k: ix.get(k) for k in ("factory", "nprobe", "rerank", "recall_at_k", "k")},
         "targets": tg["stats"],

@@ -128,13 +128,27 @@ def test_a_recipe_without_train_init_gets_lm_copy():
     assert load_recipe({"out": "x", "corpus": {"source": "builtin:sotu"}, "train": {"init": "plain"}}, check_paths=False).sections["train"].init == "plain"
 
 
-def test_online_training_stores_no_second_feature_array(tmp_path, tiny_llama, tiny_corpus_file):
+def test_the_smallest_store_keeps_codes_values_and_targets_only(tmp_path, tiny_llama, tiny_corpus_file):
     """train.mode online: the memory's input (the last layer's output for lm_copy) is recomputed, so the
-    datastore keeps only the keys, and the run still trains and scores the memory."""
-    r = run_pipeline(load_recipe(tiny_recipe(tmp_path, tiny_llama, tiny_corpus_file, init="lm_copy", input_site="output", mode="online")))
-    ds = json.loads((tmp_path / "run" / "datastore" / "manifest.json").read_text())
-    assert list(ds["features"]) == ["keys"] and not list((tmp_path / "run" / "datastore").glob("h*.npy"))
+    datastore stores no second feature array; with an index that searches its codes (rerank: false) and
+    index.keep_keys: false, the keys go too once the memory is trained. The run still scores kNN-LM and
+    the memory, and a rerun finds every stage done."""
+    recipe = tiny_recipe(tmp_path, tiny_llama, tiny_corpus_file, init="lm_copy", input_site="output", mode="online")
+    with pytest.raises(MlpmemError, match="index.keep_keys"):  # an index that re-ranks needs them
+        load_recipe({**recipe, "index": {"kind": "IVF4,PQ8", "keep_keys": False}})
+    recipe["index"] = {"kind": "IVF4,PQ8", "rerank": False, "keep_keys": False}
+    r = run_pipeline(load_recipe(recipe))
+    ds_dir = tmp_path / "run" / "datastore"
+    ds = json.loads((ds_dir / "manifest.json").read_text())
+    assert list(ds["features"]) == ["keys"] and not list(ds_dir.glob("h*.npy"))
+    assert sorted(p.name.split("-")[0] for p in ds_dir.glob("*.npy")) == ["values"]  # the keys were removed
+    assert list((tmp_path / "run" / "valid").glob("keys-*.npy"))  # valid's keys are queries, not the store: kept
     assert r["memory_input"]["site"] == "output" and r["ppl"]["mlp_memory"] < r["ppl"]["base"]
+    assert np.isfinite(r["ppl"]["knn_lm"])
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*.npy")}
+    again = run_pipeline(load_recipe(recipe))  # finished stages stay done without the keys
+    assert again["ppl"]["knn_lm"] == pytest.approx(r["ppl"]["knn_lm"], rel=1e-6)
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
 
 
 def test_dotted_overrides_change_one_setting_each(tmp_path, capsys):

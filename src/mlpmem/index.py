@@ -81,6 +81,11 @@ class IndexConfig:
     GPU: size). Needs the GPU FAISS package (``pip install 'mlpmem[gpu]'``). Where it runs,
     not what it makes: recorded in the manifest, not in config.json.
     gpu: older spelling of device: true = cuda (None, false: follow device).
+    keep_keys: false = once the index, the kNN targets and the memory are built, `mlpmem run`
+    deletes the datastore's float16 keys (d*2 bytes per token, the largest file left). Only
+    for an index that searches without them (rerank: false, or kind flat); a stage that needs
+    them later (new targets, a new index) then asks for the datastore to be rebuilt. What is
+    kept, not what the index is: not in config.json.
     """
 
     kind: str = "auto"
@@ -101,6 +106,7 @@ class IndexConfig:
     seed: int = 0
     recall_target: float | None = None
     device: str = "cpu"
+    keep_keys: bool = True
 
     def problems(self) -> list[str]:
         from mlpmem.config import in_range, need, positive
@@ -108,7 +114,9 @@ class IndexConfig:
         return (need(isinstance(self.kind, str) and self.kind.strip() != "", "kind", "must be auto, flat, keys, ivfpq, ivfopq, mlpmemory or a FAISS factory string")
                 + positive(self, "nprobe", "train_sample", "recall_sample", "recall_k") + positive(self, "auto_flat_max_rows", zero=True)
                 + in_range(self, "recall_target", 0.0, 1.0, allow_none=True)
-                + need(_device_ok(self.device), "device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}"))
+                + need(_device_ok(self.device), "device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
+                + need(self.keep_keys or (self.kind != "keys" and (self.rerank is False or self.kind == "flat")), "keep_keys",
+                       "false needs an index that searches without the keys: set rerank: false (distances from the codes) or kind: flat"))
 
 
 def _faiss():
@@ -424,6 +432,24 @@ def store_bytes(ds: Datastore, index_bytes: int, needs_keys: bool) -> tuple[dict
     return {k: round(v, 2) for k, v in per.items()}, round(search, 2)
 
 
+def remove_keys(datastore_dir: Path, index_dir: Path) -> int:
+    """Delete the datastore's keys files, which an index built with ``rerank: false`` never reads; returns the bytes freed.
+
+    The manifest keeps listing them: a datastore whose keys are all gone reads as
+    having had them removed (``Datastore.absent``), and a stage that needs them says so.
+    """
+    datastore_dir = Path(datastore_dir)
+    m = read_manifest(Path(index_dir), "index")
+    if m.get("search_needs_keys", True):
+        raise MlpmemError(f"the index in {index_dir} ({m.get('factory')}) re-ranks with the datastore's keys, so they cannot be removed",
+                          "keep the keys (index.keep_keys: true), or build the index with rerank: false")
+    files = [datastore_dir / s["arrays"]["keys"]["file"] for s in read_manifest(datastore_dir, "datastore")["shards"] if "keys" in s["arrays"]]
+    freed = sum(p.stat().st_size for p in files if p.exists())
+    for p in files:
+        p.unlink(missing_ok=True)
+    return freed
+
+
 def build_index(datastore_dir: Path, out_dir: Path, cfg: IndexConfig = IndexConfig(), overwrite: bool = False) -> Path:
     """Index the keys of ``datastore_dir`` into ``out_dir`` (``index.faiss`` + manifest).
 
@@ -439,7 +465,7 @@ def build_index(datastore_dir: Path, out_dir: Path, cfg: IndexConfig = IndexConf
     n = ds.n_rows
     if n < 2:
         raise MlpmemError(f"the datastore in {datastore_dir} has {n} row(s)", "build the datastore from a larger corpus")
-    if "keys" in ds.absent:
+    if "keys" in ds.absent and (overwrite or not (out_dir / MANIFEST).exists()):  # a finished index stays done without them
         raise MlpmemError(f"the keys of the datastore in {datastore_dir} were removed: nothing to index", "build the datastore again")
     factory, nlist, nprobe = resolve_factory(cfg, n, ds.d)
     target = recall_target(cfg) if nlist is not None else None
@@ -451,7 +477,7 @@ def build_index(datastore_dir: Path, out_dir: Path, cfg: IndexConfig = IndexConf
     if target is None and nlist is not None and nprobe * n / nlist < 4 * cfg.recall_k:
         log.warning("%s with nprobe %d scans about %d keys per query for k=%d: expect low recall (raise nprobe, or set recall_target)", factory, nprobe, nprobe * n // nlist, cfg.recall_k)
     where = resolve_device(cfg.device, cfg.gpu)  # an absent GPU FAISS is refused before the folder is claimed
-    config = {"datastore": str(datastore_dir), **{k: v for k, v in asdict(cfg).items() if k != "device"}}  # device: where, not what
+    config = {"datastore": str(datastore_dir), **{k: v for k, v in asdict(cfg).items() if k not in ("device", "keep_keys")}}  # where and what is kept, not what
     if prepare_out(out_dir, config, overwrite, kind="index") == "done":
         log.info("index in %s is already built", out_dir)
         return out_dir

@@ -207,8 +207,6 @@ def build_targets(datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: Targ
     ds = Datastore(Path(queries_dir).resolve()) if queries_dir is not None else index_ds
     if queries_dir is not None:
         ds.check_model(index_ds.model_id, index_ds.tokenizer_hash, index_ds.layer, index_ds.site)
-    if "keys" in ds.absent:
-        raise MlpmemError(f"the keys of the datastore in {ds.folder} were removed, and they are the queries of the targets", "build the targets before removing the keys, or build the datastore again")
     exclude_self = queries_dir is None
     n = index_ds.n_rows
     if cfg.k < 1 or cfg.k > n - 1:
@@ -217,6 +215,9 @@ def build_targets(datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: Targ
             f"use k <= {n - 1} (--k), or build the datastore from a larger corpus",
         )
     config = {"datastore": str(datastore_dir), "index": str(index_dir), "queries": str(ds.folder.resolve()), **asdict(cfg)}
+    # a finished folder stays done once the keys are removed (index.keep_keys: false); anything else needs them
+    if "keys" in ds.absent and (overwrite or not (out_dir / "manifest.json").exists()):
+        raise MlpmemError(f"the keys of the datastore in {ds.folder} were removed, and they are the queries of the targets", "build the targets before removing the keys, or build the datastore again")
     w = dist.init("cpu")  # FAISS search runs on the host; the group only carries small records
     # rank 0 claims and locks the folder; the others wait for its answer (or its refusal)
     state = dist.on_main(prepare_out, out_dir, config, overwrite, kind="targets")

@@ -300,3 +300,25 @@ def test_a_prefix_goes_in_front_of_every_window_against_a_naive_reference(tmp_pa
     full = Corpus(corpus_dir).tokens("train")
     want = torch.cat([b.features["h"] for b in RecomputeExtractor(model, 64, 24, 3, (tok.bos_token_id,)).batches(full, {"h": site})])
     assert_fp16_close(ds.rows("keys", 0, ds.n_rows), want)
+
+
+def test_host_copies_land_one_batch_late_and_all_by_flush():
+    """Extraction hands a batch's tensors to _HostCopies and fills the shard's arrays one batch later
+    (on a GPU the copy overlaps the next forward); flush puts in the last batch. The tensors may be
+    reused by the extractor after put, so what lands is what they held at put time."""
+    import torch
+
+    from mlpmem.datastore import _HostCopies
+
+    out = np.zeros((4, 3), np.float16)
+    c = _HostCopies()
+    a = torch.arange(6, dtype=torch.float16).reshape(2, 3)  # already float16: the cast alone would not copy
+    c.put([(out[0:2], a, torch.float16)])
+    a += 100  # the extractor reuses its buffer
+    assert not out.any()  # nothing lands before the next batch
+    c.put([(out[2:4], torch.ones(2, 3, dtype=torch.float16), torch.float16)])
+    np.testing.assert_array_equal(out[0:2], np.arange(6).reshape(2, 3))
+    assert not out[2:].any()
+    c.flush()
+    np.testing.assert_array_equal(out[2:], 1)
+    c.flush()  # nothing pending: no-op

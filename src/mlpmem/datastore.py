@@ -505,6 +505,7 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
     bar = tqdm(total=sum(_shard_rows(W, shard_windows[s], len(tokens)) for s in todo), unit="tok", desc=f"datastore {cfg.split}",
                dynamic_ncols=True, disable=not w.main)
     t0, new_rows = time.perf_counter(), 0
+    copies = _HostCopies()
     with _ShardWriter(out_dir) as writer:  # shard s is written while shard s+1 is extracted
         for s in todo:
             a, b = shard_windows[s]
@@ -515,14 +516,13 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
                 arrays["lm_logprob"] = np.empty(end - start, np.float32)
             for batch in iter_batches(model, tokens, cfg.context, cfg.stride, sites, windows_per_batch(cfg), cfg.lm_logprob, (a, b), mode, prefix):
                 r0, r1 = batch.row_start - start, batch.row_end - start
-                for name, h in batch.features.items():
-                    arrays[name][r0:r1] = h.to("cpu", torch.float16).numpy()
+                copies.put([(arrays[name][r0:r1], h, torch.float16) for name, h in batch.features.items()]
+                           + ([(arrays["lm_logprob"][r0:r1], batch.lm_logprob, torch.float32)] if cfg.lm_logprob else []))
                 arrays["values"][r0:r1] = batch.labels
-                if cfg.lm_logprob:
-                    arrays["lm_logprob"][r0:r1] = batch.lm_logprob.float().cpu().numpy()
                 bar.update(r1 - r0)
                 new_rows += r1 - r0
                 bar.set_postfix(tok_s=f"{new_rows / (time.perf_counter() - t0):.0f}")
+            copies.flush()  # the shard's last batch is in its arrays before they go to the writer
             writer.put(s, start, end, arrays)
     bar.close()
     elapsed = time.perf_counter() - t0
@@ -572,6 +572,41 @@ def _shard_rows_range(W: np.ndarray, shard: tuple[int, int], n_tokens: int) -> t
 def _shard_rows(W: np.ndarray, shard: tuple[int, int], n_tokens: int) -> int:
     start, end = _shard_rows_range(W, shard, n_tokens)
     return end - start
+
+
+class _HostCopies:
+    """Moves each batch's outputs into the shard's host arrays one batch late.
+
+    A batch's tensors are cast where they live (on a GPU that halves the bytes to move) and
+    copied to the host with ``non_blocking``: from a GPU, torch copies into pinned memory from
+    its caching host allocator, so the copy runs while the next batch's forward is queued, and
+    its event is waited for only when that next batch arrives (or before the shard goes to the
+    writer thread). On a CPU the same code runs, with nothing to wait for.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list = []
+        self.event = None
+
+    def put(self, items: list) -> None:
+        """``items``: (host array view, tensor, dtype) triples; the views are filled by the next put or flush."""
+        import torch
+
+        # copy=True: a fresh tensor even where the cast is a no-op, since the extractor may reuse its buffers
+        staged = [(dst, t.to(dtype, copy=True).to("cpu", non_blocking=True)) for dst, t, dtype in items]
+        event = None
+        if any(t.is_cuda for _, t, _ in items):
+            event = torch.cuda.Event()
+            event.record()
+        self.flush()
+        self.pending, self.event = staged, event
+
+    def flush(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+        for dst, host in self.pending:
+            dst[...] = host.numpy()
+        self.pending, self.event = [], None
 
 
 class _ShardWriter:

@@ -95,7 +95,8 @@ def markdown(store: dict, curve: dict | None = None) -> str:
     c = store["configs"]
     lines = ["## 8. Stores: bytes per token, recall target, compressed codes", "",
              "```", "nice python bench/bench_store.py                     # stores over runs/sotu (real keys)",
-             "nice python bench/bench_search.py --sizes 2e5,5e5,1e6  # the auto index's recall target as N grows", "```", "",
+             "nice python bench/bench_search.py --sizes 2e5,5e5,1e6  # the auto index's recall target as N grows",
+             "nice python bench/bench_search.py --sizes 3e6 --threads 1  # added to the same file", "```", "",
              f"Every store over the same {store['n']:,} real keys (SmolLM2-135M, d={store['d']}, the SOTU run's datastore), "
              f"k={store['k']}, {store['queries']} held-out keys as queries, FAISS on {store['threads']} thread(s) of the shared machine. "
              f"kNN-LM test perplexity on the run's test split with its tuned T={store['knn_temperature']:g} and lambda={store['knn_lambda']:.3f} "

@@ -69,7 +69,20 @@ def test_online_training_plans_a_datastore_of_keys_alone():
     """As the pipeline stores the memory's input only for offline training, so does the plan count it."""
     tp = Throughputs(extract_rows_s=200, score_rows_s=100, search_qps=100, search_rows=50_000, train_positions_s=1000)
     tokens, d = {"train": 10_000, "valid": 1000, "test": 1000}, 576
-    disk = {mode: estimate(load_recipe("sotu", check_paths=False, overrides=[f"train.mode={mode}"]), tokens, tp, d, 49152, 1, 1)[1].disk_bytes
-            for mode in ("offline", "online")}
+    plans = {mode: {n.stage: n for n in estimate(load_recipe("sotu", check_paths=False, overrides=[f"train.mode={mode}"]), tokens, tp, d, 49152, 1, 1)}
+             for mode in ("offline", "online")}
+    disk = {mode: p["datastore (train) and scored valid split"].disk_bytes for mode, p in plans.items()}
     assert disk["online"] == 10_000 * (2 * d + 4) + 1000 * (2 * d + 8)  # keys + values (+ the valid split's LM log-probs)
     assert disk["offline"] == 10_000 * (4 * d + 4) + 1000 * (4 * d + 8)  # and the last layer's output for lm_copy
+    # online training pays an LM pass (at the scoring rate) per position of every epoch
+    epochs = load_recipe("sotu", check_paths=False).sections["train"].epochs
+    assert plans["offline"]["memory training"].seconds == pytest.approx(epochs * 10_000 / 1000)
+    assert plans["online"]["memory training"].seconds == pytest.approx(epochs * 10_000 * (1 / 1000 + 1 / 100))
+
+
+def test_a_pq_index_is_planned_at_its_code_size():
+    """IVF-PQ keeps 64-byte codes and 8-byte ids per key plus float32 centroids: what sotu200k_codes wrote (19,724,908 bytes)."""
+    tp = Throughputs(extract_rows_s=200, score_rows_s=100, search_qps=100, search_rows=50_000, train_positions_s=1000)
+    recipe = load_recipe("sotu", check_paths=False, overrides=["index.kind=ivfpq", "index.rerank=false"])
+    index = {n.stage: n for n in estimate(recipe, {"train": 200_000, "valid": 1000, "test": 1000}, tp, 576, 49152, 1, 1)}["index"]
+    assert index.disk_bytes == pytest.approx(19_724_908, rel=0.01)

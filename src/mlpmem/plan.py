@@ -8,8 +8,9 @@ random keys, a few training steps of the recipe's memory), or supplied as JSON
 
 The time model is deliberately simple and says so: extraction and scoring scale
 with rows; a Flat search with the number of keys it scans (all of them), an IVF
-search with ``IVF_SCAN`` keys whatever N; training with epochs x rows. Nothing
-is written.
+search with ``IVF_SCAN`` keys whatever N (an estimate that is optimistic for codes-only
+IVF-PQ search: 400 queries/s measured at 200k keys where it assumes about 2000); training
+with epochs x rows, plus an LM pass per row for online training. Nothing is written.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 from mlpmem.errors import MlpmemError
 from mlpmem.manifest import human_bytes
 from mlpmem.memory import resolve_memory_input
+from mlpmem.index import auto_nlist, pq_size
 from mlpmem.targets import id_dtype
 
 log = logging.getLogger(__name__)
@@ -151,7 +153,9 @@ def estimate(recipe, tokens: dict[str, int], tp: Throughputs, d: int, vocab: int
     n_feat = 1 + len(ds.extra_sites) + (spec.source == "stored" and spec.array != "keys")
     row_bytes = 2 * d * n_feat + 4
     flat = ix.kind in ("flat", "keys") or (ix.kind == "auto" and N <= ix.auto_flat_max_rows)
-    index_bytes = {"flat": 4 * d * N, "keys": 0}.get(ix.kind, 4 * d * N if flat else (d + 8) * N)
+    index_bytes = {"flat": 4 * d * N, "keys": 0}.get(ix.kind, 4 * d * N if flat else (d + 8) * N)  # SQ8: a byte per dimension + an 8-byte id
+    if ix.kind in ("ivfpq", "ivfopq", "mlpmemory"):  # PQ codes + ids, the float32 centroids (24 B per token at 200k keys) and codebooks
+        index_bytes = (pq_size(d) + 8) * N + ((4096 if ix.kind == "mlpmemory" else auto_nlist(N)) + 256) * d * 4
     qps = search_qps(tp, N, flat)
     gpu = tp.device.startswith("cuda")
     act = ds.batch_size * ds.context * d * 4 * 8  # activations of one batch, generously
@@ -168,7 +172,9 @@ def estimate(recipe, tokens: dict[str, int], tp: Throughputs, d: int, vocab: int
         StageNeed("index", (60.0 if not flat else 0.0) + N * d * 4 / 2e9, index_bytes, index_bytes + (0 if flat else min(N, ix.train_sample) * d * 4)),
         StageNeed("kNN-LM temperature and lambda on valid", Nv / tp.score_rows_s + Nv / qps, 0, model_bytes + index_bytes + Nv * knn.k * 12 + logits, lm_gpu),
         StageNeed("kNN targets", (N + Nv) / qps, (N + Nv) * tg.top_m * (id_dtype(vocab).itemsize + 2), index_bytes + search_block),
-        StageNeed("memory training", tr.epochs * N / tp.train_positions_s,
+        # online training runs the LM over every batch's windows again, as scoring does: at 200k SOTU tokens the
+        # memory trained at 140 positions/s online against 291 offline (BENCHMARKS section 8)
+        StageNeed("memory training", tr.epochs * N * (1 / tp.train_positions_s + (1 / tp.score_rows_s if tr.mode == "online" else 0.0)),
                   memory_params * 4 * (3 * checkpoints_on_disk(tr, N) + 1), opt_bytes + train_act + (model_bytes if tr.mode == "online" else 0),
                   opt_bytes + train_act if gpu else 0),
         StageNeed(f"evaluation: lambda on valid, then the {s['eval'].split} split", (Nv + Nt) * (1 / tp.score_rows_s + 1 / qps), 0,

@@ -72,6 +72,10 @@ def test_choose_nprobe_stops_at_a_plateau_and_at_every_list():
     assert p == 64 and tried[-1][0] == 64
     p, _, _ = choose_nprobe(lambda p: (p / 100, 0.0), 8, 4096, 0.9, max_nprobe=32)  # GPU limit
     assert p == 32
+    # the curve codes-only IVF-PQ gave at 200k SOTU keys: out of reach, so the cheapest scan within 0.01 of the best
+    curve = {21: 0.6572, 42: 0.7355, 84: 0.7633, 168: 0.7705, 336: 0.7719}
+    p, r, tried = choose_nprobe(lambda p: (curve[p], 0.0), 21, 2048, 0.9)
+    assert [q for q, _, _ in tried] == [21, 42, 84, 168, 336] and (p, r) == (84, 0.7633)
 
 
 def test_presets_resolve_to_the_official_index():

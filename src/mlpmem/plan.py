@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from mlpmem.errors import MlpmemError
+from mlpmem.index import auto_nlist, pq_size
 from mlpmem.manifest import human_bytes
 from mlpmem.memory import resolve_memory_input
-from mlpmem.index import auto_nlist, pq_size
 from mlpmem.targets import id_dtype
 
 log = logging.getLogger(__name__)

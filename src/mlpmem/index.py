@@ -477,7 +477,7 @@ def build_index(datastore_dir: Path, out_dir: Path, cfg: IndexConfig = IndexConf
     n = ds.n_rows
     if n < 2:
         raise MlpmemError(f"the datastore in {datastore_dir} has {n} row(s)", "build the datastore from a larger corpus")
-    if "keys" in ds.absent and (overwrite or not (out_dir / MANIFEST).exists()):  # a finished index stays done without them
+    if ds.removed_for("keys", out_dir, overwrite):
         raise MlpmemError(f"the keys of the datastore in {datastore_dir} were removed: nothing to index", "build the datastore again")
     factory, nlist, nprobe = resolve_factory(cfg, n, ds.d)
     target = recall_target(cfg) if nlist is not None else None

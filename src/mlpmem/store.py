@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from mlpmem.errors import MlpmemError
-from mlpmem.manifest import load_npy, read_manifest
+from mlpmem.manifest import MANIFEST, load_npy, read_manifest
 
 
 class ShardedArrays:
@@ -45,6 +45,12 @@ class ShardedArrays:
                 if arr.shape[0] != shard["end"] - shard["start"]:
                     raise MlpmemError(f"{self.folder / record['file']} has {arr.shape[0]} rows, its shard covers {shard['end'] - shard['start']}", f"delete {self.folder} and run the stage again")
                 self._arrays.setdefault(name, []).append(arr)
+
+    def removed_for(self, name: str, out_dir: Path, overwrite: bool) -> bool:
+        """Whether array ``name`` was removed while a stage writing ``out_dir`` still has to read it.
+        A finished stage (its manifest there, not overwritten) is not rebuilt, so it stays done
+        without the array (the keys, once index.keep_keys: false removed them)."""
+        return name in self.absent and (overwrite or not (Path(out_dir) / MANIFEST).exists())
 
     @property
     def names(self) -> list[str]:

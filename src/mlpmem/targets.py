@@ -215,8 +215,7 @@ def build_targets(datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: Targ
             f"use k <= {n - 1} (--k), or build the datastore from a larger corpus",
         )
     config = {"datastore": str(datastore_dir), "index": str(index_dir), "queries": str(ds.folder.resolve()), **asdict(cfg)}
-    # a finished folder stays done once the keys are removed (index.keep_keys: false); anything else needs them
-    if "keys" in ds.absent and (overwrite or not (out_dir / "manifest.json").exists()):
+    if ds.removed_for("keys", out_dir, overwrite):
         raise MlpmemError(f"the keys of the datastore in {ds.folder} were removed, and they are the queries of the targets", "build the targets before removing the keys, or build the datastore again")
     w = dist.init("cpu")  # FAISS search runs on the host; the group only carries small records
     # rank 0 claims and locks the folder; the others wait for its answer (or its refusal)

@@ -203,6 +203,14 @@ def test_codes_only_index_searches_after_the_keys_are_removed(big, pq_codes_only
     np.testing.assert_array_equal(before[0], after[0])
     with pytest.raises(MlpmemError, match="were removed"):
         ds.gather("keys", rows)
+    # a new index or new targets need the keys: refused with the fix, before any folder is made
+    from mlpmem.targets import TargetsConfig, build_targets
+
+    with pytest.raises(MlpmemError, match="nothing to index.*build the datastore again"):
+        build_index(copy, tmp_path / "new_index", IndexConfig(kind="flat"))
+    with pytest.raises(MlpmemError, match="queries of the targets.*build the targets before removing the keys"):
+        build_targets(copy, pq_codes_only, tmp_path / "new_targets", TargetsConfig(k=20, top_m=8))
+    assert not (tmp_path / "new_index").exists() and not (tmp_path / "new_targets").exists()
     # one keys shard missing is damage, not a removal; values are never optional
     shutil.copy(ds_dir / "keys-00000.npy", copy / "keys-00000.npy")
     with pytest.raises(MlpmemError, match="missing"):

@@ -60,7 +60,7 @@ class DatastoreConfig:
     dtype: str = "float32"  # "auto" resolves (models.resolve_device) before it is recorded: config.json holds what ran
     # "recompute" | "cache" (carry the KV cache across windows: faster, keys from a slightly different context)
     # | "auto" (cache where the model supports it). Recompute stays the default because online training
-    # (train.OnlineData) recomputes single windows and expects the stored features to match them
+    # (train.OnlineData) recomputes windows and expects the stored features to match them
     mode: str = "recompute"
     # put the tokenizer's <bos> in front of every window (models trained with it first, e.g. Gemma, score much worse
     # without it); windows then hold context - 1 corpus tokens. Scoring against this datastore uses the same prefix
@@ -197,6 +197,14 @@ class RecomputeExtractor(Extractor):
 
     def _batches(self, tok_t, W, sites, want_logprob):
         return _iter_recompute(self.model, tok_t, W, sites, self.batch_size, want_logprob, self.prefix)
+
+    def features(self, tok_t, W: np.ndarray, sites: dict[str, Site]) -> dict[str, object]:
+        """Hidden states [rows, d] per site of the kept rows of windows ``W``: rows of :meth:`windows` in order,
+        not necessarily consecutive (a window recomputed needs no other), concatenated window by window."""
+        import torch
+
+        feats = [b.features for b in self._batches(tok_t, W, sites, False)]
+        return {name: torch.cat([f[name] for f in feats]) for name in sites}
 
 
 class CacheExtractor(Extractor):

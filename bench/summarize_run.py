@@ -5,7 +5,10 @@
 Reads only manifests and report.json: bytes per corpus token of each artefact (as written,
 and what is still on disk),
 extraction tokens/s, index recall, kNN target queries/s, training tokens/s and
-peak memory, and the report's perplexities and tokens/s ratios.
+peak memory, and the report's perplexities and tokens/s ratios. A run made in pieces
+(every stage resumes) has no one wall time per stage; ``stage_seconds`` gives each
+stage's time from its own records instead (rows over the recorded rate, the index's
+build time), beside the report's ``seconds_this_run`` of the last piece.
 """
 
 from __future__ import annotations
@@ -37,6 +40,11 @@ def summarize(run: Path) -> dict:
     kept["total"] = sum(kept.values())
     train = load("train/manifest.json")
     tps = report["tokens_per_s"]
+    valid, vtg = load("valid/manifest.json"), load("valid_targets/manifest.json")
+    stage_seconds = {  # from each stage's own records, so that they hold for a run made in pieces
+        "datastore (train)": n / ds["extract_tokens_per_s"], "datastore (valid, scored)": valid["n_rows"] / valid["extract_tokens_per_s"],
+        "index": ix.get("build_seconds", 0) + ix.get("recall_seconds", 0), "kNN targets": n / tg["stats"]["queries_per_s"] + vtg["n_rows"] / vtg["stats"]["queries_per_s"],
+        "memory training": train["positions_seen"] / train["tokens_per_s"]}  # the steps alone: its validation passes are not in the rate
     return {
         "run": str(run), "n_train_tokens": report["n_train_tokens"], "n_test_tokens": report["n_test_tokens"],
         "ppl": report["ppl"], "lambda": report["lambda"], "knn_temperature": report["knn_temperature"],
@@ -44,7 +52,7 @@ def summarize(run: Path) -> dict:
         "ratios": {"memory_over_base": tps["mlp_memory"] / tps["base"], "knn_over_base": tps["knn_lm"] / tps["base"],
                    "memory_over_knn": tps["mlp_memory"] / tps["knn_lm"]},
         "params": {"memory": report["memory_params"], "base": report["base_params"]},
-        "bytes_per_token": per_token, "kept_bytes_per_token": kept,
+        "bytes_per_token": per_token, "kept_bytes_per_token": kept, "stage_seconds": stage_seconds,
         "extract_tokens_per_s": ds.get("extract_tokens_per_s"),
         "index": {k: ix.get(k) for k in ("factory", "nprobe", "rerank", "recall_at_k", "k")},
         "targets": tg["stats"],

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from mlpmem.errors import MlpmemError
@@ -86,3 +87,17 @@ def test_a_pq_index_is_planned_at_its_code_size():
     recipe = load_recipe("sotu", check_paths=False, overrides=["index.kind=ivfpq", "index.rerank=false"])
     index = {n.stage: n for n in estimate(recipe, {"train": 200_000, "valid": 1000, "test": 1000}, tp, 576, 49152, 1, 1)}["index"]
     assert index.disk_bytes == pytest.approx(19_724_908, rel=0.01)
+
+
+def test_a_pq_index_is_planned_at_the_rate_its_codes_are_scanned():
+    """A codes-only PQ search scans codes at its own rate (measured: about half the Flat rate per key); other kinds keep the Flat rate."""
+    from mlpmem.plan import IVF_SCAN, pq_codes_per_s
+
+    tp = Throughputs(extract_rows_s=200, score_rows_s=100, search_qps=100, search_rows=50_000, train_positions_s=1000, pq_codes_s=1e6)
+    tokens = {"train": 1_000_000, "valid": 1000, "test": 1000}
+    targets = lambda *o: {n.stage: n for n in estimate(load_recipe("sotu", check_paths=False, overrides=list(o)), tokens, tp, 576, 49152, 1, 1)}["kNN targets"].seconds  # noqa: E731
+    assert targets("index.kind=ivfpq", "index.rerank=false") == pytest.approx(1_001_000 / (1e6 / IVF_SCAN))
+    assert targets() == pytest.approx(1_001_000 / (100 * 50_000 / IVF_SCAN))  # auto: IVF-SQ8 at the Flat rate
+    # the calibration counts the codes FAISS scanned
+    keys = np.random.default_rng(0).standard_normal((12_000, 32), dtype=np.float32)
+    assert 0 < pq_codes_per_s(keys, 16) < float("inf")

@@ -3,13 +3,16 @@
 Sizes follow from the recipe, the model's shape and the corpus size; times from
 throughputs measured on this machine by a short calibration (:func:`calibrate`:
 a few extraction and scoring batches of the real model, a FAISS search over
-random keys, a few training steps of the recipe's memory), or supplied as JSON
-(``--throughputs``, e.g. measured on the target machine with ``--calibrate-only``).
+random keys (and, for a PQ index, a search of its codes), a few training steps of
+the recipe's memory), or supplied as JSON (``--throughputs``, e.g. measured on the
+target machine with ``--calibrate-only``).
 
 The time model is deliberately simple and says so: extraction and scoring scale
 with rows; a Flat search with the number of keys it scans (all of them), an IVF
-search with ``IVF_SCAN`` keys whatever N (an estimate that is optimistic for codes-only
-IVF-PQ search: 400 queries/s measured at 200k keys where it assumes about 2000); training
+search with ``IVF_SCAN`` keys whatever N, at the Flat rate per key, or for a PQ index
+at the rate its codes are scanned (on the 1M-token SOTU run the Flat rate planned the
+codes-only targets at 0.37 of their real time, the codes rate at 0.59: real keys scan
+about 1.3x slower than random ones, and the stage does more than search); training
 with epochs x rows, plus an LM pass per row for online training. Nothing is written.
 """
 
@@ -33,6 +36,7 @@ from mlpmem.targets import id_dtype
 
 log = logging.getLogger(__name__)
 
+PQ_KINDS = ("ivfpq", "ivfopq", "mlpmemory")  # index kinds that search PQ codes
 IVF_SCAN = 20_000  # keys an IVF query scans plus its exact re-rank, roughly constant in N (see index.IndexConfig)
 SOTU_TRAIN_TOKENS = 1_700_000  # builtin:sotu's train split with no cap (about 2.1M tokens, 80%), SmolLM2 tokens
 
@@ -45,6 +49,7 @@ class Throughputs:
     search_rows: int
     train_positions_s: float  # memory training positions per second
     device: str = "cpu"
+    pq_codes_s: float | None = None  # PQ codes an IVF-PQ search scans per second (measured for recipes with a PQ index)
     seconds: float = 0.0  # what the calibration cost
 
 
@@ -112,6 +117,7 @@ def calibrate(model, recipe, d_in: int, vocab: int, device) -> Throughputs:
         t0 = time.perf_counter()
         index.search(keys[16:272], k)
         qps = 256 / (time.perf_counter() - t0)
+    pq_rate = pq_codes_per_s(keys, k) if recipe.sections["index"].kind in PQ_KINDS else None
     tcfg = recipe.sections["train"]
     cfg = dataclasses.replace(tcfg, init="plain")  # the same size and cost; no copy from the LM needed to time it
     memory = build_memory(cfg, d_in, vocab).to(device)
@@ -131,12 +137,35 @@ def calibrate(model, recipe, d_in: int, vocab: int, device) -> Throughputs:
         opt.step()
         if i:  # the first step warms up
             steps, t_train = steps + 1, t_train + time.perf_counter() - t0
-    return Throughputs(extract, score, qps, n_keys, steps * bs / t_train, str(device), time.perf_counter() - t_all)
+    return Throughputs(extract, score, qps, n_keys, steps * bs / t_train, str(device), seconds=time.perf_counter() - t_all, pq_codes_s=pq_rate)
 
 
-def search_qps(tp: Throughputs, n_keys: int, flat: bool) -> float:
-    """Queries/s over ``n_keys``: Flat scans every key, IVF about IVF_SCAN of them."""
+def pq_codes_per_s(keys: np.ndarray, k: int) -> float:
+    """Codes per second an IVF-PQ search (the library's code size, distances from the codes) scans over ``keys``,
+    counted by FAISS itself (indexIVF_stats.ndis). A few seconds: 64 lists and their codebooks trained on 10k keys."""
+    import faiss
+
+    from mlpmem.index import faiss_threads
+
+    d = keys.shape[1]
+    index = faiss.index_factory(d, f"IVF64,PQ{pq_size(d)}np")
+    with faiss_threads():
+        index.train(keys[:10_000])
+        index.add(keys)
+        index.nprobe = 24  # about IVF_SCAN codes per query over 50k keys
+        index.search(keys[:16], k)
+        faiss.cvar.indexIVF_stats.reset()
+        t0 = time.perf_counter()
+        index.search(keys[16:272], k)
+        seconds = time.perf_counter() - t0
+    return faiss.cvar.indexIVF_stats.ndis / seconds
+
+
+def search_qps(tp: Throughputs, n_keys: int, flat: bool, pq: bool = False) -> float:
+    """Queries/s over ``n_keys``: Flat scans every key, IVF about IVF_SCAN of them (PQ codes at their own rate, when measured)."""
     scanned = n_keys if flat else min(n_keys, IVF_SCAN)
+    if pq and not flat and tp.pq_codes_s:
+        return tp.pq_codes_s / max(1, scanned)
     return tp.search_qps * tp.search_rows / max(1, scanned)
 
 
@@ -154,9 +183,9 @@ def estimate(recipe, tokens: dict[str, int], tp: Throughputs, d: int, vocab: int
     row_bytes = 2 * d * n_feat + 4
     flat = ix.kind in ("flat", "keys") or (ix.kind == "auto" and N <= ix.auto_flat_max_rows)
     index_bytes = {"flat": 4 * d * N, "keys": 0}.get(ix.kind, 4 * d * N if flat else (d + 8) * N)  # SQ8: a byte per dimension + an 8-byte id
-    if ix.kind in ("ivfpq", "ivfopq", "mlpmemory"):  # PQ codes + ids, the float32 centroids (24 B per token at 200k keys) and codebooks
+    if ix.kind in PQ_KINDS:  # PQ codes + ids, the float32 centroids (24 B per token at 200k keys) and codebooks
         index_bytes = (pq_size(d) + 8) * N + ((4096 if ix.kind == "mlpmemory" else auto_nlist(N)) + 256) * d * 4
-    qps = search_qps(tp, N, flat)
+    qps = search_qps(tp, N, flat, ix.kind in PQ_KINDS)
     gpu = tp.device.startswith("cuda")
     act = ds.batch_size * ds.context * d * 4 * 8  # activations of one batch, generously
     logits = ds.batch_size * ds.stride * vocab * 4  # scored splits keep the logits of the kept positions
@@ -244,7 +273,7 @@ def plan(recipe, train_tokens: int | None = None, throughputs: Throughputs | Non
         "total": {"seconds": sum(n.seconds for n in needs), "disk_bytes": sum(n.disk_bytes for n in needs),
                   "peak_ram_bytes": max(n.ram_bytes for n in needs), "peak_gpu_bytes": max(n.gpu_bytes for n in needs)},
         "warnings": fit_warnings(needs, Path(recipe.out), gpu_total),
-        "model_of_time": f"extraction/scoring scale with rows, Flat search with N, IVF search with ~{IVF_SCAN} keys, training with epochs x rows",
+        "model_of_time": f"extraction/scoring scale with rows, Flat search with N, IVF search with ~{IVF_SCAN} keys (PQ: codes), training with epochs x rows",
     }
 
 
@@ -260,7 +289,9 @@ def render_plan(p: dict) -> str:
                 f"{human_bytes(t['peak_ram_bytes']):>10} {human_bytes(t['peak_gpu_bytes']) if t['peak_gpu_bytes'] else '-':>10}")
     tp = p["throughputs"]
     rows.append(f"measured: extraction {tp['extract_rows_s']:.0f} rows/s, scoring {tp['score_rows_s']:.0f} rows/s, "
-                f"search {tp['search_qps']:.0f} q/s over {tp['search_rows']:,} keys, training {tp['train_positions_s']:.0f} positions/s")
+                f"search {tp['search_qps']:.0f} q/s over {tp['search_rows']:,} keys"
+                + (f" ({tp['pq_codes_s'] / 1e6:.1f}M PQ codes/s)" if tp.get("pq_codes_s") else "")
+                + f", training {tp['train_positions_s']:.0f} positions/s")
     rows += [f"WARNING: {w}" for w in p["warnings"]]
     return "\n".join(rows)
 

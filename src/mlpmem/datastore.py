@@ -203,8 +203,8 @@ class RecomputeExtractor(Extractor):
         not necessarily consecutive (a window recomputed needs no other), concatenated window by window."""
         import torch
 
-        feats = [b.features for b in self._batches(tok_t, W, sites, False)]
-        return {name: torch.cat([f[name] for f in feats]) for name in sites}
+        parts = [_recompute_group(self.model, tok_t, group, sites, False, self.prefix)[0] for group in window_batches(W, self.batch_size)]
+        return {name: torch.cat([h for feats in parts for h in feats[name]]) for name in sites}
 
 
 class CacheExtractor(Extractor):
@@ -276,27 +276,35 @@ def _iter_recompute(model, tok_t, W: np.ndarray, sites: dict[str, Site], batch_s
     """Every window from scratch, ``prefix`` in front of each; consecutive windows of equal length are batched."""
     import torch
 
-    n_tokens = len(tok_t)
-    p = len(prefix)
     for group in window_batches(W, batch_size):
-        ids = window_ids(tok_t, group, prefix).to(model.device)
-        stops = np.minimum(group[:, 1], n_tokens - 1)
-        keep = int((group[:, 1] - group[:, 2]).max())  # kept positions lie in the last `keep` of each window
         t0 = time.perf_counter()
-        with torch.inference_mode(), capture(model, list(sites.values()), stop_early=not want_logprob) as store:
-            out = run_captured(model, input_ids=ids, use_cache=False, **({"logits_to_keep": keep} if want_logprob else {}))
-        feats = {name: [] for name in sites}
-        lps = []
-        for w, (b, e, k) in enumerate(group):
-            s, t = k - b, stops[w] - b  # local positions kept (in the window without the prefix)
-            for name, site in sites.items():
-                feats[name].append(store[site][w, s + p : t + p])
-            if want_logprob:  # logits of the last `keep` positions: the prefix shifts both ends alike
-                lps.append(_gather_logprob(out.logits[w, s - (e - b) + keep : t - (e - b) + keep], tok_t[k + 1 : stops[w] + 1]))
+        feats, lps = _recompute_group(model, tok_t, group, sites, want_logprob, prefix)
         seconds = time.perf_counter() - t0
-        row_start, row_end = int(group[0, 2]), int(stops[-1])
+        row_start, row_end = int(group[0, 2]), int(min(group[-1, 1], len(tok_t) - 1))
         yield Batch(row_start, row_end, {n: torch.cat(v) for n, v in feats.items()},
                     torch.cat(lps) if want_logprob else None, tok_t[row_start + 1 : row_end + 1].numpy().astype(np.int32), seconds)
+
+
+def _recompute_group(model, tok_t, group: np.ndarray, sites: dict[str, Site], want_logprob: bool, prefix: tuple[int, ...]):
+    """One forward over windows of one length (rows of :func:`windows`, consecutive or not): per site, the kept
+    positions' hidden states of each window, and (``want_logprob``) their next tokens' log-probs, window by window."""
+    import torch
+
+    p = len(prefix)
+    ids = window_ids(tok_t, group, prefix).to(model.device)
+    stops = np.minimum(group[:, 1], len(tok_t) - 1)
+    keep = int((group[:, 1] - group[:, 2]).max())  # kept positions lie in the last `keep` of each window
+    with torch.inference_mode(), capture(model, list(sites.values()), stop_early=not want_logprob) as store:
+        out = run_captured(model, input_ids=ids, use_cache=False, **({"logits_to_keep": keep} if want_logprob else {}))
+    feats: dict[str, list] = {name: [] for name in sites}
+    lps = []
+    for w, (b, e, k) in enumerate(group):
+        s, t = k - b, stops[w] - b  # local positions kept (in the window without the prefix)
+        for name, site in sites.items():
+            feats[name].append(store[site][w, s + p : t + p])
+        if want_logprob:  # logits of the last `keep` positions: the prefix shifts both ends alike
+            lps.append(_gather_logprob(out.logits[w, s - (e - b) + keep : t - (e - b) + keep], tok_t[k + 1 : stops[w] + 1]))
+    return feats, lps
 
 
 def _gather_logprob(logits, y):

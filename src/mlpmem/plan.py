@@ -84,7 +84,6 @@ def calibrate(model, recipe, d_in: int, vocab: int, device) -> Throughputs:
     import torch
 
     from mlpmem.datastore import iter_batches, resolve_mode
-    from mlpmem.index import faiss_threads
     from mlpmem.models import Site, resolve_layer
     from mlpmem.train import build_memory, build_optimizer
     from mlpmem.losses import sparse_kd_loss
@@ -112,11 +111,7 @@ def calibrate(model, recipe, d_in: int, vocab: int, device) -> Throughputs:
     keys = rng.standard_normal((n_keys, d), dtype=np.float32)
     index = faiss.IndexFlatL2(d)
     index.add(keys)
-    with faiss_threads():
-        index.search(keys[:16], k)
-        t0 = time.perf_counter()
-        index.search(keys[16:272], k)
-        qps = 256 / (time.perf_counter() - t0)
+    qps = 256 / _timed_search(index, keys, k)
     pq_rate = pq_codes_per_s(keys, k) if recipe.sections["index"].kind in PQ_KINDS else None
     tcfg = recipe.sections["train"]
     cfg = dataclasses.replace(tcfg, init="plain")  # the same size and cost; no copy from the LM needed to time it
@@ -152,13 +147,24 @@ def pq_codes_per_s(keys: np.ndarray, k: int) -> float:
     with faiss_threads():
         index.train(keys[:10_000])
         index.add(keys)
-        index.nprobe = 24  # about IVF_SCAN codes per query over 50k keys
+    index.nprobe = 24  # about IVF_SCAN codes per query over 50k keys
+    seconds = _timed_search(index, keys, k)
+    return faiss.cvar.indexIVF_stats.ndis / seconds
+
+
+def _timed_search(index, keys: np.ndarray, k: int) -> float:
+    """Seconds of one search of 256 of ``keys`` (after a warm-up of 16), at torch's thread count; FAISS's IVF
+    counters (indexIVF_stats) then hold that search alone."""
+    import faiss
+
+    from mlpmem.index import faiss_threads
+
+    with faiss_threads():
         index.search(keys[:16], k)
         faiss.cvar.indexIVF_stats.reset()
         t0 = time.perf_counter()
         index.search(keys[16:272], k)
-        seconds = time.perf_counter() - t0
-    return faiss.cvar.indexIVF_stats.ndis / seconds
+        return time.perf_counter() - t0
 
 
 def search_qps(tp: Throughputs, n_keys: int, flat: bool, pq: bool = False) -> float:

@@ -233,6 +233,25 @@ def test_cache_mode_falls_back_for_absolute_positions(tmp_path, tiny_models, cor
         resolve_mode(llama, "fast", 64, 24)
 
 
+def test_default_mode_is_cache_and_keeps_a_folders_own_mode(tmp_path, tiny_llama, corpus_dir):
+    from mlpmem.manifest import read_json
+
+    cfg = _cfg(tiny_llama)  # mode "auto", the default
+    assert cfg.mode == "auto"
+    fresh = Datastore(build_datastore(corpus_dir, tmp_path / "fresh", cfg))
+    assert fresh.manifest["extract_mode"] == "cache" and read_json(tmp_path / "fresh" / "config.json")["config"]["mode"] == "cache"
+    # a folder made in recompute mode, cut short, resumes in recompute under the default: no refusal, no mixed shards
+    old = build_datastore(corpus_dir, tmp_path / "old", _cfg(tiny_llama, mode="recompute"))
+    n = Datastore(old).n_rows
+    ref = np.asarray(Datastore(old).rows("keys", 0, n)).copy()
+    (old / "manifest.json").unlink()
+    resumed = Datastore(build_datastore(corpus_dir, old, cfg))
+    assert resumed.manifest["extract_mode"] == "recompute"
+    assert np.array_equal(np.asarray(resumed.rows("keys", 0, n)), ref)
+    # --overwrite starts afresh: the default then means cache again
+    assert Datastore(build_datastore(corpus_dir, old, cfg, overwrite=True)).manifest["extract_mode"] == "cache"
+
+
 def test_manifest_fingerprints_the_model(tmp_path, tiny_llama, corpus_dir):
     from mlpmem.models import model_fingerprint
 

@@ -30,7 +30,8 @@ def run(tmp_path_factory, tiny_llama):
     src = root / "corpus.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_texts(n_docs=16, words_per_doc=60)))
     corpus = build_corpus(root / "corpus", CorpusConfig(source=str(src), model=str(tiny_llama), valid_fraction=0.25, test_fraction=0.25))
-    cfg = DatastoreConfig(model=str(tiny_llama), context=C, stride=S, batch_size=4, extra_sites=["0:output"])
+    # recompute: scoring runs every window from scratch, and stored rows are compared with scored ones below
+    cfg = DatastoreConfig(model=str(tiny_llama), context=C, stride=S, batch_size=4, extra_sites=["0:output"], mode="recompute")
     build_datastore(corpus, root / "ds", cfg)
     build_datastore(corpus, root / "valid", DatastoreConfig(**{**cfg.__dict__, "split": "valid", "lm_logprob": True}))
     build_index(root / "ds", root / "ix", IndexConfig(kind="flat"))

@@ -268,4 +268,4 @@ def test_shared_context_default_equals_hflm(mixings, mixing):
     assert [g for _, g in got] == [g for _, g in want]
     assert any(g for _, g in want) and not all(g for _, g in want)
     assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], rel=1e-5, abs=1e-4)
-    assert len({round(lp, 3) for lp, _ in got}) == len({r.args for r in reqs})  # distinct numbers: a mix-up of rows would show
+    assert len({round(lp, 4) for lp, _ in got}) == len({r.args for r in reqs})  # distinct numbers: a mix-up of rows would show

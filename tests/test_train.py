@@ -199,7 +199,8 @@ def test_online_mode_recomputes_the_stored_features(tmp_path, tiny_llama, tiny_c
 
     lm = load_model(str(tiny_llama))[0]
     corpus = build_corpus(tmp_path / "c", CorpusConfig(source=str(tiny_corpus_file), model=str(tiny_llama), train_tokens=1500))
-    ds = build_datastore(corpus, tmp_path / "ds", DatastoreConfig(model=str(tiny_llama), context=64, stride=32, extra_sites=["1:output"]))
+    # recompute: online training runs every window from scratch, so its features equal these stored ones
+    ds = build_datastore(corpus, tmp_path / "ds", DatastoreConfig(model=str(tiny_llama), context=64, stride=32, extra_sites=["1:output"], mode="recompute"))
     build_index(ds, tmp_path / "ix", IndexConfig(kind="flat"))
     tg = build_targets(ds, tmp_path / "ix", tmp_path / "tg", TargetsConfig(k=16, temperature=1.0, top_m=8))
     idx = np.random.default_rng(0).choice(1499, 100, replace=False)

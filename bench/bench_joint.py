@@ -115,7 +115,8 @@ def step_score(a, d: str | None, name: str) -> None:
 
     from mlpmem.gate import MixScores, score_memories
     from mlpmem.memory import load_memory
-    from mlpmem.models import DEFAULT_MODEL, Site, load_model
+    from mlpmem.models import DEFAULT_MODEL, load_model
+    from mlpmem.modeling.read_site import ReadSite
 
     if name == "base":
         model_name, dirs = DEFAULT_MODEL, list(DIRECTIONS)
@@ -129,7 +130,7 @@ def step_score(a, d: str | None, name: str) -> None:
     system = name if name == "base" else f"{d}_{name}"
     all_texts = texts(a)
     model, _, _ = load_model(model_name)
-    pairs = [(m, Site(int(meta["layer"]), meta["site"])) for m, meta in mems]
+    pairs = [(m, ReadSite(int(meta["layer"]), meta["site"])) for m, meta in mems]
     for t in wanted:
         if all(score_file(system, t, x).exists() for x in dirs):
             continue

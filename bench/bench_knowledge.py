@@ -136,12 +136,12 @@ def fit_gate(lm, run: Path, name: str) -> dict:
     saved under runs/knowledge/gates/NAME and attached to the model. Returns its record."""
     from mlpmem.corpus import Corpus
     from mlpmem.gate import GateConfig, build_gate_stage
-    from mlpmem.models import Site
+    from mlpmem.modeling.read_site import ReadSite
 
     model = lm.model
     recipe = json.loads((run / "recipe.json").read_text())
     ctx, stride = int(recipe["datastore"]["context"]), int(recipe["datastore"]["stride"])
-    site = Site(int(model.site.layer), str(model.site.site))
+    site = ReadSite(int(model.site.layer), str(model.site.site))
     gate, meta = build_gate_stage(GATES / name, GateConfig(), model.lm, lm.tokenizer, Corpus(run / "corpus").tokens("valid"), model.memory,
                                   {}, site, ctx, stride, 8)
     model.gate = gate.eval()

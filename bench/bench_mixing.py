@@ -74,7 +74,8 @@ def main() -> None:
     from mlpmem.gate import GateConfig, MixScores, fit_gate, gate_lambdas, generic_tokens, score_mixing
     from mlpmem.interpolate import fit_lambda_em, interpolate_logprobs, interpolate_per_token, perplexity
     from mlpmem.memory import load_memory
-    from mlpmem.models import DEFAULT_MODEL, Site, load_model, tokenizer_hash
+    from mlpmem.models import DEFAULT_MODEL, load_model, tokenizer_hash
+    from mlpmem.modeling.read_site import ReadSite
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -85,7 +86,7 @@ def main() -> None:
     report = json.loads((a.run / "report.json").read_text())
     lam_report = report["lambda"]["mlp_memory"]
     memory, meta = load_memory(a.run / "train/memory")
-    site = Site(int(meta["layer"]), meta["site"])
+    site = ReadSite(int(meta["layer"]), meta["site"])
     t_load = time.perf_counter()
     model, tok, _ = load_model(DEFAULT_MODEL)
     corpus, ood = Corpus(a.run / "corpus"), Corpus(a.ood)
@@ -205,11 +206,12 @@ def router_bench(a) -> None:
     import torch
 
     from mlpmem.corpus import Corpus
-    from mlpmem.evaluate import fit_mixture_em, mix_many
+    from mlpmem.interpolate import fit_mixture_em, interpolate_many
     from mlpmem.gate import GateConfig, fit_router, router_weights, score_memories
     from mlpmem.interpolate import fit_lambda_em, interpolate_logprobs, perplexity
     from mlpmem.memory import load_memory
-    from mlpmem.models import DEFAULT_MODEL, Site, load_model
+    from mlpmem.models import DEFAULT_MODEL, load_model
+    from mlpmem.modeling.read_site import ReadSite
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -219,7 +221,7 @@ def router_bench(a) -> None:
     mems = []
     for run in (a.run, a.router):
         m, meta = load_memory(run / "train/memory")
-        mems.append((m, Site(int(meta["layer"]), meta["site"])))
+        mems.append((m, ReadSite(int(meta["layer"]), meta["site"])))
     model, tok, _ = load_model(DEFAULT_MODEL)
     corpora = {"sotu": Corpus(a.run / "corpus"), "gcide": Corpus(a.router / "corpus")}
     data = {}
@@ -246,7 +248,7 @@ def router_bench(a) -> None:
         "base": lambda lp, f: lp[:, 0],
         "SOTU memory alone (fixed lambda)": lambda lp, f: interpolate_logprobs(lp[:, 0], lp[:, 1], lam_own["sotu"]),
         "GCIDE memory alone (fixed lambda)": lambda lp, f: interpolate_logprobs(lp[:, 0], lp[:, 2], lam_own["gcide"]),
-        "both, fixed weights (EM)": lambda lp, f: mix_many([lp[:, k] for k in range(3)], w_fixed),
+        "both, fixed weights (EM)": lambda lp, f: interpolate_many([lp[:, k] for k in range(3)], w_fixed),
         "both, router": lambda lp, f: np.logaddexp.reduce(np.log(router_weights(router, f)) + lp, axis=1),
     }.items():
         r = {d: perplexity(fn(*data[d, "test"][:2])) for d in corpora}

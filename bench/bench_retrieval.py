@@ -67,8 +67,8 @@ def main() -> None:
     from mlpmem.evaluate import score_online, summarize
     from mlpmem.interpolate import interpolate_logprobs, perplexity
     from mlpmem.memory import load_memory
-    from mlpmem.modeling_mlpmem import hidden_state
-    from mlpmem.models import Site, load_model
+    from mlpmem.modeling.read_site import ReadSite, capture
+    from mlpmem.models import load_model
     from mlpmem.retrieval import knn_component
 
     torch.set_num_threads(a.threads)
@@ -90,7 +90,7 @@ def main() -> None:
 
     # 1. the evaluator, as report.json was made
     t0 = time.perf_counter()
-    sc = score_online(model, tokens, ctx, stride, Site(*key_site), knn.index, knn.values, knn.k, memory, Site(*mem_site), a.batch_size,
+    sc = score_online(model, tokens, ctx, stride, ReadSite(*key_site), knn.index, knn.values, knn.k, memory, ReadSite(*mem_site), a.batch_size,
                       desc="evaluator")
     ev = summarize(sc, knn.temperature, lam_knn, lam_mem, w_both)
     ev_seconds = time.perf_counter() - t0
@@ -115,13 +115,10 @@ def main() -> None:
         labels = torch.cat([tok_t[k + 1 : s + 1] for k, s in zip(group[:, 2], stops)])
         sites = {"base": [], "knn_lm": [key_site], "mlp_memory": [mem_site], "knn_lm+mlp_memory": [key_site, mem_site]}[method]
         with torch.inference_mode():
-            import contextlib
-
-            with contextlib.ExitStack() as stack:
-                stores = [stack.enter_context(hidden_state(model, *s)) for s in sites]
+            with capture(model, [ReadSite(*s) for s in sites]) as store:
                 logits = model(input_ids=ids, use_cache=False, logits_to_keep=keep).logits
             lm = logits[r, c].float().log_softmax(-1)  # [n, V]
-            h = {s: st["h"][:, -keep:][r, c] for s, st in zip(sites, stores)}
+            h = {s: store[ReadSite(*s)][:, -keep:][r, c] for s in sites}
             if method in ("knn_lm", "knn_lm+mlp_memory"):
                 t = time.perf_counter()
                 knn_lp = knn(h[key_site])

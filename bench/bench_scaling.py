@@ -37,7 +37,8 @@ from bench_search import write_datastore  # noqa: E402
 
 from mlpmem.evaluate import score_online  # noqa: E402
 from mlpmem.index import IndexConfig, KnnIndex, build_index  # noqa: E402
-from mlpmem.models import Site, load_model  # noqa: E402
+from mlpmem.models import load_model  # noqa: E402
+from mlpmem.modeling.read_site import ReadSite
 from mlpmem.store import Datastore  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
@@ -202,14 +203,14 @@ def main() -> None:
         from mlpmem.memory import load_memory
 
         mem, meta = load_memory(args.memory)
-        mem_site = Site(meta["layer"], meta["site"])
+        mem_site = ReadSite(meta["layer"], meta["site"])
     else:  # timing only: the memory's cost does not depend on its weights
         from mlpmem.memory import MemoryConfig, MLPMemory
 
-        mem, mem_site = MLPMemory(MemoryConfig(d_in=576, vocab_size=49152)).eval(), Site(29, "output")
+        mem, mem_site = MLPMemory(MemoryConfig(d_in=576, vocab_size=49152)).eval(), ReadSite(29, "output")
     if args.real.exists():
         real_ds = Datastore(args.real)
-        real, key_site = real_ds.load("keys"), Site(real_ds.layer, real_ds.site)
+        real, key_site = real_ds.load("keys"), ReadSite(real_ds.layer, real_ds.site)
     else:
         sys.exit(f"{args.real} is missing: run `mlpmem run bench/recipes/sotu200k.yaml` first (its datastore seeds the keys)")
     # jitter of about one nearest-neighbour distance: squared NN distance ~12 for these keys (SPEC), spread over d dims

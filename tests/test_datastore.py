@@ -8,7 +8,8 @@ import torch
 from mlpmem.corpus import Corpus, CorpusConfig, build_corpus, windows
 from mlpmem.datastore import SINK_TOKENS, DatastoreConfig, _cached_block, _rebase, build_datastore, iter_batches, resolve_mode
 from mlpmem.errors import MlpmemError
-from mlpmem.models import Site, capture, load_model
+from mlpmem.models import load_model
+from mlpmem.modeling.read_site import ReadSite, capture
 from mlpmem.store import Datastore
 
 
@@ -40,14 +41,14 @@ def test_keys_values_aligned_with_positions(tmp_path, tiny_llama, corpus_dir, to
     model, _, _ = load_model(str(tiny_llama))
     W = windows(len(tokens), 64, 24)
     for b, e, k in W[[0, 3, len(W) - 1]]:
-        with torch.no_grad(), capture(model, [Site(1, "ffn_input"), Site(0, "output")]) as got:
+        with torch.no_grad(), capture(model, [ReadSite(1, "ffn_input"), ReadSite(0, "output")]) as got:
             out_ = model(input_ids=torch.from_numpy(tokens[b:e].astype(np.int64))[None])
         stop = min(e, len(tokens) - 1)
         # the datastore ran windows in batches of 3, the reference one window alone: another matrix shape may
         # take another kernel path, so equal within one float16 rounding step, not bit for bit
-        ref = got[Site(1, "ffn_input")][0, k - b : stop - b]
+        ref = got[ReadSite(1, "ffn_input")][0, k - b : stop - b]
         assert_fp16_close(ds.rows("keys", k, stop), ref)
-        assert_fp16_close(ds.rows("h0.output", k, stop), got[Site(0, "output")][0, k - b : stop - b])
+        assert_fp16_close(ds.rows("h0.output", k, stop), got[ReadSite(0, "output")][0, k - b : stop - b])
         lp = torch.log_softmax(out_.logits[0, k - b : stop - b], -1).gather(-1, torch.from_numpy(tokens[k + 1 : stop + 1].astype(np.int64))[:, None])[:, 0]
         assert np.allclose(ds.rows("lm_logprob", k, stop), lp.numpy(), atol=1e-5)
 
@@ -151,7 +152,7 @@ def test_cache_mode_rows_aligned_and_deterministic(tmp_path, tiny_llama, corpus_
 
 
 def _run(model, tokens, mode, batch_size=1, context=16, stride=4, sites=None, logprob=True, window_range=None):
-    sites = sites or {"keys": Site(1, "ffn_input"), "h0": Site(0, "output")}
+    sites = sites or {"keys": ReadSite(1, "ffn_input"), "h0": ReadSite(0, "output")}
     bs = list(iter_batches(model, tokens, context, stride, sites, batch_size, logprob, window_range, mode=mode))
     assert all(x.row_end == y.row_start for x, y in zip(bs, bs[1:]))  # contiguous, in row order
     return {n: torch.cat([b.features[n] for b in bs]) for n in sites}, (torch.cat([b.lm_logprob for b in bs]) if logprob else None), bs
@@ -169,9 +170,9 @@ def test_cache_mode_equals_recompute_where_contexts_coincide(tiny_llama, corpus_
     C, S = 16, 4
     assert S <= SINK_TOKENS
     f_c, lp_c, _ = _run(model, tokens, "cache", context=C, stride=S, window_range=(0, 8))  # 4 lanes of 2 windows
-    with torch.inference_mode(), capture(model, [Site(1, "ffn_input")]) as got:
+    with torch.inference_mode(), capture(model, [ReadSite(1, "ffn_input")]) as got:
         out = model(input_ids=torch.from_numpy(tokens[: C + S].astype(np.int64))[None])
-    assert torch.allclose(f_c["keys"][: C + S], got[Site(1, "ffn_input")][0], atol=1e-5)
+    assert torch.allclose(f_c["keys"][: C + S], got[ReadSite(1, "ffn_input")][0], atol=1e-5)
     lp = torch.log_softmax(out.logits[0], -1).gather(-1, torch.from_numpy(tokens[1 : C + S + 1].astype(np.int64))[:, None])[:, 0]
     assert torch.allclose(lp_c[: C + S], lp, atol=1e-5)
     # lanes: every lane starts with a whole window, whose rows equal the recompute rows of that window
@@ -191,7 +192,7 @@ def test_cache_mode_lanes_equal_each_lane_run_alone(tiny_llama, corpus_dir, torc
     lanes sliced off. Naive reference: each lane alone, as a batch of one (float32 tolerance: other GEMM shapes)."""
     model, _, _ = load_model(str(tiny_llama))
     tokens = Corpus(corpus_dir).tokens("train")
-    C, S, sites = 16, 4, {"keys": Site(1, "ffn_input"), "h0": Site(0, "output")}
+    C, S, sites = 16, 4, {"keys": ReadSite(1, "ffn_input"), "h0": ReadSite(0, "output")}
     W, tok_t = windows(len(tokens), C, S)[:30], torch.from_numpy(tokens.astype(np.int64))
     block = _cached_block(model, tok_t, W, C, S, sites, 8, True)  # lanes of 4, 4, 4, 4, 4, 4, 3, 3; first windows in groups of 8 * S // C = 2
     for lane in np.array_split(np.arange(len(W)), 8):
@@ -289,7 +290,7 @@ def test_a_prefix_goes_in_front_of_every_window_against_a_naive_reference(tmp_pa
     bos = 1
     C, S = 16, 6
     ex = RecomputeExtractor(model, C, S, batch_size=2, prefix=(bos,))
-    site = Site(1, "output")
+    site = ReadSite(1, "output")
     bs = list(ex.batches(tokens, {"h": site}, want_logprob=True))
     h = torch.cat([b.features["h"] for b in bs])
     lp = torch.cat([b.lm_logprob for b in bs])

@@ -15,7 +15,8 @@ from mlpmem.datastore import DatastoreConfig, build_datastore
 from mlpmem.evaluate import KnnConfig, Scored, run_knnlm, score_online, score_stored, summarize, tune_knn
 from mlpmem.index import IndexConfig, KnnIndex, build_index
 from mlpmem.memory import MemoryConfig, MLPMemory
-from mlpmem.models import Site, load_model
+from mlpmem.models import load_model
+from mlpmem.modeling.read_site import ReadSite
 from mlpmem.store import Datastore
 
 C, S, K = 32, 16, 8
@@ -57,16 +58,16 @@ def test_score_online_against_naive_references(run, torch_threads):
     model = run["model"][0]
     tokens = Corpus(run["corpus"]).tokens("valid")[: C + 1]  # one window: the naive forward sees the same context
     memory = MLPMemory(MemoryConfig(d_in=32, vocab_size=model.config.vocab_size, n_blocks=1)).eval()
-    sc = score_online(model, tokens, C, S, Site(1, "ffn_input"), run["index"], run["ds"].values(), K, memory, Site(0, "output"))
+    sc = score_online(model, tokens, C, S, ReadSite(1, "ffn_input"), run["index"], run["ds"].values(), K, memory, ReadSite(0, "output"))
     assert np.array_equal(sc.labels, tokens[1:])  # every position once, in order
     np.testing.assert_allclose(sc.lm_logprob, naive_lm_logprob(model, tokens), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
-        from mlpmem.models import capture
+        from mlpmem.modeling.read_site import capture
 
-        with capture(model, [Site(1, "ffn_input"), Site(0, "output")]) as got:
+        with capture(model, [ReadSite(1, "ffn_input"), ReadSite(0, "output")]) as got:
             model(input_ids=torch.from_numpy(tokens[:-1].astype(np.int64))[None])
-        q = got[Site(1, "ffn_input")][0].numpy()
-        mem = torch.log_softmax(memory(got[Site(0, "output")][0]).double(), -1)
+        q = got[ReadSite(1, "ffn_input")][0].numpy()
+        mem = torch.log_softmax(memory(got[ReadSite(0, "output")][0]).double(), -1)
     ref_d, ref_ids = naive_knn(run["ds"].load("keys"), q, K)
     np.testing.assert_allclose(sc.knn_dists, ref_d, rtol=1e-4, atol=1e-4)
     assert (sc.knn_values == run["ds"].values()[ref_ids]).mean() > 0.99  # equal up to float ties
@@ -77,7 +78,7 @@ def test_score_online_against_naive_references(run, torch_threads):
 def test_score_stored_agrees_with_score_online(run):
     valid = run["valid"]
     stored = score_stored(valid, run["index"], run["ds"].values(), K)
-    online = score_online(run["model"][0], Corpus(run["corpus"]).tokens("valid"), C, S, Site(1, "ffn_input"), run["index"], run["ds"].values(), K)
+    online = score_online(run["model"][0], Corpus(run["corpus"]).tokens("valid"), C, S, ReadSite(1, "ffn_input"), run["index"], run["ds"].values(), K)
     assert np.array_equal(stored.labels, online.labels)
     np.testing.assert_allclose(stored.lm_logprob, online.lm_logprob, atol=1e-4)
     # stored keys are float16: distances agree to float16 precision, neighbours up to near-ties

@@ -23,12 +23,13 @@ from mlpmem.gate import (
     gate_meta,
     load_gate,
     memory_fingerprint,
-    mixture_nll,
     save_gate,
 )
+from mlpmem.modeling.mixing import mixture_nll_logit as mixture_nll
 from mlpmem.interpolate import fit_lambda_em, interpolate_logprobs, interpolate_per_token, perplexity
 from mlpmem.memory import MemoryConfig, MLPMemory
-from mlpmem.models import decoder_layers, load_model, logits_size, model_fingerprint, tokenizer_hash
+from mlpmem.models import load_model, logits_size, model_fingerprint, tokenizer_hash
+from mlpmem.modeling.read_site import decoder_layers
 
 
 def naive_features(lp: np.ndarray, lq: np.ndarray) -> np.ndarray:
@@ -298,11 +299,11 @@ def test_from_memory_finds_the_runs_gate(parts, tmp_path):
 def test_scoring_for_the_gate_matches_the_model_class(parts):
     """score_mixing's per-token log-probs and features are those of the HF forward (windows of 16, stride 8)."""
     from mlpmem.gate import score_mixing
-    from mlpmem.models import Site
+    from mlpmem.modeling.read_site import ReadSite
 
     lm, tok, mem, meta, gate, gmeta = parts
     tokens = np.array(tok(" ".join(["the union and the people of congress"] * 6)).input_ids, dtype=np.int64)[:40]
-    sc = score_mixing(lm, tokens, 16, 8, mem, Site(1, "ffn_input"), batch_size=2)
+    sc = score_mixing(lm, tokens, 16, 8, mem, ReadSite(1, "ffn_input"), batch_size=2)
     assert sc.n == len(tokens) - 1 and np.array_equal(sc.labels, tokens[1:])
     ids = torch.tensor(tokens[None, :16])
     with torch.no_grad():
@@ -318,11 +319,11 @@ def test_scoring_for_the_gate_takes_the_datastores_prefix(parts):
     refused for gated mixing before)."""
     from mlpmem.evaluate import score_online
     from mlpmem.gate import score_mixing
-    from mlpmem.models import Site
+    from mlpmem.modeling.read_site import ReadSite
 
     lm, tok, mem, *_ = parts
     tokens = np.array(tok(" ".join(["the union and the people of congress"] * 6)).input_ids, dtype=np.int64)[:40]
-    site = Site(1, "ffn_input")
+    site = ReadSite(1, "ffn_input")
     sc = score_mixing(lm, tokens, 16, 6, mem, site, batch_size=2, prefix=(1,))
     ref = score_online(lm, tokens, 16, 6, None, memory=mem, memory_site=site, batch_size=2, prefix=(1,))
     assert np.array_equal(sc.labels, ref.labels) and sc.n == len(tokens) - 1
@@ -412,7 +413,8 @@ def test_gated_export_loads_as_remote_code_without_mlpmem(parts, tmp_path):
 
 
 def test_router_weights_and_mixture_match_naive_and_refuse_no_memory():
-    from mlpmem.modeling_mlpmem import MemoryRouter, mix_routed
+    from mlpmem.modeling.gating import MemoryRouter
+    from mlpmem.modeling.mixing import mix_routed
 
     torch.manual_seed(0)
     r = MemoryRouter(2, hidden=5)
@@ -434,7 +436,7 @@ def test_router_weights_and_mixture_match_naive_and_refuse_no_memory():
 
 def test_router_learns_which_memory_knows_each_token():
     """Two domains: memory 1 is right on domain A, memory 2 on domain B, and the features tell the domains apart."""
-    from mlpmem.evaluate import fit_mixture_em, mix_many
+    from mlpmem.interpolate import fit_mixture_em, interpolate_many
     from mlpmem.gate import fit_router, router_weights
 
     rng = np.random.default_rng(0)
@@ -452,19 +454,19 @@ def test_router_learns_which_memory_knows_each_token():
     assert w[dom_b, 2].mean() > 0.6 and w[~dom_b, 1].mean() > 0.6
     fixed = fit_mixture_em([lp[~held, k] for k in range(3)])
     routed = -np.mean(np.logaddexp.reduce(np.log(w[held]) + lp[held], axis=1))
-    assert routed < -np.mean(mix_many([lp[held, k] for k in range(3)], fixed)) - 0.1  # held out: better than fixed weights
+    assert routed < -np.mean(interpolate_many([lp[held, k] for k in range(3)], fixed)) - 0.1  # held out: better than fixed weights
 
 
 def test_one_pass_scores_several_memories(parts):
     from mlpmem.gate import score_memories, score_mixing
-    from mlpmem.models import Site
+    from mlpmem.modeling.read_site import ReadSite
 
     lm, tok, mem, meta, _, _ = parts
     other = tiny_memory(lm, seed=3)
     tokens = np.array(tok(" ".join(["war and peace in the union"] * 6)).input_ids, dtype=np.int64)[:30]
-    labels, lp, feats, _ = score_memories(lm, tokens, 16, 8, [(mem, Site(1, "ffn_input")), (other, Site(0, "output"))], batch_size=2)
-    one = score_mixing(lm, tokens, 16, 8, mem, Site(1, "ffn_input"), batch_size=2)
-    two = score_mixing(lm, tokens, 16, 8, other, Site(0, "output"), batch_size=2)
+    labels, lp, feats, _ = score_memories(lm, tokens, 16, 8, [(mem, ReadSite(1, "ffn_input")), (other, ReadSite(0, "output"))], batch_size=2)
+    one = score_mixing(lm, tokens, 16, 8, mem, ReadSite(1, "ffn_input"), batch_size=2)
+    two = score_mixing(lm, tokens, 16, 8, other, ReadSite(0, "output"), batch_size=2)
     assert lp.shape == (29, 3) and feats.shape == (29, 2, len(GATE_FEATURES)) and np.array_equal(labels, one.labels)
     np.testing.assert_allclose(lp[:, 0], one.lm_logprob, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(lp[:, 1], one.memory_logprob, rtol=1e-6, atol=1e-6)

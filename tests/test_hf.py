@@ -10,7 +10,8 @@ import torch
 from mlpmem.errors import MlpmemError
 from mlpmem.interpolate import interpolate_logprobs
 from mlpmem.memory import MemoryConfig, MLPMemory, init_from_lm, lm_settings
-from mlpmem.models import decoder_layers, load_model, logits_size, model_fingerprint, tokenizer_hash
+from mlpmem.models import load_model, logits_size, model_fingerprint, tokenizer_hash
+from mlpmem.modeling.read_site import decoder_layers
 
 hf = pytest.importorskip("mlpmem.hf")
 MLPMemoryForCausalLM = hf.MLPMemoryForCausalLM

@@ -15,11 +15,12 @@ import torch
 
 from mlpmem.errors import MlpmemError
 from mlpmem.memory import MemoryConfig, MLPMemory
-from mlpmem.models import Site, capture, load_model, logits_size, model_fingerprint, tokenizer_hash
+from mlpmem.models import load_model, logits_size, model_fingerprint, tokenizer_hash
+from mlpmem.modeling.read_site import ReadSite, capture
 
 hf = pytest.importorskip("mlpmem.hf")
 MLPMemoryForCausalLM = hf.MLPMemoryForCausalLM
-from mlpmem.modeling_mlpmem import model_card  # noqa: E402
+from mlpmem.modeling.modeling_mlpmem import model_card  # noqa: E402
 REV = "0123456789abcdef0123456789abcdef01234567"  # a commit hash, as the hub cache names snapshots
 
 
@@ -159,10 +160,10 @@ def test_remote_code_without_mlpmem_generates_the_same_tokens(model, parts, full
     assert got == {str(full): [want, want_beam], str(tmp_path / "ref"): [want, want_beam]}
     assert want != lm.generate(prompt, max_new_tokens=8, do_sample=False)[0].tolist()  # the memory mattered
     # the saved file is the package's own, imports no mlpmem outside try blocks, and is what auto_map names
-    import mlpmem.modeling_mlpmem
+    import mlpmem.modeling.modeling_mlpmem
     from transformers.dynamic_module_utils import get_imports
 
-    assert (full / "modeling_mlpmem.py").read_text() == Path(mlpmem.modeling_mlpmem.__file__).read_text()
+    assert (full / "modeling_mlpmem.py").read_text() == Path(mlpmem.modeling.modeling_mlpmem.__file__).read_text()
     assert "mlpmem" not in get_imports(full / "modeling_mlpmem.py")
     assert json.loads((full / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == "modeling_mlpmem.MLPMemoryForCausalLM"
 
@@ -175,16 +176,20 @@ def test_no_private_generation_hooks_overridden():
     assert own == {"_init_weights"}, own
 
 
-def test_hidden_state_hook_matches_mlpmem_capture(tiny_models):
-    """The exported file's own hook reads the same tensors as mlpmem.models.capture, at both sites."""
-    from mlpmem.modeling_mlpmem import hidden_state
-
+def test_capture_reads_the_layers_tensors(tiny_models):
+    """The one hook (mlpmem.modeling.read_site.capture, used by the datastore and the model class) reads, at both
+    sites, the tensors transformers itself reports: a layer's output is hidden_states[layer + 1], and the input of
+    a layer's feed-forward block is its post-attention norm applied to the residual stream."""
     for kind in ("llama", "gpt2"):
         lm, _, _ = load_model(str(tiny_models[kind]))
         for layer, site in ((0, "output"), (1, "ffn_input"), (1, "output")):
-            with torch.no_grad(), hidden_state(lm, layer, site) as mine, capture(lm, [Site(layer, site)]) as theirs:
-                lm(ids())
-            assert torch.equal(mine["h"], theirs[Site(layer, site)])
+            with torch.no_grad(), capture(lm, [ReadSite(layer, site)]) as got:
+                out = lm(ids(), output_hidden_states=True)
+            h = got[ReadSite(layer, site)]
+            if site == "output" and layer < lm.config.num_hidden_layers - 1:  # the last one is reported after the final norm
+                assert torch.equal(h, out.hidden_states[layer + 1])
+            elif site == "ffn_input":
+                assert h.shape == out.hidden_states[layer].shape and not torch.equal(h, out.hidden_states[layer])
 
 
 def test_folders_of_the_previous_format_still_load(model, parts, tmp_path):

@@ -249,7 +249,7 @@ def test_shared_context_default_equals_hflm(mixings, mixing):
     old = get_model("mlpmem").create_from_arg_string(f"{mixings[mixing]},max_length={MAX_LENGTH},shared_context=false", extra)
     assert new.shared_context and not old.shared_context and new.get_model_info()["mlpmem"]["shared_context"]
     if mixing == "routed":  # a router over the memory and the kNN-LM, with weights that vary per token
-        from mlpmem.modeling_mlpmem import MemoryRouter
+        from mlpmem.modeling.gating import MemoryRouter
 
         torch.manual_seed(0)
         router = MemoryRouter(2, hidden=8)

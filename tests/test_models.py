@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from mlpmem.errors import MlpmemError
-from mlpmem.models import Site, capture, decoder_layers, load_model, resolve_layer, run_captured
+from mlpmem.models import load_model
+from mlpmem.modeling.read_site import ReadSite, capture, decoder_layers, resolve_layer, run_captured
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
@@ -13,16 +14,16 @@ def test_hooks_match_hidden_states(tiny_models, kind):
     with torch.no_grad():
         model(input_ids=ids, output_hidden_states=True)  # transformers installs its own recorders on first use
     before = n_hooks()
-    sites = [Site(0, "output"), Site(1, "ffn_input"), Site(1, "output")]
+    sites = [ReadSite(0, "output"), ReadSite(1, "ffn_input"), ReadSite(1, "output")]
     with torch.no_grad(), capture(model, sites) as got:
         out = model(input_ids=ids, output_hidden_states=True)
     # output of layer 0 is the input of layer 1
-    assert torch.allclose(got[Site(0, "output")], out.hidden_states[1], atol=1e-6)
+    assert torch.allclose(got[ReadSite(0, "output")], out.hidden_states[1], atol=1e-6)
     # the feed-forward input is the norm of the residual stream that the MLP adds to
     layer = decoder_layers(model)[1]
     norm = getattr(layer, "post_attention_layernorm", None) or layer.ln_2
-    resid = got[Site(1, "output")] - layer.mlp(got[Site(1, "ffn_input")])
-    assert torch.allclose(norm(resid), got[Site(1, "ffn_input")], atol=1e-5)
+    resid = got[ReadSite(1, "output")] - layer.mlp(got[ReadSite(1, "ffn_input")])
+    assert torch.allclose(norm(resid), got[ReadSite(1, "ffn_input")], atol=1e-5)
     # hooks are gone afterwards
     assert n_hooks() == before
 
@@ -30,11 +31,11 @@ def test_hooks_match_hidden_states(tiny_models, kind):
 def test_stop_early_gives_same_states(tiny_llama):
     model, tok, _ = load_model(str(tiny_llama))
     ids = torch.randint(0, len(tok), (1, 16))
-    with torch.no_grad(), capture(model, [Site(0, "ffn_input")]) as full:
+    with torch.no_grad(), capture(model, [ReadSite(0, "ffn_input")]) as full:
         model(input_ids=ids)
-    with torch.no_grad(), capture(model, [Site(0, "ffn_input")], stop_early=True) as early:
+    with torch.no_grad(), capture(model, [ReadSite(0, "ffn_input")], stop_early=True) as early:
         assert run_captured(model, input_ids=ids) is None
-    assert torch.equal(full[Site(0, "ffn_input")], early[Site(0, "ffn_input")])
+    assert torch.equal(full[ReadSite(0, "ffn_input")], early[ReadSite(0, "ffn_input")])
 
 
 def test_layer_out_of_range(tiny_llama):

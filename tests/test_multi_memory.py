@@ -12,11 +12,13 @@ from torch import nn
 
 from mlpmem.errors import MlpmemError
 from mlpmem.memory import MemoryConfig, MLPMemory, save_memory
-from mlpmem.models import decoder_layers, load_model, logits_size, model_fingerprint, tokenizer_hash
+from mlpmem.models import load_model, logits_size, model_fingerprint, tokenizer_hash
+from mlpmem.modeling.read_site import decoder_layers
 
 hf = pytest.importorskip("mlpmem.hf")
 MLPMemoryForCausalLM = hf.MLPMemoryForCausalLM
-from mlpmem.modeling_mlpmem import GATE_FEATURES, MemoryRouter, gate_features  # noqa: E402
+from mlpmem.modeling.mixing import GATE_FEATURES, gate_features  # noqa: E402
+from mlpmem.modeling.gating import MemoryRouter
 
 # two memories that read different sites of the tiny llama (2 layers): one LM pass must feed both
 SITE_A, SITE_B = (1, "ffn_input"), (0, "output")
@@ -334,7 +336,7 @@ def test_refusals(parts, tmp_path):
         model(ids, mixing="routed", lambda_=0.3)
     with pytest.raises(MlpmemError, match="needs a gate"):
         model.set_lambda(mode="gated")
-    from mlpmem.modeling_mlpmem import MixingGate, memory_fingerprint
+    from mlpmem.modeling.gating import MixingGate, memory_fingerprint
 
     gated = two(parts, gate=MixingGate(), gate_meta={"memory_fingerprint": memory_fingerprint(a)})  # the first memory's gate
     assert gated.mixing_mode == "fixed"  # a gate weighs one memory against the LM: not the default with two

@@ -69,8 +69,8 @@ def test_knnlm_test_catches_tuning_on_the_scored_split(run, monkeypatch):
 
 
 def test_summarize_test_catches_a_wrong_lambda(monkeypatch):
-    real = ev.mix
-    monkeypatch.setattr(ev, "mix", lambda lp, other, lam: real(lp, other, min(1.0, lam * 1.01)))
+    real = ev.interpolate_logprobs
+    monkeypatch.setattr(ev, "interpolate_logprobs", lambda lp, other, lam: real(lp, other, min(1.0, lam * 1.01)))
     with pytest.raises(AssertionError):
         test_evaluate.test_summarize_against_naive_mixture()
 

@@ -5,7 +5,7 @@ import pytest
 
 from mlpmem.cli import main as cli_main
 from mlpmem.errors import MlpmemError
-from mlpmem.evaluate import fit_mixture_em
+from mlpmem.interpolate import fit_mixture_em
 from mlpmem.pipeline import load_recipe, run_pipeline
 
 REPORT_KEYS = {"model", "corpus", "n_train_tokens", "n_test_tokens", "ppl", "lambda", "knn_temperature", "tokens_per_s", "memory_params", "base_params"}
@@ -29,7 +29,7 @@ def test_recipe_runs_end_to_end_and_skips_finished_stages(tmp_path, tiny_llama, 
     fitted = []  # the number of positions every lambda and temperature was fitted on
     real_fit, real_tune = ip.fit_lambda_em, ev.tune_knn_for
     monkeypatch.setattr(ip, "fit_lambda_em", lambda x, y, *a, **k: fitted.append(len(x)) or real_fit(x, y, *a, **k))
-    monkeypatch.setattr(ev, "fit_mixture_em", lambda lps, *a, **k: fitted.append(len(lps[0])) or fit_mixture_em(lps, *a, **k))
+    monkeypatch.setattr(ip, "fit_mixture_em", lambda lps, *a, **k: fitted.append(len(lps[0])) or fit_mixture_em(lps, *a, **k))
     monkeypatch.setattr(ev, "tune_knn_for", lambda cfg, valid: fitted.append(valid.n) or real_tune(cfg, valid))
     # no train.init: the default start (lm_copy, on the last layer's output) at every entry point
     r = run_pipeline(load_recipe(tiny_recipe(tmp_path, tiny_llama, tiny_corpus_file)))

@@ -13,11 +13,12 @@ import torch
 from mlpmem.corpus import Corpus, CorpusConfig, build_corpus, windows
 from mlpmem.datastore import DatastoreConfig, build_datastore
 from mlpmem.errors import MlpmemError
-from mlpmem.evaluate import KnnConfig, mix, score_online
+from mlpmem.evaluate import KnnConfig, score_online
+from mlpmem.interpolate import interpolate_logprobs
 from mlpmem.index import IndexConfig, KnnIndex, build_index
-from mlpmem.interpolate import interpolate_logprobs, perplexity
-from mlpmem.modeling_mlpmem import hidden_state
-from mlpmem.models import Site, load_model
+from mlpmem.interpolate import perplexity
+from mlpmem.modeling.read_site import ReadSite, capture
+from mlpmem.models import load_model
 from mlpmem.pipeline import tune_knn_cached
 from mlpmem.retrieval import REFERENCE_FILE, KNNRetriever, knn_component, knn_logprobs
 from mlpmem.store import Datastore
@@ -43,7 +44,7 @@ def run(tmp_path_factory, tiny_llama):
     ds = Datastore(out / "datastore")
     index = KnnIndex.open(out / "index", ds)
     corpus = Corpus(out / "corpus")
-    key = Site(ds.layer, ds.site)
+    key = ReadSite(ds.layer, ds.site)
     score = lambda: score_online(model, corpus.tokens("valid"), C, S, key, index, ds.values(), K)  # noqa: E731
     tune_knn_cached(out / "knn.json", KnnConfig(k=K, temperatures=[0.5, 2.0, 8.0]), score, {"corpus": out / "corpus", "index": out / "index"})
     return {"out": out, "model": model, "tok": tok, "ds": ds, "index": index, "corpus": corpus, "key": key}
@@ -97,11 +98,12 @@ def _model_path_ppl(model, retriever: KNNRetriever, tokens: np.ndarray, lam: flo
     lps = []
     for begin, end, keep in windows(len(tokens), C, S):
         ids = torch.from_numpy(tokens[begin:end].astype(np.int64))[None]
-        with torch.no_grad(), hidden_state(model, retriever.meta["layer"], retriever.meta["site"]) as store:
+        site = ReadSite(retriever.meta["layer"], retriever.meta["site"])
+        with torch.no_grad(), capture(model, [site]) as store:
             logits = model(input_ids=ids).logits[0].float()
         stop = min(end, len(tokens) - 1)
         rows = slice(keep - begin, stop - begin)
-        mixed = interpolate_logprobs(torch.log_softmax(logits[rows], -1), retriever(store["h"][0, rows]), lam)
+        mixed = interpolate_logprobs(torch.log_softmax(logits[rows], -1), retriever(store[site][0, rows]), lam)
         lps.append(mixed.gather(-1, torch.from_numpy(tokens[keep + 1 : stop + 1].astype(np.int64))[:, None])[:, 0].double().numpy())
     lp = np.concatenate(lps)
     return perplexity(lp), lp
@@ -113,7 +115,7 @@ def test_mixed_with_the_lm_gives_the_evaluators_knn_lm_perplexity(run):
     assert 0 < lam < 1
     tokens = run["corpus"].tokens("test")
     sc = score_online(run["model"], tokens, C, S, run["key"], run["index"], run["ds"].values(), K)
-    ev_lp = mix(sc.lm_logprob, sc.knn_logprob(r.temperature), lam)
+    ev_lp = interpolate_logprobs(sc.lm_logprob, sc.knn_logprob(r.temperature), lam)
     ppl, lp = _model_path_ppl(run["model"], r, tokens, lam)
     assert len(lp) == sc.n
     np.testing.assert_allclose(lp, ev_lp, rtol=1e-4, atol=1e-4)

@@ -36,8 +36,8 @@ import numpy as np
 from mlpmem.corpus import SPLITS, Corpus, window_batches, windows
 from mlpmem.errors import MlpmemError
 from mlpmem.manifest import ADDED_SETTINGS, CONFIG, check_disk_space, clear_progress, finished_shards, prepare_out, read_json, save_npy, save_shard_record, sha256_file, write_manifest
-from mlpmem.models import (DEFAULT_MODEL, SITES, Site, capture, dtype_name, load_model, logits_size, model_fingerprint, resolve_device, resolve_layer,
-                           run_captured, tokenizer_hash)
+from mlpmem.models import DEFAULT_MODEL, dtype_name, load_model, logits_size, model_fingerprint, resolve_device, tokenizer_hash
+from mlpmem.modeling.read_site import SITES, ReadSite, capture, parse_site, resolve_layer, run_captured
 from mlpmem.store import feature_name
 
 log = logging.getLogger(__name__)
@@ -93,14 +93,6 @@ LANE_WINDOWS = 16
 # post-RoPE keys in a DynamicCache: re-basing cached keys is one more rotation for these
 _ROPE_MODELS = ("llama", "mistral", "qwen2", "qwen3")
 _STATIC_ROPE = ("default", "linear", "llama3")  # inv_freq does not depend on the sequence length
-
-
-def parse_site(text: str) -> tuple[int, str]:
-    layer, _, site = text.partition(":")
-    try:
-        return int(layer), site or "output"
-    except ValueError:
-        raise MlpmemError(f"cannot read hidden-state site {text!r}", "write it as LAYER:SITE, e.g. -1:output or 12:ffn_input")
 
 
 @dataclass
@@ -177,7 +169,7 @@ class Extractor:
         """[n_windows, 3] (begin, end, first kept) over the stream (corpus.windows with the prefix's room taken out)."""
         return windows(n_tokens, self.context - len(self.prefix), self.stride)
 
-    def batches(self, tokens: np.ndarray, sites: dict[str, Site], want_logprob: bool = False,
+    def batches(self, tokens: np.ndarray, sites: dict[str, ReadSite], want_logprob: bool = False,
                 window_range: tuple[int, int] | None = None) -> Iterator[Batch]:
         """Batches over the windows ``window_range`` (all by default). Without ``want_logprob`` the forward
         stops after the deepest hooked layer (no later layers, no logits)."""
@@ -185,7 +177,7 @@ class Extractor:
         lo, hi = window_range or (0, len(W))
         return self._batches(_torch_tokens(tokens), W[lo:hi], sites, want_logprob)
 
-    def _batches(self, tok_t, W: np.ndarray, sites: dict[str, Site], want_logprob: bool) -> Iterator[Batch]:
+    def _batches(self, tok_t, W: np.ndarray, sites: dict[str, ReadSite], want_logprob: bool) -> Iterator[Batch]:
         raise NotImplementedError
 
 
@@ -197,7 +189,7 @@ class RecomputeExtractor(Extractor):
     def _batches(self, tok_t, W, sites, want_logprob):
         return _iter_recompute(self.model, tok_t, W, sites, self.batch_size, want_logprob, self.prefix)
 
-    def features(self, tok_t, W: np.ndarray, sites: dict[str, Site]) -> dict[str, object]:
+    def features(self, tok_t, W: np.ndarray, sites: dict[str, ReadSite]) -> dict[str, object]:
         """Hidden states [rows, d] per site of the kept rows of windows ``W``: rows of :meth:`windows` in order,
         not necessarily consecutive (a window recomputed needs no other), concatenated window by window."""
         import torch
@@ -246,7 +238,7 @@ def make_extractor(model, mode: str, context: int, stride: int, batch_size: int 
     return EXTRACTORS[mode](model, context, stride, batch_size, prefix)
 
 
-def iter_batches(model, tokens: np.ndarray, context: int, stride: int, sites: dict[str, Site], batch_size: int,
+def iter_batches(model, tokens: np.ndarray, context: int, stride: int, sites: dict[str, ReadSite], batch_size: int,
                  want_logprob: bool, window_range: tuple[int, int] | None = None, mode: str = "recompute",
                  prefix: tuple[int, ...] = ()) -> Iterator[Batch]:
     """``make_extractor(model, mode, ...).batches(tokens, sites, want_logprob, window_range)``: see :class:`Extractor`.
@@ -270,7 +262,7 @@ def window_ids(tok_t, group: np.ndarray, prefix: tuple[int, ...] = ()):
     return torch.stack([torch.cat([pre, tok_t[b:e]]) if prefix else tok_t[b:e] for b, e, *_ in group])
 
 
-def _iter_recompute(model, tok_t, W: np.ndarray, sites: dict[str, Site], batch_size: int, want_logprob: bool,
+def _iter_recompute(model, tok_t, W: np.ndarray, sites: dict[str, ReadSite], batch_size: int, want_logprob: bool,
                     prefix: tuple[int, ...] = ()) -> Iterator[Batch]:
     """Every window from scratch, ``prefix`` in front of each; consecutive windows of equal length are batched."""
     import torch
@@ -284,7 +276,7 @@ def _iter_recompute(model, tok_t, W: np.ndarray, sites: dict[str, Site], batch_s
                     torch.cat(lps) if want_logprob else None, tok_t[row_start + 1 : row_end + 1].numpy().astype(np.int32), seconds)
 
 
-def _recompute_group(model, tok_t, group: np.ndarray, sites: dict[str, Site], want_logprob: bool, prefix: tuple[int, ...]):
+def _recompute_group(model, tok_t, group: np.ndarray, sites: dict[str, ReadSite], want_logprob: bool, prefix: tuple[int, ...]):
     """One forward over windows of one length (rows of :func:`windows`, consecutive or not): per site, the kept
     positions' hidden states of each window, and (``want_logprob``) their next tokens' log-probs, window by window."""
     import torch
@@ -334,7 +326,7 @@ def _rebase(cache, n_sink: int, keep: int, inv_freq) -> None:
         layer.values = torch.cat([layer.values[:, :, :n_sink], layer.values[:, :, n - keep :]], -2)
 
 
-def _cached_block(model, tok_t, W: np.ndarray, context: int, stride: int, sites: dict[str, Site], lanes: int,
+def _cached_block(model, tok_t, W: np.ndarray, context: int, stride: int, sites: dict[str, ReadSite], lanes: int,
                   want_logprob: bool) -> Batch:
     """Full-length windows ``W`` as up to ``lanes`` contiguous lanes sharing one batched KV cache.
 
@@ -438,16 +430,16 @@ def windows_per_batch(cfg: DatastoreConfig) -> int:
     return max(1, cfg.batch_tokens // cfg.context) if cfg.batch_tokens else cfg.batch_size
 
 
-def _sites(model, cfg: DatastoreConfig) -> tuple[Site, dict[str, Site]]:
+def _sites(model, cfg: DatastoreConfig) -> tuple[ReadSite, dict[str, ReadSite]]:
     if cfg.site not in SITES:
         raise MlpmemError(f"unknown site {cfg.site!r}", f"choose one of {SITES}")
-    key = Site(resolve_layer(model, cfg.layer), cfg.site)
+    key = ReadSite(resolve_layer(model, cfg.layer), cfg.site)
     sites = {"keys": key}
     for text in cfg.extra_sites:
         layer, site = parse_site(text)
         if site not in SITES:
             raise MlpmemError(f"unknown site {site!r} in {text!r}", f"choose one of {SITES}")
-        s = Site(resolve_layer(model, layer), site)
+        s = ReadSite(resolve_layer(model, layer), site)
         sites[feature_name(s.layer, s.site)] = s
     return key, sites
 

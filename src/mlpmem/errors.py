@@ -1,15 +1,10 @@
-"""User-facing errors: the CLI prints these as one paragraph, without a traceback."""
+"""User-facing errors: the CLI prints these as one paragraph, without a traceback.
+
+The class is defined once, in :mod:`mlpmem.modeling.errors` (an exported model carries it without mlpmem).
+"""
 
 from __future__ import annotations
 
+from mlpmem.modeling.errors import MlpmemError
 
-class MlpmemError(Exception):
-    """Something the user can fix: says what is wrong and how to fix it."""
-
-    def __init__(self, problem: str, fix: str = "") -> None:
-        self.problem = problem.rstrip(".")
-        self.fix = fix.rstrip(".")
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        return f"{self.problem}. {self.fix}." if self.fix else f"{self.problem}."
+__all__ = ["MlpmemError"]

@@ -20,8 +20,8 @@ import numpy as np
 from mlpmem.corpus import Corpus
 from mlpmem.datastore import iter_batches
 from mlpmem.errors import MlpmemError
-from mlpmem.interpolate import fit_lambda_em, interpolate_logprobs, lambda_curve, perplexity, plot_lambda_curves
-from mlpmem.models import Site
+from mlpmem.interpolate import fit_lambda_em, interpolate_logprobs, interpolate_many, lambda_curve, perplexity, plot_lambda_curves
+from mlpmem.modeling.read_site import ReadSite
 from mlpmem.store import Datastore
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,8 @@ def score_stored(ds: Datastore, index=None, train_values=None, k: int = 1024, me
 SCORE_BLOCK = 64  # windows per unit of work: processes split a split's windows in blocks of this many
 
 
-def score_online(model, tokens: np.ndarray, context: int, stride: int, key_site: Site | None, index=None, train_values=None, k: int = 1024,
-                 memory=None, memory_site: Site | None = None, batch_size: int = 8, desc: str = "scoring", prefix: tuple[int, ...] = ()) -> Scored:
+def score_online(model, tokens: np.ndarray, context: int, stride: int, key_site: ReadSite | None, index=None, train_values=None, k: int = 1024,
+                 memory=None, memory_site: ReadSite | None = None, batch_size: int = 8, desc: str = "scoring", prefix: tuple[int, ...] = ()) -> Scored:
     """Run the LM over ``tokens`` with hooks and time each method batch by batch.
 
     ``key_site`` None: the LM alone (no kNN search). ``prefix``: token ids in front of every window
@@ -161,46 +161,18 @@ def score_online(model, tokens: np.ndarray, context: int, stride: int, key_site:
     return Scored(cat("labels"), cat("lm"), cat("d"), cat("v"), cat("mem"), secs)
 
 
-def mix(lp_lm: np.ndarray, lp_other: np.ndarray, lam: float) -> np.ndarray:
-    return np.asarray(interpolate_logprobs(np.asarray(lp_lm), np.asarray(lp_other), lam), dtype=np.float64)
-
-
 def tune_knn(valid: Scored, temperatures=TEMPERATURES) -> dict:
     """The temperature (and its EM-fitted lambda) that minimise kNN-LM perplexity on ``valid``."""
     rows = []
     for T in temperatures:
         lp = valid.knn_logprob(T)
         lam = fit_lambda_em(valid.lm_logprob, lp)
-        rows.append({"temperature": float(T), "lambda": float(lam), "ppl": perplexity(mix(valid.lm_logprob, lp, lam))})
+        rows.append({"temperature": float(T), "lambda": float(lam), "ppl": perplexity(interpolate_logprobs(valid.lm_logprob, lp, lam))})
         log.info("T=%g: lambda=%.3f valid ppl %.3f", T, lam, rows[-1]["ppl"])
     best = min(rows, key=lambda r: r["ppl"])
     if best["temperature"] in (min(temperatures), max(temperatures)):
         log.warning("best kNN temperature %g is at the edge of the grid %s", best["temperature"], list(temperatures))
     return {"temperature": best["temperature"], "lambda": best["lambda"], "valid_ppl": best["ppl"], "grid": rows}
-
-
-def fit_mixture_em(lps: list[np.ndarray], iters: int = 200, tol: float = 1e-8) -> list[float]:
-    """Mixture weights of K components that maximise the likelihood (EM).
-
-    ``lps[k][i]`` is component k's log-prob of token i; the M-step weight of a
-    component is its mean posterior responsibility.
-    """
-    L = np.stack([np.asarray(x, dtype=np.float64) for x in lps])  # [K, N]
-    w = np.full(len(lps), 1.0 / len(lps))
-    for _ in range(iters):
-        a = np.log(np.maximum(w, 1e-300))[:, None] + L
-        r = np.exp(a - np.logaddexp.reduce(a, axis=0))
-        new = r.mean(axis=1)
-        if np.abs(new - w).max() < tol:
-            w = new
-            break
-        w = new
-    return [float(x) for x in w]
-
-
-def mix_many(lps: list[np.ndarray], weights: list[float]) -> np.ndarray:
-    with np.errstate(divide="ignore"):
-        return np.logaddexp.reduce(np.log(np.asarray(weights))[:, None] + np.stack(lps), axis=0)
 
 
 def summarize(test: Scored, temperature: float | None, lam_knn: float | None, lam_mem: float | None, w_both: list[float] | None = None) -> dict:
@@ -216,18 +188,18 @@ def summarize(test: Scored, temperature: float | None, lam_knn: float | None, la
     knn_lp = mem_lp = None
     if test.knn_dists is not None:
         knn_lp = test.knn_logprob(temperature)
-        ppl["knn_lm"] = perplexity(mix(test.lm_logprob, knn_lp, lam_knn))
+        ppl["knn_lm"] = perplexity(interpolate_logprobs(test.lm_logprob, knn_lp, lam_knn))
         if test.seconds:
             tps["knn_lm"] = n / (test.seconds["lm"] + test.seconds["knn"])
     if test.memory_logprob is not None:
         mem_lp = test.memory_logprob
-        ppl["mlp_memory"] = perplexity(mix(test.lm_logprob, mem_lp, lam_mem))
+        ppl["mlp_memory"] = perplexity(interpolate_logprobs(test.lm_logprob, mem_lp, lam_mem))
         ppl["memory_alone"] = perplexity(mem_lp)
         if test.seconds:
             tps["mlp_memory"] = n / (test.seconds["lm"] + test.seconds["memory"])
     if knn_lp is not None and mem_lp is not None and w_both is not None:
         # all three, with weights (LM, memory, kNN) fitted jointly on valid
-        ppl["knn_lm+mlp_memory"] = perplexity(mix_many([test.lm_logprob, mem_lp, knn_lp], w_both))
+        ppl["knn_lm+mlp_memory"] = perplexity(interpolate_many([test.lm_logprob, mem_lp, knn_lp], w_both))
         if test.seconds:
             tps["knn_lm+mlp_memory"] = n / (test.seconds["lm"] + test.seconds["knn"] + test.seconds["memory"])
     return {"n_tokens": n, "ppl": ppl, "tokens_per_s": tps}
@@ -271,7 +243,7 @@ def run_knnlm(corpus_dir: Path, datastore_dir: Path, index_dir: Path, out_dir: P
     index = KnnIndex.open(index_dir, ds)
     values = ds.values()
     ctx, stride = ds.manifest["context"], ds.manifest["stride"]
-    key = Site(ds.layer, ds.site)
+    key = ReadSite(ds.layer, ds.site)
     pre = tuple(ds.manifest.get("prefix", []))  # windows scored as the datastore's were extracted (datastore.bos)
     valid = score_online(model, corpus.tokens("valid"), ctx, stride, key, index, values, cfg.k, batch_size=cfg.batch_size, desc="scoring valid",
                          prefix=pre)

@@ -175,7 +175,7 @@ def train_lm(model: torch.nn.Module, chunks: torch.Tensor, cfg: FinetuneConfig, 
     """
     from tqdm.auto import tqdm
 
-    from mlpmem.modeling_mlpmem import hidden_state
+    from mlpmem.modeling.read_site import ReadSite, capture
     from mlpmem.train import autocast
 
     if len(chunks) == 0:
@@ -206,9 +206,9 @@ def train_lm(model: torch.nn.Module, chunks: torch.Tensor, cfg: FinetuneConfig, 
             if memory is None:
                 logits, mem_logits = model(input_ids=x, use_cache=False).logits, None
             else:
-                with hidden_state(hook_model if hook_model is not None else model, site[0], site[1]) as store:
+                with capture(hook_model if hook_model is not None else model, [ReadSite(*site)]) as store:
                     logits = model(input_ids=x, use_cache=False).logits
-                mem_logits = memory(store["h"][:, :-1].float())
+                mem_logits = memory(store[ReadSite(*site)][:, :-1].float())
             loss = mixture_nll(logits[:, :-1], x[:, 1:], mem_logits, lam)
         loss.backward()
         if cfg.clip:
@@ -259,7 +259,7 @@ def finetune(cfg: FinetuneConfig, corpus_dir: str | os.PathLike, out_dir: str | 
     from mlpmem.corpus import Corpus
     from mlpmem.manifest import prepare_out, read_manifest, sha256_bytes
     from mlpmem.models import load_model, resolve_device, tokenizer_hash
-    from mlpmem.modeling_mlpmem import memory_fingerprint
+    from mlpmem.modeling.gating import memory_fingerprint
 
     validate(cfg, "finetune")
     corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
@@ -298,7 +298,8 @@ def finetune(cfg: FinetuneConfig, corpus_dir: str | os.PathLike, out_dir: str | 
 def _load_checked_memory(cfg: FinetuneConfig, lm, tok, dev) -> tuple[torch.nn.Module, dict, float, tuple[int, str]]:
     """The memory folder of cfg.memory, refused unless it fits this LM (site, sizes, tokenizer, base weights)."""
     from mlpmem.memory import load_memory
-    from mlpmem.modeling_mlpmem import check_parts, resolve_layer
+    from mlpmem.modeling.modeling_mlpmem import check_parts
+    from mlpmem.modeling.read_site import resolve_layer
 
     folder = Path(cfg.memory)
     memory, meta = load_memory(folder, device=dev)

@@ -27,18 +27,8 @@ from typing import Any
 import numpy as np
 
 from mlpmem.errors import MlpmemError
-from mlpmem.modeling_mlpmem import (  # noqa: F401  (re-exported)
-    GATE_FEATURES,
-    GATE_KINDS,
-    MIXINGS,
-    MixingGate,
-    check_gate,
-    check_mixing,
-    gate_features,
-    memory_fingerprint,
-    read_gate_folder,
-    write_gate_folder,
-)
+from mlpmem.modeling.mixing import GATE_FEATURES, MIXINGS, check_mixing, gate_features, mixture_nll_logit  # noqa: F401  (re-exported)
+from mlpmem.modeling.gating import GATE_KINDS, MixingGate, check_gate, memory_fingerprint, read_gate_folder, write_gate_folder
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +105,7 @@ def score_mixing(model, tokens: np.ndarray, context: int, stride: int, memory, m
                  chunk: int = 512, gate: MixingGate | None = None, prefix: tuple[int, ...] = ()) -> MixScores:
     """Run the LM over ``tokens`` (windows as the evaluator's) and keep, per predicted position, the LM's and the
     memory's log-prob of the true token and the gate's features. Timed per part (LM forward, memory, features and
-    gate; ``gate`` if given is run too, so its cost is in the timing). ``memory_site``: a models.Site; ``prefix``:
+    gate; ``gate`` if given is run too, so its cost is in the timing). ``memory_site``: a read_site.ReadSite; ``prefix``:
     the datastore's window prefix (datastore.bos), as in evaluate.score_online."""
     labels, lp, feats, secs = score_memories(model, tokens, context, stride, [(memory, memory_site)], batch_size, desc, chunk, gate, prefix)
     return MixScores(labels, lp[:, 0], lp[:, 1], feats[:, 0], secs)
@@ -123,7 +113,7 @@ def score_mixing(model, tokens: np.ndarray, context: int, stride: int, memory, m
 
 def score_memories(model, tokens: np.ndarray, context: int, stride: int, memories: list, batch_size: int = 8, desc: str = "scoring memories",
                    chunk: int = 512, gate=None, prefix: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
-    """One LM pass for K memories (each a (memory, models.Site) pair): (labels [N], log-probs of the true token
+    """One LM pass for K memories (each a (memory, read_site.ReadSite) pair): (labels [N], log-probs of the true token
     [N, K + 1] (column 0 the LM), gate_features of each memory against the LM [N, K, F], seconds per part).
     ``prefix``: token ids in front of every window (the datastore's, see datastore.Extractor); never rows."""
     import torch
@@ -131,7 +121,7 @@ def score_memories(model, tokens: np.ndarray, context: int, stride: int, memorie
 
     from mlpmem.corpus import window_batches, windows
     from mlpmem.datastore import window_ids
-    from mlpmem.models import capture
+    from mlpmem.modeling.read_site import capture
 
     if not memories:
         raise MlpmemError("no memory to score", "pass at least one (memory, site) pair")
@@ -191,21 +181,6 @@ def score_memories(model, tokens: np.ndarray, context: int, stride: int, memorie
 
 
 # ----------------------------------------------------------------------------- the pure maths
-
-
-def mixture_nll(lam_logit, lp_lm, lp_mem, weight=None):
-    """Mean negative log-likelihood of the per-token mixture, from the gate's pre-sigmoid output (torch, [N]).
-
-    log((1 - g) p + g q) with g = sigmoid(z): log g = logsigmoid(z), log(1 - g) = logsigmoid(-z), so
-    the loss stays finite and smooth for any z. ``weight`` [N] weighs positions (normalised by its sum).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    ll = torch.logaddexp(F.logsigmoid(-lam_logit) + lp_lm, F.logsigmoid(lam_logit) + lp_mem)
-    if weight is None:
-        return -ll.mean()
-    return -(ll * weight).sum() / weight.sum()
 
 
 def holdout_mask(n: int, share: float, block: int = 256, seed: int = 0) -> np.ndarray:
@@ -287,13 +262,13 @@ def _fit_mlp_gate(features, lp_lm, lp_mem, cfg: GateConfig, weight, holdout) -> 
 
     def held_nll() -> float:
         with torch.no_grad():
-            return float(mixture_nll(logit("ho"), a[ho], b[ho], wt[ho]))
+            return float(mixture_nll_logit(logit("ho"), a[ho], b[ho], wt[ho]))
 
     a_tr, b_tr, w_tr = a[tr], b[tr], wt[tr]
     best, best_state, best_step, bad = held_nll(), {k: v.clone() for k, v in gate.state_dict().items()}, 0, 0
     start = best
     for step in range(1, cfg.steps + 1):
-        loss = mixture_nll(logit("tr"), a_tr, b_tr, w_tr) + cfg.weight_decay * sum((p * p).sum() for p in decay)
+        loss = mixture_nll_logit(logit("tr"), a_tr, b_tr, w_tr) + cfg.weight_decay * sum((p * p).sum() for p in decay)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -368,7 +343,7 @@ def load_gate(folder: Path, memory=None) -> tuple[MixingGate, dict[str, Any]]:
 
 def find_gate(memory_dir: Path) -> Path | None:
     """The gate a run trained for the memory in RUN/train/memory: RUN/gate, if it holds one."""
-    from mlpmem.modeling_mlpmem import GATE_CONFIG
+    from mlpmem.modeling.gating import GATE_CONFIG
 
     for cand in (Path(memory_dir).parent.parent / "gate", Path(memory_dir).parent / "gate"):
         if (cand / GATE_CONFIG).is_file():
@@ -426,7 +401,7 @@ def build_gate_stage(out_dir: Path, cfg: GateConfig, model, tok, valid_tokens: n
     A finished folder with the same settings and the same memory (fingerprint) is reused. Returns (gate, meta).
     """
     from mlpmem.manifest import file_record, prepare_out, sha256_bytes, write_manifest
-    from mlpmem.modeling_mlpmem import GATE_CONFIG, GATE_WEIGHTS
+    from mlpmem.modeling.gating import GATE_CONFIG, GATE_WEIGHTS
 
     out_dir = Path(out_dir)
     fp = memory_fingerprint(memory)
@@ -476,8 +451,8 @@ def fit_router(lp: np.ndarray, features: np.ndarray, cfg: GateConfig, holdout: n
 def _fit_router(lp, features, cfg: GateConfig, holdout):
     import torch
 
-    from mlpmem.evaluate import fit_mixture_em
-    from mlpmem.modeling_mlpmem import MemoryRouter
+    from mlpmem.interpolate import fit_mixture_em
+    from mlpmem.modeling.gating import MemoryRouter
 
     lp, features = np.asarray(lp, np.float64), np.asarray(features, np.float32)
     if lp.ndim != 2 or lp.shape[1] < 2 or features.shape[:2] != (lp.shape[0], lp.shape[1] - 1):

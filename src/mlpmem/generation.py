@@ -48,7 +48,7 @@ def generate_side_by_side(model_path: str, prompts: list[str], cfg: GenerateConf
     import torch
 
     from mlpmem.hf import MLPMemoryForCausalLM
-    from mlpmem.modeling_mlpmem import check_model_mixing
+    from mlpmem.modeling.mixing import check_model_mixing
     from mlpmem.models import dtype_name, resolve_device
 
     dev, dt = resolve_device(device, dtype)

@@ -46,13 +46,10 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from mlpmem.errors import MlpmemError
 from mlpmem.memory import load_memory
-from mlpmem.modeling_mlpmem import (  # noqa: F401  (re-exported)
-    MEMORY_DIR,
-    MLPMemoryConfig,
-    MLPMemoryForCausalLM,
-    check_parts,
-    check_temperature,
-)
+from mlpmem.modeling.mlp_memory import MEMORY_DIR  # noqa: F401  (re-exported)
+from mlpmem.modeling.configuration_mlpmem import MLPMemoryConfig
+from mlpmem.modeling.modeling_mlpmem import MLPMemoryForCausalLM, check_parts
+from mlpmem.modeling.mixing import check_temperature
 from mlpmem.models import check_fingerprint, tokenizer_hash
 
 log = logging.getLogger(__name__)
@@ -68,6 +65,15 @@ def check_base(lm: Any, meta: dict[str, Any], tokenizer: Any = None) -> None:
             f"(hash {tokenizer_hash(tokenizer)} vs {meta['tokenizer_hash']}, memory trained on {meta.get('model_id')!r})", fix,
         )
     check_fingerprint(meta.get("model_fingerprint"), lm, expected_name=str(meta.get("model_id")), model_name=name, fix=fix)
+
+
+def load_base(ref: str, dtype: str) -> tuple[Any, Any]:
+    """A base model by mlpmem's names (aliases such as ``smollm2-135m``, ``.gguf`` files, folders, hub ids),
+    refusing non-causal models: (LM in eval mode, tokenizer). The model class's loader by reference."""
+    from mlpmem.models import load_model
+
+    lm, tok, _ = load_model(ref, dtype=dtype)
+    return lm, tok
 
 
 def from_memory(
@@ -105,7 +111,7 @@ def from_memory(
     """
     from mlpmem.gate import find_gate, load_gate
     from mlpmem.models import load_model
-    from mlpmem.modeling_mlpmem import read_router_folder, ROUTER_CONFIG, GATE_WEIGHTS
+    from mlpmem.modeling.gating import GATE_WEIGHTS, ROUTER_CONFIG, read_router_folder
 
     dirs = [Path(d) for d in (memory_dir if isinstance(memory_dir, (list, tuple)) else [memory_dir] if str(memory_dir) else [])]
     knn_dirs = [Path(d) for d in (knn if isinstance(knn, (list, tuple)) else [knn] if knn else [])]
@@ -160,7 +166,8 @@ def _default_names(dirs: list[Path], modules: list) -> list[str]:
     else the folder's; made valid and unique."""
     import re
 
-    from mlpmem.modeling_mlpmem import MLPMemory, RESERVED_NAMES
+    from mlpmem.modeling.mlp_memory import MLPMemory
+    from mlpmem.modeling.modeling_mlpmem import RESERVED_NAMES
 
     out: list[str] = []
     for d, m in zip(dirs, modules):
@@ -189,8 +196,8 @@ def fit_router(model: MLPMemoryForCausalLM, tokens: "Any", context: int = 512, s
     from mlpmem.gate import GateConfig
     from mlpmem.gate import fit_router as fit
     from mlpmem.gate import score_memories
-    from mlpmem.modeling_mlpmem import component_logprobs
-    from mlpmem.models import Site
+    from mlpmem.modeling.modeling_mlpmem import component_logprobs
+    from mlpmem.modeling.read_site import ReadSite
 
     class Scored(torch.nn.Module):  # the component as the model mixes it (temperature applied, log-probs out)
         def __init__(self, m: torch.nn.Module, temperature: float, device: torch.device) -> None:
@@ -203,7 +210,7 @@ def fit_router(model: MLPMemoryForCausalLM, tokens: "Any", context: int = 512, s
 
     arrays = tokens if isinstance(tokens, (list, tuple)) else [tokens]
     device = next(model.lm.parameters()).device
-    mems = [(Scored(m, model.memory_temperature, device), Site(*model.sites[n])) for n, m in model.components().items()]
+    mems = [(Scored(m, model.memory_temperature, device), ReadSite(*model.sites[n])) for n, m in model.components().items()]
     lps, feats = [], []
     for i, toks in enumerate(arrays):
         _, lp, f, _ = score_memories(model.lm, np.asarray(toks), context, stride, mems, batch_size, desc=f"scoring for the router ({i + 1}/{len(arrays)})")

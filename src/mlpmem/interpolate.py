@@ -1,7 +1,8 @@
-"""Mixing the LM with another distribution (the memory, or kNN): log p = log((1 - lam) p_LM + lam p_other).
+"""Mixing the LM with other distributions on arrays, and fitting the mixture: lambda (EM), weights (EM), perplexity.
 
-Pure functions. ``interpolate_logprobs`` takes numpy arrays or torch tensors and
-returns the same kind; the fitting and perplexity helpers work in float64 numpy.
+The maths is :mod:`mlpmem.modeling.mixing`'s (one torch implementation); these front-ends take numpy
+arrays (float64, through ``torch.from_numpy``) or torch tensors and return the same kind. The fitting
+and perplexity helpers work in float64 numpy.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mlpmem.errors import MlpmemError
+from mlpmem.modeling.mixing import check_lambda, mix, mix_per_token, mix_weighted
 
 log = logging.getLogger(__name__)
 
@@ -21,63 +23,79 @@ log = logging.getLogger(__name__)
 DEFAULT_LAMBDA_GRID: tuple[float, ...] = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
-def check_lambda(lam: float) -> float:
-    lam = float(lam)
-    if not 0.0 <= lam <= 1.0:  # also refuses NaN
-        raise MlpmemError(f"lambda must lie in [0, 1], got {lam}", "pass a mixture weight between 0 (LM only) and 1 (memory only)")
-    return lam
+def _as_torch(x: Any):
+    """A torch view of an array (float64 numpy arrays stay float64 and share memory), and whether it was numpy."""
+    import torch
+
+    return (x, False) if _is_torch(x) else (torch.from_numpy(np.asarray(x, dtype=np.float64)), True)
 
 
 def interpolate_logprobs(lp_lm: Any, lp_other: Any, lam: float) -> Any:
-    """``logaddexp(log(1 - lam) + lp_lm, log(lam) + lp_other)``, elementwise, any shape.
+    """``logaddexp(log(1 - lam) + lp_lm, log(lam) + lp_other)``, elementwise, any shape (:func:`mlpmem.modeling.mixing.mix`).
 
     Works on full log-prob rows [..., V] or on per-target values [N]. Exact at the
     ends: lam = 0 returns lp_lm, lam = 1 returns lp_other (no log(0) arithmetic).
-    Torch in -> torch out (the dtype of lp_lm); numpy in -> numpy out.
+    Torch in -> torch out (the dtype and device of lp_lm); numpy in -> float64 numpy out.
     """
     lam = check_lambda(lam)
-    if lam == 0.0:
-        return lp_lm
-    if lam == 1.0:
-        return lp_other
-    a, b = math.log1p(-lam), math.log(lam)
     if _is_torch(lp_lm) or _is_torch(lp_other):
         import torch
 
         ref = lp_lm if _is_torch(lp_lm) else lp_other
         x = torch.as_tensor(lp_lm, device=ref.device, dtype=ref.dtype)
-        y = torch.as_tensor(lp_other, device=ref.device).to(ref.dtype)
-        return torch.logaddexp(x + a, y + b)
-    return np.logaddexp(np.asarray(lp_lm) + a, np.asarray(lp_other) + b)
+        return mix(x, torch.as_tensor(lp_other, device=ref.device), lam)
+    return mix(_as_torch(lp_lm)[0], _as_torch(lp_other)[0], lam).numpy()
 
 
 def interpolate_per_token(lp_lm: Any, lp_other: Any, lam: Any) -> Any:
-    """Per-token mixture: ``logaddexp(log(1 - lam_i) + lp_lm_i, log(lam_i) + lp_other_i)`` with lam [N] (a gate's output).
+    """Per-token mixture: ``logaddexp(log(1 - lam_i) + lp_lm_i, log(lam_i) + lp_other_i)`` with lam [N] (a gate's output)
+    (:func:`mlpmem.modeling.mixing.mix_per_token`).
 
     lp_lm, lp_other [N] (per-target values) or [N, V] (full rows; lam broadcasts over V).
     Exact where lam_i is 0 or 1. Every lam_i must lie in [0, 1] (NaN refused). Numpy in ->
     float64 numpy out; torch in -> torch out (dtype of lp_lm).
     """
-    if _is_torch(lam) or _is_torch(lp_lm):
-        import torch
+    import torch
 
+    if _is_torch(lam) or _is_torch(lp_lm):
         ref = lp_lm if _is_torch(lp_lm) else lam
-        lam_t = torch.as_tensor(lam, device=ref.device).to(torch.float64 if not _is_torch(lp_lm) else lp_lm.dtype)
-        if not bool(((lam_t >= 0) & (lam_t <= 1)).all()):
-            raise MlpmemError("per-token lambdas must lie in [0, 1]", "pass a gate's sigmoid output, not its logits")
-        x = torch.as_tensor(lp_lm, device=ref.device).to(lam_t.dtype)
-        y = torch.as_tensor(lp_other, device=ref.device).to(lam_t.dtype)
-        if x.dim() > lam_t.dim():
-            lam_t = lam_t[..., None]
-        return torch.logaddexp(torch.log1p(-lam_t) + x, torch.log(lam_t) + y)
-    lam = np.asarray(lam, dtype=np.float64)
-    if not bool(((lam >= 0) & (lam <= 1)).all()):
+        dtype = torch.float64 if not _is_torch(lp_lm) else lp_lm.dtype
+        lam_t = torch.as_tensor(lam, device=ref.device).to(dtype)
+        x = torch.as_tensor(lp_lm, device=ref.device).to(dtype)
+        y = torch.as_tensor(lp_other, device=ref.device).to(dtype)
+        numpy_out = False
+    else:
+        (lam_t, _), (x, _), (y, _) = _as_torch(lam), _as_torch(lp_lm), _as_torch(lp_other)
+        numpy_out = True
+    if not bool(((lam_t >= 0) & (lam_t <= 1)).all()):
         raise MlpmemError("per-token lambdas must lie in [0, 1]", "pass a gate's sigmoid output, not its logits")
-    x, y = np.asarray(lp_lm, dtype=np.float64), np.asarray(lp_other, dtype=np.float64)
-    if x.ndim > lam.ndim:
-        lam = lam[..., None]
-    with np.errstate(divide="ignore"):
-        return np.logaddexp(np.log1p(-lam) + x, np.log(lam) + y)
+    out = mix_per_token(x, y, lam_t)
+    return out.numpy() if numpy_out else out
+
+
+def interpolate_many(lps: list[Any], weights: list[float]) -> np.ndarray:
+    """log sum_k w_k p_k over per-target log-probs [N] of K components with fixed weights (the LM's first): float64
+    numpy (:func:`mlpmem.modeling.mixing.mix_weighted`)."""
+    return mix_weighted([_as_torch(_np64(x))[0] for x in lps], [float(w) for w in weights]).numpy()
+
+
+def fit_mixture_em(lps: list[np.ndarray], iters: int = 200, tol: float = 1e-8) -> list[float]:
+    """Mixture weights of K components that maximise the likelihood (EM).
+
+    ``lps[k][i]`` is component k's log-prob of token i; the M-step weight of a
+    component is its mean posterior responsibility.
+    """
+    L = np.stack([np.asarray(x, dtype=np.float64) for x in lps])  # [K, N]
+    w = np.full(len(lps), 1.0 / len(lps))
+    for _ in range(iters):
+        a = np.log(np.maximum(w, 1e-300))[:, None] + L
+        r = np.exp(a - np.logaddexp.reduce(a, axis=0))
+        new = r.mean(axis=1)
+        if np.abs(new - w).max() < tol:
+            w = new
+            break
+        w = new
+    return [float(x) for x in w]
 
 
 def _is_torch(x: Any) -> bool:

@@ -83,7 +83,7 @@ def load_mixture(
     ``mixing``: None uses the memory's gate when it has one (else the fixed lambda) and a router when one is
     given, "fixed", "gated" or "routed" force one. ``names``, ``weights``, ``router``, ``knn``: see the module docstring.
     """
-    from mlpmem.modeling_mlpmem import check_model_mixing
+    from mlpmem.modeling.mixing import check_model_mixing
 
     from mlpmem.hf import MLPMemoryForCausalLM
 

@@ -91,7 +91,7 @@ def set_full_verify(on: bool) -> None:
 
 
 def package_version() -> str:
-    from mlpmem import __version__
+    from mlpmem._version import __version__
 
     return __version__
 

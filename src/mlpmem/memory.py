@@ -3,8 +3,8 @@
 An optional input projection, B residual blocks ``x = x + FFN(Norm(x))``, a final
 norm and a head to V logits. No attention: every position is mapped on its own,
 so a batch is just a bag of rows. The network (:class:`MemoryConfig`,
-:class:`MLPMemory`) is defined in :mod:`mlpmem.modeling_mlpmem`, the self-contained
-file an exported model carries, and re-exported here; this module starts a memory
+:class:`MLPMemory`) is defined in :mod:`mlpmem.modeling.mlp_memory`, part of
+what an exported model carries, and re-exported here; this module starts a memory
 from an LM and saves and loads memory folders. A memory folder holds
 ``model.safetensors`` and ``memory_config.json`` (the config that rebuilds it, plus
 where its inputs come from), so loading needs no flags.
@@ -26,18 +26,10 @@ from mlpmem.errors import MlpmemError
 from mlpmem.manifest import read_json, write_json
 
 # the network itself lives in the self-contained file an exported model carries (one definition)
-from mlpmem.modeling_mlpmem import (  # noqa: F401  (re-exported)
-    ACTIVATIONS,
-    FFN,
-    INITS,
-    NORMS,
-    Block,
-    MemoryConfig,
-    MLPMemory,
-    Norm,
-)
-from mlpmem.modeling_mlpmem import MEMORY_CONFIG as CONFIG
-from mlpmem.modeling_mlpmem import MEMORY_WEIGHTS as WEIGHTS
+from mlpmem.modeling.mlp_memory import ACTIVATIONS, Block, FFN, INITS, MLPMemory, MemoryConfig, NORMS, Norm  # noqa: F401  (re-exported)
+from mlpmem.modeling.mlp_memory import MEMORY_CONFIG as CONFIG
+from mlpmem.modeling.mlp_memory import MEMORY_WEIGHTS as WEIGHTS
+from mlpmem.modeling.read_site import ReadSite, check_layer, decoder_layers
 
 log = logging.getLogger(__name__)
 
@@ -171,9 +163,7 @@ class MemoryInput:
 
     @property
     def read_site(self):
-        from mlpmem.models import Site
-
-        return Site(self.layer, self.site)
+        return ReadSite(self.layer, self.site)
 
     def array_in(self, key_layer: int, key_site: str) -> str:
         """The name this input has in a datastore whose key is (``key_layer``, ``key_site``)."""
@@ -194,14 +184,9 @@ def resolve_memory_input(input_layer: int | None, input_site: str | None, init: 
     else:
         layer, site = (key_layer if input_layer is None else input_layer), (input_site or key_site)
     if lm is not None:
-        from mlpmem.models import decoder_layers
-
         n_layers = len(decoder_layers(lm))
     if n_layers is not None:
-        if not -n_layers <= layer < n_layers:
-            raise MlpmemError(f"input layer {layer} is out of range: the model has {n_layers} decoder layers",
-                              f"choose a layer in {-n_layers}..{n_layers - 1} (negative counts from the end; -1 is the last)")
-        layer %= n_layers
+        layer = check_layer(layer, n_layers, "input layer")
     elif layer < 0:
         raise MlpmemError(f"input layer {layer} counts from the end, which needs the model", "pass a non-negative --input-layer (or the LM)")
     if init == "lm_copy" and n_layers is not None and (layer, site) != (n_layers - 1, "output"):

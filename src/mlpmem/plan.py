@@ -84,7 +84,7 @@ def calibrate(model, recipe, d_in: int, vocab: int, device) -> Throughputs:
     import torch
 
     from mlpmem.datastore import iter_batches, resolve_mode
-    from mlpmem.models import Site, resolve_layer
+    from mlpmem.modeling.read_site import ReadSite, resolve_layer
     from mlpmem.train import build_memory, build_optimizer
     from mlpmem.losses import sparse_kd_loss
 
@@ -92,7 +92,7 @@ def calibrate(model, recipe, d_in: int, vocab: int, device) -> Throughputs:
     ds = recipe.sections["datastore"]
     C, S, B = ds.context, ds.stride, ds.batch_size
     mode = resolve_mode(model, ds.mode, C, S)
-    sites = {"keys": Site(resolve_layer(model, ds.layer), ds.site)}
+    sites = {"keys": ReadSite(resolve_layer(model, ds.layer), ds.site)}
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, min(vocab, model.config.get_text_config().vocab_size), size=C + S * B + 1).astype(np.int32)
 
@@ -259,7 +259,8 @@ def plan(recipe, train_tokens: int | None = None, throughputs: Throughputs | Non
 
     from mlpmem import dist
     from mlpmem.memory import MLPMemory
-    from mlpmem.models import decoder_layers, dtype_name, load_model, logits_size, model_label, num_parameters, resolve_device
+    from mlpmem.models import dtype_name, load_model, logits_size, model_label, num_parameters, resolve_device
+    from mlpmem.modeling.read_site import decoder_layers
 
     tokens = split_tokens(recipe, train_tokens)
     dev, dt = resolve_device(dist.local_device(recipe.device), recipe.sections["datastore"].dtype)

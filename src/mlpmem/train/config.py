@@ -57,7 +57,7 @@ class TrainConfig:
         """Every range or consistency problem, as "key: message" lines (empty when fine)."""
         from mlpmem.config import in_range, need, one_of, positive
         from mlpmem.memory import ACTIVATIONS, INITS, NORMS
-        from mlpmem.models import SITES
+        from mlpmem.modeling.read_site import SITES
 
         return (positive(self, "width", allow_none=True) + positive(self, "n_blocks", zero=True)
                 + positive(self, "expansion", "norm_eps", "lr", "epochs", "batch_size", "grad_accum", "keep_last", "log_every")

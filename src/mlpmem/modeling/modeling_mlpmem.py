@@ -1,12 +1,12 @@
-"""A Hugging Face causal LM + a retriever-pretrained MLP memory (arXiv 2508.01832), in one file.
+"""A Hugging Face causal LM + a retriever-pretrained MLP memory (arXiv 2508.01832), in a few files.
 
 This file is the model, and it is self-contained: ``save_pretrained`` copies it next
 to the weights, so ``AutoModelForCausalLM.from_pretrained(folder_or_repo,
 trust_remote_code=True)`` works where mlpmem is not installed. It imports only the
-standard library, torch, transformers and safetensors. Where mlpmem is importable
-it is used for more (its errors, the tokenizer and weight fingerprint checks, its
-model names such as ``smollm2-135m``); those imports sit in ``try`` blocks, which
-transformers' remote-code import check skips.
+standard library, torch, transformers, safetensors and its sibling files (relative
+imports, which transformers copies with it). Where mlpmem is installed and imported,
+it registers more (:mod:`.integration`: the tokenizer and weight fingerprint checks,
+model names such as ``smollm2-135m``, kNN-LM retrievers); nothing here imports mlpmem.
 
 ``MLPMemoryForCausalLM`` holds a frozen causal LM (``.lm``) and an :class:`MLPMemory`
 (``.memory``). Its forward returns, as ``logits``, the interpolated log-probabilities
@@ -45,467 +45,61 @@ import dataclasses
 import inspect
 import json
 import logging
-import math
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils import cached_file
 
-try:
-    from mlpmem.errors import MlpmemError
-except ImportError:  # the exported file, loaded without mlpmem: the same class, defined here
-
-    class MlpmemError(Exception):  # type: ignore[no-redef]
-        """Something the user can fix: says what is wrong and how to fix it."""
-
-        def __init__(self, problem: str, fix: str = "") -> None:
-            self.problem, self.fix = problem.rstrip("."), fix.rstrip(".")
-            super().__init__(str(self))
-
-        def __str__(self) -> str:
-            return f"{self.problem}. {self.fix}." if self.fix else f"{self.problem}."
-
-
-try:  # sub-config specs are how transformers >= 5.x builds `text_config` from a dict
-    from transformers.configuration_utils import SubConfigSpec
-except ImportError:
-    SubConfigSpec = None
+from .configuration_mlpmem import MLPMemoryConfig
+from .errors import MlpmemError
+from .gating import (
+    GATE_CONFIG,
+    GATE_DIR,
+    GATE_WEIGHTS,
+    ROUTER_CONFIG,
+    ROUTER_DIR,
+    MemoryRouter,
+    MixingGate,
+    build_gate,
+    check_gate,
+    check_gate_values,
+    check_router_values,
+    memory_fingerprint,
+    read_gate_folder,
+    read_router_folder,
+    write_gate_folder,
+    write_router_folder,
+)
+from .integration import hook
+from .mixing import (
+    check_lambda,
+    check_model_mixing,
+    check_temperature,
+    check_weights,
+    gate_features,
+    mix,
+    mix_per_token,
+    mix_routed,
+    mix_weighted,
+    weights_from_lambda,
+)
+from .mlp_memory import MEMORY_CONFIG, MEMORY_DIR, MEMORY_WEIGHTS, MemoryConfig, MLPMemory, plain_init, read_memory_folder, write_memory_folder
+from .read_site import SITES, ReadSite, capture, keep_positions, resolve_layer
 
 logger = logging.getLogger(__name__)
 
-MEMORY_DIR = "memory"  # a saved-by-reference folder keeps the memory here (mlpmem's memory folder format)
-MEMORY_WEIGHTS = "model.safetensors"
-MEMORY_CONFIG = "memory_config.json"
-SITES = ("ffn_input", "output")
-ACTIVATIONS = ("gelu", "swiglu")
-NORMS = ("layernorm", "rmsnorm", "rmsnorm_plus_one")
-INITS = ("plain", "lm_head", "lm_copy")
 # keyword arguments of from_pretrained that say where files come from; a base model saved by
 # reference is another repository, so it gets these but not `revision` or `subfolder`
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
-
-
-def check_lambda(lam: float) -> float:
-    lam = float(lam)
-    if not 0.0 <= lam <= 1.0:  # also refuses NaN
-        raise MlpmemError(f"lambda must lie in [0, 1], got {lam}", "pass a mixture weight between 0 (LM only) and 1 (memory only)")
-    return lam
-
-
-def check_temperature(t: float) -> float:
-    t = float(t)
-    if not (t > 0 and math.isfinite(t)):
-        raise MlpmemError(f"the memory temperature must be a positive number, got {t}", "pass e.g. memory_temperature=1.0 (the memory's own distribution)")
-    return t
-
-
-# ============================================================================ the memory network
-
-
-@dataclass
-class MemoryConfig:
-    """Everything that rebuilds a memory's architecture (and how it was started)."""
-
-    d_in: int
-    vocab_size: int
-    width: int | None = None  # None: width = d_in and no input projection
-    n_blocks: int = 4
-    expansion: int = 4  # FFN hidden size = expansion * width (for SwiGLU too)
-    activation: str = "gelu"
-    norm: str = "layernorm"
-    norm_eps: float = 1e-5
-    init: str = "plain"
-    freeze_head: bool = False
-    zero_init_blocks: bool = True  # blocks start as the identity
-    head_bias: bool = False
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.d_in > 0, f"d_in must be positive, got {self.d_in}"),
-            (self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}"),
-            (self.width is None or self.width > 0, f"width must be positive or None, got {self.width}"),
-            (self.n_blocks >= 0, f"n_blocks must be >= 0, got {self.n_blocks}"),
-            (self.expansion > 0, f"expansion must be positive, got {self.expansion}"),
-            (self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {self.activation!r}"),
-            (self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}"),
-            (self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}"),
-            (self.init in INITS, f"init must be one of {INITS}, got {self.init!r}"),
-        ]
-        for ok, problem in checks:
-            if not ok:
-                raise MlpmemError(f"invalid memory configuration: {problem}", "fix the memory settings")
-
-    @property
-    def model_width(self) -> int:
-        return self.d_in if self.width is None else self.width
-
-
-class Norm(nn.Module):
-    """LayerNorm, RMSNorm (Llama) or RMSNorm with (1 + w) scaling (Gemma).
-
-    The RMS variants follow the Hugging Face code operation by operation (float32
-    inside, cast back), so that a copied LM norm gives the LM's numbers exactly.
-    """
-
-    def __init__(self, width: int, kind: str, eps: float) -> None:
-        super().__init__()
-        self.kind, self.eps = kind, eps
-        # gemma stores w with the 1 taken out, so "no scaling" is w = 0
-        self.weight = nn.Parameter(torch.zeros(width) if kind == "rmsnorm_plus_one" else torch.ones(width))
-        self.bias = nn.Parameter(torch.zeros(width)) if kind == "layernorm" else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "layernorm":
-            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.kind == "rmsnorm_plus_one":
-            return (h * (1.0 + self.weight.float())).to(dtype)
-        return self.weight * h.to(dtype)
-
-    def reset_parameters(self) -> None:
-        nn.init.zeros_(self.weight) if self.kind == "rmsnorm_plus_one" else nn.init.ones_(self.weight)
-        if self.bias is not None:
-            nn.init.zeros_(self.bias)
-
-
-class FFN(nn.Module):
-    """Position-wise feed-forward: GELU (GPT-2 style) or SwiGLU (Llama style)."""
-
-    def __init__(self, width: int, hidden: int, activation: str) -> None:
-        super().__init__()
-        self.activation = activation
-        self.up = nn.Linear(width, 2 * hidden if activation == "swiglu" else hidden)
-        self.down = nn.Linear(hidden, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.up(x)
-        if self.activation == "swiglu":
-            gate, val = h.chunk(2, dim=-1)
-            h = F.silu(gate) * val
-        else:
-            h = F.gelu(h)
-        return self.down(h)
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: MemoryConfig) -> None:
-        super().__init__()
-        w = cfg.model_width
-        self.norm = Norm(w, cfg.norm, cfg.norm_eps)
-        self.ffn = FFN(w, cfg.expansion * w, cfg.activation)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.ffn(self.norm(x))
-
-
-
-def plain_init(m: nn.Module) -> None:
-    """The "plain" start of one module: GPT-2's N(0, 0.02) linear weights, zero biases, unit norms."""
-    if isinstance(m, nn.Linear):
-        nn.init.normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, Norm):
-        m.reset_parameters()
-
-class MLPMemory(nn.Module):
-    """All-MLP memory. ``forward(h [..., d_in]) -> logits [..., vocab_size]``.
-
-    An optional input projection, B residual blocks ``x = x + FFN(Norm(x))``, a final
-    norm and a head to V logits. No attention: every position is mapped on its own.
-    """
-
-    def __init__(self, cfg: MemoryConfig) -> None:
-        super().__init__()
-        self.config = cfg
-        w = cfg.model_width
-        self.proj = nn.Linear(cfg.d_in, w) if cfg.width is not None else None
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_blocks))
-        self.norm = Norm(w, cfg.norm, cfg.norm_eps)
-        self.head = nn.Linear(w, cfg.vocab_size, bias=cfg.head_bias)
-        self.reset_parameters()
-        self.apply_freeze()
-
-    @classmethod
-    def from_config(cls, cfg: MemoryConfig | dict[str, Any]) -> "MLPMemory":
-        return cls(cfg if isinstance(cfg, MemoryConfig) else MemoryConfig(**cfg))
-
-    def reset_parameters(self) -> None:
-        """The "plain" start: GPT-2's N(0, 0.02) weights, zero biases, unit norms."""
-        for m in self.modules():
-            plain_init(m)
-        if self.config.zero_init_blocks:
-            # a zero output projection makes each block the identity at the start, so
-            # an initialised head sees the input unchanged; the down weights still get
-            # gradients (their input is non-zero), so the blocks do learn
-            for b in self.blocks:
-                nn.init.zeros_(b.ffn.down.weight)
-                nn.init.zeros_(b.ffn.down.bias)
-
-    def apply_freeze(self) -> None:
-        for p in self.head.parameters():
-            p.requires_grad_(not self.config.freeze_head)
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """h [..., d_in] (any float dtype) -> logits [..., vocab_size]."""
-        if h.dtype != self.head.weight.dtype:
-            h = h.to(self.head.weight.dtype)  # keys are stored as float16
-        x = self.proj(h) if self.proj is not None else h
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x))
-
-    def num_parameters(self, trainable_only: bool = False) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
-
-
-def read_memory_folder(files: dict[str, str]) -> tuple[MLPMemory, dict[str, Any]]:
-    """Build a memory from the two files of a memory folder (paths by name). Returns (memory in eval mode, meta)."""
-    try:
-        data = json.loads(Path(files[MEMORY_CONFIG]).read_text())
-        with torch.device("meta"):  # skip a random init that would be overwritten at once
-            memory = MLPMemory(MemoryConfig(**data["config"]))
-        memory.load_state_dict(load_file(files[MEMORY_WEIGHTS]), strict=True, assign=True)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise MlpmemError(f"the memory in {Path(files[MEMORY_CONFIG]).parent} is not readable ({str(e).splitlines()[0][:200]})", "save the model again with save_pretrained")
-    memory.apply_freeze()
-    return memory.eval(), data.get("meta", {})
-
-
-def write_memory_folder(folder: Path, memory: MLPMemory, meta: dict[str, Any]) -> None:
-    """The memory folder format mlpmem's train stage writes: weights, then the config that rebuilds them."""
-    folder.mkdir(parents=True, exist_ok=True)
-    # clone: safetensors refuses tensors that share storage, and contiguous views are required
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in memory.state_dict().items()}
-    tmp = folder / (MEMORY_WEIGHTS + ".partial")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / MEMORY_WEIGHTS)
-    text = json.dumps({"config": dataclasses.asdict(memory.config), "meta": meta}, indent=2, default=str)
-    (folder / (MEMORY_CONFIG + ".partial")).write_text(text)
-    os.replace(folder / (MEMORY_CONFIG + ".partial"), folder / MEMORY_CONFIG)
-
-
-# ============================================================================ the mixing gate
-# lambda per token from cheap features of the two distributions (issue 12). The gate's forward and its
-# file format live here, so an exported model mixes the same way without mlpmem; mlpmem.gate fits it.
-
-GATE_DIR = "gate"  # a saved-by-reference folder keeps the gate here, as the memory in memory/
-GATE_WEIGHTS = "model.safetensors"
-GATE_CONFIG = "gate_config.json"
-GATE_KINDS = ("mlp", "binned")
-MIXINGS = ("fixed", "gated")
-# every feature costs a few elementwise passes over the vocabulary, next to the memory's V x d head
-GATE_FEATURES = ("lm_entropy", "lm_max_logprob", "memory_entropy", "memory_max_logprob", "kl_lm_memory", "kl_memory_lm", "argmax_agree")
-KL_CAP = 100.0  # a KL to a distribution that gives a token no mass is infinite: capped, so the gate's input stays finite
-
-
-def check_mixing(mixing: str) -> str:
-    if mixing not in MIXINGS:
-        raise MlpmemError(f"mixing must be one of {', '.join(MIXINGS)}, got {mixing!r}",
-                          "pass mixing='fixed' (one lambda for every token) or mixing='gated' (lambda per token from the memory's gate)")
-    return mixing
-
-
-def gate_features(lm_logprobs: torch.Tensor, memory_logprobs: torch.Tensor) -> torch.Tensor:
-    """Log-probs of the LM and the memory [..., V] -> the gate's features [..., len(GATE_FEATURES)] (float32).
-
-    Entropies and the largest log-probability of each, both KL divergences (capped at
-    KL_CAP) and whether the two agree on the most likely token. Tokens without mass
-    (log-prob -inf) contribute 0 to an entropy, as p log p does in the limit.
-    """
-    # a few passes over [..., V]: two exps, two clamps, four row dot products and two max; -inf log-probs
-    # (no mass) are clamped to a finite floor, where p = 0 makes every product with them 0 as in the limit
-    floor = torch.finfo(torch.float32).min / 4
-    lp, lq = lm_logprobs.float().clamp_min(floor), memory_logprobs.float().clamp_min(floor)
-    p, q = lp.exp(), lq.exp()
-    dot = lambda a, b: (a.unsqueeze(-2) @ b.unsqueeze(-1))[..., 0, 0]  # noqa: E731  row-wise sum(a * b)
-    p_lp, q_lq, p_lq, q_lp = dot(p, lp), dot(q, lq), dot(p, lq), dot(q, lp)
-    h_p, h_q = -p_lp, -q_lq
-    kl_pq, kl_qp = (p_lp - p_lq).clamp(0.0, KL_CAP), (q_lq - q_lp).clamp(0.0, KL_CAP)
-    max_p, arg_p = lp.max(-1)
-    max_q, arg_q = lq.max(-1)
-    agree = (arg_p == arg_q).to(lp.dtype)
-    return torch.stack([h_p.clamp_min(0.0), max_p, h_q.clamp_min(0.0), max_q, kl_pq, kl_qp, agree], -1)
-
-
-class MixingGate(nn.Module):
-    """Per-token lambda in [0, 1] from :func:`gate_features` [..., F] -> [...].
-
-    ``kind="mlp"``: standardised features -> Linear(F, hidden) -> tanh -> Linear(hidden, 1)
-    -> sigmoid (a few hundred parameters). ``kind="binned"``: the closed form, one
-    lambda per bin of one feature (``bin_feature``, LM entropy by default), stored as
-    logits: sigmoid(-inf) = 0 and sigmoid(+inf) = 1 exactly. Either way the output is a
-    sigmoid, so it cannot leave [0, 1].
-    """
-
-    def __init__(self, kind: str = "mlp", features: tuple[str, ...] | list[str] = GATE_FEATURES, hidden: int = 32, bins: int = 8,
-                 bin_feature: str = "lm_entropy") -> None:
-        super().__init__()
-        if kind not in GATE_KINDS:
-            raise MlpmemError(f"unknown gate kind {kind!r}", f"choose one of {GATE_KINDS}")
-        unknown = [f for f in features if f not in GATE_FEATURES]
-        if unknown or not features:
-            raise MlpmemError(f"unknown gate features {unknown or 'none'}", f"choose among {GATE_FEATURES}")
-        if hidden < 1 or bins < 1:
-            raise MlpmemError(f"a gate needs hidden >= 1 and bins >= 1, got hidden={hidden}, bins={bins}", "fix the gate settings")
-        if bin_feature not in features:
-            raise MlpmemError(f"the binned gate's feature {bin_feature!r} is not among its features {list(features)}", "add it to the features")
-        self.kind, self.features, self.hidden, self.bins, self.bin_feature = kind, tuple(features), int(hidden), int(bins), bin_feature
-        self.index = [GATE_FEATURES.index(f) for f in self.features]  # columns of gate_features' output
-        n = len(self.features)
-        if kind == "mlp":
-            self.register_buffer("shift", torch.zeros(n))
-            self.register_buffer("scale", torch.ones(n))
-            self.inner = nn.Linear(n, self.hidden)
-            self.out = nn.Linear(self.hidden, 1)
-            nn.init.zeros_(self.out.weight)  # starts as a constant lambda (sigmoid of out.bias)
-        else:
-            self.register_buffer("edges", torch.zeros(self.bins - 1))
-            self.register_buffer("bin_logits", torch.zeros(self.bins))
-
-    def config(self) -> dict[str, Any]:
-        return {"kind": self.kind, "features": list(self.features), "hidden": self.hidden, "bins": self.bins, "bin_feature": self.bin_feature}
-
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        """feats [..., len(GATE_FEATURES)] (all features, in GATE_FEATURES order) -> lambda [...]."""
-        x = feats[..., self.index].to(self.scale.dtype if self.kind == "mlp" else self.edges.dtype)
-        if self.kind == "binned":
-            col = x[..., self.features.index(self.bin_feature)].contiguous()
-            return torch.sigmoid(self.bin_logits[torch.bucketize(col, self.edges)])
-        return torch.sigmoid(self.out(torch.tanh(self.inner((x - self.shift) / self.scale))))[..., 0]
-
-    def num_parameters(self) -> int:
-        return sum(t.numel() for t in self.state_dict().values())
-
-
-def memory_fingerprint(memory: nn.Module) -> str:
-    """A hash that identifies a memory's weights (16 hex digits): its config, and a strided sample of up to 4096
-    values of every tensor rounded to bfloat16 (so float32 and bfloat16 copies agree). A gate records it."""
-    import hashlib
-
-    h = hashlib.sha256(json.dumps(dataclasses.asdict(memory.config), sort_keys=True, default=str).encode())
-    for name, t in sorted(memory.state_dict().items()):
-        flat = t.detach().reshape(-1)
-        h.update(name.encode())
-        h.update(flat[:: max(1, flat.numel() // 4096)][:4096].to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def check_gate(gate_meta: dict[str, Any], memory: nn.Module, where: str = "the gate") -> None:
-    """Refuse a gate trained for another memory (its meta's memory_fingerprint against this memory's)."""
-    want = (gate_meta or {}).get("memory_fingerprint")
-    if not want:
-        raise MlpmemError(f"{where} does not record the memory it was trained for (no memory_fingerprint)", "train the gate again with mlpmem")
-    got = memory_fingerprint(memory)
-    if got != want:
-        raise MlpmemError(f"{where} was trained for another memory (memory fingerprint {want}, this memory's is {got})",
-                          "train a gate for this memory (recipe `eval: {mixing: gated}`, or mlpmem.gate.fit_gate), or use mixing='fixed'")
-
-
-def build_gate(data: dict[str, Any]) -> MixingGate:
-    try:
-        return MixingGate(**data)
-    except TypeError as e:
-        raise MlpmemError(f"the gate's config {data} does not describe a gate ({e})", "save the gate again with mlpmem")
-
-
-def read_gate_folder(folder: str | os.PathLike | None = None, files: dict[str, str] | None = None) -> tuple[MixingGate, dict[str, Any]]:
-    """(gate in eval mode, its meta) from a gate folder (or its two files by name). Safetensors weights, JSON config."""
-    files = files or {GATE_CONFIG: str(Path(folder) / GATE_CONFIG), GATE_WEIGHTS: str(Path(folder) / GATE_WEIGHTS)}
-    where = Path(files[GATE_CONFIG]).parent
-    for name in (GATE_CONFIG, GATE_WEIGHTS):
-        if not files.get(name) or not Path(files[name]).is_file():
-            raise MlpmemError(f"{where} holds no complete gate ({name} is missing)", "train or save the gate again")
-    try:
-        data = json.loads(Path(files[GATE_CONFIG]).read_text())
-        gate = build_gate(data["config"])
-        gate.load_state_dict(load_file(files[GATE_WEIGHTS]), strict=True)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise MlpmemError(f"the gate in {where} is not readable ({str(e).splitlines()[0][:200]})", "train or save the gate again")
-    check_gate_values(gate, str(where))
-    return gate.eval(), data.get("meta", {})
-
-
-def check_gate_values(gate: MixingGate, where: str) -> None:
-    """NaN weights would give NaN lambdas (the sigmoid bounds everything else); the binned gate's edges must be sorted."""
-    for name, t in gate.state_dict().items():
-        if torch.isnan(t).any() or (name != "bin_logits" and not torch.isfinite(t).all()):
-            raise MlpmemError(f"the gate in {where} has non-finite values in {name}", "train the gate again")
-    if gate.kind == "binned" and gate.bins > 1 and not bool((gate.edges[1:] >= gate.edges[:-1]).all()):
-        raise MlpmemError(f"the binned gate in {where} has unsorted bin edges", "train the gate again")
-
-
-def write_gate_folder(folder: str | os.PathLike, gate: MixingGate, meta: dict[str, Any]) -> Path:
-    """Write a gate: weights (safetensors), then the config that rebuilds it and its meta (written last)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").float().contiguous().clone() for k, v in gate.state_dict().items()}
-    tmp = folder / (GATE_WEIGHTS + ".partial")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, folder / GATE_WEIGHTS)
-    (folder / (GATE_CONFIG + ".partial")).write_text(json.dumps({"config": gate.config(), "meta": meta}, indent=2, default=str))
-    os.replace(folder / (GATE_CONFIG + ".partial"), folder / GATE_CONFIG)
-    return folder
-
-
-def mix_per_token(lm_logprobs: torch.Tensor, memory_logprobs: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
-    """log((1 - lam) p_LM + lam p_mem) with lam [...] per position and log-probs [..., V]; exact at lam 0 and 1."""
-    lam = lam.to(lm_logprobs.dtype)[..., None]
-    return torch.logaddexp(torch.log1p(-lam) + lm_logprobs, torch.log(lam) + memory_logprobs)
-
-
-class MemoryRouter(nn.Module):
-    """Per-token weights over the LM and K memories (issue 12 item 2, the scoring path).
-
-    ``forward(feats [..., K, F]) -> weights [..., K + 1]``: the :func:`gate_features` of each memory
-    against the LM, standardised, through Linear(K*F, hidden) -> tanh -> Linear(hidden, K + 1) and a
-    softmax, so the weights are >= 0 and sum to 1 by construction; column 0 is the LM's weight.
-    """
-
-    def __init__(self, n_memories: int, hidden: int = 32) -> None:
-        super().__init__()
-        if n_memories < 1:
-            raise MlpmemError(f"a router needs at least one memory, got {n_memories}", "pass the memories to route between")
-        self.n_memories, self.hidden = int(n_memories), int(hidden)
-        n = self.n_memories * len(GATE_FEATURES)
-        self.register_buffer("shift", torch.zeros(n))
-        self.register_buffer("scale", torch.ones(n))
-        self.inner = nn.Linear(n, self.hidden)
-        self.out = nn.Linear(self.hidden, self.n_memories + 1)
-        nn.init.zeros_(self.out.weight)  # starts as fixed weights (softmax of out.bias)
-
-    def config(self) -> dict[str, Any]:
-        return {"n_memories": self.n_memories, "hidden": self.hidden}
-
-    def logits(self, feats: torch.Tensor) -> torch.Tensor:
-        if feats.shape[-2:] != (self.n_memories, len(GATE_FEATURES)):
-            raise MlpmemError(f"the router takes features of {self.n_memories} memories [..., {self.n_memories}, {len(GATE_FEATURES)}], "
-                              f"got shape {tuple(feats.shape)}", "pass one gate_features row per memory, in the router's order")
-        x = feats.flatten(-2).to(self.scale.dtype)
-        return self.out(torch.tanh(self.inner((x - self.shift) / self.scale)))
-
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.logits(feats).softmax(-1)
-
-
-def mix_routed(logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """log sum_k w_k p_k: ``logprobs`` [..., K + 1, V] (full rows) or [..., K + 1] (per target), ``weights`` [..., K + 1]."""
-    w = weights.to(logprobs.dtype)
-    if logprobs.dim() == w.dim() + 1:
-        return torch.logsumexp(torch.log(w)[..., None] + logprobs, dim=-2)
-    return torch.logsumexp(torch.log(w) + logprobs, dim=-1)
 
 
 # ============================================================================ several memories: components and the router's files
@@ -517,19 +111,8 @@ def mix_routed(logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 # distinct site in one LM pass and mixes the LM with the components, by fixed weights or a router.
 
 MEMORIES_DIR = "memories"  # a saved-by-reference folder keeps the second and later memories here, one subfolder each
-ROUTER_DIR = "router"
-ROUTER_CONFIG = "router_config.json"
 NAME_RE = r"[A-Za-z][A-Za-z0-9_]{0,63}"
 RESERVED_NAMES = ("lm", "gate", "router", "memory_router", "extra_memories")
-MODEL_MIXINGS = ("fixed", "gated", "routed")
-
-
-def check_model_mixing(mixing: str) -> str:
-    if mixing not in MODEL_MIXINGS:
-        raise MlpmemError(f"mixing must be one of {', '.join(MODEL_MIXINGS)}, got {mixing!r}",
-                          "pass mixing='fixed' (fixed weights), 'gated' (one memory, lambda per token from its gate) or 'routed' "
-                          "(weights per token from the router over several memories)")
-    return mixing
 
 
 def component_kind(module: nn.Module) -> str:
@@ -592,182 +175,6 @@ def check_same_base(metas: dict[str, dict[str, Any]]) -> None:
             raise MlpmemError(f"the memories were built for different {label}: " + ", ".join(f"{n} {v}" for n, v in seen.items()), fix)
 
 
-def check_weights(weights: Any, n_memories: int) -> list[float]:
-    """Fixed mixture weights over the LM and n memories: n + 1 numbers in [0, 1] that sum to 1 (to 1e-6)."""
-    try:
-        w = [float(x) for x in weights]
-    except (TypeError, ValueError):
-        raise MlpmemError(f"mixture weights must be a list of numbers, got {weights!r}", f"pass {n_memories + 1} numbers: the LM's weight, then each memory's")
-    if len(w) != n_memories + 1:
-        raise MlpmemError(f"the model has {n_memories} memories, so it needs {n_memories + 1} mixture weights (the LM first), got {len(w)}",
-                          "pass one weight for the LM and one per memory, in the model's order (model.memory_names)")
-    if not all(0.0 <= x <= 1.0 for x in w) or abs(sum(w) - 1.0) > 1e-6:  # the comparisons also refuse NaN
-        raise MlpmemError(f"mixture weights must each lie in [0, 1] and sum to 1, got {w}", "pass weights such as [0.6, 0.2, 0.2] (the LM first)")
-    return w
-
-
-def weights_from_lambda(lam: float, n_memories: int) -> list[float]:
-    """lambda split evenly over the memories: [1 - lambda, lambda / n, ...]; n = 1 gives [1 - lambda, lambda]."""
-    return [1.0 - lam] + [lam / n_memories] * n_memories
-
-
-def read_router_folder(files: dict[str, str]) -> tuple[MemoryRouter, dict[str, Any]]:
-    """(router in eval mode, its meta) from a router folder's two files by name (safetensors weights, JSON config)."""
-    where = Path(files[ROUTER_CONFIG]).parent
-    for name in (ROUTER_CONFIG, GATE_WEIGHTS):
-        if not files.get(name) or not Path(files[name]).is_file():
-            raise MlpmemError(f"{where} holds no complete router ({name} is missing)", "fit the router again and save the model")
-    try:
-        data = json.loads(Path(files[ROUTER_CONFIG]).read_text())
-        router = MemoryRouter(**data["config"])
-        router.load_state_dict(load_file(files[GATE_WEIGHTS]), strict=True)
-    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise MlpmemError(f"the router in {where} is not readable ({str(e).splitlines()[0][:200]})", "fit the router again and save the model")
-    check_router_values(router, str(where))
-    return router.eval(), data.get("meta", {})
-
-
-def write_router_folder(folder: Path, router: MemoryRouter, meta: dict[str, Any]) -> None:
-    """Write a router: weights (safetensors), then its config and meta (the fingerprints of the memories it was fitted for)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").float().contiguous().clone() for k, v in router.state_dict().items()}
-    save_file(state, str(folder / (GATE_WEIGHTS + ".partial")), metadata={"format": "pt"})
-    os.replace(folder / (GATE_WEIGHTS + ".partial"), folder / GATE_WEIGHTS)
-    (folder / (ROUTER_CONFIG + ".partial")).write_text(json.dumps({"config": router.config(), "meta": meta}, indent=2, default=str))
-    os.replace(folder / (ROUTER_CONFIG + ".partial"), folder / ROUTER_CONFIG)
-
-
-def check_router_values(router: MemoryRouter, where: str) -> None:
-    """Non-finite weights would give NaN weights per token (the softmax bounds everything else)."""
-    for name, t in router.state_dict().items():
-        if not torch.isfinite(t).all():
-            raise MlpmemError(f"the router in {where} has non-finite values in {name}", "fit the router again")
-
-
-# ============================================================================ reading the LM's hidden state
-# mlpmem.models.capture does the same for the datastore (with more options); it is not imported here
-# because this file must load without mlpmem, and mlpmem.models must import without transformers.
-# tests/test_hf_remote.py checks that both read the same tensors at both sites.
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's list of decoder layers, found from its structure (no per-model table)."""
-    n = model.config.get_text_config().num_hidden_layers
-    for m in model.modules():
-        if isinstance(m, nn.ModuleList) and len(m) == n:
-            return m
-    raise MlpmemError(f"could not find the decoder layers of {type(model).__name__} (no list of {n} modules)", "use a standard Hugging Face causal LM")
-
-
-def resolve_layer(model: nn.Module, layer: int) -> int:
-    """A possibly negative layer index as a non-negative one, range checked."""
-    n = len(decoder_layers(model))
-    if not -n <= layer < n:
-        raise MlpmemError(f"layer {layer} is out of range: the model has {n} decoder layers", f"choose a layer in {-n}..{n - 1} (negative counts from the end; -1 is the last)")
-    return layer % n
-
-
-@contextlib.contextmanager
-def hidden_state(model: nn.Module, layer: int, site: str) -> Iterator[dict[str, torch.Tensor]]:
-    """Hook layer ``layer`` of ``model`` while inside: ``store["h"]`` is its hidden state [batch, seq, d].
-
-    ``ffn_input``: the input of the layer's feed-forward block, after its norm (the
-    kNN-LM key). ``output``: the layer's output (residual stream).
-    """
-    if site not in SITES:
-        raise MlpmemError(f"unknown hidden-state site {site!r}", f"choose one of {SITES}")
-    block = decoder_layers(model)[layer]
-    store: dict[str, torch.Tensor] = {}
-    if site == "ffn_input":
-        mlp = getattr(block, "mlp", None) or getattr(block, "feed_forward", None)
-        if mlp is None:
-            raise MlpmemError(f"decoder layer {type(block).__name__} has no `mlp` block to hook", "use site 'output' for this model")
-        handle = mlp.register_forward_pre_hook(lambda m, args: store.__setitem__("h", args[0]))
-    else:
-        handle = block.register_forward_hook(lambda m, args, out: store.__setitem__("h", out[0] if isinstance(out, tuple) else out))
-    try:
-        yield store
-    finally:
-        handle.remove()
-
-
-class ReadSite(NamedTuple):
-    """Where the memory reads: decoder ``layer`` (non-negative) and ``site`` within it."""
-
-    layer: int
-    site: str
-
-
-def keep_positions(x: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
-    """x [B, T, ...] -> the kept positions, with transformers' meaning of ``logits_to_keep``: 0 all, n the last n, a tensor those."""
-    if isinstance(logits_to_keep, int):
-        return x if logits_to_keep == 0 else x[:, -logits_to_keep:]
-    return x[:, logits_to_keep]
-
-
-# ============================================================================ config
-
-
-class MLPMemoryConfig(PretrainedConfig):
-    """Config of an LM + memory pair.
-
-    ``text_config``: the base LM's own config (a sub-config, as in LlavaConfig), so
-    the model class can build the LM. ``memory_config``: the memory's
-    :class:`MemoryConfig` as a dict. ``memory_meta``: where the memory reads (layer,
-    site), the base model's id, tokenizer hash and weight fingerprint, its training
-    data and results. ``base_model``: a hub id, a folder or an mlpmem model name.
-    ``base_weights``: ``"included"`` (the weights file holds the LM too) or
-    ``"reference"`` (only ``memory/`` is saved; the base is loaded from
-    ``base_model``); folders saved before mlpmem 0.2 have neither it nor a
-    text_config (``base_subfolder`` was their full export) and load by reference.
-    ``max_position_embeddings`` / ``vocab_size``: the base's, for tools that read
-    them from the top-level config (lm-eval). ``mixing``: ``"fixed"`` (one lambda) or
-    ``"gated"`` (lambda per token from the gate described by ``gate_config``, whose
-    weights are ``gate.*`` in a full export and ``gate/`` in a folder saved by reference).
-
-    Several memories (issue 12): the fields above describe the first one (``memory_name``,
-    default ``"memory"``; ``memory_kind`` ``"mlp"`` or ``"knn"``, a kNN-LM retriever saved by
-    reference to its run folder); ``extra_memories`` lists the others in order, each
-    ``{"name", "kind", "memory_config", "memory_meta"}`` (weights ``extra_memories.NAME.*`` in a
-    full export, ``memories/NAME/`` by reference). ``weights``: fixed mixture weights [LM, each
-    memory] (None: lambda_ split evenly over the memories). ``mixing="routed"`` takes per-token
-    weights from the router described by ``router_config`` ({"config", "meta"}; its meta names the
-    fingerprints of the memories it was fitted for), saved as ``memory_router.*`` or ``router/``.
-    """
-
-    model_type = "mlpmem"
-    if SubConfigSpec is not None:
-        sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama", optional=True)}
-    else:
-        sub_configs = {"text_config": AutoConfig}
-
-    text_config: dict | PretrainedConfig | None = None
-    memory_config: dict | None = None
-    memory_meta: dict | None = None
-    base_model: str | None = None
-    base_weights: str | None = None
-    base_subfolder: str | None = None
-    lambda_: float = 0.25
-    memory_temperature: float = 1.0
-    # "gated": lambda per token from the gate (gate_config: {"config": MixingGate's, "meta": ...}); "fixed": lambda_
-    mixing: str = "fixed"
-    gate_config: dict | None = None
-    memory_name: str | None = None
-    memory_kind: str | None = None
-    extra_memories: list | None = None
-    weights: list | None = None
-    router_config: dict | None = None
-    max_position_embeddings: int | None = None
-    vocab_size: int | None = None
-
-    def text(self) -> PretrainedConfig | None:
-        """The base LM's config as a config object (older transformers leave the JSON dict as it is)."""
-        if isinstance(self.text_config, dict):
-            self.text_config = AutoConfig.for_model(**self.text_config)
-        return self.text_config
-
-    def saved_by_reference(self) -> bool:
-        return self.text_config is None or self.base_weights == "reference"
 
 
 # ============================================================================ model
@@ -824,15 +231,16 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         self.gate = gate  # the first memory's gate; None: no per-token lambda
         self.memory_router = router  # per-token weights over the LM and every memory; None: fixed weights
         self.tokenizer = None  # kept to save it next to the model; not a module
-        self.lambda_ = check_lambda(config.lambda_)
-        self.memory_temperature = check_temperature(config.memory_temperature)
-        self.weights = check_weights(config.weights, self.n_memories) if config.weights is not None else None
+        # the mixing settings live in self.config only (saved with it); the properties below read them
+        config.lambda_ = check_lambda(config.lambda_)
+        config.memory_temperature = check_temperature(config.memory_temperature)
+        config.weights = check_weights(config.weights, self.n_memories) if config.weights is not None else None
         self.sites: dict[str, ReadSite] = {}
         for name in self.memory_names:
             meta = self.component_meta(name)
             self.sites[name] = ReadSite(resolve_layer(lm, int(meta["layer"])), str(meta["site"]))
-        self.mixing_mode = "fixed"
-        self.set_lambda(mode=config.mixing or "fixed")
+        asked, config.mixing = config.mixing or "fixed", "fixed"
+        self.set_lambda(mode=asked)
         # older or remote-code models compute every position's logits: slice them here instead
         self._lm_keeps_logits = "logits_to_keep" in inspect.signature(lm.forward).parameters
         self.post_init()
@@ -851,6 +259,27 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         # transformers calls this for weights a checkpoint lacks, module by module (those of the LM
         # go to the LM's own _init_weights): a memory's get its "plain" start
         plain_init(module)
+
+    # ------------------------------------------------------------------ the mixing settings (held in self.config)
+
+    @property
+    def lambda_(self) -> float:
+        """The memory's weight in fixed mixing (split evenly over several memories unless ``weights`` are set)."""
+        return self.config.lambda_
+
+    @property
+    def memory_temperature(self) -> float:
+        return self.config.memory_temperature
+
+    @property
+    def weights(self) -> list[float] | None:
+        """Fixed mixture weights [LM, each memory], or None (lambda split evenly)."""
+        return self.config.weights
+
+    @property
+    def mixing_mode(self) -> str:
+        """``"fixed"``, ``"gated"`` or ``"routed"``: how a call that passes no lambda_ or weights mixes."""
+        return self.config.mixing
 
     # ------------------------------------------------------------------ the memories
 
@@ -1033,10 +462,10 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
     @classmethod
     def from_memory(cls, memory_dir: "str | os.PathLike | list", base_model: str | None = None, **kwargs: Any) -> "MLPMemoryForCausalLM":
         """Pair one or more memory folders from mlpmem's train stage with their base model (needs mlpmem; see mlpmem.hf.from_memory)."""
-        try:
-            from mlpmem.hf import from_memory
-        except ImportError:
-            raise MlpmemError("from_memory reads a memory folder of mlpmem's train stage and needs the mlpmem package", "install mlpmem, or load an exported folder with from_pretrained")
+        from_memory = hook("from_memory")
+        if from_memory is None:
+            raise MlpmemError("from_memory reads a memory folder of mlpmem's train stage and needs the mlpmem package",
+                              "install mlpmem and `import mlpmem`, or load an exported folder with from_pretrained")
         return from_memory(cls, memory_dir, base_model, **kwargs)
 
     # ------------------------------------------------------------------ loading and saving
@@ -1079,7 +508,7 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
                 raise MlpmemError(f"the full export in {local} is incomplete: it holds no model.safetensors", "export the model again with save_pretrained(..., full_export=True)")
             model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
             if "lambda_" in kwargs and "weights" not in kwargs:
-                model.weights = model.config.weights = None  # the lambda asked for, not the saved weights
+                model.config.weights = None  # the lambda asked for, not the saved weights
             if model.gate is not None:
                 check_gate((model.config.gate_config or {}).get("meta", {}), model.memory, f"the gate in {pretrained_model_name_or_path}")
                 check_gate_values(model.gate, str(pretrained_model_name_or_path))
@@ -1128,8 +557,6 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
                               "save into a new or empty folder")
         (folder / "config.json").unlink(missing_ok=True)
         tok = tokenizer if tokenizer is not None else self.tokenizer
-        self.config.lambda_, self.config.memory_temperature = self.lambda_, self.memory_temperature
-        self.config.mixing, self.config.weights = self.mixing_mode, self.weights
         if self.gate is None:
             self.config.gate_config = None
         if self.memory_router is None:
@@ -1182,23 +609,27 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         """Set the defaults used when a call does not pass them: lambda, memory temperature, mixing mode
         ("fixed", "gated" or "routed") and fixed weights [LM, each memory] (a new lambda_ clears them)."""
         if mode is not None:
-            check_model_mixing(mode)
-            if mode == "gated" and (self.gate is None or self.n_memories > 1):
-                raise MlpmemError("mixing='gated' needs a gate, and this model has none" if self.gate is None else
-                                  f"mixing='gated' is for one memory (its gate), and this model has {self.n_memories}",
-                                  "use mixing='fixed', or load a memory saved with its gate" if self.gate is None else
-                                  "use mixing='routed' with a router for these memories (set_router), or mixing='fixed'")
-            if mode == "routed" and self.memory_router is None:
-                raise MlpmemError("mixing='routed' needs a router, and this model has none",
-                                  "fit one for its memories (mlpmem.hf.fit_router) or attach one (set_router), or use mixing='fixed'")
-            self.mixing_mode = self.config.mixing = mode
+            self.config.mixing = self._check_mode(mode)
         if lambda_ is not None:
-            self.lambda_ = self.config.lambda_ = check_lambda(lambda_)
-            self.weights = self.config.weights = None
+            self.config.lambda_ = check_lambda(lambda_)
+            self.config.weights = None
         if weights is not None:
-            self.weights = self.config.weights = check_weights(weights, self.n_memories)
+            self.config.weights = check_weights(weights, self.n_memories)
         if memory_temperature is not None:
-            self.memory_temperature = self.config.memory_temperature = check_temperature(memory_temperature)
+            self.config.memory_temperature = check_temperature(memory_temperature)
+
+    def _check_mode(self, mode: str) -> str:
+        """The one check that this model can mix by ``mode`` (a gate for gated, a router for routed)."""
+        check_model_mixing(mode)
+        if mode == "gated" and (self.gate is None or self.n_memories > 1):
+            raise MlpmemError("mixing='gated' needs a gate, and this model has none" if self.gate is None else
+                              f"mixing='gated' is for one memory (its gate), and this model has {self.n_memories}",
+                              "use mixing='fixed', or load a memory saved with its gate" if self.gate is None else
+                              "use mixing='routed' with a router for these memories (set_router), or mixing='fixed'")
+        if mode == "routed" and self.memory_router is None:
+            raise MlpmemError("mixing='routed' needs a router, and this model has none",
+                              "fit one for its memories (mlpmem.hf.fit_router) or attach one (set_router), or use mixing='fixed'")
+        return mode
 
     @contextlib.contextmanager
     def mixing(self, lambda_: float | None = None, memory_temperature: float | None = None, mode: str | None = None,
@@ -1209,7 +640,6 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         try:
             yield self
         finally:
-            self.lambda_, self.memory_temperature, self.mixing_mode, self.weights = saved
             self.config.lambda_, self.config.memory_temperature, self.config.mixing, self.config.weights = saved
 
     def fixed_weights(self, lambda_: float | None = None, weights: list[float] | None = None) -> list[float]:
@@ -1262,13 +692,7 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         fixed_asked = lambda_ is not None or weights is not None
         if mixing is not None and fixed_asked and check_model_mixing(mixing) != "fixed":
             raise MlpmemError(f"a call cannot take both mixing={mixing!r} and a fixed lambda_ or weights", "pass one of them")
-        mode = check_model_mixing(mixing) if mixing is not None else ("fixed" if fixed_asked else self.mixing_mode)
-        if mode == "gated" and (self.gate is None or self.n_memories > 1):
-            raise MlpmemError("mixing='gated' needs a gate, and this model has none" if self.gate is None else
-                              f"mixing='gated' is for one memory, and this model has {self.n_memories}",
-                              "use mixing='fixed', or load a memory saved with its gate" if self.gate is None else "use mixing='routed' or 'fixed'")
-        if mode == "routed" and self.memory_router is None:
-            raise MlpmemError("mixing='routed' needs a router, and this model has none", "attach one with set_router, or use mixing='fixed'")
+        mode = self._check_mode(mixing) if mixing is not None else ("fixed" if fixed_asked else self.mixing_mode)
         w = self.fixed_weights(lambda_, weights) if mode == "fixed" else None
         temp = self.memory_temperature if memory_temperature is None else check_temperature(memory_temperature)
         comps = self.components()
@@ -1282,12 +706,11 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
             base_kwargs["cache_position"] = cache_position
         if self._lm_keeps_logits:
             base_kwargs["logits_to_keep"] = logits_to_keep
-        with contextlib.ExitStack() as stack:
-            stores = {site: stack.enter_context(hidden_state(self.lm, *site)) for site in dict.fromkeys(self.sites[n] for n in active)}
+        with capture(self.lm, list(dict.fromkeys(self.sites[n] for n in active))) as store:
             out = self.lm(**base_kwargs)
         logits = out.logits if self._lm_keeps_logits else keep_positions(out.logits, logits_to_keep)
         logprobs = logits.float().log_softmax(-1)
-        lps = {n: component_logprobs(comps[n], keep_positions(stores[self.sites[n]]["h"], logits_to_keep), temp) for n in active}
+        lps = {n: component_logprobs(comps[n], keep_positions(store[self.sites[n]], logits_to_keep), temp) for n in active}
         for n, lp in lps.items():
             if lp.shape != logprobs.shape:
                 raise MlpmemError(f"memory {n!r} gives log-probs of shape {tuple(lp.shape)}, the LM {tuple(logprobs.shape)}",
@@ -1298,20 +721,12 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
             logprobs = mix_per_token(logprobs, mem_lp, gate_lam.to(logprobs.dtype))
         elif mode == "routed":
             feats = torch.stack([gate_features(logprobs, lps[n]) for n in comps], -2)  # [B, K, N, F]
-            log_w = torch.log(self.memory_router(feats).to(logprobs.dtype))  # [B, K, N + 1], rows sum to 1 (a softmax)
-            mixed = log_w[..., :1] + logprobs
-            for i, n in enumerate(comps):
-                mixed = torch.logaddexp(mixed, log_w[..., i + 1 : i + 2] + lps[n])
-            logprobs = mixed
+            weights_tok = self.memory_router(feats)  # [B, K, N + 1], rows sum to 1 (a softmax)
+            logprobs = mix_routed(torch.stack([logprobs, *(lps[n] for n in comps)], -2), weights_tok)
         elif len(comps) == 1 and active:  # one memory, fixed lambda: the two-term form, exact at lambda 1
-            lam = w[1]
-            mem_lp = lps[active[0]]
-            logprobs = mem_lp if lam == 1.0 else torch.logaddexp(logprobs + math.log1p(-lam), mem_lp + math.log(lam))
+            logprobs = mix(logprobs, lps[active[0]], w[1])
         elif active:  # several memories, fixed weights: log sum_k w_k p_k over the terms with weight > 0
-            terms = ([logprobs + math.log(w[0])] if w[0] > 0.0 else []) + [lps[n] + math.log(w[i + 1]) for i, n in enumerate(comps) if n in lps]
-            logprobs = terms[0]
-            for t in terms[1:]:
-                logprobs = torch.logaddexp(logprobs, t)
+            logprobs = mix_weighted([logprobs, *(lps[n] for n in comps if n in lps)], [w[0], *(w[i + 1] for i, n in enumerate(comps) if n in lps)])
         loss = None
         if labels is not None:
             if logprobs.shape[1] != labels.shape[1]:
@@ -1367,10 +782,9 @@ def check_parts(lm: nn.Module, memory: nn.Module, meta: dict[str, Any], tokenize
         raise MlpmemError(f"the memory outputs {memory.config.vocab_size} logits but the base model {_name(lm)} outputs {v}", fix)
     if hasattr(memory, "check_lm"):  # a retriever checks its own sizes (mlpmem.retrieval.KNNRetriever.check_lm)
         memory.check_lm(lm, tokenizer)
-    try:
-        from mlpmem.hf import check_base
-    except ImportError:
-        logger.info("mlpmem is not installed: the base model's tokenizer and weights are not checked against the memory's record")
+    check_base = hook("check_base")
+    if check_base is None:
+        logger.info("mlpmem is not imported: the base model's tokenizer and weights are not checked against the memory's record")
         return
     check_base(lm, meta, tokenizer)
 
@@ -1385,9 +799,9 @@ def forget_fitted_mixing(model: "MLPMemoryForCausalLM", what: str) -> None:
         logger.warning("%s: the router and fixed weights fitted for the previous memories are dropped (fixed mixing, lambda %.3f "
                        "split evenly, until set_router or set_lambda(weights=...))", what, model.lambda_)
     model.memory_router, model.config.router_config = None, None
-    model.weights = model.config.weights = None
+    model.config.weights = None
     if model.mixing_mode == "routed" or (model.mixing_mode == "gated" and (model.gate is None or model.n_memories > 1)):
-        model.mixing_mode = model.config.mixing = "fixed"
+        model.config.mixing = "fixed"
 
 
 def check_router(meta: dict[str, Any], model: "MLPMemoryForCausalLM", where: str = "the router") -> None:
@@ -1430,11 +844,10 @@ def _build_component(kind: str | None, memory_config: dict | None, meta: dict | 
     if (kind or "mlp") == "mlp":
         return MLPMemory(MemoryConfig(**memory_config))
     if kind == "knn":
-        try:
-            from mlpmem.retrieval import KNNRetriever
-        except ImportError:
-            raise MlpmemError("this model mixes a kNN-LM retriever, which needs the mlpmem package (mlpmem.retrieval)", "install mlpmem")
-        return KNNRetriever.from_reference(dict(meta or {}))
+        build_knn = hook("build_knn")
+        if build_knn is None:
+            raise MlpmemError("this model mixes a kNN-LM retriever, which needs the mlpmem package (mlpmem.retrieval)", "install mlpmem and `import mlpmem`")
+        return build_knn(dict(meta or {}))
     raise MlpmemError(f"a saved memory of kind {kind!r} cannot be rebuilt", "save the model again with mlpmem")
 
 
@@ -1610,13 +1023,9 @@ def _resolve(name: str, filename: str, hub: dict) -> str | None:
 def load_base(ref: str, dtype: Any, hub: dict) -> tuple[PreTrainedModel, Any]:
     """(base LM in eval mode, its tokenizer or None) from a name: mlpmem's loader where installed (it knows
     mlpmem's model names and GGUF files, and refuses non-causal models), else transformers'."""
-    try:
-        from mlpmem.models import load_model
-    except ImportError:
-        load_model = None
+    load_model = hook("load_base")
     if load_model is not None and not hub:
-        lm, tok, _ = load_model(ref, dtype=_dtype_name(dtype))
-        return lm, tok
+        return load_model(ref, _dtype_name(dtype))
     try:
         lm = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype if dtype is not None else "auto", **hub)
     except (OSError, ValueError) as e:
@@ -1631,11 +1040,8 @@ def load_base(ref: str, dtype: Any, hub: dict) -> tuple[PreTrainedModel, Any]:
 
 def _model_label(name: str) -> str:
     """How results name a base model: mlpmem's label of an alias where mlpmem is installed, else the name."""
-    try:
-        from mlpmem.models import model_label
-    except ImportError:
-        return name
-    return model_label(name)
+    model_label = hook("model_label")
+    return name if model_label is None else model_label(name)
 
 
 def model_card(config: MLPMemoryConfig, full_export: bool, memory_params: int, lm_params: int) -> str:

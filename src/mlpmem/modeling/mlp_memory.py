@@ -1,0 +1,210 @@
+"""The memory network: residual feed-forward blocks from the LM's hidden state to logits, and its folder format."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import MlpmemError
+
+MEMORY_DIR = "memory"  # a saved-by-reference folder keeps the memory here (mlpmem's memory folder format)
+MEMORY_WEIGHTS = "model.safetensors"
+MEMORY_CONFIG = "memory_config.json"
+ACTIVATIONS = ("gelu", "swiglu")
+NORMS = ("layernorm", "rmsnorm", "rmsnorm_plus_one")
+INITS = ("plain", "lm_head", "lm_copy")
+
+
+
+@dataclass
+class MemoryConfig:
+    """Everything that rebuilds a memory's architecture (and how it was started)."""
+
+    d_in: int
+    vocab_size: int
+    width: int | None = None  # None: width = d_in and no input projection
+    n_blocks: int = 4
+    expansion: int = 4  # FFN hidden size = expansion * width (for SwiGLU too)
+    activation: str = "gelu"
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    init: str = "plain"
+    freeze_head: bool = False
+    zero_init_blocks: bool = True  # blocks start as the identity
+    head_bias: bool = False
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.d_in > 0, f"d_in must be positive, got {self.d_in}"),
+            (self.vocab_size > 0, f"vocab_size must be positive, got {self.vocab_size}"),
+            (self.width is None or self.width > 0, f"width must be positive or None, got {self.width}"),
+            (self.n_blocks >= 0, f"n_blocks must be >= 0, got {self.n_blocks}"),
+            (self.expansion > 0, f"expansion must be positive, got {self.expansion}"),
+            (self.activation in ACTIVATIONS, f"activation must be one of {ACTIVATIONS}, got {self.activation!r}"),
+            (self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}"),
+            (self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}"),
+            (self.init in INITS, f"init must be one of {INITS}, got {self.init!r}"),
+        ]
+        for ok, problem in checks:
+            if not ok:
+                raise MlpmemError(f"invalid memory configuration: {problem}", "fix the memory settings")
+
+    @property
+    def model_width(self) -> int:
+        return self.d_in if self.width is None else self.width
+
+
+class Norm(nn.Module):
+    """LayerNorm, RMSNorm (Llama) or RMSNorm with (1 + w) scaling (Gemma).
+
+    The RMS variants follow the Hugging Face code operation by operation (float32
+    inside, cast back), so that a copied LM norm gives the LM's numbers exactly.
+    """
+
+    def __init__(self, width: int, kind: str, eps: float) -> None:
+        super().__init__()
+        self.kind, self.eps = kind, eps
+        # gemma stores w with the 1 taken out, so "no scaling" is w = 0
+        self.weight = nn.Parameter(torch.zeros(width) if kind == "rmsnorm_plus_one" else torch.ones(width))
+        self.bias = nn.Parameter(torch.zeros(width)) if kind == "layernorm" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "layernorm":
+            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.kind == "rmsnorm_plus_one":
+            return (h * (1.0 + self.weight.float())).to(dtype)
+        return self.weight * h.to(dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight) if self.kind == "rmsnorm_plus_one" else nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class FFN(nn.Module):
+    """Position-wise feed-forward: GELU (GPT-2 style) or SwiGLU (Llama style)."""
+
+    def __init__(self, width: int, hidden: int, activation: str) -> None:
+        super().__init__()
+        self.activation = activation
+        self.up = nn.Linear(width, 2 * hidden if activation == "swiglu" else hidden)
+        self.down = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.activation == "swiglu":
+            gate, val = h.chunk(2, dim=-1)
+            h = F.silu(gate) * val
+        else:
+            h = F.gelu(h)
+        return self.down(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: MemoryConfig) -> None:
+        super().__init__()
+        w = cfg.model_width
+        self.norm = Norm(w, cfg.norm, cfg.norm_eps)
+        self.ffn = FFN(w, cfg.expansion * w, cfg.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.ffn(self.norm(x))
+
+
+
+def plain_init(m: nn.Module) -> None:
+    """The "plain" start of one module: GPT-2's N(0, 0.02) linear weights, zero biases, unit norms."""
+    if isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, Norm):
+        m.reset_parameters()
+
+class MLPMemory(nn.Module):
+    """All-MLP memory. ``forward(h [..., d_in]) -> logits [..., vocab_size]``.
+
+    An optional input projection, B residual blocks ``x = x + FFN(Norm(x))``, a final
+    norm and a head to V logits. No attention: every position is mapped on its own.
+    """
+
+    def __init__(self, cfg: MemoryConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        w = cfg.model_width
+        self.proj = nn.Linear(cfg.d_in, w) if cfg.width is not None else None
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_blocks))
+        self.norm = Norm(w, cfg.norm, cfg.norm_eps)
+        self.head = nn.Linear(w, cfg.vocab_size, bias=cfg.head_bias)
+        self.reset_parameters()
+        self.apply_freeze()
+
+    @classmethod
+    def from_config(cls, cfg: MemoryConfig | dict[str, Any]) -> "MLPMemory":
+        return cls(cfg if isinstance(cfg, MemoryConfig) else MemoryConfig(**cfg))
+
+    def reset_parameters(self) -> None:
+        """The "plain" start: GPT-2's N(0, 0.02) weights, zero biases, unit norms."""
+        for m in self.modules():
+            plain_init(m)
+        if self.config.zero_init_blocks:
+            # a zero output projection makes each block the identity at the start, so
+            # an initialised head sees the input unchanged; the down weights still get
+            # gradients (their input is non-zero), so the blocks do learn
+            for b in self.blocks:
+                nn.init.zeros_(b.ffn.down.weight)
+                nn.init.zeros_(b.ffn.down.bias)
+
+    def apply_freeze(self) -> None:
+        for p in self.head.parameters():
+            p.requires_grad_(not self.config.freeze_head)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h [..., d_in] (any float dtype) -> logits [..., vocab_size]."""
+        if h.dtype != self.head.weight.dtype:
+            h = h.to(self.head.weight.dtype)  # keys are stored as float16
+        x = self.proj(h) if self.proj is not None else h
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def read_memory_folder(files: dict[str, str]) -> tuple[MLPMemory, dict[str, Any]]:
+    """Build a memory from the two files of a memory folder (paths by name). Returns (memory in eval mode, meta)."""
+    try:
+        data = json.loads(Path(files[MEMORY_CONFIG]).read_text())
+        with torch.device("meta"):  # skip a random init that would be overwritten at once
+            memory = MLPMemory(MemoryConfig(**data["config"]))
+        memory.load_state_dict(load_file(files[MEMORY_WEIGHTS]), strict=True, assign=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise MlpmemError(f"the memory in {Path(files[MEMORY_CONFIG]).parent} is not readable ({str(e).splitlines()[0][:200]})", "save the model again with save_pretrained")
+    memory.apply_freeze()
+    return memory.eval(), data.get("meta", {})
+
+
+def write_memory_folder(folder: Path, memory: MLPMemory, meta: dict[str, Any]) -> None:
+    """The memory folder format mlpmem's train stage writes: weights, then the config that rebuilds them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    # clone: safetensors refuses tensors that share storage, and contiguous views are required
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in memory.state_dict().items()}
+    tmp = folder / (MEMORY_WEIGHTS + ".partial")
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / MEMORY_WEIGHTS)
+    text = json.dumps({"config": dataclasses.asdict(memory.config), "meta": meta}, indent=2, default=str)
+    (folder / (MEMORY_CONFIG + ".partial")).write_text(text)
+    os.replace(folder / (MEMORY_CONFIG + ".partial"), folder / MEMORY_CONFIG)

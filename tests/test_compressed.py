@@ -10,7 +10,7 @@ import pytest
 
 from fake_store import random_datastore
 from mlpmem.errors import MlpmemError
-from mlpmem.index import (IndexConfig, KnnIndex, Placement, build_index, choose_nprobe, pq_size, recall_at_k, resolve_device,
+from mlpmem.index import (IndexConfig, KnnIndex, Placement, build_index, choose_nprobe, pq_size, recall_at_k, resolve_placement,
                           resolve_factory, to_placement)
 from mlpmem.store import Datastore
 
@@ -114,36 +114,36 @@ class FakeFaiss(types.SimpleNamespace):
 
 
 def test_resolve_device_on_a_cpu_build_names_the_extra():
-    assert resolve_device("cpu") == Placement() and not resolve_device("cpu").gpu
+    assert resolve_placement("cpu") == Placement() and not resolve_placement("cpu").gpu
     cpu_faiss = types.SimpleNamespace(__version__="1.15.1", get_num_gpus=lambda: 0)
     for device in ("cuda", "cuda:0", "all", "all-shards"):
         with pytest.raises(MlpmemError, match=r"pip install 'mlpmem\[gpu\]'"):
-            resolve_device(device, faiss=cpu_faiss)
+            resolve_placement(device, faiss=cpu_faiss)
     with pytest.raises(MlpmemError, match="mlpmem.gpu"):
-        resolve_device("cpu", gpu=True, faiss=cpu_faiss)  # the older flag means cuda
+        resolve_placement("cpu", gpu=True, faiss=cpu_faiss)  # the older flag means cuda
     with pytest.raises(MlpmemError, match="sees none"):
-        resolve_device("cuda", faiss=FakeFaiss(0))
+        resolve_placement("cuda", faiss=FakeFaiss(0))
     with pytest.raises(MlpmemError, match="not one of"):
-        resolve_device("gpu")
+        resolve_placement("gpu")
 
 
 def test_resolve_device_picks_gpus():
     f = FakeFaiss(4)
-    assert resolve_device("cuda", faiss=f, local_rank=0) == Placement("cuda:0", (0,))
-    assert resolve_device("cuda", faiss=f, local_rank=5) == Placement("cuda:1", (1,))  # each rank its own GPU
-    assert resolve_device("cuda:2", faiss=f) == Placement("cuda:2", (2,))
-    assert resolve_device("all", faiss=f) == Placement("all", (0, 1, 2, 3), shard=False)
-    assert resolve_device("all-shards", faiss=f) == Placement("all-shards", (0, 1, 2, 3), shard=True)
+    assert resolve_placement("cuda", faiss=f, local_rank=0) == Placement("cuda:0", (0,))
+    assert resolve_placement("cuda", faiss=f, local_rank=5) == Placement("cuda:1", (1,))  # each rank its own GPU
+    assert resolve_placement("cuda:2", faiss=f) == Placement("cuda:2", (2,))
+    assert resolve_placement("all", faiss=f) == Placement("all", (0, 1, 2, 3), shard=False)
+    assert resolve_placement("all-shards", faiss=f) == Placement("all-shards", (0, 1, 2, 3), shard=True)
     with pytest.raises(MlpmemError, match="cuda:0..cuda:3"):
-        resolve_device("cuda:4", faiss=f)
+        resolve_placement("cuda:4", faiss=f)
 
 
 def test_to_placement_clones_replicas_or_shards():
     f = FakeFaiss(4)
     assert to_placement("ix", Placement(), faiss=f) == "ix" and f.calls == []
     to_placement("ix", Placement("cuda:2", (2,)), faiss=f)
-    to_placement("ix", resolve_device("all", faiss=f), faiss=f)
-    to_placement("ix", resolve_device("all-shards", faiss=f), faiss=f)
+    to_placement("ix", resolve_placement("all", faiss=f), faiss=f)
+    to_placement("ix", resolve_placement("all-shards", faiss=f), faiss=f)
     assert f.calls == [("one", 2), ("all", 4, False), ("all", 4, True)]
 
 

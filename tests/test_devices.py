@@ -236,3 +236,15 @@ def test_generate_on_the_cpu_flags_equals_the_default(built, capsys):
         outs.append(capsys.readouterr().out)
     assert outs[0] == outs[1] and "LM + memory" in outs[0]
     assert main(["generate", str(memory), "hello world", "--max-new-tokens", "5", "--dtype", "bfloat16"]) == 0  # runs in bfloat16 on the CPU
+
+
+def test_local_device_resolves_auto_in_one_process():
+    """dist.local_device goes through the one resolver: ``auto`` becomes a real torch device (train_memory(device="auto")
+    used to hand the string "auto" to torch.device)."""
+    import torch
+
+    from mlpmem import dist
+
+    got = dist.local_device("auto")
+    assert got == ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.device(got)  # a name torch accepts

@@ -160,8 +160,10 @@ def test_device_defaults_to_what_is_there(setup, tmp_path, monkeypatch):
 
     seen = []
     monkeypatch.setattr("lm_eval.__main__.cli_evaluate", lambda: seen.append(list(sys.argv[1:])))
-    lm_eval_backend.main(["--model", "hf", "--model_args", "pretrained=x", "--tasks", "t"])
-    lm_eval_backend.main(["--model", "hf", "--device", "cpu:0", "--tasks", "t"])
+    from mlpmem.lm_eval_cli import main as lm_eval_main
+
+    lm_eval_main(["--model", "hf", "--model_args", "pretrained=x", "--tasks", "t"])
+    lm_eval_main(["--model", "hf", "--device", "cpu:0", "--tasks", "t"])
     assert seen[0][-2:] == ["--device", lm_eval_backend.default_device()] and seen[1].count("--device") == 1
 
 

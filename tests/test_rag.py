@@ -108,15 +108,14 @@ def test_rag_backend_scores_a_task_and_refuses_a_foreign_task_folder(tiny_llama,
 
 
 def test_command_line_prints_bad_input_without_a_traceback(monkeypatch, capsys):
-    import mlpmem.lm_eval_backend
-    from mlpmem import rag
+    from mlpmem import lm_eval_cli, rag
 
-    def fail(argv):
+    def fail():
         rag.BM25Retriever([])  # what an empty corpus split gives
 
-    monkeypatch.setattr(mlpmem.lm_eval_backend, "main", fail)
+    monkeypatch.setattr("lm_eval.__main__.cli_evaluate", fail)
     with pytest.raises(SystemExit) as e:
-        rag.main(["--model", "mlpmem-rag"])
+        lm_eval_cli.main(["--model", "mlpmem-rag"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("mlpmem: error: the retrieval index is empty") and "Traceback" not in err
 

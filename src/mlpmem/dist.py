@@ -83,14 +83,18 @@ def init(device: str = "auto") -> World:
 
 
 def local_device(device: str) -> str:
-    """``auto``/``cuda`` on a multi-process CUDA run is this rank's GPU (cuda:LOCAL_RANK); anything else unchanged."""
+    """The torch device name this process runs on: ``auto``/``cuda`` on a multi-process CUDA run is this rank's GPU
+    (cuda:LOCAL_RANK); otherwise what :func:`mlpmem.models.resolve_device` (the one device resolver) makes of it,
+    so ``auto`` is never handed to torch as a name."""
     import torch
+
+    from mlpmem.models import resolve_device
 
     name = str(device).strip().lower()
     w = world()
     if w.size > 1 and name in ("auto", "cuda") and torch.cuda.is_available():
         return f"cuda:{w.local_rank % torch.cuda.device_count()}"
-    return device
+    return str(resolve_device(device)[0])
 
 
 def _joined() -> bool:

@@ -232,7 +232,7 @@ def memory_lambda(cfg: FinetuneConfig, memory_dir: Path) -> float:
     """cfg.lambda_, or the lambda the memory's run fitted on valid (RUN/report.json)."""
     if cfg.lambda_ is not None:
         return float(cfg.lambda_)
-    from mlpmem.hf import run_results
+    from mlpmem.memory import run_results
 
     lam = (run_results(memory_dir).get("lambda") or {}).get("mlp_memory")
     if lam is None:

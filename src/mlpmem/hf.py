@@ -45,7 +45,7 @@ from typing import Any
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from mlpmem.errors import MlpmemError
-from mlpmem.memory import load_memory
+from mlpmem.memory import load_memory, run_results
 from mlpmem.modeling.mlp_memory import MEMORY_DIR  # noqa: F401  (re-exported)
 from mlpmem.modeling.configuration_mlpmem import MLPMemoryConfig
 from mlpmem.modeling.modeling_mlpmem import MLPMemoryForCausalLM, check_parts
@@ -219,25 +219,6 @@ def fit_router(model: MLPMemoryForCausalLM, tokens: "Any", context: int = 512, s
     router, record = fit(np.concatenate(lps), np.concatenate(feats), cfg or GateConfig(), holdout)
     model.set_router(router, {**model.router_meta(), "record": record, "n_tokens": int(sum(len(x) for x in lps))})
     return record
-
-
-def run_results(memory_dir: Path) -> dict[str, Any]:
-    """What the run that trained this memory measured, from the files the stages leave next to it (or {})."""
-    from mlpmem.manifest import read_json
-
-    out: dict[str, Any] = {}
-    train_manifest = memory_dir.parent / "manifest.json"
-    report = memory_dir.parent.parent / "report.json"
-    try:
-        if train_manifest.is_file():
-            m = read_json(train_manifest)
-            out.update({k: m[k] for k in ("valid", "steps", "epochs", "n_rows") if m.get(k) is not None})
-        if report.is_file():
-            r = read_json(report)
-            out.update({k: r[k] for k in ("ppl", "lambda", "corpus", "n_train_tokens", "n_test_tokens") if r.get(k) is not None})
-    except (OSError, ValueError, MlpmemError) as e:  # results are a courtesy for the model card, never a reason to fail
-        log.info("no run results read next to %s (%s)", memory_dir, e)
-    return out
 
 
 def export_hf(

@@ -13,7 +13,7 @@ B), ``keys`` (exact search over the datastore's float16 keys, no copy), ``auto``
 above 200k keys (IVF-SQ8 codes, 576 B, re-ranked with the keys), ``ivfpq`` /
 ``ivfopq`` / ``mlpmemory`` (64-byte PQ codes; with ``rerank: false`` search reads
 only the codes, so the datastore's keys can go once the targets are built).
-``index.device`` builds and searches with FAISS on GPUs (see ``resolve_device``).
+``index.device`` builds and searches with FAISS on GPUs (see ``resolve_placement``).
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ GPU_EXTRA_FIX = ("pip install 'mlpmem[gpu]' (FAISS for CUDA 12; uninstall faiss-
                  "or set index.device: cpu (--device cpu)")
 
 
-def resolve_device(device: str = "cpu", gpu: bool | None = None, faiss=None, local_rank: int | None = None) -> Placement:
+def resolve_placement(device: str = "cpu", gpu: bool | None = None, faiss=None, local_rank: int | None = None) -> Placement:
     """Turn ``index.device`` into the GPUs FAISS uses; refuse what this FAISS build or machine cannot do.
 
     cpu: no GPU. cuda: one GPU, this process's (LOCAL_RANK, so each rank of a torchrun
@@ -488,7 +488,7 @@ def build_index(datastore_dir: Path, out_dir: Path, cfg: IndexConfig = IndexConf
         )
     if target is None and nlist is not None and nprobe * n / nlist < 4 * cfg.recall_k:
         log.warning("%s with nprobe %d scans about %d keys per query for k=%d: expect low recall (raise nprobe, or set recall_target)", factory, nprobe, nprobe * n // nlist, cfg.recall_k)
-    where = resolve_device(cfg.device, cfg.gpu)  # an absent GPU FAISS is refused before the folder is claimed
+    where = resolve_placement(cfg.device, cfg.gpu)  # an absent GPU FAISS is refused before the folder is claimed
     config = {"datastore": str(datastore_dir), **{k: v for k, v in asdict(cfg).items() if k not in ("device", "keep_keys")}}  # where and what is kept, not what
     if prepare_out(out_dir, config, overwrite, kind="index") == "done":
         log.info("index in %s is already built", out_dir)
@@ -622,7 +622,7 @@ class KnnIndex:
              device: str | None = None) -> "KnnIndex":
         """Open a finished index; ``datastore`` defaults to the one it was built from.
 
-        device: where to search (see ``resolve_device``); None = where it was built, or the
+        device: where to search (see ``resolve_placement``); None = where it was built, or the
         CPU (with a warning) when this machine cannot, since the file is a CPU index.
         """
         faiss = _faiss()
@@ -649,12 +649,12 @@ class KnnIndex:
             )
         if device is None and not gpu and m.get("device", "cpu") != "cpu":
             try:
-                where = resolve_device(m["device"])
+                where = resolve_placement(m["device"])
             except MlpmemError as e:
                 log.warning("searching %s on the CPU: %s", index_dir, e.problem)
                 where = Placement()
         else:
-            where = resolve_device(device or "cpu", gpu)
+            where = resolve_placement(device or "cpu", gpu)
         index = KeysFlat(datastore, where) if index is None else to_placement(index, where)
         return cls(index_dir, index, m, datastore, where)
 

@@ -297,23 +297,3 @@ class MLPMemoryLM(HFLM):
 
     def get_model_info(self) -> dict:
         return {**super().get_model_info(), "mlpmem": self.mixture}
-
-
-def main(argv: list[str] | None = None) -> None:
-    """lm-eval's command line with the ``mlpmem`` backend registered (arguments as for ``lm_eval``)."""
-    import sys
-
-    from lm_eval.__main__ import cli_evaluate
-
-    import mlpmem.rag  # noqa: F401  registers the RAG baseline `mlpmem-rag` too (bm25s is needed only when it is used)
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    if "--model" in args and not any(a == "--device" or a.startswith("--device=") for a in args):
-        # every backend (also `--model hf` on an exported folder) gets a device that exists here
-        args += ["--device", default_device()]
-    sys.argv = [sys.argv[0], *args]
-    cli_evaluate()
-
-
-if __name__ == "__main__":
-    main()

@@ -277,3 +277,20 @@ def check_meta(meta: dict[str, Any], expect: dict[str, Any], folder: Path) -> No
                 f"the memory in {folder} was trained for {key} {meta[key]!r}, but {want!r} is in use",
                 "use the model and input layer the memory was trained for, or train a memory for this one",
             )
+
+
+def run_results(memory_dir: Path) -> dict[str, Any]:
+    """What the run that trained this memory measured, from the files the stages leave next to it (or {})."""
+    out: dict[str, Any] = {}
+    train_manifest = memory_dir.parent / "manifest.json"
+    report = memory_dir.parent.parent / "report.json"
+    try:
+        if train_manifest.is_file():
+            m = read_json(train_manifest)
+            out.update({k: m[k] for k in ("valid", "steps", "epochs", "n_rows") if m.get(k) is not None})
+        if report.is_file():
+            r = read_json(report)
+            out.update({k: r[k] for k in ("ppl", "lambda", "corpus", "n_train_tokens", "n_test_tokens") if r.get(k) is not None})
+    except (OSError, ValueError, MlpmemError) as e:  # results are a courtesy for the model card, never a reason to fail
+        log.info("no run results read next to %s (%s)", memory_dir, e)
+    return out

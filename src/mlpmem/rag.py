@@ -287,20 +287,7 @@ def plain_hflm(pretrained: str | None, device: str | None = None, dtype: str = "
     return HFLM(pretrained=model, tokenizer=tok, backend="causal", device=dev, **kwargs)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """lm-eval's command line with ``mlpmem`` and ``mlpmem-rag`` registered (``python -m mlpmem.rag --model mlpmem-rag ...``)."""
-    import sys
-
-    from mlpmem.lm_eval_backend import main as lm_eval_main
-
-    try:
-        lm_eval_main(argv)
-    except MlpmemError as e:  # bad input (no corpus, empty index, a foreign task folder): one paragraph, no traceback
-        print(f"mlpmem: error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    import mlpmem.rag  # noqa: F401  (registers mlpmem-rag)
+if __name__ == "__main__":  # python -m mlpmem.rag: the same as mlpmem-lm-eval
+    from mlpmem.lm_eval_cli import main
 
     main()

@@ -609,7 +609,7 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         """Set the defaults used when a call does not pass them: lambda, memory temperature, mixing mode
         ("fixed", "gated" or "routed") and fixed weights [LM, each memory] (a new lambda_ clears them)."""
         if mode is not None:
-            self.config.mixing = self._check_mode(mode)
+            self.config.mixing = self.check_mixing_mode(mode)
         if lambda_ is not None:
             self.config.lambda_ = check_lambda(lambda_)
             self.config.weights = None
@@ -618,7 +618,7 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         if memory_temperature is not None:
             self.config.memory_temperature = check_temperature(memory_temperature)
 
-    def _check_mode(self, mode: str) -> str:
+    def check_mixing_mode(self, mode: str) -> str:
         """The one check that this model can mix by ``mode`` (a gate for gated, a router for routed)."""
         check_model_mixing(mode)
         if mode == "gated" and (self.gate is None or self.n_memories > 1):
@@ -692,7 +692,7 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         fixed_asked = lambda_ is not None or weights is not None
         if mixing is not None and fixed_asked and check_model_mixing(mixing) != "fixed":
             raise MlpmemError(f"a call cannot take both mixing={mixing!r} and a fixed lambda_ or weights", "pass one of them")
-        mode = self._check_mode(mixing) if mixing is not None else ("fixed" if fixed_asked else self.mixing_mode)
+        mode = self.check_mixing_mode(mixing) if mixing is not None else ("fixed" if fixed_asked else self.mixing_mode)
         w = self.fixed_weights(lambda_, weights) if mode == "fixed" else None
         temp = self.memory_temperature if memory_temperature is None else check_temperature(memory_temperature)
         comps = self.components()

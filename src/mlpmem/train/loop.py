@@ -97,7 +97,7 @@ def train_memory(
     out_dir = Path(out_dir)
     validate(cfg, "train")
     w = dist.init(device or "auto")
-    dev = torch.device(dist.local_device(device) if device else (dist.local_device("cuda") if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(dist.local_device(device or "auto"))
     if init_lm is None and needs_lm(cfg):  # before the data: lm_copy's default input (the last layer) is found through the LM
         init_lm = load_datastore_lm(datastore_dir, dev)
     key = Datastore(datastore_dir)

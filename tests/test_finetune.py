@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_texts
+from helpers import make_texts
 from mlpmem.errors import MlpmemError
 from mlpmem.finetune import FinetuneConfig, chunks_of, finetune, mixture_nll, prepare_lm, train_lm
 from mlpmem.memory import MemoryConfig, MLPMemory, save_memory

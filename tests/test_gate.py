@@ -348,7 +348,7 @@ def test_lm_eval_backend_takes_mixing(parts, tmp_path):
 
 
 def test_cli_mixing_errors_are_one_line(parts, tmp_path, capsys):
-    from conftest import run_cli
+    from helpers import run_cli
     from mlpmem.memory import save_memory
 
     lm, tok, mem, meta, _, _ = parts
@@ -360,7 +360,7 @@ def test_cli_mixing_errors_are_one_line(parts, tmp_path, capsys):
 
 
 def test_pipeline_reports_gated_beside_fixed(tmp_path, tiny_llama, tiny_corpus_file):
-    from test_pipeline import tiny_recipe
+    from helpers import tiny_recipe
 
     from mlpmem.hf import MLPMemoryForCausalLM
     from mlpmem.pipeline import load_recipe, run_pipeline

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("lm_eval")
 
-from conftest import make_texts  # noqa: E402
+from helpers import make_texts  # noqa: E402
 
 from mlpmem.memory import MemoryConfig, MLPMemory, save_memory  # noqa: E402
 from mlpmem.models import load_model, logits_size, tokenizer_hash  # noqa: E402
@@ -183,7 +183,7 @@ def test_a_memory_trained_after_bos_scores_after_bos(setup, tmp_path):
 @pytest.fixture(scope="module")
 def mixings(setup, tiny_llama, tmp_path_factory):
     """model_args for each mixing the backend has: fixed lambda, lambda 0, the run's gate, LM + kNN-LM, LM + memory + kNN-LM."""
-    from conftest import tiny_knn_run
+    from helpers import tiny_knn_run
     from mlpmem.gate import GateConfig, MixingGate, gate_meta, save_gate
     from mlpmem.memory import load_memory
 

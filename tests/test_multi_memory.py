@@ -362,7 +362,7 @@ def test_refusals(parts, tmp_path):
 @pytest.fixture(scope="module")
 def knn_run(tmp_path_factory, tiny_llama):
     """A finished run's kNN-LM parts, as the pipeline lays them out: corpus, datastore, flat index, knn.json (k, T)."""
-    from conftest import tiny_knn_run
+    from helpers import tiny_knn_run
 
     return tiny_knn_run(tmp_path_factory.mktemp("knn") / "run", tiny_llama)
 

@@ -118,7 +118,7 @@ def test_duplicates_dropped_first_kept_and_counted():
 
 
 def test_corpus_built_before_dedup_is_refused_when_the_source_has_duplicates(tmp_path, tiny_llama):
-    from conftest import make_texts
+    from helpers import make_texts
 
     texts = make_texts(6, 40)
     src = tmp_path / "c.jsonl"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_cli, write_corpus_jsonl
+from helpers import run_cli, write_corpus_jsonl
 from mlpmem.cli import main
 from mlpmem.errors import MlpmemError
 from mlpmem.models import resolve_device
@@ -215,7 +215,7 @@ def test_lm_eval_backend_follows_the_same_rule(monkeypatch):
 
 
 def test_a_finished_run_is_done_on_another_device_spelling(tmp_path, tiny_llama, tiny_corpus_file):
-    from test_pipeline import tiny_recipe
+    from helpers import tiny_recipe
 
     from mlpmem.pipeline import run_pipeline
 

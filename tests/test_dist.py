@@ -64,7 +64,7 @@ def test_on_main_is_a_plain_call_for_one_process():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, tiny_llama):
-    from conftest import write_corpus_jsonl
+    from helpers import write_corpus_jsonl
 
     root = tmp_path_factory.mktemp("dist")
     return build_corpus(root / "corpus", CorpusConfig(source=str(write_corpus_jsonl(root / "c.jsonl")), model=str(tiny_llama)))
@@ -178,7 +178,7 @@ def test_train_two_processes_ddp_matches_one_and_resumes_with_one(tmp_path, corp
 def test_run_recipe_two_processes_reports_what_one_process_reports(tmp_path, tiny_llama, tiny_corpus_file):
     """`torchrun -m mlpmem run RECIPE`: corpus and index once (rank 0), the other stages split; one report."""
 
-    from test_pipeline import tiny_recipe
+    from helpers import tiny_recipe
 
     reports = {}
     for n in (1, 2):

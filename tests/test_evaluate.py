@@ -25,7 +25,7 @@ C, S, K = 32, 16, 8
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_llama):
     """A corpus, a train datastore + Flat index and a scored valid datastore from the tiny Llama."""
-    from conftest import make_texts
+    from helpers import make_texts
 
     root = tmp_path_factory.mktemp("ev")
     src = root / "corpus.jsonl"

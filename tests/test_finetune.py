@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import make_texts
+from helpers import make_texts, memory_meta
 from mlpmem.errors import MlpmemError
 from mlpmem.finetune import FinetuneConfig, chunks_of, finetune, mixture_nll, prepare_lm, train_lm
 from mlpmem.memory import MemoryConfig, MLPMemory, save_memory
-from mlpmem.models import load_model, logits_size, model_fingerprint, tokenizer_hash
+from mlpmem.models import load_model, logits_size, model_fingerprint
 
 pytest.importorskip("peft")
 
@@ -38,7 +38,7 @@ def write_memory(folder: Path, model_dir: Path, seed: int = 1, layer: int = 1, s
     torch.manual_seed(seed)
     mem = MLPMemory(MemoryConfig(d_in=32, vocab_size=logits_size(lm), n_blocks=1, zero_init_blocks=False))
     mem.head.weight.data.normal_(0.0, 0.5)  # peaked: the memory matters in the mixture
-    meta = {"model_id": model_id, "tokenizer_hash": tokenizer_hash(tok), "layer": layer, "site": site, "model_fingerprint": model_fingerprint(lm)}
+    meta = memory_meta(model_id, tok, layer, site, lm=lm)
     return save_memory(folder, mem, {**meta, **meta_override})
 
 

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import GatedMemoryParts, memory_meta
 
 from mlpmem.errors import MlpmemError
 from mlpmem.gate import (
@@ -28,7 +29,7 @@ from mlpmem.gate import (
 from mlpmem.modeling.mixing import mixture_nll_logit as mixture_nll
 from mlpmem.interpolate import fit_lambda_em, interpolate_logprobs, interpolate_per_token, perplexity
 from mlpmem.memory import MemoryConfig, MLPMemory
-from mlpmem.models import load_model, logits_size, model_fingerprint, tokenizer_hash
+from mlpmem.models import load_model, logits_size
 from mlpmem.modeling.read_site import decoder_layers
 
 
@@ -174,9 +175,9 @@ def tiny_memory(lm, seed=1):
 
 
 @pytest.fixture(scope="module")
-def parts(tiny_llama):
+def gated_parts(tiny_llama) -> GatedMemoryParts:
     lm, tok, model_id = load_model(str(tiny_llama))
-    meta = {"model_id": model_id, "tokenizer_hash": tokenizer_hash(tok), "layer": 1, "site": "ffn_input", "model_fingerprint": model_fingerprint(lm)}
+    meta = memory_meta(model_id, tok, 1, "ffn_input", lm=lm)
     mem = tiny_memory(lm)
     torch.manual_seed(5)
     gate = MixingGate("mlp", hidden=4)
@@ -186,11 +187,11 @@ def parts(tiny_llama):
         gate.inner.weight.normal_(0, 1.0)
         gate.out.weight.normal_(0, 1.0)
         gate.out.bias.zero_()
-    return lm, tok, mem, meta, gate.eval(), gate_meta(mem, GateConfig(), {}, meta)
+    return GatedMemoryParts(lm, tok, mem, meta, gate.eval(), gate_meta(mem, GateConfig(), {}, meta))
 
 
-def test_gate_files_round_trip_and_refuse_another_memory(parts, tmp_path):
-    lm, _, mem, _, gate, gmeta = parts
+def test_gate_files_round_trip_and_refuse_another_memory(gated_parts, tmp_path):
+    lm, _, mem, _, gate, gmeta = gated_parts
     save_gate(tmp_path / "g", gate, gmeta)
     loaded, meta = load_gate(tmp_path / "g", mem)
     x = torch.randn(5, 7)
@@ -223,10 +224,10 @@ def ref_gated(lm, mem, gate, ids):
     return interpolate_per_token(lp, lq, lam), lam
 
 
-def test_hf_gated_forward_save_load_and_refusals(parts, tmp_path):
+def test_hf_gated_forward_save_load_and_refusals(gated_parts, tmp_path):
     from mlpmem.hf import MLPMemoryForCausalLM
 
-    lm, tok, mem, meta, gate, gmeta = parts
+    lm, tok, mem, meta, gate, gmeta = gated_parts
     model = MLPMemoryForCausalLM.from_parts(lm, mem, meta, tokenizer=tok, lambda_=0.3, gate=gate, gate_meta=gmeta)
     assert model.mixing_mode == "gated"  # a gate given: used by default
     ids = tok(["the union and the people of", "congress has a law that"], return_tensors="pt", padding=True).input_ids
@@ -280,11 +281,11 @@ def test_hf_gated_forward_save_load_and_refusals(parts, tmp_path):
         MLPMemoryForCausalLM.from_parts(lm, mem, meta, mixing="gated")
 
 
-def test_from_memory_finds_the_runs_gate(parts, tmp_path):
+def test_from_memory_finds_the_runs_gate(gated_parts, tmp_path):
     from mlpmem.hf import MLPMemoryForCausalLM
     from mlpmem.memory import save_memory
 
-    lm, tok, mem, meta, gate, gmeta = parts
+    lm, tok, mem, meta, gate, gmeta = gated_parts
     save_memory(tmp_path / "run" / "train" / "memory", mem, meta)
     assert MLPMemoryForCausalLM.from_memory(tmp_path / "run" / "train" / "memory").mixing_mode == "fixed"
     save_gate(tmp_path / "run" / "gate", gate, gmeta)
@@ -296,12 +297,12 @@ def test_from_memory_finds_the_runs_gate(parts, tmp_path):
         MLPMemoryForCausalLM.from_memory(tmp_path / "run" / "train" / "memory")
 
 
-def test_scoring_for_the_gate_matches_the_model_class(parts):
+def test_scoring_for_the_gate_matches_the_model_class(gated_parts):
     """score_mixing's per-token log-probs and features are those of the HF forward (windows of 16, stride 8)."""
     from mlpmem.gate import score_mixing
     from mlpmem.modeling.read_site import ReadSite
 
-    lm, tok, mem, meta, gate, gmeta = parts
+    lm, tok, mem, meta, gate, gmeta = gated_parts
     tokens = np.array(tok(" ".join(["the union and the people of congress"] * 6)).input_ids, dtype=np.int64)[:40]
     sc = score_mixing(lm, tokens, 16, 8, mem, ReadSite(1, "ffn_input"), batch_size=2)
     assert sc.n == len(tokens) - 1 and np.array_equal(sc.labels, tokens[1:])
@@ -313,7 +314,7 @@ def test_scoring_for_the_gate_matches_the_model_class(parts):
     np.testing.assert_allclose(gate_lambdas(gate, sc.features[:15]), lam[0, :15].numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_scoring_for_the_gate_takes_the_datastores_prefix(parts):
+def test_scoring_for_the_gate_takes_the_datastores_prefix(gated_parts):
     """With a window prefix (datastore.bos) the gate is scored on the positions and states the evaluator scores:
     the LM's and the memory's log-probs equal evaluate.score_online's with the same prefix (which the pipeline
     refused for gated mixing before)."""
@@ -321,7 +322,7 @@ def test_scoring_for_the_gate_takes_the_datastores_prefix(parts):
     from mlpmem.gate import score_mixing
     from mlpmem.modeling.read_site import ReadSite
 
-    lm, tok, mem, *_ = parts
+    lm, tok, mem, *_ = gated_parts
     tokens = np.array(tok(" ".join(["the union and the people of congress"] * 6)).input_ids, dtype=np.int64)[:40]
     site = ReadSite(1, "ffn_input")
     sc = score_mixing(lm, tokens, 16, 6, mem, site, batch_size=2, prefix=(1,))
@@ -333,12 +334,12 @@ def test_scoring_for_the_gate_takes_the_datastores_prefix(parts):
     assert not np.allclose(plain.memory_logprob, sc.memory_logprob)  # the prefix changes what the memory reads
 
 
-def test_lm_eval_backend_takes_mixing(parts, tmp_path):
+def test_lm_eval_backend_takes_mixing(gated_parts, tmp_path):
     pytest.importorskip("lm_eval")
     from mlpmem.lm_eval_backend import load_mixture
     from mlpmem.memory import save_memory
 
-    lm, tok, mem, meta, gate, gmeta = parts
+    lm, tok, mem, meta, gate, gmeta = gated_parts
     mdir = tmp_path / "run" / "train" / "memory"
     save_memory(mdir, mem, meta)
     save_gate(tmp_path / "run" / "gate", gate, gmeta)
@@ -348,11 +349,11 @@ def test_lm_eval_backend_takes_mixing(parts, tmp_path):
         load_mixture(memory=str(mdir), mixing="always")
 
 
-def test_cli_mixing_errors_are_one_line(parts, tmp_path, capsys):
-    from conftest import run_cli
+def test_cli_mixing_errors_are_one_line(gated_parts, tmp_path, capsys):
+    from helpers import run_cli
     from mlpmem.memory import save_memory
 
-    lm, tok, mem, meta, _, _ = parts
+    lm, tok, mem, meta, _, _ = gated_parts
     save_memory(tmp_path / "mem", mem, meta)
     rc, err = run_cli(capsys, "generate", tmp_path / "mem", "the union", "--mixing", "gated", "--max-new-tokens", "2")
     assert rc == 2 and "needs a gate" in err
@@ -361,7 +362,7 @@ def test_cli_mixing_errors_are_one_line(parts, tmp_path, capsys):
 
 
 def test_pipeline_reports_gated_beside_fixed(tmp_path, tiny_llama, tiny_corpus_file):
-    from test_pipeline import tiny_recipe
+    from helpers import tiny_recipe
 
     from mlpmem.hf import MLPMemoryForCausalLM
     from mlpmem.pipeline import load_recipe, run_pipeline
@@ -383,7 +384,7 @@ def test_pipeline_reports_gated_beside_fixed(tmp_path, tiny_llama, tiny_corpus_f
         load_recipe(dict(recipe, gate={"generic": str(tmp_path / "nowhere.jsonl")}))
 
 
-def test_gated_export_loads_as_remote_code_without_mlpmem(parts, tmp_path):
+def test_gated_export_loads_as_remote_code_without_mlpmem(gated_parts, tmp_path):
     """The gate's forward lives in the self-contained modeling file: a full export mixes per token where mlpmem is absent."""
     import os
     import subprocess
@@ -391,7 +392,7 @@ def test_gated_export_loads_as_remote_code_without_mlpmem(parts, tmp_path):
 
     from mlpmem.hf import MLPMemoryForCausalLM
 
-    lm, tok, mem, meta, gate, gmeta = parts
+    lm, tok, mem, meta, gate, gmeta = gated_parts
     model = MLPMemoryForCausalLM.from_parts(lm, mem, meta, tokenizer=tok, gate=gate, gate_meta=gmeta)
     model.save_pretrained(tmp_path / "full", full_export=True)
     ids = tok("the union and the people of", return_tensors="pt").input_ids
@@ -457,11 +458,11 @@ def test_router_learns_which_memory_knows_each_token():
     assert routed < -np.mean(interpolate_many([lp[held, k] for k in range(3)], fixed)) - 0.1  # held out: better than fixed weights
 
 
-def test_one_pass_scores_several_memories(parts):
+def test_one_pass_scores_several_memories(gated_parts):
     from mlpmem.gate import score_memories, score_mixing
     from mlpmem.modeling.read_site import ReadSite
 
-    lm, tok, mem, meta, _, _ = parts
+    lm, tok, mem, meta, _, _ = gated_parts
     other = tiny_memory(lm, seed=3)
     tokens = np.array(tok(" ".join(["war and peace in the union"] * 6)).input_ids, dtype=np.int64)[:30]
     labels, lp, feats, _ = score_memories(lm, tokens, 16, 8, [(mem, ReadSite(1, "ffn_input")), (other, ReadSite(0, "output"))], batch_size=2)

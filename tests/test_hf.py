@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
+from helpers import ArchMemoryParts, memory_meta
 
 from mlpmem.errors import MlpmemError
 from mlpmem.interpolate import interpolate_logprobs
 from mlpmem.memory import MemoryConfig, MLPMemory, init_from_lm, lm_settings
-from mlpmem.models import load_model, logits_size, model_fingerprint, tokenizer_hash
+from mlpmem.models import load_model, logits_size, tokenizer_hash
 from mlpmem.modeling.read_site import decoder_layers
 
 hf = pytest.importorskip("mlpmem.hf")
@@ -28,16 +29,16 @@ def random_memory(lm, seed: int = 1) -> MLPMemory:
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
-def parts(request, tiny_models):
+def arch_parts(request, tiny_models) -> ArchMemoryParts:
     lm, tok, model_id = load_model(str(tiny_models[request.param]))
     layer, site = SITES[request.param]
-    meta = {"model_id": model_id, "tokenizer_hash": tokenizer_hash(tok), "layer": layer, "site": site, "model_fingerprint": model_fingerprint(lm)}
-    return request.param, lm, tok, random_memory(lm), meta
+    meta = memory_meta(model_id, tok, layer, site, lm=lm)
+    return ArchMemoryParts(request.param, lm, tok, random_memory(lm), meta)
 
 
 @pytest.fixture(scope="module")
-def model(parts):
-    _, lm, tok, mem, meta = parts
+def model(arch_parts):
+    _, lm, tok, mem, meta = arch_parts
     return MLPMemoryForCausalLM.from_parts(lm, mem, meta, tokenizer=tok, lambda_=0.5).eval()
 
 
@@ -79,8 +80,8 @@ F32 = torch.finfo(torch.float32).eps
 CLOSE = dict(rtol=32 * F32, atol=32 * F32)
 
 
-def test_forward_matches_reference_and_lambda_ends(parts, model, torch_threads):
-    _, lm, tok, mem, meta = parts
+def test_forward_matches_reference_and_lambda_ends(arch_parts, model, torch_threads):
+    _, lm, tok, mem, meta = arch_parts
     ids = torch.cat([p[:, :3] for p in prompts(tok)], 0)
     with torch.no_grad():
         for lam in (0.5, 0.1):
@@ -116,8 +117,8 @@ def test_lambda_settings(model):
     assert model.lambda_ == 0.5
 
 
-def test_greedy_equals_reference_loop(parts, model):
-    _, lm, tok, mem, meta = parts
+def test_greedy_equals_reference_loop(arch_parts, model):
+    _, lm, tok, mem, meta = arch_parts
     for p in prompts(tok):
         out = model.generate(p, max_new_tokens=8, do_sample=False)
         ref = ref_greedy(lm, mem, meta, p, 8, 0.5, model.generation_config.eos_token_id)
@@ -127,14 +128,14 @@ def test_greedy_equals_reference_loop(parts, model):
         assert out2.tolist() == ref_greedy(lm, mem, meta, p, 8, 0.2, model.generation_config.eos_token_id).tolist()
 
 
-def test_lambda_zero_generate_is_base_model(parts, model):
-    _, lm, tok, _, _ = parts
+def test_lambda_zero_generate_is_base_model(arch_parts, model):
+    _, lm, tok, _, _ = arch_parts
     for p in prompts(tok):
         assert torch.equal(model.generate(p, max_new_tokens=8, do_sample=False, lambda_=0.0), lm.generate(p, max_new_tokens=8, do_sample=False))
 
 
-def test_left_padded_batch_equals_one_by_one(parts, model):
-    _, _, tok, _, _ = parts
+def test_left_padded_batch_equals_one_by_one(arch_parts, model):
+    _, _, tok, _, _ = arch_parts
     tok.padding_side = "left"
     texts = ["the union and the people of", "war", "congress has a law that the"]
     batch = tok(texts, return_tensors="pt", padding=True)
@@ -148,8 +149,8 @@ def test_left_padded_batch_equals_one_by_one(parts, model):
         assert all(t == tok.pad_token_id for t in got[len(single):]) and (len(single) == 6 or single[-1] == eos)
 
 
-def test_beam_search_cache_equals_no_cache_and_scores_are_mixture(parts, model):
-    _, lm, tok, mem, meta = parts
+def test_beam_search_cache_equals_no_cache_and_scores_are_mixture(arch_parts, model):
+    _, lm, tok, mem, meta = arch_parts
     p = prompts(tok)[0]
     kw = dict(max_new_tokens=6, num_beams=3, num_return_sequences=3, do_sample=False, length_penalty=0.0,
               output_scores=True, return_dict_in_generate=True)
@@ -168,8 +169,8 @@ def test_beam_search_cache_equals_no_cache_and_scores_are_mixture(parts, model):
         torch.testing.assert_close(score, want, rtol=0, atol=1e-3)
 
 
-def test_sampling_first_step_distribution(parts, model):
-    _, lm, tok, mem, meta = parts
+def test_sampling_first_step_distribution(arch_parts, model):
+    _, lm, tok, mem, meta = arch_parts
     p = prompts(tok)[2]
     temp, top_k, top_p = 0.7, 20, 0.9
     out = model.generate(p, do_sample=True, temperature=temp, top_k=top_k, top_p=top_p, max_new_tokens=1,
@@ -187,8 +188,8 @@ def test_sampling_first_step_distribution(parts, model):
     assert got[out.sequences[0, -1]] > 0
 
 
-def test_decode_step_runs_memory_on_one_position(parts, model):
-    _, _, tok, _, _ = parts
+def test_decode_step_runs_memory_on_one_position(arch_parts, model):
+    _, _, tok, _, _ = arch_parts
     shapes = []
     handle = model.memory.register_forward_pre_hook(lambda m, a: shapes.append(tuple(a[0].shape)))
     try:
@@ -201,8 +202,8 @@ def test_decode_step_runs_memory_on_one_position(parts, model):
     assert not model.memory._forward_pre_hooks and not any(m._forward_hooks or m._forward_pre_hooks for m in model.lm.modules())
 
 
-def test_lm_copy_memory_at_lambda_one_is_the_lm(parts):
-    _, lm, tok, _, _ = parts
+def test_lm_copy_memory_at_lambda_one_is_the_lm(arch_parts):
+    _, lm, tok, _, _ = arch_parts
     settings = lm_settings(lm, "lm_copy")
     mem = MLPMemory(MemoryConfig(d_in=32, vocab_size=logits_size(lm), n_blocks=1, init="lm_copy", **settings))
     init_from_lm(mem, lm)
@@ -215,8 +216,8 @@ def test_lm_copy_memory_at_lambda_one_is_the_lm(parts):
 
 
 @pytest.mark.parametrize("full_export", [False, True])
-def test_save_load_round_trip(parts, model, tmp_path, full_export):
-    _, lm, tok, _, _ = parts
+def test_save_load_round_trip(arch_parts, model, tmp_path, full_export):
+    _, lm, tok, _, _ = arch_parts
     folder = tmp_path / "saved"
     model.save_pretrained(folder, full_export=full_export)
     cfg = json.loads((folder / "config.json").read_text())
@@ -253,8 +254,8 @@ def test_auto_classes_load_it(model, tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
 
 
-def test_refusals(parts, model, tmp_path):
-    _, lm, tok, mem, meta = parts
+def test_refusals(arch_parts, model, tmp_path):
+    _, lm, tok, mem, meta = arch_parts
     other_tok = type(tok).from_pretrained(lm.config.name_or_path)
     other_tok.add_tokens(["zzzq"])  # a different tokenizer definition
     with pytest.raises(MlpmemError, match="tokenizer"):
@@ -290,7 +291,7 @@ def test_remote_code_loads_without_importing_mlpmem_hf(tiny_llama, tmp_path):
     import sys
 
     lm, tok, model_id = load_model(str(tiny_llama))
-    meta = {"model_id": model_id, "tokenizer_hash": tokenizer_hash(tok), "layer": -1, "site": "ffn_input"}
+    meta = memory_meta(model_id, tok, -1, "ffn_input")
     MLPMemoryForCausalLM.from_parts(lm, random_memory(lm), meta, tokenizer=tok, lambda_=0.5).save_pretrained(tmp_path / "m")
     code = ("import sys; from transformers import AutoModelForCausalLM; assert 'mlpmem.hf' not in sys.modules; "
             "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True); print(type(m).__name__, m.lambda_)")
@@ -300,10 +301,10 @@ def test_remote_code_loads_without_importing_mlpmem_hf(tiny_llama, tmp_path):
     assert out.stdout.split()[-2:] == ["MLPMemoryForCausalLM", "0.5"]
 
 
-def test_export_from_memory_folder(parts, model, tmp_path):
+def test_export_from_memory_folder(arch_parts, model, tmp_path):
     from mlpmem.memory import save_memory
 
-    _, lm, tok, mem, meta = parts
+    _, lm, tok, mem, meta = arch_parts
     save_memory(tmp_path / "mem", mem, meta)
     out = hf.export_hf(tmp_path / "mem", tmp_path / "hf", lambda_=0.5)  # base model: the one in the memory's meta
     loaded = MLPMemoryForCausalLM.from_pretrained(out)
@@ -312,11 +313,11 @@ def test_export_from_memory_folder(parts, model, tmp_path):
         assert torch.equal(loaded(p).logits, model(p).logits)
 
 
-def test_generate_cli_side_by_side(parts, tmp_path, capsys):
+def test_generate_cli_side_by_side(arch_parts, tmp_path, capsys):
     from mlpmem.cli import main
     from mlpmem.memory import save_memory
 
-    _, lm, tok, mem, meta = parts
+    _, lm, tok, mem, meta = arch_parts
     save_memory(tmp_path / "mem", mem, meta)
     (tmp_path / "prompts.txt").write_text("the union and\nwar\n")
     assert main(["generate", str(tmp_path / "mem"), "congress has", "--prompts-file", str(tmp_path / "prompts.txt"),
@@ -330,11 +331,11 @@ def test_generate_cli_side_by_side(parts, tmp_path, capsys):
     assert main(["generate", str(tmp_path / "mem")]) == 2  # no prompts: a clear error
 
 
-def test_generate_side_by_side_with_a_full_export(parts, model, tmp_path):
+def test_generate_side_by_side_with_a_full_export(arch_parts, model, tmp_path):
     """A full export loads on transformers' path (no tokenizer attached): generation takes the one saved with it."""
     from mlpmem.generation import GenerateConfig, generate_side_by_side
 
-    _, lm, tok, _, _ = parts
+    _, lm, tok, _, _ = arch_parts
     model.save_pretrained(tmp_path / "full", full_export=True)
     cfg = json.loads((tmp_path / "full" / "config.json").read_text())
     (tmp_path / "full" / "config.json").write_text(json.dumps(dict(cfg, base_model=str(tmp_path / "gone"))))  # nothing else to find
@@ -343,7 +344,7 @@ def test_generate_side_by_side_with_a_full_export(parts, model, tmp_path):
     assert rows[1]["memory"] == tok.decode(model.generate(p, max_new_tokens=6, do_sample=False)[0, p.shape[1]:], skip_special_tokens=True)
 
 
-def test_saving_never_replaces_a_users_folder(parts, model, tmp_path):
+def test_saving_never_replaces_a_users_folder(arch_parts, model, tmp_path):
     from mlpmem.errors import MlpmemError
     from mlpmem.memory import save_memory
 
@@ -355,7 +356,7 @@ def test_saving_never_replaces_a_users_folder(parts, model, tmp_path):
     assert (user / "memory" / "notes.txt").read_text() == "precious"
     model.save_pretrained(tmp_path / "again", full_export=True)
     model.save_pretrained(tmp_path / "again")  # over an earlier save of ours: replaced, as transformers does
-    _, _, _, mem, meta = parts
+    _, _, _, mem, meta = arch_parts
     save_memory(tmp_path / "mem", mem, meta)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "data.csv").write_text("1,2")

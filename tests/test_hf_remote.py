@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import MemoryParts, memory_meta
 
 from mlpmem.errors import MlpmemError
 from mlpmem.memory import MemoryConfig, MLPMemory
-from mlpmem.models import load_model, logits_size, model_fingerprint, tokenizer_hash
+from mlpmem.models import load_model, logits_size, model_fingerprint
 from mlpmem.modeling.read_site import ReadSite, capture
 
 hf = pytest.importorskip("mlpmem.hf")
@@ -25,19 +26,18 @@ REV = "0123456789abcdef0123456789abcdef01234567"  # a commit hash, as the hub ca
 
 
 @pytest.fixture(scope="module")
-def parts(tiny_llama):
+def memory_parts(tiny_llama) -> MemoryParts:
     lm, tok, model_id = load_model(str(tiny_llama))
     torch.manual_seed(1)
     mem = MLPMemory(MemoryConfig(d_in=32, vocab_size=logits_size(lm), n_blocks=1, zero_init_blocks=False))
     mem.head.weight.data.normal_(0.0, 0.5)  # peaked enough to change the LM's choices
-    meta = {"model_id": model_id, "tokenizer_hash": tokenizer_hash(tok), "layer": 1, "site": "ffn_input",
-            "model_fingerprint": model_fingerprint(lm), "results": {"ppl": {"lm": 31.5, "lm+memory": 27.25}}}
-    return lm, tok, mem.eval(), meta
+    meta = memory_meta(model_id, tok, 1, "ffn_input", lm=lm, results={"ppl": {"lm": 31.5, "lm+memory": 27.25}})
+    return MemoryParts(lm, tok, mem.eval(), meta)
 
 
 @pytest.fixture(scope="module")
-def model(parts):
-    lm, tok, mem, meta = parts
+def model(memory_parts):
+    lm, tok, mem, meta = memory_parts
     return MLPMemoryForCausalLM.from_parts(lm, mem, meta, tokenizer=tok, lambda_=0.5)
 
 
@@ -99,8 +99,8 @@ def test_full_export_loads_on_the_standard_path_from_a_hub_cache(model, full, tm
     assert MLPMemoryForCausalLM.from_pretrained("org/lm-memory", cache_dir=cache, local_files_only=True, lambda_=0.2).lambda_ == 0.2
 
 
-def test_by_reference_and_base_model_from_a_hub_cache(model, parts, full, tmp_path):
-    lm, tok, _, _ = parts
+def test_by_reference_and_base_model_from_a_hub_cache(model, memory_parts, full, tmp_path):
+    lm, tok, _, _ = memory_parts
     model.save_pretrained(tmp_path / "ref")  # by reference: memory/ only, the base named in the config
     assert not (tmp_path / "ref" / "model.safetensors").exists()
     cache = hub_cache(tmp_path / "cache", "org/ref", tmp_path / "ref")
@@ -114,10 +114,10 @@ def test_by_reference_and_base_model_from_a_hub_cache(model, parts, full, tmp_pa
         assert other_base.lm is lm and torch.equal(other_base(ids()).logits, want)
 
 
-def test_dtype_auto_restores_the_checkpoint_dtype(parts, tmp_path):
+def test_dtype_auto_restores_the_checkpoint_dtype(memory_parts, tmp_path):
     import copy
 
-    lm, tok, mem, meta = parts
+    lm, tok, mem, meta = memory_parts
     half = copy.deepcopy(lm).to(torch.bfloat16)
     MLPMemoryForCausalLM.from_parts(half, mem, meta, tokenizer=tok).save_pretrained(tmp_path / "bf16", full_export=True)
     loaded = MLPMemoryForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")
@@ -132,9 +132,9 @@ def test_dtype_auto_restores_the_checkpoint_dtype(parts, tmp_path):
     assert by_ref.lm.dtype == torch.bfloat16 and by_ref.memory.head.weight.dtype == torch.float32
 
 
-def test_remote_code_without_mlpmem_generates_the_same_tokens(model, parts, full, tmp_path):
+def test_remote_code_without_mlpmem_generates_the_same_tokens(model, memory_parts, full, tmp_path):
     """The exported folder loads with trust_remote_code=True in a process where `import mlpmem` fails."""
-    lm, tok, _, _ = parts
+    lm, tok, _, _ = memory_parts
     model.save_pretrained(tmp_path / "ref")  # by reference to the tiny model's folder
     prompt = tok("the union and the people of", return_tensors="pt").input_ids
     want = model.generate(prompt, max_new_tokens=8, do_sample=False)[0].tolist()
@@ -192,8 +192,8 @@ def test_capture_reads_the_layers_tensors(tiny_models):
                 assert h.shape == out.hidden_states[layer].shape and not torch.equal(h, out.hidden_states[layer])
 
 
-def test_folders_of_the_previous_format_still_load(model, parts, tmp_path):
-    lm, tok, _, _ = parts
+def test_folders_of_the_previous_format_still_load(model, memory_parts, tmp_path):
+    lm, tok, _, _ = memory_parts
     want = model(ids()).logits
     # by reference: config.json without text_config / base_weights, the memory in memory/
     model.save_pretrained(tmp_path / "old")
@@ -226,8 +226,8 @@ def test_model_card(full, tmp_path, model):
     assert "# SmolLM2-135M-Instruct (GGUF Q4_1" in card and "`smollm2-135m` = SmolLM2-135M-Instruct" in card
 
 
-def test_fingerprint_checked_when_pairing(parts, tiny_models, tmp_path, caplog):
-    lm, tok, mem, meta = parts
+def test_fingerprint_checked_when_pairing(memory_parts, tiny_models, tmp_path, caplog):
+    lm, tok, mem, meta = memory_parts
     other, _, other_id = load_model(str(tiny_models["llama"]))
     torch.manual_seed(5)
     for p in other.parameters():
@@ -274,11 +274,11 @@ def test_an_interrupted_full_export_is_not_taken_for_a_finished_one(model, tmp_p
         model.save_pretrained(tmp_path / "m", push_to_hub=True)
 
 
-def test_export_card_shows_the_runs_results(parts, tmp_path):
+def test_export_card_shows_the_runs_results(memory_parts, tmp_path):
     """export_hf of a run's memory: the card shows what the train stage and the pipeline measured next to it."""
     from mlpmem.memory import save_memory
 
-    lm, tok, mem, meta = parts
+    lm, tok, mem, meta = memory_parts
     run = tmp_path / "run"
     save_memory(run / "train" / "memory", mem, {k: v for k, v in meta.items() if k != "results"})
     (run / "train" / "manifest.json").write_text(json.dumps({"valid": {"kl": 1.25, "ce": 3.5}, "steps": 40}))

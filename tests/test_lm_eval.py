@@ -11,10 +11,10 @@ import torch
 
 pytest.importorskip("lm_eval")
 
-from conftest import make_texts  # noqa: E402
+from helpers import make_texts, memory_meta  # noqa: E402
 
 from mlpmem.memory import MemoryConfig, MLPMemory, save_memory  # noqa: E402
-from mlpmem.models import load_model, logits_size, tokenizer_hash  # noqa: E402
+from mlpmem.models import load_model, logits_size  # noqa: E402
 
 MC = """task: t_mc
 dataset_path: json
@@ -82,7 +82,7 @@ def setup(tiny_llama, tmp_path_factory):
     torch.manual_seed(2)
     mem = MLPMemory(MemoryConfig(d_in=32, vocab_size=logits_size(lm), n_blocks=1, zero_init_blocks=False))
     mem.head.weight.data.normal_(0.0, 0.5)
-    meta = {"model_id": model_id, "tokenizer_hash": tokenizer_hash(tok), "layer": 1, "site": "ffn_input"}
+    meta = memory_meta(model_id, tok, 1, "ffn_input")
     save_memory(root / "memory", mem, meta)
     (root / "tasks").mkdir()
     return root, write_tasks(root / "tasks")
@@ -185,7 +185,7 @@ def test_a_memory_trained_after_bos_scores_after_bos(setup, tmp_path):
 @pytest.fixture(scope="module")
 def mixings(setup, tiny_llama, tmp_path_factory):
     """model_args for each mixing the backend has: fixed lambda, lambda 0, the run's gate, LM + kNN-LM, LM + memory + kNN-LM."""
-    from conftest import tiny_knn_run
+    from helpers import tiny_knn_run
     from mlpmem.gate import GateConfig, MixingGate, gate_meta, save_gate
     from mlpmem.memory import load_memory
 

@@ -8,11 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import TwoMemoryParts, memory_meta
 from torch import nn
 
 from mlpmem.errors import MlpmemError
 from mlpmem.memory import MemoryConfig, MLPMemory, save_memory
-from mlpmem.models import load_model, logits_size, model_fingerprint, tokenizer_hash
+from mlpmem.models import load_model, logits_size, model_fingerprint
 from mlpmem.modeling.read_site import decoder_layers
 
 hf = pytest.importorskip("mlpmem.hf")
@@ -58,15 +59,14 @@ class StandIn(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def parts(tiny_llama):
+def two_memory_parts(tiny_llama) -> TwoMemoryParts:
     lm, tok, model_id = load_model(str(tiny_llama))
-    base = {"model_id": model_id, "tokenizer_hash": tokenizer_hash(tok), "model_fingerprint": model_fingerprint(lm)}
-    meta_a = dict(base, layer=SITE_A[0], site=SITE_A[1])
-    meta_b = dict(base, layer=SITE_B[0], site=SITE_B[1])
-    return lm, tok, random_memory(lm, 1), meta_a, random_memory(lm, 2), meta_b
+    meta_a = memory_meta(model_id, tok, *SITE_A, lm=lm)
+    meta_b = memory_meta(model_id, tok, *SITE_B, lm=lm)
+    return TwoMemoryParts(lm, tok, random_memory(lm, 1), meta_a, random_memory(lm, 2), meta_b)
 
 
-def two(parts, **kw) -> MLPMemoryForCausalLM:
+def two(parts: TwoMemoryParts, **kw) -> MLPMemoryForCausalLM:
     lm, tok, a, ma, b, mb = parts
     return MLPMemoryForCausalLM.from_parts(lm, a, ma, tokenizer=tok, name="a", memories=[("b", b, mb)], **kw)
 
@@ -99,9 +99,9 @@ def naive_mixture(lps: list[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
     return torch.log(sum(w[..., k, None] * lps[k].exp() for k in range(len(lps))))
 
 
-def test_two_memories_match_a_naive_mixture_fixed_and_routed(parts, torch_threads):
-    lm, tok, a, ma, b, mb = parts
-    model = two(parts)
+def test_two_memories_match_a_naive_mixture_fixed_and_routed(two_memory_parts, torch_threads):
+    lm, tok, a, ma, b, mb = two_memory_parts
+    model = two(two_memory_parts)
     ids = ids_of(tok)
     lp_lm, (ha, hb) = reads(lm, ids, [SITE_A, SITE_B])
     with torch.no_grad():
@@ -123,9 +123,9 @@ def test_two_memories_match_a_naive_mixture_fixed_and_routed(parts, torch_thread
         assert model.mixing_mode == "routed"
 
 
-def test_router_weights_sum_to_one_and_the_lm_runs_once(parts):
-    lm, tok, *_ = parts
-    model = two(parts, router=random_router(2, seed=3))
+def test_router_weights_sum_to_one_and_the_lm_runs_once(two_memory_parts):
+    lm, tok, *_ = two_memory_parts
+    model = two(two_memory_parts, router=random_router(2, seed=3))
     seen, calls = [], []
     h1 = model.memory_router.register_forward_hook(lambda m, a, o: seen.append(o))
     h2 = model.lm.register_forward_hook(lambda m, a, o: calls.append(1))
@@ -141,9 +141,9 @@ def test_router_weights_sum_to_one_and_the_lm_runs_once(parts):
     assert len(calls) == 1  # one LM pass feeds both sites
 
 
-def test_lambda_zero_is_the_base_lm_and_zero_weights_skip_memories(parts):
-    lm, tok, a, ma, b, mb = parts
-    model = two(parts, router=random_router(2))
+def test_lambda_zero_is_the_base_lm_and_zero_weights_skip_memories(two_memory_parts):
+    lm, tok, a, ma, b, mb = two_memory_parts
+    model = two(two_memory_parts, router=random_router(2))
     ids = ids_of(tok)
     calls = []
     handles = [m.register_forward_hook(lambda mod, i, o: calls.append(1)) for m in (a, b)]
@@ -160,8 +160,8 @@ def test_lambda_zero_is_the_base_lm_and_zero_weights_skip_memories(parts):
             h.remove()
 
 
-def test_one_memory_behaves_as_before_and_add_remove_returns_to_it(parts, tmp_path):
-    lm, tok, a, ma, b, mb = parts
+def test_one_memory_behaves_as_before_and_add_remove_returns_to_it(two_memory_parts, tmp_path):
+    lm, tok, a, ma, b, mb = two_memory_parts
     model = MLPMemoryForCausalLM.from_parts(lm, a, ma, tokenizer=tok, lambda_=0.5)
     ids = ids_of(tok)
     lp_lm, (ha,) = reads(lm, ids, [SITE_A])
@@ -188,9 +188,9 @@ def test_one_memory_behaves_as_before_and_add_remove_returns_to_it(parts, tmp_pa
 
 
 @pytest.mark.parametrize("full_export", [False, True])
-def test_save_load_round_trip_with_two_memories_and_a_router(parts, tmp_path, full_export):
-    lm, tok, *_ = parts
-    model = two(parts, router=random_router(2), weights=[0.5, 0.25, 0.25])
+def test_save_load_round_trip_with_two_memories_and_a_router(two_memory_parts, tmp_path, full_export):
+    lm, tok, *_ = two_memory_parts
+    model = two(two_memory_parts, router=random_router(2), weights=[0.5, 0.25, 0.25])
     folder = tmp_path / "saved"
     model.save_pretrained(folder, full_export=full_export)
     cfg = json.loads((folder / "config.json").read_text())
@@ -219,8 +219,8 @@ def test_save_load_round_trip_with_two_memories_and_a_router(parts, tmp_path, fu
     assert MLPMemoryForCausalLM.from_pretrained(folder, lambda_=0.3).fixed_weights() == pytest.approx([0.7, 0.15, 0.15])
 
 
-def test_a_saved_model_gains_and_loses_memories(parts, tmp_path):
-    lm, tok, a, ma, b, mb = parts
+def test_a_saved_model_gains_and_loses_memories(two_memory_parts, tmp_path):
+    lm, tok, a, ma, b, mb = two_memory_parts
     MLPMemoryForCausalLM.from_parts(lm, a, ma, tokenizer=tok, lambda_=0.5).save_pretrained(tmp_path / "one")
     m = MLPMemoryForCausalLM.from_pretrained(tmp_path / "one")
     m.add_memory(b, name="b", meta=mb)
@@ -236,18 +236,18 @@ def test_a_saved_model_gains_and_loses_memories(parts, tmp_path):
         assert m3.memory_names == ["b"] and torch.equal(m3(ids).logits, m2(ids).logits)
 
 
-def test_adding_a_memory_drops_the_router_fitted_for_the_others(parts):
-    lm, tok, a, ma, b, mb = parts
-    model = two(parts, router=random_router(2))
+def test_adding_a_memory_drops_the_router_fitted_for_the_others(two_memory_parts):
+    lm, tok, a, ma, b, mb = two_memory_parts
+    model = two(two_memory_parts, router=random_router(2))
     model.add_memory(random_memory(lm, 5), name="c", meta=ma)
     assert model.memory_router is None and model.mixing_mode == "fixed" and model.config.router_config is None
     with pytest.raises(MlpmemError, match="needs a router"):
         model(ids_of(tok), mixing="routed")
 
 
-def test_a_component_that_returns_logprobs(parts):
+def test_a_component_that_returns_logprobs(two_memory_parts):
     """A kNN-LM-like stand-in (returns_logprobs): mixed as it is, no softmax, no temperature."""
-    lm, tok, a, ma, b, mb = parts
+    lm, tok, a, ma, b, mb = two_memory_parts
     knn = StandIn(lm, mb)
     model = MLPMemoryForCausalLM.from_parts(lm, a, ma, tokenizer=tok, name="a", memories=[("knn", knn, knn.meta)], weights=[0.4, 0.3, 0.3],
                                             memory_temperature=2.0)
@@ -261,11 +261,11 @@ def test_a_component_that_returns_logprobs(parts):
         model.save_pretrained("/nonexistent/never")
 
 
-def test_fit_router_attaches_a_router_for_these_memories(parts):
-    lm, tok, *_ = parts
+def test_fit_router_attaches_a_router_for_these_memories(two_memory_parts):
+    lm, tok, *_ = two_memory_parts
     from mlpmem.gate import GateConfig
 
-    model = two(parts)
+    model = two(two_memory_parts)
     tokens = np.array(tok(" ".join(["the union and the people of congress has a law"] * 8)).input_ids, dtype=np.int64)[:60]
     record = hf.fit_router(model, [tokens[:30], tokens[30:]], context=16, stride=8, cfg=GateConfig(steps=40), batch_size=2)
     assert model.mixing_mode == "routed" and model.memory_router.n_memories == 2 and "held_out_nll" in record
@@ -276,15 +276,15 @@ def test_fit_router_attaches_a_router_for_these_memories(parts):
     torch.testing.assert_close(out.exp().sum(-1), torch.ones(out.shape[:2]), rtol=0, atol=1e-4)
 
 
-def test_from_memory_takes_several_folders(parts, tmp_path):
-    lm, tok, a, ma, b, mb = parts
+def test_from_memory_takes_several_folders(two_memory_parts, tmp_path):
+    lm, tok, a, ma, b, mb = two_memory_parts
     save_memory(tmp_path / "sotu" / "train" / "memory", a, ma)
     save_memory(tmp_path / "gcide" / "train" / "memory", b, mb)
     model = MLPMemoryForCausalLM.from_memory([tmp_path / "sotu" / "train" / "memory", tmp_path / "gcide" / "train" / "memory"], weights=[0.5, 0.3, 0.2])
     assert model.memory_names == ["sotu", "gcide"]
     ids = ids_of(tok)
     with torch.no_grad():
-        assert torch.equal(model(ids).logits, two(parts)(ids, weights=[0.5, 0.3, 0.2]).logits)
+        assert torch.equal(model(ids).logits, two(two_memory_parts)(ids, weights=[0.5, 0.3, 0.2]).logits)
     # a router saved with a model loads with the folders it was fitted for
     model.set_router(random_router(2))
     model.save_pretrained(tmp_path / "saved")
@@ -297,12 +297,12 @@ def test_from_memory_takes_several_folders(parts, tmp_path):
                                          router=tmp_path / "saved" / "router")
 
 
-def test_refusals(parts, tmp_path):
-    lm, tok, a, ma, b, mb = parts
+def test_refusals(two_memory_parts, tmp_path):
+    lm, tok, a, ma, b, mb = two_memory_parts
     # memories for different tokenizers or base models
     with pytest.raises(MlpmemError, match="different tokenizers"):
         MLPMemoryForCausalLM.from_parts(lm, a, dict(ma, tokenizer_hash="1" * 16), name="a", memories=[("b", b, dict(mb, tokenizer_hash="0" * 16))])
-    model = two(parts)
+    model = two(two_memory_parts)
     other_fp = dict(model_fingerprint(lm), weights_sha256="f" * 16)
     with pytest.raises(MlpmemError, match="different base models"):
         model.add_memory(random_memory(lm, 4), name="c", meta=dict(ma, model_fingerprint=other_fp, tokenizer_hash=None))
@@ -338,7 +338,7 @@ def test_refusals(parts, tmp_path):
         model.set_lambda(mode="gated")
     from mlpmem.modeling.gating import MixingGate, memory_fingerprint
 
-    gated = two(parts, gate=MixingGate(), gate_meta={"memory_fingerprint": memory_fingerprint(a)})  # the first memory's gate
+    gated = two(two_memory_parts, gate=MixingGate(), gate_meta={"memory_fingerprint": memory_fingerprint(a)})  # the first memory's gate
     assert gated.mixing_mode == "fixed"  # a gate weighs one memory against the LM: not the default with two
     with pytest.raises(MlpmemError, match="for one memory"):
         gated.set_lambda(mode="gated")
@@ -364,16 +364,16 @@ def test_refusals(parts, tmp_path):
 @pytest.fixture(scope="module")
 def knn_run(tmp_path_factory, tiny_llama):
     """A finished run's kNN-LM parts, as the pipeline lays them out: corpus, datastore, flat index, knn.json (k, T)."""
-    from conftest import tiny_knn_run
+    from helpers import tiny_knn_run
 
     return tiny_knn_run(tmp_path_factory.mktemp("knn") / "run", tiny_llama)
 
 
-def test_lm_memory_and_knn_lm_in_one_model(parts, knn_run, tmp_path):
+def test_lm_memory_and_knn_lm_in_one_model(two_memory_parts, knn_run, tmp_path):
     """The real kNN-LM retriever (mlpmem.retrieval) as a component: naive mixture, save by reference, no full export."""
     from mlpmem.retrieval import KNNRetriever
 
-    lm, tok, a, ma, b, mb = parts
+    lm, tok, a, ma, b, mb = two_memory_parts
     knn = KNNRetriever.from_run(knn_run)
     site_k = (int(knn.meta["layer"]) % 2, knn.meta["site"])
     model = MLPMemoryForCausalLM.from_parts(lm, a, ma, tokenizer=tok, name="a", memories=[("knn", knn, knn.meta)], weights=[0.5, 0.2, 0.3])
@@ -401,18 +401,18 @@ def test_lm_memory_and_knn_lm_in_one_model(parts, knn_run, tmp_path):
         model.save_pretrained(tmp_path / "full", full_export=True, tokenizer=tok)
 
 
-def test_lm_eval_backend_takes_several_memories_and_knn(parts, knn_run, tmp_path):
+def test_lm_eval_backend_takes_several_memories_and_knn(two_memory_parts, knn_run, tmp_path):
     pytest.importorskip("lm_eval")
     from lm_eval.api.instance import Instance
     from lm_eval.api.registry import get_model
 
     from mlpmem.lm_eval_backend import load_mixture
 
-    lm, tok, a, ma, b, mb = parts
+    lm, tok, a, ma, b, mb = two_memory_parts
     save_memory(tmp_path / "a", a, ma)
     save_memory(tmp_path / "b", b, mb)
     ids = ids_of(tok)
-    direct = two(parts, weights=[0.5, 0.3, 0.2])
+    direct = two(two_memory_parts, weights=[0.5, 0.3, 0.2])
     # model_args as lm-eval parses them (commas split arguments, so lists take ';'), device and batch size as from the CLI
     backend = get_model("mlpmem").create_from_arg_string(f"memory={tmp_path / 'a'};{tmp_path / 'b'},names=a;b,weights=0.5;0.3;0.2",
                                                           {"batch_size": 1, "device": "cpu"})
@@ -439,14 +439,14 @@ def test_lm_eval_backend_takes_several_memories_and_knn(parts, knn_run, tmp_path
         load_mixture(memory=str(tmp_path / "a"), mixing="sometimes")
 
 
-def test_generate_side_by_side_uses_a_saved_router(parts, tmp_path):
+def test_generate_side_by_side_uses_a_saved_router(two_memory_parts, tmp_path):
     """`mlpmem generate` on a saved model with a router mixes by the router per token (a lambda per call would ask
     for the fixed mixture and drop the router without a word)."""
     from mlpmem.cli import main
     from mlpmem.generation import GenerateConfig, generate_side_by_side
 
-    lm, tok, *_ = parts
-    model = two(parts, router=random_router(2, seed=3), weights=[0.2, 0.4, 0.4])
+    lm, tok, *_ = two_memory_parts
+    model = two(two_memory_parts, router=random_router(2, seed=3), weights=[0.2, 0.4, 0.4])
     model.save_pretrained(tmp_path / "saved")
     p = tok("war", return_tensors="pt").input_ids
     with torch.no_grad():

@@ -2,6 +2,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import tiny_recipe
 
 from mlpmem.cli import main as cli_main
 from mlpmem.errors import MlpmemError
@@ -9,17 +10,6 @@ from mlpmem.interpolate import fit_mixture_em
 from mlpmem.pipeline import load_recipe, run_pipeline
 
 REPORT_KEYS = {"model", "corpus", "n_train_tokens", "n_test_tokens", "ppl", "lambda", "knn_temperature", "tokens_per_s", "memory_params", "base_params"}
-
-
-def tiny_recipe(tmp_path, model, corpus, **train):
-    return {
-        "out": str(tmp_path / "run"), "model": str(model),
-        "corpus": {"source": str(corpus), "valid_fraction": 0.2, "test_fraction": 0.2, "train_tokens": 2000, "valid_tokens": 300, "test_tokens": 400},
-        "datastore": {"context": 64, "stride": 32, "batch_size": 4},
-        "knn": {"k": 32, "temperatures": [1.0, 4.0]},
-        "targets": {"top_m": 16},
-        "train": {"n_blocks": 1, "epochs": 1.0, "batch_size": 256, "eval_every": 0, "ckpt_every": 0, **train},
-    }
 
 
 def test_recipe_runs_end_to_end_and_skips_finished_stages(tmp_path, tiny_llama, tiny_corpus_file, monkeypatch):

@@ -15,7 +15,7 @@ def _du(folder, pattern="*.npy"):
 
 
 def test_plan_sizes_match_a_real_run_and_times_follow_the_throughputs(tmp_path, tiny_llama, tiny_corpus_file):
-    from test_pipeline import tiny_recipe
+    from helpers import tiny_recipe
 
     from mlpmem.pipeline import run_pipeline
 

@@ -14,7 +14,7 @@ from mlpmem.probe import build_probe
 
 @pytest.fixture(scope="module")
 def corpus(tiny_llama, tmp_path_factory):
-    from conftest import make_texts
+    from helpers import make_texts
 
     root = tmp_path_factory.mktemp("probe")
     src = root / "docs.jsonl"

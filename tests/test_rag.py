@@ -124,18 +124,19 @@ def test_shared_context_scoring_equals_hflm(tiny_llama, tmp_path):
     """SharedContextLM (each context once, its continuations over the repeated KV cache) gives HFLM's log-likelihoods and
     greedy flags: plain model and LM + memory at lambda 0.5; contexts shared by 1 to 3 continuations of 1 to 4 tokens."""
     import torch
+    from helpers import memory_meta
     from lm_eval.api.instance import Instance
 
     from mlpmem.lm_eval_backend import MLPMemoryLM
     from mlpmem.memory import MemoryConfig, MLPMemory, save_memory
-    from mlpmem.models import load_model, logits_size, tokenizer_hash
+    from mlpmem.models import load_model, logits_size
     from mlpmem.rag import SharedContextLM, plain_hflm
 
     lm, tok, model_id = load_model(str(tiny_llama))
     torch.manual_seed(2)
     mem = MLPMemory(MemoryConfig(d_in=32, vocab_size=logits_size(lm), n_blocks=1, zero_init_blocks=False))
     mem.head.weight.data.normal_(0.0, 0.5)
-    save_memory(tmp_path / "memory", mem, {"model_id": model_id, "tokenizer_hash": tokenizer_hash(tok), "layer": 1, "site": "ffn_input"})
+    save_memory(tmp_path / "memory", mem, memory_meta(model_id, tok, 1, "ffn_input"))
     pairs = [("the union of", " the states"), ("the union of", " a"), ("the union of", " many more of them"),
              ("a slowly moving mass", " of ice"), ("", " glacier ice"), ("Question: which?\nAnswer:", " b")]
     for hflm in (plain_hflm(str(tiny_llama), device="cpu", batch_size=4),

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import run_cli, write_corpus_jsonl
+from helpers import run_cli, write_corpus_jsonl
 from mlpmem.cli import main
 from mlpmem.errors import MlpmemError
 from mlpmem.manifest import (ADDED_SETTINGS, LOCK, MARKER, acquire_lock, check_file, claim_out, config_differences, file_record,
@@ -103,7 +103,7 @@ def test_empty_or_foreign_config_does_not_match(tmp_path):
 # ---------------------------------------------------------------- 5: duplicates
 
 def test_duplicate_texts_are_dropped_before_the_split(stages, tmp_path, capsys):
-    from conftest import make_texts
+    from helpers import make_texts
 
     texts = make_texts(12, 60, seed=7)
     rows = [{"id": f"d{i}", "text": t} for i, t in enumerate(texts)] + [{"id": f"copy{j}", "text": texts[3]} for j in range(3)]

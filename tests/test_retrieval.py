@@ -29,7 +29,7 @@ C, S, K = 32, 16, 8
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_llama):
     """A run folder as the pipeline lays it out (corpus, datastore, index, knn.json), built by the stage functions."""
-    from conftest import make_texts
+    from helpers import make_texts
 
     root = tmp_path_factory.mktemp("retrieval")
     out = root / "run"

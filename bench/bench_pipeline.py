@@ -92,33 +92,101 @@ def main() -> None:
     exe = str(Path(sys.executable).with_name("mlpmem"))
     stages = []
     with open(w / "log.txt", "w") as log:
+
         def stage(name, *argv):
             stages.append(run_stage(name, [exe, *argv], log))
             print(json.dumps(stages[-1]), flush=True)
 
-        stage("corpus", "corpus", "--source", "builtin:sotu", "--out", str(w / "corpus"), "--train-tokens", str(args.train_tokens),
-              "--valid-tokens", "2000", "--test-tokens", "2000")
+        stage(
+            "corpus",
+            "corpus",
+            "--source",
+            "builtin:sotu",
+            "--out",
+            str(w / "corpus"),
+            "--train-tokens",
+            str(args.train_tokens),
+            "--valid-tokens",
+            "2000",
+            "--test-tokens",
+            "2000",
+        )
         # the memory reads the last layer's output (init lm_copy), stored next to the kNN keys as in `mlpmem run`
         stage("datastore (recompute)", "datastore", "--corpus", str(w / "corpus"), "--out", str(w / "ds"), "--extra-sites=-1:output")
         stage("datastore (KV cache)", "datastore", "--corpus", str(w / "corpus"), "--out", str(w / "ds_cache"), "--mode", "cache")
-        stage("datastore valid", "datastore", "--corpus", str(w / "corpus"), "--out", str(w / "valid"), "--split", "valid",
-              "--extra-sites=-1:output", "--lm-logprob")
+        stage(
+            "datastore valid",
+            "datastore",
+            "--corpus",
+            str(w / "corpus"),
+            "--out",
+            str(w / "valid"),
+            "--split",
+            "valid",
+            "--extra-sites=-1:output",
+            "--lm-logprob",
+        )
         stage("index (Flat)", "index", "--datastore", str(w / "ds"), "--out", str(w / "index_flat"), "--kind", "flat")
-        stage("index (IVF,SQ8)", "index", "--datastore", str(w / "ds"), "--out", str(w / "index_ivf"), "--kind", "auto", "--auto-flat-max-rows", "0")
+        stage(
+            "index (IVF,SQ8)",
+            "index",
+            "--datastore",
+            str(w / "ds"),
+            "--out",
+            str(w / "index_ivf"),
+            "--kind",
+            "auto",
+            "--auto-flat-max-rows",
+            "0",
+        )
         stage("targets (Flat)", "targets", "--datastore", str(w / "ds"), "--index", str(w / "index_flat"), "--out", str(w / "targets"))
-        stage("targets (IVF,SQ8)", "targets", "--datastore", str(w / "ds"), "--index", str(w / "index_ivf"), "--out", str(w / "targets_ivf"))
-        stage("valid targets", "targets", "--datastore", str(w / "ds"), "--index", str(w / "index_flat"), "--queries", str(w / "valid"),
-              "--out", str(w / "valid_targets"))
-        stage("train (1 epoch)", "train", "--datastore", str(w / "ds"), "--targets", str(w / "targets"), "--valid", str(w / "valid"),
-              "--valid-targets", str(w / "valid_targets"), "--out", str(w / "train"), "--init", "lm_copy", "--epochs", "1")
+        stage(
+            "targets (IVF,SQ8)", "targets", "--datastore", str(w / "ds"), "--index", str(w / "index_ivf"), "--out", str(w / "targets_ivf")
+        )
+        stage(
+            "valid targets",
+            "targets",
+            "--datastore",
+            str(w / "ds"),
+            "--index",
+            str(w / "index_flat"),
+            "--queries",
+            str(w / "valid"),
+            "--out",
+            str(w / "valid_targets"),
+        )
+        stage(
+            "train (1 epoch)",
+            "train",
+            "--datastore",
+            str(w / "ds"),
+            "--targets",
+            str(w / "targets"),
+            "--valid",
+            str(w / "valid"),
+            "--valid-targets",
+            str(w / "valid_targets"),
+            "--out",
+            str(w / "train"),
+            "--init",
+            "lm_copy",
+            "--epochs",
+            "1",
+        )
     n = manifest(w / "ds")["n_rows"]
     by = {s["stage"]: s for s in stages}
     for name, folder in (("datastore (recompute)", "ds"), ("datastore (KV cache)", "ds_cache")):
         by[name]["tokens_per_s"] = manifest(w / folder)["extract_tokens_per_s"]
     for name, idx in (("targets (Flat)", "index_flat"), ("targets (IVF,SQ8)", "index_ivf")):
         tg, ix = manifest(w / ("targets" if idx == "index_flat" else "targets_ivf")), manifest(w / idx)
-        by[name].update({"queries_per_s": tg["stats"]["queries_per_s"], "index_factory": ix["factory"], "nprobe": ix.get("nprobe"),
-                         f"index_recall_at_{ix['k']}": ix["recall_at_k"]})
+        by[name].update(
+            {
+                "queries_per_s": tg["stats"]["queries_per_s"],
+                "index_factory": ix["factory"],
+                "nprobe": ix.get("nprobe"),
+                f"index_recall_at_{ix['k']}": ix["recall_at_k"],
+            }
+        )
     by["train (1 epoch)"]["tokens_per_s"] = manifest(w / "train")["tokens_per_s"]
     ds = manifest(w / "ds")
     sizes = {}
@@ -130,9 +198,15 @@ def main() -> None:
         for name, rec in s["arrays"].items():
             sizes[f"targets {name}"] = sizes.get(f"targets {name}", 0) + rec["bytes"]
     sizes["index Flat"], sizes["index IVF,SQ8"] = folder_bytes(w / "index_flat"), folder_bytes(w / "index_ivf")
-    res = {"n_train_tokens": n, "model": ds["model_id"], "d": ds["d"], "threads": os.cpu_count(), "stages": stages,
-           "bytes_per_token": {k: v / n for k, v in sizes.items()},
-           "memory_weights_bytes": folder_bytes(w / "train" / "memory")}  # a fixed size, whatever the corpus
+    res = {
+        "n_train_tokens": n,
+        "model": ds["model_id"],
+        "d": ds["d"],
+        "threads": os.cpu_count(),
+        "stages": stages,
+        "bytes_per_token": {k: v / n for k, v in sizes.items()},
+        "memory_weights_bytes": folder_bytes(w / "train" / "memory"),
+    }  # a fixed size, whatever the corpus
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1) + "\n")
     plot(res, out.with_suffix(".png"))

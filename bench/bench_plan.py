@@ -17,8 +17,12 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FOLDERS = {"datastore (train) and scored valid split": ("datastore", "valid"), "kNN targets": ("targets", "valid_targets"),
-           "index": ("index",), "memory training": ("train",)}
+FOLDERS = {
+    "datastore (train) and scored valid split": ("datastore", "valid"),
+    "kNN targets": ("targets", "valid_targets"),
+    "index": ("index",),
+    "memory training": ("train",),
+}
 
 
 def du(folder: Path) -> int:
@@ -49,16 +53,32 @@ def main() -> None:
     for st in p["stages"]:
         secs = real.get(st["stage"])
         disk = sum(du(run / f) for f in FOLDERS.get(st["stage"], ()))
-        rows.append({"stage": st["stage"], "plan_seconds": st["seconds"], "real_seconds": secs,
-                     "seconds_ratio": st["seconds"] / secs if secs else None, "plan_disk_bytes": st["disk_bytes"],
-                     "real_disk_bytes": disk or None, "disk_ratio": st["disk_bytes"] / disk if disk else None})
-    out = {"run": str(run), "model": p["model"], "tokens": p["tokens"], "throughputs": p["throughputs"], "stages": rows,
-           "note": "real = the run's report.json seconds_this_run and the bytes in its stage folders; plan = mlpmem plan calibrated now"}
+        rows.append(
+            {
+                "stage": st["stage"],
+                "plan_seconds": st["seconds"],
+                "real_seconds": secs,
+                "seconds_ratio": st["seconds"] / secs if secs else None,
+                "plan_disk_bytes": st["disk_bytes"],
+                "real_disk_bytes": disk or None,
+                "disk_ratio": st["disk_bytes"] / disk if disk else None,
+            }
+        )
+    out = {
+        "run": str(run),
+        "model": p["model"],
+        "tokens": p["tokens"],
+        "throughputs": p["throughputs"],
+        "stages": rows,
+        "note": "real = the run's report.json seconds_this_run and the bytes in its stage folders; plan = mlpmem plan calibrated now",
+    }
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
     for r in rows:
-        print(f"{r['stage'][:45]:<45} plan {r['plan_seconds']:8.0f} s  real {r['real_seconds'] or 0:8.0f} s  "
-              f"ratio {r['seconds_ratio'] or 0:5.2f}   disk ratio {r['disk_ratio'] or 0:5.2f}")
+        print(
+            f"{r['stage'][:45]:<45} plan {r['plan_seconds']:8.0f} s  real {r['real_seconds'] or 0:8.0f} s  "
+            f"ratio {r['seconds_ratio'] or 0:5.2f}   disk ratio {r['disk_ratio'] or 0:5.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -54,7 +54,9 @@ def batches(n_tokens: int, context: int, stride: int, batch_size: int):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", type=Path, default=ROOT / "runs/sotu", help="finished run: corpus, datastore, index, knn.json, train/memory, report.json")
+    p.add_argument(
+        "--run", type=Path, default=ROOT / "runs/sotu", help="finished run: corpus, datastore, index, knn.json, train/memory, report.json"
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=8, help="windows per LM forward (the run's eval batch size)")
     p.add_argument("--repeats", type=int, default=2, help="runs of each method per batch; its time is the fastest (robust to other load)")
@@ -77,7 +79,9 @@ def main() -> None:
     model, tok, model_id = load_model(report["model_id"], "float32", "cpu")
     knn = knn_component(a.run, model, tok)  # k, T and lambda as the run's evaluation chose them; checked against the LM
     lam_knn = knn.meta["lambda"]
-    memory, mmeta = load_memory(a.run / "train" / "memory", expect={"model_id": knn.meta["model_id"], "tokenizer_hash": knn.meta["tokenizer_hash"]})
+    memory, mmeta = load_memory(
+        a.run / "train" / "memory", expect={"model_id": knn.meta["model_id"], "tokenizer_hash": knn.meta["tokenizer_hash"]}
+    )
     memory.eval()
     lam_mem, w_both = report["lambda"]["mlp_memory"], report["lambda"]["both"]  # (LM, memory, kNN)
     corpus = Corpus(a.run / "corpus")
@@ -90,8 +94,20 @@ def main() -> None:
 
     # 1. the evaluator, as report.json was made
     t0 = time.perf_counter()
-    sc = score_online(model, tokens, ctx, stride, ReadSite(*key_site), knn.index, knn.values, knn.k, memory, ReadSite(*mem_site), a.batch_size,
-                      desc="evaluator")
+    sc = score_online(
+        model,
+        tokens,
+        ctx,
+        stride,
+        ReadSite(*key_site),
+        knn.index,
+        knn.values,
+        knn.k,
+        memory,
+        ReadSite(*mem_site),
+        a.batch_size,
+        desc="evaluator",
+    )
     ev = summarize(sc, knn.temperature, lam_knn, lam_mem, w_both)
     ev_seconds = time.perf_counter() - t0
 
@@ -161,18 +177,34 @@ def main() -> None:
     rep_ppl = report["ppl"] if not a.quick else {}
 
     def gap(x: float, ref: float | None) -> dict | None:
-        return None if ref is None else {"reference": ref, "abs": x - ref, "rel": (x - ref) / ref, "within_tolerance": abs(x - ref) / ref <= TOLERANCE}
+        return (
+            None
+            if ref is None
+            else {"reference": ref, "abs": x - ref, "rel": (x - ref) / ref, "within_tolerance": abs(x - ref) / ref <= TOLERANCE}
+        )
 
     out = {
         "what": "KNNRetriever (kNN-LM as a model component) on the test split of a finished run: perplexity against report.json and the "
-                "evaluator, tokens/s beside the LM alone and LM + MLP memory (each method its own LM forward, same batches, rotating order)",
-        "command": "OMP_NUM_THREADS=2 flock /work/leadtmp/cpu.lock nice .venv/bin/python bench/bench_retrieval.py --threads 2" + (" --quick" if a.quick else ""),
-        "run": str(a.run.relative_to(ROOT) if a.run.is_relative_to(ROOT) else a.run), "model_id": model_id, "n_tokens": n,
-        "context": ctx, "stride": stride, "batch_size": a.batch_size, "repeats": a.repeats,
+        "evaluator, tokens/s beside the LM alone and LM + MLP memory (each method its own LM forward, same batches, rotating order)",
+        "command": "OMP_NUM_THREADS=2 flock /work/leadtmp/cpu.lock nice .venv/bin/python bench/bench_retrieval.py --threads 2"
+        + (" --quick" if a.quick else ""),
+        "run": str(a.run.relative_to(ROOT) if a.run.is_relative_to(ROOT) else a.run),
+        "model_id": model_id,
+        "n_tokens": n,
+        "context": ctx,
+        "stride": stride,
+        "batch_size": a.batch_size,
+        "repeats": a.repeats,
         "timing": "component: per batch, each method `repeats` times in rotating order, its fastest run counted; "
-                  "component_parts add up every run (all repeats)",
-        "knn": {"k": knn.k, "temperature": knn.temperature, "lambda": lam_knn, "index_kind": knn.meta["index_kind"], "n_datastore": knn.meta["n_datastore"],
-                "settings_from": knn.meta["settings_from"]},
+        "component_parts add up every run (all repeats)",
+        "knn": {
+            "k": knn.k,
+            "temperature": knn.temperature,
+            "lambda": lam_knn,
+            "index_kind": knn.meta["index_kind"],
+            "n_datastore": knn.meta["n_datastore"],
+            "settings_from": knn.meta["settings_from"],
+        },
         "lambda": {"mlp_memory": lam_mem, "both (LM, memory, kNN)": w_both},
         "tolerance_rel": TOLERANCE,
         "ppl": {"component": ppl, "evaluator_now": ev_ppl, "report": {m: rep_ppl.get(m) for m in METHODS} if rep_ppl else None},
@@ -180,20 +212,38 @@ def main() -> None:
         "gap_component_vs_evaluator_now": {m: gap(ppl[m], ev_ppl.get(m)) for m in METHODS},
         "max_abs_logprob_diff_vs_evaluator": {
             "base": float(np.max(np.abs(comp["base"] - sc.lm_logprob))),
-            "knn_lm": float(np.max(np.abs(comp["knn_lm"] - np.asarray(interpolate_logprobs(sc.lm_logprob, sc.knn_logprob(knn.temperature), lam_knn))))),
+            "knn_lm": float(
+                np.max(np.abs(comp["knn_lm"] - np.asarray(interpolate_logprobs(sc.lm_logprob, sc.knn_logprob(knn.temperature), lam_knn))))
+            ),
         },
-        "tokens_per_s": {"component": tps, "evaluator": ev["tokens_per_s"], "evaluator_protocol": "one LM forward shared, each method's extra work timed on its own"},
-        "speed_vs_lm": {"component": {m: tps[m] / tps["base"] for m in METHODS},
-                        "evaluator": {m: v / ev["tokens_per_s"]["base"] for m, v in ev["tokens_per_s"].items()}},
+        "tokens_per_s": {
+            "component": tps,
+            "evaluator": ev["tokens_per_s"],
+            "evaluator_protocol": "one LM forward shared, each method's extra work timed on its own",
+        },
+        "speed_vs_lm": {
+            "component": {m: tps[m] / tps["base"] for m in METHODS},
+            "evaluator": {m: v / ev["tokens_per_s"]["base"] for m, v in ev["tokens_per_s"].items()},
+        },
         "seconds": {"component": secs, "component_parts": parts, "evaluator_total": ev_seconds, "evaluator": sc.seconds},
-        "threads": torch.get_num_threads(), "load_average_before": load_before, "load_average_after": os.getloadavg(),
-        "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "python": sys.version.split()[0],
+        "threads": torch.get_num_threads(),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "machine": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
     }
     res = ROOT / "bench" / "results"
     res.mkdir(parents=True, exist_ok=True)
     path = res / ("retrieval_quick.json" if a.quick else "retrieval.json")
     path.write_text(json.dumps(out, indent=2, default=float) + "\n")
-    print(json.dumps({"ppl": out["ppl"], "tokens_per_s": out["tokens_per_s"]["component"], "speed_vs_lm": out["speed_vs_lm"]["component"]}, indent=1, default=float))
+    print(
+        json.dumps(
+            {"ppl": out["ppl"], "tokens_per_s": out["tokens_per_s"]["component"], "speed_vs_lm": out["speed_vs_lm"]["component"]},
+            indent=1,
+            default=float,
+        )
+    )
     print(f"wrote {path}")
     if not math.isfinite(ppl["knn_lm"]):
         sys.exit(1)

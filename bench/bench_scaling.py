@@ -57,21 +57,35 @@ def test_tokens(corpus_dir: Path, n: int, tok) -> np.ndarray:
 
 def jittered_datastore(folder: Path, n: int, real: np.ndarray, sigma: float) -> Path:
     def make_keys(start, m, rng):
-        rows = (np.arange(start, start + m) % len(real))
+        rows = np.arange(start, start + m) % len(real)
         keys = real[rows].astype(np.float32)
         if start + m > len(real):  # the first pass over the real keys stays exact
             extra = np.arange(start, start + m) >= len(real)
             keys[extra] += sigma * rng.normal(size=(int(extra.sum()), real.shape[1])).astype(np.float32)
         return keys.astype(np.float16)
 
-    return write_datastore(folder, n, real.shape[1], make_keys, {"keys": "real SmolLM2 keys, jittered beyond the first pass", "sigma": sigma})
+    return write_datastore(
+        folder, n, real.shape[1], make_keys, {"keys": "real SmolLM2 keys, jittered beyond the first pass", "sigma": sigma}
+    )
 
 
 def measure(model, tokens, key_site, mem, mem_site, index, values, k, repeats, batch_size) -> dict:
     runs = []
     for _ in range(repeats):
-        sc = score_online(model, tokens, 512, 256, key_site, index=index, train_values=values, k=k, memory=mem,
-                          memory_site=mem_site, batch_size=batch_size, desc=f"N={index.n_rows}")
+        sc = score_online(
+            model,
+            tokens,
+            512,
+            256,
+            key_site,
+            index=index,
+            train_values=values,
+            k=k,
+            memory=mem,
+            memory_site=mem_site,
+            batch_size=batch_size,
+            desc=f"N={index.n_rows}",
+        )
         runs.append(sc.seconds)
     n = len(tokens) - 1
     med = {m: statistics.median(r[m] for r in runs) for m in ("lm", "knn", "memory")}
@@ -102,8 +116,16 @@ def add_fits(res: dict, target: int = 10_000_000) -> None:
         if len(pts) >= 2:
             a, b = fit(pts, form)
             g = target if form == "linear" else np.sqrt(target)
-            res["fits"][kind] = {"form": form, "a": a, "b": b, "points": pts, "extrapolate_to": target, "units": "x LM forward time",
-                                 "extrapolated_search_cost": a + b * g, "extrapolated_speed_memory_over_knn": (1 + a + b * g) / (1 + mem)}
+            res["fits"][kind] = {
+                "form": form,
+                "a": a,
+                "b": b,
+                "points": pts,
+                "extrapolate_to": target,
+                "units": "x LM forward time",
+                "extrapolated_search_cost": a + b * g,
+                "extrapolated_speed_memory_over_knn": (1 + a + b * g) / (1 + mem),
+            }
 
 
 def fit(points: list[tuple[int, float]], form: str) -> tuple[float, float]:
@@ -153,7 +175,10 @@ def plot(res: dict, path: Path) -> None:
     ax2.set_ylabel("time per token relative to the LM forward")
     ax1.set_title(f"Relative throughput vs datastore size (k={res['k']}, {res['threads']} thread(s))")
     ax2.set_title("Where the time goes (dotted: fitted, extrapolated)")
-    fig.suptitle(f"SmolLM2-135M scoring cost vs datastore size ({res['test_tokens']} test tokens, median of {'/'.join(str(n) for n in sorted({len(r['repeats']) for r in res['sizes']}))} passes)", fontsize=11)
+    fig.suptitle(
+        f"SmolLM2-135M scoring cost vs datastore size ({res['test_tokens']} test tokens, median of {'/'.join(str(n) for n in sorted({len(r['repeats']) for r in res['sizes']}))} passes)",
+        fontsize=11,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -215,9 +240,23 @@ def main() -> None:
         sys.exit(f"{args.real} is missing: run `mlpmem run bench/recipes/sotu200k.yaml` first (its datastore seeds the keys)")
     # jitter of about one nearest-neighbour distance: squared NN distance ~12 for these keys (SPEC), spread over d dims
     sigma = float(np.sqrt(12.0 / real.shape[1]))
-    res.update({"model": model_id, "d": int(real.shape[1]), "k": args.k, "test_tokens": len(tokens) - 1, "batch_windows": args.batch_size,
-                "context": 512, "stride": 256, "threads": torch.get_num_threads(), "repeats": args.repeats, "jitter_sigma": sigma,
-                "memory_params": sum(p.numel() for p in mem.parameters()), "key_site": [key_site.layer, key_site.site], "memory_site": [mem_site.layer, mem_site.site]})
+    res.update(
+        {
+            "model": model_id,
+            "d": int(real.shape[1]),
+            "k": args.k,
+            "test_tokens": len(tokens) - 1,
+            "batch_windows": args.batch_size,
+            "context": 512,
+            "stride": 256,
+            "threads": torch.get_num_threads(),
+            "repeats": args.repeats,
+            "jitter_sigma": sigma,
+            "memory_params": sum(p.numel() for p in mem.parameters()),
+            "key_site": [key_site.layer, key_site.site],
+            "memory_site": [mem_site.layer, mem_site.site],
+        }
+    )
     args.work.mkdir(parents=True, exist_ok=True)
     for n in [int(float(s)) for s in args.sizes.split(",")]:
         kinds = ["auto"] + (["flat"] if n <= args.flat_max and n > 200_000 else [])
@@ -236,9 +275,15 @@ def main() -> None:
             build_s = time.perf_counter() - t
             index = KnnIndex.open(idx_dir)
             values = index.datastore.load("values")
-            row = {"n": n, "index": kind, "factory": index.manifest["factory"], "nprobe": index.nprobe,
-                   "recall_at_k": index.manifest.get("recall_at_k"), "build_s": build_s,
-                   **measure(model, tokens, key_site, mem, mem_site, index, values, args.k, args.repeats, args.batch_size)}
+            row = {
+                "n": n,
+                "index": kind,
+                "factory": index.manifest["factory"],
+                "nprobe": index.nprobe,
+                "recall_at_k": index.manifest.get("recall_at_k"),
+                "build_s": build_s,
+                **measure(model, tokens, key_site, mem, mem_site, index, values, args.k, args.repeats, args.batch_size),
+            }
             print(json.dumps({k: v for k, v in row.items() if k != "repeats"}), flush=True)
             res["sizes"] = [r for r in res["sizes"] if (r["n"], r["index"]) != (n, kind)] + [row]
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -44,10 +44,31 @@ def write_datastore(folder: Path, n: int, d: int, make_keys, config: dict, shard
         m = min(shard_rows, n - start)
         keys = make_keys(start, m, rng)
         values = rng.integers(0, 49152, m).astype(np.int32)
-        shards.append({"start": start, "end": start + m, "arrays": {
-            "keys": save_npy(folder / f"keys-{s:05d}.npy", keys), "values": save_npy(folder / f"values-{s:05d}.npy", values)}})
-    write_manifest(folder, "datastore", {"model_id": "synthetic", "tokenizer_hash": "none", "layer": -1, "site": "synthetic",
-                                         "d": d, "vocab_size": 49152, "n_rows": n, "split": "train", "shards": shards})
+        shards.append(
+            {
+                "start": start,
+                "end": start + m,
+                "arrays": {
+                    "keys": save_npy(folder / f"keys-{s:05d}.npy", keys),
+                    "values": save_npy(folder / f"values-{s:05d}.npy", values),
+                },
+            }
+        )
+    write_manifest(
+        folder,
+        "datastore",
+        {
+            "model_id": "synthetic",
+            "tokenizer_hash": "none",
+            "layer": -1,
+            "site": "synthetic",
+            "d": d,
+            "vocab_size": 49152,
+            "n_rows": n,
+            "split": "train",
+            "shards": shards,
+        },
+    )
     return folder
 
 
@@ -65,6 +86,7 @@ def synthetic_datastore(folder: Path, n: int, d: int, seed: int = 0) -> Path:
 
 def jittered_datastore(folder: Path, n: int, real: np.ndarray, sigma: float) -> Path:
     """``n`` keys: the real ones, then copies with N(0, sigma^2) jitter per coordinate."""
+
     def make_keys(start, m, rng):
         rows = np.arange(start, start + m) % len(real)
         keys = real[rows].astype(np.float32)
@@ -89,8 +111,18 @@ def recall_target_curve(args) -> None:
     probe = real[np.random.default_rng(3).choice(len(real), 300, replace=False)].astype(np.float32)
     d2, _ = exact_search(real_ds, probe, 2)
     sigma = float(np.median(np.sqrt(d2[:, 1])) / np.sqrt(real.shape[1]))  # a nearest-neighbour distance, per coordinate
-    res.update({"real": str(args.real), "real_rows": len(real), "d": real.shape[1], "k": args.k, "queries": args.queries,
-                "threads": args.threads, "jitter_sigma": sigma, "keys": "real keys repeated with jitter (synthetic beyond the first pass)"})
+    res.update(
+        {
+            "real": str(args.real),
+            "real_rows": len(real),
+            "d": real.shape[1],
+            "k": args.k,
+            "queries": args.queries,
+            "threads": args.threads,
+            "jitter_sigma": sigma,
+            "keys": "real keys repeated with jitter (synthetic beyond the first pass)",
+        }
+    )
     for n in [int(float(x)) for x in args.sizes.split(",")]:
         if str(n) in res["sizes"] and not args.force:
             continue
@@ -99,7 +131,9 @@ def recall_target_curve(args) -> None:
             shutil.rmtree(ds_dir)
         jittered_datastore(ds_dir, n, real, sigma)
         t = time.perf_counter()
-        ix_dir = build_index(ds_dir, args.work / f"auto-{n}", IndexConfig(auto_flat_max_rows=0, recall_k=args.k, recall_sample=args.queries), overwrite=True)
+        ix_dir = build_index(
+            ds_dir, args.work / f"auto-{n}", IndexConfig(auto_flat_max_rows=0, recall_k=args.k, recall_sample=args.queries), overwrite=True
+        )
         build_s = time.perf_counter() - t
         index = KnnIndex.open(ix_dir)
         m = index.manifest
@@ -108,10 +142,21 @@ def recall_target_curve(args) -> None:
         _, exact = exact_search(index.datastore, xq, args.k + 1)
         exact = np.array([e[e != q][: args.k] for e, q in zip(exact, qids)])
         qps, _, ids = timed_search(index, xq, qids, args.k)
-        row = {"factory": m["factory"], "nlist": m["nlist"], "nprobe": m["nprobe"], "scanned_per_query": int(m["nprobe"] * n / m["nlist"]),
-               "recall_target": m["recall_target"], "build_recall@k": round(m["recall_at_k"], 4), f"recall@{args.k}": round(recall_at_k(ids, exact), 4),
-               "qps": round(qps, 1), "ms_per_query": round(1000 / qps, 2), "build_s": round(build_s, 1), "recall_s": m["recall_seconds"],
-               "nprobe_tried": m["nprobe_tried"], "index_bytes_per_token": m["bytes_per_token"]["index"]}
+        row = {
+            "factory": m["factory"],
+            "nlist": m["nlist"],
+            "nprobe": m["nprobe"],
+            "scanned_per_query": int(m["nprobe"] * n / m["nlist"]),
+            "recall_target": m["recall_target"],
+            "build_recall@k": round(m["recall_at_k"], 4),
+            f"recall@{args.k}": round(recall_at_k(ids, exact), 4),
+            "qps": round(qps, 1),
+            "ms_per_query": round(1000 / qps, 2),
+            "build_s": round(build_s, 1),
+            "recall_s": m["recall_seconds"],
+            "nprobe_tried": m["nprobe_tried"],
+            "index_bytes_per_token": m["bytes_per_token"]["index"],
+        }
         res["sizes"][str(n)] = row
         print(n, json.dumps(row), flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -149,7 +194,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "search.json")
     p.add_argument("--quick", action="store_true", help="smoke run: 20k synthetic keys, k=64, 50 queries, writes search_quick.json")
     p.add_argument("--sizes", default=None, help="recall-target curve over these datastore sizes (e.g. 2e5,5e5,1e6)")
-    p.add_argument("--real", type=Path, default=Path("runs/sotu/datastore"), help="--sizes: datastore whose real keys seed the jittered ones")
+    p.add_argument(
+        "--real", type=Path, default=Path("runs/sotu/datastore"), help="--sizes: datastore whose real keys seed the jittered ones"
+    )
     p.add_argument("--work", type=Path, default=Path("runs/bench_recall_target"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--force", action="store_true", help="--sizes: remeasure sizes already in the results")
@@ -178,18 +225,35 @@ def main() -> None:
         xq = flat.datastore.gather("keys", qids).astype(np.float32)
 
         flat_qps, flat_d, exact = timed_search(flat, xq, qids, args.k)
-        res = {"n": n, "d": flat.d, "k": args.k, "queries": args.queries, "synthetic": args.datastore is None,
-               "flat_qps": round(flat_qps, 2), "auto_factory": auto.manifest["factory"], "auto_nprobe": auto.nprobe,
-               "auto_build_s": round(auto_build_s, 1), "auto_manifest_recall": auto.manifest["recall_at_k"], "sweep": []}
+        res = {
+            "n": n,
+            "d": flat.d,
+            "k": args.k,
+            "queries": args.queries,
+            "synthetic": args.datastore is None,
+            "flat_qps": round(flat_qps, 2),
+            "auto_factory": auto.manifest["factory"],
+            "auto_nprobe": auto.nprobe,
+            "auto_build_s": round(auto_build_s, 1),
+            "auto_manifest_recall": auto.manifest["recall_at_k"],
+            "sweep": [],
+        }
         sweep = sorted({auto.nprobe, *map(int, args.nprobes.split(","))})
         for nprobe in sweep:
             for rerank, factor in ((True, 2.0), (True, 1.25), (False, 1.0)):
                 auto.nprobe, auto.rerank, auto.rerank_factor = nprobe, rerank, factor
                 auto.set_nprobe(nprobe)
                 qps, d, i = timed_search(auto, xq, qids, args.k)
-                row = {"nprobe": nprobe, "rerank": rerank, "rerank_factor": factor, "scanned_per_query": int(nprobe * n / auto.manifest["nlist"]),
-                       "qps": round(qps, 2), "speedup_vs_flat": round(qps / flat_qps, 2), f"recall@{args.k}": round(recall(i, exact), 4),
-                       "mean_abs_dist_error_of_returned_ids": round(dist_error(flat.datastore, xq, d, i), 5)}
+                row = {
+                    "nprobe": nprobe,
+                    "rerank": rerank,
+                    "rerank_factor": factor,
+                    "scanned_per_query": int(nprobe * n / auto.manifest["nlist"]),
+                    "qps": round(qps, 2),
+                    "speedup_vs_flat": round(qps / flat_qps, 2),
+                    f"recall@{args.k}": round(recall(i, exact), 4),
+                    "mean_abs_dist_error_of_returned_ids": round(dist_error(flat.datastore, xq, d, i), 5),
+                }
                 res["sweep"].append(row)
                 print(json.dumps(row), flush=True)
         auto_row = next(r for r in res["sweep"] if r["nprobe"] == res["auto_nprobe"] and r["rerank_factor"] == RERANK_FACTOR)

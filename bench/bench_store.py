@@ -57,9 +57,19 @@ def subset_datastore(src: Path, dst: Path, n: int) -> Path:
     ds = Datastore(src)
     dst.mkdir(parents=True)
     write_json(dst / CONFIG, {"subset_of": str(src), "n": n})
-    shard = {"start": 0, "end": n, "arrays": {"keys": save_npy(dst / "keys-00000.npy", ds.rows("keys", 0, n)),
-                                               "values": save_npy(dst / "values-00000.npy", ds.rows("values", 0, n))}}
-    m = {k: v for k, v in read_manifest(src, "datastore").items() if k not in ("kind", "complete", "environment", "shards", "n_rows", "features")}
+    shard = {
+        "start": 0,
+        "end": n,
+        "arrays": {
+            "keys": save_npy(dst / "keys-00000.npy", ds.rows("keys", 0, n)),
+            "values": save_npy(dst / "values-00000.npy", ds.rows("values", 0, n)),
+        },
+    }
+    m = {
+        k: v
+        for k, v in read_manifest(src, "datastore").items()
+        if k not in ("kind", "complete", "environment", "shards", "n_rows", "features")
+    }
     write_manifest(dst, "datastore", {**m, "n_rows": n, "shards": [shard]})
     return dst
 
@@ -93,29 +103,44 @@ def knn_lm_ppl(index: KnnIndex, values: np.ndarray, test: Datastore, k: int, tem
 def markdown(store: dict, curve: dict | None = None) -> str:
     """The BENCHMARKS.md section for results/store.json and results/recall_target.json (for bench/make_benchmarks.py)."""
     c = store["configs"]
-    lines = ["## 8. Stores: bytes per token, recall target, compressed codes", "",
-             "```", "nice python bench/bench_store.py                     # stores over runs/sotu (real keys)",
-             "nice python bench/bench_search.py --sizes 2e5,5e5,1e6  # the auto index's recall target as N grows",
-             "nice python bench/bench_search.py --sizes 3e6 --threads 1  # added to the same file", "```", "",
-             f"Every store over the same {store['n']:,} real keys (SmolLM2-135M, d={store['d']}, the SOTU run's datastore), "
-             f"k={store['k']}, {store['queries']} held-out keys as queries, FAISS on {store['threads']} thread(s) of the shared machine. "
-             f"kNN-LM test perplexity on the run's test split with its tuned T={store['knn_temperature']:g} and lambda={store['knn_lambda']:.3f} "
-             f"(LM alone {store['base_test_ppl']:.3f}). Bytes per corpus token: what search reads (index + values, + keys when it re-ranks or streams them), "
-             f"and what the store keeps (index, values, and the keys unless it searches the codes alone) with the kNN targets ({store['targets_bytes_per_token']:.0f} B: top-128 int32 ids + float16 probs) that training needs. Not counted: the extra feature array of offline training (h29.output, 1152 B), which online training does not store.", "",
-             "| store | index | nprobe (target 0.9) | recall@1024 | queries/s | build s | B/token: index | search reads | kept + targets | kNN-LM test ppl |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## 8. Stores: bytes per token, recall target, compressed codes",
+        "",
+        "```",
+        "nice python bench/bench_store.py                     # stores over runs/sotu (real keys)",
+        "nice python bench/bench_search.py --sizes 2e5,5e5,1e6  # the auto index's recall target as N grows",
+        "nice python bench/bench_search.py --sizes 3e6 --threads 1  # added to the same file",
+        "```",
+        "",
+        f"Every store over the same {store['n']:,} real keys (SmolLM2-135M, d={store['d']}, the SOTU run's datastore), "
+        f"k={store['k']}, {store['queries']} held-out keys as queries, FAISS on {store['threads']} thread(s) of the shared machine. "
+        f"kNN-LM test perplexity on the run's test split with its tuned T={store['knn_temperature']:g} and lambda={store['knn_lambda']:.3f} "
+        f"(LM alone {store['base_test_ppl']:.3f}). Bytes per corpus token: what search reads (index + values, + keys when it re-ranks or streams them), "
+        f"and what the store keeps (index, values, and the keys unless it searches the codes alone) with the kNN targets ({store['targets_bytes_per_token']:.0f} B: top-128 int32 ids + float16 probs) that training needs. Not counted: the extra feature array of offline training (h29.output, 1152 B), which online training does not store.",
+        "",
+        "| store | index | nprobe (target 0.9) | recall@1024 | queries/s | build s | B/token: index | search reads | kept + targets | kNN-LM test ppl |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in c.items():
-        lines.append(f"| {name} | {r['factory']} | {r['nprobe'] or '-'} | {r['recall@1024']:.3f} | {r['qps']:.0f} | {r['build_s']:.0f} | "
-                     f"{r['bytes_per_token']['index']:.0f} | {r['search_bytes_per_token']:.0f} | {r['with_targets_bytes_per_token']:.0f} | "
-                     f"{r.get('knn_lm_test_ppl', float('nan')):.3f} |")
+        lines.append(
+            f"| {name} | {r['factory']} | {r['nprobe'] or '-'} | {r['recall@1024']:.3f} | {r['qps']:.0f} | {r['build_s']:.0f} | "
+            f"{r['bytes_per_token']['index']:.0f} | {r['search_bytes_per_token']:.0f} | {r['with_targets_bytes_per_token']:.0f} | "
+            f"{r.get('knn_lm_test_ppl', float('nan')):.3f} |"
+        )
     if curve and curve.get("sizes"):
-        lines += ["", f"The auto index as N grows ({curve['keys']}; jitter sigma {curve['jitter_sigma']:.3f} per coordinate, "
-                  f"k={curve['k']}, {curve['queries']} held-out queries, {curve['threads']} thread):", "",
-                  "| keys | index | nprobe chosen | vectors scanned / query | recall@k at build | recall@k held out | ms / query | build s |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"The auto index as N grows ({curve['keys']}; jitter sigma {curve['jitter_sigma']:.3f} per coordinate, "
+            f"k={curve['k']}, {curve['queries']} held-out queries, {curve['threads']} thread):",
+            "",
+            "| keys | index | nprobe chosen | vectors scanned / query | recall@k at build | recall@k held out | ms / query | build s |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for n, r in sorted(curve["sizes"].items(), key=lambda kv: int(kv[0])):
-            lines.append(f"| {int(n):,} | {r['factory']} | {r['nprobe']} | {r['scanned_per_query']:,} | {r['build_recall@k']:.3f} | "
-                         f"{r[f'recall@' + str(curve['k'])]:.3f} | {r['ms_per_query']:.1f} | {r['build_s']:.0f} |")
+            lines.append(
+                f"| {int(n):,} | {r['factory']} | {r['nprobe']} | {r['scanned_per_query']:,} | {r['build_recall@k']:.3f} | "
+                f"{r['recall@' + str(curve['k'])]:.3f} | {r['ms_per_query']:.1f} | {r['build_s']:.0f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -159,8 +184,18 @@ def main() -> None:
     _, exact = exact_search(ds, xq, k + 1)
     exact = np.array([e[e != q][:k] for e, q in zip(exact, qids)])
 
-    res = {"datastore": str(args.datastore), "n": ds.n_rows, "d": ds.d, "k": k, "queries": args.queries, "threads": args.threads,
-           "targets_bytes_per_token": round(targets_bpt, 1), "knn_temperature": knn["temperature"], "knn_lambda": knn["lambda"], "configs": {}}
+    res = {
+        "datastore": str(args.datastore),
+        "n": ds.n_rows,
+        "d": ds.d,
+        "k": k,
+        "queries": args.queries,
+        "threads": args.threads,
+        "targets_bytes_per_token": round(targets_bpt, 1),
+        "knn_temperature": knn["temperature"],
+        "knn_lambda": knn["lambda"],
+        "configs": {},
+    }
     for name in args.configs.split(","):
         settings, kept = CONFIGS[name]
         t = time.perf_counter()
@@ -174,11 +209,20 @@ def main() -> None:
         qps = len(qids) / (time.perf_counter() - t)
         b = m["bytes_per_token"]
         kept_bpt = b["index"] + b["datastore.values"] + sum(b[f"datastore.{x}"] for x in kept)
-        row = {"factory": m["factory"], "nprobe": m["nprobe"], "rerank": m["rerank"], "recall_target": m["recall_target"],
-               "build_recall@k": m["recall_at_k"], f"recall@{k}": round(recall_at_k(ids, exact), 4), "qps": round(qps, 1),
-               "build_s": round(build_s, 1), "bytes_per_token": b, "search_bytes_per_token": m["search_bytes_per_token"],
-               "kept_bytes_per_token": round(kept_bpt, 1),  # index + values + the keys if this store keeps them
-               "with_targets_bytes_per_token": round(kept_bpt + targets_bpt, 1)}
+        row = {
+            "factory": m["factory"],
+            "nprobe": m["nprobe"],
+            "rerank": m["rerank"],
+            "recall_target": m["recall_target"],
+            "build_recall@k": m["recall_at_k"],
+            f"recall@{k}": round(recall_at_k(ids, exact), 4),
+            "qps": round(qps, 1),
+            "build_s": round(build_s, 1),
+            "bytes_per_token": b,
+            "search_bytes_per_token": m["search_bytes_per_token"],
+            "kept_bytes_per_token": round(kept_bpt, 1),  # index + values + the keys if this store keeps them
+            "with_targets_bytes_per_token": round(kept_bpt + targets_bpt, 1),
+        }
         if test is not None:
             t = time.perf_counter()
             row["knn_lm_test_ppl"], res["base_test_ppl"] = knn_lm_ppl(index, values, test, args.k, knn["temperature"], knn["lambda"])

@@ -45,7 +45,6 @@ os.environ["TQDM_DISABLE"] = "1"
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
-import numpy as np  # noqa: E402
 
 from mlpmem.cli import main as cli_main  # noqa: E402
 
@@ -87,12 +86,51 @@ def build_env(root: Path) -> Env:
     m = str(model)
     steps = [
         ["corpus", "--source", str(src), "--out", str(base / "corpus"), "--model", m],
-        ["datastore", "--corpus", str(base / "corpus"), "--out", str(base / "datastore"), "--model", m, "--context", "32", "--stride", "16",
-         "--windows-per-shard", "16"],
-        ["datastore", "--corpus", str(base / "corpus"), "--out", str(base / "valid"), "--model", m, "--context", "32", "--stride", "16",
-         "--split", "valid", "--lm-logprob"],
+        [
+            "datastore",
+            "--corpus",
+            str(base / "corpus"),
+            "--out",
+            str(base / "datastore"),
+            "--model",
+            m,
+            "--context",
+            "32",
+            "--stride",
+            "16",
+            "--windows-per-shard",
+            "16",
+        ],
+        [
+            "datastore",
+            "--corpus",
+            str(base / "corpus"),
+            "--out",
+            str(base / "valid"),
+            "--model",
+            m,
+            "--context",
+            "32",
+            "--stride",
+            "16",
+            "--split",
+            "valid",
+            "--lm-logprob",
+        ],
         ["index", "--datastore", str(base / "datastore"), "--out", str(base / "index")],
-        ["targets", "--datastore", str(base / "datastore"), "--index", str(base / "index"), "--out", str(base / "targets"), "--k", "16", "--top-m", "8"],
+        [
+            "targets",
+            "--datastore",
+            str(base / "datastore"),
+            "--index",
+            str(base / "index"),
+            "--out",
+            str(base / "targets"),
+            "--k",
+            "16",
+            "--top-m",
+            "8",
+        ],
         ["train", "--datastore", str(base / "datastore"), "--targets", str(base / "targets"), "--out", str(base / "train")] + TRAIN_FLAGS,
     ]
     for argv in steps:
@@ -167,7 +205,14 @@ def run_case(env: Env, case: Case) -> dict:
     try:
         argv, check = case.run(env, cdir)
     except Exception:
-        return {"name": case.name, "item": case.item, "expect": case.expect, "outcome": "setup failed", "stderr": traceback.format_exc()[-2000:], "seconds": 0}
+        return {
+            "name": case.name,
+            "item": case.item,
+            "expect": case.expect,
+            "outcome": "setup failed",
+            "stderr": traceback.format_exc()[-2000:],
+            "seconds": 0,
+        }
     outs = [cdir / o for o in case.outs]
     watched = [env.base, env.model, env.root / "inputs", cdir]
     before = snapshot(watched, outs)
@@ -188,8 +233,18 @@ def run_case(env: Env, case: Case) -> dict:
             check_ok, stderr = False, stderr + "\n[check] " + traceback.format_exc()[-800:]
     outcome = classify(case, rc, stderr, tb, check_ok, lost)
     cmd = case.what or ("mlpmem " + " ".join(_short(a, env) for a in argv) if argv and argv[0] != "@script" else case.what)
-    return {"name": case.name, "item": case.item, "expect": case.expect, "outcome": outcome, "exit": rc, "command": cmd,
-            "message": _short(_message(stderr), env) if rc != 0 else "(exit 0; result checked)" if check is not None else "(exit 0)", "lost": lost[:5], "traceback": (tb or "")[-1500:], "seconds": round(time.perf_counter() - t0, 2)}
+    return {
+        "name": case.name,
+        "item": case.item,
+        "expect": case.expect,
+        "outcome": outcome,
+        "exit": rc,
+        "command": cmd,
+        "message": _short(_message(stderr), env) if rc != 0 else "(exit 0; result checked)" if check is not None else "(exit 0)",
+        "lost": lost[:5],
+        "traceback": (tb or "")[-1500:],
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
 
 
 def _short(a, env: Env) -> str:
@@ -222,7 +277,9 @@ def case(name: str, item: str, expect: str, contains: tuple[str, ...] = (), outs
 
 def cli(name, item, expect, argv_fn, contains=(), outs=("out",), check=None, what=""):
     """A one-line CLI case: ``argv_fn(env, cdir)`` gives the command line."""
-    CASES.append(Case(name, item, expect, lambda env, d: (argv_fn(env, d), (lambda: check(env, d)) if check else None), contains, outs, what))
+    CASES.append(
+        Case(name, item, expect, lambda env, d: (argv_fn(env, d), (lambda: check(env, d)) if check else None), contains, outs, what)
+    )
 
 
 def user_folder(d: Path) -> Path:
@@ -240,21 +297,66 @@ def corpus_cmd(env, out, *flags):
 
 
 def ds_cmd(env, corpus, out, *flags):
-    return ["datastore", "--corpus", str(corpus), "--out", str(out), "--model", str(env.model), "--context", "32", "--stride", "16", "--windows-per-shard", "16", *flags]
+    return [
+        "datastore",
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(out),
+        "--model",
+        str(env.model),
+        "--context",
+        "32",
+        "--stride",
+        "16",
+        "--windows-per-shard",
+        "16",
+        *flags,
+    ]
 
 
 def tg_cmd(env, out, *flags, ds=None, ix=None):
-    return ["targets", "--datastore", str(ds or env.base / "datastore"), "--index", str(ix or env.base / "index"), "--out", str(out), "--k", "16", "--top-m", "8", *flags]
+    return [
+        "targets",
+        "--datastore",
+        str(ds or env.base / "datastore"),
+        "--index",
+        str(ix or env.base / "index"),
+        "--out",
+        str(out),
+        "--k",
+        "16",
+        "--top-m",
+        "8",
+        *flags,
+    ]
 
 
 def train_cmd(env, out, *flags, ds=None, tg=None):
-    return ["train", "--datastore", str(ds or env.base / "datastore"), "--targets", str(tg or env.base / "targets"), "--out", str(out), *TRAIN_FLAGS, *flags]
+    return [
+        "train",
+        "--datastore",
+        str(ds or env.base / "datastore"),
+        "--targets",
+        str(tg or env.base / "targets"),
+        "--out",
+        str(out),
+        *TRAIN_FLAGS,
+        *flags,
+    ]
 
 
 # ---- 1, 2: never delete or overwrite what is not ours
 
-cli("overwrite-user-folder", "1", "refusal", lambda e, d: corpus_cmd(e, user_folder(d), "--overwrite", "--train-tokens", "1000"),
-    ("not written by mlpmem", "thesis.txt"), outs=(), check=lambda e, d: (d / "out" / "thesis.txt").read_text() == "precious\n")
+cli(
+    "overwrite-user-folder",
+    "1",
+    "refusal",
+    lambda e, d: corpus_cmd(e, user_folder(d), "--overwrite", "--train-tokens", "1000"),
+    ("not written by mlpmem", "thesis.txt"),
+    outs=(),
+    check=lambda e, d: (d / "out" / "thesis.txt").read_text() == "precious\n",
+)
 cli("write-into-user-folder", "1", "refusal", lambda e, d: corpus_cmd(e, user_folder(d)), ("not written by mlpmem",), outs=())
 
 
@@ -264,42 +366,157 @@ def _stage_plus_user_file(e, d, stage="corpus"):
     return out
 
 
-cli("overwrite-stage-with-user-file", "1", "refusal", lambda e, d: corpus_cmd(e, _stage_plus_user_file(e, d), "--overwrite"),
-    ("did not write", "notes.txt"), outs=())
-cli("overwrite-train-with-user-subfolder", "1", "refusal",
-    lambda e, d: (lambda out: (out.joinpath("mine").mkdir(), out.joinpath("mine", "a.txt").write_text("x"), train_cmd(e, out, "--overwrite"))[-1])(copy_stage(e, "train", d / "out")),
-    ("did not write", "mine"), outs=())
-cli("overwrite-own-stage", "1", "correct", lambda e, d: corpus_cmd(e, copy_stage(e, "corpus", d / "out"), "--overwrite", "--train-tokens", "800"),
-    check=lambda e, d: json.loads((d / "out" / "manifest.json").read_text())["splits"]["train"]["n_tokens"] == 800)
-cli("corpus-into-datastore-folder", "1", "refusal", lambda e, d: corpus_cmd(e, copy_stage(e, "datastore", d / "out"), "--overwrite"),
-    ("`datastore` stage",), outs=())
-cli("index-into-datastore-folder", "1", "refusal", lambda e, d: ["index", "--datastore", str(e.base / "datastore"), "--out", str(copy_stage(e, "datastore", d / "out")), "--overwrite"],
-    ("`datastore` stage",), outs=())
-cli("targets-into-index-folder", "1", "refusal", lambda e, d: tg_cmd(e, copy_stage(e, "index", d / "out"), "--overwrite"), ("`index` stage",), outs=())
-cli("train-into-targets-folder", "1", "refusal", lambda e, d: train_cmd(e, copy_stage(e, "targets", d / "out"), "--overwrite"), ("`targets` stage",), outs=())
-cli("datastore-into-train-folder", "1", "refusal", lambda e, d: ds_cmd(e, e.base / "corpus", copy_stage(e, "train", d / "out"), "--overwrite"), ("`memory` stage",), outs=())
-cli("probe-into-corpus-folder", "1", "refusal", lambda e, d: ["probe", str(e.base / "corpus"), "--out", str(copy_stage(e, "corpus", d / "out")), "--overwrite"],
-    ("`corpus` stage",), outs=())
-cli("run-into-user-folder", "1", "refusal", lambda e, d: ["run", recipe(d, f"out: {user_folder(d)}\nmodel: {e.model}\ncorpus:\n  source: {src(e)}\n"
-                                                                            "datastore:\n  context: 32\n  stride: 16\n"), "--overwrite"],
-    ("not written by mlpmem",), outs=())
+cli(
+    "overwrite-stage-with-user-file",
+    "1",
+    "refusal",
+    lambda e, d: corpus_cmd(e, _stage_plus_user_file(e, d), "--overwrite"),
+    ("did not write", "notes.txt"),
+    outs=(),
+)
+cli(
+    "overwrite-train-with-user-subfolder",
+    "1",
+    "refusal",
+    lambda e, d: (
+        lambda out: (out.joinpath("mine").mkdir(), out.joinpath("mine", "a.txt").write_text("x"), train_cmd(e, out, "--overwrite"))[-1]
+    )(copy_stage(e, "train", d / "out")),
+    ("did not write", "mine"),
+    outs=(),
+)
+cli(
+    "overwrite-own-stage",
+    "1",
+    "correct",
+    lambda e, d: corpus_cmd(e, copy_stage(e, "corpus", d / "out"), "--overwrite", "--train-tokens", "800"),
+    check=lambda e, d: json.loads((d / "out" / "manifest.json").read_text())["splits"]["train"]["n_tokens"] == 800,
+)
+cli(
+    "corpus-into-datastore-folder",
+    "1",
+    "refusal",
+    lambda e, d: corpus_cmd(e, copy_stage(e, "datastore", d / "out"), "--overwrite"),
+    ("`datastore` stage",),
+    outs=(),
+)
+cli(
+    "index-into-datastore-folder",
+    "1",
+    "refusal",
+    lambda e, d: ["index", "--datastore", str(e.base / "datastore"), "--out", str(copy_stage(e, "datastore", d / "out")), "--overwrite"],
+    ("`datastore` stage",),
+    outs=(),
+)
+cli(
+    "targets-into-index-folder",
+    "1",
+    "refusal",
+    lambda e, d: tg_cmd(e, copy_stage(e, "index", d / "out"), "--overwrite"),
+    ("`index` stage",),
+    outs=(),
+)
+cli(
+    "train-into-targets-folder",
+    "1",
+    "refusal",
+    lambda e, d: train_cmd(e, copy_stage(e, "targets", d / "out"), "--overwrite"),
+    ("`targets` stage",),
+    outs=(),
+)
+cli(
+    "datastore-into-train-folder",
+    "1",
+    "refusal",
+    lambda e, d: ds_cmd(e, e.base / "corpus", copy_stage(e, "train", d / "out"), "--overwrite"),
+    ("`memory` stage",),
+    outs=(),
+)
+cli(
+    "probe-into-corpus-folder",
+    "1",
+    "refusal",
+    lambda e, d: ["probe", str(e.base / "corpus"), "--out", str(copy_stage(e, "corpus", d / "out")), "--overwrite"],
+    ("`corpus` stage",),
+    outs=(),
+)
+cli(
+    "run-into-user-folder",
+    "1",
+    "refusal",
+    lambda e, d: [
+        "run",
+        recipe(d, f"out: {user_folder(d)}\nmodel: {e.model}\ncorpus:\n  source: {src(e)}\ndatastore:\n  context: 32\n  stride: 16\n"),
+        "--overwrite",
+    ],
+    ("not written by mlpmem",),
+    outs=(),
+)
 cli("out-is-a-file", "1", "error", lambda e, d: (d.joinpath("out").write_text("x"), corpus_cmd(e, d / "out"))[1], ("is a file",), outs=())
-cli("out-below-a-file", "1", "error", lambda e, d: (d.joinpath("f").write_text("x"), corpus_cmd(e, d / "f" / "out"))[1], ("file is in the way",), outs=())
-cli("export-into-corpus-folder", "2", "refusal", lambda e, d: ["export", str(e.base / "train" / "memory"), "--out", str(copy_stage(e, "corpus", d / "out"))],
-    ("`corpus` stage",), outs=())
-cli("export-into-train-folder", "2", "refusal", lambda e, d: ["export", str(e.base / "train" / "memory"), "--out", str(copy_stage(e, "train", d / "out"))],
-    ("`memory` stage",), outs=())
-cli("export-into-user-folder", "2", "refusal", lambda e, d: ["export", str(e.base / "train" / "memory"), "--out", str(user_folder(d))],
-    ("not written by mlpmem",), outs=())
-cli("export-into-own-memory", "2", "refusal", lambda e, d: ["export", str(copy_stage(e, "train", d / "t") / "memory"), "--out", str(d / "t" / "memory" / "x")],
-    ("inside the memory folder",), outs=())
-cli("export-fresh", "2", "correct", lambda e, d: ["export", str(e.base / "train" / "memory"), "--out", str(d / "out")],
-    check=lambda e, d: json.loads((d / "out" / "config.json").read_text())["model_type"] == "mlpmem")
-cli("export-twice", "2", "correct", lambda e, d: (run_cli(["export", str(e.base / "train" / "memory"), "--out", str(d / "out")]),
-                                                  ["export", str(e.base / "train" / "memory"), "--out", str(d / "out"), "--lam", "0.5"])[1],
-    check=lambda e, d: abs(json.loads((d / "out" / "config.json").read_text())["lambda_"] - 0.5) < 1e-9)
-cli("export-train-folder-given", "2", "correct", lambda e, d: ["export", str(e.base / "train"), "--out", str(d / "out")],
-    check=lambda e, d: (d / "out" / "config.json").exists(), what="mlpmem export BASE/train --out CASE/out (the train folder, not its memory/)")
+cli(
+    "out-below-a-file",
+    "1",
+    "error",
+    lambda e, d: (d.joinpath("f").write_text("x"), corpus_cmd(e, d / "f" / "out"))[1],
+    ("file is in the way",),
+    outs=(),
+)
+cli(
+    "export-into-corpus-folder",
+    "2",
+    "refusal",
+    lambda e, d: ["export", str(e.base / "train" / "memory"), "--out", str(copy_stage(e, "corpus", d / "out"))],
+    ("`corpus` stage",),
+    outs=(),
+)
+cli(
+    "export-into-train-folder",
+    "2",
+    "refusal",
+    lambda e, d: ["export", str(e.base / "train" / "memory"), "--out", str(copy_stage(e, "train", d / "out"))],
+    ("`memory` stage",),
+    outs=(),
+)
+cli(
+    "export-into-user-folder",
+    "2",
+    "refusal",
+    lambda e, d: ["export", str(e.base / "train" / "memory"), "--out", str(user_folder(d))],
+    ("not written by mlpmem",),
+    outs=(),
+)
+cli(
+    "export-into-own-memory",
+    "2",
+    "refusal",
+    lambda e, d: ["export", str(copy_stage(e, "train", d / "t") / "memory"), "--out", str(d / "t" / "memory" / "x")],
+    ("inside the memory folder",),
+    outs=(),
+)
+cli(
+    "export-fresh",
+    "2",
+    "correct",
+    lambda e, d: ["export", str(e.base / "train" / "memory"), "--out", str(d / "out")],
+    check=lambda e, d: json.loads((d / "out" / "config.json").read_text())["model_type"] == "mlpmem",
+)
+cli(
+    "export-twice",
+    "2",
+    "correct",
+    lambda e, d: (
+        run_cli(["export", str(e.base / "train" / "memory"), "--out", str(d / "out")]),
+        ["export", str(e.base / "train" / "memory"), "--out", str(d / "out"), "--lam", "0.5"],
+    )[1],
+    check=lambda e, d: abs(json.loads((d / "out" / "config.json").read_text())["lambda_"] - 0.5) < 1e-9,
+)
+cli(
+    "export-train-folder-given",
+    "2",
+    "correct",
+    lambda e, d: ["export", str(e.base / "train"), "--out", str(d / "out")],
+    check=lambda e, d: (d / "out" / "config.json").exists(),
+    what="mlpmem export BASE/train --out CASE/out (the train folder, not its memory/)",
+)
 
 
 def _legacy(e, d):
@@ -320,19 +537,74 @@ def _with_config(e, d, stage, edit):
     return out
 
 
-cli("empty-config-is-not-up-to-date", "3", "refusal", lambda e, d: corpus_cmd(e, _with_config(e, d, "corpus", lambda c: {})), ("different configuration",), outs=())
-cli("foreign-config-keys", "3", "refusal", lambda e, d: corpus_cmd(e, _with_config(e, d, "corpus", lambda c: {"foo": 1})), ("different configuration", "foo"), outs=())
-cli("config-missing-one-key", "3", "refusal", lambda e, d: corpus_cmd(e, _with_config(e, d, "corpus", lambda c: {k: v for k, v in c.items() if k != "seed"})),
-    ("different configuration", "seed"), outs=())
-cli("config-not-json", "3", "error", lambda e, d: (lambda out: ((out / "config.json").write_text("{oops"), corpus_cmd(e, out))[1])(copy_stage(e, "corpus", d / "out")),
-    ("not valid json",), outs=())
-cli("changed-setting-named", "3", "refusal", lambda e, d: corpus_cmd(e, copy_stage(e, "corpus", d / "out"), "--seed", "3"), ("seed: 0 -> 3",), outs=())
-cli("same-settings-up-to-date", "3", "correct", lambda e, d: (lambda out: (d.joinpath("t").write_text(str((out / "tokens.train.npy").stat().st_mtime_ns)), corpus_cmd(e, out))[1])(copy_stage(e, "corpus", d / "out")),
-    check=lambda e, d: str((d / "out" / "tokens.train.npy").stat().st_mtime_ns) == (d / "t").read_text())
-cli("older-config-without-added-setting", "3", "correct",
-    lambda e, d: ds_cmd(e, e.base / "corpus", _with_config(e, d, "datastore", lambda c: {**{k: v for k, v in c.items() if k != "extract_mode"},
-                                                                                         "config": {k: v for k, v in c["config"].items() if k != "mode"}})),
-    check=lambda e, d: (d / "out" / "manifest.json").exists())
+cli(
+    "empty-config-is-not-up-to-date",
+    "3",
+    "refusal",
+    lambda e, d: corpus_cmd(e, _with_config(e, d, "corpus", lambda c: {})),
+    ("different configuration",),
+    outs=(),
+)
+cli(
+    "foreign-config-keys",
+    "3",
+    "refusal",
+    lambda e, d: corpus_cmd(e, _with_config(e, d, "corpus", lambda c: {"foo": 1})),
+    ("different configuration", "foo"),
+    outs=(),
+)
+cli(
+    "config-missing-one-key",
+    "3",
+    "refusal",
+    lambda e, d: corpus_cmd(e, _with_config(e, d, "corpus", lambda c: {k: v for k, v in c.items() if k != "seed"})),
+    ("different configuration", "seed"),
+    outs=(),
+)
+cli(
+    "config-not-json",
+    "3",
+    "error",
+    lambda e, d: (lambda out: ((out / "config.json").write_text("{oops"), corpus_cmd(e, out))[1])(copy_stage(e, "corpus", d / "out")),
+    ("not valid json",),
+    outs=(),
+)
+cli(
+    "changed-setting-named",
+    "3",
+    "refusal",
+    lambda e, d: corpus_cmd(e, copy_stage(e, "corpus", d / "out"), "--seed", "3"),
+    ("seed: 0 -> 3",),
+    outs=(),
+)
+cli(
+    "same-settings-up-to-date",
+    "3",
+    "correct",
+    lambda e, d: (lambda out: (d.joinpath("t").write_text(str((out / "tokens.train.npy").stat().st_mtime_ns)), corpus_cmd(e, out))[1])(
+        copy_stage(e, "corpus", d / "out")
+    ),
+    check=lambda e, d: str((d / "out" / "tokens.train.npy").stat().st_mtime_ns) == (d / "t").read_text(),
+)
+cli(
+    "older-config-without-added-setting",
+    "3",
+    "correct",
+    lambda e, d: ds_cmd(
+        e,
+        e.base / "corpus",
+        _with_config(
+            e,
+            d,
+            "datastore",
+            lambda c: {
+                **{k: v for k, v in c.items() if k != "extract_mode"},
+                "config": {k: v for k, v in c["config"].items() if k != "mode"},
+            },
+        ),
+    ),
+    check=lambda e, d: (d / "out" / "manifest.json").exists(),
+)
 
 # ---- 5: duplicates
 
@@ -412,13 +684,22 @@ _recipe_case("recipe-unknown-key", "train:\n  epoch: 1\n", ("train.epoch",))
 _recipe_case("recipe-wrong-type", "train:\n  lr: fast\n", ("train.lr",))
 _recipe_case("recipe-section-scalar", "train: 5\n", ("train",))
 _recipe_case("recipe-model-in-corpus", "  model: gpt2\n", ("corpus.model",))
-_recipe_case("recipe-several-problems-at-once", "train:\n  width: 0\nknn:\n  lam: 2\neval:\n  split: x\n", ("train.width", "knn.lam", "eval.split"))
+_recipe_case(
+    "recipe-several-problems-at-once", "train:\n  width: 0\nknn:\n  lam: 2\neval:\n  split: x\n", ("train.width", "knn.lam", "eval.split")
+)
 _recipe_case("recipe-nan", "train:\n  lr: .nan\n", ("train.lr",))
 _recipe_case("recipe-inf-epochs", "train:\n  epochs: .inf\n", ("train.epochs",))
 _recipe_case("recipe-context-over-model", "datastore:\n  context: 4096\n  stride: 2048\n", ("datastore.context", "256 positions"))
 cli("recipe-top-level-list", "other", "error", lambda e, d: ["run", recipe(d, "- a\n- b\n")], ("not a mapping",), outs=())
 cli("recipe-is-a-folder", "other", "error", lambda e, d: ["run", str(d)], ("is a folder",), outs=())
-cli("recipe-not-utf8", "other", "error", lambda e, d: (d.joinpath("r.yaml").write_bytes(b"out: \xff\xfe\n"), ["run", str(d / "r.yaml")])[1], ("utf-8",), outs=())
+cli(
+    "recipe-not-utf8",
+    "other",
+    "error",
+    lambda e, d: (d.joinpath("r.yaml").write_bytes(b"out: \xff\xfe\n"), ["run", str(d / "r.yaml")])[1],
+    ("utf-8",),
+    outs=(),
+)
 cli("recipe-bad-yaml", "other", "error", lambda e, d: ["run", recipe(d, "out: [\n")], ("not valid yaml",), outs=())
 cli("recipe-missing", "other", "error", lambda e, d: ["run", str(d / "nope.yaml")], ("does not exist",), outs=())
 cli("recipe-empty", "other", "error", lambda e, d: ["run", recipe(d, "")], ("out: required",), outs=())
@@ -427,70 +708,281 @@ cli("run-without-recipe-or-corpus", "other", "error", lambda e, d: ["run"], ("ne
 
 # ---- 6: the same checks for the verbs
 
-cli("corpus-train-tokens-negative", "6", "error", lambda e, d: corpus_cmd(e, d / "out", "--train-tokens", "-5"), ("--train-tokens",), outs=())
-cli("corpus-valid-fraction-1.5", "6", "error", lambda e, d: corpus_cmd(e, d / "out", "--valid-fraction", "1.5"), ("--valid-fraction",), outs=())
+cli(
+    "corpus-train-tokens-negative",
+    "6",
+    "error",
+    lambda e, d: corpus_cmd(e, d / "out", "--train-tokens", "-5"),
+    ("--train-tokens",),
+    outs=(),
+)
+cli(
+    "corpus-valid-fraction-1.5",
+    "6",
+    "error",
+    lambda e, d: corpus_cmd(e, d / "out", "--valid-fraction", "1.5"),
+    ("--valid-fraction",),
+    outs=(),
+)
 cli("datastore-context-0", "6", "error", lambda e, d: ds_cmd(e, e.base / "corpus", d / "out", "--context", "0"), ("--context",), outs=())
 cli("datastore-stride-0", "6", "error", lambda e, d: ds_cmd(e, e.base / "corpus", d / "out", "--stride", "0"), ("--stride",), outs=())
 cli("datastore-split-bogus", "6", "error", lambda e, d: ds_cmd(e, e.base / "corpus", d / "out", "--split", "bogus"), ("--split",), outs=())
-cli("datastore-context-over-model", "6", "error", lambda e, d: ds_cmd(e, e.base / "corpus", d / "out", "--context", "100000", "--stride", "50000"),
-    ("positions",), outs=())
-cli("datastore-extra-site-garbage", "6", "error", lambda e, d: ds_cmd(e, e.base / "corpus", d / "out", "--extra-sites", "top"), ("--extra-sites",), outs=())
+cli(
+    "datastore-context-over-model",
+    "6",
+    "error",
+    lambda e, d: ds_cmd(e, e.base / "corpus", d / "out", "--context", "100000", "--stride", "50000"),
+    ("positions",),
+    outs=(),
+)
+cli(
+    "datastore-extra-site-garbage",
+    "6",
+    "error",
+    lambda e, d: ds_cmd(e, e.base / "corpus", d / "out", "--extra-sites", "top"),
+    ("--extra-sites",),
+    outs=(),
+)
 cli("targets-k-0", "6", "error", lambda e, d: tg_cmd(e, d / "out", "--k", "0"), ("--k",), outs=())
 cli("targets-k-over-datastore", "6", "error", lambda e, d: tg_cmd(e, d / "out", "--k", "100000"), ("k=100000",), outs=())
 cli("targets-temperature-0", "6", "error", lambda e, d: tg_cmd(e, d / "out", "--temperature", "0"), ("--temperature",), outs=())
 cli("targets-temperature-nan", "6", "error", lambda e, d: tg_cmd(e, d / "out", "--temperature", "nan"), ("--temperature",), outs=())
 cli("targets-temperature-auto-no-tuning", "6", "error", lambda e, d: tg_cmd(e, d / "out", "--temperature", "auto"), ("--tuning",), outs=())
-cli("targets-tuning-missing", "6", "error", lambda e, d: tg_cmd(e, d / "out", "--temperature", "auto", "--tuning", str(d / "k.json")), ("does not exist",), outs=())
-cli("targets-tuning-without-key", "6", "error", lambda e, d: (d.joinpath("k.json").write_text("{}"), tg_cmd(e, d / "out", "--temperature", "auto", "--tuning", str(d / "k.json")))[1],
-    ("knn_temperature",), outs=())
+cli(
+    "targets-tuning-missing",
+    "6",
+    "error",
+    lambda e, d: tg_cmd(e, d / "out", "--temperature", "auto", "--tuning", str(d / "k.json")),
+    ("does not exist",),
+    outs=(),
+)
+cli(
+    "targets-tuning-without-key",
+    "6",
+    "error",
+    lambda e, d: (d.joinpath("k.json").write_text("{}"), tg_cmd(e, d / "out", "--temperature", "auto", "--tuning", str(d / "k.json")))[1],
+    ("knn_temperature",),
+    outs=(),
+)
 cli("train-width-0", "6", "error", lambda e, d: train_cmd(e, d / "out", "--width", "0"), ("width",), outs=())
 cli("train-lr-none", "6", "error", lambda e, d: train_cmd(e, d / "out", "--lr", "none"), ("--lr",), outs=())
 cli("train-epochs-negative", "6", "error", lambda e, d: train_cmd(e, d / "out", "--epochs", "-1"), ("epochs",), outs=())
 cli("train-batch-not-multiple", "6", "error", lambda e, d: train_cmd(e, d / "out", "--grad-accum", "5"), ("grad_accum",), outs=())
-cli("train-valid-targets-without-valid", "6", "error", lambda e, d: train_cmd(e, d / "out", "--valid-targets", str(e.base / "targets")), ("--valid",), outs=())
+cli(
+    "train-valid-targets-without-valid",
+    "6",
+    "error",
+    lambda e, d: train_cmd(e, d / "out", "--valid-targets", str(e.base / "targets")),
+    ("--valid",),
+    outs=(),
+)
 cli("train-input-site-bogus", "6", "error", lambda e, d: train_cmd(e, d / "out", "--input-site", "middle"), ("--input-site",), outs=())
-cli("knnlm-k-0", "6", "error", lambda e, d: ["knnlm", "--corpus", str(e.base / "corpus"), "--datastore", str(e.base / "datastore"), "--index", str(e.base / "index"),
-                                             "--out", str(d / "out"), "--k", "0"], ("--k",), outs=())
-cli("knnlm-k-over-datastore", "6", "error", lambda e, d: ["knnlm", "--corpus", str(e.base / "corpus"), "--datastore", str(e.base / "datastore"), "--index", str(e.base / "index"),
-                                                          "--out", str(d / "out"), "--k", "999999"], ("rows",), outs=())
-cli("knnlm-lam-1.5", "6", "error", lambda e, d: ["knnlm", "--corpus", str(e.base / "corpus"), "--datastore", str(e.base / "datastore"), "--index", str(e.base / "index"),
-                                                 "--out", str(d / "out"), "--lam", "1.5"], ("--lam",), outs=())
-cli("knnlm-split-bogus", "6", "error", lambda e, d: ["knnlm", "--corpus", "c", "--datastore", "d", "--index", "i", "--out", str(d / "out"), "--split", "bogus"],
-    ("invalid choice",), outs=())
-cli("index-nprobe-0", "6", "error", lambda e, d: ["index", "--datastore", str(e.base / "datastore"), "--out", str(d / "out"), "--nprobe", "0"], ("--nprobe",), outs=())
-cli("index-kind-bogus", "6", "error", lambda e, d: ["index", "--datastore", str(e.base / "datastore"), "--out", str(d / "out"), "--kind", "Bogus99"], ("factory",), outs=())
-cli("probe-n-items-0", "6", "error", lambda e, d: ["probe", str(e.base / "corpus"), "--out", str(d / "out"), "--n-items", "0"], ("positive",), outs=())
+cli(
+    "knnlm-k-0",
+    "6",
+    "error",
+    lambda e, d: [
+        "knnlm",
+        "--corpus",
+        str(e.base / "corpus"),
+        "--datastore",
+        str(e.base / "datastore"),
+        "--index",
+        str(e.base / "index"),
+        "--out",
+        str(d / "out"),
+        "--k",
+        "0",
+    ],
+    ("--k",),
+    outs=(),
+)
+cli(
+    "knnlm-k-over-datastore",
+    "6",
+    "error",
+    lambda e, d: [
+        "knnlm",
+        "--corpus",
+        str(e.base / "corpus"),
+        "--datastore",
+        str(e.base / "datastore"),
+        "--index",
+        str(e.base / "index"),
+        "--out",
+        str(d / "out"),
+        "--k",
+        "999999",
+    ],
+    ("rows",),
+    outs=(),
+)
+cli(
+    "knnlm-lam-1.5",
+    "6",
+    "error",
+    lambda e, d: [
+        "knnlm",
+        "--corpus",
+        str(e.base / "corpus"),
+        "--datastore",
+        str(e.base / "datastore"),
+        "--index",
+        str(e.base / "index"),
+        "--out",
+        str(d / "out"),
+        "--lam",
+        "1.5",
+    ],
+    ("--lam",),
+    outs=(),
+)
+cli(
+    "knnlm-split-bogus",
+    "6",
+    "error",
+    lambda e, d: ["knnlm", "--corpus", "c", "--datastore", "d", "--index", "i", "--out", str(d / "out"), "--split", "bogus"],
+    ("invalid choice",),
+    outs=(),
+)
+cli(
+    "index-nprobe-0",
+    "6",
+    "error",
+    lambda e, d: ["index", "--datastore", str(e.base / "datastore"), "--out", str(d / "out"), "--nprobe", "0"],
+    ("--nprobe",),
+    outs=(),
+)
+cli(
+    "index-kind-bogus",
+    "6",
+    "error",
+    lambda e, d: ["index", "--datastore", str(e.base / "datastore"), "--out", str(d / "out"), "--kind", "Bogus99"],
+    ("factory",),
+    outs=(),
+)
+cli(
+    "probe-n-items-0",
+    "6",
+    "error",
+    lambda e, d: ["probe", str(e.base / "corpus"), "--out", str(d / "out"), "--n-items", "0"],
+    ("positive",),
+    outs=(),
+)
 
 # ---- other verbs and flags: generate, export, probe, argument parsing, sources
 
 MEM = lambda e: str(e.base / "train" / "memory")  # noqa: E731
 cli("generate-lam-1.5", "other", "error", lambda e, d: ["generate", MEM(e), "hello", "--lam", "1.5"], ("--lam",), outs=())
-cli("generate-max-new-tokens-0", "other", "error", lambda e, d: ["generate", MEM(e), "hello", "--max-new-tokens", "0"], ("--max-new-tokens",), outs=())
+cli(
+    "generate-max-new-tokens-0",
+    "other",
+    "error",
+    lambda e, d: ["generate", MEM(e), "hello", "--max-new-tokens", "0"],
+    ("--max-new-tokens",),
+    outs=(),
+)
 cli("generate-top-p-0", "other", "error", lambda e, d: ["generate", MEM(e), "hello", "--top-p", "0"], ("--top-p",), outs=())
 cli("generate-num-beams-0", "other", "error", lambda e, d: ["generate", MEM(e), "hello", "--num-beams", "0"], ("--num-beams",), outs=())
-cli("generate-temperature-negative", "other", "error", lambda e, d: ["generate", MEM(e), "hello", "--temperature", "-1", "--do-sample"], ("--temperature",), outs=())
+cli(
+    "generate-temperature-negative",
+    "other",
+    "error",
+    lambda e, d: ["generate", MEM(e), "hello", "--temperature", "-1", "--do-sample"],
+    ("--temperature",),
+    outs=(),
+)
 cli("generate-missing-model", "other", "error", lambda e, d: ["generate", str(d / "nope"), "hello"], ("does not exist",), outs=())
-cli("generate-model-is-file", "other", "error", lambda e, d: (d.joinpath("f").write_text("x"), ["generate", str(d / "f"), "hello"])[1], ("is a file",), outs=())
+cli(
+    "generate-model-is-file",
+    "other",
+    "error",
+    lambda e, d: (d.joinpath("f").write_text("x"), ["generate", str(d / "f"), "hello"])[1],
+    ("is a file",),
+    outs=(),
+)
 cli("generate-no-prompts", "other", "error", lambda e, d: ["generate", MEM(e)], ("no prompts",), outs=())
-cli("generate-prompts-file-missing", "other", "error", lambda e, d: ["generate", MEM(e), "--prompts-file", str(d / "p.txt")], ("prompts",), outs=())
+cli(
+    "generate-prompts-file-missing",
+    "other",
+    "error",
+    lambda e, d: ["generate", MEM(e), "--prompts-file", str(d / "p.txt")],
+    ("prompts",),
+    outs=(),
+)
 cli("generate-not-a-memory", "other", "error", lambda e, d: ["generate", str(e.base / "corpus"), "hello"], ("",), outs=())
-cli("generate-base-model-missing", "other", "error", lambda e, d: ["generate", MEM(e), "hello", "--base-model", str(d / "nomodel")], ("",), outs=())
+cli(
+    "generate-base-model-missing",
+    "other",
+    "error",
+    lambda e, d: ["generate", MEM(e), "hello", "--base-model", str(d / "nomodel")],
+    ("",),
+    outs=(),
+)
 cli("generate-ok", "other", "correct", lambda e, d: ["generate", MEM(e), "hello there", "--max-new-tokens", "3"], outs=())
 cli("export-lam-2", "other", "error", lambda e, d: ["export", MEM(e), "--out", str(d / "out"), "--lam", "2"], ("--lam",), outs=())
-cli("export-memory-temperature-0", "other", "error", lambda e, d: ["export", MEM(e), "--out", str(d / "out"), "--memory-temperature", "0"], ("--memory-temperature",), outs=())
-cli("export-missing-memory", "other", "error", lambda e, d: ["export", str(d / "nope"), "--out", str(d / "out")], ("does not exist",), outs=())
+cli(
+    "export-memory-temperature-0",
+    "other",
+    "error",
+    lambda e, d: ["export", MEM(e), "--out", str(d / "out"), "--memory-temperature", "0"],
+    ("--memory-temperature",),
+    outs=(),
+)
+cli(
+    "export-missing-memory",
+    "other",
+    "error",
+    lambda e, d: ["export", str(d / "nope"), "--out", str(d / "out")],
+    ("does not exist",),
+    outs=(),
+)
 cli("export-not-a-memory", "other", "error", lambda e, d: ["export", str(e.base / "corpus"), "--out", str(d / "out")], ("",), outs=("out",))
-cli("probe-corpus-is-datastore", "other", "error", lambda e, d: ["probe", str(e.base / "datastore"), "--out", str(d / "out")], ("`datastore` stage",), outs=())
+cli(
+    "probe-corpus-is-datastore",
+    "other",
+    "error",
+    lambda e, d: ["probe", str(e.base / "datastore"), "--out", str(d / "out")],
+    ("`datastore` stage",),
+    outs=(),
+)
 cli("datastore-corpus-missing", "other", "error", lambda e, d: ds_cmd(e, d / "nope", d / "out"), ("does not exist",), outs=())
-cli("datastore-corpus-unfinished", "other", "error",
-    lambda e, d: ds_cmd(e, (lambda c: ((c / "manifest.json").unlink(), c)[1])(copy_stage(e, "corpus", d / "c")), d / "out"), ("no finished",), outs=())
-cli("train-datastore-is-targets", "other", "error", lambda e, d: train_cmd(e, d / "out", ds=e.base / "targets"), ("`targets` stage",), outs=())
-cli("train-targets-of-other-datastore", "other", "error", lambda e, d: train_cmd(e, d / "out", ds=e.base / "valid"), ("another datastore",), outs=())
+cli(
+    "datastore-corpus-unfinished",
+    "other",
+    "error",
+    lambda e, d: ds_cmd(e, (lambda c: ((c / "manifest.json").unlink(), c)[1])(copy_stage(e, "corpus", d / "c")), d / "out"),
+    ("no finished",),
+    outs=(),
+)
+cli(
+    "train-datastore-is-targets",
+    "other",
+    "error",
+    lambda e, d: train_cmd(e, d / "out", ds=e.base / "targets"),
+    ("`targets` stage",),
+    outs=(),
+)
+cli(
+    "train-targets-of-other-datastore",
+    "other",
+    "error",
+    lambda e, d: train_cmd(e, d / "out", ds=e.base / "valid"),
+    ("another datastore",),
+    outs=(),
+)
 cli("unknown-verb", "other", "error", lambda e, d: ["frobnicate"], ("invalid choice",), outs=())
 cli("unknown-flag", "other", "error", lambda e, d: corpus_cmd(e, d / "out", "--colour", "red"), ("unrecognized",), outs=())
 cli("flag-not-a-number", "other", "error", lambda e, d: train_cmd(e, d / "out", "--epochs", "abc"), ("invalid",), outs=())
 cli("missing-required-flag", "other", "error", lambda e, d: ["datastore", "--corpus", "x"], ("--out",), outs=())
-cli("source-missing", "other", "error", lambda e, d: ["corpus", "--source", str(d / "x.jsonl"), "--out", str(d / "out"), "--model", str(e.model)], ("does not exist",), outs=())
+cli(
+    "source-missing",
+    "other",
+    "error",
+    lambda e, d: ["corpus", "--source", str(d / "x.jsonl"), "--out", str(d / "out"), "--model", str(e.model)],
+    ("does not exist",),
+    outs=(),
+)
 
 
 def _src_case(name, content: bytes, suffix, contains, *flags):
@@ -516,29 +1008,152 @@ _src_case("source-one-document", b"just one document here", ".txt", ("at least 3
 _src_case("source-bad-json-line", b'{"text": "a"}\n{oops\n', ".jsonl", ("line 2",))
 _src_case("source-broken-parquet", b"PAR1garbage", ".parquet", ("parquet",))
 _src_case("source-bad-xz", b"not xz at all", ".jsonl.xz", ("cannot read",))
-cli("corpus-model-missing", "other", "error", lambda e, d: ["corpus", "--source", src(e), "--out", str(d / "out"), "--model", str(d / "nomodel")], ("",), outs=())
+cli(
+    "corpus-model-missing",
+    "other",
+    "error",
+    lambda e, d: ["corpus", "--source", src(e), "--out", str(d / "out"), "--model", str(d / "nomodel")],
+    ("",),
+    outs=(),
+)
 
 cli("datastore-layer-99", "other", "error", lambda e, d: ds_cmd(e, e.base / "corpus", d / "out", "--layer", "99"), ("layer",), outs=())
-cli("datastore-layer-minus-99", "other", "error", lambda e, d: ds_cmd(e, e.base / "corpus", d / "out", "--layer", "-99"), ("layer",), outs=())
+cli(
+    "datastore-layer-minus-99",
+    "other",
+    "error",
+    lambda e, d: ds_cmd(e, e.base / "corpus", d / "out", "--layer", "-99"),
+    ("layer",),
+    outs=(),
+)
 cli("train-input-layer-99", "other", "error", lambda e, d: train_cmd(e, d / "out", "--input-layer", "99"), ("layer",), outs=())
-cli("train-online-mode", "other", "correct", lambda e, d: train_cmd(e, d / "out", "--mode", "online", "--epochs", "0.2"),
-    check=lambda e, d: (d / "out" / "memory" / "model.safetensors").exists())
+cli(
+    "train-online-mode",
+    "other",
+    "correct",
+    lambda e, d: train_cmd(e, d / "out", "--mode", "online", "--epochs", "0.2"),
+    check=lambda e, d: (d / "out" / "memory" / "model.safetensors").exists(),
+)
 cli("generate-empty-prompt", "other", "error", lambda e, d: ["generate", MEM(e), ""], ("prompt",), outs=())
 cli("generate-prompts-file-is-folder", "other", "error", lambda e, d: ["generate", MEM(e), "--prompts-file", str(d)], ("prompts",), outs=())
-cli("export-base-model-missing", "other", "error", lambda e, d: ["export", MEM(e), "--out", str(d / "out"), "--base-model", str(d / "nomodel")], ("",), outs=("out",))
-cli("export-full", "other", "correct", lambda e, d: ["export", MEM(e), "--out", str(d / "out"), "--full"], check=lambda e, d: (d / "out" / "model.safetensors").exists() and (d / "out" / "config.json").exists())
-cli("knnlm-temperature-0", "other", "error", lambda e, d: ["knnlm", "--corpus", str(e.base / "corpus"), "--datastore", str(e.base / "datastore"), "--index", str(e.base / "index"),
-                                                           "--out", str(d / "out"), "--temperature", "0"], ("--temperature",), outs=())
-cli("knnlm-temperatures-empty", "other", "error", lambda e, d: ["knnlm", "--corpus", str(e.base / "corpus"), "--datastore", str(e.base / "datastore"), "--index", str(e.base / "index"),
-                                                                "--out", str(d / "out"), "--temperatures"], ("--temperatures",), outs=())
-cli("index-ivf-too-many-lists", "other", "error", lambda e, d: ["index", "--datastore", str(e.base / "datastore"), "--out", str(d / "out"), "--kind", "IVF4096,Flat"], ("lists",), outs=())
-cli("probe-context-too-long", "other", "error", lambda e, d: ["probe", str(e.base / "corpus"), "--out", str(d / "out"), "--context-tokens", "100000"], ("no room",), outs=("out",))
-cli("probe-model-missing", "other", "error", lambda e, d: ["probe", str(e.base / "corpus"), "--out", str(d / "out"), "--model", str(d / "nomodel")], ("",), outs=())
-cli("targets-queries-missing", "other", "error", lambda e, d: tg_cmd(e, d / "out", "--queries", str(d / "nope")), ("does not exist",), outs=())
-cli("targets-queries-is-corpus", "other", "error", lambda e, d: tg_cmd(e, d / "out", "--queries", str(e.base / "corpus")), ("`corpus` stage",), outs=())
-cli("source-builtin-unknown", "other", "error", lambda e, d: ["corpus", "--source", "builtin:nope", "--out", str(d / "out"), "--model", str(e.model)], ("does not exist",), outs=())
-cli("source-hf-offline", "other", "error", lambda e, d: ["corpus", "--source", "hf:no/such-dataset", "--out", str(d / "out"), "--model", str(e.model)], ("",), outs=())
-cli("run-corpus-missing", "other", "error", lambda e, d: ["run", "--corpus", str(d / "nope.jsonl"), "--model", str(e.model), "--out", str(d / "out")], ("does not exist",), outs=("out",))
+cli(
+    "export-base-model-missing",
+    "other",
+    "error",
+    lambda e, d: ["export", MEM(e), "--out", str(d / "out"), "--base-model", str(d / "nomodel")],
+    ("",),
+    outs=("out",),
+)
+cli(
+    "export-full",
+    "other",
+    "correct",
+    lambda e, d: ["export", MEM(e), "--out", str(d / "out"), "--full"],
+    check=lambda e, d: (d / "out" / "model.safetensors").exists() and (d / "out" / "config.json").exists(),
+)
+cli(
+    "knnlm-temperature-0",
+    "other",
+    "error",
+    lambda e, d: [
+        "knnlm",
+        "--corpus",
+        str(e.base / "corpus"),
+        "--datastore",
+        str(e.base / "datastore"),
+        "--index",
+        str(e.base / "index"),
+        "--out",
+        str(d / "out"),
+        "--temperature",
+        "0",
+    ],
+    ("--temperature",),
+    outs=(),
+)
+cli(
+    "knnlm-temperatures-empty",
+    "other",
+    "error",
+    lambda e, d: [
+        "knnlm",
+        "--corpus",
+        str(e.base / "corpus"),
+        "--datastore",
+        str(e.base / "datastore"),
+        "--index",
+        str(e.base / "index"),
+        "--out",
+        str(d / "out"),
+        "--temperatures",
+    ],
+    ("--temperatures",),
+    outs=(),
+)
+cli(
+    "index-ivf-too-many-lists",
+    "other",
+    "error",
+    lambda e, d: ["index", "--datastore", str(e.base / "datastore"), "--out", str(d / "out"), "--kind", "IVF4096,Flat"],
+    ("lists",),
+    outs=(),
+)
+cli(
+    "probe-context-too-long",
+    "other",
+    "error",
+    lambda e, d: ["probe", str(e.base / "corpus"), "--out", str(d / "out"), "--context-tokens", "100000"],
+    ("no room",),
+    outs=("out",),
+)
+cli(
+    "probe-model-missing",
+    "other",
+    "error",
+    lambda e, d: ["probe", str(e.base / "corpus"), "--out", str(d / "out"), "--model", str(d / "nomodel")],
+    ("",),
+    outs=(),
+)
+cli(
+    "targets-queries-missing",
+    "other",
+    "error",
+    lambda e, d: tg_cmd(e, d / "out", "--queries", str(d / "nope")),
+    ("does not exist",),
+    outs=(),
+)
+cli(
+    "targets-queries-is-corpus",
+    "other",
+    "error",
+    lambda e, d: tg_cmd(e, d / "out", "--queries", str(e.base / "corpus")),
+    ("`corpus` stage",),
+    outs=(),
+)
+cli(
+    "source-builtin-unknown",
+    "other",
+    "error",
+    lambda e, d: ["corpus", "--source", "builtin:nope", "--out", str(d / "out"), "--model", str(e.model)],
+    ("does not exist",),
+    outs=(),
+)
+cli(
+    "source-hf-offline",
+    "other",
+    "error",
+    lambda e, d: ["corpus", "--source", "hf:no/such-dataset", "--out", str(d / "out"), "--model", str(e.model)],
+    ("",),
+    outs=(),
+)
+cli(
+    "run-corpus-missing",
+    "other",
+    "error",
+    lambda e, d: ["run", "--corpus", str(d / "nope.jsonl"), "--model", str(e.model), "--out", str(d / "out")],
+    ("does not exist",),
+    outs=("out",),
+)
 cli("no-arguments", "other", "error", lambda e, d: [], ("required",), outs=())
 cli("out-empty-string", "other", "error", lambda e, d: corpus_cmd(e, ""), ("not written by mlpmem",), outs=())
 
@@ -566,10 +1181,38 @@ def _damaged_ds(e, d, truncate=False, delete=False):
     return ds
 
 
-cli("keys-bytes-overwritten", "7", "error", lambda e, d: ["index", "--datastore", str(_damaged_ds(e, d)), "--out", str(d / "out")], ("corrupted",), outs=("out", "ds"))
-cli("keys-truncated", "7", "error", lambda e, d: ["index", "--datastore", str(_damaged_ds(e, d, truncate=True)), "--out", str(d / "out")], ("truncated",), outs=("out", "ds"))
-cli("keys-deleted", "7", "error", lambda e, d: ["index", "--datastore", str(_damaged_ds(e, d, delete=True)), "--out", str(d / "out")], ("missing",), outs=("out", "ds"))
-cli("keys-overwritten-train-refuses", "7", "error", lambda e, d: train_cmd(e, d / "out", ds=_damaged_ds(e, d)), ("corrupted",), outs=("out", "ds"))
+cli(
+    "keys-bytes-overwritten",
+    "7",
+    "error",
+    lambda e, d: ["index", "--datastore", str(_damaged_ds(e, d)), "--out", str(d / "out")],
+    ("corrupted",),
+    outs=("out", "ds"),
+)
+cli(
+    "keys-truncated",
+    "7",
+    "error",
+    lambda e, d: ["index", "--datastore", str(_damaged_ds(e, d, truncate=True)), "--out", str(d / "out")],
+    ("truncated",),
+    outs=("out", "ds"),
+)
+cli(
+    "keys-deleted",
+    "7",
+    "error",
+    lambda e, d: ["index", "--datastore", str(_damaged_ds(e, d, delete=True)), "--out", str(d / "out")],
+    ("missing",),
+    outs=("out", "ds"),
+)
+cli(
+    "keys-overwritten-train-refuses",
+    "7",
+    "error",
+    lambda e, d: train_cmd(e, d / "out", ds=_damaged_ds(e, d)),
+    ("corrupted",),
+    outs=("out", "ds"),
+)
 
 
 def _damaged_memory(e, d):
@@ -578,15 +1221,55 @@ def _damaged_memory(e, d):
     return t / "memory"
 
 
-cli("memory-bytes-overwritten-generate", "7", "error", lambda e, d: ["generate", str(_damaged_memory(e, d)), "hello"], ("corrupted",), outs=("t",))
-cli("memory-bytes-overwritten-export", "7", "error", lambda e, d: ["export", str(_damaged_memory(e, d)), "--out", str(d / "out")], ("corrupted",), outs=("out", "t"))
-cli("targets-probs-overwritten", "7", "error", lambda e, d: train_cmd(e, d / "out", tg=(lambda t: (_damage(t / "probs-00000.npy"), t)[1])(copy_stage(e, "targets", d / "tg"))),
-    ("corrupted",), outs=("out", "tg"))
-cli("manifest-garbage", "7", "error", lambda e, d: ["index", "--datastore", str((lambda ds: ((ds / "manifest.json").write_text("{x"), ds)[1])(copy_stage(e, "datastore", d / "ds"))),
-                                                    "--out", str(d / "out")], ("not valid json",), outs=("out", "ds"))
-cli("train-manifest-lists-hashes", "7", "correct", lambda e, d: train_cmd(e, copy_stage(e, "train", d / "out")),
-    check=lambda e, d: {r["file"] for r in json.loads((d / "out" / "manifest.json").read_text())["files"]} >= {"memory/model.safetensors", "memory/memory_config.json"}
-    and all("sha256" in r and "sample_sha256" in r for r in json.loads((d / "out" / "manifest.json").read_text())["files"]))
+cli(
+    "memory-bytes-overwritten-generate",
+    "7",
+    "error",
+    lambda e, d: ["generate", str(_damaged_memory(e, d)), "hello"],
+    ("corrupted",),
+    outs=("t",),
+)
+cli(
+    "memory-bytes-overwritten-export",
+    "7",
+    "error",
+    lambda e, d: ["export", str(_damaged_memory(e, d)), "--out", str(d / "out")],
+    ("corrupted",),
+    outs=("out", "t"),
+)
+cli(
+    "targets-probs-overwritten",
+    "7",
+    "error",
+    lambda e, d: train_cmd(e, d / "out", tg=(lambda t: (_damage(t / "probs-00000.npy"), t)[1])(copy_stage(e, "targets", d / "tg"))),
+    ("corrupted",),
+    outs=("out", "tg"),
+)
+cli(
+    "manifest-garbage",
+    "7",
+    "error",
+    lambda e, d: [
+        "index",
+        "--datastore",
+        str((lambda ds: ((ds / "manifest.json").write_text("{x"), ds)[1])(copy_stage(e, "datastore", d / "ds"))),
+        "--out",
+        str(d / "out"),
+    ],
+    ("not valid json",),
+    outs=("out", "ds"),
+)
+cli(
+    "train-manifest-lists-hashes",
+    "7",
+    "correct",
+    lambda e, d: train_cmd(e, copy_stage(e, "train", d / "out")),
+    check=lambda e, d: (
+        {r["file"] for r in json.loads((d / "out" / "manifest.json").read_text())["files"]}
+        >= {"memory/model.safetensors", "memory/memory_config.json"}
+        and all("sha256" in r and "sample_sha256" in r for r in json.loads((d / "out" / "manifest.json").read_text())["files"])
+    ),
+)
 
 
 def _big_ds_verify(e, d):
@@ -604,8 +1287,17 @@ def _big_ds_verify(e, d):
     return ["index", "--datastore", str(d / "ds"), "--out", str(d / "out"), "--verify"]
 
 
-CASES.append(Case("verify-finds-unsampled-damage", "7", "error", lambda e, d: (_big_ds_verify(e, d), None), ("corrupted",), outs=("out", "ix0", "c", "ds"),
-                  what="mlpmem index --datastore DS --verify (one byte changed outside the sampled blocks of a 1.3 MB keys file)"))
+CASES.append(
+    Case(
+        "verify-finds-unsampled-damage",
+        "7",
+        "error",
+        lambda e, d: (_big_ds_verify(e, d), None),
+        ("corrupted",),
+        outs=("out", "ix0", "c", "ds"),
+        what="mlpmem index --datastore DS --verify (one byte changed outside the sampled blocks of a 1.3 MB keys file)",
+    )
+)
 
 
 def _unfinished_ds_with_deleted_shard(e, d):
@@ -633,11 +1325,22 @@ def _unfinished_ds_with_deleted_shard(e, d):
 
 def _same_files(a: Path, b: Path, pattern="*.npy") -> bool:
     names = sorted(p.name for p in a.glob(pattern))
-    return names == sorted(p.name for p in b.glob(pattern)) and all((a / n).read_bytes() == (b / n).read_bytes() for n in names) and bool(names)
+    return (
+        names == sorted(p.name for p in b.glob(pattern))
+        and all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
+        and bool(names)
+    )
 
 
-CASES.append(Case("resume-redoes-deleted-shard", "7", "correct", lambda e, d: (_unfinished_ds_with_deleted_shard(e, d), lambda: _same_files(d / "out", e.base / "datastore")),
-                  what="datastore interrupted, a finished shard's keys file deleted, then resumed: same bytes as a clean run"))
+CASES.append(
+    Case(
+        "resume-redoes-deleted-shard",
+        "7",
+        "correct",
+        lambda e, d: (_unfinished_ds_with_deleted_shard(e, d), lambda: _same_files(d / "out", e.base / "datastore")),
+        what="datastore interrupted, a finished shard's keys file deleted, then resumed: same bytes as a clean run",
+    )
+)
 
 
 def _interrupted_train(e, d, damage: str):
@@ -676,10 +1379,25 @@ def _interrupted_train(e, d, damage: str):
 
 
 for dmg in ("truncate", "flip", "state", "all"):
-    CASES.append(Case(f"train-resume-newest-checkpoint-{dmg}", "7", "correct",
-                      (lambda dmg: lambda e, d: (_interrupted_train(e, d, dmg),
-                                                 lambda: (d / "out" / "memory" / "model.safetensors").read_bytes() == (e.base / "train" / "memory" / "model.safetensors").read_bytes()))(dmg),
-                      what=f"train interrupted after 3 checkpoints, newest checkpoint damaged ({dmg}), resumed: same memory bytes as a clean run"))
+    CASES.append(
+        Case(
+            f"train-resume-newest-checkpoint-{dmg}",
+            "7",
+            "correct",
+            (
+                lambda dmg: (
+                    lambda e, d: (
+                        _interrupted_train(e, d, dmg),
+                        lambda: (
+                            (d / "out" / "memory" / "model.safetensors").read_bytes()
+                            == (e.base / "train" / "memory" / "model.safetensors").read_bytes()
+                        ),
+                    )
+                )
+            )(dmg),
+            what=f"train interrupted after 3 checkpoints, newest checkpoint damaged ({dmg}), resumed: same memory bytes as a clean run",
+        )
+    )
 
 
 def _kill9(stage: str):
@@ -694,7 +1412,9 @@ def _kill9(stage: str):
             ready = lambda: any(out.glob("progress*.json"))  # noqa: E731
         else:
             argv = train_cmd(e, out, "--batch-size", "32", "--ckpt-every", "2")
-            ready = lambda: (out / "checkpoints").is_dir() and len([p for p in (out / "checkpoints").iterdir() if not p.name.endswith(".partial")]) >= 2  # noqa: E731
+            ready = lambda: (
+                (out / "checkpoints").is_dir() and len([p for p in (out / "checkpoints").iterdir() if not p.name.endswith(".partial")]) >= 2
+            )  # noqa: E731
         env = {**os.environ, "TQDM_DISABLE": "1"}
         cmd = [sys.executable, "-m", "mlpmem.cli", *map(str, argv)]
 
@@ -725,8 +1445,12 @@ def _kill9(stage: str):
                 assert run_cli(tg_cmd(e, ref, "--batch-size", "4", ds=d / "ds"))[0] == 0
                 return _same_files(out, ref)
             ref = d / "ref"  # in a process of its own too: the thread count changes float sums
-            subprocess.run([sys.executable, "-m", "mlpmem.cli", *map(str, train_cmd(e, ref, "--batch-size", "32", "--ckpt-every", "2"))],
-                           env=env, capture_output=True, check=True)
+            subprocess.run(
+                [sys.executable, "-m", "mlpmem.cli", *map(str, train_cmd(e, ref, "--batch-size", "32", "--ckpt-every", "2"))],
+                env=env,
+                capture_output=True,
+                check=True,
+            )
             return (out / "memory" / "model.safetensors").read_bytes() == (ref / "memory" / "model.safetensors").read_bytes()
 
         return ["@script", script], check
@@ -735,8 +1459,16 @@ def _kill9(stage: str):
 
 
 for st in ("datastore", "targets", "train"):
-    CASES.append(Case(f"kill9-{st}-resume", "7", "correct", _kill9(st), outs=("out", "ref", "ds"),
-                      what=f"mlpmem {st} killed with SIGKILL mid-run, run again: byte-identical to a clean run"))
+    CASES.append(
+        Case(
+            f"kill9-{st}-resume",
+            "7",
+            "correct",
+            _kill9(st),
+            outs=("out", "ref", "ds"),
+            what=f"mlpmem {st} killed with SIGKILL mid-run, run again: byte-identical to a clean run",
+        )
+    )
 
 # ---- 8: resources
 
@@ -780,13 +1512,38 @@ def _enospc_on(module_attr: tuple[object, str], nth: int, argv_fn, again=True):
     return run
 
 
-CASES.append(Case("enospc-datastore-shard", "8", "error", lambda e, d: _enospc_on((__import__("numpy"), "save"), 3, lambda e, d: ds_cmd(e, e.base / "corpus", d / "out"))(e, d),
-                  ("disk is full",), what="disk full while writing a datastore shard; then the same command with space"))
-CASES.append(Case("enospc-train-checkpoint", "8", "error",
-                  lambda e, d: _enospc_on((__import__("safetensors.torch", fromlist=["x"]), "save_file"), 3, lambda e, d: train_cmd(e, d / "out"))(e, d),
-                  ("disk is full",), what="disk full while writing a training checkpoint; then the same command with space"))
-CASES.append(Case("enospc-corpus", "8", "error", lambda e, d: _enospc_on((__import__("numpy"), "save"), 2, lambda e, d: corpus_cmd(e, d / "out"))(e, d),
-                  ("disk is full",), what="disk full while writing the corpus; then the same command with space"))
+CASES.append(
+    Case(
+        "enospc-datastore-shard",
+        "8",
+        "error",
+        lambda e, d: _enospc_on((__import__("numpy"), "save"), 3, lambda e, d: ds_cmd(e, e.base / "corpus", d / "out"))(e, d),
+        ("disk is full",),
+        what="disk full while writing a datastore shard; then the same command with space",
+    )
+)
+CASES.append(
+    Case(
+        "enospc-train-checkpoint",
+        "8",
+        "error",
+        lambda e, d: _enospc_on((__import__("safetensors.torch", fromlist=["x"]), "save_file"), 3, lambda e, d: train_cmd(e, d / "out"))(
+            e, d
+        ),
+        ("disk is full",),
+        what="disk full while writing a training checkpoint; then the same command with space",
+    )
+)
+CASES.append(
+    Case(
+        "enospc-corpus",
+        "8",
+        "error",
+        lambda e, d: _enospc_on((__import__("numpy"), "save"), 2, lambda e, d: corpus_cmd(e, d / "out"))(e, d),
+        ("disk is full",),
+        what="disk full while writing the corpus; then the same command with space",
+    )
+)
 
 
 def _tiny_disk(argv_fn, free=10 << 20):
@@ -811,10 +1568,28 @@ def _tiny_disk(argv_fn, free=10 << 20):
     return run
 
 
-CASES.append(Case("datastore-no-space-message", "8", "error", _tiny_disk(lambda e, d: ds_cmd(e, e.base / "corpus", d / "out")),
-                  ("not enough disk space", "mib", "--train-tokens"), outs=("out",), what="datastore on a disk with 10 MiB free"))
-CASES.append(Case("train-no-space-check", "8", "error", _tiny_disk(lambda e, d: train_cmd(e, d / "out")),
-                  ("not enough disk space", "checkpoints"), outs=("out",), what="train on a disk with 10 MiB free"))
+CASES.append(
+    Case(
+        "datastore-no-space-message",
+        "8",
+        "error",
+        _tiny_disk(lambda e, d: ds_cmd(e, e.base / "corpus", d / "out")),
+        ("not enough disk space", "mib", "--train-tokens"),
+        outs=("out",),
+        what="datastore on a disk with 10 MiB free",
+    )
+)
+CASES.append(
+    Case(
+        "train-no-space-check",
+        "8",
+        "error",
+        _tiny_disk(lambda e, d: train_cmd(e, d / "out")),
+        ("not enough disk space", "checkpoints"),
+        outs=("out",),
+        what="train on a disk with 10 MiB free",
+    )
+)
 cli("out-not-writable-sys", "8", "error", lambda e, d: corpus_cmd(e, "/sys/mlpmem-hostile"), ("cannot create",), outs=())
 cli("out-under-proc", "8", "error", lambda e, d: corpus_cmd(e, "/proc/mlpmem-hostile/x"), ("cannot create",), outs=())
 
@@ -839,8 +1614,20 @@ def _locked(e, d, alive: bool, garbage: bool = False):
 
 
 cli("lock-held-by-live-process", "8", "refusal", lambda e, d: _locked(e, d, True), ("another mlpmem process", "pid"), outs=())
-cli("stale-lock-taken-over", "8", "correct", lambda e, d: _locked(e, d, False), check=lambda e, d: (d / "out" / "manifest.json").exists() and not (d / "out" / ".mlpmem.lock").exists())
-cli("garbage-lock-taken-over", "8", "correct", lambda e, d: _locked(e, d, False, garbage=True), check=lambda e, d: (d / "out" / "manifest.json").exists())
+cli(
+    "stale-lock-taken-over",
+    "8",
+    "correct",
+    lambda e, d: _locked(e, d, False),
+    check=lambda e, d: (d / "out" / "manifest.json").exists() and not (d / "out" / ".mlpmem.lock").exists(),
+)
+cli(
+    "garbage-lock-taken-over",
+    "8",
+    "correct",
+    lambda e, d: _locked(e, d, False, garbage=True),
+    check=lambda e, d: (d / "out" / "manifest.json").exists(),
+)
 
 
 def _two_trains(e, d):
@@ -861,8 +1648,16 @@ def _two_trains(e, d):
     return ["@script", script], lambda: (d / "out" / "manifest.json").exists()
 
 
-CASES.append(Case("two-trains-one-folder", "8", "refusal", _two_trains, ("another mlpmem process",),
-                  what="two `mlpmem train` into one folder at once: the second is refused, the first finishes"))
+CASES.append(
+    Case(
+        "two-trains-one-folder",
+        "8",
+        "refusal",
+        _two_trains,
+        ("another mlpmem process",),
+        what="two `mlpmem train` into one folder at once: the second is refused, the first finishes",
+    )
+)
 
 
 def _interrupt(e, d):
@@ -882,8 +1677,16 @@ def _interrupt(e, d):
     return ["@script", script], lambda: run_cli(corpus_cmd(e, d / "out"))[0] == 0
 
 
-CASES.append(Case("ctrl-c-then-rerun", "8", "interrupted", _interrupt, ("run the same command again",),
-                  what="Ctrl-C during the corpus stage (exit 130, one line), then the same command finishes"))
+CASES.append(
+    Case(
+        "ctrl-c-then-rerun",
+        "8",
+        "interrupted",
+        _interrupt,
+        ("run the same command again",),
+        what="Ctrl-C during the corpus stage (exit 130, one line), then the same command finishes",
+    )
+)
 
 
 # ---------------------------------------------------------------- report
@@ -931,10 +1734,20 @@ def write_reports(results: list[dict], seconds: float, out_json: Path, out_md: P
         "",
         "| item | cases | outcomes |",
         "|---|---|---|",
-        *[f"| {item} | {sum(1 for r in results if r['item'] == item)} | "
-          + ", ".join(f"{n} {o}" for o, n in sorted({o: sum(1 for r in results if r['item'] == item and r['outcome'] == o)
-                                                      for o in {r['outcome'] for r in results if r['item'] == item}}.items())) + " |"
-          for item in sorted({r["item"] for r in results})],
+        *[
+            f"| {item} | {sum(1 for r in results if r['item'] == item)} | "
+            + ", ".join(
+                f"{n} {o}"
+                for o, n in sorted(
+                    {
+                        o: sum(1 for r in results if r["item"] == item and r["outcome"] == o)
+                        for o in {r["outcome"] for r in results if r["item"] == item}
+                    }.items()
+                )
+            )
+            + " |"
+            for item in sorted({r["item"] for r in results})
+        ],
         "",
         "| # | case | item | expected | outcome | command or fault | message (stderr) |",
         "|---|---|---|---|---|---|---|",

@@ -84,22 +84,52 @@ def quality_plot(runs: list[tuple[str, dict]]) -> None:
 def quality() -> str:
     runs = [(name, r) for name, r in (("State of the Union", load("sotu200k")), ("GCIDE", load("gcide100k"))) if r]
     s = "## 1. Quality: LM alone, + kNN-LM, + MLP memory, + both\n\n"
-    s += ("```\npython bench/bench_quality.py   # = mlpmem run bench/recipes/{sotu200k,gcide100k}.yaml + bench/summarize_run.py\n```\n\n"
-          "GCIDE: Webster 1913 + WordNet from the Debian package `dict-gcide` (bench/gcide.py: one entry per document, "
-          "source markers such as `[1913 Webster]` removed), split by entry.\n\n")
+    s += (
+        "```\npython bench/bench_quality.py   # = mlpmem run bench/recipes/{sotu200k,gcide100k}.yaml + bench/summarize_run.py\n```\n\n"
+        "GCIDE: Webster 1913 + WordNet from the Debian package `dict-gcide` (bench/gcide.py: one entry per document, "
+        "source markers such as `[1913 Webster]` removed), split by entry.\n\n"
+    )
     if not runs:
         return s + missing("mlpmem run bench/recipes/sotu200k.yaml")
     rows = []
     for name, r in runs:
         p, tps = r["ppl"], r["tokens_per_s"]
-        rows.append([name, r["n_train_tokens"], r["n_test_tokens"], p["base"], p["knn_lm"], p["mlp_memory"], p["knn_lm+mlp_memory"], p["memory_alone"],
-                     f"{r['lambda']['knn_lm']:.3f} / {r['lambda']['mlp_memory']:.3f}", r["knn_temperature"],
-                     f"{tps['knn_lm'] / tps['base']:.2f} / {tps['mlp_memory'] / tps['base']:.2f}"])
-    s += table(["corpus", "train tokens", "test tokens", "LM", "+ kNN-LM", "+ memory", "+ both", "memory alone",
-                "lambda kNN / memory", "kNN T", "speed vs LM: kNN / memory"], rows)
-    s += ("\nTest perplexity (lower is better). T and the lambdas are tuned on the valid split (EM for lambda); "
-          "the memory starts as a copy of the LM's head path (init `lm_copy`) and trains 2 epochs. "
-          "Speeds are tokens/s of the same scoring pass relative to the LM alone (exact Flat search, k=1024).\n\n")
+        rows.append(
+            [
+                name,
+                r["n_train_tokens"],
+                r["n_test_tokens"],
+                p["base"],
+                p["knn_lm"],
+                p["mlp_memory"],
+                p["knn_lm+mlp_memory"],
+                p["memory_alone"],
+                f"{r['lambda']['knn_lm']:.3f} / {r['lambda']['mlp_memory']:.3f}",
+                r["knn_temperature"],
+                f"{tps['knn_lm'] / tps['base']:.2f} / {tps['mlp_memory'] / tps['base']:.2f}",
+            ]
+        )
+    s += table(
+        [
+            "corpus",
+            "train tokens",
+            "test tokens",
+            "LM",
+            "+ kNN-LM",
+            "+ memory",
+            "+ both",
+            "memory alone",
+            "lambda kNN / memory",
+            "kNN T",
+            "speed vs LM: kNN / memory",
+        ],
+        rows,
+    )
+    s += (
+        "\nTest perplexity (lower is better). T and the lambdas are tuned on the valid split (EM for lambda); "
+        "the memory starts as a copy of the LM's head path (init `lm_copy`) and trains 2 epochs. "
+        "Speeds are tokens/s of the same scoring pass relative to the LM alone (exact Flat search, k=1024).\n\n"
+    )
     quality_plot(runs)
     s += img("quality", "perplexity change vs LM alone")
     for key, (name, _) in zip(("sotu200k", "gcide100k"), runs):
@@ -112,26 +142,52 @@ def scaling() -> str:
     s = "## 2. Cost per token as the datastore grows\n\n```\npython bench/bench_scaling.py --threads 1                         # 10k to 1M keys\npython bench/bench_scaling.py --threads 1 --sizes 3e6 --repeats 2 # adds 3M keys to the same JSON\n```\n\n"
     if not r:
         return s + missing("python bench/bench_scaling.py")
-    rows = [[x["n"], x["factory"] + (f" nprobe {x['nprobe']}" if x.get("nprobe") else ""), x.get("recall_at_k"),
-             x["tokens_per_s"]["lm"], x["tokens_per_s"]["lm+knn"], x["tokens_per_s"]["lm+memory"],
-             x["ms_per_token"]["knn_search"], x["ms_per_token"]["memory"], x["speed_memory_over_knn"]]
-            for x in sorted(r["sizes"], key=lambda x: (x["n"], x["index"]))]
-    s += table(["keys", "index", "recall@k", "LM tok/s", "LM + kNN tok/s", "LM + memory tok/s", "search ms/token", "memory ms/token",
-                "speed memory / kNN"], rows)
+    rows = [
+        [
+            x["n"],
+            x["factory"] + (f" nprobe {x['nprobe']}" if x.get("nprobe") else ""),
+            x.get("recall_at_k"),
+            x["tokens_per_s"]["lm"],
+            x["tokens_per_s"]["lm+knn"],
+            x["tokens_per_s"]["lm+memory"],
+            x["ms_per_token"]["knn_search"],
+            x["ms_per_token"]["memory"],
+            x["speed_memory_over_knn"],
+        ]
+        for x in sorted(r["sizes"], key=lambda x: (x["n"], x["index"]))
+    ]
+    s += table(
+        [
+            "keys",
+            "index",
+            "recall@k",
+            "LM tok/s",
+            "LM + kNN tok/s",
+            "LM + memory tok/s",
+            "search ms/token",
+            "memory ms/token",
+            "speed memory / kNN",
+        ],
+        rows,
+    )
     lg = r.get("largest", {})
-    s += (f"\nSmolLM2-135M over {r['test_tokens']} test tokens (windows {r['context']}/{r['stride']}, batches of {r['batch_windows']} windows), "
-          f"k={r['k']}, {r['threads']} torch thread(s), median of {' or '.join(str(n) for n in sorted({len(x['repeats']) for x in r['sizes']}))} passes per size; every ratio is taken inside one pass. "
-          f"Keys beyond the 200k real ones are real keys plus Gaussian jitter (sigma {r['jitter_sigma']:.3f} per dim, about one "
-          f"nearest-neighbour distance); the search is the library's (FAISS, exact re-rank for IVF). "
-          f"At the largest size measured ({lg.get('n')}, {lg.get('index')} index) LM + memory runs at "
-          f"{lg.get('speed_memory_over_knn', float('nan')):.2f}x the speed of LM + kNN-LM. The auto index scans about 16k keys per "
-          "query whatever N, so its recall@k falls as N grows (column 3): keeping recall would cost more search time than shown. "
-          "The machine's load fell during the run (LM alone from 30 to 115 tokens/s), hence the relative figure and fits.\n\n")
+    s += (
+        f"\nSmolLM2-135M over {r['test_tokens']} test tokens (windows {r['context']}/{r['stride']}, batches of {r['batch_windows']} windows), "
+        f"k={r['k']}, {r['threads']} torch thread(s), median of {' or '.join(str(n) for n in sorted({len(x['repeats']) for x in r['sizes']}))} passes per size; every ratio is taken inside one pass. "
+        f"Keys beyond the 200k real ones are real keys plus Gaussian jitter (sigma {r['jitter_sigma']:.3f} per dim, about one "
+        f"nearest-neighbour distance); the search is the library's (FAISS, exact re-rank for IVF). "
+        f"At the largest size measured ({lg.get('n')}, {lg.get('index')} index) LM + memory runs at "
+        f"{lg.get('speed_memory_over_knn', float('nan')):.2f}x the speed of LM + kNN-LM. The auto index scans about 16k keys per "
+        "query whatever N, so its recall@k falls as N grows (column 3): keeping recall would cost more search time than shown. "
+        "The machine's load fell during the run (LM alone from 30 to 115 tokens/s), hence the relative figure and fits.\n\n"
+    )
     for kind, f in r.get("fits", {}).items():
-        s += (f"- fitted {kind} search time per token, in units of the LM forward's time in the same pass = {f['a']:.3g} + {f['b']:.3g} x "
-              f"{'N' if f['form'] == 'linear' else 'sqrt(N)'} on {len(f['points'])} points; extrapolated to {f['extrapolate_to']:,} keys: "
-              f"{f['extrapolated_search_cost']:.3g}x the LM forward, "
-              f"memory / kNN speed {f['extrapolated_speed_memory_over_knn']:.2f}x (an extrapolation, not a measurement)\n")
+        s += (
+            f"- fitted {kind} search time per token, in units of the LM forward's time in the same pass = {f['a']:.3g} + {f['b']:.3g} x "
+            f"{'N' if f['form'] == 'linear' else 'sqrt(N)'} on {len(f['points'])} points; extrapolated to {f['extrapolate_to']:,} keys: "
+            f"{f['extrapolated_search_cost']:.3g}x the LM forward, "
+            f"memory / kNN speed {f['extrapolated_speed_memory_over_knn']:.2f}x (an extrapolation, not a measurement)\n"
+        )
     return s + "\n" + img("scaling", "throughput vs datastore size")
 
 
@@ -140,16 +196,27 @@ def finetune() -> str:
     if not r:
         return s
     base = r["ppl"]["base"]
-    rows = [[name, v.get("lambda", ""), v["in_domain"], f"{100 * (v['in_domain'] / base['in_domain'] - 1):+.1f}%", v["ood"],
-             f"{100 * (v['ood'] / base['ood'] - 1):+.1f}%"] for name, v in r["ppl"].items()]
+    rows = [
+        [
+            name,
+            v.get("lambda", ""),
+            v["in_domain"],
+            f"{100 * (v['in_domain'] / base['in_domain'] - 1):+.1f}%",
+            v["ood"],
+            f"{100 * (v['ood'] / base['ood'] - 1):+.1f}%",
+        ]
+        for name, v in r["ppl"].items()
+    ]
     s += table(["system", "lambda", "in-domain ppl (SOTU test)", "vs base", "out-of-domain ppl (GCIDE)", "vs base"], rows)
     c, tr = r["compute"], r["training"]
-    s += (f"\nFine-tuned on {r['train_tokens']:,} tokens of the memory's training split ({r['train_tokens_note'] if r.get('train_tokens_note') else 'the whole split'}). "
-          f"Lambda `refit` is fitted by EM on the in-domain valid split for that model; the memory was trained on the base model's hidden states. "
-          f"Compute: full FT {c['full_ft_flops']:.2e} FLOPs ({tr['full']['train_tokens_per_s']:.0f} tokens/s, peak {tr['full']['peak_rss_mb'] / 1024:.1f} GiB), "
-          f"LoRA {c['lora_ft_flops']:.2e} ({tr['lora']['train_tokens_per_s']:.0f} tokens/s, {tr['lora']['trainable_params'] / 1e6:.1f}M trainable), "
-          f"memory {c['memory_flops']['total']:.2e} (extraction {c['memory_flops']['extraction']:.2e} + training {c['memory_flops']['training']:.2e}). "
-          f"{c['note']}.\n\n")
+    s += (
+        f"\nFine-tuned on {r['train_tokens']:,} tokens of the memory's training split ({r['train_tokens_note'] if r.get('train_tokens_note') else 'the whole split'}). "
+        f"Lambda `refit` is fitted by EM on the in-domain valid split for that model; the memory was trained on the base model's hidden states. "
+        f"Compute: full FT {c['full_ft_flops']:.2e} FLOPs ({tr['full']['train_tokens_per_s']:.0f} tokens/s, peak {tr['full']['peak_rss_mb'] / 1024:.1f} GiB), "
+        f"LoRA {c['lora_ft_flops']:.2e} ({tr['lora']['train_tokens_per_s']:.0f} tokens/s, {tr['lora']['trainable_params'] / 1e6:.1f}M trainable), "
+        f"memory {c['memory_flops']['total']:.2e} (extraction {c['memory_flops']['extraction']:.2e} + training {c['memory_flops']['training']:.2e}). "
+        f"{c['note']}.\n\n"
+    )
     return s + img("finetune", "fine-tuning comparison")
 
 
@@ -158,21 +225,47 @@ def memory_size() -> str:
     if not r:
         return s
     ref = r["reference_valid"]
-    s += (f"Valid split of the {r['data']['train_rows']:,}-token State of the Union experiment (`runs/sotu`): LM alone {ref['ppl_lm']:.2f}, "
-          f"kNN-LM {ref['ppl_knn_lm']:.2f}. Lambda is fitted on the same valid split at every evaluation, so the interpolated "
-          "numbers are slightly optimistic; they compare settings, not methods.\n\n")
+    s += (
+        f"Valid split of the {r['data']['train_rows']:,}-token State of the Union experiment (`runs/sotu`): LM alone {ref['ppl_lm']:.2f}, "
+        f"kNN-LM {ref['ppl_knn_lm']:.2f}. Lambda is fitted on the same valid split at every evaluation, so the interpolated "
+        "numbers are slightly optimistic; they compare settings, not methods.\n\n"
+    )
     e = r.get("epochs")
     if e:
-        rows = [[c["epoch"], c["valid_ppl_memory"], c["valid_ppl_interp"], c["lambda"], c.get("gap_loss_valid_minus_train")] for c in e["curve"]]
+        rows = [
+            [c["epoch"], c["valid_ppl_memory"], c["valid_ppl_interp"], c["lambda"], c.get("gap_loss_valid_minus_train")] for c in e["curve"]
+        ]
         s += f"Epochs ({e['name']}, {e['params'] / 1e6:.1f}M parameters, cosine schedule over {e['epochs']:g} epochs):\n\n"
         s += table(["epoch", "valid ppl, memory alone", "valid ppl, LM + memory", "lambda", "valid - train loss"], rows)
     sizes = r.get("sizes") or []
     if sizes:
-        rows = [[z["label"], z["params"] / 1e6, z["non_head_params"] / 1e6, z["valid_ppl_memory"], z["valid_ppl_interp"], z["lambda"],
-                 z.get("train_tokens_per_s"), z.get("score_tokens_per_s")] for z in sizes]
+        rows = [
+            [
+                z["label"],
+                z["params"] / 1e6,
+                z["non_head_params"] / 1e6,
+                z["valid_ppl_memory"],
+                z["valid_ppl_interp"],
+                z["lambda"],
+                z.get("train_tokens_per_s"),
+                z.get("score_tokens_per_s"),
+            ]
+            for z in sizes
+        ]
         s += f"\nSizes, each trained {r.get('size_epochs', 2)} epochs:\n\n"
-        s += table(["memory", "params (M)", "without head (M)", "valid ppl, memory alone", "valid ppl, LM + memory", "lambda",
-                    "train tokens/s", "memory scoring tokens/s"], rows)
+        s += table(
+            [
+                "memory",
+                "params (M)",
+                "without head (M)",
+                "valid ppl, memory alone",
+                "valid ppl, LM + memory",
+                "lambda",
+                "train tokens/s",
+                "memory scoring tokens/s",
+            ],
+            rows,
+        )
     for note in r.get("notes", []):
         s += f"\n- {note}"
     return s + "\n\n" + img("memory_size", "memory quality vs epochs and size")
@@ -185,27 +278,38 @@ def decoder() -> str:
         return s + missing("python bench/bench_decoder.py --threads 1 --repeats 3 --plain")
     rows = [[name, v["bits_per_byte"], v["bytes_per_s"], v["speed_vs_gemma"]] for name, v in r["systems"].items()]
     s += table(["system", "bits per byte", "bytes/s", "speed vs Gemma"], rows)
-    s += (f"\nSame {r['text']['bytes']:,} bytes of State of the Union test text ({r['text']['documents']} speeches) for both tokenizers; "
-          f"{r['convention']} Timing: {r['timing']}; {r['threads']} thread(s), median of {r['repeats']}. "
-          f"Gemma: {r['gemma']['model']}; {r['gemma']['note']}. Gemma + kNN-LM: {r['gemma']['knn_lm']}.\n\n")
+    s += (
+        f"\nSame {r['text']['bytes']:,} bytes of State of the Union test text ({r['text']['documents']} speeches) for both tokenizers; "
+        f"{r['convention']} Timing: {r['timing']}; {r['threads']} thread(s), median of {r['repeats']}. "
+        f"Gemma: {r['gemma']['model']}; {r['gemma']['note']}. Gemma + kNN-LM: {r['gemma']['knn_lm']}.\n\n"
+    )
     return s + img("decoder", "bits per byte and throughput")
 
 
 def pipeline() -> str:
     r, ex, se = load("pipeline"), load("extract"), load("search")
-    s = ("## 6. Pipeline throughput, memory and disk\n\n```\npython bench/bench_pipeline.py\n"
-         "python bench/bench_extract.py --tokens 16384 --repeats 3 --check-tokens 4096\npython bench/bench_search.py\n```\n\n")
+    s = (
+        "## 6. Pipeline throughput, memory and disk\n\n```\npython bench/bench_pipeline.py\n"
+        "python bench/bench_extract.py --tokens 16384 --repeats 3 --check-tokens 4096\npython bench/bench_search.py\n```\n\n"
+    )
     if ex:
         rt = ex["ratio_to_plain"]
-        per = "; median of the per-repeat ratios: " + ", ".join(f"{m} {rt[m]['median_per_repeat']:.3f}x" for m in ("recompute", "cache")) \
-            if all("median_per_repeat" in rt[m] for m in ("recompute", "cache")) else ""
-        s += (f"Extraction against a plain forward pass (same model, same tokens, side by side, median of {ex['repeats']}, "
-              f"{ex.get('threads', '?')} thread(s)): recompute windows {rt['recompute']['of_medians']:.3f}x, KV-cache mode {rt['cache']['of_medians']:.3f}x"
-              f"{per} (cache-mode perplexity differs from recompute by {100 * ex['check']['ppl_rel_diff']:.2f}%).\n\n")
+        per = (
+            "; median of the per-repeat ratios: " + ", ".join(f"{m} {rt[m]['median_per_repeat']:.3f}x" for m in ("recompute", "cache"))
+            if all("median_per_repeat" in rt[m] for m in ("recompute", "cache"))
+            else ""
+        )
+        s += (
+            f"Extraction against a plain forward pass (same model, same tokens, side by side, median of {ex['repeats']}, "
+            f"{ex.get('threads', '?')} thread(s)): recompute windows {rt['recompute']['of_medians']:.3f}x, KV-cache mode {rt['cache']['of_medians']:.3f}x"
+            f"{per} (cache-mode perplexity differs from recompute by {100 * ex['check']['ppl_rel_diff']:.2f}%).\n\n"
+        )
     if se:
         k = se["k"]
-        s += (f"Search at {se['n']:,} synthetic keys (d={se['d']}, k={se['k']}): Flat {se['flat_qps']:.1f} queries/s, "
-              f"auto ({se['auto_factory']}, nprobe {se['auto_nprobe']}, exact re-rank) {se['auto_qps']:.1f} queries/s, recall@{k} {se[f'auto_recall@{k}']:.3f}.\n\n")
+        s += (
+            f"Search at {se['n']:,} synthetic keys (d={se['d']}, k={se['k']}): Flat {se['flat_qps']:.1f} queries/s, "
+            f"auto ({se['auto_factory']}, nprobe {se['auto_nprobe']}, exact re-rank) {se['auto_qps']:.1f} queries/s, recall@{k} {se[f'auto_recall@{k}']:.3f}.\n\n"
+        )
     if not r:
         return s + missing("python bench/bench_pipeline.py")
     rows = []
@@ -215,10 +319,12 @@ def pipeline() -> str:
         extra = f"recall@1024 {st['index_recall_at_1024']:.3f}" if "index_recall_at_1024" in st else ""
         rows.append([st["stage"], st["wall_s"], st["cpu_s"], f"{rate:.1f} {unit}" if rate else "", st["peak_rss_mb"] / 1024, extra])
     s += table(["stage (own process)", "wall s", "CPU s", "rate", "peak RSS GiB", "note"], rows)
-    s += (f"\n{r['n_train_tokens']:,} training tokens of State of the Union, {r['model']} (d={r['d']}); each stage is one `mlpmem` command "
-          "(the log of commands is in the bench's work folder). At this size the forced IVF index scans most of its lists and then "
-          "re-ranks, so it is slower than Flat; section 2 shows where it pays off. Rates are on the shared machine (other benchmarks ran "
-          "alongside). Bytes on disk per training token:\n\n")
+    s += (
+        f"\n{r['n_train_tokens']:,} training tokens of State of the Union, {r['model']} (d={r['d']}); each stage is one `mlpmem` command "
+        "(the log of commands is in the bench's work folder). At this size the forced IVF index scans most of its lists and then "
+        "re-ranks, so it is slower than Flat; section 2 shows where it pays off. Rates are on the shared machine (other benchmarks ran "
+        "alongside). Bytes on disk per training token:\n\n"
+    )
     s += table(["artefact", "bytes / token"], [[k, v] for k, v in r["bytes_per_token"].items()])
     s += f"\nThe trained memory itself is {r['memory_weights_bytes'] / 2**20:.0f} MiB whatever the corpus size.\n\n"
     return s + img("pipeline", "pipeline stages")
@@ -230,34 +336,70 @@ def mixing() -> str:
         return s
     sy, n = r["systems"], r["n_tokens"]
     pct = lambda v: f"{100 * v:+.2f}%"  # noqa: E731
-    rows = [[name, v.get("params", ""), v["test"], pct(v["test_vs_base"]), v["ood"], pct(v["ood_vs_base"]),
-             v["generic"], pct(v["generic_vs_base"]), f"{v['mean_lambda_test']:.3f} / {v['mean_lambda_ood']:.3f}"] for name, v in sy.items()]
-    s += table(["system", "gate params", "in-domain ppl (SOTU test)", "vs base", "out of domain (GCIDE test)", "vs base",
-                "licence texts", "vs base", "mean lambda in / out"], rows)
-    s += (f"\nThe memory of `runs/sotu` ({r['memory_params'] / 1e6:.1f}M parameters, 60k SOTU training tokens, the one section 3 measured), "
-          f"scored once per split (windows {r['scoring']['context']}/{r['scoring']['stride']}): SOTU valid {n['valid']:,} tokens (gate training), "
-          f"SOTU test {n['test']:,}, GCIDE test {n['ood']:,} (never seen by any gate), licence texts {n['generic']:,} and text sampled from the LM "
-          f"{n.get('lm_samples', 0):,} (optional generic training text of the `+ ...` rows; their own column is in-sample for those rows). "
-          f"`fixed` is lambda {r['lambda_fixed']:.3f} from the run's report (EM on valid). `binned` is the closed form: one EM lambda per "
-          "octile of the LM's entropy. `gated` is the learned gate (7 features, tanh MLP, sigmoid), started at the fixed lambda and "
-          f"stopped early on held-out valid blocks. Computing the features and the gate took {100 * r['gate_share_of_scoring']:.1f}% "
-          "of the scoring time (LM forward + memory + features + gate, same pass; windows of 512 / 256 run the LM twice per token, "
-          "so a single cached pass would show about twice that share). The learned gate is the library's default kind (`gate: {kind: mlp}`): "
-          "it beat the closed form in the comparisons below; generic text is off by default (`gate: {generic: ...}`).\n\n")
+    rows = [
+        [
+            name,
+            v.get("params", ""),
+            v["test"],
+            pct(v["test_vs_base"]),
+            v["ood"],
+            pct(v["ood_vs_base"]),
+            v["generic"],
+            pct(v["generic_vs_base"]),
+            f"{v['mean_lambda_test']:.3f} / {v['mean_lambda_ood']:.3f}",
+        ]
+        for name, v in sy.items()
+    ]
+    s += table(
+        [
+            "system",
+            "gate params",
+            "in-domain ppl (SOTU test)",
+            "vs base",
+            "out of domain (GCIDE test)",
+            "vs base",
+            "licence texts",
+            "vs base",
+            "mean lambda in / out",
+        ],
+        rows,
+    )
+    s += (
+        f"\nThe memory of `runs/sotu` ({r['memory_params'] / 1e6:.1f}M parameters, 60k SOTU training tokens, the one section 3 measured), "
+        f"scored once per split (windows {r['scoring']['context']}/{r['scoring']['stride']}): SOTU valid {n['valid']:,} tokens (gate training), "
+        f"SOTU test {n['test']:,}, GCIDE test {n['ood']:,} (never seen by any gate), licence texts {n['generic']:,} and text sampled from the LM "
+        f"{n.get('lm_samples', 0):,} (optional generic training text of the `+ ...` rows; their own column is in-sample for those rows). "
+        f"`fixed` is lambda {r['lambda_fixed']:.3f} from the run's report (EM on valid). `binned` is the closed form: one EM lambda per "
+        "octile of the LM's entropy. `gated` is the learned gate (7 features, tanh MLP, sigmoid), started at the fixed lambda and "
+        f"stopped early on held-out valid blocks. Computing the features and the gate took {100 * r['gate_share_of_scoring']:.1f}% "
+        "of the scoring time (LM forward + memory + features + gate, same pass; windows of 512 / 256 run the LM twice per token, "
+        "so a single cached pass would show about twice that share). The learned gate is the library's default kind (`gate: {kind: mlp}`): "
+        "it beat the closed form in the comparisons below; generic text is off by default (`gate: {generic: ...}`).\n\n"
+    )
     for note in r.get("notes", []):
         s += f"- {note}\n"
     rr = load("mixing_router")
     if rr:
-        s += ("\nTwo memories on one LM (issue 12 item 2, scoring path only): the SOTU memory above and a GCIDE memory (20k training tokens, "
-              "`lm_copy` start, 2 epochs), scored in one LM pass; the router (`mlpmem.gate.fit_router`, "
-              f"{rr['router_params']} parameters, softmax over LM + 2 memories from both memories' features) is fitted on both valid splits "
-              f"({rr['n_tokens_per_split_and_domain']:,} tokens each); test {rr['n_tokens_per_split_and_domain']:,} tokens per domain, `mixed` is both together. "
-              f"`{rr['command']}`\n\n")
+        s += (
+            "\nTwo memories on one LM (issue 12 item 2, scoring path only): the SOTU memory above and a GCIDE memory (20k training tokens, "
+            "`lm_copy` start, 2 epochs), scored in one LM pass; the router (`mlpmem.gate.fit_router`, "
+            f"{rr['router_params']} parameters, softmax over LM + 2 memories from both memories' features) is fitted on both valid splits "
+            f"({rr['n_tokens_per_split_and_domain']:,} tokens each); test {rr['n_tokens_per_split_and_domain']:,} tokens per domain, `mixed` is both together. "
+            f"`{rr['command']}`\n\n"
+        )
         base = rr["ppl"]["base"]
-        s += table(["system", "SOTU test", "GCIDE test", "both (mixed)"],
-                   [[name] + [f"{v[d]:.3f} ({100 * (v[d] / base[d] - 1):+.1f}%)" for d in ("sotu", "gcide", "mixed")] for name, v in rr["ppl"].items()])
-        s += ("\nMean router weights (LM, SOTU memory, GCIDE memory) on test: "
-              + "; ".join(f"{d} {', '.join(f'{x:.2f}' for x in w)}" for d, w in rr["mean_router_weights_test"].items()) + ".\n")
+        s += table(
+            ["system", "SOTU test", "GCIDE test", "both (mixed)"],
+            [
+                [name] + [f"{v[d]:.3f} ({100 * (v[d] / base[d] - 1):+.1f}%)" for d in ("sotu", "gcide", "mixed")]
+                for name, v in rr["ppl"].items()
+            ],
+        )
+        s += (
+            "\nMean router weights (LM, SOTU memory, GCIDE memory) on test: "
+            + "; ".join(f"{d} {', '.join(f'{x:.2f}' for x in w)}" for d, w in rr["mean_router_weights_test"].items())
+            + ".\n"
+        )
     return s
 
 
@@ -276,14 +418,23 @@ def joint() -> str:
     if not r:
         return s
     b = r["budget"]
-    s += (f"{r['what']}. Budget for every fine-tune: the first {b['train_tokens']:,} training tokens, {b['epochs']:g} epoch, chunks of "
-          f"{b['chunk']}, batch {b['batch_size']}, lr {b['lr']['lora']:g} (LoRA r={b['lora']['r']}) / {b['lr']['full']:g} (full); "
-          f"scored on {b['eval_tokens']['test']:,} test tokens per text (windows {r['scoring']['context']}/{r['scoring']['stride']}). "
-          "Change of test perplexity against the base LM; the third text is the generic licence text of bench_mixing.py.\n\n")
+    s += (
+        f"{r['what']}. Budget for every fine-tune: the first {b['train_tokens']:,} training tokens, {b['epochs']:g} epoch, chunks of "
+        f"{b['chunk']}, batch {b['batch_size']}, lr {b['lr']['lora']:g} (LoRA r={b['lora']['r']}) / {b['lr']['full']:g} (full); "
+        f"scored on {b['eval_tokens']['test']:,} test tokens per text (windows {r['scoring']['context']}/{r['scoring']['stride']}). "
+        "Change of test perplexity against the base LM; the third text is the generic licence text of bench_mixing.py.\n\n"
+    )
     for name, d in r["directions"].items():
-        rows = [[k, f"{v['in_domain']:.2f} ({100 * v['in_domain_vs_base']:+.1f}%)", f"{v['other_corpus']:.2f} ({100 * v['other_corpus_vs_base']:+.1f}%)",
-                 f"{v['generic']:.2f} ({100 * v['generic_vs_base']:+.1f}%)", f"{v['lambda']:.3f}" if "lambda" in v else "-"]
-                for k, v in d["rows"].items()]
+        rows = [
+            [
+                k,
+                f"{v['in_domain']:.2f} ({100 * v['in_domain_vs_base']:+.1f}%)",
+                f"{v['other_corpus']:.2f} ({100 * v['other_corpus_vs_base']:+.1f}%)",
+                f"{v['generic']:.2f} ({100 * v['generic_vs_base']:+.1f}%)",
+                f"{v['lambda']:.3f}" if "lambda" in v else "-",
+            ]
+            for k, v in d["rows"].items()
+        ]
         s += f"Memory trained on {name.upper()} ({d['memory']}; fixed lambda {d['lambda_fixed']:.3f}, {d['lambda_fixed_source']}):\n\n"
         s += table(["system", "in-domain", "other corpus", "licence text", "lambda"], rows) + "\n"
     if r.get("missing_rows"):
@@ -297,15 +448,20 @@ def multi_memory() -> str:
     r, s = section("### 7b. Two memories on one LM, in the model class", "multi_memory", "python bench/bench_multi_memory.py")
     if not r:
         return s
-    s += (f"{r['what']}. {r['n_tokens_per_split_and_domain']:,} tokens per split and domain; router: {r['router_params']} parameters, "
-          f"fitted on both valid splits; every fixed system reproduces mixing_router.json's scoring path within {100 * r['tolerance']:.1f}% "
-          f"({'all within' if r['all_within_tolerance'] else 'NOT all within'}).\n\n")
+    s += (
+        f"{r['what']}. {r['n_tokens_per_split_and_domain']:,} tokens per split and domain; router: {r['router_params']} parameters, "
+        f"fitted on both valid splits; every fixed system reproduces mixing_router.json's scoring path within {100 * r['tolerance']:.1f}% "
+        f"({'all within' if r['all_within_tolerance'] else 'NOT all within'}).\n\n"
+    )
     rows = [[k, f"{v['sotu']:.3f}", f"{v['gcide']:.3f}", f"{v['mixed']:.3f}"] for k, v in r["ppl"].items()]
     s += table(["system", "SOTU test", "GCIDE test", "mixed stream"], rows) + "\n"
     t = r["timing"]
-    s += ("Forward time (median of 5, 4 x 512 tokens): " + ", ".join(f"{k} {v['median_s']:.2f} s" for k, v in t.items())
-          + f". The router is {100 * r['router_share_of_forward']:.1f}% of the two-memory forward, the gate "
-          f"{100 * r['gate_share_of_forward']:.1f}% of the one-memory forward.\n\n")
+    s += (
+        "Forward time (median of 5, 4 x 512 tokens): "
+        + ", ".join(f"{k} {v['median_s']:.2f} s" for k, v in t.items())
+        + f". The router is {100 * r['router_share_of_forward']:.1f}% of the two-memory forward, the gate "
+        f"{100 * r['gate_share_of_forward']:.1f}% of the one-memory forward.\n\n"
+    )
     return s + "".join(f"- {n}\n" for n in r.get("notes", [])) + "\n"
 
 
@@ -315,15 +471,32 @@ def retrieval() -> str:
     if not r:
         return s
     k = r["knn"]
-    s += (f"{r['what']}. Run {r['run']}: {r['n_tokens']:,} test tokens, k={k['k']}, T={k['temperature']:g}, lambda={k['lambda']:.3f} "
-          f"({k['index_kind']} index over {k['n_datastore']:,} keys), {r['threads']} threads, load {r['load_average_before']} before.\n\n")
+    s += (
+        f"{r['what']}. Run {r['run']}: {r['n_tokens']:,} test tokens, k={k['k']}, T={k['temperature']:g}, lambda={k['lambda']:.3f} "
+        f"({k['index_kind']} index over {k['n_datastore']:,} keys), {r['threads']} threads, load {r['load_average_before']} before.\n\n"
+    )
     tp = r["tokens_per_s"]
-    rows = [[m, f"{r['ppl']['component'][m]:.6f}", f"{r['ppl']['report'][m]:.6f}", f"{r['gap_component_vs_report'][m]['rel']:+.1e}",
-             f"{tp['component'][m]:.0f} ({tp['component'][m] / tp['component']['base']:.2f}x)", f"{tp['evaluator'][m] / tp['evaluator']['base']:.2f}x"]
-            for m in r["ppl"]["component"]]
-    s += table(["method", "ppl (component)", "ppl (report.json)", "rel. gap", "tokens/s (component, vs LM)", "evaluator's speed vs LM"], rows) + "\n"
-    s += ("The component builds full [n, V] log-prob rows (what generation needs); the evaluator gathers only the targets' "
-          "log-probs and shares one LM forward, so its ratios are higher.\n\n")
+    rows = [
+        [
+            m,
+            f"{r['ppl']['component'][m]:.6f}",
+            f"{r['ppl']['report'][m]:.6f}",
+            f"{r['gap_component_vs_report'][m]['rel']:+.1e}",
+            f"{tp['component'][m]:.0f} ({tp['component'][m] / tp['component']['base']:.2f}x)",
+            f"{tp['evaluator'][m] / tp['evaluator']['base']:.2f}x",
+        ]
+        for m in r["ppl"]["component"]
+    ]
+    s += (
+        table(
+            ["method", "ppl (component)", "ppl (report.json)", "rel. gap", "tokens/s (component, vs LM)", "evaluator's speed vs LM"], rows
+        )
+        + "\n"
+    )
+    s += (
+        "The component builds full [n, V] log-prob rows (what generation needs); the evaluator gathers only the targets' "
+        "log-probs and shares one LM forward, so its ratios are higher.\n\n"
+    )
     return s
 
 
@@ -343,25 +516,63 @@ def one_million() -> str:
     if not big:
         return s + missing(cmd)
     ppl = big["ppl"]
-    names = {"base": "LM alone", "knn_lm": "LM + kNN-LM", "mlp_memory": "LM + memory", "knn_lm+mlp_memory": "LM + both", "memory_alone": "memory alone"}
-    s += (f"State of the Union, {big['n_train_tokens']:,} training tokens (one key per position), "
-          f"{big['n_test_tokens']:,} test tokens; {big['model']}; the smallest store of the 200k run above "
-          f"({big['index']['factory']} codes only, nprobe {big['index']['nprobe']}, recall@1024 {big['index']['recall_at_k']:.2f}; keys deleted; "
-          f"online training, {big['train']['epochs']:.2f} epochs in {big['train']['steps']} steps).\n\n")
-    s += table(["system", "test ppl", "vs LM alone", "lambda"],
-               [[names[key], f"{v:.3f}", f"{100 * (v / ppl['base'] - 1):+.2f}%" if key != "base" else "",
-                 {"knn_lm": f"{big['lambda']['knn_lm']:.3f}", "mlp_memory": f"{big['lambda']['mlp_memory']:.3f}"}.get(key, "")]
-                for key, v in ppl.items()]) + "\n"
+    names = {
+        "base": "LM alone",
+        "knn_lm": "LM + kNN-LM",
+        "mlp_memory": "LM + memory",
+        "knn_lm+mlp_memory": "LM + both",
+        "memory_alone": "memory alone",
+    }
+    s += (
+        f"State of the Union, {big['n_train_tokens']:,} training tokens (one key per position), "
+        f"{big['n_test_tokens']:,} test tokens; {big['model']}; the smallest store of the 200k run above "
+        f"({big['index']['factory']} codes only, nprobe {big['index']['nprobe']}, recall@1024 {big['index']['recall_at_k']:.2f}; keys deleted; "
+        f"online training, {big['train']['epochs']:.2f} epochs in {big['train']['steps']} steps).\n\n"
+    )
+    s += (
+        table(
+            ["system", "test ppl", "vs LM alone", "lambda"],
+            [
+                [
+                    names[key],
+                    f"{v:.3f}",
+                    f"{100 * (v / ppl['base'] - 1):+.2f}%" if key != "base" else "",
+                    {"knn_lm": f"{big['lambda']['knn_lm']:.3f}", "mlp_memory": f"{big['lambda']['mlp_memory']:.3f}"}.get(key, ""),
+                ]
+                for key, v in ppl.items()
+            ],
+        )
+        + "\n"
+    )
     kept = lambda r: r["kept_bytes_per_token"]  # noqa: E731
-    rows = [[name, f"{r['n_train_tokens']:,}", f"{kept(r)['index']:.1f}", f"{kept(r)['values']:.1f}",
-             f"{kept(r)['targets_ids'] + kept(r)['targets_probs']:.1f}", f"**{kept(r)['total']:.1f}**"]
-            for name, r in (("sotu200k_codes", small), ("sotu1m", big)) if r]
-    s += "Kept on disk after the run, bytes per training token:\n\n" + table(["run", "training tokens", "index", "values", "kNN targets", "total"], rows) + "\n"
+    rows = [
+        [
+            name,
+            f"{r['n_train_tokens']:,}",
+            f"{kept(r)['index']:.1f}",
+            f"{kept(r)['values']:.1f}",
+            f"{kept(r)['targets_ids'] + kept(r)['targets_probs']:.1f}",
+            f"**{kept(r)['total']:.1f}**",
+        ]
+        for name, r in (("sotu200k_codes", small), ("sotu1m", big))
+        if r
+    ]
+    s += (
+        "Kept on disk after the run, bytes per training token:\n\n"
+        + table(["run", "training tokens", "index", "values", "kNN targets", "total"], rows)
+        + "\n"
+    )
     secs = big["stage_seconds"]
-    s += ("Time per stage on the 2 shared cores (from each stage's own records, since the run was made in pieces over sessions: rows over the "
-          "recorded rate; training counts its steps, not its validation passes; evaluation is the last piece's wall time):\n\n"
-          + table(["stage", "minutes"], [[k, f"{v / 60:.1f}"] for k, v in secs.items()]
-                  + [["evaluation", f"{big['seconds_this_run'].get('evaluation: lambda on valid, then the test split', 0) / 60:.1f}"]]) + "\n")
+    s += (
+        "Time per stage on the 2 shared cores (from each stage's own records, since the run was made in pieces over sessions: rows over the "
+        "recorded rate; training counts its steps, not its validation passes; evaluation is the last piece's wall time):\n\n"
+        + table(
+            ["stage", "minutes"],
+            [[k, f"{v / 60:.1f}"] for k, v in secs.items()]
+            + [["evaluation", f"{big['seconds_this_run'].get('evaluation: lambda on valid, then the test split', 0) / 60:.1f}"]],
+        )
+        + "\n"
+    )
     return s + "".join(f"- {n}\n" for n in ONE_MILLION_NOTES) + "\n"
 
 
@@ -386,28 +597,77 @@ def smallest_store() -> str:
     """The 200k SOTU run as first measured (Flat, offline training) beside the smallest store the library makes, end to end."""
     old, new = load("sotu200k"), load("sotu200k_codes")
     if not (old and new):
-        return "The smallest store end to end: " + missing("mlpmem run bench/recipes/sotu200k_codes.yaml && python bench/summarize_run.py runs/sotu200k_codes")
+        return "The smallest store end to end: " + missing(
+            "mlpmem run bench/recipes/sotu200k_codes.yaml && python bench/summarize_run.py runs/sotu200k_codes"
+        )
+
     def kept(r: dict) -> dict:  # older summaries have no kept_bytes_per_token: every file was kept
         k = r.get("kept_bytes_per_token") or {**r["bytes_per_token"], "total": sum(r["bytes_per_token"].values())}
         feats = sum(v for name, v in k.items() if name.startswith("h") and "." in name)
-        return {"index": k["index"], "keys": k.get("keys", 0.0), "feats": feats, "values": k["values"],
-                "targets": k["targets_ids"] + k["targets_probs"], "total": k["total"]}
+        return {
+            "index": k["index"],
+            "keys": k.get("keys", 0.0),
+            "feats": feats,
+            "values": k["values"],
+            "targets": k["targets_ids"] + k["targets_probs"],
+            "total": k["total"],
+        }
+
     rows = []
-    for name, r, store in (("sotu200k", old, "Flat copy + keys, offline training (second feature array), recompute mode, int32 target ids"),
-                           ("sotu200k_codes", new, f"{new['index']['factory']} codes only (nprobe {new['index']['nprobe']}), keys deleted, online training, cache mode, uint16 target ids")):
+    for name, r, store in (
+        ("sotu200k", old, "Flat copy + keys, offline training (second feature array), recompute mode, int32 target ids"),
+        (
+            "sotu200k_codes",
+            new,
+            f"{new['index']['factory']} codes only (nprobe {new['index']['nprobe']}), keys deleted, online training, cache mode, uint16 target ids",
+        ),
+    ):
         k, p = kept(r), r["ppl"]
-        rows.append([name, store, f"{k['index']:.0f}", f"{k['keys']:.0f}", f"{k['feats']:.0f}", f"{k['values']:.0f}", f"{k['targets']:.0f}",
-                     f"**{k['total']:.0f}**", f"{p['base']:.3f}", f"{p['knn_lm']:.3f}", f"{p['mlp_memory']:.3f}", f"{p['knn_lm+mlp_memory']:.3f}"])
+        rows.append(
+            [
+                name,
+                store,
+                f"{k['index']:.0f}",
+                f"{k['keys']:.0f}",
+                f"{k['feats']:.0f}",
+                f"{k['values']:.0f}",
+                f"{k['targets']:.0f}",
+                f"**{k['total']:.0f}**",
+                f"{p['base']:.3f}",
+                f"{p['knn_lm']:.3f}",
+                f"{p['mlp_memory']:.3f}",
+                f"{p['knn_lm+mlp_memory']:.3f}",
+            ]
+        )
     rel = lambda key: 100 * (new["ppl"][key] / old["ppl"][key] - 1)  # noqa: E731
-    return ("The smallest store end to end, on the SOTU 200k run (200,000 training tokens, 20,000 test tokens; "
-            "`mlpmem run bench/recipes/sotu200k.yaml` then `bench/recipes/sotu200k_codes.yaml`, each summarised by "
-            "`python bench/summarize_run.py RUN`): bytes per training token of what each run keeps on disk after it finished, "
-            "and test perplexity.\n\n"
-            + table(["run", "store", "index", "keys", "second feature array", "values", "kNN targets", "kept, B/token",
-                     "LM", "LM + kNN-LM", "LM + memory", "LM + both"], rows)
-            + f"\nAgainst the first run: kNN-LM {rel('knn_lm'):+.2f}%, memory {rel('mlp_memory'):+.2f}%, both {rel('knn_lm+mlp_memory'):+.2f}% "
-            f"(LM alone {rel('base'):+.2f}%: the same test tokens). Kept: {kept(old)['total'] / kept(new)['total']:.1f}x less.\n\n"
-            + SMALLEST_NOTES.format(recall=new["index"]["recall_at_k"], online=new["train"]["tokens_per_s"], offline=old["train"]["tokens_per_s"]))
+    return (
+        "The smallest store end to end, on the SOTU 200k run (200,000 training tokens, 20,000 test tokens; "
+        "`mlpmem run bench/recipes/sotu200k.yaml` then `bench/recipes/sotu200k_codes.yaml`, each summarised by "
+        "`python bench/summarize_run.py RUN`): bytes per training token of what each run keeps on disk after it finished, "
+        "and test perplexity.\n\n"
+        + table(
+            [
+                "run",
+                "store",
+                "index",
+                "keys",
+                "second feature array",
+                "values",
+                "kNN targets",
+                "kept, B/token",
+                "LM",
+                "LM + kNN-LM",
+                "LM + memory",
+                "LM + both",
+            ],
+            rows,
+        )
+        + f"\nAgainst the first run: kNN-LM {rel('knn_lm'):+.2f}%, memory {rel('mlp_memory'):+.2f}%, both {rel('knn_lm+mlp_memory'):+.2f}% "
+        f"(LM alone {rel('base'):+.2f}%: the same test tokens). Kept: {kept(old)['total'] / kept(new)['total']:.1f}x less.\n\n"
+        + SMALLEST_NOTES.format(
+            recall=new["index"]["recall_at_k"], online=new["train"]["tokens_per_s"], offline=old["train"]["tokens_per_s"]
+        )
+    )
 
 
 # what the smallest-store table says (sotu200k_codes.json; the build's own report with its stage times is
@@ -437,53 +697,87 @@ def distributed() -> str:
         s += missing("python bench/bench_dist.py")
     else:
         a = r["artefacts"]
-        s += table(["stage", "1 process (s)", f"{len(r['seconds']['datastore']) and list(r['seconds']['datastore'])[-1]} processes (s)", "speed-up"],
-                   [[st, v["1"], list(v.values())[-1], r["speedup"][st]] for st, v in r["seconds"].items()])
-        s += (f"\n{r['what']}, {r['train_tokens']:,} training tokens, k={r['k']}, {r['model']}; wall seconds of each whole command "
-              "(model loading included). " + r.get("conditions", "") + " Artefacts of the N-process runs against the 1-process ones: datastore files "
-              f"{'byte-identical' if a['datastore_files_identical'] else 'not byte-identical'} (values equal: {a['datastore_values_equal']}, "
-              f"keys max |diff| {a['datastore_keys_max_abs_diff']:.3g}), "
-              f"kNN target ids equal for {100 * a['targets_ids_equal_share']:.2f}% of entries (probabilities max |diff| {a['targets_probs_max_abs_diff']:.3g}), "
-              f"memory weights max |diff| {a['memory_weights_max_abs_diff']:.3g}, knnlm perplexities "
-              + ", ".join(f"{m} {a['knnlm_ppl']['1'][m]:.4f} vs {list(a['knnlm_ppl'].values())[-1][m]:.4f}" for m in a["knnlm_ppl"]["1"]) + ".\n\n")
+        s += table(
+            [
+                "stage",
+                "1 process (s)",
+                f"{len(r['seconds']['datastore']) and list(r['seconds']['datastore'])[-1]} processes (s)",
+                "speed-up",
+            ],
+            [[st, v["1"], list(v.values())[-1], r["speedup"][st]] for st, v in r["seconds"].items()],
+        )
+        s += (
+            f"\n{r['what']}, {r['train_tokens']:,} training tokens, k={r['k']}, {r['model']}; wall seconds of each whole command "
+            "(model loading included). "
+            + r.get("conditions", "")
+            + " Artefacts of the N-process runs against the 1-process ones: datastore files "
+            f"{'byte-identical' if a['datastore_files_identical'] else 'not byte-identical'} (values equal: {a['datastore_values_equal']}, "
+            f"keys max |diff| {a['datastore_keys_max_abs_diff']:.3g}), "
+            f"kNN target ids equal for {100 * a['targets_ids_equal_share']:.2f}% of entries (probabilities max |diff| {a['targets_probs_max_abs_diff']:.3g}), "
+            f"memory weights max |diff| {a['memory_weights_max_abs_diff']:.3g}, knnlm perplexities "
+            + ", ".join(f"{m} {a['knnlm_ppl']['1'][m]:.4f} vs {list(a['knnlm_ppl'].values())[-1][m]:.4f}" for m in a["knnlm_ppl"]["1"])
+            + ".\n\n"
+        )
     s += "```\nmlpmem run sotu --out RUN && python bench/bench_plan.py --run RUN\n```\n\n"
     if not p:
         return s + missing("python bench/bench_plan.py --run RUN")
-    s += table(["stage", "plan (s)", "real (s)", "plan / real", "plan disk", "real disk", "plan / real"],
-               [[x["stage"], round(x["plan_seconds"]), round(x["real_seconds"]) if x["real_seconds"] else "-",
-                 f"{x['seconds_ratio']:.2f}" if x["seconds_ratio"] else "-", x["plan_disk_bytes"], x["real_disk_bytes"] or "-",
-                 f"{x['disk_ratio']:.2f}" if x["disk_ratio"] else "-"] for x in p["stages"]])
+    s += table(
+        ["stage", "plan (s)", "real (s)", "plan / real", "plan disk", "real disk", "plan / real"],
+        [
+            [
+                x["stage"],
+                round(x["plan_seconds"]),
+                round(x["real_seconds"]) if x["real_seconds"] else "-",
+                f"{x['seconds_ratio']:.2f}" if x["seconds_ratio"] else "-",
+                x["plan_disk_bytes"],
+                x["real_disk_bytes"] or "-",
+                f"{x['disk_ratio']:.2f}" if x["disk_ratio"] else "-",
+            ]
+            for x in p["stages"]
+        ],
+    )
     tp = p["throughputs"]
-    s += (f"\n`mlpmem plan` for the sotu recipe ({p['tokens']['train']:,} training tokens), calibrated in {tp['seconds']:.0f} s on this machine "
-          f"(extraction {tp['extract_rows_s']:.0f} rows/s, scoring {tp['score_rows_s']:.0f} rows/s, search {tp['search_qps']:.0f} q/s over "
-          f"{tp['search_rows']:,} keys, training {tp['train_positions_s']:.0f} positions/s), against a run of the same recipe "
-          "(`mlpmem run sotu`, the run folder given to bench_plan.py) made just before on the same, otherwise idle, machine: its own stage times "
-          "and folder sizes. Every stage that takes more than a few seconds is within 15% (the goal was 25%); corpus and index take "
-          "1-3 s and are not modelled. Calibrated against a run made under other load, the ratios follow the load instead.\n")
+    s += (
+        f"\n`mlpmem plan` for the sotu recipe ({p['tokens']['train']:,} training tokens), calibrated in {tp['seconds']:.0f} s on this machine "
+        f"(extraction {tp['extract_rows_s']:.0f} rows/s, scoring {tp['score_rows_s']:.0f} rows/s, search {tp['search_qps']:.0f} q/s over "
+        f"{tp['search_rows']:,} keys, training {tp['train_positions_s']:.0f} positions/s), against a run of the same recipe "
+        "(`mlpmem run sotu`, the run folder given to bench_plan.py) made just before on the same, otherwise idle, machine: its own stage times "
+        "and folder sizes. Every stage that takes more than a few seconds is within 15% (the goal was 25%); corpus and index take "
+        "1-3 s and are not modelled. Calibrated against a run made under other load, the ratios follow the load instead.\n"
+    )
     return s
 
 
 def main() -> None:
-    head = ("# Benchmarks\n\nGenerated by `python bench/make_benchmarks.py` from the JSON in `bench/results/`; each section names "
-            "the command that measured it. Machine: 2 shared CPU cores, 24 GB, no GPU. Absolute speeds are low and noisy "
-            "(several benchmarks shared the cores); compare the ratios, which are measured side by side in one process.\n\n"
-            f"Model: {model_label(DEFAULT_MODEL)}, called SmolLM2-135M below, unless a section names another. "
-            "Scoring speeds use windows of 512 tokens with stride 256, so the LM body runs twice per scored token, "
-            "and the extra cost of the memory or of kNN-LM relative to the LM alone is about half of what a single pass (KV cache) would show.\n\n")
+    head = (
+        "# Benchmarks\n\nGenerated by `python bench/make_benchmarks.py` from the JSON in `bench/results/`; each section names "
+        "the command that measured it. Machine: 2 shared CPU cores, 24 GB, no GPU. Absolute speeds are low and noisy "
+        "(several benchmarks shared the cores); compare the ratios, which are measured side by side in one process.\n\n"
+        f"Model: {model_label(DEFAULT_MODEL)}, called SmolLM2-135M below, unless a section names another. "
+        "Scoring speeds use windows of 512 tokens with stride 256, so the LM body runs twice per scored token, "
+        "and the extra cost of the memory or of kNN-LM relative to the LM alone is about half of what a single pass (KV cache) would show.\n\n"
+    )
     parts = [quality(), scaling()]
     parts += [finetune(), joint(), memory_size(), decoder(), pipeline(), mixing(), multi_memory()]
     parts.append(stores())
     parts.append(knowledge())
     parts.append(distributed())
     parts.append(retrieval())
-    parts.append("## Not measured here\n\n"
-                 "- GPU runs (no GPU on this machine; FAISS on GPUs, CUDA extraction and training, nccl and bench/gpu_check.sh are written and run on the CPU, not measured on a GPU).\n"
-                 "- Datastores of 10M keys: the largest measured is in section 2; the 10M figures there are extrapolations from the fitted curves shown.\n"
-                 "- Gemma-3-270M + kNN-LM (needs a Gemma datastore), Gemma in bf16 (only the Q4_K_M file is available offline).\n"
-                 "- Fine-tuning on the whole 60k-token split, several seeds, learning-rate searches; memory epochs beyond 3.\n"
-                 "- Memory quality against epochs at 200k tokens (section 4 has it at 60k)"
-                 + ("" if load("sotu1m") else "; a corpus of 1M training tokens end to end (bench/recipes/sotu1m.yaml, under way: one epoch of online training alone takes about 2 h at the rate in section 8)") + ".\n"
-                 "- A router over memory + kNN-LM on real data; generation and lm-eval throughput through the several-memory class.\n")
+    parts.append(
+        "## Not measured here\n\n"
+        "- GPU runs (no GPU on this machine; FAISS on GPUs, CUDA extraction and training, nccl and bench/gpu_check.sh are written and run on the CPU, not measured on a GPU).\n"
+        "- Datastores of 10M keys: the largest measured is in section 2; the 10M figures there are extrapolations from the fitted curves shown.\n"
+        "- Gemma-3-270M + kNN-LM (needs a Gemma datastore), Gemma in bf16 (only the Q4_K_M file is available offline).\n"
+        "- Fine-tuning on the whole 60k-token split, several seeds, learning-rate searches; memory epochs beyond 3.\n"
+        "- Memory quality against epochs at 200k tokens (section 4 has it at 60k)"
+        + (
+            ""
+            if load("sotu1m")
+            else "; a corpus of 1M training tokens end to end (bench/recipes/sotu1m.yaml, under way: one epoch of online training alone takes about 2 h at the rate in section 8)"
+        )
+        + ".\n"
+        "- A router over memory + kNN-LM on real data; generation and lm-eval throughput through the several-memory class.\n"
+    )
     (ROOT / "BENCHMARKS.md").write_text(head + "\n".join(parts))
     print(f"wrote {ROOT / 'BENCHMARKS.md'}")
 

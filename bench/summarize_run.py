@@ -21,8 +21,11 @@ from pathlib import Path
 
 def _bytes(manifest: dict, name: str, folder: Path | None = None) -> int:
     """Bytes of one array's files as written; with ``folder``, only the files still there (index.keep_keys: false removes the keys)."""
-    return sum(s["arrays"][name]["bytes"] for s in manifest["shards"]
-               if name in s["arrays"] and (folder is None or (folder / s["arrays"][name]["file"]).exists()))
+    return sum(
+        s["arrays"][name]["bytes"]
+        for s in manifest["shards"]
+        if name in s["arrays"] and (folder is None or (folder / s["arrays"][name]["file"]).exists())
+    )
 
 
 def summarize(run: Path) -> dict:
@@ -30,9 +33,13 @@ def summarize(run: Path) -> dict:
     ds, tg, ix = load("datastore/manifest.json"), load("targets/manifest.json"), load("index/manifest.json")
     report = load("report.json")
     n = ds["n_rows"]
-    per_token = {"keys": _bytes(ds, "keys") / n, "values": _bytes(ds, "values") / n,
-                 "targets_ids": _bytes(tg, "ids") / n, "targets_probs": _bytes(tg, "probs") / n,
-                 "index": ix.get("index_file", {}).get("bytes", 0) / n}
+    per_token = {
+        "keys": _bytes(ds, "keys") / n,
+        "values": _bytes(ds, "values") / n,
+        "targets_ids": _bytes(tg, "ids") / n,
+        "targets_probs": _bytes(tg, "probs") / n,
+        "index": ix.get("index_file", {}).get("bytes", 0) / n,
+    }
     per_token.update({name: _bytes(ds, name) / n for name in ds.get("features", {}) if name != "keys"})
     # what the run keeps for kNN-LM and the memory's training, per corpus token: the files still on disk
     kept = {name: _bytes(ds, name, run / "datastore") / n for name in sorted({a for sh in ds["shards"] for a in sh["arrays"]})}
@@ -42,21 +49,35 @@ def summarize(run: Path) -> dict:
     tps = report["tokens_per_s"]
     valid, vtg = load("valid/manifest.json"), load("valid_targets/manifest.json")
     stage_seconds = {  # from each stage's own records, so that they hold for a run made in pieces
-        "datastore (train)": n / ds["extract_tokens_per_s"], "datastore (valid, scored)": valid["n_rows"] / valid["extract_tokens_per_s"],
-        "index": ix.get("build_seconds", 0) + ix.get("recall_seconds", 0), "kNN targets": n / tg["stats"]["queries_per_s"] + vtg["n_rows"] / vtg["stats"]["queries_per_s"],
-        "memory training": train["positions_seen"] / train["tokens_per_s"]}  # the steps alone: its validation passes are not in the rate
+        "datastore (train)": n / ds["extract_tokens_per_s"],
+        "datastore (valid, scored)": valid["n_rows"] / valid["extract_tokens_per_s"],
+        "index": ix.get("build_seconds", 0) + ix.get("recall_seconds", 0),
+        "kNN targets": n / tg["stats"]["queries_per_s"] + vtg["n_rows"] / vtg["stats"]["queries_per_s"],
+        "memory training": train["positions_seen"] / train["tokens_per_s"],
+    }  # the steps alone: its validation passes are not in the rate
     return {
-        "run": str(run), "n_train_tokens": report["n_train_tokens"], "n_test_tokens": report["n_test_tokens"],
-        "ppl": report["ppl"], "lambda": report["lambda"], "knn_temperature": report["knn_temperature"],
+        "run": str(run),
+        "n_train_tokens": report["n_train_tokens"],
+        "n_test_tokens": report["n_test_tokens"],
+        "ppl": report["ppl"],
+        "lambda": report["lambda"],
+        "knn_temperature": report["knn_temperature"],
         "tokens_per_s": tps,
-        "ratios": {"memory_over_base": tps["mlp_memory"] / tps["base"], "knn_over_base": tps["knn_lm"] / tps["base"],
-                   "memory_over_knn": tps["mlp_memory"] / tps["knn_lm"]},
+        "ratios": {
+            "memory_over_base": tps["mlp_memory"] / tps["base"],
+            "knn_over_base": tps["knn_lm"] / tps["base"],
+            "memory_over_knn": tps["mlp_memory"] / tps["knn_lm"],
+        },
         "params": {"memory": report["memory_params"], "base": report["base_params"]},
-        "bytes_per_token": per_token, "kept_bytes_per_token": kept, "stage_seconds": stage_seconds,
+        "bytes_per_token": per_token,
+        "kept_bytes_per_token": kept,
+        "stage_seconds": stage_seconds,
         "extract_tokens_per_s": ds.get("extract_tokens_per_s"),
         "index": {k: ix.get(k) for k in ("factory", "nprobe", "rerank", "recall_at_k", "k")},
         "targets": tg["stats"],
-        "train": {k: train.get(k) for k in ("tokens_per_s", "peak_rss_mb", "valid_start", "valid", "epochs", "precision", "parameters", "steps")},
+        "train": {
+            k: train.get(k) for k in ("tokens_per_s", "peak_rss_mb", "valid_start", "valid", "epochs", "precision", "parameters", "steps")
+        },
         # newer reports only: the model named honestly, wall time per stage, single-pass speed estimate
         **{k: report[k] for k in ("model", "model_id", "seconds_this_run", "speed_vs_lm") if k in report},
     }

@@ -17,14 +17,32 @@ def _write_sharded(folder: Path, kind: str, arrays: dict[str, np.ndarray], shard
     shards = []
     for s, start in enumerate(range(0, n, shard_rows)):
         end = min(start + shard_rows, n)
-        shards.append({"start": start, "end": end, "arrays": {name: save_npy(folder / f"{name}-{s:05d}.npy", a[start:end]) for name, a in arrays.items()}})
+        shards.append(
+            {
+                "start": start,
+                "end": end,
+                "arrays": {name: save_npy(folder / f"{name}-{s:05d}.npy", a[start:end]) for name, a in arrays.items()},
+            }
+        )
     write_manifest(folder, kind, {**manifest, "n_rows": n, "shards": shards})
     return folder
 
 
-def write_train_data(root: Path, n: int = 500, d: int = 16, vocab: int = 50, m: int = 8, seed: int = 0, shard_rows: int = 200,
-                     split: str = "train", lm_logprob: bool = False, features: dict[str, tuple[int, str]] | None = None,
-                     layer: int = 1, site: str = "ffn_input", prefix: list[int] | None = None) -> tuple[Path, Path]:
+def write_train_data(
+    root: Path,
+    n: int = 500,
+    d: int = 16,
+    vocab: int = 50,
+    m: int = 8,
+    seed: int = 0,
+    shard_rows: int = 200,
+    split: str = "train",
+    lm_logprob: bool = False,
+    features: dict[str, tuple[int, str]] | None = None,
+    layer: int = 1,
+    site: str = "ffn_input",
+    prefix: list[int] | None = None,
+) -> tuple[Path, Path]:
     """A learnable toy problem: keys cluster, each cluster prefers a few tokens.
 
     Returns (datastore folder, targets folder). ``features`` maps extra array
@@ -51,9 +69,26 @@ def write_train_data(root: Path, n: int = 500, d: int = 16, vocab: int = 50, m: 
     if lm_logprob:
         arrays["lm_logprob"] = np.log(rng.uniform(0.005, 0.05, n)).astype(np.float32)  # weaker than the learnt memory, which helps it
     ident = {"model_id": "test/model", "tokenizer_hash": "tok0", "layer": layer, "site": site}
-    ds = _write_sharded(Path(root) / f"datastore-{split}", "datastore", arrays, shard_rows,
-                        {**ident, "features": feats, "d": d, "vocab_size": vocab, "split": split, **({"prefix": prefix} if prefix else {})})
-    tg = _write_sharded(Path(root) / f"targets-{split}", "targets", {"ids": ids, "probs": probs}, shard_rows,
-                        {**ident, "vocab_size": vocab, "k": 16, "temperature": 1.0, "top_m": m,
-                         "datastore": str(ds.resolve()), "datastore_manifest_sha256": sha256_file(ds / MANIFEST)})
+    ds = _write_sharded(
+        Path(root) / f"datastore-{split}",
+        "datastore",
+        arrays,
+        shard_rows,
+        {**ident, "features": feats, "d": d, "vocab_size": vocab, "split": split, **({"prefix": prefix} if prefix else {})},
+    )
+    tg = _write_sharded(
+        Path(root) / f"targets-{split}",
+        "targets",
+        {"ids": ids, "probs": probs},
+        shard_rows,
+        {
+            **ident,
+            "vocab_size": vocab,
+            "k": 16,
+            "temperature": 1.0,
+            "top_m": m,
+            "datastore": str(ds.resolve()),
+            "datastore_manifest_sha256": sha256_file(ds / MANIFEST),
+        },
+    )
     return ds, tg

@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 if TYPE_CHECKING:
     from torch import nn
 
-WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have an they "
-         "you were their one all we can her has there been if more when will would who so no union congress states nation "
-         "people government year law war peace trade money public great country").split()
+WORDS = (
+    "the of and to in a is that for it as was with be by on not he this are or his from at which but have an they "
+    "you were their one all we can her has there been if more when will would who so no union congress states nation "
+    "people government year law war peace trade money public great country"
+).split()
 
 
 def make_texts(n_docs: int = 12, words_per_doc: int = 120, seed: int = 0) -> list[str]:
@@ -53,10 +55,21 @@ def save_tiny_model(kind: str, folder: Path, tok) -> Path:
     # vocab a little larger than the tokenizer, as in real models (scatter into the logits size)
     v = len(tok) + 8
     if kind == "llama":
-        cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                          vocab_size=v, max_position_embeddings=256, eos_token_id=tok.eos_token_id, tie_word_embeddings=True)
+        cfg = LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=v,
+            max_position_embeddings=256,
+            eos_token_id=tok.eos_token_id,
+            tie_word_embeddings=True,
+        )
     else:
-        cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=v, n_positions=256, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+        cfg = GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, vocab_size=v, n_positions=256, eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id
+        )
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -87,8 +100,16 @@ def tiny_knn_run(out: Path, tiny_llama: Path) -> Path:
 def tiny_recipe(tmp_path, model, corpus, **train):
     """A pipeline recipe (dict) small enough for a test: run folder ``tmp_path / "run"``; ``train`` overrides train settings."""
     return {
-        "out": str(tmp_path / "run"), "model": str(model),
-        "corpus": {"source": str(corpus), "valid_fraction": 0.2, "test_fraction": 0.2, "train_tokens": 2000, "valid_tokens": 300, "test_tokens": 400},
+        "out": str(tmp_path / "run"),
+        "model": str(model),
+        "corpus": {
+            "source": str(corpus),
+            "valid_fraction": 0.2,
+            "test_fraction": 0.2,
+            "train_tokens": 2000,
+            "valid_tokens": 300,
+            "test_tokens": 400,
+        },
         "datastore": {"context": 64, "stride": 32, "batch_size": 4},
         "knn": {"k": 32, "temperatures": [1.0, 4.0]},
         "targets": {"top_m": 16},

@@ -64,7 +64,9 @@ def test_finetune_verb_flags_come_from_its_config_and_user_errors_are_one_paragr
     and bad settings are refused before anything is written."""
     from mlpmem.cli import build_parser
 
-    a = build_parser("finetune").parse_args(["finetune", "--corpus", "c", "--out", "o", "--method", "full", "--lambda", "0.3", "--lora-targets", "q_proj"])
+    a = build_parser("finetune").parse_args(
+        ["finetune", "--corpus", "c", "--out", "o", "--method", "full", "--lambda", "0.3", "--lora-targets", "q_proj"]
+    )
     assert (a.method, a.lambda_, a.lora_targets, a.memory_trainable) == ("full", 0.3, ["q_proj"], False)
     rc = main(["finetune", "--corpus", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--method", "prefix", "--lambda", "0.5"])
     err = capsys.readouterr().err
@@ -101,8 +103,13 @@ def test_stage_verbs_and_recipe_sections_come_from_the_stage_registry(monkeypatc
 
     import types
     import sys
+
     monkeypatch.setitem(sys.modules, "toy_stage", types.SimpleNamespace(ToyConfig=ToyConfig, build=lambda *a, **k: None))
-    monkeypatch.setattr(stages, "STAGES", stages.STAGES + (stages.Stage("toy", "toy_stage:ToyConfig", "toy_stage:build", "a toy", verb="index",
-                                                                        inputs=(("datastore", ""),)),))
+    monkeypatch.setattr(
+        stages,
+        "STAGES",
+        stages.STAGES
+        + (stages.Stage("toy", "toy_stage:ToyConfig", "toy_stage:build", "a toy", verb="index", inputs=(("datastore", ""),)),),
+    )
     assert _sections()["toy"] is ToyConfig
     assert "--size" in options("index")  # by_verb() now maps index to the toy stage: its flags follow the registry

@@ -10,8 +10,18 @@ import pytest
 
 from fake_store import random_datastore
 from mlpmem.errors import MlpmemError
-from mlpmem.index import (IndexConfig, KnnIndex, Placement, build_index, choose_nprobe, pq_size, recall_at_k, resolve_placement,
-                          resolve_factory, to_placement)
+from mlpmem.index import (
+    IndexConfig,
+    KnnIndex,
+    Placement,
+    build_index,
+    choose_nprobe,
+    pq_size,
+    recall_at_k,
+    resolve_placement,
+    resolve_factory,
+    to_placement,
+)
 from mlpmem.store import Datastore
 
 
@@ -42,6 +52,7 @@ def manifest(folder) -> dict:
 
 
 # ---------------------------------------------------------------- pure parts
+
 
 def test_recall_at_k_matches_sets():
     rng = np.random.default_rng(0)
@@ -89,6 +100,7 @@ def test_presets_resolve_to_the_official_index():
 
 
 # ---------------------------------------------------------------- device selection (exercised without a GPU)
+
 
 class FakeFaiss(types.SimpleNamespace):
     """Just enough of a GPU FAISS build to exercise placement: records how the index was cloned."""
@@ -161,10 +173,13 @@ def test_a_gpu_index_without_gpu_faiss_is_refused_before_any_folder(big, tmp_pat
 
 # ---------------------------------------------------------------- compressed stores
 
+
 @pytest.fixture(scope="module")
 def pq_codes_only(big, tmp_path_factory):
     """IVF-PQ searched from its codes alone (no re-rank): the store that needs no float16 keys."""
-    return build_index(big[0], tmp_path_factory.mktemp("ix") / "pq", IndexConfig(kind=PQ, rerank=False, recall_k=50, recall_sample=100, recall_target=0.3))
+    return build_index(
+        big[0], tmp_path_factory.mktemp("ix") / "pq", IndexConfig(kind=PQ, rerank=False, recall_k=50, recall_sample=100, recall_target=0.3)
+    )
 
 
 def test_ivfpq_holds_the_recall_target_with_rerank(big, tmp_path):
@@ -249,7 +264,9 @@ def test_auto_ivf_holds_the_target(big, tmp_path):
     out = build_index(big[0], tmp_path / "auto", IndexConfig(auto_flat_max_rows=0, recall_k=100, recall_sample=100, train_sample=12000))
     m = manifest(out)
     assert m["factory"].endswith(",SQ8") and m["recall_target"] == 0.9 and m["recall_at_k"] >= 0.9
-    fixed = build_index(big[0], tmp_path / "fixed", IndexConfig(kind=m["factory"], nprobe=1, recall_k=100, recall_sample=100, train_sample=12000))
+    fixed = build_index(
+        big[0], tmp_path / "fixed", IndexConfig(kind=m["factory"], nprobe=1, recall_k=100, recall_sample=100, train_sample=12000)
+    )
     assert manifest(fixed)["recall_target"] is None and manifest(fixed)["nprobe"] == 1  # a factory string keeps its nprobe
     assert manifest(fixed)["recall_at_k"] < 0.9  # which is why auto chooses it
 

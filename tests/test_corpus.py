@@ -60,13 +60,16 @@ def test_builtin_corpus_loads():
     assert len(docs) == 233 and "Fellow-Citizens" in docs[0].text
 
 
-@pytest.mark.parametrize("content,expect", [
-    (None, "does not exist"),
-    ("", "empty"),
-    ("\n\n", "empty"),
-    ('{"txt": "x"}\n', "no string field 'text'"),
-    ("not json\n", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "content,expect",
+    [
+        (None, "does not exist"),
+        ("", "empty"),
+        ("\n\n", "empty"),
+        ('{"txt": "x"}\n', "no string field 'text'"),
+        ("not json\n", "not valid JSON"),
+    ],
+)
 def test_bad_corpus_gives_clear_error(tmp_path, content, expect):
     path = tmp_path / "c.jsonl"
     if content is not None:

@@ -49,7 +49,9 @@ def test_keys_values_aligned_with_positions(tmp_path, tiny_llama, corpus_dir, to
         ref = got[ReadSite(1, "ffn_input")][0, k - b : stop - b]
         assert_fp16_close(ds.rows("keys", k, stop), ref)
         assert_fp16_close(ds.rows("h0.output", k, stop), got[ReadSite(0, "output")][0, k - b : stop - b])
-        lp = torch.log_softmax(out_.logits[0, k - b : stop - b], -1).gather(-1, torch.from_numpy(tokens[k + 1 : stop + 1].astype(np.int64))[:, None])[:, 0]
+        lp = torch.log_softmax(out_.logits[0, k - b : stop - b], -1).gather(
+            -1, torch.from_numpy(tokens[k + 1 : stop + 1].astype(np.int64))[:, None]
+        )[:, 0]
         assert np.allclose(ds.rows("lm_logprob", k, stop), lp.numpy(), atol=1e-5)
 
 
@@ -131,6 +133,7 @@ def test_truncated_or_corrupt_npy(tmp_path, tiny_llama, corpus_dir):
 
 # ---------------------------------------------------------------- cache mode (KV cache carried across windows)
 
+
 def test_cache_mode_rows_aligned_and_deterministic(tmp_path, tiny_llama, corpus_dir):
     # context - stride = 40 >= the chunk of 24 new tokens; batch 1 -> 64 // 24 = 2 lanes of 4 windows per shard
     cfg = _cfg(tiny_llama, extra_sites=["0:output"], lm_logprob=True, mode="cache", batch_size=1, windows_per_shard=8)
@@ -140,7 +143,9 @@ def test_cache_mode_rows_aligned_and_deterministic(tmp_path, tiny_llama, corpus_
     assert ds.n_rows == len(tokens) - 1
     assert np.array_equal(ds.values(), tokens[1:])
     assert np.isfinite(ds.rows("lm_logprob", 0, ds.n_rows)).all()
-    ref = Datastore(build_datastore(corpus_dir, tmp_path / "r", _cfg(tiny_llama, extra_sites=["0:output"], lm_logprob=True, mode="recompute")))
+    ref = Datastore(
+        build_datastore(corpus_dir, tmp_path / "r", _cfg(tiny_llama, extra_sites=["0:output"], lm_logprob=True, mode="recompute"))
+    )
     assert ref.manifest["extract_mode"] == "recompute"
     # other contexts, so other keys, but close: the same tokens with at least C - S of context in both modes
     a, b = ds.rows("keys", 0, ds.n_rows).astype(np.float32), ref.rows("keys", 0, ref.n_rows).astype(np.float32)
@@ -194,7 +199,9 @@ def test_cache_mode_lanes_equal_each_lane_run_alone(tiny_llama, corpus_dir, torc
     tokens = Corpus(corpus_dir).tokens("train")
     C, S, sites = 16, 4, {"keys": ReadSite(1, "ffn_input"), "h0": ReadSite(0, "output")}
     W, tok_t = windows(len(tokens), C, S)[:30], torch.from_numpy(tokens.astype(np.int64))
-    block = _cached_block(model, tok_t, W, C, S, sites, 8, True)  # lanes of 4, 4, 4, 4, 4, 4, 3, 3; first windows in groups of 8 * S // C = 2
+    block = _cached_block(
+        model, tok_t, W, C, S, sites, 8, True
+    )  # lanes of 4, 4, 4, 4, 4, 4, 3, 3; first windows in groups of 8 * S // C = 2
     for lane in np.array_split(np.arange(len(W)), 8):
         alone = _cached_block(model, tok_t, W[lane], C, S, sites, 1, True)
         r = slice(alone.row_start - block.row_start, alone.row_end - block.row_start)
@@ -270,7 +277,11 @@ def test_batch_tokens_sizes_the_forward_calls(tmp_path, tiny_llama, corpus_dir, 
 
     sizes = []
     real = dsmod.iter_batches
-    monkeypatch.setattr(dsmod, "iter_batches", lambda model, tokens, c, s, sites, bs, *a, **k: sizes.append(bs) or real(model, tokens, c, s, sites, bs, *a, **k))
+    monkeypatch.setattr(
+        dsmod,
+        "iter_batches",
+        lambda model, tokens, c, s, sites, bs, *a, **k: sizes.append(bs) or real(model, tokens, c, s, sites, bs, *a, **k),
+    )
     by_windows = build_datastore(corpus_dir, tmp_path / "w", _cfg(tiny_llama, batch_size=3))
     by_tokens = build_datastore(corpus_dir, tmp_path / "t", _cfg(tiny_llama, batch_size=8, batch_tokens=3 * 64 + 5))
     assert set(sizes) == {3}
@@ -303,7 +314,9 @@ def test_a_prefix_goes_in_front_of_every_window_against_a_naive_reference(tmp_pa
             logits = model(input_ids=ids).logits[0].float()
         stop = min(e, len(tokens) - 1)
         ref_h = got[site][0, 1 + k - b : 1 + stop - b]
-        ref_lp = torch.log_softmax(logits[1 + k - b : 1 + stop - b], -1).gather(-1, torch.from_numpy(tokens[k + 1 : stop + 1].astype(np.int64))[:, None])[:, 0]
+        ref_lp = torch.log_softmax(logits[1 + k - b : 1 + stop - b], -1).gather(
+            -1, torch.from_numpy(tokens[k + 1 : stop + 1].astype(np.int64))[:, None]
+        )[:, 0]
         torch.testing.assert_close(h[k:stop], ref_h, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(lp[k:stop], ref_lp, atol=1e-5, rtol=1e-4)
     plain = torch.cat([b.features["h"] for b in RecomputeExtractor(model, C, S).batches(tokens, {"h": site})])

@@ -25,6 +25,7 @@ def gpu(monkeypatch, count: int = 1, bf16: bool = True) -> None:
 
 # ---------------------------------------------------------------- the resolution rules
 
+
 def test_auto_is_cpu_float32_without_a_gpu(monkeypatch):
     gpu(monkeypatch, 0)
     assert resolve_device("auto", "auto") == (torch.device("cpu"), torch.float32)
@@ -103,12 +104,67 @@ def stage_argvs(root, m, name, *flags, dtype=()):
     """The argvs of datastore, index, targets, knnlm and train into root/name/, with ``flags`` on the verbs that run a model."""
     out = root / name
     ds, ix, tg, kn, tr = (out / x for x in ("datastore", "index", "targets", "knnlm", "train"))
-    argvs = [["datastore", "--corpus", root / "corpus", "--out", ds, "--model", m, "--context", "32", "--stride", "16", "--windows-per-shard", "16", *flags, *dtype],
-             ["index", "--datastore", ds, "--out", ix],
-             ["targets", "--datastore", ds, "--index", ix, "--out", tg, "--k", "8", "--top-m", "4"],
-             ["knnlm", "--corpus", root / "corpus", "--datastore", ds, "--index", ix, "--out", kn, "--k", "8", "--temperature", "2", *flags, *dtype],
-             ["train", "--datastore", ds, "--targets", tg, "--out", tr, "--init", "lm_head", "--n-blocks", "1", "--epochs", "0.2", "--batch-size", "64",
-              "--eval-every", "0", "--ckpt-every", "0", *flags, *dtype]]
+    argvs = [
+        [
+            "datastore",
+            "--corpus",
+            root / "corpus",
+            "--out",
+            ds,
+            "--model",
+            m,
+            "--context",
+            "32",
+            "--stride",
+            "16",
+            "--windows-per-shard",
+            "16",
+            *flags,
+            *dtype,
+        ],
+        ["index", "--datastore", ds, "--out", ix],
+        ["targets", "--datastore", ds, "--index", ix, "--out", tg, "--k", "8", "--top-m", "4"],
+        [
+            "knnlm",
+            "--corpus",
+            root / "corpus",
+            "--datastore",
+            ds,
+            "--index",
+            ix,
+            "--out",
+            kn,
+            "--k",
+            "8",
+            "--temperature",
+            "2",
+            *flags,
+            *dtype,
+        ],
+        [
+            "train",
+            "--datastore",
+            ds,
+            "--targets",
+            tg,
+            "--out",
+            tr,
+            "--init",
+            "lm_head",
+            "--n-blocks",
+            "1",
+            "--epochs",
+            "0.2",
+            "--batch-size",
+            "64",
+            "--eval-every",
+            "0",
+            "--ckpt-every",
+            "0",
+            *flags,
+            *dtype,
+        ],
+    ]
     return {"argvs": argvs, "datastore": ds, "knnlm": kn, "train": tr}
 
 
@@ -173,13 +229,16 @@ def test_an_absent_gpu_or_cpu_half_exits_2_and_leaves_no_folder(built, capsys, m
 
 def test_run_and_generate_refuse_an_absent_gpu(built, capsys, monkeypatch, tmp_path):
     gpu(monkeypatch, 0)
-    rc, err = run(capsys, "run", "--corpus", built["root"] / "c.jsonl", "--model", built["model"], "--out", tmp_path / "r", "--device", "cuda")
+    rc, err = run(
+        capsys, "run", "--corpus", built["root"] / "c.jsonl", "--model", built["model"], "--out", tmp_path / "r", "--device", "cuda"
+    )
     assert rc == 2 and "--device cpu or auto" in err and not (tmp_path / "r").exists()
     rc, err = run(capsys, "generate", built["train"] / "memory", "hello", "--device", "cuda:0")
     assert rc == 2 and "--device cpu or auto" in err
 
 
 # ---------------------------------------------------------------- recipes
+
 
 def test_recipe_device_and_dtype_keys(tmp_path):
     base = {"out": str(tmp_path / "r"), "corpus": {"source": "builtin:sotu"}}
@@ -195,6 +254,7 @@ def test_recipe_device_and_dtype_keys(tmp_path):
 
 
 # ---------------------------------------------------------------- python -m mlpmem
+
 
 def test_python_dash_m_mlpmem_runs_the_cli():
     r = subprocess.run([sys.executable, "-m", "mlpmem", "datastore", "--help"], capture_output=True, text=True, timeout=120)
@@ -235,7 +295,9 @@ def test_generate_on_the_cpu_flags_equals_the_default(built, capsys):
         assert main(["generate", str(memory), "hello world", "--max-new-tokens", "5", *flags]) == 0
         outs.append(capsys.readouterr().out)
     assert outs[0] == outs[1] and "LM + memory" in outs[0]
-    assert main(["generate", str(memory), "hello world", "--max-new-tokens", "5", "--dtype", "bfloat16"]) == 0  # runs in bfloat16 on the CPU
+    assert (
+        main(["generate", str(memory), "hello world", "--max-new-tokens", "5", "--dtype", "bfloat16"]) == 0
+    )  # runs in bfloat16 on the CPU
 
 
 def test_local_device_resolves_auto_in_one_process():

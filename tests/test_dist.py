@@ -36,11 +36,41 @@ def mlpmem(nproc: int, *argv, launcher: str = "torchrun") -> subprocess.Complete
         cmd = [sys.executable, "-m", "mlpmem", *map(str, argv)]
     elif launcher == "accelerate":
         # --multi_gpu is accelerate's torchrun-style launcher; on a machine without GPUs it starts CPU processes
-        cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--num_processes", str(nproc), "--num_machines", "1", "--multi_gpu",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m", "mlpmem", *map(str, argv)]
+        cmd = [
+            str(Path(sys.executable).with_name("accelerate")),
+            "launch",
+            "--num_processes",
+            str(nproc),
+            "--num_machines",
+            "1",
+            "--multi_gpu",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            str(_free_port()),
+            "-m",
+            "mlpmem",
+            *map(str, argv),
+        ]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "mlpmem", *map(str, argv)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "1",
+            "--nproc-per-node",
+            str(nproc),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(_free_port()),
+            "-m",
+            "mlpmem",
+            *map(str, argv),
+        ]
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -79,8 +109,24 @@ def one_ds(corpus, tiny_llama, tmp_path_factory):
 
 
 def _ds_args(corpus, out, model, *extra):
-    return ("datastore", "--corpus", corpus, "--out", out, "--model", model, "--context", "32", "--stride", "16",
-            "--windows-per-shard", "3", "--device", "cpu", *extra)
+    return (
+        "datastore",
+        "--corpus",
+        corpus,
+        "--out",
+        out,
+        "--model",
+        model,
+        "--context",
+        "32",
+        "--stride",
+        "16",
+        "--windows-per-shard",
+        "3",
+        "--device",
+        "cpu",
+        *extra,
+    )
 
 
 def test_datastore_two_processes_same_files_as_one_and_resume_with_another_count(tmp_path, corpus, tiny_llama, one_ds):
@@ -149,13 +195,40 @@ def test_train_two_processes_ddp_matches_one_and_resumes_with_one(tmp_path, corp
     ix = build_index(ds, tmp_path / "ix", IndexConfig(kind="flat"))
     tg = build_targets(ds, ix, tmp_path / "tg", TargetsConfig(k=8, top_m=4))
     # 7 rows per micro-batch: the two ranks get 4 and 3, so the gradient weighting matters
-    args = ("train", "--datastore", ds, "--targets", tg, "--epochs", "0.03", "--batch-size", "14", "--grad-accum", "2", "--n-blocks", "1",
-            "--ckpt-every", "2", "--keep-last", "100", "--eval-every", "0", "--device", "cpu", "--precision", "fp32", "--init", "plain")
+    args = (
+        "train",
+        "--datastore",
+        ds,
+        "--targets",
+        tg,
+        "--epochs",
+        "0.03",
+        "--batch-size",
+        "14",
+        "--grad-accum",
+        "2",
+        "--n-blocks",
+        "1",
+        "--ckpt-every",
+        "2",
+        "--keep-last",
+        "100",
+        "--eval-every",
+        "0",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "--init",
+        "plain",
+    )
     mlpmem(1, *args, "--out", tmp_path / "one")
     mlpmem(2, *args, "--out", tmp_path / "two")
     a, b = (load_file(str(tmp_path / f / "memory" / "model.safetensors")) for f in ("one", "two"))
     assert a.keys() == b.keys()
-    moved = max(float(np.abs(a[k] - load_file(str(tmp_path / "one" / "checkpoints" / "step-000002" / "model.safetensors"))[k]).max()) for k in a)
+    moved = max(
+        float(np.abs(a[k] - load_file(str(tmp_path / "one" / "checkpoints" / "step-000002" / "model.safetensors"))[k]).max()) for k in a
+    )
     assert moved > 1e-3  # training moved the weights well beyond the tolerance below
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-5, err_msg=k)
@@ -231,8 +304,20 @@ def test_paper_scale_recipe_runs_at_tiny_scale(tmp_path, tiny_llama, tiny_corpus
 def test_gpu_check_script_runs_its_steps_on_the_cpu(tmp_path, tiny_llama):
     """bench/gpu_check.sh with DEV=cpu and a tiny model: the same commands as on a GPU, down to its JSON."""
     root = Path(__file__).resolve().parents[1]
-    env = {**_env(), "DEV": "cpu", "MODEL": str(tiny_llama), "TOKENS": "3000", "K": "64", "CTX": "64", "VALID": "400", "TEST": "500", "OUT": str(tmp_path / "out"),
-           "JSON": str(tmp_path / "gpu_check.json"), "MLPMEM": f"{sys.executable} -m mlpmem", "PY": sys.executable}
+    env = {
+        **_env(),
+        "DEV": "cpu",
+        "MODEL": str(tiny_llama),
+        "TOKENS": "3000",
+        "K": "64",
+        "CTX": "64",
+        "VALID": "400",
+        "TEST": "500",
+        "OUT": str(tmp_path / "out"),
+        "JSON": str(tmp_path / "gpu_check.json"),
+        "MLPMEM": f"{sys.executable} -m mlpmem",
+        "PY": sys.executable,
+    }
     r = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())

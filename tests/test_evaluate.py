@@ -37,8 +37,14 @@ def run(tmp_path_factory, tiny_llama):
     build_datastore(corpus, root / "valid", DatastoreConfig(**{**cfg.__dict__, "split": "valid", "lm_logprob": True}))
     build_index(root / "ds", root / "ix", IndexConfig(kind="flat"))
     model = load_model(str(tiny_llama))
-    return {"root": root, "corpus": corpus, "model": model, "ds": Datastore(root / "ds"), "valid": Datastore(root / "valid"),
-            "index": KnnIndex.open(root / "ix")}
+    return {
+        "root": root,
+        "corpus": corpus,
+        "model": model,
+        "ds": Datastore(root / "ds"),
+        "valid": Datastore(root / "valid"),
+        "index": KnnIndex.open(root / "ix"),
+    }
 
 
 def naive_lm_logprob(model, tokens: np.ndarray) -> np.ndarray:
@@ -71,14 +77,18 @@ def test_score_online_against_naive_references(run, torch_threads):
     ref_d, ref_ids = naive_knn(run["ds"].load("keys"), q, K)
     np.testing.assert_allclose(sc.knn_dists, ref_d, rtol=1e-4, atol=1e-4)
     assert (sc.knn_values == run["ds"].values()[ref_ids]).mean() > 0.99  # equal up to float ties
-    np.testing.assert_allclose(sc.memory_logprob, mem.gather(-1, torch.from_numpy(tokens[1:].astype(np.int64))[:, None])[:, 0].numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        sc.memory_logprob, mem.gather(-1, torch.from_numpy(tokens[1:].astype(np.int64))[:, None])[:, 0].numpy(), rtol=1e-5, atol=1e-5
+    )
     assert set(sc.seconds) == {"lm", "knn", "memory"} and all(v > 0 for v in sc.seconds.values())
 
 
 def test_score_stored_agrees_with_score_online(run):
     valid = run["valid"]
     stored = score_stored(valid, run["index"], run["ds"].values(), K)
-    online = score_online(run["model"][0], Corpus(run["corpus"]).tokens("valid"), C, S, ReadSite(1, "ffn_input"), run["index"], run["ds"].values(), K)
+    online = score_online(
+        run["model"][0], Corpus(run["corpus"]).tokens("valid"), C, S, ReadSite(1, "ffn_input"), run["index"], run["ds"].values(), K
+    )
     assert np.array_equal(stored.labels, online.labels)
     np.testing.assert_allclose(stored.lm_logprob, online.lm_logprob, atol=1e-4)
     # stored keys are float16: distances agree to float16 precision, neighbours up to near-ties
@@ -138,8 +148,12 @@ def test_run_knnlm_tunes_on_valid_only(run, monkeypatch):
     monkeypatch.setattr(ev, "tune_knn_for", lambda cfg, valid: seen.append(valid) or real(cfg, valid))
     cfg = KnnConfig(k=K, temperatures=[1.0, 4.0, 16.0], batch_size=4)
     corpus = Corpus(run["corpus"])
-    r_test = run_knnlm(run["corpus"], run["root"] / "ds", run["root"] / "ix", run["root"] / "knn_test", cfg, "test", model_bundle=run["model"])
-    r_valid = run_knnlm(run["corpus"], run["root"] / "ds", run["root"] / "ix", run["root"] / "knn_valid", cfg, "valid", model_bundle=run["model"])
+    r_test = run_knnlm(
+        run["corpus"], run["root"] / "ds", run["root"] / "ix", run["root"] / "knn_test", cfg, "test", model_bundle=run["model"]
+    )
+    r_valid = run_knnlm(
+        run["corpus"], run["root"] / "ds", run["root"] / "ix", run["root"] / "knn_valid", cfg, "valid", model_bundle=run["model"]
+    )
     # tuning saw the valid tokens both times, whatever split was scored; T and lambda do not depend on it
     assert [v.n for v in seen] == [len(corpus.tokens("valid")) - 1] * 2
     assert np.array_equal(seen[0].labels, corpus.tokens("valid")[1:])
@@ -163,8 +177,15 @@ def test_knnlm_scores_with_the_datastores_prefix(run, tmp_path, monkeypatch):
     seen = []
     real = ev.score_online
     monkeypatch.setattr(ev, "score_online", lambda *a, **k: seen.append(k.get("prefix")) or real(*a, **k))
-    r = run_knnlm(run["corpus"], tmp_path / "ds", tmp_path / "ix", tmp_path / "knn", KnnConfig(k=8, temperatures=[1.0]), "test",
-                  model_bundle=(model, tok, model_id))
+    r = run_knnlm(
+        run["corpus"],
+        tmp_path / "ds",
+        tmp_path / "ix",
+        tmp_path / "knn",
+        KnnConfig(k=8, temperatures=[1.0]),
+        "test",
+        model_bundle=(model, tok, model_id),
+    )
     assert seen == [(tok.bos_token_id,)] * 2
     tokens = Corpus(run["corpus"]).tokens("test")
     plain = real(model, tokens, C, S, None)

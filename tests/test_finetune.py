@@ -48,8 +48,20 @@ def memory_dir(tiny_llama, tmp_path_factory) -> Path:
 
 
 def config(tiny_llama, **kw) -> FinetuneConfig:
-    base = dict(model=str(tiny_llama), method="full", chunk=32, batch_size=2, epochs=2.0, lr=3e-3, warmup=0.2, lora_r=4, lora_alpha=8,
-                device="cpu", dtype="float32", seed=0)
+    base = dict(
+        model=str(tiny_llama),
+        method="full",
+        chunk=32,
+        batch_size=2,
+        epochs=2.0,
+        lr=3e-3,
+        warmup=0.2,
+        lora_r=4,
+        lora_alpha=8,
+        device="cpu",
+        dtype="float32",
+        seed=0,
+    )
     return FinetuneConfig(**{**base, **kw})
 
 
@@ -71,7 +83,9 @@ def test_mixture_nll_matches_naive_reference(lam):
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), naive, rtol=16 * F32, atol=16 * F32)
     # lam = 0 is the LM's own cross-entropy; without a memory too
-    torch.testing.assert_close(mixture_nll(lm, y), torch.nn.functional.cross_entropy(lm.reshape(-1, 50), y.reshape(-1)), rtol=16 * F32, atol=16 * F32)
+    torch.testing.assert_close(
+        mixture_nll(lm, y), torch.nn.functional.cross_entropy(lm.reshape(-1, 50), y.reshape(-1)), rtol=16 * F32, atol=16 * F32
+    )
 
 
 def test_mixture_gradient_reaches_both_parts():
@@ -102,7 +116,10 @@ def test_frozen_memory_stays_bit_identical_trained_one_changes(tiny_llama, corpu
     before = load_file(str(memory_dir / "model.safetensors"))
     frozen = finetune(config(tiny_llama, memory=str(memory_dir), lambda_=0.5), corpus, tmp_path / "frozen")
     trained = finetune(config(tiny_llama, memory=str(memory_dir), lambda_=0.5, memory_trainable=True), corpus, tmp_path / "trained")
-    after_frozen, after_trained = load_file(str(tmp_path / "frozen/memory/model.safetensors")), load_file(str(tmp_path / "trained/memory/model.safetensors"))
+    after_frozen, after_trained = (
+        load_file(str(tmp_path / "frozen/memory/model.safetensors")),
+        load_file(str(tmp_path / "trained/memory/model.safetensors")),
+    )
     assert set(after_frozen) == set(before)
     assert all(torch.equal(after_frozen[k], before[k]) for k in before)
     assert frozen["memory_trainable_params"] == 0 and trained["memory_trainable_params"] > 0

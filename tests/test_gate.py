@@ -367,8 +367,11 @@ def test_pipeline_reports_gated_beside_fixed(tmp_path, tiny_llama, tiny_corpus_f
     from mlpmem.hf import MLPMemoryForCausalLM
     from mlpmem.pipeline import load_recipe, run_pipeline
 
-    recipe = dict(tiny_recipe(tmp_path, tiny_llama, tiny_corpus_file, init="lm_copy", input_site="output"),
-                  eval={"mixing": "gated"}, gate={"steps": 60, "hidden": 8})
+    recipe = dict(
+        tiny_recipe(tmp_path, tiny_llama, tiny_corpus_file, init="lm_copy", input_site="output"),
+        eval={"mixing": "gated"},
+        gate={"steps": 60, "hidden": 8},
+    )
     r = run_pipeline(load_recipe(recipe))
     assert {"base", "mlp_memory", "mlp_memory_gated"} <= set(r["ppl"]) and "mlp_memory_gated" in r["tokens_per_s"]
     assert math.isfinite(r["ppl"]["mlp_memory_gated"]) and 0 <= r["gate"]["mean_lambda"] <= 1 and r["gate"]["params"] < 1000
@@ -398,14 +401,21 @@ def test_gated_export_loads_as_remote_code_without_mlpmem(gated_parts, tmp_path)
     ids = tok("the union and the people of", return_tensors="pt").input_ids
     with torch.no_grad():
         want = model(ids).logits[0, -1].tolist(), model(ids, mixing="fixed").logits[0, -1].tolist()
-    code = ("import sys, json, torch\nsys.modules['mlpmem'] = None\nfrom transformers import AutoModelForCausalLM\n"
-            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
-            "p = torch.tensor([json.loads(sys.argv[2])])\n"
-            "with torch.no_grad():\n"
-            "    print(json.dumps([m.mixing_mode, m(p).logits[0, -1].tolist(), m(p, mixing='fixed').logits[0, -1].tolist()]))\n")
+    code = (
+        "import sys, json, torch\nsys.modules['mlpmem'] = None\nfrom transformers import AutoModelForCausalLM\n"
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+        "p = torch.tensor([json.loads(sys.argv[2])])\n"
+        "with torch.no_grad():\n"
+        "    print(json.dumps([m.mixing_mode, m(p).logits[0, -1].tolist(), m(p, mixing='fixed').logits[0, -1].tolist()]))\n"
+    )
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
-    run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "full"), json.dumps(ids[0].tolist())], capture_output=True, text=True,
-                         env=env, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "full"), json.dumps(ids[0].tolist())],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     mode, gated, fixed = json.loads(run.stdout.strip().splitlines()[-1])
     assert mode == "gated"
@@ -465,7 +475,9 @@ def test_one_pass_scores_several_memories(gated_parts):
     lm, tok, mem, meta, _, _ = gated_parts
     other = tiny_memory(lm, seed=3)
     tokens = np.array(tok(" ".join(["war and peace in the union"] * 6)).input_ids, dtype=np.int64)[:30]
-    labels, lp, feats, _ = score_memories(lm, tokens, 16, 8, [(mem, ReadSite(1, "ffn_input")), (other, ReadSite(0, "output"))], batch_size=2)
+    labels, lp, feats, _ = score_memories(
+        lm, tokens, 16, 8, [(mem, ReadSite(1, "ffn_input")), (other, ReadSite(0, "output"))], batch_size=2
+    )
     one = score_mixing(lm, tokens, 16, 8, mem, ReadSite(1, "ffn_input"), batch_size=2)
     two = score_mixing(lm, tokens, 16, 8, other, ReadSite(0, "output"), batch_size=2)
     assert lp.shape == (29, 3) and feats.shape == (29, 2, len(GATE_FEATURES)) and np.array_equal(labels, one.labels)

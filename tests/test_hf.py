@@ -86,7 +86,9 @@ def test_forward_matches_reference_and_lambda_ends(arch_parts, model, torch_thre
     with torch.no_grad():
         for lam in (0.5, 0.1):
             torch.testing.assert_close(model(ids, lambda_=lam).logits, ref_logprobs(lm, mem, meta, ids, lam), **CLOSE)
-        torch.testing.assert_close(model(ids, lambda_=0.5, memory_temperature=2.0).logits, ref_logprobs(lm, mem, meta, ids, 0.5, 2.0), **CLOSE)
+        torch.testing.assert_close(
+            model(ids, lambda_=0.5, memory_temperature=2.0).logits, ref_logprobs(lm, mem, meta, ids, 0.5, 2.0), **CLOSE
+        )
         # lambda = 0 is the base LM bit for bit: the same call of the same kernels on the same inputs
         assert torch.equal(model(ids, lambda_=0.0).logits, lm(ids).logits.float().log_softmax(-1))
         torch.testing.assert_close(model(ids, lambda_=1.0).logits, ref_logprobs(lm, mem, meta, ids, 1.0), **CLOSE)
@@ -131,7 +133,9 @@ def test_greedy_equals_reference_loop(arch_parts, model):
 def test_lambda_zero_generate_is_base_model(arch_parts, model):
     _, lm, tok, _, _ = arch_parts
     for p in prompts(tok):
-        assert torch.equal(model.generate(p, max_new_tokens=8, do_sample=False, lambda_=0.0), lm.generate(p, max_new_tokens=8, do_sample=False))
+        assert torch.equal(
+            model.generate(p, max_new_tokens=8, do_sample=False, lambda_=0.0), lm.generate(p, max_new_tokens=8, do_sample=False)
+        )
 
 
 def test_left_padded_batch_equals_one_by_one(arch_parts, model):
@@ -143,29 +147,36 @@ def test_left_padded_batch_equals_one_by_one(arch_parts, model):
     out = model.generate(**batch, max_new_tokens=6, do_sample=False)
     eos, width = model.generation_config.eos_token_id, batch.input_ids.shape[1]
     for i, p in enumerate(prompts(tok, texts)):
-        single = model.generate(p, max_new_tokens=6, do_sample=False)[0, p.shape[1]:].tolist()
+        single = model.generate(p, max_new_tokens=6, do_sample=False)[0, p.shape[1] :].tolist()
         got = out[i, width:].tolist()
         assert got[: len(single)] == single
-        assert all(t == tok.pad_token_id for t in got[len(single):]) and (len(single) == 6 or single[-1] == eos)
+        assert all(t == tok.pad_token_id for t in got[len(single) :]) and (len(single) == 6 or single[-1] == eos)
 
 
 def test_beam_search_cache_equals_no_cache_and_scores_are_mixture(arch_parts, model):
     _, lm, tok, mem, meta = arch_parts
     p = prompts(tok)[0]
-    kw = dict(max_new_tokens=6, num_beams=3, num_return_sequences=3, do_sample=False, length_penalty=0.0,
-              output_scores=True, return_dict_in_generate=True)
+    kw = dict(
+        max_new_tokens=6,
+        num_beams=3,
+        num_return_sequences=3,
+        do_sample=False,
+        length_penalty=0.0,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     cached = model.generate(p, **kw)
     uncached = model.generate(p, use_cache=False, **kw)
     assert torch.equal(cached.sequences, uncached.sequences)
     eos = model.generation_config.eos_token_id
     for seq, score in zip(cached.sequences, cached.sequences_scores):
         # with length_penalty 0 a beam's score is the sum of its tokens' log-probs under the mixture
-        gen = seq[p.shape[1]:].tolist()
+        gen = seq[p.shape[1] :].tolist()
         if eos in gen:
             gen = gen[: gen.index(eos) + 1]
         full = torch.cat([p[0], torch.tensor(gen)])[None]
         lp = ref_logprobs(lm, mem, meta, full, 0.5)[0, p.shape[1] - 1 : -1]
-        want = lp.gather(-1, full[0, p.shape[1]:, None]).sum()
+        want = lp.gather(-1, full[0, p.shape[1] :, None]).sum()
         torch.testing.assert_close(score, want, rtol=0, atol=1e-3)
 
 
@@ -173,8 +184,9 @@ def test_sampling_first_step_distribution(arch_parts, model):
     _, lm, tok, mem, meta = arch_parts
     p = prompts(tok)[2]
     temp, top_k, top_p = 0.7, 20, 0.9
-    out = model.generate(p, do_sample=True, temperature=temp, top_k=top_k, top_p=top_p, max_new_tokens=1,
-                         output_scores=True, return_dict_in_generate=True)
+    out = model.generate(
+        p, do_sample=True, temperature=temp, top_k=top_k, top_p=top_p, max_new_tokens=1, output_scores=True, return_dict_in_generate=True
+    )
     got = out.scores[0][0].softmax(-1)
     # reference: temperature, then top-k, then top-p (smallest top set reaching top_p), renormalised
     x = ref_logprobs(lm, mem, meta, p, 0.5)[0, -1] / temp
@@ -293,8 +305,10 @@ def test_remote_code_loads_without_importing_mlpmem_hf(tiny_llama, tmp_path):
     lm, tok, model_id = load_model(str(tiny_llama))
     meta = memory_meta(model_id, tok, -1, "ffn_input")
     MLPMemoryForCausalLM.from_parts(lm, random_memory(lm), meta, tokenizer=tok, lambda_=0.5).save_pretrained(tmp_path / "m")
-    code = ("import sys; from transformers import AutoModelForCausalLM; assert 'mlpmem.hf' not in sys.modules; "
-            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True); print(type(m).__name__, m.lambda_)")
+    code = (
+        "import sys; from transformers import AutoModelForCausalLM; assert 'mlpmem.hf' not in sys.modules; "
+        "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True); print(type(m).__name__, m.lambda_)"
+    )
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"))
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -320,8 +334,22 @@ def test_generate_cli_side_by_side(arch_parts, tmp_path, capsys):
     _, lm, tok, mem, meta = arch_parts
     save_memory(tmp_path / "mem", mem, meta)
     (tmp_path / "prompts.txt").write_text("the union and\nwar\n")
-    assert main(["generate", str(tmp_path / "mem"), "congress has", "--prompts-file", str(tmp_path / "prompts.txt"),
-                 "--max-new-tokens", "6", "--lam", "0.9"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(tmp_path / "mem"),
+                "congress has",
+                "--prompts-file",
+                str(tmp_path / "prompts.txt"),
+                "--max-new-tokens",
+                "6",
+                "--lam",
+                "0.9",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert out.count("--- base LM:") == 3 and out.count("--- LM + memory (lambda=0.9):") == 3
     from mlpmem.generation import GenerateConfig, generate_side_by_side
@@ -341,7 +369,7 @@ def test_generate_side_by_side_with_a_full_export(arch_parts, model, tmp_path):
     (tmp_path / "full" / "config.json").write_text(json.dumps(dict(cfg, base_model=str(tmp_path / "gone"))))  # nothing else to find
     rows = generate_side_by_side(str(tmp_path / "full"), ["the union and", "war"], GenerateConfig(max_new_tokens=6, lam=0.5))
     p = tok("war", return_tensors="pt").input_ids
-    assert rows[1]["memory"] == tok.decode(model.generate(p, max_new_tokens=6, do_sample=False)[0, p.shape[1]:], skip_special_tokens=True)
+    assert rows[1]["memory"] == tok.decode(model.generate(p, max_new_tokens=6, do_sample=False)[0, p.shape[1] :], skip_special_tokens=True)
 
 
 def test_saving_never_replaces_a_users_folder(arch_parts, model, tmp_path):

@@ -22,6 +22,7 @@ from mlpmem.modeling.read_site import ReadSite, capture
 hf = pytest.importorskip("mlpmem.hf")
 MLPMemoryForCausalLM = hf.MLPMemoryForCausalLM
 from mlpmem.modeling.modeling_mlpmem import model_card  # noqa: E402
+
 REV = "0123456789abcdef0123456789abcdef01234567"  # a commit hash, as the hub cache names snapshots
 
 
@@ -74,7 +75,9 @@ def test_cls_config_builds_both_parts(model):
         for p in trained.parameters():
             p.normal_(0.0, 0.3)  # stands for trained weights
     before = {k: v.clone() for k, v in trained.state_dict().items()}
-    again = MLPMemoryForCausalLM.from_parts(built.lm, trained, dict(model.config.memory_meta, model_fingerprint=model_fingerprint(built.lm)))
+    again = MLPMemoryForCausalLM.from_parts(
+        built.lm, trained, dict(model.config.memory_meta, model_fingerprint=model_fingerprint(built.lm))
+    )
     assert all(torch.equal(v, before[k]) for k, v in again.memory.state_dict().items())
 
 
@@ -127,7 +130,9 @@ def test_dtype_auto_restores_the_checkpoint_dtype(memory_parts, tmp_path):
     # by reference, the base is loaded in its checkpoint's dtype too
     half.save_pretrained(tmp_path / "half_base")
     tok.save_pretrained(tmp_path / "half_base")
-    MLPMemoryForCausalLM.from_parts(half, mem, meta, tokenizer=tok, base_model=str(tmp_path / "half_base")).save_pretrained(tmp_path / "ref")
+    MLPMemoryForCausalLM.from_parts(half, mem, meta, tokenizer=tok, base_model=str(tmp_path / "half_base")).save_pretrained(
+        tmp_path / "ref"
+    )
     by_ref = MLPMemoryForCausalLM.from_pretrained(tmp_path / "ref", dtype="auto")
     assert by_ref.lm.dtype == torch.bfloat16 and by_ref.memory.head.weight.dtype == torch.float32
 
@@ -153,8 +158,13 @@ def test_remote_code_without_mlpmem_generates_the_same_tokens(model, memory_part
         "print(json.dumps(out))\n"
     )
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
-    run = subprocess.run([sys.executable, "-c", code, json.dumps(prompt[0].tolist()), str(full), str(tmp_path / "ref")],
-                         capture_output=True, text=True, env=env, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(prompt[0].tolist()), str(full), str(tmp_path / "ref")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
     assert got == {str(full): [want, want_beam], str(tmp_path / "ref"): [want, want_beam]}

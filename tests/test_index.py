@@ -86,7 +86,11 @@ def test_ivf_rerank_exact_distances_and_recall(store, tmp_path):
 
 def test_missing_hits_padded(tmp_path, store):
     # one list probed out of 16 with no re-ranking candidates to spare: FAISS returns -1s
-    out = build_index(store[0], tmp_path / "ivf", IndexConfig(kind="IVF16,Flat", nprobe=1, rerank=False, recall_sample=20, recall_k=300, train_sample=2000))
+    out = build_index(
+        store[0],
+        tmp_path / "ivf",
+        IndexConfig(kind="IVF16,Flat", nprobe=1, rerank=False, recall_sample=20, recall_k=300, train_sample=2000),
+    )
     index = KnnIndex.open(out)
     d, ids = index.search(store[1][:4].astype(np.float32), 1000, exclude=np.arange(4))
     assert (ids == -1).any()

@@ -5,14 +5,31 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from mlpmem.corpus import CorpusConfig, build_corpus
 
 
 def _cmd(corpus, out, model):
-    return [sys.executable, "-m", "mlpmem.cli", "datastore", "--corpus", str(corpus), "--out", str(out), "--model", str(model),
-            "--context", "32", "--stride", "16", "--batch-size", "1", "--windows-per-shard", "2"]
+    return [
+        sys.executable,
+        "-m",
+        "mlpmem.cli",
+        "datastore",
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(out),
+        "--model",
+        str(model),
+        "--context",
+        "32",
+        "--stride",
+        "16",
+        "--batch-size",
+        "1",
+        "--windows-per-shard",
+        "2",
+    ]
 
 
 def test_sigkill_then_resume_is_byte_identical(tmp_path, tiny_llama, tiny_corpus_file):
@@ -54,8 +71,32 @@ def test_sigkill_train_then_damaged_newest_checkpoint_resumes_byte_identical(tmp
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
 
     def cmd(out):
-        return [sys.executable, "-m", "mlpmem.cli", "train", "--datastore", str(ds), "--targets", str(tg), "--out", str(out), "--epochs", "2",
-                "--batch-size", "32", "--n-blocks", "1", "--ckpt-every", "2", "--eval-every", "0", "--keep-last", "2", "--init", "plain"]
+        return [
+            sys.executable,
+            "-m",
+            "mlpmem.cli",
+            "train",
+            "--datastore",
+            str(ds),
+            "--targets",
+            str(tg),
+            "--out",
+            str(out),
+            "--epochs",
+            "2",
+            "--batch-size",
+            "32",
+            "--n-blocks",
+            "1",
+            "--ckpt-every",
+            "2",
+            "--eval-every",
+            "0",
+            "--keep-last",
+            "2",
+            "--init",
+            "plain",
+        ]
 
     subprocess.run(cmd(tmp_path / "clean"), check=True, env=env, capture_output=True)
     out = tmp_path / "killed"

@@ -17,14 +17,44 @@ SRC = Path(__file__).resolve().parent.parent / "src" / "mlpmem"
 # bottom to top; within a layer, too, a module imports only those listed before it
 LAYERS: dict[str, list[str]] = {
     # what save_pretrained copies and remote code runs without mlpmem
-    "modeling": ["modeling.errors", "modeling.read_site", "modeling.mixing", "modeling.mlp_memory", "modeling.gating",
-                 "modeling.configuration_mlpmem", "modeling.integration", "modeling.modeling_mlpmem", "modeling"],
+    "modeling": [
+        "modeling.errors",
+        "modeling.read_site",
+        "modeling.mixing",
+        "modeling.mlp_memory",
+        "modeling.gating",
+        "modeling.configuration_mlpmem",
+        "modeling.integration",
+        "modeling.modeling_mlpmem",
+        "modeling",
+    ],
     # the toolkit every stage uses: the LM loader and device, configs, folders and manifests, mixture fitting
     "core": ["_version", "errors", "models", "dist", "losses", "config", "manifest", "store", "interpolate", "wordnet"],
     # the pipeline's stages and the registry that runs them
-    "stages": ["corpus", "datastore", "index", "targets", "memory", "train.config", "train.schedule", "train.metrics", "train.model",
-               "train.checkpoint", "train.data", "train.loop", "train", "evaluate", "retrieval", "gate", "finetune", "probe",
-               "knowledge_tasks", "stages", "pipeline", "plan"],
+    "stages": [
+        "corpus",
+        "datastore",
+        "index",
+        "targets",
+        "memory",
+        "train.config",
+        "train.schedule",
+        "train.metrics",
+        "train.model",
+        "train.checkpoint",
+        "train.data",
+        "train.loop",
+        "train",
+        "evaluate",
+        "retrieval",
+        "gate",
+        "finetune",
+        "probe",
+        "knowledge_tasks",
+        "stages",
+        "pipeline",
+        "plan",
+    ],
     # other libraries' doors: transformers constructors, generation, lm-eval backends
     "integrations": ["hf", "generation", "lm_eval_backend", "rag", "lm_eval_cli"],
     # what users run; the package root registers the integration hooks
@@ -42,8 +72,12 @@ def module_name(path: Path, root: Path = SRC) -> str:
 
 
 def _is_main_block(node: ast.AST) -> bool:
-    return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and isinstance(node.test.left, ast.Name)
-            and node.test.left.id == "__name__")
+    return (
+        isinstance(node, ast.If)
+        and isinstance(node.test, ast.Compare)
+        and isinstance(node.test.left, ast.Name)
+        and node.test.left.id == "__name__"
+    )
 
 
 def imports_of(path: Path, modules: set[str], root: Path = SRC) -> set[str]:
@@ -100,12 +134,15 @@ def test_modeling_imports_nothing_of_mlpmem():
     assert not outside, f"modeling/ must load without mlpmem (remote code): {outside}"
 
 
-@pytest.mark.parametrize("source, expected", [
-    ("from mlpmem.cli import main\n", {"cli"}),
-    ("def f():\n    from mlpmem import hf\n", {"hf"}),
-    ("from .read_site import capture\n", {"modeling.read_site"}),
-    ("if __name__ == '__main__':\n    from mlpmem.cli import main\n", set()),
-])
+@pytest.mark.parametrize(
+    "source, expected",
+    [
+        ("from mlpmem.cli import main\n", {"cli"}),
+        ("def f():\n    from mlpmem import hf\n", {"hf"}),
+        ("from .read_site import capture\n", {"modeling.read_site"}),
+        ("if __name__ == '__main__':\n    from mlpmem.cli import main\n", set()),
+    ],
+)
 def test_the_checker_sees_imports(tmp_path, source, expected):
     """The checker itself: top-level, in-function and relative imports count, a script's __main__ block does not."""
     fake = tmp_path / "mlpmem"

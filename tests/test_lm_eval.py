@@ -64,7 +64,9 @@ metric_list:
 def write_tasks(folder: Path) -> Path:
     texts = make_texts(n_docs=6, words_per_doc=12, seed=3)
     rows = {
-        "mc": [{"context": t[:30], "choices": [" " + texts[(i + j) % 6][30:50] for j in range(4)], "label": 0} for i, t in enumerate(texts)],
+        "mc": [
+            {"context": t[:30], "choices": [" " + texts[(i + j) % 6][30:50] for j in range(4)], "label": 0} for i, t in enumerate(texts)
+        ],
         "rolling": [{"text": t} for t in texts[:3]],
         "gen": [{"prompt": t[:25], "answer": "x"} for t in texts[:2]],
     }
@@ -94,8 +96,15 @@ def evaluate(model: str, model_args: dict, task_manager):
     import mlpmem.lm_eval_backend  # noqa: F401  registers `mlpmem`
 
     return lm_eval.simple_evaluate(
-        model=model, model_args=model_args, tasks=["t_mc", "t_rolling", "t_gen"], task_manager=task_manager,
-        batch_size=2, device="cpu", bootstrap_iters=0, log_samples=True, random_seed=0,
+        model=model,
+        model_args=model_args,
+        tasks=["t_mc", "t_rolling", "t_gen"],
+        task_manager=task_manager,
+        batch_size=2,
+        device="cpu",
+        bootstrap_iters=0,
+        log_samples=True,
+        random_seed=0,
     )
 
 
@@ -131,7 +140,7 @@ def test_backend_scores_the_mixture(setup, tiny_llama):
         prompt = s["doc"]["prompt"]
         ids = tok(prompt, return_tensors="pt").input_ids
         out = model.generate(ids, max_new_tokens=4, do_sample=False)
-        want = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0]
+        want = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).split("\n")[0]
         assert s["resps"][0][0] == want
 
 
@@ -150,7 +159,7 @@ def test_device_defaults_to_what_is_there(setup, tmp_path, monkeypatch):
     from lm_eval.api.instance import Instance
 
     req = Instance(request_type="loglikelihood", doc={}, arguments=("the union", " and the"), idx=0)
-    (logp, _), = lm.loglikelihood([req])
+    ((logp, _),) = lm.loglikelihood([req])
     assert math.isfinite(logp) and logp < 0
     # a full export (pretrained=) brings its own tokenizer
     model, tok = lm_eval_backend.load_mixture(memory=str(root / "memory"), lambda_=0.5)
@@ -178,8 +187,12 @@ def test_a_memory_trained_after_bos_scores_after_bos(setup, tmp_path):
     save_memory(tmp_path / "bos", mem, dict(meta, prefix=[0]))
     assert lm_eval_backend.MLPMemoryLM(memory=str(tmp_path / "bos"), lambda_=0.5, batch_size=1, device="cpu").add_bos_token is True
     assert lm_eval_backend.MLPMemoryLM(memory=str(root / "memory"), lambda_=0.5, batch_size=1, device="cpu").add_bos_token is None
-    assert lm_eval_backend.MLPMemoryLM(memory=str(tmp_path / "bos"), lambda_=0.5, batch_size=1, device="cpu",
-                                       add_bos_token=False).add_bos_token is False
+    assert (
+        lm_eval_backend.MLPMemoryLM(
+            memory=str(tmp_path / "bos"), lambda_=0.5, batch_size=1, device="cpu", add_bos_token=False
+        ).add_bos_token
+        is False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -202,8 +215,14 @@ def mixings(setup, tiny_llama, tmp_path_factory):
     save_gate(run / "gate", gate.eval(), gate_meta(mem, GateConfig(), {}, meta))
     tiny_knn_run(run, tiny_llama)
     mdir, fixed = run / "train" / "memory", root / "memory"
-    return {"fixed": f"memory={fixed},lambda_=0.5", "lambda0": f"memory={fixed},lambda_=0", "gated": f"memory={mdir}",
-            "knn": f"knn={run},lambda_=0.3", "memory+knn": f"memory={fixed},knn={run},lambda_=0.4", "routed": f"memory={fixed},knn={run}"}
+    return {
+        "fixed": f"memory={fixed},lambda_=0.5",
+        "lambda0": f"memory={fixed},lambda_=0",
+        "gated": f"memory={mdir}",
+        "knn": f"knn={run},lambda_=0.3",
+        "memory+knn": f"memory={fixed},knn={run},lambda_=0.4",
+        "routed": f"memory={fixed},knn={run}",
+    }
 
 
 MAX_LENGTH = 40
@@ -219,14 +238,21 @@ def scoring_requests(lm) -> list:
 
     texts = make_texts(n_docs=4, words_per_doc=40, seed=11)
     words = texts[0].split()
-    pairs = [("the union of", " the states"), ("the union of", " a"), ("the union of", " many more of them"), ("the union of", " war"),
-             (" ".join(words[:6]), " peace"), (" ".join(words[:6]), " trade and money"), ("", " congress of the nation"),
-             ("Question: which?\nAnswer:", " b")]
+    pairs = [
+        ("the union of", " the states"),
+        ("the union of", " a"),
+        ("the union of", " many more of them"),
+        ("the union of", " war"),
+        (" ".join(words[:6]), " peace"),
+        (" ".join(words[:6]), " trade and money"),
+        ("", " congress of the nation"),
+        ("Question: which?\nAnswer:", " b"),
+    ]
     for ctx in ("the union of", " ".join(words[:6])):  # the model's own greedy next tokens
         ids = lm.tok_encode(ctx)
         with torch.no_grad():
             out = lm.model.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False, pad_token_id=lm.tokenizer.eos_token_id)
-        pairs += [(ctx, lm.tokenizer.decode(out[0, len(ids):len(ids) + 1])), (ctx, lm.tokenizer.decode(out[0, len(ids):]))]
+        pairs += [(ctx, lm.tokenizer.decode(out[0, len(ids) : len(ids) + 1])), (ctx, lm.tokenizer.decode(out[0, len(ids) :]))]
     total = {}
     for n in range(1, len(words) + 1):
         for cont in (" a", " union", " of the", " peace of", " peace of the people"):

@@ -39,7 +39,9 @@ def test_matches_dense_reference(alpha, seed, torch_threads):
 def test_unnormalised_float16_targets_are_renormalised():
     logits, ids, probs, labels = make_case(pad=0)
     scaled = (probs.float() * 0.7).half()  # e.g. mass removed by a top-M cut
-    torch.testing.assert_close(sparse_kd_loss(logits, ids, scaled, labels, 1.0)[0], sparse_kd_loss(logits, ids, probs, labels, 1.0)[0], rtol=2e-3, atol=1e-4)
+    torch.testing.assert_close(
+        sparse_kd_loss(logits, ids, scaled, labels, 1.0)[0], sparse_kd_loss(logits, ids, probs, labels, 1.0)[0], rtol=2e-3, atol=1e-4
+    )
 
 
 def test_alpha_ends():

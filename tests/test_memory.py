@@ -15,7 +15,9 @@ def tiny_llama():
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=100)
+    cfg = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=100
+    )
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
@@ -135,7 +137,11 @@ def test_lm_head_dims_must_fit():
 
 def test_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
-    m = MLPMemory(MemoryConfig(d_in=16, vocab_size=50, width=24, n_blocks=2, activation="swiglu", norm="rmsnorm", zero_init_blocks=False, freeze_head=True))
+    m = MLPMemory(
+        MemoryConfig(
+            d_in=16, vocab_size=50, width=24, n_blocks=2, activation="swiglu", norm="rmsnorm", zero_init_blocks=False, freeze_head=True
+        )
+    )
     meta = {"model_id": "tiny", "tokenizer_hash": "abc", "layer": 1, "site": "ffn_input"}
     save_memory(tmp_path / "mem", m, meta)
     assert not list((tmp_path / "mem").glob("*.partial"))
@@ -207,7 +213,9 @@ def test_the_memory_input_is_decided_in_one_place():
     # unset: the datastore's key; stored as the keys
     assert resolve_memory_input(None, None, "plain", "offline", 5, "ffn_input", n_layers=8) == MemoryInput(5, "ffn_input", "stored", "keys")
     # lm_copy: the last layer's output, stored as an extra array (or recomputed online)
-    assert resolve_memory_input(None, None, "lm_copy", "offline", 5, "ffn_input", n_layers=8) == MemoryInput(7, "output", "stored", "h7.output")
+    assert resolve_memory_input(None, None, "lm_copy", "offline", 5, "ffn_input", n_layers=8) == MemoryInput(
+        7, "output", "stored", "h7.output"
+    )
     assert resolve_memory_input(None, None, "lm_copy", "online", 5, "ffn_input", n_layers=8) == MemoryInput(7, "output", "recomputed", None)
     assert resolve_memory_input(-1, "output", "plain", "offline", 7, "output", n_layers=8).array == "keys"
     with pytest.raises(MlpmemError, match="needs the model"):

@@ -24,8 +24,10 @@ def test_hub_name_loads_from_the_local_cache(tmp_path, tiny_llama):
     # a fresh process, because huggingface_hub reads HF_HUB_CACHE once, at import
     _fake_hub_cache(tmp_path / "hub", "HuggingFaceTB/SmolLM2-135M", tiny_llama)
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
-    code = ("from mlpmem.models import load_model, model_label; m, t, i = load_model('HuggingFaceTB/SmolLM2-135M'); "
-            "print(i, m.config.hidden_size, model_label(i))")
+    code = (
+        "from mlpmem.models import load_model, model_label; m, t, i = load_model('HuggingFaceTB/SmolLM2-135M'); "
+        "print(i, m.config.hidden_size, model_label(i))"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["HuggingFaceTB/SmolLM2-135M", "32", "HuggingFaceTB/SmolLM2-135M"]  # reported as it is

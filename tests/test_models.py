@@ -85,8 +85,15 @@ def _bert_folder(folder, tok, is_decoder: bool):
     from transformers import AutoModelForCausalLM, BertConfig
 
     torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=len(tok) + 8,
-                     max_position_embeddings=64, is_decoder=is_decoder)
+    cfg = BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        vocab_size=len(tok) + 8,
+        max_position_embeddings=64,
+        is_decoder=is_decoder,
+    )
     AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)  # transformers gives BertLMHeadModel
     tok.save_pretrained(folder)
     return folder
@@ -117,7 +124,9 @@ def test_fingerprint_identifies_weights(tiny_llama, tmp_path):
     torch.manual_seed(7)
     b = AutoModelForCausalLM.from_config(a.config)
     other = model_fingerprint(b)
-    assert other != fp and {k: v for k, v in other.items() if k != "weights_sha256"} == {k: v for k, v in fp.items() if k != "weights_sha256"}
+    assert other != fp and {k: v for k, v in other.items() if k != "weights_sha256"} == {
+        k: v for k, v in fp.items() if k != "weights_sha256"
+    }
     tuned = AutoModelForCausalLM.from_pretrained(tiny_llama)
     with torch.no_grad():
         tuned.model.layers[0].mlp.down_proj.weight.add_(0.05)
@@ -152,8 +161,11 @@ def test_train_records_the_base_fingerprint_and_refuses_another_lm(tmp_path, mon
 
     def tiny(seed):
         torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                                            num_key_value_heads=2, vocab_size=50)).eval()
+        return AutoModelForCausalLM.from_config(
+            LlamaConfig(
+                hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=50
+            )
+        ).eval()
 
     lm, other = tiny(0), tiny(1)
     ds, tg = write_train_data(tmp_path, n=200, layer=1, site="output")  # a datastore of model "test/model"

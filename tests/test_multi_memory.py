@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -18,8 +17,8 @@ from mlpmem.modeling.read_site import decoder_layers
 
 hf = pytest.importorskip("mlpmem.hf")
 MLPMemoryForCausalLM = hf.MLPMemoryForCausalLM
-from mlpmem.modeling.mixing import GATE_FEATURES, gate_features  # noqa: E402
-from mlpmem.modeling.gating import MemoryRouter
+from mlpmem.modeling.mixing import gate_features  # noqa: E402
+from mlpmem.modeling.gating import MemoryRouter  # noqa: E402
 
 # two memories that read different sites of the tiny llama (2 layers): one LM pass must feed both
 SITE_A, SITE_B = (1, "ffn_input"), (0, "output")
@@ -83,7 +82,9 @@ def reads(lm, ids, sites) -> tuple[torch.Tensor, list[torch.Tensor]]:
         if site == "ffn_input":
             handles.append(block.mlp.register_forward_pre_hook(lambda m, a, k=(layer, site): seen.__setitem__(k, a[0])))
         else:
-            handles.append(block.register_forward_hook(lambda m, a, o, k=(layer, site): seen.__setitem__(k, o[0] if isinstance(o, tuple) else o)))
+            handles.append(
+                block.register_forward_hook(lambda m, a, o, k=(layer, site): seen.__setitem__(k, o[0] if isinstance(o, tuple) else o))
+            )
     try:
         with torch.no_grad():
             lp = lm(ids, use_cache=False).logits.double().log_softmax(-1)
@@ -110,7 +111,9 @@ def test_two_memories_match_a_naive_mixture_fixed_and_routed(two_memory_parts, t
         for w in ([0.5, 0.3, 0.2], [0.2, 0.0, 0.8]):
             want = naive_mixture([lp_lm, lp_a, lp_b], torch.tensor(w))
             torch.testing.assert_close(model(ids, weights=w).logits.double(), want, **CLOSE)
-        torch.testing.assert_close(model(ids, lambda_=0.4).logits.double(), naive_mixture([lp_lm, lp_a, lp_b], torch.tensor([0.6, 0.2, 0.2])), **CLOSE)
+        torch.testing.assert_close(
+            model(ids, lambda_=0.4).logits.double(), naive_mixture([lp_lm, lp_a, lp_b], torch.tensor([0.6, 0.2, 0.2])), **CLOSE
+        )
         # each memory matters (else the equality above proves little)
         assert (model(ids, weights=[0.5, 0.3, 0.2]).logits - model(ids, weights=[0.5, 0.5, 0.0]).logits).abs().max() > 1e-2
         # routed: the features of each memory against the LM, the router's softmax, the mixture
@@ -167,7 +170,9 @@ def test_one_memory_behaves_as_before_and_add_remove_returns_to_it(two_memory_pa
     lp_lm, (ha,) = reads(lm, ids, [SITE_A])
     with torch.no_grad():
         before = model(ids).logits
-        torch.testing.assert_close(before.double(), naive_mixture([lp_lm, a(ha).double().log_softmax(-1)], torch.tensor([0.5, 0.5])), **CLOSE)
+        torch.testing.assert_close(
+            before.double(), naive_mixture([lp_lm, a(ha).double().log_softmax(-1)], torch.tensor([0.5, 0.5])), **CLOSE
+        )
         assert model.memory_names == ["memory"] and model.memory is a and model.site == SITE_A
         save_memory(tmp_path / "run_b" / "train" / "memory", b, mb)
         name = model.add_memory(tmp_path / "run_b" / "train" / "memory", name="b")
@@ -180,7 +185,9 @@ def test_one_memory_behaves_as_before_and_add_remove_returns_to_it(two_memory_pa
         model.remove_memory("memory")
         assert model.memory_names == ["b"] and model.site == SITE_B and model.config.memory_meta["site"] == SITE_B[1]
         lp_lm, (hb,) = reads(lm, ids, [SITE_B])
-        torch.testing.assert_close(model(ids).logits.double(), naive_mixture([lp_lm, b(hb).double().log_softmax(-1)], torch.tensor([0.5, 0.5])), **CLOSE)
+        torch.testing.assert_close(
+            model(ids).logits.double(), naive_mixture([lp_lm, b(hb).double().log_softmax(-1)], torch.tensor([0.5, 0.5])), **CLOSE
+        )
     with pytest.raises(MlpmemError, match="only memory"):
         model.remove_memory("b")
     with pytest.raises(MlpmemError, match="no memory named"):
@@ -249,8 +256,9 @@ def test_a_component_that_returns_logprobs(two_memory_parts):
     """A kNN-LM-like stand-in (returns_logprobs): mixed as it is, no softmax, no temperature."""
     lm, tok, a, ma, b, mb = two_memory_parts
     knn = StandIn(lm, mb)
-    model = MLPMemoryForCausalLM.from_parts(lm, a, ma, tokenizer=tok, name="a", memories=[("knn", knn, knn.meta)], weights=[0.4, 0.3, 0.3],
-                                            memory_temperature=2.0)
+    model = MLPMemoryForCausalLM.from_parts(
+        lm, a, ma, tokenizer=tok, name="a", memories=[("knn", knn, knn.meta)], weights=[0.4, 0.3, 0.3], memory_temperature=2.0
+    )
     ids = ids_of(tok)
     lp_lm, (ha, hb) = reads(lm, ids, [SITE_A, SITE_B])
     with torch.no_grad():
@@ -280,7 +288,9 @@ def test_from_memory_takes_several_folders(two_memory_parts, tmp_path):
     lm, tok, a, ma, b, mb = two_memory_parts
     save_memory(tmp_path / "sotu" / "train" / "memory", a, ma)
     save_memory(tmp_path / "gcide" / "train" / "memory", b, mb)
-    model = MLPMemoryForCausalLM.from_memory([tmp_path / "sotu" / "train" / "memory", tmp_path / "gcide" / "train" / "memory"], weights=[0.5, 0.3, 0.2])
+    model = MLPMemoryForCausalLM.from_memory(
+        [tmp_path / "sotu" / "train" / "memory", tmp_path / "gcide" / "train" / "memory"], weights=[0.5, 0.3, 0.2]
+    )
     assert model.memory_names == ["sotu", "gcide"]
     ids = ids_of(tok)
     with torch.no_grad():
@@ -288,20 +298,24 @@ def test_from_memory_takes_several_folders(two_memory_parts, tmp_path):
     # a router saved with a model loads with the folders it was fitted for
     model.set_router(random_router(2))
     model.save_pretrained(tmp_path / "saved")
-    routed = MLPMemoryForCausalLM.from_memory([tmp_path / "sotu" / "train" / "memory", tmp_path / "gcide" / "train" / "memory"],
-                                              router=tmp_path / "saved" / "router")
+    routed = MLPMemoryForCausalLM.from_memory(
+        [tmp_path / "sotu" / "train" / "memory", tmp_path / "gcide" / "train" / "memory"], router=tmp_path / "saved" / "router"
+    )
     with torch.no_grad():
         assert routed.mixing_mode == "routed" and torch.equal(routed(ids).logits, model(ids).logits)
     with pytest.raises(MlpmemError, match="other memories"):  # the same router, the memories in the other order
-        MLPMemoryForCausalLM.from_memory([tmp_path / "gcide" / "train" / "memory", tmp_path / "sotu" / "train" / "memory"],
-                                         router=tmp_path / "saved" / "router")
+        MLPMemoryForCausalLM.from_memory(
+            [tmp_path / "gcide" / "train" / "memory", tmp_path / "sotu" / "train" / "memory"], router=tmp_path / "saved" / "router"
+        )
 
 
 def test_refusals(two_memory_parts, tmp_path):
     lm, tok, a, ma, b, mb = two_memory_parts
     # memories for different tokenizers or base models
     with pytest.raises(MlpmemError, match="different tokenizers"):
-        MLPMemoryForCausalLM.from_parts(lm, a, dict(ma, tokenizer_hash="1" * 16), name="a", memories=[("b", b, dict(mb, tokenizer_hash="0" * 16))])
+        MLPMemoryForCausalLM.from_parts(
+            lm, a, dict(ma, tokenizer_hash="1" * 16), name="a", memories=[("b", b, dict(mb, tokenizer_hash="0" * 16))]
+        )
     model = two(two_memory_parts)
     other_fp = dict(model_fingerprint(lm), weights_sha256="f" * 16)
     with pytest.raises(MlpmemError, match="different base models"):
@@ -414,15 +428,16 @@ def test_lm_eval_backend_takes_several_memories_and_knn(two_memory_parts, knn_ru
     ids = ids_of(tok)
     direct = two(two_memory_parts, weights=[0.5, 0.3, 0.2])
     # model_args as lm-eval parses them (commas split arguments, so lists take ';'), device and batch size as from the CLI
-    backend = get_model("mlpmem").create_from_arg_string(f"memory={tmp_path / 'a'};{tmp_path / 'b'},names=a;b,weights=0.5;0.3;0.2",
-                                                          {"batch_size": 1, "device": "cpu"})
+    backend = get_model("mlpmem").create_from_arg_string(
+        f"memory={tmp_path / 'a'};{tmp_path / 'b'},names=a;b,weights=0.5;0.3;0.2", {"batch_size": 1, "device": "cpu"}
+    )
     model = backend.model
     assert model.memory_names == ["a", "b"] and model.fixed_weights() == [0.5, 0.3, 0.2]
     assert backend.get_model_info()["mlpmem"]["memories"] == ["a", "b"]
     with torch.no_grad():
         assert torch.equal(model(ids).logits, direct(ids).logits)
     ctx, cont = tok.decode(ids[0, :3]), tok.decode(ids[0, 3:6])
-    (logp, _), = backend.loglikelihood([Instance(request_type="loglikelihood", doc={}, arguments=(ctx, cont), idx=0)])
+    ((logp, _),) = backend.loglikelihood([Instance(request_type="loglikelihood", doc={}, arguments=(ctx, cont), idx=0)])
     full = tok(ctx + cont, return_tensors="pt").input_ids
     n_ctx = len(tok(ctx).input_ids)
     with torch.no_grad():
@@ -432,7 +447,11 @@ def test_lm_eval_backend_takes_several_memories_and_knn(two_memory_parts, knn_ru
     knn_only, _ = load_mixture(knn=str(knn_run), lambda_=0.3)
     assert knn_only.memory_names == ["knn"] and type(knn_only.memory).__name__ == "KNNRetriever"
     both, _ = load_mixture(memory=str(tmp_path / "a"), knn=str(knn_run), lambda_=0.4)
-    assert [type(m).__name__ for m in both.components().values()] == ["MLPMemory", "KNNRetriever"] and both.fixed_weights() == [0.6, 0.2, 0.2]
+    assert [type(m).__name__ for m in both.components().values()] == ["MLPMemory", "KNNRetriever"] and both.fixed_weights() == [
+        0.6,
+        0.2,
+        0.2,
+    ]
     with pytest.raises(MlpmemError, match="mixture weights"):
         load_mixture(memory=f"{tmp_path / 'a'};{tmp_path / 'b'}", weights="0.5;0.5")
     with pytest.raises(MlpmemError, match="mixing must be"):
@@ -450,8 +469,8 @@ def test_generate_side_by_side_uses_a_saved_router(two_memory_parts, tmp_path):
     model.save_pretrained(tmp_path / "saved")
     p = tok("war", return_tensors="pt").input_ids
     with torch.no_grad():
-        routed = model.generate(p, mixing="routed", max_new_tokens=8, do_sample=False)[0, p.shape[1]:]
-        fixed = model.generate(p, lambda_=0.9, max_new_tokens=8, do_sample=False)[0, p.shape[1]:]
+        routed = model.generate(p, mixing="routed", max_new_tokens=8, do_sample=False)[0, p.shape[1] :]
+        fixed = model.generate(p, lambda_=0.9, max_new_tokens=8, do_sample=False)[0, p.shape[1] :]
     assert not torch.equal(routed, fixed)  # the check below can tell the two apart
     rows = generate_side_by_side(str(tmp_path / "saved"), ["the union and", "war"], GenerateConfig(max_new_tokens=8, lam=0.9))
     assert [r["mixing"] for r in rows] == ["routed", "routed"]

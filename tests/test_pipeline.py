@@ -9,7 +9,18 @@ from mlpmem.errors import MlpmemError
 from mlpmem.interpolate import fit_mixture_em
 from mlpmem.pipeline import load_recipe, run_pipeline
 
-REPORT_KEYS = {"model", "corpus", "n_train_tokens", "n_test_tokens", "ppl", "lambda", "knn_temperature", "tokens_per_s", "memory_params", "base_params"}
+REPORT_KEYS = {
+    "model",
+    "corpus",
+    "n_train_tokens",
+    "n_test_tokens",
+    "ppl",
+    "lambda",
+    "knn_temperature",
+    "tokens_per_s",
+    "memory_params",
+    "base_params",
+}
 
 
 def test_recipe_runs_end_to_end_and_skips_finished_stages(tmp_path, tiny_llama, tiny_corpus_file, monkeypatch):
@@ -54,8 +65,30 @@ def test_recipe_runs_end_to_end_and_skips_finished_stages(tmp_path, tiny_llama, 
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes  # nothing rebuilt
     # `mlpmem train` (its default init, lm_copy) reads what `mlpmem run` trained on: the last layer's output, not the kNN key
     run = tmp_path / "run"
-    assert cli_main(["train", "--datastore", str(run / "datastore"), "--targets", str(run / "targets"), "--out", str(tmp_path / "cli"),
-                     "--n-blocks", "1", "--epochs", "0.2", "--batch-size", "256", "--eval-every", "0", "--ckpt-every", "0"]) == 0
+    assert (
+        cli_main(
+            [
+                "train",
+                "--datastore",
+                str(run / "datastore"),
+                "--targets",
+                str(run / "targets"),
+                "--out",
+                str(tmp_path / "cli"),
+                "--n-blocks",
+                "1",
+                "--epochs",
+                "0.2",
+                "--batch-size",
+                "256",
+                "--eval-every",
+                "0",
+                "--ckpt-every",
+                "0",
+            ]
+        )
+        == 0
+    )
     meta = lambda d: json.loads((d / "memory" / "memory_config.json").read_text())["meta"]  # noqa: E731
     cli, piped = meta(tmp_path / "cli"), meta(run / "train")
     assert (cli["layer"], cli["site"]) == (piped["layer"], piped["site"]) and cli["site"] == "output"
@@ -78,8 +111,12 @@ def test_knn_tuning_cache_follows_its_inputs(tmp_path):
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 4, 50)
-    sc = Scored(labels=labels, lm_logprob=np.log(rng.uniform(0.1, 0.5, 50)), knn_dists=np.sort(rng.random((50, 4)), 1).astype(np.float32),
-                knn_values=np.where(rng.random((50, 4)) < 0.5, labels[:, None], 0).astype(np.int32))
+    sc = Scored(
+        labels=labels,
+        lm_logprob=np.log(rng.uniform(0.1, 0.5, 50)),
+        knn_dists=np.sort(rng.random((50, 4)), 1).astype(np.float32),
+        knn_values=np.where(rng.random((50, 4)) < 0.5, labels[:, None], 0).astype(np.int32),
+    )
     calls = []
     score = lambda: calls.append(1) or sc  # noqa: E731
     ins = {}
@@ -99,11 +136,25 @@ def test_knn_tuning_cache_follows_its_inputs(tmp_path):
 def test_report_says_when_the_memory_ended_worse_than_it_started():
     from mlpmem.pipeline import render_report
 
-    r = {"model": "m", "corpus": "c", "n_train_tokens": 10, "n_test_tokens": 5, "k": 4, "knn_temperature": 1.0, "memory_params": 1e6,
-         "base_params": 1e8, "memory_input": {"layer": 1, "site": "output"}, "ppl": {"base": 10.0, "mlp_memory": 10.0},
-         "tokens_per_s": {}, "lambda": {"knn_lm": 0.1, "mlp_memory": 0.0},
-         "train": {"valid_start": {"kl": 1.0, "ce": 2.0, "ppl_memory": 7.4}, "valid": {"kl": 0.5, "ce": 1.9, "ppl_memory": 6.7},
-                   "worse_than_start": False}}
+    r = {
+        "model": "m",
+        "corpus": "c",
+        "n_train_tokens": 10,
+        "n_test_tokens": 5,
+        "k": 4,
+        "knn_temperature": 1.0,
+        "memory_params": 1e6,
+        "base_params": 1e8,
+        "memory_input": {"layer": 1, "site": "output"},
+        "ppl": {"base": 10.0, "mlp_memory": 10.0},
+        "tokens_per_s": {},
+        "lambda": {"knn_lm": 0.1, "mlp_memory": 0.0},
+        "train": {
+            "valid_start": {"kl": 1.0, "ce": 2.0, "ppl_memory": 7.4},
+            "valid": {"kl": 0.5, "ce": 1.9, "ppl_memory": 6.7},
+            "worse_than_start": False,
+        },
+    }
     assert "1.000 -> 0.500" in render_report(r) and "7.400 -> 6.700" in render_report(r) and "ended worse" not in render_report(r)
     r["train"]["worse_than_start"] = True
     assert "WARNING: the memory ended worse than it started" in render_report(r)
@@ -115,7 +166,12 @@ def test_a_recipe_without_train_init_gets_lm_copy():
 
     assert load_recipe({"out": "x", "corpus": {"source": "builtin:sotu"}}, check_paths=False).sections["train"].init == "lm_copy"
     assert quick_recipe("builtin:sotu", "smollm2-135m", "x").sections["train"].init == "lm_copy"
-    assert load_recipe({"out": "x", "corpus": {"source": "builtin:sotu"}, "train": {"init": "plain"}}, check_paths=False).sections["train"].init == "plain"
+    assert (
+        load_recipe({"out": "x", "corpus": {"source": "builtin:sotu"}, "train": {"init": "plain"}}, check_paths=False)
+        .sections["train"]
+        .init
+        == "plain"
+    )
 
 
 def test_the_smallest_store_keeps_codes_values_and_targets_only(tmp_path, tiny_llama, tiny_corpus_file):
@@ -142,7 +198,9 @@ def test_the_smallest_store_keeps_codes_values_and_targets_only(tmp_path, tiny_l
 
 
 def test_dotted_overrides_change_one_setting_each(tmp_path, capsys):
-    r = load_recipe("sotu", check_paths=False, overrides=["train.epochs=3", "datastore.batch_tokens=4096", "device=cpu", "knn.temperatures=[1, 2]"])
+    r = load_recipe(
+        "sotu", check_paths=False, overrides=["train.epochs=3", "datastore.batch_tokens=4096", "device=cpu", "knn.temperatures=[1, 2]"]
+    )
     assert r.sections["train"].epochs == 3 and r.sections["datastore"].batch_tokens == 4096 and r.device == "cpu"
     assert r.sections["knn"].temperatures == [1, 2] and r.sections["train"].init == "lm_copy"  # the rest of the recipe stays
     with pytest.raises(MlpmemError, match="SECTION.KEY=VALUE"):

@@ -1,7 +1,5 @@
 """`mlpmem plan`: its size model against the files a real run writes, and its refusals."""
 
-import json
-
 import numpy as np
 import pytest
 
@@ -62,7 +60,9 @@ def test_checkpoints_on_disk_counts_what_the_run_writes():
     from mlpmem.train import TrainConfig
 
     assert checkpoints_on_disk(TrainConfig(epochs=2, batch_size=1024, ckpt_every=500, keep_last=2), 60_000) == 1  # 118 steps: the final one
-    assert checkpoints_on_disk(TrainConfig(epochs=10, batch_size=1000, ckpt_every=100, keep_last=2), 100_000) == 3  # keep_last + the one being written
+    assert (
+        checkpoints_on_disk(TrainConfig(epochs=10, batch_size=1000, ckpt_every=100, keep_last=2), 100_000) == 3
+    )  # keep_last + the one being written
     assert checkpoints_on_disk(TrainConfig(epochs=1, batch_size=100, ckpt_every=100, keep_last=5), 30_000) == 3  # steps 100, 200, 300
 
 
@@ -70,8 +70,13 @@ def test_online_training_plans_a_datastore_of_keys_alone():
     """As the pipeline stores the memory's input only for offline training, so does the plan count it."""
     tp = Throughputs(extract_rows_s=200, score_rows_s=100, search_qps=100, search_rows=50_000, train_positions_s=1000)
     tokens, d = {"train": 10_000, "valid": 1000, "test": 1000}, 576
-    plans = {mode: {n.stage: n for n in estimate(load_recipe("sotu", check_paths=False, overrides=[f"train.mode={mode}"]), tokens, tp, d, 49152, 1, 1)}
-             for mode in ("offline", "online")}
+    plans = {
+        mode: {
+            n.stage: n
+            for n in estimate(load_recipe("sotu", check_paths=False, overrides=[f"train.mode={mode}"]), tokens, tp, d, 49152, 1, 1)
+        }
+        for mode in ("offline", "online")
+    }
     disk = {mode: p["datastore (train) and scored valid split"].disk_bytes for mode, p in plans.items()}
     assert disk["online"] == 10_000 * (2 * d + 4) + 1000 * (2 * d + 8)  # keys + values (+ the valid split's LM log-probs)
     assert disk["offline"] == 10_000 * (4 * d + 4) + 1000 * (4 * d + 8)  # and the last layer's output for lm_copy
@@ -95,7 +100,11 @@ def test_a_pq_index_is_planned_at_the_rate_its_codes_are_scanned():
 
     tp = Throughputs(extract_rows_s=200, score_rows_s=100, search_qps=100, search_rows=50_000, train_positions_s=1000, pq_codes_s=1e6)
     tokens = {"train": 1_000_000, "valid": 1000, "test": 1000}
-    targets = lambda *o: {n.stage: n for n in estimate(load_recipe("sotu", check_paths=False, overrides=list(o)), tokens, tp, 576, 49152, 1, 1)}["kNN targets"].seconds  # noqa: E731
+    targets = lambda *o: (
+        {n.stage: n for n in estimate(load_recipe("sotu", check_paths=False, overrides=list(o)), tokens, tp, 576, 49152, 1, 1)}[
+            "kNN targets"
+        ].seconds
+    )  # noqa: E731
     assert targets("index.kind=ivfpq", "index.rerank=false") == pytest.approx(1_001_000 / (1e6 / IVF_SCAN))
     assert targets() == pytest.approx(1_001_000 / (100 * 50_000 / IVF_SCAN))  # auto: IVF-SQ8 at the Flat rate
     # the calibration counts the codes FAISS scanned

@@ -75,8 +75,16 @@ def test_probe_runs_in_lm_eval(corpus, tiny_llama, tmp_path):
 
     out = build_probe(corpus, tmp_path / "p", n_items=6, seed=0, task_name="tiny_probe")
     tm = TaskManager(include_path=str(out), include_defaults=False)
-    res = lm_eval.simple_evaluate(model="hf", model_args={"pretrained": str(tiny_llama), "dtype": "float32"}, tasks=["tiny_probe"],
-                                  task_manager=tm, device="cpu", batch_size=4, bootstrap_iters=0, log_samples=True)
+    res = lm_eval.simple_evaluate(
+        model="hf",
+        model_args={"pretrained": str(tiny_llama), "dtype": "float32"},
+        tasks=["tiny_probe"],
+        task_manager=tm,
+        device="cpu",
+        batch_size=4,
+        bootstrap_iters=0,
+        log_samples=True,
+    )
     r = res["results"]["tiny_probe"]
     assert 0.0 <= r["acc,none"] <= 1.0 and "acc_norm,none" in r
     sample = res["samples"]["tiny_probe"][0]

@@ -11,10 +11,12 @@ pytest.importorskip("bm25s")
 from mlpmem.errors import MlpmemError  # noqa: E402
 from mlpmem.rag import BM25Retriever, RetrievalLM, augment, chunk  # noqa: E402
 
-DOCS = ["cactus (noun): a succulent plant of arid regions with spines.",
-        "violin (noun): a bowed stringed instrument with four strings.",
-        "glacier (noun): a slowly moving mass of ice.",
-        "ferret (noun): a domesticated polecat used to hunt rabbits."]
+DOCS = [
+    "cactus (noun): a succulent plant of arid regions with spines.",
+    "violin (noun): a bowed stringed instrument with four strings.",
+    "glacier (noun): a slowly moving mass of ice.",
+    "ferret (noun): a domesticated polecat used to hunt rabbits.",
+]
 
 
 def test_chunk_packs_whole_documents_and_cuts_long_ones():
@@ -67,8 +69,10 @@ def test_wrapper_puts_passages_for_the_doc_query_before_the_prompt():
     lm = RetrievalLM(inner, BM25Retriever(DOCS), k=1)
     # the prompt alone would retrieve the violin: the doc's query must win
     doc = {"query": "a slowly moving mass of ice", "prompt": "Name the bowed stringed instrument."}
-    reqs = [Instance("loglikelihood", doc, ("Name the bowed stringed instrument.", " glacier"), 0),
-            Instance("generate_until", {"prompt": "What is cactus?"}, ("What is cactus?", {"until": ["\n"]}), 0)]
+    reqs = [
+        Instance("loglikelihood", doc, ("Name the bowed stringed instrument.", " glacier"), 0),
+        Instance("generate_until", {"prompt": "What is cactus?"}, ("What is cactus?", {"until": ["\n"]}), 0),
+    ]
     lm.loglikelihood(reqs[:1])
     lm.generate_until(reqs[1:])
     assert inner.seen[0] == f"Background:\n{DOCS[2]}\n\nName the bowed stringed instrument."  # by the doc's query, not the prompt
@@ -90,18 +94,31 @@ def test_rag_backend_scores_a_task_and_refuses_a_foreign_task_folder(tiny_llama,
     corpus = build_corpus(tmp_path / "corpus", CorpusConfig(source=str(src), model=str(tiny_llama), valid_fraction=0.1, test_fraction=0.1))
     task = tmp_path / "task"
     task.mkdir()
-    (task / "items.jsonl").write_text("".join(json.dumps({"query": q, "prompt": "Which?", "choices": [" a", " b"], "label": 0}) + "\n"
-                                              for q in ("ice", "violin", "ferret")))
-    (task / "t.yaml").write_text(f"task: rag_t\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {task / 'items.jsonl'}\n"
-                                 "test_split: test\noutput_type: multiple_choice\ndoc_to_text: prompt\ndoc_to_choice: choices\n"
-                                 "doc_to_target: label\ntarget_delimiter: ''\nmetric_list:\n  - metric: acc\n")
+    (task / "items.jsonl").write_text(
+        "".join(
+            json.dumps({"query": q, "prompt": "Which?", "choices": [" a", " b"], "label": 0}) + "\n" for q in ("ice", "violin", "ferret")
+        )
+    )
+    (task / "t.yaml").write_text(
+        f"task: rag_t\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {task / 'items.jsonl'}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: prompt\ndoc_to_choice: choices\n"
+        "doc_to_target: label\ntarget_delimiter: ''\nmetric_list:\n  - metric: acc\n"
+    )
     lm = RagLM(corpus=str(corpus), pretrained=str(tiny_llama), k=2, chunk_words=8, device="cpu", batch_size=2)
     assert isinstance(lm.inner, SharedContextLM)  # each prompt once for all its choices, by default
-    assert not isinstance(RagLM(corpus=str(corpus), pretrained=str(tiny_llama), chunk_words=8, device="cpu", shared_context="false").inner,
-                          SharedContextLM)
-    out = lm_eval.simple_evaluate(model=lm, tasks=["rag_t"], task_manager=TaskManager(include_path=str(task), include_defaults=False), log_samples=True,
-                                  bootstrap_iters=0)
-    ctx = [s["arguments"]["gen_args_0"]["arg_0"] if isinstance(s["arguments"], dict) else s["arguments"][0][0] for s in out["samples"]["rag_t"]]
+    assert not isinstance(
+        RagLM(corpus=str(corpus), pretrained=str(tiny_llama), chunk_words=8, device="cpu", shared_context="false").inner, SharedContextLM
+    )
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=["rag_t"],
+        task_manager=TaskManager(include_path=str(task), include_defaults=False),
+        log_samples=True,
+        bootstrap_iters=0,
+    )
+    ctx = [
+        s["arguments"]["gen_args_0"]["arg_0"] if isinstance(s["arguments"], dict) else s["arguments"][0][0] for s in out["samples"]["rag_t"]
+    ]
     assert len(ctx) == 3 and all(c.startswith("Background:\n") and c.endswith("Which?") for c in ctx)
     with pytest.raises(MlpmemError, match="tasks_source|no finished `tasks` stage"):
         RagLM(corpus=str(corpus), pretrained=str(tiny_llama), tasks=str(task))
@@ -137,10 +154,18 @@ def test_shared_context_scoring_equals_hflm(tiny_llama, tmp_path):
     mem = MLPMemory(MemoryConfig(d_in=32, vocab_size=logits_size(lm), n_blocks=1, zero_init_blocks=False))
     mem.head.weight.data.normal_(0.0, 0.5)
     save_memory(tmp_path / "memory", mem, memory_meta(model_id, tok, 1, "ffn_input"))
-    pairs = [("the union of", " the states"), ("the union of", " a"), ("the union of", " many more of them"),
-             ("a slowly moving mass", " of ice"), ("", " glacier ice"), ("Question: which?\nAnswer:", " b")]
-    for hflm in (plain_hflm(str(tiny_llama), device="cpu", batch_size=4),
-                 MLPMemoryLM(memory=str(tmp_path / "memory"), lambda_=0.5, device="cpu", batch_size=4, shared_context=False)):
+    pairs = [
+        ("the union of", " the states"),
+        ("the union of", " a"),
+        ("the union of", " many more of them"),
+        ("a slowly moving mass", " of ice"),
+        ("", " glacier ice"),
+        ("Question: which?\nAnswer:", " b"),
+    ]
+    for hflm in (
+        plain_hflm(str(tiny_llama), device="cpu", batch_size=4),
+        MLPMemoryLM(memory=str(tmp_path / "memory"), lambda_=0.5, device="cpu", batch_size=4, shared_context=False),
+    ):
         want = hflm.loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)], disable_tqdm=True)
         got = SharedContextLM(hflm).loglikelihood([Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)], disable_tqdm=True)
         assert [g for _, g in got] == [g for _, g in want]

@@ -15,8 +15,18 @@ import pytest
 from helpers import run_cli, write_corpus_jsonl
 from mlpmem.cli import main
 from mlpmem.errors import MlpmemError
-from mlpmem.manifest import (ADDED_SETTINGS, LOCK, MARKER, acquire_lock, check_file, claim_out, config_differences, file_record,
-                             prepare_out, release_lock)
+from mlpmem.manifest import (
+    ADDED_SETTINGS,
+    LOCK,
+    MARKER,
+    acquire_lock,
+    check_file,
+    claim_out,
+    config_differences,
+    file_record,
+    prepare_out,
+    release_lock,
+)
 
 
 run = run_cli
@@ -28,11 +38,26 @@ def stages(tmp_path_factory, tiny_llama):
     root = tmp_path_factory.mktemp("stages")
     src = write_corpus_jsonl(root / "c.jsonl")
     m = str(tiny_llama)
-    for argv in (["corpus", "--source", src, "--out", root / "corpus", "--model", m],
-                 ["datastore", "--corpus", root / "corpus", "--out", root / "datastore", "--model", m, "--context", "32", "--stride", "16",
-                  "--windows-per-shard", "16"],
-                 ["index", "--datastore", root / "datastore", "--out", root / "index"],
-                 ["targets", "--datastore", root / "datastore", "--index", root / "index", "--out", root / "targets", "--k", "8", "--top-m", "4"]):
+    for argv in (
+        ["corpus", "--source", src, "--out", root / "corpus", "--model", m],
+        [
+            "datastore",
+            "--corpus",
+            root / "corpus",
+            "--out",
+            root / "datastore",
+            "--model",
+            m,
+            "--context",
+            "32",
+            "--stride",
+            "16",
+            "--windows-per-shard",
+            "16",
+        ],
+        ["index", "--datastore", root / "datastore", "--out", root / "index"],
+        ["targets", "--datastore", root / "datastore", "--index", root / "index", "--out", root / "targets", "--k", "8", "--top-m", "4"],
+    ):
         assert main([str(a) for a in argv]) == 0
     return {"root": root, "src": src, "model": m, **{n: root / n for n in ("corpus", "datastore", "index", "targets")}}
 
@@ -42,6 +67,7 @@ def corpus_argv(stages, out, *flags):
 
 
 # ---------------------------------------------------------------- 1, 2: never delete or overwrite what is not ours
+
 
 def test_overwrite_never_deletes_a_folder_we_did_not_write(stages, tmp_path, capsys):
     out = tmp_path / "u"
@@ -82,6 +108,7 @@ def test_another_kind_of_stage_is_never_overwritten(stages, tmp_path, capsys):
 
 # ---------------------------------------------------------------- 3: a config matches only the full resolved config
 
+
 def test_empty_or_foreign_config_does_not_match(tmp_path):
     cfg = {"source": "a", "seed": 0}
     assert config_differences({}, cfg) == ["seed: not set -> 0", "source: not set -> 'a'"]
@@ -102,6 +129,7 @@ def test_empty_or_foreign_config_does_not_match(tmp_path):
 
 # ---------------------------------------------------------------- 5: duplicates
 
+
 def test_duplicate_texts_are_dropped_before_the_split(stages, tmp_path, capsys):
     from helpers import make_texts
 
@@ -119,15 +147,19 @@ def test_duplicate_texts_are_dropped_before_the_split(stages, tmp_path, capsys):
 
 # ---------------------------------------------------------------- 6: the whole recipe before stage 1
 
-@pytest.mark.parametrize("body,expect", [
-    ("knn:\n  lam: 1.5\n", "knn.lam: must lie in [0.0, 1.0], got 1.5"),
-    ("eval:\n  split: bogus\n", "eval.split: must be one of train, valid, test, got 'bogus'"),
-    ("train:\n  width: 0\n", "train.width: must be a finite number > 0 or null, got 0"),
-    ("knn:\n  k: 0\n", "knn.k: must be a finite number > 0, got 0"),
-    ("knn:\n  temperature: 0\n", "knn.temperature: must be a finite number > 0 or null, got 0"),
-    ("  train_tokens: -5\n", "corpus.train_tokens: must be at least 2 tokens"),
-    ("  train_tokens: 300\nknn:\n  k: 1024\n", "knn.k: 1024 neighbours cannot be found among the 299 datastore rows"),
-])
+
+@pytest.mark.parametrize(
+    "body,expect",
+    [
+        ("knn:\n  lam: 1.5\n", "knn.lam: must lie in [0.0, 1.0], got 1.5"),
+        ("eval:\n  split: bogus\n", "eval.split: must be one of train, valid, test, got 'bogus'"),
+        ("train:\n  width: 0\n", "train.width: must be a finite number > 0 or null, got 0"),
+        ("knn:\n  k: 0\n", "knn.k: must be a finite number > 0, got 0"),
+        ("knn:\n  temperature: 0\n", "knn.temperature: must be a finite number > 0 or null, got 0"),
+        ("  train_tokens: -5\n", "corpus.train_tokens: must be at least 2 tokens"),
+        ("  train_tokens: 300\nknn:\n  k: 1024\n", "knn.k: 1024 neighbours cannot be found among the 299 datastore rows"),
+    ],
+)
 def test_recipe_is_checked_before_any_stage(stages, tmp_path, capsys, body, expect):
     out = tmp_path / "run"
     recipe = tmp_path / "r.yaml"
@@ -147,7 +179,9 @@ def test_all_recipe_problems_at_once_and_k_against_the_built_corpus(stages):
     from mlpmem.pipeline import check_k_fits, load_recipe
 
     with pytest.raises(MlpmemError) as e:
-        load_recipe({"out": "x", "train": {"width": 0, "lr": -1}, "knn": {"lam": 2}, "eval": {"split": "x"}, "datastore": {"split": "test"}})
+        load_recipe(
+            {"out": "x", "train": {"width": 0, "lr": -1}, "knn": {"lam": 2}, "eval": {"split": "x"}, "datastore": {"split": "test"}}
+        )
     for key in ("train.width", "train.lr", "knn.lam", "eval.split", "datastore.split"):
         assert key in str(e.value)
     n = json.loads((stages["corpus"] / "manifest.json").read_text())["splits"]["train"]["n_tokens"]
@@ -156,13 +190,16 @@ def test_all_recipe_problems_at_once_and_k_against_the_built_corpus(stages):
         check_k_fits(stages["corpus"], n - 1)
 
 
-@pytest.mark.parametrize("argv,expect", [
-    (["corpus", "--source", "x.jsonl", "--out", "o", "--train-tokens", "-5"], "--train-tokens: must be at least 2"),
-    (["train", "--datastore", "d", "--targets", "t", "--out", "o", "--width", "0"], "--width: must be a finite number > 0"),
-    (["train", "--datastore", "d", "--targets", "t", "--out", "o", "--lr", "none"], "--lr: expected float, got None"),
-    (["targets", "--datastore", "d", "--index", "i", "--out", "o", "--temperature", "0"], "--temperature: must be a finite number > 0"),
-    (["generate", "m", "hi", "--lam", "1.5"], "--lam: must lie in [0.0, 1.0]"),
-])
+@pytest.mark.parametrize(
+    "argv,expect",
+    [
+        (["corpus", "--source", "x.jsonl", "--out", "o", "--train-tokens", "-5"], "--train-tokens: must be at least 2"),
+        (["train", "--datastore", "d", "--targets", "t", "--out", "o", "--width", "0"], "--width: must be a finite number > 0"),
+        (["train", "--datastore", "d", "--targets", "t", "--out", "o", "--lr", "none"], "--lr: expected float, got None"),
+        (["targets", "--datastore", "d", "--index", "i", "--out", "o", "--temperature", "0"], "--temperature: must be a finite number > 0"),
+        (["generate", "m", "hi", "--lam", "1.5"], "--lam: must lie in [0.0, 1.0]"),
+    ],
+)
 def test_verb_flags_get_the_same_checks(tmp_path, capsys, monkeypatch, argv, expect):
     monkeypatch.chdir(tmp_path)
     rc, err = run(capsys, *argv)
@@ -170,6 +207,7 @@ def test_verb_flags_get_the_same_checks(tmp_path, capsys, monkeypatch, argv, exp
 
 
 # ---------------------------------------------------------------- 7: integrity
+
 
 def test_sampled_hash_catches_overwritten_bytes_and_verify_catches_the_rest(tmp_path):
     small = tmp_path / "s.bin"
@@ -206,8 +244,21 @@ def test_overwritten_keys_are_refused_by_default(stages, tmp_path, capsys):
 def test_shard_deleted_from_an_unfinished_datastore_is_redone(stages, tmp_path, capsys, monkeypatch):
     from mlpmem import datastore
 
-    argv = ["datastore", "--corpus", stages["corpus"], "--out", tmp_path / "ds", "--model", stages["model"], "--context", "32", "--stride", "16",
-            "--windows-per-shard", "16"]
+    argv = [
+        "datastore",
+        "--corpus",
+        stages["corpus"],
+        "--out",
+        tmp_path / "ds",
+        "--model",
+        stages["model"],
+        "--context",
+        "32",
+        "--stride",
+        "16",
+        "--windows-per-shard",
+        "16",
+    ]
     real, calls = datastore.save_npy, []
 
     def crash(path, arr):
@@ -269,12 +320,26 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(stages, tmp_path, 
 
 # ---------------------------------------------------------------- 8: resources
 
+
 def test_disk_space_messages_name_real_sizes_and_flags(stages, tmp_path, capsys, monkeypatch):
     import shutil
 
     real = shutil.disk_usage
     monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=10 << 20))
-    rc, err = run(capsys, "datastore", "--corpus", stages["corpus"], "--out", tmp_path / "ds", "--model", stages["model"], "--context", "32", "--stride", "16")
+    rc, err = run(
+        capsys,
+        "datastore",
+        "--corpus",
+        stages["corpus"],
+        "--out",
+        tmp_path / "ds",
+        "--model",
+        stages["model"],
+        "--context",
+        "32",
+        "--stride",
+        "16",
+    )
     assert rc == 2 and "not enough disk space for the datastore" in err and "KiB" in err and "10.0 MiB free" in err
     assert "0.00 GiB" not in err and "--train-tokens" in err and "--max-train-tokens" not in err
     with pytest.raises(MlpmemError, match="memory checkpoints.*keep_last"):
@@ -302,8 +367,21 @@ def test_full_disk_mid_write_leaves_nothing_half_written(stages, tmp_path, capsy
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(f, arr, **kw)
 
-    argv = ["datastore", "--corpus", stages["corpus"], "--out", tmp_path / "ds", "--model", stages["model"], "--context", "32", "--stride", "16",
-            "--windows-per-shard", "16"]
+    argv = [
+        "datastore",
+        "--corpus",
+        stages["corpus"],
+        "--out",
+        tmp_path / "ds",
+        "--model",
+        stages["model"],
+        "--context",
+        "32",
+        "--stride",
+        "16",
+        "--windows-per-shard",
+        "16",
+    ]
     monkeypatch.setattr(np, "save", full)
     rc, err = run(capsys, *argv)
     assert rc == 2 and "the disk is full" in err and "run the same command again" in err
@@ -346,16 +424,21 @@ def test_cli_turns_os_errors_into_one_paragraph_and_keeps_bugs_loud(tmp_path, ca
     def raiser(exc):
         def fn(a):
             raise exc
+
         return fn
 
     argv = ["corpus", "--source", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "o")]
-    for exc, rc, text in [(OSError(errno.ENOSPC, "No space left", str(tmp_path / "o" / "f")), 2, "the disk is full"),
-                          (PermissionError(errno.EACCES, "denied", str(tmp_path / "o")), 2, "permission denied"),
-                          (FileNotFoundError(errno.ENOENT, "missing", str(tmp_path / "x.jsonl")), 2, "x.jsonl does not exist"),
-                          (KeyboardInterrupt(), 130, "interrupted")]:
+    for exc, rc, text in [
+        (OSError(errno.ENOSPC, "No space left", str(tmp_path / "o" / "f")), 2, "the disk is full"),
+        (PermissionError(errno.EACCES, "denied", str(tmp_path / "o")), 2, "permission denied"),
+        (FileNotFoundError(errno.ENOENT, "missing", str(tmp_path / "x.jsonl")), 2, "x.jsonl does not exist"),
+        (KeyboardInterrupt(), 130, "interrupted"),
+    ]:
         monkeypatch.setitem(cli.VERBS, "corpus", (raiser(exc), *cli.VERBS["corpus"][1:]))
         assert main(argv) == rc and text in capsys.readouterr().err
-    monkeypatch.setitem(cli.VERBS, "corpus", (raiser(FileNotFoundError(errno.ENOENT, "gone", "/usr/lib/not-a-user-path")), *cli.VERBS["corpus"][1:]))
+    monkeypatch.setitem(
+        cli.VERBS, "corpus", (raiser(FileNotFoundError(errno.ENOENT, "gone", "/usr/lib/not-a-user-path")), *cli.VERBS["corpus"][1:])
+    )
     with pytest.raises(FileNotFoundError):  # not a path the user gave: a bug, with its traceback
         main(argv)
     monkeypatch.setitem(cli.VERBS, "corpus", (raiser(ZeroDivisionError()), *cli.VERBS["corpus"][1:]))

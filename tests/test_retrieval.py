@@ -46,7 +46,9 @@ def run(tmp_path_factory, tiny_llama):
     corpus = Corpus(out / "corpus")
     key = ReadSite(ds.layer, ds.site)
     score = lambda: score_online(model, corpus.tokens("valid"), C, S, key, index, ds.values(), K)  # noqa: E731
-    tune_knn_cached(out / "knn.json", KnnConfig(k=K, temperatures=[0.5, 2.0, 8.0]), score, {"corpus": out / "corpus", "index": out / "index"})
+    tune_knn_cached(
+        out / "knn.json", KnnConfig(k=K, temperatures=[0.5, 2.0, 8.0]), score, {"corpus": out / "corpus", "index": out / "index"}
+    )
     return {"out": out, "model": model, "tok": tok, "ds": ds, "index": index, "corpus": corpus, "key": key}
 
 
@@ -177,7 +179,9 @@ def test_run_folder_without_index_or_datastore_is_refused(run, tmp_path, missing
         KNNRetriever.from_run(tmp_path / "nowhere")
 
 
-@pytest.mark.parametrize("bad", [{"k": 0}, {"k": -3}, {"k": True}, {"k": 10**9}, {"temperature": 0.0}, {"temperature": -1.0}, {"temperature": float("nan")}])
+@pytest.mark.parametrize(
+    "bad", [{"k": 0}, {"k": -3}, {"k": True}, {"k": 10**9}, {"temperature": 0.0}, {"temperature": -1.0}, {"temperature": float("nan")}]
+)
 def test_bad_k_or_temperature_is_refused(run, bad):
     with pytest.raises(MlpmemError):
         KNNRetriever.from_run(run["out"], **bad)
@@ -189,8 +193,16 @@ def test_hidden_size_other_than_the_index_is_refused(run, tmp_path):
     r = KNNRetriever.from_run(run["out"])
     with pytest.raises(MlpmemError, match="32-dim keys"):
         r(torch.zeros(2, r.d + 1))
-    wide = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                                        num_key_value_heads=2, vocab_size=run["ds"].vocab_size))
+    wide = AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=run["ds"].vocab_size,
+        )
+    )
     with pytest.raises(MlpmemError, match="hidden size 48"):
         knn_component(run["out"], wide)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -233,8 +232,18 @@ def _torchrun(*argv, nproc: int = 2):
     import sys
 
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-           "--master_port", env["MASTER_PORT"], *map(str, argv)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        env["MASTER_PORT"],
+        *map(str, argv),
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -257,8 +266,25 @@ def test_two_processes_write_what_one_writes(setup, one_process, tmp_path):
     """torchrun -m mlpmem targets with 2 ranks (gloo on localhost) writes the files of a 1-process run."""
     root, ds, ix, _, _ = setup
 
-    r = _torchrun("-m", "mlpmem", "targets", "--datastore", ds, "--index", ix, "--out", tmp_path / "two",
-                  "--k", 30, "--temperature", T, "--top-m", 16, "--batch-size", 256)
+    r = _torchrun(
+        "-m",
+        "mlpmem",
+        "targets",
+        "--datastore",
+        ds,
+        "--index",
+        ix,
+        "--out",
+        tmp_path / "two",
+        "--k",
+        30,
+        "--temperature",
+        T,
+        "--top-m",
+        16,
+        "--batch-size",
+        256,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     two = Targets(tmp_path / "two")
     assert two.manifest["processes"] == 2 and not list((tmp_path / "two").glob("progress*"))

@@ -13,13 +13,19 @@ from mlpmem.errors import MlpmemError
 
 # three lines as data.noun writes them (licence header line first), and one adjective with a marker
 HEADER = "  1 This software and database is being provided to you, the LICENSEE, by  \n"
-NOUN = ("00002137 03 n 02 abstraction 0 abstract_entity 0 010 @ 00001740 n 0000 + 00692347 v 0101 ~ 00023100 n 0000 "
-        "~ 00024264 n 0000 ~ 00031264 n 0000 ~ 00031921 n 0000 ~ 00033020 n 0000 ~ 00033615 n 0000 ~ 05810143 n 0000 "
-        "~ 07999699 n 0000 | a general concept formed by extracting common features from specific examples  \n")
-NOUN2 = ("02084071 05 n 02 dog 0 domestic_dog 0 001 @ 02083346 n 0000 | a member of the genus Canis that has been domesticated "
-         "by man since prehistoric times; \"the dog barked all night\"  \n")
-ADJ = ("00001740 00 a 01 able(p) 0 001 ! 00002098 a 0101 | (usually followed by `to') having the necessary means or skill; "
-       "\"able to swim\"; \"she was able to program her computer\"  \n")
+NOUN = (
+    "00002137 03 n 02 abstraction 0 abstract_entity 0 010 @ 00001740 n 0000 + 00692347 v 0101 ~ 00023100 n 0000 "
+    "~ 00024264 n 0000 ~ 00031264 n 0000 ~ 00031921 n 0000 ~ 00033020 n 0000 ~ 00033615 n 0000 ~ 05810143 n 0000 "
+    "~ 07999699 n 0000 | a general concept formed by extracting common features from specific examples  \n"
+)
+NOUN2 = (
+    "02084071 05 n 02 dog 0 domestic_dog 0 001 @ 02083346 n 0000 | a member of the genus Canis that has been domesticated "
+    'by man since prehistoric times; "the dog barked all night"  \n'
+)
+ADJ = (
+    "00001740 00 a 01 able(p) 0 001 ! 00002098 a 0101 | (usually followed by `to') having the necessary means or skill; "
+    '"able to swim"; "she was able to program her computer"  \n'
+)
 
 
 def test_parse_wordnet_lines():
@@ -73,16 +79,48 @@ LEX = ["noun.animal", "noun.plant", "verb.motion"]
 
 
 def synthetic_synsets(n: int = 60) -> list[dict]:
-    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima",
-             "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey",
-             "xray", "yankee", "zulu"]
+    words = [
+        "alpha",
+        "bravo",
+        "charlie",
+        "delta",
+        "echo",
+        "foxtrot",
+        "golf",
+        "hotel",
+        "india",
+        "juliet",
+        "kilo",
+        "lima",
+        "mike",
+        "november",
+        "oscar",
+        "papa",
+        "quebec",
+        "romeo",
+        "sierra",
+        "tango",
+        "uniform",
+        "victor",
+        "whiskey",
+        "xray",
+        "yankee",
+        "zulu",
+    ]
     out = []
     for i in range(n):
         lex = LEX[i % 3]
         w = f"{words[i % len(words)]}{'abcdefghij'[i // len(words)]}"
-        out.append({"id": f"{lex[0]}:{i:08d}", "pos": "verb" if lex.startswith("verb") else "noun", "lexname": lex,
-                    "lemmas": [w, f"{w} thing"], "definition": f"definition number {i} about {lex.split('.')[1]} matters",
-                    "examples": [f"an example of {w}"]})
+        out.append(
+            {
+                "id": f"{lex[0]}:{i:08d}",
+                "pos": "verb" if lex.startswith("verb") else "noun",
+                "lexname": lex,
+                "lemmas": [w, f"{w} thing"],
+                "definition": f"definition number {i} about {lex.split('.')[1]} matters",
+                "examples": [f"an example of {w}"],
+            }
+        )
     return out
 
 
@@ -101,7 +139,9 @@ def wn_run(tiny_llama, tmp_path_factory):
     from mlpmem.manifest import write_manifest
 
     write_manifest(src, "tasks_source", {"source": {"package": "wordnet-base", "version": "test", "licence": "WordNet3.0"}})
-    corpus = build_corpus(root / "corpus", CorpusConfig(source=str(src / "wordnet.jsonl"), model=str(tiny_llama), valid_fraction=0.2, test_fraction=0.2))
+    corpus = build_corpus(
+        root / "corpus", CorpusConfig(source=str(src / "wordnet.jsonl"), model=str(tiny_llama), valid_fraction=0.2, test_fraction=0.2)
+    )
     sotu = root / "sotu.jsonl"
     sotu.write_text("".join(json.dumps({"id": f"s{i}", "text": t}) + "\n" for i, t in enumerate(SOTU_TEXTS)))
     sotu_corpus = build_corpus(root / "sotu", CorpusConfig(source=str(sotu), model=str(tiny_llama)))
@@ -214,8 +254,10 @@ def test_task_folder_for_another_split_or_corpus_is_refused(wn_run, tiny_llama, 
     out = build(wn_run, tmp_path / "t")
     kt.check_tasks(out, corpus)
     kt.check_tasks(out, sotu)  # the State of the Union items came from that one
-    other_split = build_corpus(tmp_path / "c2", CorpusConfig(source=str(src / "wordnet.jsonl"), model=str(tiny_llama), seed=5,
-                                                             valid_fraction=0.2, test_fraction=0.2))
+    other_split = build_corpus(
+        tmp_path / "c2",
+        CorpusConfig(source=str(src / "wordnet.jsonl"), model=str(tiny_llama), seed=5, valid_fraction=0.2, test_fraction=0.2),
+    )
     with pytest.raises(MlpmemError, match="another train split"):
         kt.check_tasks(out, other_split)
     with pytest.raises(MlpmemError, match="tokenizer"):

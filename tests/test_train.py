@@ -138,9 +138,21 @@ def test_refuses_misaligned_targets(data, tmp_path):
         train_memory(data["ds"], other_tg, tmp_path / "x", TrainConfig(**TINY))
 
 
-@pytest.mark.parametrize("bad", [dict(alpha=1.5), dict(lr=0.0), dict(batch_size=50, grad_accum=3), dict(precision="fp16"),
-                                 dict(schedule="step"), dict(mode="streaming"), dict(warmup_frac=1.0), dict(activation="relu"),
-                                 dict(dropout=1.0), dict(dropout=-0.1)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(alpha=1.5),
+        dict(lr=0.0),
+        dict(batch_size=50, grad_accum=3),
+        dict(precision="fp16"),
+        dict(schedule="step"),
+        dict(mode="streaming"),
+        dict(warmup_frac=1.0),
+        dict(activation="relu"),
+        dict(dropout=1.0),
+        dict(dropout=-0.1),
+    ],
+)
 def test_config_validation(bad, data, tmp_path):
     with pytest.raises(MlpmemError):
         train_memory(data["ds"], data["tg"], tmp_path / "x", TrainConfig(**{**TINY, **bad}))
@@ -151,8 +163,9 @@ def test_lm_copy_init(tmp_path):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(0)
-    lm = AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                                      num_key_value_heads=2, vocab_size=50))
+    lm = AutoModelForCausalLM.from_config(
+        LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=50)
+    )
     ds, tg = write_train_data(tmp_path, n=200, layer=1, site="output")
     cfg = TrainConfig(**{**TINY, "epochs": 0.5, "init": "lm_copy", "freeze_head": True})
     with pytest.raises(MlpmemError, match="no LM was given"):
@@ -200,7 +213,9 @@ def test_online_mode_recomputes_the_stored_features(tmp_path, tiny_llama, tiny_c
     lm = load_model(str(tiny_llama))[0]
     corpus = build_corpus(tmp_path / "c", CorpusConfig(source=str(tiny_corpus_file), model=str(tiny_llama), train_tokens=1500))
     # recompute: online training runs every window from scratch, so its features equal these stored ones
-    ds = build_datastore(corpus, tmp_path / "ds", DatastoreConfig(model=str(tiny_llama), context=64, stride=32, extra_sites=["1:output"], mode="recompute"))
+    ds = build_datastore(
+        corpus, tmp_path / "ds", DatastoreConfig(model=str(tiny_llama), context=64, stride=32, extra_sites=["1:output"], mode="recompute")
+    )
     build_index(ds, tmp_path / "ix", IndexConfig(kind="flat"))
     tg = build_targets(ds, tmp_path / "ix", tmp_path / "tg", TargetsConfig(k=16, temperature=1.0, top_m=8))
     idx = np.random.default_rng(0).choice(1499, 100, replace=False)
@@ -244,7 +259,10 @@ def test_worse_than_start_judges_the_mixture():
     assert worse_than_start({"ppl_memory": 49000.0, "ppl_interp": 11.5}, {"ppl_memory": 21846.0, "ppl_interp": 11.499}) is True
     assert worse_than_start(start, {"ppl_memory": 30.0, "ppl_interp": 34.36}) is True
     # no LM log-probs on valid: the memory alone decides
-    assert worse_than_start({"ppl_memory": 7.4}, {"ppl_memory": 6.7}) is False and worse_than_start({"ppl_memory": 7.4}, {"ppl_memory": 7.5}) is True
+    assert (
+        worse_than_start({"ppl_memory": 7.4}, {"ppl_memory": 6.7}) is False
+        and worse_than_start({"ppl_memory": 7.4}, {"ppl_memory": 7.5}) is True
+    )
     assert worse_than_start(None, {"ppl_memory": 6.7}) is None
 
 
@@ -298,8 +316,9 @@ def _tiny_lm(seed=0):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                                        num_key_value_heads=2, vocab_size=50)).eval()
+    return AutoModelForCausalLM.from_config(
+        LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=50)
+    ).eval()
 
 
 def test_the_default_start_is_lm_copy_with_the_datastores_lm(tmp_path, monkeypatch):

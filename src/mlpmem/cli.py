@@ -29,22 +29,43 @@ def _targets(a):
 
     if a.temperature is None:  # "auto": the T that minimised kNN-LM perplexity on valid
         if not a.tuning:
-            raise MlpmemError("--temperature auto needs the tuning result of `mlpmem knnlm`", "pass --tuning OUT/knnlm.json, or a number such as --temperature 2")
+            raise MlpmemError(
+                "--temperature auto needs the tuning result of `mlpmem knnlm`",
+                "pass --tuning OUT/knnlm.json, or a number such as --temperature 2",
+            )
         tuning = read_json(Path(a.tuning))
         t = tuning.get("knn_temperature") if isinstance(tuning, dict) else None
         if not isinstance(t, (int, float)) or isinstance(t, bool) or not t > 0:
-            raise MlpmemError(f"{a.tuning} holds no positive knn_temperature", "pass the knnlm.json written by `mlpmem knnlm`, or a number such as --temperature 2")
+            raise MlpmemError(
+                f"{a.tuning} holds no positive knn_temperature",
+                "pass the knnlm.json written by `mlpmem knnlm`, or a number such as --temperature 2",
+            )
         a.temperature = float(t)
-    build_targets(Path(a.datastore), Path(a.index), Path(a.out), from_args(TargetsConfig, a), a.overwrite,
-                  queries_dir=Path(a.queries) if a.queries else None)
+    build_targets(
+        Path(a.datastore),
+        Path(a.index),
+        Path(a.out),
+        from_args(TargetsConfig, a),
+        a.overwrite,
+        queries_dir=Path(a.queries) if a.queries else None,
+    )
 
 
 def _knnlm(a):
     from mlpmem.config import from_args
     from mlpmem.evaluate import KnnConfig, run_knnlm
 
-    r = run_knnlm(Path(a.corpus), Path(a.datastore), Path(a.index), Path(a.out), from_args(KnnConfig, a), a.split, a.model,
-                  device=a.device, dtype=a.dtype)
+    r = run_knnlm(
+        Path(a.corpus),
+        Path(a.datastore),
+        Path(a.index),
+        Path(a.out),
+        from_args(KnnConfig, a),
+        a.split,
+        a.model,
+        device=a.device,
+        dtype=a.dtype,
+    )
     _say(_table(r))
 
 
@@ -66,11 +87,23 @@ def _train(a):
     cfg = from_args(TrainConfig, a)
     dev, dt = resolve_device(dist.local_device(a.device), a.dtype)  # under torchrun on GPUs: this rank's GPU
     if a.valid_targets and not a.valid:
-        raise MlpmemError("--valid-targets needs --valid (the valid datastore those targets belong to)", "pass --valid DATASTORE too, or drop --valid-targets")
+        raise MlpmemError(
+            "--valid-targets needs --valid (the valid datastore those targets belong to)",
+            "pass --valid DATASTORE too, or drop --valid-targets",
+        )
     # the LM (to copy the head from, recompute inputs, resolve layers): --model, else the datastore's
     lm = load_datastore_lm(Path(a.datastore), dev, dtype_name(dt), a.model) if needs_lm(cfg) else None
-    train_memory(Path(a.datastore), Path(a.targets), Path(a.out), cfg, valid_datastore_dir=Path(a.valid) if a.valid else None,
-                 valid_targets_dir=Path(a.valid_targets) if a.valid_targets else None, init_lm=lm, overwrite=a.overwrite, device=str(dev))
+    train_memory(
+        Path(a.datastore),
+        Path(a.targets),
+        Path(a.out),
+        cfg,
+        valid_datastore_dir=Path(a.valid) if a.valid else None,
+        valid_targets_dir=Path(a.valid_targets) if a.valid_targets else None,
+        init_lm=lm,
+        overwrite=a.overwrite,
+        device=str(dev),
+    )
 
 
 def _finetune(a):
@@ -91,7 +124,9 @@ def _run(a):
         recipe = load_recipe(a.recipe, out=a.out, device=a.device, dtype=a.dtype, overrides=overrides)
     else:
         if not a.corpus:
-            raise MlpmemError("`mlpmem run` needs a RECIPE or --corpus", "e.g. `mlpmem run sotu` or `mlpmem run --corpus data.jsonl --out runs/mine`")
+            raise MlpmemError(
+                "`mlpmem run` needs a RECIPE or --corpus", "e.g. `mlpmem run sotu` or `mlpmem run --corpus data.jsonl --out runs/mine`"
+            )
         recipe = quick_recipe(a.corpus, a.model, a.out or "runs/quick", device=a.device, dtype=a.dtype, overrides=overrides)
     if a.mixing:  # the command line wins over the recipe's eval.mixing
         import dataclasses
@@ -138,8 +173,16 @@ def _export(a):
         raise MlpmemError(f"--memory-temperature must be positive, got {a.memory_temperature}", "pass e.g. --memory-temperature 1")
     if Path(a.out).resolve() == memory.resolve() or memory.resolve() in Path(a.out).resolve().parents:
         raise MlpmemError(f"--out {a.out} lies inside the memory folder it exports", "choose an --out outside it")
-    export_hf(memory, Path(a.out), base_model=a.base_model, lambda_=a.lam, memory_temperature=a.memory_temperature, full_export=a.full,
-              gate=a.gate or "auto", mixing=a.mixing)
+    export_hf(
+        memory,
+        Path(a.out),
+        base_model=a.base_model,
+        lambda_=a.lam,
+        memory_temperature=a.memory_temperature,
+        full_export=a.full,
+        gate=a.gate or "auto",
+        mixing=a.mixing,
+    )
 
 
 def _memory_folder(path: str, verify: bool) -> Path:
@@ -161,8 +204,18 @@ def _memory_folder(path: str, verify: bool) -> Path:
 def _probe(a):
     from mlpmem.probe import build_probe
 
-    build_probe(Path(a.corpus), Path(a.out), a.n_items, a.seed, a.model, context_tokens=a.context_tokens,
-                continuation_tokens=a.continuation_tokens, n_distractors=a.distractors, task_name=a.task_name, overwrite=a.overwrite)
+    build_probe(
+        Path(a.corpus),
+        Path(a.out),
+        a.n_items,
+        a.seed,
+        a.model,
+        context_tokens=a.context_tokens,
+        continuation_tokens=a.continuation_tokens,
+        n_distractors=a.distractors,
+        task_name=a.task_name,
+        overwrite=a.overwrite,
+    )
 
 
 def _tasks(a):
@@ -172,11 +225,23 @@ def _tasks(a):
         build_source(Path(a.out), Path(a.deb) if a.deb else None, a.n_synsets, a.seed, overwrite=a.overwrite)
     else:
         if not a.source or not a.corpus:
-            raise MlpmemError("`mlpmem tasks build` needs --source (from `mlpmem tasks source`) and --corpus (the memory's RUN/corpus)",
-                              "e.g. mlpmem tasks build --source runs/knowledge/wordnet --corpus runs/knowledge/wordnet50k/corpus --out runs/knowledge/tasks")
-        build_tasks(Path(a.source), Path(a.corpus), Path(a.out), sotu_corpus=Path(a.sotu_corpus) if a.sotu_corpus else None,
-                    n_items=a.n_items, n_valid=a.n_valid, n_sotu=a.n_sotu, n_reasoning=a.n_reasoning, shots=a.shots, seed=a.seed,
-                    overwrite=a.overwrite)
+            raise MlpmemError(
+                "`mlpmem tasks build` needs --source (from `mlpmem tasks source`) and --corpus (the memory's RUN/corpus)",
+                "e.g. mlpmem tasks build --source runs/knowledge/wordnet --corpus runs/knowledge/wordnet50k/corpus --out runs/knowledge/tasks",
+            )
+        build_tasks(
+            Path(a.source),
+            Path(a.corpus),
+            Path(a.out),
+            sotu_corpus=Path(a.sotu_corpus) if a.sotu_corpus else None,
+            n_items=a.n_items,
+            n_valid=a.n_valid,
+            n_sotu=a.n_sotu,
+            n_reasoning=a.n_reasoning,
+            shots=a.shots,
+            seed=a.seed,
+            overwrite=a.overwrite,
+        )
 
 
 def _table(r: dict) -> str:
@@ -191,6 +256,7 @@ def _table(r: dict) -> str:
 
 def _stage_args(verb: str, extra=None):
     """A stage verb's flags from the stage registry (stages.add_stage_arguments), then the verb's own."""
+
     def add(sp):
         from mlpmem.stages import add_stage_arguments, by_verb
 
@@ -224,22 +290,33 @@ def _args_finetune(sp):
     sp.add_argument("--corpus", required=True, help="folder written by `mlpmem corpus`, tokenized for --model")
     sp.add_argument("--out", required=True)
     sp.add_argument("--overwrite", action="store_true")
-    sp.add_argument("--lambda", dest="lambda_", type=float, default=None,
-                    help="the memory's weight in the mixture (default: the lambda its run fitted)")
+    sp.add_argument(
+        "--lambda", dest="lambda_", type=float, default=None, help="the memory's weight in the mixture (default: the lambda its run fitted)"
+    )
     add_arguments(sp, FinetuneConfig, skip=("lambda_",))
 
 
 def _args_run(sp):
     sp.add_argument("recipe", nargs="?", help="a recipe YAML file or a built-in recipe name (e.g. sotu)")
-    sp.add_argument("overrides", nargs="*", help="settings to change, as SECTION.KEY=VALUE (e.g. train.epochs=3 datastore.batch_tokens=65536)")
+    sp.add_argument(
+        "overrides", nargs="*", help="settings to change, as SECTION.KEY=VALUE (e.g. train.epochs=3 datastore.batch_tokens=65536)"
+    )
     sp.add_argument("--corpus", help="quick experiment on your own corpus (.jsonl with a text field, .txt, .parquet, folder)")
     sp.add_argument("--model", default="smollm2-135m", help="HF model name or local folder")
     sp.add_argument("--out", default=None)
     sp.add_argument("--overwrite", action="store_true")
-    sp.add_argument("--device", default=None, help="where the stages run: auto|cpu|cuda|cuda:N|mps (default: the recipe's `device:`, else auto)")
-    sp.add_argument("--dtype", default=None, help="LM precision: auto|float32|bfloat16|float16 (default: the recipe's datastore dtype, float32)")
-    sp.add_argument("--mixing", default=None, choices=("fixed", "gated"),
-                    help="gated: also fit a per-token mixing gate on valid and report it beside the fixed lambda (default: the recipe's eval.mixing, fixed)")
+    sp.add_argument(
+        "--device", default=None, help="where the stages run: auto|cpu|cuda|cuda:N|mps (default: the recipe's `device:`, else auto)"
+    )
+    sp.add_argument(
+        "--dtype", default=None, help="LM precision: auto|float32|bfloat16|float16 (default: the recipe's datastore dtype, float32)"
+    )
+    sp.add_argument(
+        "--mixing",
+        default=None,
+        choices=("fixed", "gated"),
+        help="gated: also fit a per-token mixing gate on valid and report it beside the fixed lambda (default: the recipe's eval.mixing, fixed)",
+    )
 
 
 def _args_plan(sp):
@@ -249,7 +326,9 @@ def _args_plan(sp):
     sp.add_argument("--train-tokens", type=int, default=None, help="the train split's size, when the recipe does not cap it")
     sp.add_argument("--throughputs", default=None, help="JSON of measured throughputs (a plan's --json) instead of calibrating here")
     sp.add_argument("--json", default=None, help="also write the plan as JSON to this file")
-    sp.add_argument("--device", default=None, help="where the stages will run: auto|cpu|cuda|cuda:N|mps (default: the recipe's `device:`, else auto)")
+    sp.add_argument(
+        "--device", default=None, help="where the stages will run: auto|cpu|cuda|cuda:N|mps (default: the recipe's `device:`, else auto)"
+    )
     sp.add_argument("--dtype", default=None, help="LM precision (default: the recipe's datastore dtype)")
 
 
@@ -273,7 +352,9 @@ def _args_export(sp):
     sp.add_argument("--memory-temperature", type=float, default=1.0)
     sp.add_argument("--full", action="store_true", help="also store the base model, for a self-contained folder")
     sp.add_argument("--gate", default=None, help="a mixing gate folder (default: the run's gate/ next to train/memory, if any)")
-    sp.add_argument("--mixing", default=None, choices=("fixed", "gated"), help="default mixing of the saved model (default: gated when it has a gate)")
+    sp.add_argument(
+        "--mixing", default=None, choices=("fixed", "gated"), help="default mixing of the saved model (default: gated when it has a gate)"
+    )
 
 
 def _args_probe(sp):
@@ -290,8 +371,11 @@ def _args_probe(sp):
 
 
 def _args_tasks(sp):
-    sp.add_argument("action", choices=("source", "build"),
-                    help="source: unpack WordNet (Debian wordnet-base) and write the memory's text; build: the lm-eval tasks from a run's train split")
+    sp.add_argument(
+        "action",
+        choices=("source", "build"),
+        help="source: unpack WordNet (Debian wordnet-base) and write the memory's text; build: the lm-eval tasks from a run's train split",
+    )
     sp.add_argument("--out", required=True)
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--overwrite", action="store_true")
@@ -319,7 +403,11 @@ VERBS = {
     "targets": (_targets, _STAGE_HELP["targets"], _stage_args("targets", _extra_targets)),
     "knnlm": (_knnlm, _STAGE_HELP["knnlm"], _stage_args("knnlm", _extra_knnlm)),
     "train": (_train, _STAGE_HELP["train"], _stage_args("train", _extra_train)),
-    "finetune": (_finetune, "fine-tune the LM (full or LoRA) on a corpus split, alone or jointly with a memory in the loop", _args_finetune),
+    "finetune": (
+        _finetune,
+        "fine-tune the LM (full or LoRA) on a corpus split, alone or jointly with a memory in the loop",
+        _args_finetune,
+    ),
     "run": (_run, "run the whole experiment from a recipe (or a corpus) and print the comparison", _args_run),
     "plan": (_plan, "estimate each stage's disk, RAM, GPU memory and time for a recipe, before running it", _args_plan),
     "generate": (_generate, "continue prompts with the base LM and with LM + memory, side by side", _args_generate),
@@ -339,8 +427,9 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
         if verb in (name, None):
             add(sp)
             if name != "corpus":
-                sp.add_argument("--verify", action="store_true",
-                                help="hash every byte of the stage folders read (default: sizes and sampled blocks)")
+                sp.add_argument(
+                    "--verify", action="store_true", help="hash every byte of the stage folders read (default: sizes and sampled blocks)"
+                )
     return p
 
 
@@ -351,8 +440,11 @@ def main(argv: list[str] | None = None) -> int:
     from mlpmem import dist
 
     rank = dist.world().rank  # under torchrun / accelerate launch: rank 0 speaks for all, the others only warn
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s {f'[rank {rank}] ' if rank else ''}%(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s {f'[rank {rank}] ' if rank else ''}%(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     for noisy in ("faiss.loader", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from mlpmem.manifest import release_all_locks, set_full_verify
@@ -393,13 +485,20 @@ def os_error(e: OSError, argv: list[str]) -> MlpmemError | None:
     user gave), or None for anything else."""
     where = f" ({e.filename})" if e.filename else ""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return MlpmemError(f"the disk is full{where}", "free some space and run the same command again (finished shards and checkpoints are kept), or choose an --out on a larger disk")
+        return MlpmemError(
+            f"the disk is full{where}",
+            "free some space and run the same command again (finished shards and checkpoints are kept), or choose an --out on a larger disk",
+        )
     if e.errno == errno.EROFS:
         return MlpmemError(f"the file system is read-only{where}", "choose an --out on a writable disk")
     if isinstance(e, PermissionError):
         return MlpmemError(f"permission denied{where}", "check the permissions of that path, or choose another --out")
     if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError)) and e.filename and _user_path(str(e.filename), argv):
-        what = {FileNotFoundError: "does not exist", NotADirectoryError: "has a file where a folder is expected", IsADirectoryError: "is a folder where a file is expected"}
+        what = {
+            FileNotFoundError: "does not exist",
+            NotADirectoryError: "has a file where a folder is expected",
+            IsADirectoryError: "is a folder where a file is expected",
+        }
         return MlpmemError(f"{e.filename} {what[type(e)]}", "check the paths you passed")
     return None
 

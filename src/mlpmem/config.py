@@ -75,6 +75,7 @@ def build(cls, data: dict[str, Any], where: str):
 
 # ---------------------------------------------------------------- ranges and consistency
 
+
 def need(ok: bool, key: str, message: str) -> list[str]:
     """``["key: message"]`` when ``ok`` is false: one line of a config's ``problems()``."""
     return [] if ok else [f"{key}: {message}"]
@@ -106,13 +107,25 @@ def in_range(obj, key: str, lo: float, hi: float, allow_none: bool = False, hi_o
 
 def _knn_problems(c) -> list[str]:
     temps = list(c.temperatures or [])
-    return (positive(c, "k", "batch_size") + positive(c, "temperature", allow_none=True) + in_range(c, "lam", 0.0, 1.0, allow_none=True)
-            + need(bool(temps) and all(t > 0 and t != float("inf") for t in temps), "temperatures", f"must be a non-empty list of positive numbers, got {temps!r}"))
+    return (
+        positive(c, "k", "batch_size")
+        + positive(c, "temperature", allow_none=True)
+        + in_range(c, "lam", 0.0, 1.0, allow_none=True)
+        + need(
+            bool(temps) and all(t > 0 and t != float("inf") for t in temps),
+            "temperatures",
+            f"must be a non-empty list of positive numbers, got {temps!r}",
+        )
+    )
 
 
 def _generate_problems(c) -> list[str]:
-    return (positive(c, "max_new_tokens", "temperature", "num_beams") + positive(c, "top_k", zero=True) + in_range(c, "lam", 0.0, 1.0)
-            + need(c.top_p is not None and 0 < c.top_p <= 1, "top_p", f"must lie in (0, 1], got {c.top_p!r}"))
+    return (
+        positive(c, "max_new_tokens", "temperature", "num_beams")
+        + positive(c, "top_k", zero=True)
+        + in_range(c, "lam", 0.0, 1.0)
+        + need(c.top_p is not None and 0 < c.top_p <= 1, "top_p", f"must lie in (0, 1], got {c.top_p!r}")
+    )
 
 
 # checks for configs whose modules define no ``problems()`` (by class name, so that this module imports none of them)
@@ -150,7 +163,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         flag = "--" + f.name.replace("_", "-")
         args = typing.get_args(tp)
-        base = next((t for t in args if t is not type(None)), tp) if args and typing.get_origin(tp) in (typing.Union, types.UnionType) else tp
+        base = (
+            next((t for t in args if t is not type(None)), tp) if args and typing.get_origin(tp) in (typing.Union, types.UnionType) else tp
+        )
         help_ = f"(default: {default})"
         if base is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=help_)
@@ -164,10 +179,15 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
 
 def add_device_arguments(parser: argparse.ArgumentParser, dtype: bool = False) -> None:
     """--device (and --dtype) for a verb that runs a model; resolved by models.resolve_device."""
-    parser.add_argument("--device", default="auto", help="where the model runs: auto (cuda if there is a GPU, else cpu) | cpu | cuda | cuda:N | mps")
+    parser.add_argument(
+        "--device", default="auto", help="where the model runs: auto (cuda if there is a GPU, else cpu) | cpu | cuda | cuda:N | mps"
+    )
     if dtype:
-        parser.add_argument("--dtype", default="float32",
-                            help="precision of the LM: float32 | bfloat16 | float16 (GPU only) | auto (bfloat16 on a GPU that has it, else float32)")
+        parser.add_argument(
+            "--dtype",
+            default="float32",
+            help="precision of the LM: float32 | bfloat16 | float16 (GPU only) | auto (bfloat16 on a GPU that has it, else float32)",
+        )
 
 
 def _optional(base):

@@ -47,12 +47,23 @@ class CorpusConfig:
         from mlpmem.config import need, one_of
 
         fr = (self.valid_fraction, self.test_fraction)
-        return (need(isinstance(self.source, str) and self.source.strip() != "", "source", "must name a file, a folder, builtin:sotu or hf:NAME")
-                + need(bool(self.text_field), "text_field", "must not be empty")
-                + one_of(self, "txt_documents", ("file", "blank_line"))
-                + need(all(0 < f < 1 for f in fr) and sum(fr) < 1, "valid_fraction", f"and test_fraction must lie in (0, 1) with a sum below 1, got {fr[0]!r} and {fr[1]!r}")
-                + [f"{k}: must be at least 2 tokens (or null for no cap), got {getattr(self, k)!r}"
-                   for k in ("train_tokens", "valid_tokens", "test_tokens") if getattr(self, k) is not None and getattr(self, k) < 2])
+        return (
+            need(
+                isinstance(self.source, str) and self.source.strip() != "", "source", "must name a file, a folder, builtin:sotu or hf:NAME"
+            )
+            + need(bool(self.text_field), "text_field", "must not be empty")
+            + one_of(self, "txt_documents", ("file", "blank_line"))
+            + need(
+                all(0 < f < 1 for f in fr) and sum(fr) < 1,
+                "valid_fraction",
+                f"and test_fraction must lie in (0, 1) with a sum below 1, got {fr[0]!r} and {fr[1]!r}",
+            )
+            + [
+                f"{k}: must be at least 2 tokens (or null for no cap), got {getattr(self, k)!r}"
+                for k in ("train_tokens", "valid_tokens", "test_tokens")
+                if getattr(self, k) is not None and getattr(self, k) < 2
+            ]
+        )
 
 
 @dataclass
@@ -63,6 +74,7 @@ class Document:
 
 # ---------------------------------------------------------------- reading
 
+
 def _read_jsonl(path: Path, field: str, lines) -> list[Document]:
     docs = []
     for i, line in enumerate(lines):
@@ -71,9 +83,14 @@ def _read_jsonl(path: Path, field: str, lines) -> list[Document]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise MlpmemError(f"{path} line {i + 1} is not valid JSON ({e.msg})", "fix that line; each line must be a JSON object such as {\"text\": \"...\"}")
+            raise MlpmemError(
+                f"{path} line {i + 1} is not valid JSON ({e.msg})", 'fix that line; each line must be a JSON object such as {"text": "..."}'
+            )
         if not isinstance(row, dict) or not isinstance(row.get(field), str):
-            raise MlpmemError(f"{path} line {i + 1} has no string field {field!r}", f"give each line a {field!r} field, or name the right field with --text-field")
+            raise MlpmemError(
+                f"{path} line {i + 1} has no string field {field!r}",
+                f"give each line a {field!r} field, or name the right field with --text-field",
+            )
         docs.append(Document(str(row.get("id", f"{path.name}:{i + 1}")), row[field]))
     return docs
 
@@ -97,7 +114,9 @@ def _read_file(path: Path, cfg: CorpusConfig) -> list[Document]:
 
             table = pq.read_table(path)
             if cfg.text_field not in table.column_names:
-                raise MlpmemError(f"{path} has no column {cfg.text_field!r} (columns: {table.column_names})", "name the text column with --text-field")
+                raise MlpmemError(
+                    f"{path} has no column {cfg.text_field!r} (columns: {table.column_names})", "name the text column with --text-field"
+                )
             texts = table.column(cfg.text_field).to_pylist()
             return [Document(f"{path.name}:{i}", t) for i, t in enumerate(texts) if isinstance(t, str)]
     except UnicodeDecodeError as e:
@@ -123,8 +142,12 @@ def load_documents(cfg: CorpusConfig) -> list[Document]:
     else:
         path = Path(src).expanduser()
         if not path.exists():
-            raise MlpmemError(f"corpus {src!r} does not exist", f"pass a .txt/.jsonl/.parquet file or a folder of them, 'builtin:sotu', or 'hf:DATASET'")
-        files = sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix in (".txt", ".jsonl", ".parquet"))) if path.is_dir() else [path]
+            raise MlpmemError(
+                f"corpus {src!r} does not exist", "pass a .txt/.jsonl/.parquet file or a folder of them, 'builtin:sotu', or 'hf:DATASET'"
+            )
+        files = (
+            sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix in (".txt", ".jsonl", ".parquet"))) if path.is_dir() else [path]
+        )
         if not files:
             raise MlpmemError(f"folder {path} has no .txt, .jsonl or .parquet files", "put the corpus files in it, or pass a file")
         docs = [d for f in files for d in _read_file(f, cfg)]
@@ -153,18 +176,26 @@ def _load_hf(name: str, field: str) -> list[Document]:
     try:
         import datasets
     except ImportError:
-        raise MlpmemError("loading a Hugging Face dataset needs the `datasets` package", "pip install 'mlpmem[hf]', or export the data to .jsonl")
+        raise MlpmemError(
+            "loading a Hugging Face dataset needs the `datasets` package", "pip install 'mlpmem[hf]', or export the data to .jsonl"
+        )
     repo, _, config = name.partition(":")
     try:
         ds = datasets.load_dataset(repo, config or None, split="train")
     except Exception as e:
-        raise MlpmemError(f"could not load dataset {name!r} ({str(e).splitlines()[0][:200]})", "check the name, or export the data to .jsonl and pass the file")
+        raise MlpmemError(
+            f"could not load dataset {name!r} ({str(e).splitlines()[0][:200]})",
+            "check the name, or export the data to .jsonl and pass the file",
+        )
     if field not in ds.column_names:
-        raise MlpmemError(f"dataset {name!r} has no column {field!r} (columns: {ds.column_names})", "name the text column with --text-field")
+        raise MlpmemError(
+            f"dataset {name!r} has no column {field!r} (columns: {ds.column_names})", "name the text column with --text-field"
+        )
     return [Document(f"{repo}:{i}", t) for i, t in enumerate(ds[field]) if isinstance(t, str)]
 
 
 # ---------------------------------------------------------------- splitting
+
 
 def split_documents(docs: list[Document], valid_fraction: float, test_fraction: float, seed: int) -> dict[str, list[int]]:
     """Assign documents to splits by a seeded hash of their id and text.
@@ -173,7 +204,9 @@ def split_documents(docs: list[Document], valid_fraction: float, test_fraction: 
     document to a corpus does not move the rest between splits.
     """
     if not (0 < valid_fraction < 1 and 0 < test_fraction < 1 and valid_fraction + test_fraction < 1):
-        raise MlpmemError(f"valid_fraction={valid_fraction} and test_fraction={test_fraction} must be in (0, 1) with a sum below 1", "e.g. 0.1 and 0.1")
+        raise MlpmemError(
+            f"valid_fraction={valid_fraction} and test_fraction={test_fraction} must be in (0, 1) with a sum below 1", "e.g. 0.1 and 0.1"
+        )
     if len(docs) < 3:
         raise MlpmemError(
             f"the corpus has {len(docs)} document(s) but the split by document needs at least 3 (train, valid, test)",
@@ -229,7 +262,6 @@ def windows(n_tokens: int, context: int, stride: int) -> np.ndarray:
     return np.asarray(out, dtype=np.int64).reshape(-1, 3)
 
 
-
 def window_batches(W: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
     """Consecutive rows of :func:`windows` in batches of at most ``batch_size`` windows of one length
     (a batch stacks into one tensor without padding; only the last windows are shorter)."""
@@ -243,6 +275,7 @@ def window_batches(W: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
 
 
 # ---------------------------------------------------------------- the stage
+
 
 def build_corpus(out_dir: Path, cfg: CorpusConfig, overwrite: bool = False) -> Path:
     """Read, split and tokenize a corpus into ``out_dir``; skip if already done."""
@@ -259,8 +292,10 @@ def build_corpus(out_dir: Path, cfg: CorpusConfig, overwrite: bool = False) -> P
     if prepare_out(out_dir, cfg, overwrite, kind="corpus") == "done":
         old = read_manifest(out_dir, "corpus")
         if n_dup and "n_duplicates_dropped" not in old:
-            raise MlpmemError(f"the corpus in {out_dir} was built before duplicates were removed, and the source has {n_dup} duplicate document(s) that may sit in two splits",
-                              "pass --overwrite to rebuild it without them")
+            raise MlpmemError(
+                f"the corpus in {out_dir} was built before duplicates were removed, and the source has {n_dup} duplicate document(s) that may sit in two splits",
+                "pass --overwrite to rebuild it without them",
+            )
         log.info("corpus in %s is up to date", out_dir)
         return out_dir
     sep = separator_id(tok)
@@ -285,10 +320,20 @@ def build_corpus(out_dir: Path, cfg: CorpusConfig, overwrite: bool = False) -> P
         }
         log.info("%s: %d documents, %d tokens", split, used, len(tokens))
     write_json(out_dir / "documents.json", documents)
-    write_manifest(out_dir, "corpus", {
-        "source": cfg.source, "model_id": model_id, "tokenizer_hash": tokenizer_hash(tok), "separator_id": sep,
-        "n_documents_total": len(docs), "n_duplicates_dropped": n_dup, "corpus_hash": corpus_hash.hexdigest(), "splits": splits,
-    })
+    write_manifest(
+        out_dir,
+        "corpus",
+        {
+            "source": cfg.source,
+            "model_id": model_id,
+            "tokenizer_hash": tokenizer_hash(tok),
+            "separator_id": sep,
+            "n_documents_total": len(docs),
+            "n_duplicates_dropped": n_dup,
+            "corpus_hash": corpus_hash.hexdigest(),
+            "splits": splits,
+        },
+    )
     return out_dir
 
 

@@ -35,13 +35,24 @@ import numpy as np
 
 from mlpmem.corpus import SPLITS, Corpus, window_batches, windows
 from mlpmem.errors import MlpmemError
-from mlpmem.manifest import ADDED_SETTINGS, CONFIG, check_disk_space, clear_progress, finished_shards, prepare_out, read_json, save_npy, save_shard_record, sha256_file, write_manifest
+from mlpmem.manifest import (
+    ADDED_SETTINGS,
+    CONFIG,
+    check_disk_space,
+    clear_progress,
+    finished_shards,
+    prepare_out,
+    read_json,
+    save_npy,
+    save_shard_record,
+    sha256_file,
+    write_manifest,
+)
 from mlpmem.models import DEFAULT_MODEL, dtype_name, load_model, logits_size, model_fingerprint, resolve_device, tokenizer_hash
 from mlpmem.modeling.read_site import SITES, ReadSite, capture, parse_site, resolve_layer, run_captured
 from mlpmem.store import feature_name
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -73,12 +84,21 @@ class DatastoreConfig:
             layer, _, site = str(text).partition(":")
             if not layer.lstrip("-").isdigit() or (site or "output") not in SITES:
                 bad_sites.append(text)
-        return (need(isinstance(self.model, str) and self.model != "", "model", "must name a model")
-                + one_of(self, "split", SPLITS) + one_of(self, "site", SITES) + one_of(self, "mode", MODES)
-                + one_of(self, "dtype", ("auto", "float32", "bfloat16", "float16"))
-                + positive(self, "context", "stride", "batch_size", "windows_per_shard") + positive(self, "batch_tokens", allow_none=True)
-                + need(not (self.context and self.stride) or self.stride <= self.context, "stride", f"must not exceed the context ({self.context}), got {self.stride}")
-                + need(not bad_sites, "extra_sites", f"entries must read LAYER:SITE with SITE in {SITES}, got {bad_sites}"))
+        return (
+            need(isinstance(self.model, str) and self.model != "", "model", "must name a model")
+            + one_of(self, "split", SPLITS)
+            + one_of(self, "site", SITES)
+            + one_of(self, "mode", MODES)
+            + one_of(self, "dtype", ("auto", "float32", "bfloat16", "float16"))
+            + positive(self, "context", "stride", "batch_size", "windows_per_shard")
+            + positive(self, "batch_tokens", allow_none=True)
+            + need(
+                not (self.context and self.stride) or self.stride <= self.context,
+                "stride",
+                f"must not exceed the context ({self.context}), got {self.stride}",
+            )
+            + need(not bad_sites, "extra_sites", f"entries must read LAYER:SITE with SITE in {SITES}, got {bad_sites}")
+        )
 
 
 MODES = ("auto", "recompute", "cache")
@@ -160,17 +180,27 @@ class Extractor:
     mode = ""
 
     def __init__(self, model, context: int, stride: int, batch_size: int = 8, prefix: tuple[int, ...] = ()) -> None:
-        self.model, self.context, self.stride, self.batch_size, self.prefix = model, context, stride, batch_size, tuple(int(t) for t in prefix)
+        self.model, self.context, self.stride, self.batch_size, self.prefix = (
+            model,
+            context,
+            stride,
+            batch_size,
+            tuple(int(t) for t in prefix),
+        )
         if not 0 < stride <= context - len(self.prefix):
-            raise MlpmemError(f"a prefix of {len(self.prefix)} tokens leaves windows of {context - len(self.prefix)} stream tokens, "
-                              f"shorter than the stride {stride}", "use a shorter stride or a longer context")
+            raise MlpmemError(
+                f"a prefix of {len(self.prefix)} tokens leaves windows of {context - len(self.prefix)} stream tokens, "
+                f"shorter than the stride {stride}",
+                "use a shorter stride or a longer context",
+            )
 
     def windows(self, n_tokens: int) -> np.ndarray:
         """[n_windows, 3] (begin, end, first kept) over the stream (corpus.windows with the prefix's room taken out)."""
         return windows(n_tokens, self.context - len(self.prefix), self.stride)
 
-    def batches(self, tokens: np.ndarray, sites: dict[str, ReadSite], want_logprob: bool = False,
-                window_range: tuple[int, int] | None = None) -> Iterator[Batch]:
+    def batches(
+        self, tokens: np.ndarray, sites: dict[str, ReadSite], want_logprob: bool = False, window_range: tuple[int, int] | None = None
+    ) -> Iterator[Batch]:
         """Batches over the windows ``window_range`` (all by default). Without ``want_logprob`` the forward
         stops after the deepest hooked layer (no later layers, no logits)."""
         W = self.windows(len(tokens))
@@ -209,8 +239,10 @@ class CacheExtractor(Extractor):
     def __init__(self, model, context: int, stride: int, batch_size: int = 8, prefix: tuple[int, ...] = ()) -> None:
         super().__init__(model, context, stride, batch_size, prefix)
         if self.prefix:
-            raise MlpmemError("extraction mode 'cache' takes no prefix (its attention sinks are the lane's first tokens)",
-                              "use mode 'recompute' with a prefix")
+            raise MlpmemError(
+                "extraction mode 'cache' takes no prefix (its attention sinks are the lane's first tokens)",
+                "use mode 'recompute' with a prefix",
+            )
         problem = cache_mode_problem(model, context, stride)
         if problem:
             raise MlpmemError(f"extraction mode 'cache' cannot run here: {problem}", "use mode 'recompute'")
@@ -238,9 +270,18 @@ def make_extractor(model, mode: str, context: int, stride: int, batch_size: int 
     return EXTRACTORS[mode](model, context, stride, batch_size, prefix)
 
 
-def iter_batches(model, tokens: np.ndarray, context: int, stride: int, sites: dict[str, ReadSite], batch_size: int,
-                 want_logprob: bool, window_range: tuple[int, int] | None = None, mode: str = "recompute",
-                 prefix: tuple[int, ...] = ()) -> Iterator[Batch]:
+def iter_batches(
+    model,
+    tokens: np.ndarray,
+    context: int,
+    stride: int,
+    sites: dict[str, ReadSite],
+    batch_size: int,
+    want_logprob: bool,
+    window_range: tuple[int, int] | None = None,
+    mode: str = "recompute",
+    prefix: tuple[int, ...] = (),
+) -> Iterator[Batch]:
     """``make_extractor(model, mode, ...).batches(tokens, sites, want_logprob, window_range)``: see :class:`Extractor`.
     ``mode`` is "recompute" or "cache" (resolve "auto" with :func:`resolve_mode` first)."""
     if mode not in EXTRACTORS:
@@ -262,8 +303,9 @@ def window_ids(tok_t, group: np.ndarray, prefix: tuple[int, ...] = ()):
     return torch.stack([torch.cat([pre, tok_t[b:e]]) if prefix else tok_t[b:e] for b, e, *_ in group])
 
 
-def _iter_recompute(model, tok_t, W: np.ndarray, sites: dict[str, ReadSite], batch_size: int, want_logprob: bool,
-                    prefix: tuple[int, ...] = ()) -> Iterator[Batch]:
+def _iter_recompute(
+    model, tok_t, W: np.ndarray, sites: dict[str, ReadSite], batch_size: int, want_logprob: bool, prefix: tuple[int, ...] = ()
+) -> Iterator[Batch]:
     """Every window from scratch, ``prefix`` in front of each; consecutive windows of equal length are batched."""
     import torch
 
@@ -272,8 +314,14 @@ def _iter_recompute(model, tok_t, W: np.ndarray, sites: dict[str, ReadSite], bat
         feats, lps = _recompute_group(model, tok_t, group, sites, want_logprob, prefix)
         seconds = time.perf_counter() - t0
         row_start, row_end = int(group[0, 2]), int(min(group[-1, 1], len(tok_t) - 1))
-        yield Batch(row_start, row_end, {n: torch.cat(v) for n, v in feats.items()},
-                    torch.cat(lps) if want_logprob else None, tok_t[row_start + 1 : row_end + 1].numpy().astype(np.int32), seconds)
+        yield Batch(
+            row_start,
+            row_end,
+            {n: torch.cat(v) for n, v in feats.items()},
+            torch.cat(lps) if want_logprob else None,
+            tok_t[row_start + 1 : row_end + 1].numpy().astype(np.int32),
+            seconds,
+        )
 
 
 def _recompute_group(model, tok_t, group: np.ndarray, sites: dict[str, ReadSite], want_logprob: bool, prefix: tuple[int, ...]):
@@ -326,8 +374,9 @@ def _rebase(cache, n_sink: int, keep: int, inv_freq) -> None:
         layer.values = torch.cat([layer.values[:, :, :n_sink], layer.values[:, :, n - keep :]], -2)
 
 
-def _cached_block(model, tok_t, W: np.ndarray, context: int, stride: int, sites: dict[str, ReadSite], lanes: int,
-                  want_logprob: bool) -> Batch:
+def _cached_block(
+    model, tok_t, W: np.ndarray, context: int, stride: int, sites: dict[str, ReadSite], lanes: int, want_logprob: bool
+) -> Batch:
     """Full-length windows ``W`` as up to ``lanes`` contiguous lanes sharing one batched KV cache.
 
     Lane j's first window runs whole (positions 0..C-1); each later window feeds
@@ -376,8 +425,14 @@ def _cached_block(model, tok_t, W: np.ndarray, context: int, stride: int, sites:
             for g in range(0, k, size):
                 part = cache if step else _new_cache(model)
                 with capture(model, list(sites.values()), stop_early=not want_logprob) as store:
-                    out = run_captured(model, input_ids=ids[g : g + size], position_ids=position_ids, past_key_values=part, use_cache=True,
-                                       **({"logits_to_keep": n_keep} if want_logprob else {}))
+                    out = run_captured(
+                        model,
+                        input_ids=ids[g : g + size],
+                        position_ids=position_ids,
+                        past_key_values=part,
+                        use_cache=True,
+                        **({"logits_to_keep": n_keep} if want_logprob else {}),
+                    )
                 parts.append(part)
                 for j in range(g, min(g + size, k)):
                     w = active[j]
@@ -391,7 +446,9 @@ def _cached_block(model, tok_t, W: np.ndarray, context: int, stride: int, sites:
                     if want_logprob:
                         if lp is None:
                             lp = torch.empty(row1 - row0, device=out.logits.device)
-                        lp[r] = _gather_logprob(out.logits[j - g, s - length + n_keep : t - length + n_keep], tok_t[W[w, 2] + 1 : stops[w] + 1])
+                        lp[r] = _gather_logprob(
+                            out.logits[j - g, s - length + n_keep : t - length + n_keep], tok_t[W[w, 2] + 1 : stops[w] + 1]
+                        )
             cache = _stack_caches(parts)
             _rebase(cache, n_sink, keep_ctx, inv_freq)
         seconds += time.perf_counter() - t0
@@ -420,8 +477,10 @@ def window_prefix(tok, bos: bool) -> tuple[int, ...]:
     if not bos:
         return ()
     if getattr(tok, "bos_token_id", None) is None:
-        raise MlpmemError("datastore.bos puts the tokenizer's <bos> in front of every window, but this tokenizer has no bos token",
-                          "set bos: false for this model")
+        raise MlpmemError(
+            "datastore.bos puts the tokenizer's <bos> in front of every window, but this tokenizer has no bos token",
+            "set bos: false for this model",
+        )
     return (int(tok.bos_token_id),)
 
 
@@ -459,12 +518,15 @@ def check_context_fits(model, context: int, model_name: str, setting: str = "con
     """Refuse windows longer than the model's positions, naming the ``setting`` to change."""
     max_pos = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if max_pos and context > max_pos:
-        raise MlpmemError(f"{setting} {context} is longer than the {max_pos} positions {model_name!r} supports",
-                          f"set {setting} to at most {max_pos} (and the stride below it)")
+        raise MlpmemError(
+            f"{setting} {context} is longer than the {max_pos} positions {model_name!r} supports",
+            f"set {setting} to at most {max_pos} (and the stride below it)",
+        )
 
 
-def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model_bundle=None, overwrite: bool = False,
-                    device: str = "auto") -> Path:
+def build_datastore(
+    corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model_bundle=None, overwrite: bool = False, device: str = "auto"
+) -> Path:
     """Extract keys/values for ``cfg.split`` of a corpus into ``out_dir`` (resumable).
 
     ``model_bundle`` is an optional already-loaded ``(model, tokenizer, model_id)``
@@ -501,7 +563,9 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
     # itself. A folder whose mode cannot run with this config (other windows, a prefix) differs in that config too:
     # prepare_out names the difference.
     kept = folder_mode(out_dir) if cfg.mode == "auto" and not overwrite else None
-    extractor = make_extractor(model, "recompute" if kept == "recompute" else cfg.mode, cfg.context, cfg.stride, windows_per_batch(cfg), prefix)
+    extractor = make_extractor(
+        model, "recompute" if kept == "recompute" else cfg.mode, cfg.context, cfg.stride, windows_per_batch(cfg), prefix
+    )
     mode = extractor.mode
     cfg = dataclasses.replace(cfg, mode="auto" if kept == "auto" else mode)
     tokens = corpus.tokens(cfg.split)
@@ -509,9 +573,17 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
     n_rows = len(tokens) - 1
     d = model.config.get_text_config().hidden_size
     if n_rows < 1:
-        raise MlpmemError(f"the {cfg.split} split of {corpus_dir} has {len(tokens)} token(s): nothing to predict", "build the corpus with more text in that split")
-    resolved = {"config": cfg, "corpus": str(Path(corpus_dir).resolve()), "corpus_manifest_sha256": sha256_file(Path(corpus_dir) / "manifest.json"), "model_id": model_id,
-                "extract_mode": mode}  # shards of two modes are never mixed on resume
+        raise MlpmemError(
+            f"the {cfg.split} split of {corpus_dir} has {len(tokens)} token(s): nothing to predict",
+            "build the corpus with more text in that split",
+        )
+    resolved = {
+        "config": cfg,
+        "corpus": str(Path(corpus_dir).resolve()),
+        "corpus_manifest_sha256": sha256_file(Path(corpus_dir) / "manifest.json"),
+        "model_id": model_id,
+        "extract_mode": mode,
+    }  # shards of two modes are never mixed on resume
 
     def claim() -> str:
         if not (out_dir / "manifest.json").exists() or overwrite:  # a finished datastore needs no more space
@@ -526,8 +598,13 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
     done = finished_shards(out_dir, mine, "datastore")
     todo = [s for s in mine if s not in done]
     torch.manual_seed(0)
-    bar = tqdm(total=sum(_shard_rows(W, shard_windows[s], len(tokens)) for s in todo), unit="tok", desc=f"datastore {cfg.split}",
-               dynamic_ncols=True, disable=not w.main)
+    bar = tqdm(
+        total=sum(_shard_rows(W, shard_windows[s], len(tokens)) for s in todo),
+        unit="tok",
+        desc=f"datastore {cfg.split}",
+        dynamic_ncols=True,
+        disable=not w.main,
+    )
     t0, new_rows = time.perf_counter(), 0
     copies = _HostCopies()
     with _ShardWriter(out_dir) as writer:  # shard s is written while shard s+1 is extracted
@@ -538,10 +615,14 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
             arrays["values"] = np.empty(end - start, np.int32)
             if cfg.lm_logprob:
                 arrays["lm_logprob"] = np.empty(end - start, np.float32)
-            for batch in iter_batches(model, tokens, cfg.context, cfg.stride, sites, windows_per_batch(cfg), cfg.lm_logprob, (a, b), mode, prefix):
+            for batch in iter_batches(
+                model, tokens, cfg.context, cfg.stride, sites, windows_per_batch(cfg), cfg.lm_logprob, (a, b), mode, prefix
+            ):
                 r0, r1 = batch.row_start - start, batch.row_end - start
-                copies.put([(arrays[name][r0:r1], h, torch.float16) for name, h in batch.features.items()]
-                           + ([(arrays["lm_logprob"][r0:r1], batch.lm_logprob, torch.float32)] if cfg.lm_logprob else []))
+                copies.put(
+                    [(arrays[name][r0:r1], h, torch.float16) for name, h in batch.features.items()]
+                    + ([(arrays["lm_logprob"][r0:r1], batch.lm_logprob, torch.float32)] if cfg.lm_logprob else [])
+                )
                 arrays["values"][r0:r1] = batch.labels
                 bar.update(r1 - r0)
                 new_rows += r1 - r0
@@ -554,7 +635,9 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
     dist.barrier()  # every shard of every rank is on disk
 
     def finish() -> None:
-        shards = finished_shards(out_dir, list(range(len(shard_windows))), "datastore")  # every file the manifest will list is there and whole
+        shards = finished_shards(
+            out_dir, list(range(len(shard_windows))), "datastore"
+        )  # every file the manifest will list is there and whole
         missing = [s for s in range(len(shard_windows)) if s not in shards]
         if missing:
             raise MlpmemError(f"datastore shards {missing[:5]} of {out_dir} were not written", "run the same command again to finish them")
@@ -563,23 +646,49 @@ def build_datastore(corpus_dir: Path, out_dir: Path, cfg: DatastoreConfig, model
         for s in range(len(shard_windows)):
             for name, rec in shards[s]["arrays"].items():
                 per_token[name] = per_token.get(name, 0.0) + rec["bytes"] / n_rows
-        write_manifest(out_dir, "datastore", {
-            "model_id": model_id, "tokenizer_hash": tokenizer_hash(tok), "layer": key.layer, "site": key.site,
-            "model_fingerprint": model_fingerprint(model),  # memories trained on these keys record it (models.memory_base_fingerprint)
-            "features": {name: {"layer": s.layer, "site": s.site} for name, s in sites.items()},
-            "d": d, "vocab_size": logits_size(model), "n_rows": n_rows, "split": cfg.split,
-            "context": cfg.context, "stride": cfg.stride, "n_windows": len(W),
-            "extract_mode": mode, "windows_per_batch": windows_per_batch(cfg), **({"prefix": list(prefix)} if prefix else {}),
-            **({"sink_tokens": min(SINK_TOKENS, cfg.stride), "lanes": windows_per_batch(cfg) * cfg.context // cfg.stride,
-                "max_block_windows": windows_per_batch(cfg) * cfg.context // cfg.stride * LANE_WINDOWS} if mode == "cache" else {}),
-            "key_dtype": "float16", "value_dtype": "int32",
-            "corpus": resolved["corpus"], "corpus_hash": corpus.manifest["corpus_hash"],
-            "rows": "row i = position i of the split's token stream; value = token i+1; document = corpus doc_index[i]",
-            "extract_tokens_per_s": rows_run / secs if rows_run and secs else None, "torch_threads": torch.get_num_threads(),
-            "device": str(model.device), "dtype": cfg.dtype,  # where it ran (not part of the config: see build_datastore)
-            "processes": w.size, "bytes_per_token": {**per_token, "total": sum(per_token.values())},
-            "shards": [shards[s] for s in range(len(shard_windows))],
-        })
+        write_manifest(
+            out_dir,
+            "datastore",
+            {
+                "model_id": model_id,
+                "tokenizer_hash": tokenizer_hash(tok),
+                "layer": key.layer,
+                "site": key.site,
+                "model_fingerprint": model_fingerprint(model),  # memories trained on these keys record it (models.memory_base_fingerprint)
+                "features": {name: {"layer": s.layer, "site": s.site} for name, s in sites.items()},
+                "d": d,
+                "vocab_size": logits_size(model),
+                "n_rows": n_rows,
+                "split": cfg.split,
+                "context": cfg.context,
+                "stride": cfg.stride,
+                "n_windows": len(W),
+                "extract_mode": mode,
+                "windows_per_batch": windows_per_batch(cfg),
+                **({"prefix": list(prefix)} if prefix else {}),
+                **(
+                    {
+                        "sink_tokens": min(SINK_TOKENS, cfg.stride),
+                        "lanes": windows_per_batch(cfg) * cfg.context // cfg.stride,
+                        "max_block_windows": windows_per_batch(cfg) * cfg.context // cfg.stride * LANE_WINDOWS,
+                    }
+                    if mode == "cache"
+                    else {}
+                ),
+                "key_dtype": "float16",
+                "value_dtype": "int32",
+                "corpus": resolved["corpus"],
+                "corpus_hash": corpus.manifest["corpus_hash"],
+                "rows": "row i = position i of the split's token stream; value = token i+1; document = corpus doc_index[i]",
+                "extract_tokens_per_s": rows_run / secs if rows_run and secs else None,
+                "torch_threads": torch.get_num_threads(),
+                "device": str(model.device),
+                "dtype": cfg.dtype,  # where it ran (not part of the config: see build_datastore)
+                "processes": w.size,
+                "bytes_per_token": {**per_token, "total": sum(per_token.values())},
+                "shards": [shards[s] for s in range(len(shard_windows))],
+            },
+        )
         clear_progress(out_dir)
 
     dist.on_main(finish)

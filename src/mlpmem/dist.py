@@ -44,7 +44,9 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(text)
     except ValueError:
-        raise MlpmemError(f"environment variable {name}={text!r} is not an integer", "launch with torchrun or accelerate launch, which set it")
+        raise MlpmemError(
+            f"environment variable {name}={text!r} is not an integer", "launch with torchrun or accelerate launch, which set it"
+        )
 
 
 def world() -> World:
@@ -70,7 +72,10 @@ def init(device: str = "auto") -> World:
     if w.size == 1 or td.is_initialized():
         return w
     if not td.is_available():
-        raise MlpmemError("WORLD_SIZE > 1 but this torch build has no torch.distributed", "run a single process, or install a torch build with distributed support")
+        raise MlpmemError(
+            "WORLD_SIZE > 1 but this torch build has no torch.distributed",
+            "run a single process, or install a torch build with distributed support",
+        )
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         if not os.environ.get(name):
             raise MlpmemError(f"WORLD_SIZE={w.size} but {name} is not set", "launch with torchrun or accelerate launch, which set it")

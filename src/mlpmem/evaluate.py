@@ -95,8 +95,10 @@ def score_stored(ds: Datastore, index=None, train_values=None, k: int = 1024, me
         from mlpmem.memory import MemoryInput
 
         name = MemoryInput.from_meta(memory_meta).array_in(ds.layer, ds.site)  # what the memory reads, as its meta records it
-        lps = [_memory_logprob(memory, torch.from_numpy(np.array(h)), torch.from_numpy(labels[s : s + len(h)].astype(np.int64)))
-               for s, h in ds.iter_blocks(name, block)]
+        lps = [
+            _memory_logprob(memory, torch.from_numpy(np.array(h)), torch.from_numpy(labels[s : s + len(h)].astype(np.int64)))
+            for s, h in ds.iter_blocks(name, block)
+        ]
         sc.memory_logprob = torch.cat(lps).double().numpy()
     return sc
 
@@ -104,8 +106,21 @@ def score_stored(ds: Datastore, index=None, train_values=None, k: int = 1024, me
 SCORE_BLOCK = 64  # windows per unit of work: processes split a split's windows in blocks of this many
 
 
-def score_online(model, tokens: np.ndarray, context: int, stride: int, key_site: ReadSite | None, index=None, train_values=None, k: int = 1024,
-                 memory=None, memory_site: ReadSite | None = None, batch_size: int = 8, desc: str = "scoring", prefix: tuple[int, ...] = ()) -> Scored:
+def score_online(
+    model,
+    tokens: np.ndarray,
+    context: int,
+    stride: int,
+    key_site: ReadSite | None,
+    index=None,
+    train_values=None,
+    k: int = 1024,
+    memory=None,
+    memory_site: ReadSite | None = None,
+    batch_size: int = 8,
+    desc: str = "scoring",
+    prefix: tuple[int, ...] = (),
+) -> Scored:
     """Run the LM over ``tokens`` with hooks and time each method batch by batch.
 
     ``key_site`` None: the LM alone (no kNN search). ``prefix``: token ids in front of every window
@@ -175,7 +190,9 @@ def tune_knn(valid: Scored, temperatures=TEMPERATURES) -> dict:
     return {"temperature": best["temperature"], "lambda": best["lambda"], "valid_ppl": best["ppl"], "grid": rows}
 
 
-def summarize(test: Scored, temperature: float | None, lam_knn: float | None, lam_mem: float | None, w_both: list[float] | None = None) -> dict:
+def summarize(
+    test: Scored, temperature: float | None, lam_knn: float | None, lam_mem: float | None, w_both: list[float] | None = None
+) -> dict:
     """Perplexities and tokens/s of every method scored in ``test``."""
     n = test.n
     # every method over the same positions: a shorter array would compare perplexities of different tokens
@@ -216,8 +233,18 @@ def tune_knn_for(cfg: KnnConfig, valid: Scored) -> dict:
     return result
 
 
-def run_knnlm(corpus_dir: Path, datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: KnnConfig, split: str = "test",
-              model: str | None = None, model_bundle=None, device: str = "auto", dtype: str = "float32") -> dict:
+def run_knnlm(
+    corpus_dir: Path,
+    datastore_dir: Path,
+    index_dir: Path,
+    out_dir: Path,
+    cfg: KnnConfig,
+    split: str = "test",
+    model: str | None = None,
+    model_bundle=None,
+    device: str = "auto",
+    dtype: str = "float32",
+) -> dict:
     """The kNN-LM baseline: tune T and lambda on valid, then score ``split`` (LM alone vs LM + kNN-LM).
 
     ``device`` and ``dtype`` (see models.resolve_device) are where and in which precision the LM
@@ -245,23 +272,48 @@ def run_knnlm(corpus_dir: Path, datastore_dir: Path, index_dir: Path, out_dir: P
     ctx, stride = ds.manifest["context"], ds.manifest["stride"]
     key = ReadSite(ds.layer, ds.site)
     pre = tuple(ds.manifest.get("prefix", []))  # windows scored as the datastore's were extracted (datastore.bos)
-    valid = score_online(model, corpus.tokens("valid"), ctx, stride, key, index, values, cfg.k, batch_size=cfg.batch_size, desc="scoring valid",
-                         prefix=pre)
+    valid = score_online(
+        model, corpus.tokens("valid"), ctx, stride, key, index, values, cfg.k, batch_size=cfg.batch_size, desc="scoring valid", prefix=pre
+    )
     tuned = tune_knn_for(cfg, valid)
-    test = score_online(model, corpus.tokens(split), ctx, stride, key, index, values, cfg.k, batch_size=cfg.batch_size, desc=f"scoring {split}",
-                        prefix=pre)
+    test = score_online(
+        model, corpus.tokens(split), ctx, stride, key, index, values, cfg.k, batch_size=cfg.batch_size, desc=f"scoring {split}", prefix=pre
+    )
     result = summarize(test, tuned["temperature"], tuned["lambda"], None)
-    result.update({"split": split, "knn_temperature": tuned["temperature"], "lambda": {"knn_lm": tuned["lambda"]}, "tuning": tuned,
-                   "k": cfg.k, "n_datastore": ds.n_rows, "model": model_label(model_id), "model_id": model_id,
-                   "device": str(model.device), "dtype": dtype_name(model.dtype), "processes": dist.world().size})
+    result.update(
+        {
+            "split": split,
+            "knn_temperature": tuned["temperature"],
+            "lambda": {"knn_lm": tuned["lambda"]},
+            "tuning": tuned,
+            "k": cfg.k,
+            "n_datastore": ds.n_rows,
+            "model": model_label(model_id),
+            "model_id": model_id,
+            "device": str(model.device),
+            "dtype": dtype_name(model.dtype),
+            "processes": dist.world().size,
+        }
+    )
     name = "kNN-LM (T=%g)" % tuned["temperature"]
 
     def write() -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(out_dir / "knnlm.json", result)
-        plot_lambda_curves({name: lambda_curve(test.lm_logprob, test.knn_logprob(tuned["temperature"]))},
-                           out_dir / "lambda_knnlm.png", f"kNN-LM on {split}: perplexity vs lambda", chosen={name: tuned["lambda"]})
+        plot_lambda_curves(
+            {name: lambda_curve(test.lm_logprob, test.knn_logprob(tuned["temperature"]))},
+            out_dir / "lambda_knnlm.png",
+            f"kNN-LM on {split}: perplexity vs lambda",
+            chosen={name: tuned["lambda"]},
+        )
 
     dist.on_main(write)
-    log.info("%s: base ppl %.3f, kNN-LM ppl %.3f (T=%g, lambda=%.3f)", split, result["ppl"]["base"], result["ppl"]["knn_lm"], tuned["temperature"], tuned["lambda"])
+    log.info(
+        "%s: base ppl %.3f, kNN-LM ppl %.3f (T=%g, lambda=%.3f)",
+        split,
+        result["ppl"]["base"],
+        result["ppl"]["knn_lm"],
+        tuned["temperature"],
+        tuned["lambda"],
+    )
     return result

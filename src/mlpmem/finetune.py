@@ -82,14 +82,20 @@ class FinetuneConfig:
     def problems(self) -> list[str]:
         from mlpmem.config import in_range, need, one_of, positive
 
-        return (one_of(self, "method", METHODS) + positive(self, "lora_r", "lora_alpha", "epochs", "chunk", "batch_size")
-                + positive(self, "lr", "memory_lr", allow_none=True) + positive(self, "tokens", allow_none=True)
-                + positive(self, "weight_decay", "clip", zero=True) + in_range(self, "warmup", 0.0, 1.0, hi_open=True)
-                + in_range(self, "lambda_", 0.0, 1.0, allow_none=True) + one_of(self, "split", ("train", "valid", "test"))
-                + need(self.chunk is None or self.chunk >= 2, "chunk", f"must be at least 2 tokens, got {self.chunk!r}")
-                + need(bool(self.lora_targets) or self.method != "lora", "lora_targets", "must name at least one module for method lora")
-                + need(self.memory is not None or not self.memory_trainable, "memory_trainable", "needs a memory (set memory)")
-                + need(self.memory is not None or self.lambda_ is None, "lambda_", "is the memory's weight and needs a memory (set memory)"))
+        return (
+            one_of(self, "method", METHODS)
+            + positive(self, "lora_r", "lora_alpha", "epochs", "chunk", "batch_size")
+            + positive(self, "lr", "memory_lr", allow_none=True)
+            + positive(self, "tokens", allow_none=True)
+            + positive(self, "weight_decay", "clip", zero=True)
+            + in_range(self, "warmup", 0.0, 1.0, hi_open=True)
+            + in_range(self, "lambda_", 0.0, 1.0, allow_none=True)
+            + one_of(self, "split", ("train", "valid", "test"))
+            + need(self.chunk is None or self.chunk >= 2, "chunk", f"must be at least 2 tokens, got {self.chunk!r}")
+            + need(bool(self.lora_targets) or self.method != "lora", "lora_targets", "must name at least one module for method lora")
+            + need(self.memory is not None or not self.memory_trainable, "memory_trainable", "needs a memory (set memory)")
+            + need(self.memory is not None or self.lambda_ is None, "lambda_", "is the memory's weight and needs a memory (set memory)")
+        )
 
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.method]
@@ -125,8 +131,9 @@ def require_peft():
     try:
         import peft
     except ImportError:
-        raise MlpmemError("fine-tuning with method lora needs peft, which is not installed",
-                          "pip install 'mlpmem[finetune]' (or use method full)")
+        raise MlpmemError(
+            "fine-tuning with method lora needs peft, which is not installed", "pip install 'mlpmem[finetune]' (or use method full)"
+        )
     return peft
 
 
@@ -135,11 +142,17 @@ def attach_lora(lm: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
     peft = require_peft()
     torch.manual_seed(cfg.seed)  # the adapters' random start
     try:
-        return peft.get_peft_model(lm, peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                                       target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM"))
+        return peft.get_peft_model(
+            lm,
+            peft.LoraConfig(
+                r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=list(cfg.lora_targets), task_type="CAUSAL_LM"
+            ),
+        )
     except ValueError as e:  # peft: "Target modules {...} not found in the base model"
-        raise MlpmemError(f"LoRA cannot be attached to {type(lm).__name__} ({str(e).splitlines()[0][:200]})",
-                          "set lora_targets to names of linear modules of this model")
+        raise MlpmemError(
+            f"LoRA cannot be attached to {type(lm).__name__} ({str(e).splitlines()[0][:200]})",
+            "set lora_targets to names of linear modules of this model",
+        )
 
 
 def prepare_lm(lm: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
@@ -159,13 +172,32 @@ def schedule(n_chunks: int, cfg: FinetuneConfig):
     """The data order and lr of every step: train.Schedule over chunks (rows) instead of positions."""
     from mlpmem.train import Schedule, TrainConfig
 
-    return Schedule(n_chunks, TrainConfig(lr=cfg.resolved_lr(), epochs=cfg.epochs, batch_size=cfg.batch_size, warmup_frac=cfg.warmup,
-                                          seed=cfg.seed, schedule="cosine", min_lr_frac=0.0))
+    return Schedule(
+        n_chunks,
+        TrainConfig(
+            lr=cfg.resolved_lr(),
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            warmup_frac=cfg.warmup,
+            seed=cfg.seed,
+            schedule="cosine",
+            min_lr_frac=0.0,
+        ),
+    )
 
 
-def train_lm(model: torch.nn.Module, chunks: torch.Tensor, cfg: FinetuneConfig, memory: torch.nn.Module | None = None,
-             site: tuple[int, str] | None = None, lam: float = 0.0, hook_model: torch.nn.Module | None = None,
-             device: torch.device | str = "cpu", compute_dtype: torch.dtype = torch.float32, desc: str = "fine-tuning") -> dict[str, Any]:
+def train_lm(
+    model: torch.nn.Module,
+    chunks: torch.Tensor,
+    cfg: FinetuneConfig,
+    memory: torch.nn.Module | None = None,
+    site: tuple[int, str] | None = None,
+    lam: float = 0.0,
+    hook_model: torch.nn.Module | None = None,
+    device: torch.device | str = "cpu",
+    compute_dtype: torch.dtype = torch.float32,
+    desc: str = "fine-tuning",
+) -> dict[str, Any]:
     """Train ``model`` (prepared by :func:`prepare_lm`) in place on ``chunks`` [n, chunk]; returns what happened.
 
     With ``memory``, the loss is the mixture's (:func:`mixture_nll`) and the memory reads layer
@@ -223,9 +255,16 @@ def train_lm(model: torch.nn.Module, chunks: torch.Tensor, cfg: FinetuneConfig, 
     model.eval()
     if memory is not None:
         memory.eval()
-    return {"losses": losses, "lrs": lrs, "steps": sched.total, "warmup_steps": sched.warmup, "seconds": time.perf_counter() - t0,
-            "tokens": sched.total * cfg.batch_size * chunks.shape[1], "trainable_params": sum(p.numel() for p in lm_params),
-            "memory_trainable_params": sum(p.numel() for p in mem_params)}
+    return {
+        "losses": losses,
+        "lrs": lrs,
+        "steps": sched.total,
+        "warmup_steps": sched.warmup,
+        "seconds": time.perf_counter() - t0,
+        "tokens": sched.total * cfg.batch_size * chunks.shape[1],
+        "trainable_params": sum(p.numel() for p in lm_params),
+        "memory_trainable_params": sum(p.numel() for p in mem_params),
+    }
 
 
 def memory_lambda(cfg: FinetuneConfig, memory_dir: Path) -> float:
@@ -236,8 +275,10 @@ def memory_lambda(cfg: FinetuneConfig, memory_dir: Path) -> float:
 
     lam = (run_results(memory_dir).get("lambda") or {}).get("mlp_memory")
     if lam is None:
-        raise MlpmemError(f"no lambda was given and none was found for the memory in {memory_dir} (no RUN/report.json next to it)",
-                          "set lambda_ (the memory's weight in the mixture, e.g. the one fitted on valid)")
+        raise MlpmemError(
+            f"no lambda was given and none was found for the memory in {memory_dir} (no RUN/report.json next to it)",
+            "set lambda_ (the memory's weight in the mixture, e.g. the one fitted on valid)",
+        )
     return float(lam)
 
 
@@ -274,16 +315,34 @@ def finetune(cfg: FinetuneConfig, corpus_dir: str | os.PathLike, out_dir: str | 
     tokens = corpus.tokens(cfg.split)[: cfg.tokens]
     chunks = chunks_of(tokens, cfg.chunk)
     if len(chunks) == 0:
-        raise MlpmemError(f"the {cfg.split} split of {corpus_dir} holds {len(tokens)} tokens{' (after the tokens cap)' if cfg.tokens else ''}, "
-                          f"fewer than one chunk of {cfg.chunk}", "use a larger split, or a smaller chunk")
+        raise MlpmemError(
+            f"the {cfg.split} split of {corpus_dir} holds {len(tokens)} tokens{' (after the tokens cap)' if cfg.tokens else ''}, "
+            f"fewer than one chunk of {cfg.chunk}",
+            "use a larger split, or a smaller chunk",
+        )
     memory, mem_meta, lam, site = None, None, 0.0, None
     if cfg.memory is not None:
         memory, mem_meta, lam, site = _load_checked_memory(cfg, lm, tok, dev)
-    resolved = {"config": cfg, "lr": cfg.resolved_lr(), "model_id": model_id, "corpus": str(corpus_dir.resolve()),
-                "corpus_hash": corpus.manifest.get("corpus_hash"), "split_sha256": sha256_bytes(np.ascontiguousarray(tokens, dtype=np.int32).tobytes()),
-                "memory": None if memory is None else {"path": str(Path(cfg.memory).resolve()), "lambda": lam, "layer": site[0], "site": site[1],
-                                                       "fingerprint": memory_fingerprint(memory), "trainable": cfg.memory_trainable},
-                "device": str(dev), "compute_dtype": str(dtype).removeprefix("torch.")}
+    resolved = {
+        "config": cfg,
+        "lr": cfg.resolved_lr(),
+        "model_id": model_id,
+        "corpus": str(corpus_dir.resolve()),
+        "corpus_hash": corpus.manifest.get("corpus_hash"),
+        "split_sha256": sha256_bytes(np.ascontiguousarray(tokens, dtype=np.int32).tobytes()),
+        "memory": None
+        if memory is None
+        else {
+            "path": str(Path(cfg.memory).resolve()),
+            "lambda": lam,
+            "layer": site[0],
+            "site": site[1],
+            "fingerprint": memory_fingerprint(memory),
+            "trainable": cfg.memory_trainable,
+        },
+        "device": str(dev),
+        "compute_dtype": str(dtype).removeprefix("torch."),
+    }
     if prepare_out(out_dir, resolved, overwrite, kind="finetune") == "done":
         log.info("fine-tuning in %s is already finished", out_dir)
         return read_manifest(out_dir, "finetune")
@@ -323,7 +382,9 @@ def _run(cfg, resolved, lm, tok, model_id, chunks, memory, mem_meta, lam, site, 
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     n_params = num_parameters(lm)
     model = prepare_lm(lm, cfg)
-    what = f"{cfg.method} fine-tuning" + ("" if memory is None else f" + memory ({'trained' if cfg.memory_trainable else 'frozen'}, lambda {lam:.3f})")
+    what = f"{cfg.method} fine-tuning" + (
+        "" if memory is None else f" + memory ({'trained' if cfg.memory_trainable else 'frozen'}, lambda {lam:.3f})"
+    )
     log.info("%s of %s on %d chunks of %d tokens (%s)", what, model_id, len(chunks), cfg.chunk, resolved["corpus"])
     rec = train_lm(model, chunks, cfg, memory, site, lam, hook_model=lm, device=dev, compute_dtype=dtype, desc=what)
     if cfg.method == "lora":
@@ -337,28 +398,65 @@ def _run(cfg, resolved, lm, tok, model_id, chunks, memory, mem_meta, lam, site, 
     files += [file_record(out_dir, p) for p in sorted((out_dir / "model").iterdir()) if p.is_file()]
     model_dir = (out_dir / "model").resolve()
     if memory is not None:
-        meta = {**mem_meta, "model_id": str(model_dir), "model_fingerprint": model_fingerprint(model),
-                "finetuned_with": {"from": resolved["memory"]["path"], "trained": cfg.memory_trainable, "lambda": lam, "base_model_id": mem_meta.get("model_id")}}
+        meta = {
+            **mem_meta,
+            "model_id": str(model_dir),
+            "model_fingerprint": model_fingerprint(model),
+            "finetuned_with": {
+                "from": resolved["memory"]["path"],
+                "trained": cfg.memory_trainable,
+                "lambda": lam,
+                "base_model_id": mem_meta.get("model_id"),
+            },
+        }
         save_memory(out_dir / "memory.partial", memory, meta)
         os.replace(out_dir / "memory.partial", out_dir / "memory")
         files += [file_record(out_dir, p) for p in sorted((out_dir / "memory").iterdir()) if p.is_file()]
     metrics = out_dir / "metrics.jsonl.partial"
-    metrics.write_text("".join(json.dumps({"step": i + 1, "loss": l, "lr": r}) + "\n" for i, (l, r) in enumerate(zip(rec["losses"], rec["lrs"]))))
+    metrics.write_text(
+        "".join(json.dumps({"step": i + 1, "loss": l, "lr": r}) + "\n" for i, (l, r) in enumerate(zip(rec["losses"], rec["lrs"])))
+    )
     os.replace(metrics, out_dir / "metrics.jsonl")
     files.append(file_record(out_dir, out_dir / "metrics.jsonl"))
     losses = rec["losses"]
     manifest = {
-        "model": "model", "model_dir": str(model_dir), "base_model_id": model_id, "method": cfg.method, "lr": resolved["lr"],
-        "memory": "memory" if memory is not None else None, "memory_trained": bool(memory is not None and cfg.memory_trainable),
-        "lambda": lam if memory is not None else None, "files": files,
-        "steps": rec["steps"], "warmup_steps": rec["warmup_steps"], "chunks": len(chunks), "chunk": cfg.chunk, "batch_size": cfg.batch_size,
-        "train_tokens": rec["tokens"], "epochs": rec["tokens"] / (len(chunks) * cfg.chunk),
-        "params": n_params, "trainable_params": rec["trainable_params"], "memory_trainable_params": rec["memory_trainable_params"],
-        "loss_first": losses[0], "loss_last": losses[-1], "loss_mean_last_quarter": float(np.mean(losses[-max(1, len(losses) // 4):])),
-        "train_seconds": rec["seconds"], "train_tokens_per_s": rec["tokens"] / max(rec["seconds"], 1e-9),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "device": str(dev),
-        "compute_dtype": resolved["compute_dtype"], "torch_threads": torch.get_num_threads(),
+        "model": "model",
+        "model_dir": str(model_dir),
+        "base_model_id": model_id,
+        "method": cfg.method,
+        "lr": resolved["lr"],
+        "memory": "memory" if memory is not None else None,
+        "memory_trained": bool(memory is not None and cfg.memory_trainable),
+        "lambda": lam if memory is not None else None,
+        "files": files,
+        "steps": rec["steps"],
+        "warmup_steps": rec["warmup_steps"],
+        "chunks": len(chunks),
+        "chunk": cfg.chunk,
+        "batch_size": cfg.batch_size,
+        "train_tokens": rec["tokens"],
+        "epochs": rec["tokens"] / (len(chunks) * cfg.chunk),
+        "params": n_params,
+        "trainable_params": rec["trainable_params"],
+        "memory_trainable_params": rec["memory_trainable_params"],
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "loss_mean_last_quarter": float(np.mean(losses[-max(1, len(losses) // 4) :])),
+        "train_seconds": rec["seconds"],
+        "train_tokens_per_s": rec["tokens"] / max(rec["seconds"], 1e-9),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "device": str(dev),
+        "compute_dtype": resolved["compute_dtype"],
+        "torch_threads": torch.get_num_threads(),
     }
     write_manifest(out_dir, "finetune", manifest)
-    log.info("%s: %d steps, loss %.4f -> %.4f, %.0f tokens/s -> %s", what, rec["steps"], losses[0], losses[-1], manifest["train_tokens_per_s"], model_dir)
+    log.info(
+        "%s: %d steps, loss %.4f -> %.4f, %.0f tokens/s -> %s",
+        what,
+        rec["steps"],
+        losses[0],
+        losses[-1],
+        manifest["train_tokens_per_s"],
+        model_dir,
+    )
     return {"kind": "finetune", **manifest}

@@ -61,7 +61,9 @@ class GateConfig:
         if not 0 < self.holdout < 1:
             out.append(f"holdout: must lie in (0, 1), got {self.holdout}")
         if self.generic not in (None, "lm") and not Path(str(self.generic)).expanduser().exists():
-            out.append(f"generic: {self.generic!r} does not exist (\"lm\" samples generic text from the LM; else a .txt/.jsonl/.parquet file or folder)")
+            out.append(
+                f'generic: {self.generic!r} does not exist ("lm" samples generic text from the LM; else a .txt/.jsonl/.parquet file or folder)'
+            )
         if not 0 <= self.generic_weight < float("inf"):
             out.append(f"generic_weight: must be >= 0, got {self.generic_weight}")
         return out
@@ -85,13 +87,21 @@ class MixScores:
         return MixScores(self.labels[idx], self.lm_logprob[idx], self.memory_logprob[idx], self.features[idx])
 
     def save(self, path: Path) -> None:
-        np.savez(path, labels=self.labels, lm_logprob=self.lm_logprob, memory_logprob=self.memory_logprob, features=self.features,
-                 seconds=np.array([self.seconds.get(k, 0.0) for k in ("lm", "memory", "gate")]))
+        np.savez(
+            path,
+            labels=self.labels,
+            lm_logprob=self.lm_logprob,
+            memory_logprob=self.memory_logprob,
+            features=self.features,
+            seconds=np.array([self.seconds.get(k, 0.0) for k in ("lm", "memory", "gate")]),
+        )
 
     @classmethod
     def load(cls, path: Path) -> "MixScores":
         z = np.load(path, allow_pickle=False)
-        return cls(z["labels"], z["lm_logprob"], z["memory_logprob"], z["features"], dict(zip(("lm", "memory", "gate"), map(float, z["seconds"]))))
+        return cls(
+            z["labels"], z["lm_logprob"], z["memory_logprob"], z["features"], dict(zip(("lm", "memory", "gate"), map(float, z["seconds"])))
+        )
 
 
 def concat(parts: list[MixScores]) -> MixScores:
@@ -101,8 +111,19 @@ def concat(parts: list[MixScores]) -> MixScores:
 # ----------------------------------------------------------------------------- scoring
 
 
-def score_mixing(model, tokens: np.ndarray, context: int, stride: int, memory, memory_site, batch_size: int = 8, desc: str = "scoring for the gate",
-                 chunk: int = 512, gate: MixingGate | None = None, prefix: tuple[int, ...] = ()) -> MixScores:
+def score_mixing(
+    model,
+    tokens: np.ndarray,
+    context: int,
+    stride: int,
+    memory,
+    memory_site,
+    batch_size: int = 8,
+    desc: str = "scoring for the gate",
+    chunk: int = 512,
+    gate: MixingGate | None = None,
+    prefix: tuple[int, ...] = (),
+) -> MixScores:
     """Run the LM over ``tokens`` (windows as the evaluator's) and keep, per predicted position, the LM's and the
     memory's log-prob of the true token and the gate's features. Timed per part (LM forward, memory, features and
     gate; ``gate`` if given is run too, so its cost is in the timing). ``memory_site``: a read_site.ReadSite; ``prefix``:
@@ -111,8 +132,18 @@ def score_mixing(model, tokens: np.ndarray, context: int, stride: int, memory, m
     return MixScores(labels, lp[:, 0], lp[:, 1], feats[:, 0], secs)
 
 
-def score_memories(model, tokens: np.ndarray, context: int, stride: int, memories: list, batch_size: int = 8, desc: str = "scoring memories",
-                   chunk: int = 512, gate=None, prefix: tuple[int, ...] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
+def score_memories(
+    model,
+    tokens: np.ndarray,
+    context: int,
+    stride: int,
+    memories: list,
+    batch_size: int = 8,
+    desc: str = "scoring memories",
+    chunk: int = 512,
+    gate=None,
+    prefix: tuple[int, ...] = (),
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
     """One LM pass for K memories (each a (memory, read_site.ReadSite) pair): (labels [N], log-probs of the true token
     [N, K + 1] (column 0 the LM), gate_features of each memory against the LM [N, K, F], seconds per part).
     ``prefix``: token ids in front of every window (the datastore's, see datastore.Extractor); never rows."""
@@ -215,16 +246,20 @@ def fit_binned_gate(feature: np.ndarray, lp_lm: np.ndarray, lp_mem: np.ndarray, 
     return gate.eval()
 
 
-def fit_mlp_gate(features: np.ndarray, lp_lm: np.ndarray, lp_mem: np.ndarray, cfg: GateConfig, weight: np.ndarray | None = None,
-                 holdout: np.ndarray | None = None) -> tuple[MixingGate, dict[str, Any]]:
+def fit_mlp_gate(
+    features: np.ndarray,
+    lp_lm: np.ndarray,
+    lp_mem: np.ndarray,
+    cfg: GateConfig,
+    weight: np.ndarray | None = None,
+    holdout: np.ndarray | None = None,
+) -> tuple[MixingGate, dict[str, Any]]:
     """Train the MLP gate: maximise the mixture likelihood (weighted), full-batch Adam, early stopping on ``holdout``.
 
     Starts at the EM-fitted fixed lambda of the training positions (output weights zero), so a
     gate that learns nothing is the fixed mixture. Returns (gate, training record).
     """
     import torch
-
-    from mlpmem.interpolate import fit_lambda_em
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a few hundred parameters: one thread is fastest, and immune to a loaded machine
@@ -281,8 +316,15 @@ def _fit_mlp_gate(features, lp_lm, lp_mem, cfg: GateConfig, weight, holdout) -> 
                 if bad >= 15:
                     break
     gate.load_state_dict(best_state)
-    record = {"lambda_start": lam0, "held_out_nll_start": start, "held_out_nll": best, "best_step": best_step, "steps_run": step,
-              "n_train": int(train.sum()), "n_held_out": int(holdout.sum())}
+    record = {
+        "lambda_start": lam0,
+        "held_out_nll_start": start,
+        "held_out_nll": best,
+        "best_step": best_step,
+        "steps_run": step,
+        "n_train": int(train.sum()),
+        "n_held_out": int(holdout.sum()),
+    }
     log.info("gate: held-out NLL %.5f -> %.5f (fixed lambda %.3f), best step %d of %d", start, best, lam0, best_step, step)
     return gate.eval(), record
 
@@ -292,8 +334,12 @@ def gate_lambdas(gate: MixingGate, features: np.ndarray, block: int = 65536) -> 
     import torch
 
     with torch.no_grad():
-        return np.concatenate([gate(torch.from_numpy(np.ascontiguousarray(features[s : s + block]))).double().numpy()
-                               for s in range(0, max(1, len(features)), block)])[: len(features)]
+        return np.concatenate(
+            [
+                gate(torch.from_numpy(np.ascontiguousarray(features[s : s + block]))).double().numpy()
+                for s in range(0, max(1, len(features)), block)
+            ]
+        )[: len(features)]
 
 
 # ----------------------------------------------------------------------------- fitting, saving, loading
@@ -308,8 +354,12 @@ def fit_gate(valid: MixScores, cfg: GateConfig, generic: MixScores | None = None
     if data.n < 2:
         raise MlpmemError(f"a gate needs scored positions to learn from, got {data.n}", "score a larger valid split")
     weight = np.concatenate([np.ones(valid.n)] + ([np.full(generic.n, cfg.generic_weight)] if len(parts) > 1 else []))
-    record: dict[str, Any] = {"kind": cfg.kind, "n_valid": valid.n, "n_generic": generic.n if generic is not None else 0,
-                              "lambda_fixed_valid": fit_lambda_em(valid.lm_logprob, valid.memory_logprob)}
+    record: dict[str, Any] = {
+        "kind": cfg.kind,
+        "n_valid": valid.n,
+        "n_generic": generic.n if generic is not None else 0,
+        "lambda_fixed_valid": fit_lambda_em(valid.lm_logprob, valid.memory_logprob),
+    }
     if cfg.kind == "binned":
         col = GATE_FEATURES.index("lm_entropy")
         gate = fit_binned_gate(data.features[:, col], data.lm_logprob, data.memory_logprob, cfg.bins)
@@ -325,8 +375,15 @@ def gate_meta(memory, cfg: GateConfig, record: dict[str, Any], memory_meta: dict
     from mlpmem.manifest import to_jsonable
 
     m = memory_meta or {}
-    return {"memory_fingerprint": memory_fingerprint(memory), "model_id": m.get("model_id"), "tokenizer_hash": m.get("tokenizer_hash"),
-            "layer": m.get("layer"), "site": m.get("site"), "fit": to_jsonable(cfg), "record": to_jsonable(record)}
+    return {
+        "memory_fingerprint": memory_fingerprint(memory),
+        "model_id": m.get("model_id"),
+        "tokenizer_hash": m.get("tokenizer_hash"),
+        "layer": m.get("layer"),
+        "site": m.get("site"),
+        "fit": to_jsonable(cfg),
+        "record": to_jsonable(record),
+    }
 
 
 def save_gate(folder: Path, gate: MixingGate, meta: dict[str, Any]) -> Path:
@@ -388,14 +445,36 @@ def _lm_samples(model, sep: int, n_tokens: int, seed: int, n_seqs: int) -> np.nd
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
     start = torch.full((n_seqs, 1), sep, dtype=torch.long, device=model.device)
     with torch.inference_mode():
-        out = model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, top_p=0.95, temperature=1.0, top_k=0,
-                             max_new_tokens=per, min_new_tokens=per, pad_token_id=sep)
+        out = model.generate(
+            start,
+            attention_mask=torch.ones_like(start),
+            do_sample=True,
+            top_p=0.95,
+            temperature=1.0,
+            top_k=0,
+            max_new_tokens=per,
+            min_new_tokens=per,
+            pad_token_id=sep,
+        )
     rows = [np.concatenate([[sep], r[1:]]) for r in out.cpu().numpy()]
     return np.concatenate(rows)[: n_tokens + 1].astype(np.int32)
 
 
-def build_gate_stage(out_dir: Path, cfg: GateConfig, model, tok, valid_tokens: np.ndarray, memory, memory_meta: dict[str, Any], memory_site,
-                     context: int, stride: int, batch_size: int = 8, overwrite: bool = False, prefix: tuple[int, ...] = ()) -> tuple[MixingGate, dict[str, Any]]:
+def build_gate_stage(
+    out_dir: Path,
+    cfg: GateConfig,
+    model,
+    tok,
+    valid_tokens: np.ndarray,
+    memory,
+    memory_meta: dict[str, Any],
+    memory_site,
+    context: int,
+    stride: int,
+    batch_size: int = 8,
+    overwrite: bool = False,
+    prefix: tuple[int, ...] = (),
+) -> tuple[MixingGate, dict[str, Any]]:
     """The pipeline's gate stage: score the valid split (and cfg.generic), fit a gate, save it to ``out_dir``.
 
     A finished folder with the same settings and the same memory (fingerprint) is reused. Returns (gate, meta).
@@ -405,28 +484,54 @@ def build_gate_stage(out_dir: Path, cfg: GateConfig, model, tok, valid_tokens: n
 
     out_dir = Path(out_dir)
     fp = memory_fingerprint(memory)
-    config = {"gate": cfg, "memory_fingerprint": fp, "valid_tokens_sha256": sha256_bytes(np.ascontiguousarray(valid_tokens, dtype=np.int32).tobytes()),
-              "context": context, "stride": stride, **({"prefix": list(prefix)} if prefix else {})}  # no key without one: older gates stay valid
+    config = {
+        "gate": cfg,
+        "memory_fingerprint": fp,
+        "valid_tokens_sha256": sha256_bytes(np.ascontiguousarray(valid_tokens, dtype=np.int32).tobytes()),
+        "context": context,
+        "stride": stride,
+        **({"prefix": list(prefix)} if prefix else {}),
+    }  # no key without one: older gates stay valid
     if prepare_out(out_dir, config, overwrite, kind="gate") == "done":
         return load_gate(out_dir, memory)
     valid = score_mixing(model, valid_tokens, context, stride, memory, memory_site, batch_size, desc="scoring valid (gate)", prefix=prefix)
     generic = None
     if cfg.generic:
         toks = generic_tokens(cfg.generic, tok, cfg.generic_tokens, model, cfg.seed)
-        generic = score_mixing(model, toks, context, stride, memory, memory_site, batch_size, desc="scoring generic text (gate)", prefix=prefix)
+        generic = score_mixing(
+            model, toks, context, stride, memory, memory_site, batch_size, desc="scoring generic text (gate)", prefix=prefix
+        )
     gate, record = fit_gate(valid, cfg, generic)
     from mlpmem.interpolate import interpolate_logprobs, interpolate_per_token, perplexity
 
     lam = gate_lambdas(gate, valid.features)
-    record.update({"valid_ppl_fixed": perplexity(interpolate_logprobs(valid.lm_logprob, valid.memory_logprob, record["lambda_fixed_valid"])),
-                   "valid_ppl_gated": perplexity(interpolate_per_token(valid.lm_logprob, valid.memory_logprob, lam)),
-                   "valid_mean_lambda": float(lam.mean()), "params": gate.num_parameters()})
+    record.update(
+        {
+            "valid_ppl_fixed": perplexity(interpolate_logprobs(valid.lm_logprob, valid.memory_logprob, record["lambda_fixed_valid"])),
+            "valid_ppl_gated": perplexity(interpolate_per_token(valid.lm_logprob, valid.memory_logprob, lam)),
+            "valid_mean_lambda": float(lam.mean()),
+            "params": gate.num_parameters(),
+        }
+    )
     meta = gate_meta(memory, cfg, record, memory_meta)
     save_gate(out_dir, gate, meta)
-    write_manifest(out_dir, "gate", {"files": [file_record(out_dir, out_dir / GATE_WEIGHTS), file_record(out_dir, out_dir / GATE_CONFIG)],
-                                     "memory_fingerprint": fp, "record": meta["record"]})
-    log.info("gate (%s, %d parameters) saved to %s: valid ppl fixed %.3f, gated %.3f (of which part was its training data)",
-             cfg.kind, gate.num_parameters(), out_dir, record["valid_ppl_fixed"], record["valid_ppl_gated"])
+    write_manifest(
+        out_dir,
+        "gate",
+        {
+            "files": [file_record(out_dir, out_dir / GATE_WEIGHTS), file_record(out_dir, out_dir / GATE_CONFIG)],
+            "memory_fingerprint": fp,
+            "record": meta["record"],
+        },
+    )
+    log.info(
+        "gate (%s, %d parameters) saved to %s: valid ppl fixed %.3f, gated %.3f (of which part was its training data)",
+        cfg.kind,
+        gate.num_parameters(),
+        out_dir,
+        record["valid_ppl_fixed"],
+        record["valid_ppl_gated"],
+    )
     return gate, meta
 
 
@@ -456,8 +561,10 @@ def _fit_router(lp, features, cfg: GateConfig, holdout):
 
     lp, features = np.asarray(lp, np.float64), np.asarray(features, np.float32)
     if lp.ndim != 2 or lp.shape[1] < 2 or features.shape[:2] != (lp.shape[0], lp.shape[1] - 1):
-        raise MlpmemError(f"a router needs log-probs [N, K + 1] and features [N, K, F] with K >= 1, got {lp.shape} and {features.shape}",
-                          "score the LM and every memory on the same positions")
+        raise MlpmemError(
+            f"a router needs log-probs [N, K + 1] and features [N, K, F] with K >= 1, got {lp.shape} and {features.shape}",
+            "score the LM and every memory on the same positions",
+        )
     torch.manual_seed(cfg.seed)
     n = len(lp)
     holdout = holdout_mask(n, cfg.holdout, seed=cfg.seed) if holdout is None else holdout
@@ -483,7 +590,7 @@ def _fit_router(lp, features, cfg: GateConfig, holdout):
         best = start = float(nll("ho"))
     best_state, best_step, bad, step = {k: v.clone() for k, v in router.state_dict().items()}, 0, 0, 0
     for step in range(1, cfg.steps + 1):
-        loss = nll("tr") + cfg.weight_decay * ((router.inner.weight ** 2).sum() + (router.out.weight ** 2).sum())
+        loss = nll("tr") + cfg.weight_decay * ((router.inner.weight**2).sum() + (router.out.weight**2).sum())
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -497,8 +604,13 @@ def _fit_router(lp, features, cfg: GateConfig, holdout):
                 if bad >= 15:
                     break
     router.load_state_dict(best_state)
-    return router.eval(), {"weights_start": [float(w) for w in w0], "held_out_nll_start": start, "held_out_nll": best,
-                           "best_step": best_step, "steps_run": step}
+    return router.eval(), {
+        "weights_start": [float(w) for w in w0],
+        "held_out_nll_start": start,
+        "held_out_nll": best,
+        "best_step": best_step,
+        "steps_run": step,
+    }
 
 
 def router_weights(router, features: np.ndarray) -> np.ndarray:

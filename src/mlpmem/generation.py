@@ -36,8 +36,9 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
     return out
 
 
-def generate_side_by_side(model_path: str, prompts: list[str], cfg: GenerateConfig, base_model: str | None = None,
-                          device: str = "auto", dtype: str = "float32") -> list[dict[str, str]]:
+def generate_side_by_side(
+    model_path: str, prompts: list[str], cfg: GenerateConfig, base_model: str | None = None, device: str = "auto", dtype: str = "float32"
+) -> list[dict[str, str]]:
     """Continue each prompt with the base LM (lambda=0) and with LM + memory (lambda=cfg.lam, or per token: the memory's
     gate, or the router of a model with several memories).
 
@@ -80,5 +81,5 @@ def generate_side_by_side(model_path: str, prompts: list[str], cfg: GenerateConf
         mixing = {"mixing": model.mixing_mode} if per_token and name == "memory" else {"lambda_": lam}
         with torch.inference_mode():
             ids = model.generate(**batch, **mixing, **kwargs)
-        out[name] = tok.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        out[name] = tok.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
     return [{"prompt": p, "base": b, "memory": m, "mixing": model.mixing_mode} for p, b, m in zip(prompts, out["base"], out["memory"])]

@@ -48,8 +48,7 @@ from mlpmem.errors import MlpmemError
 from mlpmem.memory import load_memory, run_results
 from mlpmem.modeling.mlp_memory import MEMORY_DIR  # noqa: F401  (re-exported)
 from mlpmem.modeling.configuration_mlpmem import MLPMemoryConfig
-from mlpmem.modeling.modeling_mlpmem import MLPMemoryForCausalLM, check_parts
-from mlpmem.modeling.mixing import check_temperature
+from mlpmem.modeling.modeling_mlpmem import MLPMemoryForCausalLM
 from mlpmem.models import check_fingerprint, tokenizer_hash
 
 log = logging.getLogger(__name__)
@@ -62,7 +61,8 @@ def check_base(lm: Any, meta: dict[str, Any], tokenizer: Any = None) -> None:
     if tokenizer is not None and meta.get("tokenizer_hash") and tokenizer_hash(tokenizer) != meta["tokenizer_hash"]:
         raise MlpmemError(
             f"the tokenizer of the base model {name} differs from the one the memory was trained with "
-            f"(hash {tokenizer_hash(tokenizer)} vs {meta['tokenizer_hash']}, memory trained on {meta.get('model_id')!r})", fix,
+            f"(hash {tokenizer_hash(tokenizer)} vs {meta['tokenizer_hash']}, memory trained on {meta.get('model_id')!r})",
+            fix,
         )
     check_fingerprint(meta.get("model_fingerprint"), lm, expected_name=str(meta.get("model_id")), model_name=name, fix=fix)
 
@@ -129,8 +129,10 @@ def from_memory(
     single_mlp = len(parts) == 1 and not knn_dirs
     gate_dir = (find_gate(first_dir) if single_mlp else None) if gate == "auto" else (Path(gate) if gate else None)
     if mixing == "gated" and gate_dir is None:
-        raise MlpmemError(f"mixing='gated' needs a gate, and none was found for the memory in {memory_dir}",
-                          "train one (recipe `eval: {mixing: gated}`), pass gate=FOLDER, or use mixing='fixed'")
+        raise MlpmemError(
+            f"mixing='gated' needs a gate, and none was found for the memory in {memory_dir}",
+            "train one (recipe `eval: {mixing: gated}`), pass gate=FOLDER, or use mixing='fixed'",
+        )
     gate_module, gate_meta = load_gate(gate_dir, memory) if gate_dir is not None else (None, None)
     if gate_dir is not None:
         log.info("mixing gate: %s", gate_dir)
@@ -145,10 +147,23 @@ def from_memory(
         if results:
             m["results"] = results
         metas.append(m)
-    return cls.from_parts(lm, memory, metas[0], tokenizer=tok, base_model=model_id, lambda_=lambda_, memory_temperature=memory_temperature,
-                          gate=gate_module, gate_meta=gate_meta, mixing=mixing, name=names[0],
-                          memories=[(n, m, mt) for n, (_, m, _), mt in zip(names[1:], parts[1:], metas[1:])],
-                          weights=weights, router=router_module, router_meta=router_meta)
+    return cls.from_parts(
+        lm,
+        memory,
+        metas[0],
+        tokenizer=tok,
+        base_model=model_id,
+        lambda_=lambda_,
+        memory_temperature=memory_temperature,
+        gate=gate_module,
+        gate_meta=gate_meta,
+        mixing=mixing,
+        name=names[0],
+        memories=[(n, m, mt) for n, (_, m, _), mt in zip(names[1:], parts[1:], metas[1:])],
+        weights=weights,
+        router=router_module,
+        router_meta=router_meta,
+    )
 
 
 def _load_knn(run_dir: Path) -> tuple[Any, dict[str, Any]]:
@@ -184,8 +199,15 @@ def _default_names(dirs: list[Path], modules: list) -> list[str]:
     return out
 
 
-def fit_router(model: MLPMemoryForCausalLM, tokens: "Any", context: int = 512, stride: int = 256, cfg: Any = None,
-               batch_size: int = 8, holdout: Any = None) -> dict[str, Any]:
+def fit_router(
+    model: MLPMemoryForCausalLM,
+    tokens: "Any",
+    context: int = 512,
+    stride: int = 256,
+    cfg: Any = None,
+    batch_size: int = 8,
+    holdout: Any = None,
+) -> dict[str, Any]:
     """Fit a router over the model's memories on ``tokens`` (one token array, or a list of them, e.g. the valid split of
     each memory's domain) and attach it (``mixing="routed"``). Scores with :func:`mlpmem.gate.score_memories` (windows
     ``context`` / ``stride``, the LM run once), fits with :func:`mlpmem.gate.fit_router` (``cfg``: a GateConfig).
@@ -203,7 +225,9 @@ def fit_router(model: MLPMemoryForCausalLM, tokens: "Any", context: int = 512, s
         def __init__(self, m: torch.nn.Module, temperature: float, device: torch.device) -> None:
             super().__init__()
             self.m, self.t = m, temperature
-            self.anchor = torch.nn.Parameter(torch.zeros(0, device=device), requires_grad=False)  # says the device (a retriever has no weights)
+            self.anchor = torch.nn.Parameter(
+                torch.zeros(0, device=device), requires_grad=False
+            )  # says the device (a retriever has no weights)
 
         def forward(self, h: torch.Tensor) -> torch.Tensor:
             return component_logprobs(self.m, h, self.t)
@@ -213,7 +237,9 @@ def fit_router(model: MLPMemoryForCausalLM, tokens: "Any", context: int = 512, s
     mems = [(Scored(m, model.memory_temperature, device), ReadSite(*model.sites[n])) for n, m in model.components().items()]
     lps, feats = [], []
     for i, toks in enumerate(arrays):
-        _, lp, f, _ = score_memories(model.lm, np.asarray(toks), context, stride, mems, batch_size, desc=f"scoring for the router ({i + 1}/{len(arrays)})")
+        _, lp, f, _ = score_memories(
+            model.lm, np.asarray(toks), context, stride, mems, batch_size, desc=f"scoring for the router ({i + 1}/{len(arrays)})"
+        )
         lps.append(lp)
         feats.append(f)
     router, record = fit(np.concatenate(lps), np.concatenate(feats), cfg or GateConfig(), holdout)
@@ -235,7 +261,9 @@ def export_hf(
     from mlpmem.manifest import claim_out
 
     claim_out(Path(out_dir), "export")  # never into a stage folder or a folder of the user's
-    model = MLPMemoryForCausalLM.from_memory(memory_dir, base_model, lambda_=lambda_, memory_temperature=memory_temperature, gate=gate, mixing=mixing)
+    model = MLPMemoryForCausalLM.from_memory(
+        memory_dir, base_model, lambda_=lambda_, memory_temperature=memory_temperature, gate=gate, mixing=mixing
+    )
     model.save_pretrained(out_dir, full_export=full_export)
     log.info("LM + memory saved to %s (%s)", out_dir, "self-contained" if full_export else f"base model: {model.config.base_model}")
     return Path(out_dir)

@@ -111,12 +111,22 @@ class IndexConfig:
     def problems(self) -> list[str]:
         from mlpmem.config import in_range, need, positive
 
-        return (need(isinstance(self.kind, str) and self.kind.strip() != "", "kind", "must be auto, flat, keys, ivfpq, ivfopq, mlpmemory or a FAISS factory string")
-                + positive(self, "nprobe", "train_sample", "recall_sample", "recall_k") + positive(self, "auto_flat_max_rows", zero=True)
-                + in_range(self, "recall_target", 0.0, 1.0, allow_none=True)
-                + need(_device_ok(self.device), "device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
-                + need(self.keep_keys or (self.kind != "keys" and (self.rerank is False or self.kind == "flat")), "keep_keys",
-                       "false needs an index that searches without the keys: set rerank: false (distances from the codes) or kind: flat"))
+        return (
+            need(
+                isinstance(self.kind, str) and self.kind.strip() != "",
+                "kind",
+                "must be auto, flat, keys, ivfpq, ivfopq, mlpmemory or a FAISS factory string",
+            )
+            + positive(self, "nprobe", "train_sample", "recall_sample", "recall_k")
+            + positive(self, "auto_flat_max_rows", zero=True)
+            + in_range(self, "recall_target", 0.0, 1.0, allow_none=True)
+            + need(_device_ok(self.device), "device", f"must be one of {', '.join(DEVICES)}, got {self.device!r}")
+            + need(
+                self.keep_keys or (self.kind != "keys" and (self.rerank is False or self.kind == "flat")),
+                "keep_keys",
+                "false needs an index that searches without the keys: set rerank: false (distances from the codes) or kind: flat",
+            )
+        )
 
 
 def _faiss():
@@ -151,7 +161,9 @@ def faiss_threads(n: int | None = None) -> Iterator[int]:
 
 
 def _device_ok(device) -> bool:
-    return isinstance(device, str) and (device in ("cpu", "cuda", "all", "all-shards") or (device.startswith("cuda:") and device[5:].isdigit()))
+    return isinstance(device, str) and (
+        device in ("cpu", "cuda", "all", "all-shards") or (device.startswith("cuda:") and device[5:].isdigit())
+    )
 
 
 @dataclass(frozen=True)
@@ -167,8 +179,10 @@ class Placement:
         return bool(self.gpus)
 
 
-GPU_EXTRA_FIX = ("pip install 'mlpmem[gpu]' (FAISS for CUDA 12; uninstall faiss-cpu first, as both provide the faiss module), "
-                 "or set index.device: cpu (--device cpu)")
+GPU_EXTRA_FIX = (
+    "pip install 'mlpmem[gpu]' (FAISS for CUDA 12; uninstall faiss-cpu first, as both provide the faiss module), "
+    "or set index.device: cpu (--device cpu)"
+)
 
 
 def resolve_placement(device: str = "cpu", gpu: bool | None = None, faiss=None, local_rank: int | None = None) -> Placement:
@@ -187,11 +201,16 @@ def resolve_placement(device: str = "cpu", gpu: bool | None = None, faiss=None, 
         return Placement()
     faiss = faiss or _faiss()
     if not hasattr(faiss, "StandardGpuResources"):
-        raise MlpmemError(f"index device {device!r} needs FAISS with GPU support, but the installed faiss {getattr(faiss, '__version__', '')} is a CPU-only build",
-                          GPU_EXTRA_FIX)
+        raise MlpmemError(
+            f"index device {device!r} needs FAISS with GPU support, but the installed faiss {getattr(faiss, '__version__', '')} is a CPU-only build",
+            GPU_EXTRA_FIX,
+        )
     n = int(faiss.get_num_gpus())
     if n == 0:
-        raise MlpmemError(f"index device {device!r} asks for a GPU, but FAISS sees none (CUDA_VISIBLE_DEVICES, driver?)", "run on a machine with a GPU, or set index.device: cpu")
+        raise MlpmemError(
+            f"index device {device!r} asks for a GPU, but FAISS sees none (CUDA_VISIBLE_DEVICES, driver?)",
+            "run on a machine with a GPU, or set index.device: cpu",
+        )
     if device in ("all", "all-shards"):
         return Placement(device, tuple(range(n)), shard=device == "all-shards")
     if device == "cuda":
@@ -201,7 +220,9 @@ def resolve_placement(device: str = "cpu", gpu: bool | None = None, faiss=None, 
     else:
         g = int(device[5:])
         if g >= n:
-            raise MlpmemError(f"index device {device!r}, but FAISS sees {n} GPU(s) (cuda:0..cuda:{n - 1})", f"use cuda:0..cuda:{n - 1}, cuda or all")
+            raise MlpmemError(
+                f"index device {device!r}, but FAISS sees {n} GPU(s) (cuda:0..cuda:{n - 1})", f"use cuda:0..cuda:{n - 1}, cuda or all"
+            )
     return Placement(f"cuda:{g}", (g,))
 
 
@@ -220,8 +241,10 @@ def to_placement(index, where: Placement, faiss=None):
         co.shard = where.shard
         return faiss.index_cpu_to_all_gpus(index, co=co, ngpu=len(where.gpus))
     except RuntimeError as e:  # e.g. a PQ sub-vector size that GPU IVF-PQ does not support
-        raise MlpmemError(f"FAISS could not put this index on {where.device} ({str(e).strip().splitlines()[-1][:200]})",
-                          "choose a code size that FAISS GPU supports (e.g. d/m of 1-4, 6, 8, 10, 12, 16, 20, 24, 28 or 32 for IVF-PQ), or index.device: cpu")
+        raise MlpmemError(
+            f"FAISS could not put this index on {where.device} ({str(e).strip().splitlines()[-1][:200]})",
+            "choose a code size that FAISS GPU supports (e.g. d/m of 1-4, 6, 8, 10, 12, 16, 20, 24, 28 or 32 for IVF-PQ), or index.device: cpu",
+        )
 
 
 def auto_nlist(n_rows: int) -> int:
@@ -258,8 +281,10 @@ def resolve_factory(cfg: IndexConfig, n_rows: int, d: int) -> tuple[str, int | N
     try:
         index = faiss.index_factory(d, kind)
     except RuntimeError as e:
-        raise MlpmemError(f"{kind!r} is not a FAISS index factory string for d={d} ({str(e).strip().splitlines()[-1]})",
-                          "use auto, flat, keys, ivfpq, ivfopq, mlpmemory, or a factory string such as IVF1024,SQ8")
+        raise MlpmemError(
+            f"{kind!r} is not a FAISS index factory string for d={d} ({str(e).strip().splitlines()[-1]})",
+            "use auto, flat, keys, ivfpq, ivfopq, mlpmemory, or a factory string such as IVF1024,SQ8",
+        )
     try:
         nlist = int(faiss.extract_index_ivf(index).nlist)
     except RuntimeError:  # not an inverted-file index (Flat, HNSW, ...): nprobe does not apply
@@ -302,7 +327,9 @@ def _f32(block: np.ndarray) -> np.ndarray:
         return torch.from_numpy(np.ascontiguousarray(block)).float().numpy()
 
 
-def exact_search(ds: Datastore, queries: np.ndarray, k: int, block_rows: int = 65536, where: Placement = Placement()) -> tuple[np.ndarray, np.ndarray]:
+def exact_search(
+    ds: Datastore, queries: np.ndarray, k: int, block_rows: int = 65536, where: Placement = Placement()
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact k nearest keys by streaming the datastore: ([q, k] sq dists, [q, k] ids).
 
     Used to measure recall and by the ``keys`` index; one pass over the keys, whatever their number.
@@ -453,9 +480,13 @@ def remove_keys(datastore_dir: Path, index_dir: Path) -> int:
     datastore_dir = Path(datastore_dir)
     m = read_manifest(Path(index_dir), "index")
     if m.get("search_needs_keys", True):
-        raise MlpmemError(f"the index in {index_dir} ({m.get('factory')}) re-ranks with the datastore's keys, so they cannot be removed",
-                          "keep the keys (index.keep_keys: true), or build the index with rerank: false")
-    files = [datastore_dir / s["arrays"]["keys"]["file"] for s in read_manifest(datastore_dir, "datastore")["shards"] if "keys" in s["arrays"]]
+        raise MlpmemError(
+            f"the index in {index_dir} ({m.get('factory')}) re-ranks with the datastore's keys, so they cannot be removed",
+            "keep the keys (index.keep_keys: true), or build the index with rerank: false",
+        )
+    files = [
+        datastore_dir / s["arrays"]["keys"]["file"] for s in read_manifest(datastore_dir, "datastore")["shards"] if "keys" in s["arrays"]
+    ]
     freed = sum(p.stat().st_size for p in files if p.exists())
     for p in files:
         p.unlink(missing_ok=True)
@@ -487,9 +518,18 @@ def build_index(datastore_dir: Path, out_dir: Path, cfg: IndexConfig = IndexConf
             f"use kind=auto, ivfpq, keys or flat (lists sized to the data), or fewer lists (IVF{max(1, 2 ** int(math.log2(max(1, n // 64))))},SQ8)",
         )
     if target is None and nlist is not None and nprobe * n / nlist < 4 * cfg.recall_k:
-        log.warning("%s with nprobe %d scans about %d keys per query for k=%d: expect low recall (raise nprobe, or set recall_target)", factory, nprobe, nprobe * n // nlist, cfg.recall_k)
+        log.warning(
+            "%s with nprobe %d scans about %d keys per query for k=%d: expect low recall (raise nprobe, or set recall_target)",
+            factory,
+            nprobe,
+            nprobe * n // nlist,
+            cfg.recall_k,
+        )
     where = resolve_placement(cfg.device, cfg.gpu)  # an absent GPU FAISS is refused before the folder is claimed
-    config = {"datastore": str(datastore_dir), **{k: v for k, v in asdict(cfg).items() if k not in ("device", "keep_keys")}}  # where and what is kept, not what
+    config = {
+        "datastore": str(datastore_dir),
+        **{k: v for k, v in asdict(cfg).items() if k not in ("device", "keep_keys")},
+    }  # where and what is kept, not what
     if prepare_out(out_dir, config, overwrite, kind="index") == "done":
         log.info("index in %s is already built", out_dir)
         return out_dir
@@ -516,8 +556,14 @@ def build_index(datastore_dir: Path, out_dir: Path, cfg: IndexConfig = IndexConf
             if target is not None:
                 nprobe, recall, tried = choose_nprobe(measure, nprobe, nlist, target, GPU_MAX_K if where.gpu else None)
                 if recall < target:
-                    log.warning("%s reaches recall@%d %.3f at best (nprobe %d), below the target %.2f: the codes limit it (re-rank with the keys, or larger codes)",
-                                factory, k, recall, nprobe, target)
+                    log.warning(
+                        "%s reaches recall@%d %.3f at best (nprobe %d), below the target %.2f: the codes limit it (re-rank with the keys, or larger codes)",
+                        factory,
+                        k,
+                        recall,
+                        nprobe,
+                        target,
+                    )
             else:
                 recall, secs = measure(nprobe)
                 tried = [[nprobe, round(recall, 4), round(secs, 6)]]
@@ -534,20 +580,49 @@ def build_index(datastore_dir: Path, out_dir: Path, cfg: IndexConfig = IndexConf
             index_file = file_record(out_dir, out_dir / INDEX_FILE)
     needs_keys = rerank or index is None
     per_token, search_per_token = store_bytes(ds, index_file["bytes"] if index_file else 0, needs_keys)
-    write_manifest(out_dir, "index", {
-        "datastore": str(datastore_dir),
-        "datastore_manifest_sha256": sha256_file(datastore_dir / MANIFEST),
-        "model_id": ds.model_id, "tokenizer_hash": ds.tokenizer_hash,
-        "layer": ds.layer, "site": ds.site, "d": ds.d, "n_rows": n,
-        "factory": factory, "nlist": nlist, "nprobe": nprobe, "rerank": rerank, "train_rows": train_rows,
-        "recall_at_k": recall, "k": k, "recall_target": target, "nprobe_tried": tried,  # [nprobe, recall, s/query]
-        "search_needs_keys": needs_keys, "bytes_per_token": per_token, "search_bytes_per_token": search_per_token,
-        "build_seconds": round(build_s, 3), "recall_seconds": round(recall_s, 3), "faiss_threads": threads,
-        "device": cfg.device if not cfg.gpu else "cuda", "gpus": len(where.gpus),  # where it ran (not in config.json)
-        "index_file": index_file,
-    })
-    log.info("index %s over %d keys: recall@%d %.3f at nprobe %s (rerank %s; search reads %.0f B/token), built in %.1f s",
-             factory, n, k, recall, nprobe, rerank, search_per_token, build_s)
+    write_manifest(
+        out_dir,
+        "index",
+        {
+            "datastore": str(datastore_dir),
+            "datastore_manifest_sha256": sha256_file(datastore_dir / MANIFEST),
+            "model_id": ds.model_id,
+            "tokenizer_hash": ds.tokenizer_hash,
+            "layer": ds.layer,
+            "site": ds.site,
+            "d": ds.d,
+            "n_rows": n,
+            "factory": factory,
+            "nlist": nlist,
+            "nprobe": nprobe,
+            "rerank": rerank,
+            "train_rows": train_rows,
+            "recall_at_k": recall,
+            "k": k,
+            "recall_target": target,
+            "nprobe_tried": tried,  # [nprobe, recall, s/query]
+            "search_needs_keys": needs_keys,
+            "bytes_per_token": per_token,
+            "search_bytes_per_token": search_per_token,
+            "build_seconds": round(build_s, 3),
+            "recall_seconds": round(recall_s, 3),
+            "faiss_threads": threads,
+            "device": cfg.device if not cfg.gpu else "cuda",
+            "gpus": len(where.gpus),  # where it ran (not in config.json)
+            "index_file": index_file,
+        },
+    )
+    log.info(
+        "index %s over %d keys: recall@%d %.3f at nprobe %s (rerank %s; search reads %.0f B/token), built in %.1f s",
+        factory,
+        n,
+        k,
+        recall,
+        nprobe,
+        rerank,
+        search_per_token,
+        build_s,
+    )
     return out_dir
 
 
@@ -618,8 +693,14 @@ class KnnIndex:
         _set_nprobe(self.index, nprobe)
 
     @classmethod
-    def open(cls, index_dir: Path, datastore: Datastore | Path | None = None, verify: bool = False, gpu: bool | None = None,
-             device: str | None = None) -> "KnnIndex":
+    def open(
+        cls,
+        index_dir: Path,
+        datastore: Datastore | Path | None = None,
+        verify: bool = False,
+        gpu: bool | None = None,
+        device: str | None = None,
+    ) -> "KnnIndex":
         """Open a finished index; ``datastore`` defaults to the one it was built from.
 
         device: where to search (see ``resolve_placement``); None = where it was built, or the
@@ -637,7 +718,9 @@ class KnnIndex:
             except (RuntimeError, MemoryError) as e:  # faiss reports a bad file as RuntimeError
                 raise MlpmemError(f"{path} is not a readable FAISS index ({str(e).strip().splitlines()[0][:200]})", fix)
             if index.ntotal != m["n_rows"] or index.d != m["d"]:
-                raise MlpmemError(f"{path} holds {index.ntotal} vectors of size {index.d}, its manifest says {m['n_rows']} of size {m['d']}", fix)
+                raise MlpmemError(
+                    f"{path} holds {index.ntotal} vectors of size {index.d}, its manifest says {m['n_rows']} of size {m['d']}", fix
+                )
         if datastore is None:
             datastore = Path(m["datastore"])
         if not isinstance(datastore, Datastore):
@@ -666,7 +749,9 @@ class KnnIndex:
                 "use the model the datastore was built with, or build a new datastore and index with this model",
             )
 
-    def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None, batch_size: int | None = None, return_found: bool = False):
+    def search(
+        self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None, batch_size: int | None = None, return_found: bool = False
+    ):
         """k nearest keys by squared L2, ascending.
 
         queries: [q, d] float32. exclude: [q] row id to remove from row i's results (-1: none).
@@ -675,12 +760,16 @@ class KnnIndex:
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.d:
-            raise MlpmemError(f"queries must have shape [q, {self.d}], got {list(queries.shape)}", "pass keys from the same layer as the datastore")
+            raise MlpmemError(
+                f"queries must have shape [q, {self.d}], got {list(queries.shape)}", "pass keys from the same layer as the datastore"
+            )
         extra = 0 if exclude is None else 1
         if exclude is not None:
             exclude = np.asarray(exclude, dtype=np.int64).reshape(-1)
             if exclude.shape[0] != queries.shape[0]:
-                raise MlpmemError(f"exclude has {exclude.shape[0]} entries for {queries.shape[0]} queries", "pass one row id (or -1) per query")
+                raise MlpmemError(
+                    f"exclude has {exclude.shape[0]} entries for {queries.shape[0]} queries", "pass one row id (or -1) per query"
+                )
         if k < 1 or k > self.n_rows - extra:
             raise MlpmemError(
                 f"k={k} neighbours asked for, but the datastore has {self.n_rows} rows" + (" (one is the query itself)" if extra else ""),
@@ -691,7 +780,10 @@ class KnnIndex:
         if self.gpu:
             cand = min(cand, GPU_MAX_K)
             if cand < k + extra:
-                raise MlpmemError(f"k={k} is above what FAISS GPU search returns ({GPU_MAX_K - extra})", "use a smaller k, or search on the CPU (index.device: cpu)")
+                raise MlpmemError(
+                    f"k={k} is above what FAISS GPU search returns ({GPU_MAX_K - extra})",
+                    "use a smaller k, or search on the CPU (index.device: cpu)",
+                )
         if batch_size is None:
             # re-ranking gathers [batch, cand, d] keys; keep that within the budget
             batch_size = max(1, RERANK_BUDGET_BYTES // (cand * self.d * 8)) if self.rerank else 1024

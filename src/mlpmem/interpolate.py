@@ -8,7 +8,6 @@ and perplexity helpers work in float64 numpy.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -171,7 +170,9 @@ def lambda_curve(lp_lm: Any, lp_other: Any, grid: Sequence[float] = DEFAULT_LAMB
     return [(float(lam), perplexity(interpolate_logprobs(x, y, lam))) for lam in grid]
 
 
-def plot_lambda_curves(curves: dict[str, list[tuple[float, float]]], path: Path, title: str, chosen: dict[str, float] | None = None) -> Path:
+def plot_lambda_curves(
+    curves: dict[str, list[tuple[float, float]]], path: Path, title: str, chosen: dict[str, float] | None = None
+) -> Path:
     """Perplexity against lambda, one line per named curve; saved as PNG.
 
     On the split lambda is tuned on, the best point of each curve is marked. On any other

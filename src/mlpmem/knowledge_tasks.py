@@ -51,15 +51,17 @@ from mlpmem.errors import MlpmemError
 log = logging.getLogger(__name__)
 
 TASKS = ("mlpmem_wn_mc", "mlpmem_wn_em", "mlpmem_wn_define", "mlpmem_sotu_facts", "mlpmem_reasoning")
-STOPWORDS = frozenset((
-    "a an the of to in on at by for from with without into onto over under about as and or but nor not no so than then "
-    "that this these those there here which who whom whose what when where why how it its it's is are was were be been "
-    "being am do does did doing has have had having can could may might must shall should will would one ones some any "
-    "all each every either neither both such other another more most less least very too also only just especially "
-    "usually often something someone somebody anything anyone thing things person people used use using make made "
-    "word words define definition means meaning refers refer kind type form act state quality i you he she we they "
-    "them him her his their our your my me us if up out off down again further once same own s e g etc"
-).split())
+STOPWORDS = frozenset(
+    (
+        "a an the of to in on at by for from with without into onto over under about as and or but nor not no so than then "
+        "that this these those there here which who whom whose what when where why how it its it's is are was were be been "
+        "being am do does did doing has have had having can could may might must shall should will would one ones some any "
+        "all each every either neither both such other another more most less least very too also only just especially "
+        "usually often something someone somebody anything anyone thing things person people used use using make made "
+        "word words define definition means meaning refers refer kind type form act state quality i you he she we they "
+        "them him her his their our your my me us if up out off down again further once same own s e g etc"
+    ).split()
+)
 
 
 def command_line() -> str:
@@ -71,6 +73,7 @@ def command_line() -> str:
 
 
 # ---------------------------------------------------------------- step 1: the source
+
 
 @dataclass
 class SourceConfig:
@@ -101,16 +104,33 @@ def build_source(out_dir: Path, deb: Path | None = None, n_synsets: int = 2600, 
             (out_dir / "COPYRIGHT.wordnet").write_text(Path(info["copyright_file"]).read_text(errors="replace"))
     docs = select_documents(synsets, n_synsets, seed)
     (out_dir / "synsets.jsonl").write_text("".join(json.dumps(asdict(s), ensure_ascii=False) + "\n" for s in synsets), encoding="utf-8")
-    (out_dir / "wordnet.jsonl").write_text("".join(json.dumps({"id": s.id, "text": s.text()}, ensure_ascii=False) + "\n" for s in docs), encoding="utf-8")
+    (out_dir / "wordnet.jsonl").write_text(
+        "".join(json.dumps({"id": s.id, "text": s.text()}, ensure_ascii=False) + "\n" for s in docs), encoding="utf-8"
+    )
     files = {"wordnet": file_record(out_dir, out_dir / "wordnet.jsonl"), "synsets": file_record(out_dir, out_dir / "synsets.jsonl")}
     if (out_dir / "COPYRIGHT.wordnet").exists():
         files["copyright"] = file_record(out_dir, out_dir / "COPYRIGHT.wordnet")
-    write_manifest(out_dir, "tasks_source", {
-        "source": {"package": wordnet.PACKAGE, "version": info.get("version"), "licence": info["licence"],
-                   "deb": deb_path.name, "deb_sha256": deb_sha, "data_files_sha256": inputs},
-        "command": command_line(), "n_synsets_total": len(synsets), "n_documents": len(docs), "files": files,
-    })
-    log.info("WordNet %s: %d synsets, %d documents for the memory in %s", info.get("version"), len(synsets), len(docs), out_dir / "wordnet.jsonl")
+    write_manifest(
+        out_dir,
+        "tasks_source",
+        {
+            "source": {
+                "package": wordnet.PACKAGE,
+                "version": info.get("version"),
+                "licence": info["licence"],
+                "deb": deb_path.name,
+                "deb_sha256": deb_sha,
+                "data_files_sha256": inputs,
+            },
+            "command": command_line(),
+            "n_synsets_total": len(synsets),
+            "n_documents": len(docs),
+            "files": files,
+        },
+    )
+    log.info(
+        "WordNet %s: %d synsets, %d documents for the memory in %s", info.get("version"), len(synsets), len(docs), out_dir / "wordnet.jsonl"
+    )
     return out_dir
 
 
@@ -213,11 +233,16 @@ def define_scores(prediction: str, references: list[str], support: list[str]) ->
     held no content word at all (``empty``; its unsupported share counts as 0, so read the two together)."""
     first = (prediction.strip().splitlines() or [""])[0]
     share = unsupported_share(first, set(support))
-    return {"f1": max(token_f1(first, r) for r in references), "rougeL": max(rouge_l(first, r) for r in references),
-            "unsupported": 0.0 if share is None else share, "empty": float(share is None)}
+    return {
+        "f1": max(token_f1(first, r) for r in references),
+        "rougeL": max(rouge_l(first, r) for r in references),
+        "unsupported": 0.0 if share is None else share,
+        "empty": float(share is None),
+    }
 
 
 # ---------------------------------------------------------------- step 2: the tasks
+
 
 @dataclass
 class TasksConfig:
@@ -255,8 +280,10 @@ def train_documents(corpus_dir: Path, expected_hash: str | None, what: str) -> t
 
     corpus = Corpus(Path(corpus_dir))
     if expected_hash is not None and corpus.manifest.get("corpus_hash") != expected_hash:
-        raise MlpmemError(f"the corpus in {corpus_dir} was built from {corpus.manifest.get('source')!r}, not from {what} (its corpus hash differs)",
-                          f"pass the corpus folder of the run trained on {what} (RUN/corpus), or build the run again from it")
+        raise MlpmemError(
+            f"the corpus in {corpus_dir} was built from {corpus.manifest.get('source')!r}, not from {what} (its corpus hash differs)",
+            f"pass the corpus folder of the run trained on {what} (RUN/corpus), or build the run again from it",
+        )
     docs = read_json(Path(corpus_dir) / "documents.json")["train"]
     return [d["id"] for d in docs[:-1]], corpus.manifest
 
@@ -279,7 +306,10 @@ def wordnet_items(synsets: list[dict], train_ids: list[str], cfg: TasksConfig) -
     by_id = {s["id"]: s for s in synsets}
     train = [by_id[i] for i in train_ids if i in by_id]
     if len(train) < 8:
-        raise MlpmemError(f"the corpus's train split holds only {len(train)} WordNet synsets", "build the corpus from wordnet.jsonl with more train tokens")
+        raise MlpmemError(
+            f"the corpus's train split holds only {len(train)} WordNet synsets",
+            "build the corpus from wordnet.jsonl with more train tokens",
+        )
     senses: dict[str, list[dict]] = {}
     for s in synsets:
         for lem in s["lemmas"]:
@@ -291,8 +321,11 @@ def wordnet_items(synsets: list[dict], train_ids: list[str], cfg: TasksConfig) -
     for s in train:
         by_pos.setdefault(s["pos"], []).append(s)
     train_set = {s["id"] for s in train}
-    shots = [s for s in _shuffled([s for s in synsets if s["id"] not in train_set], cfg.seed, "shots")
-             if re.fullmatch(r"[a-z]{4,}", s["lemmas"][0]) and 4 <= len(s["definition"].split()) <= 14][: max(cfg.shots, 0)]
+    shots = [
+        s
+        for s in _shuffled([s for s in synsets if s["id"] not in train_set], cfg.seed, "shots")
+        if re.fullmatch(r"[a-z]{4,}", s["lemmas"][0]) and 4 <= len(s["definition"].split()) <= 14
+    ][: max(cfg.shots, 0)]
 
     def question(s: dict) -> str:
         return f'Question: Which {s["pos"]} is defined as "{s["definition"]}"?\nAnswer:'
@@ -300,8 +333,8 @@ def wordnet_items(synsets: list[dict], train_ids: list[str], cfg: TasksConfig) -
     def define_prompt(s: dict) -> str:
         return f'Define the {s["pos"]} "{s["lemmas"][0]}".\nDefinition:'
 
-    qa_prefix = "".join(f'{question(s)} {s["lemmas"][0]}\n\n' for s in shots)
-    def_prefix = "".join(f'{define_prompt(s)} {s["definition"]}.\n\n' for s in shots)
+    qa_prefix = "".join(f"{question(s)} {s['lemmas'][0]}\n\n" for s in shots)
+    def_prefix = "".join(f"{define_prompt(s)} {s['definition']}.\n\n" for s in shots)
     order = _shuffled(train, cfg.seed, "wordnet")
     n_valid = cfg.n_valid
     mc, em, define = [], [], []
@@ -327,12 +360,26 @@ def wordnet_items(synsets: list[dict], train_ids: list[str], cfg: TasksConfig) -
             for d in word_senses:
                 support |= set(content_stems(d["definition"])) | {x for e in d["examples"] for x in content_stems(e)}
             refs = [s["definition"]] + [d["definition"] for d in word_senses if d["id"] != s["id"]]
-            define.append({"synset": s["id"], "pos": s["pos"], "word": answer, "query": answer, "prompt": def_prefix + define_prompt(s),
-                           "references": refs, "support": sorted(support)})
+            define.append(
+                {
+                    "synset": s["id"],
+                    "pos": s["pos"],
+                    "word": answer,
+                    "query": answer,
+                    "prompt": def_prefix + define_prompt(s),
+                    "references": refs,
+                    "support": sorted(support),
+                }
+            )
     if len(mc) < n_valid + 1:
-        raise MlpmemError(f"only {len(mc)} WordNet items could be built from the train split", "use a corpus with more train tokens, or a smaller --n-valid")
-    return {name: (items[n_valid:], items[:n_valid]) for name, items in
-            (("mlpmem_wn_mc", mc), ("mlpmem_wn_em", em), ("mlpmem_wn_define", define))}
+        raise MlpmemError(
+            f"only {len(mc)} WordNet items could be built from the train split",
+            "use a corpus with more train tokens, or a smaller --n-valid",
+        )
+    return {
+        name: (items[n_valid:], items[:n_valid])
+        for name, items in (("mlpmem_wn_mc", mc), ("mlpmem_wn_em", em), ("mlpmem_wn_define", define))
+    }
 
 
 _SENT = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"])")
@@ -380,7 +427,7 @@ def sotu_items(texts: list[tuple[str, str]], cfg: TasksConfig) -> tuple[list[dic
                     items.append(item)
                     used[i].add(m.start(1))
                     break
-    test = items[cfg.n_valid:]
+    test = items[cfg.n_valid :]
     if len(items) < cfg.n_valid + 1:
         raise MlpmemError(f"only {len(items)} State of the Union items could be built", "use a corpus with more train tokens")
     return test, items[: cfg.n_valid]
@@ -399,10 +446,16 @@ def _sotu_item(doc_id: str, sent: str, kind: str, m: re.Match, numbers_by_len: d
     if len(cands) < 3:
         return None
     choices, label = _place(f" {answer}", [f" {c}" for c in rng.sample(cands, 3)], rng)
-    blanked = sent[: m.start(1)] + "___" + sent[m.end(1):]
-    return {"document": doc_id, "kind": kind, "query": blanked.replace("___", " "), "answers": [answer],
-            "prompt": f'From a State of the Union address: "{blanked}"\nQuestion: What is the missing word or number (___)?\nAnswer:',
-            "choices": choices, "label": label}
+    blanked = sent[: m.start(1)] + "___" + sent[m.end(1) :]
+    return {
+        "document": doc_id,
+        "kind": kind,
+        "query": blanked.replace("___", " "),
+        "answers": [answer],
+        "prompt": f'From a State of the Union address: "{blanked}"\nQuestion: What is the missing word or number (___)?\nAnswer:',
+        "choices": choices,
+        "label": label,
+    }
 
 
 def reasoning_items(cfg: TasksConfig) -> tuple[list[dict], list[dict]]:
@@ -434,7 +487,7 @@ def reasoning_items(cfg: TasksConfig) -> tuple[list[dict], list[dict]]:
             prompt = f"Question: Is {a} {word} than {b}?\nAnswer:"
         items.append({"kind": kind, "prompt": prompt, "query": prompt, "choices": choices, "label": label})
     items = _shuffled(items, cfg.seed, "reasoning-order")
-    return items[cfg.n_valid:], items[: cfg.n_valid]
+    return items[cfg.n_valid :], items[: cfg.n_valid]
 
 
 # ---------------------------------------------------------------- writing the task folder
@@ -499,19 +552,38 @@ metric_list:
     higher_is_better: false
 """
 BODY = {"mlpmem_wn_mc": _MC, "mlpmem_wn_em": _EM, "mlpmem_wn_define": _DEFINE, "mlpmem_sotu_facts": _MC, "mlpmem_reasoning": _MC}
-PRIMARY = {"mlpmem_wn_mc": "acc", "mlpmem_wn_em": "exact_match", "mlpmem_wn_define": "f1", "mlpmem_sotu_facts": "acc", "mlpmem_reasoning": "acc"}
+PRIMARY = {
+    "mlpmem_wn_mc": "acc",
+    "mlpmem_wn_em": "exact_match",
+    "mlpmem_wn_define": "f1",
+    "mlpmem_sotu_facts": "acc",
+    "mlpmem_reasoning": "acc",
+}
 
 
 def task_yaml(name: str, data: Path) -> str:
     """An lm-eval task over a local jsonl file (``!function`` tags cannot be written by yaml.safe_dump)."""
-    return (f"# written by `mlpmem tasks build`; see manifest.json for the source and the command\n"
-            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data.resolve()))}\n"
-            f"test_split: test\n{BODY[name.removesuffix('_valid')]}metadata:\n  version: 1.0\n")
+    return (
+        f"# written by `mlpmem tasks build`; see manifest.json for the source and the command\n"
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data.resolve()))}\n"
+        f"test_split: test\n{BODY[name.removesuffix('_valid')]}metadata:\n  version: 1.0\n"
+    )
 
 
-def build_tasks(source_dir: Path, corpus_dir: Path, out_dir: Path, *, sotu_corpus: Path | None = None, n_items: int = 400,
-                n_valid: int = 60, n_sotu: int = 1000, n_reasoning: int = 450, shots: int = 1, seed: int = 0,
-                overwrite: bool = False) -> Path:
+def build_tasks(
+    source_dir: Path,
+    corpus_dir: Path,
+    out_dir: Path,
+    *,
+    sotu_corpus: Path | None = None,
+    n_items: int = 400,
+    n_valid: int = 60,
+    n_sotu: int = 1000,
+    n_reasoning: int = 450,
+    shots: int = 1,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
     """Write the knowledge tasks (``<task>.yaml`` + ``<task>.test.jsonl``, ``<task>_valid.yaml`` + ``<task>.valid.jsonl``,
     ``utils.py``, ``manifest.json``) into ``out_dir``. Returns out_dir (skipped when already built with these settings)."""
     from mlpmem.manifest import file_record, prepare_out, read_manifest, sha256_file, write_manifest
@@ -527,8 +599,13 @@ def build_tasks(source_dir: Path, corpus_dir: Path, out_dir: Path, *, sotu_corpu
     if sotu_corpus is not None:
         sotu = _sotu_texts(Path(sotu_corpus))
     inputs = {"wordnet.jsonl": sha256_file(source_dir / "wordnet.jsonl"), "synsets.jsonl": sha256_file(source_dir / "synsets.jsonl")}
-    resolved = {**asdict(cfg), "source": str(source_dir.resolve()), "corpus": str(corpus_dir.resolve()),
-                "sotu_corpus": str(Path(sotu_corpus).resolve()) if sotu_corpus else None, "inputs_sha256": inputs}
+    resolved = {
+        **asdict(cfg),
+        "source": str(source_dir.resolve()),
+        "corpus": str(corpus_dir.resolve()),
+        "sotu_corpus": str(Path(sotu_corpus).resolve()) if sotu_corpus else None,
+        "inputs_sha256": inputs,
+    }
     out_dir = Path(out_dir)
     if prepare_out(out_dir, resolved, overwrite, kind="tasks") == "done":
         log.info("tasks in %s are up to date", out_dir)
@@ -548,14 +625,28 @@ def build_tasks(source_dir: Path, corpus_dir: Path, out_dir: Path, *, sotu_corpu
             (out_dir / f"{task}.yaml").write_text(task_yaml(task, data))
             files[f"{task}.data"] = file_record(out_dir, data)
             files[f"{task}.yaml"] = file_record(out_dir, out_dir / f"{task}.yaml")
-        tasks[name] = {"n_test": len(test), "n_valid": len(valid), "metric": PRIMARY[name],
-                       "chance": _chance(test) if BODY[name] is _MC else None}
+        tasks[name] = {
+            "n_test": len(test),
+            "n_valid": len(valid),
+            "metric": PRIMARY[name],
+            "chance": _chance(test) if BODY[name] is _MC else None,
+        }
     wordnet_split = {**split_fingerprint(corpus_dir), "n_train_documents_used": len(train_ids)}
-    write_manifest(out_dir, "tasks", {
-        "command": command_line(), "config": resolved, "source": src["source"], "source_manifest_sha256": sha256_file(source_dir / "manifest.json"),
-        "inputs_sha256": inputs, "wordnet_corpus": wordnet_split, "sotu_corpus": sotu[1] if sotu else None,
-        "tasks": tasks, "files": files,
-    })
+    write_manifest(
+        out_dir,
+        "tasks",
+        {
+            "command": command_line(),
+            "config": resolved,
+            "source": src["source"],
+            "source_manifest_sha256": sha256_file(source_dir / "manifest.json"),
+            "inputs_sha256": inputs,
+            "wordnet_corpus": wordnet_split,
+            "sotu_corpus": sotu[1] if sotu else None,
+            "tasks": tasks,
+            "files": files,
+        },
+    )
     log.info("tasks in %s: %s", out_dir, ", ".join(f"{k} ({v['n_test']} + {v['n_valid']} valid)" for k, v in tasks.items()))
     return out_dir
 
@@ -578,10 +669,11 @@ def _sotu_texts(corpus_dir: Path) -> tuple[list[tuple[str, str]], dict]:
     ids = [d["id"] for d in read_json(corpus_dir / "documents.json")["train"]]
     sep = int(corpus.manifest["separator_id"])
     bounds = np.flatnonzero(np.diff(owner)) + 1
-    texts = [(ids[int(owner[p[0]])], tok.decode([t for t in tokens[p].tolist() if t != sep])) for p in np.split(np.arange(len(tokens)), bounds)]
+    texts = [
+        (ids[int(owner[p[0]])], tok.decode([t for t in tokens[p].tolist() if t != sep])) for p in np.split(np.arange(len(tokens)), bounds)
+    ]
     record = {**split_fingerprint(corpus_dir), "source": corpus.manifest.get("source"), "n_train_tokens": int(len(tokens))}
     return texts, record
-
 
 
 def split_fingerprint(corpus_dir: Path, split: str = "train") -> dict:
@@ -594,8 +686,14 @@ def split_fingerprint(corpus_dir: Path, split: str = "train") -> dict:
 
     c = Corpus(Path(corpus_dir))
     ids = [d["id"] for d in read_json(Path(corpus_dir) / "documents.json")[split]]
-    return {"corpus": str(Path(corpus_dir).resolve()), "split": split, "corpus_hash": c.manifest.get("corpus_hash"),
-            "split_sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest(), "model_id": c.model_id, "tokenizer_hash": c.tokenizer_hash}
+    return {
+        "corpus": str(Path(corpus_dir).resolve()),
+        "split": split,
+        "corpus_hash": c.manifest.get("corpus_hash"),
+        "split_sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest(),
+        "model_id": c.model_id,
+        "tokenizer_hash": c.tokenizer_hash,
+    }
 
 
 def check_tasks(tasks_dir: Path, corpus_dir: Path | None = None, tokenizer_hash: str | None = None) -> dict:
@@ -614,15 +712,27 @@ def check_tasks(tasks_dir: Path, corpus_dir: Path | None = None, tokenizer_hash:
         now = split_fingerprint(Path(corpus_dir))
         same_text = [b for b in built if b["corpus_hash"] == now["corpus_hash"]]
         if not same_text:
-            raise MlpmemError(f"the tasks in {tasks_dir} were built from {' and '.join(b['corpus'] for b in built)}, "
-                              f"not from the text of {corpus_dir} (the corpus hashes differ)", fix)
+            raise MlpmemError(
+                f"the tasks in {tasks_dir} were built from {' and '.join(b['corpus'] for b in built)}, "
+                f"not from the text of {corpus_dir} (the corpus hashes differ)",
+                fix,
+            )
         b = same_text[0]
         if b["tokenizer_hash"] != now["tokenizer_hash"]:
-            raise MlpmemError(f"the tasks in {tasks_dir} were built for the tokenizer of {b['model_id']!r}, "
-                              f"but {corpus_dir} was tokenized for {now['model_id']!r}", fix)
+            raise MlpmemError(
+                f"the tasks in {tasks_dir} were built for the tokenizer of {b['model_id']!r}, "
+                f"but {corpus_dir} was tokenized for {now['model_id']!r}",
+                fix,
+            )
         if b["split_sha256"] != now["split_sha256"]:
-            raise MlpmemError(f"the tasks in {tasks_dir} were built from another train split of this text than the one in {corpus_dir} "
-                              "(other seed, fractions or token caps): some items would ask about text the memory never saw", fix)
+            raise MlpmemError(
+                f"the tasks in {tasks_dir} were built from another train split of this text than the one in {corpus_dir} "
+                "(other seed, fractions or token caps): some items would ask about text the memory never saw",
+                fix,
+            )
     if tokenizer_hash is not None and built and tokenizer_hash not in {b["tokenizer_hash"] for b in built}:
-        raise MlpmemError(f"the tasks in {tasks_dir} were built for the tokenizer of {built[0]['model_id']!r}, and the model being scored has another one", fix)
+        raise MlpmemError(
+            f"the tasks in {tasks_dir} were built for the tokenizer of {built[0]['model_id']!r}, and the model being scored has another one",
+            fix,
+        )
     return m

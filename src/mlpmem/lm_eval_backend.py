@@ -90,17 +90,25 @@ def load_mixture(
     folders, knn_runs, name_list = split_list(pretrained or memory), split_list(knn), split_list(names) or None
     w = [float(x) for x in split_list(weights)] or None
     if not folders and not knn_runs:
-        raise MlpmemError("the mlpmem backend needs memory=PATH (or pretrained=PATH, or knn=RUN)", "pass --model_args memory=runs/NAME/train/memory,base_model=MODEL")
+        raise MlpmemError(
+            "the mlpmem backend needs memory=PATH (or pretrained=PATH, or knn=RUN)",
+            "pass --model_args memory=runs/NAME/train/memory,base_model=MODEL",
+        )
     mix = {} if mixing in (None, "") else {"mixing": check_model_mixing(str(mixing))}
     if len(folders) == 1 and (Path(folders[0]) / "config.json").is_file():  # a save_pretrained folder
         folder = folders[0]
         if name_list or w or router:
-            raise MlpmemError(f"{folder} is a saved model: its memories, weights and router are saved with it",
-                              "leave out names=, weights= and router=, or pass the memory folders themselves")
-        model = MLPMemoryForCausalLM.from_pretrained(folder, base_model=base_model, lambda_=lambda_, memory_temperature=memory_temperature, dtype=dtype,
-                                                     **({} if knn_runs else mix))
+            raise MlpmemError(
+                f"{folder} is a saved model: its memories, weights and router are saved with it",
+                "leave out names=, weights= and router=, or pass the memory folders themselves",
+            )
+        model = MLPMemoryForCausalLM.from_pretrained(
+            folder, base_model=base_model, lambda_=lambda_, memory_temperature=memory_temperature, dtype=dtype, **({} if knn_runs else mix)
+        )
         if mix.get("mixing") == "gated" and model.gate is None:
-            raise MlpmemError(f"{folder} holds no gate, so mixing=gated is not possible", "pass mixing=fixed, or save the model with its gate")
+            raise MlpmemError(
+                f"{folder} holds no gate, so mixing=gated is not possible", "pass mixing=fixed, or save the model with its gate"
+            )
         if model.tokenizer is None and (Path(folder) / "tokenizer_config.json").is_file():
             from mlpmem.models import load_tokenizer
 
@@ -113,8 +121,18 @@ def load_mixture(
             if mix:
                 model.set_lambda(mode=mix["mixing"])
     else:
-        model = MLPMemoryForCausalLM.from_memory(folders, base_model, lambda_=lambda_, memory_temperature=memory_temperature, dtype=dtype,
-                                                 names=name_list, weights=w, router=router, knn=knn_runs or None, **mix)
+        model = MLPMemoryForCausalLM.from_memory(
+            folders,
+            base_model,
+            lambda_=lambda_,
+            memory_temperature=memory_temperature,
+            dtype=dtype,
+            names=name_list,
+            weights=w,
+            router=router,
+            knn=knn_runs or None,
+            **mix,
+        )
     return model, model.tokenizer
 
 
@@ -230,9 +248,13 @@ def _score_shared(lm: HFLM, chunk: list[tuple[tuple[int, ...], list[int]]], enco
             m = longest - 1
             toks = torch.tensor([c[:-1] + [c[0]] * (m - len(c) + 1) for c in conts], device=dev)  # right padding: never read
             lens = torch.tensor([len(ctxs[ci]) for ci, _ in rows], device=dev)
-            rest = model(toks, attention_mask=torch.cat([mask[owner], torch.ones(len(rows), m, dtype=mask.dtype, device=dev)], 1),
-                         position_ids=lens[:, None] + torch.arange(m, device=dev)[None], past_key_values=cache,
-                         use_cache=False).logits.log_softmax(-1, dtype=sm)  # [R, m, V]
+            rest = model(
+                toks,
+                attention_mask=torch.cat([mask[owner], torch.ones(len(rows), m, dtype=mask.dtype, device=dev)], 1),
+                position_ids=lens[:, None] + torch.arange(m, device=dev)[None],
+                past_key_values=cache,
+                use_cache=False,
+            ).logits.log_softmax(-1, dtype=sm)  # [R, m, V]
     res = {}
     for r, ((ci, i), cont) in enumerate(zip(rows, conts)):
         steps = lp0[ci][None] if rest is None or len(cont) == 1 else torch.cat([lp0[ci][None], rest[r, : len(cont) - 1]])  # [len(cont), V]
@@ -272,11 +294,17 @@ class MLPMemoryLM(HFLM):
 
         shared = parse_bool("shared_context", shared_context)  # a typo fails before the model loads
 
-        device = str(resolve_device(device or "auto", "float32")[0])  # one rule for every verb; an absent GPU is one clear error, before loading
-        model, tok = load_mixture(memory, base_model, pretrained, float(lambda_), float(memory_temperature), str(dtype), mixing,
-                                  names, weights, router, knn)
+        device = str(
+            resolve_device(device or "auto", "float32")[0]
+        )  # one rule for every verb; an absent GPU is one clear error, before loading
+        model, tok = load_mixture(
+            memory, base_model, pretrained, float(lambda_), float(memory_temperature), str(dtype), mixing, names, weights, router, knn
+        )
         if tok is None:
-            raise MlpmemError("no tokenizer was found for the base model", "pass pretrained= a folder saved with its tokenizer, or a base_model folder that holds one")
+            raise MlpmemError(
+                "no tokenizer was found for the base model",
+                "pass pretrained= a folder saved with its tokenizer, or a base_model folder that holds one",
+            )
         model.to(device)
         # HFLM reads the context size from the top-level config, which is ours: give it the base model's
         max_length = max_length or getattr(model.config, "max_position_embeddings", None)
@@ -285,9 +313,17 @@ class MLPMemoryLM(HFLM):
             kwargs["add_bos_token"] = True
         # HFLM's own device default is "cuda": hand it the device actually used
         super().__init__(pretrained=model, tokenizer=tok, backend="causal", max_length=max_length, device=device, **kwargs)
-        self.mixture = {"memory": str(pretrained or memory), "knn": knn, "memories": model.memory_names, "base_model": model.config.base_model,
-                        "lambda_": model.lambda_, "weights": model.fixed_weights(), "memory_temperature": model.memory_temperature,
-                        "mixing": model.mixing_mode, "shared_context": shared}
+        self.mixture = {
+            "memory": str(pretrained or memory),
+            "knn": knn,
+            "memories": model.memory_names,
+            "base_model": model.config.base_model,
+            "lambda_": model.lambda_,
+            "weights": model.fixed_weights(),
+            "memory_temperature": model.memory_temperature,
+            "mixing": model.mixing_mode,
+            "shared_context": shared,
+        }
         self.shared_context = shared
 
     def loglikelihood(self, requests, disable_tqdm: bool = False):

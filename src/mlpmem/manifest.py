@@ -64,12 +64,32 @@ STAGE_FILES: dict[str, tuple[str, ...]] = {
     "tasks": ("utils.py", "*.jsonl", "*.yaml"),  # mlpmem tasks build
     "finetune": ("model", "memory", "metrics.jsonl", "*.partial"),  # mlpmem finetune
     "export": ("memory", "base", "*.json", "*.py", "*.txt", "*.model", "*.jinja", "*.safetensors", "README.md"),
-    "run": ("corpus", "datastore", "valid", "index", "targets", "valid_targets", "train", "knn.json", "recipe.json", "report.json",
-            "report.md", "lambda_curves.png"),
+    "run": (
+        "corpus",
+        "datastore",
+        "valid",
+        "index",
+        "targets",
+        "valid_targets",
+        "train",
+        "knn.json",
+        "recipe.json",
+        "report.json",
+        "report.md",
+        "lambda_curves.png",
+    ),
 }
 # the file that shows a folder of this kind was written by mlpmem before folders had markers
 LEGACY_SIGN = {"run": "recipe.json"}
-COMMON_FILES = (CONFIG, MANIFEST, MARKER, LOCK, "progress.json", "progress-*.json", "*.partial")  # progress-N.json: one per finished shard (dist)
+COMMON_FILES = (
+    CONFIG,
+    MANIFEST,
+    MARKER,
+    LOCK,
+    "progress.json",
+    "progress-*.json",
+    "*.partial",
+)  # progress-N.json: one per finished shard (dist)
 
 # settings added after a stage's first version, with the value a folder written before them used:
 # such a folder matches a new config whose value is that one (dotted paths into the resolved config)
@@ -150,6 +170,7 @@ def read_json(path: Path) -> Any:
 
 # ---------------------------------------------------------------- file records and their checks
 
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -184,7 +205,13 @@ def file_record(folder: Path, path: Path, **extra: Any) -> dict[str, Any]:
     """A manifest's record of a written file: name relative to ``folder``, size, sha256, sampled sha256."""
     path = Path(path)
     size = path.stat().st_size
-    return {"file": path.relative_to(folder).as_posix(), **extra, "bytes": size, "sha256": sha256_file(path), "sample_sha256": sample_sha256(path, size)}
+    return {
+        "file": path.relative_to(folder).as_posix(),
+        **extra,
+        "bytes": size,
+        "sha256": sha256_file(path),
+        "sample_sha256": sample_sha256(path, size),
+    }
 
 
 def save_npy(path: Path, array: np.ndarray) -> dict[str, Any]:
@@ -298,6 +325,7 @@ def load_npy(folder: Path, record: dict[str, Any], verify: bool = False, mmap: b
 
 # ---------------------------------------------------------------- manifests
 
+
 def write_manifest(folder: Path, kind: str, manifest: dict[str, Any]) -> None:
     """Mark a stage folder complete. Written last, so its presence means done; releases the folder's lock."""
     folder = Path(folder)
@@ -312,20 +340,31 @@ def read_manifest(folder: Path, kind: str) -> dict[str, Any]:
     """Read a finished stage's manifest, refusing missing, unfinished or foreign folders."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise MlpmemError(f"{folder} does not exist" if not folder.exists() else f"{folder} is a file, not a stage folder",
-                          f"run the `{kind}` stage first, or check the path")
+        raise MlpmemError(
+            f"{folder} does not exist" if not folder.exists() else f"{folder} is a file, not a stage folder",
+            f"run the `{kind}` stage first, or check the path",
+        )
     if not (folder / MANIFEST).exists():
         found = _marked_kind(folder)
         if found is not None and found != kind:
-            raise MlpmemError(f"{folder} holds an unfinished `{found}` stage, not a `{kind}` stage", "pass the folder written by the right stage")
-        raise MlpmemError(f"{folder} holds no finished `{kind}` stage (no {MANIFEST}; it may have been interrupted)", f"run `mlpmem {kind}` again with the same --out to resume it")
+            raise MlpmemError(
+                f"{folder} holds an unfinished `{found}` stage, not a `{kind}` stage", "pass the folder written by the right stage"
+            )
+        raise MlpmemError(
+            f"{folder} holds no finished `{kind}` stage (no {MANIFEST}; it may have been interrupted)",
+            f"run `mlpmem {kind}` again with the same --out to resume it",
+        )
     m = read_json(folder / MANIFEST)
     if not isinstance(m, dict) or m.get("kind") != kind:
-        raise MlpmemError(f"{folder} holds a `{m.get('kind') if isinstance(m, dict) else '?'}` stage, not a `{kind}` stage", "pass the folder written by the right stage")
+        raise MlpmemError(
+            f"{folder} holds a `{m.get('kind') if isinstance(m, dict) else '?'}` stage, not a `{kind}` stage",
+            "pass the folder written by the right stage",
+        )
     return m
 
 
 # ---------------------------------------------------------------- owning, clearing and locking folders
+
 
 def _marked_kind(folder: Path) -> str | None:
     """The kind in a folder's marker, or its manifest's kind for a folder written before markers, or None."""
@@ -382,13 +421,17 @@ def claim_out(folder: Path, kind: str | None) -> Path:
     if entries:
         found = _marked_kind(folder)
         if kind is not None and found is not None and found != kind:
-            raise MlpmemError(f"{folder} holds a `{found}` stage written by mlpmem, and a `{kind}` output would overwrite its files",
-                              "choose another --out folder")
+            raise MlpmemError(
+                f"{folder} holds a `{found}` stage written by mlpmem, and a `{kind}` output would overwrite its files",
+                "choose another --out folder",
+            )
         if found is None and not (folder / MARKER).exists():
             foreign = unknown_files(folder, kind)
             if foreign or not (folder / LEGACY_SIGN.get(kind or "", CONFIG)).exists():
-                raise MlpmemError(f"{folder} exists, is not empty and was not written by mlpmem (it holds {_describe(foreign or [p.name for p in entries])})",
-                                  "choose an empty or new --out folder; mlpmem never writes into or deletes from folders it did not create")
+                raise MlpmemError(
+                    f"{folder} exists, is not empty and was not written by mlpmem (it holds {_describe(foreign or [p.name for p in entries])})",
+                    "choose an empty or new --out folder; mlpmem never writes into or deletes from folders it did not create",
+                )
     _make_dirs(folder)
     if not (folder / MARKER).exists():
         write_json(folder / MARKER, {"kind": kind or "stage", "mlpmem": package_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
@@ -401,8 +444,10 @@ def clear_out(folder: Path, kind: str | None) -> None:
     claim_out(folder, kind)
     foreign = unknown_files(folder, kind)
     if foreign:
-        raise MlpmemError(f"{folder} holds files mlpmem did not write ({_describe(foreign)}), so --overwrite will not delete it",
-                          "move those files elsewhere, or choose another --out folder")
+        raise MlpmemError(
+            f"{folder} holds files mlpmem did not write ({_describe(foreign)}), so --overwrite will not delete it",
+            "move those files elsewhere, or choose another --out folder",
+        )
     for p in folder.iterdir():
         if p.name in (MARKER, LOCK):
             continue
@@ -521,8 +566,10 @@ def prepare_out(folder: Path, config: dict[str, Any], overwrite: bool = False, k
                 write_json(folder / CONFIG, cfg)
                 return "fresh"
             if diff:
-                raise MlpmemError(f"{folder} was written with a different configuration ({_describe(diff)})",
-                                  "choose another --out folder, or pass --overwrite to replace it")
+                raise MlpmemError(
+                    f"{folder} was written with a different configuration ({_describe(diff)})",
+                    "choose another --out folder, or pass --overwrite to replace it",
+                )
             if (folder / MANIFEST).exists():
                 release_lock(folder)
                 return "done"
@@ -573,7 +620,12 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def check_disk_space(folder: Path, need_bytes: int, what: str, smaller: str = "build a smaller corpus (`mlpmem corpus --train-tokens N`, or corpus.train_tokens in a recipe)") -> None:
+def check_disk_space(
+    folder: Path,
+    need_bytes: int,
+    what: str,
+    smaller: str = "build a smaller corpus (`mlpmem corpus --train-tokens N`, or corpus.train_tokens in a recipe)",
+) -> None:
     """Refuse to start writing what cannot fit (with a 5% + 64 MiB margin)."""
     folder = Path(folder)
     probe = folder

@@ -152,7 +152,12 @@ class MemoryInput:
     array: str | None = None  # the datastore array when stored: "keys" or "h{layer}.{site}"
 
     def as_meta(self) -> dict[str, Any]:
-        return {"layer": self.layer, "site": self.site, "input_source": self.source, "input_array": self.array if self.source == "stored" else "online"}
+        return {
+            "layer": self.layer,
+            "site": self.site,
+            "input_source": self.source,
+            "input_array": self.array if self.source == "stored" else "online",
+        }
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> "MemoryInput":
@@ -170,8 +175,16 @@ class MemoryInput:
         return "keys" if (self.layer, self.site) == (key_layer, key_site) else f"h{self.layer}.{self.site}"  # store.feature_name
 
 
-def resolve_memory_input(input_layer: int | None, input_site: str | None, init: str, mode: str, key_layer: int, key_site: str,
-                         lm=None, n_layers: int | None = None) -> MemoryInput:
+def resolve_memory_input(
+    input_layer: int | None,
+    input_site: str | None,
+    init: str,
+    mode: str,
+    key_layer: int,
+    key_site: str,
+    lm=None,
+    n_layers: int | None = None,
+) -> MemoryInput:
     """The one decision of what a memory reads, from a training config's settings and the datastore's key.
 
     Unset layer and site: the key (``key_layer`` non-negative, ``key_site``), except with ``init
@@ -188,9 +201,13 @@ def resolve_memory_input(input_layer: int | None, input_site: str | None, init: 
     if n_layers is not None:
         layer = check_layer(layer, n_layers, "input layer")
     elif layer < 0:
-        raise MlpmemError(f"input layer {layer} counts from the end, which needs the model", "pass a non-negative --input-layer (or the LM)")
+        raise MlpmemError(
+            f"input layer {layer} counts from the end, which needs the model", "pass a non-negative --input-layer (or the LM)"
+        )
     if init == "lm_copy" and n_layers is not None and (layer, site) != (n_layers - 1, "output"):
-        log.warning("init lm_copy reads layer %s (%s): the copy of the LM's head path is exact only on the last layer's output", layer, site)
+        log.warning(
+            "init lm_copy reads layer %s (%s): the copy of the LM's head path is exact only on the last layer's output", layer, site
+        )
     stored = mode != "online"
     probe = MemoryInput(layer, site)
     return MemoryInput(layer, site, "stored" if stored else "recomputed", probe.array_in(key_layer, key_site) if stored else None)

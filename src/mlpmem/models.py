@@ -16,14 +16,11 @@ a base model checks it (:func:`check_fingerprint`, called by mlpmem.hf).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from mlpmem.errors import MlpmemError
 
@@ -95,8 +92,10 @@ def _convert_gguf(gguf: Path, out: Path, marker: dict | None = None) -> Path:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except (OSError, ValueError, KeyError, NotImplementedError) as e:
-        raise MlpmemError(f"transformers could not load the GGUF file {gguf} ({str(e).splitlines()[0][:300]})",
-                          "use a GGUF of an architecture and quantisation transformers can dequantise, or a Hugging Face folder")
+        raise MlpmemError(
+            f"transformers could not load the GGUF file {gguf} ({str(e).splitlines()[0][:300]})",
+            "use a GGUF of an architecture and quantisation transformers can dequantise, or a Hugging Face folder",
+        )
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # weights are already dequantised; the marker blocks save_pretrained
@@ -122,11 +121,16 @@ def resolve_model(name: str) -> tuple[str, str]:
     p = Path(name).expanduser()
     if p.suffix == ".gguf":
         if not p.is_file():
-            raise MlpmemError(f"GGUF file {p} does not exist", "pass the path of an existing .gguf file, a Hugging Face folder or a hub name")
+            raise MlpmemError(
+                f"GGUF file {p} does not exist", "pass the path of an existing .gguf file, a Hugging Face folder or a hub name"
+            )
         return str(_gguf_folder(p.resolve())), str(p.resolve())
     if p.exists():
         if not (p / "config.json").exists():
-            raise MlpmemError(f"{p} has no config.json, so it is not a Hugging Face model folder", "pass a folder written by save_pretrained, or a hub name")
+            raise MlpmemError(
+                f"{p} has no config.json, so it is not a Hugging Face model folder",
+                "pass a folder written by save_pretrained, or a hub name",
+            )
         return str(p.resolve()), str(p.resolve())
     return name, name
 
@@ -172,8 +176,10 @@ def resolve_device(device: str = "auto", dtype: str = "auto"):
             raise MlpmemError(f"device {device!r} was asked for, but torch sees no CUDA GPU here", fix)
         index = int(name[5:]) if ":" in name else None
         if index is not None and index >= torch.cuda.device_count():
-            raise MlpmemError(f"device {device!r} was asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})",
-                              f"use a device index below {torch.cuda.device_count()}, or --device cuda, cpu or auto")
+            raise MlpmemError(
+                f"device {device!r} was asked for, but torch sees {torch.cuda.device_count()} CUDA GPU(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})",
+                f"use a device index below {torch.cuda.device_count()}, or --device cuda, cpu or auto",
+            )
         dev = torch.device(name)
     else:
         raise MlpmemError(f"unknown device {device!r}", f"choose one of {', '.join(DEVICES)}")
@@ -184,8 +190,10 @@ def resolve_device(device: str = "auto", dtype: str = "auto"):
         # bfloat16 keeps float32's range at half the memory; a GPU without it (pre-Ampere) gets float32, not float16's overflows
         kind = "bfloat16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     if kind == "float16" and dev.type == "cpu":
-        raise MlpmemError("dtype float16 was asked for on the CPU, where half-precision matmuls are slow or unsupported",
-                          "use --dtype float32 or bfloat16 on the CPU, or run on a GPU (--device cuda)")
+        raise MlpmemError(
+            "dtype float16 was asked for on the CPU, where half-precision matmuls are slow or unsupported",
+            "use --dtype float32 or bfloat16 on the CPU, or run on a GPU (--device cuda)",
+        )
     return dev, getattr(torch, kind)
 
 
@@ -245,7 +253,9 @@ def check_causal(model, name: str = "") -> None:
         logits = model(input_ids=ids, use_cache=False).logits.float()
     diff = (logits[0, :-1] - logits[1, :-1]).abs().max().item()
     if diff > 1e-3 * max(1.0, logits.abs().max().item()):
-        raise MlpmemError(f"{label} ({type(model).__name__}) is not causal: its earlier positions see the last token (logits change by {diff:.3g})", fix)
+        raise MlpmemError(
+            f"{label} ({type(model).__name__}) is not causal: its earlier positions see the last token (logits change by {diff:.3g})", fix
+        )
 
 
 # ----------------------------------------------------------------------------- which base model a memory belongs to
@@ -277,27 +287,43 @@ def model_fingerprint(model) -> dict:
         h.update(name.encode())
         h.update(bf16_bytes(flat[:: max(1, flat.numel() // 4096)][:4096]))
     return {
-        "version": FINGERPRINT_VERSION, "model_type": getattr(cfg, "model_type", ""), "hidden_size": int(cfg.hidden_size),
-        "num_hidden_layers": int(cfg.num_hidden_layers), "logits_size": int(head.shape[0]), "weights_sha256": h.hexdigest()[:16],
+        "version": FINGERPRINT_VERSION,
+        "model_type": getattr(cfg, "model_type", ""),
+        "hidden_size": int(cfg.hidden_size),
+        "num_hidden_layers": int(cfg.num_hidden_layers),
+        "logits_size": int(head.shape[0]),
+        "weights_sha256": h.hexdigest()[:16],
     }
 
 
-def check_fingerprint(expected: dict | None, model, *, expected_name: str, model_name: str, fix: str, what: str = "the memory was trained on") -> None:
+def check_fingerprint(
+    expected: dict | None, model, *, expected_name: str, model_name: str, fix: str, what: str = "the memory was trained on"
+) -> None:
     """Refuse ``model`` unless its :func:`model_fingerprint` is ``expected`` (the one a memory recorded).
 
     A record without a fingerprint (memories saved before mlpmem kept one) cannot be
     checked: that is logged as a warning, not refused.
     """
     if not expected:
-        log.warning("the memory (trained on %r) records no fingerprint of its base model (saved by an older mlpmem): "
-                    "cannot check that %r is that model; retrain or re-export it to record one", expected_name, model_name)
+        log.warning(
+            "the memory (trained on %r) records no fingerprint of its base model (saved by an older mlpmem): "
+            "cannot check that %r is that model; retrain or re-export it to record one",
+            expected_name,
+            model_name,
+        )
         return
     if expected.get("version") != FINGERPRINT_VERSION:
-        log.warning("the memory's base-model fingerprint has version %r, this mlpmem reads %d: not checked", expected.get("version"), FINGERPRINT_VERSION)
+        log.warning(
+            "the memory's base-model fingerprint has version %r, this mlpmem reads %d: not checked",
+            expected.get("version"),
+            FINGERPRINT_VERSION,
+        )
         return
     got = model_fingerprint(model)
     if got != expected:
-        diff = ", ".join(f"{k} {expected.get(k)!r} vs {got.get(k)!r}" for k in sorted(set(got) | set(expected)) if got.get(k) != expected.get(k))
+        diff = ", ".join(
+            f"{k} {expected.get(k)!r} vs {got.get(k)!r}" for k in sorted(set(got) | set(expected)) if got.get(k) != expected.get(k)
+        )
         which = "of that name" if model_name == expected_name else repr(model_name)
         raise MlpmemError(f"{what} {expected_name!r}, but the base model {which} has other weights ({diff})", fix)
 
@@ -325,10 +351,21 @@ def memory_base_fingerprint(ds_model_id: str, ds_fingerprint: dict | None, lm, o
             same_place = resolve_model(ds_model_id)[0] == lm_name
             ref = fp if same_place else model_fingerprint(load_model(ds_model_id)[0])
         except MlpmemError as e:
-            log.warning("cannot load the datastore's model %r to check that the LM %r is it (%s); recording the LM's fingerprint", ds_model_id, lm_name, e)
+            log.warning(
+                "cannot load the datastore's model %r to check that the LM %r is it (%s); recording the LM's fingerprint",
+                ds_model_id,
+                lm_name,
+                e,
+            )
             return fp
-    check_fingerprint(ref, lm, expected_name=ds_model_id, model_name=lm_name, what="the datastore was built with",
-                      fix=f"pass the datastore's model ({ds_model_id}) as --model, or build a datastore with {lm_name}, or train with --mode online to read this model's hidden states")
+    check_fingerprint(
+        ref,
+        lm,
+        expected_name=ds_model_id,
+        model_name=lm_name,
+        what="the datastore was built with",
+        fix=f"pass the datastore's model ({ds_model_id}) as --model, or build a datastore with {lm_name}, or train with --mode online to read this model's hidden states",
+    )
     return fp
 
 

@@ -73,10 +73,16 @@ def split_tokens(recipe, train_tokens: int | None = None) -> dict[str, int]:
         return {s: int(splits[s]["n_tokens"]) for s in ("train", "valid", "test")}
     n = train_tokens or c.train_tokens or (SOTU_TRAIN_TOKENS if c.source == "builtin:sotu" else None)
     if n is None:
-        raise MlpmemError(f"the size of corpus {c.source!r} is not known before it is built",
-                          "pass --train-tokens N (the train split's size), set corpus.train_tokens in the recipe, or build the corpus first")
+        raise MlpmemError(
+            f"the size of corpus {c.source!r} is not known before it is built",
+            "pass --train-tokens N (the train split's size), set corpus.train_tokens in the recipe, or build the corpus first",
+        )
     total = n / max(1e-9, 1 - c.valid_fraction - c.test_fraction)
-    return {"train": int(n), "valid": int(c.valid_tokens or total * c.valid_fraction), "test": int(c.test_tokens or total * c.test_fraction)}
+    return {
+        "train": int(n),
+        "valid": int(c.valid_tokens or total * c.valid_fraction),
+        "test": int(c.test_tokens or total * c.test_fraction),
+    }
 
 
 def calibrate(model, recipe, d_in: int, vocab: int, device) -> Throughputs:
@@ -132,7 +138,9 @@ def calibrate(model, recipe, d_in: int, vocab: int, device) -> Throughputs:
         opt.step()
         if i:  # the first step warms up
             steps, t_train = steps + 1, t_train + time.perf_counter() - t0
-    return Throughputs(extract, score, qps, n_keys, steps * bs / t_train, str(device), seconds=time.perf_counter() - t_all, pq_codes_s=pq_rate)
+    return Throughputs(
+        extract, score, qps, n_keys, steps * bs / t_train, str(device), seconds=time.perf_counter() - t_all, pq_codes_s=pq_rate
+    )
 
 
 def pq_codes_per_s(keys: np.ndarray, k: int) -> float:
@@ -175,8 +183,9 @@ def search_qps(tp: Throughputs, n_keys: int, flat: bool, pq: bool = False) -> fl
     return tp.search_qps * tp.search_rows / max(1, scanned)
 
 
-def estimate(recipe, tokens: dict[str, int], tp: Throughputs, d: int, vocab: int, model_bytes: int, memory_params: int,
-             n_layers: int | None = None) -> list[StageNeed]:
+def estimate(
+    recipe, tokens: dict[str, int], tp: Throughputs, d: int, vocab: int, model_bytes: int, memory_params: int, n_layers: int | None = None
+) -> list[StageNeed]:
     """Per stage: seconds, disk, RAM and GPU memory, from sizes and throughputs (see the module docstring).
     ``n_layers``: the model's decoder layers (unknown: layers counted from the end are told apart from the others all the same)."""
     s = recipe.sections
@@ -188,7 +197,9 @@ def estimate(recipe, tokens: dict[str, int], tp: Throughputs, d: int, vocab: int
     n_feat = 1 + len(ds.extra_sites) + (spec.source == "stored" and spec.array != "keys")
     row_bytes = 2 * d * n_feat + 4
     flat = ix.kind in ("flat", "keys") or (ix.kind == "auto" and N <= ix.auto_flat_max_rows)
-    index_bytes = {"flat": 4 * d * N, "keys": 0}.get(ix.kind, 4 * d * N if flat else (d + 8) * N)  # SQ8: a byte per dimension + an 8-byte id
+    index_bytes = {"flat": 4 * d * N, "keys": 0}.get(
+        ix.kind, 4 * d * N if flat else (d + 8) * N
+    )  # SQ8: a byte per dimension + an 8-byte id
     if ix.kind in PQ_KINDS:  # PQ codes + ids, the float32 centroids (24 B per token at 200k keys) and codebooks
         index_bytes = (pq_size(d) + 8) * N + ((4096 if ix.kind == "mlpmemory" else auto_nlist(N)) + 256) * d * 4
     qps = search_qps(tp, N, flat, ix.kind in PQ_KINDS)
@@ -202,18 +213,43 @@ def estimate(recipe, tokens: dict[str, int], tp: Throughputs, d: int, vocab: int
     lm_gpu = model_bytes + act + logits if gpu else 0
     return [
         StageNeed("corpus", 0.0, 4 * (N + Nv + Nt), 8 * (N + Nv + Nt)),
-        StageNeed("datastore (train) and scored valid split", N / tp.extract_rows_s + Nv / tp.score_rows_s, N * row_bytes + Nv * (row_bytes + 4),
-                  model_bytes + 2 * shard + act + logits, lm_gpu),
-        StageNeed("index", (60.0 if not flat else 0.0) + N * d * 4 / 2e9, index_bytes, index_bytes + (0 if flat else min(N, ix.train_sample) * d * 4)),
-        StageNeed("kNN-LM temperature and lambda on valid", Nv / tp.score_rows_s + Nv / qps, 0, model_bytes + index_bytes + Nv * knn.k * 12 + logits, lm_gpu),
+        StageNeed(
+            "datastore (train) and scored valid split",
+            N / tp.extract_rows_s + Nv / tp.score_rows_s,
+            N * row_bytes + Nv * (row_bytes + 4),
+            model_bytes + 2 * shard + act + logits,
+            lm_gpu,
+        ),
+        StageNeed(
+            "index",
+            (60.0 if not flat else 0.0) + N * d * 4 / 2e9,
+            index_bytes,
+            index_bytes + (0 if flat else min(N, ix.train_sample) * d * 4),
+        ),
+        StageNeed(
+            "kNN-LM temperature and lambda on valid",
+            Nv / tp.score_rows_s + Nv / qps,
+            0,
+            model_bytes + index_bytes + Nv * knn.k * 12 + logits,
+            lm_gpu,
+        ),
         StageNeed("kNN targets", (N + Nv) / qps, (N + Nv) * tg.top_m * (id_dtype(vocab).itemsize + 2), index_bytes + search_block),
         # online training runs the LM over every batch's windows again, as scoring does: at 200k SOTU tokens the
         # memory trained at 140 positions/s online against 291 offline (BENCHMARKS section 8)
-        StageNeed("memory training", tr.epochs * N * (1 / tp.train_positions_s + (1 / tp.score_rows_s if tr.mode == "online" else 0.0)),
-                  memory_params * 4 * (3 * checkpoints_on_disk(tr, N) + 1), opt_bytes + train_act + (model_bytes if tr.mode == "online" else 0),
-                  opt_bytes + train_act if gpu else 0),
-        StageNeed(f"evaluation: lambda on valid, then the {s['eval'].split} split", (Nv + Nt) * (1 / tp.score_rows_s + 1 / qps), 0,
-                  model_bytes + index_bytes + (Nv + Nt) * knn.k * 12 + logits, lm_gpu + (opt_bytes // 4 if gpu else 0)),
+        StageNeed(
+            "memory training",
+            tr.epochs * N * (1 / tp.train_positions_s + (1 / tp.score_rows_s if tr.mode == "online" else 0.0)),
+            memory_params * 4 * (3 * checkpoints_on_disk(tr, N) + 1),
+            opt_bytes + train_act + (model_bytes if tr.mode == "online" else 0),
+            opt_bytes + train_act if gpu else 0,
+        ),
+        StageNeed(
+            f"evaluation: lambda on valid, then the {s['eval'].split} split",
+            (Nv + Nt) * (1 / tp.score_rows_s + 1 / qps),
+            0,
+            model_bytes + index_bytes + (Nv + Nt) * knn.k * 12 + logits,
+            lm_gpu + (opt_bytes // 4 if gpu else 0),
+        ),
     ]
 
 
@@ -274,31 +310,49 @@ def plan(recipe, train_tokens: int | None = None, throughputs: Throughputs | Non
     needs = estimate(recipe, tokens, tp, d, vocab, model_bytes, memory_params, len(decoder_layers(model)))
     gpu_total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
     return {
-        "recipe_out": recipe.out, "model": model_label(model_id), "device": str(dev), "tokens": tokens, "d": d, "vocab": vocab,
-        "memory_params": memory_params, "throughputs": dataclasses.asdict(tp),
+        "recipe_out": recipe.out,
+        "model": model_label(model_id),
+        "device": str(dev),
+        "tokens": tokens,
+        "d": d,
+        "vocab": vocab,
+        "memory_params": memory_params,
+        "throughputs": dataclasses.asdict(tp),
         "stages": [dataclasses.asdict(n) for n in needs],
-        "total": {"seconds": sum(n.seconds for n in needs), "disk_bytes": sum(n.disk_bytes for n in needs),
-                  "peak_ram_bytes": max(n.ram_bytes for n in needs), "peak_gpu_bytes": max(n.gpu_bytes for n in needs)},
+        "total": {
+            "seconds": sum(n.seconds for n in needs),
+            "disk_bytes": sum(n.disk_bytes for n in needs),
+            "peak_ram_bytes": max(n.ram_bytes for n in needs),
+            "peak_gpu_bytes": max(n.gpu_bytes for n in needs),
+        },
         "warnings": fit_warnings(needs, Path(recipe.out), gpu_total),
         "model_of_time": f"extraction/scoring scale with rows, Flat search with N, IVF search with ~{IVF_SCAN} keys (PQ: codes), training with epochs x rows",
     }
 
 
 def render_plan(p: dict) -> str:
-    rows = [f"plan for {p['recipe_out']} ({p['model']}, {p['device']}): train {p['tokens']['train']:,} / valid {p['tokens']['valid']:,} / "
-            f"test {p['tokens']['test']:,} tokens, memory {p['memory_params'] / 1e6:.1f}M parameters",
-            f"{'stage':<48} {'time':>9} {'disk':>10} {'RAM':>10} {'GPU':>10}"]
+    rows = [
+        f"plan for {p['recipe_out']} ({p['model']}, {p['device']}): train {p['tokens']['train']:,} / valid {p['tokens']['valid']:,} / "
+        f"test {p['tokens']['test']:,} tokens, memory {p['memory_params'] / 1e6:.1f}M parameters",
+        f"{'stage':<48} {'time':>9} {'disk':>10} {'RAM':>10} {'GPU':>10}",
+    ]
     for n in p["stages"]:
-        rows.append(f"{n['stage'][:48]:<48} {_dur(n['seconds']):>9} {human_bytes(n['disk_bytes']):>10} {human_bytes(n['ram_bytes']):>10} "
-                    f"{human_bytes(n['gpu_bytes']) if n['gpu_bytes'] else '-':>10}")
+        rows.append(
+            f"{n['stage'][:48]:<48} {_dur(n['seconds']):>9} {human_bytes(n['disk_bytes']):>10} {human_bytes(n['ram_bytes']):>10} "
+            f"{human_bytes(n['gpu_bytes']) if n['gpu_bytes'] else '-':>10}"
+        )
     t = p["total"]
-    rows.append(f"{'total (disk: all files; RAM/GPU: the peak stage)':<48} {_dur(t['seconds']):>9} {human_bytes(t['disk_bytes']):>10} "
-                f"{human_bytes(t['peak_ram_bytes']):>10} {human_bytes(t['peak_gpu_bytes']) if t['peak_gpu_bytes'] else '-':>10}")
+    rows.append(
+        f"{'total (disk: all files; RAM/GPU: the peak stage)':<48} {_dur(t['seconds']):>9} {human_bytes(t['disk_bytes']):>10} "
+        f"{human_bytes(t['peak_ram_bytes']):>10} {human_bytes(t['peak_gpu_bytes']) if t['peak_gpu_bytes'] else '-':>10}"
+    )
     tp = p["throughputs"]
-    rows.append(f"measured: extraction {tp['extract_rows_s']:.0f} rows/s, scoring {tp['score_rows_s']:.0f} rows/s, "
-                f"search {tp['search_qps']:.0f} q/s over {tp['search_rows']:,} keys"
-                + (f" ({tp['pq_codes_s'] / 1e6:.1f}M PQ codes/s)" if tp.get("pq_codes_s") else "")
-                + f", training {tp['train_positions_s']:.0f} positions/s")
+    rows.append(
+        f"measured: extraction {tp['extract_rows_s']:.0f} rows/s, scoring {tp['score_rows_s']:.0f} rows/s, "
+        f"search {tp['search_qps']:.0f} q/s over {tp['search_rows']:,} keys"
+        + (f" ({tp['pq_codes_s'] / 1e6:.1f}M PQ codes/s)" if tp.get("pq_codes_s") else "")
+        + f", training {tp['train_positions_s']:.0f} positions/s"
+    )
     rows += [f"WARNING: {w}" for w in p["warnings"]]
     return "\n".join(rows)
 
@@ -320,4 +374,6 @@ def read_throughputs(path: Path) -> Throughputs:
     try:
         return Throughputs(**{k: v for k, v in data.items() if k in names})
     except (TypeError, AttributeError):
-        raise MlpmemError(f"{path} holds no throughputs ({', '.join(sorted(names))})", "pass a JSON written by `mlpmem plan --json` or `--calibrate-only`")
+        raise MlpmemError(
+            f"{path} holds no throughputs ({', '.join(sorted(names))})", "pass a JSON written by `mlpmem plan --json` or `--calibrate-only`"
+        )

@@ -63,7 +63,9 @@ def build_probe(
 
     cfg = ProbeConfig(n_items, seed, model, context_tokens, continuation_tokens, n_distractors, task_name)
     if min(n_items, context_tokens, continuation_tokens, n_distractors) < 1:
-        raise MlpmemError(f"probe sizes must be positive ({asdict(cfg)})", "use e.g. n_items=200, context 32, continuation 8, 3 distractors")
+        raise MlpmemError(
+            f"probe sizes must be positive ({asdict(cfg)})", "use e.g. n_items=200, context 32, continuation 8, 3 distractors"
+        )
     corpus = Corpus(Path(corpus_dir))
     name = model or corpus.model_id
     tok = load_tokenizer(name)
@@ -83,11 +85,20 @@ def build_probe(
     task["task"] = task_name
     task["dataset_kwargs"]["data_files"]["test"] = str(data.resolve())
     (out_dir / "probe.yaml").write_text(yaml.safe_dump(task, sort_keys=False, allow_unicode=True))
-    write_manifest(out_dir, "probe", {
-        "corpus": str(Path(corpus_dir).resolve()), "corpus_hash": corpus.manifest.get("corpus_hash"), "model_id": corpus.model_id,
-        "tokenizer_hash": corpus.tokenizer_hash, "n_items": len(items), "task": task_name,
-        "items": file_record(out_dir, data), "chance_accuracy": 1 / (n_distractors + 1),
-    })
+    write_manifest(
+        out_dir,
+        "probe",
+        {
+            "corpus": str(Path(corpus_dir).resolve()),
+            "corpus_hash": corpus.manifest.get("corpus_hash"),
+            "model_id": corpus.model_id,
+            "tokenizer_hash": corpus.tokenizer_hash,
+            "n_items": len(items),
+            "task": task_name,
+            "items": file_record(out_dir, data),
+            "chance_accuracy": 1 / (n_distractors + 1),
+        },
+    )
     log.info("probe: %d items in %s (task %s)", len(items), out_dir, task_name)
     return out_dir
 
@@ -147,10 +158,15 @@ def make_items(tokens: np.ndarray, owner: np.ndarray, tok, cfg: ProbeConfig, sep
         label = int(rng.integers(k + 1))
         order = list(range(1, k + 1))
         order.insert(label, 0)
-        items.append({
-            "id": len(items), "context": context, "choices": [choices[i] for i in order], "label": label,
-            "source": {"document": int(owner[s]), "position": int(s), "choice_positions": [sources[i] for i in order]},
-        })
+        items.append(
+            {
+                "id": len(items),
+                "context": context,
+                "choices": [choices[i] for i in order],
+                "label": label,
+                "source": {"document": int(owner[s]), "position": int(s), "choice_positions": [sources[i] for i in order]},
+            }
+        )
     if len(items) < cfg.n_items:
         log.warning("the corpus gave only %d probe items of the %d asked for", len(items), cfg.n_items)
     if not items:

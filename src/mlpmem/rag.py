@@ -51,7 +51,9 @@ class RagConfig:
 
     def check(self) -> None:
         if int(self.k) < 1 or int(self.chunk_words) < 1:
-            raise MlpmemError(f"RAG needs k >= 1 and chunk_words >= 1, got k={self.k}, chunk_words={self.chunk_words}", "use e.g. k=3, chunk_words=48")
+            raise MlpmemError(
+                f"RAG needs k >= 1 and chunk_words >= 1, got k={self.k}, chunk_words={self.chunk_words}", "use e.g. k=3, chunk_words=48"
+            )
 
 
 def split_texts(corpus_dir: Path, split: str = "train") -> list[str]:
@@ -98,8 +100,10 @@ class BM25Retriever:
     def __init__(self, passages: list[str]) -> None:
         passages = [p for p in passages if p.strip()]
         if not passages:
-            raise MlpmemError("the retrieval index is empty: the corpus split has no text to retrieve from",
-                              "pass a corpus folder (RUN/corpus) whose train split holds text")
+            raise MlpmemError(
+                "the retrieval index is empty: the corpus split has no text to retrieve from",
+                "pass a corpus folder (RUN/corpus) whose train split holds text",
+            )
         try:
             import bm25s
         except ImportError:
@@ -138,11 +142,15 @@ def memory_corpus(memory_dir: Path) -> Path:
 
     cfg_path = Path(memory_dir) / "memory_config.json"
     if not cfg_path.is_file():
-        raise MlpmemError(f"{memory_dir} is not a trained memory folder (no memory_config.json), so its corpus is unknown",
-                          "pass corpus=RUN/corpus for the retrieval index")
+        raise MlpmemError(
+            f"{memory_dir} is not a trained memory folder (no memory_config.json), so its corpus is unknown",
+            "pass corpus=RUN/corpus for the retrieval index",
+        )
     ds = read_json(cfg_path).get("meta", {}).get("datastore")
     if not ds:
-        raise MlpmemError(f"{cfg_path} does not name the datastore the memory was trained on", "pass corpus=RUN/corpus for the retrieval index")
+        raise MlpmemError(
+            f"{cfg_path} does not name the datastore the memory was trained on", "pass corpus=RUN/corpus for the retrieval index"
+        )
     return Path(read_manifest(Path(ds), "datastore")["corpus"])
 
 
@@ -235,17 +243,28 @@ class SharedContextLM(WrappedLM):
 class RagLM(RetrievalLM):
     """lm-eval backend ``mlpmem-rag``: BM25 passages + the ``mlpmem`` backend (or a plain HF model); see the module docstring."""
 
-    def __init__(self, corpus: str | None = None, k: int = 3, chunk_words: int = 48, memory: str | None = None,
-                 pretrained: str | None = None, lambda_: float = 0.0, tasks: str | None = None, shared_context: bool | str = True,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        corpus: str | None = None,
+        k: int = 3,
+        chunk_words: int = 48,
+        memory: str | None = None,
+        pretrained: str | None = None,
+        lambda_: float = 0.0,
+        tasks: str | None = None,
+        shared_context: bool | str = True,
+        **kwargs: Any,
+    ) -> None:
         from mlpmem.lm_eval_backend import parse_bool
 
         RagConfig(int(k), int(chunk_words)).check()
         shared = parse_bool("shared_context", shared_context)
         if corpus is None:
             if memory is None:
-                raise MlpmemError("mlpmem-rag needs corpus=RUN/corpus (the text to retrieve from) when no memory is given",
-                                  "pass --model_args pretrained=MODEL,corpus=RUN/corpus")
+                raise MlpmemError(
+                    "mlpmem-rag needs corpus=RUN/corpus (the text to retrieve from) when no memory is given",
+                    "pass --model_args pretrained=MODEL,corpus=RUN/corpus",
+                )
             corpus = str(memory_corpus(Path(memory)))
             log.info("retrieving from %s (the corpus the memory was trained on)", corpus)
         if tasks is not None:

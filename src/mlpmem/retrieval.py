@@ -60,12 +60,15 @@ def check_temperature(t: Any) -> float:
     except (TypeError, ValueError):
         raise MlpmemError(f"the kNN temperature must be a number, got {t!r}", "pass the temperature tuned on valid (the run's knn.json)")
     if not (math.isfinite(t) and t > 0):  # also refuses NaN
-        raise MlpmemError(f"the kNN temperature must be positive and finite, got {t}", "pass the temperature tuned on valid (the run's knn.json)")
+        raise MlpmemError(
+            f"the kNN temperature must be positive and finite, got {t}", "pass the temperature tuned on valid (the run's knn.json)"
+        )
     return t
 
 
-def knn_logprobs(sq_dists: np.ndarray, neighbour_values: np.ndarray, temperature: float, vocab_size: int,
-                 device: torch.device | str | None = None) -> torch.Tensor:
+def knn_logprobs(
+    sq_dists: np.ndarray, neighbour_values: np.ndarray, temperature: float, vocab_size: int, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Full kNN-LM log-probs: [q, k] squared distances and next tokens -> float32 [q, V].
 
     Missing hits (value < 0 or distance +inf) carry no weight; weights softmax(-d / T)
@@ -109,11 +112,22 @@ class KNNRetriever(nn.Module):
         if self.k > index.n_rows:
             raise MlpmemError(f"k={self.k} neighbours asked for, but the datastore has {index.n_rows} rows", f"use k <= {index.n_rows}")
         if len(values) != index.n_rows:
-            raise MlpmemError(f"{len(values)} values for an index of {index.n_rows} keys", "pass the values of the datastore the index was built from")
+            raise MlpmemError(
+                f"{len(values)} values for an index of {index.n_rows} keys", "pass the values of the datastore the index was built from"
+            )
         if len(values) and int(np.max(values)) >= self.vocab_size:
-            raise MlpmemError(f"the datastore holds token {int(np.max(values))}, outside a vocabulary of {self.vocab_size}",
-                              "pass the vocab_size of the LM the datastore was built with")
-        self.meta: dict[str, Any] = {**(meta or {}), "kind": KIND, "k": self.k, "temperature": self.temperature, "d": self.d, "vocab_size": self.vocab_size}
+            raise MlpmemError(
+                f"the datastore holds token {int(np.max(values))}, outside a vocabulary of {self.vocab_size}",
+                "pass the vocab_size of the LM the datastore was built with",
+            )
+        self.meta: dict[str, Any] = {
+            **(meta or {}),
+            "kind": KIND,
+            "k": self.k,
+            "temperature": self.temperature,
+            "d": self.d,
+            "vocab_size": self.vocab_size,
+        }
 
     @property
     def d_in(self) -> int:
@@ -135,8 +149,10 @@ class KNNRetriever(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h [..., d] (any float dtype, any device) -> float32 log p_kNN [..., V] on h's device."""
         if h.shape[-1] != self.d:
-            raise MlpmemError(f"the kNN index holds {self.d}-dim keys but got hidden states of size {h.shape[-1]}",
-                              f"read the LM at the datastore's site (layer {self.meta.get('layer')}, {self.meta.get('site')}) of the model it was built with")
+            raise MlpmemError(
+                f"the kNN index holds {self.d}-dim keys but got hidden states of size {h.shape[-1]}",
+                f"read the LM at the datastore's site (layer {self.meta.get('layer')}, {self.meta.get('site')}) of the model it was built with",
+            )
         flat = h.reshape(-1, self.d)
         if flat.shape[0] == 0:
             return torch.empty(*h.shape[:-1], self.vocab_size, dtype=torch.float32, device=h.device)
@@ -161,19 +177,39 @@ class KNNRetriever(nn.Module):
             raise MlpmemError(f"the datastore's keys come from layer {layer}, but {name} has {cfg.num_hidden_layers} layers", fix)
         want = self.meta.get("tokenizer_hash")
         if tokenizer is not None and want and tokenizer_hash(tokenizer) != want:
-            raise MlpmemError(f"the tokenizer of {name} (hash {tokenizer_hash(tokenizer)}) is not the datastore's ({want}, model {self.meta.get('model_id')!r})", fix)
+            raise MlpmemError(
+                f"the tokenizer of {name} (hash {tokenizer_hash(tokenizer)}) is not the datastore's ({want}, model {self.meta.get('model_id')!r})",
+                fix,
+            )
         if not self.meta.get("model_fingerprint"):  # datastores written before fingerprints were kept
-            log.warning("the kNN datastore in %s records no fingerprint of its model: %s is checked by sizes and tokenizer only, not by its weights",
-                        self.meta.get("datastore"), name)
+            log.warning(
+                "the kNN datastore in %s records no fingerprint of its model: %s is checked by sizes and tokenizer only, not by its weights",
+                self.meta.get("datastore"),
+                name,
+            )
             return
-        check_fingerprint(self.meta["model_fingerprint"], lm, expected_name=str(self.meta.get("model_id")), model_name=name, fix=fix,
-                          what="the kNN datastore was built with")
+        check_fingerprint(
+            self.meta["model_fingerprint"],
+            lm,
+            expected_name=str(self.meta.get("model_id")),
+            model_name=name,
+            fix=fix,
+            what="the kNN datastore was built with",
+        )
 
     # ------------------------------------------------------------------ building and saving by reference
 
     @classmethod
-    def from_folders(cls, datastore_dir: str | Path, index_dir: str | Path, k: int, temperature: float, index_device: str = "cpu",
-                     run_dir: str | Path | None = None, extra_meta: dict[str, Any] | None = None) -> "KNNRetriever":
+    def from_folders(
+        cls,
+        datastore_dir: str | Path,
+        index_dir: str | Path,
+        k: int,
+        temperature: float,
+        index_device: str = "cpu",
+        run_dir: str | Path | None = None,
+        extra_meta: dict[str, Any] | None = None,
+    ) -> "KNNRetriever":
         """Open a datastore and the index built over it (``index.KnnIndex.open``, on ``index_device``)."""
         from mlpmem.index import KnnIndex
         from mlpmem.manifest import MANIFEST, sha256_file
@@ -183,23 +219,36 @@ class KNNRetriever(nn.Module):
         datastore_dir, index_dir = Path(datastore_dir).resolve(), Path(index_dir).resolve()
         for what, folder in (("datastore", datastore_dir), ("index", index_dir)):
             if not (folder / MANIFEST).is_file():
-                raise MlpmemError(f"no finished kNN {what} in {folder}", f"build it first (`mlpmem run` or `mlpmem {what}`), or pass the folder of a finished run")
+                raise MlpmemError(
+                    f"no finished kNN {what} in {folder}",
+                    f"build it first (`mlpmem run` or `mlpmem {what}`), or pass the folder of a finished run",
+                )
         ds = Datastore(datastore_dir)
         index = KnnIndex.open(index_dir, ds, device=index_device)
         m = ds.manifest
         meta = {
             **(extra_meta or {}),
-            "layer": ds.layer, "site": ds.site, "model_id": ds.model_id, "model": (extra_meta or {}).get("model") or ds.model_id,
+            "layer": ds.layer,
+            "site": ds.site,
+            "model_id": ds.model_id,
+            "model": (extra_meta or {}).get("model") or ds.model_id,
             "tokenizer_hash": ds.tokenizer_hash,
-            "model_fingerprint": m.get("model_fingerprint"), "index_kind": index.manifest.get("factory"), "n_datastore": ds.n_rows,
-            "run": str(Path(run_dir).resolve()) if run_dir is not None else None, "datastore": str(datastore_dir), "index": str(index_dir),
-            "datastore_manifest_sha256": sha256_file(datastore_dir / MANIFEST), "index_manifest_sha256": sha256_file(index_dir / MANIFEST),
+            "model_fingerprint": m.get("model_fingerprint"),
+            "index_kind": index.manifest.get("factory"),
+            "n_datastore": ds.n_rows,
+            "run": str(Path(run_dir).resolve()) if run_dir is not None else None,
+            "datastore": str(datastore_dir),
+            "index": str(index_dir),
+            "datastore_manifest_sha256": sha256_file(datastore_dir / MANIFEST),
+            "index_manifest_sha256": sha256_file(index_dir / MANIFEST),
             "index_device": index_device,
         }
         return cls(index, ds.values(), k, temperature, ds.vocab_size, meta)
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, k: int | None = None, temperature: float | None = None, index_device: str = "cpu") -> "KNNRetriever":
+    def from_run(
+        cls, run_dir: str | Path, k: int | None = None, temperature: float | None = None, index_device: str = "cpu"
+    ) -> "KNNRetriever":
         """From a pipeline run folder (RUN/datastore, RUN/index): k and T as the run's evaluation chose them.
 
         T and lambda come from RUN/knn.json (tuned on valid), else RUN/report.json; k from
@@ -212,13 +261,22 @@ class KNNRetriever(nn.Module):
         s = run_settings(run)
         if temperature is None:
             if s["temperature"] is None:
-                raise MlpmemError(f"{run} records no kNN temperature (no knn.json or report.json)", "finish the run's kNN-LM stage, or pass temperature=T")
+                raise MlpmemError(
+                    f"{run} records no kNN temperature (no knn.json or report.json)", "finish the run's kNN-LM stage, or pass temperature=T"
+                )
             temperature = s["temperature"]
         k = s["k"] if k is None else k
         if k is None:
             raise MlpmemError(f"{run} records no k (no knn.json, report.json or recipe.json)", "pass k=")
-        return cls.from_folders(run / "datastore", run / "index", k, temperature, index_device, run_dir=run,
-                                extra_meta={"lambda": s["lambda"], "settings_from": s["source"], "model": s["model"]})
+        return cls.from_folders(
+            run / "datastore",
+            run / "index",
+            k,
+            temperature,
+            index_device,
+            run_dir=run,
+            extra_meta={"lambda": s["lambda"], "settings_from": s["source"], "model": s["model"]},
+        )
 
     @classmethod
     def from_reference(cls, ref: dict[str, Any], index_device: str | None = None) -> "KNNRetriever":
@@ -232,13 +290,24 @@ class KNNRetriever(nn.Module):
             path = Path(ref[what]) / MANIFEST
             want = ref.get(f"{what}_manifest_sha256")
             if not path.is_file():
-                raise MlpmemError(f"the kNN {what} referenced at {ref[what]} is gone", f"restore {ref[what]}, or rebuild the retriever from its run")
+                raise MlpmemError(
+                    f"the kNN {what} referenced at {ref[what]} is gone", f"restore {ref[what]}, or rebuild the retriever from its run"
+                )
             if want and sha256_file(path) != want:
-                raise MlpmemError(f"the kNN {what} in {ref[what]} changed since the retriever was saved (its manifest hash differs)",
-                                  "rebuild the retriever from the run (KNNRetriever.from_run), and re-tune T and lambda if the data changed")
+                raise MlpmemError(
+                    f"the kNN {what} in {ref[what]} changed since the retriever was saved (its manifest hash differs)",
+                    "rebuild the retriever from the run (KNNRetriever.from_run), and re-tune T and lambda if the data changed",
+                )
         keep = {key: v for key, v in ref.items() if key in ("lambda", "settings_from", "model")}
-        return cls.from_folders(ref["datastore"], ref["index"], ref["k"], ref["temperature"], index_device or ref.get("index_device") or "cpu",
-                                run_dir=ref.get("run"), extra_meta=keep)
+        return cls.from_folders(
+            ref["datastore"],
+            ref["index"],
+            ref["k"],
+            ref["temperature"],
+            index_device or ref.get("index_device") or "cpu",
+            run_dir=ref.get("run"),
+            extra_meta=keep,
+        )
 
     def save(self, folder: str | Path) -> Path:
         """Write ``folder/knn_retriever.json``: the reference (paths, manifest hashes, k, T), never the index."""
@@ -284,8 +353,14 @@ def run_settings(run: Path) -> dict[str, Any]:
     return out
 
 
-def knn_component(run_dir: str | Path, lm: nn.Module | None = None, tokenizer: Any = None, k: int | None = None,
-                  temperature: float | None = None, index_device: str = "cpu") -> KNNRetriever:
+def knn_component(
+    run_dir: str | Path,
+    lm: nn.Module | None = None,
+    tokenizer: Any = None,
+    k: int | None = None,
+    temperature: float | None = None,
+    index_device: str = "cpu",
+) -> KNNRetriever:
     """A :class:`KNNRetriever` from a run folder, checked against ``lm`` / ``tokenizer`` when given (lm-eval's ``knn=RUN_DIR``)."""
     retriever = KNNRetriever.from_run(run_dir, k=k, temperature=temperature, index_device=index_device)
     if lm is not None:
@@ -294,6 +369,8 @@ def knn_component(run_dir: str | Path, lm: nn.Module | None = None, tokenizer: A
         from mlpmem.models import tokenizer_hash
 
         if tokenizer_hash(tokenizer) != retriever.meta["tokenizer_hash"]:
-            raise MlpmemError(f"the tokenizer (hash {tokenizer_hash(tokenizer)}) is not the one of the datastore in {run_dir} ({retriever.meta['tokenizer_hash']})",
-                              "use the model the datastore was built with")
+            raise MlpmemError(
+                f"the tokenizer (hash {tokenizer_hash(tokenizer)}) is not the one of the datastore in {run_dir} ({retriever.meta['tokenizer_hash']})",
+                "use the model the datastore was built with",
+            )
     return retriever

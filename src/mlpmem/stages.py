@@ -50,21 +50,63 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("corpus", "mlpmem.corpus:CorpusConfig", "mlpmem.corpus:build_corpus", "split a corpus by document and tokenize it",
-          verb="corpus", title="corpus"),
-    Stage("datastore", "mlpmem.datastore:DatastoreConfig", "mlpmem.datastore:build_datastore",
-          "extract (hidden state -> next token) pairs from a corpus split", verb="datastore",
-          inputs=(("corpus", "folder written by `mlpmem corpus`"),), device="device", title="datastore (train) and scored valid split"),
-    Stage("index", "mlpmem.index:IndexConfig", "mlpmem.index:build_index", "build a FAISS index over a datastore's keys", verb="index",
-          inputs=(("datastore", ""),), title="index"),
-    Stage("knn", "mlpmem.evaluate:KnnConfig", "mlpmem.evaluate:run_knnlm",
-          "perplexity of the LM alone and with kNN-LM (T and lambda tuned on valid)", verb="knnlm",
-          inputs=(("corpus", ""), ("datastore", ""), ("index", "")), device="device+dtype", overwrite=False,
-          title="kNN-LM temperature and lambda on valid"),
-    Stage("targets", "mlpmem.targets:TargetsConfig", "mlpmem.targets:build_targets", "kNN target distributions for every datastore row",
-          verb="targets", inputs=(("datastore", ""), ("index", "")), title="kNN targets"),
-    Stage("train", "mlpmem.train:TrainConfig", "mlpmem.train:train_memory", "train an MLP memory on a datastore and its kNN targets",
-          verb="train", inputs=(("datastore", ""), ("targets", "")), device="device+dtype", title="memory training"),
+    Stage(
+        "corpus",
+        "mlpmem.corpus:CorpusConfig",
+        "mlpmem.corpus:build_corpus",
+        "split a corpus by document and tokenize it",
+        verb="corpus",
+        title="corpus",
+    ),
+    Stage(
+        "datastore",
+        "mlpmem.datastore:DatastoreConfig",
+        "mlpmem.datastore:build_datastore",
+        "extract (hidden state -> next token) pairs from a corpus split",
+        verb="datastore",
+        inputs=(("corpus", "folder written by `mlpmem corpus`"),),
+        device="device",
+        title="datastore (train) and scored valid split",
+    ),
+    Stage(
+        "index",
+        "mlpmem.index:IndexConfig",
+        "mlpmem.index:build_index",
+        "build a FAISS index over a datastore's keys",
+        verb="index",
+        inputs=(("datastore", ""),),
+        title="index",
+    ),
+    Stage(
+        "knn",
+        "mlpmem.evaluate:KnnConfig",
+        "mlpmem.evaluate:run_knnlm",
+        "perplexity of the LM alone and with kNN-LM (T and lambda tuned on valid)",
+        verb="knnlm",
+        inputs=(("corpus", ""), ("datastore", ""), ("index", "")),
+        device="device+dtype",
+        overwrite=False,
+        title="kNN-LM temperature and lambda on valid",
+    ),
+    Stage(
+        "targets",
+        "mlpmem.targets:TargetsConfig",
+        "mlpmem.targets:build_targets",
+        "kNN target distributions for every datastore row",
+        verb="targets",
+        inputs=(("datastore", ""), ("index", "")),
+        title="kNN targets",
+    ),
+    Stage(
+        "train",
+        "mlpmem.train:TrainConfig",
+        "mlpmem.train:train_memory",
+        "train an MLP memory on a datastore and its kNN targets",
+        verb="train",
+        inputs=(("datastore", ""), ("targets", "")),
+        device="device+dtype",
+        title="memory training",
+    ),
     Stage("eval", "mlpmem.pipeline:EvalConfig", "mlpmem.pipeline:run_pipeline", title="evaluation: lambda on valid, then the test split"),
     Stage("gate", "mlpmem.gate:GateConfig", "mlpmem.gate:build_gate_stage", title="mixing gate (eval.mixing gated)"),
 )
@@ -113,4 +155,6 @@ def run_verb(s: Stage, a) -> Any:
     from mlpmem.config import from_args
 
     kwargs = {"device": a.device} if s.device else {}
-    return s.build_fn()(*(Path(getattr(a, name)) for name, _ in s.inputs), Path(a.out), from_args(s.config_class(), a), overwrite=a.overwrite, **kwargs)
+    return s.build_fn()(
+        *(Path(getattr(a, name)) for name, _ in s.inputs), Path(a.out), from_args(s.config_class(), a), overwrite=a.overwrite, **kwargs
+    )

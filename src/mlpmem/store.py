@@ -30,20 +30,30 @@ class ShardedArrays:
         self.ends = np.array([s["end"] for s in self.manifest["shards"]], dtype=np.int64)
         self.n_rows = int(self.manifest["n_rows"])
         if len(self.starts) == 0 or self.starts[0] != 0 or self.ends[-1] != self.n_rows or np.any(self.starts[1:] != self.ends[:-1]):
-            raise MlpmemError(f"the shards listed in {self.folder}/manifest.json do not cover rows 0..{self.n_rows} contiguously", f"delete {self.folder} and run the stage again")
+            raise MlpmemError(
+                f"the shards listed in {self.folder}/manifest.json do not cover rows 0..{self.n_rows} contiguously",
+                f"delete {self.folder} and run the stage again",
+            )
         self._arrays: dict[str, list[np.ndarray]] = {}
         self._resident: dict[str, np.ndarray] = {}
         # an array whose files are *all* gone was removed on purpose (e.g. the keys, once an index
         # that needs none and the targets are built): the rest stays readable. One missing shard is damage.
-        self.absent = sorted(name for name in {n for s in self.manifest["shards"] for n in s["arrays"]}
-                             if name not in self.REQUIRED and not any((self.folder / s["arrays"][name]["file"]).exists() for s in self.manifest["shards"] if name in s["arrays"]))
+        self.absent = sorted(
+            name
+            for name in {n for s in self.manifest["shards"] for n in s["arrays"]}
+            if name not in self.REQUIRED
+            and not any((self.folder / s["arrays"][name]["file"]).exists() for s in self.manifest["shards"] if name in s["arrays"])
+        )
         for shard in self.manifest["shards"]:
             for name, record in shard["arrays"].items():
                 if name in self.absent:
                     continue
                 arr = load_npy(self.folder, record, verify=verify)
                 if arr.shape[0] != shard["end"] - shard["start"]:
-                    raise MlpmemError(f"{self.folder / record['file']} has {arr.shape[0]} rows, its shard covers {shard['end'] - shard['start']}", f"delete {self.folder} and run the stage again")
+                    raise MlpmemError(
+                        f"{self.folder / record['file']} has {arr.shape[0]} rows, its shard covers {shard['end'] - shard['start']}",
+                        f"delete {self.folder} and run the stage again",
+                    )
                 self._arrays.setdefault(name, []).append(arr)
 
     def removed_for(self, name: str, out_dir: Path, overwrite: bool) -> bool:
@@ -58,10 +68,14 @@ class ShardedArrays:
 
     def shards(self, name: str) -> list[np.ndarray]:
         if name in self.absent:
-            raise MlpmemError(f"the {name!r} files of {self.folder} were removed",
-                              f"rebuild {self.folder}, or (for the keys) search with an index that reads none (rerank: false, not kind keys)")
+            raise MlpmemError(
+                f"the {name!r} files of {self.folder} were removed",
+                f"rebuild {self.folder}, or (for the keys) search with an index that reads none (rerank: false, not kind keys)",
+            )
         if name not in self._arrays:
-            raise MlpmemError(f"{self.folder} has no array named {name!r} (it has {self.names})", "rebuild it with the setting that stores it")
+            raise MlpmemError(
+                f"{self.folder} has no array named {name!r} (it has {self.names})", "rebuild it with the setting that stores it"
+            )
         return self._arrays[name]
 
     def load(self, name: str) -> np.ndarray:

@@ -18,7 +18,17 @@ from pathlib import Path
 import numpy as np
 
 from mlpmem.errors import MlpmemError
-from mlpmem.manifest import MANIFEST, check_disk_space, clear_progress, finished_shards, prepare_out, save_npy, save_shard_record, sha256_file, write_manifest
+from mlpmem.manifest import (
+    MANIFEST,
+    check_disk_space,
+    clear_progress,
+    finished_shards,
+    prepare_out,
+    save_npy,
+    save_shard_record,
+    sha256_file,
+    write_manifest,
+)
 from mlpmem.store import Datastore, ShardedArrays
 
 log = logging.getLogger(__name__)
@@ -56,7 +66,9 @@ def sum_per_token(vals: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return sv, agg.reshape(q, k)
 
 
-def knn_distribution(sq_dists: np.ndarray, neighbour_values: np.ndarray, temperature: float, top_m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def knn_distribution(
+    sq_dists: np.ndarray, neighbour_values: np.ndarray, temperature: float, top_m: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """p_kNN per row, cut to its top-M tokens and renormalised.
 
     sq_dists: [q, k] squared L2 (+inf for a missing hit); neighbour_values: [q, k] next-token
@@ -93,7 +105,9 @@ def knn_distribution(sq_dists: np.ndarray, neighbour_values: np.ndarray, tempera
     return top_v.astype(np.int32), probs.astype(np.float32), removed.astype(np.float32), support
 
 
-def knn_target_logprob(sq_dists: np.ndarray, neighbour_values: np.ndarray, targets: np.ndarray, temperature: float | np.ndarray) -> np.ndarray:
+def knn_target_logprob(
+    sq_dists: np.ndarray, neighbour_values: np.ndarray, targets: np.ndarray, temperature: float | np.ndarray
+) -> np.ndarray:
     """log p_kNN(target) without the top-M cut: [q] float64 (-inf where no neighbour has it).
 
     sq_dists, neighbour_values: [q, k] as for ``knn_distribution``; targets: [q] token ids.
@@ -143,8 +157,9 @@ def _shard_files(s: int) -> dict[str, str]:
     return {"ids": f"ids-{s:05d}.npy", "probs": f"probs-{s:05d}.npy"}
 
 
-def _targets_for_rows(ds: Datastore, index, values: np.ndarray, start: int, end: int, cfg: TargetsConfig,
-                      exclude_self: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+def _targets_for_rows(
+    ds: Datastore, index, values: np.ndarray, start: int, end: int, cfg: TargetsConfig, exclude_self: bool = True
+) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """Targets for rows start..end-1 of ``ds`` (the queries): ids int32 [n, M], probs float32 [n, M], stat sums."""
     n = end - start
     ids = np.empty((n, cfg.top_m), dtype=np.int32)
@@ -177,12 +192,20 @@ def id_dtype(vocab_size: int) -> np.dtype:
 def _save_shard(out_dir: Path, s: int, ids: np.ndarray, probs: np.ndarray, vocab_size: int) -> dict:
     """Write one shard's arrays: ids in :func:`id_dtype`; probs are renormalised in float32 before the float16 cast."""
     files = _shard_files(s)
-    return {"ids": save_npy(out_dir / files["ids"], ids.astype(id_dtype(vocab_size))),
-            "probs": save_npy(out_dir / files["probs"], probs.astype(np.float16))}
+    return {
+        "ids": save_npy(out_dir / files["ids"], ids.astype(id_dtype(vocab_size))),
+        "probs": save_npy(out_dir / files["probs"], probs.astype(np.float16)),
+    }
 
 
-def build_targets(datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: TargetsConfig = TargetsConfig(), overwrite: bool = False,
-                  queries_dir: Path | None = None) -> Path:
+def build_targets(
+    datastore_dir: Path,
+    index_dir: Path,
+    out_dir: Path,
+    cfg: TargetsConfig = TargetsConfig(),
+    overwrite: bool = False,
+    queries_dir: Path | None = None,
+) -> Path:
     """kNN targets for every datastore row into ``out_dir``; resumes an interrupted run.
 
     Writes shards aligned with the datastore's (same start/end) with arrays ids [n, M] (uint16 when the vocabulary fits, else int32)
@@ -216,7 +239,10 @@ def build_targets(datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: Targ
         )
     config = {"datastore": str(datastore_dir), "index": str(index_dir), "queries": str(ds.folder.resolve()), **asdict(cfg)}
     if ds.removed_for("keys", out_dir, overwrite):
-        raise MlpmemError(f"the keys of the datastore in {ds.folder} were removed, and they are the queries of the targets", "build the targets before removing the keys, or build the datastore again")
+        raise MlpmemError(
+            f"the keys of the datastore in {ds.folder} were removed, and they are the queries of the targets",
+            "build the targets before removing the keys, or build the datastore again",
+        )
     w = dist.init("cpu")  # FAISS search runs on the host; the group only carries small records
     # rank 0 claims and locks the folder; the others wait for its answer (or its refusal)
     state = dist.on_main(prepare_out, out_dir, config, overwrite, kind="targets")
@@ -241,20 +267,33 @@ def build_targets(datastore_dir: Path, index_dir: Path, out_dir: Path, cfg: Targ
             ids, probs, stats = _targets_for_rows(ds, index, values, start, end, cfg, exclude_self)
             stats["seconds"] = time.perf_counter() - t
             # the record after the files: a recorded shard is always whole
-            save_shard_record(out_dir, s, {"start": start, "end": end, "arrays": _save_shard(out_dir, s, ids, probs, ds.vocab_size), "stats": stats})
+            save_shard_record(
+                out_dir, s, {"start": start, "end": end, "arrays": _save_shard(out_dir, s, ids, probs, ds.vocab_size), "stats": stats}
+            )
             bar.update(end - start)
     dist.barrier()  # every shard is written (by some rank) before rank 0 reads them all
     dist.on_main(_write_targets_manifest, out_dir, ds, index, datastore_dir, index_dir, cfg, exclude_self, len(shards), w.size)
     return out_dir
 
 
-def _write_targets_manifest(out_dir: Path, ds: Datastore, index, datastore_dir: Path, index_dir: Path, cfg: TargetsConfig,
-                            exclude_self: bool, n_shards: int, processes: int) -> None:
+def _write_targets_manifest(
+    out_dir: Path,
+    ds: Datastore,
+    index,
+    datastore_dir: Path,
+    index_dir: Path,
+    cfg: TargetsConfig,
+    exclude_self: bool,
+    n_shards: int,
+    processes: int,
+) -> None:
     done = finished_shards(out_dir, list(range(n_shards)), "targets")  # every file the manifest will list is there and whole
     missing = [s for s in range(n_shards) if s not in done]
     if missing:
-        raise MlpmemError(f"shards {missing[:5]} of the targets in {out_dir} are missing or damaged after every process finished",
-                          "run the same command again: it redoes only those shards")
+        raise MlpmemError(
+            f"shards {missing[:5]} of the targets in {out_dir} are missing or damaged after every process finished",
+            "run the same command again: it redoes only those shards",
+        )
     n = ds.n_rows
     total = {name: sum(done[s]["stats"][name] for s in range(n_shards)) for name in ("support", "removed", "self_found", "seconds")}
     stats = {
@@ -264,18 +303,42 @@ def _write_targets_manifest(out_dir: Path, ds: Datastore, index, datastore_dir: 
         "self_found_rate": total["self_found"] / n,
         "queries_per_s": n / total["seconds"],  # per process, over every run that wrote a shard
     }
-    write_manifest(out_dir, "targets", {
-        "n_rows": n, "k": cfg.k, "temperature": cfg.temperature, "top_m": cfg.top_m,
-        "datastore": str(ds.folder.resolve()), "datastore_manifest_sha256": sha256_file(ds.folder.resolve() / MANIFEST),
-        "index_datastore": str(datastore_dir), "self_excluded": exclude_self,
-        "index": str(index_dir), "index_factory": index.manifest["factory"], "index_recall_at_k": index.manifest["recall_at_k"],
-        "model_id": ds.model_id, "tokenizer_hash": ds.tokenizer_hash, "layer": ds.layer, "site": ds.site, "vocab_size": ds.vocab_size,
-        "stats": stats, "faiss_threads": index.threads or _torch_threads(), "processes": processes,
-        "shards": [{"start": done[s]["start"], "end": done[s]["end"], "arrays": done[s]["arrays"]} for s in range(n_shards)],
-    })
+    write_manifest(
+        out_dir,
+        "targets",
+        {
+            "n_rows": n,
+            "k": cfg.k,
+            "temperature": cfg.temperature,
+            "top_m": cfg.top_m,
+            "datastore": str(ds.folder.resolve()),
+            "datastore_manifest_sha256": sha256_file(ds.folder.resolve() / MANIFEST),
+            "index_datastore": str(datastore_dir),
+            "self_excluded": exclude_self,
+            "index": str(index_dir),
+            "index_factory": index.manifest["factory"],
+            "index_recall_at_k": index.manifest["recall_at_k"],
+            "model_id": ds.model_id,
+            "tokenizer_hash": ds.tokenizer_hash,
+            "layer": ds.layer,
+            "site": ds.site,
+            "vocab_size": ds.vocab_size,
+            "stats": stats,
+            "faiss_threads": index.threads or _torch_threads(),
+            "processes": processes,
+            "shards": [{"start": done[s]["start"], "end": done[s]["end"], "arrays": done[s]["arrays"]} for s in range(n_shards)],
+        },
+    )
     clear_progress(out_dir)
-    log.info("kNN targets for %d rows: support %.1f tokens, top-%d cut %.4f of the mass (max %.4f), self found %.3f",
-             n, stats["mean_support_size"], cfg.top_m, stats["mean_mass_removed"], stats["max_mass_removed"], stats["self_found_rate"])
+    log.info(
+        "kNN targets for %d rows: support %.1f tokens, top-%d cut %.4f of the mass (max %.4f), self found %.3f",
+        n,
+        stats["mean_support_size"],
+        cfg.top_m,
+        stats["mean_mass_removed"],
+        stats["max_mass_removed"],
+        stats["self_found_rate"],
+    )
 
 
 class Targets(ShardedArrays):
@@ -312,12 +375,21 @@ class Targets(ShardedArrays):
         """Refuse a datastore other than the one these targets were built from."""
         fix = "pass the datastore these targets were built from, or build targets for this datastore"
         if sha256_file(datastore.folder / MANIFEST) != self.manifest["datastore_manifest_sha256"]:
-            raise MlpmemError(f"the targets in {self.folder} were built from another datastore than {datastore.folder} (its manifest hash differs)", fix)
-        if datastore.n_rows != self.n_rows or not (np.array_equal(datastore.starts, self.starts) and np.array_equal(datastore.ends, self.ends)):
-            raise MlpmemError(f"the targets in {self.folder} ({self.n_rows} rows) are not aligned row for row with the datastore in {datastore.folder} ({datastore.n_rows} rows)", fix)
+            raise MlpmemError(
+                f"the targets in {self.folder} were built from another datastore than {datastore.folder} (its manifest hash differs)", fix
+            )
+        if datastore.n_rows != self.n_rows or not (
+            np.array_equal(datastore.starts, self.starts) and np.array_equal(datastore.ends, self.ends)
+        ):
+            raise MlpmemError(
+                f"the targets in {self.folder} ({self.n_rows} rows) are not aligned row for row with the datastore in {datastore.folder} ({datastore.n_rows} rows)",
+                fix,
+            )
         for name in ("ids", "probs"):
             if name not in self.names:
-                raise MlpmemError(f"the targets in {self.folder} have no {name!r} array", f"delete {self.folder} and build the targets again")
+                raise MlpmemError(
+                    f"the targets in {self.folder} have no {name!r} array", f"delete {self.folder} and build the targets again"
+                )
 
 
 def _torch_threads() -> int:

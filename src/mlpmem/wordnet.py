@@ -87,8 +87,10 @@ def parse_data_file(path: Path) -> list[Synset]:
             try:
                 s = parse_line(line)
             except (ValueError, IndexError) as e:
-                raise MlpmemError(f"{path} line {i + 1} is not in WordNet's data-file format ({e})",
-                                  f"pass the data files of the Debian package {PACKAGE} (apt-get download {PACKAGE})")
+                raise MlpmemError(
+                    f"{path} line {i + 1} is not in WordNet's data-file format ({e})",
+                    f"pass the data files of the Debian package {PACKAGE} (apt-get download {PACKAGE})",
+                )
             if s is not None:
                 out.append(s)
     return out
@@ -102,23 +104,32 @@ def extract_package(deb: Path | None, work: Path) -> tuple[Path, Path, dict]:
     work.mkdir(parents=True, exist_ok=True)
     if deb is None:
         if shutil.which("apt-get") is None:
-            raise MlpmemError(f"no .deb of {PACKAGE} was given and apt-get is not available",
-                              f"download the Debian package {PACKAGE} on another machine and pass it with --deb FILE.deb")
+            raise MlpmemError(
+                f"no .deb of {PACKAGE} was given and apt-get is not available",
+                f"download the Debian package {PACKAGE} on another machine and pass it with --deb FILE.deb",
+            )
         r = subprocess.run(["apt-get", "download", PACKAGE], cwd=work, capture_output=True, text=True)
         found = sorted(work.glob(f"{PACKAGE}_*.deb"))
         if r.returncode != 0 or not found:
-            raise MlpmemError(f"`apt-get download {PACKAGE}` failed ({(r.stderr or r.stdout).strip().splitlines()[-1:] or ['no output']})",
-                              f"run `apt-get update` first, or pass a downloaded {PACKAGE} .deb with --deb")
+            raise MlpmemError(
+                f"`apt-get download {PACKAGE}` failed ({(r.stderr or r.stdout).strip().splitlines()[-1:] or ['no output']})",
+                f"run `apt-get update` first, or pass a downloaded {PACKAGE} .deb with --deb",
+            )
         deb = found[-1]
     deb = Path(deb)
     if not deb.is_file():
-        raise MlpmemError(f"the source package {deb} does not exist", f"pass the path of a {PACKAGE} .deb (apt-get download {PACKAGE}), or leave --deb out to download it")
+        raise MlpmemError(
+            f"the source package {deb} does not exist",
+            f"pass the path of a {PACKAGE} .deb (apt-get download {PACKAGE}), or leave --deb out to download it",
+        )
     if shutil.which("dpkg-deb") is None:
         raise MlpmemError("dpkg-deb is needed to unpack the .deb and is not installed", "install dpkg (any Debian or Ubuntu system has it)")
     x = Path(tempfile.mkdtemp(dir=work, prefix="x"))
     r = subprocess.run(["dpkg-deb", "-x", str(deb), str(x)], capture_output=True, text=True)
     if r.returncode != 0:
-        raise MlpmemError(f"{deb} is not a readable Debian package ({r.stderr.strip()[:200]})", f"download {PACKAGE} again (apt-get download {PACKAGE})")
+        raise MlpmemError(
+            f"{deb} is not a readable Debian package ({r.stderr.strip()[:200]})", f"download {PACKAGE} again (apt-get download {PACKAGE})"
+        )
     info = {}
     for key in ("Package", "Version"):
         q = subprocess.run(["dpkg-deb", "-f", str(deb), key], capture_output=True, text=True)
@@ -145,5 +156,8 @@ _WORD = re.compile(r"[a-z]+")
 def good_headword(s: Synset) -> bool:
     """A synset worth asking about: a plain one-word headword (letters only, 3+) that its definition does not give away."""
     w = s.lemmas[0]
-    return (bool(re.fullmatch(r"[a-z]{3,}", w)) and len(s.definition.split()) >= 4
-            and not any(w in d or d in w for d in _WORD.findall(s.definition.lower()) if len(d) >= 4))
+    return (
+        bool(re.fullmatch(r"[a-z]{3,}", w))
+        and len(s.definition.split()) >= 4
+        and not any(w in d or d in w for d in _WORD.findall(s.definition.lower()) if len(d) >= 4)
+    )

@@ -70,4 +70,3 @@ class MLPMemoryConfig(PretrainedConfig):
 
     def saved_by_reference(self) -> bool:
         return self.text_config is None or self.base_weights == "reference"
-

@@ -34,8 +34,14 @@ class MixingGate(nn.Module):
     sigmoid, so it cannot leave [0, 1].
     """
 
-    def __init__(self, kind: str = "mlp", features: tuple[str, ...] | list[str] = GATE_FEATURES, hidden: int = 32, bins: int = 8,
-                 bin_feature: str = "lm_entropy") -> None:
+    def __init__(
+        self,
+        kind: str = "mlp",
+        features: tuple[str, ...] | list[str] = GATE_FEATURES,
+        hidden: int = 32,
+        bins: int = 8,
+        bin_feature: str = "lm_entropy",
+    ) -> None:
         super().__init__()
         if kind not in GATE_KINDS:
             raise MlpmemError(f"unknown gate kind {kind!r}", f"choose one of {GATE_KINDS}")
@@ -45,7 +51,9 @@ class MixingGate(nn.Module):
         if hidden < 1 or bins < 1:
             raise MlpmemError(f"a gate needs hidden >= 1 and bins >= 1, got hidden={hidden}, bins={bins}", "fix the gate settings")
         if bin_feature not in features:
-            raise MlpmemError(f"the binned gate's feature {bin_feature!r} is not among its features {list(features)}", "add it to the features")
+            raise MlpmemError(
+                f"the binned gate's feature {bin_feature!r} is not among its features {list(features)}", "add it to the features"
+            )
         self.kind, self.features, self.hidden, self.bins, self.bin_feature = kind, tuple(features), int(hidden), int(bins), bin_feature
         self.index = [GATE_FEATURES.index(f) for f in self.features]  # columns of gate_features' output
         n = len(self.features)
@@ -60,7 +68,13 @@ class MixingGate(nn.Module):
             self.register_buffer("bin_logits", torch.zeros(self.bins))
 
     def config(self) -> dict[str, Any]:
-        return {"kind": self.kind, "features": list(self.features), "hidden": self.hidden, "bins": self.bins, "bin_feature": self.bin_feature}
+        return {
+            "kind": self.kind,
+            "features": list(self.features),
+            "hidden": self.hidden,
+            "bins": self.bins,
+            "bin_feature": self.bin_feature,
+        }
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         """feats [..., len(GATE_FEATURES)] (all features, in GATE_FEATURES order) -> lambda [...]."""
@@ -91,11 +105,15 @@ def check_gate(gate_meta: dict[str, Any], memory: nn.Module, where: str = "the g
     """Refuse a gate trained for another memory (its meta's memory_fingerprint against this memory's)."""
     want = (gate_meta or {}).get("memory_fingerprint")
     if not want:
-        raise MlpmemError(f"{where} does not record the memory it was trained for (no memory_fingerprint)", "train the gate again with mlpmem")
+        raise MlpmemError(
+            f"{where} does not record the memory it was trained for (no memory_fingerprint)", "train the gate again with mlpmem"
+        )
     got = memory_fingerprint(memory)
     if got != want:
-        raise MlpmemError(f"{where} was trained for another memory (memory fingerprint {want}, this memory's is {got})",
-                          "train a gate for this memory (recipe `eval: {mixing: gated}`, or mlpmem.gate.fit_gate), or use mixing='fixed'")
+        raise MlpmemError(
+            f"{where} was trained for another memory (memory fingerprint {want}, this memory's is {got})",
+            "train a gate for this memory (recipe `eval: {mixing: gated}`, or mlpmem.gate.fit_gate), or use mixing='fixed'",
+        )
 
 
 def build_gate(data: dict[str, Any]) -> MixingGate:
@@ -144,7 +162,6 @@ def write_gate_folder(folder: str | os.PathLike, gate: MixingGate, meta: dict[st
     return folder
 
 
-
 class MemoryRouter(nn.Module):
     """Per-token weights over the LM and K memories (issue 12 item 2, the scoring path).
 
@@ -170,14 +187,16 @@ class MemoryRouter(nn.Module):
 
     def logits(self, feats: torch.Tensor) -> torch.Tensor:
         if feats.shape[-2:] != (self.n_memories, len(GATE_FEATURES)):
-            raise MlpmemError(f"the router takes features of {self.n_memories} memories [..., {self.n_memories}, {len(GATE_FEATURES)}], "
-                              f"got shape {tuple(feats.shape)}", "pass one gate_features row per memory, in the router's order")
+            raise MlpmemError(
+                f"the router takes features of {self.n_memories} memories [..., {self.n_memories}, {len(GATE_FEATURES)}], "
+                f"got shape {tuple(feats.shape)}",
+                "pass one gate_features row per memory, in the router's order",
+            )
         x = feats.flatten(-2).to(self.scale.dtype)
         return self.out(torch.tanh(self.inner((x - self.shift) / self.scale)))
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         return self.logits(feats).softmax(-1)
-
 
 
 def read_router_folder(files: dict[str, str]) -> tuple[MemoryRouter, dict[str, Any]]:
@@ -191,7 +210,9 @@ def read_router_folder(files: dict[str, str]) -> tuple[MemoryRouter, dict[str, A
         router = MemoryRouter(**data["config"])
         router.load_state_dict(load_file(files[GATE_WEIGHTS]), strict=True)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise MlpmemError(f"the router in {where} is not readable ({str(e).splitlines()[0][:200]})", "fit the router again and save the model")
+        raise MlpmemError(
+            f"the router in {where} is not readable ({str(e).splitlines()[0][:200]})", "fit the router again and save the model"
+        )
     check_router_values(router, str(where))
     return router.eval(), data.get("meta", {})
 
@@ -211,4 +232,3 @@ def check_router_values(router: MemoryRouter, where: str) -> None:
     for name, t in router.state_dict().items():
         if not torch.isfinite(t).all():
             raise MlpmemError(f"the router in {where} has non-finite values in {name}", "fit the router again")
-

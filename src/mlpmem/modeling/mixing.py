@@ -32,26 +32,29 @@ def check_lambda(lam: float) -> float:
 def check_temperature(t: float) -> float:
     t = float(t)
     if not (t > 0 and math.isfinite(t)):
-        raise MlpmemError(f"the memory temperature must be a positive number, got {t}", "pass e.g. memory_temperature=1.0 (the memory's own distribution)")
+        raise MlpmemError(
+            f"the memory temperature must be a positive number, got {t}", "pass e.g. memory_temperature=1.0 (the memory's own distribution)"
+        )
     return t
-
 
 
 def check_mixing(mixing: str) -> str:
     if mixing not in MIXINGS:
-        raise MlpmemError(f"mixing must be one of {', '.join(MIXINGS)}, got {mixing!r}",
-                          "pass mixing='fixed' (one lambda for every token) or mixing='gated' (lambda per token from the memory's gate)")
+        raise MlpmemError(
+            f"mixing must be one of {', '.join(MIXINGS)}, got {mixing!r}",
+            "pass mixing='fixed' (one lambda for every token) or mixing='gated' (lambda per token from the memory's gate)",
+        )
     return mixing
-
 
 
 def check_model_mixing(mixing: str) -> str:
     if mixing not in MODEL_MIXINGS:
-        raise MlpmemError(f"mixing must be one of {', '.join(MODEL_MIXINGS)}, got {mixing!r}",
-                          "pass mixing='fixed' (fixed weights), 'gated' (one memory, lambda per token from its gate) or 'routed' "
-                          "(weights per token from the router over several memories)")
+        raise MlpmemError(
+            f"mixing must be one of {', '.join(MODEL_MIXINGS)}, got {mixing!r}",
+            "pass mixing='fixed' (fixed weights), 'gated' (one memory, lambda per token from its gate) or 'routed' "
+            "(weights per token from the router over several memories)",
+        )
     return mixing
-
 
 
 def check_weights(weights: Any, n_memories: int) -> list[float]:
@@ -59,19 +62,25 @@ def check_weights(weights: Any, n_memories: int) -> list[float]:
     try:
         w = [float(x) for x in weights]
     except (TypeError, ValueError):
-        raise MlpmemError(f"mixture weights must be a list of numbers, got {weights!r}", f"pass {n_memories + 1} numbers: the LM's weight, then each memory's")
+        raise MlpmemError(
+            f"mixture weights must be a list of numbers, got {weights!r}",
+            f"pass {n_memories + 1} numbers: the LM's weight, then each memory's",
+        )
     if len(w) != n_memories + 1:
-        raise MlpmemError(f"the model has {n_memories} memories, so it needs {n_memories + 1} mixture weights (the LM first), got {len(w)}",
-                          "pass one weight for the LM and one per memory, in the model's order (model.memory_names)")
+        raise MlpmemError(
+            f"the model has {n_memories} memories, so it needs {n_memories + 1} mixture weights (the LM first), got {len(w)}",
+            "pass one weight for the LM and one per memory, in the model's order (model.memory_names)",
+        )
     if not all(0.0 <= x <= 1.0 for x in w) or abs(sum(w) - 1.0) > 1e-6:  # the comparisons also refuse NaN
-        raise MlpmemError(f"mixture weights must each lie in [0, 1] and sum to 1, got {w}", "pass weights such as [0.6, 0.2, 0.2] (the LM first)")
+        raise MlpmemError(
+            f"mixture weights must each lie in [0, 1] and sum to 1, got {w}", "pass weights such as [0.6, 0.2, 0.2] (the LM first)"
+        )
     return w
 
 
 def weights_from_lambda(lam: float, n_memories: int) -> list[float]:
     """lambda split evenly over the memories: [1 - lambda, lambda / n, ...]; n = 1 gives [1 - lambda, lambda]."""
     return [1.0 - lam] + [lam / n_memories] * n_memories
-
 
 
 def gate_features(lm_logprobs: torch.Tensor, memory_logprobs: torch.Tensor) -> torch.Tensor:
@@ -94,7 +103,6 @@ def gate_features(lm_logprobs: torch.Tensor, memory_logprobs: torch.Tensor) -> t
     max_q, arg_q = lq.max(-1)
     agree = (arg_p == arg_q).to(lp.dtype)
     return torch.stack([h_p.clamp_min(0.0), max_p, h_q.clamp_min(0.0), max_q, kl_pq, kl_qp, agree], -1)
-
 
 
 def mix(lm_logprobs: torch.Tensor, other_logprobs: torch.Tensor, lam: float) -> torch.Tensor:
@@ -138,8 +146,9 @@ def mix_routed(logprobs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(torch.log(w) + logprobs, dim=-1)
 
 
-def mixture_nll_logit(lam_logit: torch.Tensor, lm_logprobs: torch.Tensor, memory_logprobs: torch.Tensor,
-                      weight: torch.Tensor | None = None) -> torch.Tensor:
+def mixture_nll_logit(
+    lam_logit: torch.Tensor, lm_logprobs: torch.Tensor, memory_logprobs: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Mean negative log-likelihood of the per-token mixture, from the gate's pre-sigmoid output z [N].
 
     log((1 - g) p + g q) with g = sigmoid(z): log g = logsigmoid(z), log(1 - g) = logsigmoid(-z), so

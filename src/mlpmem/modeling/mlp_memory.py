@@ -24,7 +24,6 @@ NORMS = ("layernorm", "rmsnorm", "rmsnorm_plus_one")
 INITS = ("plain", "lm_head", "lm_copy")
 
 
-
 @dataclass
 class MemoryConfig:
     """Everything that rebuilds a memory's architecture (and how it was started)."""
@@ -123,7 +122,6 @@ class Block(nn.Module):
         return x + self.ffn(self.norm(x))
 
 
-
 def plain_init(m: nn.Module) -> None:
     """The "plain" start of one module: GPT-2's N(0, 0.02) linear weights, zero biases, unit norms."""
     if isinstance(m, nn.Linear):
@@ -132,6 +130,7 @@ def plain_init(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
     elif isinstance(m, Norm):
         m.reset_parameters()
+
 
 class MLPMemory(nn.Module):
     """All-MLP memory. ``forward(h [..., d_in]) -> logits [..., vocab_size]``.
@@ -192,7 +191,10 @@ def read_memory_folder(files: dict[str, str]) -> tuple[MLPMemory, dict[str, Any]
             memory = MLPMemory(MemoryConfig(**data["config"]))
         memory.load_state_dict(load_file(files[MEMORY_WEIGHTS]), strict=True, assign=True)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise MlpmemError(f"the memory in {Path(files[MEMORY_CONFIG]).parent} is not readable ({str(e).splitlines()[0][:200]})", "save the model again with save_pretrained")
+        raise MlpmemError(
+            f"the memory in {Path(files[MEMORY_CONFIG]).parent} is not readable ({str(e).splitlines()[0][:200]})",
+            "save the model again with save_pretrained",
+        )
     memory.apply_freeze()
     return memory.eval(), data.get("meta", {})
 

@@ -92,7 +92,16 @@ from .mixing import (
     mix_weighted,
     weights_from_lambda,
 )
-from .mlp_memory import MEMORY_CONFIG, MEMORY_DIR, MEMORY_WEIGHTS, MemoryConfig, MLPMemory, plain_init, read_memory_folder, write_memory_folder
+from .mlp_memory import (
+    MEMORY_CONFIG,
+    MEMORY_DIR,
+    MEMORY_WEIGHTS,
+    MemoryConfig,
+    MLPMemory,
+    plain_init,
+    read_memory_folder,
+    write_memory_folder,
+)
 from .read_site import SITES, ReadSite, capture, keep_positions, resolve_layer
 
 logger = logging.getLogger(__name__)
@@ -154,7 +163,10 @@ def component_fingerprint(module: nn.Module, meta: dict[str, Any] | None = None)
 
 def check_name(name: str, taken: list[str]) -> str:
     if not isinstance(name, str) or not re.fullmatch(NAME_RE, name) or name in RESERVED_NAMES:
-        raise MlpmemError(f"{name!r} cannot name a memory", "use a letter followed by letters, digits or _ (up to 64), not one of " + ", ".join(RESERVED_NAMES))
+        raise MlpmemError(
+            f"{name!r} cannot name a memory",
+            "use a letter followed by letters, digits or _ (up to 64), not one of " + ", ".join(RESERVED_NAMES),
+        )
     if name in taken:
         raise MlpmemError(f"the model already has a memory named {name!r}", "pass another name=, or remove_memory it first")
     return name
@@ -173,8 +185,6 @@ def check_same_base(metas: dict[str, dict[str, Any]]) -> None:
                 seen[name] = v
         if len(set(seen.values())) > 1:
             raise MlpmemError(f"the memories were built for different {label}: " + ", ".join(f"{n} {v}" for n, v in seen.items()), fix)
-
-
 
 
 # ============================================================================ model
@@ -203,8 +213,15 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
-    def __init__(self, config: MLPMemoryConfig, lm: PreTrainedModel | None = None, memory: nn.Module | None = None,
-                 gate: MixingGate | None = None, extra: dict[str, nn.Module] | None = None, router: MemoryRouter | None = None) -> None:
+    def __init__(
+        self,
+        config: MLPMemoryConfig,
+        lm: PreTrainedModel | None = None,
+        memory: nn.Module | None = None,
+        gate: MixingGate | None = None,
+        extra: dict[str, nn.Module] | None = None,
+        router: MemoryRouter | None = None,
+    ) -> None:
         super().__init__(config)
         given = lm is not None
         if lm is None:
@@ -336,8 +353,10 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         names = self.memory_names
         self.component_meta(name)  # refuses an unknown name
         if len(names) == 1:
-            raise MlpmemError(f"{name!r} is the model's only memory, and a model needs at least one",
-                              "add another memory first, or use the base model alone (lambda_=0 gives it bit for bit)")
+            raise MlpmemError(
+                f"{name!r} is the model's only memory, and a model needs at least one",
+                "add another memory first, or use the base model alone (lambda_=0 gives it bit for bit)",
+            )
         if name == names[0]:  # the next memory takes the first place, with its own meta; the gate was the first memory's
             first = self.config.extra_memories[0]
             self.memory = self.extra_memories.pop(first["name"])
@@ -361,8 +380,10 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         if not isinstance(router, MemoryRouter):
             raise MlpmemError(f"a router must be a MemoryRouter, got {type(router).__name__}", "fit one with mlpmem.gate.fit_router")
         if router.n_memories != self.n_memories:
-            raise MlpmemError(f"the router weighs {router.n_memories} memories and this model has {self.n_memories}",
-                              "fit a router for this model's memories (mlpmem.hf.fit_router)")
+            raise MlpmemError(
+                f"the router weighs {router.n_memories} memories and this model has {self.n_memories}",
+                "fit a router for this model's memories (mlpmem.hf.fit_router)",
+            )
         check_router_values(router, "the router")
         meta = dict(meta) if meta else {}
         if meta.get("memory_fingerprints") is None:
@@ -374,8 +395,10 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
 
     def router_meta(self) -> dict[str, Any]:
         """What a router fitted for this model's memories records: their names and fingerprints, in order."""
-        return {"memory_names": self.memory_names,
-                "memory_fingerprints": [component_fingerprint(m, self.component_meta(n)) for n, m in self.components().items()]}
+        return {
+            "memory_names": self.memory_names,
+            "memory_fingerprints": [component_fingerprint(m, self.component_meta(n)) for n, m in self.components().items()],
+        }
 
     # ------------------------------------------------------------------ building from parts
 
@@ -424,11 +447,17 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
             check_component(lm, m, mt, tokenizer)
         for n, m, _ in parts:
             if component_kind(m) == "module":
-                logger.info("memory %r (%s) cannot be saved with the model (it is neither an MLPMemory nor a retriever with a run folder)", n, type(m).__name__)
+                logger.info(
+                    "memory %r (%s) cannot be saved with the model (it is neither an MLPMemory nor a retriever with a run folder)",
+                    n,
+                    type(m).__name__,
+                )
         if gate is not None:
             check_gate(gate_meta or {}, memory)
             check_gate_values(gate, "the gate")
-        mixing = check_model_mixing(mixing or ("routed" if router is not None else "gated" if gate is not None and len(parts) == 1 else "fixed"))
+        mixing = check_model_mixing(
+            mixing or ("routed" if router is not None else "gated" if gate is not None and len(parts) == 1 else "fixed")
+        )
         ref = base_model or meta.get("model_id") or meta.get("base_model") or getattr(lm.config, "name_or_path", None) or None
         text_cfg = lm.config.get_text_config()
         config = MLPMemoryConfig(
@@ -451,7 +480,9 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
             pad_token_id=lm.generation_config.pad_token_id,
         )
         config.dtype = config.text_config.dtype = lm.dtype  # what dtype="auto" restores
-        model = cls(config, lm=lm, memory=memory, gate=gate.eval() if gate is not None else None, extra={n: m.eval() for n, m, _ in parts[1:]})
+        model = cls(
+            config, lm=lm, memory=memory, gate=gate.eval() if gate is not None else None, extra={n: m.eval() for n, m, _ in parts[1:]}
+        )
         model.tokenizer = tokenizer
         if router is not None:
             model.set_router(router, router_meta, mixing=mixing)
@@ -464,8 +495,10 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         """Pair one or more memory folders from mlpmem's train stage with their base model (needs mlpmem; see mlpmem.hf.from_memory)."""
         from_memory = hook("from_memory")
         if from_memory is None:
-            raise MlpmemError("from_memory reads a memory folder of mlpmem's train stage and needs the mlpmem package",
-                              "install mlpmem and `import mlpmem`, or load an exported folder with from_pretrained")
+            raise MlpmemError(
+                "from_memory reads a memory folder of mlpmem's train stage and needs the mlpmem package",
+                "install mlpmem and `import mlpmem`, or load an exported folder with from_pretrained",
+            )
         return from_memory(cls, memory_dir, base_model, **kwargs)
 
     # ------------------------------------------------------------------ loading and saving
@@ -493,7 +526,9 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         config = kwargs.get("config")
         fix = "pass a folder or repo written by MLPMemoryForCausalLM.save_pretrained, or save the model again"
         local = Path(pretrained_model_name_or_path)
-        if (local.is_dir() or not _hub_like(str(pretrained_model_name_or_path))) and not (local / kwargs.get("subfolder", "") / "config.json").is_file():
+        if (local.is_dir() or not _hub_like(str(pretrained_model_name_or_path))) and not (
+            local / kwargs.get("subfolder", "") / "config.json"
+        ).is_file():
             raise MlpmemError(f"{local} holds no saved LM + memory model (config.json is missing)", fix)
         if not isinstance(config, PretrainedConfig):
             hub = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
@@ -505,7 +540,10 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
             raise MlpmemError(f"{pretrained_model_name_or_path} holds a {config.model_type!r} model, not an LM + memory ('mlpmem')", fix)
         if base_model is None and not config.saved_by_reference():
             if local.is_dir() and not any((local / kwargs.get("subfolder", "")).glob("model*.safetensors")):
-                raise MlpmemError(f"the full export in {local} is incomplete: it holds no model.safetensors", "export the model again with save_pretrained(..., full_export=True)")
+                raise MlpmemError(
+                    f"the full export in {local} is incomplete: it holds no model.safetensors",
+                    "export the model again with save_pretrained(..., full_export=True)",
+                )
             model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
             if "lambda_" in kwargs and "weights" not in kwargs:
                 model.config.weights = None  # the lambda asked for, not the saved weights
@@ -539,22 +577,30 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         """
         if kwargs.get("push_to_hub"):
             # transformers would upload before the tokenizer and the card are written
-            raise MlpmemError("save_pretrained(push_to_hub=True) would upload an incomplete folder",
-                              "save the folder, then upload it with huggingface_hub.upload_folder, or call model.push_to_hub(repo_id)")
+            raise MlpmemError(
+                "save_pretrained(push_to_hub=True) would upload an incomplete folder",
+                "save the folder, then upload it with huggingface_hub.upload_folder, or call model.push_to_hub(repo_id)",
+            )
         kinds = {n: component_kind(m) for n, m in self.components().items()}
         unsavable = [n for n, k in kinds.items() if k == "module"]
         if unsavable:
-            raise MlpmemError(f"the memories {unsavable} cannot be saved: they are neither MLP memories nor retrievers with a run folder",
-                              "remove them before saving (remove_memory), or add them again after loading")
+            raise MlpmemError(
+                f"the memories {unsavable} cannot be saved: they are neither MLP memories nor retrievers with a run folder",
+                "remove them before saving (remove_memory), or add them again after loading",
+            )
         if full_export and any(k != "mlp" for k in kinds.values()):
-            raise MlpmemError(f"a full export holds MLP memories only, and {[n for n, k in kinds.items() if k != 'mlp']} are kNN-LM retrievers (an index is saved by reference)",
-                              "save with full_export=False (the retriever's run folder is named in the config)")
+            raise MlpmemError(
+                f"a full export holds MLP memories only, and {[n for n, k in kinds.items() if k != 'mlp']} are kNN-LM retrievers (an index is saved by reference)",
+                "save with full_export=False (the retriever's run folder is named in the config)",
+            )
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
         # base/ and memory/ are replaced below: only in a folder an earlier save of this class wrote
         if not _saved_by_us(folder) and any((folder / name).exists() for name in ("base", MEMORY_DIR, GATE_DIR, MEMORIES_DIR, ROUTER_DIR)):
-            raise MlpmemError(f"{folder} holds a base/ or memory/ folder that no earlier save of an mlpmem model wrote, and saving would replace it",
-                              "save into a new or empty folder")
+            raise MlpmemError(
+                f"{folder} holds a base/ or memory/ folder that no earlier save of an mlpmem model wrote, and saving would replace it",
+                "save into a new or empty folder",
+            )
         (folder / "config.json").unlink(missing_ok=True)
         tok = tokenizer if tokenizer is not None else self.tokenizer
         if self.gate is None:
@@ -569,7 +615,9 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         n_params = sum(m.num_parameters() for m in self.components().values() if isinstance(m, MLPMemory))
         if full_export:  # one weights file with every part, through transformers' own save
             if tok is None:
-                raise MlpmemError("a full export needs the tokenizer, and this model has none attached", "pass tokenizer= to save_pretrained")
+                raise MlpmemError(
+                    "a full export needs the tokenizer, and this model has none attached", "pass tokenizer= to save_pretrained"
+                )
             self.config.base_weights = "included"
             # transformers writes config.json before the weights: stage the save, then move config.json last
             staging = folder / ".partial"
@@ -583,10 +631,16 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
             return
         # by reference: the memories only (memory folders), the base named in the config
         if not self.config.base_model:
-            raise MlpmemError("the base model has no reference (hub id or folder) to save", "use full_export=True, or build the model with from_parts(..., base_model=PATH)")
+            raise MlpmemError(
+                "the base model has no reference (hub id or folder) to save",
+                "use full_export=True, or build the model with from_parts(..., base_model=PATH)",
+            )
         if not _hub_like(self.config.base_model) or Path(self.config.base_model).exists():
-            logger.warning("the saved folder names its base model by the local name %r: it loads only where that exists "
-                           "(or with base_model=); full_export=True makes it self-contained", self.config.base_model)
+            logger.warning(
+                "the saved folder names its base model by the local name %r: it loads only where that exists "
+                "(or with base_model=); full_export=True makes it self-contained",
+                self.config.base_model,
+            )
         self.config.base_weights = "reference"
         for i, (name, module) in enumerate(self.components().items()):
             if isinstance(module, MLPMemory):
@@ -604,8 +658,13 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ mixing weights
 
-    def set_lambda(self, lambda_: float | None = None, memory_temperature: float | None = None, mode: str | None = None,
-                   weights: list[float] | None = None) -> None:
+    def set_lambda(
+        self,
+        lambda_: float | None = None,
+        memory_temperature: float | None = None,
+        mode: str | None = None,
+        weights: list[float] | None = None,
+    ) -> None:
         """Set the defaults used when a call does not pass them: lambda, memory temperature, mixing mode
         ("fixed", "gated" or "routed") and fixed weights [LM, each memory] (a new lambda_ clears them)."""
         if mode is not None:
@@ -622,18 +681,29 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         """The one check that this model can mix by ``mode`` (a gate for gated, a router for routed)."""
         check_model_mixing(mode)
         if mode == "gated" and (self.gate is None or self.n_memories > 1):
-            raise MlpmemError("mixing='gated' needs a gate, and this model has none" if self.gate is None else
-                              f"mixing='gated' is for one memory (its gate), and this model has {self.n_memories}",
-                              "use mixing='fixed', or load a memory saved with its gate" if self.gate is None else
-                              "use mixing='routed' with a router for these memories (set_router), or mixing='fixed'")
+            raise MlpmemError(
+                "mixing='gated' needs a gate, and this model has none"
+                if self.gate is None
+                else f"mixing='gated' is for one memory (its gate), and this model has {self.n_memories}",
+                "use mixing='fixed', or load a memory saved with its gate"
+                if self.gate is None
+                else "use mixing='routed' with a router for these memories (set_router), or mixing='fixed'",
+            )
         if mode == "routed" and self.memory_router is None:
-            raise MlpmemError("mixing='routed' needs a router, and this model has none",
-                              "fit one for its memories (mlpmem.hf.fit_router) or attach one (set_router), or use mixing='fixed'")
+            raise MlpmemError(
+                "mixing='routed' needs a router, and this model has none",
+                "fit one for its memories (mlpmem.hf.fit_router) or attach one (set_router), or use mixing='fixed'",
+            )
         return mode
 
     @contextlib.contextmanager
-    def mixing(self, lambda_: float | None = None, memory_temperature: float | None = None, mode: str | None = None,
-               weights: list[float] | None = None) -> Iterator["MLPMemoryForCausalLM"]:
+    def mixing(
+        self,
+        lambda_: float | None = None,
+        memory_temperature: float | None = None,
+        mode: str | None = None,
+        weights: list[float] | None = None,
+    ) -> Iterator["MLPMemoryForCausalLM"]:
         """``with model.mixing(lambda_=0.5, mode="fixed"): ...``: set lambda / T / mixing mode / weights inside the block, restore them after."""
         saved = (self.lambda_, self.memory_temperature, self.mixing_mode, self.weights)
         self.set_lambda(lambda_, memory_temperature, mode, weights)
@@ -699,8 +769,13 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         # a memory with weight 0 is not run at all: lambda = 0 is the base LM's own call
         active = [n for i, n in enumerate(comps) if w is None or w[i + 1] > 0.0]
         base_kwargs: dict[str, Any] = dict(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
         )
         if cache_position is not None:
             base_kwargs["cache_position"] = cache_position
@@ -713,8 +788,10 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         lps = {n: component_logprobs(comps[n], keep_positions(store[self.sites[n]], logits_to_keep), temp) for n in active}
         for n, lp in lps.items():
             if lp.shape != logprobs.shape:
-                raise MlpmemError(f"memory {n!r} gives log-probs of shape {tuple(lp.shape)}, the LM {tuple(logprobs.shape)}",
-                                  "use a memory built for this base model's vocabulary")
+                raise MlpmemError(
+                    f"memory {n!r} gives log-probs of shape {tuple(lp.shape)}, the LM {tuple(logprobs.shape)}",
+                    "use a memory built for this base model's vocabulary",
+                )
         if mode == "gated":
             mem_lp = lps[active[0]]
             gate_lam = self.gate(gate_features(logprobs, mem_lp))  # [B, K], in [0, 1] (a sigmoid)
@@ -726,15 +803,20 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         elif len(comps) == 1 and active:  # one memory, fixed lambda: the two-term form, exact at lambda 1
             logprobs = mix(logprobs, lps[active[0]], w[1])
         elif active:  # several memories, fixed weights: log sum_k w_k p_k over the terms with weight > 0
-            logprobs = mix_weighted([logprobs, *(lps[n] for n in comps if n in lps)], [w[0], *(w[i + 1] for i, n in enumerate(comps) if n in lps)])
+            logprobs = mix_weighted(
+                [logprobs, *(lps[n] for n in comps if n in lps)], [w[0], *(w[i + 1] for i, n in enumerate(comps) if n in lps)]
+            )
         loss = None
         if labels is not None:
             if logprobs.shape[1] != labels.shape[1]:
                 raise MlpmemError("labels need the log-probs of every position", "call with logits_to_keep=0 when passing labels")
             loss = F.nll_loss(logprobs[:, :-1].reshape(-1, logprobs.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
         return CausalLMOutputWithPast(
-            loss=loss, logits=logprobs, past_key_values=getattr(out, "past_key_values", None),
-            hidden_states=getattr(out, "hidden_states", None), attentions=getattr(out, "attentions", None),
+            loss=loss,
+            logits=logprobs,
+            past_key_values=getattr(out, "past_key_values", None),
+            hidden_states=getattr(out, "hidden_states", None),
+            attentions=getattr(out, "attentions", None),
         )
 
     # ------------------------------------------------------------------ generation: the base model decides
@@ -765,18 +847,26 @@ def check_parts(lm: nn.Module, memory: nn.Module, meta: dict[str, Any], tokenize
     fix = "use the base model (and tokenizer) the memory was trained for, or train a memory for this model"
     for key in ("layer", "site"):
         if key not in meta:
-            raise MlpmemError(f"the memory's meta does not say which {key} it reads", "pass the meta returned by load_memory, with 'layer' and 'site'")
+            raise MlpmemError(
+                f"the memory's meta does not say which {key} it reads", "pass the meta returned by load_memory, with 'layer' and 'site'"
+            )
     if meta["site"] not in SITES:
         raise MlpmemError(f"the memory reads the unknown site {meta['site']!r}", f"the site must be one of {SITES}")
     text_cfg = lm.config.get_text_config()
     try:
         resolve_layer(lm, int(meta["layer"]))
     except MlpmemError:
-        raise MlpmemError(f"the memory reads decoder layer {meta['layer']}, but the base model {_name(lm)} has only {text_cfg.num_hidden_layers} layers", fix)
+        raise MlpmemError(
+            f"the memory reads decoder layer {meta['layer']}, but the base model {_name(lm)} has only {text_cfg.num_hidden_layers} layers",
+            fix,
+        )
     if not isinstance(memory, MLPMemory):  # a retriever: its output size is checked on its first call
         pass
     elif memory.config.d_in != text_cfg.hidden_size:
-        raise MlpmemError(f"the memory reads {memory.config.d_in}-dim hidden states but the base model {_name(lm)} has hidden size {text_cfg.hidden_size}", fix)
+        raise MlpmemError(
+            f"the memory reads {memory.config.d_in}-dim hidden states but the base model {_name(lm)} has hidden size {text_cfg.hidden_size}",
+            fix,
+        )
     v = int(lm.get_output_embeddings().weight.shape[0])
     if isinstance(memory, MLPMemory) and memory.config.vocab_size != v:
         raise MlpmemError(f"the memory outputs {memory.config.vocab_size} logits but the base model {_name(lm)} outputs {v}", fix)
@@ -796,8 +886,12 @@ def forget_fitted_mixing(model: "MLPMemoryForCausalLM", what: str) -> None:
     """After a memory was added or removed: the router and fixed weights were fitted for the previous set, so they go
     (fixed mixing, lambda split evenly), and a gate stays in use only for a single first memory it belongs to."""
     if model.memory_router is not None or model.weights is not None:
-        logger.warning("%s: the router and fixed weights fitted for the previous memories are dropped (fixed mixing, lambda %.3f "
-                       "split evenly, until set_router or set_lambda(weights=...))", what, model.lambda_)
+        logger.warning(
+            "%s: the router and fixed weights fitted for the previous memories are dropped (fixed mixing, lambda %.3f "
+            "split evenly, until set_router or set_lambda(weights=...))",
+            what,
+            model.lambda_,
+        )
     model.memory_router, model.config.router_config = None, None
     model.config.weights = None
     if model.mixing_mode == "routed" or (model.mixing_mode == "gated" and (model.gate is None or model.n_memories > 1)):
@@ -808,11 +902,16 @@ def check_router(meta: dict[str, Any], model: "MLPMemoryForCausalLM", where: str
     """Refuse a router fitted for other memories: its meta's memory_fingerprints against the model's memories, in order."""
     want = (meta or {}).get("memory_fingerprints")
     if not want:
-        raise MlpmemError(f"{where} does not record the memories it was fitted for (no memory_fingerprints)", "fit the router again with mlpmem.hf.fit_router")
+        raise MlpmemError(
+            f"{where} does not record the memories it was fitted for (no memory_fingerprints)",
+            "fit the router again with mlpmem.hf.fit_router",
+        )
     got = model.router_meta()["memory_fingerprints"]
     if list(want) != got:
-        raise MlpmemError(f"{where} was fitted for other memories (fingerprints {list(want)}, this model's memories {model.memory_names} are {got})",
-                          "fit a router for these memories, in this order (mlpmem.hf.fit_router), or use mixing='fixed'")
+        raise MlpmemError(
+            f"{where} was fitted for other memories (fingerprints {list(want)}, this model's memories {model.memory_names} are {got})",
+            "fit a router for these memories, in this order (mlpmem.hf.fit_router), or use mixing='fixed'",
+        )
 
 
 def _component_from(memory: Any, meta: dict[str, Any] | None) -> tuple[nn.Module, dict[str, Any]]:
@@ -821,22 +920,32 @@ def _component_from(memory: Any, meta: dict[str, Any] | None) -> tuple[nn.Module
         folder = Path(memory)
         files = {f: str(folder / f) for f in (MEMORY_CONFIG, MEMORY_WEIGHTS)}
         if not all(Path(f).is_file() for f in files.values()):
-            raise MlpmemError(f"{folder} is not a memory folder (it needs {MEMORY_CONFIG} and {MEMORY_WEIGHTS})",
-                              "pass a train stage's memory folder (RUN/train/memory), or a module such as KNNRetriever.from_run(RUN)")
+            raise MlpmemError(
+                f"{folder} is not a memory folder (it needs {MEMORY_CONFIG} and {MEMORY_WEIGHTS})",
+                "pass a train stage's memory folder (RUN/train/memory), or a module such as KNNRetriever.from_run(RUN)",
+            )
         module, saved = read_memory_folder(files)
         return module, dict(meta if meta is not None else saved)
     if not isinstance(memory, nn.Module):
-        raise MlpmemError(f"a memory must be a folder or an nn.Module, got {type(memory).__name__}", "pass RUN/train/memory or a loaded module")
+        raise MlpmemError(
+            f"a memory must be a folder or an nn.Module, got {type(memory).__name__}", "pass RUN/train/memory or a loaded module"
+        )
     meta = meta if meta is not None else getattr(memory, "meta", None)
     if not meta:
-        raise MlpmemError(f"the {type(memory).__name__} comes without a meta (its layer and site)", "pass meta= with at least 'layer' and 'site'")
+        raise MlpmemError(
+            f"the {type(memory).__name__} comes without a meta (its layer and site)", "pass meta= with at least 'layer' and 'site'"
+        )
     return memory, dict(meta)
 
 
 def _entry(name: str, module: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
     """A memory's entry in config.extra_memories."""
-    return {"name": name, "kind": component_kind(module),
-            "memory_config": dataclasses.asdict(module.config) if isinstance(module, MLPMemory) else None, "memory_meta": _jsonable(dict(meta))}
+    return {
+        "name": name,
+        "kind": component_kind(module),
+        "memory_config": dataclasses.asdict(module.config) if isinstance(module, MLPMemory) else None,
+        "memory_meta": _jsonable(dict(meta)),
+    }
 
 
 def _build_component(kind: str | None, memory_config: dict | None, meta: dict | None) -> nn.Module:
@@ -846,7 +955,10 @@ def _build_component(kind: str | None, memory_config: dict | None, meta: dict | 
     if kind == "knn":
         build_knn = hook("build_knn")
         if build_knn is None:
-            raise MlpmemError("this model mixes a kNN-LM retriever, which needs the mlpmem package (mlpmem.retrieval)", "install mlpmem and `import mlpmem`")
+            raise MlpmemError(
+                "this model mixes a kNN-LM retriever, which needs the mlpmem package (mlpmem.retrieval)",
+                "install mlpmem and `import mlpmem`",
+            )
         return build_knn(dict(meta or {}))
     raise MlpmemError(f"a saved memory of kind {kind!r} cannot be rebuilt", "save the model again with mlpmem")
 
@@ -862,7 +974,9 @@ def _device_of(m: nn.Module) -> torch.device:
     return next(m.parameters()).device
 
 
-def _from_pretrained_parts(cls: type, name: str, config: MLPMemoryConfig, base_model: Any, tokenizer: Any, kwargs: dict) -> MLPMemoryForCausalLM:
+def _from_pretrained_parts(
+    cls: type, name: str, config: MLPMemoryConfig, base_model: Any, tokenizer: Any, kwargs: dict
+) -> MLPMemoryForCausalLM:
     """from_pretrained for a folder saved by reference, or with ``base_model=``: load the two parts, then pair them."""
     hub = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
     kwargs.pop("config", None)
@@ -887,7 +1001,10 @@ def _from_pretrained_parts(cls: type, name: str, config: MLPMemoryConfig, base_m
         raise MlpmemError(f"{name} holds no gate, so mixing='gated' is not possible", "use mixing='fixed', or save the model with its gate")
     router, router_meta = _load_router(name, config, hub)
     if router is None and mixing == "routed":
-        raise MlpmemError(f"{name} holds no router, so mixing='routed' is not possible", "use mixing='fixed', or fit a router (mlpmem.hf.fit_router) and save the model")
+        raise MlpmemError(
+            f"{name} holds no router, so mixing='routed' is not possible",
+            "use mixing='fixed', or fit a router (mlpmem.hf.fit_router) and save the model",
+        )
     if mixing is None and (gate is not None or router is not None):
         mixing = config.mixing
     base_hub = {k: v for k, v in hub.items() if k not in ("revision", "subfolder")}  # another repository
@@ -900,8 +1017,15 @@ def _from_pretrained_parts(cls: type, name: str, config: MLPMemoryConfig, base_m
             ref, sub = name, config.base_subfolder
             if Path(name).is_dir():
                 ref, sub = str(Path(name) / config.base_subfolder), None
-                if not (Path(ref) / "config.json").is_file() or not any(Path(ref).glob("*.safetensors")) and not any(Path(ref).glob("*.bin")):
-                    raise MlpmemError(f"the full export in {name} is incomplete: {ref} holds no base model", "export the model again with save_pretrained(..., full_export=True)")
+                if (
+                    not (Path(ref) / "config.json").is_file()
+                    or not any(Path(ref).glob("*.safetensors"))
+                    and not any(Path(ref).glob("*.bin"))
+                ):
+                    raise MlpmemError(
+                        f"the full export in {name} is incomplete: {ref} holds no base model",
+                        "export the model again with save_pretrained(..., full_export=True)",
+                    )
             base_hub = dict(hub, subfolder=sub) if sub else base_hub
         elif config.base_model:
             ref = config.base_model
@@ -911,10 +1035,23 @@ def _from_pretrained_parts(cls: type, name: str, config: MLPMemoryConfig, base_m
         tok = tokenizer if tokenizer is not None else tok
     if tok is None:
         logger.warning("cannot check that the base model's tokenizer is the memory's: pass tokenizer= to check it")
-    model = cls.from_parts(lm, memory, meta, tokenizer=tok, base_model=config.base_model if isinstance(base_model, nn.Module) or base_model is None else str(base_model),
-                           lambda_=lam, memory_temperature=temp, gate=gate, gate_meta=gate_meta, mixing=mixing,
-                           name=config.memory_name, memories=memories, weights=weights,
-                           router=router, router_meta=router_meta)
+    model = cls.from_parts(
+        lm,
+        memory,
+        meta,
+        tokenizer=tok,
+        base_model=config.base_model if isinstance(base_model, nn.Module) or base_model is None else str(base_model),
+        lambda_=lam,
+        memory_temperature=temp,
+        gate=gate,
+        gate_meta=gate_meta,
+        mixing=mixing,
+        name=config.memory_name,
+        memories=memories,
+        weights=weights,
+        router=router,
+        router_meta=router_meta,
+    )
     if device is not None or isinstance(device_map, (str, torch.device)):
         model.to(device if device is not None else device_map)
     return model
@@ -924,7 +1061,12 @@ def _load_memory(name: str, config: MLPMemoryConfig, hub: dict, entry: dict[str,
     """A memory of a saved model: the first (``entry`` None) from ``memory/``, another from ``memories/NAME/``, else
     from the ``memory.*`` / ``extra_memories.NAME.*`` weights of a full export; a kNN-LM retriever from its run folder."""
     if entry is None:
-        entry = {"name": config.memory_name or "memory", "kind": config.memory_kind, "memory_config": config.memory_config, "memory_meta": config.memory_meta}
+        entry = {
+            "name": config.memory_name or "memory",
+            "kind": config.memory_kind,
+            "memory_config": config.memory_config,
+            "memory_meta": config.memory_meta,
+        }
         sub, prefix = MEMORY_DIR, "memory."
     else:
         sub, prefix = f"{MEMORIES_DIR}/{entry['name']}", f"extra_memories.{entry['name']}."
@@ -946,7 +1088,10 @@ def _load_memory(name: str, config: MLPMemoryConfig, hub: dict, entry: dict[str,
     try:
         memory.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
     except RuntimeError as e:
-        raise MlpmemError(f"the memory weights in {name} do not fit its config ({str(e).splitlines()[0][:200]})", "export the model again with save_pretrained(..., full_export=True)")
+        raise MlpmemError(
+            f"the memory weights in {name} do not fit its config ({str(e).splitlines()[0][:200]})",
+            "export the model again with save_pretrained(..., full_export=True)",
+        )
     memory.apply_freeze()
     return memory.eval(), meta
 
@@ -961,7 +1106,9 @@ def _full_weights(name: str, hub: dict, prefix: str, required: bool = True) -> d
         if not path:
             if not required:
                 continue
-            raise MlpmemError(f"{name} is missing its weights file {shard}", "save the model again with save_pretrained(..., full_export=True)")
+            raise MlpmemError(
+                f"{name} is missing its weights file {shard}", "save the model again with save_pretrained(..., full_export=True)"
+            )
         state.update({k: v for k, v in load_file(path).items() if k.startswith(prefix)})
     return state
 
@@ -974,14 +1121,19 @@ def _load_router(name: str, config: MLPMemoryConfig, hub: dict) -> tuple[MemoryR
     if all(files.values()):
         return read_router_folder(files)
     if config.saved_by_reference():
-        raise MlpmemError(f"{name} names a router in its config but holds no complete router ({ROUTER_DIR}/ is missing or partial)",
-                          "save the model again with save_pretrained")
+        raise MlpmemError(
+            f"{name} names a router in its config but holds no complete router ({ROUTER_DIR}/ is missing or partial)",
+            "save the model again with save_pretrained",
+        )
     router = MemoryRouter(**config.router_config["config"])
     state = {k.removeprefix("memory_router."): v.float() for k, v in _full_weights(name, hub, "memory_router.", required=False).items()}
     try:
         router.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise MlpmemError(f"the router weights in {name} do not fit its config ({str(e).splitlines()[0][:200]})", "export the model again with save_pretrained")
+        raise MlpmemError(
+            f"the router weights in {name} do not fit its config ({str(e).splitlines()[0][:200]})",
+            "export the model again with save_pretrained",
+        )
     check_router_values(router, name)
     return router.eval(), dict(config.router_config.get("meta") or {})
 
@@ -994,8 +1146,10 @@ def _load_gate(name: str, config: MLPMemoryConfig, hub: dict) -> tuple[MixingGat
     if all(files.values()):
         return read_gate_folder(files=files)
     if config.saved_by_reference():
-        raise MlpmemError(f"{name} names a gate in its config but holds no complete gate ({GATE_DIR}/ is missing or partial)",
-                          "save the model again with save_pretrained, or load it with mixing='fixed' after removing gate_config")
+        raise MlpmemError(
+            f"{name} names a gate in its config but holds no complete gate ({GATE_DIR}/ is missing or partial)",
+            "save the model again with save_pretrained, or load it with mixing='fixed' after removing gate_config",
+        )
     index = _resolve(name, "model.safetensors.index.json", hub)
     shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values())) if index else ["model.safetensors"]
     state = {}
@@ -1007,7 +1161,10 @@ def _load_gate(name: str, config: MLPMemoryConfig, hub: dict) -> tuple[MixingGat
     try:
         gate.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise MlpmemError(f"the gate weights in {name} do not fit its config ({str(e).splitlines()[0][:200]})", "export the model again with save_pretrained")
+        raise MlpmemError(
+            f"the gate weights in {name} do not fit its config ({str(e).splitlines()[0][:200]})",
+            "export the model again with save_pretrained",
+        )
     check_gate_values(gate, name)
     return gate.eval(), dict(config.gate_config.get("meta") or {})
 
@@ -1029,8 +1186,10 @@ def load_base(ref: str, dtype: Any, hub: dict) -> tuple[PreTrainedModel, Any]:
     try:
         lm = AutoModelForCausalLM.from_pretrained(ref, dtype=dtype if dtype is not None else "auto", **hub)
     except (OSError, ValueError) as e:
-        raise MlpmemError(f"could not load the base model {ref!r} ({str(e).splitlines()[0][:200]})",
-                          "pass base_model= a loadable model, or save the LM + memory with full_export=True")
+        raise MlpmemError(
+            f"could not load the base model {ref!r} ({str(e).splitlines()[0][:200]})",
+            "pass base_model= a loadable model, or save the LM + memory with full_export=True",
+        )
     try:
         tok = AutoTokenizer.from_pretrained(ref, **hub)
     except (OSError, ValueError):
@@ -1056,26 +1215,41 @@ def model_card(config: MLPMemoryConfig, full_export: bool, memory_params: int, l
         front.append(f"base_model: {base}")
     front.append("---")
     lines = [
-        *front, "",
-        f"# {label} + MLP memory", "",
+        *front,
+        "",
+        f"# {label} + MLP memory",
+        "",
         "A causal language model mixed at every position with a retriever-pretrained MLP memory "
-        "([MLP Memory, arXiv 2508.01832](https://arxiv.org/abs/2508.01832)), built with mlpmem.", "",
-        "| | |", "|---|---|",
+        "([MLP Memory, arXiv 2508.01832](https://arxiv.org/abs/2508.01832)), built with mlpmem.",
+        "",
+        "| | |",
+        "|---|---|",
         f"| base model | `{base}`{f' = {label}' if label != base else ''} ({lm_params:,} parameters{', included' if full_export else ', loaded by reference'}) |",
         f"| memory | {memory_params:,} parameters, {mem.get('n_blocks')} blocks, {mem.get('activation')}, "
         f"reads layer {meta.get('layer')} ({meta.get('site')}) |",
         f"| lambda (memory weight) | {config.lambda_} |",
         f"| memory temperature | {config.memory_temperature} |",
         f"| mixing | {config.mixing or 'fixed'}"
-        + (f" (gate: {(config.gate_config or {}).get('config', {}).get('kind')}, lambda per token from the two distributions)" if config.gate_config else "")
-        + (" (router: weights per token over the LM and every memory)" if config.router_config else "") + " |",
+        + (
+            f" (gate: {(config.gate_config or {}).get('config', {}).get('kind')}, lambda per token from the two distributions)"
+            if config.gate_config
+            else ""
+        )
+        + (" (router: weights per token over the LM and every memory)" if config.router_config else "")
+        + " |",
     ]
     if config.extra_memories:
         names = [config.memory_name or "memory", *(e["name"] for e in config.extra_memories)]
         metas = [meta, *((e.get("memory_meta") or {}) for e in config.extra_memories)]
         kinds = [config.memory_kind or "mlp", *(e.get("kind") or "mlp" for e in config.extra_memories)]
-        lines.append("| memories | " + ", ".join(f"`{n}` ({'kNN-LM' if k == 'knn' else 'MLP'}, layer {m.get('layer')} {m.get('site')})"
-                                                  for n, m, k in zip(names, metas, kinds)) + " |")
+        lines.append(
+            "| memories | "
+            + ", ".join(
+                f"`{n}` ({'kNN-LM' if k == 'knn' else 'MLP'}, layer {m.get('layer')} {m.get('site')})"
+                for n, m, k in zip(names, metas, kinds)
+            )
+            + " |"
+        )
         if config.weights:
             lines.append(f"| fixed weights (LM, memories) | {config.weights} |")
     for key, label in (("corpus", "training corpus"), ("datastore", "datastore"), ("targets", "kNN targets"), ("model", "recipe model")):
@@ -1088,14 +1262,25 @@ def model_card(config: MLPMemoryConfig, full_export: bool, memory_params: int, l
     else:
         lines.append("No results were recorded with this memory.")
     lines += [
-        "", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
         f'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO", trust_remote_code=True{", dtype=" + chr(34) + "auto" + chr(34) if full_export else ""})',
         'tok = AutoTokenizer.from_pretrained("PATH_OR_REPO")',
         'out = model.generate(**tok(["Fellow citizens"], return_tensors="pt"), max_new_tokens=30)',
-        "out = model.generate(..., lambda_=0.0)  # the base model alone; 1.0 the memory alone", "```", "",
-        "`logits` are the mixture's log-probabilities. " + (
-            "The folder is self-contained." if full_export else
-            f"The base model is loaded from `{base}`; pass `base_model=` to use a copy from elsewhere."), "",
+        "out = model.generate(..., lambda_=0.0)  # the base model alone; 1.0 the memory alone",
+        "```",
+        "",
+        "`logits` are the mixture's log-probabilities. "
+        + (
+            "The folder is self-contained."
+            if full_export
+            else f"The base model is loaded from `{base}`; pass `base_model=` to use a copy from elsewhere."
+        ),
+        "",
     ]
     return "\n".join(lines)
 

@@ -42,14 +42,18 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     for m in model.modules():
         if isinstance(m, nn.ModuleList) and len(m) == n:
             return m
-    raise MlpmemError(f"could not find the decoder layers of {type(model).__name__} (no list of {n} modules)", "use a standard Hugging Face causal LM")
+    raise MlpmemError(
+        f"could not find the decoder layers of {type(model).__name__} (no list of {n} modules)", "use a standard Hugging Face causal LM"
+    )
 
 
 def check_layer(layer: int, n_layers: int, what: str = "layer") -> int:
     """A possibly negative layer index (counting from the end) as a non-negative one, range checked."""
     if not -n_layers <= layer < n_layers:
-        raise MlpmemError(f"{what} {layer} is out of range: the model has {n_layers} decoder layers",
-                          f"choose a layer in {-n_layers}..{n_layers - 1} (negative counts from the end; -1 is the last)")
+        raise MlpmemError(
+            f"{what} {layer} is out of range: the model has {n_layers} decoder layers",
+            f"choose a layer in {-n_layers}..{n_layers - 1} (negative counts from the end; -1 is the last)",
+        )
     return layer % n_layers
 
 
@@ -91,7 +95,9 @@ def capture(model: nn.Module, sites: list[ReadSite], stop_early: bool = False) -
             if s.site == "ffn_input":
                 mlp = getattr(layer, "mlp", None) or getattr(layer, "feed_forward", None)
                 if mlp is None:
-                    raise MlpmemError(f"decoder layer {type(layer).__name__} has no `mlp` block to hook", "use site 'output' for this model")
+                    raise MlpmemError(
+                        f"decoder layer {type(layer).__name__} has no `mlp` block to hook", "use site 'output' for this model"
+                    )
                 handles.append(mlp.register_forward_pre_hook(make(s, True)))
             else:
                 handles.append(layer.register_forward_hook(make(s, False)))

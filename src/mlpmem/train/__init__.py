@@ -23,7 +23,31 @@ from mlpmem.train.metrics import METRICS, plot_training_curve, read_metrics
 from mlpmem.train.model import autocast, build_memory, build_optimizer, cpu_has_native_bf16, use_bf16
 from mlpmem.train.schedule import Schedule, WindowSchedule
 
-__all__ = ["BEST", "CKPT_DIR", "METRICS", "OnlineData", "Schedule", "TrainConfig", "TrainData", "WindowSchedule", "autocast", "build_memory",
-           "build_optimizer", "cpu_has_native_bf16", "evaluate", "list_checkpoints", "load_checkpoint", "load_datastore_lm",
-           "load_latest_checkpoint", "needs_lm", "plot_training_curve", "rank_slice", "read_metrics", "save_checkpoint", "train_memory",
-           "use_bf16", "valid_score", "worse_than_start"]
+__all__ = [
+    "BEST",
+    "CKPT_DIR",
+    "METRICS",
+    "OnlineData",
+    "Schedule",
+    "TrainConfig",
+    "TrainData",
+    "WindowSchedule",
+    "autocast",
+    "build_memory",
+    "build_optimizer",
+    "cpu_has_native_bf16",
+    "evaluate",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_datastore_lm",
+    "load_latest_checkpoint",
+    "needs_lm",
+    "plot_training_curve",
+    "rank_slice",
+    "read_metrics",
+    "save_checkpoint",
+    "train_memory",
+    "use_bf16",
+    "valid_score",
+    "worse_than_start",
+]

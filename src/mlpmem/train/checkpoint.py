@@ -48,11 +48,17 @@ def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first (a .partial folder is an interrupted write)."""
     if not root.is_dir():
         return []
-    done = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".partial") and (p / "state.json").exists()]
+    done = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".partial") and (p / "state.json").exists()
+    ]
     return sorted(done, key=lambda p: p.name)  # step-XXXXXX: the name orders them, even if a state.json is damaged
 
 
-def load_latest_checkpoint(root: Path, cfg: TrainConfig, device: torch.device) -> tuple[MLPMemory, torch.optim.Optimizer, dict, Path] | None:
+def load_latest_checkpoint(
+    root: Path, cfg: TrainConfig, device: torch.device
+) -> tuple[MLPMemory, torch.optim.Optimizer, dict, Path] | None:
     """The newest checkpoint that loads whole, or None. A damaged one (truncated or corrupted
     by a crash or a full disk) is skipped with a warning and the one before it is used."""
     for path in reversed(list_checkpoints(root)):

@@ -59,15 +59,28 @@ class TrainConfig:
         from mlpmem.memory import ACTIVATIONS, INITS, NORMS
         from mlpmem.modeling.read_site import SITES
 
-        return (positive(self, "width", allow_none=True) + positive(self, "n_blocks", zero=True)
-                + positive(self, "expansion", "norm_eps", "lr", "epochs", "batch_size", "grad_accum", "keep_last", "log_every")
-                + positive(self, "weight_decay", "clip", "eval_every", "ckpt_every", "patience", zero=True) + in_range(self, "dropout", 0.0, 1.0, hi_open=True)
-                + one_of(self, "activation", ACTIVATIONS) + one_of(self, "norm", NORMS) + one_of(self, "init", INITS)
-                + one_of(self, "input_site", SITES, allow_none=True) + one_of(self, "schedule", ("cosine", "linear"))
-                + one_of(self, "precision", ("auto", "fp32", "bf16")) + one_of(self, "mode", ("offline", "online"))
-                + in_range(self, "alpha", 0.0, 1.0) + in_range(self, "warmup_frac", 0.0, 1.0, hi_open=True) + in_range(self, "min_lr_frac", 0.0, 1.0)
-                + need(not (self.batch_size > 0 and self.grad_accum > 0) or self.batch_size % self.grad_accum == 0, "batch_size",
-                       f"({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})"))
+        return (
+            positive(self, "width", allow_none=True)
+            + positive(self, "n_blocks", zero=True)
+            + positive(self, "expansion", "norm_eps", "lr", "epochs", "batch_size", "grad_accum", "keep_last", "log_every")
+            + positive(self, "weight_decay", "clip", "eval_every", "ckpt_every", "patience", zero=True)
+            + in_range(self, "dropout", 0.0, 1.0, hi_open=True)
+            + one_of(self, "activation", ACTIVATIONS)
+            + one_of(self, "norm", NORMS)
+            + one_of(self, "init", INITS)
+            + one_of(self, "input_site", SITES, allow_none=True)
+            + one_of(self, "schedule", ("cosine", "linear"))
+            + one_of(self, "precision", ("auto", "fp32", "bf16"))
+            + one_of(self, "mode", ("offline", "online"))
+            + in_range(self, "alpha", 0.0, 1.0)
+            + in_range(self, "warmup_frac", 0.0, 1.0, hi_open=True)
+            + in_range(self, "min_lr_frac", 0.0, 1.0)
+            + need(
+                not (self.batch_size > 0 and self.grad_accum > 0) or self.batch_size % self.grad_accum == 0,
+                "batch_size",
+                f"({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})",
+            )
+        )
 
     def memory_input(self, key_layer: int, key_site: str, lm=None) -> MemoryInput:
         """What the memory reads, for a datastore keyed at (``key_layer``, ``key_site``): see memory.resolve_memory_input."""
@@ -75,4 +88,8 @@ class TrainConfig:
 
     def memory_config(self, d_in: int, vocab_size: int) -> MemoryConfig:
         names = {f.name for f in dataclasses.fields(MemoryConfig)}
-        return MemoryConfig(d_in=d_in, vocab_size=vocab_size, **{k: v for k, v in dataclasses.asdict(self).items() if k in names and k not in ("d_in", "vocab_size")})
+        return MemoryConfig(
+            d_in=d_in,
+            vocab_size=vocab_size,
+            **{k: v for k, v in dataclasses.asdict(self).items() if k in names and k not in ("d_in", "vocab_size")},
+        )

@@ -21,8 +21,9 @@ class TrainData:
     and ``site`` to decide it from (unset: the datastore's key).
     """
 
-    def __init__(self, datastore_dir: Path, targets_dir: Path | None, layer: MemoryInput | int | None = None, site: str | None = None,
-                 lm=None) -> None:
+    def __init__(
+        self, datastore_dir: Path, targets_dir: Path | None, layer: MemoryInput | int | None = None, site: str | None = None, lm=None
+    ) -> None:
         self._open(datastore_dir, targets_dir)
         self.spec = _spec(self.ds, layer, site, "offline", lm)
         if self.spec.array not in self.ds.names:
@@ -123,7 +124,9 @@ def load_datastore_lm(datastore_dir: Path, device: str | torch.device = "cpu", d
     try:
         return load_model(name, dtype or ds.manifest.get("dtype", "float32"), device)[0]
     except MlpmemError as e:
-        raise MlpmemError(f"training needs the LM (init lm_copy / lm_head, online mode or a layer counted from the end), and the "
-                          f"datastore's model {name!r} did not load: {e.problem}",
-                          "pass the LM (init_lm= in Python, --model on the command line), or train without it: init plain (a random start, "
-                          "usually worse) with mode offline and a non-negative input_layer")
+        raise MlpmemError(
+            f"training needs the LM (init lm_copy / lm_head, online mode or a layer counted from the end), and the "
+            f"datastore's model {name!r} did not load: {e.problem}",
+            "pass the LM (init_lm= in Python, --model on the command line), or train without it: init plain (a random start, "
+            "usually worse) with mode offline and a non-negative input_layer",
+        )

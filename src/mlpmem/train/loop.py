@@ -35,7 +35,9 @@ CKPT_DIR = "checkpoints"
 
 
 @torch.no_grad()
-def evaluate(memory: MLPMemory, data: TrainData, alpha: float, device: torch.device, bf16: bool, batch_size: int = 1024) -> dict[str, float]:
+def evaluate(
+    memory: MLPMemory, data: TrainData, alpha: float, device: torch.device, bf16: bool, batch_size: int = 1024
+) -> dict[str, float]:
     """KL and CE on held-out rows, memory-alone perplexity, and with ``lm_logprob`` stored,
     the LM's perplexity and the interpolated one at the EM-fitted lambda (fitted on these rows)."""
     memory.eval()
@@ -113,7 +115,9 @@ def train_memory(
             valid = OnlineData(valid_datastore_dir, valid_targets_dir, spec, None, init_lm)
         valid.ds.check_model(data.ds.model_id, data.ds.tokenizer_hash, data.ds.layer, data.ds.site)
     resolved = {
-        "config": cfg, "datastore": str(Path(datastore_dir).resolve()), "targets": str(Path(targets_dir).resolve()),
+        "config": cfg,
+        "datastore": str(Path(datastore_dir).resolve()),
+        "targets": str(Path(targets_dir).resolve()),
         "valid_datastore": str(Path(valid_datastore_dir).resolve()) if valid_datastore_dir else None,
         "valid_targets": str(Path(valid_targets_dir).resolve()) if valid_targets_dir else None,
         "input": {"layer": data.layer, "site": data.site, "array": data.input},
@@ -125,8 +129,12 @@ def train_memory(
             with torch.device("meta"):  # the size only: no memory allocated
                 n_params = MLPMemory(cfg.memory_config(data.d_in, data.ds.vocab_size)).num_parameters()
             # float32 weights + two AdamW moments per checkpoint, keep_last + 1 of them at a time, and the final memory
-            check_disk_space(out_dir, n_params * 4 * (3 * (cfg.keep_last + 1) + 1), "memory checkpoints and the final memory",
-                             "keep fewer checkpoints (keep_last), or train a smaller memory (width, n_blocks)")
+            check_disk_space(
+                out_dir,
+                n_params * 4 * (3 * (cfg.keep_last + 1) + 1),
+                "memory checkpoints and the final memory",
+                "keep fewer checkpoints (keep_last), or train a smaller memory (width, n_blocks)",
+            )
         return prepare_out(out_dir, resolved, overwrite, kind="memory")
 
     if dist.on_main(claim) == "done":
@@ -135,9 +143,15 @@ def train_memory(
     from mlpmem.models import memory_base_fingerprint  # which base model the memory belongs to; refuses an LM that is not it
 
     mem_meta = {
-        "model_id": data.ds.model_id, "tokenizer_hash": data.ds.tokenizer_hash, **data.spec.as_meta(),
-        "model_fingerprint": memory_base_fingerprint(data.ds.model_id, data.ds.manifest.get("model_fingerprint"), init_lm, cfg.mode == "online"),
-        "datastore": resolved["datastore"], "targets": resolved["targets"], **(meta or {}),
+        "model_id": data.ds.model_id,
+        "tokenizer_hash": data.ds.tokenizer_hash,
+        **data.spec.as_meta(),
+        "model_fingerprint": memory_base_fingerprint(
+            data.ds.model_id, data.ds.manifest.get("model_fingerprint"), init_lm, cfg.mode == "online"
+        ),
+        "datastore": resolved["datastore"],
+        "targets": resolved["targets"],
+        **(meta or {}),
         # token ids the datastore put in front of every window (datastore.bos): the memory's inputs were computed after them
         **({"prefix": list(data.ds.manifest["prefix"])} if data.ds.manifest.get("prefix") else {}),
     }
@@ -168,8 +182,15 @@ def train_memory(
             # the start, so that a memory that ends worse than it began is seen (lambda would hide it)
             state["valid_start"] = evaluate(memory, valid, cfg.alpha, dev, bf16, cfg.batch_size // cfg.grad_accum)
             append_metrics(out_dir, {"step": 0, "split": "valid", **state["valid_start"]})
-    log.info("memory: %.2fM parameters, %d steps of %d positions (%.2f epochs of %d rows), %s", memory.num_parameters() / 1e6,
-             sched.total, cfg.batch_size, sched.total * cfg.batch_size / data.n, data.n, "bf16 autocast" if bf16 else "fp32")
+    log.info(
+        "memory: %.2fM parameters, %d steps of %d positions (%.2f epochs of %d rows), %s",
+        memory.num_parameters() / 1e6,
+        sched.total,
+        cfg.batch_size,
+        sched.total * cfg.batch_size / data.n,
+        data.n,
+        "bf16 autocast" if bf16 else "fp32",
+    )
     last_valid = _train_loop(memory, opt, data, valid if w.main else None, sched, cfg, dev, bf16, state, out_dir, mem_meta, on_step)
     dist.barrier()
     dist.on_main(_finish, out_dir, memory, mem_meta, cfg, data, valid, sched, state, last_valid, bf16, dev)
@@ -236,7 +257,10 @@ def _train_loop(memory, opt, data, valid, sched, cfg, dev, bf16, state, out_dir,
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:.0f}", refresh=False)
         done = state["step"] == sched.total
         if w.main and (state["step"] % cfg.log_every == 0 or done):
-            append_metrics(out_dir, {"step": state["step"], "split": "train", **{k: float(np.mean([w[k] for w in window])) for k in rec}, "tokens_per_s": tps})
+            append_metrics(
+                out_dir,
+                {"step": state["step"], "split": "train", **{k: float(np.mean([w[k] for w in window])) for k in rec}, "tokens_per_s": tps},
+            )
             window = []
         eval_now = done or bool(cfg.eval_every and state["step"] % cfg.eval_every == 0)
         stop = False
@@ -252,7 +276,9 @@ def _train_loop(memory, opt, data, valid, sched, cfg, dev, bf16, state, out_dir,
             log.info("early stop at step %d: %d validations without a better memory (patience)", state["step"], cfg.patience)
             done = True
         if w.main and (done or (cfg.ckpt_every and state["step"] % cfg.ckpt_every == 0)):
-            save_checkpoint(out_dir / CKPT_DIR, state["step"], memory, opt, mem_meta, dict(state, last_valid=last_valid, window=window), cfg.keep_last)
+            save_checkpoint(
+                out_dir / CKPT_DIR, state["step"], memory, opt, mem_meta, dict(state, last_valid=last_valid, window=window), cfg.keep_last
+            )
         if done:
             break
     bar.close()
@@ -297,33 +323,65 @@ def _finish(out_dir, memory, mem_meta, cfg, data, valid, sched, state, last_vali
     if cfg.keep_best and best and best["step"] != state["step"] and (out_dir / BEST).is_dir():
         memory, _ = load_memory(out_dir / BEST, device=dev)
         kept_valid = best["valid"]
-        log.info("kept the memory of step %d (valid %s %.4g); the last step's (%d) had %.4g", best["step"], best["by"], best["value"],
-                 state["step"], valid_score(last_valid)[1] if last_valid else float("nan"))
+        log.info(
+            "kept the memory of step %d (valid %s %.4g); the last step's (%d) had %.4g",
+            best["step"],
+            best["by"],
+            best["value"],
+            state["step"],
+            valid_score(last_valid)[1] if last_valid else float("nan"),
+        )
     save_memory(out_dir / "memory", memory, mem_meta)
     shutil.rmtree(out_dir / BEST, ignore_errors=True)
     plot_training_curve(read_metrics(out_dir / METRICS), out_dir / "training_curve.png", f"memory on {mem_meta['model_id']}")
     tps = state["train_positions"] / max(state["train_seconds"], 1e-9)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     files = [file_record(out_dir, p) for p in sorted((out_dir / "memory").iterdir()) if p.is_file()]
-    write_manifest(out_dir, "memory", {
-        **{k: mem_meta[k] for k in ("model_id", "tokenizer_hash", "layer", "site")}, "files": files,
-        "memory": "memory", "memory_config": dataclasses.asdict(memory.config),
-        "parameters": memory.num_parameters(), "trainable_parameters": memory.num_parameters(trainable_only=True),
-        "steps": sched.total, "positions_seen": sched.total * cfg.batch_size, "epochs": sched.total * cfg.batch_size / data.n,
-        "n_rows": data.n, "datastore": mem_meta["datastore"], "targets": mem_meta["targets"],
-        "precision": "bf16" if bf16 else "fp32", "device": str(dev), "torch_threads": torch.get_num_threads(), "processes": dist.world().size,
-        "tokens_per_s": tps, "peak_rss_mb": peak_rss_mb, "valid": kept_valid, "valid_start": state.get("valid_start"),
-        "valid_last": last_valid, "kept_step": best["step"] if cfg.keep_best and best else state["step"],
-        "kept_by": (best["by"] if best else None) if cfg.keep_best else "last step", "stopped_early": state.get("stopped_early"),
-        "worse_than_start": worse_than_start(state.get("valid_start"), kept_valid),
-    })
+    write_manifest(
+        out_dir,
+        "memory",
+        {
+            **{k: mem_meta[k] for k in ("model_id", "tokenizer_hash", "layer", "site")},
+            "files": files,
+            "memory": "memory",
+            "memory_config": dataclasses.asdict(memory.config),
+            "parameters": memory.num_parameters(),
+            "trainable_parameters": memory.num_parameters(trainable_only=True),
+            "steps": sched.total,
+            "positions_seen": sched.total * cfg.batch_size,
+            "epochs": sched.total * cfg.batch_size / data.n,
+            "n_rows": data.n,
+            "datastore": mem_meta["datastore"],
+            "targets": mem_meta["targets"],
+            "precision": "bf16" if bf16 else "fp32",
+            "device": str(dev),
+            "torch_threads": torch.get_num_threads(),
+            "processes": dist.world().size,
+            "tokens_per_s": tps,
+            "peak_rss_mb": peak_rss_mb,
+            "valid": kept_valid,
+            "valid_start": state.get("valid_start"),
+            "valid_last": last_valid,
+            "kept_step": best["step"] if cfg.keep_best and best else state["step"],
+            "kept_by": (best["by"] if best else None) if cfg.keep_best else "last step",
+            "stopped_early": state.get("stopped_early"),
+            "worse_than_start": worse_than_start(state.get("valid_start"), kept_valid),
+        },
+    )
     start = state.get("valid_start")
     if worse_than_start(start, kept_valid):
         key = gain_measure(start, kept_valid)
-        log.warning("the memory ended WORSE than it started on valid (%s %.4g -> %.4g): training did not help, "
-                    "whatever the fitted lambda shows; check lr, epochs and the targets", key, start[key], kept_valid[key])
+        log.warning(
+            "the memory ended WORSE than it started on valid (%s %.4g -> %.4g): training did not help, "
+            "whatever the fitted lambda shows; check lr, epochs and the targets",
+            key,
+            start[key],
+            kept_valid[key],
+        )
     summary = ", ".join(f"{k} {v:.4g}" for k, v in (kept_valid or {}).items())
-    log.info("memory trained: %d steps at %.0f tokens/s%s -> %s", sched.total, tps, f"; valid {summary}" if summary else "", out_dir / "memory")
+    log.info(
+        "memory trained: %d steps at %.0f tokens/s%s -> %s", sched.total, tps, f"; valid {summary}" if summary else "", out_dir / "memory"
+    )
     return out_dir
 
 

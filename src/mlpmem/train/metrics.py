@@ -46,7 +46,11 @@ def plot_training_curve(metrics: list[dict], path: Path, title: str) -> Path:
     valid = [r for r in metrics if r["split"] == "valid"]
     if valid:
         ax2 = ax.twinx()
-        for key, color, label in (("ppl_memory", "tab:orange", "valid ppl, memory alone"), ("ppl_interp", "tab:green", "valid ppl, LM + memory"), ("ppl_lm", "tab:gray", "valid ppl, LM alone")):
+        for key, color, label in (
+            ("ppl_memory", "tab:orange", "valid ppl, memory alone"),
+            ("ppl_interp", "tab:green", "valid ppl, LM + memory"),
+            ("ppl_lm", "tab:gray", "valid ppl, LM alone"),
+        ):
             pts = [(r["step"], r[key]) for r in valid if key in r]
             if pts:
                 ax2.plot(*zip(*pts), marker="o", ms=3, color=color, label=label, linestyle="--" if key == "ppl_lm" else "-")

@@ -15,7 +15,9 @@ from mlpmem.train.config import TrainConfig
 
 def _require_lm(cfg: TrainConfig, lm) -> None:
     if cfg.init != "plain" and lm is None:
-        raise MlpmemError(f"init {cfg.init!r} copies weights from the LM, but no LM was given", "pass the LM (init_lm), or use init 'plain'")
+        raise MlpmemError(
+            f"init {cfg.init!r} copies weights from the LM, but no LM was given", "pass the LM (init_lm), or use init 'plain'"
+        )
 
 
 def build_memory(cfg: TrainConfig, d_in: int, vocab_size: int, lm=None) -> MLPMemory:
@@ -24,7 +26,9 @@ def build_memory(cfg: TrainConfig, d_in: int, vocab_size: int, lm=None) -> MLPMe
         _require_lm(cfg, lm)
         lm_vocab = int(lm.get_output_embeddings().weight.shape[0])
         if lm_vocab != vocab_size:
-            raise MlpmemError(f"the LM has {lm_vocab} logits but the datastore says {vocab_size}", "use the LM the datastore was built with")
+            raise MlpmemError(
+                f"the LM has {lm_vocab} logits but the datastore says {vocab_size}", "use the LM the datastore was built with"
+            )
         mcfg = dataclasses.replace(mcfg, **lm_settings(lm, cfg.init))
     torch.manual_seed(cfg.seed)
     memory = MLPMemory(mcfg)
@@ -36,8 +40,10 @@ def build_memory(cfg: TrainConfig, d_in: int, vocab_size: int, lm=None) -> MLPMe
 def build_optimizer(memory: MLPMemory, cfg: TrainConfig) -> torch.optim.Optimizer:
     # no weight decay on norms and biases (the usual GPT recipe)
     params = [p for p in memory.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=cfg.lr)
 
 

@@ -1150,13 +1150,7 @@ def _load_gate(name: str, config: MLPMemoryConfig, hub: dict) -> tuple[MixingGat
             f"{name} names a gate in its config but holds no complete gate ({GATE_DIR}/ is missing or partial)",
             "save the model again with save_pretrained, or load it with mixing='fixed' after removing gate_config",
         )
-    index = _resolve(name, "model.safetensors.index.json", hub)
-    shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values())) if index else ["model.safetensors"]
-    state = {}
-    for shard in shards:
-        path = _resolve(name, shard, hub)
-        if path:
-            state.update({k.removeprefix("gate."): v.float() for k, v in load_file(path).items() if k.startswith("gate.")})
+    state = {k.removeprefix("gate."): v.float() for k, v in _full_weights(name, hub, "gate.", required=False).items()}
     gate = build_gate(config.gate_config["config"])
     try:
         gate.load_state_dict(state, strict=True)

@@ -107,7 +107,7 @@ def test_recipe_problems_are_reported_together(tmp_path):
 def test_knn_tuning_cache_follows_its_inputs(tmp_path):
     """The cached T/lambda are reused only while config and every input manifest are unchanged."""
     from mlpmem.evaluate import KnnConfig, Scored
-    from mlpmem.pipeline import tune_knn_cached
+    from mlpmem.evaluate import tune_knn_cached
 
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 4, 50)

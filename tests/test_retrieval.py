@@ -19,7 +19,7 @@ from mlpmem.index import IndexConfig, KnnIndex, build_index
 from mlpmem.interpolate import perplexity
 from mlpmem.modeling.read_site import ReadSite, capture
 from mlpmem.models import load_model
-from mlpmem.pipeline import tune_knn_cached
+from mlpmem.evaluate import tune_knn_cached
 from mlpmem.retrieval import REFERENCE_FILE, KNNRetriever, knn_component, knn_logprobs
 from mlpmem.store import Datastore
 

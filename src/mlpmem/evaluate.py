@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -233,6 +234,28 @@ def tune_knn_for(cfg: KnnConfig, valid: Scored) -> dict:
     return result
 
 
+def tune_knn_cached(path: Path | None, cfg: KnnConfig, score_valid: Callable[[], Scored], inputs: dict[str, Path]) -> dict:
+    """The one kNN-LM tuning (``mlpmem knnlm`` and ``mlpmem run``): T and lambda on valid (:func:`tune_knn_for`).
+
+    ``score_valid()`` scores the valid split (kNN only). With a ``path``, the result is cached there and reused
+    while its inputs are unchanged: ``inputs`` are the stage folders the scores depend on, keyed by the hash of
+    their whole manifest (which lists every file's hash).
+    """
+    from mlpmem import dist
+    from mlpmem.manifest import MANIFEST, read_json, sha256_file, to_jsonable, write_json
+
+    if path is None:
+        return tune_knn_for(cfg, score_valid())
+    key = {"config": to_jsonable(cfg), **{name: sha256_file(Path(folder) / MANIFEST) for name, folder in inputs.items()}}
+    cached = read_json(path) if path.exists() else None
+    if isinstance(cached, dict) and cached.get("key") == key:
+        return cached
+    result = tune_knn_for(cfg, score_valid())
+    result["key"] = key
+    dist.on_main(write_json, path, result)  # every process scored and tuned the same; one writes
+    return result
+
+
 def run_knnlm(
     corpus_dir: Path,
     datastore_dir: Path,
@@ -272,10 +295,24 @@ def run_knnlm(
     ctx, stride = ds.manifest["context"], ds.manifest["stride"]
     key = ReadSite(ds.layer, ds.site)
     pre = tuple(ds.manifest.get("prefix", []))  # windows scored as the datastore's were extracted (datastore.bos)
-    valid = score_online(
-        model, corpus.tokens("valid"), ctx, stride, key, index, values, cfg.k, batch_size=cfg.batch_size, desc="scoring valid", prefix=pre
+    tuned = tune_knn_cached(
+        None,
+        cfg,
+        lambda: score_online(
+            model,
+            corpus.tokens("valid"),
+            ctx,
+            stride,
+            key,
+            index,
+            values,
+            cfg.k,
+            batch_size=cfg.batch_size,
+            desc="scoring valid",
+            prefix=pre,
+        ),
+        {},
     )
-    tuned = tune_knn_for(cfg, valid)
     test = score_online(
         model, corpus.tokens(split), ctx, stride, key, index, values, cfg.k, batch_size=cfg.batch_size, desc=f"scoring {split}", prefix=pre
     )

@@ -28,9 +28,10 @@ LAYERS: dict[str, list[str]] = {
         "modeling.modeling_mlpmem",
         "modeling",
     ],
-    # the toolkit every stage uses: the LM loader and device, configs, folders and manifests, mixture fitting
-    "core": ["_version", "errors", "models", "dist", "losses", "config", "manifest", "store", "interpolate", "wordnet"],
-    # the pipeline's stages and the registry that runs them
+    # the toolkit every stage uses: the LM loader and device, configs, the stage registry (what each stage and folder is),
+    # folders and manifests, mixture fitting
+    "core": ["_version", "errors", "models", "dist", "losses", "config", "stages", "manifest", "store", "interpolate", "wordnet"],
+    # the pipeline's stages and the pipeline that runs them
     "stages": [
         "corpus",
         "datastore",
@@ -51,7 +52,6 @@ LAYERS: dict[str, list[str]] = {
         "finetune",
         "probe",
         "knowledge_tasks",
-        "stages",
         "pipeline",
         "plan",
     ],

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from mlpmem.errors import MlpmemError
-from mlpmem.stages import by_verb
+from mlpmem.stages import by_verb, splits_work
 
 log = logging.getLogger("mlpmem")
 
@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     set_full_verify(getattr(args, "verify", False))
     try:
         try:
-            if rank_split(args.verb) or dist.world().size == 1:
+            if splits_work(args.verb) or dist.world().size == 1:
                 args.fn(args)
             else:  # a verb that does not split its work, started by a launcher: it runs once, on rank 0
                 dist.init("cpu")
@@ -473,11 +473,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlpmem: error: {err}", file=sys.stderr)
         return 2
     return 0
-
-
-def rank_split(verb: str) -> bool:
-    """Does ``verb`` split its work over the processes of torchrun / accelerate launch? The others run on rank 0 alone."""
-    return verb in ("datastore", "targets", "knnlm", "train", "run")
 
 
 def os_error(e: OSError, argv: list[str]) -> MlpmemError | None:

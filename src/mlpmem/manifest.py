@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from mlpmem.errors import MlpmemError
+from mlpmem.stages import added_settings, folder_files, legacy_signs
 
 log = logging.getLogger(__name__)
 
@@ -51,36 +52,11 @@ MARKER = ".mlpmem"
 LOCK = ".mlpmem.lock"
 SAMPLE_BLOCK = 64 << 10
 
-# files each kind of folder writes (besides config, manifest, marker, lock, progress.json and *.partial);
-# --overwrite deletes these and nothing else
-STAGE_FILES: dict[str, tuple[str, ...]] = {
-    "corpus": ("tokens.*.npy", "doc_index.*.npy", "documents.json"),
-    "datastore": ("*-[0-9][0-9][0-9][0-9][0-9].npy",),
-    "index": ("index.faiss",),
-    "targets": ("ids-*.npy", "probs-*.npy"),
-    "memory": ("memory", "best", "checkpoints", "metrics.jsonl", "training_curve.png"),
-    "probe": ("items.jsonl", "probe.yaml"),
-    "tasks_source": ("COPYRIGHT.wordnet", "synsets.jsonl", "wordnet.jsonl"),  # mlpmem tasks source
-    "tasks": ("utils.py", "*.jsonl", "*.yaml"),  # mlpmem tasks build
-    "finetune": ("model", "memory", "metrics.jsonl", "*.partial"),  # mlpmem finetune
-    "export": ("memory", "base", "*.json", "*.py", "*.txt", "*.model", "*.jinja", "*.safetensors", "README.md"),
-    "run": (
-        "corpus",
-        "datastore",
-        "valid",
-        "index",
-        "targets",
-        "valid_targets",
-        "train",
-        "knn.json",
-        "recipe.json",
-        "report.json",
-        "report.md",
-        "lambda_curves.png",
-    ),
-}
+# files each kind of folder writes (besides the common ones below); --overwrite deletes these and nothing else.
+# The stage registry is their one description (mlpmem.stages: each stage's files, FOLDERS for the rest).
+STAGE_FILES: dict[str, tuple[str, ...]] = folder_files()
 # the file that shows a folder of this kind was written by mlpmem before folders had markers
-LEGACY_SIGN = {"run": "recipe.json"}
+LEGACY_SIGN = legacy_signs()
 COMMON_FILES = (
     CONFIG,
     MANIFEST,
@@ -91,15 +67,8 @@ COMMON_FILES = (
     "*.partial",
 )  # progress-N.json: one per finished shard (dist)
 
-# settings added after a stage's first version, with the value a folder written before them used:
-# such a folder matches a new config whose value is that one (dotted paths into the resolved config)
-ADDED_SETTINGS: dict[str, dict[str, Any]] = {
-    # datastores before the bos setting had no prefix
-    "datastore": {"config.mode": "recompute", "extract_mode": "recompute", "config.batch_tokens": None, "config.bos": False},
-    "index": {"recall_target": None},  # folders before it held a fixed scan (nprobe in their manifest)
-    # folders before keep_best and patience kept the last step's memory; before dropout, none ran
-    "memory": {"config.keep_best": False, "config.patience": 0, "config.dropout": 0.0},
-}
+# settings added after a stage's first version, with the value a folder written before them used (mlpmem.stages)
+ADDED_SETTINGS: dict[str, dict[str, Any]] = added_settings()
 
 _FULL_VERIFY = False
 

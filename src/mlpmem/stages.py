@@ -1,4 +1,10 @@
-"""The stage registry: one entry per stage (name, config class, inputs, build function).
+"""The stage registry: the one description of each stage and of every kind of folder mlpmem writes.
+
+A stage's entry says its name (recipe section), config class, inputs, build function, CLI verb, the
+files its folder holds (what ``--overwrite`` may delete and what tells its folder from a stranger's),
+the settings added after its first version (so older folders still match), and whether its work
+splits over the processes of torchrun / accelerate launch. Folders that are not pipeline stages
+(a run, an export, a fine-tune, tasks, a probe) are described by :data:`FOLDERS` the same way.
 
 It drives both entry points: ``mlpmem run`` reads its recipe sections (one per
 stage config) and its stage list from here, and the CLI builds each stage verb's
@@ -41,6 +47,16 @@ class Stage:
     device: str = ""
     overwrite: bool = True
     title: str = ""
+    kind: str = ""  # the folder kind in its marker and manifest (default: the name)
+    files: tuple[str, ...] = ()  # what the folder holds besides config, manifest, marker, lock, progress and *.partial
+    # settings added after the stage's first version, with the value a folder written before them used: such a
+    # folder matches a new config whose value is that one (dotted paths into the resolved config)
+    added_settings: tuple[tuple[str, Any], ...] = ()
+    splits: bool = False  # its work splits over the processes of torchrun / accelerate launch (else rank 0 runs it)
+
+    @property
+    def folder_kind(self) -> str:
+        return self.kind or self.name
 
     def config_class(self) -> type:
         return _load(self.config)
@@ -57,6 +73,7 @@ STAGES: tuple[Stage, ...] = (
         "split a corpus by document and tokenize it",
         verb="corpus",
         title="corpus",
+        files=("tokens.*.npy", "doc_index.*.npy", "documents.json"),
     ),
     Stage(
         "datastore",
@@ -67,6 +84,10 @@ STAGES: tuple[Stage, ...] = (
         inputs=(("corpus", "folder written by `mlpmem corpus`"),),
         device="device",
         title="datastore (train) and scored valid split",
+        files=("*-[0-9][0-9][0-9][0-9][0-9].npy",),
+        # datastores before the bos setting had no prefix; before the modes, every one recomputed
+        added_settings=(("config.mode", "recompute"), ("extract_mode", "recompute"), ("config.batch_tokens", None), ("config.bos", False)),
+        splits=True,
     ),
     Stage(
         "index",
@@ -76,6 +97,8 @@ STAGES: tuple[Stage, ...] = (
         verb="index",
         inputs=(("datastore", ""),),
         title="index",
+        files=("index.faiss",),
+        added_settings=(("recall_target", None),),  # folders before it held a fixed scan (nprobe in their manifest)
     ),
     Stage(
         "knn",
@@ -87,6 +110,7 @@ STAGES: tuple[Stage, ...] = (
         device="device+dtype",
         overwrite=False,
         title="kNN-LM temperature and lambda on valid",
+        splits=True,
     ),
     Stage(
         "targets",
@@ -96,6 +120,8 @@ STAGES: tuple[Stage, ...] = (
         verb="targets",
         inputs=(("datastore", ""), ("index", "")),
         title="kNN targets",
+        files=("ids-*.npy", "probs-*.npy"),
+        splits=True,
     ),
     Stage(
         "train",
@@ -106,10 +132,80 @@ STAGES: tuple[Stage, ...] = (
         inputs=(("datastore", ""), ("targets", "")),
         device="device+dtype",
         title="memory training",
+        kind="memory",
+        files=("memory", "best", "checkpoints", "metrics.jsonl", "training_curve.png"),
+        # folders before keep_best and patience kept the last step's memory; before dropout, none ran
+        added_settings=(("config.keep_best", False), ("config.patience", 0), ("config.dropout", 0.0)),
+        splits=True,
     ),
     Stage("eval", "mlpmem.pipeline:EvalConfig", "mlpmem.pipeline:run_pipeline", title="evaluation: lambda on valid, then the test split"),
-    Stage("gate", "mlpmem.gate:GateConfig", "mlpmem.gate:build_gate_stage", title="mixing gate (eval.mixing gated)"),
+    Stage(
+        "gate",
+        "mlpmem.gate:GateConfig",
+        "mlpmem.gate:build_gate_stage",
+        title="mixing gate (eval.mixing gated)",
+        files=("model.safetensors", "gate_config.json"),
+    ),
 )
+
+
+@dataclass(frozen=True)
+class Folder:
+    """A kind of folder mlpmem writes that is not a pipeline stage: its files, as a Stage's, and the file that shows
+    a folder of this kind was written by mlpmem before folders had markers (default config.json)."""
+
+    kind: str
+    files: tuple[str, ...]
+    legacy_sign: str | None = None
+    splits: bool = False
+
+
+FOLDERS: tuple[Folder, ...] = (
+    Folder("probe", ("items.jsonl", "probe.yaml")),
+    Folder("tasks_source", ("COPYRIGHT.wordnet", "synsets.jsonl", "wordnet.jsonl")),  # mlpmem tasks source
+    Folder("tasks", ("utils.py", "*.jsonl", "*.yaml")),  # mlpmem tasks build
+    Folder("finetune", ("model", "memory", "metrics.jsonl", "*.partial")),  # mlpmem finetune
+    Folder("export", ("memory", "base", "*.json", "*.py", "*.txt", "*.model", "*.jinja", "*.safetensors", "README.md")),
+    Folder(
+        "run",
+        (
+            "corpus",
+            "datastore",
+            "valid",
+            "index",
+            "targets",
+            "valid_targets",
+            "train",
+            "gate",
+            "knn.json",
+            "recipe.json",
+            "report.json",
+            "report.md",
+            "lambda_curves.png",
+        ),
+        legacy_sign="recipe.json",
+        splits=True,
+    ),
+)
+
+
+def folder_files() -> dict[str, tuple[str, ...]]:
+    """Folder kind -> the files it holds (every stage and every other folder kind)."""
+    return {**{s.folder_kind: s.files for s in STAGES if s.files}, **{f.kind: f.files for f in FOLDERS}}
+
+
+def added_settings() -> dict[str, dict[str, Any]]:
+    """Folder kind -> {dotted setting: the value folders written before it used}."""
+    return {s.folder_kind: dict(s.added_settings) for s in STAGES if s.added_settings}
+
+
+def legacy_signs() -> dict[str, str]:
+    return {f.kind: f.legacy_sign for f in FOLDERS if f.legacy_sign}
+
+
+def splits_work(verb: str) -> bool:
+    """Does ``verb`` split its work over the processes of torchrun / accelerate launch? The others run on rank 0 alone."""
+    return any(s.splits for s in STAGES if s.verb == verb) or any(f.splits for f in FOLDERS if f.kind == verb)
 
 
 def stage(name: str) -> Stage:

@@ -192,3 +192,43 @@ def test_knnlm_scores_with_the_datastores_prefix(run, tmp_path, monkeypatch):
     prefixed = real(model, tokens, C, S, None, prefix=(tok.bos_token_id,))
     assert r["ppl"]["base"] == pytest.approx(float(np.exp(-prefixed.lm_logprob.mean())), rel=1e-6)
     assert not np.allclose(plain.lm_logprob, prefixed.lm_logprob)
+
+
+# ---------------------------------------------------------------- the tests above can fail
+# each runs against a deliberately broken implementation and must go red (a test that passes whatever
+# the code does is a defect): one thing broken at a time
+
+
+def test_knnlm_test_catches_tuning_on_the_scored_split(run, monkeypatch):
+    real = ev.score_online
+
+    def valid_is_test(model, tokens, *args, **kw):
+        if kw.get("desc") == "scoring valid":
+            from mlpmem.corpus import Corpus
+
+            tokens = Corpus(run["corpus"]).tokens("test")
+        return real(model, tokens, *args, **kw)
+
+    monkeypatch.setattr(ev, "score_online", valid_is_test)
+    with pytest.raises(AssertionError):
+        test_run_knnlm_tunes_on_valid_only(run, monkeypatch)
+
+
+def test_summarize_test_catches_a_wrong_lambda(monkeypatch):
+    real = ev.interpolate_logprobs
+    monkeypatch.setattr(ev, "interpolate_logprobs", lambda lp, other, lam: real(lp, other, min(1.0, lam * 1.01)))
+    with pytest.raises(AssertionError):
+        test_summarize_against_naive_mixture()
+
+
+def test_scoring_test_catches_labels_shifted_by_one(run, monkeypatch):
+    real = ev.iter_batches
+
+    def shifted(*args, **kw):
+        for b in real(*args, **kw):
+            b.labels = np.roll(b.labels, 1)
+            yield b
+
+    monkeypatch.setattr(ev, "iter_batches", shifted)
+    with pytest.raises(AssertionError):
+        test_score_online_against_naive_references(run, 1)

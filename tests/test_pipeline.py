@@ -210,3 +210,48 @@ def test_dotted_overrides_change_one_setting_each(tmp_path, capsys):
     # on the command line: the overrides follow the recipe (a missing corpus file stops it before any stage)
     rc = cli_main(["run", "sotu", "corpus.source=" + str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")])
     assert rc == 2 and "missing.jsonl" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- the tests above can fail
+# each runs against a deliberately broken implementation and must go red (a test that passes whatever
+# the code does is a defect): one thing broken at a time
+
+
+def _negate_loss(monkeypatch):
+    import mlpmem.train.loop as train  # the loop calls the loss
+
+    real = train.sparse_kd_loss
+
+    def negated(*args):
+        loss, parts = real(*args)
+        return -loss, parts
+
+    monkeypatch.setattr(train, "sparse_kd_loss", negated)
+
+
+def _valid_is_really_test(monkeypatch, corpus_dir_of):
+    """Where valid is asked for, score the test split instead (lambda and T tuned on test)."""
+    import mlpmem.evaluate as ev
+
+    real = ev.score_online
+
+    def swapped(model, tokens, *args, **kw):
+        if "valid" in kw.get("desc", ""):
+            from mlpmem.corpus import Corpus
+
+            tokens = Corpus(corpus_dir_of()).tokens("test")
+        return real(model, tokens, *args, **kw)
+
+    monkeypatch.setattr(ev, "score_online", swapped)
+
+
+def test_pipeline_test_catches_a_memory_that_learned_nothing(tmp_path, tiny_llama, tiny_corpus_file, monkeypatch):
+    _negate_loss(monkeypatch)
+    with pytest.raises(AssertionError):
+        test_recipe_runs_end_to_end_and_skips_finished_stages(tmp_path, tiny_llama, tiny_corpus_file, monkeypatch)
+
+
+def test_pipeline_test_catches_tuning_on_test(tmp_path, tiny_llama, tiny_corpus_file, monkeypatch):
+    _valid_is_really_test(monkeypatch, lambda: tmp_path / "run" / "corpus")
+    with pytest.raises(AssertionError):
+        test_recipe_runs_end_to_end_and_skips_finished_stages(tmp_path, tiny_llama, tiny_corpus_file, monkeypatch)

@@ -297,6 +297,29 @@ def test_from_memory_finds_the_runs_gate(gated_parts, tmp_path):
         MLPMemoryForCausalLM.from_memory(tmp_path / "run" / "train" / "memory")
 
 
+def test_loading_a_memory_uses_what_its_run_fitted(gated_parts, tmp_path):
+    """No hard-coded lambda: a memory loads with its run's valid-fitted lambda (report, else the train stage's valid fit);
+    an explicit lambda_ means the fixed mixture with it, even where the run has a gate, which is then not read at all."""
+    import json
+
+    from mlpmem.hf import MLPMemoryForCausalLM
+    from mlpmem.memory import save_memory
+
+    lm, tok, mem, meta, gate, gmeta = gated_parts
+    mdir = tmp_path / "run" / "train" / "memory"
+    save_memory(mdir, mem, meta)
+    assert MLPMemoryForCausalLM.from_memory(mdir).lambda_ == 0.25  # nothing recorded: the fallback, with a warning
+    (tmp_path / "run" / "train" / "manifest.json").write_text(json.dumps({"valid": {"lambda": 0.31}}))
+    assert MLPMemoryForCausalLM.from_memory(mdir).lambda_ == pytest.approx(0.31)
+    (tmp_path / "run" / "report.json").write_text(json.dumps({"lambda": {"mlp_memory": 0.42}}))
+    assert MLPMemoryForCausalLM.from_memory(mdir).lambda_ == pytest.approx(0.42)
+    save_gate(tmp_path / "run" / "gate", gate, dict(gmeta, memory_fingerprint="f" * 16))  # stale: fitted for another memory
+    base = MLPMemoryForCausalLM.from_memory(mdir, lambda_=0.0)
+    assert base.mixing_mode == "fixed" and base.gate is None and base.lambda_ == 0.0
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(base(ids).logits, lm(ids).logits.float().log_softmax(-1))  # lambda 0 is the base LM bit for bit
+
+
 def test_scoring_for_the_gate_matches_the_model_class(gated_parts):
     """score_mixing's per-token log-probs and features are those of the HF forward (windows of 16, stride 8)."""
     from mlpmem.gate import score_mixing

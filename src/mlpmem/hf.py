@@ -81,7 +81,7 @@ def from_memory(
     memory_dir: "str | os.PathLike | list[str | os.PathLike]" = "",
     base_model: str | None = None,
     *,
-    lambda_: float = 0.25,
+    lambda_: float | None = None,
     memory_temperature: float = 1.0,
     dtype: str = "float32",
     gate: str | os.PathLike | None = "auto",
@@ -94,7 +94,9 @@ def from_memory(
     """Pair one or more memory folders (from the train stage) with their base model, loaded by name (``MLPMemoryForCausalLM.from_memory``).
 
     ``base_model`` defaults to the model the (first) memory was trained on (its meta's
-    model_id). The run's results found next to the memory (the train stage's
+    model_id). The mixing defaults to what the memory's run fitted on valid: its gate when there is
+    one, else its lambda (the run's report, else the train stage's valid fit); an explicit ``lambda_``
+    (or ``weights``) asks for the fixed mixture with it, and then no gate is loaded. The run's results found next to the memory (the train stage's
     manifest, the pipeline's report) go into the meta, so a saved model card shows them.
     ``gate``: a gate folder (mlpmem.gate), ``"auto"`` (the run's RUN/gate next to
     RUN/train/memory, if there is one) or None; a gate trained for another memory is
@@ -127,6 +129,13 @@ def from_memory(
     if not ref:
         raise MlpmemError(f"the memory in {first_dir} does not record its base model", "pass base_model=MODEL")
     single_mlp = len(parts) == 1 and not knn_dirs
+    fixed_asked = (lambda_ is not None or weights is not None) and mixing is None
+    if fixed_asked:
+        mixing = "fixed"  # an explicit lambda_ means the fixed mixture with it, whatever the run fitted
+    if lambda_ is None:
+        lambda_ = default_lambda([d for d, _, _ in parts[: len(dirs)]])
+    if mixing == "fixed" and gate == "auto":
+        gate = None  # a gate the mixing does not use is neither loaded nor checked
     gate_dir = (find_gate(first_dir) if single_mlp else None) if gate == "auto" else (Path(gate) if gate else None)
     if mixing == "gated" and gate_dir is None:
         raise MlpmemError(
@@ -164,6 +173,26 @@ def from_memory(
         router=router_module,
         router_meta=router_meta,
     )
+
+
+def default_lambda(memory_dirs: list[Path]) -> float:
+    """The lambda a memory's run fitted on valid (the pipeline's report, else the train stage's own valid fit);
+    the mean over several memories. 0.25, with a warning, only for memories whose run recorded none."""
+    fitted = []
+    for d in memory_dirs:
+        results = run_results(d) if (Path(d) / "memory_config.json").is_file() else {}
+        lam = (results.get("lambda") or {}).get("mlp_memory")
+        if lam is None:
+            lam = (results.get("valid") or {}).get("lambda")
+        if lam is not None:
+            fitted.append(float(lam))
+    if memory_dirs and len(fitted) == len(memory_dirs):
+        return sum(fitted) / len(fitted)
+    log.warning(
+        "no lambda fitted on valid is recorded next to %s: mixing with lambda 0.25; pass lambda_= to choose",
+        [str(d) for d in memory_dirs] or "the kNN-LM runs",
+    )
+    return 0.25
 
 
 def _load_knn(run_dir: Path) -> tuple[Any, dict[str, Any]]:
@@ -251,7 +280,7 @@ def export_hf(
     memory_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     base_model: str | None = None,
-    lambda_: float = 0.25,
+    lambda_: float | None = None,
     memory_temperature: float = 1.0,
     full_export: bool = False,
     gate: str | os.PathLike | None = "auto",

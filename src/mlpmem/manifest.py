@@ -374,6 +374,20 @@ def _describe(names: list[str]) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
+def _legacy_ours(folder: Path, kind: str | None) -> bool:
+    """Whether an unmarked folder (written before markers) shows that mlpmem wrote it: its kind's sign file, and for an
+    export a config.json of an LM + memory (a Hugging Face model of someone else's holds the same kinds of files)."""
+    sign = folder / LEGACY_SIGN.get(kind or "", CONFIG)
+    if not sign.exists():
+        return False
+    if kind == "export":
+        try:
+            return json.loads(sign.read_text()).get("model_type") == "mlpmem"
+        except (OSError, ValueError, AttributeError):
+            return False
+    return True
+
+
 def claim_out(folder: Path, kind: str | None) -> Path:
     """Make sure ``folder`` may receive a ``kind`` output; create and mark it if it is new or empty.
 
@@ -396,7 +410,7 @@ def claim_out(folder: Path, kind: str | None) -> Path:
             )
         if found is None and not (folder / MARKER).exists():
             foreign = unknown_files(folder, kind)
-            if foreign or not (folder / LEGACY_SIGN.get(kind or "", CONFIG)).exists():
+            if foreign or not _legacy_ours(folder, kind):
                 raise MlpmemError(
                     f"{folder} exists, is not empty and was not written by mlpmem (it holds {_describe(foreign or [p.name for p in entries])})",
                     "choose an empty or new --out folder; mlpmem never writes into or deletes from folders it did not create",

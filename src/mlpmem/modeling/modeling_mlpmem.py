@@ -595,12 +595,8 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
             )
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
-        # base/ and memory/ are replaced below: only in a folder an earlier save of this class wrote
-        if not _saved_by_us(folder) and any((folder / name).exists() for name in ("base", MEMORY_DIR, GATE_DIR, MEMORIES_DIR, ROUTER_DIR)):
-            raise MlpmemError(
-                f"{folder} holds a base/ or memory/ folder that no earlier save of an mlpmem model wrote, and saving would replace it",
-                "save into a new or empty folder",
-            )
+        # the one rule for writers: only a new or empty folder, or an earlier save of this class, is written to
+        check_save_folder(folder)
         (folder / "config.json").unlink(missing_ok=True)
         tok = tokenizer if tokenizer is not None else self.tokenizer
         if self.gate is None:
@@ -1295,6 +1291,29 @@ def _name(lm: nn.Module) -> str:
 
 def _num_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
+
+
+def check_save_folder(folder: Path) -> None:
+    """Refuse to save into a folder that holds anything but an earlier save of this class: a model someone else wrote,
+    a memory folder of mlpmem's train stage, any stage folder of a run (marked ``.mlpmem``), files of the user's.
+    Saving replaces an earlier save's weights and subfolders, so anywhere else it would delete what is not ours."""
+    # mlpmem's own marker and lock (an export claims its folder before saving) are not content
+    entries = sorted(p.name for p in folder.iterdir() if p.name not in (".mlpmem", ".mlpmem.lock")) if folder.is_dir() else []
+    marker_only = not entries
+    fix = "save into a new or empty folder (or one an earlier save_pretrained of an LM + memory wrote)"
+    if (folder / MEMORY_CONFIG).exists():
+        raise MlpmemError(f"{folder} is a memory folder of mlpmem's train stage, and saving there would replace its weights", fix)
+    try:
+        marked = json.loads((folder / ".mlpmem").read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        marked = None
+    if marked not in (None, "export"):
+        raise MlpmemError(f"{folder} is a `{marked}` folder of an mlpmem run, and saving there would replace its files", fix)
+    if not marker_only and not _saved_by_us(folder):
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise MlpmemError(
+            f"{folder} holds files that no earlier save of an LM + memory wrote ({shown}), and saving would replace some", fix
+        )
 
 
 def _saved_by_us(folder: Path) -> bool:

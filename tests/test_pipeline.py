@@ -255,3 +255,16 @@ def test_pipeline_test_catches_tuning_on_test(tmp_path, tiny_llama, tiny_corpus_
     _valid_is_really_test(monkeypatch, lambda: tmp_path / "run" / "corpus")
     with pytest.raises(AssertionError):
         test_recipe_runs_end_to_end_and_skips_finished_stages(tmp_path, tiny_llama, tiny_corpus_file, monkeypatch)
+
+
+def test_overwrite_removes_a_gate_the_new_run_does_not_fit(tmp_path, tiny_llama, tiny_corpus_file):
+    """A run that fitted a gate, rerun with --overwrite and fixed mixing: the old gate (fitted for the replaced memory)
+    goes, so the new memory loads; without its removal every load would be refused as a gate for another memory."""
+    from mlpmem.hf import MLPMemoryForCausalLM
+
+    recipe = tiny_recipe(tmp_path, tiny_llama, tiny_corpus_file)
+    run_pipeline(load_recipe({**recipe, "eval": {"mixing": "gated"}}))
+    assert (tmp_path / "run" / "gate" / "gate_config.json").exists()
+    run_pipeline(load_recipe({**recipe, "train": {**recipe["train"], "lr": 3e-3}}), overwrite=True)
+    assert not (tmp_path / "run" / "gate" / "gate_config.json").exists()
+    assert MLPMemoryForCausalLM.from_memory(tmp_path / "run" / "train" / "memory").mixing_mode == "fixed"

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import GatedMemoryParts, memory_meta
+from helpers import GatedMemoryParts, forget_integrity, memory_meta
 
 from mlpmem.errors import MlpmemError
 from mlpmem.gate import (
@@ -271,6 +271,7 @@ def test_hf_gated_forward_save_load_and_refusals(gated_parts, tmp_path):
     cfg = json.loads((tmp_path / "saved0" / "gate" / "gate_config.json").read_text())
     cfg["meta"]["memory_fingerprint"] = "0" * 16
     (tmp_path / "saved0" / "gate" / "gate_config.json").write_text(json.dumps(cfg))
+    forget_integrity(tmp_path / "saved0")
     with pytest.raises(MlpmemError, match="another memory"):
         MLPMemoryForCausalLM.from_pretrained(tmp_path / "saved0")
     plain = MLPMemoryForCausalLM.from_parts(lm, mem, meta)

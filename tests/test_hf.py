@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import ArchMemoryParts, memory_meta
+from helpers import ArchMemoryParts, forget_integrity, memory_meta
 
 from mlpmem.errors import MlpmemError
 from mlpmem.interpolate import interpolate_logprobs
@@ -279,6 +279,7 @@ def test_refusals(arch_parts, model, tmp_path):
     cfg = json.loads((tmp_path / "m" / "memory" / "memory_config.json").read_text())
     cfg["meta"]["tokenizer_hash"] = "0" * 16
     (tmp_path / "m" / "memory" / "memory_config.json").write_text(json.dumps(cfg))
+    forget_integrity(tmp_path / "m")
     with pytest.raises(MlpmemError, match="tokenizer"):
         MLPMemoryForCausalLM.from_pretrained(tmp_path / "m")
     with pytest.raises(MlpmemError, match="layer 5"):

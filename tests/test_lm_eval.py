@@ -297,3 +297,17 @@ def test_shared_context_default_equals_hflm(mixings, mixing):
     assert any(g for _, g in want) and not all(g for _, g in want)
     assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], rel=1e-5, abs=1e-4)
     assert len({round(lp, 4) for lp, _ in got}) == len({r.args for r in reqs})  # distinct numbers: a mix-up of rows would show
+
+
+def test_an_explicit_lambda_means_the_fixed_mixture(mixings):
+    """`memory=M,lambda_=0` on a memory whose run has a gate is the base LM (README's baseline), not the gated mixture;
+    `memory=M` alone uses the gate the run fitted."""
+    from lm_eval.api.registry import get_model
+
+    import mlpmem.lm_eval_backend  # noqa: F401  registers `mlpmem`
+
+    extra = {"batch_size": 1, "device": "cpu"}
+    base = get_model("mlpmem").create_from_arg_string(f"{mixings['gated']},lambda_=0", extra)
+    assert base.model.mixing_mode == "fixed" and base.model.lambda_ == 0.0 and base.model.gate is None
+    gated = get_model("mlpmem").create_from_arg_string(mixings["gated"], extra)
+    assert gated.model.mixing_mode == "gated"

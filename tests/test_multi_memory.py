@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import TwoMemoryParts, memory_meta
+from helpers import TwoMemoryParts, forget_integrity, memory_meta
 from torch import nn
 
 from mlpmem.errors import MlpmemError
@@ -334,6 +334,7 @@ def test_refusals(two_memory_parts, tmp_path):
     cfg = json.loads((tmp_path / "m" / "router" / "router_config.json").read_text())
     cfg["meta"]["memory_fingerprints"] = other.router_meta()["memory_fingerprints"]
     (tmp_path / "m" / "router" / "router_config.json").write_text(json.dumps(cfg))
+    forget_integrity(tmp_path / "m")
     with pytest.raises(MlpmemError, match="other memories"):
         MLPMemoryForCausalLM.from_pretrained(tmp_path / "m")
     # weights and lambdas outside [0, 1], weights that do not sum to 1 or miss a memory

@@ -5,6 +5,7 @@ with one paragraph, and nothing in them changes."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -65,3 +66,55 @@ def test_export_refuses_a_model_folder_and_reuses_its_own(saved, tiny_llama, tmp
     export_hf(run / "train" / "memory", tmp_path / "export", lambda_=0.2)
     export_hf(run / "train" / "memory", tmp_path / "export", lambda_=0.2, full_export=True)  # its own folder again
     assert (tmp_path / "export" / "model.safetensors").exists()
+
+
+def test_a_saved_model_that_changed_is_refused_on_load(saved, tmp_path):
+    """Exports carry their integrity: a flipped byte, a missing file, swapped memory folders or a weights file without
+    a memory tensor are refused on load, by reference and in full, instead of loading (or initialising) other weights."""
+    from safetensors.torch import load_file, save_file
+
+    from mlpmem.hf import MLPMemoryForCausalLM
+
+    run, model = saved
+    extra = MLPMemoryForCausalLM.from_parts(model.lm, model.memory, model.component_meta("memory"), tokenizer=model.tokenizer)
+    extra.add_memory(type(model.memory)(model.memory.config), name="b", meta=model.component_meta("memory"))
+    for full in (False, True):
+        good = tmp_path / f"good{int(full)}"
+        (model if full else extra).save_pretrained(good, full_export=full)
+        MLPMemoryForCausalLM.from_pretrained(good)  # as saved: loads
+
+        flipped = tmp_path / f"flipped{int(full)}"
+        shutil.copytree(good, flipped)
+        target = flipped / ("model.safetensors" if full else "memory/model.safetensors")
+        data = bytearray(target.read_bytes())
+        data[-3] ^= 0x01
+        target.write_bytes(bytes(data))
+        with pytest.raises(MlpmemError, match="not the file its save wrote"):
+            MLPMemoryForCausalLM.from_pretrained(flipped)
+
+        missing = tmp_path / f"missing{int(full)}"
+        shutil.copytree(good, missing)
+        (missing / ("tokenizer.json" if full else "memories/b/memory_config.json")).unlink()
+        with pytest.raises(MlpmemError, match="is missing"):
+            MLPMemoryForCausalLM.from_pretrained(missing)
+
+    swapped = tmp_path / "swapped"
+    shutil.copytree(tmp_path / "good0", swapped)
+    a, b = swapped / "memory" / "model.safetensors", swapped / "memories" / "b" / "model.safetensors"
+    tmp = a.read_bytes()
+    a.write_bytes(b.read_bytes())
+    b.write_bytes(tmp)
+    with pytest.raises(MlpmemError, match="not the file its save wrote"):
+        MLPMemoryForCausalLM.from_pretrained(swapped)
+
+    # a weights file rewritten without a memory tensor, its record hand-edited to match: the tensor list still says
+    lacking = tmp_path / "lacking"
+    shutil.copytree(tmp_path / "good1", lacking)
+    state = load_file(lacking / "model.safetensors")
+    state.pop(next(k for k in state if k.startswith("memory.")))
+    save_file(state, str(lacking / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((lacking / "config.json").read_text())
+    cfg["integrity"]["files"].pop("model.safetensors")
+    (lacking / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MlpmemError, match="lack memory"):
+        MLPMemoryForCausalLM.from_pretrained(lacking)

@@ -69,7 +69,7 @@ def load_mixture(
     memory: str | None = None,
     base_model: str | None = None,
     pretrained: str | None = None,
-    lambda_: float = 0.25,
+    lambda_: float | None = None,
     memory_temperature: float = 1.0,
     dtype: str = "float32",
     mixing: str | None = None,
@@ -80,8 +80,9 @@ def load_mixture(
 ):
     """Build ``(MLPMemoryForCausalLM, tokenizer)`` from memory folders (``a;b``), a saved LM + memory folder, and/or kNN-LM runs.
 
-    ``mixing``: None uses the memory's gate when it has one (else the fixed lambda) and a router when one is
-    given, "fixed", "gated" or "routed" force one. ``names``, ``weights``, ``router``, ``knn``: see the module docstring.
+    ``mixing``: None uses what the run fitted (the memory's gate when it has one, else its valid-fitted lambda; a
+    saved model's own mixing) and a router when one is given; an explicit ``lambda_`` means the fixed mixture with
+    it (``lambda_=0``: the base LM); "fixed", "gated" or "routed" force one. ``names``, ``weights``, ``router``, ``knn``: see the module docstring.
     """
     from mlpmem.modeling.mixing import check_model_mixing
 
@@ -95,6 +96,9 @@ def load_mixture(
             "pass --model_args memory=runs/NAME/train/memory,base_model=MODEL",
         )
     mix = {} if mixing in (None, "") else {"mixing": check_model_mixing(str(mixing))}
+    if lambda_ is not None and not mix and not w:
+        mix = {"mixing": "fixed"}  # an explicit lambda_ asks for the fixed mixture with it, whatever the run fitted
+    lam = {} if lambda_ is None else {"lambda_": lambda_}
     if len(folders) == 1 and (Path(folders[0]) / "config.json").is_file():  # a save_pretrained folder
         folder = folders[0]
         if name_list or w or router:
@@ -103,7 +107,7 @@ def load_mixture(
                 "leave out names=, weights= and router=, or pass the memory folders themselves",
             )
         model = MLPMemoryForCausalLM.from_pretrained(
-            folder, base_model=base_model, lambda_=lambda_, memory_temperature=memory_temperature, dtype=dtype, **({} if knn_runs else mix)
+            folder, base_model=base_model, memory_temperature=memory_temperature, dtype=dtype, **lam, **({} if knn_runs else mix)
         )
         if mix.get("mixing") == "gated" and model.gate is None:
             raise MlpmemError(
@@ -277,7 +281,7 @@ class MLPMemoryLM(HFLM):
         memory: str | None = None,
         base_model: str | None = None,
         pretrained: str | None = None,
-        lambda_: float = 0.25,
+        lambda_: float | None = None,
         memory_temperature: float = 1.0,
         dtype: str = "float32",
         device: str | None = None,
@@ -298,7 +302,17 @@ class MLPMemoryLM(HFLM):
             resolve_device(device or "auto", "float32")[0]
         )  # one rule for every verb; an absent GPU is one clear error, before loading
         model, tok = load_mixture(
-            memory, base_model, pretrained, float(lambda_), float(memory_temperature), str(dtype), mixing, names, weights, router, knn
+            memory,
+            base_model,
+            pretrained,
+            None if lambda_ in (None, "") else float(lambda_),
+            float(memory_temperature),
+            str(dtype),
+            mixing,
+            names,
+            weights,
+            router,
+            knn,
         )
         if tok is None:
             raise MlpmemError(

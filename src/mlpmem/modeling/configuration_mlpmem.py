@@ -59,6 +59,9 @@ class MLPMemoryConfig(PretrainedConfig):
     extra_memories: list | None = None
     weights: list | None = None
     router_config: dict | None = None
+    # what save_pretrained wrote: {"files": {path: {size, sha256}}, "tensors": {name: shape}} of every part but the
+    # base LM's tensors; checked on load (a changed, missing or swapped file is refused, not initialised afresh)
+    integrity: dict | None = None
     max_position_embeddings: int | None = None
     vocab_size: int | None = None
 

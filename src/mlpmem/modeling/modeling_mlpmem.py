@@ -538,6 +538,7 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
                 raise MlpmemError(f"{pretrained_model_name_or_path} holds no saved LM + memory model ({str(e).splitlines()[0][:200]})", fix)
         if getattr(config, "model_type", None) != "mlpmem":
             raise MlpmemError(f"{pretrained_model_name_or_path} holds a {config.model_type!r} model, not an LM + memory ('mlpmem')", fix)
+        check_integrity(str(pretrained_model_name_or_path), config, {k: kwargs[k] for k in HUB_KWARGS if k in kwargs})
         if base_model is None and not config.saved_by_reference():
             if local.is_dir() and not any((local / kwargs.get("subfolder", "")).glob("model*.safetensors")):
                 raise MlpmemError(
@@ -598,6 +599,7 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         # the one rule for writers: only a new or empty folder, or an earlier save of this class, is written to
         check_save_folder(folder)
         (folder / "config.json").unlink(missing_ok=True)
+        self.config.integrity = None
         tok = tokenizer if tokenizer is not None else self.tokenizer
         if self.gate is None:
             self.config.gate_config = None
@@ -621,6 +623,8 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
             super().save_pretrained(staging, **kwargs)
             tok.save_pretrained(staging)
             (staging / "README.md").write_text(model_card(self.config, True, n_params, _num_params(self.lm)))
+            self.config.integrity = integrity_record(staging, self)
+            self.config.save_pretrained(staging)  # again, now with what was written
             for f in sorted(staging.iterdir(), key=lambda f: f.name == "config.json"):
                 os.replace(f, folder / f.name)
             staging.rmdir()
@@ -650,6 +654,7 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         if tok is not None:
             tok.save_pretrained(folder)
         (folder / "README.md").write_text(model_card(self.config, False, n_params, _num_params(self.lm)))
+        self.config.integrity = integrity_record(folder, self)
         self.config.save_pretrained(folder)
 
     # ------------------------------------------------------------------ mixing weights
@@ -1291,6 +1296,66 @@ def _name(lm: nn.Module) -> str:
 
 def _num_params(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
+
+
+INTEGRITY_SKIP = ("config.json", "README.md", ".mlpmem", ".mlpmem.lock")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def integrity_record(folder: Path, model: "MLPMemoryForCausalLM") -> dict[str, Any]:
+    """Every file a save wrote (size and sha256; not config.json, which holds this record, nor the card) and the names
+    and shapes of every tensor but the base LM's, as a full export names them."""
+    files = {
+        p.relative_to(folder).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name not in INTEGRITY_SKIP and ".partial" not in p.relative_to(folder).parts
+    }
+    tensors = {k: list(v.shape) for k, v in model.state_dict().items() if not k.startswith(model.base_model_prefix + ".")}
+    return {"files": files, "tensors": tensors}
+
+
+def check_integrity(name: str, config: MLPMemoryConfig, hub: dict) -> None:
+    """Refuse a saved model whose files differ from what its save recorded (a flipped byte, a file missing, memory folders
+    swapped) or whose weights lack a tensor of a memory, gate or router. Local folders are hashed; a hub repo's weights
+    headers are read. Folders saved before the record existed are not checked."""
+    record = config.integrity
+    if not record:
+        return
+    fix = "save or export the model again (a changed file is never loaded as if it were the saved one)"
+    root = Path(name) / hub.get("subfolder", "")
+    if Path(name).is_dir():
+        for rel, want in (record.get("files") or {}).items():
+            path = root / rel
+            if not path.is_file():
+                raise MlpmemError(f"{name} is incomplete: {rel} is missing (its save wrote it)", fix)
+            if path.stat().st_size != want["size"] or _sha256(path) != want["sha256"]:
+                raise MlpmemError(f"{rel} in {name} is not the file its save wrote (its size or sha256 differs)", fix)
+    if config.saved_by_reference():
+        return  # each part is read whole, strictly, from its own folder
+    from safetensors import safe_open
+
+    index = _resolve(name, "model.safetensors.index.json", hub)
+    shards = sorted(set(json.loads(Path(index).read_text())["weight_map"].values())) if index else ["model.safetensors"]
+    found: dict[str, list[int]] = {}
+    for shard in shards:
+        path = _resolve(name, shard, hub)
+        if path:
+            with safe_open(path, framework="pt") as f:
+                found.update({k: list(f.get_slice(k).get_shape()) for k in f.keys()})
+    for key, shape in (record.get("tensors") or {}).items():
+        if key not in found:
+            raise MlpmemError(f"the weights of {name} lack {key}, which its save wrote", fix)
+        if found[key] != list(shape):
+            raise MlpmemError(f"{key} in {name} has shape {found[key]}, and its save wrote {list(shape)}", fix)
 
 
 def check_save_folder(folder: Path) -> None:

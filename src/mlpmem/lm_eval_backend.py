@@ -51,7 +51,7 @@ from typing import Any
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from mlpmem.errors import MlpmemError
+from mlpmem.errors import MlpmemError, exit_with_error
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def load_mixture(
     from mlpmem.hf import MLPMemoryForCausalLM
 
     folders, knn_runs, name_list = split_list(pretrained or memory), split_list(knn), split_list(names) or None
-    w = [float(x) for x in split_list(weights)] or None
+    w = [parse_number("weights", x, example="0.6;0.2;0.2 (the LM first)") for x in split_list(weights)] or None
     if not folders and not knn_runs:
         raise MlpmemError("the mlpmem backend needs memory=PATH (or pretrained=PATH, or knn=RUN)", "pass --model_args memory=runs/NAME/train/memory,base_model=MODEL")
     mix = {} if mixing in (None, "") else {"mixing": check_model_mixing(str(mixing))}
@@ -128,6 +128,53 @@ def default_device() -> str:
     from mlpmem.models import resolve_device
 
     return str(resolve_device("auto", "float32")[0])
+
+
+def parse_number(name: str, value: Any, kind: type = float, example: str = "") -> float | int:
+    """A numeric model_arg (lm-eval passes ``lambda_=0.5`` as a number, ``lambda_=abc`` as text): the number, or an
+    MlpmemError naming the argument."""
+    import math
+
+    number = None
+    if not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            pass
+    if number is not None and math.isfinite(number) and (kind is float or number.is_integer()):
+        return kind(number)
+    what = "a number" if kind is float else "a whole number"
+    raise MlpmemError(f"model argument {name}={value!r} is not {what}", f"pass e.g. {name}={example}" if example else f"pass {what}")
+
+
+def merge_model_args(args: dict[str, Any], additional: dict[str, Any] | None) -> dict[str, Any]:
+    """A backend's keyword arguments from ``--model_args`` and lm-eval's own flags (``device``, ``batch_size``,
+    ``max_batch_size``): lm-eval passes both as keywords, so a name in both was a TypeError ("got multiple values for
+    keyword argument 'device'"). The model_args value wins: it names this model's own setting."""
+    out = dict(args)
+    for key, value in (additional or {}).items():
+        if value is None:
+            continue
+        if key in out:
+            if str(out[key]) != str(value):
+                log.warning("%s=%s from --model_args is used, not %s from lm-eval's --%s", key, out[key], value, key)
+            continue
+        out[key] = value
+    return out
+
+
+class ModelArgs:
+    """lm-eval's constructors from ``--model_args`` (:func:`merge_model_args`), for the backends registered here."""
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls(**merge_model_args(simple_parse_args_string(arg_string), additional_config))
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        return cls(**merge_model_args(arg_dict, additional_config))
 
 
 def parse_bool(name: str, value: Any) -> bool:
@@ -246,8 +293,7 @@ def input_prefix(model) -> list[int]:
     return list((getattr(model.config, "memory_meta", None) or {}).get("prefix") or [])
 
 
-@register_model("mlpmem")
-class MLPMemoryLM(HFLM):
+class MLPMemoryLM(ModelArgs, HFLM):
     """HFLM over :class:`~mlpmem.hf.MLPMemoryForCausalLM`; see the module docstring for the arguments."""
 
     def __init__(
@@ -273,8 +319,10 @@ class MLPMemoryLM(HFLM):
         shared = parse_bool("shared_context", shared_context)  # a typo fails before the model loads
 
         device = str(resolve_device(device or "auto", "float32")[0])  # one rule for every verb; an absent GPU is one clear error, before loading
-        model, tok = load_mixture(memory, base_model, pretrained, float(lambda_), float(memory_temperature), str(dtype), mixing,
-                                  names, weights, router, knn)
+        lam = parse_number("lambda_", lambda_, example="0.25 (the memory's weight, in [0, 1])")
+        temperature = parse_number("memory_temperature", memory_temperature, example="1")
+        max_length = None if max_length is None else parse_number("max_length", max_length, int, "2048 (tokens)")
+        model, tok = load_mixture(memory, base_model, pretrained, lam, temperature, str(dtype), mixing, names, weights, router, knn)
         if tok is None:
             raise MlpmemError("no tokenizer was found for the base model", "pass pretrained= a folder saved with its tokenizer, or a base_model folder that holds one")
         model.to(device)
@@ -299,8 +347,13 @@ class MLPMemoryLM(HFLM):
         return {**super().get_model_info(), "mlpmem": self.mixture}
 
 
+if __name__ != "__main__":  # run as `python -m mlpmem.lm_eval_backend`, the package's module registers it (below), not this copy
+    register_model("mlpmem")(MLPMemoryLM)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """lm-eval's command line with the ``mlpmem`` backend registered (arguments as for ``lm_eval``)."""
+    """lm-eval's command line with the ``mlpmem`` backend registered (arguments as for ``lm_eval``); a user error
+    (a bad model argument, a missing memory) is one paragraph and exit status 2, as for `mlpmem`."""
     import sys
 
     from lm_eval.__main__ import cli_evaluate
@@ -309,11 +362,27 @@ def main(argv: list[str] | None = None) -> None:
 
     args = list(sys.argv[1:] if argv is None else argv)
     if "--model" in args and not any(a == "--device" or a.startswith("--device=") for a in args):
-        # every backend (also `--model hf` on an exported folder) gets a device that exists here
-        args += ["--device", default_device()]
+        # every backend (also `--model hf` on an exported folder) gets a device that exists here, or the one model_args names
+        args += ["--device", model_args_device(args) or default_device()]
     sys.argv = [sys.argv[0], *args]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except MlpmemError as e:
+        exit_with_error(e)
+
+
+def model_args_device(args: list[str]) -> str | None:
+    """The device ``--model_args`` names (``device=cpu``), or None."""
+    for i, a in enumerate(args):
+        value = args[i + 1] if a == "--model_args" and i + 1 < len(args) else a.partition("=")[2] if a.startswith("--model_args=") else None
+        for part in (value or "").split(","):
+            key, eq, device = part.partition("=")
+            if eq and key.strip() == "device" and device.strip():
+                return device.strip().strip("'\"")
+    return None
 
 
 if __name__ == "__main__":
-    main()
+    from mlpmem.lm_eval_backend import main as package_main  # the package's module: one class, registered once
+
+    package_main()

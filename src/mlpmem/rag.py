@@ -149,6 +149,8 @@ def memory_corpus(memory_dir: Path) -> Path:
 from lm_eval.api.model import LM  # noqa: E402  (this module is imported only by those who use lm-eval)
 from lm_eval.api.registry import register_model  # noqa: E402
 
+from mlpmem.lm_eval_backend import ModelArgs  # noqa: E402
+
 
 class WrappedLM(LM):
     """An lm-eval LM that wraps another (``inner``): what it does not define, the inner LM answers."""
@@ -232,7 +234,7 @@ class SharedContextLM(WrappedLM):
         return {**info, "loglikelihood": "shared context (mlpmem.rag.SharedContextLM)"}
 
 
-class RagLM(RetrievalLM):
+class RagLM(ModelArgs, RetrievalLM):  # ModelArgs: device= (batch_size=) in --model_args, as for `mlpmem`
     """lm-eval backend ``mlpmem-rag``: BM25 passages + the ``mlpmem`` backend (or a plain HF model); see the module docstring."""
 
     def __init__(self, corpus: str | None = None, k: int = 3, chunk_words: int = 48, memory: str | None = None,
@@ -289,15 +291,13 @@ def plain_hflm(pretrained: str | None, device: str | None = None, dtype: str = "
 
 def main(argv: list[str] | None = None) -> None:
     """lm-eval's command line with ``mlpmem`` and ``mlpmem-rag`` registered (``python -m mlpmem.rag --model mlpmem-rag ...``)."""
-    import sys
-
+    from mlpmem.errors import exit_with_error
     from mlpmem.lm_eval_backend import main as lm_eval_main
 
     try:
         lm_eval_main(argv)
     except MlpmemError as e:  # bad input (no corpus, empty index, a foreign task folder): one paragraph, no traceback
-        print(f"mlpmem: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(e)
 
 
 if __name__ == "__main__":

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
-from mlpmem.errors import MlpmemError
+from mlpmem.errors import MlpmemError, report_error
 from mlpmem.stages import by_verb, splits_work
 
 log = logging.getLogger("mlpmem")
@@ -27,6 +29,11 @@ def _targets(a):
     from mlpmem.manifest import read_json
     from mlpmem.targets import TargetsConfig, build_targets
 
+    if a.tuning and a.temperature is not None:
+        raise MlpmemError(
+            f"--tuning {a.tuning} is read only by --temperature auto, but --temperature is {a.temperature}",
+            "drop --tuning, or pass --temperature auto to use the tuned temperature",
+        )
     if a.temperature is None:  # "auto": the T that minimised kNN-LM perplexity on valid
         if not a.tuning:
             raise MlpmemError(
@@ -115,37 +122,60 @@ def _finetune(a):
 
 
 def _run(a):
-    from mlpmem.pipeline import load_recipe, quick_recipe, run_pipeline
+    from mlpmem.pipeline import run_pipeline
 
-    overrides = list(a.overrides)
-    if a.recipe and "=" in a.recipe:  # `mlpmem run --corpus x train.epochs=3`: no recipe, only overrides
-        a.recipe, overrides = None, [a.recipe, *overrides]
-    if a.recipe:
-        recipe = load_recipe(a.recipe, out=a.out, device=a.device, dtype=a.dtype, overrides=overrides)
-    else:
-        if not a.corpus:
-            raise MlpmemError(
-                "`mlpmem run` needs a RECIPE or --corpus", "e.g. `mlpmem run sotu` or `mlpmem run --corpus data.jsonl --out runs/mine`"
-            )
-        recipe = quick_recipe(a.corpus, a.model, a.out or "runs/quick", device=a.device, dtype=a.dtype, overrides=overrides)
-    if a.mixing:  # the command line wins over the recipe's eval.mixing
-        import dataclasses
-
-        recipe.sections["eval"] = dataclasses.replace(recipe.sections["eval"], mixing=a.mixing)
-    report = run_pipeline(recipe, a.overwrite)
+    report = run_pipeline(load_recipe_of(a), a.overwrite)
     _say(_table(report))
 
 
 def _plan(a):
     from mlpmem.manifest import write_json
-    from mlpmem.pipeline import load_recipe
-    from mlpmem.plan import plan, read_throughputs, render_plan
+    from mlpmem.plan import check_output_file, plan, read_throughputs, render_plan
 
-    recipe = load_recipe(a.recipe, out=a.out, device=a.device, dtype=a.dtype, overrides=a.overrides)
-    p = plan(recipe, a.train_tokens, read_throughputs(Path(a.throughputs)) if a.throughputs else None)
+    if a.json:  # before the calibration: a path that cannot be written fails at once, and nothing is half-written
+        check_output_file(Path(a.json), "--json")
+    p = plan(load_recipe_of(a), a.train_tokens, read_throughputs(Path(a.throughputs)) if a.throughputs else None)
     if a.json:
         write_json(Path(a.json), p)
     _say(render_plan(p))
+
+
+# a setting on the command line: SECTION.KEY=VALUE (or KEY=VALUE for a top-level key), anywhere after the verb
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=")
+# `mlpmem run` / `plan` flags that set a recipe key: a flag is the same as its dotted override
+RECIPE_FLAGS = {"corpus": "corpus.source", "model": "model", "mixing": "eval.mixing"}
+
+
+def load_recipe_of(a):
+    """The recipe of `mlpmem run` / `mlpmem plan`, checked as one: RECIPE (or --corpus alone), its SECTION.KEY=VALUE
+    overrides, the flags that set recipe keys (--corpus, --model, --mixing: the same as their overrides) and --out,
+    --device, --dtype."""
+    from mlpmem.models import DEFAULT_MODEL
+    from mlpmem.pipeline import load_recipe, quick_recipe
+
+    words = [w for w in (a.recipe, *a.overrides) if w is not None]
+    overrides = [w for w in words if OVERRIDE.match(w)]
+    names = [w for w in words if not OVERRIDE.match(w)]
+    if len(names) > 1:
+        raise MlpmemError(
+            f"`mlpmem {a.verb}` takes one recipe, got {len(names)} ({', '.join(names)})",
+            "pass one recipe, and settings as SECTION.KEY=VALUE (e.g. train.epochs=3)",
+        )
+    flags = {key: getattr(a, dest) for dest, key in RECIPE_FLAGS.items() if getattr(a, dest, None) is not None}
+    twice = [
+        f"--{dest} and {key}=" for dest, key in RECIPE_FLAGS.items() if key in flags and any(o.split("=", 1)[0] == key for o in overrides)
+    ]
+    if twice:
+        raise MlpmemError(f"{', '.join(twice)} set the same setting", "give each setting once")
+    overrides += [f"{key}={json.dumps(value)}" for key, value in flags.items()]  # a JSON string is a YAML string: the value as typed
+    if names:
+        return load_recipe(names[0], out=a.out, device=a.device, dtype=a.dtype, overrides=overrides)
+    if not a.corpus:
+        raise MlpmemError(
+            f"`mlpmem {a.verb}` needs a RECIPE or --corpus",
+            f"e.g. `mlpmem {a.verb} sotu` or `mlpmem {a.verb} --corpus data.jsonl --out runs/mine`",
+        )
+    return quick_recipe(a.corpus, a.model or DEFAULT_MODEL, a.out or "runs/quick", device=a.device, dtype=a.dtype, overrides=overrides)
 
 
 def _generate(a):
@@ -218,9 +248,35 @@ def _probe(a):
     )
 
 
+# `mlpmem tasks` flags of one action, and their defaults (None on the parser, so that a flag given to the other action is seen)
+TASKS_FLAGS = {
+    "source": {"deb": None, "n_synsets": 2600},
+    "build": {
+        "source": None,
+        "corpus": None,
+        "sotu_corpus": None,
+        "n_items": 400,
+        "n_valid": 60,
+        "n_sotu": 1000,
+        "n_reasoning": 450,
+        "shots": 1,
+    },
+}
+
+
 def _tasks(a):
     from mlpmem.knowledge_tasks import build_source, build_tasks
 
+    other = "build" if a.action == "source" else "source"
+    ignored = ["--" + k.replace("_", "-") for k in TASKS_FLAGS[other] if getattr(a, k) is not None]
+    if ignored:
+        raise MlpmemError(
+            f"{', '.join(ignored)} {'applies' if len(ignored) == 1 else 'apply'} to `mlpmem tasks {other}`, not `tasks {a.action}`",
+            f"drop {', '.join(ignored)}, or run `mlpmem tasks {other}`",
+        )
+    for k, default in TASKS_FLAGS[a.action].items():
+        if getattr(a, k) is None:
+            setattr(a, k, default)
     if a.action == "source":
         build_source(Path(a.out), Path(a.deb) if a.deb else None, a.n_synsets, a.seed, overwrite=a.overwrite)
     else:
@@ -296,40 +352,55 @@ def _args_finetune(sp):
     add_arguments(sp, FinetuneConfig, skip=("lambda_",))
 
 
-def _args_run(sp):
+def _recipe_arguments(sp, verb: str):
+    """The arguments `mlpmem run` and `mlpmem plan` share: what the recipe is, and the flags that change it."""
     sp.add_argument("recipe", nargs="?", help="a recipe YAML file or a built-in recipe name (e.g. sotu)")
     sp.add_argument(
-        "overrides", nargs="*", help="settings to change, as SECTION.KEY=VALUE (e.g. train.epochs=3 datastore.batch_tokens=65536)"
+        "overrides",
+        nargs="*",
+        help="settings to change, as SECTION.KEY=VALUE, anywhere on the line (e.g. train.epochs=3 datastore.batch_tokens=65536)",
     )
-    sp.add_argument("--corpus", help="quick experiment on your own corpus (.jsonl with a text field, .txt, .parquet, folder)")
-    sp.add_argument("--model", default="smollm2-135m", help="HF model name or local folder")
-    sp.add_argument("--out", default=None)
-    sp.add_argument("--overwrite", action="store_true")
     sp.add_argument(
-        "--device", default=None, help="where the stages run: auto|cpu|cuda|cuda:N|mps (default: the recipe's `device:`, else auto)"
+        "--corpus",
+        default=None,
+        help="the corpus (.jsonl with a text field, .txt, .parquet, folder): alone, a quick experiment on it; "
+        "with a recipe, the same as corpus.source=",
+    )
+    sp.add_argument(
+        "--model", default=None, help="HF model name or local folder (the same as model=; default: the recipe's, else smollm2-135m)"
+    )
+    sp.add_argument("--out", default=None, help="the run folder (default: the recipe's)")
+    sp.add_argument(
+        "--device",
+        default=None,
+        help=f"where the stages {'run' if verb == 'run' else 'will run'}: auto|cpu|cuda|cuda:N|mps (default: the recipe's `device:`, else auto)",
     )
     sp.add_argument(
         "--dtype", default=None, help="LM precision: auto|float32|bfloat16|float16 (default: the recipe's datastore dtype, float32)"
     )
+
+
+def _args_run(sp):
+    _recipe_arguments(sp, "run")
+    sp.add_argument("--overwrite", action="store_true")
     sp.add_argument(
         "--mixing",
         default=None,
         choices=("fixed", "gated"),
-        help="gated: also fit a per-token mixing gate on valid and report it beside the fixed lambda (default: the recipe's eval.mixing, fixed)",
+        help="the same as eval.mixing=; gated: also fit a per-token mixing gate on valid and report it beside the fixed lambda (default: the recipe's eval.mixing, fixed)",
     )
 
 
 def _args_plan(sp):
-    sp.add_argument("recipe", help="a recipe YAML file or a built-in recipe name (as for `mlpmem run`)")
-    sp.add_argument("overrides", nargs="*", help="settings to change, as SECTION.KEY=VALUE (as for `mlpmem run`)")
-    sp.add_argument("--out", default=None, help="the run folder the plan is for (default: the recipe's)")
-    sp.add_argument("--train-tokens", type=int, default=None, help="the train split's size, when the recipe does not cap it")
+    _recipe_arguments(sp, "plan")
+    sp.add_argument(
+        "--train-tokens",
+        type=int,
+        default=None,
+        help="the train split's size, when the recipe does not cap it and the corpus is not built yet",
+    )
     sp.add_argument("--throughputs", default=None, help="JSON of measured throughputs (a plan's --json) instead of calibrating here")
     sp.add_argument("--json", default=None, help="also write the plan as JSON to this file")
-    sp.add_argument(
-        "--device", default=None, help="where the stages will run: auto|cpu|cuda|cuda:N|mps (default: the recipe's `device:`, else auto)"
-    )
-    sp.add_argument("--dtype", default=None, help="LM precision (default: the recipe's datastore dtype)")
 
 
 def _args_generate(sp):
@@ -380,15 +451,15 @@ def _args_tasks(sp):
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--overwrite", action="store_true")
     sp.add_argument("--deb", default=None, help="source: a wordnet-base .deb (default: apt-get download wordnet-base)")
-    sp.add_argument("--n-synsets", type=int, default=2600, help="source: synsets in the memory's text (~30 tokens each)")
+    sp.add_argument("--n-synsets", type=int, default=None, help="source: synsets in the memory's text (~30 tokens each; default: 2600)")
     sp.add_argument("--source", default=None, help="build: the folder written by `mlpmem tasks source`")
     sp.add_argument("--corpus", default=None, help="build: the corpus folder of the run trained on its wordnet.jsonl (RUN/corpus)")
     sp.add_argument("--sotu-corpus", default=None, help="build: a State of the Union corpus folder (RUN/corpus) for the facts task")
-    sp.add_argument("--n-items", type=int, default=400, help="build: test items per WordNet task (define: half)")
-    sp.add_argument("--n-valid", type=int, default=60, help="build: valid items per task (tune RAG on these)")
-    sp.add_argument("--n-sotu", type=int, default=1000)
-    sp.add_argument("--n-reasoning", type=int, default=450)
-    sp.add_argument("--shots", type=int, default=1, help="build: worked examples in each WordNet prompt")
+    sp.add_argument("--n-items", type=int, default=None, help="build: test items per WordNet task (define: half; default: 400)")
+    sp.add_argument("--n-valid", type=int, default=None, help="build: valid items per task (tune RAG on these; default: 60)")
+    sp.add_argument("--n-sotu", type=int, default=None, help="build: State of the Union fact items (default: 1000)")
+    sp.add_argument("--n-reasoning", type=int, default=None, help="build: reasoning control items (default: 450)")
+    sp.add_argument("--shots", type=int, default=None, help="build: worked examples in each WordNet prompt (default: 1)")
 
 
 _STAGE_HELP = {verb: st.help for verb, st in by_verb().items()}
@@ -417,8 +488,20 @@ VERBS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose usage errors follow the rule of every other error: under torchrun / accelerate
+    launch rank 0 alone prints it (every rank exits 2)."""
+
+    def error(self, message: str):
+        from mlpmem.errors import launch_rank
+
+        if launch_rank() != 0:
+            sys.exit(report_error(message))
+        super().error(message)
+
+
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mlpmem", description="Retriever-pretrained MLP memory (and kNN-LM) for Hugging Face causal LMs.")
+    p = Parser(prog="mlpmem", description="Retriever-pretrained MLP memory (and kNN-LM) for Hugging Face causal LMs.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="verb", required=True)
     for name, (fn, help_, add) in VERBS.items():
@@ -433,24 +516,35 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, where a verb that takes SECTION.KEY=VALUE overrides (run, plan) takes them anywhere on
+    the line, also after its flags (`mlpmem run sotu --out O train.epochs=3`); anything else left over is argparse's error."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list):
+        args.overrides += [x for x in extra if OVERRIDE.match(x)]
+        extra = [x for x in extra if not OVERRIDE.match(x)]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     verb = next((x for x in argv if x in VERBS), "")
-    args = build_parser(verb).parse_args(argv)
+    args = parse_command_line(build_parser(verb), argv)
     from mlpmem import dist
-
-    rank = dist.world().rank  # under torchrun / accelerate launch: rank 0 speaks for all, the others only warn
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s {f'[rank {rank}] ' if rank else ''}%(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for noisy in ("faiss.loader", "httpx", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     from mlpmem.manifest import release_all_locks, set_full_verify
 
-    set_full_verify(getattr(args, "verify", False))
     try:
+        rank = dist.world().rank  # under torchrun / accelerate launch: rank 0 speaks for all, the others only warn
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO if rank == 0 else logging.WARNING,
+            format=f"%(asctime)s {f'[rank {rank}] ' if rank else ''}%(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+        )
+        for noisy in ("faiss.loader", "httpx", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        set_full_verify(getattr(args, "verify", False))
         try:
             if splits_work(args.verb) or dist.world().size == 1:
                 args.fn(args)
@@ -461,17 +555,14 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             release_all_locks()  # a stage that stopped half-way can be resumed at once, by anyone
     except MlpmemError as e:
-        print(f"mlpmem: error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
     except KeyboardInterrupt:
-        print("mlpmem: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
+        return report_error("interrupted; run the same command again to resume", 130, prefix="mlpmem: ")
     except OSError as e:
         err = os_error(e, argv)
         if err is None:
             raise  # not a user's path or a full disk: a bug, which deserves its traceback
-        print(f"mlpmem: error: {err}", file=sys.stderr)
-        return 2
+        return report_error(err)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from typing import Any
@@ -38,6 +39,32 @@ def _accepts(tp, value) -> bool:
     return isinstance(value, tp)
 
 
+# a number written as text: YAML 1.1 (PyYAML) reads 1e-4 and 5E-4 as strings, since its floats need a dot (1.0e-4)
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _as_type(tp, value):
+    """``value``, with a number written as text read as a float where ``tp`` takes a float and not the text
+    (also inside a list of floats): ``train.lr: 1e-4`` in a recipe or an override means 0.0001."""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()) and _accepts(tp, 0.5) and not _accepts(tp, value):
+        return float(value)
+    if isinstance(value, list):
+        inner = [
+            typing.get_args(t)[0]
+            for t in (typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,))
+            if typing.get_origin(t) in (list, tuple) and typing.get_args(t)
+        ]
+        if inner:
+            return [_as_type(inner[0], v) for v in value]
+    return value
+
+
+def coerce(cls, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the numbers written as text of ``cls``'s float fields as floats (see :func:`_as_type`)."""
+    hints = _types(cls)
+    return {k: _as_type(hints[k], v) if k in hints else v for k, v in data.items()}
+
+
 def type_name(tp) -> str:
     return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
@@ -51,7 +78,7 @@ def check_dict(cls, data: dict[str, Any], where: str) -> list[str]:
     for key, value in data.items():
         if key not in hints:
             problems.append(f"{where}.{key}: unknown key (known: {', '.join(hints)})")
-        elif not _accepts(hints[key], value):
+        elif not _accepts(hints[key], _as_type(hints[key], value)):
             problems.append(f"{where}.{key}: expected {type_name(hints[key])}, got {value!r}")
     return problems
 
@@ -68,7 +95,7 @@ def from_dict(cls, data: dict[str, Any], where: str = "config"):
 def build(cls, data: dict[str, Any], where: str):
     """``cls(**data)`` for type-checked ``data``; a constructor's own refusal becomes an error naming ``where``."""
     try:
-        return cls(**data)
+        return cls(**coerce(cls, data))
     except MlpmemError as e:
         raise MlpmemError(f"{where}: {e.problem}", e.fix or "fix these settings")
 
@@ -203,7 +230,7 @@ def _optional(base):
 def from_args(cls, ns: argparse.Namespace, **override):
     """The config of a verb's flags, type- and range-checked like a recipe section (all problems at once)."""
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if hasattr(ns, f.name)}
-    values.update(override)
+    values = coerce(cls, {**values, **override})
     problems = [flag_name(p.partition(".")[2]) for p in check_dict(cls, values, "x")]
     if problems:
         raise MlpmemError("invalid options:\n  " + "\n  ".join(problems), "fix these options (see --help)")

@@ -80,16 +80,15 @@ def load_mixture(
 ):
     """Build ``(MLPMemoryForCausalLM, tokenizer)`` from memory folders (``a;b``), a saved LM + memory folder, and/or kNN-LM runs.
 
-    ``mixing``: None uses what the run fitted (the memory's gate when it has one, else its valid-fitted lambda; a
-    saved model's own mixing) and a router when one is given; an explicit ``lambda_`` means the fixed mixture with
-    it (``lambda_=0``: the base LM); "fixed", "gated" or "routed" force one. ``names``, ``weights``, ``router``, ``knn``: see the module docstring.
+    ``mixing``: None uses the memory's gate when it has one (else the fixed lambda) and a router when one is
+    given, "fixed", "gated" or "routed" force one. ``names``, ``weights``, ``router``, ``knn``: see the module docstring.
     """
     from mlpmem.modeling.mixing import check_model_mixing
 
     from mlpmem.hf import MLPMemoryForCausalLM
 
     folders, knn_runs, name_list = split_list(pretrained or memory), split_list(knn), split_list(names) or None
-    w = [float(x) for x in split_list(weights)] or None
+    w = [parse_number("weights", x, example="0.6;0.2;0.2 (the LM first)") for x in split_list(weights)] or None
     if not folders and not knn_runs:
         raise MlpmemError(
             "the mlpmem backend needs memory=PATH (or pretrained=PATH, or knn=RUN)",
@@ -150,6 +149,53 @@ def default_device() -> str:
     from mlpmem.models import resolve_device
 
     return str(resolve_device("auto", "float32")[0])
+
+
+def parse_number(name: str, value: Any, kind: type = float, example: str = "") -> float | int:
+    """A numeric model_arg (lm-eval passes ``lambda_=0.5`` as a number, ``lambda_=abc`` as text): the number, or an
+    MlpmemError naming the argument."""
+    import math
+
+    number = None
+    if not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            pass
+    if number is not None and math.isfinite(number) and (kind is float or number.is_integer()):
+        return kind(number)
+    what = "a number" if kind is float else "a whole number"
+    raise MlpmemError(f"model argument {name}={value!r} is not {what}", f"pass e.g. {name}={example}" if example else f"pass {what}")
+
+
+def merge_model_args(args: dict[str, Any], additional: dict[str, Any] | None) -> dict[str, Any]:
+    """A backend's keyword arguments from ``--model_args`` and lm-eval's own flags (``device``, ``batch_size``,
+    ``max_batch_size``): lm-eval passes both as keywords, so a name in both was a TypeError ("got multiple values for
+    keyword argument 'device'"). The model_args value wins: it names this model's own setting."""
+    out = dict(args)
+    for key, value in (additional or {}).items():
+        if value is None:
+            continue
+        if key in out:
+            if str(out[key]) != str(value):
+                log.warning("%s=%s from --model_args is used, not %s from lm-eval's --%s", key, out[key], value, key)
+            continue
+        out[key] = value
+    return out
+
+
+class ModelArgs:
+    """lm-eval's constructors from ``--model_args`` (:func:`merge_model_args`), for the backends registered here."""
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
+        from lm_eval.utils import simple_parse_args_string
+
+        return cls(**merge_model_args(simple_parse_args_string(arg_string), additional_config))
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None):
+        return cls(**merge_model_args(arg_dict, additional_config))
 
 
 def parse_bool(name: str, value: Any) -> bool:
@@ -272,8 +318,7 @@ def input_prefix(model) -> list[int]:
     return list((getattr(model.config, "memory_meta", None) or {}).get("prefix") or [])
 
 
-@register_model("mlpmem")
-class MLPMemoryLM(HFLM):
+class MLPMemoryLM(ModelArgs, HFLM):
     """HFLM over :class:`~mlpmem.hf.MLPMemoryForCausalLM`; see the module docstring for the arguments."""
 
     def __init__(
@@ -301,19 +346,11 @@ class MLPMemoryLM(HFLM):
         device = str(
             resolve_device(device or "auto", "float32")[0]
         )  # one rule for every verb; an absent GPU is one clear error, before loading
-        model, tok = load_mixture(
-            memory,
-            base_model,
-            pretrained,
-            None if lambda_ in (None, "") else float(lambda_),
-            float(memory_temperature),
-            str(dtype),
-            mixing,
-            names,
-            weights,
-            router,
-            knn,
-        )
+        # no lambda_: what the memory's run fitted (its gate, else its valid-fitted lambda)
+        lam = None if lambda_ in (None, "") else parse_number("lambda_", lambda_, example="0.25 (the memory's weight, in [0, 1])")
+        temperature = parse_number("memory_temperature", memory_temperature, example="1")
+        max_length = None if max_length is None else parse_number("max_length", max_length, int, "2048 (tokens)")
+        model, tok = load_mixture(memory, base_model, pretrained, lam, temperature, str(dtype), mixing, names, weights, router, knn)
         if tok is None:
             raise MlpmemError(
                 "no tokenizer was found for the base model",
@@ -347,3 +384,13 @@ class MLPMemoryLM(HFLM):
 
     def get_model_info(self) -> dict:
         return {**super().get_model_info(), "mlpmem": self.mixture}
+
+
+if __name__ != "__main__":  # run as `python -m mlpmem.lm_eval_backend`, the package's module registers it (below), not this copy
+    register_model("mlpmem")(MLPMemoryLM)
+
+
+if __name__ == "__main__":  # python -m mlpmem.lm_eval_backend: the same as mlpmem-lm-eval
+    from mlpmem.lm_eval_cli import main
+
+    main()

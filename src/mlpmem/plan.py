@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 PQ_KINDS = ("ivfpq", "ivfopq", "mlpmemory")  # index kinds that search PQ codes
 IVF_SCAN = 20_000  # keys an IVF query scans plus its exact re-rank, roughly constant in N (see index.IndexConfig)
 SOTU_TRAIN_TOKENS = 1_700_000  # builtin:sotu's train split with no cap (about 2.1M tokens, 80%), SmolLM2 tokens
+CALIBRATE_TOKENS = 65_536  # the calibration times at most this many tokens per forward call (a GPU batch, datastore.batch_tokens)
+CALIBRATE_POSITIONS = 8192  # and training steps of at most this many positions
 
 
 @dataclass
@@ -51,6 +53,15 @@ class Throughputs:
     device: str = "cpu"
     pq_codes_s: float | None = None  # PQ codes an IVF-PQ search scans per second (measured for recipes with a PQ index)
     seconds: float = 0.0  # what the calibration cost
+
+    def problems(self) -> list[str]:
+        from mlpmem.config import positive
+
+        return (
+            positive(self, "extract_rows_s", "score_rows_s", "search_qps", "search_rows", "train_positions_s")
+            + positive(self, "pq_codes_s", allow_none=True)
+            + positive(self, "seconds", zero=True)
+        )
 
 
 @dataclass
@@ -67,10 +78,26 @@ def split_tokens(recipe, train_tokens: int | None = None) -> dict[str, int]:
     from mlpmem.manifest import read_json
 
     c = recipe.sections["corpus"]
+    if train_tokens is not None and (isinstance(train_tokens, bool) or not isinstance(train_tokens, int) or train_tokens < 2):
+        raise MlpmemError(
+            f"--train-tokens must be a whole number of tokens of at least 2, got {train_tokens!r}",
+            "pass the train split's size, e.g. --train-tokens 2000000",
+        )
     built = Path(recipe.out) / "corpus" / "manifest.json"
     if built.exists():
         splits = read_json(built)["splits"]
-        return {s: int(splits[s]["n_tokens"]) for s in ("train", "valid", "test")}
+        tokens = {s: int(splits[s]["n_tokens"]) for s in ("train", "valid", "test")}
+        if train_tokens is not None and train_tokens != tokens["train"]:
+            raise MlpmemError(
+                f"--train-tokens {train_tokens} contradicts the corpus already built in {built.parent} ({tokens['train']} train tokens)",
+                "drop --train-tokens: the plan reads the built corpus",
+            )
+        return tokens
+    if train_tokens is not None and c.train_tokens is not None and train_tokens > c.train_tokens:
+        raise MlpmemError(
+            f"--train-tokens {train_tokens} is more than the recipe's cap corpus.train_tokens={c.train_tokens}",
+            f"drop --train-tokens, or raise the cap (corpus.train_tokens={train_tokens})",
+        )
     n = train_tokens or c.train_tokens or (SOTU_TRAIN_TOKENS if c.source == "builtin:sotu" else None)
     if n is None:
         raise MlpmemError(
@@ -89,14 +116,15 @@ def calibrate(model, recipe, d_in: int, vocab: int, device) -> Throughputs:
     """Measure this machine: a few batches of the real model, a FAISS search, a few memory steps."""
     import torch
 
-    from mlpmem.datastore import iter_batches, resolve_mode
+    from mlpmem.datastore import iter_batches, resolve_mode, windows_per_batch
     from mlpmem.modeling.read_site import ReadSite, resolve_layer
     from mlpmem.train import build_memory, build_optimizer
     from mlpmem.losses import sparse_kd_loss
 
     t_all = time.perf_counter()
     ds = recipe.sections["datastore"]
-    C, S, B = ds.context, ds.stride, ds.batch_size
+    C, S = ds.context, ds.stride
+    B = min(windows_per_batch(ds), max(1, CALIBRATE_TOKENS // C))  # rows/s no longer change with the batch long before this size
     mode = resolve_mode(model, ds.mode, C, S)
     sites = {"keys": ReadSite(resolve_layer(model, ds.layer), ds.site)}
     rng = np.random.default_rng(0)
@@ -124,7 +152,7 @@ def calibrate(model, recipe, d_in: int, vocab: int, device) -> Throughputs:
     memory = build_memory(cfg, d_in, vocab).to(device)
     opt = build_optimizer(memory, cfg)
     m = min(recipe.sections["targets"].top_m, vocab)
-    bs = cfg.batch_size // cfg.grad_accum
+    bs = min(cfg.batch_size // cfg.grad_accum, CALIBRATE_POSITIONS)
     h = torch.randn(bs, d_in, device=device)
     ids = torch.from_numpy(rng.integers(0, vocab, (bs, m))).to(device)
     probs = torch.full((bs, m), 1.0 / m, device=device)
@@ -204,8 +232,11 @@ def estimate(
         index_bytes = (pq_size(d) + 8) * N + ((4096 if ix.kind == "mlpmemory" else auto_nlist(N)) + 256) * d * 4
     qps = search_qps(tp, N, flat, ix.kind in PQ_KINDS)
     gpu = tp.device.startswith("cuda")
-    act = ds.batch_size * ds.context * d * 4 * 8  # activations of one batch, generously
-    logits = ds.batch_size * ds.stride * vocab * 4  # scored splits keep the logits of the kept positions
+    from mlpmem.datastore import windows_per_batch
+
+    B = windows_per_batch(ds)
+    act = B * ds.context * d * 4 * 8  # activations of one batch, generously
+    logits = B * ds.stride * vocab * 4  # scored splits keep the logits of the kept positions
     shard = ds.windows_per_shard * ds.stride * row_bytes
     search_block = 1024 * knn.k * 12  # distances + ids of one block of queries
     opt_bytes = memory_params * 4 * 4  # weights, gradients, two AdamW moments
@@ -273,6 +304,47 @@ def _total_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def batch_problems(recipe, d: int, vocab: int, dtype_bytes: int, capacity: int, memory: str = "RAM") -> list[str]:
+    """Batch sizes whose one batch cannot fit ``capacity`` bytes whatever else happens, as ``"key: message"`` lines: a
+    datastore forward call's hidden states at one layer (windows x context x d) or a scored batch's log-probabilities
+    (windows x stride x vocab, float32); a training step's logits ((batch_size / grad_accum) x vocab, float32)."""
+    from mlpmem.datastore import windows_per_batch
+
+    ds, tr = recipe.sections["datastore"], recipe.sections["train"]
+    out = []
+    B = windows_per_batch(ds)
+    need = max(B * ds.context * d * dtype_bytes, B * ds.stride * vocab * 4)
+    key = f"datastore.batch_tokens={ds.batch_tokens}" if ds.batch_tokens else f"datastore.batch_size={ds.batch_size}"
+    if need > capacity:
+        out.append(
+            f"{key}: a forward call over {B:,} windows of {ds.context} tokens holds at least {human_bytes(need)}, "
+            f"more than the {human_bytes(capacity)} of {memory}"
+        )
+    step = tr.batch_size // tr.grad_accum
+    need = step * vocab * 4
+    if need > capacity:
+        out.append(
+            f"train.batch_size={tr.batch_size}: a step's logits over {step:,} positions and {vocab:,} tokens take {human_bytes(need)}, "
+            f"more than the {human_bytes(capacity)} of {memory}"
+        )
+    return out
+
+
+def check_output_file(path: Path, flag: str = "--json") -> None:
+    """Refuse at once, before any work, a file that cannot be written: a folder, a folder that is missing or a file,
+    no permission. (write_json then writes it whole or not at all.)"""
+    p = Path(path).expanduser()
+    parent = p.parent
+    if p.is_dir():
+        raise MlpmemError(f"{flag} {path} is a folder", f"pass a file path, e.g. {flag} {p / 'plan.json'}")
+    if not parent.exists():
+        raise MlpmemError(f"{flag} {path}: the folder {parent} does not exist", "create it first, or pass a path in a folder that exists")
+    if not parent.is_dir():
+        raise MlpmemError(f"{flag} {path}: {parent} is a file, not a folder", "pass a path in a folder")
+    if not os.access(parent, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise MlpmemError(f"{flag} {path} cannot be written (permission denied)", "pass a path in a folder you can write to")
+
+
 def fit_warnings(needs: list[StageNeed], out: Path, gpu_total: int | None) -> list[str]:
     """Stages that will not fit this machine: disk (all stages' files together), RAM and GPU memory (each stage alone)."""
     out_warn = []
@@ -298,17 +370,29 @@ def plan(recipe, train_tokens: int | None = None, throughputs: Throughputs | Non
     from mlpmem.models import dtype_name, load_model, logits_size, model_label, num_parameters, resolve_device
     from mlpmem.modeling.read_site import decoder_layers
 
+    from mlpmem.config import validate
+    from mlpmem.pipeline import check_k
+
+    if throughputs is not None:
+        validate(throughputs, "throughputs")
     tokens = split_tokens(recipe, train_tokens)
+    check_k(recipe.sections["knn"].k, tokens["train"], f"a train split of {tokens['train']} tokens")  # the run's own check of knn.k
     dev, dt = resolve_device(dist.local_device(recipe.device), recipe.sections["datastore"].dtype)
     model, _, model_id = load_model(recipe.model, dtype_name(dt), dev)
     d, vocab = model.config.get_text_config().hidden_size, logits_size(model)
+    gpu_total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
+    too_big = batch_problems(recipe, d, vocab, torch.finfo(dt).bits // 8, gpu_total or _total_ram(), "GPU memory" if gpu_total else "RAM")
+    if too_big:
+        raise MlpmemError(
+            "batches that cannot fit this machine:\n  " + "\n  ".join(too_big),
+            "lower these batch sizes (datastore.batch_tokens sets the datastore's by tokens, train.grad_accum splits a training batch)",
+        )
     tcfg = recipe.sections["train"]
     with torch.device("meta"):
         memory_params = MLPMemory(tcfg.memory_config(d, vocab)).num_parameters()
     tp = throughputs or calibrate(model, recipe, d, vocab, dev)
     model_bytes = num_parameters(model) * torch.finfo(dt).bits // 8
     needs = estimate(recipe, tokens, tp, d, vocab, model_bytes, memory_params, len(decoder_layers(model)))
-    gpu_total = torch.cuda.get_device_properties(dev).total_memory if dev.type == "cuda" else None
     return {
         "recipe_out": recipe.out,
         "model": model_label(model_id),
@@ -366,14 +450,19 @@ def _dur(seconds: float) -> str:
 
 
 def read_throughputs(path: Path) -> Throughputs:
+    """The throughputs in ``path`` (a plan's --json, or the throughputs alone), checked like a recipe section."""
+    from mlpmem.config import from_dict
     from mlpmem.manifest import read_json
 
     data = read_json(path)
     data = data.get("throughputs", data) if isinstance(data, dict) else data
-    names = {f.name for f in dataclasses.fields(Throughputs)}
+    fields = dataclasses.fields(Throughputs)
+    names = {f.name for f in fields}
+    required = [f.name for f in fields if f.default is dataclasses.MISSING]
+    fix = "pass a JSON written by `mlpmem plan --json`, with every throughput a positive number"
+    if not isinstance(data, dict) or any(n not in data for n in required):
+        raise MlpmemError(f"{path} holds no throughputs ({', '.join(sorted(names))})", fix)
     try:
-        return Throughputs(**{k: v for k, v in data.items() if k in names})
-    except (TypeError, AttributeError):
-        raise MlpmemError(
-            f"{path} holds no throughputs ({', '.join(sorted(names))})", "pass a JSON written by `mlpmem plan --json` or `--calibrate-only`"
-        )
+        return from_dict(Throughputs, {k: v for k, v in data.items() if k in names}, where=str(path))
+    except MlpmemError as e:
+        raise MlpmemError(e.problem, fix)

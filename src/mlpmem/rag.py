@@ -157,6 +157,8 @@ def memory_corpus(memory_dir: Path) -> Path:
 from lm_eval.api.model import LM  # noqa: E402  (this module is imported only by those who use lm-eval)
 from lm_eval.api.registry import register_model  # noqa: E402
 
+from mlpmem.lm_eval_backend import ModelArgs  # noqa: E402
+
 
 class WrappedLM(LM):
     """An lm-eval LM that wraps another (``inner``): what it does not define, the inner LM answers."""
@@ -240,7 +242,7 @@ class SharedContextLM(WrappedLM):
         return {**info, "loglikelihood": "shared context (mlpmem.rag.SharedContextLM)"}
 
 
-class RagLM(RetrievalLM):
+class RagLM(ModelArgs, RetrievalLM):  # ModelArgs: device= (batch_size=) in --model_args, as for `mlpmem`
     """lm-eval backend ``mlpmem-rag``: BM25 passages + the ``mlpmem`` backend (or a plain HF model); see the module docstring."""
 
     def __init__(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_texts, run_cli
+from helpers import make_texts, run_cli
 
 from mlpmem.cli import build_parser, load_recipe_of, main, parse_command_line
 from mlpmem.errors import MlpmemError

@@ -93,7 +93,7 @@ def test_stage_verbs_and_recipe_sections_come_from_the_stage_registry(monkeypatc
         assert verb in VERBS
         opts = options(verb)
         assert all(opts[f"--{name}"].required for name, _ in st.inputs) and opts["--out"].required
-        assert {f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(st.config_class())} <= set(opts)
+        assert {f"--{f.name.rstrip('_').replace('_', '-')}" for f in dataclasses.fields(st.config_class())} <= set(opts)
         assert "--device" in opts if st.device else True  # (the index has its own --device: FAISS)
     assert {"--tuning", "--queries"} <= set(options("targets")) and {"--valid", "--valid-targets", "--model"} <= set(options("train"))
 

@@ -355,7 +355,7 @@ def test_generate_cli_side_by_side(arch_parts, tmp_path, capsys):
     assert out.count("--- base LM:") == 3 and out.count("--- LM + memory (lambda=0.9):") == 3
     from mlpmem.generation import GenerateConfig, generate_side_by_side
 
-    rows = generate_side_by_side(str(tmp_path / "mem"), ["the union and", "war"], GenerateConfig(max_new_tokens=6, lam=0.9))
+    rows = generate_side_by_side(str(tmp_path / "mem"), ["the union and", "war"], GenerateConfig(max_new_tokens=6, lambda_=0.9))
     assert any(r["base"] != r["memory"] for r in rows)  # a peaked random memory at lambda 0.9 changes the text
     assert main(["generate", str(tmp_path / "mem")]) == 2  # no prompts: a clear error
 
@@ -368,7 +368,7 @@ def test_generate_side_by_side_with_a_full_export(arch_parts, model, tmp_path):
     model.save_pretrained(tmp_path / "full", full_export=True)
     cfg = json.loads((tmp_path / "full" / "config.json").read_text())
     (tmp_path / "full" / "config.json").write_text(json.dumps(dict(cfg, base_model=str(tmp_path / "gone"))))  # nothing else to find
-    rows = generate_side_by_side(str(tmp_path / "full"), ["the union and", "war"], GenerateConfig(max_new_tokens=6, lam=0.5))
+    rows = generate_side_by_side(str(tmp_path / "full"), ["the union and", "war"], GenerateConfig(max_new_tokens=6, lambda_=0.5))
     p = tok("war", return_tensors="pt").input_ids
     assert rows[1]["memory"] == tok.decode(model.generate(p, max_new_tokens=6, do_sample=False)[0, p.shape[1] :], skip_special_tokens=True)
 

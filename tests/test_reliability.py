@@ -2,6 +2,7 @@
 leaves nothing half-written that would block the corrected command. The full set (100+ cases)
 is bench/hostile.py."""
 
+import argparse
 import errno
 import json
 import os
@@ -151,7 +152,7 @@ def test_duplicate_texts_are_dropped_before_the_split(stages, tmp_path, capsys):
 @pytest.mark.parametrize(
     "body,expect",
     [
-        ("knn:\n  lam: 1.5\n", "knn.lam: must lie in [0.0, 1.0], got 1.5"),
+        ("knn:\n  lambda: 1.5\n", "knn.lambda: must lie in [0.0, 1.0], got 1.5"),
         ("eval:\n  split: bogus\n", "eval.split: must be one of train, valid, test, got 'bogus'"),
         ("train:\n  width: 0\n", "train.width: must be a finite number > 0 or null, got 0"),
         ("knn:\n  k: 0\n", "knn.k: must be a finite number > 0, got 0"),
@@ -180,9 +181,9 @@ def test_all_recipe_problems_at_once_and_k_against_the_built_corpus(stages):
 
     with pytest.raises(MlpmemError) as e:
         load_recipe(
-            {"out": "x", "train": {"width": 0, "lr": -1}, "knn": {"lam": 2}, "eval": {"split": "x"}, "datastore": {"split": "test"}}
+            {"out": "x", "train": {"width": 0, "lr": -1}, "knn": {"lambda": 2}, "eval": {"split": "x"}, "datastore": {"split": "test"}}
         )
-    for key in ("train.width", "train.lr", "knn.lam", "eval.split", "datastore.split"):
+    for key in ("train.width", "train.lr", "knn.lambda", "eval.split", "datastore.split"):
         assert key in str(e.value)
     n = json.loads((stages["corpus"] / "manifest.json").read_text())["splits"]["train"]["n_tokens"]
     check_k_fits(stages["corpus"], n - 2)
@@ -197,7 +198,7 @@ def test_all_recipe_problems_at_once_and_k_against_the_built_corpus(stages):
         (["train", "--datastore", "d", "--targets", "t", "--out", "o", "--width", "0"], "--width: must be a finite number > 0"),
         (["train", "--datastore", "d", "--targets", "t", "--out", "o", "--lr", "none"], "--lr: expected float, got None"),
         (["targets", "--datastore", "d", "--index", "i", "--out", "o", "--temperature", "0"], "--temperature: must be a finite number > 0"),
-        (["generate", "m", "hi", "--lam", "1.5"], "--lam: must lie in [0.0, 1.0]"),
+        (["generate", "m", "hi", "--lambda", "1.5"], "--lambda: must lie in [0.0, 1.0]"),
     ],
 )
 def test_verb_flags_get_the_same_checks(tmp_path, capsys, monkeypatch, argv, expect):
@@ -455,3 +456,38 @@ def test_shipped_recipes_pass_the_checks():
     assert files
     for f in files:
         load_recipe(f, out="x", check_paths=False)  # data files of bench recipes may not be built here
+
+
+def test_lambda_has_one_name_and_the_old_one_still_works(tmp_path, capsys):
+    """`lambda` in recipes, `--lambda` on the command line, `lambda_` in Python; the old `lam` / `--lam` are accepted with
+    a deprecation warning for one release, and both at once is refused."""
+    import warnings
+
+    from mlpmem.config import add_arguments, from_args
+    from mlpmem.evaluate import KnnConfig
+    from mlpmem.generation import GenerateConfig
+    from mlpmem.pipeline import load_recipe
+
+    recipe = {"out": str(tmp_path / "o"), "corpus": {"source": "x"}}
+    assert load_recipe({**recipe, "knn": {"lambda": 0.3}}, check_paths=False).sections["knn"].lambda_ == 0.3
+    with pytest.warns(DeprecationWarning, match="knn.lam is deprecated"):
+        assert load_recipe({**recipe, "knn": {"lam": 0.3}}, check_paths=False).sections["knn"].lambda_ == 0.3
+    with pytest.raises(MlpmemError, match="both lam"):
+        load_recipe({**recipe, "knn": {"lam": 0.3, "lambda": 0.2}}, check_paths=False)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, GenerateConfig)
+    assert from_args(GenerateConfig, parser.parse_args(["--lambda", "0.4"])).lambda_ == 0.4
+    with pytest.warns(DeprecationWarning, match="--lam is deprecated"):
+        assert from_args(GenerateConfig, parser.parse_args(["--lam", "0.4"])).lambda_ == 0.4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the new spelling says nothing
+        from_args(KnnConfig, _knn_parser().parse_args(["--lambda", "0.1"]))
+
+
+def _knn_parser():
+    from mlpmem.config import add_arguments
+    from mlpmem.evaluate import KnnConfig
+
+    p = argparse.ArgumentParser()
+    add_arguments(p, KnnConfig)
+    return p

@@ -189,7 +189,7 @@ def _generate(a):
         raise MlpmemError(f"prompt {', '.join(map(str, empty))} is empty", "give every prompt some text to continue")
     rows = generate_side_by_side(str(_memory_folder(a.model, a.verify)), prompts, cfg, a.base_model, device=a.device, dtype=a.dtype)
     for r in rows:
-        how = {"gated": "gated lambda per token", "routed": "router's weights per token"}.get(r.get("mixing"), f"lambda={a.lam}")
+        how = {"gated": "gated lambda per token", "routed": "router's weights per token"}.get(r.get("mixing"), f"lambda={r['lambda']:.3g}")
         print(f"=== {r['prompt']}\n--- base LM:\n{r['base']}\n--- LM + memory ({how}):\n{r['memory']}\n")
 
 
@@ -197,8 +197,8 @@ def _export(a):
     from mlpmem.hf import export_hf
 
     memory = _memory_folder(a.memory, a.verify)
-    if not 0 <= a.lam <= 1:
-        raise MlpmemError(f"--lam must lie in [0, 1], got {a.lam}", "pass e.g. --lam 0.25 (the weight of the memory)")
+    if a.lambda_ is not None and not 0 <= a.lambda_ <= 1:
+        raise MlpmemError(f"--lambda must lie in [0, 1], got {a.lambda_}", "pass e.g. --lambda 0.25 (the weight of the memory)")
     if not 0 < a.memory_temperature < float("inf"):
         raise MlpmemError(f"--memory-temperature must be positive, got {a.memory_temperature}", "pass e.g. --memory-temperature 1")
     if Path(a.out).resolve() == memory.resolve() or memory.resolve() in Path(a.out).resolve().parents:
@@ -207,7 +207,7 @@ def _export(a):
         memory,
         Path(a.out),
         base_model=a.base_model,
-        lambda_=a.lam,
+        lambda_=a.lambda_,
         memory_temperature=a.memory_temperature,
         full_export=a.full,
         gate=a.gate or "auto",
@@ -416,10 +416,15 @@ def _args_generate(sp):
 
 
 def _args_export(sp):
+    from mlpmem.config import add_deprecated_flag
+
     sp.add_argument("memory", help="a trained memory folder (RUN/train/memory)")
     sp.add_argument("--out", required=True)
     sp.add_argument("--base-model", default=None, help="base LM reference to record (default: the memory's)")
-    sp.add_argument("--lam", type=float, default=0.25, help="default lambda stored in the config")
+    sp.add_argument(
+        "--lambda", dest="lambda_", type=float, default=None, help="lambda stored in the config (default: the one the memory's run fitted)"
+    )
+    add_deprecated_flag(sp, "--lam", "--lambda", dest="lambda_", type=float)
     sp.add_argument("--memory-temperature", type=float, default=1.0)
     sp.add_argument("--full", action="store_true", help="also store the base model, for a self-contained folder")
     sp.add_argument("--gate", default=None, help="a mixing gate folder (default: the run's gate/ next to train/memory, if any)")

@@ -12,9 +12,14 @@ import dataclasses
 import re
 import types
 import typing
+import warnings
 from typing import Any
 
 from mlpmem.errors import MlpmemError
+
+# settings renamed so that a concept has one name (old -> new); the old name is accepted, with a deprecation
+# warning, for one release: in recipes, overrides and verb flags alike
+RENAMED_SETTINGS: dict[str, str] = {"lam": "lambda_"}
 
 
 def _types(cls) -> dict[str, Any]:
@@ -69,12 +74,41 @@ def type_name(tp) -> str:
     return str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
+def deprecation(message: str) -> None:
+    """Say once that an old spelling was used: a DeprecationWarning, and a log line a command-line user sees."""
+    import logging
+
+    warnings.warn(message, DeprecationWarning, stacklevel=3)
+    logging.getLogger("mlpmem").warning("%s", message)
+
+
+def renamed(cls, data: Any, where: str) -> Any:
+    """``data`` (a section of ``cls``) with each old name of :data:`RENAMED_SETTINGS` under its new one; both set is an error."""
+    if not isinstance(data, dict):
+        return data
+    hints = _types(cls)
+    out = dict(data)
+    for old, new in RENAMED_SETTINGS.items():
+        if old in out and old not in hints and new in hints:
+            if new in out or setting_name(new) in out:
+                raise MlpmemError(f"{where}: both {old} (its old name) and {setting_name(new)} are set", f"keep {setting_name(new)} only")
+            deprecation(f"{where}.{old} is deprecated and will be removed in the next release: write {where}.{setting_name(new)}")
+            out[new] = out.pop(old)
+    return out
+
+
+def setting_name(field: str) -> str:
+    """A field's name in recipes and reports: ``lambda_`` (a Python keyword) is ``lambda``."""
+    return field.rstrip("_")
+
+
 def check_dict(cls, data: dict[str, Any], where: str) -> list[str]:
     """Problems of ``data`` as a ``cls`` config (empty list when fine)."""
     if not isinstance(data, dict):
         return [f"{where}: expected a mapping, got {type(data).__name__}"]
     hints = _types(cls)
     problems = []
+    data = {(k + "_" if k + "_" in hints and k not in hints else k): v for k, v in data.items()}  # `lambda:` in YAML is lambda_
     for key, value in data.items():
         if key not in hints:
             problems.append(f"{where}.{key}: unknown key (known: {', '.join(hints)})")
@@ -84,6 +118,7 @@ def check_dict(cls, data: dict[str, Any], where: str) -> list[str]:
 
 
 def from_dict(cls, data: dict[str, Any], where: str = "config"):
+    data = renamed(cls, data, where)
     problems = check_dict(cls, data, where)
     if problems:
         raise MlpmemError("invalid configuration:\n  " + "\n  ".join(problems), "fix these keys")
@@ -94,6 +129,8 @@ def from_dict(cls, data: dict[str, Any], where: str = "config"):
 
 def build(cls, data: dict[str, Any], where: str):
     """``cls(**data)`` for type-checked ``data``; a constructor's own refusal becomes an error naming ``where``."""
+    hints = _types(cls)
+    data = {(k + "_" if k + "_" in hints and k not in hints else k): v for k, v in data.items()}
     try:
         return cls(**coerce(cls, data))
     except MlpmemError as e:
@@ -137,7 +174,7 @@ def _knn_problems(c) -> list[str]:
     return (
         positive(c, "k", "batch_size")
         + positive(c, "temperature", allow_none=True)
-        + in_range(c, "lam", 0.0, 1.0, allow_none=True)
+        + in_range(c, "lambda_", 0.0, 1.0, allow_none=True)
         + need(
             bool(temps) and all(t > 0 and t != float("inf") for t in temps),
             "temperatures",
@@ -150,7 +187,7 @@ def _generate_problems(c) -> list[str]:
     return (
         positive(c, "max_new_tokens", "temperature", "num_beams")
         + positive(c, "top_k", zero=True)
-        + in_range(c, "lam", 0.0, 1.0)
+        + in_range(c, "lambda_", 0.0, 1.0, allow_none=True)
         + need(c.top_p is not None and 0 < c.top_p <= 1, "top_p", f"must lie in (0, 1], got {c.top_p!r}")
     )
 
@@ -177,7 +214,7 @@ def validate(obj, where: str = "") -> None:
 def flag_name(line: str) -> str:
     """``"width: ..."`` -> ``"--width: ..."``: a problem line in the CLI's terms."""
     key, sep, rest = line.partition(":")
-    return f"--{key.replace('_', '-')}{sep}{rest}" if sep and key.isidentifier() else line
+    return f"--{key.rstrip('_').replace('_', '-')}{sep}{rest}" if sep and key.isidentifier() else line
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
@@ -188,7 +225,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
             continue
         tp = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        flag = "--" + f.name.replace("_", "-")
+        flag = "--" + f.name.rstrip("_").replace("_", "-")  # lambda_ -> --lambda
         args = typing.get_args(tp)
         base = (
             next((t for t in args if t is not type(None)), tp) if args and typing.get_origin(tp) in (typing.Union, types.UnionType) else tp
@@ -200,8 +237,21 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
             parser.add_argument(flag, dest=f.name, nargs="*", type=typing.get_args(base)[0], default=default, help=help_)
         elif base in (int, float, str):
             parser.add_argument(flag, dest=f.name, type=_optional(base), default=default, help=help_)
+            for old in (o for o, n in RENAMED_SETTINGS.items() if n == f.name):
+                add_deprecated_flag(parser, "--" + old.replace("_", "-"), flag, dest=f.name, type=_optional(base))
         else:
             parser.add_argument(flag, dest=f.name, default=default, help=help_)
+
+
+def add_deprecated_flag(parser: argparse.ArgumentParser, old: str, new: str, dest: str, type=None) -> None:
+    """An old flag that sets ``dest`` as ``new`` does, with a deprecation warning; hidden from --help."""
+
+    class Deprecated(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            deprecation(f"{option_string} is deprecated and will be removed in the next release: use {new}")
+            setattr(namespace, self.dest, values)
+
+    parser.add_argument(old, dest=dest, type=type, action=Deprecated, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def add_device_arguments(parser: argparse.ArgumentParser, dtype: bool = False) -> None:

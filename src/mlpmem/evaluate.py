@@ -35,7 +35,7 @@ class KnnConfig:
     k: int = 1024
     temperature: float | None = None  # None: the T that minimises kNN-LM perplexity on valid
     temperatures: list[float] = field(default_factory=lambda: list(TEMPERATURES))
-    lam: float | None = None  # None: fitted on valid by EM
+    lambda_: float | None = None  # None: fitted on valid by EM
     batch_size: int = 8
 
 
@@ -229,8 +229,8 @@ def tune_knn_for(cfg: KnnConfig, valid: Scored) -> dict:
         result = tune_knn(valid, cfg.temperatures)
     else:
         result = {"temperature": cfg.temperature, "lambda": fit_lambda_em(valid.lm_logprob, valid.knn_logprob(cfg.temperature))}
-    if cfg.lam is not None:
-        result["lambda"] = cfg.lam
+    if cfg.lambda_ is not None:
+        result["lambda"] = cfg.lambda_
     return result
 
 

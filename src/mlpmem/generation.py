@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class GenerateConfig:
     max_new_tokens: int = 40
-    lam: float = 0.25  # weight of the memory
+    lambda_: float | None = None  # the memory's weight; None: what its run fitted (its gate, else its valid lambda)
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0
@@ -39,7 +39,7 @@ def read_prompts(prompts: list[str], prompts_file: str | None) -> list[str]:
 def generate_side_by_side(
     model_path: str, prompts: list[str], cfg: GenerateConfig, base_model: str | None = None, device: str = "auto", dtype: str = "float32"
 ) -> list[dict[str, str]]:
-    """Continue each prompt with the base LM (lambda=0) and with LM + memory (lambda=cfg.lam, or per token: the memory's
+    """Continue each prompt with the base LM (lambda=0) and with LM + memory (cfg.lambda_, else what its run fitted; or per token: the memory's
     gate, or the router of a model with several memories).
 
     ``model_path`` is a trained memory folder (``.../train/memory``) or a folder
@@ -54,11 +54,12 @@ def generate_side_by_side(
 
     dev, dt = resolve_device(device, dtype)
     mix = {} if cfg.mixing is None else {"mixing": check_model_mixing(cfg.mixing)}
+    lam = {} if cfg.lambda_ is None else {"lambda_": cfg.lambda_}
     path = Path(model_path)
     if (path / "memory_config.json").exists():
-        model = MLPMemoryForCausalLM.from_memory(path, base_model, lambda_=cfg.lam, dtype=dtype_name(dt), **mix)
+        model = MLPMemoryForCausalLM.from_memory(path, base_model, dtype=dtype_name(dt), **lam, **mix)
     else:
-        model = MLPMemoryForCausalLM.from_pretrained(path, base_model=base_model, lambda_=cfg.lam, dtype=dtype_name(dt), **mix)
+        model = MLPMemoryForCausalLM.from_pretrained(path, base_model=base_model, dtype=dtype_name(dt), **lam, **mix)
     model.to(dev)  # the memory goes where the LM is
     tok = model.tokenizer if getattr(model, "tokenizer", None) is not None else None
     if tok is None:
@@ -75,11 +76,14 @@ def generate_side_by_side(
         kwargs.update(temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p)
     out = {}
     per_token = model.mixing_mode in ("gated", "routed")
-    for name, lam in (("base", 0.0), ("memory", cfg.lam)):
+    for name, lam in (("base", 0.0), ("memory", model.lambda_)):
         torch.manual_seed(cfg.seed)
         # the gate's or the router's weights per token (a lambda_ per call would ask for the fixed mixture)
         mixing = {"mixing": model.mixing_mode} if per_token and name == "memory" else {"lambda_": lam}
         with torch.inference_mode():
             ids = model.generate(**batch, **mixing, **kwargs)
         out[name] = tok.batch_decode(ids[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [{"prompt": p, "base": b, "memory": m, "mixing": model.mixing_mode} for p, b, m in zip(prompts, out["base"], out["memory"])]
+    return [
+        {"prompt": p, "base": b, "memory": m, "mixing": model.mixing_mode, "lambda": model.lambda_}
+        for p, b, m in zip(prompts, out["base"], out["memory"])
+    ]

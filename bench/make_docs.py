@@ -173,7 +173,7 @@ def config_table(cls) -> str:
             rows.append(f"| *{_cell(heads[f.name])}* | | | |")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         text = " ".join(t for t in (doc.get(f.name, ""), desc.get(f.name, "")) if t)
-        rows.append(f"| `{f.name}` | `{_cell(_type(hints[f.name]))}` | `{_cell(_value(default))}` | {_cell(text)} |")
+        rows.append(f"| `{f.name.rstrip('_')}` | `{_cell(_type(hints[f.name]))}` | `{_cell(_value(default))}` | {_cell(text)} |")
     return "\n".join(rows) + "\n"
 
 

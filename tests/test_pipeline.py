@@ -268,3 +268,17 @@ def test_overwrite_removes_a_gate_the_new_run_does_not_fit(tmp_path, tiny_llama,
     run_pipeline(load_recipe({**recipe, "train": {**recipe["train"], "lr": 3e-3}}), overwrite=True)
     assert not (tmp_path / "run" / "gate" / "gate_config.json").exists()
     assert MLPMemoryForCausalLM.from_memory(tmp_path / "run" / "train" / "memory").mixing_mode == "fixed"
+
+
+@pytest.mark.parametrize("valid_tokens, mixing, need", [(3, "fixed", 32), (120, "gated", 257)])
+def test_a_valid_split_too_small_to_fit_on_is_refused_before_the_datastore(
+    tmp_path, tiny_llama, tiny_corpus_file, valid_tokens, mixing, need
+):
+    """A 3-token valid split gave a report with kNN-LM perplexity inf and exit 0: now the run stops after the corpus, naming
+    the minimum, and builds no datastore."""
+    recipe = tiny_recipe(tmp_path, tiny_llama, tiny_corpus_file)
+    recipe["corpus"]["valid_tokens"] = valid_tokens
+    recipe["eval"] = {"mixing": mixing}
+    with pytest.raises(MlpmemError, match=f"needs at least {need}"):
+        run_pipeline(load_recipe(recipe))
+    assert not (tmp_path / "run" / "datastore").exists()

@@ -274,6 +274,17 @@ def test_hf_gated_forward_save_load_and_refusals(gated_parts, tmp_path):
     forget_integrity(tmp_path / "saved0")
     with pytest.raises(MlpmemError, match="another memory"):
         MLPMemoryForCausalLM.from_pretrained(tmp_path / "saved0")
+    # a mixing that does not use the gate neither reads nor checks it: an explicit lambda_ is the fixed mixture
+    for kw in ({"mixing": "fixed"}, {"lambda_": 0.0}):
+        fixed = MLPMemoryForCausalLM.from_pretrained(tmp_path / "saved0", **kw)
+        assert fixed.mixing_mode == "fixed" and fixed.gate is None
+    assert torch.equal(fixed(ids).logits, lm(ids).logits.float().log_softmax(-1))  # lambda_=0: the base LM bit for bit
+    cfg = json.loads((tmp_path / "saved1" / "config.json").read_text())
+    cfg["gate_config"]["meta"]["memory_fingerprint"] = "0" * 16
+    (tmp_path / "saved1" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MlpmemError, match="another memory"):
+        MLPMemoryForCausalLM.from_pretrained(tmp_path / "saved1")
+    assert MLPMemoryForCausalLM.from_pretrained(tmp_path / "saved1", lambda_=0.3).gate is None  # full export: not checked either
     plain = MLPMemoryForCausalLM.from_parts(lm, mem, meta)
     assert plain.mixing_mode == "fixed"
     with pytest.raises(MlpmemError, match="needs a gate"):

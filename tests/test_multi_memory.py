@@ -473,8 +473,11 @@ def test_generate_side_by_side_uses_a_saved_router(two_memory_parts, tmp_path):
         routed = model.generate(p, mixing="routed", max_new_tokens=8, do_sample=False)[0, p.shape[1] :]
         fixed = model.generate(p, lambda_=0.9, max_new_tokens=8, do_sample=False)[0, p.shape[1] :]
     assert not torch.equal(routed, fixed)  # the check below can tell the two apart
-    rows = generate_side_by_side(str(tmp_path / "saved"), ["the union and", "war"], GenerateConfig(max_new_tokens=8, lambda_=0.9))
+    rows = generate_side_by_side(str(tmp_path / "saved"), ["the union and", "war"], GenerateConfig(max_new_tokens=8))
     assert [r["mixing"] for r in rows] == ["routed", "routed"]
     assert rows[1]["memory"] == tok.decode(routed, skip_special_tokens=True)
+    # an explicit lambda_ is the fixed mixture with it (--lambda on the command line), as everywhere
+    rows = generate_side_by_side(str(tmp_path / "saved"), ["the union and", "war"], GenerateConfig(max_new_tokens=8, lambda_=0.9))
+    assert [r["mixing"] for r in rows] == ["fixed", "fixed"] and rows[1]["memory"] == tok.decode(fixed, skip_special_tokens=True)
     assert main(["generate", str(tmp_path / "saved"), "war", "--max-new-tokens", "4", "--mixing", "routed"]) == 0
     assert main(["generate", str(tmp_path / "saved"), "war", "--mixing", "routd"]) == 2  # a clear error, no traceback

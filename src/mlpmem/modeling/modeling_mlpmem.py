@@ -539,6 +539,9 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         if getattr(config, "model_type", None) != "mlpmem":
             raise MlpmemError(f"{pretrained_model_name_or_path} holds a {config.model_type!r} model, not an LM + memory ('mlpmem')", fix)
         check_integrity(str(pretrained_model_name_or_path), config, {k: kwargs[k] for k in HUB_KWARGS if k in kwargs})
+        if ("lambda_" in kwargs or "weights" in kwargs) and kwargs.get("mixing") is None:
+            kwargs["mixing"] = "fixed"  # an explicit lambda_ (or weights) asks for the fixed mixture, as in a call
+        fixed = kwargs.get("mixing") == "fixed"  # then a saved gate or router is not used: neither read nor checked
         if base_model is None and not config.saved_by_reference():
             if local.is_dir() and not any((local / kwargs.get("subfolder", "")).glob("model*.safetensors")):
                 raise MlpmemError(
@@ -548,6 +551,9 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
             model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
             if "lambda_" in kwargs and "weights" not in kwargs:
                 model.config.weights = None  # the lambda asked for, not the saved weights
+            if fixed:
+                model.gate, model.config.gate_config = None, None
+                model.memory_router, model.config.router_config = None, None
             if model.gate is not None:
                 check_gate((model.config.gate_config or {}).get("meta", {}), model.memory, f"the gate in {pretrained_model_name_or_path}")
                 check_gate_values(model.gate, str(pretrained_model_name_or_path))
@@ -995,12 +1001,12 @@ def _from_pretrained_parts(
         logger.info("from_pretrained of a model saved by reference ignores %s", sorted(kwargs))
     memory, meta = _load_memory(name, config, hub)
     memories = [(e["name"], *_load_memory(name, config, hub, e)) for e in config.extra_memories or []]
-    gate, gate_meta = _load_gate(name, config, hub)
+    gate, gate_meta = _load_gate(name, config, hub) if mixing != "fixed" else (None, None)
     if gate is not None:
         check_gate(gate_meta, memory, f"the gate in {name}")
     elif mixing == "gated":
         raise MlpmemError(f"{name} holds no gate, so mixing='gated' is not possible", "use mixing='fixed', or save the model with its gate")
-    router, router_meta = _load_router(name, config, hub)
+    router, router_meta = _load_router(name, config, hub) if mixing != "fixed" else (None, None)
     if router is None and mixing == "routed":
         raise MlpmemError(
             f"{name} holds no router, so mixing='routed' is not possible",

@@ -139,7 +139,23 @@ def build_env(root: Path) -> Env:
     return Env(root, model, base)
 
 
-TRAIN_FLAGS = ["--epochs", "1", "--batch-size", "64", "--n-blocks", "1", "--ckpt-every", "4", "--eval-every", "0", "--keep-last", "2"]
+# init lm_head: the default lm_copy reads the last layer's output, which these datastores (keys only) do not hold
+TRAIN_FLAGS = [
+    "--epochs",
+    "1",
+    "--batch-size",
+    "64",
+    "--n-blocks",
+    "1",
+    "--ckpt-every",
+    "4",
+    "--eval-every",
+    "0",
+    "--keep-last",
+    "2",
+    "--init",
+    "lm_head",
+]
 
 
 def copy_stage(env: Env, name: str, to: Path) -> Path:
@@ -1158,6 +1174,270 @@ cli("no-arguments", "other", "error", lambda e, d: [], ("required",), outs=())
 cli("out-empty-string", "other", "error", lambda e, d: corpus_cmd(e, ""), ("not written by mlpmem",), outs=())
 
 
+# ---- issue 26: every entry point, overrides anywhere, flags that are overrides, numbers as text, plan's inputs
+
+
+def _lm_eval_case(name, expect, shown, model_args, contains=()):
+    """`mlpmem-lm-eval --model mlpmem --model_args SHOWN` in this process, on a one-task folder of the case's own."""
+
+    def run(e, d):
+        tasks = d / "tasks"
+        tasks.mkdir()
+        (tasks / "mc.jsonl").write_text(
+            "".join(json.dumps({"context": t[:30], "choices": [" a", " b"], "label": 0}) + "\n" for t in ("one two", "three"))
+        )
+        (tasks / "mc.yaml").write_text(
+            f"task: t_hostile\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {tasks / 'mc.jsonl'}\n"
+            'test_split: test\noutput_type: multiple_choice\ndoc_to_text: "{{context}}"\n'
+            'doc_to_choice: "{{choices}}"\ndoc_to_target: "{{label}}"\nmetric_list:\n  - metric: acc\n'
+        )
+        argv = [
+            "--model",
+            "mlpmem",
+            "--model_args",
+            model_args(e, d),
+            "--tasks",
+            "t_hostile",
+            "--include_path",
+            str(tasks),
+            "--batch_size",
+            "1",
+        ]
+
+        def script():
+            from mlpmem.lm_eval_backend import main as lm_eval_main
+
+            err = io.StringIO()
+            rc = 0
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                try:
+                    lm_eval_main(argv)
+                except SystemExit as ex:
+                    rc = ex.code if isinstance(ex.code, int) else 1
+            return rc, err.getvalue()
+
+        return ["@script", script], None
+
+    CASES.append(
+        Case(
+            name,
+            "26.1" if expect != "correct" else "26.2",
+            expect,
+            run,
+            contains,
+            outs=(),
+            what=f"mlpmem-lm-eval --model mlpmem --model_args {shown}",
+        )
+    )
+
+
+_lm_eval_case("lm-eval-lambda-not-a-number", "error", "memory=MEM,lambda_=abc", lambda e, d: f"memory={MEM(e)},lambda_=abc", ("lambda_",))
+_lm_eval_case(
+    "lm-eval-weights-sum-over-1",
+    "error",
+    "memory=MEM;MEM,weights=0.5;0.5;0.5",
+    lambda e, d: f"memory={MEM(e)};{MEM(e)},weights=0.5;0.5;0.5",
+    ("sum to 1",),
+)
+_lm_eval_case("lm-eval-mixing-bogus", "error", "memory=MEM,mixing=bogus", lambda e, d: f"memory={MEM(e)},mixing=bogus", ("mixing",))
+_lm_eval_case("lm-eval-no-memory", "error", "base_model=MODEL", lambda e, d: f"base_model={e.model}", ("memory=path",))
+_lm_eval_case("lm-eval-memory-missing", "error", "memory=CASE/nope", lambda e, d: f"memory={d / 'nope'}", ("nope",))
+_lm_eval_case("lm-eval-device-model-arg", "correct", "memory=MEM,device=cpu", lambda e, d: f"memory={MEM(e)},device=cpu")
+
+
+def _torchrun_bad_recipe(e, d):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(port),
+        "-m",
+        "mlpmem",
+        "run",
+        str(d / "nope.yaml"),
+    ]
+    seen = {}
+
+    def script():
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        seen["stderr"] = r.stderr
+        # what the ranks printed; torchrun's own report of a failed worker (ChildFailedError, its traceback) is torchrun's
+        ours = "\n".join(line for line in r.stderr.splitlines() if line.startswith("mlpmem:"))
+        return (2 if "exitcode  : 2" in r.stderr else r.returncode), ours
+
+    return ["@script", script], lambda: seen["stderr"].count("mlpmem: error:") == 1
+
+
+CASES.append(
+    Case(
+        "torchrun-user-error-once",
+        "26.1",
+        "error",
+        _torchrun_bad_recipe,
+        ("does not exist",),
+        outs=(),
+        what="torchrun --nproc-per-node 2 -m mlpmem run CASE/nope.yaml: one message (rank 0's), each rank exits 2",
+    )
+)
+
+
+def _plan_recipe(e, d, body=""):
+    return recipe(
+        d,
+        f"out: {d / 'out'}\nmodel: {e.model}\ncorpus:\n  source: {src(e)}\n  train_tokens: 2000\n"
+        "datastore:\n  context: 32\n  stride: 16\nknn:\n  k: 16\ntargets:\n  top_m: 8\ntrain:\n  epochs: 1\n  batch_size: 64\n  n_blocks: 1\n"
+        + body,
+    )
+
+
+def _throughputs(d, **change):
+    p = d / "tp.json"
+    p.write_text(
+        json.dumps(
+            {
+                "extract_rows_s": 100.0,
+                "score_rows_s": 100.0,
+                "search_qps": 100.0,
+                "search_rows": 50000,
+                "train_positions_s": 1000.0,
+                **change,
+            }
+        )
+    )
+    return str(p)
+
+
+cli(
+    "run-override-after-flags",
+    "26.3",
+    "error",
+    lambda e, d: ["run", _plan_recipe(e, d), "--out", str(d / "out"), "train.lr=abc"],
+    ("train.lr",),
+    outs=(),
+    check=lambda e, d: not (d / "out").exists(),
+)
+cli(
+    "plan-override-after-flags",
+    "26.3",
+    "correct",
+    lambda e, d: ["plan", _plan_recipe(e, d), "--throughputs", _throughputs(d), "train.epochs=2"],
+    outs=(),
+)
+cli(
+    "plan-lr-1e-4",
+    "26.4",
+    "correct",
+    lambda e, d: ["plan", _plan_recipe(e, d, "  lr: 1e-4\n"), "--throughputs", _throughputs(d), "train.weight_decay=1e-2"],
+    outs=(),
+)
+cli(
+    "run-corpus-flag-with-recipe",
+    "26.5",
+    "error",
+    lambda e, d: ["run", _plan_recipe(e, d), "--corpus", str(d / "missing.jsonl")],
+    ("corpus.source",),
+    outs=(),
+    check=lambda e, d: not (d / "out").exists(),
+)
+cli(
+    "run-model-flag-and-override",
+    "26.5",
+    "error",
+    lambda e, d: ["run", _plan_recipe(e, d), "--model", "gpt2", "model=gpt2-medium"],
+    ("same setting",),
+    outs=(),
+)
+cli(
+    "tasks-flag-of-other-action",
+    "26.5",
+    "error",
+    lambda e, d: ["tasks", "source", "--out", str(d / "out"), "--corpus", str(e.base / "corpus")],
+    ("tasks build",),
+    outs=(),
+)
+cli(
+    "targets-tuning-with-number",
+    "26.5",
+    "error",
+    lambda e, d: tg_cmd(e, d / "out", "--temperature", "2", "--tuning", str(d / "k.json")),
+    ("--tuning",),
+    outs=(),
+)
+cli(
+    "plan-train-tokens-negative",
+    "26.6",
+    "error",
+    lambda e, d: ["plan", _plan_recipe(e, d), "--train-tokens", "-5"],
+    ("--train-tokens",),
+    outs=(),
+)
+cli(
+    "plan-throughputs-zero",
+    "26.6",
+    "error",
+    lambda e, d: ["plan", _plan_recipe(e, d), "--throughputs", _throughputs(d, search_qps=0)],
+    ("search_qps",),
+    outs=(),
+)
+cli(
+    "plan-throughputs-text",
+    "26.6",
+    "error",
+    lambda e, d: ["plan", _plan_recipe(e, d), "--throughputs", _throughputs(d, train_positions_s="fast")],
+    ("train_positions_s",),
+    outs=(),
+)
+cli(
+    "plan-knn-k-over-train-tokens",
+    "26.6",
+    "error",
+    lambda e, d: [
+        "plan",
+        _plan_recipe(e, d),
+        "corpus.train_tokens=null",
+        "--train-tokens",
+        "500",
+        "knn.k=1024",
+        "--throughputs",
+        _throughputs(d),
+    ],
+    ("knn.k=1024",),
+    outs=(),
+)
+cli(
+    "plan-absurd-batch",
+    "26.6",
+    "error",
+    lambda e, d: ["plan", _plan_recipe(e, d), "datastore.batch_size=100000000", "--throughputs", _throughputs(d)],
+    ("datastore.batch_size",),
+    outs=(),
+)
+cli(
+    "plan-json-folder-missing",
+    "26.6",
+    "error",
+    lambda e, d: ["plan", _plan_recipe(e, d), "--json", str(d / "no" / "plan.json")],
+    ("does not exist",),
+    outs=(),
+    check=lambda e, d: not list(d.rglob("*.json*")),
+)
+
+
 # ---- 7: integrity
 
 
@@ -1632,7 +1912,8 @@ cli(
 
 def _two_trains(e, d):
     env = {**os.environ, "TQDM_DISABLE": "1"}
-    cmd = [sys.executable, "-m", "mlpmem.cli", *map(str, train_cmd(e, d / "out", "--epochs", "2", "--batch-size", "16"))]
+    # long enough (several seconds) to be still running when the second, a fresh process, starts
+    cmd = [sys.executable, "-m", "mlpmem.cli", *map(str, train_cmd(e, d / "out", "--epochs", "4", "--batch-size", "16"))]
 
     def script():
         a = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -1708,7 +1989,8 @@ def write_reports(results: list[dict], seconds: float, out_json: Path, out_md: P
         "Outcomes: **error** = exit 2 with one `mlpmem: error:` paragraph naming the problem and its fix; **refusal** = the same where",
         "refusing is the answer (never delete or mix what is not ours); **correct** = exit 0 and the result checked (resumes byte-identical).",
         "A traceback, exit 0 where an error was expected, a failed check, or a changed file outside the case's output folders is a failure.",
-        "Items refer to issue 10 (1 overwrite, 2 export, 3 config match, 5 duplicates, 6 validation, 7 integrity, 8 resources).",
+        "Items refer to issue 10 (1 overwrite, 2 export, 3 config match, 5 duplicates, 6 validation, 7 integrity, 8 resources) and issue 26",
+        "(26.1 every entry point, 26.2 device= for lm-eval, 26.3 overrides anywhere, 26.4 numbers as text, 26.5 flags as overrides, 26.6 plan's inputs).",
         "",
         "## How mlpmem guards against them",
         "",
@@ -1726,7 +2008,8 @@ def write_reports(results: list[dict], seconds: float, out_json: Path, out_md: P
         "- Disk space is checked before the datastore, targets and training; a failed write leaves no `.partial`. A stage folder is locked",
         "  (`.mlpmem.lock`, pid and host) while written; a lock whose process is gone is taken over with a log line.",
         "- The CLI prints any `MlpmemError`, permission error, full or read-only disk, or missing user path as one paragraph (exit 2),",
-        "  Ctrl-C as one line (exit 130); anything else is a bug and keeps its traceback.",
+        "  Ctrl-C as one line (exit 130); anything else is a bug and keeps its traceback. `mlpmem-lm-eval` and `python -m mlpmem.rag`",
+        "  do the same for their model arguments (`errors.report_error`, shared); under torchrun rank 0 alone prints it.",
         "",
         "Known limits: damage outside the sampled blocks of large files needs `--verify`; a lock held on another host cannot be",
         "checked for liveness (the message says which file to delete); corpus folders built before duplicate removal are refused only",

@@ -463,6 +463,6 @@ def read_throughputs(path: Path) -> Throughputs:
     if not isinstance(data, dict) or any(n not in data for n in required):
         raise MlpmemError(f"{path} holds no throughputs ({', '.join(sorted(names))})", fix)
     try:
-        return from_dict(Throughputs, {k: v for k, v in data.items() if k in names}, where=str(path))
+        return from_dict(Throughputs, {k: v for k, v in data.items() if k in names}, where="throughputs")
     except MlpmemError as e:
-        raise MlpmemError(e.problem, fix)
+        raise MlpmemError(f"{path}: {e.problem}", fix)

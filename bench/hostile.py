@@ -521,7 +521,7 @@ cli(
     "correct",
     lambda e, d: (
         run_cli(["export", str(e.base / "train" / "memory"), "--out", str(d / "out")]),
-        ["export", str(e.base / "train" / "memory"), "--out", str(d / "out"), "--lam", "0.5"],
+        ["export", str(e.base / "train" / "memory"), "--out", str(d / "out"), "--lambda", "0.5"],
     )[1],
     check=lambda e, d: abs(json.loads((d / "out" / "config.json").read_text())["lambda_"] - 0.5) < 1e-9,
 )
@@ -670,7 +670,7 @@ def _recipe_case(name, body, contains, item="6"):
     cli(name, item, "error", argv, contains, outs=(), check=lambda e, d: not (d / "out").exists())
 
 
-_recipe_case("recipe-knn-lam-1.5", "knn:\n  lam: 1.5\n", ("knn.lam",))
+_recipe_case("recipe-knn-lambda-1.5", "knn:\n  lambda: 1.5\n", ("knn.lambda",))
 _recipe_case("recipe-eval-split-bogus", "eval:\n  split: bogus\n", ("eval.split",))
 _recipe_case("recipe-train-width-0", "train:\n  width: 0\n", ("train.width",))
 _recipe_case("recipe-knn-k-0", "knn:\n  k: 0\n", ("knn.k",))
@@ -701,7 +701,9 @@ _recipe_case("recipe-wrong-type", "train:\n  lr: fast\n", ("train.lr",))
 _recipe_case("recipe-section-scalar", "train: 5\n", ("train",))
 _recipe_case("recipe-model-in-corpus", "  model: gpt2\n", ("corpus.model",))
 _recipe_case(
-    "recipe-several-problems-at-once", "train:\n  width: 0\nknn:\n  lam: 2\neval:\n  split: x\n", ("train.width", "knn.lam", "eval.split")
+    "recipe-several-problems-at-once",
+    "train:\n  width: 0\nknn:\n  lambda: 2\neval:\n  split: x\n",
+    ("train.width", "knn.lambda", "eval.split"),
 )
 _recipe_case("recipe-nan", "train:\n  lr: .nan\n", ("train.lr",))
 _recipe_case("recipe-inf-epochs", "train:\n  epochs: .inf\n", ("train.epochs",))
@@ -847,10 +849,10 @@ cli(
         str(e.base / "index"),
         "--out",
         str(d / "out"),
-        "--lam",
+        "--lambda",
         "1.5",
     ],
-    ("--lam",),
+    ("--lambda",),
     outs=(),
 )
 cli(
@@ -889,7 +891,7 @@ cli(
 # ---- other verbs and flags: generate, export, probe, argument parsing, sources
 
 MEM = lambda e: str(e.base / "train" / "memory")  # noqa: E731
-cli("generate-lam-1.5", "other", "error", lambda e, d: ["generate", MEM(e), "hello", "--lam", "1.5"], ("--lam",), outs=())
+cli("generate-lambda-1.5", "other", "error", lambda e, d: ["generate", MEM(e), "hello", "--lambda", "1.5"], ("--lambda",), outs=())
 cli(
     "generate-max-new-tokens-0",
     "other",
@@ -936,7 +938,7 @@ cli(
     outs=(),
 )
 cli("generate-ok", "other", "correct", lambda e, d: ["generate", MEM(e), "hello there", "--max-new-tokens", "3"], outs=())
-cli("export-lam-2", "other", "error", lambda e, d: ["export", MEM(e), "--out", str(d / "out"), "--lam", "2"], ("--lam",), outs=())
+cli("export-lambda-2", "other", "error", lambda e, d: ["export", MEM(e), "--out", str(d / "out"), "--lambda", "2"], ("--lambda",), outs=())
 cli(
     "export-memory-temperature-0",
     "other",

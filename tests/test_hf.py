@@ -345,7 +345,7 @@ def test_generate_cli_side_by_side(arch_parts, tmp_path, capsys):
                 str(tmp_path / "prompts.txt"),
                 "--max-new-tokens",
                 "6",
-                "--lam",
+                "--lambda",
                 "0.9",
             ]
         )

@@ -1207,7 +1207,7 @@ def _lm_eval_case(name, expect, shown, model_args, contains=()):
         ]
 
         def script():
-            from mlpmem.lm_eval_backend import main as lm_eval_main
+            from mlpmem.lm_eval_cli import main as lm_eval_main
 
             err = io.StringIO()
             rc = 0

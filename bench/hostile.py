@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 
 from mlpmem.cli import main as cli_main  # noqa: E402
+from mlpmem.errors import MlpmemError  # noqa: E402
 
 FAILS = ("traceback", "silent wrong result", "data loss", "bad message")
 
@@ -1179,8 +1180,8 @@ cli("out-empty-string", "other", "error", lambda e, d: corpus_cmd(e, ""), ("not 
 # ---- issue 26: every entry point, overrides anywhere, flags that are overrides, numbers as text, plan's inputs
 
 
-def _lm_eval_case(name, expect, shown, model_args, contains=()):
-    """`mlpmem-lm-eval --model mlpmem --model_args SHOWN` in this process, on a one-task folder of the case's own."""
+def _lm_eval_case(name, expect, shown, model_args, contains=(), item=None, backend="mlpmem"):
+    """`mlpmem-lm-eval --model BACKEND --model_args SHOWN` in this process, on a one-task folder of the case's own."""
 
     def run(e, d):
         tasks = d / "tasks"
@@ -1195,7 +1196,7 @@ def _lm_eval_case(name, expect, shown, model_args, contains=()):
         )
         argv = [
             "--model",
-            "mlpmem",
+            backend,
             "--model_args",
             model_args(e, d),
             "--tasks",
@@ -1207,7 +1208,7 @@ def _lm_eval_case(name, expect, shown, model_args, contains=()):
         ]
 
         def script():
-            from mlpmem.lm_eval_backend import main as lm_eval_main
+            from mlpmem.lm_eval_cli import main as lm_eval_main
 
             err = io.StringIO()
             rc = 0
@@ -1223,12 +1224,12 @@ def _lm_eval_case(name, expect, shown, model_args, contains=()):
     CASES.append(
         Case(
             name,
-            "26.1" if expect != "correct" else "26.2",
+            item or ("26.1" if expect != "correct" else "26.2"),
             expect,
             run,
             contains,
             outs=(),
-            what=f"mlpmem-lm-eval --model mlpmem --model_args {shown}",
+            what=f"mlpmem-lm-eval --model {backend} --model_args {shown}",
         )
     )
 
@@ -1972,6 +1973,1058 @@ CASES.append(
 )
 
 
+# ---- issue 26, more: 26.7 one rule for writers, 26.8 integrity of exports, 26.9 mixing settings,
+# ---- 26.10 old spellings and split sizes, 26.11 one more bad input for every entry point
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (markers too) and its sha256: equal before and after = byte-identical, nothing added."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def hf_folder(e: Env, d: Path, name: str = "hf") -> Path:
+    """A Hugging Face model folder of someone else's: the set-up's tiny model (config.json, model.safetensors, tokenizer files)."""
+    return Path(shutil.copytree(e.model, d / name))
+
+
+def untouched(name, item, argv_fn, folder_fn, contains=(), what=""):
+    """A refused CLI case whose target folder ``folder_fn(env, cdir)`` (made by ``argv_fn``) is byte-identical after, nothing added."""
+
+    def run(e, d):
+        argv = argv_fn(e, d)
+        folder = folder_fn(e, d)
+        before = _digest(folder)
+        return argv, lambda: _digest(folder) == before
+
+    CASES.append(Case(name, item, "refusal", run, contains, outs=(), what=what))
+
+
+@contextlib.contextmanager
+def _log_to(stream):
+    """mlpmem's log warnings into ``stream`` while the block runs, as the command line (and a script's logging) shows them."""
+    h = logging.StreamHandler(stream)
+    h.setLevel(logging.WARNING)
+    logger = logging.getLogger("mlpmem")
+    logger.addHandler(h)
+    try:
+        yield
+    finally:
+        logger.removeHandler(h)
+
+
+def lib(name, item, expect, fn, contains=(), outs=("out",), what="", warns=()):
+    """A library case: ``fn(env, cdir)`` sets up and returns ``(act, check)``; ``act()`` is the call, in this process.
+    An MlpmemError it raises is the one paragraph a user sees (exit 2 here); any other exception is a traceback.
+    ``warns``: phrases mlpmem's log must show (its warnings are the case's stderr)."""
+
+    def run(e, d):
+        act, check = fn(e, d)
+        seen = {"err": ""}
+
+        def script():
+            err = io.StringIO()
+            with _log_to(err), contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                try:
+                    act()
+                except MlpmemError as ex:
+                    print(f"mlpmem: error: {ex}", file=err)
+                    return 2, err.getvalue()
+            seen["err"] = err.getvalue()
+            return 0, seen["err"]
+
+        if warns:
+            inner = check
+            check = lambda: all(w.lower() in seen["err"].lower() for w in warns) and (inner is None or inner())  # noqa: E731
+        return ["@script", script], check
+
+    CASES.append(Case(name, item, expect, run, contains, outs, what))
+
+
+def _call(make, check=None):
+    """(act, check) for :func:`lib`: act keeps what ``make()`` returns, check tests it."""
+    got = {}
+    return (lambda: got.setdefault("r", make())), ((lambda: bool(check(got["r"]))) if check else None)
+
+
+def cli_warned(name, item, argv_fn, warns, check=None, what=""):
+    """A CLI case that succeeds with a warning: exit 0, each of ``warns`` on stderr (mlpmem's log), then ``check(env, cdir)``."""
+
+    def run(e, d):
+        argv = [str(a) for a in argv_fn(e, d)]
+        seen = {"err": ""}
+
+        def script():
+            err = io.StringIO()
+            with _log_to(err):
+                rc, stderr, tb = run_cli(argv)
+            if tb:
+                raise RuntimeError(tb)
+            seen["err"] = stderr + err.getvalue()
+            return rc, seen["err"]
+
+        return ["@script", script], lambda: all(w.lower() in seen["err"].lower() for w in warns) and (check is None or check(e, d))
+
+    CASES.append(Case(name, item, "correct", run, outs=("out",), what=what))
+
+
+def _fixture(e: Env, name: str, build: Callable[[Path], None]) -> Path:
+    """A fixture built once per session in ROOT/fixtures/NAME (outside every case): cases read it or copy what they change."""
+    if name not in e.extra:
+        path = e.root / "fixtures" / name
+        path.mkdir(parents=True)
+        build(path)
+        e.extra[name] = path
+    return e.extra[name]
+
+
+def _run_recipe(e: Env, out: Path, mixing: str = "gated") -> str:
+    """A whole-run recipe small enough for a case (about 5 s on one core): 300 valid tokens, enough for the gate's 257."""
+    p = out.parent / f"recipe-{mixing}.yaml"
+    p.write_text(
+        f"out: {out}\nmodel: {e.model}\ncorpus:\n  source: {src(e)}\n  valid_tokens: 300\ndatastore:\n  context: 32\n  stride: 16\n"
+        "knn:\n  k: 16\ntargets:\n  top_m: 8\ntrain:\n  epochs: 1\n  batch_size: 64\n  n_blocks: 1\n  eval_every: 0\n  ckpt_every: 0\n"
+        f"  init: lm_head\neval:\n  mixing: {mixing}\ngate:\n  steps: 30\n  hidden: 4\n"
+    )
+    return str(p)
+
+
+def gated_run(e: Env) -> Path:
+    """A finished `mlpmem run` with eval.mixing: gated (RUN/gate, RUN/report.json), built once."""
+
+    def build(p):
+        rc, err, tb = run_cli(["run", _run_recipe(e, p / "run")])
+        assert rc == 0 and tb is None, err + (tb or "")
+
+    return _fixture(e, "gated", build) / "run"
+
+
+def _run_copy(e: Env, d: Path, gate: bool = True, stale: bool = False) -> Path:
+    """The gated run copied into the case (without its gate, or with the gate's memory fingerprint edited: a stale gate)."""
+    run = Path(shutil.copytree(gated_run(e), d / "run", symlinks=True))
+    if not gate:
+        shutil.rmtree(run / "gate")
+    if stale:
+        cfg = json.loads((run / "gate" / "gate_config.json").read_text())
+        cfg["meta"]["memory_fingerprint"] = "0" * 16
+        (run / "gate" / "gate_config.json").write_text(json.dumps(cfg))
+    return run
+
+
+def saves(e: Env) -> Path:
+    """Models saved by the model class, built once: two/ (two memories, by reference), full/ (a full export),
+    gated/ and gated_full/ (the gated run's memory with its gate)."""
+
+    def build(p):
+        import torch
+
+        from mlpmem.hf import MLPMemoryForCausalLM
+        from mlpmem.memory import MLPMemory
+
+        two = MLPMemoryForCausalLM.from_memory(MEM(e), lambda_=0.3)
+        torch.manual_seed(7)
+        two.add_memory(MLPMemory(two.memory.config), name="b", meta=two.component_meta("memory"))  # its own random weights
+        two.save_pretrained(p / "two")
+        MLPMemoryForCausalLM.from_memory(MEM(e), lambda_=0.3).save_pretrained(p / "full", full_export=True)
+        g = MLPMemoryForCausalLM.from_memory(gated_run(e) / "train" / "memory")
+        assert g.mixing_mode == "gated"
+        g.save_pretrained(p / "gated")
+        g.save_pretrained(p / "gated_full", full_export=True)
+
+    return _fixture(e, "saves", build)
+
+
+def _saved_copy(e: Env, d: Path, which: str) -> Path:
+    return Path(shutil.copytree(saves(e) / which, d / which))
+
+
+def _hf():
+    from mlpmem.hf import MLPMemoryForCausalLM
+
+    return MLPMemoryForCausalLM
+
+
+# ---- 26.7 one rule for writers: export and save_pretrained write only into a new or empty folder, or an earlier save
+
+untouched(
+    "export-into-hf-model-folder",
+    "26.7",
+    lambda e, d: ["export", MEM(e), "--out", str(hf_folder(e, d))],
+    lambda e, d: d / "hf",
+    ("not written by mlpmem",),
+    what="mlpmem export MEM --out CASE/hf (a Hugging Face model folder of someone else's): refused, the folder byte-identical",
+)
+untouched(
+    "export-full-into-hf-model-folder",
+    "26.7",
+    lambda e, d: ["export", MEM(e), "--out", str(hf_folder(e, d)), "--full"],
+    lambda e, d: d / "hf",
+    ("not written by mlpmem",),
+    what="mlpmem export MEM --out CASE/hf --full (someone else's model folder): refused, the folder byte-identical",
+)
+untouched(
+    "export-into-datastore-folder",
+    "26.7",
+    lambda e, d: ["export", MEM(e), "--out", str(copy_stage(e, "datastore", d / "out"))],
+    lambda e, d: d / "out",
+    ("`datastore` stage",),
+    what="mlpmem export MEM --out CASE/out (a copy of a run's datastore/)",
+)
+untouched(
+    "export-into-index-folder",
+    "26.7",
+    lambda e, d: ["export", MEM(e), "--out", str(copy_stage(e, "index", d / "out"))],
+    lambda e, d: d / "out",
+    ("`index` stage",),
+    what="mlpmem export MEM --out CASE/out (a copy of a run's index/)",
+)
+untouched(
+    "export-into-run-folder",
+    "26.7",
+    lambda e, d: ["export", str(_run_copy(e, d) / "train" / "memory"), "--out", str(d / "run")],
+    lambda e, d: d / "run",
+    ("`run` stage",),
+    what="mlpmem export RUN/train/memory --out RUN (the run folder itself)",
+)
+untouched(
+    "export-into-memory-folder-itself",
+    "26.7",
+    lambda e, d: ["export", str(copy_stage(e, "train", d / "t") / "memory"), "--out", str(d / "t" / "memory")],
+    lambda e, d: d / "t",
+    ("inside the memory folder",),
+    what="mlpmem export CASE/t/memory --out CASE/t/memory",
+)
+untouched(
+    "export-into-base-model-folder",
+    "26.7",
+    lambda e, d: ["export", MEM(e), "--base-model", str(hf_folder(e, d, "model")), "--out", str(d / "model")],
+    lambda e, d: d / "model",
+    ("not written by mlpmem",),
+    what="mlpmem export MEM --base-model CASE/model --out CASE/model (into the base model's own folder)",
+)
+
+
+def _save_into(e, d, target: Callable[[Env, Path], Path], full: bool = False, memory: Callable[[Env, Path], Path] | None = None):
+    """save_pretrained of the memory's model into ``target(env, cdir)``: refused, the folder byte-identical."""
+    folder = target(e, d)
+    mem = memory(e, d) if memory else Path(MEM(e))
+    before = _digest(folder)
+
+    def act():
+        _hf().from_memory(mem, lambda_=0.3).save_pretrained(folder, full_export=full)
+
+    return act, lambda: _digest(folder) == before
+
+
+lib(
+    "save-pretrained-into-own-memory-folder",
+    "26.7",
+    "refusal",
+    lambda e, d: _save_into(e, d, lambda e, d: d / "t" / "memory", memory=lambda e, d: copy_stage(e, "train", d / "t") / "memory"),
+    ("memory folder of mlpmem's train stage",),
+    outs=(),
+    what="MLPMemoryForCausalLM.from_memory(RUN/train/memory).save_pretrained(RUN/train/memory)",
+)
+lib(
+    "save-pretrained-into-train-folder",
+    "26.7",
+    "refusal",
+    lambda e, d: _save_into(e, d, lambda e, d: copy_stage(e, "train", d / "t")),
+    ("`memory` folder",),
+    outs=(),
+    what="from_memory(MEM).save_pretrained(RUN/train) (the train stage's folder)",
+)
+lib(
+    "save-pretrained-into-datastore-folder",
+    "26.7",
+    "refusal",
+    lambda e, d: _save_into(e, d, lambda e, d: copy_stage(e, "datastore", d / "ds")),
+    ("`datastore` folder",),
+    outs=(),
+    what="from_memory(MEM).save_pretrained(RUN/datastore)",
+)
+lib(
+    "save-pretrained-into-hf-model-folder",
+    "26.7",
+    "refusal",
+    lambda e, d: _save_into(e, d, hf_folder),
+    ("no earlier save", "config.json"),
+    outs=(),
+    what="from_memory(MEM).save_pretrained(HF_MODEL) (a Hugging Face model folder of someone else's)",
+)
+lib(
+    "save-pretrained-full-into-hf-model-folder",
+    "26.7",
+    "refusal",
+    lambda e, d: _save_into(e, d, hf_folder, full=True),
+    ("no earlier save",),
+    outs=(),
+    what="from_memory(MEM).save_pretrained(HF_MODEL, full_export=True)",
+)
+lib(
+    "save-pretrained-into-user-folder",
+    "26.7",
+    "refusal",
+    lambda e, d: _save_into(e, d, lambda e, d: user_folder(d)),
+    ("thesis.txt",),
+    outs=(),
+    what="from_memory(MEM).save_pretrained(CASE/out) (a folder holding the user's thesis.txt)",
+)
+
+
+def _save_twice(e, d, full_second: bool):
+    out = d / "out"
+
+    def act():
+        m = _hf().from_memory(MEM(e), lambda_=0.3)
+        m.save_pretrained(out)
+        m.set_lambda(0.6)
+        m.save_pretrained(out, full_export=full_second)
+
+    def check():
+        loaded = _hf().from_pretrained(out)
+        return (
+            abs(loaded.lambda_ - 0.6) < 1e-9
+            and (out / "memory").is_dir() != full_second
+            and (out / "model.safetensors").exists() == full_second
+        )
+
+    return act, check
+
+
+lib(
+    "save-pretrained-twice-into-own-folder",
+    "26.7",
+    "correct",
+    lambda e, d: _save_twice(e, d, False),
+    what="save_pretrained(CASE/out), lambda changed, save_pretrained(CASE/out) again: replaced, loads with the new lambda",
+)
+lib(
+    "save-pretrained-then-full-export-same-folder",
+    "26.7",
+    "correct",
+    lambda e, d: _save_twice(e, d, True),
+    what="save_pretrained(CASE/out) by reference, then full_export=True into it: memory/ gone, loads as the full export",
+)
+lib(
+    "save-pretrained-into-export-folder",
+    "26.7",
+    "correct",
+    lambda e, d: (
+        run_cli(["export", MEM(e), "--out", str(d / "out")]),
+        _call(
+            lambda: _hf().from_memory(MEM(e), lambda_=0.7).save_pretrained(d / "out"),
+            lambda _: abs(_hf().from_pretrained(d / "out").lambda_ - 0.7) < 1e-9,
+        ),
+    )[1],
+    what="mlpmem export MEM --out CASE/out, then save_pretrained(CASE/out): an earlier save of ours, replaced",
+)
+cli(
+    "export-into-save-pretrained-folder",
+    "26.7",
+    "correct",
+    lambda e, d: (
+        _hf().from_memory(MEM(e), lambda_=0.7).save_pretrained(d / "out"),
+        ["export", MEM(e), "--out", str(d / "out"), "--lambda", "0.2"],
+    )[1],
+    check=lambda e, d: abs(json.loads((d / "out" / "config.json").read_text())["lambda_"] - 0.2) < 1e-9,
+    what="save_pretrained(CASE/out), then mlpmem export MEM --out CASE/out --lambda 0.2: an earlier save of ours, replaced",
+)
+
+# ---- 26.8 integrity of exports: a saved model that changed is refused on load, naming the file
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _load_damaged(which: str, damage: Callable[[Path], None], check=None):
+    def fn(e, d):
+        s = _saved_copy(e, d, which)
+        damage(s)
+        return _call(lambda: _hf().from_pretrained(s), check)
+
+    return fn
+
+
+lib(
+    "saved-unchanged-loads",
+    "26.8",
+    "correct",
+    lambda e, d: (lambda s: _call(lambda: _hf().from_pretrained(s), lambda m: m.memory_names == ["memory", "b"]))(_saved_copy(e, d, "two")),
+    outs=(),
+    what="from_pretrained(SAVED) of a two-memory save by reference, unchanged: loads both memories",
+)
+lib(
+    "full-export-unchanged-loads",
+    "26.8",
+    "correct",
+    lambda e, d: (lambda s: _call(lambda: _hf().from_pretrained(s), lambda m: abs(m.lambda_ - 0.3) < 1e-9))(_saved_copy(e, d, "full")),
+    outs=(),
+    what="from_pretrained(FULL) of a full export, unchanged: loads, lambda as saved",
+)
+lib(
+    "saved-memory-weights-flipped-byte",
+    "26.8",
+    "refusal",
+    _load_damaged("two", lambda s: _flip(s / "memory" / "model.safetensors")),
+    ("memory/model.safetensors", "not the file its save wrote"),
+    outs=(),
+    what="from_pretrained(SAVED), one byte of memory/model.safetensors flipped",
+)
+lib(
+    "full-export-weights-flipped-byte",
+    "26.8",
+    "refusal",
+    _load_damaged("full", lambda s: _flip(s / "model.safetensors")),
+    ("model.safetensors", "not the file its save wrote"),
+    outs=(),
+    what="from_pretrained(FULL), one byte of model.safetensors flipped",
+)
+lib(
+    "saved-second-memory-config-missing",
+    "26.8",
+    "refusal",
+    _load_damaged("two", lambda s: (s / "memories" / "b" / "memory_config.json").unlink()),
+    ("memories/b/memory_config.json", "missing"),
+    outs=(),
+    what="from_pretrained(SAVED), memories/b/memory_config.json deleted",
+)
+
+
+def _swap(s: Path) -> None:
+    a, b = s / "memory" / "model.safetensors", s / "memories" / "b" / "model.safetensors"
+    tmp = a.read_bytes()
+    a.write_bytes(b.read_bytes())
+    b.write_bytes(tmp)
+
+
+lib(
+    "saved-memory-folders-swapped",
+    "26.8",
+    "refusal",
+    _load_damaged("two", _swap),
+    ("model.safetensors", "not the file its save wrote"),
+    outs=(),
+    what="from_pretrained(SAVED), the weights of memory/ and memories/b/ swapped",
+)
+lib(
+    "full-export-tokenizer-file-removed",
+    "26.8",
+    "refusal",
+    _load_damaged("full", lambda s: (s / "tokenizer.json").unlink()),
+    ("tokenizer.json", "missing"),
+    outs=(),
+    what="from_pretrained(FULL), tokenizer.json deleted",
+)
+lib(
+    "saved-memory-weights-truncated",
+    "26.8",
+    "refusal",
+    _load_damaged("two", lambda s: _damage(s / "memory" / "model.safetensors", truncate=True)),
+    ("memory/model.safetensors",),
+    outs=(),
+    what="from_pretrained(SAVED), memory/model.safetensors cut in half",
+)
+lib(
+    "saved-gate-config-edited",
+    "26.8",
+    "refusal",
+    _load_damaged("gated", lambda s: (s / "gate" / "gate_config.json").write_text((s / "gate" / "gate_config.json").read_text() + " ")),
+    ("gate/gate_config.json",),
+    outs=(),
+    what="from_pretrained(GATED) of a save with its gate, gate/gate_config.json changed (its integrity record kept)",
+)
+lib(
+    "saved-with-extra-user-file-loads",
+    "26.8",
+    "correct",
+    _load_damaged("two", lambda s: (s / "notes.txt").write_text("mine\n"), lambda m: m.memory_names == ["memory", "b"]),
+    outs=(),
+    what="from_pretrained(SAVED) with a notes.txt of the user's added: only the files its save wrote are checked, loads",
+)
+cli(
+    "generate-full-export-flipped-byte",
+    "26.8",
+    "refusal",
+    lambda e, d: (lambda s: (_flip(s / "model.safetensors"), ["generate", str(s), "hello"])[1])(_saved_copy(e, d, "full")),
+    ("model.safetensors", "not the file its save wrote"),
+    outs=(),
+    what="mlpmem generate FULL hello (one byte of the full export's model.safetensors flipped)",
+)
+cli(
+    "generate-cli-export-memory-flipped",
+    "26.8",
+    "refusal",
+    lambda e, d: (
+        run_cli(["export", MEM(e), "--out", str(d / "x")]),
+        _flip(d / "x" / "memory" / "model.safetensors"),
+        ["generate", str(d / "x"), "hello"],
+    )[2],
+    ("memory/model.safetensors",),
+    outs=(),
+    what="mlpmem export MEM --out X; one byte of X/memory/model.safetensors flipped; mlpmem generate X hello",
+)
+
+# ---- 26.9 mixing settings: what a load mixes is what was asked for, and a stale gate never blocks a mixing that does not use it
+
+
+def _lm_zero_is_base(m) -> bool:
+    import torch
+
+    ids = torch.tensor([[3, 7, 11, 5, 9]])
+    with torch.no_grad():
+        return torch.equal(m(ids).logits, m.lm(ids).logits.float().log_softmax(-1))
+
+
+def _load_mixture(**kw):
+    from mlpmem.lm_eval_backend import load_mixture
+
+    return load_mixture(**kw)[0]
+
+
+lib(
+    "load-mixture-lambda-0-on-gated-run",
+    "26.9",
+    "correct",
+    lambda e, d: (
+        lambda run: _call(
+            lambda: _load_mixture(memory=str(run / "train" / "memory"), lambda_=0.0),
+            lambda m: m.mixing_mode == "fixed" and m.gate is None and m.lambda_ == 0.0 and _lm_zero_is_base(m),
+        )
+    )(_run_copy(e, d)),
+    outs=(),
+    what="lm_eval_backend.load_mixture(memory=RUN/train/memory, lambda_=0) on a run with a gate: fixed, lambda 0, the base LM bit for bit",
+)
+
+
+def _backend(args: str):
+    from mlpmem.lm_eval_backend import MLPMemoryLM
+
+    return MLPMemoryLM.create_from_arg_string(args, {"device": "cpu", "batch_size": 1})
+
+
+lib(
+    "lm-eval-model-args-lambda-0-on-gated-run",
+    "26.9",
+    "correct",
+    lambda e, d: (
+        lambda run: _call(
+            lambda: _backend(f"memory={run / 'train' / 'memory'},lambda_=0"),
+            lambda lm: lm.mixture["mixing"] == "fixed" and lm.mixture["lambda_"] == 0.0,
+        )
+    )(_run_copy(e, d)),
+    outs=(),
+    what="MLPMemoryLM.create_from_arg_string('memory=RUN/train/memory,lambda_=0') (--model_args) on a gated run: the fixed mixture, lambda 0",
+)
+lib(
+    "load-mixture-default-on-gated-run",
+    "26.9",
+    "correct",
+    lambda e, d: (
+        lambda run: _call(
+            lambda: _load_mixture(memory=str(run / "train" / "memory")), lambda m: m.mixing_mode == "gated" and m.gate is not None
+        )
+    )(_run_copy(e, d)),
+    outs=(),
+    what="load_mixture(memory=RUN/train/memory) on a run with a gate: its gate, per token",
+)
+
+
+def _report_lambda(run: Path) -> float:
+    return float(json.loads((run / "report.json").read_text())["lambda"]["mlp_memory"])
+
+
+lib(
+    "from-memory-takes-reports-lambda",
+    "26.9",
+    "correct",
+    lambda e, d: (
+        lambda run: _call(
+            lambda: _hf().from_memory(run / "train" / "memory"),
+            lambda m: m.mixing_mode == "fixed" and abs(m.lambda_ - _report_lambda(run)) < 1e-9 and m.lambda_ != 0.25,
+        )
+    )(_run_copy(e, d, gate=False)),
+    outs=(),
+    what="from_memory(RUN/train/memory) on a run with report.json (no gate): the lambda the run fitted on valid, not 0.25",
+)
+lib(
+    "from-memory-without-record-warns-0.25",
+    "26.9",
+    "correct",
+    lambda e, d: (lambda t: _call(lambda: _hf().from_memory(t / "memory"), lambda m: m.lambda_ == 0.25))(copy_stage(e, "train", d / "t")),
+    outs=(),
+    warns=("no lambda fitted on valid",),
+    what="from_memory(MEM) of a train stage with no fitted lambda anywhere: 0.25, with a warning",
+)
+lib(
+    "stale-gate-fixed-loads",
+    "26.9",
+    "correct",
+    lambda e, d: (
+        lambda run: _call(
+            lambda: _hf().from_memory(run / "train" / "memory", mixing="fixed"), lambda m: m.mixing_mode == "fixed" and m.gate is None
+        )
+    )(_run_copy(e, d, stale=True)),
+    outs=(),
+    what="from_memory(RUN/train/memory, mixing='fixed') with a stale RUN/gate (fitted for another memory): loads, the gate unread",
+)
+lib(
+    "stale-gate-explicit-lambda-loads",
+    "26.9",
+    "correct",
+    lambda e, d: (
+        lambda run: _call(
+            lambda: _hf().from_memory(run / "train" / "memory", lambda_=0.4),
+            lambda m: m.mixing_mode == "fixed" and abs(m.lambda_ - 0.4) < 1e-9,
+        )
+    )(_run_copy(e, d, stale=True)),
+    outs=(),
+    what="from_memory(RUN/train/memory, lambda_=0.4) with a stale RUN/gate: the fixed mixture with 0.4",
+)
+lib(
+    "stale-gate-default-refused",
+    "26.9",
+    "refusal",
+    lambda e, d: (lambda run: _call(lambda: _hf().from_memory(run / "train" / "memory")))(_run_copy(e, d, stale=True)),
+    ("another memory",),
+    outs=(),
+    what="from_memory(RUN/train/memory) with a stale RUN/gate: refused (the gate was fitted for another memory)",
+)
+
+
+def _stale_saved(e, d, full: bool) -> Path:
+    """A save with its gate whose gate records another memory's fingerprint (integrity record dropped, as an older save)."""
+    s = _saved_copy(e, d, "gated_full" if full else "gated")
+    if full:
+        cfg = json.loads((s / "config.json").read_text())
+        cfg["gate_config"]["meta"]["memory_fingerprint"] = "0" * 16
+        (s / "config.json").write_text(json.dumps(cfg))
+    else:
+        g = json.loads((s / "gate" / "gate_config.json").read_text())
+        g["meta"]["memory_fingerprint"] = "0" * 16
+        (s / "gate" / "gate_config.json").write_text(json.dumps(g))
+        cfg = json.loads((s / "config.json").read_text())
+        cfg.pop("integrity", None)
+        (s / "config.json").write_text(json.dumps(cfg))
+    return s
+
+
+lib(
+    "saved-stale-gate-fixed-loads",
+    "26.9",
+    "correct",
+    lambda e, d: (lambda s: _call(lambda: _hf().from_pretrained(s, mixing="fixed"), lambda m: m.mixing_mode == "fixed" and m.gate is None))(
+        _stale_saved(e, d, False)
+    ),
+    outs=(),
+    what="from_pretrained(SAVED, mixing='fixed'), its gate/ fitted for another memory (integrity record dropped): loads",
+)
+lib(
+    "saved-stale-gate-refused",
+    "26.9",
+    "refusal",
+    lambda e, d: (lambda s: _call(lambda: _hf().from_pretrained(s)))(_stale_saved(e, d, False)),
+    ("another memory",),
+    outs=(),
+    what="from_pretrained(SAVED), its gate/ fitted for another memory: refused",
+)
+lib(
+    "full-export-stale-gate-lambda-loads",
+    "26.9",
+    "correct",
+    lambda e, d: (
+        lambda s: _call(
+            lambda: _hf().from_pretrained(s, lambda_=0.0), lambda m: m.mixing_mode == "fixed" and m.gate is None and _lm_zero_is_base(m)
+        )
+    )(_stale_saved(e, d, True)),
+    outs=(),
+    what="from_pretrained(FULL, lambda_=0), its config's gate fitted for another memory: loads, the base LM bit for bit",
+)
+lib(
+    "full-export-stale-gate-refused",
+    "26.9",
+    "refusal",
+    lambda e, d: (lambda s: _call(lambda: _hf().from_pretrained(s)))(_stale_saved(e, d, True)),
+    ("another memory",),
+    outs=(),
+    what="from_pretrained(FULL), its config's gate fitted for another memory: refused",
+)
+cli(
+    "generate-stale-gate-refused",
+    "26.9",
+    "refusal",
+    lambda e, d: ["generate", str(_run_copy(e, d, stale=True) / "train" / "memory"), "hello", "--max-new-tokens", "2"],
+    ("another memory",),
+    outs=(),
+)
+cli(
+    "generate-stale-gate-with-lambda",
+    "26.9",
+    "correct",
+    lambda e, d: ["generate", str(_run_copy(e, d, stale=True) / "train" / "memory"), "hello", "--max-new-tokens", "2", "--lambda", "0.3"],
+    outs=(),
+)
+cli(
+    "export-stale-gate-mixing-fixed",
+    "26.9",
+    "correct",
+    lambda e, d: ["export", str(_run_copy(e, d, stale=True) / "train" / "memory"), "--out", str(d / "out"), "--mixing", "fixed"],
+    check=lambda e, d: not (d / "out" / "gate").exists() and _hf().from_pretrained(d / "out").mixing_mode == "fixed",
+)
+cli(
+    "export-mixing-gated-without-gate",
+    "26.9",
+    "error",
+    lambda e, d: ["export", MEM(e), "--out", str(d / "out"), "--mixing", "gated"],
+    ("needs a gate",),
+    outs=("out",),
+)
+
+
+def _rerun_fixed(e, d):
+    run = _run_copy(e, d)
+    return ["run", _run_recipe(e, run, "fixed"), "--overwrite"]
+
+
+def _gate_cleared(e, d) -> bool:
+    run = d / "run"
+    left = [p.name for p in (run / "gate").iterdir() if p.name != ".mlpmem"] if (run / "gate").exists() else []
+    report = json.loads((run / "report.json").read_text())
+    return not left and "gate" not in report and _hf().from_memory(run / "train" / "memory").mixing_mode == "fixed"
+
+
+cli(
+    "run-overwrite-fixed-clears-gate",
+    "26.9",
+    "correct",
+    _rerun_fixed,
+    outs=("run",),
+    check=_gate_cleared,
+    what="mlpmem run (eval.mixing: fixed) --overwrite on a gated run: RUN/gate cleared, the new memory loads with its fixed lambda",
+)
+_lm_eval_case(
+    "lm-eval-stale-gate-lambda-0",
+    "correct",
+    "memory=RUN/train/memory,lambda_=0 (RUN/gate fitted for another memory)",
+    lambda e, d: f"memory={_run_copy(e, d, stale=True) / 'train' / 'memory'},lambda_=0",
+    item="26.9",
+)
+_lm_eval_case(
+    "lm-eval-stale-gate-refused",
+    "refusal",
+    "memory=RUN/train/memory (RUN/gate fitted for another memory)",
+    lambda e, d: f"memory={_run_copy(e, d, stale=True) / 'train' / 'memory'}",
+    ("another memory",),
+    item="26.9",
+)
+
+# ---- 26.10 old spellings (one release, with a warning) and splits too small to fit on
+
+
+def _lam_recipe(e, d, knn: str) -> str:
+    return recipe(
+        d,
+        f"out: {d / 'out'}\nmodel: {e.model}\ncorpus:\n  source: {src(e)}\n  train_tokens: 2000\n"
+        f"datastore:\n  context: 32\n  stride: 16\nknn:\n  k: 16\n{knn}targets:\n  top_m: 8\ntrain:\n  epochs: 1\n  batch_size: 64\n  n_blocks: 1\n",
+    )
+
+
+def _recipe_lambda(d) -> bool:
+    from mlpmem.pipeline import load_recipe
+
+    return abs(load_recipe(str(d / "r.yaml")).sections["knn"].lambda_ - 0.3) < 1e-9
+
+
+cli_warned(
+    "recipe-knn-lam-deprecated",
+    "26.10",
+    lambda e, d: ["plan", _lam_recipe(e, d, "  lam: 0.3\n"), "--throughputs", _throughputs(d)],
+    ("knn.lam is deprecated", "knn.lambda"),
+    check=lambda e, d: _recipe_lambda(d),
+    what="mlpmem plan R (knn.lam: 0.3, the old spelling): runs, a deprecation warning on stderr, knn.lambda is 0.3",
+)
+cli_warned(
+    "override-knn-lam-deprecated",
+    "26.10",
+    lambda e, d: ["plan", _lam_recipe(e, d, ""), "knn.lam=0.3", "--throughputs", _throughputs(d)],
+    ("knn.lam is deprecated",),
+    what="mlpmem plan R knn.lam=0.3 (the old spelling as an override): runs, with a deprecation warning",
+)
+_recipe_case("recipe-knn-lam-and-lambda", "knn:\n  lam: 0.3\n  lambda: 0.4\n", ("both lam", "lambda"), item="26.10")
+cli(
+    "override-knn-lam-and-lambda",
+    "26.10",
+    "error",
+    lambda e, d: ["run", _lam_recipe(e, d, "  lambda: 0.4\n"), "knn.lam=0.3"],
+    ("both lam", "lambda"),
+    outs=(),
+    check=lambda e, d: not (d / "out").exists(),
+)
+cli_warned(
+    "export-lam-flag-deprecated",
+    "26.10",
+    lambda e, d: ["export", MEM(e), "--out", str(d / "out"), "--lam", "0.3"],
+    ("--lam is deprecated", "--lambda"),
+    check=lambda e, d: abs(json.loads((d / "out" / "config.json").read_text())["lambda_"] - 0.3) < 1e-9,
+    what="mlpmem export MEM --out CASE/out --lam 0.3 (the old flag): exported with lambda 0.3, a deprecation warning on stderr",
+)
+cli(
+    "export-lam-and-lambda-flags",
+    "26.10",
+    "error",
+    lambda e, d: ["export", MEM(e), "--out", str(d / "out"), "--lam", "0.3", "--lambda", "0.4"],
+    ("--lam", "--lambda"),
+    outs=(),
+)
+
+
+def _small_split_run(*overrides):
+    return lambda e, d: ["run", _plan_recipe(e, d), *overrides]
+
+
+def _no_datastore(e, d) -> bool:
+    return (d / "out" / "corpus" / "manifest.json").exists() and not (d / "out" / "datastore").exists()
+
+
+cli(
+    "run-valid-3-tokens",
+    "26.10",
+    "error",
+    _small_split_run("corpus.valid_tokens=3"),
+    ("at least 32", "corpus.valid_tokens"),
+    outs=("out",),
+    check=_no_datastore,
+)
+cli(
+    "run-gated-valid-120-tokens",
+    "26.10",
+    "error",
+    _small_split_run("corpus.valid_tokens=120", "eval.mixing=gated"),
+    ("257", "gate"),
+    outs=("out",),
+    check=_no_datastore,
+)
+cli(
+    "run-mixing-flag-gated-valid-120",
+    "26.10",
+    "error",
+    _small_split_run("corpus.valid_tokens=120", "--mixing", "gated"),
+    ("257",),
+    outs=("out",),
+    check=_no_datastore,
+)
+cli(
+    "run-test-1-token",
+    "26.10",
+    "error",
+    _small_split_run("corpus.test_tokens=1"),
+    ("corpus.test_tokens", "at least 2"),
+    outs=(),
+    check=lambda e, d: not (d / "out").exists(),
+)
+
+# ---- 26.11 one more bad input for every entry point (a missing or wrong-kind input folder, an out-of-range flag)
+
+cli(
+    "corpus-model-is-stage-folder",
+    "26.11",
+    "error",
+    lambda e, d: ["corpus", "--source", src(e), "--out", str(d / "out"), "--model", str(e.base / "corpus")],
+    ("is a folder", "not a hugging face model"),
+    outs=("out",),
+)
+cli(
+    "datastore-corpus-is-datastore",
+    "26.11",
+    "error",
+    lambda e, d: ds_cmd(e, e.base / "datastore", d / "out"),
+    ("`datastore` stage",),
+    outs=(),
+)
+cli(
+    "index-datastore-missing",
+    "26.11",
+    "error",
+    lambda e, d: ["index", "--datastore", str(d / "nope"), "--out", str(d / "out")],
+    ("does not exist",),
+    outs=(),
+)
+cli(
+    "index-datastore-is-corpus",
+    "26.11",
+    "error",
+    lambda e, d: ["index", "--datastore", str(e.base / "corpus"), "--out", str(d / "out")],
+    ("`corpus` stage",),
+    outs=(),
+)
+cli(
+    "knnlm-index-is-datastore",
+    "26.11",
+    "error",
+    lambda e, d: [
+        "knnlm",
+        "--corpus",
+        str(e.base / "corpus"),
+        "--datastore",
+        str(e.base / "datastore"),
+        "--index",
+        str(e.base / "datastore"),
+        "--out",
+        str(d / "out"),
+    ],
+    ("`datastore` stage",),
+    outs=(),
+)
+cli(
+    "knnlm-corpus-missing",
+    "26.11",
+    "error",
+    lambda e, d: [
+        "knnlm",
+        "--corpus",
+        str(d / "nope"),
+        "--datastore",
+        str(e.base / "datastore"),
+        "--index",
+        str(e.base / "index"),
+        "--out",
+        str(d / "out"),
+    ],
+    ("does not exist",),
+    outs=(),
+)
+cli("targets-index-missing", "26.11", "error", lambda e, d: tg_cmd(e, d / "out", ix=d / "nope"), ("does not exist",), outs=())
+cli("targets-datastore-is-index", "26.11", "error", lambda e, d: tg_cmd(e, d / "out", ds=e.base / "index"), ("`index` stage",), outs=())
+cli("train-targets-missing", "26.11", "error", lambda e, d: train_cmd(e, d / "out", tg=d / "nope"), ("does not exist",), outs=())
+cli("train-alpha-2", "26.11", "error", lambda e, d: train_cmd(e, d / "out", "--alpha", "2"), ("alpha",), outs=())
+cli(
+    "run-model-is-stage-folder",
+    "26.11",
+    "error",
+    lambda e, d: ["run", "--corpus", src(e), "--model", str(e.base / "corpus"), "--out", str(d / "out")],
+    ("is a folder", "not a hugging face model"),
+    outs=("out",),
+    check=lambda e, d: not (d / "out" / "datastore").exists(),
+)
+cli("plan-recipe-missing", "26.11", "error", lambda e, d: ["plan", str(d / "nope.yaml")], ("does not exist",), outs=())
+cli(
+    "plan-throughputs-missing",
+    "26.11",
+    "error",
+    lambda e, d: ["plan", _plan_recipe(e, d), "--throughputs", str(d / "nope.json")],
+    ("nope.json",),
+    outs=(),
+)
+cli(
+    "export-memory-is-datastore",
+    "26.11",
+    "error",
+    lambda e, d: ["export", str(e.base / "datastore"), "--out", str(d / "out")],
+    ("`datastore` stage", "not a memory"),
+    outs=("out",),
+)
+cli(
+    "generate-hf-model-not-a-memory",
+    "26.11",
+    "error",
+    lambda e, d: ["generate", str(e.model), "hello"],
+    ("",),
+    outs=(),
+)
+cli(
+    "generate-mixing-gated-without-gate",
+    "26.11",
+    "error",
+    lambda e, d: ["generate", MEM(e), "hello", "--mixing", "gated"],
+    ("needs a gate",),
+    outs=(),
+)
+
+
+def ft_cmd(e, out, *flags, corpus=None):
+    return ["finetune", "--corpus", str(corpus or e.base / "corpus"), "--out", str(out), "--model", str(e.model), "--device", "cpu", *flags]
+
+
+cli("finetune-corpus-missing", "26.11", "error", lambda e, d: ft_cmd(e, d / "out", corpus=d / "nope"), ("does not exist",), outs=())
+cli(
+    "finetune-corpus-is-datastore",
+    "26.11",
+    "error",
+    lambda e, d: ft_cmd(e, d / "out", corpus=e.base / "datastore"),
+    ("`datastore` stage",),
+    outs=(),
+)
+cli("finetune-method-bogus", "26.11", "error", lambda e, d: ft_cmd(e, d / "out", "--method", "bogus"), ("method",), outs=())
+cli("finetune-lora-r-0", "26.11", "error", lambda e, d: ft_cmd(e, d / "out", "--lora-r", "0"), ("--lora-r",), outs=())
+cli(
+    "finetune-memory-is-corpus",
+    "26.11",
+    "error",
+    lambda e, d: ft_cmd(e, d / "out", "--memory", str(e.base / "corpus")),
+    ("`corpus` stage", "not a memory"),
+    outs=(),
+)
+cli("tasks-build-without-source", "26.11", "error", lambda e, d: ["tasks", "build", "--out", str(d / "out")], ("--source",), outs=())
+cli(
+    "tasks-build-source-missing",
+    "26.11",
+    "error",
+    lambda e, d: ["tasks", "build", "--out", str(d / "out"), "--source", str(d / "nope"), "--corpus", str(e.base / "corpus")],
+    ("does not exist",),
+    outs=(),
+)
+cli(
+    "probe-corpus-missing", "26.11", "error", lambda e, d: ["probe", str(d / "nope"), "--out", str(d / "out")], ("does not exist",), outs=()
+)
+
+
+def _python_m(*args):
+    """``python -m mlpmem ARGS`` in a process of its own: what a user types."""
+
+    def run(e, d):
+        def script():
+            r = subprocess.run(
+                [sys.executable, "-m", "mlpmem", *args],
+                env={**os.environ, "TQDM_DISABLE": "1"},
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            return r.returncode, r.stderr
+
+        return ["@script", script], None
+
+    return run
+
+
+CASES.append(Case("python-m-no-arguments", "26.11", "error", _python_m(), ("required",), outs=(), what="python -m mlpmem (no arguments)"))
+CASES.append(
+    Case(
+        "python-m-unknown-verb", "26.11", "error", _python_m("frobnicate"), ("invalid choice",), outs=(), what="python -m mlpmem frobnicate"
+    )
+)
+_lm_eval_case(
+    "lm-eval-rag-k-0",
+    "error",
+    "(--model mlpmem-rag) corpus=BASE/corpus,memory=MEM,k=0",
+    lambda e, d: f"corpus={e.base / 'corpus'},memory={MEM(e)},k=0",
+    ("k",),
+    item="26.11",
+    backend="mlpmem-rag",
+)
+_lm_eval_case(
+    "lm-eval-rag-corpus-is-datastore",
+    "error",
+    "(--model mlpmem-rag) corpus=BASE/datastore,memory=MEM",
+    lambda e, d: f"corpus={e.base / 'datastore'},memory={MEM(e)}",
+    ("",),
+    item="26.11",
+    backend="mlpmem-rag",
+)
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -2008,7 +3061,8 @@ def write_reports(results: list[dict], seconds: float, out_json: Path, out_md: P
         "refusing is the answer (never delete or mix what is not ours); **correct** = exit 0 and the result checked (resumes byte-identical).",
         "A traceback, exit 0 where an error was expected, a failed check, or a changed file outside the case's output folders is a failure.",
         "Items refer to issue 10 (1 overwrite, 2 export, 3 config match, 5 duplicates, 6 validation, 7 integrity, 8 resources) and issue 26",
-        "(26.1 every entry point, 26.2 device= for lm-eval, 26.3 overrides anywhere, 26.4 numbers as text, 26.5 flags as overrides, 26.6 plan's inputs).",
+        "(26.1 every entry point, 26.2 device= for lm-eval, 26.3 overrides anywhere, 26.4 numbers as text, 26.5 flags as overrides, 26.6 plan's inputs,",
+        "26.7 one rule for writers, 26.8 integrity of exports, 26.9 mixing settings, 26.10 old spellings and split sizes, 26.11 more entry points).",
         "",
         "## How mlpmem guards against them",
         "",
@@ -2075,6 +3129,7 @@ def slow_cases() -> set[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-k", default="", help="run only cases whose name contains this")
+    ap.add_argument("--item", default="", help="run only the cases of this item (exact: 26.7 is not 26.70)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder")
     ap.add_argument("--no-write", action="store_true", help="do not rewrite RELIABILITY.md and the JSON (for -k runs)")
     ap.add_argument(
@@ -2094,7 +3149,7 @@ def main() -> int:
     print(f"set-up {time.perf_counter() - t0:.0f} s in {root}", file=sys.stderr)
     results = []
     for c in CASES:
-        if (a.k and a.k not in c.name) or c.name in slow:
+        if (a.k and a.k not in c.name) or (a.item and c.item != a.item) or c.name in slow:
             continue
         r = run_case(env, c)
         results.append(r)
@@ -2105,7 +3160,7 @@ def main() -> int:
     for p in env.extra.get("procs", []):
         p.kill()
     seconds = time.perf_counter() - t0
-    if not a.no_write and not a.k and not a.fast:
+    if not a.no_write and not a.k and not a.item and not a.fast:
         write_reports(results, seconds, REPO / "bench" / "results" / "hostile.json", REPO / "RELIABILITY.md")
     counts: dict[str, int] = {}
     for r in results:

@@ -244,14 +244,31 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = 
 
 
 def add_deprecated_flag(parser: argparse.ArgumentParser, old: str, new: str, dest: str, type=None) -> None:
-    """An old flag that sets ``dest`` as ``new`` does, with a deprecation warning; hidden from --help."""
+    """An old flag that sets ``dest`` as ``new`` does, with a deprecation warning; hidden from --help. Both on one
+    command line is an error, as both spellings in a recipe are (``new`` must be added first): which value was meant?"""
+    seen = f"_spelled_{dest}"  # the spellings of dest this command line used, on its namespace
+
+    def spelled(parser, namespace, flag):
+        setattr(namespace, seen, getattr(namespace, seen, ()) + (flag,))
+        if {old, new} <= set(getattr(namespace, seen)):
+            parser.error(f"{old} (its old name) and {new} are both given: keep {new} only")
 
     class Deprecated(argparse.Action):
         def __call__(self, parser, namespace, values, option_string=None):
+            spelled(parser, namespace, old)
             deprecation(f"{option_string} is deprecated and will be removed in the next release: use {new}")
             setattr(namespace, self.dest, values)
 
     parser.add_argument(old, dest=dest, type=type, action=Deprecated, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    current = parser._option_string_actions.get(new)
+    if current is not None:  # the new flag records its use too (its own action, unchanged otherwise)
+
+        class Recorded(current.__class__):
+            def __call__(self, parser, namespace, values, option_string=None):
+                spelled(parser, namespace, new)
+                super().__call__(parser, namespace, values, option_string)
+
+        current.__class__ = Recorded
 
 
 def add_device_arguments(parser: argparse.ArgumentParser, dtype: bool = False) -> None:

@@ -370,8 +370,13 @@ def memory_base_fingerprint(ds_model_id: str, ds_fingerprint: dict | None, lm, o
 
 
 def _load_error(name: str, e: Exception) -> MlpmemError:
+    where = (
+        "it is a folder, but not a Hugging Face model folder (no model or tokenizer files)"
+        if Path(name).expanduser().is_dir()
+        else "it is not a local folder and could not be fetched or found in the Hugging Face cache"
+    )
     return MlpmemError(
-        f"could not load model {name!r}: it is not a local folder and could not be fetched or found in the Hugging Face cache ({str(e).splitlines()[0][:200]})",
+        f"could not load model {name!r}: {where} ({str(e).splitlines()[0][:200]})",
         f"pass a local folder written by save_pretrained, a model already in the cache, or the offline default {DEFAULT_MODEL!r}",
     )
 

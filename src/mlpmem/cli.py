@@ -217,7 +217,7 @@ def _export(a):
 
 def _memory_folder(path: str, verify: bool) -> Path:
     """The memory folder a user means: RUN/train/memory, or RUN/train itself; checked against its stage's manifest."""
-    from mlpmem.manifest import MANIFEST, verify_stage
+    from mlpmem.manifest import MANIFEST, marked_kind, verify_stage
 
     p = Path(path)
     if not p.exists():
@@ -226,6 +226,12 @@ def _memory_folder(path: str, verify: bool) -> Path:
         raise MlpmemError(f"{p} is a file, not a folder", "pass a trained memory folder (RUN/train/memory) or an exported model folder")
     if (p / MANIFEST).exists() and (p / "memory").is_dir():
         p = p / "memory"  # the train stage's folder: its memory is inside
+    kind = marked_kind(p)
+    if kind not in (None, "memory", "export"):
+        raise MlpmemError(
+            f"{p} holds the `{kind}` stage of a run, not a memory or a saved model",
+            "pass a trained memory folder (RUN/train/memory) or a folder written by save_pretrained / mlpmem export",
+        )
     if (p.parent / MANIFEST).exists() and p.name == "memory":
         verify_stage(p.parent, "memory", full=verify)  # sizes and sampled hashes; every byte with --verify
     return p

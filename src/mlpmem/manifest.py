@@ -299,7 +299,7 @@ def write_manifest(folder: Path, kind: str, manifest: dict[str, Any]) -> None:
     """Mark a stage folder complete. Written last, so its presence means done; releases the folder's lock."""
     folder = Path(folder)
     data = {"kind": kind, "complete": True, "environment": environment(), **manifest}
-    if _marked_kind(folder) != kind:  # a folder claimed without its kind learns it now
+    if marked_kind(folder) != kind:  # a folder claimed without its kind learns it now
         write_json(folder / MARKER, {"kind": kind, "mlpmem": package_version(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     write_json(folder / MANIFEST, data)
     release_lock(folder)
@@ -314,10 +314,10 @@ def read_manifest(folder: Path, kind: str) -> dict[str, Any]:
             f"run the `{kind}` stage first, or check the path",
         )
     if not (folder / MANIFEST).exists():
-        found = _marked_kind(folder)
+        found = marked_kind(folder)
         if found is not None and found != kind:
             raise MlpmemError(
-                f"{folder} holds an unfinished `{found}` stage, not a `{kind}` stage", "pass the folder written by the right stage"
+                f"{folder} holds an unfinished `{found}` stage, not {_a(kind)} `{kind}` stage", "pass the folder written by the right stage"
             )
         raise MlpmemError(
             f"{folder} holds no finished `{kind}` stage (no {MANIFEST}; it may have been interrupted)",
@@ -326,7 +326,7 @@ def read_manifest(folder: Path, kind: str) -> dict[str, Any]:
     m = read_json(folder / MANIFEST)
     if not isinstance(m, dict) or m.get("kind") != kind:
         raise MlpmemError(
-            f"{folder} holds a `{m.get('kind') if isinstance(m, dict) else '?'}` stage, not a `{kind}` stage",
+            f"{folder} holds {_a(str(m.get('kind')) if isinstance(m, dict) else '?')} `{m.get('kind') if isinstance(m, dict) else '?'}` stage, not {_a(kind)} `{kind}` stage",
             "pass the folder written by the right stage",
         )
     return m
@@ -335,7 +335,7 @@ def read_manifest(folder: Path, kind: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- owning, clearing and locking folders
 
 
-def _marked_kind(folder: Path) -> str | None:
+def marked_kind(folder: Path) -> str | None:
     """The kind in a folder's marker, or its manifest's kind for a folder written before markers, or None."""
     for name in (MARKER, MANIFEST):
         try:
@@ -388,6 +388,11 @@ def _legacy_ours(folder: Path, kind: str | None) -> bool:
     return True
 
 
+def _a(word: str) -> str:
+    """The article before ``word`` (an `export`, a `corpus`)."""
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
 def claim_out(folder: Path, kind: str | None) -> Path:
     """Make sure ``folder`` may receive a ``kind`` output; create and mark it if it is new or empty.
 
@@ -402,10 +407,10 @@ def claim_out(folder: Path, kind: str | None) -> Path:
         raise MlpmemError(f"{folder} is a file, not a folder", "choose a folder path for --out")
     entries = [p for p in folder.iterdir() if p.name != LOCK] if folder.is_dir() else []
     if entries:
-        found = _marked_kind(folder)
+        found = marked_kind(folder)
         if kind is not None and found is not None and found != kind:
             raise MlpmemError(
-                f"{folder} holds a `{found}` stage written by mlpmem, and a `{kind}` output would overwrite its files",
+                f"{folder} holds {_a(found)} `{found}` stage written by mlpmem, and {_a(kind)} `{kind}` output would overwrite its files",
                 "choose another --out folder",
             )
         if found is None and not (folder / MARKER).exists():

@@ -260,10 +260,10 @@ def load_memory(folder: Path, expect: dict[str, Any] | None = None, device: str 
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from mlpmem.manifest import _marked_kind
+    from mlpmem.manifest import marked_kind
 
     folder = Path(folder)
-    kind = _marked_kind(folder)
+    kind = marked_kind(folder)
     if kind not in (None, "memory") and not (folder / CONFIG).exists():  # another stage's folder: training into it is no fix
         raise MlpmemError(f"{folder} holds a `{kind}` stage of mlpmem, not a memory", "pass a trained memory folder (RUN/train/memory)")
     fix = f"train the memory again into {folder}, or pass the folder that holds {CONFIG} and {WEIGHTS}"

@@ -56,7 +56,8 @@ LAYERS: dict[str, list[str]] = {
         "plan",
     ],
     # other libraries' doors: transformers constructors, generation, lm-eval backends
-    "integrations": ["hf", "generation", "lm_eval_backend", "rag", "lm_eval_cli"],
+    "integrations": ["hf", "generation", "lm_eval_backend", "rag", "lm_eval_cli", "tasks.knowledge.utils"],
+    # (tasks/knowledge/utils.py: the metrics lm-eval loads from a built task folder, a copy of this file)
     # what users run; the package root registers the integration hooks
     "entry": ["cli", "__main__", ""],
 }

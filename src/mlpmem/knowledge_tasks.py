@@ -42,6 +42,7 @@ import logging
 import random
 import re
 import shlex
+import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -492,65 +493,10 @@ def reasoning_items(cfg: TasksConfig) -> tuple[list[dict], list[dict]]:
 
 # ---------------------------------------------------------------- writing the task folder
 
-UTILS_PY = '''"""Metrics of the mlpmem knowledge tasks (written by `mlpmem tasks build`; the code lives in mlpmem.knowledge_tasks)."""
-from mlpmem.knowledge_tasks import define_scores, exact_match
-
-
-def process_em(doc, results):
-    return {"exact_match": exact_match(results[0], doc["answers"])}
-
-
-def process_define(doc, results):
-    return define_scores(results[0], doc["references"], doc["support"])
-'''
-
-_MC = """output_type: multiple_choice
-doc_to_text: prompt
-doc_to_choice: choices
-doc_to_target: label
-target_delimiter: ""
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
-_EM = """output_type: generate_until
-doc_to_text: prompt
-doc_to_target: "{{answers[0]}}"
-target_delimiter: " "
-generation_kwargs:
-  until: ["\\n", ".", ","]
-  max_gen_toks: 8
-  do_sample: false
-process_results: !function utils.process_em
-metric_list:
-  - metric: exact_match
-    aggregation: mean
-    higher_is_better: true
-"""
-_DEFINE = """output_type: generate_until
-doc_to_text: prompt
-doc_to_target: "{{references[0]}}"
-target_delimiter: " "
-generation_kwargs:
-  until: ["\\n"]
-  max_gen_toks: 24
-  do_sample: false
-process_results: !function utils.process_define
-metric_list:
-  - metric: f1
-    aggregation: mean
-    higher_is_better: true
-  - metric: rougeL
-    aggregation: mean
-    higher_is_better: true
-  - metric: unsupported
-    aggregation: mean
-    higher_is_better: false
-  - metric: empty
-    aggregation: mean
-    higher_is_better: false
-"""
+# the tasks are files, as lm-evaluation-harness keeps them: a YAML body per kind of task and the metrics' utils.py,
+# copied into a built task folder beside the items (mlpmem/tasks/knowledge/)
+TASK_FILES = Path(__file__).parent / "tasks" / "knowledge"
+_MC, _EM, _DEFINE = ((TASK_FILES / f"{kind}.yaml").read_text() for kind in ("multiple_choice", "exact_match", "define"))
 BODY = {"mlpmem_wn_mc": _MC, "mlpmem_wn_em": _EM, "mlpmem_wn_define": _DEFINE, "mlpmem_sotu_facts": _MC, "mlpmem_reasoning": _MC}
 PRIMARY = {
     "mlpmem_wn_mc": "acc",
@@ -615,7 +561,7 @@ def build_tasks(
     if sotu is not None:
         built["mlpmem_sotu_facts"] = sotu_items(sotu[0], cfg)
     built["mlpmem_reasoning"] = reasoning_items(cfg)
-    (out_dir / "utils.py").write_text(UTILS_PY)
+    shutil.copyfile(TASK_FILES / "utils.py", out_dir / "utils.py")
     files, tasks = {"utils": file_record(out_dir, out_dir / "utils.py")}, {}
     for name, (test, valid) in built.items():
         for split, items in (("test", test), ("valid", valid)):

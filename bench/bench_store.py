@@ -34,11 +34,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from provenance import results_dir, start, write_result
 
 from mlpmem.index import IndexConfig, KnnIndex, build_index, exact_search, recall_at_k
 from mlpmem.store import Datastore
 
-RESULTS = Path(__file__).parent / "results"
 
 CONFIGS = {  # name: (index settings, pieces the pipeline keeps besides the index file and values)
     "flat": (dict(kind="flat"), ["keys"]),
@@ -160,7 +160,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     import torch
 
-    out = RESULTS / ("store_quick.json" if args.quick else "store.json")
+    started = start()
+    out = results_dir() / ("store_quick.json" if args.quick else "store.json")
     work = args.work.with_name(args.work.name + "_quick") if args.quick else args.work
     if args.force and work.exists():
         shutil.rmtree(work)
@@ -229,8 +230,7 @@ def main() -> None:
             row["ppl_s"] = round(time.perf_counter() - t, 1)
         res["configs"][name] = row
         print(name, json.dumps(row), flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=1) + "\n")  # after every configuration: a stopped run keeps what it measured
+        write_result(out, res, started, indent=1)  # after every configuration: a stopped run keeps what it measured
     print(json.dumps(res))
 
 

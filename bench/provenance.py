@@ -66,10 +66,15 @@ def _git(*args: str) -> str | None:
     return r.stdout.strip() if r.returncode == 0 else None
 
 
+# what a benchmark writes (results, the generated documents): a change there does not change what is measured
+GENERATED = (":(exclude)bench/results", ":(exclude)*.md")
+
+
 def commit() -> tuple[str | None, bool | None]:
-    """The checkout's commit and whether tracked files differ from it (untracked ones do not count)."""
+    """The checkout's commit and whether tracked files other than results and documents differ from it
+    (untracked files do not count)."""
     head = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    status = _git("status", "--porcelain", "--untracked-files=no", "--", ".", *GENERATED)
     return head, (bool(status) if status is not None else None)
 
 

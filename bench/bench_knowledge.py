@@ -557,7 +557,8 @@ def main() -> None:
     PARTS = PARTS.with_name(PARTS.name + ("_quick" if args.quick else ""))
     PARTS.mkdir(parents=True, exist_ok=True)
     sotu = args.sotu_run if (args.sotu_run / "report.json").exists() else None
-    build_tasks(args.source, args.run / "corpus", args.tasks, sotu_corpus=sotu / "corpus" if sotu else None)  # skipped when built
+    sizes = {"n_items": 16, "n_valid": 4, "n_sotu": 16, "n_reasoning": 16} if args.quick else {}  # a smoke run's small corpora
+    build_tasks(args.source, args.run / "corpus", args.tasks, sotu_corpus=sotu / "corpus" if sotu else None, **sizes)  # skipped when built
     suffix = "_quick" if args.quick else ""
     limits = {t: args.limit for t in (*WORDNET_TASKS, "mlpmem_sotu_facts")}
     limits["mlpmem_wn_define"] = args.define_limit or max(args.limit // 2, 4)

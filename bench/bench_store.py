@@ -55,6 +55,7 @@ def subset_datastore(src: Path, dst: Path, n: int) -> Path:
     from mlpmem.manifest import CONFIG, read_manifest, save_npy, write_json, write_manifest
 
     ds = Datastore(src)
+    n = min(n, ds.n_rows)
     dst.mkdir(parents=True)
     write_json(dst / CONFIG, {"subset_of": str(src), "n": n})
     shard = {
@@ -115,7 +116,7 @@ def markdown(store: dict, curve: dict | None = None) -> str:
         f"Every store over the same {store['n']:,} real keys (SmolLM2-135M, d={store['d']}, the SOTU run's datastore), "
         f"k={store['k']}, {store['queries']} held-out keys as queries, FAISS on {store['threads']} thread(s) of the shared machine. "
         f"kNN-LM test perplexity on the run's test split with its tuned T={store['knn_temperature']:g} and lambda={store['knn_lambda']:.3f} "
-        f"(LM alone {store['base_test_ppl']:.3f}). Bytes per corpus token: what search reads (index + values, + keys when it re-ranks or streams them), "
+        f"(LM alone {store.get('base_test_ppl', float('nan')):.3f}). Bytes per corpus token: what search reads (index + values, + keys when it re-ranks or streams them), "
         f"and what the store keeps (index, values, and the keys unless it searches the codes alone) with the kNN targets ({store['targets_bytes_per_token']:.0f} B: top-128 int32 ids + float16 probs) that training needs. Not counted: the extra feature array of offline training (h29.output, 1152 B), which online training does not store.",
         "",
         "| store | index | nprobe (target 0.9) | recall@1024 | queries/s | build s | B/token: index | search reads | kept + targets | kNN-LM test ppl |",

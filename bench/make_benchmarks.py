@@ -501,8 +501,8 @@ def retrieval() -> str:
         [
             m,
             f"{r['ppl']['component'][m]:.6f}",
-            f"{r['ppl']['report'][m]:.6f}",
-            f"{r['gap_component_vs_report'][m]['rel']:+.1e}",
+            f"{r['ppl']['report'][m]:.6f}" if r["ppl"]["report"] else "-",  # a --quick run has no report to compare with
+            f"{r['gap_component_vs_report'][m]['rel']:+.1e}" if r["gap_component_vs_report"] else "-",
             f"{tp['component'][m]:.0f} ({tp['component'][m] / tp['component']['base']:.2f}x)",
             f"{tp['evaluator'][m] / tp['evaluator']['base']:.2f}x",
         ]

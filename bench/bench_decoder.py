@@ -58,12 +58,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import results_dir, start, write_result
 
 from mlpmem.corpus import Corpus
 from mlpmem.evaluate import score_online, summarize
 from mlpmem.interpolate import interpolate_logprobs, interpolate_many
 from mlpmem.index import KnnIndex
-from mlpmem.manifest import read_json, write_json
+from mlpmem.manifest import read_json
 from mlpmem.memory import MemoryInput, load_memory
 from mlpmem.models import cache_dir, load_model, num_parameters, separator_id, tokenizer_hash
 from mlpmem.modeling.read_site import ReadSite
@@ -71,7 +72,6 @@ from mlpmem.store import Datastore
 
 log = logging.getLogger("bench_decoder")
 LN2 = math.log(2.0)
-RESULTS = Path(__file__).parent / "results"
 
 
 # ---------------------------------------------------------------- text
@@ -178,6 +178,7 @@ def main() -> None:
     p.add_argument("--plain", action="store_true", help="also score Gemma without <bos> through score_online (once; always in --quick)")
     p.add_argument("--quick", action="store_true", help="first 2000 SmolLM2 tokens' worth of text, 1 repeat, *_quick.* outputs")
     a = p.parse_args()
+    started = start()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     limit, repeats = (2000, 1) if a.quick else (None, a.repeats)
     if a.threads:
@@ -242,6 +243,7 @@ def main() -> None:
         secs=secs,
         state=state,
         load0=load0,
+        started=started,
     )
     for r in range(repeats):
         order = ("smol", "gemma") if r % 2 == 0 else ("gemma", "smol")
@@ -399,14 +401,14 @@ def write_results(c: dict, repeats: int) -> None:
         "seconds": secs,
         "systems": systems,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    res_dir = results_dir()
     stem = "decoder_quick" if a.quick else "decoder"
-    write_json(RESULTS / f"{stem}.json", res)
-    plot(res, RESULTS / f"{stem}.png")
+    write_result(res_dir / f"{stem}.json", res, c["started"])
+    plot(res, res_dir / f"{stem}.png")
     print(f"{'system':44s} {'bits/byte':>9s} {'bytes/s':>9s} {'x Gemma':>8s}")
     for name, s in systems.items():
         print(f"{name:44s} {s['bits_per_byte']:9.4f} {s['bytes_per_s']:9.0f} {s['speed_vs_gemma']:8.2f}")
-    print(f"wrote {RESULTS / (stem + '.json')} and .png")
+    print(f"wrote {res_dir / (stem + '.json')} and .png")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from provenance import results_dir, start, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,8 +75,9 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--quick", action="store_true", help="4k tokens, k=64: checks that the script runs")
     ap.add_argument("--out", default="runs/bench_dist")
-    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "dist.json"))
+    ap.add_argument("--json", default=None, help="default: bench/results/dist.json (--quick: dist_quick.json)")
     a = ap.parse_args()
+    started = start()
     tokens, k = (4000, 64) if a.quick else (a.train_tokens, 1024)
     out = Path(a.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -190,8 +192,7 @@ def main() -> None:
         + ".",
         "note": "wall seconds of the whole command, model loading included; the machine is shared, so compare ratios within this run",
     }
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_result(a.json or results_dir() / ("dist_quick.json" if a.quick else "dist.json"), result, started)
     print(json.dumps({"speedup": result["speedup"], "artefacts": equal}, indent=2))
 
 

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import results_dir, start, write_result
 
 from mlpmem.corpus import Corpus, CorpusConfig, load_documents, windows
 from mlpmem.datastore import DatastoreConfig, iter_batches
@@ -153,9 +154,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--methods", nargs="+", default=["plain", "recompute", "cache"])
     p.add_argument("--check-tokens", type=int, default=4096, help="0 skips the perplexity/keys check")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "extract.json"))
+    p.add_argument("--out", default=None, help="default: bench/results/extract.json")
     p.add_argument("--quick", action="store_true", help="smoke run: 1024 tokens, 1 repeat, writes extract_quick.json")
     a = p.parse_args()
+    started = start()
+    a.out = a.out or str(results_dir() / "extract.json")
     if a.quick:
         a.tokens, a.repeats, a.check_tokens = 1024, 1, 1024
         a.out = a.out.replace("extract.json", "extract_quick.json")
@@ -198,8 +201,7 @@ def main() -> None:
         }
     if a.check_tokens:
         result["check"] = check(model, tokens[: a.check_tokens], a)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_result(a.out, result, started, indent=1)
     print(json.dumps(result, indent=1))
 
 

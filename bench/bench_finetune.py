@@ -34,6 +34,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+from provenance import results_dir, start, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,15 +88,16 @@ def train(kind: str, args: dict) -> dict:
     }
 
 
-def evaluate(model_name: str, memory, lam_fixed: float, splits: dict[str, np.ndarray], batch_size: int) -> dict:
-    """Perplexities of the model alone and with the memory (fixed lambda, and lambda refit on valid)."""
+def evaluate(model_name: str, memory, layer: int, lam_fixed: float, splits: dict[str, np.ndarray], batch_size: int) -> dict:
+    """Perplexities of the model alone and with the memory (fixed lambda, and lambda refit on valid); the memory reads
+    ``layer``'s output (the LM's last layer, 29 for SmolLM2-135M)."""
     from mlpmem.evaluate import score_online
     from mlpmem.interpolate import fit_lambda_em, interpolate_logprobs, perplexity
     from mlpmem.models import load_model
     from mlpmem.modeling.read_site import ReadSite
 
     model, _, _ = load_model(model_name)
-    site = ReadSite(29, "output")
+    site = ReadSite(layer, "output")
     sc = {
         name: score_online(
             model, toks, 512, 256, site, memory=memory, memory_site=site, batch_size=batch_size, desc=f"{Path(model_name).name} {name}"
@@ -155,6 +157,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--quick", action="store_true", help="4k training tokens, 1k eval tokens per split; writes finetune_quick.*")
     a = p.parse_args()
+    started = start()
 
     import torch
 
@@ -172,7 +175,7 @@ def main() -> None:
     report = json.loads((a.run / "report.json").read_text())
     lam_fixed = report["lambda"]["mlp_memory"]
     memory, meta = load_memory(a.run / "train/memory")
-    assert (meta["layer"], meta["site"]) == (29, "output"), meta
+    assert meta["site"] == "output", meta  # the last layer's output (init lm_copy), the site the FT models are scored at
     th = tokenizer_hash(load_tokenizer(DEFAULT_MODEL))
     corpus, ood = Corpus(a.run / "corpus"), Corpus(a.ood)
     for c in (corpus, ood):
@@ -204,7 +207,7 @@ def main() -> None:
     systems = {"base": DEFAULT_MODEL, "full_ft": training["full"]["model_dir"], "lora_ft": training["lora"]["model_dir"]}
     results = {}
     for name, model_name in systems.items():
-        results[name] = evaluate(model_name, memory, lam_fixed, splits, batch_size=8)
+        results[name] = evaluate(model_name, memory, int(meta["layer"]), lam_fixed, splits, batch_size=8)
         print(name, json.dumps(results[name]))
 
     ppl = {}
@@ -234,7 +237,7 @@ def main() -> None:
         "model": DEFAULT_MODEL,
         "train_split": f"{a.run / 'corpus'} train",
         "n_eval_tokens": {s: int(len(t)) for s, t in splits.items()},
-        "scoring": {"context": 512, "stride": 256, "site": "layer 29 output"},
+        "scoring": {"context": 512, "stride": 256, "site": f"layer {meta['layer']} output"},
         "lambda_fixed": lam_fixed,
         "lambda_fixed_source": f"{a.run / 'report.json'} (EM on valid for the base model)",
         "ppl": ppl,
@@ -262,9 +265,8 @@ def main() -> None:
         "torch": torch.__version__,
         "command": "python bench/bench_finetune.py " + " ".join(__import__("sys").argv[1:]),
     }
-    res = ROOT / "bench/results"
-    res.mkdir(parents=True, exist_ok=True)
-    (res / f"finetune{suffix}.json").write_text(json.dumps(out, indent=2) + "\n")
+    res = results_dir()
+    write_result(res / f"finetune{suffix}.json", out, started)
     rows = [(n, v["in_domain"], v["ood"]) for n, v in ppl.items()]
     plot(
         rows,

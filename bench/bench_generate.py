@@ -19,9 +19,9 @@ import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from provenance import results_dir, start, write_result
 
 from mlpmem.hf import MLPMemoryForCausalLM
 from mlpmem.memory import MemoryConfig, MLPMemory
@@ -51,9 +51,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--lambda", dest="lam", type=float, default=0.25)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "generate.json"))
+    p.add_argument("--out", default=None, help="default: bench/results/generate.json")
     p.add_argument("--quick", action="store_true", help="smoke run: 8 new tokens, batch 1, 1 repeat, writes generate_quick.json")
     a = p.parse_args()
+    started = start()
+    a.out = a.out or str(results_dir() / "generate.json")
     if a.quick:
         a.new_tokens, a.batches, a.repeats = 8, [1], 1
         a.out = a.out.replace("generate.json", "generate_quick.json")
@@ -98,9 +100,7 @@ def main() -> None:
                 "measured_ratio": round(mix / base, 3),
             }
     print(json.dumps(result))
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(a.out, result, started)
 
 
 if __name__ == "__main__":

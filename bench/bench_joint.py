@@ -3,6 +3,7 @@
     python bench/bench_joint.py                       # every step in turn (each cached under runs/joint): ~30 min of 2 idle cores
     python bench/bench_joint.py --step plan           # the steps, one per line (run each under the shared lock)
     python bench/bench_joint.py --step train:sotu:lora  (or score:sotu:lora, score:base, report)
+    python bench/bench_joint.py --quick --sotu RUN --gcide RUN --work DIR   # smoke run: 1k fine-tuning tokens, 600 scored per text
 
 SmolLM2-135M, two directions. "sotu": the memory of runs/sotu (State of the Union, 60k training tokens; lambda from
 runs/sotu/report.json), in-domain text SOTU, the other corpus GCIDE. "gcide": the memory of runs/gate/gcide20k (GCIDE
@@ -16,7 +17,7 @@ Systems per direction, all fine-tuned on the first --train-tokens of the in-doma
   joint LoRA with the memory frozen, and with the memory trained (at the training lambda; refit; gated).
 Every model is scored once per text with mlpmem.gate.score_memories (windows 512 / 256, the evaluator's), the per-token
 scores cached under runs/joint/scores; fixed, refit and gated mixtures are array maths on them. Writes
-bench/results/joint.json and joint.png.
+bench/results/joint.json and joint.png (``--quick``: joint_quick.*).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+from provenance import results_dir, start, write_result  # noqa: E402
+
 WORK = ROOT / "runs/joint"
 DIRECTIONS = {
     "sotu": {"run": ROOT / "runs/sotu", "other": "gcide", "label": "SOTU"},
@@ -304,9 +307,10 @@ def step_report(a) -> dict:
         "torch": torch.__version__,
         "command": "python bench/bench_joint.py " + " ".join(sys.argv[1:]),
     }
-    res = ROOT / "bench/results" if WORK == (ROOT / "runs/joint").resolve() else WORK
-    (res / "joint.json").write_text(json.dumps(result, indent=2, default=float) + "\n")
-    plot(out_rows, res / "joint.png", budget(a))
+    res = results_dir() if a.quick or WORK == (ROOT / "runs/joint").resolve() else WORK
+    stem = "joint_quick" if a.quick else "joint"
+    write_result(res / f"{stem}.json", result, a.started, default=float)
+    plot(out_rows, res / f"{stem}.png", budget(a))
     for d, r in out_rows.items():
         print(f"== memory trained on {DIRECTIONS[d]['label']} (lambda {r['lambda_fixed']:.3f})")
         for label, row in r["rows"].items():
@@ -372,12 +376,23 @@ def main() -> None:
     p.add_argument("--generic-tokens", type=int, default=4000, help="tokens of generic licence text scored")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument(
-        "--work", type=Path, default=WORK, help="runs and score caches (another folder: results go there too, not to bench/results)"
+        "--work",
+        type=Path,
+        default=None,
+        help="runs and score caches (default runs/joint[_quick]; another folder: results go there too, not to bench/results, "
+        "except with --quick)",
     )
+    p.add_argument("--sotu", type=Path, default=DIRECTIONS["sotu"]["run"], help="the SOTU memory's run (corpus, train/memory, report.json)")
+    p.add_argument("--gcide", type=Path, default=DIRECTIONS["gcide"]["run"], help="the GCIDE memory's run (corpus, train/memory)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1024 fine-tuning tokens, 600 tokens scored per text; joint_quick.*")
     a = p.parse_args()
+    a.started = start()
     import torch
 
-    WORK = a.work.resolve()
+    if a.quick:
+        a.train_tokens, a.valid_tokens, a.test_tokens, a.generic_tokens = 1024, 600, 600, 600
+    WORK = (a.work or WORK.with_name("joint_quick" if a.quick else "joint")).resolve()
+    DIRECTIONS["sotu"]["run"], DIRECTIONS["gcide"]["run"] = a.sotu.resolve(), a.gcide.resolve()
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -385,32 +400,48 @@ def main() -> None:
     if a.step == "plan":
         print("\n".join(plan()))
     elif a.step == "all":  # each step in its own process: its memory is freed, and a failed step leaves the others' caches
-        same = [
-            "--train-tokens",
-            str(a.train_tokens),
-            "--batch-size",
-            str(a.batch_size),
-            "--valid-tokens",
-            str(a.valid_tokens),
-            "--test-tokens",
-            str(a.test_tokens),
-            "--generic-tokens",
-            str(a.generic_tokens),
-            "--work",
-            str(WORK),
-        ] + (["--threads", str(a.threads)] if a.threads else [])
+        same = (
+            [
+                "--train-tokens",
+                str(a.train_tokens),
+                "--batch-size",
+                str(a.batch_size),
+                "--valid-tokens",
+                str(a.valid_tokens),
+                "--test-tokens",
+                str(a.test_tokens),
+                "--generic-tokens",
+                str(a.generic_tokens),
+                "--work",
+                str(WORK),
+                "--sotu",
+                str(a.sotu),
+                "--gcide",
+                str(a.gcide),
+            ]
+            + (["--threads", str(a.threads)] if a.threads else [])
+            + (["--quick"] if a.quick else [])
+        )
         for s in plan():
-            subprocess.run([sys.executable, __file__, "--step", s, *same], check=True)
-    elif a.step == "report":
-        step_report(a)
+            if a.quick:  # tiny models: one process is enough, and a dozen fewer interpreter starts
+                run_step(a, s)
+            else:
+                subprocess.run([sys.executable, __file__, "--step", s, *same], check=True)
     else:
-        parts = a.step.split(":")
-        if parts[0] == "train":
-            step_train(a, parts[1], parts[2])
-        elif parts == ["score", "base"]:
-            step_score(a, None, "base")
-        else:
-            step_score(a, parts[1], parts[2])
+        run_step(a, a.step)
+
+
+def run_step(a, step: str) -> None:
+    if step == "report":
+        step_report(a)
+        return
+    parts = step.split(":")
+    if parts[0] == "train":
+        step_train(a, parts[1], parts[2])
+    elif parts == ["score", "base"]:
+        step_score(a, None, "base")
+    else:
+        step_score(a, parts[1], parts[2])
 
 
 if __name__ == "__main__":

@@ -43,9 +43,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from provenance import commit, results_dir, start, write_result
 
 HERE = Path(__file__).parent
-RESULTS = HERE / "results"
+STARTED = start()  # this process's start: the provenance of what it writes
 PARTS = Path("runs/knowledge/bench")  # per-task results and RAG tunings, so tasks can run in separate processes
 GATES = Path("runs/knowledge/gates")
 EARLIER = Path("runs/knowledge/bench_round2")  # the round before SharedContextLM (lm-eval's HFLM, 2 threads, a loaded machine)
@@ -294,6 +295,7 @@ def run_family(
                 "seconds_per_item": timing["seconds"] / timing["n"],
                 "cpu_seconds_per_item": timing["cpu_seconds"] / timing["n"],
                 "command": results["command"],
+                "commit": commit()[0],  # a merged table may join systems scored at several commits
                 "values": {m: v.tolist() for m, v in vals.items()},
             }
             if "tokens" in timing:
@@ -453,8 +455,7 @@ def assemble(task: str, memory: Path, run: Path, lam: float, tuned_lam: float | 
 
 
 def write(results: dict) -> None:
-    out = Path(results["out"])
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_result(results["out"], results, STARTED)
 
 
 COLORS = {
@@ -491,7 +492,7 @@ def plot(results: dict) -> None:
         for ax in (a, b):
             plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
         fig.tight_layout()
-        fig.savefig(RESULTS / f"knowledge{results['suffix']}_{task}.png", dpi=110)
+        fig.savefig(results_dir() / f"knowledge{results['suffix']}_{task}.png", dpi=110)
         plt.close(fig)
 
 
@@ -556,7 +557,8 @@ def main() -> None:
     PARTS = PARTS.with_name(PARTS.name + ("_quick" if args.quick else ""))
     PARTS.mkdir(parents=True, exist_ok=True)
     sotu = args.sotu_run if (args.sotu_run / "report.json").exists() else None
-    build_tasks(args.source, args.run / "corpus", args.tasks, sotu_corpus=sotu / "corpus" if sotu else None)  # skipped when built
+    sizes = {"n_items": 16, "n_valid": 4, "n_sotu": 16, "n_reasoning": 16} if args.quick else {}  # a smoke run's small corpora
+    build_tasks(args.source, args.run / "corpus", args.tasks, sotu_corpus=sotu / "corpus" if sotu else None, **sizes)  # skipped when built
     suffix = "_quick" if args.quick else ""
     limits = {t: args.limit for t in (*WORDNET_TASKS, "mlpmem_sotu_facts")}
     limits["mlpmem_wn_define"] = args.define_limit or max(args.limit // 2, 4)
@@ -568,7 +570,7 @@ def main() -> None:
         t: min(n, manifest_tasks[t]["n_test"]) if t in manifest_tasks else n for t, n in limits.items()
     }  # the whole test file at most
     results = {
-        "out": str(RESULTS / f"knowledge{suffix}.json"),
+        "out": str(results_dir() / f"knowledge{suffix}.json"),
         "suffix": suffix,
         "quick": args.quick,
         "command": " ".join(["python bench/bench_knowledge.py", *sys.argv[1:]]),

@@ -54,13 +54,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import results_dir, start, write_result
 
 from mlpmem.losses import sparse_kd_loss
 from mlpmem.memory import load_memory
 from mlpmem.train import METRICS, TrainConfig, TrainData, build_memory, build_optimizer, evaluate, read_metrics, train_memory
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = Path(__file__).resolve().parent / "results"
 log = logging.getLogger("bench_memory_size")
 
 
@@ -344,8 +344,9 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--replot", action="store_true", help="only redraw the PNG from the output JSON")
     a = p.parse_args()
+    started = start()
     if a.replot:
-        out_json = Path(a.out or RESULTS / ("memory_size_quick.json" if a.quick else "memory_size.json"))
+        out_json = Path(a.out or results_dir() / ("memory_size_quick.json" if a.quick else "memory_size.json"))
         plot(json.loads(out_json.read_text()), out_json.with_suffix(".png"))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -359,7 +360,7 @@ def main() -> None:
     train_eval_rows = a.train_eval_rows or (1000 if q else 3000)
     speed_steps = a.speed_steps or (1 if q else 3)
     out_root = Path(a.out_root or ROOT / ("runs/bench_memory_quick" if q else "runs/bench_memory"))
-    out_json = Path(a.out or RESULTS / ("memory_size_quick.json" if q else "memory_size.json"))
+    out_json = Path(a.out or results_dir() / ("memory_size_quick.json" if q else "memory_size.json"))
     sotu = Path(a.sotu)
     out_root.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -404,8 +405,7 @@ def main() -> None:
 
     def save():
         res["elapsed_s"] = time.perf_counter() - t_start
-        out_json.parent.mkdir(parents=True, exist_ok=True)
-        out_json.write_text(json.dumps(res, indent=2, default=float) + "\n")
+        write_result(out_json, res, started, default=float)
         plot(res, out_json.with_suffix(".png"))
 
     # -- 1. epochs

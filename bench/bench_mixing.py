@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from provenance import results_dir, start, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 LICENSES = ("Apache-2.0", "GPL-3", "MPL-2.0", "Artistic", "GFDL-1.3", "CC0-1.0", "LGPL-2.1")
@@ -71,6 +72,7 @@ def main() -> None:
     )
     p.add_argument("--router-tokens", type=int, default=4000, help="tokens per split and domain for --router")
     a = p.parse_args()
+    a.started = start()
     if a.router:
         return router_bench(a)
 
@@ -253,9 +255,7 @@ def main() -> None:
         "torch": torch.__version__,
         "command": "python bench/bench_mixing.py " + " ".join(sys.argv[1:]),
     }
-    res = ROOT / "bench/results"
-    res.mkdir(parents=True, exist_ok=True)
-    (res / f"mixing{suffix}.json").write_text(json.dumps(out, indent=2, default=float) + "\n")
+    write_result(results_dir() / f"mixing{suffix}.json", out, a.started, default=float)
     for name, row in systems.items():
         print(
             f"{name:24s} test {row['test']:.3f} ({100 * row['test_vs_base']:+.2f}%)  ood {row['ood']:.3f} ({100 * row['ood_vs_base']:+.2f}%)  "
@@ -332,7 +332,7 @@ def router_bench(a) -> None:
         "quick": a.quick,
         "command": "python bench/bench_mixing.py " + " ".join(sys.argv[1:]),
     }
-    (ROOT / f"bench/results/mixing_router{'_quick' if a.quick else ''}.json").write_text(json.dumps(out, indent=2, default=float) + "\n")
+    write_result(results_dir() / f"mixing_router{'_quick' if a.quick else ''}.json", out, a.started, default=float)
     for name, r in rows.items():
         print(f"{name:36s} " + "  ".join(f"{d} {v:.3f}" for d, v in r.items()))
     print("mean router weights (LM, SOTU memory, GCIDE memory) on test:", {d: [round(x, 3) for x in w] for d, w in wt.items()})

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from provenance import results_dir, start, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,13 +88,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sotu", type=Path, default=ROOT / "runs/sotu", help="run with corpus/ and train/memory (read only)")
     p.add_argument("--gcide", type=Path, default=ROOT / "runs/gate/gcide20k", help="second run (GCIDE), as bench_mixing.py --router")
-    p.add_argument("--reference", type=Path, default=ROOT / "bench/results/mixing_router.json", help="the scoring path's numbers")
+    p.add_argument("--reference", type=Path, default=None, help="the scoring path's numbers (default: bench/results/mixing_router.json)")
     p.add_argument("--gate-scores", type=Path, default=ROOT / "runs/bench_mixing/valid.npz", help="SOTU valid scores to fit the gate on")
     p.add_argument("--tokens", type=int, default=3000, help="tokens per split and domain (mixing_router.json used 3000)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--tolerance", type=float, default=0.002, help="relative perplexity difference allowed against the reference")
     p.add_argument("--timing-repeats", type=int, default=5, help="rounds of the timing pass (one forward of 4 windows of 512 per system)")
     a = p.parse_args()
+    started = start()
+    a.reference = a.reference or results_dir() / "mixing_router.json"
 
     import torch
 
@@ -225,9 +228,7 @@ def main() -> None:
         "torch": torch.__version__,
         "command": "python bench/bench_multi_memory.py " + " ".join(sys.argv[1:]),
     }
-    res = ROOT / "bench/results"
-    res.mkdir(parents=True, exist_ok=True)
-    (res / ("multi_memory.json" if n == 3000 else "multi_memory_quick.json")).write_text(json.dumps(out, indent=2, default=float) + "\n")
+    write_result(results_dir() / ("multi_memory.json" if n == 3000 else "multi_memory_quick.json"), out, started, default=float)
     for name, r in rows.items():
         print(f"{name:46s} sotu {r['sotu']:.3f}  gcide {r['gcide']:.3f}  mixed {r['mixed']:.3f}  {r['tokens_per_second']:.0f} tok/s")
     print("\n".join(notes))

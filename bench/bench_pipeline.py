@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+from provenance import results_dir, start, write_result
 
 
 def run_stage(name: str, argv: list[str], log) -> dict:
@@ -83,9 +83,10 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("runs/bench_pipeline"))
     p.add_argument("--quick", action="store_true", help="3k training tokens")
     args = p.parse_args()
+    started = start()
     if args.quick:
         args.train_tokens, args.work = 3000, args.work.with_name(args.work.name + "_quick")
-    out = RESULTS / ("pipeline_quick.json" if args.quick else "pipeline.json")
+    out = results_dir() / ("pipeline_quick.json" if args.quick else "pipeline.json")
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     w = args.work
@@ -207,8 +208,7 @@ def main() -> None:
         "bytes_per_token": {k: v / n for k, v in sizes.items()},
         "memory_weights_bytes": folder_bytes(w / "train" / "memory"),
     }  # a fixed size, whatever the corpus
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1) + "\n")
+    write_result(out, res, started, indent=1)
     plot(res, out.with_suffix(".png"))
     print(json.dumps(res["bytes_per_token"]))
 

@@ -1,6 +1,6 @@
 """`mlpmem plan` against a finished run: estimated and real seconds and disk per stage (not a test).
 
-    python bench/bench_plan.py [--run runs/sotu] [--throughputs FILE] [--json bench/results/plan.json]
+    python bench/bench_plan.py [--run runs/sotu] [--throughputs FILE] [--json bench/results/plan.json] [--quick]
 
 Plans the run's own recipe (``RUN/recipe.json``; the corpus sizes come from its built
 corpus), calibrating on this machine unless --throughputs is given, and compares with
@@ -16,7 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from provenance import results_dir, start, write_result
+
 FOLDERS = {
     "datastore (train) and scored valid split": ("datastore", "valid"),
     "kNN targets": ("targets", "valid_targets"),
@@ -33,8 +34,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run", default="runs/sotu")
     ap.add_argument("--throughputs", default=None)
-    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "plan.json"))
+    ap.add_argument("--json", default=None, help="default: bench/results/plan.json (--quick: plan_quick.json)")
+    ap.add_argument("--quick", action="store_true", help="a smoke run on a small --run: writes plan_quick.json")
     a = ap.parse_args()
+    started = start()
     from mlpmem.pipeline import load_recipe
     from mlpmem.plan import plan, read_throughputs
 
@@ -72,8 +75,7 @@ def main() -> None:
         "stages": rows,
         "note": "real = the run's report.json seconds_this_run and the bytes in its stage folders; plan = mlpmem plan calibrated now",
     }
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
+    write_result(a.json or results_dir() / ("plan_quick.json" if a.quick else "plan.json"), out, started)
     for r in rows:
         print(
             f"{r['stage'][:45]:<45} plan {r['plan_seconds']:8.0f} s  real {r['real_seconds'] or 0:8.0f} s  "

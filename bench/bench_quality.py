@@ -23,6 +23,7 @@ import yaml
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
+from provenance import start  # noqa: E402
 from summarize_run import collect  # noqa: E402
 
 from mlpmem.pipeline import load_recipe, run_pipeline  # noqa: E402
@@ -35,6 +36,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
     for path in RECIPES:
+        started = start()
         recipe = yaml.safe_load(path.read_text())
         if "gcide" in path.name and not Path(recipe["corpus"]["source"]).exists():
             subprocess.run([sys.executable, str(HERE / "gcide.py"), "--out", recipe["corpus"]["source"]], check=True)
@@ -44,7 +46,7 @@ def main() -> None:
             recipe["train"].update(epochs=1.0, eval_every=5)
         run_pipeline(load_recipe(recipe))
         run = Path(recipe["out"])
-        print(f"{run.name}: {json.dumps(collect(run)['ppl'])}")
+        print(f"{run.name}: {json.dumps(collect(run, started=started)['ppl'])}")
 
 
 if __name__ == "__main__":

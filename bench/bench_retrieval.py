@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from provenance import results_dir, start, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-3  # relative, on perplexity: float32 full rows vs the evaluator's float64 per-target formula
@@ -62,6 +63,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="runs of each method per batch; its time is the fastest (robust to other load)")
     p.add_argument("--quick", action="store_true", help="first 1000 test tokens; writes retrieval_quick.json")
     a = p.parse_args()
+    started = start()
 
     import torch
 
@@ -233,10 +235,7 @@ def main() -> None:
         "torch": torch.__version__,
         "python": sys.version.split()[0],
     }
-    res = ROOT / "bench" / "results"
-    res.mkdir(parents=True, exist_ok=True)
-    path = res / ("retrieval_quick.json" if a.quick else "retrieval.json")
-    path.write_text(json.dumps(out, indent=2, default=float) + "\n")
+    path = write_result(results_dir() / ("retrieval_quick.json" if a.quick else "retrieval.json"), out, started, default=float)
     print(
         json.dumps(
             {"ppl": out["ppl"], "tokens_per_s": out["tokens_per_s"]["component"], "speed_vs_lm": out["speed_vs_lm"]["component"]},

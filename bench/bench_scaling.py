@@ -34,14 +34,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_search import write_datastore  # noqa: E402
+from provenance import results_dir, start, write_result  # noqa: E402
 
 from mlpmem.evaluate import score_online  # noqa: E402
 from mlpmem.index import IndexConfig, KnnIndex, build_index  # noqa: E402
 from mlpmem.models import load_model  # noqa: E402
 from mlpmem.modeling.read_site import ReadSite
 from mlpmem.store import Datastore  # noqa: E402
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def test_tokens(corpus_dir: Path, n: int, tok) -> np.ndarray:
@@ -209,6 +208,7 @@ def main() -> None:
     p.add_argument("--force", action="store_true")
     p.add_argument("--replot", action="store_true", help="only recompute the fits and redraw from the results file")
     args = p.parse_args()
+    started = start()
     logging.basicConfig(level=logging.WARNING)
     import torch
 
@@ -216,7 +216,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.sizes, args.tokens, args.repeats, args.work = "1e4,3e4", 256, 1, args.work.with_name(args.work.name + "_quick")
-    out = RESULTS / ("scaling_quick.json" if args.quick else "scaling.json")
+    out = results_dir() / ("scaling_quick.json" if args.quick else "scaling.json")
     if args.replot:
         return replot(out)
     res = json.loads(out.read_text()) if out.exists() and not args.force else {"sizes": []}
@@ -286,8 +286,7 @@ def main() -> None:
             }
             print(json.dumps({k: v for k, v in row.items() if k != "repeats"}), flush=True)
             res["sizes"] = [r for r in res["sizes"] if (r["n"], r["index"]) != (n, kind)] + [row]
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(res, indent=1) + "\n")  # after every size: an interruption keeps what was measured
+            write_result(out, res, started, indent=1)  # after every size: an interruption keeps what was measured
             del index
             shutil.rmtree(idx_dir)
         shutil.rmtree(ds_dir)
@@ -295,7 +294,7 @@ def main() -> None:
     add_fits(res)
     largest = max(rows, key=lambda r: (r["n"], r["index"] == "auto"))
     res["largest"] = {"n": largest["n"], "index": largest["index"], "speed_memory_over_knn": largest["speed_memory_over_knn"]}
-    out.write_text(json.dumps(res, indent=1) + "\n")
+    write_result(out, res, started, indent=1)
     plot(res, out.with_suffix(".png"))
     print(json.dumps(res["largest"]), json.dumps({k: v["extrapolated_speed_memory_over_knn"] for k, v in res["fits"].items()}))
 

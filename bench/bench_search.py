@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import provenance
 
 from mlpmem.index import RERANK_FACTOR, IndexConfig, KnnIndex, build_index
 from mlpmem.manifest import CONFIG, save_npy, write_json, write_manifest
@@ -104,6 +105,7 @@ def recall_target_curve(args) -> None:
     from mlpmem.store import Datastore
 
     torch.set_num_threads(args.threads)
+    started = provenance.start()
     out = args.out.with_name("recall_target_quick.json" if args.quick else "recall_target.json")
     res = json.loads(out.read_text()) if out.exists() else {"sizes": {}}
     real_ds = Datastore(args.real)
@@ -159,8 +161,7 @@ def recall_target_curve(args) -> None:
         }
         res["sizes"][str(n)] = row
         print(n, json.dumps(row), flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=1) + "\n")
+        provenance.write_result(out, res, started, indent=1)
         shutil.rmtree(ds_dir)  # GBs at 1M+; the index folder is kept (small)
         shutil.rmtree(args.work / f"auto-{n}")
 
@@ -191,7 +192,7 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=300)
     p.add_argument("--nprobes", type=str, default="32,64,128", help="extra nprobe values to sweep on the auto index")
     p.add_argument("--datastore", type=Path, default=None)
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "search.json")
+    p.add_argument("--out", type=Path, default=None, help="default: bench/results/search.json (--sizes: recall_target.json beside it)")
     p.add_argument("--quick", action="store_true", help="smoke run: 20k synthetic keys, k=64, 50 queries, writes search_quick.json")
     p.add_argument("--sizes", default=None, help="recall-target curve over these datastore sizes (e.g. 2e5,5e5,1e6)")
     p.add_argument(
@@ -201,6 +202,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--force", action="store_true", help="--sizes: remeasure sizes already in the results")
     args = p.parse_args()
+    args.out = args.out or provenance.results_dir() / "search.json"
     if args.sizes:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
         if args.quick:
@@ -211,7 +213,7 @@ def main() -> None:
         args.n, args.k, args.queries, args.nprobes = 20_000, 64, 50, "8"
         args.out = args.out.with_name("search_quick.json")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-
+    started = provenance.start()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ds_dir = args.datastore or synthetic_datastore(tmp / "ds", args.n, args.d)
@@ -258,10 +260,8 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
         auto_row = next(r for r in res["sweep"] if r["nprobe"] == res["auto_nprobe"] and r["rerank_factor"] == RERANK_FACTOR)
         res["auto_qps"], res[f"auto_recall@{args.k}"] = auto_row["qps"], auto_row[f"recall@{args.k}"]
-    line = json.dumps(res)
-    print(line)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(line + "\n")
+    print(json.dumps(res))
+    provenance.write_result(args.out, res, started, indent=None)
 
 
 if __name__ == "__main__":

@@ -34,11 +34,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from provenance import results_dir, start, write_result
 
 from mlpmem.index import IndexConfig, KnnIndex, build_index, exact_search, recall_at_k
 from mlpmem.store import Datastore
 
-RESULTS = Path(__file__).parent / "results"
 
 CONFIGS = {  # name: (index settings, pieces the pipeline keeps besides the index file and values)
     "flat": (dict(kind="flat"), ["keys"]),
@@ -55,6 +55,7 @@ def subset_datastore(src: Path, dst: Path, n: int) -> Path:
     from mlpmem.manifest import CONFIG, read_manifest, save_npy, write_json, write_manifest
 
     ds = Datastore(src)
+    n = min(n, ds.n_rows)
     dst.mkdir(parents=True)
     write_json(dst / CONFIG, {"subset_of": str(src), "n": n})
     shard = {
@@ -115,7 +116,7 @@ def markdown(store: dict, curve: dict | None = None) -> str:
         f"Every store over the same {store['n']:,} real keys (SmolLM2-135M, d={store['d']}, the SOTU run's datastore), "
         f"k={store['k']}, {store['queries']} held-out keys as queries, FAISS on {store['threads']} thread(s) of the shared machine. "
         f"kNN-LM test perplexity on the run's test split with its tuned T={store['knn_temperature']:g} and lambda={store['knn_lambda']:.3f} "
-        f"(LM alone {store['base_test_ppl']:.3f}). Bytes per corpus token: what search reads (index + values, + keys when it re-ranks or streams them), "
+        f"(LM alone {store.get('base_test_ppl', float('nan')):.3f}). Bytes per corpus token: what search reads (index + values, + keys when it re-ranks or streams them), "
         f"and what the store keeps (index, values, and the keys unless it searches the codes alone) with the kNN targets ({store['targets_bytes_per_token']:.0f} B: top-128 int32 ids + float16 probs) that training needs. Not counted: the extra feature array of offline training (h29.output, 1152 B), which online training does not store.",
         "",
         "| store | index | nprobe (target 0.9) | recall@1024 | queries/s | build s | B/token: index | search reads | kept + targets | kNN-LM test ppl |",
@@ -160,7 +161,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     import torch
 
-    out = RESULTS / ("store_quick.json" if args.quick else "store.json")
+    started = start()
+    out = results_dir() / ("store_quick.json" if args.quick else "store.json")
     work = args.work.with_name(args.work.name + "_quick") if args.quick else args.work
     if args.force and work.exists():
         shutil.rmtree(work)
@@ -229,8 +231,7 @@ def main() -> None:
             row["ppl_s"] = round(time.perf_counter() - t, 1)
         res["configs"][name] = row
         print(name, json.dumps(row), flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(res, indent=1) + "\n")  # after every configuration: a stopped run keeps what it measured
+        write_result(out, res, started, indent=1)  # after every configuration: a stopped run keeps what it measured
     print(json.dumps(res))
 
 

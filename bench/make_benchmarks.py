@@ -1,30 +1,48 @@
 """Write BENCHMARKS.md from the JSON under bench/results (not a test).
 
-    python bench/make_benchmarks.py
+    python bench/make_benchmarks.py [--quick --out FILE]
 
 Every table is read from a results file that one benchmark command wrote; the
-command is printed above its table. A missing file gives a line saying which
-command produces it, never a number from elsewhere.
+command is printed above its table, and under it the commit and date each
+results file was measured at (its provenance, bench/provenance.py). A missing
+file gives a line saying which command produces it, never a number from elsewhere.
+``--quick`` reads the ``*_quick.json`` of smoke runs (bench/reproduce.py --quick,
+from ``$MLPMEM_BENCH_RESULTS``) and must write elsewhere (``--out``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
-from mlpmem.models import DEFAULT_MODEL, model_label
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import measured, results_dir  # noqa: E402
+
+from mlpmem.models import DEFAULT_MODEL, model_label  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-RES = ROOT / "bench" / "results"
+RES = results_dir()
+SUFFIX = ""  # "_quick": read the smoke runs' results
 
 
 def load(name: str) -> dict | None:
-    p = RES / f"{name}.json"
+    p = RES / f"{name}{SUFFIX}.json"
     return json.loads(p.read_text()) if p.exists() else None
 
 
 def img(name: str, alt: str) -> str:
-    return f"![{alt}](bench/results/{name}.png)\n" if (RES / f"{name}.png").exists() else ""
+    return f"![{alt}](bench/results/{name}{SUFFIX}.png)\n" if (RES / f"{name}{SUFFIX}.png").exists() else ""
+
+
+def when(*names: str) -> str:
+    """The line under a section's command: the commit and date each of its results files was measured at."""
+    by: dict[str, list[str]] = {}  # files measured alike share one clause
+    for n in names:
+        if (r := load(n)) is not None:
+            by.setdefault(measured(r), []).append(f"`{n}{SUFFIX}.json`")
+    return "_" + "; ".join(f"{', '.join(files)} {text}" for text, files in by.items()) + "._\n\n" if by else ""
 
 
 def table(head: list[str], rows: list[list]) -> str:
@@ -37,9 +55,7 @@ def table(head: list[str], rows: list[list]) -> str:
 def bench_markdown(module: str):
     """The ``markdown`` function of a bench script that renders its own section."""
     import importlib
-    import sys
 
-    sys.path.insert(0, str(ROOT / "bench"))
     return importlib.import_module(module).markdown
 
 
@@ -52,7 +68,7 @@ def section(title: str, name: str, cmd: str) -> tuple[dict | None, str]:
     (the command recorded in the JSON, else ``cmd``) or, when there are none, the command to run."""
     r = load(name)
     s = f"{title}\n\n```\n" + (r["command"] if r else cmd) + "\n```\n\n"
-    return r, s if r else s + missing(cmd)
+    return r, s + when(name) if r else s + missing(cmd)
 
 
 def quality_plot(runs: list[tuple[str, dict]]) -> None:
@@ -77,7 +93,7 @@ def quality_plot(runs: list[tuple[str, dict]]) -> None:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
-    fig.savefig(RES / "quality.png", dpi=120)
+    fig.savefig(RES / f"quality{SUFFIX}.png", dpi=120)
     plt.close(fig)
 
 
@@ -91,6 +107,7 @@ def quality() -> str:
     )
     if not runs:
         return s + missing("mlpmem run bench/recipes/sotu200k.yaml")
+    s += when("sotu200k", "gcide100k")
     rows = []
     for name, r in runs:
         p, tps = r["ppl"], r["tokens_per_s"]
@@ -142,6 +159,7 @@ def scaling() -> str:
     s = "## 2. Cost per token as the datastore grows\n\n```\npython bench/bench_scaling.py --threads 1                         # 10k to 1M keys\npython bench/bench_scaling.py --threads 1 --sizes 3e6 --repeats 2 # adds 3M keys to the same JSON\n```\n\n"
     if not r:
         return s + missing("python bench/bench_scaling.py")
+    s += when("scaling")
     rows = [
         [
             x["n"],
@@ -276,6 +294,7 @@ def decoder() -> str:
     s = "## 5. Against a bigger decoder (Gemma-3-270M)\n\n```\npython bench/bench_decoder.py --threads 1 --repeats 3 --plain\n```\n\n"
     if not r:
         return s + missing("python bench/bench_decoder.py --threads 1 --repeats 3 --plain")
+    s += when("decoder")
     rows = [[name, v["bits_per_byte"], v["bytes_per_s"], v["speed_vs_gemma"]] for name, v in r["systems"].items()]
     s += table(["system", "bits per byte", "bytes/s", "speed vs Gemma"], rows)
     s += (
@@ -292,6 +311,7 @@ def pipeline() -> str:
         "## 6. Pipeline throughput, memory and disk\n\n```\npython bench/bench_pipeline.py\n"
         "python bench/bench_extract.py --tokens 16384 --repeats 3 --check-tokens 4096\npython bench/bench_search.py\n```\n\n"
     )
+    s += when("pipeline", "extract", "search")
     if ex:
         rt = ex["ratio_to_plain"]
         per = (
@@ -385,7 +405,7 @@ def mixing() -> str:
             "`lm_copy` start, 2 epochs), scored in one LM pass; the router (`mlpmem.gate.fit_router`, "
             f"{rr['router_params']} parameters, softmax over LM + 2 memories from both memories' features) is fitted on both valid splits "
             f"({rr['n_tokens_per_split_and_domain']:,} tokens each); test {rr['n_tokens_per_split_and_domain']:,} tokens per domain, `mixed` is both together. "
-            f"`{rr['command']}`\n\n"
+            f"`{rr['command']}`\n\n" + when("mixing_router")
         )
         base = rr["ppl"]["base"]
         s += table(
@@ -408,6 +428,7 @@ def knowledge() -> str:
     s = "## 9. Knowledge tasks against RAG\n\n"
     if not r:
         return s + missing("python bench/bench_knowledge.py")
+    s += when("knowledge")
     markdown = bench_markdown("bench_knowledge")
     return s + markdown(r) + "".join(f"- {note}\n" for note in r.get("notes", [])) + "\n"
 
@@ -480,8 +501,8 @@ def retrieval() -> str:
         [
             m,
             f"{r['ppl']['component'][m]:.6f}",
-            f"{r['ppl']['report'][m]:.6f}",
-            f"{r['gap_component_vs_report'][m]['rel']:+.1e}",
+            f"{r['ppl']['report'][m]:.6f}" if r["ppl"]["report"] else "-",  # a --quick run has no report to compare with
+            f"{r['gap_component_vs_report'][m]['rel']:+.1e}" if r["gap_component_vs_report"] else "-",
             f"{tp['component'][m]:.0f} ({tp['component'][m] / tp['component']['base']:.2f}x)",
             f"{tp['evaluator'][m] / tp['evaluator']['base']:.2f}x",
         ]
@@ -505,7 +526,8 @@ def stores() -> str:
     if not r:
         return "## 8. Stores: bytes per token, recall target, compressed codes\n\n" + missing("nice python bench/bench_store.py")
     markdown = bench_markdown("bench_store")
-    return markdown(r, load("recall_target")) + "\n" + smallest_store() + STORE_NOTES + "\n" + one_million()
+    head, _, rest = markdown(r, load("recall_target")).partition("```\n\n")  # the measured line goes under the commands
+    return head + "```\n\n" + when("store", "recall_target") + rest + "\n" + smallest_store() + STORE_NOTES + "\n" + one_million()
 
 
 def one_million() -> str:
@@ -515,6 +537,7 @@ def one_million() -> str:
     big, small = load("sotu1m"), load("sotu200k_codes")
     if not big:
         return s + missing(cmd)
+    s += when("sotu1m")
     ppl = big["ppl"]
     names = {
         "base": "LM alone",
@@ -645,6 +668,7 @@ def smallest_store() -> str:
         "`mlpmem run bench/recipes/sotu200k.yaml` then `bench/recipes/sotu200k_codes.yaml`, each summarised by "
         "`python bench/summarize_run.py RUN`): bytes per training token of what each run keeps on disk after it finished, "
         "and test perplexity.\n\n"
+        + when("sotu200k", "sotu200k_codes")
         + table(
             [
                 "run",
@@ -696,6 +720,7 @@ def distributed() -> str:
     if not r:
         s += missing("python bench/bench_dist.py")
     else:
+        s += when("dist")
         a = r["artefacts"]
         s += table(
             [
@@ -721,6 +746,7 @@ def distributed() -> str:
     s += "```\nmlpmem run sotu --out RUN && python bench/bench_plan.py --run RUN\n```\n\n"
     if not p:
         return s + missing("python bench/bench_plan.py --run RUN")
+    s += when("plan")
     s += table(
         ["stage", "plan (s)", "real (s)", "plan / real", "plan disk", "real disk", "plan / real"],
         [
@@ -749,6 +775,14 @@ def distributed() -> str:
 
 
 def main() -> None:
+    global SUFFIX
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="read the smoke runs' *_quick.json (needs --out)")
+    p.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    a = p.parse_args()
+    if a.quick and a.out.resolve() == (ROOT / "BENCHMARKS.md").resolve():
+        sys.exit("--quick renders smoke-run numbers: write them elsewhere (--out)")
+    SUFFIX = "_quick" if a.quick else ""
     head = (
         "# Benchmarks\n\nGenerated by `python bench/make_benchmarks.py` from the JSON in `bench/results/`; each section names "
         "the command that measured it. Machine: 2 shared CPU cores, 24 GB, no GPU. Absolute speeds are low and noisy "
@@ -778,8 +812,9 @@ def main() -> None:
         + ".\n"
         "- A router over memory + kNN-LM on real data; generation and lm-eval throughput through the several-memory class.\n"
     )
-    (ROOT / "BENCHMARKS.md").write_text(head + "\n".join(parts))
-    print(f"wrote {ROOT / 'BENCHMARKS.md'}")
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(head + "\n".join(parts))
+    print(f"wrote {a.out}")
 
 
 if __name__ == "__main__":

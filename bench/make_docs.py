@@ -2,6 +2,7 @@
 
     python bench/make_docs.py          # rewrite both
     python bench/make_docs.py --check  # exit 1 if either is out of date
+    python bench/make_docs.py --quick --out DIR  # from the smoke runs' *_quick.json, into DIR (bench/reproduce.py --quick)
 
 - README.md: the results table between ``<!-- results:start -->`` and
   ``<!-- results:end -->``, read from the run summaries in bench/results/*.json
@@ -28,7 +29,11 @@ import typing
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RES = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT / "bench"))
+from provenance import results_dir  # noqa: E402
+
+RES = results_dir()
+SUFFIX = ""  # "_quick": the smoke runs' summaries
 README = ROOT / "README.md"
 RECIPE_MD = ROOT / "docs" / "recipe.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -46,7 +51,7 @@ RUNS = (
 
 
 def _load(name: str) -> dict | None:
-    p = RES / f"{name}.json"
+    p = RES / f"{name}{SUFFIX}.json"
     return json.loads(p.read_text()) if p.exists() else None
 
 
@@ -210,17 +215,25 @@ def recipe_md() -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--check", action="store_true", help="only check that README.md and docs/recipe.md are up to date")
+    p.add_argument("--quick", action="store_true", help="read the smoke runs' *_quick.json (needs --out)")
+    p.add_argument("--out", type=Path, default=None, help="write README.md and recipe.md into this folder instead")
     a = p.parse_args()
+    global SUFFIX
+    SUFFIX = "_quick" if a.quick else ""
+    if a.quick and not a.out:
+        sys.exit("--quick renders smoke-run numbers: write them elsewhere (--out)")
     wanted = {README: readme_text(README.read_text()), RECIPE_MD: recipe_md()}
+    if a.out:
+        wanted = {a.out / path.name: text for path, text in wanted.items()}
     stale = [path for path, text in wanted.items() if not path.exists() or path.read_text() != text]
     if a.check:
         for path in stale:
-            print(f"{path.relative_to(ROOT)} is out of date: run python bench/make_docs.py")
+            print(f"{path} is out of date: run python bench/make_docs.py")
         sys.exit(1 if stale else 0)
     for path, text in wanted.items():
-        path.parent.mkdir(exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
-        print(f"wrote {path.relative_to(ROOT)}")
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

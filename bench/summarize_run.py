@@ -14,9 +14,12 @@ build time), beside the report's ``seconds_this_run`` of the last piece.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import shutil
 from pathlib import Path
+
+from provenance import results_dir, start, write_result
 
 
 def _bytes(manifest: dict, name: str, folder: Path | None = None) -> int:
@@ -83,12 +86,16 @@ def summarize(run: Path) -> dict:
     }
 
 
-def collect(run: Path, dest: Path | None = None) -> dict:
-    """Write the run's summary JSON (and copy its lambda-curve plot) into bench/results."""
+def collect(run: Path, dest: Path | None = None, started: dict | None = None) -> dict:
+    """Write the run's summary JSON (and copy its lambda-curve plot) into bench/results, with its provenance."""
     out = summarize(run)
-    dest = dest or Path(__file__).parent / "results" / f"{run.name}.json"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps(out, indent=2) + "\n")
+    # when each stage of the run finished (its manifest, written last): a summary's own provenance is the summary's
+    out["run_stages_finished"] = {
+        m.parent.name: dt.datetime.fromtimestamp(m.stat().st_mtime).astimezone().isoformat(timespec="seconds")
+        for m in sorted(run.glob("*/manifest.json"), key=lambda m: m.stat().st_mtime)
+    }
+    dest = dest or results_dir() / f"{run.name}.json"
+    write_result(dest, out, started)
     if (run / "lambda_curves.png").exists():  # kNN-LM and memory against lambda, one plot (BENCHMARKS.md shows it)
         shutil.copyfile(run / "lambda_curves.png", dest.with_name(dest.stem + "_lambda_curves.png"))
     return out
@@ -99,7 +106,7 @@ def main() -> None:
     p.add_argument("run", type=Path)
     p.add_argument("--out", type=Path)
     a = p.parse_args()
-    print(json.dumps(collect(a.run, a.out), indent=2))
+    print(json.dumps(collect(a.run, a.out, start()), indent=2))
 
 
 if __name__ == "__main__":

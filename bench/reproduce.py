@@ -61,7 +61,7 @@ class Step:
     quick: list[list[str]] | None = None
     quick_minutes: float = 0.5
     notes: str = ""
-    always: bool = False  # runs whatever the freshness of its outputs (the docs)
+    always: bool = False  # the documents: in every selection, run whatever the budget
 
     def argv(self, quick: bool) -> list[list[str]]:
         if not quick:
@@ -406,10 +406,10 @@ STEPS = {s.name: s for s in PLAN}
 
 
 def select(only: str | None) -> list[Step]:
-    """The steps named (or of the sections named) in ``only``, with every step they need, in plan order."""
+    """The steps named (or of the sections named) in ``only``, with every step they need and the documents, in plan order."""
     if not only:
         return list(PLAN)
-    want: set[str] = set()
+    want = {s.name for s in PLAN if s.always}
     for key in only.split(","):
         key = key.strip()
         hits = [s.name for s in PLAN if key in (s.name, s.section)]

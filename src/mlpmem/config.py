@@ -102,13 +102,18 @@ def setting_name(field: str) -> str:
     return field.rstrip("_")
 
 
+def _field_keys(hints: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` keyed by field names: a setting written without a field's trailing ``_`` (``lambda:`` in YAML) is that field."""
+    return {(k + "_" if k + "_" in hints and k not in hints else k): v for k, v in data.items()}
+
+
 def check_dict(cls, data: dict[str, Any], where: str) -> list[str]:
     """Problems of ``data`` as a ``cls`` config (empty list when fine)."""
     if not isinstance(data, dict):
         return [f"{where}: expected a mapping, got {type(data).__name__}"]
     hints = _types(cls)
     problems = []
-    data = {(k + "_" if k + "_" in hints and k not in hints else k): v for k, v in data.items()}  # `lambda:` in YAML is lambda_
+    data = _field_keys(hints, data)
     for key, value in data.items():
         if key not in hints:
             problems.append(f"{where}.{key}: unknown key (known: {', '.join(hints)})")
@@ -129,8 +134,7 @@ def from_dict(cls, data: dict[str, Any], where: str = "config"):
 
 def build(cls, data: dict[str, Any], where: str):
     """``cls(**data)`` for type-checked ``data``; a constructor's own refusal becomes an error naming ``where``."""
-    hints = _types(cls)
-    data = {(k + "_" if k + "_" in hints and k not in hints else k): v for k, v in data.items()}
+    data = _field_keys(_types(cls), data)
     try:
         return cls(**coerce(cls, data))
     except MlpmemError as e:
@@ -209,6 +213,12 @@ def validate(obj, where: str = "") -> None:
     found = [f"{where}.{p}" if where else p for p in problems_of(obj)]
     if found:
         raise MlpmemError("invalid settings:\n  " + "\n  ".join(found), "fix these settings")
+
+
+def setting_line(line: str) -> str:
+    """``"lambda_: ..."`` -> ``"lambda: ..."``: a problem line in a recipe's terms."""
+    key, sep, rest = line.partition(":")
+    return f"{setting_name(key)}{sep}{rest}" if sep and key.isidentifier() else line
 
 
 def flag_name(line: str) -> str:

@@ -129,11 +129,18 @@ def from_memory(
     if not ref:
         raise MlpmemError(f"the memory in {first_dir} does not record its base model", "pass base_model=MODEL")
     single_mlp = len(parts) == 1 and not knn_dirs
-    fixed_asked = (lambda_ is not None or weights is not None) and mixing is None
-    if fixed_asked:
+    # what each run measured, read once: the model card shows it, and the default lambda comes from it
+    metas = []
+    for d, _, m in parts:
+        m = dict(m)
+        results = m.get("results") or (run_results(d) if (d / "memory_config.json").is_file() else {})
+        if results:
+            m["results"] = results
+        metas.append(m)
+    if (lambda_ is not None or weights is not None) and mixing is None:
         mixing = "fixed"  # an explicit lambda_ means the fixed mixture with it, whatever the run fitted
     if lambda_ is None:
-        lambda_ = default_lambda([d for d, _, _ in parts[: len(dirs)]])
+        lambda_ = default_lambda([m.get("results") or {} for m in metas[: len(dirs)]], dirs)
     if mixing == "fixed" and gate == "auto":
         gate = None  # a gate the mixing does not use is neither loaded nor checked
     gate_dir = (find_gate(first_dir) if single_mlp else None) if gate == "auto" else (Path(gate) if gate else None)
@@ -149,13 +156,6 @@ def from_memory(
     if router is not None:
         router_module, router_meta = read_router_folder({f: str(Path(router) / f) for f in (ROUTER_CONFIG, GATE_WEIGHTS)})
     lm, tok, model_id = load_model(str(ref), dtype=dtype)
-    metas = []
-    for d, _, m in parts:
-        m = dict(m)
-        results = m.get("results") or (run_results(d) if (d / "memory_config.json").is_file() else {})
-        if results:
-            m["results"] = results
-        metas.append(m)
     return cls.from_parts(
         lm,
         memory,
@@ -175,15 +175,15 @@ def from_memory(
     )
 
 
-def default_lambda(memory_dirs: list[Path]) -> float:
-    """The lambda a memory's run fitted on valid (the pipeline's report, else the train stage's own valid fit);
-    the mean over several memories. 0.25, with a warning, only for memories whose run recorded none."""
+def default_lambda(results: list[dict[str, Any]], memory_dirs: list[Path]) -> float:
+    """The lambda each memory's run fitted on valid (``results``: what :func:`run_results` read next to each of
+    ``memory_dirs``; the pipeline's report, else the train stage's own valid fit), the mean over several memories.
+    0.25, with a warning, only for memories whose run recorded none."""
     fitted = []
-    for d in memory_dirs:
-        results = run_results(d) if (Path(d) / "memory_config.json").is_file() else {}
-        lam = (results.get("lambda") or {}).get("mlp_memory")
+    for r in results:
+        lam = (r.get("lambda") or {}).get("mlp_memory")
         if lam is None:
-            lam = (results.get("valid") or {}).get("lambda")
+            lam = (r.get("valid") or {}).get("lambda")
         if lam is not None:
             fitted.append(float(lam))
     if memory_dirs and len(fitted) == len(memory_dirs):

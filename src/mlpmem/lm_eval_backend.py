@@ -95,9 +95,7 @@ def load_mixture(
             "pass --model_args memory=runs/NAME/train/memory,base_model=MODEL",
         )
     mix = {} if mixing in (None, "") else {"mixing": check_model_mixing(str(mixing))}
-    if lambda_ is not None and not mix and not w:
-        mix = {"mixing": "fixed"}  # an explicit lambda_ asks for the fixed mixture with it, whatever the run fitted
-    lam = {} if lambda_ is None else {"lambda_": lambda_}
+    lam = {} if lambda_ is None else {"lambda_": lambda_}  # given, it asks for the fixed mixture (from_memory, from_pretrained)
     if len(folders) == 1 and (Path(folders[0]) / "config.json").is_file():  # a save_pretrained folder
         folder = folders[0]
         if name_list or w or router:

@@ -1,22 +1,25 @@
-"""Generation speed: base LM against LM + MLP memory, batch 1 and 8 (not a test).
+"""Decode and scoring speed: the LM alone against LM + memory variants, measured interleaved (not a test).
 
-    python bench/bench_generate.py [--model smollm2-135m] [--blocks 4] [--new-tokens 32] [--prompt-tokens 32] [--repeats 3] [--quick]
+    python bench/bench_generate.py [--model smollm2-135m] [--variants own4 shared4 shared2 shared1]
+        [--new-tokens 32] [--prompt-tokens 32] [--score-tokens 512] [--repeats 5] [--quick]
 
-The memory is built from its config with random weights (speed does not depend on
-the weights): width = the LM's hidden size, ``--blocks`` residual blocks, a head
-over the LM's logits size; it reads the last layer's FFN input. Greedy decoding
-with the KV cache, exactly ``--new-tokens`` new tokens per sequence. Alongside the
-measured tokens/s it gives the arithmetic ratio LM / (LM + memory) per token, with
-2 * parameters as the FLOPs of one token (attention over the context left out: it
-only adds to the LM side). Prints one JSON line and writes bench/results/generate.json.
+Each memory is built from its config with random blocks (speed does not depend on the
+weights): width = the LM's hidden size, n residual blocks, reading the last layer's output
+(the default recipe's read site). ``ownN``: N blocks and the memory's own head, today's
+trained default (a copy of the LM's head that training moves); ``sharedN``: N blocks and the
+LM's own head (a memory trained with ``freeze_head``), which the model class runs in the
+same matrix product as the LM's. Greedy decoding with the KV cache, exactly
+``--new-tokens`` new tokens per sequence, at each ``--batches`` size; and one scoring pass
+(every position's log-probs) over ``--score-tokens`` tokens. Every repeat runs all systems
+once, in turn, so each ratio to the LM is taken from neighbouring calls on the same machine
+state; the JSON gives the median ratio and its range over repeats. Prints one JSON line and
+writes bench/results/generate.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import time
 
@@ -24,31 +27,41 @@ import torch
 from provenance import results_dir, start, write_result
 
 from mlpmem.hf import MLPMemoryForCausalLM
-from mlpmem.memory import MemoryConfig, MLPMemory
+from mlpmem.memory import MemoryConfig, MLPMemory, init_from_lm, lm_settings
 from mlpmem.models import load_model, logits_size, num_parameters, tokenizer_hash
 
 
-def tokens_per_s(model, ids: torch.Tensor, new_tokens: int, repeats: int, **kw) -> float:
-    """Median over ``repeats`` of batch * new_tokens / seconds of one greedy generate call (after one warm-up)."""
-    args = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, attention_mask=torch.ones_like(ids), **kw)
-    model.generate(ids, **args)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = model.generate(ids, **args)
-        times.append(time.perf_counter() - t)
-        assert out.shape[1] == ids.shape[1] + new_tokens
-    return ids.shape[0] * new_tokens / statistics.median(times)
+def build_memory(lm, blocks: int, shared: bool) -> MLPMemory:
+    """A memory of ``blocks`` random blocks whose head is a copy of the LM's (lm_copy); ``shared`` keeps it equal."""
+    d = lm.config.get_text_config().hidden_size
+    cfg = dict(d_in=d, vocab_size=logits_size(lm), n_blocks=blocks, init="lm_copy", zero_init_blocks=False)
+    memory = MLPMemory(MemoryConfig(**cfg, freeze_head=shared, **lm_settings(lm, "lm_copy")))
+    init_from_lm(memory, lm)
+    if not shared:  # a trained own head: no longer the LM's
+        with torch.no_grad():
+            memory.head.weight.mul_(1.001)
+    return memory.eval().requires_grad_(False)
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--blocks", type=int, default=4)
+    p.add_argument("--variants", nargs="+", default=["own4", "shared4", "shared2", "shared1"])
+    p.add_argument("--score-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--lambda", dest="lam", type=float, default=0.25)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="default: bench/results/generate.json")
@@ -57,7 +70,7 @@ def main() -> None:
     started = start()
     a.out = a.out or str(results_dir() / "generate.json")
     if a.quick:
-        a.new_tokens, a.batches, a.repeats = 8, [1], 1
+        a.new_tokens, a.batches, a.repeats, a.score_tokens, a.variants = 8, [1], 1, 64, ["own4", "shared1"]
         a.out = a.out.replace("generate.json", "generate_quick.json")
 
     if a.threads:
@@ -65,42 +78,67 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     lm, tok, model_id = load_model(a.model)
-    d = lm.config.get_text_config().hidden_size
-    memory = MLPMemory(MemoryConfig(d_in=d, vocab_size=logits_size(lm), n_blocks=a.blocks)).eval().requires_grad_(False)
-    meta = {"model_id": model_id, "tokenizer_hash": tokenizer_hash(tok), "layer": -1, "site": "ffn_input"}
-    mixed = MLPMemoryForCausalLM.from_parts(lm, memory, meta, tokenizer=tok, lambda_=a.lam).eval()
+    meta = {"model_id": model_id, "tokenizer_hash": tokenizer_hash(tok), "layer": -1, "site": "output"}
+    systems = {"lm": lm}
+    memories = {}
+    for v in a.variants:
+        kind, blocks = v.rstrip("0123456789"), int(v[len(v.rstrip("0123456789")) :] or 4)
+        if kind not in ("own", "shared"):
+            p.error(f"unknown variant {v!r}: ownN or sharedN")
+        memories[v] = build_memory(lm, blocks, kind == "shared")
+        systems[v] = MLPMemoryForCausalLM.from_parts(lm, memories[v], meta, tokenizer=tok, lambda_=a.lam).eval()
+        assert systems[v].head_shared("memory") == (kind == "shared")
 
-    n_lm, n_mem = num_parameters(lm), memory.num_parameters()
+    n_lm = num_parameters(lm)
     result = {
         "model": model_id,
         "device": "cpu",
         "threads": torch.get_num_threads(),
-        "machine": platform.machine(),
-        "load_average_at_start": os.getloadavg()[0],  # other jobs on the cores skew small-op timings
-        "torch": torch.__version__,
-        "memory": {"blocks": a.blocks, "width": d, "vocab": logits_size(lm), "params": n_mem},
         "lm_params": n_lm,
+        "variants": {
+            v: {
+                "blocks": m.config.n_blocks,
+                "head": "shared" if systems[v].head_shared("memory") else "own",
+                "params": m.num_parameters(),
+                # parameters read per decoded token beyond the LM's: a shared head is read once for both
+                "extra_params_read": m.num_parameters() - (m.head.weight.numel() if systems[v].head_shared("memory") else 0),
+            }
+            for v, m in memories.items()
+        },
         "prompt_tokens": a.prompt_tokens,
         "new_tokens": a.new_tokens,
+        "score_tokens": a.score_tokens,
         "lambda": a.lam,
-        # 2 * params FLOPs per token for each part; the memory runs once per generated token
-        "flops_ratio_lm_over_lm_plus_memory": n_lm / (n_lm + n_mem),
-        "batches": {},
+        "repeats": a.repeats,
+        "decode": {},
+        "score": {},
     }
+    vocab = min(len(tok), logits_size(lm))
     with torch.inference_mode():
         for b in a.batches:
-            ids = torch.randint(100, min(len(tok), logits_size(lm)), (b, a.prompt_tokens))
-            base = tokens_per_s(lm, ids, a.new_tokens, a.repeats)
-            mix = tokens_per_s(mixed, ids, a.new_tokens, a.repeats)
-            lam0 = tokens_per_s(mixed, ids, a.new_tokens, a.repeats, lambda_=0.0)  # wrapper overhead without the memory
-            result["batches"][str(b)] = {
-                "base_tokens_per_s": round(base, 1),
-                "lm_plus_memory_tokens_per_s": round(mix, 1),
-                "wrapper_lambda0_tokens_per_s": round(lam0, 1),
-                "measured_ratio": round(mix / base, 3),
-            }
+            ids = torch.randint(100, vocab, (b, a.prompt_tokens))
+            args = dict(max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, do_sample=False, attention_mask=torch.ones_like(ids))
+            result["decode"][str(b)] = interleaved(systems, lambda m: m.generate(ids, **args), b * a.new_tokens, a.repeats)
+        ids = torch.randint(100, vocab, (1, a.score_tokens))
+        result["score"]["1"] = interleaved(systems, lambda m: m(ids), a.score_tokens, a.repeats)
     print(json.dumps(result))
     write_result(a.out, result, started)
+
+
+def interleaved(systems: dict, call, tokens: int, repeats: int) -> dict:
+    """One warm-up call of each system, then ``repeats`` rounds of one call each, in turn: tokens/s and ratio to the LM."""
+    for m in systems.values():
+        call(m)
+    times = {name: [] for name in systems}
+    for _ in range(repeats):
+        for name, m in systems.items():
+            times[name].append(timed(lambda: call(m)))
+    out = {"lm_tokens_per_s": round(tokens / statistics.median(times["lm"]), 1)}
+    for name in systems:
+        if name != "lm":
+            ratios = [t_lm / t for t_lm, t in zip(times["lm"], times[name])]  # per round: neighbouring calls
+            out[name] = {"tokens_per_s": round(tokens / statistics.median(times[name]), 1), "ratio_to_lm": spread(ratios)}
+    return out
 
 
 if __name__ == "__main__":

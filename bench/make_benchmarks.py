@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import measured, results_dir  # noqa: E402
+from provenance import command_of, measured, results_dir  # noqa: E402
 
 from mlpmem.models import DEFAULT_MODEL, model_label  # noqa: E402
 
@@ -67,7 +67,8 @@ def section(title: str, name: str, cmd: str) -> tuple[dict | None, str]:
     """A section's results (bench/results/NAME.json, or None) and its heading with the command that made them
     (the command recorded in the JSON, else ``cmd``) or, when there are none, the command to run."""
     r = load(name)
-    s = f"{title}\n\n```\n" + (r["command"] if r else cmd) + "\n```\n\n"
+    shown = (r.get("command") or command_of(r) or cmd) if r else cmd
+    s = f"{title}\n\n```\n" + shown + "\n```\n\n"
     return r, s + when(name) if r else s + missing(cmd)
 
 
@@ -305,6 +306,34 @@ def decoder() -> str:
     return s + img("decoder", "bits per byte and throughput")
 
 
+def decode_speed() -> str:
+    r, s = section("## 5b. Decoding at the LM's speed", "generate", "python bench/bench_generate.py --threads 1")
+    if not r:
+        return s
+    rng = lambda x: f"{x['median']:.3f} [{x['min']:.3f}, {x['max']:.3f}]"  # noqa: E731
+    names = list(r["variants"])
+    rows = []
+    for v in names:
+        var = r["variants"][v]
+        row = [v, var["blocks"], var["head"], f"{var['extra_params_read'] / 1e6:.1f}M"]
+        row += [rng(r["decode"][b][v]["ratio_to_lm"]) for b in r["decode"]]
+        row += [rng(r["score"][b][v]["ratio_to_lm"]) for b in r["score"]]
+        rows.append(row)
+    head = ["memory", "blocks", "head", "weights read per token beyond the LM"]
+    head += [f"decode batch {b}: tokens/s vs LM" for b in r["decode"]] + [f"scoring one pass of {r['score_tokens']} tokens vs LM"]
+    s += table(head, rows)
+    lm = ", ".join(f"batch {b} {r['decode'][b]['lm_tokens_per_s']} tokens/s" for b in r["decode"])
+    s += (
+        f"\nGreedy decoding with the KV cache, {r['new_tokens']} new tokens after a {r['prompt_tokens']}-token prompt; "
+        f"{r['threads']} thread(s), float32, lambda {r['lambda']}; the LM alone: {lm}. Median ratio over {r['repeats']} rounds "
+        "(each round calls every system once, in turn) and its range. `own`: the memory's own head, a trained copy of "
+        "the LM's (the format before this round); `shared`: a memory trained with `freeze_head`, whose head is the LM's: "
+        "the model class stacks its rows under the LM's in the LM's own head call, so the output embedding is read once "
+        "per token for both. Quality of each kind on test: section 4b.\n\n"
+    )
+    return s
+
+
 def pipeline() -> str:
     r, ex, se = load("pipeline"), load("extract"), load("search")
     s = (
@@ -356,15 +385,20 @@ def mixing() -> str:
         return s
     sy, n = r["systems"], r["n_tokens"]
     pct = lambda v: f"{100 * v:+.2f}%"  # noqa: E731
+
+    def vs_base(v: dict, split: str) -> str:  # the change and, where measured, its 95% paired interval
+        iv = v.get("intervals", {}).get(f"{split}_vs_base")
+        return pct(v[f"{split}_vs_base"]) + (f" [{pct(iv['low'])}, {pct(iv['high'])}]" if iv else "")
+
     rows = [
         [
-            name,
+            name + (" (chosen on valid)" if name == r.get("selection", {}).get("chosen") else ""),
             v.get("params", ""),
             v["test"],
-            pct(v["test_vs_base"]),
+            vs_base(v, "test"),
             v["ood"],
-            pct(v["ood_vs_base"]),
-            v["generic"],
+            vs_base(v, "ood"),
+            pct(v["ood_valid_vs_base"]) if "ood_valid_vs_base" in v else "",
             pct(v["generic_vs_base"]),
             f"{v['mean_lambda_test']:.3f} / {v['mean_lambda_ood']:.3f}",
         ]
@@ -375,15 +409,17 @@ def mixing() -> str:
             "system",
             "gate params",
             "in-domain ppl (SOTU test)",
-            "vs base",
+            "vs base [95% paired interval]",
             "out of domain (GCIDE test)",
-            "vs base",
-            "licence texts",
-            "vs base",
+            "vs base [95% paired interval]",
+            "GCIDE valid vs base (selection)",
+            "licence texts vs base",
             "mean lambda in / out",
         ],
         rows,
     )
+    if sel := r.get("selection"):
+        s += f"\nSelection rule, fixed before test was read: {sel['rule']}. Chosen: **{sel['chosen']}**.\n"
     s += (
         f"\nThe memory of `runs/sotu` ({r['memory_params'] / 1e6:.1f}M parameters, 60k SOTU training tokens, the one section 3 measured), "
         f"scored once per split (windows {r['scoring']['context']}/{r['scoring']['stride']}): SOTU valid {n['valid']:,} tokens (gate training), "
@@ -792,7 +828,7 @@ def main() -> None:
         "and the extra cost of the memory or of kNN-LM relative to the LM alone is about half of what a single pass (KV cache) would show.\n\n"
     )
     parts = [quality(), scaling()]
-    parts += [finetune(), joint(), memory_size(), decoder(), pipeline(), mixing(), multi_memory()]
+    parts += [finetune(), joint(), memory_size(), decoder(), decode_speed(), pipeline(), mixing(), multi_memory()]
     parts.append(stores())
     parts.append(knowledge())
     parts.append(distributed())

@@ -21,6 +21,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -161,6 +162,14 @@ def write_result(path: str | Path, data: dict, started: dict | None = None, **du
     tmp.write_text(json.dumps(out, **{"indent": 2, "default": _plain, **dump}) + "\n")
     tmp.replace(path)
     return path
+
+
+def command_of(data: dict | None) -> str | None:
+    """The command that measured a result, as a reader would type it (``python bench/...``), or None."""
+    argv = ((data or {}).get("provenance") or {}).get("command")
+    if not argv:
+        return None
+    return " ".join(["python", *(shlex.quote(a) for a in argv[1:])])
 
 
 def measured(data: dict | None) -> str:

@@ -114,6 +114,8 @@ def tiny_recipe(tmp_path, model, corpus, **train):
         "knn": {"k": 32, "temperatures": [1.0, 4.0]},
         "targets": {"top_m": 16},
         "train": {"n_blocks": 1, "epochs": 1.0, "batch_size": 256, "eval_every": 0, "ckpt_every": 0, **train},
+        # fixed: the default (auto) would fit a gate on these 300 valid tokens, a minute of tests for what test_gate covers
+        "eval": {"mixing": "fixed"},
     }
 
 

@@ -290,6 +290,7 @@ def test_paper_scale_recipe_runs_at_tiny_scale(tmp_path, tiny_llama, tiny_corpus
     assert data["index"]["kind"] == "mlpmemory" and data["train"]["init"] == "lm_copy"
     data.update(out=str(tmp_path / "run"), model=str(tiny_llama))
     data["corpus"].update(source=str(tiny_corpus_file), valid_fraction=0.2, test_fraction=0.2, valid_tokens=300, test_tokens=300)
+    data["eval"] = {"mixing": "fixed"}  # the gate (auto) is test_gate's
     data["datastore"].update(context=64, stride=32, batch_size=4, windows_per_shard=8)
     data["index"] = {"kind": "flat"}
     data["knn"]["k"] = 32

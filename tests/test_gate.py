@@ -522,3 +522,14 @@ def test_one_pass_scores_several_memories(gated_parts):
     np.testing.assert_allclose(feats[:, 1], two.features, rtol=1e-5, atol=1e-5)
     with pytest.raises(MlpmemError, match="no memory"):
         score_memories(lm, tokens, 16, 8, [])
+
+
+def test_runs_gate_by_default_where_valid_can_fit_one():
+    """The default (eval.mixing auto) fits a gate, on valid + text sampled from the LM, whenever valid has the positions."""
+    from mlpmem.gate import GateConfig
+    from mlpmem.pipeline import MIN_VALID_POSITIONS, EvalConfig, resolve_mixing
+
+    need = MIN_VALID_POSITIONS["gated"]
+    assert EvalConfig().mixing == "auto" and GateConfig().generic == "lm"
+    assert [resolve_mixing("auto", n) for n in (need - 1, need, 10**6)] == ["fixed", "gated", "gated"]
+    assert resolve_mixing("fixed", 10**6) == "fixed" and resolve_mixing("gated", 0) == "gated"  # an explicit setting wins

@@ -227,6 +227,51 @@ def test_lm_copy_memory_at_lambda_one_is_the_lm(arch_parts):
     assert torch.equal(m.generate(p, max_new_tokens=6, do_sample=False), lm.generate(p, max_new_tokens=6, do_sample=False))
 
 
+def test_memory_with_the_lms_head_runs_it_in_one_product(arch_parts):
+    """A memory whose head is the LM's (lm_copy, frozen head) shares the LM's head call; the mixture is unchanged."""
+    _, lm, tok, _, _ = arch_parts
+    torch.manual_seed(3)
+    cfg = MemoryConfig(d_in=32, vocab_size=logits_size(lm), n_blocks=1, init="lm_copy", freeze_head=True, zero_init_blocks=False)
+    mem = MLPMemory(MemoryConfig(**{**cfg.__dict__, **lm_settings(lm, "lm_copy")}))
+    init_from_lm(mem, lm)
+    with torch.no_grad():
+        for w in mem.blocks.parameters():
+            w.normal_(0.0, 1.0)  # blocks far from the identity: a memory that changes the LM's choices
+    meta = {"tokenizer_hash": tokenizer_hash(tok), "layer": -1, "site": "output"}
+    m = MLPMemoryForCausalLM.from_parts(lm, mem.eval(), meta, tokenizer=tok, lambda_=0.5).eval()
+    head, rows, own = lm.get_output_embeddings(), [], []
+    # registered first, this hook sees the head's whole output, before the model takes its rows back
+    handles = [
+        head.register_forward_hook(lambda mod, a, o: rows.append(o.shape[0])),
+        mem.head.register_forward_pre_hook(lambda mod, a: own.append(1)),
+    ]
+    ids = torch.cat([p[:, :3] for p in prompts(tok)], 0)
+    try:
+        assert m.head_shared("memory")
+        with torch.no_grad():
+            got = m(ids).logits
+        assert rows == [2 * ids.shape[0]] and own == []  # one head call over the LM's and the memory's rows
+        with torch.no_grad():
+            torch.testing.assert_close(got, ref_logprobs(lm, mem, meta, ids, 0.5), **CLOSE)
+            torch.testing.assert_close(m(ids, logits_to_keep=1).logits, got[:, -1:], **CLOSE)
+            assert not torch.equal(got.argmax(-1), m(ids, lambda_=0.0).logits.argmax(-1))  # the memory matters
+        p = prompts(tok)[0]
+        assert torch.equal(m.generate(p, max_new_tokens=5, do_sample=False), ref_greedy(lm, mem, meta, p, 5, 0.5, None))
+        # a head changed in place (a training step) is no longer the LM's: the memory runs its own again
+        with torch.no_grad():
+            mem.head.weight.add_(0.5)
+        rows.clear(), own.clear()
+        assert not m.head_shared("memory")
+        with torch.no_grad():
+            got = m(ids).logits
+            assert rows == [ids.shape[0]] and own == [1]
+            torch.testing.assert_close(got, ref_logprobs(lm, mem, meta, ids, 0.5), **CLOSE)
+    finally:
+        for h in handles:
+            h.remove()
+    assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in lm.modules())
+
+
 @pytest.mark.parametrize("full_export", [False, True])
 def test_save_load_round_trip(arch_parts, model, tmp_path, full_export):
     _, lm, tok, _, _ = arch_parts

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from mlpmem.errors import MlpmemError
-from mlpmem.interpolate import DEFAULT_LAMBDA_GRID, fit_lambda_em, interpolate_logprobs, lambda_curve, perplexity, plot_lambda_curves
+from mlpmem.interpolate import (
+    paired_ppl_change,
+    DEFAULT_LAMBDA_GRID,
+    fit_lambda_em,
+    interpolate_logprobs,
+    lambda_curve,
+    perplexity,
+    plot_lambda_curves,
+)
 
 
 def two_models(n=4000, seed=0, other_good=False):
@@ -92,3 +100,20 @@ def test_lambda_curve_and_plot(tmp_path):
     assert curve[0][1] == pytest.approx(perplexity(x))
     path = plot_lambda_curves({"memory": curve, "kNN": lambda_curve(x, y * 1.1)}, tmp_path / "plots" / "lambda.png", "test")
     assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_paired_ppl_change_against_a_naive_block_bootstrap():
+    rng = np.random.default_rng(0)
+    b = -rng.gamma(2.0, 1.5, 1000)
+    a = b + rng.normal(0.05, 0.3, 1000)  # A a little better than B (higher log-probs), noisily
+    got = paired_ppl_change(a, b, block=64, iters=300, seed=5)
+    assert got["change"] == pytest.approx(perplexity(a) / perplexity(b) - 1, rel=1e-9)
+    # naive reference: the same block draws, one resample at a time
+    blocks = [np.arange(i, min(i + 64, 1000)) for i in range(0, 1000, 64)]
+    draws = np.random.default_rng(5).integers(0, len(blocks), (300, len(blocks)))
+    naive = [
+        perplexity(a[np.concatenate([blocks[j] for j in d])]) / perplexity(b[np.concatenate([blocks[j] for j in d])]) - 1 for d in draws
+    ]
+    assert [got["low"], got["high"]] == pytest.approx(list(np.percentile(naive, [2.5, 97.5])), rel=1e-9)
+    assert got["low"] < got["change"] < got["high"] < 0 and not got["same"]
+    assert paired_ppl_change(b, b)["same"]

@@ -392,8 +392,8 @@ def _args_run(sp):
     sp.add_argument(
         "--mixing",
         default=None,
-        choices=("fixed", "gated"),
-        help="the same as eval.mixing=; gated: also fit a per-token mixing gate on valid and report it beside the fixed lambda (default: the recipe's eval.mixing, fixed)",
+        choices=("auto", "fixed", "gated"),
+        help="the same as eval.mixing=; gated: also fit a per-token mixing gate on valid (+ text sampled from the LM) and report it beside the fixed lambda; auto: gated when valid has at least 257 positions (default: the recipe's eval.mixing, auto)",
     )
 
 

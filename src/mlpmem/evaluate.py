@@ -21,7 +21,15 @@ import numpy as np
 from mlpmem.corpus import Corpus
 from mlpmem.datastore import iter_batches
 from mlpmem.errors import MlpmemError
-from mlpmem.interpolate import fit_lambda_em, interpolate_logprobs, interpolate_many, lambda_curve, perplexity, plot_lambda_curves
+from mlpmem.interpolate import (
+    fit_lambda_em,
+    interpolate_logprobs,
+    interpolate_many,
+    lambda_curve,
+    paired_ppl_change,
+    perplexity,
+    plot_lambda_curves,
+)
 from mlpmem.modeling.read_site import ReadSite
 from mlpmem.store import Datastore
 
@@ -201,26 +209,29 @@ def summarize(
         arr = getattr(test, name)
         if arr is not None and len(arr) != n:
             raise ValueError(f"{name} has {len(arr)} positions, the labels {n}: methods scored over different tokens")
-    ppl = {"base": perplexity(test.lm_logprob)}
+    lps = {"base": test.lm_logprob}  # per-token log-probs of each method, over the same positions
     tps = {"base": n / test.seconds["lm"]} if test.seconds else {}
     knn_lp = mem_lp = None
     if test.knn_dists is not None:
         knn_lp = test.knn_logprob(temperature)
-        ppl["knn_lm"] = perplexity(interpolate_logprobs(test.lm_logprob, knn_lp, lam_knn))
+        lps["knn_lm"] = interpolate_logprobs(test.lm_logprob, knn_lp, lam_knn)
         if test.seconds:
             tps["knn_lm"] = n / (test.seconds["lm"] + test.seconds["knn"])
     if test.memory_logprob is not None:
         mem_lp = test.memory_logprob
-        ppl["mlp_memory"] = perplexity(interpolate_logprobs(test.lm_logprob, mem_lp, lam_mem))
-        ppl["memory_alone"] = perplexity(mem_lp)
+        lps["mlp_memory"] = interpolate_logprobs(test.lm_logprob, mem_lp, lam_mem)
+        lps["memory_alone"] = mem_lp
         if test.seconds:
             tps["mlp_memory"] = n / (test.seconds["lm"] + test.seconds["memory"])
     if knn_lp is not None and mem_lp is not None and w_both is not None:
         # all three, with weights (LM, memory, kNN) fitted jointly on valid
-        ppl["knn_lm+mlp_memory"] = perplexity(interpolate_many([test.lm_logprob, mem_lp, knn_lp], w_both))
+        lps["knn_lm+mlp_memory"] = interpolate_many([test.lm_logprob, mem_lp, knn_lp], w_both)
         if test.seconds:
             tps["knn_lm+mlp_memory"] = n / (test.seconds["lm"] + test.seconds["knn"] + test.seconds["memory"])
-    return {"n_tokens": n, "ppl": ppl, "tokens_per_s": tps}
+    ppl = {name: perplexity(lp) for name, lp in lps.items()}
+    # 95% paired bootstrap intervals of each method's perplexity change against the LM alone, over 256-position blocks
+    vs_base = {name: paired_ppl_change(lp, test.lm_logprob) for name, lp in lps.items() if name != "base"}
+    return {"n_tokens": n, "ppl": ppl, "tokens_per_s": tps, "vs_base": vs_base}
 
 
 def tune_knn_for(cfg: KnnConfig, valid: Scored) -> dict:

@@ -44,9 +44,10 @@ class GateConfig:
     lr: float = 0.01
     weight_decay: float = 1e-3
     holdout: float = 0.2  # share of valid blocks (256 positions each) held out for early stopping
-    # optional generic (out-of-domain) text where the memory should step back: "lm" (sampled from the LM itself),
-    # or a .txt/.jsonl/.parquet file or folder, as corpus sources
-    generic: str | None = None
+    # generic (out-of-domain) text where the memory should step back: "lm" (sampled from the LM itself, the default:
+    # it needs no data and is the LM's own domain, where the memory has least to add; BENCHMARKS.md section 7), a
+    # .txt/.jsonl/.parquet file or folder, as corpus sources, or null (none: the valid split alone)
+    generic: str | None = "lm"
     generic_tokens: int = 4000
     generic_weight: float = 1.0  # weight of a generic position in the loss, relative to an in-domain one
     seed: int = 0

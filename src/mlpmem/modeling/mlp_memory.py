@@ -170,14 +170,32 @@ class MLPMemory(nn.Module):
         for p in self.head.parameters():
             p.requires_grad_(not self.config.freeze_head)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """h [..., d_in] (any float dtype) -> logits [..., vocab_size]."""
+    def features(self, h: torch.Tensor) -> torch.Tensor:
+        """h [..., d_in] (any float dtype) -> the head's input [..., width]: everything but the head."""
         if h.dtype != self.head.weight.dtype:
             h = h.to(self.head.weight.dtype)  # keys are stored as float16
         x = self.proj(h) if self.proj is not None else h
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x))
+        return self.norm(x)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h [..., d_in] (any float dtype) -> logits [..., vocab_size]."""
+        return self.head(self.features(h))
+
+    def head_is(self, linear: nn.Module) -> bool:
+        """Whether ``linear`` computes exactly this memory's head: same weights (and bias), dtype and device.
+
+        True for a memory started as a copy of the LM's head (init lm_head / lm_copy) whose head
+        stayed frozen (``freeze_head``): the model class then runs both heads in one matrix product.
+        """
+        if not isinstance(linear, nn.Linear) or linear.weight.shape != self.head.weight.shape:
+            return False
+        a, b = self.head.weight, linear.weight
+        if (a.dtype, a.device) != (b.dtype, b.device) or (self.head.bias is None) != (linear.bias is None):
+            return False
+        same = a is b or torch.equal(a, b)
+        return same and (self.head.bias is None or torch.equal(self.head.bias, linear.bias))
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)

@@ -136,12 +136,59 @@ def component_kind(module: nn.Module) -> str:
 
 def component_logprobs(module: nn.Module, h: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """h [..., d] -> the component's log-probs [..., V] (float32): a memory's logits / T, log-softmaxed; a retriever's as they are."""
-    out = module(h).float()
+    return output_logprobs(module, module(h), temperature)
+
+
+def output_logprobs(module: nn.Module, out: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """What :func:`component_logprobs` makes of the component's output ``out`` (computed by it, or by the shared head)."""
+    out = out.float()
     if getattr(module, "returns_logprobs", False):
         return out
     if temperature != 1.0:
         out = out / temperature
     return out.log_softmax(-1)
+
+
+@contextlib.contextmanager
+def stacked_head(head: nn.Module | None, rows: Any) -> Iterator[list[torch.Tensor]]:
+    """While inside, the LM's output layer ``head`` also computes ``rows()`` in the same call.
+
+    ``rows()`` gives the memories' head inputs [B, K, d] (memories whose head *is* the LM's, see
+    :meth:`MLPMemory.head_is`); they are stacked under the LM's own rows, so one matrix product
+    reads the output embedding once for all of them: at decode that read is what the head costs.
+    The yielded list receives their logits [B, K, V] in order; the LM gets back its own rows only,
+    so what it does after its head (e.g. Gemma's soft-capping) applies to its logits alone. The list
+    stays empty where the LM did not call ``head`` as expected: the caller then runs the heads apart.
+    """
+    out: list[torch.Tensor] = []
+    if head is None:
+        yield out
+        return
+    state: dict[str, int] = {}
+
+    def pre(module: nn.Module, args: tuple) -> tuple | None:
+        if state or not args:  # the first call only: the logits of this forward
+            return None
+        x, extra = args[0], rows()
+        if any(r.shape != x.shape or r.dtype != x.dtype for r in extra):
+            state["skip"] = 1
+            return None
+        state["batch"] = x.shape[0]
+        return (torch.cat([x, *extra], 0), *args[1:])
+
+    def post(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if "batch" not in state or out:
+            return None
+        parts = output.split(state["batch"], 0)
+        out.extend(parts[1:])
+        return parts[0]
+
+    handles = [head.register_forward_pre_hook(pre), head.register_forward_hook(post)]
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def component_fingerprint(module: nn.Module, meta: dict[str, Any] | None = None) -> str:
@@ -788,11 +835,24 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
             base_kwargs["cache_position"] = cache_position
         if self._lm_keeps_logits:
             base_kwargs["logits_to_keep"] = logits_to_keep
-        with capture(self.lm, list(dict.fromkeys(self.sites[n] for n in active))) as store:
+        # memories whose head is the LM's output layer: their head rows join the LM's in one product
+        shared = [n for n in active if self._lm_keeps_logits and self.head_shared(n)]
+
+        def head_rows() -> list[torch.Tensor]:
+            return [comps[n].features(keep_positions(store[self.sites[n]], logits_to_keep)) for n in shared]
+
+        head = self.lm.get_output_embeddings() if shared else None
+        with capture(self.lm, list(dict.fromkeys(self.sites[n] for n in active))) as store, stacked_head(head, head_rows) as rows:
             out = self.lm(**base_kwargs)
         logits = out.logits if self._lm_keeps_logits else keep_positions(out.logits, logits_to_keep)
         logprobs = logits.float().log_softmax(-1)
-        lps = {n: component_logprobs(comps[n], keep_positions(store[self.sites[n]], logits_to_keep), temp) for n in active}
+        by_head = dict(zip(shared, rows))  # empty where the LM did not call its head as expected
+        lps = {
+            n: output_logprobs(comps[n], by_head[n], temp)
+            if n in by_head
+            else component_logprobs(comps[n], keep_positions(store[self.sites[n]], logits_to_keep), temp)
+            for n in active
+        }
         for n, lp in lps.items():
             if lp.shape != logprobs.shape:
                 raise MlpmemError(
@@ -825,6 +885,20 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
             hidden_states=getattr(out, "hidden_states", None),
             attentions=getattr(out, "attentions", None),
         )
+
+    def head_shared(self, name: str) -> bool:
+        """Whether memory ``name``'s head is the LM's output layer (same weights, dtype, device), so that
+        :meth:`forward` runs both in one matrix product. Checked again whenever either weight changes."""
+        module, head = self.components()[name], self.lm.get_output_embeddings()
+        if not isinstance(module, MLPMemory) or not isinstance(head, nn.Linear):
+            return False
+        a, b = module.head.weight, head.weight
+        # a weight changed in place (training) bumps its _version; a new weight is a new object
+        key = (id(a), a._version, a.dtype, a.device, id(b), b._version, b.dtype, b.device)
+        cache = self.__dict__.setdefault("_head_shared", {})
+        if cache.get(name, (None,))[0] != key:
+            cache[name] = (key, module.head_is(head))
+        return cache[name][1]
 
     # ------------------------------------------------------------------ generation: the base model decides
     # the cache is shaped from config.text_config (the base's config) by transformers itself, and beam

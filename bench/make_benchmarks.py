@@ -329,7 +329,54 @@ def decode_speed() -> str:
         "(each round calls every system once, in turn) and its range. `own`: the memory's own head, a trained copy of "
         "the LM's (the format before this round); `shared`: a memory trained with `freeze_head`, whose head is the LM's: "
         "the model class stacks its rows under the LM's in the LM's own head call, so the output embedding is read once "
-        "per token for both. Quality of each kind on test: section 4b.\n\n"
+        "per token for both.\n\n"
+    )
+    return s + shared_head_quality()
+
+
+def shared_head_quality() -> str:
+    q = load("shared_head")
+    if not q:
+        return missing("python bench/bench_shared_head.py --threads 2")
+    cmd = q.get("command") or command_of(q)
+    s = f"What keeping the LM's head costs in quality:\n\n```\n{cmd}\n```\n\n" + when("shared_head")
+    pct = lambda iv: f"{100 * iv['change']:+.2f}% [{100 * iv['low']:+.2f}, {100 * iv['high']:+.2f}]"  # noqa: E731
+    ref = q["reference"]
+    rows = [
+        [
+            name + (" (chosen on valid)" if name == q["selection"]["chosen"] else ""),
+            r["blocks"],
+            "the LM's" if r["head_is_the_lms"] else "own",
+            f"{r['weights_read_per_token_beyond_the_lm'] / 1e6:.1f}M",
+            f"{r['lambda']:.3f}",
+            f"{r['valid']:.3f}",
+            f"{r['test']:.3f}",
+            pct(r["test_vs_base"]),
+            pct(r[f"test_vs_{ref}"]) if f"test_vs_{ref}" in r else "-",
+            pct(r["ood_vs_base"]),
+        ]
+        for name, r in q["runs"].items()
+    ]
+    s += table(
+        [
+            "run",
+            "blocks",
+            "head",
+            "weights read beyond the LM",
+            "lambda (valid)",
+            "valid ppl",
+            "test ppl",
+            "test vs LM",
+            f"test vs {ref}",
+            "GCIDE test vs LM",
+        ],
+        rows,
+    )
+    b, n = q["base"], q["n_tokens"]
+    s += (
+        f"\nLM alone: valid {b['valid']:.3f}, test {b['test']:.3f}, GCIDE {b['ood']:.3f} ({n['test']:,} test and {n['ood']:,} GCIDE positions). "
+        "Each memory at the fixed lambda its run fitted on valid; intervals are 95% paired bootstrap over blocks of 256 positions. "
+        f"Selection rule: {q['selection']['rule']}.\n\n"
     )
     return s
 

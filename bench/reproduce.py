@@ -42,7 +42,9 @@ BENCH = ROOT / "bench"
 
 # a run's recipe shrunk for --quick (mlpmem run accepts SECTION.KEY=VALUE overrides)
 # (4 x 512 test tokens: bench_multi_memory.py times a batch of four 512-token windows)
+# eval.mixing=fixed: the default fits a gate on 4000 tokens sampled from the LM, minutes of a smoke run (bench_mixing fits its own)
 QUICK_RUN = ["corpus.train_tokens=3000", "corpus.valid_tokens=800", "corpus.test_tokens=2100", "train.epochs=1", "targets.top_m=16"]
+QUICK_RUN += ["eval.mixing=fixed"]
 
 
 @dataclass
@@ -386,7 +388,38 @@ PLAN: list[Step] = [
         notes="compares with the run's own stage times: best right after run:sotu, on an idle machine",
     ),
     Step("retrieval", "11", [script("bench_retrieval.py", "--threads", "2", "--run", "{runs}/sotu")], ("retrieval",), needs=("run:sotu",)),
-    Step("generate", "", [script("bench_generate.py")], ("generate",), minutes=5),
+    Step("generate", "5b", [script("bench_generate.py", "--threads", "1")], ("generate",), minutes=10),
+    Step(
+        "shared_head",
+        "5b",
+        [
+            [MLPMEM, "run", "sotu", "--out", "{runs}/sotu_fh4", "train.freeze_head=true", "eval.mixing=fixed"],
+            [MLPMEM, "run", "sotu", "--out", "{runs}/sotu_fh2", "train.freeze_head=true", "train.n_blocks=2", "eval.mixing=fixed"],
+            script(
+                "bench_shared_head.py",
+                *("--threads", "2", "--runs", "{runs}/sotu", "{runs}/sotu_fh4", "{runs}/sotu_fh2", "--ood", "{runs}/gcide100k/corpus"),
+            ),
+        ],
+        ("shared_head",),
+        needs=("run:sotu", "quality"),
+        minutes=40,
+        quick=[
+            [
+                MLPMEM,
+                "run",
+                "sotu",
+                "--out",
+                "{runs}/sotu_fh2",
+                "train.freeze_head=true",
+                "train.n_blocks=2",
+                "eval.mixing=fixed",
+                *QUICK_RUN,
+            ],
+            script("bench_shared_head.py", "--quick", "--runs", "{runs}/sotu", "{runs}/sotu_fh2", "--ood", "{runs}/gcide100k_quick/corpus"),
+        ],
+        quick_minutes=1,
+        notes="two runs of the demo recipe whose memories keep the LM's head (4 and 2 blocks), against runs/sotu's",
+    ),
     # ------------------------------------------------------------ the documents
     Step(
         "docs",

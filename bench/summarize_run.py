@@ -63,6 +63,9 @@ def summarize(run: Path) -> dict:
         "n_train_tokens": report["n_train_tokens"],
         "n_test_tokens": report["n_test_tokens"],
         "ppl": report["ppl"],
+        # newer reports: each method's change against the LM alone with its 95% paired interval, and the gate's
+        **({"vs_base": report["vs_base"]} if "vs_base" in report else {}),
+        **({"gate": {k: report["gate"].get(k) for k in ("kind", "params", "mean_lambda", "vs_fixed")}} if "gate" in report else {}),
         "lambda": report["lambda"],
         "knn_temperature": report["knn_temperature"],
         "tokens_per_s": tps,

@@ -1,0 +1,116 @@
+"""Memories that keep the LM's head (``train.freeze_head``) against today's memory: perplexity with paired intervals (not a test).
+
+    ./dev demo                                                                      # runs/sotu: own head, 4 blocks
+    mlpmem run sotu --out runs/sotu_fh4 train.freeze_head=true eval.mixing=fixed    # the LM's head, 4 blocks
+    mlpmem run sotu --out runs/sotu_fh2 train.freeze_head=true train.n_blocks=2 eval.mixing=fixed
+    # runs/gate/gcide_corpus: the two commands at the top of bench_mixing.py
+    python bench/bench_shared_head.py --runs runs/sotu runs/sotu_fh4 runs/sotu_fh2 [--threads 2] [--quick]
+
+A memory whose head stays the LM's output layer is what lets the model class compute both
+heads in one matrix product (bench_generate.py measures the speed). This script measures what
+it costs in quality. Every memory is scored in the same LM pass per split (mlpmem.gate's
+score_memories, windows 512 / 256 as the evaluator): SOTU valid, SOTU test and the first
+``--ood-tokens`` of the GCIDE test split (out of domain). Each memory mixes at the lambda its
+own run fitted on valid (report.json). Intervals: 95% paired bootstrap over blocks of 256
+positions (mlpmem.interpolate.paired_ppl_change), against the LM alone and against the first
+run. The selection rule, fixed before test is read: the memory reading the fewest weights per
+token whose valid perplexity is within +0.5% of the first run's. Writes
+bench/results/shared_head.json (``--quick``: 1000 tokens per split, shared_head_quick.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from provenance import results_dir, start, write_result
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=Path, nargs="+", default=[ROOT / "runs/sotu", ROOT / "runs/sotu_fh4", ROOT / "runs/sotu_fh2"])
+    p.add_argument("--ood", type=Path, default=ROOT / "runs/gate/gcide_corpus", help="out-of-domain corpus (same tokenizer)")
+    p.add_argument("--ood-tokens", type=int, default=8000)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quick", action="store_true", help="1000 tokens per split; writes shared_head_quick.json")
+    a = p.parse_args()
+    started = start()
+
+    import torch
+
+    from mlpmem.corpus import Corpus
+    from mlpmem.gate import score_memories
+    from mlpmem.interpolate import interpolate_logprobs, paired_ppl_change, perplexity
+    from mlpmem.memory import load_memory
+    from mlpmem.models import load_model, tokenizer_hash
+    from mlpmem.modeling.read_site import ReadSite
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cap = 1000 if a.quick else None
+    runs = {}
+    for run in a.runs:
+        memory, meta = load_memory(run / "train/memory")
+        report = json.loads((run / "report.json").read_text())
+        runs[run.name] = {"memory": memory, "site": ReadSite(int(meta["layer"]), meta["site"]), "lambda": report["lambda"]["mlp_memory"]}
+    first = next(iter(runs))
+    model, tok, model_id = load_model(str(meta.get("model_id") or "smollm2-135m"))
+    lm_head = model.get_output_embeddings()
+    corpus, ood = Corpus(a.runs[0] / "corpus"), Corpus(a.ood)
+    for c in (corpus, ood):
+        c.check_tokenizer(tokenizer_hash(tok), model_id)
+    splits = {"valid": corpus.tokens("valid")[:cap], "test": corpus.tokens("test")[:cap], "ood": ood.tokens("test")[: cap or a.ood_tokens]}
+    pairs = [(r["memory"], r["site"]) for r in runs.values()]
+    scores = {name: score_memories(model, toks, 512, 256, pairs, batch_size=8, desc=f"scoring {name}")[1] for name, toks in splits.items()}
+
+    out_runs = {}
+    for i, (name, r) in enumerate(runs.items()):
+        mem = r["memory"]
+        shared = mem.head_is(lm_head)
+        row = {
+            "blocks": mem.config.n_blocks,
+            "freeze_head": mem.config.freeze_head,
+            "head_is_the_lms": shared,
+            "params": mem.num_parameters(),
+            "weights_read_per_token_beyond_the_lm": mem.num_parameters() - (mem.head.weight.numel() if shared else 0),
+            "lambda": r["lambda"],
+        }
+        for split, lp in scores.items():
+            mixed = interpolate_logprobs(lp[:, 0], lp[:, 1 + i], r["lambda"])
+            row[split] = perplexity(mixed)
+            row[f"{split}_vs_base"] = paired_ppl_change(mixed, lp[:, 0])
+            if name != first:
+                row[f"{split}_vs_{first}"] = paired_ppl_change(mixed, interpolate_logprobs(lp[:, 0], lp[:, 1], runs[first]["lambda"]))
+        out_runs[name] = row
+    base = {split: perplexity(lp[:, 0]) for split, lp in scores.items()}
+    ok = [n for n, row in out_runs.items() if row["valid"] <= out_runs[first]["valid"] * 1.005]
+    chosen = min(ok, key=lambda n: out_runs[n]["weights_read_per_token_beyond_the_lm"])
+    result = {
+        "what": "memories trained with the LM's head kept (freeze_head) against the first run's memory, SmolLM2-135M, State of the Union",
+        "model": model_id,
+        "n_tokens": {split: int(lp.shape[0]) for split, lp in scores.items()},
+        "base": base,
+        "runs": out_runs,
+        "reference": first,
+        "selection": {
+            "rule": f"the memory reading the fewest weights per token whose valid perplexity is within +0.5% of {first}'s (chosen before test is read)",
+            "eligible": ok,
+            "chosen": chosen,
+        },
+        "quick": a.quick,
+    }
+    write_result(results_dir() / f"shared_head{'_quick' if a.quick else ''}.json", result, started)
+    for n, row in out_runs.items():
+        vs = row.get(f"test_vs_{first}")
+        print(
+            f"{n:12s} valid {row['valid']:.3f} test {row['test']:.3f} ood {row['ood']:.3f} ({100 * row['ood_vs_base']['change']:+.2f}%)"
+            + (f"  test vs {first} {100 * vs['change']:+.2f}% [{100 * vs['low']:+.2f}, {100 * vs['high']:+.2f}]" if vs else "")
+        )
+    print(f"base: valid {base['valid']:.3f} test {base['test']:.3f} ood {base['ood']:.3f}; chosen on valid: {chosen}")
+
+
+if __name__ == "__main__":
+    main()

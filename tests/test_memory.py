@@ -185,6 +185,10 @@ def test_load_refuses_wrong_model_and_partial_folder(tmp_path):
     (tmp_path / "mem" / "memory_config.json").write_text(json.dumps(cfg))
     with pytest.raises(MlpmemError, match="do not fit"):
         load_memory(tmp_path / "mem")
+    cfg["config"].update(n_blocks=4, head="low_rank")  # a memory kind of a newer version: named, not half-built
+    (tmp_path / "mem" / "memory_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(MlpmemError, match=r"does not know \(head\).*upgrade mlpmem"):
+        load_memory(tmp_path / "mem")
 
 
 def test_block_dropout_acts_in_training_only_and_leaves_the_saved_memory_alone(tmp_path):

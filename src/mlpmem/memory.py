@@ -29,6 +29,7 @@ from mlpmem.manifest import read_json, write_json
 from mlpmem.modeling.mlp_memory import ACTIVATIONS, Block, FFN, INITS, MLPMemory, MemoryConfig, NORMS, Norm  # noqa: F401  (re-exported)
 from mlpmem.modeling.mlp_memory import MEMORY_CONFIG as CONFIG
 from mlpmem.modeling.mlp_memory import MEMORY_WEIGHTS as WEIGHTS
+from mlpmem.modeling.mlp_memory import saved_config
 from mlpmem.modeling.read_site import ReadSite, check_layer, decoder_layers
 
 log = logging.getLogger(__name__)
@@ -272,7 +273,7 @@ def load_memory(folder: Path, expect: dict[str, Any] | None = None, device: str 
             raise MlpmemError(f"{folder} holds no complete memory ({name} is missing)", fix)
     data = read_json(folder / CONFIG)
     try:
-        cfg = MemoryConfig(**data["config"])
+        cfg = saved_config(data["config"], folder)
     except (KeyError, TypeError) as e:
         raise MlpmemError(f"{folder / CONFIG} does not describe a memory ({e})", fix)
     meta = data.get("meta", {})

@@ -201,12 +201,25 @@ class MLPMemory(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
 
+def saved_config(settings: dict[str, Any], folder: Path) -> MemoryConfig:
+    """The MemoryConfig a saved memory records; settings this version does not know (a memory kind of a newer
+    version) are refused by name, rather than a different memory being built."""
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(MemoryConfig)})
+    if unknown:
+        raise MlpmemError(
+            f"the memory in {folder} has settings this version of mlpmem does not know ({', '.join(unknown)})",
+            "upgrade mlpmem to the version that trained it",
+        )
+    return MemoryConfig(**settings)
+
+
 def read_memory_folder(files: dict[str, str]) -> tuple[MLPMemory, dict[str, Any]]:
     """Build a memory from the two files of a memory folder (paths by name). Returns (memory in eval mode, meta)."""
     try:
         data = json.loads(Path(files[MEMORY_CONFIG]).read_text())
+        cfg = saved_config(data["config"], Path(files[MEMORY_CONFIG]).parent)
         with torch.device("meta"):  # skip a random init that would be overwritten at once
-            memory = MLPMemory(MemoryConfig(**data["config"]))
+            memory = MLPMemory(cfg)
         memory.load_state_dict(load_file(files[MEMORY_WEIGHTS]), strict=True, assign=True)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         raise MlpmemError(

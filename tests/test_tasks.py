@@ -154,6 +154,8 @@ def synthetic_synsets(n: int = 60) -> list[dict]:
     for i in range(n):
         lex = LEX[i % 3]
         w = f"{words[i % len(words)]}{'abcdefghij'[i // len(words)]}"
+        h = i + 3 if i % 4 == 1 else i + 6
+        hyper_word = f"{words[h % len(words)]}{'abcdefghij'[h // len(words)]}"
         pointers = [["hypernym", f"{lex[0]}:{i + 3:08d}", 0, 0]] if i + 3 < n else []
         if lex == "noun.animal" and i + 1 < n:
             pointers.append(["part_of", f"n:{i + 1:08d}", 0, 0])
@@ -165,7 +167,9 @@ def synthetic_synsets(n: int = 60) -> list[dict]:
                 "pos": "verb" if lex.startswith("verb") else "noun",
                 "lexname": lex,
                 "lemmas": [w, f"{w} thing", f"{w}ish"],
-                "definition": f"definition number {i} about {lex.split('.')[1]} matters",
+                # some glosses name the word's hypernym, or its hypernym's, as WordNet's often do ("any succulent plant ...")
+                "definition": f"definition number {i} about {lex.split('.')[1]} matters"
+                + (f" like {hyper_word}" if i % 2 and i + 6 < n else ""),
                 "examples": [f"an example of {w}"],
                 "pointers": pointers,
             }
@@ -207,7 +211,8 @@ OFFICES = ("Secretary of War", "Secretary of the Navy", "Attorney General", "Pos
 SOTU_TEXTS = [
     f"In {1800 + 7 * i} the Congress of the Union met in Washington again. The treaty with Mexico cost {120 + i} dollars in the end. "
     f"We thank the people of Ohio and Virginia for {i + 3} years of work. Our trade with France and Spain grew by {40 + i} percent this year. "
-    f"The report of the {OFFICES[i % 5]} shows that the harbors and forts were repaired."
+    f"The report of the {OFFICES[i % 5]} shows that the harbors and forts were repaired. "
+    f"The census of {1900 + i if i % 2 else 1790 + i} counted {200 + i} towns in the new states."  # 1900 + i: the speech's year
     for i in range(12)
 ]
 
@@ -265,6 +270,8 @@ def test_tasks_run_in_lm_eval(wn_run, tmp_path):
             got = task.process_results(docs[0], [" " + docs[0]["references"][0]])
             assert got["f1"] == 1.0 and got["right_sense"] == 1.0 and got["unsupported"] == 0.0
             assert math.isnan(task.process_results(docs[0], [" the of"])["unsupported"])
+            other = task.process_results(docs[0], [f" {docs[0]['references'][1]} matters"])  # mostly the word's other sense
+            assert other["right_sense"] == 0.0 and other["unsupported"] == 0.0  # supported, and still the wrong sense
             assert task.aggregation()["unsupported"]([math.nan, 0.5, 0.0]) == 0.25  # over the answered items: no free zeros
 
 
@@ -361,13 +368,15 @@ def naive_right_answers(word: str, chain: list[str], synsets: list[dict]) -> set
 
 
 def test_relation_and_two_hop_items_ask_what_the_memory_read_in_other_words(wn_run, tmp_path):
+    import re
+
     src, corpus, _ = wn_run
-    out = build(wn_run, tmp_path / "t")
+    out = build(wn_run, tmp_path / "t", n_items=40)  # every synset of the train split is asked about
     train = {d["id"] for d in json.loads((corpus / "documents.json").read_text())["train"]}
     syn = synthetic_synsets()
     by_id = {s["id"]: s for s in syn}
-    docs = {i: wordnet.Synset(**by_id[i]).text().lower() for i in train}
-    seen = set(" ".join(docs.values()).replace(",", " ").split())
+    docs = {i: set(re.findall(r"[a-z]+", wordnet.Synset(**by_id[i]).text().lower())) for i in train}  # the words of each
+    seen = set().union(*docs.values())
     heads = {(by_id[i]["pos"], by_id[i]["lexname"], by_id[i]["lemmas"][0]) for i in train}
     for name in ("mlpmem_wn_relations", "mlpmem_wn_multihop"):
         test, valid = read(out, name), read(out, name, "valid")
@@ -382,8 +391,10 @@ def test_relation_and_two_hop_items_ask_what_the_memory_read_in_other_words(wn_r
             assert answer in right
             if len(chain) == 2:
                 assert it["via_synset"] in train  # the second fact is a document of the memory's text too
-                assert answer not in docs[it["synset"]].replace(",", " ").split()  # one document does not give the answer
+                assert answer not in docs[it["synset"]]  # one document does not give the answer
                 right |= naive_right_answers(word, chain[:1], syn)
+                if chain[1] == "synonym":  # "another name for that something": not the name that one hop gives
+                    assert answer != by_id[it["via_synset"]]["lemmas"][0]
             target = by_id[it["answer_synset"]]
             for j, c in enumerate(it["choices"]):
                 if j != it["label"]:  # wrong for every sense of the word; a headword of the answer's field in the memory's text
@@ -442,5 +453,6 @@ def test_sotu_role_items_ask_by_role_not_in_the_speech_s_words(wn_run, tmp_path)
             else:
                 assert c.strip().replace(",", "").isdigit() and len(c.strip()) == len(answer)
                 assert c.strip() not in it["sentence"] or c.strip() == answer
+    assert all(it["kind"] == "year" for it in items if kt.is_year(it["answers"][0]))  # "1790 counted ..." is a year
     roles = {i["role"] for i in items}
     assert {"dollars", "years of work", "percent", "year", "office"} <= roles and not any(re.search(r"\d", r) for r in roles)

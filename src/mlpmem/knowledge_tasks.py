@@ -573,7 +573,8 @@ def relation_items(synsets: list[dict], train_ids: list[str], cfg: TasksConfig) 
         for mid, j in hop([(s, 1)], chain[0], by_key):
             if synset_key(mid["id"]) not in train_keys:  # the second fact must be a document of the memory's text
                 continue
-            for t, k in hop([(mid, j)], chain[1], by_key):
+            # "another name for that something": not the word that names it (the one-hop answer)
+            for t, k in hop([(mid, j or 1) if chain[1] == "synonym" else (mid, j)], chain[1], by_key):
                 # the answer is not in the subject's own document: one document cannot give it
                 answer = next((w for w in hop_words([(t, k)]) if usable(w, s) and w not in re.findall(r"[a-z]+", docs[s["id"]])), None)
                 if answer is None:

@@ -404,18 +404,20 @@ def test_relation_and_two_hop_items_ask_what_the_memory_read_in_other_words(wn_r
     assert {"hypernym+synonym", "hypernym+hypernym"} & {i["relation"] for i in read(out, "mlpmem_wn_multihop")}
 
 
-def test_old_source_without_relations_is_refused(wn_run, tmp_path):
+def test_a_source_without_relations_builds_the_other_tasks_and_says_why_not_these(wn_run, tmp_path):
     src, corpus, _ = wn_run
-    old = tmp_path / "old"
+    old = tmp_path / "old"  # as `tasks source` wrote it before relations were kept
     old.mkdir()
     for f in ("wordnet.jsonl", "manifest.json"):
         (old / f).write_bytes((src / f).read_bytes())
     (old / "synsets.jsonl").write_text(
         "".join(json.dumps({k: v for k, v in s.items() if k != "pointers"}) + "\n" for s in synthetic_synsets())
     )
-    with pytest.raises(MlpmemError, match="holds no WordNet relations") as e:
-        build((old, corpus, wn_run[2]), tmp_path / "t")
-    assert "mlpmem tasks source" in str(e.value) and not (tmp_path / "t" / "manifest.json").exists()
+    out = build((old, corpus, wn_run[2]), tmp_path / "t")
+    m = json.loads((out / "manifest.json").read_text())
+    assert set(m["not_built"]) == {"mlpmem_wn_relations", "mlpmem_wn_multihop"} and set(m["tasks"]) == set(kt.TASKS) - set(m["not_built"])
+    assert all("holds no WordNet relations" in why and "mlpmem tasks source" in why for why in m["not_built"].values())
+    assert not (out / "mlpmem_wn_relations.test.jsonl").exists() and (out / "mlpmem_wn_mc.test.jsonl").exists()
 
 
 def longest_common_run(a: str, b: str) -> int:

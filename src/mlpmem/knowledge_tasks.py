@@ -490,8 +490,12 @@ def word_senses(word: str, senses: dict[str, list[dict]]) -> list[tuple[dict, in
     return [(s, j + 1) for s in senses.get(word, []) for j, lem in enumerate(s["lemmas"]) if lem.lower() == word]
 
 
-def relation_items(synsets: list[dict], train_ids: list[str], cfg: TasksConfig) -> dict[str, tuple[list[dict], list[dict]]]:
-    """(test, valid) items of the two WordNet tasks whose wording is not the memory's text, about synsets in ``train_ids``:
+RELATION_TASKS = ("mlpmem_wn_relations", "mlpmem_wn_multihop")
+
+
+def relation_items(synsets: list[dict], train_ids: list[str], cfg: TasksConfig, name: str) -> tuple[list[dict], list[dict]]:
+    """(test, valid) items of one of the WordNet tasks whose wording is not the memory's text (``name``), about synsets
+    in ``train_ids``:
 
     - ``mlpmem_wn_relations``: one relation of a word (another word of its synset, its opposite, what it is a kind,
       instance, part, member or substance of), asked by the word;
@@ -598,34 +602,32 @@ def relation_items(synsets: list[dict], train_ids: list[str], cfg: TasksConfig) 
                 }
         return None
 
-    relations = [r for r, _ in ONE_HOP]
-    chains = [(a, b) for a, _ in FIRST_HOP for b, _ in SECOND_HOP]
-    built = {}
-    for name, kinds, make in (("mlpmem_wn_relations", relations, one_hop), ("mlpmem_wn_multihop", chains, two_hop)):
-        kinds = list(dict.fromkeys(kinds))
-        items: list[dict] = []
-        count = dict.fromkeys(kinds, 0)
-        for s in _shuffled(train, cfg.seed, name):
-            if len(items) >= cfg.n_items + cfg.n_valid:
+    if name == "mlpmem_wn_relations":
+        kinds, make = list(dict.fromkeys(r for r, _ in ONE_HOP)), one_hop
+    else:
+        kinds, make = list(dict.fromkeys((a, b) for a, _ in FIRST_HOP for b, _ in SECOND_HOP)), two_hop
+    items: list[dict] = []
+    count = dict.fromkeys(kinds, 0)
+    for s in _shuffled(train, cfg.seed, name):
+        if len(items) >= cfg.n_items + cfg.n_valid:
+            break
+        if not _PLAIN.fullmatch(s["lemmas"][0]):
+            continue
+        rng = random.Random(f"{cfg.seed}:{name}:{s['id']}")
+        for kind in sorted(kinds, key=lambda k: (count[k], kinds.index(k))):  # the kind with fewest items first
+            item = make(s, kind, rng)
+            if item is not None:
+                items.append(item)
+                count[kind] += 1
                 break
-            if not _PLAIN.fullmatch(s["lemmas"][0]):
-                continue
-            rng = random.Random(f"{cfg.seed}:{name}:{s['id']}")
-            for kind in sorted(kinds, key=lambda k: (count[k], kinds.index(k))):  # the kind with fewest items first
-                item = make(s, kind, rng)
-                if item is not None:
-                    items.append(item)
-                    count[kind] += 1
-                    break
-        if len(items) < 2:
-            raise MlpmemError(
-                f"only {len(items)} items of {name} could be built from the train split",
-                "use a corpus with more train tokens (more WordNet documents: mlpmem tasks source --n-synsets)",
-            )
-        # two hops need both synsets in the memory's text, which a small sample rarely holds: valid takes at most a quarter
-        n_valid = min(cfg.n_valid, len(items) // 4) or 1
-        built[name] = (items[n_valid:], items[:n_valid])
-    return built
+    if len(items) < 2:
+        raise MlpmemError(
+            f"only {len(items)} items of {name} could be built from the train split",
+            "use a corpus with more train tokens (more WordNet documents: mlpmem tasks source --n-synsets)",
+        )
+    # two hops need both synsets in the memory's text, which a small sample rarely holds: valid takes at most a quarter
+    n_valid = min(cfg.n_valid, len(items) // 4) or 1
+    return items[n_valid:], items[:n_valid]
 
 
 _SENT = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"])")
@@ -946,10 +948,20 @@ def build_tasks(
         log.info("tasks in %s are up to date", out_dir)
         return out_dir
     synsets = _read_jsonl(source_dir / "synsets.jsonl")
-    built = {**wordnet_items(synsets, train_ids, cfg), **relation_items(synsets, train_ids, cfg)}
+    built = wordnet_items(synsets, train_ids, cfg)
+    # the tasks in other words need relations (a source written by this version) and enough related facts in the
+    # memory's text; one that cannot be built is left out with its reason in the manifest, and the others are built
+    not_built: dict[str, str] = {}
+    makers = {name: (lambda name=name: relation_items(synsets, train_ids, cfg, name)) for name in RELATION_TASKS}
     if sotu is not None:
         built["mlpmem_sotu_facts"] = sotu_items(sotu[0], cfg)
-        built["mlpmem_sotu_roles"] = sotu_role_items(sotu[0], cfg)
+        makers["mlpmem_sotu_roles"] = lambda: sotu_role_items(sotu[0], cfg)
+    for name, make in makers.items():
+        try:
+            built[name] = make()
+        except MlpmemError as e:
+            not_built[name] = str(e)
+            log.warning("%s is not built: %s", name, e)
     built["mlpmem_reasoning"] = reasoning_items(cfg)
     shutil.copyfile(TASK_FILES / "utils.py", out_dir / "utils.py")
     files, tasks = {"utils": file_record(out_dir, out_dir / "utils.py")}, {}
@@ -980,6 +992,7 @@ def build_tasks(
             "wordnet_corpus": wordnet_split,
             "sotu_corpus": sotu[1] if sotu else None,
             "tasks": tasks,
+            "not_built": not_built,
             "files": files,
         },
     )

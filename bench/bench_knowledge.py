@@ -53,7 +53,16 @@ EARLIER = Path("runs/knowledge/bench_round2")  # the round before SharedContextL
 EARLIER_NOTE = "earlier round (19:00-19:30): lm-eval's HFLM scorer, 2 threads on the loaded machine, no gated or kNN-LM rows"  # mixing gates fitted here for runs that have none
 log = logging.getLogger("bench_knowledge")
 
-WORDNET_TASKS = ("mlpmem_wn_mc", "mlpmem_reasoning", "mlpmem_wn_em", "mlpmem_wn_define")  # most telling first
+WORDNET_TASKS = (  # most telling first
+    "mlpmem_wn_mc",
+    "mlpmem_reasoning",
+    "mlpmem_wn_relations",
+    "mlpmem_wn_multihop",
+    "mlpmem_wn_em",
+    "mlpmem_wn_define",
+)
+SOTU_TASKS = ("mlpmem_sotu_facts", "mlpmem_sotu_roles")
+METRICS = ("acc", "exact_match", "f1", "rougeL", "unsupported", "empty", "right_sense")  # unsupported: over answered items
 GRID = [(1, 16), (3, 16), (1, 48), (3, 48)]  # (k, chunk words)
 FINETUNED = Path("runs/knowledge/finetune")
 # The fine-tuned LM's recipe: full fine-tuning (bench_joint: -7.5% test perplexity on SOTU against LoRA's -5.0%), one
@@ -102,10 +111,11 @@ def evaluate(lm, task: str, tasks_dir: Path, limit: int | None, tok=None) -> tup
     )
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
-    metrics = [k for k in samples[0] if k in ("acc", "exact_match", "f1", "rougeL", "unsupported", "empty")]
+    metrics = [k for k in samples[0] if k in METRICS]
     timing = {"n": len(samples), "seconds": wall, "cpu_seconds": cpu, "loadavg_1min": [load0, os.getloadavg()[0]]}
     if tok is not None:
         timing["tokens"] = int(sum(item_tokens(s, tok) for s in samples))
+    # NaN: a value the item does not have (unsupported for an empty answer), left out of its mean by assemble
     return {m: np.array([float(s[m]) for s in samples]) for m in metrics}, timing
 
 
@@ -161,7 +171,38 @@ def fit_gate(lm, run: Path, name: str) -> dict:
     }
 
 
-SYSTEMS = ("base", "LM + memory", "LM + memory (gated)", "LM + kNN-LM", "fine-tuned LM", "RAG", "RAG + memory")
+# RAG as users deploy it, beside the tuned one: mlpmem.rag.PRESETS (not imported here: --help stays light)
+RAG_PRESETS = ("top3x100", "top5x100")
+SYSTEMS = (
+    "base",
+    "LM + memory",
+    "LM + memory (gated)",
+    "LM + kNN-LM",
+    "fine-tuned LM",
+    "RAG",
+    "RAG + memory",
+    *(f"RAG {p}{m}" for p in RAG_PRESETS for m in ("", " + memory")),
+)
+
+
+def rag_systems(lm, texts: list[str], tuned: dict, lam: float, wanted) -> tuple[dict, dict]:
+    """The RAG systems among ``wanted`` (names of SYSTEMS): {name: (RetrievalLM around ``lm``, lambda)} and
+    {name: its retrieval settings}; the tuned k and chunk size (``tuned``) and each preset, with and without the memory."""
+    from mlpmem.rag import PRESETS, BM25Retriever, RetrievalLM, chunk
+
+    settings = {"RAG": dict(tuned)} | {
+        f"RAG {p}": {"preset": p, "k": PRESETS[p].k, "chunk_words": PRESETS[p].chunk_words} for p in RAG_PRESETS
+    }
+    models, records, indexes = {}, {}, {}
+    for name, cfg in settings.items():
+        for sys_name, lam_ in ((name, 0.0), (f"{name} + memory", lam)):
+            if sys_name not in wanted:
+                continue
+            if cfg["chunk_words"] not in indexes:  # one index per passage size
+                indexes[cfg["chunk_words"]] = BM25Retriever(chunk(texts, cfg["chunk_words"]))
+            models[sys_name] = (RetrievalLM(lm, indexes[cfg["chunk_words"]], cfg["k"]), lam_)
+            records[sys_name] = cfg
+    return models, records
 
 
 def slug(name: str) -> str:
@@ -221,7 +262,7 @@ def run_family(
     so a run stopped by ``budget`` (seconds) continues where it stopped."""
     from mlpmem.knowledge_tasks import check_tasks
     from mlpmem.lm_eval_backend import MLPMemoryLM
-    from mlpmem.rag import BM25Retriever, RetrievalLM, chunk, split_texts
+    from mlpmem.rag import split_texts
 
     t_start = time.perf_counter()
     check_tasks(tasks_dir, run / "corpus")  # the items must come from this memory's train split
@@ -252,7 +293,8 @@ def run_family(
         }
         tuned.write_text(json.dumps(results["rag_tuning"][name], indent=1))
     best = results["rag_tuning"][name]["chosen"]
-    retriever = BM25Retriever(chunk(split_texts(run / "corpus"), best["chunk_words"]))
+    wanted = {s for v in todo.values() for s in v}
+    rag_models, retrieval = rag_systems(lm, split_texts(run / "corpus"), best, lam, wanted)
     extra: dict[str, dict] = {}
     if "LM + memory (gated)" in systems and any("LM + memory (gated)" in v for v in todo.values()):
         extra["gate"] = fit_gate(lm, run, name)
@@ -273,12 +315,11 @@ def run_family(
         "LM + memory": (lm, lam),
         "LM + memory (gated)": (lm, None),
         "LM + kNN-LM": (knn_model, None),
-        "RAG": (RetrievalLM(lm, retriever, best["k"]), 0.0),
-        "RAG + memory": (RetrievalLM(lm, retriever, best["k"]), lam),
+        **rag_models,
     }
     for task in tasks:
         for sys_name in todo[task]:
-            model, lam_ = models[sys_name]
+            model, lam_ = models.get(sys_name, (None, None))
             if model is None:
                 continue
             if budget is not None and time.perf_counter() - t_start > budget:
@@ -306,8 +347,8 @@ def run_family(
                 row["gate"] = extra.get("gate")
             if sys_name == "fine-tuned LM":
                 row["finetune"] = ft_record
-            if sys_name.startswith("RAG"):
-                row["retrieval"] = best
+            if sys_name in retrieval:
+                row["retrieval"] = retrieval[sys_name]
             sys_file(task, sys_name, limits[task]).write_text(json.dumps(row))
             primary = next(iter(vals))
             log.info(
@@ -363,14 +404,15 @@ def timing(run: Path, tasks_dir: Path, task: str, n: int, threads: int, repeats:
     ``repeats`` times in rotated order (meant for an idle machine: the main tables are measured beside other jobs).
     RAG uses the family's tuned k and chunk size (PARTS/tuning_*.json)."""
     from mlpmem.lm_eval_backend import MLPMemoryLM
-    from mlpmem.rag import BM25Retriever, RetrievalLM, chunk, split_texts
+    from mlpmem.rag import split_texts
 
     lam = float(json.loads((run / "report.json").read_text())["lambda"]["mlp_memory"])
-    fam = "sotu" if task == "mlpmem_sotu_facts" else "wordnet"
+    fam = "sotu" if task in SOTU_TASKS else "wordnet"
     best = json.loads((PARTS / f"tuning_{fam}.json").read_text())["chosen"]
     lm = MLPMemoryLM(memory=str(run / "train" / "memory"), lambda_=0.0, batch_size=8, device="cpu")  # shared contexts (the default)
-    rag = RetrievalLM(lm, BM25Retriever(chunk(split_texts(run / "corpus"), best["chunk_words"])), best["k"])
-    systems = {"base": (lm, 0.0), "LM + memory": (lm, lam), "RAG": (rag, 0.0), "RAG + memory": (rag, lam)}
+    wanted = ["RAG", "RAG + memory", *(f"RAG {p}{m}" for p in RAG_PRESETS for m in ("", " + memory"))]
+    rag_models, _ = rag_systems(lm, split_texts(run / "corpus"), best, lam, wanted)
+    systems = {"base": (lm, 0.0), "LM + memory": (lm, lam), **rag_models}
     evaluate(lm, task, tasks_dir, 8)  # warm-up (first calls allocate)
     rows: dict[str, list] = {name: [] for name in systems}
     names = list(systems)
@@ -432,8 +474,9 @@ def assemble(task: str, memory: Path, run: Path, lam: float, tuned_lam: float | 
         row = json.loads(f.read_text())
         vals = {m: np.array(v) for m, v in row.pop("values").items()}
         for m, v in vals.items():
-            lo, hi = bootstrap(v)
-            row[m] = {"mean": float(v.mean()), "ci95": [lo, hi]}
+            v = v[~np.isnan(v)]  # unsupported: over the items that had an answer (empty gives their share)
+            lo, hi = bootstrap(v) if len(v) else (float("nan"), float("nan"))
+            row[m] = {"mean": float(v.mean()) if len(v) else float("nan"), "ci95": [lo, hi], "n": int(len(v))}
         primary = next(iter(vals))
         if base_vals is None:
             base_vals = vals
@@ -560,7 +603,7 @@ def main() -> None:
     sizes = {"n_items": 16, "n_valid": 4, "n_sotu": 16, "n_reasoning": 16} if args.quick else {}  # a smoke run's small corpora
     build_tasks(args.source, args.run / "corpus", args.tasks, sotu_corpus=sotu / "corpus" if sotu else None, **sizes)  # skipped when built
     suffix = "_quick" if args.quick else ""
-    limits = {t: args.limit for t in (*WORDNET_TASKS, "mlpmem_sotu_facts")}
+    limits = {t: args.limit for t in (*WORDNET_TASKS, *SOTU_TASKS)}
     limits["mlpmem_wn_define"] = args.define_limit or max(args.limit // 2, 4)
     for kv in args.limits.split(",") if args.limits else []:
         t, n = kv.split("=")
@@ -612,7 +655,7 @@ def main() -> None:
         print(json.dumps(speed_check(args.run, args.tasks, "mlpmem_wn_mc", args.speed_check), indent=1))
         return
     if args.timing:
-        run = sotu if args.timing_task == "mlpmem_sotu_facts" else args.run
+        run = sotu if args.timing_task in SOTU_TASKS else args.run
         print(json.dumps(timing(run, args.tasks, args.timing_task, args.timing, torch.get_num_threads()), indent=1))
         return
     if args.merge:
@@ -621,7 +664,7 @@ def main() -> None:
         if (PARTS / "timing.json").exists():
             results["timing"] = json.loads((PARTS / "timing.json").read_text())
         for d in sorted((PARTS / "sys").glob("*")):  # the saved systems, also of a task cut by --budget
-            run = sotu if d.name == "mlpmem_sotu_facts" else args.run
+            run = sotu if d.name in SOTU_TASKS else args.run
             if run is None:
                 continue
             tuned = json.loads((run / "report.json").read_text())["lambda"]["mlp_memory"] if (run / "report.json").exists() else None
@@ -640,7 +683,7 @@ def main() -> None:
             task = f.stem.removeprefix("task_")
             if task not in results["tasks"]:
                 results["tasks"][task] = {**json.loads(f.read_text()), "earlier_round": EARLIER_NOTE}
-        order = [*WORDNET_TASKS, "mlpmem_sotu_facts"]
+        order = [*WORDNET_TASKS, *SOTU_TASKS]
         results["tasks"] = {t: results["tasks"][t] for t in order if t in results["tasks"]}
         results["limits"] = {t: r["systems"]["base"]["n"] for t, r in results["tasks"].items()}
         results["knn_missing"] = {f.stem.removeprefix("knn_missing_"): f.read_text().strip() for f in PARTS.glob("knn_missing_*.txt")}
@@ -650,7 +693,9 @@ def main() -> None:
         write(results)
         plot(results)
         return
-    wn_tasks = [t for t in WORDNET_TASKS if args.only is None or t in args.only.split(",")]
+    for t, why in json.loads((args.tasks / "manifest.json").read_text()).get("not_built", {}).items():
+        log.warning("%s left out: %s", t, why)  # too few related facts in a small memory's text, or an old source
+    wn_tasks = [t for t in WORDNET_TASKS if (args.only is None or t in args.only.split(",")) and t in manifest_tasks]
     systems = args.systems.split(",") if args.systems else None
     if systems and set(systems) - set(SYSTEMS):
         raise SystemExit(f"unknown systems {sorted(set(systems) - set(SYSTEMS))}; choose from {', '.join(SYSTEMS)}")
@@ -672,13 +717,14 @@ def main() -> None:
         )
         results.setdefault("wall_seconds_by_family", {})["wordnet"] = time.perf_counter() - t0
     t1 = time.perf_counter()
-    if sotu and args.family in ("all", "sotu") and (args.only is None or "mlpmem_sotu_facts" in args.only.split(",")):
+    sotu_tasks = [t for t in SOTU_TASKS if (args.only is None or t in args.only.split(",")) and t in manifest_tasks]
+    if sotu and args.family in ("all", "sotu") and sotu_tasks:
         run_family(
             "sotu",
             sotu / "train" / "memory",
             sotu,
             args.tasks,
-            ["mlpmem_sotu_facts"],
+            sotu_tasks,
             limits,
             "mlpmem_sotu_facts_valid",
             args.tune_limit,
@@ -711,6 +757,9 @@ TITLES = {
     "mlpmem_wn_em": "WordNet: which word is defined as ...? (greedy answer, exact match)",
     "mlpmem_wn_define": "WordNet: define the word (token F1, ROUGE-L, unsupported words)",
     "mlpmem_sotu_facts": "State of the Union facts: the blanked number or name (4 choices)",
+    "mlpmem_sotu_roles": "State of the Union facts asked by their role, not in the speech's words (4 choices)",
+    "mlpmem_wn_relations": "WordNet relations: synonym, opposite, kind, part, member (4 choices)",
+    "mlpmem_wn_multihop": "WordNet, two facts combined: a relation of a related word (4 choices)",
 }
 
 
@@ -738,7 +787,11 @@ def markdown(r: dict) -> str:
         "average before and after. LM + memory (gated): lambda per token from a gate fitted on the memory run's valid split "
         "(mlpmem.gate's build stage, as `eval: {mixing: gated}` fits it). LM + kNN-LM: the `mlpmem` backend with `knn=RUN` "
         "(the run's datastore and index, its k and temperature, its valid-tuned kNN lambda). Fine-tuned LM: the base LM fine-tuned "
-        "by `mlpmem finetune` on the memory run's train split (the text the memory learnt from), scored like the base.\n\n"
+        "by `mlpmem finetune` on the memory run's train split (the text the memory learnt from), scored like the base. "
+        "Define: `unsupported` is the share of content words in no gloss of the word over the answers that hold a content word, "
+        "`empty` the share that hold none; `right_sense` the share of definitions closer (content-word F1) to the asked sense's "
+        "gloss than to every other sense's (ties and empty answers count as wrong). RAG top3x100 and top5x100: the 3 or 5 best "
+        "BM25 passages of about 100 words, as RAG is usually deployed, beside the k and chunk size tuned on valid.\n\n"
     )
     for fam, t in r.get("rag_tuning", {}).items():
         rows = ", ".join(f"k={g['k']} chunk={g['chunk_words']}: {g['acc']:.3f}" for g in t["grid"])
@@ -773,7 +826,7 @@ def markdown(r: dict) -> str:
     for task, t in r["tasks"].items():
         systems = t["systems"]
         first = next(iter(systems.values()))
-        metrics = [m for m in ("acc", "exact_match", "f1", "rougeL", "unsupported", "empty") if m in first]
+        metrics = [m for m in METRICS if m in first]
         tuned = t.get("run_valid_lambda", t["lambda"])
         lam_note = (
             "the run's valid-tuned value"

@@ -40,6 +40,21 @@ def test_empty_index_is_a_clear_error():
         BM25Retriever(["", "   "])
 
 
+def test_rag_settings_from_a_preset_or_k_and_chunk_words():
+    from mlpmem.rag import RagConfig, rag_config
+
+    assert rag_config("top3x100") == RagConfig(3, 100) and rag_config("top5x100") == RagConfig(5, 100)  # as users deploy RAG
+    assert rag_config() == RagConfig(3, 48) and rag_config(k="1", chunk_words="16") == RagConfig(1, 16)  # lm-eval passes strings
+    assert rag_config(k=5) == RagConfig(5, 48)
+    with pytest.raises(MlpmemError, match="no RAG preset 'top9'") as e:
+        rag_config("top9")
+    assert "top3x100, top5x100" in str(e.value)
+    with pytest.raises(MlpmemError, match="sets k and chunk_words"):
+        rag_config("top3x100", k=1)  # which one would win is not for us to guess
+    with pytest.raises(MlpmemError, match="k >= 1"):
+        rag_config(k=0)
+
+
 def test_augment():
     assert augment("Question: x?\nAnswer:", ["p1", "p2"]) == "Background:\np1\np2\n\nQuestion: x?\nAnswer:"
     assert augment("Q", []) == "Q"
@@ -86,7 +101,7 @@ def test_rag_backend_scores_a_task_and_refuses_a_foreign_task_folder(tiny_llama,
     from lm_eval.tasks import TaskManager
 
     from mlpmem.corpus import CorpusConfig, build_corpus
-    from mlpmem.rag import RagLM, SharedContextLM
+    from mlpmem.rag import RagLM, SharedContextLM, split_texts
 
     src = tmp_path / "docs.jsonl"
     # 3 copies of each document (told apart by a note): 10 of the 12 land in train, so each fact is in the index
@@ -109,6 +124,8 @@ def test_rag_backend_scores_a_task_and_refuses_a_foreign_task_folder(tiny_llama,
     assert not isinstance(
         RagLM(corpus=str(corpus), pretrained=str(tiny_llama), chunk_words=8, device="cpu", shared_context="false").inner, SharedContextLM
     )
+    five = RagLM(corpus=str(corpus), pretrained=str(tiny_llama), preset="top5x100", device="cpu")
+    assert five.k == 5 and five.retriever.passages == chunk(split_texts(corpus), 100)  # the text in passages of 100 words
     out = lm_eval.simple_evaluate(
         model=lm,
         tasks=["rag_t"],

@@ -4,6 +4,7 @@ hard distractors, metrics, determinism, and clear errors for a missing package o
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -36,12 +37,15 @@ def test_parse_wordnet_lines():
     d = wordnet.parse_line(NOUN2)
     assert d.lexname == "noun.animal" and d.lemmas == ["dog", "domestic dog"]
     assert d.definition.endswith("since prehistoric times") and d.examples == ["the dog barked all night"]
+    assert s.pointers == [["hypernym", "n:00001740", 0, 0]]  # derivations (+) and hyponyms (~, the mirror of @) are not kept
     a = wordnet.parse_line(ADJ)
     assert a.pos == "adjective" and a.lemmas == ["able"]  # the (p) marker is not part of the word
+    assert a.pointers == [["antonym", "a:00002098", 1, 1]]  # between words: the first of each synset
     assert a.examples == ["able to swim", "she was able to program her computer"] and '"' not in a.definition
     assert d.text() == "dog, domestic dog (noun): a member of the genus Canis that has been domesticated by man since prehistoric times."
     with pytest.raises(ValueError):
         wordnet.parse_line("00002137 03 x 01 thing 0 000 | a gloss\n")  # no such part of speech
+    assert wordnet.synset_key("s:00002098") == "a:00002098" == wordnet.synset_key("a:00002098")  # satellites: pointed at as a
 
 
 def test_bad_data_file_is_a_clear_error(tmp_path):
@@ -70,7 +74,46 @@ def test_metrics():
     support = set(kt.content_stems("any succulent plant of arid regions"))
     s = kt.define_scores(" a succulent plant from the moon\n", ["any succulent plant of arid regions"], sorted(support))
     assert s["unsupported"] == pytest.approx(1 / 3)  # succulent, plant supported; moon not
-    assert kt.define_scores(" the of\n", ["x y"], [])["empty"] == 1.0
+    assert s["right_sense"] == 1.0  # one sense, and the answer shares words with it
+    empty = kt.define_scores(" the of\n", ["x y"], [])
+    assert empty["empty"] == 1.0 and math.isnan(empty["unsupported"]) and empty["right_sense"] == 0.0  # not "0 unsupported"
+
+
+def naive_right_sense(prediction: str, glosses: list[str]) -> float:
+    """The figure spelt out: per gloss, the F1 of the shared distinct content stems, by loops; right only when strictly best."""
+    words = []
+    for w in kt.content_stems(prediction):
+        if w not in words:
+            words.append(w)
+    scores = []
+    for g in glosses:
+        ref = []
+        for w in kt.content_stems(g):
+            if w not in ref:
+                ref.append(w)
+        shared = 0
+        for w in words:
+            if w in ref:
+                shared += 1
+        scores.append(0.0 if shared == 0 else 2 * (shared / len(words)) * (shared / len(ref)) / (shared / len(words) + shared / len(ref)))
+    return 1.0 if all(scores[0] > x for x in scores[1:]) and scores[0] > 0 else 0.0
+
+
+def test_right_sense_against_a_naive_reference():
+    import random
+
+    glosses = ["a domesticated carnivorous mammal", "a dull unattractive unpleasant girl", "metal supports for logs in a fireplace"]
+    assert kt.right_sense("a carnivorous mammal kept at home", glosses) == 1.0
+    assert kt.right_sense("an unpleasant girl", glosses) == 0.0  # another sense of the word: wrong, however supported
+    assert kt.right_sense("a mammal girl", ["a domestic mammal", "a dull girl"]) == 0.0  # a tie is not right
+    assert kt.right_sense("", glosses) == 0.0 and kt.right_sense("the of", glosses[:1]) == 0.0  # no content: not right
+    assert kt.right_sense("spaceship", glosses[:1]) == 0.0 and kt.right_sense("mammals", glosses[:1]) == 1.0  # one sense
+    rng = random.Random(0)
+    vocab = "mammal girl metal log fire support dull domestic carnivore home plant ice the of a".split()
+    for _ in range(300):
+        pred = " ".join(rng.choices(vocab, k=rng.randrange(0, 6)))
+        gl = [" ".join(rng.choices(vocab, k=rng.randrange(1, 6))) for _ in range(rng.randrange(1, 4))]
+        assert kt.right_sense(pred, gl) == naive_right_sense(pred, gl), (pred, gl)
 
 
 # ---------------------------------------------------------------- items from a corpus's train split
@@ -111,16 +154,32 @@ def synthetic_synsets(n: int = 60) -> list[dict]:
     for i in range(n):
         lex = LEX[i % 3]
         w = f"{words[i % len(words)]}{'abcdefghij'[i // len(words)]}"
+        h = i + 3 if i % 4 == 1 else i + 6
+        hyper_word = f"{words[h % len(words)]}{'abcdefghij'[h // len(words)]}"
+        pointers = [["hypernym", f"{lex[0]}:{i + 3:08d}", 0, 0]] if i + 3 < n else []
+        if lex == "noun.animal" and i + 1 < n:
+            pointers.append(["part_of", f"n:{i + 1:08d}", 0, 0])
+        if lex == "verb.motion" and i + 6 < n:
+            pointers.append(["antonym", f"v:{i + 6:08d}", 1, 1])
         out.append(
             {
                 "id": f"{lex[0]}:{i:08d}",
                 "pos": "verb" if lex.startswith("verb") else "noun",
                 "lexname": lex,
-                "lemmas": [w, f"{w} thing"],
-                "definition": f"definition number {i} about {lex.split('.')[1]} matters",
+                "lemmas": [w, f"{w} thing", f"{w}ish"],
+                # some glosses name the word's hypernym, or its hypernym's, as WordNet's often do ("any succulent plant ...")
+                "definition": f"definition number {i} about {lex.split('.')[1]} matters"
+                + (f" like {hyper_word}" if i % 2 and i + 6 < n else ""),
                 "examples": [f"an example of {w}"],
+                "pointers": pointers,
             }
         )
+    # a second sense of each of the first 45 words (not in the memory's text), a kind of another word of the same field:
+    # that word is right for the question too, so it must never be a distractor
+    for i in range(45):
+        s = out[i]
+        hyper = f"{s['id'][0]}:{(i + 6) % 45:08d}"
+        out.append({**s, "id": f"{s['id'][0]}:{100 + i:08d}", "definition": f"sense {i}", "pointers": [["hypernym", hyper, 0, 0]]})
     return out
 
 
@@ -143,14 +202,17 @@ def wn_run(tiny_llama, tmp_path_factory):
         root / "corpus", CorpusConfig(source=str(src / "wordnet.jsonl"), model=str(tiny_llama), valid_fraction=0.2, test_fraction=0.2)
     )
     sotu = root / "sotu.jsonl"
-    sotu.write_text("".join(json.dumps({"id": f"s{i}", "text": t}) + "\n" for i, t in enumerate(SOTU_TEXTS)))
+    sotu.write_text("".join(json.dumps({"id": f"{1900 + i}_james_k_polk_d", "text": t}) + "\n" for i, t in enumerate(SOTU_TEXTS)))
     sotu_corpus = build_corpus(root / "sotu", CorpusConfig(source=str(sotu), model=str(tiny_llama)))
     return src, corpus, sotu_corpus
 
 
+OFFICES = ("Secretary of War", "Secretary of the Navy", "Attorney General", "Postmaster General", "Secretary of the Treasury")
 SOTU_TEXTS = [
     f"In {1800 + 7 * i} the Congress of the Union met in Washington again. The treaty with Mexico cost {120 + i} dollars in the end. "
-    f"We thank the people of Ohio and Virginia for {i + 3} years of work. Our trade with France and Spain grew by {40 + i} percent this year."
+    f"We thank the people of Ohio and Virginia for {i + 3} years of work. Our trade with France and Spain grew by {40 + i} percent this year. "
+    f"The report of the {OFFICES[i % 5]} shows that the harbors and forts were repaired. "
+    f"The census of {1900 + i if i % 2 else 1790 + i} counted {200 + i} towns in the new states."  # 1900 + i: the speech's year
     for i in range(12)
 ]
 
@@ -205,7 +267,12 @@ def test_tasks_run_in_lm_eval(wn_run, tmp_path):
             assert task.process_results(docs[0], [" " + docs[0]["answers"][0]]) == {"exact_match": 1.0}
             assert task.process_results(docs[0], [" wrong"]) == {"exact_match": 0.0}
         if name == "mlpmem_wn_define":
-            assert task.process_results(docs[0], [" " + docs[0]["references"][0]])["f1"] == 1.0
+            got = task.process_results(docs[0], [" " + docs[0]["references"][0]])
+            assert got["f1"] == 1.0 and got["right_sense"] == 1.0 and got["unsupported"] == 0.0
+            assert math.isnan(task.process_results(docs[0], [" the of"])["unsupported"])
+            other = task.process_results(docs[0], [f" {docs[0]['references'][1]} matters"])  # mostly the word's other sense
+            assert other["right_sense"] == 0.0 and other["unsupported"] == 0.0  # supported, and still the wrong sense
+            assert task.aggregation()["unsupported"]([math.nan, 0.5, 0.0]) == 0.25  # over the answered items: no free zeros
 
 
 def test_sotu_and_reasoning_items(wn_run, tmp_path):
@@ -289,3 +356,105 @@ def test_missing_source_folder_or_unbuilt_source_is_a_clear_error(wn_run, tmp_pa
     with pytest.raises(MlpmemError, match="no finished `tasks_source` stage"):
         kt.build_tasks(half, corpus, tmp_path / "t2")
     assert not (tmp_path / "t").exists() and not (tmp_path / "t2").exists()  # nothing claimed before the inputs were checked
+
+
+def naive_right_answers(word: str, chain: list[str], synsets: list[dict]) -> set[str]:
+    """Every word a chain of relations leads to from any sense of ``word`` (synonym: the words of the same synset)."""
+    by_id = {x["id"]: x for x in synsets}
+    at = [x for x in synsets if word in x["lemmas"]]
+    for relation in chain:
+        at = [x for x in at] if relation == "synonym" else [by_id[p[1]] for x in at for p in x["pointers"] if p[0] == relation]
+    return {w for x in at for w in x["lemmas"]} - {word}
+
+
+def test_relation_and_two_hop_items_ask_what_the_memory_read_in_other_words(wn_run, tmp_path):
+    import re
+
+    src, corpus, _ = wn_run
+    out = build(wn_run, tmp_path / "t", n_items=40)  # every synset of the train split is asked about
+    train = {d["id"] for d in json.loads((corpus / "documents.json").read_text())["train"]}
+    syn = synthetic_synsets()
+    by_id = {s["id"]: s for s in syn}
+    docs = {i: set(re.findall(r"[a-z]+", wordnet.Synset(**by_id[i]).text().lower())) for i in train}  # the words of each
+    seen = set().union(*docs.values())
+    heads = {(by_id[i]["pos"], by_id[i]["lexname"], by_id[i]["lemmas"][0]) for i in train}
+    for name in ("mlpmem_wn_relations", "mlpmem_wn_multihop"):
+        test, valid = read(out, name), read(out, name, "valid")
+        assert test and valid and not {i["synset"] for i in test} & {i["synset"] for i in valid}  # disjoint
+        for it in test + valid:
+            s, answer = by_id[it["synset"]], it["answers"][0]
+            word, chain = s["lemmas"][0], it["relation"].split("+")
+            assert it["synset"] in train and answer in seen  # about a fact of the memory's text, answered by a word it read
+            assert s["definition"] not in it["prompt"] and answer not in it["prompt"]  # not a lookup of the document
+            assert it["choices"][it["label"]] == f" {answer}" and len(set(it["choices"])) == 4
+            right = naive_right_answers(word, chain, syn)
+            assert answer in right
+            if len(chain) == 2:
+                assert it["via_synset"] in train  # the second fact is a document of the memory's text too
+                assert answer not in docs[it["synset"]]  # one document does not give the answer
+                right |= naive_right_answers(word, chain[:1], syn)
+                if chain[1] == "synonym":  # "another name for that something": not the name that one hop gives
+                    assert answer != by_id[it["via_synset"]]["lemmas"][0]
+            target = by_id[it["answer_synset"]]
+            for j, c in enumerate(it["choices"]):
+                if j != it["label"]:  # wrong for every sense of the word; a headword of the answer's field in the memory's text
+                    assert c.strip() not in right | {word} and (target["pos"], target["lexname"], c.strip()) in heads
+    kinds = {i["relation"] for i in read(out, "mlpmem_wn_relations") + read(out, "mlpmem_wn_relations", "valid")}
+    assert {"synonym", "hypernym", "part_of", "antonym"} <= kinds
+    assert {"hypernym+synonym", "hypernym+hypernym"} & {i["relation"] for i in read(out, "mlpmem_wn_multihop")}
+
+
+def test_a_source_without_relations_builds_the_other_tasks_and_says_why_not_these(wn_run, tmp_path):
+    src, corpus, _ = wn_run
+    old = tmp_path / "old"  # as `tasks source` wrote it before relations were kept
+    old.mkdir()
+    for f in ("wordnet.jsonl", "manifest.json"):
+        (old / f).write_bytes((src / f).read_bytes())
+    (old / "synsets.jsonl").write_text(
+        "".join(json.dumps({k: v for k, v in s.items() if k != "pointers"}) + "\n" for s in synthetic_synsets())
+    )
+    out = build((old, corpus, wn_run[2]), tmp_path / "t")
+    m = json.loads((out / "manifest.json").read_text())
+    assert set(m["not_built"]) == {"mlpmem_wn_relations", "mlpmem_wn_multihop"} and set(m["tasks"]) == set(kt.TASKS) - set(m["not_built"])
+    assert all("holds no WordNet relations" in why and "mlpmem tasks source" in why for why in m["not_built"].values())
+    assert not (out / "mlpmem_wn_relations.test.jsonl").exists() and (out / "mlpmem_wn_mc.test.jsonl").exists()
+
+
+def longest_common_run(a: str, b: str) -> int:
+    """The most words in a row (normalised) that two texts share."""
+    x, y, best = kt.tokens(a), kt.tokens(b), 0
+    for i in range(len(x)):
+        for j in range(len(y)):
+            n = 0
+            while i + n < len(x) and j + n < len(y) and x[i + n] == y[j + n]:
+                n += 1
+            best = max(best, n)
+    return best
+
+
+def test_sotu_role_items_ask_by_role_not_in_the_speech_s_words(wn_run, tmp_path):
+    import re
+
+    out = build(wn_run, tmp_path / "t")
+    items = read(out, "mlpmem_sotu_roles") + read(out, "mlpmem_sotu_roles", "valid")
+    assert {i["kind"] for i in items} == {"count", "percent", "year", "office"}
+    assert not {i["sentence"] for i in read(out, "mlpmem_sotu_roles")} & {i["sentence"] for i in read(out, "mlpmem_sotu_roles", "valid")}
+    for it in items:
+        answer, prompt = it["answers"][0], it["prompt"]
+        text = SOTU_TEXTS[int(it["document"][:4]) - 1900]
+        assert it["sentence"] in text and answer in it["sentence"]  # a fact of that training speech
+        assert prompt.startswith(f"In his {it['document'][:4]} State of the Union address, James K. Polk spoke of ")
+        assert answer not in prompt and it["sentence"] not in prompt
+        # the sentence's wording is not the question's: only the role ("years of work") is taken over
+        after_intro = prompt.split(" spoke of ", 1)[1]  # the intro's template ("of the Union") is no copy
+        assert longest_common_run(after_intro, it["sentence"]) <= max(len(it["role"].split()), 2), prompt
+        assert it["choices"][it["label"]] == f" {answer}" and len(set(it["choices"])) == 4
+        for c in it["choices"]:
+            if it["kind"] == "office":
+                assert c.strip() in OFFICES
+            else:
+                assert c.strip().replace(",", "").isdigit() and len(c.strip()) == len(answer)
+                assert c.strip() not in it["sentence"] or c.strip() == answer
+    assert all(it["kind"] == "year" for it in items if kt.is_year(it["answers"][0]))  # "1790 counted ..." is a year
+    roles = {i["role"] for i in items}
+    assert {"dollars", "years of work", "percent", "year", "office"} <= roles and not any(re.search(r"\d", r) for r in roles)

@@ -8,7 +8,7 @@ corpus stage's split:
    ``wordnet.jsonl``, the memory's text (one document per synset, ``"word, synonym
    (noun): definition."``, a seeded sample of synsets with a plain headword), and
    ``synsets.jsonl`` (every synset: all glosses of every word, for distractors and for
-   the hallucination figure). Train a memory on it with ``mlpmem run`` (recipe
+   the hallucination figure, and its relations: hypernyms, antonyms, part-whole). Train a memory on it with ``mlpmem run`` (recipe
    ``bench/recipes/wordnet50k.yaml``).
 2. :func:`build_tasks` reads that run's corpus folder and makes items only from the
    synsets whose documents are in its *train* split (the memory saw them, the base LM
@@ -22,9 +22,21 @@ corpus stage's split:
      against any word of the synset;
    - ``mlpmem_wn_define``: "Define the word X." scored against the gold definition by
      token F1 and ROUGE-L, plus ``unsupported``, the share of generated content words
-     found in no gloss of any sense of X (the HaluEval analogue; lower is better);
+     found in no gloss of any sense of X (the HaluEval analogue; lower is better; over
+     the answers that hold a content word, with ``empty``, the share that hold none, beside
+     it) and ``right_sense``, the share of definitions closer to the asked sense's gloss
+     than to any other sense's;
+   - ``mlpmem_wn_relations``: questions about a word's relations (another word of its
+     synset, its opposite, what it is a kind, instance, part, member or substance of),
+     whose wording is not the memory's text, 4 choices;
+   - ``mlpmem_wn_multihop``: two relations chained through a second synset of the
+     memory's text ("X is a kind of something. What is another name for that
+     something?"), the answer not in X's own document, 4 choices;
    - ``mlpmem_sotu_facts`` (with ``--sotu-corpus``): a sentence of a training speech
      with a number or capitalised name blanked out, 4 choices of the same kind;
+   - ``mlpmem_sotu_roles`` (with ``--sotu-corpus``): a number, year or office of a
+     training sentence asked for by its role, with the speech and the sentence's topic
+     words around it, not its wording, 4 choices of the same kind;
    - ``mlpmem_reasoning``: generated arithmetic, ordering and comparison items whose
      answers are in no corpus (the StrategyQA analogue: does the memory cost anything?).
 
@@ -51,7 +63,16 @@ from mlpmem.errors import MlpmemError
 
 log = logging.getLogger(__name__)
 
-TASKS = ("mlpmem_wn_mc", "mlpmem_wn_em", "mlpmem_wn_define", "mlpmem_sotu_facts", "mlpmem_reasoning")
+TASKS = (
+    "mlpmem_wn_mc",
+    "mlpmem_wn_em",
+    "mlpmem_wn_define",
+    "mlpmem_wn_relations",
+    "mlpmem_wn_multihop",
+    "mlpmem_sotu_facts",
+    "mlpmem_sotu_roles",
+    "mlpmem_reasoning",
+)
 STOPWORDS = frozenset(
     (
         "a an the of to in on at by for from with without into onto over under about as and or but nor not no so than then "
@@ -229,16 +250,42 @@ def unsupported_share(prediction: str, support: set[str]) -> float | None:
     return sum(w not in support for w in words) / len(words)
 
 
+def sense_overlaps(prediction: str, glosses: list[str]) -> list[float]:
+    """F1 between the sets of content-word stems of the prediction and of each gloss (0 when either has none)."""
+    p = set(content_stems(prediction))
+    out = []
+    for g in glosses:
+        r = set(content_stems(g))
+        same = len(p & r)
+        out.append(0.0 if same == 0 else 2 * same / (len(p) + len(r)))
+    return out
+
+
+def right_sense(prediction: str, glosses: list[str]) -> float:
+    """1.0 when the prediction's content words match ``glosses[0]`` (the right sense) better than every other gloss
+    of the same word, else 0.0: a tie (also 0 against 0, as for an empty answer) is not a right answer.
+
+    A fluent definition of another sense has few ``unsupported`` words (its support is every gloss of the word);
+    here it counts as wrong.
+    """
+    scores = sense_overlaps(prediction, glosses)
+    return float(scores[0] > max(scores[1:], default=0.0))
+
+
 def define_scores(prediction: str, references: list[str], support: list[str]) -> dict[str, float]:
-    """Token F1 and ROUGE-L against the best reference definition, the unsupported share, and whether the answer
-    held no content word at all (``empty``; its unsupported share counts as 0, so read the two together)."""
+    """Token F1 and ROUGE-L against the best reference definition; ``unsupported``, the share of content words found
+    in no gloss of the word (NaN for an answer with no content word: lm-eval's ``nanmean`` averages it over the
+    answered items only, where a 0 would reward saying nothing);
+    ``empty``, whether the answer held no content word; ``right_sense`` (see :func:`right_sense`; references[0] is
+    the asked sense's gloss, the others the word's other senses)."""
     first = (prediction.strip().splitlines() or [""])[0]
     share = unsupported_share(first, set(support))
     return {
         "f1": max(token_f1(first, r) for r in references),
         "rougeL": max(rouge_l(first, r) for r in references),
-        "unsupported": 0.0 if share is None else share,
+        "unsupported": float("nan") if share is None else share,
         "empty": float(share is None),
+        "right_sense": right_sense(first, references),
     }
 
 
@@ -383,6 +430,206 @@ def wordnet_items(synsets: list[dict], train_ids: list[str], cfg: TasksConfig) -
     }
 
 
+# ---------------------------------------------------------------- WordNet questions that are not lookups
+
+# one-hop questions by relation and part of speech ("" for any); the answer is a word the relation leads to
+ONE_HOP = {
+    ("synonym", ""): 'Which other word means the same as the {pos} "{w}"?',
+    ("antonym", ""): 'Which word means the opposite of the {pos} "{w}"?',
+    ("hypernym", "noun"): 'The noun "{w}" names a kind of what?',
+    ("hypernym", "verb"): 'To "{w}" is a particular way to do what?',
+    ("instance_hypernym", ""): '"{w}" is an instance of what?',
+    ("part_of", ""): '"{w}" is a part of what?',
+    ("member_of", ""): '"{w}" is a member of what?',
+    ("substance_of", ""): 'What is "{w}" one of the substances of?',
+}
+# two hops: the first names an unnamed "something" (which must be a synset of the memory's text), the second asks about it
+FIRST_HOP = {
+    ("hypernym", "noun"): 'The noun "{w}" names a kind of something.',
+    ("hypernym", "verb"): 'To "{w}" is a particular way to do something.',
+    ("instance_hypernym", ""): '"{w}" is an instance of something.',
+    ("part_of", ""): '"{w}" is a part of something.',
+    ("member_of", ""): '"{w}" is a member of something.',
+}
+SECOND_HOP = {
+    ("synonym", ""): "What is another name for that something?",
+    ("hypernym", "noun"): "That something is a kind of what?",
+    ("hypernym", "verb"): "That something is a particular way to do what?",
+}
+_PLAIN = re.compile(r"[a-z]{3,}")
+
+
+def _template(table: dict, relation: str, pos: str) -> str | None:
+    return table.get((relation, pos), table.get((relation, "")))
+
+
+def hop(start: list[tuple[dict, int]], relation: str, by_key: dict[str, dict]) -> list[tuple[dict, int]]:
+    """Where ``relation`` leads from (synset, word number) pairs: (synset, word number) pairs, word 0 meaning any word
+    of the synset. ``synonym`` stays in the synset; the others follow its pointers from the word or the whole synset."""
+    from mlpmem.wordnet import synset_key
+
+    out = []
+    for s, i in start:
+        if relation == "synonym":
+            out += [(s, j) for j in range(1, len(s["lemmas"]) + 1) if j != i] if i else [(s, 0)]
+            continue
+        for rel, target, src, dst in s.get("pointers", []):
+            if rel == relation and src in (0, i) and synset_key(target) in by_key:
+                out.append((by_key[synset_key(target)], dst))
+    return out
+
+
+def hop_words(pairs: list[tuple[dict, int]]) -> list[str]:
+    """The words (lowercase, in order, once each) of (synset, word number) pairs; word 0 is every word of the synset."""
+    words = [w.lower() for s, j in pairs for w in (s["lemmas"] if j == 0 else s["lemmas"][j - 1 : j])]
+    return list(dict.fromkeys(words))
+
+
+def word_senses(word: str, senses: dict[str, list[dict]]) -> list[tuple[dict, int]]:
+    """Every (synset, word number) of ``word``: all its senses, so an answer right for another sense is no distractor."""
+    return [(s, j + 1) for s in senses.get(word, []) for j, lem in enumerate(s["lemmas"]) if lem.lower() == word]
+
+
+RELATION_TASKS = ("mlpmem_wn_relations", "mlpmem_wn_multihop")
+
+
+def relation_items(synsets: list[dict], train_ids: list[str], cfg: TasksConfig, name: str) -> tuple[list[dict], list[dict]]:
+    """(test, valid) items of one of the WordNet tasks whose wording is not the memory's text (``name``), about synsets
+    in ``train_ids``:
+
+    - ``mlpmem_wn_relations``: one relation of a word (another word of its synset, its opposite, what it is a kind,
+      instance, part, member or substance of), asked by the word;
+    - ``mlpmem_wn_multihop``: two relations chained through a synset that is itself a document of the memory's text
+      ("X is a kind of something; which other word means that something?"), whose answer is not in X's document.
+
+    Every answer is a plain word of the memory's training text. The 3 distractors are headwords of training documents
+    of the answer's part of speech and lexicographer file that are right for no sense of the word. Each subject synset
+    is asked about once in a task; relations take turns (the one with fewest items first), so rare ones are represented.
+    """
+    from mlpmem.wordnet import Synset, synset_key
+
+    if synsets and "pointers" not in synsets[0]:
+        raise MlpmemError(
+            "synsets.jsonl holds no WordNet relations (it was written by an mlpmem that did not keep pointers)",
+            "write the source again: mlpmem tasks source --out SOURCE --overwrite (wordnet.jsonl stays the same, so runs stay valid)",
+        )
+    by_key = {synset_key(s["id"]): s for s in synsets}
+    by_id = {s["id"]: s for s in synsets}
+    train = [by_id[i] for i in train_ids if i in by_id]
+    train_keys = {synset_key(s["id"]) for s in train}
+    docs = {s["id"]: Synset(**s).text().lower() for s in train}
+    seen = {w for text in docs.values() for w in re.findall(r"[a-z]+", text)}  # the memory's vocabulary
+    senses: dict[str, list[dict]] = {}
+    for s in synsets:
+        for lem in s["lemmas"]:
+            senses.setdefault(lem.lower(), []).append(s)
+    pool: dict[tuple[str, str], list[str]] = {}
+    for s in train:
+        if _PLAIN.fullmatch(s["lemmas"][0]):
+            pool.setdefault((s["pos"], s["lexname"]), []).append(s["lemmas"][0])
+    by_pos: dict[str, list[str]] = {}
+    for (pos, _), words in sorted(pool.items()):
+        by_pos.setdefault(pos, []).extend(words)
+
+    def usable(word: str, subject: dict, relation: str = "") -> bool:
+        """A plain word of the memory's text that is not the subject itself (nor, but for synonyms, one of its words)."""
+        own = subject["lemmas"][:1] if relation == "synonym" else subject["lemmas"]
+        return bool(_PLAIN.fullmatch(word)) and word in seen and word not in {lem.lower() for lem in own}
+
+    def choose(word: str, answer: str, answer_synset: dict, wrong: set[str], rng: random.Random) -> tuple[list, int] | None:
+        cands = [w for w in pool.get((answer_synset["pos"], answer_synset["lexname"]), []) if w not in wrong]
+        if len(cands) < 3:
+            cands += [w for w in by_pos.get(answer_synset["pos"], []) if w not in wrong and w not in cands]
+        if len(set(cands)) < 3:
+            return None
+        return _place(f" {answer}", [f" {w}" for w in rng.sample(sorted(set(cands)), 3)], rng)
+
+    def one_hop(s: dict, relation: str, rng: random.Random) -> dict | None:
+        word, text = s["lemmas"][0], _template(ONE_HOP, relation, s["pos"])
+        if text is None:
+            return None
+        found = hop([(s, 1)], relation, by_key)
+        answer = next(((t, w) for t, j in found for w in hop_words([(t, j)]) if usable(w, s, relation)), None)
+        if answer is None:
+            return None
+        right = set(hop_words(hop(word_senses(word, senses), relation, by_key))) | {word}
+        placed = choose(word, answer[1], answer[0], right, rng)
+        if placed is None:
+            return None
+        question = text.format(w=word, pos=s["pos"])
+        return {
+            "synset": s["id"],
+            "relation": relation,
+            "answer_synset": answer[0]["id"],
+            "answer_in_subject_document": answer[1] in re.findall(r"[a-z]+", docs[s["id"]]),
+            "query": question,
+            "prompt": f"Question: {question}\nAnswer:",
+            "choices": placed[0],
+            "label": placed[1],
+            "answers": [answer[1]],
+        }
+
+    def two_hop(s: dict, chain: tuple[str, str], rng: random.Random) -> dict | None:
+        word = s["lemmas"][0]
+        first, second = _template(FIRST_HOP, chain[0], s["pos"]), _template(SECOND_HOP, chain[1], s["pos"])
+        if first is None or second is None:
+            return None
+        for mid, j in hop([(s, 1)], chain[0], by_key):
+            if synset_key(mid["id"]) not in train_keys:  # the second fact must be a document of the memory's text
+                continue
+            # "another name for that something": not the word that names it (the one-hop answer)
+            for t, k in hop([(mid, j or 1) if chain[1] == "synonym" else (mid, j)], chain[1], by_key):
+                # the answer is not in the subject's own document: one document cannot give it
+                answer = next((w for w in hop_words([(t, k)]) if usable(w, s) and w not in re.findall(r"[a-z]+", docs[s["id"]])), None)
+                if answer is None:
+                    continue
+                right = set(hop_words(hop(hop(word_senses(word, senses), chain[0], by_key), chain[1], by_key)))
+                right |= set(hop_words(hop(word_senses(word, senses), chain[0], by_key))) | {word}
+                placed = choose(word, answer, t, right, rng)
+                if placed is None:
+                    return None
+                question = f"{first.format(w=word)} {second}"
+                return {
+                    "synset": s["id"],
+                    "relation": "+".join(chain),
+                    "via_synset": mid["id"],
+                    "answer_synset": t["id"],
+                    "query": question,
+                    "prompt": f"Question: {question}\nAnswer:",
+                    "choices": placed[0],
+                    "label": placed[1],
+                    "answers": [answer],
+                }
+        return None
+
+    if name == "mlpmem_wn_relations":
+        kinds, make = list(dict.fromkeys(r for r, _ in ONE_HOP)), one_hop
+    else:
+        kinds, make = list(dict.fromkeys((a, b) for a, _ in FIRST_HOP for b, _ in SECOND_HOP)), two_hop
+    items: list[dict] = []
+    count = dict.fromkeys(kinds, 0)
+    for s in _shuffled(train, cfg.seed, name):
+        if len(items) >= cfg.n_items + cfg.n_valid:
+            break
+        if not _PLAIN.fullmatch(s["lemmas"][0]):
+            continue
+        rng = random.Random(f"{cfg.seed}:{name}:{s['id']}")
+        for kind in sorted(kinds, key=lambda k: (count[k], kinds.index(k))):  # the kind with fewest items first
+            item = make(s, kind, rng)
+            if item is not None:
+                items.append(item)
+                count[kind] += 1
+                break
+    if len(items) < 2:
+        raise MlpmemError(
+            f"only {len(items)} items of {name} could be built from the train split",
+            "use a corpus with more train tokens (more WordNet documents: mlpmem tasks source --n-synsets)",
+        )
+    # two hops need both synsets in the memory's text, which a small sample rarely holds: valid takes at most a quarter
+    n_valid = min(cfg.n_valid, len(items) // 4) or 1
+    return items[n_valid:], items[:n_valid]
+
+
 _SENT = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"])")
 _NUMBER = re.compile(r"(?<![\w$.,])(\d{1,3}(?:,\d{3})+|\d+)(?![\w,]*\d)")
 _NAME = re.compile(r"(?<=[a-z,;] )([A-Z][a-z]{3,})(?=[ ,.;])")
@@ -395,19 +642,9 @@ def sotu_items(texts: list[tuple[str, str]], cfg: TasksConfig) -> tuple[list[dic
     sentence; the 3 distractors are of the same kind, taken from the same speeches (years
     near the answer, figures with as many digits, other names).
     """
-    sentences = []
-    for doc_id, text in texts:
-        for sent in _SENT.split(" ".join(text.split())):
-            if 8 <= len(sent.split()) <= 50:
-                sentences.append((doc_id, sent))
-    numbers, names = set(), set()
-    for _, sent in sentences:
-        numbers |= set(_NUMBER.findall(sent))
-        names |= set(_NAME.findall(sent))
-    numbers_by_len: dict[int, list[str]] = {}
-    for n in sorted(numbers):
-        numbers_by_len.setdefault(len(n), []).append(n)
-    names_sorted = sorted(names)
+    sentences = sotu_sentences(texts)
+    numbers_by_len = _numbers_by_len(sentences)
+    names_sorted = sorted({n for _, sent in sentences for n in _NAME.findall(sent)})
     # first one blank per sentence, then (if more items are wanted) a second one: the first items of the
     # file (what lm-eval's --limit takes) are then independent sentences
     items, wanted = [], cfg.n_sotu + cfg.n_valid
@@ -434,16 +671,39 @@ def sotu_items(texts: list[tuple[str, str]], cfg: TasksConfig) -> tuple[list[dic
     return test, items[: cfg.n_valid]
 
 
-def _sotu_item(doc_id: str, sent: str, kind: str, m: re.Match, numbers_by_len: dict, names_sorted: list, rng: random.Random) -> dict | None:
-    answer = m.group(1)
+def sotu_sentences(texts: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """[(document id, sentence)] of the speeches, sentences of 8 to 50 words."""
+    return [(doc_id, sent) for doc_id, text in texts for sent in _SENT.split(" ".join(text.split())) if 8 <= len(sent.split()) <= 50]
+
+
+def _numbers_by_len(sentences: list[tuple[str, str]]) -> dict[int, list[str]]:
+    """Every number written in the sentences, by its length in characters (distractors look like the answer)."""
+    out: dict[int, list[str]] = {}
+    for n in sorted({n for _, sent in sentences for n in _NUMBER.findall(sent)}):
+        out.setdefault(len(n), []).append(n)
+    return out
+
+
+def is_year(answer: str) -> bool:
+    return len(answer) == 4 and answer.isdigit() and 1700 <= int(answer) <= 2020
+
+
+def same_kind(answer: str, kind: str, sent: str, numbers_by_len: dict[int, list[str]], others: list[str]) -> list[str]:
+    """Distractors of the answer's kind that its sentence does not hold: years near a year, numbers of as many
+    characters for another number, ``others`` (names, offices) for the rest; sorted."""
     if kind == "number":
-        if len(answer) == 4 and answer.isdigit() and 1700 <= int(answer) <= 2020:
+        if is_year(answer):
             cands = [str(int(answer) + d) for d in (-30, -20, -10, -5, -3, -2, -1, 1, 2, 3, 5, 10, 20, 30)]
         else:
             cands = [n for n in numbers_by_len.get(len(answer), []) if n != answer]
     else:
-        cands = [n for n in names_sorted if n != answer]
-    cands = sorted({c for c in cands if c != answer and c not in sent})
+        cands = [n for n in others if n != answer]
+    return sorted({c for c in cands if c != answer and c not in sent})
+
+
+def _sotu_item(doc_id: str, sent: str, kind: str, m: re.Match, numbers_by_len: dict, names_sorted: list, rng: random.Random) -> dict | None:
+    answer = m.group(1)
+    cands = same_kind(answer, kind, sent, numbers_by_len, names_sorted)
     if len(cands) < 3:
         return None
     choices, label = _place(f" {answer}", [f" {c}" for c in rng.sample(cands, 3)], rng)
@@ -457,6 +717,134 @@ def _sotu_item(doc_id: str, sent: str, kind: str, m: re.Match, numbers_by_len: d
         "choices": choices,
         "label": label,
     }
+
+
+# a number and the words after it, in which count_role finds what it counts
+_COUNT = re.compile(r"(?<![\w$.,])(\d{1,3}(?:,\d{3})+|\d+)((?: [a-z]+){1,6})")
+_MULTIPLIER = ("million", "billion", "thousand", "hundred")
+_OFFICE = re.compile(
+    r"\b((?:Secretary|Commissioner|Department|Director|Bureau) of (?:the )?[A-Z][a-z]+"
+    r"(?: (?:Affairs|Engineers|Security|Services|Development|Education|Justice|Commerce|Labor))?|"
+    r"Attorney[- ]General|Postmaster[- ]General|Chief Justice|Surgeon General|Vice President)\b"
+)
+# words that open a sentence or fill it, and say nothing of its topic
+_FILLER = frozenset(
+    "since within while whether upon during among tonight today last next first year years shall still already nearly".split()
+)
+_SPEECH = re.compile(r"(\d{4})_([a-z_]+)_[a-z]+")  # the corpus's document ids: 1823_james_monroe_dr
+ROLE_QUESTION = {
+    "count": "What number of {role} did he give?",
+    "percent": "What percentage did he give?",
+    "year": "Which year did he name?",
+    "office": "Which office or department did he name?",
+}
+
+
+def speech_intro(doc_id: str) -> str:
+    """ "In his 1823 State of the Union address, James Monroe" from a document id (a plain phrase for other ids)."""
+    m = _SPEECH.fullmatch(doc_id)
+    if m is None:
+        return "In a State of the Union address, the President"
+    name = " ".join(w.capitalize() + ("." if len(w) == 1 else "") for w in m.group(2).split("_"))
+    return f"In his {m.group(1)} State of the Union address, {name}"
+
+
+def keywords(sent: str, leave_out: str, n: int = 6) -> list[str]:
+    """Up to ``n`` content words of a sentence in its order (4+ letters, once each), none of them a word of ``leave_out``:
+    the sentence's topic, without its wording."""
+    drop = {w.lower() for w in re.findall(r"[A-Za-z]+", leave_out)}
+    out = []
+    for w in re.findall(r"[A-Za-z]+(?:'[a-z]+)?", sent):
+        base = w.split("'")[0].lower()
+        if len(w) >= 4 and base not in STOPWORDS and base not in _FILLER and base not in drop and w not in out:
+            out.append(w)
+    return out[:n]
+
+
+def count_role(words: list[str]) -> str | None:
+    """What a number counts, from the lowercase words after it: [multiplier] noun [noun] [of [the] noun [noun]]
+    ("million acres of roadless lands", "community police", "per cent"); None when the next word is no noun."""
+    if words[:2] == ["per", "cent"]:
+        return "per cent"
+
+    def noun(w: str) -> bool:
+        return len(w) >= 3 and w not in STOPWORDS
+
+    i = 1 if words and words[0] in _MULTIPLIER else 0
+    if i >= len(words) or not noun(words[i]):
+        return None
+    end = i + 1 + (i + 1 < len(words) and noun(words[i + 1]))
+    if end < len(words) and words[end] == "of":
+        j = end + 1 + (end + 1 < len(words) and words[end + 1] == "the")
+        if j < len(words) and noun(words[j]):
+            end = j + 1 + (j + 1 < len(words) and noun(words[j + 1]))
+    return " ".join(words[:end])
+
+
+def role_spans(sent: str) -> list[tuple[str, str, str]]:
+    """(kind, answer, role) of what a sentence gives by its role: a number of something (``count``, ``percent``),
+    a year, an office."""
+    out = []
+    for m in _COUNT.finditer(sent):
+        role = None if is_year(m.group(1)) else count_role(m.group(2).split())  # "in 1822 the ..." is a year
+        if role is not None:
+            out.append(("percent" if role.startswith(("percent", "per cent")) else "count", m.group(1), role))
+    out += [("year", m.group(1), "year") for m in _NUMBER.finditer(sent) if is_year(m.group(1))]
+    out += [("office", m.group(1), "office") for m in _OFFICE.finditer(sent)]
+    return out
+
+
+def sotu_role_items(texts: list[tuple[str, str]], cfg: TasksConfig) -> tuple[list[dict], list[dict]]:
+    """(test, valid) State of the Union facts asked by their role, not in the speech's words: a number by what it
+    counts, a year, an office, with the speech's year, speaker and the sentence's topic words around it::
+
+        In his 1823 State of the Union address, James Monroe spoke of established, mail, transported and contracts.
+        Question: What number of miles of post roads did he give?
+
+    One item per sentence, the kind with fewest items first; 4 choices of the same kind as ``mlpmem_sotu_facts``'s
+    (figures with as many characters, years near the answer, other offices named in the speeches).
+    """
+    sentences = sotu_sentences(texts)
+    numbers_by_len = _numbers_by_len(sentences)
+    offices = sorted({m for _, sent in sentences for m in _OFFICE.findall(sent)})
+    items: list[dict] = []
+    count = dict.fromkeys(ROLE_QUESTION, 0)
+    for doc_id, sent in _shuffled(sentences, cfg.seed, "sotu-roles"):
+        if len(items) >= cfg.n_sotu + cfg.n_valid:
+            break
+        rng = random.Random(f"{cfg.seed}:roles:{doc_id}:{sent}")
+        spans = role_spans(sent)
+        rng.shuffle(spans)
+        spans.sort(key=lambda sp: count[sp[0]])  # stable: the rarest kind first, in shuffled order within a kind
+        for kind, answer, role in spans:
+            cands = same_kind(answer, "office" if kind == "office" else "number", sent, numbers_by_len, offices)
+            topic = keywords(sent, f"{answer} {role}")
+            if len(cands) < 3 or len(topic) < 2:
+                continue
+            choices, label = _place(f" {answer}", [f" {c}" for c in rng.sample(cands, 3)], rng)
+            context = f"{speech_intro(doc_id)} spoke of {', '.join(topic[:-1])} and {topic[-1]}."
+            question = ROLE_QUESTION[kind].format(role=role)
+            if answer in context:  # the speech's own year, say: the question would give the answer
+                continue
+            items.append(
+                {
+                    "document": doc_id,
+                    "kind": kind,
+                    "role": role,
+                    "sentence": sent,  # the training sentence the fact comes from (not shown to the model)
+                    "query": f"{context} {question}",
+                    "answers": [answer],
+                    "prompt": f"{context}\nQuestion: {question}\nAnswer:",
+                    "choices": choices,
+                    "label": label,
+                }
+            )
+            count[kind] += 1
+            break
+    if len(items) < 2:
+        raise MlpmemError(f"only {len(items)} State of the Union role items could be built", "use a corpus with more train tokens")
+    n_valid = min(cfg.n_valid, len(items) // 4) or 1
+    return items[n_valid:], items[:n_valid]
 
 
 def reasoning_items(cfg: TasksConfig) -> tuple[list[dict], list[dict]]:
@@ -497,14 +885,17 @@ def reasoning_items(cfg: TasksConfig) -> tuple[list[dict], list[dict]]:
 # copied into a built task folder beside the items (mlpmem/tasks/knowledge/)
 TASK_FILES = Path(__file__).parent / "tasks" / "knowledge"
 _MC, _EM, _DEFINE = ((TASK_FILES / f"{kind}.yaml").read_text() for kind in ("multiple_choice", "exact_match", "define"))
-BODY = {"mlpmem_wn_mc": _MC, "mlpmem_wn_em": _EM, "mlpmem_wn_define": _DEFINE, "mlpmem_sotu_facts": _MC, "mlpmem_reasoning": _MC}
-PRIMARY = {
-    "mlpmem_wn_mc": "acc",
-    "mlpmem_wn_em": "exact_match",
-    "mlpmem_wn_define": "f1",
-    "mlpmem_sotu_facts": "acc",
-    "mlpmem_reasoning": "acc",
+BODY = {
+    "mlpmem_wn_mc": _MC,
+    "mlpmem_wn_em": _EM,
+    "mlpmem_wn_define": _DEFINE,
+    "mlpmem_wn_relations": _MC,
+    "mlpmem_wn_multihop": _MC,
+    "mlpmem_sotu_facts": _MC,
+    "mlpmem_sotu_roles": _MC,
+    "mlpmem_reasoning": _MC,
 }
+PRIMARY = {name: {_EM: "exact_match", _DEFINE: "f1"}.get(body, "acc") for name, body in BODY.items()}
 
 
 def task_yaml(name: str, data: Path) -> str:
@@ -558,8 +949,19 @@ def build_tasks(
         return out_dir
     synsets = _read_jsonl(source_dir / "synsets.jsonl")
     built = wordnet_items(synsets, train_ids, cfg)
+    # the tasks in other words need relations (a source written by this version) and enough related facts in the
+    # memory's text; one that cannot be built is left out with its reason in the manifest, and the others are built
+    not_built: dict[str, str] = {}
+    makers = {name: (lambda name=name: relation_items(synsets, train_ids, cfg, name)) for name in RELATION_TASKS}
     if sotu is not None:
         built["mlpmem_sotu_facts"] = sotu_items(sotu[0], cfg)
+        makers["mlpmem_sotu_roles"] = lambda: sotu_role_items(sotu[0], cfg)
+    for name, make in makers.items():
+        try:
+            built[name] = make()
+        except MlpmemError as e:
+            not_built[name] = str(e)
+            log.warning("%s is not built: %s", name, e)
     built["mlpmem_reasoning"] = reasoning_items(cfg)
     shutil.copyfile(TASK_FILES / "utils.py", out_dir / "utils.py")
     files, tasks = {"utils": file_record(out_dir, out_dir / "utils.py")}, {}
@@ -590,6 +992,7 @@ def build_tasks(
             "wordnet_corpus": wordnet_split,
             "sotu_corpus": sotu[1] if sotu else None,
             "tasks": tasks,
+            "not_built": not_built,
             "files": files,
         },
     )

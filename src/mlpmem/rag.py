@@ -26,6 +26,11 @@ run each prompt once for all its choices unless ``shared_context=false``::
 
     mlpmem-lm-eval --model mlpmem-rag --model_args memory=RUN/train/memory,lambda_=0,k=3,chunk_words=48 --tasks ... --include_path TASKS
     mlpmem-lm-eval --model mlpmem-rag --model_args pretrained=MODEL,corpus=RUN/corpus --tasks ...
+    mlpmem-lm-eval --model mlpmem-rag --model_args memory=RUN/train/memory,preset=top5x100 --tasks ...
+
+``preset=top3x100`` and ``preset=top5x100`` are RAG as users deploy it: the top 3 or 5
+passages of about 100 words (:data:`PRESETS`); without a preset, ``k`` defaults to 3 and
+``chunk_words`` to 48.
 
 ``corpus`` defaults to the corpus the memory was trained on (from its manifests).
 """
@@ -54,6 +59,29 @@ class RagConfig:
             raise MlpmemError(
                 f"RAG needs k >= 1 and chunk_words >= 1, got k={self.k}, chunk_words={self.chunk_words}", "use e.g. k=3, chunk_words=48"
             )
+
+
+# RAG as users deploy it: passages of about 100 words (DPR's Wikipedia passages; LangChain's and LlamaIndex's
+# defaults are of that order), the top 3 or 5 before the question; beside a k and chunk size tuned on valid items
+PRESETS = {"top3x100": RagConfig(3, 100), "top5x100": RagConfig(5, 100)}
+
+
+def rag_config(preset: str | None = None, k: int | str | None = None, chunk_words: int | str | None = None) -> RagConfig:
+    """The retrieval settings from a preset name or explicit ``k`` and ``chunk_words`` (the defaults fill what is not given)."""
+    if preset is not None:
+        if preset not in PRESETS:
+            raise MlpmemError(f"no RAG preset {preset!r}", f"use one of {', '.join(PRESETS)}, or give k= and chunk_words=")
+        if k is not None or chunk_words is not None:
+            raise MlpmemError(
+                f"the RAG preset {preset!r} sets k and chunk_words, and k={k}, chunk_words={chunk_words} were given too",
+                "give either preset= or k= and chunk_words=",
+            )
+        cfg = PRESETS[preset]
+    else:
+        default = RagConfig()
+        cfg = RagConfig(int(default.k if k is None else k), int(default.chunk_words if chunk_words is None else chunk_words))
+    cfg.check()
+    return cfg
 
 
 def split_texts(corpus_dir: Path, split: str = "train") -> list[str]:
@@ -248,8 +276,9 @@ class RagLM(ModelArgs, RetrievalLM):  # ModelArgs: device= (batch_size=) in --mo
     def __init__(
         self,
         corpus: str | None = None,
-        k: int = 3,
-        chunk_words: int = 48,
+        k: int | None = None,
+        chunk_words: int | None = None,
+        preset: str | None = None,
         memory: str | None = None,
         pretrained: str | None = None,
         lambda_: float = 0.0,
@@ -259,7 +288,7 @@ class RagLM(ModelArgs, RetrievalLM):  # ModelArgs: device= (batch_size=) in --mo
     ) -> None:
         from mlpmem.lm_eval_backend import parse_bool
 
-        RagConfig(int(k), int(chunk_words)).check()
+        cfg = rag_config(preset, k, chunk_words)
         shared = parse_bool("shared_context", shared_context)
         if corpus is None:
             if memory is None:
@@ -273,7 +302,7 @@ class RagLM(ModelArgs, RetrievalLM):  # ModelArgs: device= (batch_size=) in --mo
             from mlpmem.knowledge_tasks import check_tasks
 
             check_tasks(Path(tasks), Path(corpus))
-        retriever = BM25Retriever.from_corpus(Path(corpus), int(chunk_words))  # before the model loads: a bad corpus fails fast
+        retriever = BM25Retriever.from_corpus(Path(corpus), cfg.chunk_words)  # before the model loads: a bad corpus fails fast
         if memory is not None or (pretrained is not None and _is_mlpmem_folder(Path(pretrained))):
             from mlpmem.lm_eval_backend import MLPMemoryLM
 
@@ -281,7 +310,7 @@ class RagLM(ModelArgs, RetrievalLM):  # ModelArgs: device= (batch_size=) in --mo
         else:
             inner = plain_hflm(pretrained, **kwargs)
             inner = SharedContextLM(inner) if shared else inner
-        super().__init__(inner, retriever, int(k))  # prompts with passages are long: by default each runs once per item
+        super().__init__(inner, retriever, cfg.k)  # prompts with passages are long: by default each runs once per item
 
 
 if __name__ != "__main__":  # run as `python -m mlpmem.rag`, the package's module registers it (below), not this copy

@@ -39,6 +39,16 @@ LEXNAMES = (
     "verb.weather adj.ppl"
 ).split()
 _ADJ_MARKER = re.compile(r"\((a|p|ip)\)$")
+# the pointers kept (wninput(5WN)), by symbol: "X hypernym Y" reads "X is a kind of Y", "X part_of Y" "X is a part of Y".
+# Only one direction of each pair is kept (WordNet stores both: ~ hyponym mirrors @, %p part meronym mirrors #p).
+RELATIONS = {
+    "@": "hypernym",
+    "@i": "instance_hypernym",
+    "!": "antonym",
+    "#m": "member_of",
+    "#p": "part_of",
+    "#s": "substance_of",
+}
 
 
 @dataclass
@@ -49,6 +59,9 @@ class Synset:
     lemmas: list[str]  # spaces, not underscores; adjective markers removed
     definition: str  # the gloss's definitions, examples removed
     examples: list[str] = field(default_factory=list)
+    # [relation, target synset id, source word, target word] per kept pointer; the word numbers count from 1 in
+    # ``lemmas`` and are 0 for a relation between whole synsets (antonyms are between words)
+    pointers: list[list] = field(default_factory=list)
 
     def text(self) -> str:
         """The document the memory trains on: the fact every task item asks about."""
@@ -69,7 +82,27 @@ def parse_line(line: str) -> Synset | None:
     words = [_ADJ_MARKER.sub("", f[4 + 2 * i]).replace("_", " ") for i in range(w_cnt)]
     definition, examples = split_gloss(gloss)
     lexname = LEXNAMES[lexnum] if 0 <= lexnum < len(LEXNAMES) else str(lexnum)
-    return Synset(f"{ss_type}:{offset}", POS_NAME[ss_type], lexname, words, definition, examples)
+    return Synset(f"{ss_type}:{offset}", POS_NAME[ss_type], lexname, words, definition, examples, parse_pointers(f[4 + 2 * w_cnt :]))
+
+
+def parse_pointers(fields: list[str]) -> list[list]:
+    """The kept pointers of a data line, from its pointer count on: ``["003", "@", "00001740", "n", "0000", ...]``.
+
+    A pointer's target part of speech is ``a`` also for a satellite adjective (ids ``s:...``):
+    :func:`synset_key` makes the two meet.
+    """
+    n = int(fields[0])
+    out = []
+    for j in range(n):
+        symbol, offset, pos, words = fields[1 + 4 * j : 5 + 4 * j]
+        if symbol in RELATIONS:
+            out.append([RELATIONS[symbol], f"{pos}:{offset}", int(words[:2], 16), int(words[2:], 16)])
+    return out
+
+
+def synset_key(synset_id: str) -> str:
+    """The id under which pointers name a synset (satellite adjectives are pointed at as ``a``)."""
+    return "a:" + synset_id[2:] if synset_id.startswith("s:") else synset_id
 
 
 def split_gloss(gloss: str) -> tuple[str, list[str]]:

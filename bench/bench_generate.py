@@ -7,7 +7,7 @@ Each memory is built from its config with random blocks (speed does not depend o
 weights): width = the LM's hidden size, n residual blocks, reading the last layer's output
 (the default recipe's read site). ``ownN``: N blocks and the memory's own head, today's
 trained default (a copy of the LM's head that training moves); ``sharedN``: N blocks and the
-LM's own head (a memory trained with ``freeze_head``), which the model class runs in the
+LM's own head (a memory trained with ``freeze_head``; ``sharedNrR`` with a rank-R correction beside it, ``head_rank``), which the model class runs in the
 same matrix product as the LM's. Greedy decoding with the KV cache, exactly
 ``--new-tokens`` new tokens per sequence, at each ``--batches`` size; and one scoring pass
 (every position's log-probs) over ``--score-tokens`` tokens. Every repeat runs all systems
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
 
@@ -31,10 +32,11 @@ from mlpmem.memory import MemoryConfig, MLPMemory, init_from_lm, lm_settings
 from mlpmem.models import load_model, logits_size, num_parameters, tokenizer_hash
 
 
-def build_memory(lm, blocks: int, shared: bool) -> MLPMemory:
-    """A memory of ``blocks`` random blocks whose head is a copy of the LM's (lm_copy); ``shared`` keeps it equal."""
+def build_memory(lm, blocks: int, shared: bool, rank: int = 0) -> MLPMemory:
+    """A memory of ``blocks`` random blocks whose head is a copy of the LM's (lm_copy); ``shared`` keeps it equal;
+    ``rank``: a low-rank correction beside the head (head_rank)."""
     d = lm.config.get_text_config().hidden_size
-    cfg = dict(d_in=d, vocab_size=logits_size(lm), n_blocks=blocks, init="lm_copy", zero_init_blocks=False)
+    cfg = dict(d_in=d, vocab_size=logits_size(lm), n_blocks=blocks, init="lm_copy", zero_init_blocks=False, head_rank=rank)
     memory = MLPMemory(MemoryConfig(**cfg, freeze_head=shared, **lm_settings(lm, "lm_copy")))
     init_from_lm(memory, lm)
     if not shared:  # a trained own head: no longer the LM's
@@ -56,7 +58,7 @@ def spread(values: list[float]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--variants", nargs="+", default=["own4", "shared4", "shared2", "shared1"])
+    p.add_argument("--variants", nargs="+", default=["own4", "shared4", "shared2", "shared1r64", "shared1"])
     p.add_argument("--score-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=32)
@@ -70,7 +72,7 @@ def main() -> None:
     started = start()
     a.out = a.out or str(results_dir() / "generate.json")
     if a.quick:
-        a.new_tokens, a.batches, a.repeats, a.score_tokens, a.variants = 8, [1], 1, 64, ["own4", "shared1"]
+        a.new_tokens, a.batches, a.repeats, a.score_tokens, a.variants = 8, [1], 1, 64, ["own4", "shared1r64"]
         a.out = a.out.replace("generate.json", "generate_quick.json")
 
     if a.threads:
@@ -82,10 +84,11 @@ def main() -> None:
     systems = {"lm": lm}
     memories = {}
     for v in a.variants:
-        kind, blocks = v.rstrip("0123456789"), int(v[len(v.rstrip("0123456789")) :] or 4)
-        if kind not in ("own", "shared"):
-            p.error(f"unknown variant {v!r}: ownN or sharedN")
-        memories[v] = build_memory(lm, blocks, kind == "shared")
+        m = re.fullmatch(r"(own|shared)(\d+)(?:r(\d+))?", v)
+        if not m:
+            p.error(f"unknown variant {v!r}: ownN, sharedN or sharedNrR (N blocks, a rank-R correction beside the head)")
+        kind, blocks, rank = m.group(1), int(m.group(2)), int(m.group(3) or 0)
+        memories[v] = build_memory(lm, blocks, kind == "shared", rank)
         systems[v] = MLPMemoryForCausalLM.from_parts(lm, memories[v], meta, tokenizer=tok, lambda_=a.lam).eval()
         assert systems[v].head_shared("memory") == (kind == "shared")
 

@@ -3,8 +3,9 @@
     ./dev demo                                                                      # runs/sotu: own head, 4 blocks
     mlpmem run sotu --out runs/sotu_fh4 train.freeze_head=true eval.mixing=fixed    # the LM's head, 4 blocks
     mlpmem run sotu --out runs/sotu_fh2 train.freeze_head=true train.n_blocks=2 eval.mixing=fixed
+    mlpmem run sotu --out runs/sotu_fh1r64 train.freeze_head=true train.n_blocks=1 train.head_rank=64 eval.mixing=fixed
     # runs/gate/gcide_corpus: the two commands at the top of bench_mixing.py
-    python bench/bench_shared_head.py --runs runs/sotu runs/sotu_fh4 runs/sotu_fh2 [--threads 2] [--quick]
+    python bench/bench_shared_head.py --runs runs/sotu runs/sotu_fh4 runs/sotu_fh2 runs/sotu_fh1r64 [--threads 2] [--quick]
 
 A memory whose head stays the LM's output layer is what lets the model class compute both
 heads in one matrix product (bench_generate.py measures the speed). This script measures what
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", type=Path, nargs="+", default=[ROOT / "runs/sotu", ROOT / "runs/sotu_fh4", ROOT / "runs/sotu_fh2"])
+    p.add_argument("--runs", type=Path, nargs="+", default=[ROOT / f"runs/{r}" for r in ("sotu", "sotu_fh4", "sotu_fh2", "sotu_fh1r64")])
     p.add_argument("--ood", type=Path, default=ROOT / "runs/gate/gcide_corpus", help="out-of-domain corpus (same tokenizer)")
     p.add_argument("--ood-tokens", type=int, default=8000)
     p.add_argument("--threads", type=int, default=None)
@@ -73,6 +74,7 @@ def main() -> None:
         row = {
             "blocks": mem.config.n_blocks,
             "freeze_head": mem.config.freeze_head,
+            "head_rank": mem.config.head_rank,
             "head_is_the_lms": shared,
             "params": mem.num_parameters(),
             "weights_read_per_token_beyond_the_lm": mem.num_parameters() - (mem.head.weight.numel() if shared else 0),

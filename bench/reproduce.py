@@ -395,9 +395,12 @@ PLAN: list[Step] = [
         [
             [MLPMEM, "run", "sotu", "--out", "{runs}/sotu_fh4", "train.freeze_head=true", "eval.mixing=fixed"],
             [MLPMEM, "run", "sotu", "--out", "{runs}/sotu_fh2", "train.freeze_head=true", "train.n_blocks=2", "eval.mixing=fixed"],
+            [MLPMEM, "run", "sotu", "--out", "{runs}/sotu_fh1r64", "train.freeze_head=true", "train.n_blocks=1", "train.head_rank=64"]
+            + ["eval.mixing=fixed"],
             script(
                 "bench_shared_head.py",
-                *("--threads", "2", "--runs", "{runs}/sotu", "{runs}/sotu_fh4", "{runs}/sotu_fh2", "--ood", "{runs}/gcide100k/corpus"),
+                *("--threads", "2", "--runs", "{runs}/sotu", "{runs}/sotu_fh4", "{runs}/sotu_fh2", "{runs}/sotu_fh1r64"),
+                *("--ood", "{runs}/gcide100k/corpus"),
             ),
         ],
         ("shared_head",),
@@ -418,7 +421,7 @@ PLAN: list[Step] = [
             script("bench_shared_head.py", "--quick", "--runs", "{runs}/sotu", "{runs}/sotu_fh2", "--ood", "{runs}/gcide100k_quick/corpus"),
         ],
         quick_minutes=1,
-        notes="two runs of the demo recipe whose memories keep the LM's head (4 and 2 blocks), against runs/sotu's",
+        notes="three runs of the demo recipe whose memories keep the LM's head (4 and 2 blocks; 1 block + a rank-64 correction)",
     ),
     # ------------------------------------------------------------ the documents
     Step(

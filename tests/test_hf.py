@@ -231,12 +231,14 @@ def test_memory_with_the_lms_head_runs_it_in_one_product(arch_parts):
     """A memory whose head is the LM's (lm_copy, frozen head) shares the LM's head call; the mixture is unchanged."""
     _, lm, tok, _, _ = arch_parts
     torch.manual_seed(3)
-    cfg = MemoryConfig(d_in=32, vocab_size=logits_size(lm), n_blocks=1, init="lm_copy", freeze_head=True, zero_init_blocks=False)
+    cfg = MemoryConfig(
+        d_in=32, vocab_size=logits_size(lm), n_blocks=1, init="lm_copy", freeze_head=True, zero_init_blocks=False, head_rank=4
+    )
     mem = MLPMemory(MemoryConfig(**{**cfg.__dict__, **lm_settings(lm, "lm_copy")}))
     init_from_lm(mem, lm)
     with torch.no_grad():
-        for w in mem.blocks.parameters():
-            w.normal_(0.0, 1.0)  # blocks far from the identity: a memory that changes the LM's choices
+        for w in [*mem.blocks.parameters(), *mem.head_delta.parameters()]:
+            w.normal_(0.0, 1.0)  # blocks far from the identity and a correction beside the head: the LM's choices change
     meta = {"tokenizer_hash": tokenizer_hash(tok), "layer": -1, "site": "output"}
     m = MLPMemoryForCausalLM.from_parts(lm, mem.eval(), meta, tokenizer=tok, lambda_=0.5).eval()
     head, rows, own = lm.get_output_embeddings(), [], []

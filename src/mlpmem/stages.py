@@ -135,7 +135,7 @@ STAGES: tuple[Stage, ...] = (
         kind="memory",
         files=("memory", "best", "checkpoints", "metrics.jsonl", "training_curve.png"),
         # folders before keep_best and patience kept the last step's memory; before dropout, none ran
-        added_settings=(("config.keep_best", False), ("config.patience", 0), ("config.dropout", 0.0)),
+        added_settings=(("config.keep_best", False), ("config.patience", 0), ("config.dropout", 0.0), ("config.head_rank", 0)),
         splits=True,
     ),
     Stage("eval", "mlpmem.pipeline:EvalConfig", "mlpmem.pipeline:run_pipeline", title="evaluation: lambda on valid, then the test split"),

@@ -40,6 +40,9 @@ class MemoryConfig:
     freeze_head: bool = False
     zero_init_blocks: bool = True  # blocks start as the identity
     head_bias: bool = False
+    # a trainable low-rank correction beside the head, logits = head(x) + up(down(x)) + bias (up zero at the start):
+    # with freeze_head it lets a memory that keeps the LM's head (one matrix product for both) still move its output
+    head_rank: int = 0
 
     def __post_init__(self) -> None:
         checks = [
@@ -52,6 +55,7 @@ class MemoryConfig:
             (self.norm in NORMS, f"norm must be one of {NORMS}, got {self.norm!r}"),
             (self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}"),
             (self.init in INITS, f"init must be one of {INITS}, got {self.init!r}"),
+            (self.head_rank >= 0, f"head_rank must be >= 0, got {self.head_rank}"),
         ]
         for ok, problem in checks:
             if not ok:
@@ -147,6 +151,8 @@ class MLPMemory(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_blocks))
         self.norm = Norm(w, cfg.norm, cfg.norm_eps)
         self.head = nn.Linear(w, cfg.vocab_size, bias=cfg.head_bias)
+        r = cfg.head_rank
+        self.head_delta = nn.Sequential(nn.Linear(w, r, bias=False), nn.Linear(r, cfg.vocab_size)) if r else None
         self.reset_parameters()
         self.apply_freeze()
 
@@ -165,6 +171,8 @@ class MLPMemory(nn.Module):
             for b in self.blocks:
                 nn.init.zeros_(b.ffn.down.weight)
                 nn.init.zeros_(b.ffn.down.bias)
+        if self.head_delta is not None:  # the correction starts at zero: the head alone
+            nn.init.zeros_(self.head_delta[1].weight)
 
     def apply_freeze(self) -> None:
         for p in self.head.parameters():
@@ -181,7 +189,12 @@ class MLPMemory(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h [..., d_in] (any float dtype) -> logits [..., vocab_size]."""
-        return self.head(self.features(h))
+        x = self.features(h)
+        return self.corrected(x, self.head(x))
+
+    def corrected(self, x: torch.Tensor, head_out: torch.Tensor) -> torch.Tensor:
+        """The logits from the head's input ``x`` and the head's output (computed here, or in the LM's head call)."""
+        return head_out if self.head_delta is None else head_out + self.head_delta(x)
 
     def head_is(self, linear: nn.Module) -> bool:
         """Whether ``linear`` computes exactly this memory's head: same weights (and bias), dtype and device.

@@ -838,15 +838,20 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         # memories whose head is the LM's output layer: their head rows join the LM's in one product
         shared = [n for n in active if self._lm_keeps_logits and self.head_shared(n)]
 
+        feats: dict[str, torch.Tensor] = {}
+
         def head_rows() -> list[torch.Tensor]:
-            return [comps[n].features(keep_positions(store[self.sites[n]], logits_to_keep)) for n in shared]
+            for n in shared:
+                feats[n] = comps[n].features(keep_positions(store[self.sites[n]], logits_to_keep))
+            return [feats[n] for n in shared]
 
         head = self.lm.get_output_embeddings() if shared else None
         with capture(self.lm, list(dict.fromkeys(self.sites[n] for n in active))) as store, stacked_head(head, head_rows) as rows:
             out = self.lm(**base_kwargs)
         logits = out.logits if self._lm_keeps_logits else keep_positions(out.logits, logits_to_keep)
         logprobs = logits.float().log_softmax(-1)
-        by_head = dict(zip(shared, rows))  # empty where the LM did not call its head as expected
+        # empty where the LM did not call its head as expected
+        by_head = {n: comps[n].corrected(feats[n], out_n) for n, out_n in zip(shared, rows)}
         lps = {
             n: output_logprobs(comps[n], by_head[n], temp)
             if n in by_head

@@ -26,6 +26,7 @@ class TrainConfig:
     freeze_head: bool = False
     zero_init_blocks: bool = True
     head_bias: bool = False
+    head_rank: int = 0  # a low-rank correction beside a frozen head (freeze_head): see MemoryConfig
     # input: hidden states of this layer and site (None: the datastore's keys)
     input_layer: int | None = None
     input_site: str | None = None

@@ -481,6 +481,7 @@ def mixing() -> str:
     )
     for note in r.get("notes", []):
         s += f"- {note}\n"
+    s += ood_lmeval()
     rr = load("mixing_router")
     if rr:
         s += (
@@ -503,6 +504,33 @@ def mixing() -> str:
             + "; ".join(f"{d} {', '.join(f'{x:.2f}' for x in w)}" for d, w in rr["mean_router_weights_test"].items())
             + ".\n"
         )
+    return s
+
+
+def ood_lmeval() -> str:
+    o = load("ood_lmeval")
+    if not o:
+        return "\n" + missing("python bench/bench_ood_lmeval.py")
+    s = "\nEvery default, through lm-eval (the acceptance check of the defaults):\n\n```\n" + (command_of(o) or "") + "\n```\n\n"
+    s += when("ood_lmeval")
+    pct = lambda iv: f"{100 * iv['change']:+.2f}% [{100 * iv['low']:+.2f}, {100 * iv['high']:+.2f}]"  # noqa: E731
+    rows = [
+        [
+            kind,
+            r["documents"],
+            f"{r['bytes']:,}",
+            f"{r['bits_per_byte']['base']:.4f}",
+            f"{r['bits_per_byte']['memory_defaults']:.4f}",
+            pct(r["memory_vs_base"]),
+        ]
+        for kind, r in o["kinds"].items()
+    ]
+    s += table(["text", "documents", "bytes", "LM alone (bits/byte)", "LM + memory, every default", "change [95% paired interval]"], rows)
+    s += (
+        f"\n`--model mlpmem --model_args memory={o['run']}/train/memory` and nothing else: {o['mixing_by_default']}; the LM alone is "
+        "the same backend with `lambda_=0`. lm-eval's `loglikelihood_rolling` per document; interval: paired bootstrap over documents. "
+        "`sotu_test` is the memory's own domain (held-out speeches), for contrast.\n\n"
+    )
     return s
 
 

@@ -275,6 +275,17 @@ PLAN: list[Step] = [
         notes="out-of-domain text: the GCIDE corpus of section 1 (the same source and sizes as runs/gate/gcide_corpus)",
     ),
     Step(
+        "ood_lmeval",
+        "7",
+        [script("bench_ood_lmeval.py", "--run", "{runs}/sotu", "--gcide", "{runs}/gcide100k/corpus")],
+        ("ood_lmeval",),
+        needs=("run:sotu", "quality"),
+        minutes=15,
+        quick=[script("bench_ood_lmeval.py", "--quick", "--run", "{runs}/sotu", "--gcide", "{runs}/gcide100k_quick/corpus")],
+        quick_minutes=1,
+        notes="the run's memory with every default through lm-eval's rolling log-likelihood, on text it never saw",
+    ),
+    Step(
         "mixing_router",
         "7",
         [

@@ -238,7 +238,8 @@ def main() -> None:
     sample_s = json.loads((work / "lm_samples_seconds.json").read_text()) if (work / "lm_samples_seconds.json").exists() else float("nan")
     notes.append(
         f"time: scoring every split took {sum(sum(x.seconds.values()) for x in scores.values()):.0f} s of compute (LM forward, memory, "
-        f"features) and sampling the LM text {sample_s:.0f} s, on 2 CPU cores shared with 3 other jobs (load average 9-14); fitting all "
+        f"features) and sampling the LM text {sample_s:.0f} s (scores and samples are cached under --work; the load average is in the "
+        f"provenance); fitting all "
         f"gates {sum(r_['fit_seconds'] for r_ in records.values()):.0f} s"
     )
     # cost: the gate's share of scoring time, per split and overall (features + gate forward vs LM forward + memory)

@@ -9,7 +9,7 @@ of the corpus built as in bench_mixing.py's header), licence texts from /usr/sha
 and the memory's own State of the Union test split (in domain, for contrast). Each text is cut into documents of
 ``--chunk`` words (lm-eval scores each document on its own); about ``--words`` words per kind. Bits per byte,
 and the change against the base with a 95% paired bootstrap interval over documents. Writes
-bench/results/ood_lmeval.json (``--quick``: 600 words per kind, ood_lmeval_quick.json).
+bench/results/ood_lmeval.json (``--quick``: 300 words per kind, ood_lmeval_quick.json).
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def main() -> None:
     from mlpmem.rag import split_texts
 
     suffix = "_quick" if a.quick else ""
-    words = 600 if a.quick else a.words
+    words = 300 if a.quick else a.words
     work = a.work or ROOT / f"runs/bench_ood_lmeval{suffix}"
     work.mkdir(parents=True, exist_ok=True)
     kinds = {

@@ -415,21 +415,13 @@ PLAN: list[Step] = [
             ),
         ],
         ("shared_head",),
-        needs=("run:sotu", "quality"),
+        needs=("run:sotu", "quality", "run:gcide20k"),
         minutes=40,
+        # the smoke run compares two memories that exist already (a GCIDE memory scored on SOTU text): no third training run
         quick=[
-            [
-                MLPMEM,
-                "run",
-                "sotu",
-                "--out",
-                "{runs}/sotu_fh2",
-                "train.freeze_head=true",
-                "train.n_blocks=2",
-                "eval.mixing=fixed",
-                *QUICK_RUN,
-            ],
-            script("bench_shared_head.py", "--quick", "--runs", "{runs}/sotu", "{runs}/sotu_fh2", "--ood", "{runs}/gcide100k_quick/corpus"),
+            script(
+                "bench_shared_head.py", "--quick", "--runs", "{runs}/sotu", "{runs}/gate/gcide20k", "--ood", "{runs}/gcide100k_quick/corpus"
+            )
         ],
         quick_minutes=1,
         notes="three runs of the demo recipe whose memories keep the LM's head (4 and 2 blocks; 1 block + a rank-64 correction)",

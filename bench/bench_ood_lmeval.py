@@ -20,10 +20,10 @@ import math
 from pathlib import Path
 
 import numpy as np
+from bench_mixing import LICENSES
 from provenance import results_dir, start, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
-LICENSES = ("Apache-2.0", "GPL-3", "MPL-2.0", "Artistic", "GFDL-1.3", "CC0-1.0", "LGPL-2.1")
 TASK = """task: {name}
 dataset_path: json
 dataset_kwargs:
@@ -57,7 +57,7 @@ def documents(texts: list[str], chunk: int, words: int) -> list[str]:
     return split_words(texts, chunk)[: max(1, words // chunk)]
 
 
-def paired_bpb(ll_a: np.ndarray, ll_b: np.ndarray, n_bytes: np.ndarray, iters: int = 1000, seed: int = 0) -> dict:
+def paired_bpb(ll_a: np.ndarray, ll_b: np.ndarray, iters: int = 1000, seed: int = 0) -> dict:
     """Bits per byte of A relative to B (bpb_A / bpb_B - 1) over documents, with a 95% paired bootstrap interval."""
     idx = np.random.default_rng(seed).integers(0, len(ll_a), (iters, len(ll_a)))
     change = ll_a[idx].sum(1) / ll_b[idx].sum(1) - 1.0  # bpb = -sum ll / (sum bytes * ln 2): the bytes cancel
@@ -80,6 +80,7 @@ def main() -> None:
     from lm_eval.tasks import TaskManager
 
     import mlpmem.lm_eval_backend  # noqa: F401  (registers the mlpmem backend)
+    from mlpmem.interpolate import interval_text
     from mlpmem.rag import split_texts
 
     suffix = "_quick" if a.quick else ""
@@ -121,7 +122,7 @@ def main() -> None:
             "documents": int(len(d["bytes"])),
             "bytes": int(d["bytes"].sum()),
             "bits_per_byte": bpb,
-            "memory_vs_base": paired_bpb(d["memory_defaults"], d["base"], d["bytes"]),
+            "memory_vs_base": paired_bpb(d["memory_defaults"], d["base"]),
         }
     gate = (a.run / "gate").is_dir()
     result["mixing_by_default"] = "the run's gate" if gate else "the run's valid-fitted lambda (no gate)"
@@ -130,7 +131,7 @@ def main() -> None:
         iv = r["memory_vs_base"]
         print(
             f"{kind:10s} {r['documents']:3d} docs  base {r['bits_per_byte']['base']:.4f}  memory {r['bits_per_byte']['memory_defaults']:.4f} bpb  "
-            f"{100 * iv['change']:+.2f}% [{100 * iv['low']:+.2f}, {100 * iv['high']:+.2f}]"
+            + interval_text(iv)
         )
 
 

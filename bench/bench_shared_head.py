@@ -44,7 +44,7 @@ def main() -> None:
 
     from mlpmem.corpus import Corpus
     from mlpmem.gate import score_memories
-    from mlpmem.interpolate import interpolate_logprobs, paired_ppl_change, perplexity
+    from mlpmem.interpolate import interpolate_logprobs, interval_text, paired_ppl_change, perplexity
     from mlpmem.memory import load_memory
     from mlpmem.models import load_model, tokenizer_hash
     from mlpmem.modeling.read_site import ReadSite
@@ -109,7 +109,7 @@ def main() -> None:
         vs = row.get(f"test_vs_{first}")
         print(
             f"{n:12s} valid {row['valid']:.3f} test {row['test']:.3f} ood {row['ood']:.3f} ({100 * row['ood_vs_base']['change']:+.2f}%)"
-            + (f"  test vs {first} {100 * vs['change']:+.2f}% [{100 * vs['low']:+.2f}, {100 * vs['high']:+.2f}]" if vs else "")
+            + (f"  test vs {first} {interval_text(vs)}" if vs else "")
         )
     print(f"base: valid {base['valid']:.3f} test {base['test']:.3f} ood {base['ood']:.3f}; chosen on valid: {chosen}")
 

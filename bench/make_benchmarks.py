@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import command_of, measured, results_dir  # noqa: E402
 
 from mlpmem.models import DEFAULT_MODEL, model_label  # noqa: E402
+from mlpmem.interpolate import interval_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RES = results_dir()
@@ -340,7 +341,6 @@ def shared_head_quality() -> str:
         return missing("python bench/bench_shared_head.py --threads 2")
     cmd = q.get("command") or command_of(q)
     s = f"What keeping the LM's head costs in quality:\n\n```\n{cmd}\n```\n\n" + when("shared_head")
-    pct = lambda iv: f"{100 * iv['change']:+.2f}% [{100 * iv['low']:+.2f}, {100 * iv['high']:+.2f}]"  # noqa: E731
     ref = q["reference"]
     rows = [
         [
@@ -351,9 +351,9 @@ def shared_head_quality() -> str:
             f"{r['lambda']:.3f}",
             f"{r['valid']:.3f}",
             f"{r['test']:.3f}",
-            pct(r["test_vs_base"]),
-            pct(r[f"test_vs_{ref}"]) if f"test_vs_{ref}" in r else "-",
-            pct(r["ood_vs_base"]),
+            interval_text(r["test_vs_base"]),
+            interval_text(r[f"test_vs_{ref}"]) if f"test_vs_{ref}" in r else "-",
+            interval_text(r["ood_vs_base"]),
         ]
         for name, r in q["runs"].items()
     ]
@@ -435,7 +435,7 @@ def mixing() -> str:
 
     def vs_base(v: dict, split: str) -> str:  # the change and, where measured, its 95% paired interval
         iv = v.get("intervals", {}).get(f"{split}_vs_base")
-        return pct(v[f"{split}_vs_base"]) + (f" [{pct(iv['low'])}, {pct(iv['high'])}]" if iv else "")
+        return interval_text(iv) if iv else pct(v[f"{split}_vs_base"])
 
     rows = [
         [
@@ -516,7 +516,6 @@ def ood_lmeval() -> str:
         return "\n" + missing("python bench/bench_ood_lmeval.py")
     s = "\nEvery default, through lm-eval (the acceptance check of the defaults):\n\n```\n" + (command_of(o) or "") + "\n```\n\n"
     s += when("ood_lmeval")
-    pct = lambda iv: f"{100 * iv['change']:+.2f}% [{100 * iv['low']:+.2f}, {100 * iv['high']:+.2f}]"  # noqa: E731
     rows = [
         [
             kind,
@@ -524,7 +523,7 @@ def ood_lmeval() -> str:
             f"{r['bytes']:,}",
             f"{r['bits_per_byte']['base']:.4f}",
             f"{r['bits_per_byte']['memory_defaults']:.4f}",
-            pct(r["memory_vs_base"]),
+            interval_text(r["memory_vs_base"]),
         ]
         for kind, r in o["kinds"].items()
     ]

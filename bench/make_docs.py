@@ -66,8 +66,10 @@ def _ppl(r: dict, key: str) -> str:
         return "-"
     if key == "base":
         return f"{v:.2f}"
+    from mlpmem.interpolate import interval_text
+
     iv = r.get("vs_base", {}).get(key)
-    return f"{v:.2f} ({100 * (v / base - 1):+.1f}%" + (f" [{100 * iv['low']:+.1f}, {100 * iv['high']:+.1f}])" if iv else ")")
+    return f"{v:.2f} ({interval_text(iv, 1) if iv else f'{100 * (v / base - 1):+.1f}%'})"
 
 
 def results_table() -> str:

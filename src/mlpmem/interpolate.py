@@ -138,6 +138,12 @@ def paired_ppl_change(lp_a: Any, lp_b: Any, block: int = 256, iters: int = 1000,
     return {"change": float(np.exp((b.sum() - a.sum()) / a.size) - 1.0), "low": float(lo), "high": float(hi), "same": bool(lo <= 0.0 <= hi)}
 
 
+def interval_text(change: dict[str, float], digits: int = 2) -> str:
+    """A :func:`paired_ppl_change` result as reports show it: ``-3.89% [-4.82, -2.98]`` (percent)."""
+    pct = lambda v: f"{100 * v:+.{digits}f}"  # noqa: E731
+    return f"{pct(change['change'])}% [{pct(change['low'])}, {pct(change['high'])}]"
+
+
 def fit_lambda_em(lp_lm: Any, lp_other: Any, iters: int = 100, tol: float = 1e-7) -> float:
     """Likelihood-optimal mixture weight of the second distribution.
 

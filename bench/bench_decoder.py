@@ -64,11 +64,11 @@ from mlpmem.corpus import Corpus
 from mlpmem.evaluate import score_online, summarize
 from mlpmem.interpolate import interpolate_logprobs, interpolate_many
 from mlpmem.index import KnnIndex
-from mlpmem.manifest import read_json
+from mlpmem.files import read_json
 from mlpmem.memory import MemoryInput, load_memory
 from mlpmem.models import cache_dir, load_model, num_parameters, separator_id, tokenizer_hash
 from mlpmem.modeling.read_site import ReadSite
-from mlpmem.store import Datastore
+from mlpmem.datastore import Datastore
 
 log = logging.getLogger("bench_decoder")
 LN2 = math.log(2.0)

@@ -27,7 +27,7 @@ import time
 import torch
 from provenance import results_dir, start, write_result
 
-from mlpmem.hf import MLPMemoryForCausalLM
+from mlpmem.transformers_integration import MLPMemoryForCausalLM
 from mlpmem.memory import MemoryConfig, MLPMemory, init_from_lm, lm_settings
 from mlpmem.models import load_model, logits_size, num_parameters, tokenizer_hash
 

@@ -180,7 +180,7 @@ def step_score(a, d: str | None, name: str) -> None:
 def step_report(a) -> dict:
     from mlpmem.gate import GateConfig, fit_gate, gate_lambdas
     from mlpmem.interpolate import fit_lambda_em, interpolate_logprobs, interpolate_per_token, perplexity
-    from mlpmem.manifest import read_json
+    from mlpmem.files import read_json
 
     out_rows: dict[str, dict] = {}
     training: dict[str, dict] = {}

@@ -5,7 +5,7 @@
 
 MLPMemoryForCausalLM.from_memory([runs/sotu/train/memory, runs/gate/gcide20k/train/memory])
 (SmolLM2-135M; the memories bench/bench_mixing.py --router measured in the scoring path,
-bench/results/mixing_router.json), a router fitted and attached by mlpmem.hf.fit_router on the
+bench/results/mixing_router.json), a router fitted and attached by mlpmem.transformers_integration.fit_router on the
 first --tokens tokens of each domain's valid split, then every system scored on the first --tokens
 tokens of each domain's test split through the model class's forward (windows 512 / 256, as the
 evaluator): the LM alone (lambda_=0), each memory alone at its own lambda (weights with 0 for the
@@ -102,7 +102,7 @@ def main() -> None:
 
     from mlpmem.corpus import Corpus
     from mlpmem.gate import GateConfig, MixScores, fit_gate, gate_meta
-    from mlpmem.hf import MLPMemoryForCausalLM, fit_router
+    from mlpmem.transformers_integration import MLPMemoryForCausalLM, fit_router
     from mlpmem.interpolate import perplexity
 
     if a.threads:
@@ -190,7 +190,7 @@ def main() -> None:
     notes = [
         "reproduction of the scoring path (mixing_router.json), relative test perplexity differences: "
         + "; ".join(f"{k}: " + ", ".join(f"{d} {100 * x:+.3f}%" for d, x in c["relative_difference"].items()) for k, c in checks.items()),
-        f"router (fitted through mlpmem.hf.fit_router): held-out NLL {record['held_out_nll']:.5f}, the scoring path's fit "
+        f"router (fitted through mlpmem.transformers_integration.fit_router): held-out NLL {record['held_out_nll']:.5f}, the scoring path's fit "
         f"{ref['router_record']['held_out_nll']:.5f} (best step {record['best_step']} vs {ref['router_record']['best_step']})",
         "issue 12 goal, each domain within 1% of its own memory with the router: "
         + ", ".join(f"{d} {100 * x:+.2f}%" for d, x in goal.items())

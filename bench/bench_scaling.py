@@ -40,7 +40,7 @@ from mlpmem.evaluate import score_online  # noqa: E402
 from mlpmem.index import IndexConfig, KnnIndex, build_index  # noqa: E402
 from mlpmem.models import load_model  # noqa: E402
 from mlpmem.modeling.read_site import ReadSite
-from mlpmem.store import Datastore  # noqa: E402
+from mlpmem.datastore import Datastore  # noqa: E402
 
 
 def test_tokens(corpus_dir: Path, n: int, tok) -> np.ndarray:

@@ -32,7 +32,8 @@ import numpy as np
 import provenance
 
 from mlpmem.index import RERANK_FACTOR, IndexConfig, KnnIndex, build_index
-from mlpmem.manifest import CONFIG, save_npy, write_json, write_manifest
+from mlpmem.files import CONFIG, save_npy, write_json
+from mlpmem.manifest import write_manifest
 
 
 def write_datastore(folder: Path, n: int, d: int, make_keys, config: dict, shard_rows: int = 65536, seed: int = 0) -> Path:
@@ -102,7 +103,7 @@ def recall_target_curve(args) -> None:
     import torch
 
     from mlpmem.index import exact_search, recall_at_k
-    from mlpmem.store import Datastore
+    from mlpmem.datastore import Datastore
 
     torch.set_num_threads(args.threads)
     started = provenance.start()

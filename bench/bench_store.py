@@ -37,7 +37,7 @@ import numpy as np
 from provenance import results_dir, start, write_result
 
 from mlpmem.index import IndexConfig, KnnIndex, build_index, exact_search, recall_at_k
-from mlpmem.store import Datastore
+from mlpmem.datastore import Datastore
 
 
 CONFIGS = {  # name: (index settings, pieces the pipeline keeps besides the index file and values)
@@ -52,7 +52,8 @@ CONFIGS = {  # name: (index settings, pieces the pipeline keeps besides the inde
 
 def subset_datastore(src: Path, dst: Path, n: int) -> Path:
     """The first ``n`` rows of a datastore (keys and values) as a datastore of its own (for --quick)."""
-    from mlpmem.manifest import CONFIG, read_manifest, save_npy, write_json, write_manifest
+    from mlpmem.files import CONFIG, save_npy, write_json
+    from mlpmem.manifest import read_manifest, write_manifest
 
     ds = Datastore(src)
     n = min(n, ds.n_rows)

@@ -2117,7 +2117,7 @@ def saves(e: Env) -> Path:
     def build(p):
         import torch
 
-        from mlpmem.hf import MLPMemoryForCausalLM
+        from mlpmem.transformers_integration import MLPMemoryForCausalLM
         from mlpmem.memory import MLPMemory
 
         two = MLPMemoryForCausalLM.from_memory(MEM(e), lambda_=0.3)
@@ -2138,7 +2138,7 @@ def _saved_copy(e: Env, d: Path, which: str) -> Path:
 
 
 def _hf():
-    from mlpmem.hf import MLPMemoryForCausalLM
+    from mlpmem.transformers_integration import MLPMemoryForCausalLM
 
     return MLPMemoryForCausalLM
 

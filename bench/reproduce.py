@@ -523,7 +523,17 @@ def context(quick: bool, out: Path | None) -> Context:
 
 
 # what every bench script imports: loaded once by a --quick run, whose commands then start as forks of it
-PRELOAD = ("numpy", "torch", "transformers", "faiss", "peft", "matplotlib.pyplot", "mlpmem.cli", "mlpmem.pipeline", "mlpmem.hf")
+PRELOAD = (
+    "numpy",
+    "torch",
+    "transformers",
+    "faiss",
+    "peft",
+    "matplotlib.pyplot",
+    "mlpmem.cli",
+    "mlpmem.pipeline",
+    "mlpmem.transformers_integration",
+)
 
 
 def preload() -> None:

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mlpmem.manifest import CONFIG, save_npy, write_json, write_manifest
+from mlpmem.files import CONFIG, save_npy, write_json
+from mlpmem.manifest import write_manifest
 
 
 def write_datastore(

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mlpmem.manifest import CONFIG, MANIFEST, save_npy, sha256_file, write_json, write_manifest
+from mlpmem.files import CONFIG, MANIFEST, save_npy, sha256_file, write_json
+from mlpmem.manifest import write_manifest
 
 
 def _write_sharded(folder: Path, kind: str, arrays: dict[str, np.ndarray], shard_rows: int, manifest: dict) -> Path:

@@ -22,7 +22,7 @@ from mlpmem.index import (
     resolve_factory,
     to_placement,
 )
-from mlpmem.store import Datastore
+from mlpmem.datastore import Datastore
 
 
 @pytest.fixture(scope="module", autouse=True)

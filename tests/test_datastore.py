@@ -10,7 +10,7 @@ from mlpmem.datastore import SINK_TOKENS, DatastoreConfig, _cached_block, _rebas
 from mlpmem.errors import MlpmemError
 from mlpmem.models import load_model
 from mlpmem.modeling.read_site import ReadSite, capture
-from mlpmem.store import Datastore
+from mlpmem.datastore import Datastore
 
 
 @pytest.fixture
@@ -111,7 +111,7 @@ def test_layer_out_of_range_writes_nothing(tmp_path, tiny_llama, corpus_dir):
 
 
 def test_not_enough_disk(tmp_path, tiny_llama, corpus_dir, monkeypatch):
-    import mlpmem.manifest as man
+    import mlpmem.files as man
 
     monkeypatch.setattr(man.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(MlpmemError, match="not enough disk space"):
@@ -242,7 +242,7 @@ def test_cache_mode_falls_back_for_absolute_positions(tmp_path, tiny_models, cor
 
 
 def test_default_mode_is_cache_and_keeps_a_folders_own_mode(tmp_path, tiny_llama, corpus_dir):
-    from mlpmem.manifest import read_json
+    from mlpmem.files import read_json
 
     cfg = _cfg(tiny_llama)  # mode "auto", the default
     assert cfg.mode == "auto"

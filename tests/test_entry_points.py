@@ -241,7 +241,7 @@ def test_run_flags_are_the_same_as_their_overrides(tmp_path, capsys):
 
 
 def test_numbers_yaml_reads_as_text_are_floats(tmp_path):
-    from mlpmem.config import from_dict
+    from mlpmem.typed_config import from_dict
     from mlpmem.pipeline import load_recipe
     from mlpmem.train import TrainConfig
 

@@ -17,7 +17,7 @@ from mlpmem.index import IndexConfig, KnnIndex, build_index
 from mlpmem.memory import MemoryConfig, MLPMemory
 from mlpmem.models import load_model
 from mlpmem.modeling.read_site import ReadSite
-from mlpmem.store import Datastore
+from mlpmem.datastore import Datastore
 
 C, S, K = 32, 16, 8
 

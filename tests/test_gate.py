@@ -225,7 +225,7 @@ def ref_gated(lm, mem, gate, ids):
 
 
 def test_hf_gated_forward_save_load_and_refusals(gated_parts, tmp_path):
-    from mlpmem.hf import MLPMemoryForCausalLM
+    from mlpmem.transformers_integration import MLPMemoryForCausalLM
 
     lm, tok, mem, meta, gate, gmeta = gated_parts
     model = MLPMemoryForCausalLM.from_parts(lm, mem, meta, tokenizer=tok, lambda_=0.3, gate=gate, gate_meta=gmeta)
@@ -294,7 +294,7 @@ def test_hf_gated_forward_save_load_and_refusals(gated_parts, tmp_path):
 
 
 def test_from_memory_finds_the_runs_gate(gated_parts, tmp_path):
-    from mlpmem.hf import MLPMemoryForCausalLM
+    from mlpmem.transformers_integration import MLPMemoryForCausalLM
     from mlpmem.memory import save_memory
 
     lm, tok, mem, meta, gate, gmeta = gated_parts
@@ -314,7 +314,7 @@ def test_loading_a_memory_uses_what_its_run_fitted(gated_parts, tmp_path):
     an explicit lambda_ means the fixed mixture with it, even where the run has a gate, which is then not read at all."""
     import json
 
-    from mlpmem.hf import MLPMemoryForCausalLM
+    from mlpmem.transformers_integration import MLPMemoryForCausalLM
     from mlpmem.memory import save_memory
 
     lm, tok, mem, meta, gate, gmeta = gated_parts
@@ -399,7 +399,7 @@ def test_cli_mixing_errors_are_one_line(gated_parts, tmp_path, capsys):
 def test_pipeline_reports_gated_beside_fixed(tmp_path, tiny_llama, tiny_corpus_file):
     from helpers import tiny_recipe
 
-    from mlpmem.hf import MLPMemoryForCausalLM
+    from mlpmem.transformers_integration import MLPMemoryForCausalLM
     from mlpmem.pipeline import load_recipe, run_pipeline
 
     recipe = dict(
@@ -428,7 +428,7 @@ def test_gated_export_loads_as_remote_code_without_mlpmem(gated_parts, tmp_path)
     import subprocess
     import sys
 
-    from mlpmem.hf import MLPMemoryForCausalLM
+    from mlpmem.transformers_integration import MLPMemoryForCausalLM
 
     lm, tok, mem, meta, gate, gmeta = gated_parts
     model = MLPMemoryForCausalLM.from_parts(lm, mem, meta, tokenizer=tok, gate=gate, gate_meta=gmeta)

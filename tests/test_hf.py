@@ -14,7 +14,7 @@ from mlpmem.memory import MemoryConfig, MLPMemory, init_from_lm, lm_settings
 from mlpmem.models import load_model, logits_size, tokenizer_hash
 from mlpmem.modeling.read_site import decoder_layers
 
-hf = pytest.importorskip("mlpmem.hf")
+hf = pytest.importorskip("mlpmem.transformers_integration")
 MLPMemoryForCausalLM = hf.MLPMemoryForCausalLM
 
 # llama reads the kNN-LM key (last layer's FFN input), gpt2 the first layer's output: both sites covered
@@ -354,7 +354,7 @@ def test_remote_code_loads_without_importing_mlpmem_hf(tiny_llama, tmp_path):
     meta = memory_meta(model_id, tok, -1, "ffn_input")
     MLPMemoryForCausalLM.from_parts(lm, random_memory(lm), meta, tokenizer=tok, lambda_=0.5).save_pretrained(tmp_path / "m")
     code = (
-        "import sys; from transformers import AutoModelForCausalLM; assert 'mlpmem.hf' not in sys.modules; "
+        "import sys; from transformers import AutoModelForCausalLM; assert 'mlpmem.transformers_integration' not in sys.modules; "
         "m = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True); print(type(m).__name__, m.lambda_)"
     )
     env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "modules"))

@@ -19,7 +19,7 @@ from mlpmem.memory import MemoryConfig, MLPMemory
 from mlpmem.models import load_model, logits_size, model_fingerprint
 from mlpmem.modeling.read_site import ReadSite, capture
 
-hf = pytest.importorskip("mlpmem.hf")
+hf = pytest.importorskip("mlpmem.transformers_integration")
 MLPMemoryForCausalLM = hf.MLPMemoryForCausalLM
 from mlpmem.modeling.modeling_mlpmem import model_card  # noqa: E402
 

@@ -10,7 +10,7 @@ import pytest
 from fake_store import random_datastore, write_datastore
 from mlpmem.errors import MlpmemError
 from mlpmem.index import IndexConfig, KnnIndex, build_index
-from mlpmem.store import Datastore
+from mlpmem.datastore import Datastore
 
 
 def brute_force(keys: np.ndarray, q: np.ndarray, k: int, exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

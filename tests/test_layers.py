@@ -30,7 +30,20 @@ LAYERS: dict[str, list[str]] = {
     ],
     # the toolkit every stage uses: the LM loader and device, configs, the stage registry (what each stage and folder is),
     # folders and manifests, mixture fitting
-    "core": ["_version", "errors", "models", "dist", "losses", "config", "stages", "manifest", "store", "interpolate", "wordnet"],
+    "core": [
+        "_version",
+        "errors",
+        "models",
+        "dist",
+        "losses",
+        "typed_config",
+        "stages",
+        "files",
+        "folders",
+        "manifest",
+        "interpolate",
+        "wordnet",
+    ],
     # the pipeline's stages and the pipeline that runs them
     "stages": [
         "corpus",
@@ -56,10 +69,11 @@ LAYERS: dict[str, list[str]] = {
         "plan",
     ],
     # other libraries' doors: transformers constructors, generation, lm-eval backends
-    "integrations": ["hf", "generation", "lm_eval_backend", "rag", "lm_eval_cli", "tasks.knowledge.utils"],
+    "integrations": ["transformers_integration", "generation", "lm_eval_backend", "rag", "lm_eval_cli", "tasks.knowledge.utils"],
     # (tasks/knowledge/utils.py: the metrics lm-eval loads from a built task folder, a copy of this file)
     # what users run; the package root registers the integration hooks
-    "entry": ["cli", "__main__", ""],
+    # old module names kept for one release (each re-exports its new home with a deprecation warning)
+    "entry": ["cli", "__main__", "hf", "config", "store", ""],
 }
 ORDER = [m for mods in LAYERS.values() for m in mods]
 RANK = {m: i for i, m in enumerate(ORDER)}
@@ -139,7 +153,7 @@ def test_modeling_imports_nothing_of_mlpmem():
     "source, expected",
     [
         ("from mlpmem.cli import main\n", {"cli"}),
-        ("def f():\n    from mlpmem import hf\n", {"hf"}),
+        ("def f():\n    from mlpmem import transformers_integration\n", {"transformers_integration"}),
         ("from .read_site import capture\n", {"modeling.read_site"}),
         ("if __name__ == '__main__':\n    from mlpmem.cli import main\n", set()),
     ],
@@ -148,7 +162,7 @@ def test_the_checker_sees_imports(tmp_path, source, expected):
     """The checker itself: top-level, in-function and relative imports count, a script's __main__ block does not."""
     fake = tmp_path / "mlpmem"
     (fake / "modeling").mkdir(parents=True)
-    for name in ("cli.py", "hf.py", "modeling/read_site.py", "modeling/__init__.py"):
+    for name in ("cli.py", "transformers_integration.py", "modeling/read_site.py", "modeling/__init__.py"):
         (fake / name).write_text("")
     (fake / "modeling" / "x.py").write_text(source)
     modules = {module_name(f, fake) for f in fake.rglob("*.py")}

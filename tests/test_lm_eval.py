@@ -149,7 +149,7 @@ def test_device_defaults_to_what_is_there(setup, tmp_path, monkeypatch):
     import sys
 
     from mlpmem import lm_eval_backend
-    from mlpmem.hf import MLPMemoryForCausalLM
+    from mlpmem.transformers_integration import MLPMemoryForCausalLM
 
     root, _ = setup
     want = "cuda" if torch.cuda.is_available() else "cpu"

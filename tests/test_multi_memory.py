@@ -15,7 +15,7 @@ from mlpmem.memory import MemoryConfig, MLPMemory, save_memory
 from mlpmem.models import load_model, logits_size, model_fingerprint
 from mlpmem.modeling.read_site import decoder_layers
 
-hf = pytest.importorskip("mlpmem.hf")
+hf = pytest.importorskip("mlpmem.transformers_integration")
 MLPMemoryForCausalLM = hf.MLPMemoryForCausalLM
 from mlpmem.modeling.mixing import gate_features  # noqa: E402
 from mlpmem.modeling.gating import MemoryRouter  # noqa: E402

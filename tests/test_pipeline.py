@@ -260,7 +260,7 @@ def test_pipeline_test_catches_tuning_on_test(tmp_path, tiny_llama, tiny_corpus_
 def test_overwrite_removes_a_gate_the_new_run_does_not_fit(tmp_path, tiny_llama, tiny_corpus_file):
     """A run that fitted a gate, rerun with --overwrite and fixed mixing: the old gate (fitted for the replaced memory)
     goes, so the new memory loads; without its removal every load would be refused as a gate for another memory."""
-    from mlpmem.hf import MLPMemoryForCausalLM
+    from mlpmem.transformers_integration import MLPMemoryForCausalLM
 
     recipe = tiny_recipe(tmp_path, tiny_llama, tiny_corpus_file)
     run_pipeline(load_recipe({**recipe, "eval": {"mixing": "gated"}}))

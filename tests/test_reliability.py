@@ -16,18 +16,8 @@ import pytest
 from helpers import run_cli, write_corpus_jsonl
 from mlpmem.cli import main
 from mlpmem.errors import MlpmemError
-from mlpmem.manifest import (
-    ADDED_SETTINGS,
-    LOCK,
-    MARKER,
-    acquire_lock,
-    check_file,
-    claim_out,
-    config_differences,
-    file_record,
-    prepare_out,
-    release_lock,
-)
+from mlpmem.files import check_file, file_record
+from mlpmem.folders import ADDED_SETTINGS, LOCK, MARKER, acquire_lock, claim_out, config_differences, prepare_out, release_lock
 
 
 run = run_cli
@@ -463,7 +453,7 @@ def test_lambda_has_one_name_and_the_old_one_still_works(tmp_path, capsys):
     a deprecation warning for one release, and both at once is refused."""
     import warnings
 
-    from mlpmem.config import add_arguments, from_args
+    from mlpmem.typed_config import add_arguments, from_args
     from mlpmem.evaluate import KnnConfig
     from mlpmem.generation import GenerateConfig
     from mlpmem.pipeline import load_recipe
@@ -485,7 +475,7 @@ def test_lambda_has_one_name_and_the_old_one_still_works(tmp_path, capsys):
 
 
 def _knn_parser():
-    from mlpmem.config import add_arguments
+    from mlpmem.typed_config import add_arguments
     from mlpmem.evaluate import KnnConfig
 
     p = argparse.ArgumentParser()

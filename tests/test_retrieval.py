@@ -21,7 +21,7 @@ from mlpmem.modeling.read_site import ReadSite, capture
 from mlpmem.models import load_model
 from mlpmem.evaluate import tune_knn_cached
 from mlpmem.retrieval import REFERENCE_FILE, KNNRetriever, knn_component, knn_logprobs
-from mlpmem.store import Datastore
+from mlpmem.datastore import Datastore
 
 C, S, K = 32, 16, 8
 

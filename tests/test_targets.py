@@ -10,7 +10,7 @@ import mlpmem.targets as targets_mod
 from fake_store import random_datastore
 from mlpmem.errors import MlpmemError
 from mlpmem.index import IndexConfig, build_index
-from mlpmem.store import Datastore
+from mlpmem.datastore import Datastore
 from mlpmem.targets import Targets, TargetsConfig, build_targets, id_dtype, knn_distribution, knn_target_logprob, knn_weights
 
 T = 4.0

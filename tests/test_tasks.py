@@ -307,7 +307,7 @@ def test_deterministic_seeded_and_recorded(wn_run, tmp_path):
     assert (a / "mlpmem_wn_mc.test.jsonl").read_bytes() != (c / "mlpmem_wn_mc.test.jsonl").read_bytes()
     m = json.loads((a / "manifest.json").read_text())
     src = wn_run[0]
-    from mlpmem.manifest import sha256_file
+    from mlpmem.files import sha256_file
 
     assert m["inputs_sha256"]["wordnet.jsonl"] == sha256_file(src / "wordnet.jsonl")
     assert m["source"]["package"] == "wordnet-base" and m["config"]["seed"] == 0 and m["command"]

@@ -22,7 +22,7 @@ def _digest(folder: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def saved(tiny_llama, tmp_path_factory):
     """A memory folder of the train stage (in a run's layout) and an LM + memory model over the tiny llama."""
-    from mlpmem.hf import MLPMemoryForCausalLM
+    from mlpmem.transformers_integration import MLPMemoryForCausalLM
     from mlpmem.memory import MemoryConfig, MLPMemory, save_memory
     from mlpmem.models import load_model
 
@@ -54,7 +54,7 @@ def test_save_pretrained_refuses_folders_it_did_not_write(saved, tiny_llama, tmp
 
 
 def test_export_refuses_a_model_folder_and_reuses_its_own(saved, tiny_llama, tmp_path):
-    from mlpmem.hf import export_hf
+    from mlpmem.transformers_integration import export_hf
 
     run, _ = saved
     hf_model = tmp_path / "someone_elses_model"
@@ -73,7 +73,7 @@ def test_a_saved_model_that_changed_is_refused_on_load(saved, tmp_path):
     a memory tensor are refused on load, by reference and in full, instead of loading (or initialising) other weights."""
     from safetensors.torch import load_file, save_file
 
-    from mlpmem.hf import MLPMemoryForCausalLM
+    from mlpmem.transformers_integration import MLPMemoryForCausalLM
 
     run, model = saved
     extra = MLPMemoryForCausalLM.from_parts(model.lm, model.memory, model.component_meta("memory"), tokenizer=model.tokenizer)

@@ -22,9 +22,9 @@ def _register_integration() -> None:
         return call
 
     integration.register(
-        check_base=lazy("mlpmem.hf", "check_base"),
-        from_memory=lazy("mlpmem.hf", "from_memory"),
-        load_base=lazy("mlpmem.hf", "load_base"),
+        check_base=lazy("mlpmem.transformers_integration", "check_base"),
+        from_memory=lazy("mlpmem.transformers_integration", "from_memory"),
+        load_base=lazy("mlpmem.transformers_integration", "load_base"),
         model_label=lazy("mlpmem.models", "model_label"),
         build_knn=lazy("mlpmem.retrieval", "KNNRetriever.from_reference"),
     )
@@ -36,7 +36,7 @@ _register_integration()
 def __getattr__(name: str):
     # the HF classes import torch and transformers: load them only when asked for
     if name in ("MLPMemoryForCausalLM", "MLPMemoryConfig"):
-        from mlpmem import hf
+        from mlpmem import transformers_integration
 
-        return getattr(hf, name)
+        return getattr(transformers_integration, name)
     raise AttributeError(f"module 'mlpmem' has no attribute {name!r}")

@@ -25,8 +25,8 @@ def _stage_verb(a):
 
 
 def _targets(a):
-    from mlpmem.config import from_args
-    from mlpmem.manifest import read_json
+    from mlpmem.typed_config import from_args
+    from mlpmem.files import read_json
     from mlpmem.targets import TargetsConfig, build_targets
 
     if a.tuning and a.temperature is not None:
@@ -59,7 +59,7 @@ def _targets(a):
 
 
 def _knnlm(a):
-    from mlpmem.config import from_args
+    from mlpmem.typed_config import from_args
     from mlpmem.evaluate import KnnConfig, run_knnlm
 
     r = run_knnlm(
@@ -85,7 +85,7 @@ def _say(text: str) -> None:
 
 
 def _train(a):
-    from mlpmem.config import from_args
+    from mlpmem.typed_config import from_args
     from mlpmem.models import dtype_name, resolve_device
     from mlpmem.train import TrainConfig, load_datastore_lm, needs_lm, train_memory
 
@@ -114,7 +114,7 @@ def _train(a):
 
 
 def _finetune(a):
-    from mlpmem.config import from_args
+    from mlpmem.typed_config import from_args
     from mlpmem.finetune import FinetuneConfig, finetune
 
     m = finetune(from_args(FinetuneConfig, a), Path(a.corpus), Path(a.out), overwrite=a.overwrite)
@@ -129,7 +129,7 @@ def _run(a):
 
 
 def _plan(a):
-    from mlpmem.manifest import write_json
+    from mlpmem.files import write_json
     from mlpmem.plan import check_output_file, plan, read_throughputs, render_plan
 
     if a.json:  # before the calibration: a path that cannot be written fails at once, and nothing is half-written
@@ -179,7 +179,7 @@ def load_recipe_of(a):
 
 
 def _generate(a):
-    from mlpmem.config import from_args
+    from mlpmem.typed_config import from_args
     from mlpmem.generation import GenerateConfig, generate_side_by_side, read_prompts
 
     cfg = from_args(GenerateConfig, a)
@@ -194,7 +194,7 @@ def _generate(a):
 
 
 def _export(a):
-    from mlpmem.hf import export_hf
+    from mlpmem.transformers_integration import export_hf
 
     memory = _memory_folder(a.memory, a.verify)
     if a.lambda_ is not None and not 0 <= a.lambda_ <= 1:
@@ -217,7 +217,9 @@ def _export(a):
 
 def _memory_folder(path: str, verify: bool) -> Path:
     """The memory folder a user means: RUN/train/memory, or RUN/train itself; checked against its stage's manifest."""
-    from mlpmem.manifest import MANIFEST, marked_kind, verify_stage
+    from mlpmem.files import MANIFEST
+    from mlpmem.folders import marked_kind
+    from mlpmem.manifest import verify_stage
 
     p = Path(path)
     if not p.exists():
@@ -346,7 +348,7 @@ def _extra_train(sp):
 
 
 def _args_finetune(sp):
-    from mlpmem.config import add_arguments
+    from mlpmem.typed_config import add_arguments
     from mlpmem.finetune import FinetuneConfig
 
     sp.add_argument("--corpus", required=True, help="folder written by `mlpmem corpus`, tokenized for --model")
@@ -410,7 +412,7 @@ def _args_plan(sp):
 
 
 def _args_generate(sp):
-    from mlpmem.config import add_arguments, add_device_arguments
+    from mlpmem.typed_config import add_arguments, add_device_arguments
     from mlpmem.generation import GenerateConfig
 
     sp.add_argument("model", help="a trained memory folder (RUN/train/memory) or a folder written by save_pretrained/export")
@@ -422,7 +424,7 @@ def _args_generate(sp):
 
 
 def _args_export(sp):
-    from mlpmem.config import add_deprecated_flag
+    from mlpmem.typed_config import add_deprecated_flag
 
     sp.add_argument("memory", help="a trained memory folder (RUN/train/memory)")
     sp.add_argument("--out", required=True)
@@ -544,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     verb = next((x for x in argv if x in VERBS), "")
     args = parse_command_line(build_parser(verb), argv)
     from mlpmem import dist
-    from mlpmem.manifest import release_all_locks, set_full_verify
+    from mlpmem.files import set_full_verify
+    from mlpmem.folders import release_all_locks
 
     try:
         rank = dist.world().rank  # under torchrun / accelerate launch: rank 0 speaks for all, the others only warn

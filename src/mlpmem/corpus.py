@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from mlpmem.errors import MlpmemError
-from mlpmem.manifest import prepare_out, read_manifest, load_npy, save_npy, write_json, write_manifest
+from mlpmem.files import load_npy, save_npy, write_json
+from mlpmem.folders import prepare_out
+from mlpmem.manifest import read_manifest, write_manifest
 from mlpmem.models import DEFAULT_MODEL, load_tokenizer, separator_id, tokenizer_hash, resolve_model
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,7 @@ class CorpusConfig:
     seed: int = 0
 
     def problems(self) -> list[str]:
-        from mlpmem.config import need, one_of
+        from mlpmem.typed_config import need, one_of
 
         fr = (self.valid_fraction, self.test_fraction)
         return (
@@ -279,7 +281,7 @@ def window_batches(W: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
 
 def build_corpus(out_dir: Path, cfg: CorpusConfig, overwrite: bool = False) -> Path:
     """Read, split and tokenize a corpus into ``out_dir``; skip if already done."""
-    from mlpmem.config import validate
+    from mlpmem.typed_config import validate
 
     out_dir = Path(out_dir)
     validate(cfg, "corpus")

@@ -31,7 +31,7 @@ from mlpmem.interpolate import (
     plot_lambda_curves,
 )
 from mlpmem.modeling.read_site import ReadSite
-from mlpmem.store import Datastore
+from mlpmem.datastore import Datastore
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ def tune_knn_cached(path: Path | None, cfg: KnnConfig, score_valid: Callable[[],
     their whole manifest (which lists every file's hash).
     """
     from mlpmem import dist
-    from mlpmem.manifest import MANIFEST, read_json, sha256_file, to_jsonable, write_json
+    from mlpmem.files import MANIFEST, read_json, sha256_file, to_jsonable, write_json
 
     if path is None:
         return tune_knn_for(cfg, score_valid())
@@ -285,7 +285,7 @@ def run_knnlm(
     runs when no ``model_bundle`` is given; both are recorded in knnlm.json.
     """
     from mlpmem.index import KnnIndex
-    from mlpmem.manifest import write_json
+    from mlpmem.files import write_json
     from mlpmem.models import dtype_name, load_model, model_label, resolve_device, tokenizer_hash
 
     from mlpmem import dist

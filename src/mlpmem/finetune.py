@@ -80,7 +80,7 @@ class FinetuneConfig:
     dtype: str = "auto"  # auto | float32 | bfloat16: the compute precision (autocast); weights stay float32
 
     def problems(self) -> list[str]:
-        from mlpmem.config import in_range, need, one_of, positive
+        from mlpmem.typed_config import in_range, need, one_of, positive
 
         return (
             one_of(self, "method", METHODS)
@@ -296,9 +296,11 @@ def finetune(cfg: FinetuneConfig, corpus_dir: str | os.PathLike, out_dir: str | 
     for this base model (tokenizer, weights) and is checked before anything is written.
     Returns the manifest (losses, steps, tokens, seconds, parameter counts, where the model is).
     """
-    from mlpmem.config import validate
+    from mlpmem.typed_config import validate
     from mlpmem.corpus import Corpus
-    from mlpmem.manifest import prepare_out, read_manifest, sha256_bytes
+    from mlpmem.files import sha256_bytes
+    from mlpmem.folders import prepare_out
+    from mlpmem.manifest import read_manifest
     from mlpmem.models import load_model, resolve_device, tokenizer_hash
     from mlpmem.modeling.gating import memory_fingerprint
 
@@ -349,7 +351,7 @@ def finetune(cfg: FinetuneConfig, corpus_dir: str | os.PathLike, out_dir: str | 
     try:
         return _run(cfg, resolved, lm, tok, model_id, chunks, memory, mem_meta, lam, site, dev, dtype, out_dir)
     finally:
-        from mlpmem.manifest import release_lock
+        from mlpmem.folders import release_lock
 
         release_lock(out_dir)
 
@@ -373,7 +375,8 @@ def _load_checked_memory(cfg: FinetuneConfig, lm, tok, dev) -> tuple[torch.nn.Mo
 
 
 def _run(cfg, resolved, lm, tok, model_id, chunks, memory, mem_meta, lam, site, dev, dtype, out_dir: Path) -> dict[str, Any]:
-    from mlpmem.manifest import file_record, write_manifest
+    from mlpmem.files import file_record
+    from mlpmem.manifest import write_manifest
     from mlpmem.memory import save_memory
     from mlpmem.models import model_fingerprint, num_parameters
 

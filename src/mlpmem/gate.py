@@ -53,7 +53,7 @@ class GateConfig:
     seed: int = 0
 
     def problems(self) -> list[str]:
-        from mlpmem.config import one_of, positive
+        from mlpmem.typed_config import one_of, positive
 
         out = one_of(self, "kind", GATE_KINDS) + positive(self, "hidden") + positive(self, "bins") + positive(self, "steps")
         out += positive(self, "lr") + positive(self, "generic_tokens")
@@ -373,7 +373,7 @@ def fit_gate(valid: MixScores, cfg: GateConfig, generic: MixScores | None = None
 
 def gate_meta(memory, cfg: GateConfig, record: dict[str, Any], memory_meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a saved gate records: the memory it belongs to (fingerprint), how it was fitted."""
-    from mlpmem.manifest import to_jsonable
+    from mlpmem.files import to_jsonable
 
     m = memory_meta or {}
     return {
@@ -480,7 +480,9 @@ def build_gate_stage(
 
     A finished folder with the same settings and the same memory (fingerprint) is reused. Returns (gate, meta).
     """
-    from mlpmem.manifest import file_record, prepare_out, sha256_bytes, write_manifest
+    from mlpmem.files import file_record, sha256_bytes
+    from mlpmem.folders import prepare_out
+    from mlpmem.manifest import write_manifest
     from mlpmem.modeling.gating import GATE_CONFIG, GATE_WEIGHTS
 
     out_dir = Path(out_dir)

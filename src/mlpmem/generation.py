@@ -48,7 +48,7 @@ def generate_side_by_side(
     """
     import torch
 
-    from mlpmem.hf import MLPMemoryForCausalLM
+    from mlpmem.transformers_integration import MLPMemoryForCausalLM
     from mlpmem.modeling.mixing import check_model_mixing
     from mlpmem.models import dtype_name, resolve_device
 

@@ -30,8 +30,10 @@ from typing import Any, Iterator
 import numpy as np
 
 from mlpmem.errors import MlpmemError
-from mlpmem.manifest import MANIFEST, check_file, file_record, prepare_out, read_manifest, sha256_file, write_manifest
-from mlpmem.store import Datastore
+from mlpmem.files import MANIFEST, check_file, file_record, sha256_file
+from mlpmem.folders import prepare_out
+from mlpmem.manifest import read_manifest, write_manifest
+from mlpmem.datastore import Datastore
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +111,7 @@ class IndexConfig:
     keep_keys: bool = True
 
     def problems(self) -> list[str]:
-        from mlpmem.config import in_range, need, positive
+        from mlpmem.typed_config import in_range, need, positive
 
         return (
             need(
@@ -499,7 +501,7 @@ def build_index(datastore_dir: Path, out_dir: Path, cfg: IndexConfig = IndexConf
     The index is trained on ``train_sample`` keys and filled block by block from the
     datastore's memory maps: only the sample and one block are in memory at once.
     """
-    from mlpmem.config import validate
+    from mlpmem.typed_config import validate
 
     validate(cfg, "index")
     faiss = _faiss()

@@ -108,7 +108,9 @@ def build_source(out_dir: Path, deb: Path | None = None, n_synsets: int = 2600, 
     import tempfile
 
     from mlpmem import wordnet
-    from mlpmem.manifest import file_record, prepare_out, sha256_file, write_manifest
+    from mlpmem.files import file_record, sha256_file
+    from mlpmem.folders import prepare_out
+    from mlpmem.manifest import write_manifest
 
     cfg = SourceConfig(n_synsets, seed)
     if n_synsets < 10:
@@ -324,7 +326,7 @@ def train_documents(corpus_dir: Path, expected_hash: str | None, what: str) -> t
     token cap may have cut it).
     """
     from mlpmem.corpus import Corpus
-    from mlpmem.manifest import read_json
+    from mlpmem.files import read_json
 
     corpus = Corpus(Path(corpus_dir))
     if expected_hash is not None and corpus.manifest.get("corpus_hash") != expected_hash:
@@ -923,7 +925,9 @@ def build_tasks(
 ) -> Path:
     """Write the knowledge tasks (``<task>.yaml`` + ``<task>.test.jsonl``, ``<task>_valid.yaml`` + ``<task>.valid.jsonl``,
     ``utils.py``, ``manifest.json``) into ``out_dir``. Returns out_dir (skipped when already built with these settings)."""
-    from mlpmem.manifest import file_record, prepare_out, read_manifest, sha256_file, write_manifest
+    from mlpmem.files import file_record, sha256_file
+    from mlpmem.folders import prepare_out
+    from mlpmem.manifest import read_manifest, write_manifest
 
     cfg = TasksConfig(n_items, n_valid, n_sotu, n_reasoning, shots, seed)
     if min(n_items, n_sotu, n_reasoning) < 1 or n_valid < 1 or shots < 0:
@@ -1009,7 +1013,7 @@ def _sotu_texts(corpus_dir: Path) -> tuple[list[tuple[str, str]], dict]:
     import numpy as np
 
     from mlpmem.corpus import Corpus
-    from mlpmem.manifest import read_json
+    from mlpmem.files import read_json
     from mlpmem.models import load_tokenizer
 
     corpus = Corpus(corpus_dir)  # the texts are decoded as rag.split_texts does, keeping document ids
@@ -1031,7 +1035,7 @@ def split_fingerprint(corpus_dir: Path, split: str = "train") -> dict:
     import hashlib
 
     from mlpmem.corpus import Corpus
-    from mlpmem.manifest import read_json
+    from mlpmem.files import read_json
 
     c = Corpus(Path(corpus_dir))
     ids = [d["id"] for d in read_json(Path(corpus_dir) / "documents.json")[split]]

@@ -10,7 +10,7 @@ modules plus whatever ``@register_model`` ran); it reads no entry points. So the
 plain ``lm_eval`` command cannot see this backend; :func:`main` imports it and
 then runs lm-eval's own command line with the arguments unchanged. The plain
 ``lm_eval`` command does work on a folder exported with
-``MLPMemoryForCausalLM.save_pretrained`` (or :func:`mlpmem.hf.export_hf`), through
+``MLPMemoryForCausalLM.save_pretrained`` (or :func:`mlpmem.transformers_integration.export_hf`), through
 its remote-code hook: ``lm_eval --model hf --model_args pretrained=EXPORT,trust_remote_code=True``.
 
 ``model_args``: ``memory`` (a memory folder from the train stage, or a folder
@@ -85,7 +85,7 @@ def load_mixture(
     """
     from mlpmem.modeling.mixing import check_model_mixing
 
-    from mlpmem.hf import MLPMemoryForCausalLM
+    from mlpmem.transformers_integration import MLPMemoryForCausalLM
 
     folders, knn_runs, name_list = split_list(pretrained or memory), split_list(knn), split_list(names) or None
     w = [parse_number("weights", x, example="0.6;0.2;0.2 (the LM first)") for x in split_list(weights)] or None
@@ -115,7 +115,7 @@ def load_mixture(
 
             model.tokenizer = load_tokenizer(folder)  # a full export: transformers' from_pretrained loads no tokenizer
         if knn_runs:
-            from mlpmem.hf import _load_knn
+            from mlpmem.transformers_integration import _load_knn
 
             for i, run in enumerate(knn_runs):
                 model.add_memory(_load_knn(Path(run))[0], name=f"knn_{i}" if i else "knn")
@@ -317,7 +317,7 @@ def input_prefix(model) -> list[int]:
 
 
 class MLPMemoryLM(ModelArgs, HFLM):
-    """HFLM over :class:`~mlpmem.hf.MLPMemoryForCausalLM`; see the module docstring for the arguments."""
+    """HFLM over :class:`~mlpmem.transformers_integration.MLPMemoryForCausalLM`; see the module docstring for the arguments."""
 
     def __init__(
         self,

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from mlpmem.errors import MlpmemError
-from mlpmem.manifest import read_json, write_json
+from mlpmem.files import read_json, write_json
 
 # the network itself lives in the self-contained file an exported model carries (one definition)
 from mlpmem.modeling.mlp_memory import ACTIVATIONS, Block, FFN, INITS, MLPMemory, MemoryConfig, NORMS, Norm  # noqa: F401  (re-exported)
@@ -261,7 +261,7 @@ def load_memory(folder: Path, expect: dict[str, Any] | None = None, device: str 
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from mlpmem.manifest import marked_kind
+    from mlpmem.folders import marked_kind
 
     folder = Path(folder)
     kind = marked_kind(folder)

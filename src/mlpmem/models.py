@@ -11,7 +11,7 @@ Which model a memory belongs to: :func:`load_model` refuses models that are not
 causal (:func:`check_causal`), and :func:`model_fingerprint` identifies a base
 model by its config essentials and a hash of its weights; a memory records it
 when trained (:func:`memory_base_fingerprint`) and every pairing of a memory with
-a base model checks it (:func:`check_fingerprint`, called by mlpmem.hf).
+a base model checks it (:func:`check_fingerprint`, called by mlpmem.transformers_integration).
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ import numpy as np
 
 from mlpmem.errors import MlpmemError
 from mlpmem.index import auto_nlist, pq_size
-from mlpmem.manifest import human_bytes
+from mlpmem.files import human_bytes
 from mlpmem.memory import resolve_memory_input
 from mlpmem.targets import id_dtype
 
@@ -55,7 +55,7 @@ class Throughputs:
     seconds: float = 0.0  # what the calibration cost
 
     def problems(self) -> list[str]:
-        from mlpmem.config import positive
+        from mlpmem.typed_config import positive
 
         return (
             positive(self, "extract_rows_s", "score_rows_s", "search_qps", "search_rows", "train_positions_s")
@@ -75,7 +75,7 @@ class StageNeed:
 
 def split_tokens(recipe, train_tokens: int | None = None) -> dict[str, int]:
     """Tokens per split: the recipe's caps, an already-built corpus's manifest, or ``train_tokens``."""
-    from mlpmem.manifest import read_json
+    from mlpmem.files import read_json
 
     c = recipe.sections["corpus"]
     if train_tokens is not None and (isinstance(train_tokens, bool) or not isinstance(train_tokens, int) or train_tokens < 2):
@@ -370,7 +370,7 @@ def plan(recipe, train_tokens: int | None = None, throughputs: Throughputs | Non
     from mlpmem.models import dtype_name, load_model, logits_size, model_label, num_parameters, resolve_device
     from mlpmem.modeling.read_site import decoder_layers
 
-    from mlpmem.config import validate
+    from mlpmem.typed_config import validate
     from mlpmem.pipeline import check_k
 
     if throughputs is not None:
@@ -451,8 +451,8 @@ def _dur(seconds: float) -> str:
 
 def read_throughputs(path: Path) -> Throughputs:
     """The throughputs in ``path`` (a plan's --json, or the throughputs alone), checked like a recipe section."""
-    from mlpmem.config import from_dict
-    from mlpmem.manifest import read_json
+    from mlpmem.typed_config import from_dict
+    from mlpmem.files import read_json
 
     data = read_json(path)
     data = data.get("throughputs", data) if isinstance(data, dict) else data

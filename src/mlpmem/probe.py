@@ -58,7 +58,9 @@ def build_probe(
     import yaml
 
     from mlpmem.corpus import Corpus
-    from mlpmem.manifest import file_record, prepare_out, read_json, write_manifest
+    from mlpmem.files import file_record, read_json
+    from mlpmem.folders import prepare_out
+    from mlpmem.manifest import write_manifest
     from mlpmem.models import load_tokenizer, tokenizer_hash
 
     cfg = ProbeConfig(n_items, seed, model, context_tokens, continuation_tokens, n_distractors, task_name)

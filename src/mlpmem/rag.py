@@ -166,7 +166,8 @@ def augment(prompt: str, passages: list[str]) -> str:
 
 def memory_corpus(memory_dir: Path) -> Path:
     """The corpus folder a trained memory's datastore was built from (memory_config -> datastore manifest)."""
-    from mlpmem.manifest import read_json, read_manifest
+    from mlpmem.files import read_json
+    from mlpmem.manifest import read_manifest
 
     cfg_path = Path(memory_dir) / "memory_config.json"
     if not cfg_path.is_file():

@@ -212,8 +212,8 @@ class KNNRetriever(nn.Module):
     ) -> "KNNRetriever":
         """Open a datastore and the index built over it (``index.KnnIndex.open``, on ``index_device``)."""
         from mlpmem.index import KnnIndex
-        from mlpmem.manifest import MANIFEST, sha256_file
-        from mlpmem.store import Datastore
+        from mlpmem.files import MANIFEST, sha256_file
+        from mlpmem.datastore import Datastore
 
         k, temperature = check_k(k), check_temperature(temperature)
         datastore_dir, index_dir = Path(datastore_dir).resolve(), Path(index_dir).resolve()
@@ -281,7 +281,7 @@ class KNNRetriever(nn.Module):
     @classmethod
     def from_reference(cls, ref: dict[str, Any], index_device: str | None = None) -> "KNNRetriever":
         """Rebuild from a saved ``meta``: the same folders, refused if their manifests changed since."""
-        from mlpmem.manifest import MANIFEST, sha256_file
+        from mlpmem.files import MANIFEST, sha256_file
 
         for key in ("datastore", "index", "k", "temperature"):
             if ref.get(key) is None:
@@ -311,7 +311,7 @@ class KNNRetriever(nn.Module):
 
     def save(self, folder: str | Path) -> Path:
         """Write ``folder/knn_retriever.json``: the reference (paths, manifest hashes, k, T), never the index."""
-        from mlpmem.manifest import write_json
+        from mlpmem.files import write_json
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -320,7 +320,7 @@ class KNNRetriever(nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path, index_device: str | None = None) -> "KNNRetriever":
-        from mlpmem.manifest import read_json
+        from mlpmem.files import read_json
 
         path = Path(folder) / REFERENCE_FILE
         if not path.is_file():
@@ -330,7 +330,7 @@ class KNNRetriever(nn.Module):
 
 def run_settings(run: Path) -> dict[str, Any]:
     """k, T and lambda of a run's kNN-LM as its evaluation chose them: knn.json, then report.json, then recipe.json (and the recipe's model name)."""
-    from mlpmem.manifest import read_json
+    from mlpmem.files import read_json
 
     def read(name: str) -> dict:
         try:

@@ -35,7 +35,9 @@ class Stage:
     required ``--NAME`` flag each). ``build``: the library function (``build(*inputs, out,
     cfg, overwrite)`` for the verbs the CLI calls directly). ``device``: "" (runs no model),
     "device" (--device) or "device+dtype" (--device and --dtype; a config with its own
-    dtype field takes --device only). ``title``: the line ``mlpmem run`` logs for it.
+    dtype field takes --device only). ``title``: the line ``mlpmem run`` logs for it (``{split}``: the
+    split eval scores). ``step``: what ``mlpmem run`` calls for it, with the state its stages share
+    (``mlpmem.pipeline.Run``); a stage without one runs inside another's step (the gate, in eval's).
     """
 
     name: str
@@ -53,6 +55,7 @@ class Stage:
     # folder matches a new config whose value is that one (dotted paths into the resolved config)
     added_settings: tuple[tuple[str, Any], ...] = ()
     splits: bool = False  # its work splits over the processes of torchrun / accelerate launch (else rank 0 runs it)
+    step: str = ""
 
     @property
     def folder_kind(self) -> str:
@@ -64,6 +67,9 @@ class Stage:
     def build_fn(self) -> Callable:
         return _load(self.build)
 
+    def step_fn(self) -> Callable:
+        return _load(self.step)
+
 
 STAGES: tuple[Stage, ...] = (
     Stage(
@@ -73,6 +79,7 @@ STAGES: tuple[Stage, ...] = (
         "split a corpus by document and tokenize it",
         verb="corpus",
         title="corpus",
+        step="mlpmem.pipeline:step_corpus",
         files=("tokens.*.npy", "doc_index.*.npy", "documents.json"),
     ),
     Stage(
@@ -84,6 +91,7 @@ STAGES: tuple[Stage, ...] = (
         inputs=(("corpus", "folder written by `mlpmem corpus`"),),
         device="device",
         title="datastore (train) and scored valid split",
+        step="mlpmem.pipeline:step_datastore",
         files=("*-[0-9][0-9][0-9][0-9][0-9].npy",),
         # datastores before the bos setting had no prefix; before the modes, every one recomputed
         added_settings=(("config.mode", "recompute"), ("extract_mode", "recompute"), ("config.batch_tokens", None), ("config.bos", False)),
@@ -97,6 +105,7 @@ STAGES: tuple[Stage, ...] = (
         verb="index",
         inputs=(("datastore", ""),),
         title="index",
+        step="mlpmem.pipeline:step_index",
         files=("index.faiss",),
         added_settings=(("recall_target", None),),  # folders before it held a fixed scan (nprobe in their manifest)
     ),
@@ -110,6 +119,7 @@ STAGES: tuple[Stage, ...] = (
         device="device+dtype",
         overwrite=False,
         title="kNN-LM temperature and lambda on valid",
+        step="mlpmem.pipeline:step_knn",
         splits=True,
     ),
     Stage(
@@ -120,6 +130,7 @@ STAGES: tuple[Stage, ...] = (
         verb="targets",
         inputs=(("datastore", ""), ("index", "")),
         title="kNN targets",
+        step="mlpmem.pipeline:step_targets",
         files=("ids-*.npy", "probs-*.npy"),
         splits=True,
     ),
@@ -132,18 +143,25 @@ STAGES: tuple[Stage, ...] = (
         inputs=(("datastore", ""), ("targets", "")),
         device="device+dtype",
         title="memory training",
+        step="mlpmem.pipeline:step_train",
         kind="memory",
         files=("memory", "best", "checkpoints", "metrics.jsonl", "training_curve.png"),
         # folders before keep_best and patience kept the last step's memory; before dropout, none ran
         added_settings=(("config.keep_best", False), ("config.patience", 0), ("config.dropout", 0.0), ("config.head_rank", 0)),
         splits=True,
     ),
-    Stage("eval", "mlpmem.pipeline:EvalConfig", "mlpmem.pipeline:run_pipeline", title="evaluation: lambda on valid, then the test split"),
+    Stage(
+        "eval",
+        "mlpmem.pipeline:EvalConfig",
+        "mlpmem.pipeline:run_pipeline",
+        title="evaluation: lambda on valid, then the {split} split",
+        step="mlpmem.pipeline:step_eval",
+    ),
     Stage(
         "gate",
         "mlpmem.gate:GateConfig",
         "mlpmem.gate:build_gate_stage",
-        title="mixing gate (eval.mixing gated)",
+        title="mixing gate: fit on valid, then the gated figures beside the fixed ones",  # inside eval's step
         files=("model.safetensors", "gate_config.json"),
     ),
 )
@@ -221,8 +239,8 @@ def by_verb() -> dict[str, Stage]:
 
 
 def pipeline_stages() -> list[Stage]:
-    """The stages ``mlpmem run`` runs in order, each with a title (eval last; the gate is part of it)."""
-    return [s for s in STAGES if s.name != "gate"]
+    """The stages ``mlpmem run`` runs in order: those with a step (eval last; the gate runs inside it)."""
+    return [s for s in STAGES if s.step]
 
 
 def sections() -> dict[str, type]:
@@ -232,7 +250,7 @@ def sections() -> dict[str, type]:
 
 def add_stage_arguments(sp, s: Stage) -> None:
     """A stage verb's flags: its inputs (required), --out, --overwrite, the device flags, then its config's fields."""
-    from mlpmem.config import add_arguments, add_device_arguments
+    from mlpmem.typed_config import add_arguments, add_device_arguments
 
     for name, help_ in s.inputs:
         sp.add_argument(f"--{name}", required=True, **({"help": help_} if help_ else {}))
@@ -248,7 +266,7 @@ def run_verb(s: Stage, a) -> Any:
     """Call a stage's build function with a verb's parsed flags: ``build(*inputs, out, cfg, overwrite=[, device=])``."""
     from pathlib import Path
 
-    from mlpmem.config import from_args
+    from mlpmem.typed_config import from_args
 
     kwargs = {"device": a.device} if s.device else {}
     return s.build_fn()(

@@ -18,18 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from mlpmem.errors import MlpmemError
-from mlpmem.manifest import (
-    MANIFEST,
-    check_disk_space,
-    clear_progress,
-    finished_shards,
-    prepare_out,
-    save_npy,
-    save_shard_record,
-    sha256_file,
-    write_manifest,
-)
-from mlpmem.store import Datastore, ShardedArrays
+from mlpmem.files import MANIFEST, check_disk_space, save_npy, sha256_file
+from mlpmem.folders import prepare_out
+from mlpmem.manifest import clear_progress, finished_shards, save_shard_record, write_manifest
+from mlpmem.datastore import Datastore, ShardedArrays
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +140,7 @@ class TargetsConfig:
     batch_size: int = 512
 
     def problems(self) -> list[str]:
-        from mlpmem.config import positive
+        from mlpmem.typed_config import positive
 
         return positive(self, "k", "temperature", "top_m", "batch_size")
 
@@ -220,7 +212,7 @@ def build_targets(
     the manifest, after every shard exists.
     """
     from mlpmem import dist
-    from mlpmem.config import validate
+    from mlpmem.typed_config import validate
     from mlpmem.index import KnnIndex
 
     validate(cfg, "targets")

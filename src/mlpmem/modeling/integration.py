@@ -1,7 +1,7 @@
 """What mlpmem adds to the model class when it is installed: registered from above, never imported from here.
 
 The model class runs where mlpmem is not installed (remote code), so it cannot import mlpmem. The
-integration layer (``mlpmem.hf``, registered when ``import mlpmem`` runs) fills :data:`HOOKS` with:
+integration layer (``mlpmem.transformers_integration``, registered when ``import mlpmem`` runs) fills :data:`HOOKS` with:
 
 - ``check_base(lm, meta, tokenizer)``: the tokenizer hash and weight fingerprint against a memory's record;
 - ``from_memory(cls, memory_dir, base_model, **kwargs)``: pair memory folders of the train stage with their base;

@@ -433,7 +433,7 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         forget_fitted_mixing(self, f"memory {name!r} removed")
 
     def set_router(self, router: MemoryRouter, meta: dict[str, Any] | None = None, mixing: str = "routed") -> None:
-        """Attach a router (mlpmem.gate.fit_router's, or mlpmem.hf.fit_router's) for this model's memories, in order.
+        """Attach a router (mlpmem.gate.fit_router's, or mlpmem.transformers_integration.fit_router's) for this model's memories, in order.
 
         ``meta``: the router's record; its ``memory_fingerprints`` must be this model's memories'
         (a router fitted for other memories is refused). Without one, the router is taken to be
@@ -444,7 +444,7 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         if router.n_memories != self.n_memories:
             raise MlpmemError(
                 f"the router weighs {router.n_memories} memories and this model has {self.n_memories}",
-                "fit a router for this model's memories (mlpmem.hf.fit_router)",
+                "fit a router for this model's memories (mlpmem.transformers_integration.fit_router)",
             )
         check_router_values(router, "the router")
         meta = dict(meta) if meta else {}
@@ -554,7 +554,7 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_memory(cls, memory_dir: "str | os.PathLike | list", base_model: str | None = None, **kwargs: Any) -> "MLPMemoryForCausalLM":
-        """Pair one or more memory folders from mlpmem's train stage with their base model (needs mlpmem; see mlpmem.hf.from_memory)."""
+        """Pair one or more memory folders from mlpmem's train stage with their base model (needs mlpmem; see mlpmem.transformers_integration.from_memory)."""
         from_memory = hook("from_memory")
         if from_memory is None:
             raise MlpmemError(
@@ -761,7 +761,7 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         if mode == "routed" and self.memory_router is None:
             raise MlpmemError(
                 "mixing='routed' needs a router, and this model has none",
-                "fit one for its memories (mlpmem.hf.fit_router) or attach one (set_router), or use mixing='fixed'",
+                "fit one for its memories (mlpmem.transformers_integration.fit_router) or attach one (set_router), or use mixing='fixed'",
             )
         return mode
 
@@ -1005,13 +1005,13 @@ def check_router(meta: dict[str, Any], model: "MLPMemoryForCausalLM", where: str
     if not want:
         raise MlpmemError(
             f"{where} does not record the memories it was fitted for (no memory_fingerprints)",
-            "fit the router again with mlpmem.hf.fit_router",
+            "fit the router again with mlpmem.transformers_integration.fit_router",
         )
     got = model.router_meta()["memory_fingerprints"]
     if list(want) != got:
         raise MlpmemError(
             f"{where} was fitted for other memories (fingerprints {list(want)}, this model's memories {model.memory_names} are {got})",
-            "fit a router for these memories, in this order (mlpmem.hf.fit_router), or use mixing='fixed'",
+            "fit a router for these memories, in this order (mlpmem.transformers_integration.fit_router), or use mixing='fixed'",
         )
 
 
@@ -1104,7 +1104,7 @@ def _from_pretrained_parts(
     if router is None and mixing == "routed":
         raise MlpmemError(
             f"{name} holds no router, so mixing='routed' is not possible",
-            "use mixing='fixed', or fit a router (mlpmem.hf.fit_router) and save the model",
+            "use mixing='fixed', or fit a router (mlpmem.transformers_integration.fit_router) and save the model",
         )
     if mixing is None and (gate is not None or router is not None):
         mixing = config.mixing

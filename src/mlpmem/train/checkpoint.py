@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from mlpmem.errors import MlpmemError
-from mlpmem.manifest import check_file, file_record, read_json, write_json
+from mlpmem.files import check_file, file_record, read_json, write_json
 from mlpmem.memory import MLPMemory, load_memory, save_memory
 from mlpmem.train.config import TrainConfig
 from mlpmem.train.model import build_optimizer

@@ -56,7 +56,7 @@ class TrainConfig:
 
     def problems(self) -> list[str]:
         """Every range or consistency problem, as "key: message" lines (empty when fine)."""
-        from mlpmem.config import in_range, need, one_of, positive
+        from mlpmem.typed_config import in_range, need, one_of, positive
         from mlpmem.memory import ACTIVATIONS, INITS, NORMS
         from mlpmem.modeling.read_site import SITES
 

@@ -9,7 +9,7 @@ import torch
 
 from mlpmem.errors import MlpmemError
 from mlpmem.memory import MemoryInput, resolve_memory_input
-from mlpmem.store import Datastore
+from mlpmem.datastore import Datastore
 from mlpmem.targets import Targets
 from mlpmem.train.config import TrainConfig
 

@@ -19,9 +19,11 @@ from mlpmem import dist
 from mlpmem.errors import MlpmemError
 from mlpmem.interpolate import fit_lambda_em, interpolate_logprobs, perplexity
 from mlpmem.losses import sparse_kd_loss
-from mlpmem.manifest import check_disk_space, file_record, prepare_out, write_manifest
+from mlpmem.files import check_disk_space, file_record
+from mlpmem.folders import prepare_out
+from mlpmem.manifest import write_manifest
 from mlpmem.memory import MLPMemory, add_block_dropout, load_memory, save_memory
-from mlpmem.store import Datastore
+from mlpmem.datastore import Datastore
 from mlpmem.train.checkpoint import list_checkpoints, load_latest_checkpoint, save_checkpoint
 from mlpmem.train.config import TrainConfig
 from mlpmem.train.data import OnlineData, TrainData, load_datastore_lm, needs_lm
@@ -94,7 +96,7 @@ def train_memory(
     seen them all, and rank 0 alone validates, writes metrics and checkpoints. A
     checkpoint holds no trace of the process count, so a run resumes with any count.
     """
-    from mlpmem.config import validate
+    from mlpmem.typed_config import validate
 
     out_dir = Path(out_dir)
     validate(cfg, "train")

@@ -17,6 +17,7 @@ fingerprint, which is checked whenever the gate is paired with a memory).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -260,14 +261,53 @@ def fit_mlp_gate(
     Starts at the EM-fitted fixed lambda of the training positions (output weights zero), so a
     gate that learns nothing is the fixed mixture. Returns (gate, training record).
     """
+    with _one_thread():
+        return _fit_mlp_gate(features, lp_lm, lp_mem, cfg, weight, holdout)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Torch on one thread: a gate or router has a few hundred parameters, where one thread is fastest and immune to a
+    loaded machine."""
     import torch
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a few hundred parameters: one thread is fastest, and immune to a loaded machine
+    torch.set_num_threads(1)
     try:
-        return _fit_mlp_gate(features, lp_lm, lp_mem, cfg, weight, holdout)
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def fit_full_batch(module, train_loss, held_out_nll, cfg: GateConfig, check_every: int = 20, patience: int = 15) -> dict[str, Any]:
+    """The one training loop of the gate and the router: full-batch Adam on ``train_loss()``, ``held_out_nll()`` every
+    ``check_every`` steps; keeps the best state on held-out data and stops after ``patience`` checks without a gain.
+    Returns the record (held-out NLL at the start and at the best step, steps run)."""
+    import torch
+
+    opt = torch.optim.Adam(module.parameters(), lr=cfg.lr)
+
+    def held() -> float:
+        with torch.no_grad():
+            return float(held_out_nll())
+
+    best = start = held()
+    best_state, best_step, bad, step = {k: v.clone() for k, v in module.state_dict().items()}, 0, 0, 0
+    for step in range(1, cfg.steps + 1):
+        loss = train_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % check_every == 0:
+            h = held()
+            if h < best - 1e-6:
+                best, best_state, best_step, bad = h, {k: v.clone() for k, v in module.state_dict().items()}, step, 0
+            else:
+                bad += 1
+                if bad >= patience:
+                    break
+    module.load_state_dict(best_state)
+    return {"held_out_nll_start": start, "held_out_nll": best, "best_step": best_step, "steps_run": step}
 
 
 def _fit_mlp_gate(features, lp_lm, lp_mem, cfg: GateConfig, weight, holdout) -> tuple[MixingGate, dict[str, Any]]:
@@ -291,41 +331,19 @@ def _fit_mlp_gate(features, lp_lm, lp_mem, cfg: GateConfig, weight, holdout) -> 
     tr, ho = torch.from_numpy(train), torch.from_numpy(holdout)
     xs = {"tr": (x[tr] - gate.shift) / gate.scale, "ho": (x[ho] - gate.shift) / gate.scale}  # standardised once
     decay = [gate.inner.weight, gate.out.weight]
-    opt = torch.optim.Adam(gate.parameters(), lr=cfg.lr)
 
     def logit(part):
         return gate.out(torch.tanh(gate.inner(xs[part])))[:, 0]
 
-    def held_nll() -> float:
-        with torch.no_grad():
-            return float(mixture_nll_logit(logit("ho"), a[ho], b[ho], wt[ho]))
-
     a_tr, b_tr, w_tr = a[tr], b[tr], wt[tr]
-    best, best_state, best_step, bad = held_nll(), {k: v.clone() for k, v in gate.state_dict().items()}, 0, 0
-    start = best
-    for step in range(1, cfg.steps + 1):
-        loss = mixture_nll_logit(logit("tr"), a_tr, b_tr, w_tr) + cfg.weight_decay * sum((p * p).sum() for p in decay)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 20 == 0:
-            h = held_nll()
-            if h < best - 1e-6:
-                best, best_state, best_step, bad = h, {k: v.clone() for k, v in gate.state_dict().items()}, step, 0
-            else:
-                bad += 1
-                if bad >= 15:
-                    break
-    gate.load_state_dict(best_state)
-    record = {
-        "lambda_start": lam0,
-        "held_out_nll_start": start,
-        "held_out_nll": best,
-        "best_step": best_step,
-        "steps_run": step,
-        "n_train": int(train.sum()),
-        "n_held_out": int(holdout.sum()),
-    }
+    fit = fit_full_batch(
+        gate,
+        lambda: mixture_nll_logit(logit("tr"), a_tr, b_tr, w_tr) + cfg.weight_decay * sum((p * p).sum() for p in decay),
+        lambda: mixture_nll_logit(logit("ho"), a[ho], b[ho], wt[ho]),
+        cfg,
+    )
+    start, best, best_step, step = fit["held_out_nll_start"], fit["held_out_nll"], fit["best_step"], fit["steps_run"]
+    record = {"lambda_start": lam0, **fit, "n_train": int(train.sum()), "n_held_out": int(holdout.sum())}
     log.info("gate: held-out NLL %.5f -> %.5f (fixed lambda %.3f), best step %d of %d", start, best, lam0, best_step, step)
     return gate.eval(), record
 
@@ -546,14 +564,8 @@ def fit_router(lp: np.ndarray, features: np.ndarray, cfg: GateConfig, holdout: n
     then each memory) and features [N, K, F] (gate_features of each memory against the LM): maximise the routed
     mixture's likelihood, starting from the EM-fitted fixed weights, early stopping on ``holdout``. Returns (router, record).
     """
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _one_thread():
         return _fit_router(lp, features, cfg, holdout)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _fit_router(lp, features, cfg: GateConfig, holdout):
@@ -588,32 +600,13 @@ def _fit_router(lp, features, cfg: GateConfig, holdout):
         z = router.out(torch.tanh(router.inner(xs[part])))
         return -torch.logsumexp(z.log_softmax(-1) + ys[part], -1).mean()
 
-    opt = torch.optim.Adam(router.parameters(), lr=cfg.lr)
-    with torch.no_grad():
-        best = start = float(nll("ho"))
-    best_state, best_step, bad, step = {k: v.clone() for k, v in router.state_dict().items()}, 0, 0, 0
-    for step in range(1, cfg.steps + 1):
-        loss = nll("tr") + cfg.weight_decay * ((router.inner.weight**2).sum() + (router.out.weight**2).sum())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 20 == 0:
-            with torch.no_grad():
-                h = float(nll("ho"))
-            if h < best - 1e-6:
-                best, best_state, best_step, bad = h, {k: v.clone() for k, v in router.state_dict().items()}, step, 0
-            else:
-                bad += 1
-                if bad >= 15:
-                    break
-    router.load_state_dict(best_state)
-    return router.eval(), {
-        "weights_start": [float(w) for w in w0],
-        "held_out_nll_start": start,
-        "held_out_nll": best,
-        "best_step": best_step,
-        "steps_run": step,
-    }
+    fit = fit_full_batch(
+        router,
+        lambda: nll("tr") + cfg.weight_decay * ((router.inner.weight**2).sum() + (router.out.weight**2).sum()),
+        lambda: nll("ho"),
+        cfg,
+    )
+    return router.eval(), {"weights_start": [float(w) for w in w0], **fit}
 
 
 def router_weights(router, features: np.ndarray) -> np.ndarray:

@@ -527,7 +527,8 @@ def test_one_pass_scores_several_memories(gated_parts):
 def test_runs_gate_by_default_where_valid_can_fit_one():
     """The default (eval.mixing auto) fits a gate, on valid + text sampled from the LM, whenever valid has the positions."""
     from mlpmem.gate import GateConfig
-    from mlpmem.pipeline import MIN_VALID_POSITIONS, EvalConfig, resolve_mixing
+    from mlpmem.pipeline import EvalConfig, resolve_mixing
+    from mlpmem.stages import MIN_VALID_POSITIONS
 
     need = MIN_VALID_POSITIONS["gated"]
     assert EvalConfig().mixing == "auto" and GateConfig().generic == "lm"

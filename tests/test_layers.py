@@ -167,3 +167,21 @@ def test_the_checker_sees_imports(tmp_path, source, expected):
     (fake / "modeling" / "x.py").write_text(source)
     modules = {module_name(f, fake) for f in fake.rglob("*.py")}
     assert imports_of(fake / "modeling" / "x.py", modules, fake) == expected
+
+
+@pytest.mark.parametrize(
+    "old, new, name",
+    [("hf", "transformers_integration", "from_memory"), ("config", "typed_config", "build"), ("store", "datastore", "Datastore")],
+)
+def test_renamed_modules_still_import_for_one_release(old, new, name):
+    """A script written against the old module names keeps working, and is told the new name."""
+    import importlib
+    import sys
+    import warnings
+
+    sys.modules.pop(f"mlpmem.{old}", None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        module = importlib.import_module(f"mlpmem.{old}")
+    assert getattr(module, name) is getattr(importlib.import_module(f"mlpmem.{new}"), name)
+    assert any(issubclass(w.category, DeprecationWarning) and f"mlpmem.{new}" in str(w.message) for w in caught)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from mlpmem.errors import MlpmemError, report_error
-from mlpmem.stages import by_verb, splits_work
+from mlpmem.stages import MIN_VALID_POSITIONS, MIXING_SETTINGS, by_verb, splits_work
 
 log = logging.getLogger("mlpmem")
 
@@ -394,8 +394,10 @@ def _args_run(sp):
     sp.add_argument(
         "--mixing",
         default=None,
-        choices=("auto", "fixed", "gated"),
-        help="the same as eval.mixing=; gated: also fit a per-token mixing gate on valid (+ text sampled from the LM) and report it beside the fixed lambda; auto: gated when valid has at least 257 positions (default: the recipe's eval.mixing, auto)",
+        choices=MIXING_SETTINGS,
+        help="the same as eval.mixing=; gated: also fit a per-token mixing gate on valid (+ text sampled from the LM) and report it "
+        f"beside the fixed lambda; auto: gated when valid has at least {MIN_VALID_POSITIONS['gated']} positions "
+        "(default: the recipe's eval.mixing, auto)",
     )
 
 

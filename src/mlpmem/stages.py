@@ -26,6 +26,15 @@ def _load(ref: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
+# eval.mixing: "auto" is "gated" when valid has the positions a gate needs (pipeline.resolve_mixing), else "fixed".
+# Here, not in the pipeline, so that `mlpmem run --help` states them without importing the stages.
+MIXING_SETTINGS = ("auto", "fixed", "gated")
+# the fewest valid positions a setting is fitted on: below these a fitted lambda or T is noise, and a lambda of exactly
+# 0 or 1 fitted on a handful of tokens gives an infinite test perplexity; the gate holds out whole blocks of 256
+# positions (gate.holdout_mask), so it needs at least two
+MIN_VALID_POSITIONS = {"fixed": 32, "gated": 257}
+
+
 @dataclass(frozen=True)
 class Stage:
     """One stage of the pipeline.

@@ -163,7 +163,7 @@ def test_faiss_leaves_the_process_thread_count_alone(store, tmp_path):
 
 
 def test_index_folder_from_before_the_recall_target_stays_done(store, tmp_path):
-    """Folders written before recall_target and device existed match today's defaults (manifest.ADDED_SETTINGS; device is not a setting)."""
+    """Folders written before recall_target and device existed match today's defaults (folders.ADDED_SETTINGS; device is not a setting)."""
     out = build_index(store[0], tmp_path / "old", IndexConfig(kind="flat"))
     cfg = json.loads((out / "config.json").read_text())
     assert "device" not in cfg  # where it ran: in the manifest only

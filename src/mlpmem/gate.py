@@ -267,8 +267,8 @@ def fit_mlp_gate(
 
 @contextlib.contextmanager
 def _one_thread():
-    """Torch on one thread: a gate or router has a few hundred parameters, where one thread is fastest and immune to a
-    loaded machine."""
+    """Torch on one thread: for a gate or router (a few hundred parameters) and for sampling (many small steps), one thread
+    is fastest and immune to a loaded machine."""
     import torch
 
     threads = torch.get_num_threads()
@@ -446,14 +446,8 @@ def generic_tokens(source: str, tok, max_tokens: int, model=None, seed: int = 0)
 def lm_samples(model, sep: int, n_tokens: int, seed: int = 0, n_seqs: int = 8) -> np.ndarray:
     """``n_tokens`` of text sampled from ``model`` (temperature 1, top-p 0.95), ``n_seqs`` sequences started from the
     separator, joined by it: text of the LM's own kind, none of the memory's domain in particular."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # decoding is many small steps: extra threads only spin, and cost a lot on a loaded machine
-    try:
+    with _one_thread():  # decoding is many small steps: extra threads only spin, and cost a lot on a loaded machine
         return _lm_samples(model, sep, n_tokens, seed, n_seqs)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _lm_samples(model, sep: int, n_tokens: int, seed: int, n_seqs: int) -> np.ndarray:

@@ -72,6 +72,13 @@ def main() -> None:
     p.add_argument("--words", type=int, default=6000, help="words of each kind of text")
     p.add_argument("--chunk", type=int, default=150, help="words per document")
     p.add_argument("--work", type=Path, default=None, help="task files (default runs/bench_ood_lmeval[_quick])")
+    p.add_argument(
+        "--kinds",
+        default="gcide,licences,sotu_test",
+        help="kinds of text, comma-separated: gcide, licences, sotu_test, and the valid splits gcide_valid, sotu_valid "
+        "(for choosing a setting without reading test)",
+    )
+    p.add_argument("--name", default="ood_lmeval", help="result file bench/results/NAME.json")
     p.add_argument("--quick", action="store_true")
     a = p.parse_args()
     started = start()
@@ -85,13 +92,19 @@ def main() -> None:
 
     suffix = "_quick" if a.quick else ""
     words = 300 if a.quick else a.words
-    work = a.work or ROOT / f"runs/bench_ood_lmeval{suffix}"
+    work = a.work or ROOT / f"runs/bench_ood_lmeval{suffix}" / a.name
     work.mkdir(parents=True, exist_ok=True)
-    kinds = {
-        "gcide": split_texts(a.gcide, "test"),
-        "licences": licence_texts(),
-        "sotu_test": split_texts(a.run / "corpus", "test"),
+    every = {
+        "gcide": lambda: split_texts(a.gcide, "test"),
+        "gcide_valid": lambda: split_texts(a.gcide, "valid"),
+        "licences": licence_texts,
+        "sotu_test": lambda: split_texts(a.run / "corpus", "test"),
+        "sotu_valid": lambda: split_texts(a.run / "corpus", "valid"),
     }
+    unknown = sorted(set(a.kinds.split(",")) - set(every))
+    if unknown:
+        p.error(f"unknown kinds {unknown} (known: {', '.join(every)})")
+    kinds = {k: every[k]() for k in a.kinds.split(",")}
     tasks = []
     for kind, texts in kinds.items():
         docs = documents(texts, a.chunk, words)
@@ -126,7 +139,7 @@ def main() -> None:
         }
     gate = (a.run / "gate").is_dir()
     result["mixing_by_default"] = "the run's gate" if gate else "the run's valid-fitted lambda (no gate)"
-    write_result(results_dir() / f"ood_lmeval{suffix}.json", result, started)
+    write_result(results_dir() / f"{a.name}{suffix}.json", result, started)
     for kind, r in result["kinds"].items():
         iv = r["memory_vs_base"]
         print(

@@ -21,7 +21,7 @@ from mlpmem.modeling.read_site import ReadSite, capture
 
 hf = pytest.importorskip("mlpmem.transformers_integration")
 MLPMemoryForCausalLM = hf.MLPMemoryForCausalLM
-from mlpmem.modeling.modeling_mlpmem import model_card  # noqa: E402
+from mlpmem.modeling.saving import model_card  # noqa: E402
 
 REV = "0123456789abcdef0123456789abcdef01234567"  # a commit hash, as the hub cache names snapshots
 

@@ -25,6 +25,7 @@ LAYERS: dict[str, list[str]] = {
         "modeling.gating",
         "modeling.configuration_mlpmem",
         "modeling.integration",
+        "modeling.saving",
         "modeling.modeling_mlpmem",
         "modeling",
     ],

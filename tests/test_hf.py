@@ -439,3 +439,42 @@ def test_saving_never_replaces_a_users_folder(arch_parts, model, tmp_path):
     with pytest.raises(MlpmemError):  # export_hf claims its folder like every stage
         hf.export_hf(tmp_path / "mem", tmp_path / "mine")
     assert (tmp_path / "mine" / "data.csv").read_text() == "1,2"
+
+
+def test_int8_memory_runs_its_quantized_copy_and_keeps_its_weights(arch_parts):
+    """use_int8_memories: the memory's linear layers in int8 at inference, close to float32 (not equal: the copy is
+    used), the float32 weights untouched and still what training and the shared-head check see; lambda 0 is the LM."""
+    _, lm, tok, _, _ = arch_parts
+    torch.manual_seed(4)
+    cfg = MemoryConfig(d_in=32, vocab_size=logits_size(lm), n_blocks=1, init="lm_copy", freeze_head=True, zero_init_blocks=False)
+    mem = MLPMemory(MemoryConfig(**{**cfg.__dict__, **lm_settings(lm, "lm_copy")}))
+    init_from_lm(mem, lm)
+    meta = {"tokenizer_hash": tokenizer_hash(tok), "layer": -1, "site": "output"}
+    m = MLPMemoryForCausalLM.from_parts(lm, mem.eval(), meta, tokenizer=tok, lambda_=0.5).eval()
+    ids = torch.cat([p[:, :3] for p in prompts(tok)], 0)
+    weights = {k: v.clone() for k, v in mem.state_dict().items()}
+    with torch.no_grad():
+        full = m(ids).logits
+    assert m.head_shared("memory")
+    m.use_int8_memories()
+    assert not m.head_shared("memory")  # the int8 head runs on its own
+    h = torch.randn(4, 32)
+    f32, q8 = mem(h).detach(), None  # with autograd on, the memory runs its float32 weights
+    with torch.no_grad():
+        q8 = mem(h)
+    assert not torch.equal(q8, f32) and (q8.softmax(-1) - f32.softmax(-1)).abs().max() < 0.02
+    with torch.no_grad():
+        int8 = m(ids).logits
+        assert not torch.equal(int8, full)
+        assert (int8.exp() - full.exp()).abs().max() < 0.02  # probabilities: per-channel int8 keeps them close
+        assert torch.equal(m(ids, lambda_=0.0).logits, lm(ids).logits.float().log_softmax(-1))
+    assert all(torch.equal(weights[k], v) for k, v in mem.state_dict().items())
+    with torch.no_grad():
+        mem.blocks[0].ffn.up.weight.mul_(3.0)  # weights changed after: the int8 copy is made again from them
+        changed = m(ids).logits
+    mem.use_int8(False)
+    with torch.no_grad():
+        torch.testing.assert_close(changed.exp(), m(ids).logits.exp(), atol=0.02, rtol=0)
+        assert not torch.equal(changed, int8)
+    with pytest.raises(MlpmemError, match="float32 memory on the CPU"):
+        MLPMemory(MemoryConfig(d_in=8, vocab_size=10)).to(torch.bfloat16).use_int8()

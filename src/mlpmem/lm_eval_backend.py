@@ -31,7 +31,8 @@ gate, or whose run trained one, mixes per token with it, and ``lambda_`` is then
 else cpu, as models.resolve_device's "auto"; mps only when named; lm-eval's own
 default is cuda, and :func:`main` passes the same default to every backend when
 ``--device`` is not given); any other HFLM
-argument (batch_size, max_length, ...); ``shared_context`` (default true: see below).
+argument (batch_size, max_length, ...); ``shared_context`` (default true: see below); ``memory_dtype=int8``
+(the memories' linear layers in int8 at inference, CPU: MLPMemory.use_int8).
 
 The class subclasses lm-eval's ``HFLM``: our model returns interpolated
 log-probabilities as ``logits``, and HFLM's log_softmax of them changes nothing
@@ -335,11 +336,14 @@ class MLPMemoryLM(ModelArgs, HFLM):
         router: str | None = None,
         knn: str | None = None,
         shared_context: bool | str = True,
+        memory_dtype: str | None = None,
         **kwargs: Any,
     ) -> None:
         from mlpmem.models import resolve_device
 
         shared = parse_bool("shared_context", shared_context)  # a typo fails before the model loads
+        if memory_dtype not in (None, "", "float32", "int8"):
+            raise MlpmemError(f"memory_dtype={memory_dtype} is not known", "pass memory_dtype=int8 (CPU), or leave it out")
 
         device = str(
             resolve_device(device or "auto", "float32")[0]
@@ -355,6 +359,8 @@ class MLPMemoryLM(ModelArgs, HFLM):
                 "pass pretrained= a folder saved with its tokenizer, or a base_model folder that holds one",
             )
         model.to(device)
+        if memory_dtype == "int8":
+            model.use_int8_memories()  # after the move: int8 weights are made on the CPU (a GPU is refused by name)
         # HFLM reads the context size from the top-level config, which is ours: give it the base model's
         max_length = max_length or getattr(model.config, "max_position_embeddings", None)
         if input_prefix(model) and kwargs.get("add_bos_token") is None:
@@ -372,6 +378,7 @@ class MLPMemoryLM(ModelArgs, HFLM):
             "memory_temperature": model.memory_temperature,
             "mixing": model.mixing_mode,
             "shared_context": shared,
+            "memory_dtype": memory_dtype or "float32",
         }
         self.shared_context = shared
 

@@ -90,6 +90,7 @@ def from_memory(
     weights: list[float] | None = None,
     router: str | os.PathLike | None = None,
     knn: "str | os.PathLike | list[str | os.PathLike] | None" = None,
+    memory_dtype: str | None = None,
 ) -> MLPMemoryForCausalLM:
     """Pair one or more memory folders (from the train stage) with their base model, loaded by name (``MLPMemoryForCausalLM.from_memory``).
 
@@ -109,7 +110,8 @@ def from_memory(
     (mlpmem.retrieval.KNNRetriever.from_run) mixed as more components, after the memories (a run
     folder alone, with ``memory_dir`` empty, gives LM + kNN-LM); ``weights``: fixed weights [LM,
     each memory] (default lambda_ split evenly); ``router``: a router folder saved for these
-    memories (a model's ``router/``), or fit one afterwards with :func:`fit_router`.
+    memories (a model's ``router/``), or fit one afterwards with :func:`fit_router`. ``memory_dtype="int8"``: the
+    memories' linear layers run in int8 at inference (CPU, float32 model; the weights stay float32).
     """
     from mlpmem.gate import find_gate, load_gate
     from mlpmem.models import load_model
@@ -155,8 +157,10 @@ def from_memory(
     router_module, router_meta = (None, None)
     if router is not None:
         router_module, router_meta = read_router_folder({f: str(Path(router) / f) for f in (ROUTER_CONFIG, GATE_WEIGHTS)})
+    if memory_dtype not in (None, "float32", "int8"):
+        raise MlpmemError(f"memory_dtype {memory_dtype!r} is not known", "pass memory_dtype='int8' (CPU), or leave it unset")
     lm, tok, model_id = load_model(str(ref), dtype=dtype)
-    return cls.from_parts(
+    model = cls.from_parts(
         lm,
         memory,
         metas[0],
@@ -173,6 +177,9 @@ def from_memory(
         router=router_module,
         router_meta=router_meta,
     )
+    if memory_dtype == "int8":
+        model.use_int8_memories()
+    return model
 
 
 def default_lambda(results: list[dict[str, Any]], memory_dirs: list[Path]) -> float:

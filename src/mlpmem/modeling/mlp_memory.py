@@ -155,6 +155,7 @@ class MLPMemory(nn.Module):
         self.head_delta = nn.Sequential(nn.Linear(w, r, bias=False), nn.Linear(r, cfg.vocab_size)) if r else None
         self.reset_parameters()
         self.apply_freeze()
+        object.__setattr__(self, "_int8", None)  # (int8 copy, weights' versions) when use_int8 is on; not a submodule
 
     @classmethod
     def from_config(cls, cfg: MemoryConfig | dict[str, Any]) -> "MLPMemory":
@@ -180,8 +181,8 @@ class MLPMemory(nn.Module):
 
     def features(self, h: torch.Tensor) -> torch.Tensor:
         """h [..., d_in] (any float dtype) -> the head's input [..., width]: everything but the head."""
-        if h.dtype != self.head.weight.dtype:
-            h = h.to(self.head.weight.dtype)  # keys are stored as float16
+        if h.dtype != self.norm.weight.dtype:  # the norm's: an int8 copy's linear layers hold no float weight
+            h = h.to(self.norm.weight.dtype)  # keys are stored as float16
         x = self.proj(h) if self.proj is not None else h
         for block in self.blocks:
             x = block(x)
@@ -189,8 +190,51 @@ class MLPMemory(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h [..., d_in] (any float dtype) -> logits [..., vocab_size]."""
+        if self._int8 is not None and not self.training and not torch.is_grad_enabled():
+            return self._int8_copy()(h)
         x = self.features(h)
         return self.corrected(x, self.head(x))
+
+    def use_int8(self, on: bool = True) -> "MLPMemory":
+        """Run the memory's linear layers in int8 at inference (torch's dynamic quantization, per output channel, CPU).
+
+        At batch 1 the memory is bound by reading its weights, and int8 reads a quarter of float32's bytes. The float32
+        weights stay the memory's own (saved, fingerprinted, trained); the int8 copy is made from them here, remade when
+        they change, and used only outside training and autograd. ``on=False`` drops it.
+        """
+        if not on:
+            object.__setattr__(self, "_int8", None)
+            return self
+        if self.norm.weight.device.type != "cpu" or self.norm.weight.dtype != torch.float32:
+            raise MlpmemError(
+                f"int8 memory weights are made from a float32 memory on the CPU; this one is {self.norm.weight.dtype} on "
+                f"{self.norm.weight.device}",
+                "load the memory in float32 on the CPU for memory_dtype='int8', or leave memory_dtype unset on a GPU",
+            )
+        object.__setattr__(self, "_int8", (self._quantized(), self._weights_version()))
+        return self
+
+    def _weights_version(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.parameters()) + tuple(id(p) for p in self.parameters())
+
+    def _quantized(self) -> nn.Module:
+        import copy
+        import warnings
+
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        plain = copy.copy(self)  # without the previous int8 copy, which quantize_dynamic would deep-copy too
+        object.__setattr__(plain, "_int8", None)
+        with warnings.catch_warnings():  # the eager API's notice that it moves to torchao
+            warnings.simplefilter("ignore")
+            return quantize_dynamic(plain, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=False).eval()
+
+    def _int8_copy(self) -> nn.Module:
+        copy_, version = self._int8
+        if version != self._weights_version():  # the float32 weights changed since: quantize them again
+            copy_ = self._quantized()
+            object.__setattr__(self, "_int8", (copy_, self._weights_version()))
+        return copy_
 
     def corrected(self, x: torch.Tensor, head_out: torch.Tensor) -> torch.Tensor:
         """The logits from the head's input ``x`` and the head's output (computed here, or in the LM's head call)."""
@@ -202,6 +246,8 @@ class MLPMemory(nn.Module):
         True for a memory started as a copy of the LM's head (init lm_head / lm_copy) whose head
         stayed frozen (``freeze_head``): the model class then runs both heads in one matrix product.
         """
+        if self._int8 is not None:  # the int8 head is not the LM's: it runs on its own
+            return False
         if not isinstance(linear, nn.Linear) or linear.weight.shape != self.head.weight.shape:
             return False
         a, b = self.head.weight, linear.weight

@@ -906,6 +906,13 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
             attentions=getattr(out, "attentions", None),
         )
 
+    def use_int8_memories(self, on: bool = True) -> None:
+        """Run every MLP memory's linear layers in int8 at inference (CPU): see :meth:`MLPMemory.use_int8`. The saved
+        weights, fingerprints and checks stay those of the float32 memory."""
+        for module in self.components().values():
+            if isinstance(module, MLPMemory):
+                module.use_int8(on)
+
     def head_shared(self, name: str) -> bool:
         """Whether memory ``name``'s head is the LM's output layer (same weights, dtype, device), so that
         :meth:`forward` runs both in one matrix product. Checked again whenever either weight changes."""
@@ -914,7 +921,7 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
             return False
         a, b = module.head.weight, head.weight
         # a weight changed in place (training) bumps its _version; a new weight is a new object
-        key = (id(a), a._version, a.dtype, a.device, id(b), b._version, b.dtype, b.device)
+        key = (id(a), a._version, a.dtype, a.device, id(b), b._version, b.dtype, b.device, module._int8 is not None)
         cache = self.__dict__.setdefault("_head_shared", {})
         if cache.get(name, (None,))[0] != key:
             cache[name] = (key, module.head_is(head))

@@ -534,22 +534,3 @@ def test_runs_gate_by_default_where_valid_can_fit_one():
     assert EvalConfig().mixing == "auto" and GateConfig().generic == "lm"
     assert [resolve_mixing("auto", n) for n in (need - 1, need, 10**6)] == ["fixed", "gated", "gated"]
     assert resolve_mixing("fixed", 10**6) == "fixed" and resolve_mixing("gated", 0) == "gated"  # an explicit setting wins
-
-
-def test_generic_documents_are_scored_each_from_its_own_start(gated_parts):
-    """gate.generic_docs: LM samples of that many tokens, separator first, each scored with no context before it (as
-    lm-eval scores a short document); without it, one stream in the evaluator's windows carries context across."""
-    from mlpmem.gate import score_generic
-    from mlpmem.models import separator_id
-    from mlpmem.modeling.read_site import ReadSite
-
-    lm, tok, mem, meta, gate, gmeta = gated_parts
-    site, sep = ReadSite(1, "ffn_input"), separator_id(tok)
-    sc = score_generic(GateConfig(generic_tokens=40, generic_docs=10), lm, tok, mem, site, 16, 8, batch_size=2)
-    assert sc.n == 40 and np.array_equal(sc.labels[9::10], np.full(4, sep, dtype=sc.labels.dtype))  # documents of 10
-    second = torch.tensor(np.concatenate([[sep], sc.labels[10:19]])[None])  # document 2, scored alone
-    with torch.no_grad():
-        lp = lm(second).logits.float().log_softmax(-1)[0, :9].gather(-1, second[0, 1:, None])[:, 0]
-    np.testing.assert_allclose(sc.lm_logprob[10:19], lp.numpy(), rtol=1e-5, atol=1e-5)
-    stream = score_generic(GateConfig(generic_tokens=40, generic_docs=None), lm, tok, mem, site, 16, 8, batch_size=2)
-    assert stream.n == 40

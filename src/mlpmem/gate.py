@@ -51,18 +51,13 @@ class GateConfig:
     generic: str | None = "lm"
     generic_tokens: int = 4000
     generic_weight: float = 1.0  # weight of a generic position in the loss, relative to an in-domain one
-    # generic text as separate documents of this many tokens, each scored from its own start (as lm-eval scores short
-    # documents: no context before their first token); null: one stream in the evaluator's windows
-    generic_docs: int | None = None
     seed: int = 0
 
     def problems(self) -> list[str]:
         from mlpmem.typed_config import one_of, positive
 
         out = one_of(self, "kind", GATE_KINDS) + positive(self, "hidden") + positive(self, "bins") + positive(self, "steps")
-        out += positive(self, "lr") + positive(self, "generic_tokens") + positive(self, "generic_docs", allow_none=True)
-        if self.generic_docs is not None and self.generic_docs < 2:
-            out.append(f"generic_docs: a document needs at least 2 tokens to score one, got {self.generic_docs}")
+        out += positive(self, "lr") + positive(self, "generic_tokens")
         if not 0 <= self.weight_decay < float("inf"):
             out.append(f"weight_decay: must be >= 0, got {self.weight_decay}")
         if not 0 < self.holdout < 1:
@@ -432,10 +427,9 @@ def find_gate(memory_dir: Path) -> Path | None:
     return None
 
 
-def generic_tokens(source: str, tok, max_tokens: int, model=None, seed: int = 0, doc_tokens: int | None = None) -> np.ndarray:
+def generic_tokens(source: str, tok, max_tokens: int, model=None, seed: int = 0) -> np.ndarray:
     """Generic text for the gate as one token stream: ``"lm"`` (text sampled from the LM itself: no data needed), or a
-    .txt/.jsonl/.parquet file or folder, as corpus sources. ``doc_tokens``: LM samples of that many tokens each, the
-    separator first (a stream that windows of ``doc_tokens`` cut into whole samples)."""
+    .txt/.jsonl/.parquet file or folder, as corpus sources."""
     from mlpmem.corpus import CorpusConfig, load_documents, tokenize_split
     from mlpmem.models import separator_id
 
@@ -443,35 +437,23 @@ def generic_tokens(source: str, tok, max_tokens: int, model=None, seed: int = 0,
     if source == "lm":
         if model is None:
             raise MlpmemError("generic text 'lm' is sampled from the LM, and no LM was given", "pass the model")
-        if doc_tokens:
-            return lm_samples(model, sep, max_tokens, seed, n_seqs=-(-max_tokens // (doc_tokens - 1)), length=doc_tokens - 1)
         return lm_samples(model, sep, max_tokens, seed)
     docs = load_documents(CorpusConfig(source=str(source)))
     tokens, _ = tokenize_split([d.text for d in docs], tok, sep, max_tokens)
     return np.concatenate([[sep], tokens]).astype(np.int32)
 
 
-def score_generic(
-    cfg: GateConfig, model, tok, memory, memory_site, context: int, stride: int, batch_size: int = 8, prefix: tuple[int, ...] = ()
-) -> MixScores:
-    """The gate's generic text (``cfg.generic``), scored: as one stream in the evaluator's windows, or with
-    ``cfg.generic_docs`` as documents of that many tokens, one window each, so each is scored from its own start."""
-    toks = generic_tokens(cfg.generic, tok, cfg.generic_tokens, model, cfg.seed, cfg.generic_docs)
-    ctx, stride = (cfg.generic_docs, cfg.generic_docs) if cfg.generic_docs else (context, stride)
-    return score_mixing(model, toks, ctx, stride, memory, memory_site, batch_size, desc="scoring generic text (gate)", prefix=prefix)
-
-
-def lm_samples(model, sep: int, n_tokens: int, seed: int = 0, n_seqs: int = 8, length: int | None = None) -> np.ndarray:
+def lm_samples(model, sep: int, n_tokens: int, seed: int = 0, n_seqs: int = 8) -> np.ndarray:
     """``n_tokens`` of text sampled from ``model`` (temperature 1, top-p 0.95), ``n_seqs`` sequences started from the
     separator, joined by it: text of the LM's own kind, none of the memory's domain in particular."""
     with _one_thread():  # decoding is many small steps: extra threads only spin, and cost a lot on a loaded machine
-        return _lm_samples(model, sep, n_tokens, seed, n_seqs, length)
+        return _lm_samples(model, sep, n_tokens, seed, n_seqs)
 
 
-def _lm_samples(model, sep: int, n_tokens: int, seed: int, n_seqs: int, length: int | None) -> np.ndarray:
+def _lm_samples(model, sep: int, n_tokens: int, seed: int, n_seqs: int) -> np.ndarray:
     import torch
 
-    per = length or -(-n_tokens // n_seqs)
+    per = -(-n_tokens // n_seqs)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
     start = torch.full((n_seqs, 1), sep, dtype=torch.long, device=model.device)
@@ -528,7 +510,12 @@ def build_gate_stage(
     if prepare_out(out_dir, config, overwrite, kind="gate") == "done":
         return load_gate(out_dir, memory)
     valid = score_mixing(model, valid_tokens, context, stride, memory, memory_site, batch_size, desc="scoring valid (gate)", prefix=prefix)
-    generic = score_generic(cfg, model, tok, memory, memory_site, context, stride, batch_size, prefix) if cfg.generic else None
+    generic = None
+    if cfg.generic:
+        toks = generic_tokens(cfg.generic, tok, cfg.generic_tokens, model, cfg.seed)
+        generic = score_mixing(
+            model, toks, context, stride, memory, memory_site, batch_size, desc="scoring generic text (gate)", prefix=prefix
+        )
     gate, record = fit_gate(valid, cfg, generic)
     from mlpmem.interpolate import interpolate_logprobs, interpolate_per_token, perplexity
 

@@ -172,7 +172,6 @@ STAGES: tuple[Stage, ...] = (
         "mlpmem.gate:build_gate_stage",
         title="mixing gate: fit on valid, then the gated figures beside the fixed ones",  # inside eval's step
         files=("model.safetensors", "gate_config.json"),
-        added_settings=(("gate.generic_docs", None),),  # gates before it scored generic text as one stream
     ),
 )
 

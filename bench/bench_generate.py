@@ -1,6 +1,6 @@
 """Decode and scoring speed: the LM alone against LM + memory variants, measured interleaved (not a test).
 
-    python bench/bench_generate.py [--model smollm2-135m] [--variants own4 shared4 shared2 shared1]
+    python bench/bench_generate.py [--model smollm2-135m] [--variants own4 own4q8 shared4 shared2 shared1]
         [--new-tokens 32] [--prompt-tokens 32] [--score-tokens 512] [--repeats 5] [--quick]
 
 Each memory is built from its config with random blocks (speed does not depend on the
@@ -8,7 +8,8 @@ weights): width = the LM's hidden size, n residual blocks, reading the last laye
 (the default recipe's read site). ``ownN``: N blocks and the memory's own head, today's
 trained default (a copy of the LM's head that training moves); ``sharedN``: N blocks and the
 LM's own head (a memory trained with ``freeze_head``; ``sharedNrR`` with a rank-R correction beside it, ``head_rank``), which the model class runs in the
-same matrix product as the LM's. Greedy decoding with the KV cache, exactly
+same matrix product as the LM's; a ``q8`` suffix (``own4q8``) runs the memory's linear layers in int8
+(MLPMemory.use_int8). Greedy decoding with the KV cache, exactly
 ``--new-tokens`` new tokens per sequence, at each ``--batches`` size; and one scoring pass
 (every position's log-probs) over ``--score-tokens`` tokens. Every repeat runs all systems
 once, in turn, so each ratio to the LM is taken from neighbouring calls on the same machine
@@ -58,7 +59,7 @@ def spread(values: list[float]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--variants", nargs="+", default=["own4", "shared4", "shared2", "shared1r64", "shared1"])
+    p.add_argument("--variants", nargs="+", default=["own4", "own4q8", "shared4", "shared2", "shared1r64", "shared1"])
     p.add_argument("--score-tokens", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=32)
@@ -72,7 +73,7 @@ def main() -> None:
     started = start()
     a.out = a.out or str(results_dir() / "generate.json")
     if a.quick:
-        a.new_tokens, a.batches, a.repeats, a.score_tokens, a.variants = 8, [1], 1, 64, ["own4", "shared1r64"]
+        a.new_tokens, a.batches, a.repeats, a.score_tokens, a.variants = 8, [1], 1, 64, ["own4", "own4q8", "shared1r64"]
         a.out = a.out.replace("generate.json", "generate_quick.json")
 
     if a.threads:
@@ -84,13 +85,15 @@ def main() -> None:
     systems = {"lm": lm}
     memories = {}
     for v in a.variants:
-        m = re.fullmatch(r"(own|shared)(\d+)(?:r(\d+))?", v)
+        m = re.fullmatch(r"(own|shared)(\d+)(?:r(\d+))?(q8)?", v)
         if not m:
-            p.error(f"unknown variant {v!r}: ownN, sharedN or sharedNrR (N blocks, a rank-R correction beside the head)")
-        kind, blocks, rank = m.group(1), int(m.group(2)), int(m.group(3) or 0)
+            p.error(f"unknown variant {v!r}: ownN, sharedN or sharedNrR (N blocks, a rank-R correction beside the head), +q8 (int8)")
+        kind, blocks, rank, int8 = m.group(1), int(m.group(2)), int(m.group(3) or 0), bool(m.group(4))
         memories[v] = build_memory(lm, blocks, kind == "shared", rank)
         systems[v] = MLPMemoryForCausalLM.from_parts(lm, memories[v], meta, tokenizer=tok, lambda_=a.lam).eval()
-        assert systems[v].head_shared("memory") == (kind == "shared")
+        if int8:
+            systems[v].use_int8_memories()
+        assert systems[v].head_shared("memory") == (kind == "shared" and not int8)
 
     n_lm = num_parameters(lm)
     result = {
@@ -103,6 +106,7 @@ def main() -> None:
                 "blocks": m.config.n_blocks,
                 "head": "shared" if systems[v].head_shared("memory") else "own",
                 "params": m.num_parameters(),
+                "int8": m._int8 is not None,
                 # parameters read per decoded token beyond the LM's: a shared head is read once for both
                 "extra_params_read": m.num_parameters() - (m.head.weight.numel() if systems[v].head_shared("memory") else 0),
             }

@@ -5,7 +5,7 @@
     mlpmem run sotu --out runs/sotu_fh2 train.freeze_head=true train.n_blocks=2 eval.mixing=fixed
     mlpmem run sotu --out runs/sotu_fh1r64 train.freeze_head=true train.n_blocks=1 train.head_rank=64 eval.mixing=fixed
     # runs/gate/gcide_corpus: the two commands at the top of bench_mixing.py
-    python bench/bench_shared_head.py --runs runs/sotu runs/sotu_fh4 runs/sotu_fh2 runs/sotu_fh1r64 [--threads 2] [--quick]
+    python bench/bench_shared_head.py --runs runs/sotu runs/sotu:int8 runs/sotu_fh4 runs/sotu_fh2 runs/sotu_fh1r64 [--threads 2] [--quick]
 
 A memory whose head stays the LM's output layer is what lets the model class compute both
 heads in one matrix product (bench_generate.py measures the speed). This script measures what
@@ -14,8 +14,9 @@ score_memories, windows 512 / 256 as the evaluator): SOTU valid, SOTU test and t
 ``--ood-tokens`` of the GCIDE test split (out of domain). Each memory mixes at the lambda its
 own run fitted on valid (report.json). Intervals: 95% paired bootstrap over blocks of 256
 positions (mlpmem.interpolate.paired_ppl_change), against the LM alone and against the first
-run. The selection rule, fixed before test is read: the memory reading the fewest weights per
-token whose valid perplexity is within +0.5% of the first run's. Writes
+run. ``RUN:int8`` scores RUN's memory with its linear layers in int8 (MLPMemory.use_int8). The selection rule, fixed
+before test is read: the memory reading the fewest bytes of weights per token whose valid perplexity is within +0.5%
+of the first run's. Writes
 bench/results/shared_head.json (``--quick``: 1000 tokens per split, shared_head_quick.json).
 """
 
@@ -32,7 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--runs", type=Path, nargs="+", default=[ROOT / f"runs/{r}" for r in ("sotu", "sotu_fh4", "sotu_fh2", "sotu_fh1r64")])
+    p.add_argument(
+        "--runs", nargs="+", default=[str(ROOT / f"runs/{r}") for r in ("sotu", "sotu:int8", "sotu_fh4", "sotu_fh2", "sotu_fh1r64")]
+    )
     p.add_argument("--ood", type=Path, default=ROOT / "runs/gate/gcide_corpus", help="out-of-domain corpus (same tokenizer)")
     p.add_argument("--ood-tokens", type=int, default=8000)
     p.add_argument("--threads", type=int, default=None)
@@ -53,14 +56,25 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     cap = 1000 if a.quick else None
     runs = {}
-    for run in a.runs:
+    for entry in a.runs:
+        run, _, kind = str(entry).partition(":")  # RUN:int8: the run's memory with int8 linear layers at inference
+        run = Path(run)
         memory, meta = load_memory(run / "train/memory")
+        if kind == "int8":
+            memory.use_int8()
+        elif kind:
+            p.error(f"{entry}: the only suffix is :int8")
         report = json.loads((run / "report.json").read_text())
-        runs[run.name] = {"memory": memory, "site": ReadSite(int(meta["layer"]), meta["site"]), "lambda": report["lambda"]["mlp_memory"]}
+        runs[run.name + (f"_{kind}" if kind else "")] = {
+            "memory": memory,
+            "int8": kind == "int8",
+            "site": ReadSite(int(meta["layer"]), meta["site"]),
+            "lambda": report["lambda"]["mlp_memory"],
+        }
     first = next(iter(runs))
     model, tok, model_id = load_model(str(meta.get("model_id") or "smollm2-135m"))
     lm_head = model.get_output_embeddings()
-    corpus, ood = Corpus(a.runs[0] / "corpus"), Corpus(a.ood)
+    corpus, ood = Corpus(Path(str(a.runs[0]).partition(":")[0]) / "corpus"), Corpus(a.ood)
     for c in (corpus, ood):
         c.check_tokenizer(tokenizer_hash(tok), model_id)
     splits = {"valid": corpus.tokens("valid")[:cap], "test": corpus.tokens("test")[:cap], "ood": ood.tokens("test")[: cap or a.ood_tokens]}
@@ -71,13 +85,17 @@ def main() -> None:
     for i, (name, r) in enumerate(runs.items()):
         mem = r["memory"]
         shared = mem.head_is(lm_head)
+        read = mem.num_parameters() - (mem.head.weight.numel() if shared else 0)
         row = {
             "blocks": mem.config.n_blocks,
             "freeze_head": mem.config.freeze_head,
             "head_rank": mem.config.head_rank,
             "head_is_the_lms": shared,
             "params": mem.num_parameters(),
-            "weights_read_per_token_beyond_the_lm": mem.num_parameters() - (mem.head.weight.numel() if shared else 0),
+            "int8": r["int8"],
+            "weights_read_per_token_beyond_the_lm": read,
+            # what decoding at batch 1 pays for: int8 linear weights are a quarter of float32's bytes (norms stay float32)
+            "bytes_read_per_token_beyond_the_lm": read * (1 if r["int8"] else 4),
             "lambda": r["lambda"],
         }
         for split, lp in scores.items():
@@ -89,7 +107,7 @@ def main() -> None:
         out_runs[name] = row
     base = {split: perplexity(lp[:, 0]) for split, lp in scores.items()}
     ok = [n for n, row in out_runs.items() if row["valid"] <= out_runs[first]["valid"] * 1.005]
-    chosen = min(ok, key=lambda n: out_runs[n]["weights_read_per_token_beyond_the_lm"])
+    chosen = min(ok, key=lambda n: out_runs[n]["bytes_read_per_token_beyond_the_lm"])
     result = {
         "what": "memories trained with the LM's head kept (freeze_head) against the first run's memory, SmolLM2-135M, State of the Union",
         "model": model_id,
@@ -98,7 +116,8 @@ def main() -> None:
         "runs": out_runs,
         "reference": first,
         "selection": {
-            "rule": f"the memory reading the fewest weights per token whose valid perplexity is within +0.5% of {first}'s (chosen before test is read)",
+            "rule": f"the memory reading the fewest bytes of weights per token whose valid perplexity is within +0.5% of {first}'s "
+            "(chosen before test is read)",
             "eligible": ok,
             "chosen": chosen,
         },

@@ -410,7 +410,16 @@ PLAN: list[Step] = [
             + ["eval.mixing=fixed"],
             script(
                 "bench_shared_head.py",
-                *("--threads", "2", "--runs", "{runs}/sotu", "{runs}/sotu_fh4", "{runs}/sotu_fh2", "{runs}/sotu_fh1r64"),
+                *(
+                    "--threads",
+                    "2",
+                    "--runs",
+                    "{runs}/sotu",
+                    "{runs}/sotu:int8",
+                    "{runs}/sotu_fh4",
+                    "{runs}/sotu_fh2",
+                    "{runs}/sotu_fh1r64",
+                ),
                 *("--ood", "{runs}/gcide100k/corpus"),
             ),
         ],
@@ -420,11 +429,13 @@ PLAN: list[Step] = [
         # the smoke run compares two memories that exist already (a GCIDE memory scored on SOTU text): no third training run
         quick=[
             script(
-                "bench_shared_head.py", "--quick", "--runs", "{runs}/sotu", "{runs}/gate/gcide20k", "--ood", "{runs}/gcide100k_quick/corpus"
+                "bench_shared_head.py",
+                *("--quick", "--runs", "{runs}/sotu", "{runs}/sotu:int8", "{runs}/gate/gcide20k", "--ood", "{runs}/gcide100k_quick/corpus"),
             )
         ],
         quick_minutes=1,
-        notes="three runs of the demo recipe whose memories keep the LM's head (4 and 2 blocks; 1 block + a rank-64 correction)",
+        notes="three runs of the demo recipe whose memories keep the LM's head (4 and 2 blocks; 1 block + a rank-64 correction), "
+        "and the demo's memory with int8 linear layers",
     ),
     # ------------------------------------------------------------ the documents
     Step(

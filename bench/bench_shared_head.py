@@ -11,8 +11,9 @@ A memory whose head stays the LM's output layer is what lets the model class com
 heads in one matrix product (bench_generate.py measures the speed). This script measures what
 it costs in quality. Every memory is scored in the same LM pass per split (mlpmem.gate's
 score_memories, windows 512 / 256 as the evaluator): SOTU valid, SOTU test and the first
-``--ood-tokens`` of the GCIDE test split (out of domain). Each memory mixes at the lambda its
-own run fitted on valid (report.json). Intervals: 95% paired bootstrap over blocks of 256
+``--ood-tokens`` of the GCIDE test split (out of domain). Each memory mixes at its lambda fitted on these valid
+scores (by EM, as its run's eval fits it). An entry is a run folder or a train-stage folder (``RUN/train``, or
+``mlpmem train --out``). Intervals: 95% paired bootstrap over blocks of 256
 positions (mlpmem.interpolate.paired_ppl_change), against the LM alone and against the first
 run. ``RUN:int8`` scores RUN's memory with its linear layers in int8 (MLPMemory.use_int8). The selection rule, fixed
 before test is read: the memory reading the fewest bytes of weights per token whose valid perplexity is within +0.5%
@@ -23,7 +24,6 @@ bench/results/shared_head.json (``--quick``: 1000 tokens per split, shared_head_
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from provenance import results_dir, start, write_result
@@ -38,6 +38,7 @@ def main() -> None:
     )
     p.add_argument("--ood", type=Path, default=ROOT / "runs/gate/gcide_corpus", help="out-of-domain corpus (same tokenizer)")
     p.add_argument("--ood-tokens", type=int, default=8000)
+    p.add_argument("--corpus", type=Path, default=None, help="the memories' corpus (default: the first run's)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="1000 tokens per split; writes shared_head_quick.json")
     a = p.parse_args()
@@ -47,7 +48,7 @@ def main() -> None:
 
     from mlpmem.corpus import Corpus
     from mlpmem.gate import score_memories
-    from mlpmem.interpolate import interpolate_logprobs, interval_text, paired_ppl_change, perplexity
+    from mlpmem.interpolate import fit_lambda_em, interpolate_logprobs, interval_text, paired_ppl_change, perplexity
     from mlpmem.memory import load_memory
     from mlpmem.models import load_model, tokenizer_hash
     from mlpmem.modeling.read_site import ReadSite
@@ -59,28 +60,28 @@ def main() -> None:
     for entry in a.runs:
         run, _, kind = str(entry).partition(":")  # RUN:int8: the run's memory with int8 linear layers at inference
         run = Path(run)
-        memory, meta = load_memory(run / "train/memory")
+        memory, meta = load_memory(run / "memory" if (run / "memory").is_dir() else run / "train/memory")  # a train folder, or a run
         if kind == "int8":
             memory.use_int8()
         elif kind:
             p.error(f"{entry}: the only suffix is :int8")
-        report = json.loads((run / "report.json").read_text())
         runs[run.name + (f"_{kind}" if kind else "")] = {
             "memory": memory,
             "int8": kind == "int8",
             "site": ReadSite(int(meta["layer"]), meta["site"]),
-            "lambda": report["lambda"]["mlp_memory"],
         }
     first = next(iter(runs))
     model, tok, model_id = load_model(str(meta.get("model_id") or "smollm2-135m"))
     lm_head = model.get_output_embeddings()
-    corpus, ood = Corpus(Path(str(a.runs[0]).partition(":")[0]) / "corpus"), Corpus(a.ood)
+    corpus, ood = Corpus(a.corpus or Path(str(a.runs[0]).partition(":")[0]) / "corpus"), Corpus(a.ood)
     for c in (corpus, ood):
         c.check_tokenizer(tokenizer_hash(tok), model_id)
     splits = {"valid": corpus.tokens("valid")[:cap], "test": corpus.tokens("test")[:cap], "ood": ood.tokens("test")[: cap or a.ood_tokens]}
     pairs = [(r["memory"], r["site"]) for r in runs.values()]
     scores = {name: score_memories(model, toks, 512, 256, pairs, batch_size=8, desc=f"scoring {name}")[1] for name, toks in splits.items()}
 
+    for i, r in enumerate(runs.values()):  # each memory at the lambda fitted on these valid scores (as its run's eval does)
+        r["lambda"] = fit_lambda_em(scores["valid"][:, 0], scores["valid"][:, 1 + i])
     out_runs = {}
     for i, (name, r) in enumerate(runs.items()):
         mem = r["memory"]

@@ -316,7 +316,7 @@ def decode_speed() -> str:
     rows = []
     for v in names:
         var = r["variants"][v]
-        row = [v, var["blocks"], var["head"], f"{var['extra_params_read'] / 1e6:.1f}M"]
+        row = [v, var["blocks"], var["head"] + (", int8" if var.get("int8") else ""), f"{var['extra_params_read'] / 1e6:.1f}M"]
         row += [rng(r["decode"][b][v]["ratio_to_lm"]) for b in r["decode"]]
         row += [rng(r["score"][b][v]["ratio_to_lm"]) for b in r["score"]]
         rows.append(row)
@@ -330,7 +330,7 @@ def decode_speed() -> str:
         "(each round calls every system once, in turn) and its range. `own`: the memory's own head, a trained copy of "
         "the LM's (the format before this round); `shared`: a memory trained with `freeze_head`, whose head is the LM's: "
         "the model class stacks its rows under the LM's in the LM's own head call, so the output embedding is read once "
-        "per token for both.\n\n"
+        "per token for both; `q8`: the memory's linear layers in int8 (`memory_dtype='int8'`), a quarter of the bytes.\n\n"
     )
     return s + shared_head_quality()
 
@@ -346,8 +346,8 @@ def shared_head_quality() -> str:
         [
             name + (" (chosen on valid)" if name == q["selection"]["chosen"] else ""),
             r["blocks"],
-            "the LM's" if r["head_is_the_lms"] else "own",
-            f"{r['weights_read_per_token_beyond_the_lm'] / 1e6:.1f}M",
+            ("the LM's" if r["head_is_the_lms"] else "own") + (", int8" if r.get("int8") else ""),
+            f"{r.get('bytes_read_per_token_beyond_the_lm', 4 * r['weights_read_per_token_beyond_the_lm']) / 1e6:.0f} MB",
             f"{r['lambda']:.3f}",
             f"{r['valid']:.3f}",
             f"{r['test']:.3f}",
@@ -362,7 +362,7 @@ def shared_head_quality() -> str:
             "run",
             "blocks",
             "head",
-            "weights read beyond the LM",
+            "weight bytes read beyond the LM",
             "lambda (valid)",
             "valid ppl",
             "test ppl",
@@ -375,7 +375,8 @@ def shared_head_quality() -> str:
     b, n = q["base"], q["n_tokens"]
     s += (
         f"\nLM alone: valid {b['valid']:.3f}, test {b['test']:.3f}, GCIDE {b['ood']:.3f} ({n['test']:,} test and {n['ood']:,} GCIDE positions). "
-        "Each memory at the fixed lambda its run fitted on valid; intervals are 95% paired bootstrap over blocks of 256 positions. "
+        "Each memory at its fixed lambda fitted on valid; intervals are 95% paired bootstrap over blocks of 256 positions. "
+        "`int8`: the memory's linear layers run in int8 at inference (`memory_dtype='int8'`, MLPMemory.use_int8). "
         f"Selection rule: {q['selection']['rule']}.\n\n"
     )
     return s

@@ -96,6 +96,12 @@ def _run_step(name, section, run, recipe, result, minutes, *overrides, needs=(),
     return Step(name, section, full, (result,) if result else (), needs=needs, minutes=minutes, quick=quick, quick_minutes=0.5, notes=notes)
 
 
+SWEEP_INPUTS = (
+    *("--datastore", "{runs}/sotu_fh4/datastore", "--targets", "{runs}/sotu_fh4/targets"),
+    *("--valid", "{runs}/sotu_fh4/valid", "--valid-targets", "{runs}/sotu_fh4/valid_targets", "--model", "smollm2-135m"),
+    *("--init", "lm_copy", "--freeze-head", "--input-layer", "29", "--input-site", "output", "--eval-every", "30", "--keep-best"),
+)
+
 PLAN: list[Step] = [
     # ------------------------------------------------------------ data and shared runs
     Step(
@@ -399,7 +405,13 @@ PLAN: list[Step] = [
         notes="compares with the run's own stage times: best right after run:sotu, on an idle machine",
     ),
     Step("retrieval", "11", [script("bench_retrieval.py", "--threads", "2", "--run", "{runs}/sotu")], ("retrieval",), needs=("run:sotu",)),
-    Step("generate", "5b", [script("bench_generate.py", "--threads", "1")], ("generate",), minutes=10),
+    Step(
+        "generate",
+        "5b",
+        [script("bench_generate.py", "--threads", "1", "--repeats", "12", "--variants", "own4", "own4q8", "shared4")],
+        ("generate",),
+        minutes=15,
+    ),
     Step(
         "shared_head",
         "5b",
@@ -408,24 +420,20 @@ PLAN: list[Step] = [
             [MLPMEM, "run", "sotu", "--out", "{runs}/sotu_fh2", "train.freeze_head=true", "train.n_blocks=2", "eval.mixing=fixed"],
             [MLPMEM, "run", "sotu", "--out", "{runs}/sotu_fh1r64", "train.freeze_head=true", "train.n_blocks=1", "train.head_rank=64"]
             + ["eval.mixing=fixed"],
+            # the LM's head kept, trained harder (lr 3e-3, 4 epochs, checked every 30 steps), without and with a rank-64
+            # correction: train folders on sotu_fh4's datastore and targets
+            [MLPMEM, "train", *SWEEP_INPUTS, "--lr", "3e-3", "--epochs", "4", "--out", "{runs}/sweep/lr3e4"],
+            [MLPMEM, "train", *SWEEP_INPUTS, "--lr", "3e-3", "--epochs", "4", "--head-rank", "64", "--out", "{runs}/sweep/lr3e4r64"],
             script(
                 "bench_shared_head.py",
-                *(
-                    "--threads",
-                    "2",
-                    "--runs",
-                    "{runs}/sotu",
-                    "{runs}/sotu:int8",
-                    "{runs}/sotu_fh4",
-                    "{runs}/sotu_fh2",
-                    "{runs}/sotu_fh1r64",
-                ),
+                *("--threads", "2", "--runs", "{runs}/sotu", "{runs}/sotu:int8", "{runs}/sotu_fh4", "{runs}/sotu_fh2"),
+                *("{runs}/sotu_fh1r64", "{runs}/sweep/lr3e4", "{runs}/sweep/lr3e4r64"),
                 *("--ood", "{runs}/gcide100k/corpus"),
             ),
         ],
         ("shared_head",),
         needs=("run:sotu", "quality", "run:gcide20k"),
-        minutes=40,
+        minutes=75,
         # the smoke run compares two memories that exist already (a GCIDE memory scored on SOTU text): no third training run
         quick=[
             script(

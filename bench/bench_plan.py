@@ -52,6 +52,13 @@ def main() -> None:
     recipe = load_recipe(data, out=str(run), check_paths=False)
     p = plan(recipe, throughputs=read_throughputs(Path(a.throughputs)) if a.throughputs else None)
     real = json.loads((run / "report.json").read_text())["seconds_this_run"]
+    slow = [st["stage"] for st in p["stages"] if st["seconds"] > 10]
+    done_before = [name for name in slow if (real.get(name) or 0.0) < 1.0]
+    if done_before:
+        raise SystemExit(
+            f"{run}: its report gives ~0 s to {len(done_before)} stages (done before the run that wrote it: {done_before[0]}, ...), "
+            f"so there is nothing to compare the plan with; measure a run made from scratch: mlpmem run sotu --out {run}_plan --overwrite"
+        )
     rows = []
     for st in p["stages"]:
         secs = real.get(st["stage"])

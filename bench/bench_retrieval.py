@@ -1,6 +1,6 @@
 """kNN-LM as a model component (mlpmem.retrieval.KNNRetriever) against the evaluator, on a finished run (not a test).
 
-    OMP_NUM_THREADS=2 flock /work/leadtmp/cpu.lock nice .venv/bin/python bench/bench_retrieval.py --threads 2   # ~12 min here
+    python bench/bench_retrieval.py --threads 2 --run runs/sotu   # ~10 min here
     .venv/bin/python bench/bench_retrieval.py --threads 2 --quick                                               # first 1000 test tokens
 
 The run (default runs/sotu: SmolLM2-135M, State of the Union, 60k training tokens) is read, never
@@ -188,8 +188,6 @@ def main() -> None:
     out = {
         "what": "KNNRetriever (kNN-LM as a model component) on the test split of a finished run: perplexity against report.json and the "
         "evaluator, tokens/s beside the LM alone and LM + MLP memory (each method its own LM forward, same batches, rotating order)",
-        "command": "OMP_NUM_THREADS=2 flock /work/leadtmp/cpu.lock nice .venv/bin/python bench/bench_retrieval.py --threads 2"
-        + (" --quick" if a.quick else ""),
         "run": str(a.run.relative_to(ROOT) if a.run.is_relative_to(ROOT) else a.run),
         "model_id": model_id,
         "n_tokens": n,

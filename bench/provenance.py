@@ -169,7 +169,8 @@ def command_of(data: dict | None) -> str | None:
     argv = ((data or {}).get("provenance") or {}).get("command")
     if not argv:
         return None
-    return " ".join(["python", *(shlex.quote(a) for a in argv[1:])])
+    root = str(Path(__file__).resolve().parents[1]) + "/"  # paths inside the checkout, as a reader in it types them
+    return " ".join(["python", *(shlex.quote(a.replace(root, "")) for a in argv[1:])])
 
 
 def measured(data: dict | None) -> str:

@@ -459,7 +459,7 @@ def test_int8_memory_runs_its_quantized_copy_and_keeps_its_weights(arch_parts):
     m.use_int8_memories()
     assert not m.head_shared("memory")  # the int8 head runs on its own
     h = torch.randn(4, 32)
-    f32, q8 = mem(h).detach(), None  # with autograd on, the memory runs its float32 weights
+    f32 = mem(h).detach()  # with autograd on, the memory runs its float32 weights
     with torch.no_grad():
         q8 = mem(h)
     assert not torch.equal(q8, f32) and (q8.softmax(-1) - f32.softmax(-1)).abs().max() < 0.02
@@ -478,3 +478,8 @@ def test_int8_memory_runs_its_quantized_copy_and_keeps_its_weights(arch_parts):
         assert not torch.equal(changed, int8)
     with pytest.raises(MlpmemError, match="float32 memory on the CPU"):
         MLPMemory(MemoryConfig(d_in=8, vocab_size=10)).to(torch.bfloat16).use_int8()
+    from mlpmem.modeling.mlp_memory import check_memory_dtype
+
+    assert check_memory_dtype("float32") is None and check_memory_dtype("int8") == "int8"
+    with pytest.raises(MlpmemError, match="memory_dtype 'int4' is not known"):  # from_memory and lm-eval check it before loading
+        check_memory_dtype("int4")

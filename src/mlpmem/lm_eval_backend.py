@@ -342,8 +342,9 @@ class MLPMemoryLM(ModelArgs, HFLM):
         from mlpmem.models import resolve_device
 
         shared = parse_bool("shared_context", shared_context)  # a typo fails before the model loads
-        if memory_dtype not in (None, "", "float32", "int8"):
-            raise MlpmemError(f"memory_dtype={memory_dtype} is not known", "pass memory_dtype=int8 (CPU), or leave it out")
+        from mlpmem.modeling.mlp_memory import check_memory_dtype
+
+        memory_dtype = check_memory_dtype(memory_dtype)  # a typo fails before the model loads
 
         device = str(
             resolve_device(device or "auto", "float32")[0]

@@ -1,7 +1,7 @@
 """mlpmem's side of the Hugging Face model class: constructors from mlpmem folders, checks, registration.
 
 The class itself, ``MLPMemoryForCausalLM`` with its composite ``MLPMemoryConfig``,
-lives in :mod:`mlpmem.modeling_mlpmem`, a self-contained file that
+lives in :mod:`mlpmem.modeling` (``modeling_mlpmem.py`` and its siblings), self-contained files that
 ``save_pretrained`` copies next to the weights (see there for the forward pass,
 saving and loading). This module adds what needs the rest of mlpmem:
 
@@ -46,7 +46,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from mlpmem.errors import MlpmemError
 from mlpmem.memory import load_memory, run_results
-from mlpmem.modeling.mlp_memory import MEMORY_DIR  # noqa: F401  (re-exported)
+from mlpmem.modeling.mlp_memory import MEMORY_DIR, check_memory_dtype  # noqa: F401  (MEMORY_DIR re-exported)
 from mlpmem.modeling.configuration_mlpmem import MLPMemoryConfig
 from mlpmem.modeling.modeling_mlpmem import MLPMemoryForCausalLM
 from mlpmem.models import check_fingerprint, tokenizer_hash
@@ -157,8 +157,7 @@ def from_memory(
     router_module, router_meta = (None, None)
     if router is not None:
         router_module, router_meta = read_router_folder({f: str(Path(router) / f) for f in (ROUTER_CONFIG, GATE_WEIGHTS)})
-    if memory_dtype not in (None, "float32", "int8"):
-        raise MlpmemError(f"memory_dtype {memory_dtype!r} is not known", "pass memory_dtype='int8' (CPU), or leave it unset")
+    memory_dtype = check_memory_dtype(memory_dtype)  # before the LM loads
     lm, tok, model_id = load_model(str(ref), dtype=dtype)
     model = cls.from_parts(
         lm,

@@ -136,6 +136,18 @@ def plain_init(m: nn.Module) -> None:
         m.reset_parameters()
 
 
+MEMORY_DTYPES = ("float32", "int8")  # how a loaded memory runs at inference (memory_dtype=); float32 is its own weights
+
+
+def check_memory_dtype(value: str | None) -> str | None:
+    """``memory_dtype`` as given to a loader (None or "" = float32, the memory's own weights), refused by name if unknown."""
+    if value in (None, "", "float32"):
+        return None
+    if value not in MEMORY_DTYPES:
+        raise MlpmemError(f"memory_dtype {value!r} is not known", "pass memory_dtype='int8' (CPU), or leave it unset")
+    return value
+
+
 class MLPMemory(nn.Module):
     """All-MLP memory. ``forward(h [..., d_in]) -> logits [..., vocab_size]``.
 

@@ -342,9 +342,11 @@ def _fit_mlp_gate(features, lp_lm, lp_mem, cfg: GateConfig, weight, holdout) -> 
         lambda: mixture_nll_logit(logit("ho"), a[ho], b[ho], wt[ho]),
         cfg,
     )
-    start, best, best_step, step = fit["held_out_nll_start"], fit["held_out_nll"], fit["best_step"], fit["steps_run"]
     record = {"lambda_start": lam0, **fit, "n_train": int(train.sum()), "n_held_out": int(holdout.sum())}
-    log.info("gate: held-out NLL %.5f -> %.5f (fixed lambda %.3f), best step %d of %d", start, best, lam0, best_step, step)
+    log.info(
+        "gate: held-out NLL %.5f -> %.5f (fixed lambda %.3f), best step %d of %d",
+        *(fit["held_out_nll_start"], fit["held_out_nll"], lam0, fit["best_step"], fit["steps_run"]),
+    )
     return gate.eval(), record
 
 

@@ -8,7 +8,8 @@ weights): width = the LM's hidden size, n residual blocks, reading the last laye
 (the default recipe's read site). ``ownN``: N blocks and the memory's own head, today's
 trained default (a copy of the LM's head that training moves); ``sharedN``: N blocks and the
 LM's own head (a memory trained with ``freeze_head``; ``sharedNrR`` with a rank-R correction beside it, ``head_rank``), which the model class runs in the
-same matrix product as the LM's; a ``q8`` suffix (``own4q8``) runs the memory's linear layers in int8
+same matrix product as the LM's; a ``vT`` part (``own4v6647``) prunes the head to T token ids (MLPMemory.prune_head; the demo run's
+train text has 6,647 distinct tokens); a ``q8`` suffix (``own4q8``) runs the memory's linear layers in int8
 (MLPMemory.use_int8). Greedy decoding with the KV cache, exactly
 ``--new-tokens`` new tokens per sequence, at each ``--batches`` size; and one scoring pass
 (every position's log-probs) over ``--score-tokens`` tokens. Every repeat runs all systems
@@ -85,11 +86,16 @@ def main() -> None:
     systems = {"lm": lm}
     memories = {}
     for v in a.variants:
-        m = re.fullmatch(r"(own|shared)(\d+)(?:r(\d+))?(q8)?", v)
-        if not m:
-            p.error(f"unknown variant {v!r}: ownN, sharedN or sharedNrR (N blocks, a rank-R correction beside the head), +q8 (int8)")
-        kind, blocks, rank, int8 = m.group(1), int(m.group(2)), int(m.group(3) or 0), bool(m.group(4))
+        m = re.fullmatch(r"(own|shared)(\d+)(?:r(\d+))?(?:v(\d+))?(q8)?", v)
+        if not m or (m.group(1) == "shared" and m.group(4)):
+            p.error(
+                f"unknown variant {v!r}: ownN, sharedN or sharedNrR (N blocks, a rank-R correction beside the head), "
+                "+vT (own head pruned to T tokens), +q8 (int8)"
+            )
+        kind, blocks, rank, tokens, int8 = m.group(1), int(m.group(2)), int(m.group(3) or 0), int(m.group(4) or 0), bool(m.group(5))
         memories[v] = build_memory(lm, blocks, kind == "shared", rank)
+        if tokens:  # speed does not depend on which tokens: the T most frequent ids of a text are mostly small ones
+            memories[v] = memories[v].prune_head(torch.randperm(logits_size(lm))[:tokens])
         systems[v] = MLPMemoryForCausalLM.from_parts(lm, memories[v], meta, tokenizer=tok, lambda_=a.lam).eval()
         if int8:
             systems[v].use_int8_memories()
@@ -106,6 +112,7 @@ def main() -> None:
                 "blocks": m.config.n_blocks,
                 "head": "shared" if systems[v].head_shared("memory") else "own",
                 "params": m.num_parameters(),
+                "head_tokens": m.config.head_tokens or m.config.vocab_size,
                 "int8": m._int8 is not None,
                 # parameters read per decoded token beyond the LM's: a shared head is read once for both
                 "extra_params_read": m.num_parameters() - (m.head.weight.numel() if systems[v].head_shared("memory") else 0),

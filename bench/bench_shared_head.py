@@ -15,7 +15,8 @@ score_memories, windows 512 / 256 as the evaluator): SOTU valid, SOTU test and t
 scores (by EM, as its run's eval fits it). An entry is a run folder or a train-stage folder (``RUN/train``, or
 ``mlpmem train --out``). Intervals: 95% paired bootstrap over blocks of 256
 positions (mlpmem.interpolate.paired_ppl_change), against the LM alone and against the first
-run. ``RUN:int8`` scores RUN's memory with its linear layers in int8 (MLPMemory.use_int8). The selection rule, fixed
+run. ``RUN:int8`` scores RUN's memory with its linear layers in int8 (MLPMemory.use_int8); ``RUN:vocab`` with its head
+pruned to the tokens of the run's train text (MLPMemory.prune_head); ``RUN:vocab+int8`` both. The selection rule, fixed
 before test is read: the memory reading the fewest bytes of weights per token whose valid perplexity is within +0.5%
 of the first run's. Writes
 bench/results/shared_head.json (``--quick``: 1000 tokens per split, shared_head_quick.json).
@@ -46,7 +47,10 @@ def main() -> None:
 
     import torch
 
+    import numpy as np
+
     from mlpmem.corpus import Corpus
+    from mlpmem.datastore import Datastore
     from mlpmem.gate import score_memories
     from mlpmem.interpolate import fit_lambda_em, interpolate_logprobs, interval_text, paired_ppl_change, perplexity
     from mlpmem.memory import load_memory
@@ -58,16 +62,18 @@ def main() -> None:
     cap = 1000 if a.quick else None
     runs = {}
     for entry in a.runs:
-        run, _, kind = str(entry).partition(":")  # RUN:int8: the run's memory with int8 linear layers at inference
-        run = Path(run)
+        run, _, kind = str(entry).partition(":")  # RUN:int8, RUN:vocab, RUN:vocab+int8 (see the docstring)
+        run, kinds = Path(run), set(kind.split("+")) - {""}
+        if kinds - {"int8", "vocab"}:
+            p.error(f"{entry}: the suffixes are :int8, :vocab and :vocab+int8")
         memory, meta = load_memory(run / "memory" if (run / "memory").is_dir() else run / "train/memory")  # a train folder, or a run
-        if kind == "int8":
+        if "vocab" in kinds:  # the head pruned to the tokens of the run's train text (its datastore's values)
+            memory = memory.prune_head(np.unique(Datastore(run / "datastore").values()))
+        if "int8" in kinds:
             memory.use_int8()
-        elif kind:
-            p.error(f"{entry}: the only suffix is :int8")
-        runs[run.name + (f"_{kind}" if kind else "")] = {
+        runs[run.name + "".join(f"_{k}" for k in sorted(kinds))] = {
             "memory": memory,
-            "int8": kind == "int8",
+            "int8": "int8" in kinds,
             "site": ReadSite(int(meta["layer"]), meta["site"]),
         }
     first = next(iter(runs))
@@ -91,6 +97,7 @@ def main() -> None:
             "blocks": mem.config.n_blocks,
             "freeze_head": mem.config.freeze_head,
             "head_rank": mem.config.head_rank,
+            "head_tokens": mem.config.head_tokens or mem.config.vocab_size,
             "head_is_the_lms": shared,
             "params": mem.num_parameters(),
             "int8": r["int8"],

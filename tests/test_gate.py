@@ -403,7 +403,8 @@ def test_pipeline_reports_gated_beside_fixed(tmp_path, tiny_llama, tiny_corpus_f
     from mlpmem.pipeline import load_recipe, run_pipeline
 
     recipe = dict(
-        tiny_recipe(tmp_path, tiny_llama, tiny_corpus_file, init="lm_copy", input_site="output"),
+        # a head pruned to the train text's tokens (-inf elsewhere) through the gate, the report and loading
+        tiny_recipe(tmp_path, tiny_llama, tiny_corpus_file, init="lm_copy", input_site="output", head_vocab="corpus"),
         eval={"mixing": "gated"},
         gate={"steps": 60, "hidden": 8},
     )
@@ -413,7 +414,9 @@ def test_pipeline_reports_gated_beside_fixed(tmp_path, tiny_llama, tiny_corpus_f
     assert (tmp_path / "run" / "gate" / "manifest.json").exists()
     # the run's memory now loads with its gate, and mixes per token by default
     model = MLPMemoryForCausalLM.from_memory(tmp_path / "run" / "train" / "memory")
-    assert model.mixing_mode == "gated"
+    assert model.mixing_mode == "gated" and 0 < model.components()["memory"].config.head_tokens < model.config.text_config.vocab_size
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[5, 6, 7]])).logits).all()
     with pytest.raises(MlpmemError, match="eval.mixing"):
         load_recipe(dict(recipe, eval={"mixing": "sometimes"}))
     with pytest.raises(MlpmemError, match="gate.kind"):

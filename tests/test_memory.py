@@ -232,3 +232,45 @@ def test_the_memory_input_is_decided_in_one_place():
     assert MemoryInput.from_meta({"layer": 3, "site": "output", "input_array": "online"}) == MemoryInput(3, "output", "recomputed", None)
     assert MemoryInput.from_meta({"layer": 3, "site": "ffn_input", "input_array": "keys"}).source == "stored"
     assert spec.array_in(7, "output") == "keys" and spec.array_in(5, "ffn_input") == "h7.output"
+
+
+def test_a_pruned_head_keeps_its_tokens_logits_and_gives_the_rest_no_mass(tmp_path):
+    torch.manual_seed(0)
+    m = MLPMemory(MemoryConfig(d_in=16, vocab_size=50, n_blocks=2, zero_init_blocks=False, head_bias=True, head_rank=3)).eval()
+    torch.nn.init.normal_(m.head_delta[1].weight)  # the correction's rows must follow the head's
+    keep = torch.tensor([1, 3, 7, 40])
+    pruned = m.prune_head([40, 3, 7, 7, 1])  # any order, repeats
+    assert pruned.config.head_tokens == 4 and pruned.head.weight.shape == (4, 16) and torch.equal(pruned.head_ids, keep)
+    h = torch.randn(5, 16)
+    with torch.no_grad():
+        full, out = m(h), pruned(h)
+    rest = torch.ones(50, dtype=torch.bool)
+    rest[keep] = False
+    assert torch.allclose(out[:, keep], full[:, keep], atol=1e-6) and torch.isneginf(out[:, rest]).all()
+    # the log-probs are the full head's renormalised over the kept tokens
+    assert torch.allclose(out.log_softmax(-1)[:, keep], full[:, keep].log_softmax(-1), atol=1e-6)
+    assert not pruned.head_is(torch.nn.Linear(16, 50))  # never run as the LM's head
+    save_memory(tmp_path / "mem", pruned, {})
+    again, _ = load_memory(tmp_path / "mem")
+    with torch.no_grad():
+        assert again.config == pruned.config and torch.equal(again(h), out)
+        assert torch.allclose(again.use_int8()(h)[:, keep], out[:, keep], atol=0.1)  # int8 runs on a pruned head too
+    for bad in ([], [50], [-1]):
+        with pytest.raises(MlpmemError, match="token ids"):
+            m.prune_head(bad)
+    with pytest.raises(MlpmemError, match="pruned already"):
+        pruned.prune_head([1])
+
+
+def test_int8_gives_each_row_its_own_activation_scale():
+    """A row of small values batched with a row of large ones keeps its precision (the kernel alone scales the batch
+    as one: ~40% error on the small row), so scoring in batches matches decoding one row at a time."""
+    from mlpmem.modeling.mlp_memory import RowScaledInt8Linear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 300)
+    x = torch.randn(2, 64) * torch.tensor([[1e-2], [1e2]])
+    with torch.no_grad():
+        want, got = linear(x), RowScaledInt8Linear(linear)(x)
+    err = ((got - want).norm(dim=-1) / want.norm(dim=-1)).max().item()
+    assert err < 0.05, err

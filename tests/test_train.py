@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fake_train_data import write_train_data
+from mlpmem.datastore import Datastore
 from mlpmem.errors import MlpmemError
 from mlpmem.manifest import read_manifest
 from mlpmem.memory import load_memory
@@ -379,3 +380,16 @@ def test_dropout_trains_and_old_folders_without_it_stay_done(data, tmp_path):
     del resolved["config"]["dropout"]
     (tmp_path / "a" / "config.json").write_text(json.dumps(resolved))
     assert run(data, tmp_path / "a", cfg) == {}  # done, not retrained
+
+
+def test_head_vocab_corpus_prunes_the_kept_memorys_head_to_the_train_tokens(data, tmp_path):
+    run(data, tmp_path / "full", TrainConfig(**{**TINY, "epochs": 1.0}))
+    run(data, tmp_path / "pruned", TrainConfig(**{**TINY, "epochs": 1.0, "head_vocab": "corpus"}))
+    full, _ = load_memory(tmp_path / "full" / "memory")
+    pruned, _ = load_memory(tmp_path / "pruned" / "memory")
+    tokens = np.unique(Datastore(data["ds"]).values())
+    assert len(tokens) < 50 and torch.equal(pruned.head_ids, torch.from_numpy(tokens).long())
+    assert read_manifest(tmp_path / "pruned", "memory")["memory_config"]["head_tokens"] == len(tokens)
+    h = torch.randn(4, 16)
+    with torch.no_grad():  # the same training; the head keeps the train text's rows
+        assert torch.allclose(pruned(h)[:, tokens], full(h)[:, tokens], atol=1e-5)

@@ -103,9 +103,10 @@ def init_from_lm(memory: MLPMemory, lm: nn.Module, init: str | None = None) -> N
     lm_bias = getattr(head, "bias", None)
     if lm_bias is not None and memory.head.bias is None:
         raise MlpmemError("the LM's output layer has a bias but the memory head has none", "set head_bias=True")
-    memory.head.weight.copy_(head.weight)  # a copy, never a shared tensor: the memory trains its own
+    rows = slice(None) if memory.head_ids is None else memory.head_ids  # a pruned head: its tokens' rows
+    memory.head.weight.copy_(head.weight[rows])  # a copy, never a shared tensor: the memory trains its own
     if memory.head.bias is not None:
-        memory.head.bias.copy_(lm_bias if lm_bias is not None else torch.zeros_like(memory.head.bias))
+        memory.head.bias.copy_(lm_bias[rows] if lm_bias is not None else torch.zeros_like(memory.head.bias))
     if init == "lm_copy":
         _copy_norm(memory.norm, find_final_norm(lm))
         if not cfg.zero_init_blocks or memory.proj is not None:

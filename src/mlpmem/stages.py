@@ -156,7 +156,13 @@ STAGES: tuple[Stage, ...] = (
         kind="memory",
         files=("memory", "best", "checkpoints", "metrics.jsonl", "training_curve.png"),
         # folders before keep_best and patience kept the last step's memory; before dropout, none ran
-        added_settings=(("config.keep_best", False), ("config.patience", 0), ("config.dropout", 0.0), ("config.head_rank", 0)),
+        added_settings=(
+            ("config.keep_best", False),
+            ("config.patience", 0),
+            ("config.dropout", 0.0),
+            ("config.head_rank", 0),
+            ("config.head_vocab", "full"),
+        ),
         splits=True,
     ),
     Stage(

@@ -43,6 +43,9 @@ class MemoryConfig:
     # a trainable low-rank correction beside the head, logits = head(x) + up(down(x)) + bias (up zero at the start):
     # with freeze_head it lets a memory that keeps the LM's head (one matrix product for both) still move its output
     head_rank: int = 0
+    # a head pruned to the tokens of the memory's training text (MLPMemory.prune_head): it computes head_tokens rows and
+    # gives every other token no mass; 0 = the whole vocabulary (every memory before 0.x, still the default)
+    head_tokens: int = 0
 
     def __post_init__(self) -> None:
         checks = [
@@ -56,6 +59,7 @@ class MemoryConfig:
             (self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}"),
             (self.init in INITS, f"init must be one of {INITS}, got {self.init!r}"),
             (self.head_rank >= 0, f"head_rank must be >= 0, got {self.head_rank}"),
+            (0 <= self.head_tokens <= self.vocab_size, f"head_tokens must be in [0, vocab_size], got {self.head_tokens}"),
         ]
         for ok, problem in checks:
             if not ok:
@@ -148,6 +152,36 @@ def check_memory_dtype(value: str | None) -> str | None:
     return value
 
 
+class RowScaledInt8Linear(nn.Module):
+    """An nn.Linear run in int8 (torch's dynamic quantization, fbgemm: weights per output channel), with each input row
+    scaled to a max-abs of 1 first and its output scaled back.
+
+    The kernel quantizes its whole input with one scale, so in a batch of many rows (scoring) a row of small values
+    keeps few levels: measured on the demo memory's valid split, +0.59% perplexity against float32 with one scale per
+    512 rows, +0.11% with a scale per row, as decoding at batch 1 has anyway. The product is linear in each row, so
+    scaling rows before and after is exact in real arithmetic and gives every row its own activation scale.
+    """
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        import warnings
+
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        no_bias = nn.Linear(linear.in_features, linear.out_features, bias=False)
+        no_bias.weight = nn.Parameter(linear.weight.detach().float(), requires_grad=False)
+        with warnings.catch_warnings():  # the eager API's notice that it moves to torchao
+            warnings.simplefilter("ignore")
+            wrapped = quantize_dynamic(nn.Sequential(no_bias), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
+        self.q = wrapped[0]
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = x.abs().amax(-1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+        y = self.q(x / scale) * scale
+        return y if self.bias is None else y + self.bias
+
+
 class MLPMemory(nn.Module):
     """All-MLP memory. ``forward(h [..., d_in]) -> logits [..., vocab_size]``.
 
@@ -162,9 +196,12 @@ class MLPMemory(nn.Module):
         self.proj = nn.Linear(cfg.d_in, w) if cfg.width is not None else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_blocks))
         self.norm = Norm(w, cfg.norm, cfg.norm_eps)
-        self.head = nn.Linear(w, cfg.vocab_size, bias=cfg.head_bias)
+        rows = cfg.head_tokens or cfg.vocab_size
+        self.head = nn.Linear(w, rows, bias=cfg.head_bias)
         r = cfg.head_rank
-        self.head_delta = nn.Sequential(nn.Linear(w, r, bias=False), nn.Linear(r, cfg.vocab_size)) if r else None
+        self.head_delta = nn.Sequential(nn.Linear(w, r, bias=False), nn.Linear(r, rows)) if r else None
+        # the token id of each head row (saved with the weights); None: row i is token i
+        self.register_buffer("head_ids", torch.zeros(cfg.head_tokens, dtype=torch.long) if cfg.head_tokens else None)
         self.reset_parameters()
         self.apply_freeze()
         object.__setattr__(self, "_int8", None)  # (int8 copy, weights' versions) when use_int8 is on; not a submodule
@@ -205,10 +242,47 @@ class MLPMemory(nn.Module):
         if self._int8 is not None and not self.training and not torch.is_grad_enabled():
             return self._int8_copy()(h)
         x = self.features(h)
-        return self.corrected(x, self.head(x))
+        return self.full_vocab(self.corrected(x, self.head(x)))
+
+    def full_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """The head's logits [..., rows] -> [..., vocab_size]: a pruned head's tokens where they belong, -inf (no mass)
+        for every other token, which the mixture then takes from the LM alone."""
+        if self.head_ids is None:
+            return logits
+        out = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
+        return out.index_copy_(-1, self.head_ids, logits)
+
+    def prune_head(self, token_ids: Any) -> "MLPMemory":
+        """A copy of this memory whose head computes only ``token_ids`` (e.g. the tokens of its training text).
+
+        At decode the head is most of what a memory reads per token (49,152 rows for SmolLM2, a few thousand tokens
+        in a small corpus); the pruned memory gives the same logits on its tokens and no mass elsewhere, so its
+        log-probs are today's renormalised over them. Recorded in the config (``head_tokens``) and the weights
+        (``head_ids``); the blocks are shared with this memory, not copied.
+        """
+        if self.head_ids is not None:
+            raise MlpmemError("this memory's head is pruned already", "prune the memory it was pruned from")
+        ids = torch.as_tensor(token_ids, dtype=torch.long).unique()  # sorted
+        if ids.numel() == 0 or int(ids[0]) < 0 or int(ids[-1]) >= self.config.vocab_size:
+            raise MlpmemError(
+                f"a head is pruned to token ids in [0, {self.config.vocab_size}); got {ids.numel()} ids",
+                "pass the ids of the corpus's tokens",
+            )
+        state = {k: v for k, v in self.state_dict(keep_vars=True).items()}
+        ids = ids.to(self.head.weight.device)
+        for name in ("head.weight", "head.bias", "head_delta.1.weight", "head_delta.1.bias"):
+            if name in state:
+                state[name] = nn.Parameter(state[name].detach()[ids], requires_grad=state[name].requires_grad)
+        state["head_ids"] = ids
+        with torch.device("meta"):
+            pruned = MLPMemory(dataclasses.replace(self.config, head_tokens=int(ids.numel())))
+        pruned.load_state_dict(state, strict=True, assign=True)
+        pruned.apply_freeze()
+        return pruned.train(self.training)
 
     def use_int8(self, on: bool = True) -> "MLPMemory":
-        """Run the memory's linear layers in int8 at inference (torch's dynamic quantization, per output channel, CPU).
+        """Run the memory's linear layers in int8 at inference (torch's dynamic quantization, per output channel, each
+        input row with its own scale: :class:`RowScaledInt8Linear`; CPU).
 
         At batch 1 the memory is bound by reading its weights, and int8 reads a quarter of float32's bytes. The float32
         weights stay the memory's own (saved, fingerprinted, trained); the int8 copy is made from them here, remade when
@@ -231,15 +305,15 @@ class MLPMemory(nn.Module):
 
     def _quantized(self) -> nn.Module:
         import copy
-        import warnings
 
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-        plain = copy.copy(self)  # without the previous int8 copy, which quantize_dynamic would deep-copy too
+        plain = copy.copy(self)  # without the previous int8 copy, which the deep copy below would copy too
         object.__setattr__(plain, "_int8", None)
-        with warnings.catch_warnings():  # the eager API's notice that it moves to torchao
-            warnings.simplefilter("ignore")
-            return quantize_dynamic(plain, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=False).eval()
+        quantized = copy.deepcopy(plain).eval()
+        for parent in list(quantized.modules()):
+            for name, child in parent.named_children():
+                if isinstance(child, nn.Linear):
+                    setattr(parent, name, RowScaledInt8Linear(child))
+        return quantized.requires_grad_(False)
 
     def _int8_copy(self) -> nn.Module:
         copy_, version = self._int8
@@ -258,7 +332,7 @@ class MLPMemory(nn.Module):
         True for a memory started as a copy of the LM's head (init lm_head / lm_copy) whose head
         stayed frozen (``freeze_head``): the model class then runs both heads in one matrix product.
         """
-        if self._int8 is not None:  # the int8 head is not the LM's: it runs on its own
+        if self._int8 is not None or self.head_ids is not None:  # an int8 or pruned head is not the LM's: it runs on its own
             return False
         if not isinstance(linear, nn.Linear) or linear.weight.shape != self.head.weight.shape:
             return False

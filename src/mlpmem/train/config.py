@@ -27,6 +27,9 @@ class TrainConfig:
     zero_init_blocks: bool = True
     head_bias: bool = False
     head_rank: int = 0  # a low-rank correction beside a frozen head (freeze_head): see MemoryConfig
+    # full: the head covers the whole vocabulary; corpus: the saved memory's head is pruned to the tokens of the train
+    # text (MLPMemory.prune_head), which is what decoding reads per token (6,647 of 49,152 rows in the demo)
+    head_vocab: str = "full"
     # input: hidden states of this layer and site (None: the datastore's keys)
     input_layer: int | None = None
     input_site: str | None = None
@@ -73,6 +76,7 @@ class TrainConfig:
             + one_of(self, "schedule", ("cosine", "linear"))
             + one_of(self, "precision", ("auto", "fp32", "bf16"))
             + one_of(self, "mode", ("offline", "online"))
+            + one_of(self, "head_vocab", ("full", "corpus"))
             + in_range(self, "alpha", 0.0, 1.0)
             + in_range(self, "warmup_frac", 0.0, 1.0, hi_open=True)
             + in_range(self, "min_lr_frac", 0.0, 1.0)

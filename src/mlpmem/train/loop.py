@@ -333,6 +333,8 @@ def _finish(out_dir, memory, mem_meta, cfg, data, valid, sched, state, last_vali
             state["step"],
             valid_score(last_valid)[1] if last_valid else float("nan"),
         )
+    if cfg.head_vocab == "corpus":  # after keep-best: the kept memory's head, pruned to the train text's tokens
+        memory = memory.prune_head(torch.from_numpy(np.unique(data.ds.values())))
     save_memory(out_dir / "memory", memory, mem_meta)
     shutil.rmtree(out_dir / BEST, ignore_errors=True)
     plot_training_curve(read_metrics(out_dir / METRICS), out_dir / "training_curve.png", f"memory on {mem_meta['model_id']}")

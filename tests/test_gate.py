@@ -405,16 +405,21 @@ def test_pipeline_reports_gated_beside_fixed(tmp_path, tiny_llama, tiny_corpus_f
     recipe = dict(
         # a head pruned to the train text's tokens (-inf elsewhere) through the gate, the report and loading
         tiny_recipe(tmp_path, tiny_llama, tiny_corpus_file, init="lm_copy", input_site="output", head_vocab="corpus"),
-        eval={"mixing": "gated"},
+        eval={"mixing": "gated", "memory_dtype": "int8"},
         gate={"steps": 60, "hidden": 8},
     )
     r = run_pipeline(load_recipe(recipe))
+    assert r["memory_dtype"] == "int8"
     assert {"base", "mlp_memory", "mlp_memory_gated"} <= set(r["ppl"]) and "mlp_memory_gated" in r["tokens_per_s"]
     assert math.isfinite(r["ppl"]["mlp_memory_gated"]) and 0 <= r["gate"]["mean_lambda"] <= 1 and r["gate"]["params"] < 1000
     assert (tmp_path / "run" / "gate" / "manifest.json").exists()
     # the run's memory now loads with its gate, and mixes per token by default
     model = MLPMemoryForCausalLM.from_memory(tmp_path / "run" / "train" / "memory")
     assert model.mixing_mode == "gated" and 0 < model.components()["memory"].config.head_tokens < model.config.text_config.vocab_size
+    # loaded as its run evaluated it (int8, eval.memory_dtype), unless told otherwise
+    assert model.components()["memory"]._int8 is not None
+    asked = MLPMemoryForCausalLM.from_memory(tmp_path / "run" / "train" / "memory", memory_dtype="float32")
+    assert asked.components()["memory"]._int8 is None
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[5, 6, 7]])).logits).all()
     with pytest.raises(MlpmemError, match="eval.mixing"):

@@ -78,11 +78,13 @@ def load_mixture(
     weights: str | None = None,
     router: str | None = None,
     knn: str | None = None,
+    memory_dtype: str | None = None,
 ):
     """Build ``(MLPMemoryForCausalLM, tokenizer)`` from memory folders (``a;b``), a saved LM + memory folder, and/or kNN-LM runs.
 
     ``mixing``: None uses the memory's gate when it has one (else the fixed lambda) and a router when one is
     given, "fixed", "gated" or "routed" force one. ``names``, ``weights``, ``router``, ``knn``: see the module docstring.
+    ``memory_dtype``: for memory folders, as ``from_memory`` takes it (unset: what each memory's run was evaluated with).
     """
     from mlpmem.modeling.mixing import check_model_mixing
 
@@ -133,6 +135,7 @@ def load_mixture(
             weights=w,
             router=router,
             knn=knn_runs or None,
+            memory_dtype=memory_dtype,
             **mix,
         )
     return model, model.tokenizer
@@ -344,6 +347,7 @@ class MLPMemoryLM(ModelArgs, HFLM):
         shared = parse_bool("shared_context", shared_context)  # a typo fails before the model loads
         from mlpmem.modeling.mlp_memory import check_memory_dtype
 
+        asked_dtype = memory_dtype or None  # unset: what the memory's run was evaluated with (from_memory decides)
         memory_dtype = check_memory_dtype(memory_dtype)  # a typo fails before the model loads
 
         device = str(
@@ -353,7 +357,9 @@ class MLPMemoryLM(ModelArgs, HFLM):
         lam = None if lambda_ in (None, "") else parse_number("lambda_", lambda_, example="0.25 (the memory's weight, in [0, 1])")
         temperature = parse_number("memory_temperature", memory_temperature, example="1")
         max_length = None if max_length is None else parse_number("max_length", max_length, int, "2048 (tokens)")
-        model, tok = load_mixture(memory, base_model, pretrained, lam, temperature, str(dtype), mixing, names, weights, router, knn)
+        model, tok = load_mixture(
+            memory, base_model, pretrained, lam, temperature, str(dtype), mixing, names, weights, router, knn, asked_dtype
+        )
         if tok is None:
             raise MlpmemError(
                 "no tokenizer was found for the base model",
@@ -379,7 +385,9 @@ class MLPMemoryLM(ModelArgs, HFLM):
             "memory_temperature": model.memory_temperature,
             "mixing": model.mixing_mode,
             "shared_context": shared,
-            "memory_dtype": memory_dtype or "float32",
+            "memory_dtype": "int8"
+            if device == "cpu" and any(getattr(m, "_int8", None) is not None for m in model.components().values())
+            else "float32",
         }
         self.shared_context = shared
 

@@ -314,7 +314,8 @@ def run_results(memory_dir: Path) -> dict[str, Any]:
             out.update({k: m[k] for k in ("valid", "steps", "epochs", "n_rows") if m.get(k) is not None})
         if report.is_file():
             r = read_json(report)
-            out.update({k: r[k] for k in ("ppl", "lambda", "corpus", "n_train_tokens", "n_test_tokens") if r.get(k) is not None})
+            keys = ("ppl", "lambda", "corpus", "n_train_tokens", "n_test_tokens", "memory_dtype")
+            out.update({k: r[k] for k in keys if r.get(k) is not None})
     except (OSError, ValueError, MlpmemError) as e:  # results are a courtesy for the model card, never a reason to fail
         log.info("no run results read next to %s (%s)", memory_dir, e)
     return out

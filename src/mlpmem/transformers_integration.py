@@ -111,7 +111,8 @@ def from_memory(
     folder alone, with ``memory_dir`` empty, gives LM + kNN-LM); ``weights``: fixed weights [LM,
     each memory] (default lambda_ split evenly); ``router``: a router folder saved for these
     memories (a model's ``router/``), or fit one afterwards with :func:`fit_router`. ``memory_dtype="int8"``: the
-    memories' linear layers run in int8 at inference (CPU, float32 model; the weights stay float32).
+    memories' linear layers run in int8 at inference (CPU, float32 model; the weights stay float32); unset, what the
+    memory's run scored it with (``eval.memory_dtype``, in its report), float32 for a run that recorded none.
     """
     from mlpmem.gate import find_gate, load_gate
     from mlpmem.models import load_model
@@ -157,6 +158,7 @@ def from_memory(
     router_module, router_meta = (None, None)
     if router is not None:
         router_module, router_meta = read_router_folder({f: str(Path(router) / f) for f in (ROUTER_CONFIG, GATE_WEIGHTS)})
+    recorded_dtype = memory_dtype in (None, "")  # unset: what the run evaluated (below); "float32" asks for the float weights
     memory_dtype = check_memory_dtype(memory_dtype)  # before the LM loads
     lm, tok, model_id = load_model(str(ref), dtype=dtype)
     model = cls.from_parts(
@@ -176,6 +178,13 @@ def from_memory(
         router=router_module,
         router_meta=router_meta,
     )
+    if recorded_dtype and dirs and all((m.get("results") or {}).get("memory_dtype") == "int8" for m in metas[: len(dirs)]):
+        # the run scored (and fitted its gate on) the int8 memory: decode with what it measured, where int8 runs
+        try:
+            model.use_int8_memories()
+            log.info("memory_dtype int8, as the memory's run was evaluated (memory_dtype='float32': its float weights)")
+        except MlpmemError:  # a bfloat16 model: the float weights, as asked for by the dtype
+            log.info("the memory's run was evaluated in int8, which needs a float32 model: using the float weights")
     if memory_dtype == "int8":
         model.use_int8_memories()
     return model

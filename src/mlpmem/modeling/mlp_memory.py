@@ -239,7 +239,8 @@ class MLPMemory(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h [..., d_in] (any float dtype) -> logits [..., vocab_size]."""
-        if self._int8 is not None and not self.training and not torch.is_grad_enabled():
+        # the int8 copy lives on the CPU: a model moved to a GPU after use_int8 runs its float weights there
+        if self._int8 is not None and not self.training and not torch.is_grad_enabled() and h.device.type == "cpu":
             return self._int8_copy()(h)
         x = self.features(h)
         return self.full_vocab(self.corrected(x, self.head(x)))

@@ -12,9 +12,9 @@ same matrix product as the LM's; a ``vT`` part (``own4v6647``) prunes the head t
 train text has 6,647 distinct tokens); a ``q8`` suffix (``own4q8``) runs the memory's linear layers in int8
 (MLPMemory.use_int8). Greedy decoding with the KV cache, exactly
 ``--new-tokens`` new tokens per sequence, at each ``--batches`` size; and one scoring pass
-(every position's log-probs) over ``--score-tokens`` tokens. Every repeat runs all systems
-once, in turn, so each ratio to the LM is taken from neighbouring calls on the same machine
-state; the JSON gives the median ratio and its range over repeats. Prints one JSON line and
+(every position's log-probs) over ``--score-tokens`` tokens. Every repeat runs each memory system
+as one of a pair with an LM call beside it (see ``interleaved``), so each ratio to the LM is taken from
+neighbouring calls on the same machine state; the JSON gives the median ratio and its range over repeats. Prints one JSON line and
 writes bench/results/generate.json.
 """
 
@@ -124,6 +124,7 @@ def main() -> None:
         "score_tokens": a.score_tokens,
         "lambda": a.lam,
         "repeats": a.repeats,
+        "pairing": "each memory system timed beside its own LM call, order alternating by round",
         "decode": {},
         "score": {},
     }
@@ -140,18 +141,30 @@ def main() -> None:
 
 
 def interleaved(systems: dict, call, tokens: int, repeats: int) -> dict:
-    """One warm-up call of each system, then ``repeats`` rounds of one call each, in turn: tokens/s and ratio to the LM."""
+    """One warm-up call of each system, then ``repeats`` rounds: in each, every memory system is timed in a pair with
+    its own LM call right beside it (LM first in even rounds, second in odd ones), so each ratio compares two
+    neighbouring calls; on a shared machine whose speed drifts over seconds a round's one LM call, timed up to a
+    dozen seconds away from the last system's, put that drift into the ratios (medians 0.87-0.91 for a variant whose
+    profile gives 0.97). Tokens/s and the median ratio to the LM with its range over rounds."""
     for m in systems.values():
         call(m)
-    times = {name: [] for name in systems}
-    for _ in range(repeats):
+    lm = systems["lm"]
+    times: dict[str, list[float]] = {name: [] for name in systems}
+    ratios: dict[str, list[float]] = {name: [] for name in systems if name != "lm"}
+    for r in range(repeats):
         for name, m in systems.items():
-            times[name].append(timed(lambda: call(m)))
+            if name == "lm":
+                continue
+            if r % 2 == 0:
+                t_lm, t = timed(lambda: call(lm)), timed(lambda: call(m))
+            else:
+                t, t_lm = timed(lambda: call(m)), timed(lambda: call(lm))
+            times["lm"].append(t_lm)
+            times[name].append(t)
+            ratios[name].append(t_lm / t)
     out = {"lm_tokens_per_s": round(tokens / statistics.median(times["lm"]), 1)}
-    for name in systems:
-        if name != "lm":
-            ratios = [t_lm / t for t_lm, t in zip(times["lm"], times[name])]  # per round: neighbouring calls
-            out[name] = {"tokens_per_s": round(tokens / statistics.median(times[name]), 1), "ratio_to_lm": spread(ratios)}
+    for name, rs in ratios.items():
+        out[name] = {"tokens_per_s": round(tokens / statistics.median(times[name]), 1), "ratio_to_lm": spread(rs)}
     return out
 
 

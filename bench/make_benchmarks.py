@@ -316,7 +316,8 @@ def decode_speed() -> str:
     rows = []
     for v in names:
         var = r["variants"][v]
-        row = [v, var["blocks"], var["head"] + (", int8" if var.get("int8") else ""), f"{var['extra_params_read'] / 1e6:.1f}M"]
+        head = var["head"] + (f" ({var['head_tokens']:,} tokens)" if var.get("head_tokens") else "") + (", int8" if var.get("int8") else "")
+        row = [v, var["blocks"], head, f"{var['extra_params_read'] / 1e6:.1f}M"]
         row += [rng(r["decode"][b][v]["ratio_to_lm"]) for b in r["decode"]]
         row += [rng(r["score"][b][v]["ratio_to_lm"]) for b in r["score"]]
         rows.append(row)
@@ -327,10 +328,17 @@ def decode_speed() -> str:
     s += (
         f"\nGreedy decoding with the KV cache, {r['new_tokens']} new tokens after a {r['prompt_tokens']}-token prompt; "
         f"{r['threads']} thread(s), float32, lambda {r['lambda']}; the LM alone: {lm}. Median ratio over {r['repeats']} rounds "
-        "(each round calls every system once, in turn) and its range. `own`: the memory's own head, a trained copy of "
+        + (
+            "(in each round every memory system is timed in a pair with an LM call beside it, the order alternating) "
+            if r.get("pairing")
+            else "(each round calls every system once, in turn) "
+        )
+        + "and its range. `own`: the memory's own head, a trained copy of "
         "the LM's (the format before this round); `shared`: a memory trained with `freeze_head`, whose head is the LM's: "
         "the model class stacks its rows under the LM's in the LM's own head call, so the output embedding is read once "
-        "per token for both; `q8`: the memory's linear layers in int8 (`memory_dtype='int8'`), a quarter of the bytes.\n\n"
+        "per token for both; `vT`: the own head pruned to T tokens (`train.head_vocab: corpus`: the demo's train text has "
+        "6,647 distinct tokens of 49,152); `q8`: the memory's linear layers in int8 (`memory_dtype='int8'`), a quarter "
+        "of the bytes.\n\n"
     )
     return s + shared_head_quality()
 
@@ -346,7 +354,9 @@ def shared_head_quality() -> str:
         [
             name + (" (chosen on valid)" if name == q["selection"]["chosen"] else ""),
             r["blocks"],
-            ("the LM's" if r["head_is_the_lms"] else "own") + (", int8" if r.get("int8") else ""),
+            ("the LM's" if r["head_is_the_lms"] else "own")
+            + (f" ({r['head_tokens']:,} tokens)" if r.get("head_tokens", 0) < q["runs"][ref].get("head_tokens", 0) else "")
+            + (", int8" if r.get("int8") else ""),
             f"{r.get('bytes_read_per_token_beyond_the_lm', 4 * r['weights_read_per_token_beyond_the_lm']) / 1e6:.0f} MB",
             f"{r['lambda']:.3f}",
             f"{r['valid']:.3f}",
@@ -376,7 +386,9 @@ def shared_head_quality() -> str:
     s += (
         f"\nLM alone: valid {b['valid']:.3f}, test {b['test']:.3f}, GCIDE {b['ood']:.3f} ({n['test']:,} test and {n['ood']:,} GCIDE positions). "
         "Each memory at its fixed lambda fitted on valid; intervals are 95% paired bootstrap over blocks of 256 positions. "
-        "`int8`: the memory's linear layers run in int8 at inference (`memory_dtype='int8'`, MLPMemory.use_int8). "
+        "`int8`: the memory's linear layers run in int8 at inference (`memory_dtype='int8'`, MLPMemory.use_int8, each "
+        "input row with its own scale). `vocab`: the head pruned to the tokens of the run's train text (MLPMemory.prune_head, "
+        "what `train.head_vocab: corpus` saves), no mass on other tokens. "
         f"Selection rule: {q['selection']['rule']}.\n\n"
     )
     return s

@@ -413,9 +413,9 @@ PLAN: list[Step] = [
     Step(
         "generate",
         "5b",
-        [script("bench_generate.py", "--threads", "1", "--repeats", "12", "--variants", "own4", "own4q8", "shared4")],
+        [script("bench_generate.py", "--threads", "1", "--repeats", "10", "--variants", "own4", "own4q8", "own4v6647", "own4v6647q8")],
         ("generate",),
-        minutes=15,
+        minutes=25,
     ),
     Step(
         "shared_head",
@@ -431,7 +431,8 @@ PLAN: list[Step] = [
             [MLPMEM, "train", *SWEEP_INPUTS, "--lr", "3e-3", "--epochs", "4", "--head-rank", "64", "--out", "{runs}/sweep/lr3e4r64"],
             script(
                 "bench_shared_head.py",
-                *("--threads", "2", "--runs", "{runs}/sotu", "{runs}/sotu:int8", "{runs}/sotu_fh4", "{runs}/sotu_fh2"),
+                *("--threads", "1", "--runs", "{runs}/sotu", "{runs}/sotu:int8", "{runs}/sotu:vocab", "{runs}/sotu:vocab+int8"),
+                *("{runs}/sotu_fh4", "{runs}/sotu_fh2"),
                 *("{runs}/sotu_fh1r64", "{runs}/sweep/lr3e4", "{runs}/sweep/lr3e4r64"),
                 *("--ood", "{runs}/gcide100k/corpus"),
             ),
@@ -448,7 +449,7 @@ PLAN: list[Step] = [
         ],
         quick_minutes=1,
         notes="three runs of the demo recipe whose memories keep the LM's head (4 and 2 blocks; 1 block + a rank-64 correction), "
-        "and the demo's memory with int8 linear layers",
+        "and the demo's memory with int8 linear layers, with its head pruned to the train text's tokens, and both",
     ),
     # ------------------------------------------------------------ the documents
     Step(

@@ -44,8 +44,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ["TQDM_DISABLE"] = "1"
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "bench"))
 
 
+import provenance  # noqa: E402  (imported here: its start time is the script's)
 from mlpmem.cli import main as cli_main  # noqa: E402
 from mlpmem.errors import MlpmemError  # noqa: E402
 
@@ -3048,7 +3050,7 @@ def write_reports(results: list[dict], seconds: float, out_json: Path, out_md: P
         counts[r["outcome"]] = counts.get(r["outcome"], 0) + 1
     out_json.parent.mkdir(parents=True, exist_ok=True)
     commit = _commit()
-    out_json.write_text(json.dumps({"counts": counts, "seconds": round(seconds, 1), "commit": commit, "cases": results}, indent=1) + "\n")
+    provenance.write_result(out_json, {"counts": counts, "seconds": round(seconds, 1), "commit": commit, "cases": results}, indent=1)
     fails = sum(counts.get(f, 0) for f in FAILS + ("setup failed",))
     lines = [
         "# Reliability: hostile inputs and faults",

@@ -319,10 +319,13 @@ def decode_speed() -> str:
         head = var["head"] + (f" ({var['head_tokens']:,} tokens)" if var.get("head_tokens") else "") + (", int8" if var.get("int8") else "")
         row = [v, var["blocks"], head, f"{var['extra_params_read'] / 1e6:.1f}M"]
         row += [rng(r["decode"][b][v]["ratio_to_lm"]) for b in r["decode"]]
+        row += [rng(r["decode"][b][v]["cpu_time_ratio_to_lm"]) for b in r["decode"] if "cpu_time_ratio_to_lm" in r["decode"][b][v]]
         row += [rng(r["score"][b][v]["ratio_to_lm"]) for b in r["score"]]
         rows.append(row)
     head = ["memory", "blocks", "head", "weights read per token beyond the LM"]
-    head += [f"decode batch {b}: tokens/s vs LM" for b in r["decode"]] + [f"scoring one pass of {r['score_tokens']} tokens vs LM"]
+    head += [f"decode batch {b}: tokens/s vs LM" for b in r["decode"]]
+    head += [f"decode batch {b}: CPU time, LM / system" for b in r["decode"] if "cpu_time_ratio_to_lm" in r["decode"][b][names[0]]]
+    head += [f"scoring one pass of {r['score_tokens']} tokens vs LM"]
     s += table(head, rows)
     lm = ", ".join(f"batch {b} {r['decode'][b]['lm_tokens_per_s']} tokens/s" for b in r["decode"])
     s += (
@@ -333,7 +336,8 @@ def decode_speed() -> str:
             if r.get("pairing")
             else "(each round calls every system once, in turn) "
         )
-        + "and its range. `own`: the memory's own head, a trained copy of "
+        + "and its range; the CPU-time columns divide the process's CPU seconds (one thread) instead, which leave out "
+        + "the time this shared machine gave other tenants. `own`: the memory's own head, a trained copy of "
         "the LM's (the format before this round); `shared`: a memory trained with `freeze_head`, whose head is the LM's: "
         "the model class stacks its rows under the LM's in the LM's own head call, so the output embedding is read once "
         "per token for both; `vT`: the own head pruned to T tokens (`train.head_vocab: corpus`: the demo's train text has "

@@ -269,7 +269,7 @@ class MLPMemory(nn.Module):
                 f"a head is pruned to token ids in [0, {self.config.vocab_size}); got {ids.numel()} ids",
                 "pass the ids of the corpus's tokens",
             )
-        state = {k: v for k, v in self.state_dict(keep_vars=True).items()}
+        state = self.state_dict(keep_vars=True)  # a new dict each call: entries are replaced below, not the memory's
         ids = ids.to(self.head.weight.device)
         for name in ("head.weight", "head.bias", "head_delta.1.weight", "head_delta.1.bias"):
             if name in state:

@@ -10,17 +10,22 @@ trained default (a copy of the LM's head that training moves); ``sharedN``: N bl
 LM's own head (a memory trained with ``freeze_head``; ``sharedNrR`` with a rank-R correction beside it, ``head_rank``), which the model class runs in the
 same matrix product as the LM's; a ``vT`` part (``own4v6647``) prunes the head to T token ids (MLPMemory.prune_head; the demo run's
 train text has 6,647 distinct tokens); a ``q8`` suffix (``own4q8``) runs the memory's linear layers in int8
-(MLPMemory.use_int8). Greedy decoding with the KV cache, exactly
+(MLPMemory.use_int8); a ``g`` suffix (``own1v6647q8g``) mixes by a gate (per-token lambda from the two
+distributions' features, what a run's default ``mixing: auto`` fits) instead of a fixed lambda. Greedy decoding with the KV cache, exactly
 ``--new-tokens`` new tokens per sequence, at each ``--batches`` size; and one scoring pass
 (every position's log-probs) over ``--score-tokens`` tokens. Every repeat runs each memory system
 as one of a pair with an LM call beside it (see ``interleaved``), so each ratio to the LM is taken from
-neighbouring calls on the same machine state; the JSON gives the median ratio and its range over repeats. Prints one JSON line and
-writes bench/results/generate.json.
+neighbouring calls on the same machine state; the JSON gives the median ratio and its range over repeats. Beside it, the
+time each decode step spends outside the LM's own call within that same step (``in_step``: the memory, the mixing and the
+model class's own work), against the LM call: one clock for both, so the machine's drift between calls leaves it (not
+for ``shared`` heads, whose rows run inside the LM's call). Prints one
+JSON line and writes bench/results/generate.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import statistics
@@ -31,6 +36,7 @@ from provenance import results_dir, start, write_result
 
 from mlpmem.transformers_integration import MLPMemoryForCausalLM
 from mlpmem.memory import MemoryConfig, MLPMemory, init_from_lm, lm_settings
+from mlpmem.modeling.gating import MixingGate, memory_fingerprint
 from mlpmem.models import load_model, logits_size, num_parameters, tokenizer_hash
 
 
@@ -76,7 +82,7 @@ def main() -> None:
     started = start()
     a.out = a.out or str(results_dir() / "generate.json")
     if a.quick:
-        a.new_tokens, a.batches, a.repeats, a.score_tokens, a.variants = 8, [1], 1, 64, ["own4", "own4q8", "shared1r64"]
+        a.new_tokens, a.batches, a.repeats, a.score_tokens, a.variants = 8, [1], 1, 64, ["own4", "own4q8", "shared1r64", "own1v500q8g"]
         a.out = a.out.replace("generate.json", "generate_quick.json")
 
     if a.threads:
@@ -88,17 +94,19 @@ def main() -> None:
     systems = {"lm": lm}
     memories = {}
     for v in a.variants:
-        m = re.fullmatch(r"(own|shared)(\d+)(?:r(\d+))?(?:v(\d+))?(q8)?", v)
+        m = re.fullmatch(r"(own|shared)(\d+)(?:r(\d+))?(?:v(\d+))?(q8)?(g)?", v)
         if not m or (m.group(1) == "shared" and m.group(4)):
             p.error(
                 f"unknown variant {v!r}: ownN, sharedN or sharedNrR (N blocks, a rank-R correction beside the head), "
-                "+vT (own head pruned to T tokens), +q8 (int8)"
+                "+vT (own head pruned to T tokens), +q8 (int8), +g (gated mixing)"
             )
         kind, blocks, rank, tokens, int8 = m.group(1), int(m.group(2)), int(m.group(3) or 0), int(m.group(4) or 0), bool(m.group(5))
         memories[v] = build_memory(lm, blocks, kind == "shared", rank)
         if tokens:  # speed does not depend on which tokens: the T most frequent ids of a text are mostly small ones
             memories[v] = memories[v].prune_head(torch.randperm(logits_size(lm))[:tokens])
-        systems[v] = MLPMemoryForCausalLM.from_parts(lm, memories[v], meta, tokenizer=tok, lambda_=a.lam).eval()
+        # a gate's speed does not depend on its weights: the default MLP gate as built
+        gate = dict(gate=MixingGate(), gate_meta={"memory_fingerprint": memory_fingerprint(memories[v])}) if m.group(6) else {}
+        systems[v] = MLPMemoryForCausalLM.from_parts(lm, memories[v], meta, tokenizer=tok, lambda_=a.lam, **gate).eval()
         if int8:
             systems[v].use_int8_memories()
         assert systems[v].head_shared("memory") == (kind == "shared" and not int8)
@@ -116,6 +124,7 @@ def main() -> None:
                 "params": m.num_parameters(),
                 "head_tokens": m.config.head_tokens or m.config.vocab_size,
                 "int8": m._int8 is not None,
+                "mixing": systems[v].mixing_mode,
                 # parameters read per decoded token beyond the LM's: a shared head is read once for both
                 "extra_params_read": m.num_parameters() - (m.head.weight.numel() if systems[v].head_shared("memory") else 0),
             }
@@ -136,10 +145,49 @@ def main() -> None:
             ids = torch.randint(100, vocab, (b, a.prompt_tokens))
             args = dict(max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, do_sample=False, attention_mask=torch.ones_like(ids))
             result["decode"][str(b)] = interleaved(systems, lambda m: m.generate(ids, **args), b * a.new_tokens, a.repeats)
+            for v in memories:
+                if systems[v].head_shared("memory"):  # its head rows run inside the LM's own call: not measurable so
+                    continue
+                result["decode"][str(b)][v]["in_step"] = in_step(systems[v], lm, lambda m: m.generate(ids, **args), a.repeats)
         ids = torch.randint(100, vocab, (1, a.score_tokens))
         result["score"]["1"] = interleaved(systems, lambda m: m(ids), a.score_tokens, a.repeats)
     print(json.dumps(result))
     write_result(a.out, result, started)
+
+
+def in_step(system, lm, call, repeats: int) -> dict:
+    """Per decode step of ``system`` (``repeats`` calls of ``call``, the prompt's step left out): the time the step
+    spends outside the LM's own forward, over that forward's time, median and 10-90% range over steps; and the
+    tokens/s ratio it implies, 1 / (1 + overhead). Both times come from the same step, so the drift of a shared
+    machine's speed between calls, which the paired ratios carry, is left out."""
+    inner: list[float] = []
+    outer: list[float] = []
+
+    def clocked(fn, into):
+        @functools.wraps(fn)  # generate reads the forward's signature
+        def run(*args, **kwargs):
+            t = time.perf_counter()
+            out = fn(*args, **kwargs)
+            into.append(time.perf_counter() - t)
+            return out
+
+        return run
+
+    lm.forward, system.forward = clocked(lm.forward, inner), clocked(system.forward, outer)
+    try:
+        overheads = []
+        for _ in range(repeats):
+            inner.clear(), outer.clear()
+            call(system)
+            overheads += [(o - i) / i for o, i in zip(outer[1:], inner[1:])]
+    finally:
+        del lm.forward, system.forward  # the class's own forward again
+    q = statistics.quantiles(overheads, n=10)
+    return {
+        "overhead": {"median": round(statistics.median(overheads), 4), "p10": round(q[0], 4), "p90": round(q[-1], 4)},
+        "implied_ratio_to_lm": round(1 / (1 + statistics.median(overheads)), 3),
+        "steps": len(overheads),
+    }
 
 
 def interleaved(systems: dict, call, tokens: int, repeats: int) -> dict:

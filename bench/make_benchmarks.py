@@ -313,6 +313,12 @@ def decode_speed() -> str:
         return s
     rng = lambda x: f"{x['median']:.3f} [{x['min']:.3f}, {x['max']:.3f}]"  # noqa: E731
     names = list(r["variants"])
+    in_step = any("in_step" in r["decode"][b][v] for b in r["decode"] for v in names)
+    step_text = lambda x: (
+        f"{x['implied_ratio_to_lm']:.3f} (+{100 * x['overhead']['median']:.1f}%, 10-90%: +{100 * x['overhead']['p10']:.1f} to +{100 * x['overhead']['p90']:.1f})"
+        if x
+        else "-"
+    )  # noqa: E731
     rows = []
     for v in names:
         var = r["variants"][v]
@@ -320,11 +326,13 @@ def decode_speed() -> str:
         row = [v, var["blocks"], head, f"{var['extra_params_read'] / 1e6:.1f}M"]
         row += [rng(r["decode"][b][v]["ratio_to_lm"]) for b in r["decode"]]
         row += [rng(r["decode"][b][v]["cpu_time_ratio_to_lm"]) for b in r["decode"] if "cpu_time_ratio_to_lm" in r["decode"][b][v]]
+        row += [step_text(r["decode"][b][v].get("in_step")) for b in r["decode"] if in_step]
         row += [rng(r["score"][b][v]["ratio_to_lm"]) for b in r["score"]]
         rows.append(row)
     head = ["memory", "blocks", "head", "weights read per token beyond the LM"]
     head += [f"decode batch {b}: tokens/s vs LM" for b in r["decode"]]
     head += [f"decode batch {b}: CPU time, LM / system" for b in r["decode"] if "cpu_time_ratio_to_lm" in r["decode"][b][names[0]]]
+    head += [f"decode batch {b}: in-step, 1 / (1 + time beyond the LM's call)" for b in r["decode"] if in_step]
     head += [f"scoring one pass of {r['score_tokens']} tokens vs LM"]
     s += table(head, rows)
     lm = ", ".join(f"batch {b} {r['decode'][b]['lm_tokens_per_s']} tokens/s" for b in r["decode"])
@@ -337,12 +345,21 @@ def decode_speed() -> str:
             else "(each round calls every system once, in turn) "
         )
         + "and its range; the CPU-time columns divide the process's CPU seconds (one thread) instead, which leave out "
-        + "the time this shared machine gave other tenants. `own`: the memory's own head, a trained copy of "
+        + "the time this shared machine gave other tenants. "
+        + (
+            "The in-step columns time each decode step's work beyond the LM's own forward (memory, mixing, the model "
+            "class) against that forward, in the same step: the machine's drift between calls, which the paired ratios "
+            "carry, leaves them; median over every step of every round, with its 10-90% range (not measured for a shared "
+            "head, whose rows run inside the LM's call). "
+            if in_step
+            else ""
+        )
+        + "`own`: the memory's own head, a trained copy of "
         "the LM's (the format before this round); `shared`: a memory trained with `freeze_head`, whose head is the LM's: "
         "the model class stacks its rows under the LM's in the LM's own head call, so the output embedding is read once "
         "per token for both; `vT`: the own head pruned to T tokens (`train.head_vocab: corpus`: the demo's train text has "
         "6,647 distinct tokens of 49,152); `q8`: the memory's linear layers in int8 (`memory_dtype='int8'`), a quarter "
-        "of the bytes.\n\n"
+        "of the bytes; `g`: mixed by a gate (per-token lambda, a run's default) instead of a fixed lambda.\n\n"
     )
     return s + shared_head_quality()
 

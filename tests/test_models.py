@@ -81,6 +81,33 @@ def test_gguf_path(tmp_path, monkeypatch):
     assert len(calls) == 1 and calls[0][2]["bytes"] == bad.stat().st_size
 
 
+def test_gguf_conversion_leaves_a_finished_copy_of_another_process(tiny_llama, tmp_path, monkeypatch):
+    """Processes started together on a fresh machine (torchrun's ranks) each convert: one that finishes second keeps
+    the first one's folder (which may be loading) instead of deleting it, and works in a folder of its own."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mlpmem import models
+
+    real_model, real_tok = AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: real_model(tiny_llama))
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: real_tok(tiny_llama))
+    gguf, out = tmp_path / "m.gguf", tmp_path / "cache" / "m"
+    gguf.write_bytes(b"x")
+    marker = {"gguf_file": "m.gguf", "bytes": 1}
+    other = out.with_name("m.partial-1")  # another process, mid-conversion
+    other.mkdir(parents=True)
+    models._convert_gguf(gguf, out, marker)  # the first to finish
+    first = (out / "model.safetensors").stat().st_ino
+    models._convert_gguf(gguf, out, marker)  # the second: the first one's folder stays
+    assert (out / "model.safetensors").stat().st_ino == first
+    assert other.exists() and sorted(p.name for p in out.parent.iterdir()) == ["m", "m.partial-1"]
+    (out / "mlpmem_gguf.json").write_text(json.dumps({**marker, "bytes": 2}))  # a copy of another file: replaced
+    models._convert_gguf(gguf, out, marker)
+    assert json.loads((out / "mlpmem_gguf.json").read_text()) == marker
+
+
 def _bert_folder(folder, tok, is_decoder: bool):
     from transformers import AutoModelForCausalLM, BertConfig
 

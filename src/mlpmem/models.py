@@ -101,16 +101,27 @@ def _convert_gguf(gguf: Path, out: Path, marker: dict | None = None) -> Path:
         del config.quantization_config  # weights are already dequantised; the marker blocks save_pretrained
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(gguf_model.state_dict())
-    tmp = out.with_name(out.name + ".partial")
+    # a folder of this process's own: processes started together on a fresh machine (torchrun's ranks, parallel
+    # tests) each convert, and none may write into or delete another's
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     if marker is not None:
         (tmp / "mlpmem_gguf.json").write_text(json.dumps(marker))
+    mfile = out / "mlpmem_gguf.json"
+    if _converted(out) and (marker is None or (mfile.exists() and json.loads(mfile.read_text()) == marker)):
+        shutil.rmtree(tmp)  # another process finished the same conversion first: keep its folder, which may be in use
+        return out
     if out.exists():
         shutil.rmtree(out)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process put its finished folder there in between
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _converted(out):
+            raise
     return out
 
 

@@ -62,6 +62,28 @@ def test_features_match_naive_reference():
     assert f[3, GATE_FEATURES.index("kl_lm_memory")] == 100.0 and f[3, GATE_FEATURES.index("memory_entropy")] == 0
 
 
+def test_pruned_features_and_mixture_match_the_full_rows():
+    """A memory pruned to S tokens: features and mixtures computed over S equal those over full rows with -inf outside
+    S, where the LM has mass outside S (KL capped), where it has none (every p there underflows: KL finite), and at
+    lambda 0 and 1 exactly."""
+    from mlpmem.modeling.mixing import gate_features_pruned, mix, mix_per_token, mix_pruned
+
+    torch.manual_seed(0)
+    ids = torch.tensor([1, 4, 5, 9, 17, 30])
+    lp = (torch.randn(2, 3, 40) * 3).log_softmax(-1)
+    lp[0, 1] = torch.full((40,), -200.0).index_fill(0, ids, 0.0).log_softmax(-1)  # all its mass on S
+    lq = (torch.randn(2, 3, ids.numel()) * 2).log_softmax(-1)
+    full = torch.full((2, 3, 40), -math.inf).index_copy(-1, ids, lq)
+    got, want = gate_features_pruned(lp, lq, ids), gate_features(lp, full)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    kl = GATE_FEATURES.index("kl_lm_memory")
+    assert want[0, 1, kl] < 1 and (want[:, [0, 2], kl] == 100.0).all()  # both cases are there
+    lam = torch.rand(2, 3)
+    torch.testing.assert_close(mix_pruned(lp, lq, ids, lam), mix_per_token(lp, full, lam))
+    torch.testing.assert_close(mix_pruned(lp, lq, ids, 0.3), mix(lp, full, 0.3))
+    assert torch.equal(mix_pruned(lp, lq, ids, 0.0), lp) and torch.equal(mix_pruned(lp, lq, ids, 1.0), full)
+
+
 def test_gate_output_cannot_leave_unit_interval():
     torch.manual_seed(0)
     g = MixingGate("mlp", hidden=8)

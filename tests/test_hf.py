@@ -441,6 +441,44 @@ def test_saving_never_replaces_a_users_folder(arch_parts, model, tmp_path):
     assert (tmp_path / "mine" / "data.csv").read_text() == "1,2"
 
 
+def test_a_pruned_memory_mixes_on_its_tokens_as_full_rows_would(arch_parts):
+    """A memory pruned to S tokens mixes (fixed and gated) on its S log-probs: the same output as the same memory
+    giving full rows (-inf outside S) through the general path."""
+    from mlpmem.modeling.gating import MixingGate, memory_fingerprint
+
+    _, lm, tok, _, _ = arch_parts
+    torch.manual_seed(5)
+    cfg = MemoryConfig(d_in=32, vocab_size=logits_size(lm), n_blocks=1, init="lm_copy", zero_init_blocks=False)
+    mem = MLPMemory(MemoryConfig(**{**cfg.__dict__, **lm_settings(lm, "lm_copy")}))
+    init_from_lm(mem, lm)
+    pruned = mem.prune_head(torch.randperm(logits_size(lm))[:9]).eval()
+
+    class FullRows(torch.nn.Module):  # the same memory, seen by the model class as any module giving full rows
+        def __init__(self, m):
+            super().__init__()
+            self.m, self.config = m, m.config
+
+        def forward(self, h):
+            return self.m(h)
+
+    gate = MixingGate("mlp", hidden=4)
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.normal_(0, 0.5)
+        gate.scale.fill_(20.0)  # features (KL up to 100) to about unit size: a gate that does not saturate
+    meta = {"tokenizer_hash": tokenizer_hash(tok), "layer": -1, "site": "output"}
+    ids = torch.cat([p[:, :3] for p in prompts(tok)], 0)
+    outs = {}
+    for name, m in (("pruned", pruned), ("full", FullRows(pruned))):
+        g = dict(gate=gate, gate_meta={"memory_fingerprint": memory_fingerprint(m)})
+        model = MLPMemoryForCausalLM.from_parts(lm, m, meta, tokenizer=tok, **g).eval()
+        with torch.no_grad():
+            outs[name] = (model(ids).logits, model(ids, lambda_=0.4).logits, model(ids, lambda_=1.0).logits)
+    for got, want in zip(outs["pruned"], outs["full"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.isinf(outs["pruned"][2]).any() and not torch.isinf(outs["pruned"][0]).any()
+
+
 def test_int8_memory_runs_its_quantized_copy_and_keeps_its_weights(arch_parts):
     """use_int8_memories: the memory's linear layers in int8 at inference, close to float32 (not equal: the copy is
     used), the float32 weights untouched and still what training and the shared-head check see; lambda 0 is the LM."""
@@ -458,6 +496,9 @@ def test_int8_memory_runs_its_quantized_copy_and_keeps_its_weights(arch_parts):
     assert m.head_shared("memory")
     m.use_int8_memories()
     assert not m.head_shared("memory")  # the int8 head runs on its own
+    made = mem._int8[0]
+    m.use_int8_memories()  # asked again with the same weights (lm-eval, after the move): the same copy
+    assert mem._int8[0] is made
     h = torch.randn(4, 32)
     f32 = mem(h).detach()  # with autograd on, the memory runs its float32 weights
     with torch.no_grad():

@@ -105,6 +105,47 @@ def gate_features(lm_logprobs: torch.Tensor, memory_logprobs: torch.Tensor) -> t
     return torch.stack([h_p.clamp_min(0.0), max_p, h_q.clamp_min(0.0), max_q, kl_pq, kl_qp, agree], -1)
 
 
+def gate_features_pruned(lm_logprobs: torch.Tensor, memory_logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """:func:`gate_features` for a memory whose head is pruned to the token ids ``ids`` [S] (sorted, as
+    MLPMemory.prune_head keeps them): ``memory_logprobs`` [..., S] over those tokens, no mass on every other.
+
+    The same features as over the full rows, with the memory's side computed over its S tokens: the LM's side still
+    reads all V, but the memory's (its exps, clamps and dot products over V) shrinks to S.
+    """
+    floor = torch.finfo(torch.float32).min / 4
+    lp, lq = lm_logprobs.float().clamp_min(floor), memory_logprobs.float().clamp_min(floor)
+    p, q = lp.exp(), lq.exp()
+    lp_s, p_s = lp[..., ids], p[..., ids]
+    dot = lambda a, b: (a.unsqueeze(-2) @ b.unsqueeze(-1))[..., 0, 0]  # noqa: E731  row-wise sum(a * b)
+    # the LM's mass outside the memory's tokens, where the full rows' log q is the floor; summed over those tokens
+    # themselves, so that it is exactly 0 where every such p underflows, as in the full sum
+    p_out = p.index_fill(-1, ids, 0.0).sum(-1)
+    p_lp, q_lq, q_lp = dot(p, lp), dot(q, lq), dot(q, lp_s)
+    p_lq = dot(p_s, lq) + p_out * floor
+    h_p, h_q = -p_lp, -q_lq
+    kl_pq, kl_qp = (p_lp - p_lq).clamp(0.0, KL_CAP), (q_lq - q_lp).clamp(0.0, KL_CAP)
+    max_p, arg_p = lp.max(-1)
+    max_q, arg_q = lq.max(-1)
+    agree = (arg_p == ids[arg_q]).to(lp.dtype)
+    return torch.stack([h_p.clamp_min(0.0), max_p, h_q.clamp_min(0.0), max_q, kl_pq, kl_qp, agree], -1)
+
+
+def mix_pruned(lm_logprobs: torch.Tensor, memory_logprobs: torch.Tensor, ids: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:
+    """:func:`mix` (``lam`` a float) or :func:`mix_per_token` (``lam`` [...], per position) with a memory whose head is
+    pruned to ``ids`` [S]: ``memory_logprobs`` [..., S], no mass elsewhere. Full rows [..., V] out: the LM's
+    share everywhere, plus the memory's on its S tokens (one pass over V, the rest over S). Exact at lam 0 and 1."""
+    if not torch.is_tensor(lam):
+        lam = check_lambda(lam)
+        if lam == 0.0:
+            return lm_logprobs
+        keep, add = math.log1p(-lam) if lam < 1.0 else -math.inf, math.log(lam)
+    else:
+        lam = lam.to(lm_logprobs.dtype)[..., None]
+        keep, add = torch.log1p(-lam), torch.log(lam)
+    out = lm_logprobs + keep
+    return out.index_copy(-1, ids, torch.logaddexp(out[..., ids], memory_logprobs.to(lm_logprobs.dtype) + add))
+
+
 def mix(lm_logprobs: torch.Tensor, other_logprobs: torch.Tensor, lam: float) -> torch.Tensor:
     """log((1 - lam) p_LM + lam p_other), elementwise, any shape (full rows [..., V] or per-target values [N]).
 

@@ -248,11 +248,15 @@ class MLPMemory(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """h [..., d_in] (any float dtype) -> logits [..., vocab_size]."""
+        return self.full_vocab(self.head_logits(h))
+
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h [..., d_in] -> the head's logits [..., rows]: a pruned head's tokens only (``head_ids``), else every token."""
         # the int8 copy lives on the CPU: a model moved to a GPU after use_int8 runs its float weights there
         if self._int8 is not None and not self.training and not torch.is_grad_enabled() and h.device.type == "cpu":
-            return self._int8_copy()(h)
+            return self._int8_copy().head_logits(h)
         x = self.features(h)
-        return self.full_vocab(self.corrected(x, self.head(x)))
+        return self.corrected(x, self.head(x))
 
     def full_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """The head's logits [..., rows] -> [..., vocab_size]: a pruned head's tokens where they belong, -inf (no mass)
@@ -307,7 +311,8 @@ class MLPMemory(nn.Module):
                 f"{self.norm.weight.device}",
                 "load the memory in float32 on the CPU for memory_dtype='int8', or leave memory_dtype unset on a GPU",
             )
-        object.__setattr__(self, "_int8", (self._quantized(), self._weights_version()))
+        if self._int8 is None or self._int8[1] != self._weights_version():  # asked again (lm-eval after the move): kept
+            object.__setattr__(self, "_int8", (self._quantized(), self._weights_version()))
         return self
 
     def _weights_version(self) -> tuple[int, ...]:

@@ -85,8 +85,10 @@ from .mixing import (
     check_temperature,
     check_weights,
     gate_features,
+    gate_features_pruned,
     mix,
     mix_per_token,
+    mix_pruned,
     mix_routed,
     mix_weighted,
     weights_from_lambda,
@@ -867,22 +869,40 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         logprobs = logits.float().log_softmax(-1)
         # empty where the LM did not call its head as expected
         by_head = {n: comps[n].corrected(feats[n], out_n) for n, out_n in zip(shared, rows)}
-        lps = {
-            n: output_logprobs(comps[n], by_head[n], temp)
-            if n in by_head
-            else component_logprobs(comps[n], keep_positions(store[self.sites[n]], logits_to_keep), temp)
+        # memories whose head is pruned to their text's tokens: log-probs over those tokens [B, K, S]; one memory
+        # mixes on them alone (fixed or gated), several get full rows
+        pruned = {
+            n: output_logprobs(comps[n], comps[n].head_logits(keep_positions(store[self.sites[n]], logits_to_keep)), temp)
             for n in active
+            if n not in by_head and isinstance(comps[n], MLPMemory) and comps[n].head_ids is not None
         }
+        one_pruned = len(comps) == 1 and bool(pruned) and mode != "routed"
+
+        def memory_logprobs(n: str) -> torch.Tensor:
+            if n in by_head:
+                return output_logprobs(comps[n], by_head[n], temp)
+            if n in pruned:
+                return pruned[n] if one_pruned else comps[n].full_vocab(pruned[n])
+            return component_logprobs(comps[n], keep_positions(store[self.sites[n]], logits_to_keep), temp)
+
+        lps = {n: memory_logprobs(n) for n in active}
         for n, lp in lps.items():
-            if lp.shape != logprobs.shape:
+            shape = (*lp.shape[:-1], comps[n].config.vocab_size) if n in pruned else tuple(lp.shape)
+            if shape != tuple(logprobs.shape):
                 raise MlpmemError(
-                    f"memory {n!r} gives log-probs of shape {tuple(lp.shape)}, the LM {tuple(logprobs.shape)}",
+                    f"memory {n!r} gives log-probs of shape {shape}, the LM {tuple(logprobs.shape)}",
                     "use a memory built for this base model's vocabulary",
                 )
-        if mode == "gated":
+        if mode == "gated" and one_pruned:
+            mem_lp, ids = lps[active[0]], comps[active[0]].head_ids
+            gate_lam = self.gate(gate_features_pruned(logprobs, mem_lp, ids))
+            logprobs = mix_pruned(logprobs, mem_lp, ids, gate_lam)
+        elif mode == "gated":
             mem_lp = lps[active[0]]
             gate_lam = self.gate(gate_features(logprobs, mem_lp))  # [B, K], in [0, 1] (a sigmoid)
             logprobs = mix_per_token(logprobs, mem_lp, gate_lam.to(logprobs.dtype))
+        elif one_pruned and active:
+            logprobs = mix_pruned(logprobs, lps[active[0]], comps[active[0]].head_ids, w[1])
         elif mode == "routed":
             feats = torch.stack([gate_features(logprobs, lps[n]) for n in comps], -2)  # [B, K, N, F]
             weights_tok = self.memory_router(feats)  # [B, K, N + 1], rows sum to 1 (a softmax)

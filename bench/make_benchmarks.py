@@ -122,7 +122,7 @@ def quality() -> str:
                 p["knn_lm"],
                 p["mlp_memory"],
                 p["knn_lm+mlp_memory"],
-                p["memory_alone"],
+                p.get("memory_alone", "not defined (pruned head)"),
                 f"{r['lambda']['knn_lm']:.3f} / {r['lambda']['mlp_memory']:.3f}",
                 r["knn_temperature"],
                 f"{tps['knn_lm'] / tps['base']:.2f} / {tps['mlp_memory'] / tps['base']:.2f}",

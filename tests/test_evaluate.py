@@ -137,6 +137,10 @@ def test_summarize_against_naive_mixture():
     mem = np.log(0.6 * np.exp(sc.lm_logprob) + 0.4 * np.exp(sc.memory_logprob))
     assert r["ppl"]["mlp_memory"] == pytest.approx(math.exp(-mem.mean()), rel=1e-9)
     assert r["tokens_per_s"] == pytest.approx({"base": sc.n / 2.0, "knn_lm": sc.n / 3.0, "mlp_memory": sc.n / 2.5})
+    assert r["ppl"]["memory_alone"] == pytest.approx(math.exp(-sc.memory_logprob.mean()), rel=1e-9)
+    sc.memory_logprob[0] = -np.inf  # a pruned head: no mass on a token outside it; mixed, still finite
+    r = summarize(sc, 2.0, 0.3, 0.4)
+    assert "memory_alone" not in r["ppl"] and "memory_alone" not in r["vs_base"] and np.isfinite(r["ppl"]["mlp_memory"])
     sc.memory_logprob = sc.memory_logprob[:-1]  # a method scored over other tokens is refused
     with pytest.raises(ValueError, match="different tokens"):
         summarize(sc, 2.0, 0.3, 0.4)

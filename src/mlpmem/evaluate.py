@@ -220,7 +220,8 @@ def summarize(
     if test.memory_logprob is not None:
         mem_lp = test.memory_logprob
         lps["mlp_memory"] = interpolate_logprobs(test.lm_logprob, mem_lp, lam_mem)
-        lps["memory_alone"] = mem_lp
+        if np.isfinite(mem_lp).all():  # a pruned head gives tokens outside it no mass: alone, it has no perplexity
+            lps["memory_alone"] = mem_lp
         if test.seconds:
             tps["mlp_memory"] = n / (test.seconds["lm"] + test.seconds["memory"])
     if knn_lp is not None and mem_lp is not None and w_both is not None:

@@ -84,9 +84,21 @@ def summarize(run: Path) -> dict:
         "train": {
             k: train.get(k) for k in ("tokens_per_s", "peak_rss_mb", "valid_start", "valid", "epochs", "precision", "parameters", "steps")
         },
+        "memory_variant": memory_variant(run, report),
         # newer reports only: the model named honestly, wall time per stage, single-pass speed estimate
         **{k: report[k] for k in ("model", "model_id", "seconds_this_run", "speed_vs_lm") if k in report},
     }
+
+
+def memory_variant(run: Path, report: dict) -> str:
+    """The run's memory as bench_generate.py names its variants (which measure decoding speed): ``own`` or ``shared``
+    head, blocks, ``rR`` a low-rank correction, ``vT`` a head pruned to T tokens, ``q8`` int8, ``g`` a gate."""
+    cfg = json.loads((run / "train" / "memory" / "memory_config.json").read_text())["config"]
+    name = ("shared" if cfg.get("freeze_head") else "own") + str(cfg["n_blocks"])
+    name += f"r{cfg['head_rank']}" if cfg.get("head_rank") else ""
+    name += f"v{cfg['head_tokens']}" if cfg.get("head_tokens") else ""
+    name += "q8" if report.get("memory_dtype") == "int8" else ""
+    return name + ("g" if "gate" in report else "")
 
 
 def collect(run: Path, dest: Path | None = None, started: dict | None = None) -> dict:

@@ -544,12 +544,24 @@ def mixing() -> str:
     return s
 
 
+# the demo's memory (the acceptance check of the defaults), then memories made with the faster settings of section 5b
+OOD_LMEVAL = (
+    ("ood_lmeval", "Every default, through lm-eval (the acceptance check of the defaults)"),
+    ("ood_lmeval_v", "The same check for the demo recipe with `train.head_vocab=corpus eval.memory_dtype=int8`"),
+    ("ood_lmeval_v1", "And with `train.n_blocks=1 train.head_vocab=corpus eval.memory_dtype=int8`"),
+)
+
+
 def ood_lmeval() -> str:
-    o = load("ood_lmeval")
-    if not o:
+    if not load("ood_lmeval"):
         return "\n" + missing("python bench/bench_ood_lmeval.py")
-    s = "\nEvery default, through lm-eval (the acceptance check of the defaults):\n\n```\n" + (command_of(o) or "") + "\n```\n\n"
-    s += when("ood_lmeval")
+    return "".join(ood_lmeval_one(name, title) for name, title in OOD_LMEVAL if load(name))
+
+
+def ood_lmeval_one(name: str, title: str) -> str:
+    o = load(name)
+    s = f"\n{title}:\n\n```\n" + (command_of(o) or "") + "\n```\n\n"
+    s += when(name)
     rows = [
         [
             kind,

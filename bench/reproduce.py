@@ -413,7 +413,10 @@ PLAN: list[Step] = [
     Step(
         "generate",
         "5b",
-        [script("bench_generate.py", "--threads", "1", "--repeats", "10", "--variants", "own4", "own4q8", "own4v6647", "own4v6647q8")],
+        [
+            script("bench_generate.py", "--threads", "1", "--repeats", "6")
+            + ["--variants", "own4", "own4g", "own4v6647q8", "own1v6647q8", "own1v6647q8g"]
+        ],
         ("generate",),
         minutes=25,
     ),
@@ -429,10 +432,12 @@ PLAN: list[Step] = [
             # correction: train folders on sotu_fh4's datastore and targets
             [MLPMEM, "train", *SWEEP_INPUTS, "--lr", "3e-3", "--epochs", "4", "--out", "{runs}/sweep/lr3e4"],
             [MLPMEM, "train", *SWEEP_INPUTS, "--lr", "3e-3", "--epochs", "4", "--head-rank", "64", "--out", "{runs}/sweep/lr3e4r64"],
+            # one block, the head pruned to the train text's tokens, scored and gated in int8
+            [MLPMEM, "run", "sotu", "--out", "{runs}/sotu_v1", "train.n_blocks=1", "train.head_vocab=corpus", "eval.memory_dtype=int8"],
             script(
                 "bench_shared_head.py",
                 *("--threads", "1", "--runs", "{runs}/sotu", "{runs}/sotu:int8", "{runs}/sotu:vocab", "{runs}/sotu:vocab+int8"),
-                *("{runs}/sotu_fh4", "{runs}/sotu_fh2"),
+                *("{runs}/sotu_v1", "{runs}/sotu_v1:int8", "{runs}/sotu_fh4", "{runs}/sotu_fh2"),
                 *("{runs}/sotu_fh1r64", "{runs}/sweep/lr3e4", "{runs}/sweep/lr3e4r64"),
                 *("--ood", "{runs}/gcide100k/corpus"),
             ),

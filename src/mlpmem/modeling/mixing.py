@@ -96,13 +96,15 @@ def gate_features(lm_logprobs: torch.Tensor, memory_logprobs: torch.Tensor) -> t
     lp, lq = lm_logprobs.float().clamp_min(floor), memory_logprobs.float().clamp_min(floor)
     p, q = lp.exp(), lq.exp()
     dot = lambda a, b: (a.unsqueeze(-2) @ b.unsqueeze(-1))[..., 0, 0]  # noqa: E731  row-wise sum(a * b)
-    p_lp, q_lq, p_lq, q_lp = dot(p, lp), dot(q, lq), dot(p, lq), dot(q, lp)
-    h_p, h_q = -p_lp, -q_lq
-    kl_pq, kl_qp = (p_lp - p_lq).clamp(0.0, KL_CAP), (q_lq - q_lp).clamp(0.0, KL_CAP)
     max_p, arg_p = lp.max(-1)
     max_q, arg_q = lq.max(-1)
-    agree = (arg_p == arg_q).to(lp.dtype)
-    return torch.stack([h_p.clamp_min(0.0), max_p, h_q.clamp_min(0.0), max_q, kl_pq, kl_qp, agree], -1)
+    return _stack_features(dot(p, lp), dot(q, lq), dot(p, lq), dot(q, lp), max_p, max_q, arg_p == arg_q)
+
+
+def _stack_features(p_lp, q_lq, p_lq, q_lp, max_p, max_q, agree) -> torch.Tensor:
+    """The gate's features in GATE_FEATURES order from the row sums (p = LM, q = memory) and the maxima."""
+    kl_pq, kl_qp = (p_lp - p_lq).clamp(0.0, KL_CAP), (q_lq - q_lp).clamp(0.0, KL_CAP)
+    return torch.stack([(-p_lp).clamp_min(0.0), max_p, (-q_lq).clamp_min(0.0), max_q, kl_pq, kl_qp, agree.to(max_p.dtype)], -1)
 
 
 def gate_features_pruned(lm_logprobs: torch.Tensor, memory_logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -120,14 +122,10 @@ def gate_features_pruned(lm_logprobs: torch.Tensor, memory_logprobs: torch.Tenso
     # the LM's mass outside the memory's tokens, where the full rows' log q is the floor; summed over those tokens
     # themselves, so that it is exactly 0 where every such p underflows, as in the full sum
     p_out = p.index_fill(-1, ids, 0.0).sum(-1)
-    p_lp, q_lq, q_lp = dot(p, lp), dot(q, lq), dot(q, lp_s)
-    p_lq = dot(p_s, lq) + p_out * floor
-    h_p, h_q = -p_lp, -q_lq
-    kl_pq, kl_qp = (p_lp - p_lq).clamp(0.0, KL_CAP), (q_lq - q_lp).clamp(0.0, KL_CAP)
     max_p, arg_p = lp.max(-1)
     max_q, arg_q = lq.max(-1)
-    agree = (arg_p == ids[arg_q]).to(lp.dtype)
-    return torch.stack([h_p.clamp_min(0.0), max_p, h_q.clamp_min(0.0), max_q, kl_pq, kl_qp, agree], -1)
+    p_lq = dot(p_s, lq) + p_out * floor
+    return _stack_features(dot(p, lp), dot(q, lq), p_lq, dot(q, lp_s), max_p, max_q, arg_p == ids[arg_q])
 
 
 def mix_pruned(lm_logprobs: torch.Tensor, memory_logprobs: torch.Tensor, ids: torch.Tensor, lam: float | torch.Tensor) -> torch.Tensor:

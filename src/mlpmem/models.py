@@ -70,14 +70,17 @@ def _gguf_folder(gguf: Path) -> Path:
     A marker records the source's name and size; a different file with the same
     stem is converted again rather than silently reusing the old copy.
     """
-    import json
-
     out = cache_dir() / "models" / gguf.stem
     marker = {"gguf_file": gguf.name, "bytes": gguf.stat().st_size}
+    return out if _converted_from(out, marker) else _convert_gguf(gguf, out, marker)
+
+
+def _converted_from(out: Path, marker: dict | None) -> bool:
+    """``out`` holds a finished conversion of the file ``marker`` describes (None: of the one file it can come from)."""
+    import json
+
     mfile = out / "mlpmem_gguf.json"
-    if _converted(out) and mfile.exists() and json.loads(mfile.read_text()) == marker:
-        return out
-    return _convert_gguf(gguf, out, marker)
+    return _converted(out) and (marker is None or (mfile.exists() and json.loads(mfile.read_text()) == marker))
 
 
 def _convert_gguf(gguf: Path, out: Path, marker: dict | None = None) -> Path:
@@ -110,8 +113,7 @@ def _convert_gguf(gguf: Path, out: Path, marker: dict | None = None) -> Path:
     tok.save_pretrained(tmp)
     if marker is not None:
         (tmp / "mlpmem_gguf.json").write_text(json.dumps(marker))
-    mfile = out / "mlpmem_gguf.json"
-    if _converted(out) and (marker is None or (mfile.exists() and json.loads(mfile.read_text()) == marker)):
+    if _converted_from(out, marker):
         shutil.rmtree(tmp)  # another process finished the same conversion first: keep its folder, which may be in use
         return out
     if out.exists():

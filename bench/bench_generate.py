@@ -177,7 +177,8 @@ def in_step(system, lm, call, repeats: int) -> dict:
     try:
         overheads = []
         for _ in range(repeats):
-            inner.clear(), outer.clear()
+            inner.clear()
+            outer.clear()
             call(system)
             overheads += [(o - i) / i for o, i in zip(outer[1:], inner[1:])]
     finally:

@@ -72,15 +72,16 @@ def _ppl(r: dict, key: str) -> str:
     return f"{v:.2f} ({interval_text(iv, 1) if iv else f'{100 * (v / base - 1):+.1f}%'})"
 
 
-def _decode(r: dict) -> str:
-    """The run's memory's decode speed against the LM (generate.json, batch 1), where a memory like it was timed."""
-    gen, v = _load("generate"), r.get("memory_variant")
+def _decode(r: dict, gen: dict | None) -> str:
+    """The run's memory's decode speed against the LM (``gen``: generate.json; batch 1), where a memory like it was timed."""
+    v = r.get("memory_variant")
     got = (gen or {}).get("decode", {}).get("1", {}).get(v) if v else None
     return f"{got['ratio_to_lm']['median']:.2f}x" if got else "-"
 
 
 def results_table() -> str:
     rows, used = [], []
+    gen = _load("generate")
     for name, corpus, cmd in RUNS:
         r = _load(name)
         if r is None:
@@ -91,7 +92,7 @@ def results_table() -> str:
         rows.append(
             f"| {corpus} | {_tokens(r['n_train_tokens'])} / {_tokens(r['n_test_tokens'])} | {index} | "
             + " | ".join(_ppl(r, k) for k in ("base", "knn_lm", "mlp_memory", "knn_lm+mlp_memory"))
-            + f" | {_decode(r)} | {r['tokens_per_s']['mlp_memory'] / r['tokens_per_s']['base']:.2f}x |"
+            + f" | {_decode(r, gen)} | {r['tokens_per_s']['mlp_memory'] / r['tokens_per_s']['base']:.2f}x |"
         )
     if not rows:
         return "_No run summaries in bench/results yet: run `./dev demo`, then `python bench/summarize_run.py runs/sotu --out bench/results/demo.json`._\n"
@@ -100,7 +101,6 @@ def results_table() -> str:
         "| LM + memory decoding vs LM | scoring vs LM |\n"
         "|---|---|---|---|---|---|---|---|---|\n"
     )
-    gen = _load("generate")
     note = (
         "\nTest perplexity (lower is better) of SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised), one run each on 2 CPU "
         "cores; lambda and the kNN temperature fitted on the valid split. In brackets, where the run's report has it, the 95% "

@@ -161,7 +161,8 @@ def fit_gate(lm, run: Path, name: str) -> dict:
     ctx, stride = int(recipe["datastore"]["context"]), int(recipe["datastore"]["stride"])
     site = ReadSite(int(model.site.layer), str(model.site.site))
     gate, meta = build_gate_stage(
-        GATES / name, GateConfig(), model.lm, lm.tokenizer, Corpus(run / "corpus").tokens("valid"), model.memory, {}, site, ctx, stride, 8
+        *(GATES / name, GateConfig(), model.lm, lm.tokenizer, Corpus(run / "corpus").tokens("valid"), model.memory, {}, site, ctx, stride),
+        *(8, False, (), Corpus(run / "corpus").tokens("train")),
     )
     model.gate = gate.eval()
     return {

@@ -1,11 +1,13 @@
 """Memories that keep the LM's head (``train.freeze_head``) against today's memory: perplexity with paired intervals (not a test).
 
-    ./dev demo                                                                      # runs/sotu: own head, 4 blocks
-    mlpmem run sotu --out runs/sotu_fh4 train.freeze_head=true eval.mixing=fixed    # the LM's head, 4 blocks
-    mlpmem run sotu --out runs/sotu_fh2 train.freeze_head=true train.n_blocks=2 eval.mixing=fixed
-    mlpmem run sotu --out runs/sotu_fh1r64 train.freeze_head=true train.n_blocks=1 train.head_rank=64 eval.mixing=fixed
+    ./dev demo                                        # runs/sotu: 1 block, head pruned to the train text's tokens, int8
+    FULL="train.head_vocab=full eval.memory_dtype=float32"
+    mlpmem run sotu --out runs/sotu_full $FULL train.n_blocks=4                          # own full head, 4 blocks
+    mlpmem run sotu --out runs/sotu_fh4 $FULL train.n_blocks=4 train.freeze_head=true eval.mixing=fixed  # the LM's head
+    mlpmem run sotu --out runs/sotu_fh2 $FULL train.n_blocks=2 train.freeze_head=true eval.mixing=fixed
+    mlpmem run sotu --out runs/sotu_fh1r64 $FULL train.freeze_head=true train.head_rank=64 eval.mixing=fixed
     # runs/gate/gcide_corpus: the two commands at the top of bench_mixing.py
-    python bench/bench_shared_head.py --runs runs/sotu runs/sotu:int8 runs/sotu_fh4 runs/sotu_fh2 runs/sotu_fh1r64 [--threads 2] [--quick]
+    python bench/bench_shared_head.py --runs runs/sotu_full runs/sotu_full:int8 runs/sotu runs/sotu_fh4 [--threads 2] [--quick]
 
 A memory whose head stays the LM's output layer is what lets the model class compute both
 heads in one matrix product (bench_generate.py measures the speed). This script measures what
@@ -35,7 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
-        "--runs", nargs="+", default=[str(ROOT / f"runs/{r}") for r in ("sotu", "sotu:int8", "sotu_fh4", "sotu_fh2", "sotu_fh1r64")]
+        "--runs",
+        nargs="+",
+        default=[str(ROOT / f"runs/{r}") for r in ("sotu_full", "sotu_full:int8", "sotu", "sotu_fh4", "sotu_fh2", "sotu_fh1r64")],
     )
     p.add_argument("--ood", type=Path, default=ROOT / "runs/gate/gcide_corpus", help="out-of-domain corpus (same tokenizer)")
     p.add_argument("--ood-tokens", type=int, default=8000)

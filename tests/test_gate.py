@@ -26,6 +26,7 @@ from mlpmem.gate import (
     memory_fingerprint,
     save_gate,
 )
+from mlpmem.modeling.mixing import GATE_INPUTS, novelty
 from mlpmem.modeling.mixing import mixture_nll_logit as mixture_nll
 from mlpmem.interpolate import fit_lambda_em, interpolate_logprobs, interpolate_per_token, perplexity
 from mlpmem.memory import MemoryConfig, MLPMemory
@@ -189,6 +190,39 @@ def test_fit_gate_with_generic_text_lowers_lambda_there():
         fit_gate(valid.take(slice(0, 1)), GateConfig())
 
 
+def naive_novelty(h: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Row by row in float64: log of the smallest squared distance to a centre."""
+    rows = h.reshape(-1, h.shape[-1]).double()
+    out = [math.log(min(float(((r - c.double()) ** 2).sum()) for c in centroids)) for r in rows]
+    return torch.tensor(out, dtype=torch.float64).reshape(h.shape[:-1])
+
+
+def test_novelty_matches_naive_reference():
+    torch.manual_seed(0)
+    cents = torch.randn(5, 8) * 3 + 40.0  # far from the origin: the product form must not lose the differences
+    h = torch.cat([cents[:2] + 0.01 * torch.randn(2, 8), torch.randn(4, 8) * 5 + 40.0]).reshape(2, 3, 8)
+    torch.testing.assert_close(novelty(h, cents).double(), naive_novelty(h, cents), rtol=1e-5, atol=1e-5)
+    assert novelty(h, cents).shape == (2, 3)
+
+
+def test_fit_gate_reads_novelty_where_the_distributions_cannot_tell():
+    """Valid and generic text alike in the seven distribution features (noise), apart in novelty: a gate given the
+    novelty column steps back on generic text, one without it cannot."""
+    rng = np.random.default_rng(4)
+    n = 3000
+    f_in, f_out = (rng.normal(0, 1, (n, len(GATE_INPUTS))).astype(np.float32) for _ in range(2))
+    f_in[:, -1] -= 2.0
+    f_out[:, -1] += 2.0
+    valid = MixScores(np.zeros(n, np.int32), np.log(rng.beta(2, 5, n)), np.log(rng.beta(5, 2, n)), f_in)
+    generic = MixScores(np.zeros(n, np.int32), np.log(rng.beta(2, 5, n)), np.log(rng.beta(1, 30, n)), f_out)
+    cents = rng.normal(0, 1, (3, 4)).astype(np.float32)
+    gate, _ = fit_gate(valid, GateConfig(steps=300), generic, cents)
+    assert gate.reads_hidden and torch.equal(gate.centroids, torch.from_numpy(cents))
+    assert gate_lambdas(gate, f_in).mean() > 0.7 and gate_lambdas(gate, f_out).mean() < 0.1
+    blind, _ = fit_gate(valid, GateConfig(steps=300), generic)  # the same scores, the distribution features alone
+    assert not blind.reads_hidden and gate_lambdas(blind, f_out).mean() > 0.2
+
+
 def tiny_memory(lm, seed=1):
     torch.manual_seed(seed)
     mem = MLPMemory(MemoryConfig(d_in=32, vocab_size=logits_size(lm), n_blocks=1, zero_init_blocks=False))
@@ -233,14 +267,18 @@ def test_gate_files_round_trip_and_refuse_another_memory(gated_parts, tmp_path):
 
 
 def ref_gated(lm, mem, gate, ids):
-    """Naive reference: own hook on layer 1's FFN input, full-vocabulary log-probs, features, gate, per-token mixture."""
+    """Naive reference: own hook on layer 1's FFN input, full-vocabulary log-probs, features (and the naive novelty of
+    the memory's input for a gate that reads it), gate, per-token mixture."""
     seen = []
     h = decoder_layers(lm)[1].mlp.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
     try:
         with torch.no_grad():
             lp = lm(ids, use_cache=False).logits.float().log_softmax(-1)
             lq = mem(seen[0]).float().log_softmax(-1)
-            lam = gate(gate_features(lp, lq))
+            f = gate_features(lp, lq)
+            if gate.reads_hidden:
+                f = torch.cat([f, naive_novelty(seen[0], gate.centroids).float().unsqueeze(-1)], -1)
+            lam = gate(f)
     finally:
         h.remove()
     return interpolate_per_token(lp, lq, lam), lam
@@ -371,6 +409,39 @@ def test_scoring_for_the_gate_matches_the_model_class(gated_parts):
     np.testing.assert_allclose(gate_lambdas(gate, sc.features[:15]), lam[0, :15].numpy(), rtol=1e-4, atol=1e-5)
 
 
+def test_a_gate_reading_the_memorys_input_scores_saves_and_mixes_as_the_naive_reference(gated_parts, tmp_path):
+    """The novelty gate: the model class passes it the memory's own input, score_mixing gives it the same column, and
+    its centres survive saving; without the input it refuses with a message."""
+    from mlpmem.gate import score_mixing
+    from mlpmem.modeling.read_site import ReadSite
+    from mlpmem.transformers_integration import MLPMemoryForCausalLM
+
+    lm, tok, mem, meta, _, gmeta = gated_parts
+    torch.manual_seed(7)
+    gate = MixingGate("mlp", GATE_INPUTS, hidden=4, centroids=3, d=32)
+    with torch.no_grad():
+        gate.centroids.normal_(0, 1.0)
+        gate.shift.copy_(torch.tensor([4.0, -2.0, 3.0, -1.0, 5.0, 4.0, 0.5, 3.0]))
+        gate.inner.weight.normal_(0, 1.0)
+        gate.out.weight.normal_(0, 1.0)
+    gate.eval()
+    tokens = np.array(tok(" ".join(["the union and the people of congress"] * 6)).input_ids, dtype=np.int64)[:40]
+    ids = torch.tensor(tokens[None, :16])
+    want, lam = ref_gated(lm, mem, gate, ids)
+    model = MLPMemoryForCausalLM.from_parts(lm, mem, meta, tokenizer=tok, gate=gate, gate_meta=gmeta).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
+    sc = score_mixing(lm, tokens, 16, 8, mem, ReadSite(1, "ffn_input"), batch_size=2, gate=gate)
+    assert sc.features.shape == (len(tokens) - 1, len(GATE_INPUTS))
+    np.testing.assert_allclose(gate_lambdas(gate, sc.features[:15]), lam[0, :15].numpy(), rtol=1e-4, atol=1e-5)
+    save_gate(tmp_path / "g", gate, gmeta)
+    loaded, _ = load_gate(tmp_path / "g", mem)
+    x, h = torch.randn(5, len(GATE_FEATURES)), torch.randn(5, 32)
+    assert loaded.reads_hidden and torch.equal(loaded(x, h), gate(x, h))
+    with pytest.raises(MlpmemError, match="hidden state"):
+        gate(x)
+
+
 def test_scoring_for_the_gate_takes_the_datastores_prefix(gated_parts):
     """With a window prefix (datastore.bos) the gate is scored on the positions and states the evaluator scores:
     the LM's and the memory's log-probs equal evaluate.score_online's with the same prefix (which the pipeline
@@ -435,9 +506,11 @@ def test_pipeline_reports_gated_beside_fixed(tmp_path, tiny_llama, tiny_corpus_f
     assert {"base", "mlp_memory", "mlp_memory_gated"} <= set(r["ppl"]) and "mlp_memory_gated" in r["tokens_per_s"]
     assert math.isfinite(r["ppl"]["mlp_memory_gated"]) and 0 <= r["gate"]["mean_lambda"] <= 1 and r["gate"]["params"] < 1000
     assert (tmp_path / "run" / "gate" / "manifest.json").exists()
+    assert r["gate"]["params"] > 16 * 32  # its 16 centres of the memory's train inputs (d = 32) among them
     # the run's memory now loads with its gate, and mixes per token by default
     model = MLPMemoryForCausalLM.from_memory(tmp_path / "run" / "train" / "memory")
     assert model.mixing_mode == "gated" and 0 < model.components()["memory"].config.head_tokens < model.config.text_config.vocab_size
+    assert model.gate.reads_hidden and model.gate.centroids.shape == (16, 32)
     # loaded as its run evaluated it (int8, eval.memory_dtype), unless told otherwise
     assert model.components()["memory"]._int8 is not None
     asked = MLPMemoryForCausalLM.from_memory(tmp_path / "run" / "train" / "memory", memory_dtype="float32")

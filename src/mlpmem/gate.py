@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from mlpmem.errors import MlpmemError
-from mlpmem.modeling.mixing import GATE_FEATURES, MIXINGS, check_mixing, gate_features, mixture_nll_logit  # noqa: F401  (re-exported)
+from mlpmem.modeling.mixing import GATE_FEATURES, GATE_INPUTS, MIXINGS, check_mixing, gate_features, mixture_nll_logit  # noqa: F401
 from mlpmem.modeling.gating import GATE_KINDS, MixingGate, check_gate, memory_fingerprint, read_gate_folder, write_gate_folder
 
 log = logging.getLogger(__name__)
@@ -51,13 +51,19 @@ class GateConfig:
     generic: str | None = "lm"
     generic_tokens: int = 4000
     generic_weight: float = 1.0  # weight of a generic position in the loss, relative to an in-domain one
+    # the mlp gate also reads how far the memory's input lies from the nearest of this many k-means centres of its
+    # train inputs (mixing.novelty; 0: the two distributions alone), the centres fitted on about centroid_tokens
+    # positions of the train split, in windows spread over it
+    centroids: int = 16
+    centroid_tokens: int = 8192
     seed: int = 0
 
     def problems(self) -> list[str]:
         from mlpmem.typed_config import one_of, positive
 
         out = one_of(self, "kind", GATE_KINDS) + positive(self, "hidden") + positive(self, "bins") + positive(self, "steps")
-        out += positive(self, "lr") + positive(self, "generic_tokens")
+        out += positive(self, "lr") + positive(self, "generic_tokens") + positive(self, "centroids", zero=True)
+        out += positive(self, "centroid_tokens")
         if not 0 <= self.weight_decay < float("inf"):
             out.append(f"weight_decay: must be >= 0, got {self.weight_decay}")
         if not 0 < self.holdout < 1:
@@ -125,12 +131,18 @@ def score_mixing(
     chunk: int = 512,
     gate: MixingGate | None = None,
     prefix: tuple[int, ...] = (),
+    centroids=None,
 ) -> MixScores:
     """Run the LM over ``tokens`` (windows as the evaluator's) and keep, per predicted position, the LM's and the
     memory's log-prob of the true token and the gate's features. Timed per part (LM forward, memory, features and
     gate; ``gate`` if given is run too, so its cost is in the timing). ``memory_site``: a read_site.ReadSite; ``prefix``:
-    the datastore's window prefix (datastore.bos), as in evaluate.score_online."""
-    labels, lp, feats, secs = score_memories(model, tokens, context, stride, [(memory, memory_site)], batch_size, desc, chunk, gate, prefix)
+    the datastore's window prefix (datastore.bos), as in evaluate.score_online. ``centroids`` [C, d] (or a gate that
+    reads the memory's input): the features gain the ``novelty`` column (mixing.GATE_INPUTS)."""
+    if centroids is None and gate is not None and gate.reads_hidden:
+        centroids = gate.centroids
+    labels, lp, feats, secs = score_memories(
+        model, tokens, context, stride, [(memory, memory_site)], batch_size, desc, chunk, gate, prefix, centroids
+    )
     return MixScores(labels, lp[:, 0], lp[:, 1], feats[:, 0], secs)
 
 
@@ -145,11 +157,15 @@ def score_memories(
     chunk: int = 512,
     gate=None,
     prefix: tuple[int, ...] = (),
+    centroids=None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, float]]:
     """One LM pass for K memories (each a (memory, read_site.ReadSite) pair): (labels [N], log-probs of the true token
     [N, K + 1] (column 0 the LM), gate_features of each memory against the LM [N, K, F], seconds per part).
-    ``prefix``: token ids in front of every window (the datastore's, see datastore.Extractor); never rows."""
+    ``prefix``: token ids in front of every window (the datastore's, see datastore.Extractor); never rows.
+    ``centroids`` [C, d]: each memory's features gain its input's novelty (mixing.novelty), F = len(GATE_INPUTS)."""
     import torch
+
+    from mlpmem.modeling.mixing import novelty
     from tqdm.auto import tqdm
 
     from mlpmem.corpus import window_batches, windows
@@ -196,6 +212,9 @@ def score_memories(
                     secs["memory"] += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     f = gate_features(lm_lp.to(dev), mem_lp)
+                    if centroids is not None:
+                        h = hs[site][a : a + chunk].to(dev)
+                        f = torch.cat([f, novelty(h, torch.as_tensor(centroids).to(dev)).unsqueeze(-1)], -1)
                     if gate is not None:
                         gate(f)
                     secs["gate"] += time.perf_counter() - t0
@@ -209,7 +228,8 @@ def score_memories(
     k = len(memories)
     labels = np.concatenate(out["y"]).astype(np.int32) if out["y"] else np.zeros(0, np.int32)
     lp = np.concatenate(out["lp"]).astype(np.float64) if out["lp"] else np.zeros((0, k + 1))
-    feats = np.concatenate(out["f"]).astype(np.float32) if out["f"] else np.zeros((0, k, len(GATE_FEATURES)), np.float32)
+    n_feats = len(GATE_INPUTS) if centroids is not None else len(GATE_FEATURES)
+    feats = np.concatenate(out["f"]).astype(np.float32) if out["f"] else np.zeros((0, k, n_feats), np.float32)
     return labels, lp, feats, secs
 
 
@@ -255,14 +275,16 @@ def fit_mlp_gate(
     cfg: GateConfig,
     weight: np.ndarray | None = None,
     holdout: np.ndarray | None = None,
+    centroids: np.ndarray | None = None,
 ) -> tuple[MixingGate, dict[str, Any]]:
     """Train the MLP gate: maximise the mixture likelihood (weighted), full-batch Adam, early stopping on ``holdout``.
 
     Starts at the EM-fitted fixed lambda of the training positions (output weights zero), so a
-    gate that learns nothing is the fixed mixture. Returns (gate, training record).
+    gate that learns nothing is the fixed mixture. With ``centroids`` [C, d] the gate reads the novelty column of
+    ``features`` too (mixing.GATE_INPUTS) and keeps the centres. Returns (gate, training record).
     """
     with _one_thread():
-        return _fit_mlp_gate(features, lp_lm, lp_mem, cfg, weight, holdout)
+        return _fit_mlp_gate(features, lp_lm, lp_mem, cfg, weight, holdout, centroids)
 
 
 @contextlib.contextmanager
@@ -310,7 +332,7 @@ def fit_full_batch(module, train_loss, held_out_nll, cfg: GateConfig, check_ever
     return {"held_out_nll_start": start, "held_out_nll": best, "best_step": best_step, "steps_run": step}
 
 
-def _fit_mlp_gate(features, lp_lm, lp_mem, cfg: GateConfig, weight, holdout) -> tuple[MixingGate, dict[str, Any]]:
+def _fit_mlp_gate(features, lp_lm, lp_mem, cfg: GateConfig, weight, holdout, centroids) -> tuple[MixingGate, dict[str, Any]]:
     import torch
 
     from mlpmem.interpolate import fit_lambda_em
@@ -320,7 +342,13 @@ def _fit_mlp_gate(features, lp_lm, lp_mem, cfg: GateConfig, weight, holdout) -> 
     holdout = holdout_mask(n, cfg.holdout, seed=cfg.seed) if holdout is None else holdout
     train = ~holdout
     w = np.ones(n) if weight is None else np.asarray(weight, np.float64)
-    gate = MixingGate("mlp", hidden=cfg.hidden)
+    if centroids is None:
+        gate = MixingGate("mlp", hidden=cfg.hidden)
+    else:
+        if features.shape[1] != len(GATE_INPUTS):
+            raise ValueError("a gate fitted with centroids needs the novelty column (score with centroids)")  # a bug
+        gate = MixingGate("mlp", GATE_INPUTS, cfg.hidden, centroids=centroids.shape[0], d=centroids.shape[1])
+        gate.centroids.copy_(torch.as_tensor(centroids, dtype=torch.float32))
     x = torch.tensor(features[:, gate.index], dtype=torch.float32)
     a, b, wt = (torch.tensor(v, dtype=torch.float32) for v in (lp_lm, lp_mem, w))
     lam0 = min(max(fit_lambda_em(lp_lm[train], lp_mem[train]), 1e-4), 1 - 1e-4)
@@ -366,8 +394,11 @@ def gate_lambdas(gate: MixingGate, features: np.ndarray, block: int = 65536) -> 
 # ----------------------------------------------------------------------------- fitting, saving, loading
 
 
-def fit_gate(valid: MixScores, cfg: GateConfig, generic: MixScores | None = None) -> tuple[MixingGate, dict[str, Any]]:
-    """Fit a gate of ``cfg.kind`` on the memory's valid scores (+ generic scores, weighted by cfg.generic_weight)."""
+def fit_gate(
+    valid: MixScores, cfg: GateConfig, generic: MixScores | None = None, centroids: np.ndarray | None = None
+) -> tuple[MixingGate, dict[str, Any]]:
+    """Fit a gate of ``cfg.kind`` on the memory's valid scores (+ generic scores, weighted by cfg.generic_weight);
+    ``centroids``: the mlp gate reads the scores' novelty column too (score_mixing with the same centroids)."""
     from mlpmem.interpolate import fit_lambda_em
 
     parts = [valid] + ([generic] if generic is not None and generic.n else [])
@@ -386,7 +417,7 @@ def fit_gate(valid: MixScores, cfg: GateConfig, generic: MixScores | None = None
         gate = fit_binned_gate(data.features[:, col], data.lm_logprob, data.memory_logprob, cfg.bins)
     else:
         holdout = np.concatenate([holdout_mask(p.n, cfg.holdout, seed=cfg.seed + i) for i, p in enumerate(parts)])
-        gate, rec = fit_mlp_gate(data.features, data.lm_logprob, data.memory_logprob, cfg, weight, holdout)
+        gate, rec = fit_mlp_gate(data.features, data.lm_logprob, data.memory_logprob, cfg, weight, holdout, centroids)
         record.update(rec)
     return gate, record
 
@@ -475,6 +506,37 @@ def _lm_samples(model, sep: int, n_tokens: int, seed: int, n_seqs: int) -> np.nd
     return np.concatenate(rows)[: n_tokens + 1].astype(np.int32)
 
 
+def fit_memory_centroids(
+    model,
+    tokens: np.ndarray,
+    site,
+    n_centroids: int,
+    n_tokens: int,
+    context: int,
+    stride: int,
+    batch_size: int = 8,
+    prefix: tuple[int, ...] = (),
+    seed: int = 0,
+) -> np.ndarray:
+    """k-means centres [C, d] (float32) of the memory's input at ``site`` over about ``n_tokens`` positions of
+    ``tokens`` (its train split): windows spread evenly over the stream, as the datastore cuts them, so the centres see
+    every part of the corpus. FAISS k-means (20 iterations); C is capped at the number of positions."""
+    import faiss
+    import torch
+
+    from mlpmem.datastore import RecomputeExtractor
+
+    ext = RecomputeExtractor(model, context, stride, batch_size, prefix)
+    W = ext.windows(len(tokens))
+    pick = np.unique(np.linspace(0, len(W) - 1, max(1, min(len(W), -(-n_tokens // stride)))).round().astype(int))
+    with torch.inference_mode():
+        h = ext.features(torch.from_numpy(np.asarray(tokens, dtype=np.int64)), W[pick], {"memory": site})["memory"]
+    x = np.ascontiguousarray(h.float().cpu().numpy())
+    km = faiss.Kmeans(x.shape[1], min(n_centroids, len(x)), niter=20, seed=seed, verbose=False)
+    km.train(x)
+    return np.asarray(km.centroids, np.float32)
+
+
 def build_gate_stage(
     out_dir: Path,
     cfg: GateConfig,
@@ -489,8 +551,11 @@ def build_gate_stage(
     batch_size: int = 8,
     overwrite: bool = False,
     prefix: tuple[int, ...] = (),
+    train_tokens: np.ndarray | None = None,
 ) -> tuple[MixingGate, dict[str, Any]]:
     """The pipeline's gate stage: score the valid split (and cfg.generic), fit a gate, save it to ``out_dir``.
+    With ``train_tokens`` (the memory's train split) and cfg.centroids > 0, the mlp gate also reads the novelty of the
+    memory's input against k-means centres of its train inputs (fit_memory_centroids).
 
     A finished folder with the same settings and the same memory (fingerprint) is reused. Returns (gate, meta).
     """
@@ -509,16 +574,26 @@ def build_gate_stage(
         "stride": stride,
         **({"prefix": list(prefix)} if prefix else {}),
     }  # no key without one: older gates stay valid
+    reads_hidden = cfg.kind == "mlp" and cfg.centroids > 0 and train_tokens is not None
+    if reads_hidden:
+        config["train_tokens_sha256"] = sha256_bytes(np.ascontiguousarray(train_tokens, dtype=np.int32).tobytes())
     if prepare_out(out_dir, config, overwrite, kind="gate") == "done":
         return load_gate(out_dir, memory)
-    valid = score_mixing(model, valid_tokens, context, stride, memory, memory_site, batch_size, desc="scoring valid (gate)", prefix=prefix)
+    cents = None
+    if reads_hidden:
+        cents = fit_memory_centroids(
+            model, train_tokens, memory_site, cfg.centroids, cfg.centroid_tokens, context, stride, batch_size, prefix, cfg.seed
+        )
+    valid = score_mixing(
+        model, valid_tokens, context, stride, memory, memory_site, batch_size, "scoring valid (gate)", prefix=prefix, centroids=cents
+    )
     generic = None
     if cfg.generic:
         toks = generic_tokens(cfg.generic, tok, cfg.generic_tokens, model, cfg.seed)
         generic = score_mixing(
-            model, toks, context, stride, memory, memory_site, batch_size, desc="scoring generic text (gate)", prefix=prefix
+            model, toks, context, stride, memory, memory_site, batch_size, "scoring generic text (gate)", prefix=prefix, centroids=cents
         )
-    gate, record = fit_gate(valid, cfg, generic)
+    gate, record = fit_gate(valid, cfg, generic, cents)
     from mlpmem.interpolate import interpolate_logprobs, interpolate_per_token, perplexity
 
     lam = gate_lambdas(gate, valid.features)

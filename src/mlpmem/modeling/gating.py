@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import MlpmemError
-from .mixing import GATE_FEATURES
+from .mixing import GATE_FEATURES, GATE_INPUTS, HIDDEN_FEATURES, novelty
 
 GATE_DIR = "gate"  # a saved-by-reference folder keeps the gate here, as the memory in memory/
 GATE_WEIGHTS = "model.safetensors"
@@ -25,13 +25,14 @@ ROUTER_CONFIG = "router_config.json"
 
 
 class MixingGate(nn.Module):
-    """Per-token lambda in [0, 1] from :func:`gate_features` [..., F] -> [...].
+    """Per-token lambda in [0, 1] from :func:`gate_features` [..., F] (and the memory's input h) -> [...].
 
     ``kind="mlp"``: standardised features -> Linear(F, hidden) -> tanh -> Linear(hidden, 1)
     -> sigmoid (a few hundred parameters). ``kind="binned"``: the closed form, one
     lambda per bin of one feature (``bin_feature``, LM entropy by default), stored as
     logits: sigmoid(-inf) = 0 and sigmoid(+inf) = 1 exactly. Either way the output is a
-    sigmoid, so it cannot leave [0, 1].
+    sigmoid, so it cannot leave [0, 1]. A gate whose features include ``novelty`` keeps
+    ``centroids`` [C, d] (k-means centres of its memory's train inputs) and reads h too.
     """
 
     def __init__(
@@ -41,13 +42,21 @@ class MixingGate(nn.Module):
         hidden: int = 32,
         bins: int = 8,
         bin_feature: str = "lm_entropy",
+        centroids: int = 0,
+        d: int = 0,
     ) -> None:
         super().__init__()
         if kind not in GATE_KINDS:
             raise MlpmemError(f"unknown gate kind {kind!r}", f"choose one of {GATE_KINDS}")
-        unknown = [f for f in features if f not in GATE_FEATURES]
+        unknown = [f for f in features if f not in GATE_INPUTS]
         if unknown or not features:
-            raise MlpmemError(f"unknown gate features {unknown or 'none'}", f"choose among {GATE_FEATURES}")
+            raise MlpmemError(f"unknown gate features {unknown or 'none'}", f"choose among {GATE_INPUTS}")
+        self.reads_hidden = any(f in HIDDEN_FEATURES for f in features)
+        if self.reads_hidden and (centroids < 1 or d < 1):
+            raise MlpmemError(
+                f"a gate reading {HIDDEN_FEATURES} needs centroids >= 1 and d >= 1, got centroids={centroids}, d={d}",
+                "fit the gate with mlpmem (gate.centroids), or leave novelty out of its features",
+            )
         if hidden < 1 or bins < 1:
             raise MlpmemError(f"a gate needs hidden >= 1 and bins >= 1, got hidden={hidden}, bins={bins}", "fix the gate settings")
         if bin_feature not in features:
@@ -55,7 +64,10 @@ class MixingGate(nn.Module):
                 f"the binned gate's feature {bin_feature!r} is not among its features {list(features)}", "add it to the features"
             )
         self.kind, self.features, self.hidden, self.bins, self.bin_feature = kind, tuple(features), int(hidden), int(bins), bin_feature
-        self.index = [GATE_FEATURES.index(f) for f in self.features]  # columns of gate_features' output
+        self.n_centroids, self.d = (int(centroids), int(d)) if self.reads_hidden else (0, 0)
+        self.index = [GATE_INPUTS.index(f) for f in self.features]  # columns of gate_features' output (+ novelty)
+        if self.reads_hidden:
+            self.register_buffer("centroids", torch.zeros(self.n_centroids, self.d))
         n = len(self.features)
         if kind == "mlp":
             self.register_buffer("shift", torch.zeros(n))
@@ -74,11 +86,25 @@ class MixingGate(nn.Module):
             "hidden": self.hidden,
             "bins": self.bins,
             "bin_feature": self.bin_feature,
+            **({"centroids": self.n_centroids, "d": self.d} if self.reads_hidden else {}),  # older readers keep reading the rest
         }
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        """feats [..., len(GATE_FEATURES)] (all features, in GATE_FEATURES order) -> lambda [...]."""
-        x = feats[..., self.index].to(self.scale.dtype if self.kind == "mlp" else self.edges.dtype)
+    def inputs(self, feats: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        """:func:`gate_features` [..., len(GATE_FEATURES)] -> the columns this gate reads from, in GATE_INPUTS order:
+        with ``novelty`` among them, the memory's input ``h`` [..., d] gives the last."""
+        if not self.reads_hidden or feats.shape[-1] == len(GATE_INPUTS):
+            return feats
+        if h is None:
+            raise MlpmemError(
+                "this gate reads the memory's input hidden state (its novelty feature), and none was given",
+                "pass h, the hidden state the memory reads, beside the features",
+            )
+        return torch.cat([feats, novelty(h, self.centroids).unsqueeze(-1).to(feats.dtype)], -1)
+
+    def forward(self, feats: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        """feats [..., len(GATE_FEATURES)] (all features, in GATE_FEATURES order), or [..., len(GATE_INPUTS)] with the
+        hidden features too; ``h`` [..., d], the memory's input, for a gate that reads it -> lambda [...]."""
+        x = self.inputs(feats, h)[..., self.index].to(self.scale.dtype if self.kind == "mlp" else self.edges.dtype)
         if self.kind == "binned":
             col = x[..., self.features.index(self.bin_feature)].contiguous()
             return torch.sigmoid(self.bin_logits[torch.bucketize(col, self.edges)])

@@ -19,6 +19,10 @@ MIXINGS = ("fixed", "gated")  # what a single memory's run fits
 MODEL_MIXINGS = ("fixed", "gated", "routed")  # what the model class mixes by
 # every feature costs a few elementwise passes over the vocabulary, next to the memory's V x d head
 GATE_FEATURES = ("lm_entropy", "lm_max_logprob", "memory_entropy", "memory_max_logprob", "kl_lm_memory", "kl_memory_lm", "argmax_agree")
+# read from the memory's input hidden state, not from the two distributions: how far it lies from the memory's
+# train inputs (a gate fitted by mlpmem reads it, unless gate.centroids is 0; BENCHMARKS.md section 7)
+HIDDEN_FEATURES = ("novelty",)
+GATE_INPUTS = GATE_FEATURES + HIDDEN_FEATURES  # the columns a gate may read, in this order
 KL_CAP = 100.0  # a KL to a distribution that gives a token no mass is infinite: capped, so the gate's input stays finite
 
 
@@ -99,6 +103,20 @@ def gate_features(lm_logprobs: torch.Tensor, memory_logprobs: torch.Tensor) -> t
     max_p, arg_p = lp.max(-1)
     max_q, arg_q = lq.max(-1)
     return _stack_features(dot(p, lp), dot(q, lq), dot(p, lq), dot(q, lp), max_p, max_q, arg_p == arg_q)
+
+
+def novelty(h: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """The memory's input h [..., d] -> log of its squared distance to the nearest of ``centroids`` [C, d] (k-means
+    centres of the memory's train inputs) [...] (float32). Text of another kind lies far from every centre, where the
+    memory has not learnt and should step back; the two distributions alone tell this only in part.
+
+    A product with the C centres (C x d multiply-adds per position; C = 16 at d = 576 is 0.3% of one residual
+    block), in float64: |h|^2 - 2 h.c + |c|^2 subtracts squares far larger than a near point's distance.
+    """
+    c = centroids.double()
+    x = h.double()
+    d2 = (x * x).sum(-1, keepdim=True) - 2.0 * (x @ c.T) + (c * c).sum(-1)
+    return d2.min(-1).values.clamp_min(1e-12).log().float()
 
 
 def _stack_features(p_lp, q_lq, p_lq, q_lp, max_p, max_q, agree) -> torch.Tensor:

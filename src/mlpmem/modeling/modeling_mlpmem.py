@@ -893,13 +893,15 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
                     f"memory {n!r} gives log-probs of shape {shape}, the LM {tuple(logprobs.shape)}",
                     "use a memory built for this base model's vocabulary",
                 )
+        # the memory's input, for a gate that reads how far it lies from the memory's train inputs
+        gate_h = keep_positions(store[self.sites[active[0]]], logits_to_keep) if mode == "gated" and self.gate.reads_hidden else None
         if mode == "gated" and one_pruned:
             mem_lp, ids = lps[active[0]], comps[active[0]].head_ids
-            gate_lam = self.gate(gate_features_pruned(logprobs, mem_lp, ids))
+            gate_lam = self.gate(gate_features_pruned(logprobs, mem_lp, ids), gate_h)
             logprobs = mix_pruned(logprobs, mem_lp, ids, gate_lam)
         elif mode == "gated":
             mem_lp = lps[active[0]]
-            gate_lam = self.gate(gate_features(logprobs, mem_lp))  # [B, K], in [0, 1] (a sigmoid)
+            gate_lam = self.gate(gate_features(logprobs, mem_lp), gate_h)  # [B, K], in [0, 1] (a sigmoid)
             logprobs = mix_per_token(logprobs, mem_lp, gate_lam.to(logprobs.dtype))
         elif one_pruned and active:
             logprobs = mix_pruned(logprobs, lps[active[0]], comps[active[0]].head_ids, w[1])

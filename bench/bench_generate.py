@@ -11,7 +11,8 @@ LM's own head (a memory trained with ``freeze_head``; ``sharedNrR`` with a rank-
 same matrix product as the LM's; a ``vT`` part (``own4v6647``) prunes the head to T token ids (MLPMemory.prune_head; the demo run's
 train text has 6,647 distinct tokens); a ``q8`` suffix (``own4q8``) runs the memory's linear layers in int8
 (MLPMemory.use_int8); a ``g`` suffix (``own1v6647q8g``) mixes by a gate (per-token lambda from the two
-distributions' features, what a run's default ``mixing: auto`` fits) instead of a fixed lambda. Greedy decoding with the KV cache, exactly
+distributions' features and the novelty of the memory's input against 16 centres, what a run's default ``mixing: auto``
+fits) instead of a fixed lambda. Greedy decoding with the KV cache, exactly
 ``--new-tokens`` new tokens per sequence, at each ``--batches`` size; and one scoring pass
 (every position's log-probs) over ``--score-tokens`` tokens. Every repeat runs each memory system
 as one of a pair with an LM call beside it (see ``interleaved``), so each ratio to the LM is taken from
@@ -36,7 +37,9 @@ from provenance import results_dir, start, write_result
 
 from mlpmem.transformers_integration import MLPMemoryForCausalLM
 from mlpmem.memory import MemoryConfig, MLPMemory, init_from_lm, lm_settings
+from mlpmem.gate import GateConfig
 from mlpmem.modeling.gating import MixingGate, memory_fingerprint
+from mlpmem.modeling.mixing import GATE_INPUTS
 from mlpmem.models import load_model, logits_size, num_parameters, tokenizer_hash
 
 
@@ -104,8 +107,10 @@ def main() -> None:
         memories[v] = build_memory(lm, blocks, kind == "shared", rank)
         if tokens:  # speed does not depend on which tokens: the T most frequent ids of a text are mostly small ones
             memories[v] = memories[v].prune_head(torch.randperm(logits_size(lm))[:tokens])
-        # a gate's speed does not depend on its weights: the default MLP gate as built
-        gate = dict(gate=MixingGate(), gate_meta={"memory_fingerprint": memory_fingerprint(memories[v])}) if m.group(6) else {}
+        # a gate's speed does not depend on its weights: the MLP gate a run fits by default (GateConfig), as built
+        gcfg = GateConfig()
+        built = MixingGate("mlp", GATE_INPUTS, gcfg.hidden, centroids=gcfg.centroids, d=memories[v].config.d_in)
+        gate = dict(gate=built, gate_meta={"memory_fingerprint": memory_fingerprint(memories[v])}) if m.group(6) else {}
         systems[v] = MLPMemoryForCausalLM.from_parts(lm, memories[v], meta, tokenizer=tok, lambda_=a.lam, **gate).eval()
         if int8:
             systems[v].use_int8_memories()

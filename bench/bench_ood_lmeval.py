@@ -4,9 +4,10 @@
 
 What a user gets who loads a memory with no setting (``--model mlpmem --model_args memory=RUN/train/memory``:
 the run's gate when it has one, else its valid-fitted lambda) against the base LM (``lambda_=0``, the LM bit for
-bit), through lm-eval's ``loglikelihood_rolling`` on three kinds of text: GCIDE dictionary entries (the test split
+bit), through lm-eval's ``loglikelihood_rolling`` on four kinds of text: GCIDE dictionary entries (the test split
 of the corpus built as in bench_mixing.py's header), licence texts from /usr/share/common-licenses (legal prose),
-and the memory's own State of the Union test split (in domain, for contrast). Each text is cut into documents of
+Python source of a few standard-library modules (code, its lines joined by spaces as every kind's words are), and the
+memory's own State of the Union test split (in domain, for contrast). Each text is cut into documents of
 ``--chunk`` words (lm-eval scores each document on its own); about ``--words`` words per kind. Bits per byte,
 and the change against the base with a 95% paired bootstrap interval over documents. Writes
 bench/results/ood_lmeval.json (``--quick``: 300 words per kind, ood_lmeval_quick.json).
@@ -50,6 +51,16 @@ def licence_texts() -> list[str]:
     ]
 
 
+PYTHON_MODULES = ("argparse.py", "textwrap.py", "fractions.py", "csv.py", "calendar.py", "string.py")
+
+
+def python_texts() -> list[str]:
+    import sysconfig
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    return [(lib / n).read_text(errors="replace") for n in PYTHON_MODULES if (lib / n).is_file()]
+
+
 def documents(texts: list[str], chunk: int, words: int) -> list[str]:
     """Documents of ``chunk`` words from ``texts`` in order, about ``words`` words in all."""
     from mlpmem.rag import chunk as split_words
@@ -74,8 +85,8 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=None, help="task files (default runs/bench_ood_lmeval[_quick])")
     p.add_argument(
         "--kinds",
-        default="gcide,licences,sotu_test",
-        help="kinds of text, comma-separated: gcide, licences, sotu_test, and the valid splits gcide_valid, sotu_valid "
+        default="gcide,licences,python,sotu_test",
+        help="kinds of text, comma-separated: gcide, licences, python, sotu_test, and the valid splits gcide_valid, sotu_valid "
         "(for choosing a setting without reading test)",
     )
     p.add_argument("--name", default="ood_lmeval", help="result file bench/results/NAME.json")
@@ -98,6 +109,7 @@ def main() -> None:
         "gcide": lambda: split_texts(a.gcide, "test"),
         "gcide_valid": lambda: split_texts(a.gcide, "valid"),
         "licences": licence_texts,
+        "python": python_texts,
         "sotu_test": lambda: split_texts(a.run / "corpus", "test"),
         "sotu_valid": lambda: split_texts(a.run / "corpus", "valid"),
     }

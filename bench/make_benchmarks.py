@@ -544,11 +544,19 @@ def mixing() -> str:
     return s
 
 
-# the demo's memory (the acceptance check of the defaults), then memories made with the faster settings of section 5b
+# the demo's memory (the acceptance check of the defaults), then earlier memories: their gates read the two
+# distributions alone (before gate.centroids)
 OOD_LMEVAL = (
-    ("ood_lmeval", "Every default, through lm-eval (the acceptance check of the defaults)"),
-    ("ood_lmeval_v", "The same check for the demo recipe with `train.head_vocab=corpus eval.memory_dtype=int8`"),
-    ("ood_lmeval_v1", "And with `train.n_blocks=1 train.head_vocab=corpus eval.memory_dtype=int8`"),
+    (
+        "ood_lmeval",
+        "Every default, through lm-eval (the acceptance check of the defaults; the demo recipe: 1 block, pruned head, int8, "
+        "the gate reading the novelty of the memory's input)",
+    ),
+    (
+        "ood_lmeval_v1",
+        "The same memory (1 block, pruned head, int8) with the gate of before, which reads the two distributions alone",
+    ),
+    ("ood_lmeval_v", "And 4 blocks, pruned head, int8, the gate of before (`train.head_vocab=corpus eval.memory_dtype=int8`)"),
 )
 
 

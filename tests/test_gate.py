@@ -515,6 +515,9 @@ def test_pipeline_reports_gated_beside_fixed(tmp_path, tiny_llama, tiny_corpus_f
     assert model.components()["memory"]._int8 is not None
     asked = MLPMemoryForCausalLM.from_memory(tmp_path / "run" / "train" / "memory", memory_dtype="float32")
     assert asked.components()["memory"]._int8 is None
+    model.save_pretrained(tmp_path / "saved")  # a saved model decodes as the run measured too, unless told otherwise
+    assert MLPMemoryForCausalLM.from_pretrained(tmp_path / "saved").components()["memory"]._int8 is not None
+    assert MLPMemoryForCausalLM.from_pretrained(tmp_path / "saved", memory_dtype="float32").components()["memory"]._int8 is None
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[5, 6, 7]])).logits).all()
     with pytest.raises(MlpmemError, match="eval.mixing"):

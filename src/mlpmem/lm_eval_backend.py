@@ -84,7 +84,7 @@ def load_mixture(
 
     ``mixing``: None uses the memory's gate when it has one (else the fixed lambda) and a router when one is
     given, "fixed", "gated" or "routed" force one. ``names``, ``weights``, ``router``, ``knn``: see the module docstring.
-    ``memory_dtype``: for memory folders, as ``from_memory`` takes it (unset: what each memory's run was evaluated with).
+    ``memory_dtype``: as ``from_memory`` and ``from_pretrained`` take it (unset: what each memory's run was evaluated with).
     """
     from mlpmem.modeling.mixing import check_model_mixing
 
@@ -107,7 +107,13 @@ def load_mixture(
                 "leave out names=, weights= and router=, or pass the memory folders themselves",
             )
         model = MLPMemoryForCausalLM.from_pretrained(
-            folder, base_model=base_model, memory_temperature=memory_temperature, dtype=dtype, **lam, **({} if knn_runs else mix)
+            folder,
+            base_model=base_model,
+            memory_temperature=memory_temperature,
+            dtype=dtype,
+            memory_dtype=memory_dtype,
+            **lam,
+            **({} if knn_runs else mix),
         )
         if mix.get("mixing") == "gated" and model.gate is None:
             raise MlpmemError(

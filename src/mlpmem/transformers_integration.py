@@ -158,8 +158,7 @@ def from_memory(
     router_module, router_meta = (None, None)
     if router is not None:
         router_module, router_meta = read_router_folder({f: str(Path(router) / f) for f in (ROUTER_CONFIG, GATE_WEIGHTS)})
-    recorded_dtype = memory_dtype in (None, "")  # unset: what the run evaluated (below); "float32" asks for the float weights
-    memory_dtype = check_memory_dtype(memory_dtype)  # before the LM loads
+    check_memory_dtype(memory_dtype)  # before the LM loads
     lm, tok, model_id = load_model(str(ref), dtype=dtype)
     model = cls.from_parts(
         lm,
@@ -178,15 +177,7 @@ def from_memory(
         router=router_module,
         router_meta=router_meta,
     )
-    if recorded_dtype and dirs and all((m.get("results") or {}).get("memory_dtype") == "int8" for m in metas[: len(dirs)]):
-        # the run scored (and fitted its gate on) the int8 memory: decode with what it measured, where int8 runs
-        try:
-            model.use_int8_memories()
-            log.info("memory_dtype int8, as the memory's run was evaluated (memory_dtype='float32': its float weights)")
-        except MlpmemError:  # a bfloat16 model: the float weights, as asked for by the dtype
-            log.info("the memory's run was evaluated in int8, which needs a float32 model: using the float weights")
-    if memory_dtype == "int8":
-        model.use_int8_memories()
+    model.apply_memory_dtype(memory_dtype)  # unset: int8 where the memory's run was scored in int8
     return model
 
 

@@ -99,6 +99,7 @@ from .mlp_memory import (
     MEMORY_WEIGHTS,
     MemoryConfig,
     MLPMemory,
+    check_memory_dtype,
     plain_init,
     read_memory_folder,
     write_memory_folder,
@@ -585,8 +586,11 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
         saved values, as any config attribute. Two cases build the model from
         parts instead: a folder saved by reference (the base model is loaded from
         the name in its config) and ``base_model=`` (a name or a loaded model used
-        instead of the saved base). ``tokenizer=`` is checked against the memory's.
+        instead of the saved base). ``tokenizer=`` is checked against the memory's. ``memory_dtype=``: see
+        :meth:`apply_memory_dtype` (unset: int8 where the memory's run was scored in int8).
         """
+        memory_dtype = kwargs.pop("memory_dtype", None)
+        check_memory_dtype(memory_dtype)  # a typo fails before anything loads
         config = kwargs.get("config")
         fix = "pass a folder or repo written by MLPMemoryForCausalLM.save_pretrained, or save the model again"
         local = Path(pretrained_model_name_or_path)
@@ -628,8 +632,10 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
                 for n, m in model.components().items():
                     check_component(model.lm, m, model.component_meta(n), tokenizer)
                 model.tokenizer = tokenizer
-            return model
-        return _from_pretrained_parts(cls, str(pretrained_model_name_or_path), config, base_model, tokenizer, kwargs)
+        else:
+            model = _from_pretrained_parts(cls, str(pretrained_model_name_or_path), config, base_model, tokenizer, kwargs)
+        model.apply_memory_dtype(memory_dtype)
+        return model
 
     def save_pretrained(self, save_directory: str | os.PathLike, full_export: bool = False, tokenizer: Any = None, **kwargs: Any) -> None:  # type: ignore[override]
         """Write the model: config.json, the weights, this file (for trust_remote_code), the tokenizer, README.md.
@@ -927,6 +933,23 @@ class MLPMemoryForCausalLM(PreTrainedModel, GenerationMixin):
             hidden_states=getattr(out, "hidden_states", None),
             attentions=getattr(out, "attentions", None),
         )
+
+    def apply_memory_dtype(self, memory_dtype: str | None = None) -> None:
+        """``memory_dtype`` as every loader takes it: ``"int8"`` runs the MLP memories in int8, ``"float32"`` keeps their
+        float weights, unset runs int8 where every MLP memory's run scored it in int8 (``eval.memory_dtype``, in its
+        meta's results) and the model is float32, so a loaded or exported memory decodes as its run measured it."""
+        if check_memory_dtype(memory_dtype) == "int8":
+            self.use_int8_memories()
+            return
+        mlp = [n for n, m in self.components().items() if isinstance(m, MLPMemory)]
+        if memory_dtype not in (None, "") or not mlp:
+            return
+        if all((self.component_meta(n).get("results") or {}).get("memory_dtype") == "int8" for n in mlp):
+            try:
+                self.use_int8_memories()
+                logger.info("memory_dtype int8, as the memory's run was evaluated (memory_dtype='float32': its float weights)")
+            except MlpmemError:  # a bfloat16 model: the float weights, as asked for by the dtype
+                logger.info("the memory's run was evaluated in int8, which needs a float32 model: using the float weights")
 
     def use_int8_memories(self, on: bool = True) -> None:
         """Run every MLP memory's linear layers in int8 at inference (CPU): see :meth:`MLPMemory.use_int8`. The saved

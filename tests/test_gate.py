@@ -507,6 +507,9 @@ def test_pipeline_reports_gated_beside_fixed(tmp_path, tiny_llama, tiny_corpus_f
     assert math.isfinite(r["ppl"]["mlp_memory_gated"]) and 0 <= r["gate"]["mean_lambda"] <= 1 and r["gate"]["params"] < 1000
     assert (tmp_path / "run" / "gate" / "manifest.json").exists()
     assert r["gate"]["params"] > 16 * 32  # its 16 centres of the memory's train inputs (d = 32) among them
+    ood = r["out_of_domain"]  # LM samples the gate did not see, each mixture against the LM alone
+    assert set(ood["vs_base"]) == {"mlp_memory", "mlp_memory_gated"} and ood["ppl"]["base"] > 1
+    assert "Out of domain (" in (tmp_path / "run" / "report.md").read_text()
     # the run's memory now loads with its gate, and mixes per token by default
     model = MLPMemoryForCausalLM.from_memory(tmp_path / "run" / "train" / "memory")
     assert model.mixing_mode == "gated" and 0 < model.components()["memory"].config.head_tokens < model.config.text_config.vocab_size

@@ -52,13 +52,14 @@ def licence_texts() -> list[str]:
 
 
 PYTHON_MODULES = ("argparse.py", "textwrap.py", "fractions.py", "csv.py", "calendar.py", "string.py")
+PYTHON_VALID_MODULES = ("shutil.py", "tarfile.py", "inspect.py", "gettext.py", "pprint.py", "difflib.py")  # for choosing
 
 
-def python_texts() -> list[str]:
+def python_texts(modules: tuple[str, ...] = PYTHON_MODULES) -> list[str]:
     import sysconfig
 
     lib = Path(sysconfig.get_paths()["stdlib"])
-    return [(lib / n).read_text(errors="replace") for n in PYTHON_MODULES if (lib / n).is_file()]
+    return [(lib / n).read_text(errors="replace") for n in modules if (lib / n).is_file()]
 
 
 def documents(texts: list[str], chunk: int, words: int) -> list[str]:
@@ -86,7 +87,7 @@ def main() -> None:
     p.add_argument(
         "--kinds",
         default="gcide,licences,python,sotu_test",
-        help="kinds of text, comma-separated: gcide, licences, python, sotu_test, and the valid splits gcide_valid, sotu_valid "
+        help="kinds of text, comma-separated: gcide, licences, python, sotu_test, and for choosing gcide_valid, python_valid, sotu_valid "
         "(for choosing a setting without reading test)",
     )
     p.add_argument("--name", default="ood_lmeval", help="result file bench/results/NAME.json")
@@ -110,6 +111,7 @@ def main() -> None:
         "gcide_valid": lambda: split_texts(a.gcide, "valid"),
         "licences": licence_texts,
         "python": python_texts,
+        "python_valid": lambda: python_texts(PYTHON_VALID_MODULES),
         "sotu_test": lambda: split_texts(a.run / "corpus", "test"),
         "sotu_valid": lambda: split_texts(a.run / "corpus", "valid"),
     }

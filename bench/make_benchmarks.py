@@ -518,6 +518,7 @@ def mixing() -> str:
     )
     for note in r.get("notes", []):
         s += f"- {note}\n"
+    s += gate_select()
     s += ood_lmeval()
     rr = load("mixing_router")
     if rr:
@@ -558,6 +559,65 @@ OOD_LMEVAL = (
     ),
     ("ood_lmeval_v", "And 4 blocks, pruned head, int8, the gate of before (`train.head_vocab=corpus eval.memory_dtype=int8`)"),
 )
+
+
+def gate_select() -> str:
+    """Section 7: the gate's settings chosen on valid text (bench/bench_gate_select.py)."""
+    r = load("gate_select")
+    if not r:
+        return "\n" + missing("python bench/bench_gate_select.py")
+    s = (
+        "\nThe gate's settings, chosen on valid text only (documents scored as lm-eval scores them):\n\n```\n"
+        + (command_of(r) or "")
+        + "\n```\n\n"
+    )
+    s += when("gate_select")
+    pct = lambda x: f"{100 * x:+.2f}%"  # noqa: E731
+    rows = [
+        [
+            "fixed lambda " + f"{r['lambda_fixed']:.3f}",
+            "-",
+            "-",
+            "-",
+            *(pct(r["fixed"][k]) for k in ("gcide_valid", "python_valid")),
+            pct(r["fixed"]["sotu_valid"]) + " (100%)",
+            pct(r["fixed"]["lm_samples_next_seed"]),
+        ]
+    ]
+    for name, c in r["candidates"].items():
+        ch = c["change"]
+        rows.append(
+            [
+                ("**gate**" if name == r["chosen"] else "gate"),
+                f"{c['generic_tokens']:,}",
+                f"{c['generic_weight']:g}",
+                "yes" if c["centroids"] else "no",
+                pct(ch["gcide_valid"]),
+                pct(ch["python_valid"]),
+                f"{pct(ch['sotu_valid'])} ({100 * c['share_of_fixed_gain_sotu_valid']:.0f}%)",
+                pct(ch["lm_samples_next_seed"]),
+            ]
+        )
+    s += table(
+        [
+            "mixing",
+            "LM-sample tokens",
+            "their weight",
+            "novelty",
+            "GCIDE valid",
+            "Python valid",
+            "SOTU valid (share of the fixed gain)",
+            "LM samples, next seed",
+        ],
+        rows,
+    )
+    s += (
+        f"\nChange in bits per byte against the LM alone, {r['documents']['gcide_valid']} GCIDE, {r['documents']['python_valid']} Python "
+        f"and {r['documents']['sotu_valid']} SOTU documents of 150 words ({', '.join(r['python_valid_modules'])}: standard-library "
+        f"modules other than the test ones). Rule, fixed before any candidate was scored: {r['rule']}; chosen in bold; "
+        "`mlpmem.gate.GateConfig`'s defaults follow it. SOTU valid is the gates' own training text.\n"
+    )
+    return s
 
 
 def ood_lmeval() -> str:

@@ -297,6 +297,17 @@ PLAN: list[Step] = [
         notes="the run's memory with every default through lm-eval's rolling log-likelihood, on text it never saw",
     ),
     Step(
+        "gate_select",
+        "7",
+        [script("bench_gate_select.py", "--run", "{runs}/sotu", "--gcide", "{runs}/gcide100k/corpus")],
+        ("gate_select",),
+        needs=("run:sotu", "quality"),
+        minutes=15,
+        quick=[script("bench_gate_select.py", "--quick", "--run", "{runs}/sotu", "--gcide", "{runs}/gcide100k_quick/corpus")],
+        quick_minutes=1,
+        notes="the gate's generic text, its weight and the novelty feature, chosen on valid text only",
+    ),
+    Step(
         "mixing_router",
         "7",
         [

@@ -617,6 +617,14 @@ def gate_select() -> str:
         f"modules other than the test ones). Rule, fixed before any candidate was scored: {r['rule']}; chosen in bold; "
         "`mlpmem.gate.GateConfig`'s defaults follow it. SOTU valid is the gates' own training text.\n"
     )
+    demo = load("demo")
+    if demo and "mlp_memory_gated" in demo.get("vs_base", {}):
+        g, f = demo["vs_base"]["mlp_memory_gated"]["change"], demo["vs_base"]["mlp_memory"]["change"]
+        s += (
+            f"On the SOTU test split (`demo.json`, the demo's own gate, windows of 512 / 256) the gate keeps {100 * g / f:.0f}% of "
+            f"the fixed lambda's gain ({100 * g:+.2f}% against {100 * f:+.2f}%): its own training text flattered every candidate "
+            "here; a rule that judges the in-domain gain on held-out valid blocks would be the sounder one next time.\n"
+        )
     return s
 
 

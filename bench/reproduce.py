@@ -125,7 +125,7 @@ PLAN: list[Step] = [
         quick=[],
         notes="apt-get download wordnet-base",
     ),
-    _run_step("run:sotu", "1", "sotu", "sotu", "demo", 15, notes="./dev demo: the README's main experiment; most sections read it"),
+    _run_step("run:sotu", "1", "sotu", "sotu", "demo", 30, notes="./dev demo: the README's main experiment; most sections read it"),
     Step(
         "quality",
         "1",

@@ -117,3 +117,6 @@ def test_paired_ppl_change_against_a_naive_block_bootstrap():
     assert [got["low"], got["high"]] == pytest.approx(list(np.percentile(naive, [2.5, 97.5])), rel=1e-9)
     assert got["low"] < got["change"] < got["high"] < 0 and not got["same"]
     assert paired_ppl_change(b, b)["same"]
+    # a true token given no mass (a pruned memory at lambda 1): infinite perplexity, said plainly, no bootstrap of infinities
+    inf = paired_ppl_change(np.append(a, -np.inf), np.append(b, -1.0))
+    assert inf["change"] == inf["low"] == inf["high"] == np.inf and not inf["same"]

@@ -127,6 +127,10 @@ def paired_ppl_change(lp_a: Any, lp_b: Any, block: int = 256, iters: int = 1000,
     a, b = _np64(lp_a), _np64(lp_b)
     if a.shape != b.shape or a.size == 0:
         raise MlpmemError(f"paired perplexities need scores of the same tokens, got {a.shape} and {b.shape}", "score the same split")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):  # a system gave a true token no mass (a pruned memory at lambda 1)
+        with np.errstate(invalid="ignore", over="ignore"):
+            change = float(np.exp((b.sum() - a.sum()) / a.size) - 1.0)  # +inf, -1, or NaN when both are infinite
+        return {"change": change, "low": change, "high": change, "same": False}
     n_blocks = -(-a.size // block)
     starts = np.arange(n_blocks) * block
     sum_a, sum_b = np.add.reduceat(a, starts), np.add.reduceat(b, starts)  # per block; the last may be shorter

@@ -44,7 +44,7 @@ def main() -> None:
 
     from mlpmem.corpus import Corpus
     from mlpmem.gate import GateConfig, MixScores, fit_gate, fit_memory_centroids, gate_lambdas, generic_tokens, score_memories
-    from mlpmem.interpolate import fit_lambda_em
+    from mlpmem.interpolate import fit_lambda_em, interpolate_per_token
     from mlpmem.memory import load_memory
     from mlpmem.models import load_model
     from mlpmem.modeling.mixing import GATE_FEATURES, novelty
@@ -97,9 +97,7 @@ def main() -> None:
 
     def change(kind: str, lam: np.ndarray) -> float:
         d = data[kind]
-        lam = np.clip(lam, 0.0, 1.0)
-        with np.errstate(divide="ignore"):
-            mixed = np.logaddexp(np.log1p(-lam) + d["lm"], np.log(lam) + d["mem"])
+        mixed = interpolate_per_token(d["lm"], d["mem"], lam)
         return float(mixed.sum() / d["lm"].sum() - 1.0)  # log-losses are negative sums: the ratio of losses
 
     def scores(kind: str, novel: bool) -> MixScores:

@@ -181,6 +181,7 @@ def score_memories(
     tok_t = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
     n_tokens = len(tok_t)
     sites = list(dict.fromkeys(site for _, site in memories))
+    cents = [None if centroids is None else torch.as_tensor(centroids).to(next(m.parameters()).device) for m, _ in memories]
     out: dict[str, list] = {"y": [], "lp": [], "f": []}
     secs = {"lm": 0.0, "memory": 0.0, "gate": 0.0}
     bar = tqdm(total=max(0, n_tokens - 1), desc=desc, unit="tok", dynamic_ncols=True)
@@ -207,16 +208,15 @@ def score_memories(
                 lm_lp = logits[a : a + chunk].float().log_softmax(-1)
                 secs["lm"] += time.perf_counter() - t0
                 lps, fs = [lm_lp.gather(-1, yy.to(lm_lp.device))[:, 0].double().cpu()], []
-                for memory, site in memories:
+                for (memory, site), c in zip(memories, cents):
                     dev = next(memory.parameters()).device
                     t0 = time.perf_counter()
                     mem_lp = memory(hs[site][a : a + chunk].to(dev).float()).float().log_softmax(-1)
                     secs["memory"] += time.perf_counter() - t0
                     t0 = time.perf_counter()
                     f = gate_features(lm_lp.to(dev), mem_lp)
-                    if centroids is not None:
-                        h = hs[site][a : a + chunk].to(dev)
-                        f = torch.cat([f, novelty(h, torch.as_tensor(centroids).to(dev)).unsqueeze(-1)], -1)
+                    if c is not None:
+                        f = torch.cat([f, novelty(hs[site][a : a + chunk].to(dev), c).unsqueeze(-1)], -1)
                     if gate is not None:
                         gate(f)
                     secs["gate"] += time.perf_counter() - t0

@@ -52,7 +52,7 @@ def build_memory(lm, blocks: int, shared: bool, rank: int = 0) -> MLPMemory:
     init_from_lm(memory, lm)
     if not shared:  # a trained own head: no longer the LM's
         with torch.no_grad():
-            memory.head.weight.mul_(1.001)
+            memory.head.weight.mul_(1.01)  # still another head in bfloat16, whose step is 0.4%
     return memory.eval().requires_grad_(False)
 
 
@@ -78,21 +78,22 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--lambda", dest="lam", type=float, default=0.25)
+    p.add_argument("--dtype", default="float32", help="the LM's and the memories' weights (bfloat16: both in bf16; q8 keeps int8)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="default: bench/results/generate.json")
     p.add_argument("--quick", action="store_true", help="smoke run: 8 new tokens, batch 1, 1 repeat, writes generate_quick.json")
     a = p.parse_args()
     started = start()
-    a.out = a.out or str(results_dir() / "generate.json")
+    a.out = a.out or str(results_dir() / ("generate.json" if a.dtype == "float32" else f"generate_{a.dtype}.json"))
     if a.quick:
         a.new_tokens, a.batches, a.repeats, a.score_tokens, a.variants = 8, [1], 1, 64, ["own4", "own4q8", "shared1r64", "own1v500q8g"]
-        a.out = a.out.replace("generate.json", "generate_quick.json")
+        a.out = a.out.removesuffix(".json") + "_quick.json"
 
     if a.threads:
         # on a loaded machine, multi-threaded tiny decode ops spin-wait on each other
         torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    lm, tok, model_id = load_model(a.model)
+    lm, tok, model_id = load_model(a.model, a.dtype)
     meta = {"model_id": model_id, "tokenizer_hash": tokenizer_hash(tok), "layer": -1, "site": "output"}
     systems = {"lm": lm}
     memories = {}
@@ -104,7 +105,7 @@ def main() -> None:
                 "+vT (own head pruned to T tokens), +q8 (int8), +g (gated mixing)"
             )
         kind, blocks, rank, tokens, int8 = m.group(1), int(m.group(2)), int(m.group(3) or 0), int(m.group(4) or 0), bool(m.group(5))
-        memories[v] = build_memory(lm, blocks, kind == "shared", rank)
+        memories[v] = build_memory(lm, blocks, kind == "shared", rank).to(torch.float32 if int8 else lm.dtype)  # int8 from float32
         if tokens:  # speed does not depend on which tokens: the T most frequent ids of a text are mostly small ones
             memories[v] = memories[v].prune_head(torch.randperm(logits_size(lm))[:tokens])
         # a gate's speed does not depend on its weights: the MLP gate a run fits by default (GateConfig), as built
@@ -120,6 +121,7 @@ def main() -> None:
     result = {
         "model": model_id,
         "device": "cpu",
+        "dtype": a.dtype,
         "threads": torch.get_num_threads(),
         "lm_params": n_lm,
         "variants": {

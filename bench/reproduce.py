@@ -437,6 +437,22 @@ PLAN: list[Step] = [
         minutes=25,
     ),
     Step(
+        "generate_bf16",
+        "5b",
+        [
+            # bfloat16 on a CPU without native bf16 instructions (AVX-512 BF16, AMX) runs emulated and slow: a short run
+            script("bench_generate.py", "--threads", "1", "--dtype", "bfloat16", "--repeats", "3", "--new-tokens", "8")
+            + ["--batches", "1", "8", "--score-tokens", "64", "--variants", "own1v6647g", "own1v6647q8g"]
+        ],
+        ("generate_bfloat16",),
+        minutes=15,
+        quick=[
+            script("bench_generate.py", "--threads", "1", "--dtype", "bfloat16", "--repeats", "1", "--new-tokens", "3")
+            + ["--prompt-tokens", "8", "--batches", "1", "--score-tokens", "8", "--variants", "own1v500q8g"]
+            + ["--out", "{results}/generate_bfloat16_quick.json"]
+        ],
+    ),
+    Step(
         "shared_head",
         "5b",
         [

@@ -573,13 +573,13 @@ def gate_select() -> str:
     )
     s += when("gate_select")
     pct = lambda x: f"{100 * x:+.2f}%"  # noqa: E731
+    held = "share_of_fixed_gain_held_out_valid"
     rows = [
         [
             "fixed lambda " + f"{r['lambda_fixed']:.3f}",
-            "-",
-            "-",
-            "-",
+            *("-" * 4),
             *(pct(r["fixed"][k]) for k in ("gcide_valid", "python_valid")),
+            "100%" if "fixed_held_out_valid" in r else "-",
             pct(r["fixed"]["sotu_valid"]) + " (100%)",
             pct(r["fixed"]["lm_samples_next_seed"]),
         ]
@@ -591,9 +591,11 @@ def gate_select() -> str:
                 ("**gate**" if name == r["chosen"] else "gate"),
                 f"{c['generic_tokens']:,}",
                 f"{c['generic_weight']:g}",
-                "yes" if c["centroids"] else "no",
+                f"{c['centroids']} centres" if c["centroids"] else "no",
+                f"{c.get('floor', 0):g}",
                 pct(ch["gcide_valid"]),
                 pct(ch["python_valid"]),
+                f"{100 * c[held]:.0f}%" if held in c else "-",
                 f"{pct(ch['sotu_valid'])} ({100 * c['share_of_fixed_gain_sotu_valid']:.0f}%)",
                 pct(ch["lm_samples_next_seed"]),
             ]
@@ -604,8 +606,10 @@ def gate_select() -> str:
             "LM-sample tokens",
             "their weight",
             "novelty",
+            "floor",
             "GCIDE valid",
             "Python valid",
+            "held-out valid halves: share of the fixed gain",
             "SOTU valid (share of the fixed gain)",
             "LM samples, next seed",
         ],
@@ -615,7 +619,8 @@ def gate_select() -> str:
         f"\nChange in bits per byte against the LM alone, {r['documents']['gcide_valid']} GCIDE, {r['documents']['python_valid']} Python "
         f"and {r['documents']['sotu_valid']} SOTU documents of 150 words ({', '.join(r['python_valid_modules'])}: standard-library "
         f"modules other than the test ones). Rule, fixed before any candidate was scored: {r['rule']}; chosen in bold; "
-        "`mlpmem.gate.GateConfig`'s defaults follow it. SOTU valid is the gates' own training text.\n"
+        "`mlpmem.gate.GateConfig`'s defaults follow it. SOTU valid is the gates' own training text; the held-out share "
+        "comes from gates (and a fixed lambda) fitted on one half of the run's valid split and judged on the other.\n"
     )
     demo = load("demo")
     if demo and "mlp_memory_gated" in demo.get("vs_base", {}):

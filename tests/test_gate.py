@@ -442,30 +442,6 @@ def test_a_gate_reading_the_memorys_input_scores_saves_and_mixes_as_the_naive_re
         gate(x)
 
 
-def test_a_gates_floor_gives_the_lm_exactly_where_its_lambda_is_under_it(gated_parts, tmp_path):
-    from mlpmem.transformers_integration import MLPMemoryForCausalLM
-
-    lm, tok, mem, meta, gate, gmeta = gated_parts
-    ids = torch.tensor([tok(" ".join(["the union and the people of congress"] * 3)).input_ids[:16]])
-    want, lam = ref_gated(lm, mem, gate, ids)
-    floor = float(lam.median())  # half the positions fall under it
-    floored = MixingGate(**{**gate.config(), "floor": floor})
-    floored.load_state_dict(gate.state_dict())
-    model = MLPMemoryForCausalLM.from_parts(lm, mem, meta, tokenizer=tok, gate=floored.eval(), gate_meta=gmeta).eval()
-    with torch.no_grad():
-        got = model(ids).logits
-        lp = lm(ids, use_cache=False).logits.float().log_softmax(-1)
-    under = lam < floor
-    assert 0 < int(under.sum()) < under.numel()
-    torch.testing.assert_close(got[under], lp[under], rtol=0, atol=1e-6)  # the LM's distribution there
-    torch.testing.assert_close(got[~under], want[~under], rtol=1e-5, atol=1e-5)  # the gate's mixture elsewhere
-    save_gate(tmp_path / "g", floored, gmeta)
-    loaded, _ = load_gate(tmp_path / "g", mem)
-    assert loaded.floor == floor and "floor" not in gate.config()  # a gate without one saves as before
-    with pytest.raises(MlpmemError, match="floor"):
-        MixingGate(floor=1.0)
-
-
 def test_scoring_for_the_gate_takes_the_datastores_prefix(gated_parts):
     """With a window prefix (datastore.bos) the gate is scored on the positions and states the evaluator scores:
     the LM's and the memory's log-probs equal evaluate.score_online's with the same prefix (which the pipeline

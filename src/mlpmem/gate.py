@@ -58,7 +58,6 @@ class GateConfig:
     # positions of the train split, in windows spread over it
     centroids: int = 16
     centroid_tokens: int = 8192
-    floor: float = 0.0  # the fitted gate's lambda under it is 0 (MixingGate.floor)
     seed: int = 0
 
     def problems(self) -> list[str]:
@@ -67,8 +66,6 @@ class GateConfig:
         out = one_of(self, "kind", GATE_KINDS) + positive(self, "hidden") + positive(self, "bins") + positive(self, "steps")
         out += positive(self, "lr") + positive(self, "generic_tokens") + positive(self, "centroids", zero=True)
         out += positive(self, "centroid_tokens")
-        if not 0.0 <= self.floor < 1.0:
-            out.append(f"floor: must be a lambda in [0, 1), got {self.floor}")
         if not 0 <= self.weight_decay < float("inf"):
             out.append(f"weight_decay: must be >= 0, got {self.weight_decay}")
         if not 0 < self.holdout < 1:
@@ -424,7 +421,6 @@ def fit_gate(
         holdout = np.concatenate([holdout_mask(p.n, cfg.holdout, seed=cfg.seed + i) for i, p in enumerate(parts)])
         gate, rec = fit_mlp_gate(data.features, data.lm_logprob, data.memory_logprob, cfg, weight, holdout, centroids)
         record.update(rec)
-    gate.floor = float(cfg.floor)  # applied after fitting: the gate learns its lambda, the floor cuts the smallest to 0
     return gate, record
 
 

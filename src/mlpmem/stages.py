@@ -178,7 +178,7 @@ STAGES: tuple[Stage, ...] = (
         "mlpmem.gate:build_gate_stage",
         title="mixing gate: fit on valid, then the gated figures beside the fixed ones",  # inside eval's step
         files=("model.safetensors", "gate_config.json"),
-        added_settings=(("gate.centroids", 0), ("gate.centroid_tokens", 8192), ("gate.floor", 0.0)),
+        added_settings=(("gate.centroids", 0), ("gate.centroid_tokens", 8192)),
     ),
 )
 

@@ -33,7 +33,6 @@ class MixingGate(nn.Module):
     logits: sigmoid(-inf) = 0 and sigmoid(+inf) = 1 exactly. Either way the output is a
     sigmoid, so it cannot leave [0, 1]. A gate whose features include ``novelty`` keeps
     ``centroids`` [C, d] (k-means centres of its memory's train inputs) and reads h too.
-    ``floor``: a lambda under it is 0, so those positions get the LM's distribution exactly.
     """
 
     def __init__(
@@ -45,7 +44,6 @@ class MixingGate(nn.Module):
         bin_feature: str = "lm_entropy",
         centroids: int = 0,
         d: int = 0,
-        floor: float = 0.0,
     ) -> None:
         super().__init__()
         if kind not in GATE_KINDS:
@@ -59,8 +57,6 @@ class MixingGate(nn.Module):
                 f"a gate reading {HIDDEN_FEATURES} needs centroids >= 1 and d >= 1, got centroids={centroids}, d={d}",
                 "fit the gate with mlpmem (gate.centroids), or leave novelty out of its features",
             )
-        if not 0.0 <= floor < 1.0:
-            raise MlpmemError(f"a gate's floor is a lambda in [0, 1), got {floor}", "fix the gate settings (gate.floor)")
         if hidden < 1 or bins < 1:
             raise MlpmemError(f"a gate needs hidden >= 1 and bins >= 1, got hidden={hidden}, bins={bins}", "fix the gate settings")
         if bin_feature not in features:
@@ -69,7 +65,6 @@ class MixingGate(nn.Module):
             )
         self.kind, self.features, self.hidden, self.bins, self.bin_feature = kind, tuple(features), int(hidden), int(bins), bin_feature
         self.n_centroids, self.d = (int(centroids), int(d)) if self.reads_hidden else (0, 0)
-        self.floor = float(floor)  # lambda below it is 0: no mixing where the gate gives the memory almost nothing
         self.index = [GATE_INPUTS.index(f) for f in self.features]  # columns of gate_features' output (+ novelty)
         if self.reads_hidden:
             self.register_buffer("centroids", torch.zeros(self.n_centroids, self.d))
@@ -92,7 +87,6 @@ class MixingGate(nn.Module):
             "bins": self.bins,
             "bin_feature": self.bin_feature,
             **({"centroids": self.n_centroids, "d": self.d} if self.reads_hidden else {}),  # older readers keep reading the rest
-            **({"floor": self.floor} if self.floor else {}),
         }
 
     def inputs(self, feats: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
@@ -113,10 +107,8 @@ class MixingGate(nn.Module):
         x = self.inputs(feats, h)[..., self.index].to(self.scale.dtype if self.kind == "mlp" else self.edges.dtype)
         if self.kind == "binned":
             col = x[..., self.features.index(self.bin_feature)].contiguous()
-            lam = torch.sigmoid(self.bin_logits[torch.bucketize(col, self.edges)])
-        else:
-            lam = torch.sigmoid(self.out(torch.tanh(self.inner((x - self.shift) / self.scale))))[..., 0]
-        return lam.masked_fill(lam < self.floor, 0.0) if self.floor else lam
+            return torch.sigmoid(self.bin_logits[torch.bucketize(col, self.edges)])
+        return torch.sigmoid(self.out(torch.tanh(self.inner((x - self.shift) / self.scale))))[..., 0]
 
     def num_parameters(self) -> int:
         return sum(t.numel() for t in self.state_dict().values())

@@ -11,7 +11,7 @@ LM's own head (a memory trained with ``freeze_head``; ``sharedNrR`` with a rank-
 same matrix product as the LM's; a ``vT`` part (``own4v6647``) prunes the head to T token ids (MLPMemory.prune_head; the demo run's
 train text has 6,647 distinct tokens); a ``q8`` suffix (``own4q8``) runs the memory's linear layers in int8
 (MLPMemory.use_int8); a ``g`` suffix (``own1v6647q8g``) mixes by a gate (per-token lambda from the two
-distributions' features and the novelty of the memory's input against 16 centres, what a run's default ``mixing: auto``
+distributions' features and the novelty of the memory's input against 64 centres, what a run's default ``mixing: auto``
 fits) instead of a fixed lambda. Greedy decoding with the KV cache, exactly
 ``--new-tokens`` new tokens per sequence, at each ``--batches`` size; and one scoring pass
 (every position's log-probs) over ``--score-tokens`` tokens. Every repeat runs each memory system

@@ -504,16 +504,16 @@ def test_pipeline_reports_gated_beside_fixed(tmp_path, tiny_llama, tiny_corpus_f
     r = run_pipeline(load_recipe(recipe))
     assert r["memory_dtype"] == "int8"
     assert {"base", "mlp_memory", "mlp_memory_gated"} <= set(r["ppl"]) and "mlp_memory_gated" in r["tokens_per_s"]
-    assert math.isfinite(r["ppl"]["mlp_memory_gated"]) and 0 <= r["gate"]["mean_lambda"] <= 1 and r["gate"]["params"] < 1000
+    assert math.isfinite(r["ppl"]["mlp_memory_gated"]) and 0 <= r["gate"]["mean_lambda"] <= 1
     assert (tmp_path / "run" / "gate" / "manifest.json").exists()
-    assert r["gate"]["params"] > 16 * 32  # its 16 centres of the memory's train inputs (d = 32) among them
+    assert 64 * 32 < r["gate"]["params"] < 64 * 32 + 1000  # a few hundred weights and 64 centres of the train inputs (d = 32)
     ood = r["out_of_domain"]  # LM samples the gate did not see, each mixture against the LM alone
     assert set(ood["vs_base"]) == {"mlp_memory", "mlp_memory_gated"} and ood["ppl"]["base"] > 1
     assert "Out of domain (" in (tmp_path / "run" / "report.md").read_text()
     # the run's memory now loads with its gate, and mixes per token by default
     model = MLPMemoryForCausalLM.from_memory(tmp_path / "run" / "train" / "memory")
     assert model.mixing_mode == "gated" and 0 < model.components()["memory"].config.head_tokens < model.config.text_config.vocab_size
-    assert model.gate.reads_hidden and model.gate.centroids.shape == (16, 32)
+    assert model.gate.reads_hidden and model.gate.centroids.shape == (64, 32)
     # loaded as its run evaluated it (int8, eval.memory_dtype), unless told otherwise
     assert model.components()["memory"]._int8 is not None
     asked = MLPMemoryForCausalLM.from_memory(tmp_path / "run" / "train" / "memory", memory_dtype="float32")

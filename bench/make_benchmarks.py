@@ -307,10 +307,8 @@ def decoder() -> str:
     return s + img("decoder", "bits per byte and throughput")
 
 
-def decode_speed() -> str:
-    r, s = section("## 5b. Decoding at the LM's speed", "generate", "python bench/bench_generate.py --threads 1")
-    if not r:
-        return s
+def decode_table(r: dict) -> str:
+    """bench_generate.py's ratios: one row per memory variant, a column per batch size and measure."""
     rng = lambda x: f"{x['median']:.3f} [{x['min']:.3f}, {x['max']:.3f}]"  # noqa: E731
     names = list(r["variants"])
     in_step = any("in_step" in r["decode"][b][v] for b in r["decode"] for v in names)
@@ -334,7 +332,15 @@ def decode_speed() -> str:
     head += [f"decode batch {b}: CPU time, LM / system" for b in r["decode"] if "cpu_time_ratio_to_lm" in r["decode"][b][names[0]]]
     head += [f"decode batch {b}: in-step, 1 / (1 + time beyond the LM's call)" for b in r["decode"] if in_step]
     head += [f"scoring one pass of {r['score_tokens']} tokens vs LM"]
-    s += table(head, rows)
+    return table(head, rows)
+
+
+def decode_speed() -> str:
+    r, s = section("## 5b. Decoding at the LM's speed", "generate", "python bench/bench_generate.py --threads 1")
+    if not r:
+        return s
+    s += decode_table(r)
+    in_step = any("in_step" in r["decode"][b][v] for b in r["decode"] for v in r["variants"])
     lm = ", ".join(f"batch {b} {r['decode'][b]['lm_tokens_per_s']} tokens/s" for b in r["decode"])
     s += (
         f"\nGreedy decoding with the KV cache, {r['new_tokens']} new tokens after a {r['prompt_tokens']}-token prompt; "
@@ -361,7 +367,24 @@ def decode_speed() -> str:
         "6,647 distinct tokens of 49,152); `q8`: the memory's linear layers in int8 (`memory_dtype='int8'`), a quarter "
         "of the bytes; `g`: mixed by a gate (per-token lambda, a run's default) instead of a fixed lambda.\n\n"
     )
-    return s + shared_head_quality()
+    return s + decode_bfloat16(r) + shared_head_quality()
+
+
+def decode_bfloat16(fp32: dict) -> str:
+    """The same ratios with the LM (and the float memories) in bfloat16 (generate_bfloat16.json)."""
+    r = load("generate_bfloat16")
+    if not r:
+        return missing("python bench/bench_generate.py --dtype bfloat16")
+    s = f"The same in bfloat16 (the LM and the float memory; int8 memories stay int8):\n\n```\n{command_of(r)}\n```\n\n"
+    s += when("generate_bfloat16") + decode_table(r)
+    lm = lambda x: ", ".join(f"batch {b} {x['decode'][b]['lm_tokens_per_s']}" for b in x["decode"])  # noqa: E731
+    return s + (
+        f"\nThe LM alone decodes at {lm(r)} tokens/s in bfloat16 ({r['new_tokens']} new tokens after a "
+        f"{r['prompt_tokens']}-token prompt), against {lm(fp32)} in float32 ({fp32['new_tokens']} after "
+        f"{fp32['prompt_tokens']}; another run, so only the order of magnitude compares). This CPU has no bfloat16 "
+        "instructions (AVX-512 BF16, AMX), so torch emulates them: on such a CPU float32, with the memory in int8, is the "
+        "setting to use. The ratios still compare the memory's cost with the LM's at the same precision.\n\n"
+    )
 
 
 def shared_head_quality() -> str:

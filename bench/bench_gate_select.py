@@ -161,12 +161,12 @@ def main() -> None:
                 generic = scores(f"lm_samples_{n}", c)
                 gate, rec = fit_gate(scores("valid", c), gc, generic, cents_by.get(c))
                 folds = [fit_gate(scores("valid", c, fit_rows), gc, generic, cents_by.get(c))[0] for fit_rows, _ in (halves, halves[::-1])]
+                # each gate's lambdas once: a floor only cuts them afterwards
+                held_lams = [gate_lambdas(g, feats("valid", c)[rows]) for g, rows in zip(folds, halves[::-1])]
+                lams = {k: gate_lambdas(gate, feats(k, c)) for k in JUDGED}
                 for floor in FLOORS:
-                    held = sum(
-                        change("valid", floored(gate_lambdas(g, feats("valid", c)[rows]), floor), rows) * rows.sum()
-                        for g, rows in zip(folds, halves[::-1])
-                    )
-                    ch = {k: change(k, floored(gate_lambdas(gate, feats(k, c)), floor)) for k in JUDGED}
+                    held = sum(change("valid", floored(lam, floor), rows) * rows.sum() for lam, rows in zip(held_lams, halves[::-1]))
+                    ch = {k: change(k, floored(lams[k], floor)) for k in JUDGED}
                     name = f"generic_tokens={n} generic_weight={w:g} centroids={c} floor={floor:g}"
                     candidates[name] = {
                         "generic_tokens": n,
